@@ -1,0 +1,8 @@
+#include "bindings.h"
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "rtllm C++ core";
+  rtllm::bindings::bind_errors(m);
+  rtllm::bindings::bind_engine(m);
+  rtllm::bindings::bind_executor(m);
+}

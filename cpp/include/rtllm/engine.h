@@ -1,0 +1,104 @@
+// An engine directory: config.json (model, build and quant configs, the op graph) and
+// rank{N}.engine (safetensors weights in kernel-ready layout). The format is described in
+// docs/engine_format.md.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "rtllm/common.h"
+#include "rtllm/dtype.h"
+#include "rtllm/json.h"
+
+namespace rtllm {
+
+struct ModelConfig {
+  std::string architecture;
+  int32_t vocab_size = 0;
+  int32_t hidden_size = 0;
+  int32_t num_layers = 0;
+  int32_t num_heads = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t intermediate_size = 0;
+  int32_t max_position_embeddings = 0;
+  DataType dtype = DataType::kFloat32;  // weight dtype
+  int32_t bos_token_id = -1;
+  std::vector<int32_t> eos_token_ids;
+};
+
+// Limits the engine was built for; the runtime never exceeds them.
+struct EngineLimits {
+  int32_t max_batch_size = 0;  // sequences per step
+  int32_t max_input_len = 0;   // prompt tokens per request
+  int32_t max_seq_len = 0;     // prompt + generated tokens per request
+  int32_t max_num_tokens = 0;  // packed tokens per step
+};
+
+// A dimension of a graph tensor: a fixed size or one of the two step-dependent sizes.
+struct Dim {
+  enum class Kind { kFixed, kNumTokens, kNumSeqs };
+  Kind kind = Kind::kFixed;
+  int64_t value = 0;  // only for kFixed
+};
+
+struct TensorSpec {
+  std::string name;
+  DataType dtype = DataType::kFloat32;
+  std::vector<Dim> shape;
+};
+
+struct GraphNode {
+  std::string op;
+  std::vector<std::string> inputs;   // graph inputs, weights or outputs of earlier nodes
+  std::vector<std::string> outputs;
+  Json attrs;                        // an object; op-specific
+};
+
+struct Graph {
+  std::vector<TensorSpec> inputs;    // fed by the runtime each step: input_ids, positions, last_token_ids
+  std::vector<TensorSpec> outputs;   // logits
+  std::vector<TensorSpec> tensors;   // every node output, with its shape
+  std::vector<GraphNode> nodes;      // in execution order
+};
+
+// A weight as stored in the engine file; `data` points into the memory-mapped file.
+struct Weight {
+  std::string name;
+  DataType dtype = DataType::kFloat32;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  size_t num_bytes = 0;
+  int64_t numel() const;
+};
+
+class RTLLM_API Engine {
+ public:
+  static constexpr int32_t kFormatVersion = 1;
+
+  // Reads dir/config.json and memory-maps dir/rank{rank}.engine. Throws Error naming the file
+  // for a missing, truncated or corrupt file, and naming both versions for another format version.
+  static std::shared_ptr<const Engine> load(const std::string& dir, int32_t rank = 0);
+
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  const std::string& dir() const;
+  const Json& config() const;  // the whole config.json
+  const ModelConfig& model_config() const;
+  const EngineLimits& limits() const;
+  const Graph& graph() const;
+  bool has_weight(const std::string& name) const;
+  const Weight& weight(const std::string& name) const;  // throws Error naming the missing weight
+  std::vector<std::string> weight_names() const;
+
+ private:
+  Engine();
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace rtllm

@@ -1,0 +1,124 @@
+// The Executor: a loop thread that runs steps (schedule -> prepare -> forward -> sample ->
+// postprocess) over the requests enqueued from any thread, and queues their responses.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "rtllm/common.h"
+#include "rtllm/engine.h"
+#include "rtllm/model_runner.h"
+
+namespace rtllm {
+
+using RequestId = uint64_t;
+
+// How the next token is drawn from the logits. Defaults are greedy-equivalent off switches.
+struct SamplingConfig {
+  float temperature = 1.0f;         // 0: greedy; must be finite and >= 0
+  int32_t top_k = 0;                // 0: off; >= 0
+  float top_p = 1.0f;               // in (0, 1]
+  float min_p = 0.0f;               // in [0, 1]
+  float repetition_penalty = 1.0f;  // > 0; 1: off (applied over prompt and output tokens)
+  float presence_penalty = 0.0f;    // in [-2, 2] (output tokens)
+  float frequency_penalty = 0.0f;   // in [-2, 2] (output tokens)
+  std::optional<uint64_t> seed;     // per-request RNG seed; unset: drawn from the executor's RNG
+  int32_t num_logprobs = -1;        // -1: none; 0: the sampled token's; N: also the top N
+  void validate() const;            // throws InvalidArgument naming the value and the limit
+};
+
+struct StopConfig {
+  int32_t max_tokens = 16;              // >= 1
+  int32_t min_tokens = 0;               // end and stop ids are ignored before this many tokens
+  std::vector<int32_t> end_ids;         // end-of-sequence ids (empty: none)
+  std::vector<int32_t> stop_token_ids;  // further ids that stop generation
+  bool ignore_eos = false;              // ignore end_ids (stop_token_ids still stop)
+  void validate() const;
+};
+
+struct Request {
+  std::vector<int32_t> prompt_token_ids;
+  SamplingConfig sampling;
+  StopConfig stop;
+  bool streaming = false;  // true: one response per step with the new tokens; false: one at the end
+};
+
+enum class FinishReason : int32_t { kNotFinished, kEndId, kStopTokenId, kLength, kCancelled, kError };
+
+struct TokenLogprob {
+  int32_t token_id;
+  float logprob;
+};
+
+struct Response {
+  RequestId request_id = 0;
+  std::vector<int32_t> token_ids;  // streaming: the tokens new since the last response; else all
+  std::vector<float> logprobs;     // per token in token_ids, if num_logprobs >= 0
+  std::vector<std::vector<TokenLogprob>> top_logprobs;  // per token, if num_logprobs > 0
+  bool is_final = false;
+  FinishReason finish_reason = FinishReason::kNotFinished;
+  int32_t stop_token_id = -1;  // the end/stop id that finished the request (kEndId/kStopTokenId)
+  std::string error;           // set with kError: the request failed, others go on
+};
+
+struct KvCacheConfig {
+  std::optional<int64_t> max_tokens;         // pool size in tokens; unset: by memory fraction
+  float free_memory_fraction = 0.9f;         // of the memory free after weights and workspace
+  int32_t tokens_per_block = 32;
+};
+
+struct ExecutorConfig {
+  RuntimeConfig runtime;  // device, limits and threads (num_kv_blocks is derived from kv_cache)
+  KvCacheConfig kv_cache;
+  uint64_t seed = 0;      // seeds the RNG that draws seeds for requests without one
+};
+
+struct KvCacheStats {
+  int64_t num_total_blocks = 0;
+  int64_t num_free_blocks = 0;
+  int64_t num_used_blocks = 0;
+  int32_t tokens_per_block = 0;
+};
+
+struct ExecutorStats {
+  int64_t num_steps = 0;
+  int64_t num_active_requests = 0;   // scheduled or waiting
+  int64_t num_waiting_requests = 0;
+  int64_t num_completed_requests = 0;
+  int64_t num_generated_tokens = 0;
+  KvCacheStats kv_cache;
+};
+
+class RTLLM_API Executor {
+ public:
+  Executor(std::shared_ptr<const Engine> engine, const ExecutorConfig& config);
+  ~Executor();  // shuts down
+  Executor(const Executor&) = delete;
+  Executor& operator=(const Executor&) = delete;
+
+  // Validates the request against the engine limits (throws InvalidArgument naming the value and
+  // the limit) and queues it. Thread-safe.
+  RequestId enqueue(Request request);
+  // Cancels a queued or running request: it ends with kCancelled and frees its blocks.
+  // Throws InvalidArgument for an id that was never returned by enqueue; false if already finished.
+  bool cancel(RequestId id);
+  // Waits up to `timeout` for responses and returns all that are ready (possibly none).
+  std::vector<Response> await_responses(std::chrono::milliseconds timeout);
+  ExecutorStats get_stats() const;
+  // Stops the loop thread; pending requests end with kCancelled. Idempotent.
+  void shutdown();
+  bool is_shutdown() const;
+
+  const Engine& engine() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace rtllm

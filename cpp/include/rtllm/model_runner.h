@@ -1,0 +1,68 @@
+// ModelRunner executes an engine's graph for one packed step on a device, through the op registry.
+// It owns the device memory planned at load: weights, the KV-cache pool and the activation workspace.
+// Block ids and their lifetimes belong to KVCacheManager; the runner only stores K/V where it is told.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "rtllm/common.h"
+#include "rtllm/engine.h"
+
+namespace rtllm {
+
+enum class DeviceKind { kCpu, kCuda };
+
+struct RuntimeConfig {
+  DeviceKind device = DeviceKind::kCpu;
+  int32_t max_num_tokens = 0;    // 0: the engine's limit; may only lower it
+  int32_t max_batch_size = 0;    // 0: the engine's limit; may only lower it
+  int32_t num_kv_blocks = 0;     // blocks in the KV pool (every layer has each block)
+  int32_t tokens_per_block = 32;
+  int32_t num_threads = 0;       // CPU worker threads; 0: all hardware threads
+};
+
+// One packed step: sequences with context (prefill) tokens first, then generation sequences.
+// Sequence s contributes num_new_tokens[s] consecutive tokens to input_ids, at positions
+// num_cached_tokens[s] .. num_cached_tokens[s] + num_new_tokens[s] - 1.
+struct StepInputs {
+  std::vector<int32_t> input_ids;          // [num_tokens]
+  std::vector<int32_t> num_new_tokens;     // [num_seqs]
+  std::vector<int32_t> num_cached_tokens;  // [num_seqs] tokens whose K/V are already in the cache
+  // [num_seqs, max_blocks_per_seq] row-major, unused entries -1. Row s lists the blocks holding
+  // sequence s's tokens in order; it must cover num_cached_tokens[s] + num_new_tokens[s] tokens.
+  std::vector<int32_t> block_table;
+  int32_t max_blocks_per_seq = 0;
+
+  int32_t num_seqs() const { return static_cast<int32_t>(num_new_tokens.size()); }
+  int32_t num_tokens() const { return static_cast<int32_t>(input_ids.size()); }
+  void clear();
+};
+
+class RTLLM_API ModelRunner {
+ public:
+  // Plans and allocates all memory; throws Error if the device cannot hold it (naming both sizes).
+  ModelRunner(std::shared_ptr<const Engine> engine, const RuntimeConfig& config);
+  ~ModelRunner();
+  ModelRunner(const ModelRunner&) = delete;
+  ModelRunner& operator=(const ModelRunner&) = delete;
+
+  // Runs the graph: writes the new tokens' K/V into their blocks and returns the logits of each
+  // sequence's last new token, [num_seqs, vocab_size] float32 on the host. The buffer is owned by
+  // the runner and valid until the next call. Throws InvalidArgument for inputs over the limits.
+  const float* forward(const StepInputs& inputs);
+
+  const Engine& engine() const;
+  const RuntimeConfig& config() const;  // with the 0 fields resolved
+  int32_t vocab_size() const;
+  // Bytes one KV block takes over all layers (K and V); used to size the pool.
+  static size_t kv_bytes_per_block(const ModelConfig& model, int32_t tokens_per_block, DeviceKind device);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace rtllm
