@@ -12,27 +12,13 @@
 
 #include "rtllm/common.h"
 #include "rtllm/engine.h"
+#include "rtllm/kv_cache.h"
 #include "rtllm/model_runner.h"
+#include "rtllm/sampler.h"
 
 namespace rtllm {
 
-using RequestId = uint64_t;
-
-// How the next token is drawn from the logits. Defaults are greedy-equivalent off switches.
-struct SamplingConfig {
-  float temperature = 1.0f;         // 0: greedy; must be finite and >= 0
-  int32_t top_k = 0;                // 0: off; >= 0
-  float top_p = 1.0f;               // in (0, 1]
-  float min_p = 0.0f;               // in [0, 1]
-  float repetition_penalty = 1.0f;  // > 0; 1: off (applied over prompt and output tokens)
-  float presence_penalty = 0.0f;    // in [-2, 2] (output tokens)
-  float frequency_penalty = 0.0f;   // in [-2, 2] (output tokens)
-  std::optional<uint64_t> seed;     // per-request RNG seed; unset: drawn from the executor's RNG
-  int32_t num_logprobs = -1;        // -1: none; 0: the sampled token's; N: also the top N
-  void validate() const;            // throws InvalidArgument naming the value and the limit
-};
-
-struct StopConfig {
+struct RTLLM_API StopConfig {
   int32_t max_tokens = 16;              // >= 1
   int32_t min_tokens = 0;               // end and stop ids are ignored before this many tokens
   std::vector<int32_t> end_ids;         // end-of-sequence ids (empty: none)
@@ -49,11 +35,6 @@ struct Request {
 };
 
 enum class FinishReason : int32_t { kNotFinished, kEndId, kStopTokenId, kLength, kCancelled, kError };
-
-struct TokenLogprob {
-  int32_t token_id;
-  float logprob;
-};
 
 struct Response {
   RequestId request_id = 0;
@@ -76,13 +57,6 @@ struct ExecutorConfig {
   RuntimeConfig runtime;  // device, limits and threads (num_kv_blocks is derived from kv_cache)
   KvCacheConfig kv_cache;
   uint64_t seed = 0;      // seeds the RNG that draws seeds for requests without one
-};
-
-struct KvCacheStats {
-  int64_t num_total_blocks = 0;
-  int64_t num_free_blocks = 0;
-  int64_t num_used_blocks = 0;
-  int32_t tokens_per_block = 0;
 };
 
 struct ExecutorStats {

@@ -1,0 +1,39 @@
+"""The timing and reporting helpers every benchmark shares."""
+import json
+import time
+
+import numpy as np
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def summarize(values_s) -> dict:
+    """mean/p50/p90/p99 in milliseconds of a list of durations in seconds."""
+    v = np.asarray(values_s, dtype=np.float64) * 1e3
+    if v.size == 0:
+        return {}
+    return {"mean_ms": float(v.mean()), "p50_ms": float(np.percentile(v, 50)),
+            "p90_ms": float(np.percentile(v, 90)), "p99_ms": float(np.percentile(v, 99))}
+
+
+def report(results: dict, rows: list, columns: list, path: str | None = None) -> None:
+    """Prints the results as JSON, then a short table of `rows` (dicts) under `columns`."""
+    text = json.dumps(results, indent=2)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
+    return str(value)

@@ -1,0 +1,108 @@
+// Bindings for Engine, DeviceKind, RuntimeConfig and ModelRunner.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+
+#include "bindings.h"
+#include "rtllm/engine.h"
+#include "rtllm/model_runner.h"
+
+namespace py = pybind11;
+
+namespace rtllm::bindings {
+
+namespace {
+
+using Int32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+std::shared_ptr<Engine> load_engine(const std::string& dir, int32_t rank) {
+  return std::const_pointer_cast<Engine>(Engine::load(dir, rank));
+}
+
+py::array_t<float> forward(ModelRunner& runner, const Int32Array& input_ids, std::vector<int32_t> num_new_tokens,
+                           std::vector<int32_t> num_cached_tokens, const Int32Array& block_table) {
+  StepInputs step;
+  RTLLM_CHECK_ARG(input_ids.ndim() == 1, "input_ids must be 1-D, got ", input_ids.ndim(), " dims");
+  step.input_ids.assign(input_ids.data(), input_ids.data() + input_ids.size());
+  step.num_new_tokens = std::move(num_new_tokens);
+  step.num_cached_tokens = std::move(num_cached_tokens);
+  RTLLM_CHECK_ARG(block_table.ndim() == 2 && block_table.shape(0) == step.num_seqs(),
+                  "block_table must be [num_seqs = ", step.num_seqs(), ", max_blocks_per_seq]");
+  step.max_blocks_per_seq = static_cast<int32_t>(block_table.shape(1));
+  step.block_table.assign(block_table.data(), block_table.data() + block_table.size());
+  const int64_t num_seqs = step.num_seqs(), vocab = runner.vocab_size();
+  py::array_t<float> logits({num_seqs, vocab});
+  float* dst = logits.mutable_data();
+  {
+    py::gil_scoped_release release;
+    const float* src = runner.forward(step);
+    std::memcpy(dst, src, num_seqs * vocab * sizeof(float));
+  }
+  return logits;
+}
+
+}  // namespace
+
+void bind_engine(py::module_& m) {
+  py::enum_<DeviceKind>(m, "DeviceKind").value("CPU", DeviceKind::kCpu).value("CUDA", DeviceKind::kCuda);
+
+  py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
+      .def_static("load", &load_engine, py::arg("dir"), py::arg("rank") = 0, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("dir", &Engine::dir)
+      .def_property_readonly("config_json", [](const Engine& e) { return e.config().dump(2); })
+      .def_property_readonly("architecture", [](const Engine& e) { return e.model_config().architecture; })
+      .def_property_readonly("vocab_size", [](const Engine& e) { return e.model_config().vocab_size; })
+      .def_property_readonly("hidden_size", [](const Engine& e) { return e.model_config().hidden_size; })
+      .def_property_readonly("num_layers", [](const Engine& e) { return e.model_config().num_layers; })
+      .def_property_readonly("num_heads", [](const Engine& e) { return e.model_config().num_heads; })
+      .def_property_readonly("num_kv_heads", [](const Engine& e) { return e.model_config().num_kv_heads; })
+      .def_property_readonly("head_dim", [](const Engine& e) { return e.model_config().head_dim; })
+      .def_property_readonly("bos_token_id", [](const Engine& e) { return e.model_config().bos_token_id; })
+      .def_property_readonly("eos_token_ids", [](const Engine& e) { return e.model_config().eos_token_ids; })
+      .def_property_readonly("max_batch_size", [](const Engine& e) { return e.limits().max_batch_size; })
+      .def_property_readonly("max_input_len", [](const Engine& e) { return e.limits().max_input_len; })
+      .def_property_readonly("max_seq_len", [](const Engine& e) { return e.limits().max_seq_len; })
+      .def_property_readonly("max_num_tokens", [](const Engine& e) { return e.limits().max_num_tokens; })
+      .def("weight_names", &Engine::weight_names);
+
+  py::class_<RuntimeConfig>(m, "RuntimeConfig")
+      .def(py::init([](DeviceKind device, int32_t max_num_tokens, int32_t max_batch_size, int32_t num_kv_blocks,
+                       int32_t tokens_per_block, int32_t num_threads) {
+             return RuntimeConfig{device, max_num_tokens, max_batch_size, num_kv_blocks, tokens_per_block,
+                                  num_threads};
+           }),
+           py::arg("device") = DeviceKind::kCpu, py::arg("max_num_tokens") = 0, py::arg("max_batch_size") = 0,
+           py::arg("num_kv_blocks") = 0, py::arg("tokens_per_block") = 32, py::arg("num_threads") = 0)
+      .def_readwrite("device", &RuntimeConfig::device)
+      .def_readwrite("max_num_tokens", &RuntimeConfig::max_num_tokens)
+      .def_readwrite("max_batch_size", &RuntimeConfig::max_batch_size)
+      .def_readwrite("num_kv_blocks", &RuntimeConfig::num_kv_blocks)
+      .def_readwrite("tokens_per_block", &RuntimeConfig::tokens_per_block)
+      .def_readwrite("num_threads", &RuntimeConfig::num_threads)
+      .def("__repr__", [](const RuntimeConfig& c) {
+        return detail::concat("RuntimeConfig(device=", c.device == DeviceKind::kCpu ? "CPU" : "CUDA",
+                              ", max_num_tokens=", c.max_num_tokens, ", max_batch_size=", c.max_batch_size,
+                              ", num_kv_blocks=", c.num_kv_blocks, ", tokens_per_block=", c.tokens_per_block,
+                              ", num_threads=", c.num_threads, ")");
+      });
+
+  py::class_<ModelRunner>(m, "ModelRunner")
+      .def(py::init([](std::shared_ptr<Engine> engine, const RuntimeConfig& config) {
+             return std::make_unique<ModelRunner>(std::move(engine), config);
+           }),
+           py::arg("engine"), py::arg("runtime_config") = RuntimeConfig{}, py::call_guard<py::gil_scoped_release>())
+      .def("forward", &forward, py::arg("input_ids"), py::arg("num_new_tokens"), py::arg("num_cached_tokens"),
+           py::arg("block_table"))
+      .def_property_readonly("config", &ModelRunner::config)  // with the 0 fields resolved
+      .def_property_readonly("vocab_size", &ModelRunner::vocab_size)
+      .def_static(
+          "kv_bytes_per_block",
+          [](const Engine& engine, int32_t tokens_per_block, DeviceKind device) {
+            return ModelRunner::kv_bytes_per_block(engine.model_config(), tokens_per_block, device);
+          },
+          py::arg("engine"), py::arg("tokens_per_block"), py::arg("device") = DeviceKind::kCpu);
+}
+
+}  // namespace rtllm::bindings

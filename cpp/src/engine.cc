@@ -1,0 +1,195 @@
+// Engine::load: config.json -> ModelConfig, EngineLimits, Graph; rank{N}.engine -> mapped weights.
+#include "rtllm/engine.h"
+
+#include <fstream>
+#include <sstream>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "safetensors.h"
+
+namespace rtllm {
+
+struct Engine::Impl {
+  std::string dir;
+  Json config;
+  ModelConfig model;
+  EngineLimits limits;
+  Graph graph;
+  std::unique_ptr<SafetensorsFile> file;
+  std::unordered_map<std::string, size_t> weight_index;  // name -> index in file->tensors()
+};
+
+int64_t Weight::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+namespace {
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(detail::concat("cannot read ", path, " (missing or unreadable)"));
+  std::ostringstream os;
+  os << in.rdbuf();
+  return os.str();
+}
+
+int32_t to_int32(const Json& j, const char* key) {
+  int64_t v = j.at(key).as_int();
+  RTLLM_CHECK(v >= INT32_MIN && v <= INT32_MAX, key, " = ", v, " does not fit int32");
+  return static_cast<int32_t>(v);
+}
+
+ModelConfig parse_model_config(const Json& j) {
+  ModelConfig m;
+  m.architecture = j.get_string("architecture", "");
+  m.vocab_size = to_int32(j, "vocab_size");
+  m.hidden_size = to_int32(j, "hidden_size");
+  m.num_layers = to_int32(j, "num_layers");
+  m.num_heads = to_int32(j, "num_heads");
+  m.num_kv_heads = static_cast<int32_t>(j.get_int("num_kv_heads", m.num_heads));
+  m.head_dim = static_cast<int32_t>(j.get_int("head_dim", m.num_heads > 0 ? m.hidden_size / m.num_heads : 0));
+  m.intermediate_size = static_cast<int32_t>(j.get_int("intermediate_size", 0));
+  m.max_position_embeddings = static_cast<int32_t>(j.get_int("max_position_embeddings", 0));
+  m.dtype = parse_dtype(j.get_string("dtype", "float32"));
+  m.bos_token_id = static_cast<int32_t>(j.get_int("bos_token_id", -1));
+  if (j.contains("eos_token_id")) {
+    const Json& eos = j.at("eos_token_id");
+    if (eos.is_array()) {
+      for (const Json& e : eos.as_array()) m.eos_token_ids.push_back(static_cast<int32_t>(e.as_int()));
+    } else if (eos.is_number()) {
+      m.eos_token_ids.push_back(static_cast<int32_t>(eos.as_int()));
+    }
+  }
+  RTLLM_CHECK(m.vocab_size > 0 && m.hidden_size > 0 && m.num_layers > 0 && m.num_heads > 0 &&
+                  m.num_kv_heads > 0 && m.head_dim > 0,
+              "model_config sizes must be positive (vocab_size ", m.vocab_size, ", hidden_size ", m.hidden_size,
+              ", num_layers ", m.num_layers, ", num_heads ", m.num_heads, ", num_kv_heads ", m.num_kv_heads,
+              ", head_dim ", m.head_dim, ")");
+  RTLLM_CHECK(m.num_heads % m.num_kv_heads == 0, "num_heads ", m.num_heads, " is not a multiple of num_kv_heads ",
+              m.num_kv_heads);
+  return m;
+}
+
+EngineLimits parse_limits(const Json& j) {
+  EngineLimits l;
+  l.max_batch_size = to_int32(j, "max_batch_size");
+  l.max_input_len = to_int32(j, "max_input_len");
+  l.max_seq_len = to_int32(j, "max_seq_len");
+  l.max_num_tokens = to_int32(j, "max_num_tokens");
+  RTLLM_CHECK(l.max_batch_size > 0 && l.max_input_len > 0 && l.max_seq_len > 0 && l.max_num_tokens > 0,
+              "build_config limits must be positive (max_batch_size ", l.max_batch_size, ", max_input_len ",
+              l.max_input_len, ", max_seq_len ", l.max_seq_len, ", max_num_tokens ", l.max_num_tokens, ")");
+  return l;
+}
+
+TensorSpec parse_tensor_spec(const Json& j) {
+  TensorSpec t;
+  t.name = j.at("name").as_string();
+  t.dtype = parse_dtype(j.get_string("dtype", "float32"));
+  for (const Json& d : j.at("shape").as_array()) {
+    Dim dim;
+    if (d.is_string()) {
+      if (d.as_string() == "num_tokens") dim.kind = Dim::Kind::kNumTokens;
+      else if (d.as_string() == "num_seqs") dim.kind = Dim::Kind::kNumSeqs;
+      else RTLLM_CHECK(false, "tensor \"", t.name, "\": unknown dim symbol \"", d.as_string(), "\"");
+    } else {
+      dim.value = d.as_int();
+      RTLLM_CHECK(dim.value >= 0, "tensor \"", t.name, "\": negative dim ", dim.value);
+    }
+    t.shape.push_back(dim);
+  }
+  return t;
+}
+
+Graph parse_graph(const Json& j) {
+  Graph g;
+  for (const Json& t : j.at("inputs").as_array()) g.inputs.push_back(parse_tensor_spec(t));
+  for (const Json& t : j.at("outputs").as_array()) g.outputs.push_back(parse_tensor_spec(t));
+  for (const Json& t : j.at("tensors").as_array()) g.tensors.push_back(parse_tensor_spec(t));
+  for (const Json& n : j.at("nodes").as_array()) {
+    GraphNode node;
+    node.op = n.at("op").as_string();
+    for (const Json& s : n.at("inputs").as_array()) node.inputs.push_back(s.as_string());
+    for (const Json& s : n.at("outputs").as_array()) node.outputs.push_back(s.as_string());
+    node.attrs = n.contains("attrs") && !n.at("attrs").is_null() ? n.at("attrs") : Json(Json::Object{});
+    RTLLM_CHECK(node.attrs.is_object(), "attrs of a \"", node.op, "\" node must be an object");
+    g.nodes.push_back(std::move(node));
+  }
+  return g;
+}
+
+// Every name a node reads must be a graph input, an earlier node's output or a stored weight.
+void check_graph_names(const Graph& g, const Engine& engine, const std::string& weights_path) {
+  std::unordered_set<std::string> produced;
+  for (const TensorSpec& t : g.inputs) produced.insert(t.name);
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    const GraphNode& n = g.nodes[i];
+    for (const std::string& name : n.inputs) {
+      if (produced.count(name) || engine.has_weight(name)) continue;
+      throw Error(detail::concat("graph node ", i, " (", n.op, ") reads \"", name,
+                                 "\", which is neither a graph input, an earlier output nor a weight in ",
+                                 weights_path));
+    }
+    for (const std::string& name : n.outputs) produced.insert(name);
+  }
+  for (const TensorSpec& t : g.outputs)
+    RTLLM_CHECK(produced.count(t.name), "graph output \"", t.name, "\" is produced by no node");
+}
+
+}  // namespace
+
+Engine::Engine() : impl_(std::make_unique<Impl>()) {}
+Engine::~Engine() = default;
+
+std::shared_ptr<const Engine> Engine::load(const std::string& dir, int32_t rank) {
+  std::shared_ptr<Engine> engine(new Engine());
+  Impl& im = *engine->impl_;
+  im.dir = dir;
+  const std::string config_path = dir + "/config.json";
+  std::string text = read_text_file(config_path);
+  try {
+    im.config = Json::parse(text);
+    int64_t version = im.config.at("format_version").as_int();
+    if (version != kFormatVersion)
+      throw Error(detail::concat("engine format version ", version, " is not readable; this rtllm reads version ",
+                                 kFormatVersion, " (", config_path, ")"));
+    im.model = parse_model_config(im.config.at("model_config"));
+    im.limits = parse_limits(im.config.at("build_config"));
+    im.graph = parse_graph(im.config.at("graph"));
+  } catch (const Error& e) {
+    if (std::string(e.what()).find(config_path) != std::string::npos) throw;
+    throw Error(detail::concat("invalid engine config ", config_path, ": ", e.what()));
+  }
+  RTLLM_CHECK_ARG(rank >= 0, "rank ", rank, " must be >= 0");
+  const std::string weights_path = dir + "/rank" + std::to_string(rank) + ".engine";
+  im.file = std::make_unique<SafetensorsFile>(weights_path);
+  const auto& tensors = im.file->tensors();
+  for (size_t i = 0; i < tensors.size(); ++i) im.weight_index.emplace(tensors[i].name, i);
+  check_graph_names(im.graph, *engine, weights_path);
+  return engine;
+}
+
+const std::string& Engine::dir() const { return impl_->dir; }
+const Json& Engine::config() const { return impl_->config; }
+const ModelConfig& Engine::model_config() const { return impl_->model; }
+const EngineLimits& Engine::limits() const { return impl_->limits; }
+const Graph& Engine::graph() const { return impl_->graph; }
+
+bool Engine::has_weight(const std::string& name) const { return impl_->weight_index.count(name) > 0; }
+
+const Weight& Engine::weight(const std::string& name) const {
+  auto it = impl_->weight_index.find(name);
+  RTLLM_CHECK(it != impl_->weight_index.end(), "engine ", impl_->dir, " has no weight \"", name, "\"");
+  return impl_->file->tensors()[it->second];
+}
+
+std::vector<std::string> Engine::weight_names() const {
+  std::vector<std::string> names;
+  for (const Weight& w : impl_->file->tensors()) names.push_back(w.name);
+  return names;
+}
+
+}  // namespace rtllm

@@ -1,0 +1,392 @@
+// Executor: requests come in from any thread (enqueue, cancel) and responses go out through a
+// queue (await_responses); one loop thread owns the scheduler, the KV-cache manager, the model
+// runner and the sampler, and runs steps while there is work.
+#include "rtllm/executor.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "request.h"
+
+namespace rtllm {
+
+namespace {
+
+// The runtime config with the KV pool sized from the KV-cache config: max_tokens if set, else
+// room for max_batch_size sequences of max_seq_len. (Sizing by free_memory_fraction of the device
+// memory left after weights and workspace needs the runtime to report that memory; until then
+// the CUDA device is sized like the CPU.)
+RuntimeConfig resolve_runtime_config(const Engine* engine, const ExecutorConfig& config) {
+  RTLLM_CHECK_ARG(engine != nullptr, "engine must not be null");
+  const KvCacheConfig& kv = config.kv_cache;
+  const EngineLimits& limits = engine->limits();
+  RTLLM_CHECK_ARG(kv.tokens_per_block >= 1, "tokens_per_block must be >= 1, got ", kv.tokens_per_block);
+  RTLLM_CHECK_ARG(kv.free_memory_fraction > 0.0f && kv.free_memory_fraction <= 1.0f,
+                  "free_memory_fraction must be in (0, 1], got ", kv.free_memory_fraction);
+  RuntimeConfig runtime = config.runtime;
+  runtime.tokens_per_block = kv.tokens_per_block;
+  auto num_blocks_for = [&](int64_t num_tokens) { return (num_tokens + kv.tokens_per_block - 1) / kv.tokens_per_block; };
+  int64_t num_blocks = 0;
+  if (kv.max_tokens) {
+    RTLLM_CHECK_ARG(*kv.max_tokens >= 1, "kv_cache max_tokens must be >= 1, got ", *kv.max_tokens);
+    num_blocks = num_blocks_for(*kv.max_tokens);
+  } else {
+    int32_t max_batch_size = runtime.max_batch_size > 0 ? runtime.max_batch_size : limits.max_batch_size;
+    num_blocks = max_batch_size * num_blocks_for(limits.max_seq_len);
+  }
+  int64_t num_blocks_per_seq = num_blocks_for(limits.max_seq_len);
+  if (num_blocks < num_blocks_per_seq)
+    throw Error(detail::concat("the KV cache of ", num_blocks, " blocks (", num_blocks * kv.tokens_per_block,
+                               " tokens) cannot hold one sequence of max_seq_len ", limits.max_seq_len,
+                               " tokens, which needs ", num_blocks_per_seq, " blocks"));
+  RTLLM_CHECK_ARG(num_blocks <= INT32_MAX, "the KV cache of ", num_blocks, " blocks exceeds ", INT32_MAX);
+  runtime.num_kv_blocks = static_cast<int32_t>(num_blocks);
+  return runtime;
+}
+
+}  // namespace
+
+struct Executor::Impl {
+  Impl(std::shared_ptr<const Engine> engine, const ExecutorConfig& config)
+      : runner(engine, resolve_runtime_config(engine.get(), config)),
+        kv_cache(runner.config().num_kv_blocks, runner.config().tokens_per_block),
+        scheduler({CapacityPolicy::kGuaranteedNoEvict, runner.config().max_batch_size,
+                   runner.config().max_num_tokens},
+                  kv_cache),
+        seed_rng(config.seed) {
+    stats.kv_cache = kv_cache.stats();
+    loop_thread = std::thread([this] { loop(); });
+  }
+
+  using Batch = std::vector<std::shared_ptr<LlmRequest>>;
+
+  // ---- owned by the loop thread (callers only read the runner's engine and resolved config) ----
+  ModelRunner runner;
+  KVCacheManager kv_cache;
+  Scheduler scheduler;
+  Sampler sampler;
+  std::unordered_map<RequestId, std::shared_ptr<LlmRequest>> requests;  // those in the scheduler
+  StepInputs inputs;
+  std::vector<Response> outbox;          // responses of this round, published by flush()
+  std::vector<RequestId> finished_ids;   // requests finished this round
+  int64_t num_steps = 0, num_generated_tokens = 0, num_completed = 0;
+
+  // ---- shared, guarded by mutex ----
+  mutable std::mutex mutex;
+  std::condition_variable work_cv;      // the loop waits here for requests, cancels or stop
+  std::condition_variable response_cv;  // await_responses waits here
+  Batch incoming;
+  std::vector<RequestId> cancelled;
+  std::unordered_set<RequestId> unfinished_ids;
+  std::deque<Response> responses;
+  RequestId next_id = 1;
+  std::mt19937_64 seed_rng;
+  bool stopping = false;
+  bool loop_done = false;  // the loop has published its last response
+  ExecutorStats stats;
+  std::mutex join_mutex;  // shutdown may be called from several threads at once
+  std::thread loop_thread;
+
+  // callers' side
+  void validate(const Request& request) const;
+  RequestId enqueue(Request request);
+  bool cancel(RequestId id);
+  std::vector<Response> await_responses(std::chrono::milliseconds timeout);
+  ExecutorStats get_stats() const;
+  void shutdown();
+
+  // loop thread
+  void loop();
+  bool wait_for_work(Batch& new_requests, std::vector<RequestId>& cancels);
+  void admit(const Batch& new_requests);
+  void cancel_now(const std::vector<RequestId>& ids);
+  void step_or_fail_all();
+  void step();
+  Batch requests_of(const ScheduledBatch& scheduled) const;
+  void prepare_inputs(const Batch& batch);
+  std::vector<SampledToken> sample(const Batch& batch, const float* logits);
+  void postprocess(const Batch& batch, const std::vector<SampledToken>& tokens);
+  void finish(LlmRequest& request, FinishReason reason, const std::string& message = {});
+  void emit(LlmRequest& request);
+  void flush();
+};
+
+// ---------------------------------------------------------------- callers' side
+
+void Executor::Impl::validate(const Request& request) const {
+  const EngineLimits& limits = runner.engine().limits();
+  const int32_t vocab_size = runner.vocab_size();
+  const int64_t num_prompt_tokens = static_cast<int64_t>(request.prompt_token_ids.size());
+  RTLLM_CHECK_ARG(num_prompt_tokens >= 1, "prompt_token_ids is empty");
+  RTLLM_CHECK_ARG(num_prompt_tokens <= limits.max_input_len, "prompt of ", num_prompt_tokens,
+                  " tokens exceeds max_input_len ", limits.max_input_len);
+  RTLLM_CHECK_ARG(num_prompt_tokens < limits.max_seq_len, "prompt of ", num_prompt_tokens,
+                  " tokens leaves no room to generate within max_seq_len ", limits.max_seq_len);
+  RTLLM_CHECK_ARG(num_prompt_tokens <= runner.config().max_num_tokens, "prompt of ", num_prompt_tokens,
+                  " tokens exceeds max_num_tokens ", runner.config().max_num_tokens);
+  auto check_ids = [&](const std::vector<int32_t>& ids, const char* what) {
+    for (size_t i = 0; i < ids.size(); ++i)
+      RTLLM_CHECK_ARG(ids[i] >= 0 && ids[i] < vocab_size, what, "[", i, "] = ", ids[i],
+                      " is outside the vocabulary [0, ", vocab_size, ")");
+  };
+  check_ids(request.prompt_token_ids, "prompt_token_ids");
+  check_ids(request.stop.end_ids, "end_ids");
+  check_ids(request.stop.stop_token_ids, "stop_token_ids");
+  request.sampling.validate();
+  request.stop.validate();
+}
+
+RequestId Executor::Impl::enqueue(Request request) {
+  validate(request);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (stopping) throw Error("the executor is shut down; no request can be enqueued");
+  RequestId id = next_id++;
+  uint64_t seed = request.sampling.seed ? *request.sampling.seed : seed_rng();
+  int32_t max_seq_len = runner.engine().limits().max_seq_len;
+  incoming.push_back(std::make_shared<LlmRequest>(id, std::move(request), seed, max_seq_len));
+  unfinished_ids.insert(id);
+  work_cv.notify_one();
+  return id;
+}
+
+// The loop finishes the request at its next round; a request that finishes on its own before
+// then keeps its own finish reason.
+bool Executor::Impl::cancel(RequestId id) {
+  std::lock_guard<std::mutex> lock(mutex);
+  RTLLM_CHECK_ARG(id >= 1 && id < next_id, "unknown request id ", id);
+  if (!unfinished_ids.count(id)) return false;
+  cancelled.push_back(id);
+  work_cv.notify_one();
+  return true;
+}
+
+std::vector<Response> Executor::Impl::await_responses(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mutex);
+  response_cv.wait_for(lock, timeout, [&] { return !responses.empty() || loop_done; });
+  std::vector<Response> out(std::make_move_iterator(responses.begin()), std::make_move_iterator(responses.end()));
+  responses.clear();
+  return out;
+}
+
+ExecutorStats Executor::Impl::get_stats() const {
+  std::lock_guard<std::mutex> lock(mutex);
+  ExecutorStats out = stats;
+  out.num_waiting_requests += static_cast<int64_t>(incoming.size());
+  out.num_active_requests += static_cast<int64_t>(incoming.size());
+  return out;
+}
+
+void Executor::Impl::shutdown() {
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    stopping = true;
+    work_cv.notify_one();
+  }
+  std::lock_guard<std::mutex> lock(join_mutex);
+  if (loop_thread.joinable()) loop_thread.join();
+}
+
+// ---------------------------------------------------------------- the loop thread
+
+void Executor::Impl::loop() {
+  Batch new_requests;
+  std::vector<RequestId> cancels;
+  while (wait_for_work(new_requests, cancels)) {
+    admit(new_requests);
+    cancel_now(cancels);
+    if (scheduler.has_work()) step_or_fail_all();
+    flush();
+  }
+  // Shutting down: requests not yet admitted and those in the scheduler end cancelled.
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    new_requests.swap(incoming);
+  }
+  admit(new_requests);
+  std::vector<RequestId> left;
+  for (const auto& [id, request] : requests) left.push_back(id);
+  cancel_now(left);
+  flush();
+  std::lock_guard<std::mutex> lock(mutex);
+  loop_done = true;
+  response_cv.notify_all();
+}
+
+// Sleeps until there is something to do; false when the executor is stopping.
+bool Executor::Impl::wait_for_work(Batch& new_requests, std::vector<RequestId>& cancels) {
+  std::unique_lock<std::mutex> lock(mutex);
+  work_cv.wait(lock, [&] { return stopping || !incoming.empty() || !cancelled.empty() || scheduler.has_work(); });
+  new_requests.clear();
+  cancels.clear();
+  if (stopping) return false;
+  new_requests.swap(incoming);
+  cancels.swap(cancelled);
+  return true;
+}
+
+void Executor::Impl::admit(const Batch& new_requests) {
+  for (const auto& request : new_requests) {
+    requests[request->id] = request;
+    try {
+      scheduler.add(request);
+    } catch (const std::exception& e) {
+      finish(*request, FinishReason::kError, e.what());
+    }
+  }
+}
+
+void Executor::Impl::cancel_now(const std::vector<RequestId>& ids) {
+  for (RequestId id : ids) {
+    auto it = requests.find(id);
+    if (it == requests.end()) continue;  // finished before the cancel was seen
+    std::shared_ptr<LlmRequest> request = it->second;
+    finish(*request, FinishReason::kCancelled);
+  }
+}
+
+// An exception out of a step is a broken invariant of the loop's own state: the requests it holds
+// end with kError rather than the process.
+void Executor::Impl::step_or_fail_all() {
+  try {
+    step();
+  } catch (const std::exception& e) {
+    std::vector<std::shared_ptr<LlmRequest>> left;
+    for (const auto& [id, request] : requests) left.push_back(request);
+    for (const auto& request : left) finish(*request, FinishReason::kError, e.what());
+  }
+}
+
+// One step: schedule -> prepare -> forward -> sample -> postprocess. A failure of the model fails
+// this batch's requests; a failure to sample fails that request alone.
+void Executor::Impl::step() {
+  Batch batch = requests_of(scheduler.schedule());
+  RTLLM_CHECK(!batch.empty(), "the scheduler has work but scheduled nothing");
+  const float* logits = nullptr;
+  try {
+    prepare_inputs(batch);
+    logits = runner.forward(inputs);
+  } catch (const std::exception& e) {
+    for (const auto& request : batch) finish(*request, FinishReason::kError, e.what());
+    return;
+  }
+  std::vector<SampledToken> tokens = sample(batch, logits);
+  postprocess(batch, tokens);
+  ++num_steps;
+}
+
+// Context requests first, then generation requests: the packing order of StepInputs.
+Executor::Impl::Batch Executor::Impl::requests_of(const ScheduledBatch& scheduled) const {
+  Batch batch;
+  for (const auto* list : {&scheduled.context, &scheduled.generation})
+    for (const auto& seq : *list) batch.push_back(requests.at(seq->id));
+  return batch;
+}
+
+void Executor::Impl::prepare_inputs(const Batch& batch) {
+  inputs.clear();
+  inputs.max_blocks_per_seq = 0;
+  for (const auto& request : batch)
+    inputs.max_blocks_per_seq =
+        std::max(inputs.max_blocks_per_seq, static_cast<int32_t>(kv_cache.block_ids(request->id).size()));
+  inputs.block_table.assign(batch.size() * inputs.max_blocks_per_seq, -1);  // [num_seqs, max_blocks_per_seq]
+  for (size_t s = 0; s < batch.size(); ++s) {
+    const LlmRequest& request = *batch[s];
+    for (int32_t i = request.num_cached_tokens; i < request.num_tokens; ++i)
+      inputs.input_ids.push_back(request.token_at(i));
+    inputs.num_new_tokens.push_back(request.num_new_tokens());
+    inputs.num_cached_tokens.push_back(request.num_cached_tokens);
+    const std::vector<int32_t>& blocks = kv_cache.block_ids(request.id);
+    std::copy(blocks.begin(), blocks.end(), inputs.block_table.begin() + s * inputs.max_blocks_per_seq);
+  }
+}
+
+// logits: [batch.size(), vocab_size], row s for batch[s]. A request whose draw fails (e.g. every
+// token masked) ends with kError and gets no token.
+std::vector<SampledToken> Executor::Impl::sample(const Batch& batch, const float* logits) {
+  const int32_t vocab_size = runner.vocab_size();
+  std::vector<SampledToken> tokens(batch.size());
+  for (size_t s = 0; s < batch.size(); ++s) {
+    LlmRequest& request = *batch[s];
+    std::vector<int32_t> masked = request.masked_token_ids();
+    try {
+      tokens[s] = sampler.sample_one(logits + s * vocab_size, vocab_size, request.sampling_input(&masked));
+    } catch (const std::exception& e) {
+      finish(request, FinishReason::kError, e.what());
+    }
+  }
+  return tokens;
+}
+
+void Executor::Impl::postprocess(const Batch& batch, const std::vector<SampledToken>& tokens) {
+  for (size_t s = 0; s < batch.size(); ++s) {
+    LlmRequest& request = *batch[s];
+    if (request.is_finished()) continue;  // failed to sample
+    request.add_token(tokens[s]);
+    ++num_generated_tokens;
+    if (request.is_finished()) {
+      finish(request, request.finish_reason);
+    } else {
+      emit(request);
+    }
+  }
+}
+
+// Ends a request: its final response goes out, its blocks are freed and the loop forgets it.
+void Executor::Impl::finish(LlmRequest& request, FinishReason reason, const std::string& message) {
+  RequestId id = request.id;
+  if (!request.is_finished()) request.finish(reason, message);
+  emit(request);
+  scheduler.remove(id);
+  finished_ids.push_back(id);
+  ++num_completed;
+  requests.erase(id);  // last: may destroy `request`
+}
+
+void Executor::Impl::emit(LlmRequest& request) {
+  Response response;
+  if (request.take_response(response)) outbox.push_back(std::move(response));
+}
+
+// Publishes this round's responses and statistics.
+void Executor::Impl::flush() {
+  std::lock_guard<std::mutex> lock(mutex);
+  for (RequestId id : finished_ids) unfinished_ids.erase(id);
+  finished_ids.clear();
+  for (Response& response : outbox) responses.push_back(std::move(response));
+  if (!outbox.empty()) response_cv.notify_all();
+  outbox.clear();
+  stats.num_steps = num_steps;
+  stats.num_waiting_requests = scheduler.num_waiting();
+  stats.num_active_requests = scheduler.num_waiting() + scheduler.num_running();
+  stats.num_completed_requests = num_completed;
+  stats.num_generated_tokens = num_generated_tokens;
+  stats.kv_cache = kv_cache.stats();
+}
+
+// ---------------------------------------------------------------- Executor
+
+Executor::Executor(std::shared_ptr<const Engine> engine, const ExecutorConfig& config)
+    : impl_(std::make_unique<Impl>(std::move(engine), config)) {}
+
+Executor::~Executor() { shutdown(); }
+
+RequestId Executor::enqueue(Request request) { return impl_->enqueue(std::move(request)); }
+bool Executor::cancel(RequestId id) { return impl_->cancel(id); }
+std::vector<Response> Executor::await_responses(std::chrono::milliseconds timeout) {
+  return impl_->await_responses(timeout);
+}
+ExecutorStats Executor::get_stats() const { return impl_->get_stats(); }
+void Executor::shutdown() { impl_->shutdown(); }
+bool Executor::is_shutdown() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->stopping;
+}
+const Engine& Executor::engine() const { return impl_->runner.engine(); }
+
+}  // namespace rtllm

@@ -1,0 +1,91 @@
+#include "request.h"
+
+#include <algorithm>
+
+namespace rtllm {
+
+void StopConfig::validate() const {
+  RTLLM_CHECK_ARG(max_tokens >= 1, "max_tokens must be >= 1, got ", max_tokens);
+  RTLLM_CHECK_ARG(min_tokens >= 0, "min_tokens must be >= 0, got ", min_tokens);
+}
+
+LlmRequest::LlmRequest(RequestId id_, Request request_, uint64_t seed_, int32_t max_seq_len)
+    : request(std::move(request_)), seed(seed_) {
+  id = id_;
+  num_prompt_tokens = static_cast<int32_t>(request.prompt_token_ids.size());
+  num_tokens = num_prompt_tokens;
+  max_num_tokens = static_cast<int32_t>(
+      std::min<int64_t>(int64_t{num_prompt_tokens} + request.stop.max_tokens, max_seq_len));
+}
+
+int32_t LlmRequest::token_at(int32_t i) const {
+  return i < num_prompt_tokens ? request.prompt_token_ids[i] : output_token_ids[i - num_prompt_tokens];
+}
+
+std::vector<int32_t> LlmRequest::masked_token_ids() const {
+  const StopConfig& stop = request.stop;
+  if (num_generated() >= stop.min_tokens) return {};
+  std::vector<int32_t> masked(stop.stop_token_ids);
+  if (!stop.ignore_eos) masked.insert(masked.end(), stop.end_ids.begin(), stop.end_ids.end());
+  return masked;
+}
+
+SamplingInput LlmRequest::sampling_input(const std::vector<int32_t>* masked) const {
+  SamplingInput input;
+  input.config = &request.sampling;
+  input.seed = seed;
+  input.step = num_generated();
+  input.prompt_token_ids = &request.prompt_token_ids;
+  input.output_token_ids = &output_token_ids;
+  input.masked_token_ids = masked;
+  return input;
+}
+
+void LlmRequest::add_token(const SampledToken& token) {
+  num_cached_tokens = num_tokens;
+  num_tokens += 1;
+  output_token_ids.push_back(token.token_id);
+  if (request.sampling.num_logprobs >= 0) logprobs.push_back(token.logprob);
+  if (request.sampling.num_logprobs > 0) top_logprobs.push_back(token.top_logprobs);
+
+  const StopConfig& stop = request.stop;
+  auto contains = [](const std::vector<int32_t>& ids, int32_t id) {
+    return std::find(ids.begin(), ids.end(), id) != ids.end();
+  };
+  bool may_stop = num_generated() > stop.min_tokens;
+  if (may_stop && !stop.ignore_eos && contains(stop.end_ids, token.token_id)) {
+    stop_token_id = token.token_id;
+    finish(FinishReason::kEndId);
+  } else if (may_stop && contains(stop.stop_token_ids, token.token_id)) {
+    stop_token_id = token.token_id;
+    finish(FinishReason::kStopTokenId);
+  } else if (num_tokens >= max_num_tokens) {
+    finish(FinishReason::kLength);
+  }
+}
+
+void LlmRequest::finish(FinishReason reason, std::string message) {
+  finish_reason = reason;
+  error = std::move(message);
+}
+
+bool LlmRequest::take_response(Response& response) {
+  if (sent_final_) return false;
+  bool has_news = is_finished() || (request.streaming && output_token_ids.size() > num_sent_tokens_);
+  if (!has_news) return false;
+  size_t first = request.streaming ? num_sent_tokens_ : 0;
+  response = Response{};
+  response.request_id = id;
+  response.token_ids.assign(output_token_ids.begin() + first, output_token_ids.end());
+  if (!logprobs.empty()) response.logprobs.assign(logprobs.begin() + first, logprobs.end());
+  if (!top_logprobs.empty()) response.top_logprobs.assign(top_logprobs.begin() + first, top_logprobs.end());
+  response.is_final = is_finished();
+  response.finish_reason = finish_reason;
+  response.stop_token_id = stop_token_id;
+  response.error = error;
+  num_sent_tokens_ = output_token_ids.size();
+  sent_final_ = is_finished();
+  return true;
+}
+
+}  // namespace rtllm

@@ -1,0 +1,112 @@
+"""build(model, BuildConfig) -> Engine: trace forward() into a Network, run the passes, attach weights."""
+
+import dataclasses
+from dataclasses import dataclass
+
+from . import passes
+from .engine import FORMAT_VERSION, Engine, rtllm_version
+from .tensor import Network
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DEFAULT_MAX_INPUT_LEN = 1024
+
+
+@dataclass
+class BuildConfig:
+    """Limits the engine is built for; the runtime never exceeds them.
+
+    max_seq_len None -> the model's max_position_embeddings (it only bounds a request's length; the KV
+    cache is sized at run time). max_input_len None -> min(1024, max_seq_len). dtype "auto" keeps the
+    model's weight dtype. fuse enables the fusion passes.
+    """
+    max_batch_size: int = 64
+    max_input_len: int | None = None
+    max_seq_len: int | None = None
+    max_num_tokens: int = 8192
+    dtype: str = "auto"
+    fuse: bool = True
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens"):
+            value = getattr(self, name)
+            if value is None and name in ("max_input_len", "max_seq_len"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"BuildConfig.{name}={value!r} must be a positive integer")
+        if self.max_input_len is not None and self.max_seq_len is not None and self.max_input_len > self.max_seq_len:
+            raise ValueError(f"BuildConfig.max_input_len={self.max_input_len} exceeds max_seq_len={self.max_seq_len}")
+        if self.max_input_len is not None and self.max_num_tokens < self.max_input_len:
+            # a prompt must fit one step until chunked prefill exists
+            raise ValueError(f"BuildConfig.max_num_tokens={self.max_num_tokens} is less than "
+                             f"max_input_len={self.max_input_len}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"BuildConfig.dtype={self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        if not isinstance(self.fuse, bool):
+            raise ValueError(f"BuildConfig.fuse={self.fuse!r} must be a bool")
+
+    def resolved(self, max_position_embeddings: int) -> "BuildConfig":
+        """A copy with max_seq_len and max_input_len filled in for a model."""
+        max_seq_len = self.max_seq_len or max_position_embeddings
+        if max_seq_len > max_position_embeddings:
+            raise ValueError(f"BuildConfig.max_seq_len={max_seq_len} exceeds the model's "
+                             f"max_position_embeddings={max_position_embeddings}")
+        max_input_len = self.max_input_len or min(_DEFAULT_MAX_INPUT_LEN, max_seq_len, self.max_num_tokens)
+        if max_input_len > max_seq_len:
+            raise ValueError(f"BuildConfig.max_input_len={max_input_len} exceeds max_seq_len={max_seq_len}")
+        return dataclasses.replace(self, max_seq_len=max_seq_len, max_input_len=max_input_len)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens",
+                                              "fuse")}
+
+
+def trace(model) -> Network:
+    """Runs model.forward on the graph inputs; returns the unfused network."""
+    for name, param in model.named_parameters():
+        param.name = name
+    network = Network()
+    with network:
+        input_ids = network.add_input("input_ids", "int32", ["num_tokens"])
+        positions = network.add_input("positions", "int32", ["num_tokens"])
+        last_token_ids = network.add_input("last_token_ids", "int32", ["num_seqs"])
+        logits = model.forward(input_ids, positions, last_token_ids)
+        network.mark_output(logits, "logits")
+    return network
+
+
+def build(model, build_config: BuildConfig | None = None) -> Engine:
+    """Traces `model` (a module with .config and forward(input_ids, positions, last_token_ids)) into an
+    engine: the graph after the fusion passes, and lazy weights in the engine dtype. Reads no weight data;
+    Engine.save streams it."""
+    build_config = (build_config or BuildConfig()).resolved(model.config.max_position_embeddings)
+    model_config = dataclasses.replace(model.config)
+    if build_config.dtype != "auto":
+        model_config.dtype = build_config.dtype
+    window = model_config.sliding_window
+    if window is not None and window < build_config.max_seq_len:
+        raise ValueError(f"sliding window attention is not supported: the model's sliding_window={window} is "
+                         f"less than max_seq_len={build_config.max_seq_len}; build with max_seq_len <= {window}")
+
+    network = trace(model)
+    if build_config.fuse:
+        for rewrite in passes.ALL_PASSES:
+            rewrite(network)
+    network.prune()
+    network.renumber()
+    # in order of first use; every weight in the engine dtype except rope.inv_freq, which stays float32
+    names = dict.fromkeys(i for node in network.nodes for i in node.inputs if i in network.weights)
+    weights = {}
+    for name in names:
+        weight = network.weights[name]
+        weights[name] = weight if name == "rope.inv_freq" else weight.cast(model_config.dtype)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "rtllm_version": rtllm_version(),
+        "architecture": model_config.architecture,
+        "model_config": model_config.to_json(),
+        "build_config": build_config.to_json(),
+        "quant_config": {"quant_algo": None},
+        "mapping": {"tp_size": 1, "tp_rank": 0},
+        "graph": network.to_json(),
+    }
+    return Engine(config, weights, source_dir=getattr(model, "source_dir", None))

@@ -1,0 +1,104 @@
+"""Engine: config (model, build, graph) + lazy weights; saved as the directory of docs/engine_format.md."""
+
+import importlib.metadata
+import json
+import os
+import shutil
+
+import numpy as np
+
+from .safetensors_io import SafetensorsFile, storage_type, write_safetensors
+from .tensor import Parameter
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+
+
+def rtllm_version() -> str:
+    try:
+        return importlib.metadata.version("rtllm")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+def engine_file_name(rank: int) -> str:
+    return f"rank{rank}.engine"
+
+
+def format_config(config: dict) -> str:
+    """Pretty JSON, except that each graph entry (tensor spec or node) stays on one line."""
+    def dump(key, value):
+        if key != "graph":
+            return json.dumps(value, indent=2).replace("\n", "\n  ")
+        lists = [f'    "{k}": [\n' + ",\n".join("      " + json.dumps(item) for item in items) + "\n    ]"
+                 for k, items in value.items()]
+        return "{\n" + ",\n".join(lists) + "\n  }"
+    return "{\n" + ",\n".join(f"  {json.dumps(k)}: {dump(k, v)}" for k, v in config.items()) + "\n}\n"
+
+
+class Engine:
+    """An engine in memory. `weights` maps each weight the graph names to a lazy Parameter, so saving
+    streams one tensor at a time; `source_dir` is where tokenizer files come from (checkpoint or engine)."""
+
+    def __init__(self, config: dict, weights: dict, source_dir: str | None = None):
+        self.config = config
+        self.weights = weights
+        self.source_dir = source_dir
+
+    @property
+    def model_config(self) -> dict:
+        return self.config["model_config"]
+
+    @property
+    def build_config(self) -> dict:
+        return self.config["build_config"]
+
+    @property
+    def graph(self) -> dict:
+        return self.config["graph"]
+
+    def save(self, engine_dir: str) -> None:
+        engine_dir = str(engine_dir)
+        if self.source_dir and os.path.abspath(self.source_dir) == os.path.abspath(engine_dir):
+            # its config.json and weights are being read from there
+            raise ValueError(f"cannot save an engine into {engine_dir}, the directory it is read from")
+        os.makedirs(engine_dir, exist_ok=True)
+        with open(os.path.join(engine_dir, CONFIG_FILE), "w") as f:
+            f.write(format_config(self.config))
+        # Wider dtypes first: every tensor then starts at a multiple of its element size.
+        order = sorted(self.weights.values(), key=lambda w: -np.dtype(storage_type(w.dtype)).itemsize)
+        write_safetensors(os.path.join(engine_dir, engine_file_name(self.config["mapping"]["tp_rank"])),
+                          [(w.name, w.dtype, w.shape, w.load) for w in order],
+                          metadata={"format": "rtllm", "format_version": FORMAT_VERSION})
+        if self.source_dir:
+            for name in TOKENIZER_FILES:
+                path = os.path.join(self.source_dir, name)
+                if os.path.isfile(path):
+                    shutil.copyfile(path, os.path.join(engine_dir, name))
+
+    @classmethod
+    def load(cls, engine_dir: str, rank: int = 0) -> "Engine":
+        """Reads config.json and maps rank{rank}.engine; weights are read when used."""
+        engine_dir = str(engine_dir)
+        path = os.path.join(engine_dir, CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"no {CONFIG_FILE} in {engine_dir}: not an engine directory")
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        version = config.get("format_version") if isinstance(config, dict) else None
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path}: engine format version {version} is not readable; this rtllm reads "
+                             f"version {FORMAT_VERSION}")
+        st = SafetensorsFile(os.path.join(engine_dir, engine_file_name(rank)))
+        weights = {name: Parameter(st.shape(name), st.dtype(name), lambda name=name: st.get(name), name)
+                   for name in st.keys()}
+        graph = config["graph"]
+        activations = {t["name"] for t in graph["inputs"]} | {o for n in graph["nodes"] for o in n["outputs"]}
+        missing = sorted({i for n in graph["nodes"] for i in n["inputs"]} - activations - weights.keys())
+        if missing:
+            raise ValueError(f"{st.path} lacks weights the graph reads: {', '.join(missing[:5])}")
+        return cls(config, weights, source_dir=engine_dir)

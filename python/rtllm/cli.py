@@ -1,0 +1,122 @@
+"""The `rtllm` command: build an engine from an HF checkpoint, or generate text."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _add_build_parser(subparsers) -> None:
+    p = subparsers.add_parser("build", help="build an engine from a Hugging Face checkpoint",
+                              description="Build an rtllm engine directory from an HF checkpoint.")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint directory (config.json, *.safetensors)")
+    p.add_argument("-o", "--output", metavar="ENGINE_DIR", required=True, help="engine directory to write")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="weight dtype (auto: the checkpoint's)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="most sequences per step (default 64)")
+    p.add_argument("--max-input-len", type=int, default=None, help="longest prompt (default: min(1024, max-seq-len))")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's max_position_embeddings)")
+    p.add_argument("--max-num-tokens", type=int, default=8192, help="most tokens per step (default 8192)")
+    p.add_argument("--no-fuse", action="store_true", help="skip the fusion passes")
+    p.set_defaults(func=_run_build)
+
+
+def _add_generate_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="complete prompts with a model",
+                              description="Complete each PROMPT and print the completion.")
+    p.add_argument("prompts", metavar="PROMPT", nargs="+", help="prompt text")
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help="engine or HF checkpoint directory (default: the built-in random-weight model)")
+    p.add_argument("--tokenizer", metavar="DIR", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    p.set_defaults(func=_run_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtllm", description="rtllm: build engines and generate text.")
+    parser.add_argument("--version", action="version", version=f"rtllm {_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    _add_build_parser(subparsers)
+    _add_generate_parser(subparsers)
+    return parser
+
+
+def _version() -> str:
+    from rtllm import __version__
+    return __version__
+
+
+def _run_build(args) -> None:
+    from rtllm.builder import BuildConfig, build
+    from rtllm.models import AutoModelForCausalLM
+
+    config = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
+                         max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
+                         fuse=not args.no_fuse)
+    model = AutoModelForCausalLM.from_hugging_face(args.hf_dir, dtype=args.dtype)
+    build(model, config).save(args.output)
+    print(f"engine written to {args.output}")
+
+
+def _run_generate(args) -> None:
+    from rtllm import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+                            repetition_penalty=args.repetition_penalty,
+                            presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, ignore_eos=args.ignore_eos)
+    model = args.model
+    if model is None:
+        from rtllm.default_model import default_model_dir
+        model = default_model_dir()
+    with LLM(model, tokenizer=args.tokenizer, device=args.device) as llm:
+        prompts = args.prompts
+        if args.chat:
+            prompts = [{"prompt_token_ids": llm.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=True)} for p in prompts]
+        for i, prompt in enumerate(prompts):
+            if len(prompts) > 1:
+                print(f"--- [{i}] {args.prompts[i]}")
+            if args.stream:
+                for output in llm.generate_async(prompt, params, streaming=True):
+                    print(output.outputs[0].text_diff, end="", flush=True)
+                print()
+            else:
+                print(llm.generate(prompt, params, use_tqdm=False).outputs[0].text)
+
+
+def _runtime_error() -> type:
+    try:
+        from rtllm import RtllmError
+        return RtllmError
+    except ImportError:  # the extension is missing: nothing raises RtllmError
+        return ValueError
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, OSError, _runtime_error()) as e:
+        print(f"rtllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

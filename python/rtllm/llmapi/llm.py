@@ -1,0 +1,327 @@
+"""LLM: the user-facing facade. Loads (or builds) an engine, tokenizes, submits requests to the
+executor and returns RequestOutputs (names follow TensorRT-LLM's LLM API)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import os
+import shutil
+import tempfile
+import weakref
+from typing import Optional, Sequence, Union
+
+from tqdm import tqdm
+
+from rtllm.executor import GenerationExecutor, GenerationResult
+from rtllm.llmapi.llm_args import CapacitySchedulerPolicy, KvCacheConfig, SchedulerConfig
+from rtllm.llmapi.outputs import RequestOutput
+from rtllm.llmapi.tokenizer import TokenizerWrapper
+from rtllm.sampling_params import SamplingParams
+
+PromptInput = Union[str, Sequence[int], dict]
+
+
+def is_engine_dir(path: str) -> bool:
+    """An engine dir's config.json has "format_version"; an HF checkpoint's does not."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return False
+    with open(config_path, encoding="utf-8") as f:
+        return "format_version" in json.load(f)
+
+
+def _is_int(x) -> bool:
+    # numpy integers count; bools do not.
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_args(model: str, limits: dict, seed, num_threads, device: str, scheduler_config):
+    """Checks LLM's scalar arguments; returns the _core.DeviceKind for `device`."""
+    from rtllm import _core
+
+    if not os.path.isdir(model):
+        raise ValueError(f"model={model!r} is not a directory (an engine or an HF checkpoint)")
+    for name, value in limits.items():
+        if value is not None and (not _is_int(value) or value < 1):
+            raise ValueError(f"{name}={value!r} must be None or an int >= 1")
+    if not _is_int(seed) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed={seed!r} must be an int in [0, 2**64)")
+    if not _is_int(num_threads) or num_threads < 0:
+        raise ValueError(f"num_threads={num_threads!r} must be an int >= 0 (0: all cores)")
+    devices = {"cpu": _core.DeviceKind.CPU, "cuda": _core.DeviceKind.CUDA}
+    if device not in devices:
+        raise ValueError(f"device={device!r} must be one of {sorted(devices)}")
+    policy = (scheduler_config or SchedulerConfig()).capacity_scheduler_policy
+    if policy != CapacitySchedulerPolicy.GUARANTEED_NO_EVICT:
+        raise ValueError(f"capacity_scheduler_policy={policy.value} is not supported yet: only "
+                         "GUARANTEED_NO_EVICT")
+    return devices[device]
+
+
+def _cleanup(executor: Optional[GenerationExecutor], temp_dir: Optional[str]) -> None:
+    if executor is not None:
+        executor.shutdown()
+    if temp_dir is not None:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+class LLM:
+    """`LLM(model)` with `model` an engine directory or an HF checkpoint directory (built on load).
+
+    max_batch_size / max_num_tokens / max_seq_len / max_input_len go into the build of an HF
+    checkpoint; for a built engine they may only lower its limits.
+    """
+
+    def __init__(self, model: Union[str, os.PathLike], tokenizer=None, dtype: str = "auto",
+                 build_config=None, kv_cache_config: Optional[KvCacheConfig] = None,
+                 scheduler_config: Optional[SchedulerConfig] = None,
+                 max_batch_size: Optional[int] = None, max_num_tokens: Optional[int] = None,
+                 max_seq_len: Optional[int] = None, max_input_len: Optional[int] = None,
+                 seed: int = 0, skip_tokenizer_init: bool = False, num_threads: int = 0,
+                 device: str = "cpu"):
+        from rtllm import _core
+
+        self._executor = None
+        self._temp_dir = None
+        self._finalizer = weakref.finalize(self, _cleanup, None, None)
+        model = os.fspath(model)
+        limits = dict(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
+                      max_seq_len=max_seq_len, max_input_len=max_input_len)
+        device_kind = _check_args(model, limits, seed, num_threads, device, scheduler_config)
+        kv_cache_config = kv_cache_config or KvCacheConfig()
+
+        self.model_dir = model
+        if is_engine_dir(model):
+            if build_config is not None:
+                raise ValueError(f"build_config is given but model={model!r} is a built engine")
+            self.engine_dir = model
+        else:
+            self.engine_dir = self._build(model, dtype, build_config, limits)
+        self._engine = _core.Engine.load(self.engine_dir)
+        self._model_config = json.loads(self._engine.config_json).get("model_config", {})
+        self._set_limits(limits)
+        self._tokenizer = None if skip_tokenizer_init else self._load_tokenizer(tokenizer, model)
+        self._end_ids = self._resolve_end_ids()
+
+        runtime = _core.RuntimeConfig(device=device_kind, max_num_tokens=max_num_tokens or 0,
+                                      max_batch_size=max_batch_size or 0,
+                                      tokens_per_block=kv_cache_config.tokens_per_block,
+                                      num_threads=num_threads)
+        config = _core.ExecutorConfig(runtime=runtime, kv_cache=kv_cache_config.to_core(), seed=seed)
+        self._executor = GenerationExecutor(_core.Executor(self._engine, config))
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _cleanup, self._executor, self._temp_dir)
+
+    def _set_limits(self, limits: dict) -> None:
+        """Python-side limits: the engine's, lowered by the user's (never raised)."""
+        engine = self._engine
+        for name in ("max_input_len", "max_seq_len", "max_num_tokens"):
+            value, limit = limits[name], getattr(engine, name)
+            if value is not None and value > limit:
+                raise ValueError(f"{name}={value} exceeds the engine's {name}={limit}")
+            setattr(self, "_" + name, limit if value is None else value)
+
+    def _build(self, hf_dir: str, dtype: str, build_config, limits: dict) -> str:
+        from rtllm.builder import BuildConfig, build
+        from rtllm.models import AutoModelForCausalLM
+
+        build_config = build_config or BuildConfig()
+        overrides = {k: v for k, v in limits.items() if v is not None}
+        if dataclasses.is_dataclass(build_config):
+            build_config = dataclasses.replace(build_config, **overrides)
+        else:
+            for key, value in overrides.items():
+                setattr(build_config, key, value)
+        model = AutoModelForCausalLM.from_hugging_face(hf_dir, dtype=dtype)
+        engine = build(model, build_config)
+        # The engine lives only as long as this LLM; _cleanup deletes it.
+        self._temp_dir = tempfile.mkdtemp(prefix="rtllm-engine-")
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _cleanup, None, self._temp_dir)
+        engine.save(self._temp_dir)
+        return self._temp_dir
+
+    @staticmethod
+    def _load_tokenizer(tokenizer, model_dir: str) -> Optional[TokenizerWrapper]:
+        if isinstance(tokenizer, TokenizerWrapper):
+            return tokenizer
+        if tokenizer is not None:
+            return TokenizerWrapper.from_pretrained(os.fspath(tokenizer))
+        if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+            return TokenizerWrapper.from_pretrained(model_dir)
+        return None  # token-id prompts only; outputs carry no text
+
+    def _resolve_end_ids(self) -> list:
+        ids = self._model_config.get("eos_token_id") or []
+        ids = [ids] if _is_int(ids) else list(ids)
+        if self._tokenizer is not None:
+            ids += [i for i in self._tokenizer.eos_token_ids if i not in ids]
+        return ids
+
+    # Properties.
+
+    @property
+    def tokenizer(self) -> Optional[TokenizerWrapper]:
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._engine.vocab_size
+
+    @property
+    def max_input_len(self) -> int:
+        return self._max_input_len
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._max_seq_len
+
+    # Inputs.
+
+    def _prompt_tokens(self, prompt: PromptInput):
+        """Returns (prompt text or None, token ids), checking them against the engine's limits."""
+        text = None
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError(f"a dict prompt needs 'prompt' or 'prompt_token_ids'; got keys "
+                                 f"{sorted(prompt)}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty: it must hold at least one character")
+            if self._tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer (this LLM has none): pass token ids")
+            text, token_ids = prompt, self._tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            token_ids = list(prompt)
+        else:
+            raise ValueError(f"prompt of type {type(prompt).__name__} is invalid: it must be a str, "
+                             "a list of token ids or a dict with 'prompt' / 'prompt_token_ids'")
+        if not token_ids:
+            raise ValueError("prompt_token_ids is empty: it must hold at least one token")
+        vocab_size = self.vocab_size
+        for t in token_ids:
+            if not _is_int(t) or not 0 <= t < vocab_size:
+                raise ValueError(f"prompt token id {t!r} is invalid: it must be an int in "
+                                 f"[0, vocab_size={vocab_size})")
+        if len(token_ids) > self._max_input_len:
+            raise ValueError(f"prompt length {len(token_ids)} exceeds max_input_len="
+                             f"{self._max_input_len}")
+        if len(token_ids) >= self._max_seq_len:
+            raise ValueError(f"prompt length {len(token_ids)} leaves no room to generate within "
+                             f"max_seq_len={self._max_seq_len}")
+        if len(token_ids) > self._max_num_tokens:
+            raise ValueError(f"prompt length {len(token_ids)} exceeds max_num_tokens="
+                             f"{self._max_num_tokens}")
+        return text, token_ids
+
+    @staticmethod
+    def _is_single_prompt(inputs) -> bool:
+        if isinstance(inputs, (str, dict)):
+            return True
+        if isinstance(inputs, (list, tuple)):
+            if not inputs:
+                raise ValueError("inputs is empty: pass a prompt or a non-empty list of prompts")
+            # Token ids are numbers; anything else (str, list, dict) makes a list of prompts.
+            return not any(isinstance(t, (str, list, tuple, dict)) for t in inputs)
+        return True  # rejected by _prompt_tokens with its type
+
+    def _check_params(self, params, num_prompt_tokens: int) -> SamplingParams:
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params of type {type(params).__name__} is invalid: it must "
+                             "be a SamplingParams")
+        if params.stop_strings and (self._tokenizer is None or not params.detokenize):
+            raise ValueError(f"stop={params.stop!r} needs detokenized text: a tokenizer and "
+                             "detokenize=True")
+        # Like the core, generation ends at max_seq_len ("length") rather than failing.
+        room = self._max_seq_len - num_prompt_tokens
+        if params.max_tokens > room:
+            params = dataclasses.replace(params, max_tokens=room,
+                                         min_tokens=min(params.min_tokens, room))
+        return params
+
+    # Generation.
+
+    def _submit(self, text, token_ids, params: SamplingParams, streaming: bool) -> GenerationResult:
+        if self._executor is None or self._executor.is_shutdown:
+            raise RuntimeError("this LLM was shut down")
+        return self._executor.submit(token_ids, params, end_ids=self._end_ids, streaming=streaming,
+                                     prompt=text, tokenizer=self._tokenizer)
+
+    def generate_async(self, inputs: PromptInput, sampling_params: Optional[SamplingParams] = None,
+                       streaming: bool = False) -> GenerationResult:
+        """Submits one prompt. The result is awaitable (final RequestOutput), async-iterable
+        (partial RequestOutputs when streaming, then the final one) and has `.result()`."""
+        text, token_ids = self._prompt_tokens(inputs)
+        params = self._check_params(sampling_params, len(token_ids))
+        return self._submit(text, token_ids, params, streaming)
+
+    def generate(self, inputs, sampling_params=None, use_tqdm: bool = True
+                 ) -> Union[RequestOutput, list]:
+        """Completes one prompt (returns a RequestOutput) or a list of prompts (returns a list).
+
+        `sampling_params` is one SamplingParams for all prompts or a list with one per prompt.
+        Every prompt is checked before any is submitted.
+        """
+        single = self._is_single_prompt(inputs)
+        prompts = [inputs] if single else list(inputs)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params] * len(prompts)
+        prepared = []
+        for prompt, params in zip(prompts, params_list):
+            text, token_ids = self._prompt_tokens(prompt)
+            prepared.append((text, token_ids, self._check_params(params, len(token_ids))))
+        results = []
+        try:
+            for text, token_ids, params in prepared:
+                results.append(self._submit(text, token_ids, params, streaming=False))
+        except BaseException:
+            for result in results:
+                result.abort()
+            raise
+        outputs, error = [], None
+        for result in tqdm(results, desc="Processed requests", disable=not use_tqdm):
+            try:
+                outputs.append(result.result())
+            except Exception as e:  # the others finish; the first error is raised after them
+                error = error or e
+        if error is not None:
+            raise error
+        return outputs[0] if single else outputs
+
+    def abort(self, request_id: int) -> None:
+        """Cancels a submitted request (no-op if finished); ValueError for an unknown id."""
+        self._executor.abort(request_id)
+
+    def get_stats(self) -> dict:
+        stats = self._executor.get_stats()
+        kv = stats.kv_cache
+        return {
+            "num_steps": stats.num_steps, "num_active_requests": stats.num_active_requests,
+            "num_waiting_requests": stats.num_waiting_requests,
+            "num_completed_requests": stats.num_completed_requests,
+            "num_generated_tokens": stats.num_generated_tokens,
+            "kv_cache": {"num_total_blocks": kv.num_total_blocks, "num_free_blocks": kv.num_free_blocks,
+                         "num_used_blocks": kv.num_used_blocks, "tokens_per_block": kv.tokens_per_block},
+        }
+
+    # Lifetime.
+
+    def shutdown(self) -> None:
+        """Stops the executor (unfinished requests end) and deletes a temporary engine. Idempotent."""
+        self._finalizer()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,158 @@
+"""ModelConfig: the Llama-family hyper-parameters, parsed from a HF config.json."""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_DTYPE_NAMES = {"float32": "float32", "float": "float32", "float16": "float16", "half": "float16",
+                "bfloat16": "bfloat16"}
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...} or None
+    tie_word_embeddings: bool
+    attention_bias: bool       # bias on q/k/v
+    o_bias: bool               # bias on o_proj (Llama/Qwen3 with attention_bias)
+    qk_norm: bool              # per-head RMSNorm of q and k before RoPE (Qwen3)
+    dtype: str                 # weight dtype: float32, float16 or bfloat16
+    bos_token_id: int          # -1 when the model has none
+    eos_token_id: list
+    sliding_window: int | None = None  # only full attention is supported (see build)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def rope_inv_freq(self) -> np.ndarray:
+        """[head_dim / 2] float32, scaling applied; computed in float64 and rounded once."""
+        dim = self.head_dim
+        inv_freq = 1.0 / self.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        if self.rope_scaling is not None:  # llama3: keep high frequencies, divide low ones, blend between
+            s = self.rope_scaling
+            factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+            old_len = s["original_max_position_embeddings"]
+            wavelen = 2 * math.pi / inv_freq
+            scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+            smooth = (old_len / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+            inv_freq = np.where(medium, smoothed, scaled)
+        return inv_freq.astype(np.float32)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _rope(hf: dict, path: str) -> tuple:
+    """(rope_theta, rope_scaling) from either transformers 4 keys (rope_theta, rope_scaling) or
+    transformers 5 ones (rope_parameters {rope_theta, rope_type, ...})."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", scaling.get("rope_theta", 10000.0)))
+    merged = {**scaling, **params}
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ValueError(f"{path}: rope type {rope_type!r} is not supported (supported: default, llama3)")
+    keys = ("factor", "low_freq_factor", "high_freq_factor")
+    missing = [k for k in keys if k not in merged]
+    if missing:
+        raise ValueError(f"{path}: llama3 rope scaling lacks {', '.join(missing)}")
+    scaling = {"rope_type": "llama3", **{k: float(merged[k]) for k in keys},
+               "original_max_position_embeddings": int(merged.get("original_max_position_embeddings",
+                                                                  hf["max_position_embeddings"]))}
+    return float(theta), scaling
+
+
+def _sliding_window(hf: dict) -> int | None:
+    if hf.get("use_sliding_window") is False or hf.get("sliding_window") is None:
+        return None
+    layer_types = hf.get("layer_types")
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(hf["sliding_window"])
+
+
+def _eos_ids(hf: dict, model_dir: str) -> list:
+    eos = hf.get("eos_token_id")
+    gen_path = os.path.join(model_dir, "generation_config.json")
+    if os.path.exists(gen_path):
+        gen_eos = _read_json(gen_path).get("eos_token_id")
+        eos = gen_eos if gen_eos is not None else eos
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
+def parse_hf_config(model_dir: str) -> ModelConfig:
+    """Reads model_dir/config.json (and generation_config.json's eos ids when present)."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"no config.json in {model_dir}: not a Hugging Face checkpoint directory")
+    hf = _read_json(path)
+    architectures = hf.get("architectures") or []
+    arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        raise ValueError(f"{path}: architectures {architectures} not supported; supported: "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings")
+    missing = [k for k in required if k not in hf]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+    if hf.get("mlp_bias"):
+        raise ValueError(f"{path}: mlp_bias is not supported")
+    num_heads = int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+    dtype_name = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").removeprefix("torch.")
+    if dtype_name not in _DTYPE_NAMES:
+        raise ValueError(f"{path}: dtype {dtype_name!r} is not supported (float32, float16, bfloat16)")
+    rope_theta, rope_scaling = _rope(hf, path)
+    bias = bool(hf.get("attention_bias", False))
+    bos = hf.get("bos_token_id")
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=num_heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+        head_dim=int(head_dim),
+        intermediate_size=int(hf["intermediate_size"]),
+        max_position_embeddings=int(hf["max_position_embeddings"]),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        # Qwen2 always has q/k/v bias (no flag), Mistral never; Llama and Qwen3 follow the flag, o_proj too
+        attention_bias=arch == "Qwen2ForCausalLM" or (bias and arch != "MistralForCausalLM"),
+        o_bias=bias and arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"),
+        qk_norm=arch == "Qwen3ForCausalLM",
+        dtype=_DTYPE_NAMES[dtype_name],
+        bos_token_id=-1 if bos is None else int(bos),
+        eos_token_id=_eos_ids(hf, model_dir),
+        sliding_window=_sliding_window(hf) if arch != "LlamaForCausalLM" else None,
+    )

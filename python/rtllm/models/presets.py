@@ -1,0 +1,85 @@
+"""Named model shapes and random-weight checkpoints of them, for benchmarks and demos (no download).
+
+`write_random_checkpoint(path, "llama-3-8b", dtype="bfloat16")` writes an HF-style checkpoint
+(config.json + model.safetensors) that both rtllm and HF transformers load. Weights are drawn from a
+seeded normal distribution (never zeros: zeros hide wrong indexing and run unrealistically fast) and
+written tensor by tensor, so an 8B model never sits in host memory whole.
+"""
+import json
+import os
+
+import numpy as np
+
+from ..builder.safetensors_io import cast, write_safetensors
+
+PRESETS = {
+    # Meta Llama 3 8B shapes.
+    "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                       rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False),
+    # Meta Llama 3.2 1B shapes (tied embeddings, head_dim 64).
+    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+                         rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=True),
+    # A ~30M-parameter Llama that a CPU runs at interactive speed.
+    "llama-30m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=4, intermediate_size=1408, vocab_size=8192,
+                      rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False),
+}
+
+
+def hf_config(preset: str, dtype: str = "bfloat16", **overrides) -> dict:
+    """The HF config.json dict of a named preset (LlamaForCausalLM)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                  rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False, bos_token_id=1,
+                  eos_token_id=2, torch_dtype=dtype, initializer_range=0.02)
+    config.update(PRESETS[preset])
+    config.update(overrides)
+    return config
+
+
+def _parameter_shapes(config: dict):
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    yield "model.embed_tokens.weight", (config["vocab_size"], hidden)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", (hidden,)
+        yield p + "self_attn.q_proj.weight", (heads * head_dim, hidden)
+        yield p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)
+        yield p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)
+        yield p + "self_attn.o_proj.weight", (hidden, heads * head_dim)
+        yield p + "post_attention_layernorm.weight", (hidden,)
+        yield p + "mlp.gate_proj.weight", (inter, hidden)
+        yield p + "mlp.up_proj.weight", (inter, hidden)
+        yield p + "mlp.down_proj.weight", (hidden, inter)
+    yield "model.norm.weight", (hidden,)
+    if not config.get("tie_word_embeddings", False):
+        yield "lm_head.weight", (config["vocab_size"], hidden)
+
+
+def write_random_checkpoint(path, preset: str | dict, dtype: str = "bfloat16", seed: int = 0) -> str:
+    """Writes config.json and model.safetensors with random weights; returns `path`."""
+    config = hf_config(preset, dtype) if isinstance(preset, str) else dict(preset, torch_dtype=dtype)
+    os.makedirs(path, exist_ok=True)
+    std = config.get("initializer_range", 0.02)
+
+    def producer(index, name, shape):
+        def produce():
+            rng = np.random.default_rng([seed, index])
+            if name.endswith("norm.weight"):  # near one, as trained norms are
+                values = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+            else:
+                values = std * rng.standard_normal(shape, dtype=np.float32)
+            return cast(values, "float32", dtype)
+        return produce
+
+    tensors = [(name, dtype, shape, producer(i, name, shape))
+               for i, (name, shape) in enumerate(_parameter_shapes(config))]
+    write_safetensors(os.path.join(path, "model.safetensors"), tensors, metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return str(path)

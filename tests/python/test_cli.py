@@ -1,0 +1,88 @@
+"""The `rtllm` command line: help, build + generate on a tiny checkpoint, the default model."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rtllm.cli import build_parser
+
+from hf_reference import hf_greedy, load_hf_model
+
+
+def run_cli(*args, env=None, check=True):
+    result = subprocess.run([sys.executable, "-m", "rtllm.cli", *args], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"rtllm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def test_help_lists_commands():
+    out = run_cli("--help").stdout
+    assert "build" in out and "generate" in out
+
+
+@pytest.mark.parametrize("command,options", [
+    ("build", ["--dtype", "--max-batch-size", "--max-input-len", "--max-seq-len", "--max-num-tokens",
+               "--no-fuse", "-o"]),
+    ("generate", ["--model", "--stream", "--max-tokens", "--temperature", "--top-k", "--top-p", "--min-p",
+                  "--seed", "--repetition-penalty", "--presence-penalty", "--frequency-penalty",
+                  "--ignore-eos"]),
+])
+def test_subcommand_help(command, options):
+    out = run_cli(command, "--help").stdout
+    for option in options:
+        assert option in out
+
+
+def test_missing_command_is_an_error():
+    result = run_cli(check=False)
+    assert result.returncode != 0 and "COMMAND" in result.stderr
+
+
+def test_generate_options_parse_into_sampling_params():
+    args = build_parser().parse_args(["generate", "--temperature", "0", "--top-k", "5", "--seed", "3",
+                                      "--ignore-eos", "hi", "there"])
+    assert args.prompts == ["hi", "there"] and args.top_k == 5 and args.seed == 3 and args.ignore_eos
+
+
+def test_bad_sampling_value_is_reported():
+    result = run_cli("generate", "--model", "/nonexistent", "--top-p", "0", "hi", check=False)
+    assert result.returncode == 2 and "top_p=0.0" in result.stderr
+
+
+def test_build_then_generate_matches_hf(tiny_model, tmp_path):
+    checkpoint = str(tiny_model("llama"))
+    engine_dir = str(tmp_path / "engine")
+    run_cli("build", checkpoint, "-o", engine_dir, "--max-batch-size", "4", "--max-input-len", "32",
+            "--max-seq-len", "64", "--max-num-tokens", "64")
+    assert os.path.isfile(os.path.join(engine_dir, "config.json"))
+    assert os.path.isfile(os.path.join(engine_dir, "tokenizer.json"))
+
+    from rtllm.llmapi.tokenizer import TokenizerWrapper
+    tokenizer = TokenizerWrapper.from_pretrained(checkpoint)
+    expected = tokenizer.decode(hf_greedy(load_hf_model(checkpoint), tokenizer.encode("Hello"), 8))
+    for stream in ([], ["--stream"]):
+        out = run_cli("generate", "--model", engine_dir, "--temperature", "0", "--ignore-eos",
+                      "--max-tokens", "8", *stream, "Hello").stdout
+        assert out == expected + "\n"
+
+
+def test_generate_with_default_model(tmp_path):
+    env = {"RTLLM_CACHE": str(tmp_path / "cache")}
+    result = run_cli("generate", "--max-tokens", "5", "--seed", "1", "Hello", env=env)
+    assert "random weights" in result.stderr
+    assert os.path.isfile(tmp_path / "cache" / "default-model" / "model.safetensors")
+    again = run_cli("generate", "--max-tokens", "5", "--seed", "1", "Hello", env=env)
+    assert again.stdout == result.stdout  # same seed, same cached model
+
+
+def test_default_model_loads_in_hf(tmp_path, monkeypatch):
+    # The default checkpoint loads in HF transformers as a Llama and runs there.
+    monkeypatch.setenv("RTLLM_CACHE", str(tmp_path))
+    from rtllm.default_model import default_model_dir
+    path = default_model_dir(print_note=False)
+    model = load_hf_model(path)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert len(hf_greedy(model, [0, 5, 6], 3)) == 3
