@@ -223,6 +223,8 @@ def test_abort(checkpoint):
         unseen = llm.generate_async("Abort before any token", params)
         unseen.abort()
         assert unseen.result().outputs[0].finish_reason == "cancelled"
+        # Every cancelled request gave its KV blocks back.
+        assert llm.get_stats()["kv_cache"]["num_used_blocks"] == 0
 
 
 BAD_INPUTS = [
