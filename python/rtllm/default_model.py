@@ -12,10 +12,9 @@ import shutil
 import sys
 import tempfile
 
-import numpy as np
 
 NOTE = "Note: the built-in default model has random weights; its output is not meaningful text."
-VERSION = 1  # bump to regenerate caches made by an older layout
+VERSION = 2  # bump to regenerate caches made by an older layout
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 2048,
@@ -65,45 +64,13 @@ def _write_tokenizer(path: str) -> None:
         json.dump(config, f, indent=2)
 
 
-def _random_weights(seed: int = 0) -> dict:
-    """HF Llama weight names -> float32 arrays, N(0, 0.02) like HF's initializer; norms are ones."""
-    rng = np.random.default_rng(seed)
-    c = CONFIG
-    hidden, inter, head_dim = c["hidden_size"], c["intermediate_size"], c["head_dim"]
-    q_dim, kv_dim = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
-
-    def normal(*shape):
-        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
-
-    weights = {"model.embed_tokens.weight": normal(c["vocab_size"], hidden),
-               "model.norm.weight": np.ones(hidden, np.float32),
-               "lm_head.weight": normal(c["vocab_size"], hidden)}
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        weights.update({
-            p + "input_layernorm.weight": np.ones(hidden, np.float32),
-            p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
-            p + "self_attn.q_proj.weight": normal(q_dim, hidden),
-            p + "self_attn.k_proj.weight": normal(kv_dim, hidden),
-            p + "self_attn.v_proj.weight": normal(kv_dim, hidden),
-            p + "self_attn.o_proj.weight": normal(hidden, q_dim),
-            p + "mlp.gate_proj.weight": normal(inter, hidden),
-            p + "mlp.up_proj.weight": normal(inter, hidden),
-            p + "mlp.down_proj.weight": normal(hidden, inter),
-        })
-    return weights
-
-
 def write_default_model(path: str) -> str:
     """Writes the checkpoint (config.json, model.safetensors, generation_config.json, tokenizer)."""
-    from safetensors.numpy import save_file
+    from .models.presets import write_random_checkpoint
 
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(CONFIG, f, indent=2)
+    write_random_checkpoint(path, CONFIG, dtype="float32")
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 0, "eos_token_id": 1}, f, indent=2)
-    save_file(_random_weights(), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     _write_tokenizer(path)
     with open(os.path.join(path, "rtllm_default_model.json"), "w") as f:
         json.dump({"version": VERSION, "random_weights": True}, f)
