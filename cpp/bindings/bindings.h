@@ -7,4 +7,8 @@ namespace rtllm::bindings {
 void bind_errors(pybind11::module_& m);
 void bind_engine(pybind11::module_& m);    // Engine, RuntimeConfig, ModelRunner
 void bind_executor(pybind11::module_& m);  // configs, Request, Response, Executor
+#ifdef RTLLM_WITH_CUDA
+void bind_kernels(pybind11::module_& m);   // rtllm._core.kernels: CUDA launchers (tests, benchmarks)
+#endif
+void bind_attention_kernels(pybind11::module_& kernels_module);  // rtllm._core.kernels attention (CUDA builds)
 }  // namespace rtllm::bindings

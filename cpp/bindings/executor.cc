@@ -64,36 +64,74 @@ void bind_configs(py::module_& m) {
       .def("validate", &StopConfig::validate);
 
   py::class_<KvCacheConfig>(m, "KvCacheConfig")
-      .def(py::init([](std::optional<int64_t> max_tokens, float free_memory_fraction, int32_t tokens_per_block) {
-             return KvCacheConfig{max_tokens, free_memory_fraction, tokens_per_block};
+      .def(py::init([](std::optional<int64_t> max_tokens, float free_memory_fraction, int32_t tokens_per_block,
+                       bool enable_block_reuse, int32_t event_buffer_max_size) {
+             KvCacheConfig c;
+             c.max_tokens = max_tokens;
+             c.free_memory_fraction = free_memory_fraction;
+             c.tokens_per_block = tokens_per_block;
+             c.enable_block_reuse = enable_block_reuse;
+             c.event_buffer_max_size = event_buffer_max_size;
+             return c;
            }),
            py::kw_only(), py::arg("max_tokens") = py::none(), py::arg("free_memory_fraction") = 0.9f,
-           py::arg("tokens_per_block") = 32)
+           py::arg("tokens_per_block") = 32, py::arg("enable_block_reuse") = true,
+           py::arg("event_buffer_max_size") = 0)
       .def_readwrite("max_tokens", &KvCacheConfig::max_tokens)
       .def_readwrite("free_memory_fraction", &KvCacheConfig::free_memory_fraction)
-      .def_readwrite("tokens_per_block", &KvCacheConfig::tokens_per_block);
+      .def_readwrite("tokens_per_block", &KvCacheConfig::tokens_per_block)
+      .def_readwrite("enable_block_reuse", &KvCacheConfig::enable_block_reuse)
+      .def_readwrite("event_buffer_max_size", &KvCacheConfig::event_buffer_max_size);
+
+  py::enum_<CapacityPolicy>(m, "CapacityPolicy")
+      .value("GUARANTEED_NO_EVICT", CapacityPolicy::kGuaranteedNoEvict)
+      .value("MAX_UTILIZATION", CapacityPolicy::kMaxUtilization);
+
+  py::class_<SchedulerConfig>(m, "SchedulerConfig")
+      .def(py::init([](CapacityPolicy policy, int32_t max_batch_size, int32_t max_num_tokens,
+                       bool enable_chunked_prefill) {
+             return SchedulerConfig{policy, max_batch_size, max_num_tokens, enable_chunked_prefill};
+           }),
+           py::kw_only(), py::arg("policy") = CapacityPolicy::kGuaranteedNoEvict, py::arg("max_batch_size") = 0,
+           py::arg("max_num_tokens") = 0, py::arg("enable_chunked_prefill") = false)
+      .def_readwrite("policy", &SchedulerConfig::policy)
+      .def_readwrite("max_batch_size", &SchedulerConfig::max_batch_size)
+      .def_readwrite("max_num_tokens", &SchedulerConfig::max_num_tokens)
+      .def_readwrite("enable_chunked_prefill", &SchedulerConfig::enable_chunked_prefill);
 
   py::class_<ExecutorConfig>(m, "ExecutorConfig")
-      .def(py::init([](const RuntimeConfig& runtime, const KvCacheConfig& kv_cache, uint64_t seed) {
-             return ExecutorConfig{runtime, kv_cache, seed};
+      .def(py::init([](const RuntimeConfig& runtime, const KvCacheConfig& kv_cache,
+                       std::optional<SchedulerConfig> scheduler, uint64_t seed, int32_t iteration_stats_max_size) {
+             ExecutorConfig c;
+             c.runtime = runtime;
+             c.kv_cache = kv_cache;
+             if (scheduler) c.scheduler = *scheduler;
+             c.seed = seed;
+             c.iteration_stats_max_size = iteration_stats_max_size;
+             return c;
            }),
            py::kw_only(), py::arg("runtime") = RuntimeConfig{}, py::arg("kv_cache") = KvCacheConfig{},
-           py::arg("seed") = 0)
+           py::arg("scheduler") = py::none(), py::arg("seed") = 0, py::arg("iteration_stats_max_size") = 1000)
       .def_readwrite("runtime", &ExecutorConfig::runtime)
       .def_readwrite("kv_cache", &ExecutorConfig::kv_cache)
-      .def_readwrite("seed", &ExecutorConfig::seed);
+      .def_readwrite("scheduler", &ExecutorConfig::scheduler)
+      .def_readwrite("seed", &ExecutorConfig::seed)
+      .def_readwrite("iteration_stats_max_size", &ExecutorConfig::iteration_stats_max_size);
 }
 
 void bind_requests(py::module_& m) {
   py::class_<Request>(m, "Request")
       .def(py::init([](std::vector<int32_t> prompt_token_ids, const SamplingConfig& sampling, const StopConfig& stop,
-                       bool streaming) { return Request{std::move(prompt_token_ids), sampling, stop, streaming}; }),
+                       bool streaming, std::optional<std::string> cache_salt) {
+             return Request{std::move(prompt_token_ids), sampling, stop, streaming, std::move(cache_salt)};
+           }),
            py::arg("prompt_token_ids"), py::kw_only(), py::arg("sampling") = SamplingConfig{},
-           py::arg("stop") = StopConfig{}, py::arg("streaming") = false)
+           py::arg("stop") = StopConfig{}, py::arg("streaming") = false, py::arg("cache_salt") = py::none())
       .def_readwrite("prompt_token_ids", &Request::prompt_token_ids)
       .def_readwrite("sampling", &Request::sampling)
       .def_readwrite("stop", &Request::stop)
-      .def_readwrite("streaming", &Request::streaming);
+      .def_readwrite("streaming", &Request::streaming)
+      .def_readwrite("cache_salt", &Request::cache_salt);
 
   py::enum_<FinishReason>(m, "FinishReason")
       .value("NOT_FINISHED", FinishReason::kNotFinished)
@@ -124,7 +162,42 @@ void bind_stats(py::module_& m) {
       .def_readonly("num_total_blocks", &KvCacheStats::num_total_blocks)
       .def_readonly("num_free_blocks", &KvCacheStats::num_free_blocks)
       .def_readonly("num_used_blocks", &KvCacheStats::num_used_blocks)
-      .def_readonly("tokens_per_block", &KvCacheStats::tokens_per_block);
+      .def_readonly("num_reusable_blocks", &KvCacheStats::num_reusable_blocks)
+      .def_readonly("tokens_per_block", &KvCacheStats::tokens_per_block)
+      .def_readonly("num_reused_blocks", &KvCacheStats::num_reused_blocks)
+      .def_readonly("num_missed_blocks", &KvCacheStats::num_missed_blocks)
+      .def_readonly("num_reused_tokens", &KvCacheStats::num_reused_tokens)
+      .def_readonly("num_evicted_blocks", &KvCacheStats::num_evicted_blocks)
+      .def_property_readonly("hit_rate", &KvCacheStats::hit_rate);
+
+  py::enum_<KvCacheEventKind>(m, "KvCacheEventKind")
+      .value("CREATED", KvCacheEventKind::kCreated)
+      .value("STORED", KvCacheEventKind::kStored)
+      .value("REMOVED", KvCacheEventKind::kRemoved);
+
+  py::class_<KvCacheEvent>(m, "KvCacheEvent")
+      .def_readonly("event_id", &KvCacheEvent::event_id)
+      .def_readonly("kind", &KvCacheEvent::kind)
+      .def_readonly("num_blocks", &KvCacheEvent::num_blocks)
+      .def_readonly("tokens_per_block", &KvCacheEvent::tokens_per_block)
+      .def_readonly("block_id", &KvCacheEvent::block_id)
+      .def_readonly("block_hash", &KvCacheEvent::block_hash)
+      .def_readonly("parent_hash", &KvCacheEvent::parent_hash)
+      .def_readonly("token_offset", &KvCacheEvent::token_offset)
+      .def_readonly("token_ids", &KvCacheEvent::token_ids);
+
+  py::class_<IterationStats>(m, "IterationStats")
+      .def_readonly("iteration", &IterationStats::iteration)
+      .def_readonly("timestamp_s", &IterationStats::timestamp_s)
+      .def_readonly("step_time_ms", &IterationStats::step_time_ms)
+      .def_readonly("num_context_requests", &IterationStats::num_context_requests)
+      .def_readonly("num_generation_requests", &IterationStats::num_generation_requests)
+      .def_readonly("num_context_tokens", &IterationStats::num_context_tokens)
+      .def_readonly("num_generation_tokens", &IterationStats::num_generation_tokens)
+      .def_readonly("num_running_requests", &IterationStats::num_running_requests)
+      .def_readonly("num_waiting_requests", &IterationStats::num_waiting_requests)
+      .def_readonly("num_preempted_requests", &IterationStats::num_preempted_requests)
+      .def_readonly("kv_cache", &IterationStats::kv_cache);
 
   py::class_<ExecutorStats>(m, "ExecutorStats")
       .def_readonly("num_steps", &ExecutorStats::num_steps)
@@ -132,7 +205,50 @@ void bind_stats(py::module_& m) {
       .def_readonly("num_waiting_requests", &ExecutorStats::num_waiting_requests)
       .def_readonly("num_completed_requests", &ExecutorStats::num_completed_requests)
       .def_readonly("num_generated_tokens", &ExecutorStats::num_generated_tokens)
+      .def_readonly("num_context_tokens", &ExecutorStats::num_context_tokens)
+      .def_readonly("num_preemptions", &ExecutorStats::num_preemptions)
       .def_readonly("kv_cache", &ExecutorStats::kv_cache);
+}
+
+uint64_t colliding_hash(uint64_t, uint64_t, const int32_t*, int32_t) { return 42; }
+
+// The KV manager alone, for property tests from Python.
+void bind_kv_cache_manager(py::module_& m) {
+  py::class_<PrefixMatch>(m, "PrefixMatch")
+      .def(py::init<>())
+      .def_readonly("block_ids", &PrefixMatch::block_ids)
+      .def_readonly("num_looked_up_blocks", &PrefixMatch::num_looked_up_blocks);
+
+  py::class_<KVCacheManager>(m, "KVCacheManager")
+      .def(py::init<int32_t, int32_t, bool, int32_t>(), py::arg("num_blocks"), py::arg("tokens_per_block"),
+           py::arg("enable_block_reuse") = true, py::arg("event_buffer_max_size") = 0)
+      .def("num_blocks_for", &KVCacheManager::num_blocks_for, py::arg("num_tokens"))
+      .def("match_prefix", &KVCacheManager::match_prefix, py::arg("tokens"), py::arg("num_tokens"),
+           py::arg("extra_key") = 0)
+      .def("num_blocks_to_take", &KVCacheManager::num_blocks_to_take, py::arg("num_tokens"),
+           py::arg("prefix") = PrefixMatch{})
+      .def("can_allocate", &KVCacheManager::can_allocate, py::arg("num_tokens"), py::arg("prefix") = PrefixMatch{})
+      .def("allocate", &KVCacheManager::allocate, py::arg("seq"), py::arg("num_tokens"),
+           py::arg("prefix") = PrefixMatch{}, py::arg("extra_key") = 0)
+      .def("can_append", &KVCacheManager::can_append, py::arg("seq"), py::arg("num_new_tokens"))
+      .def("append", &KVCacheManager::append, py::arg("seq"), py::arg("num_new_tokens"))
+      .def("store", &KVCacheManager::store, py::arg("seq"), py::arg("tokens"), py::arg("num_computed_tokens"))
+      .def("free", &KVCacheManager::free, py::arg("seq"))
+      .def("contains", &KVCacheManager::contains, py::arg("seq"))
+      .def("block_ids", &KVCacheManager::block_ids, py::arg("seq"))
+      .def("num_tokens", &KVCacheManager::num_tokens, py::arg("seq"))
+      .def_property_readonly("num_total_blocks", &KVCacheManager::num_total_blocks)
+      .def_property_readonly("num_free_blocks", &KVCacheManager::num_free_blocks)
+      .def_property_readonly("num_reusable_blocks", &KVCacheManager::num_reusable_blocks)
+      .def_property_readonly("tokens_per_block", &KVCacheManager::tokens_per_block)
+      .def("stats", &KVCacheManager::stats)
+      .def("take_events", &KVCacheManager::take_events)
+      .def("ref_count", &KVCacheManager::ref_count, py::arg("block_id"))
+      .def("is_registered", &KVCacheManager::is_registered, py::arg("block_id"))
+      .def("block_tokens", &KVCacheManager::block_tokens, py::arg("block_id"))
+      .def("check_invariants", &KVCacheManager::check_invariants)
+      .def("use_colliding_hash_for_testing", [](KVCacheManager& kv) { kv.set_hash_function(colliding_hash); });
+  m.def("cache_salt_key", &cache_salt_key, py::arg("cache_salt"));
 }
 
 }  // namespace
@@ -141,6 +257,7 @@ void bind_executor(py::module_& m) {
   bind_configs(m);
   bind_requests(m);
   bind_stats(m);
+  bind_kv_cache_manager(m);
 
   using Release = py::call_guard<py::gil_scoped_release>;
   py::class_<Executor>(m, "Executor")
@@ -155,6 +272,8 @@ void bind_executor(py::module_& m) {
           [](Executor& e, int64_t timeout_ms) { return e.await_responses(std::chrono::milliseconds(timeout_ms)); },
           py::arg("timeout_ms"), Release())
       .def("get_stats", &Executor::get_stats, Release())
+      .def("get_iteration_stats", &Executor::get_iteration_stats, Release())
+      .def("get_kv_cache_events", &Executor::get_kv_cache_events, Release())
       .def("shutdown", &Executor::shutdown, Release())
       .def_property_readonly("is_shutdown", &Executor::is_shutdown);
 }

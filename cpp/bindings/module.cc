@@ -5,4 +5,7 @@ PYBIND11_MODULE(_core, m) {
   rtllm::bindings::bind_errors(m);
   rtllm::bindings::bind_engine(m);
   rtllm::bindings::bind_executor(m);
+#ifdef RTLLM_WITH_CUDA
+  rtllm::bindings::bind_kernels(m);
+#endif
 }

@@ -11,6 +11,7 @@
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 
 #include "request.h"
 
@@ -18,10 +19,9 @@ namespace rtllm {
 
 namespace {
 
-// The runtime config with the KV pool sized from the KV-cache config: max_tokens if set, else
-// room for max_batch_size sequences of max_seq_len. (Sizing by free_memory_fraction of the device
-// memory left after weights and workspace needs the runtime to report that memory; until then
-// the CUDA device is sized like the CPU.)
+// The runtime config with the KV pool sized from the KV-cache config: max_tokens if set; else on
+// CUDA free_memory_fraction of the device memory left after weights and workspace (the runner sizes
+// it at load), on the CPU room for max_batch_size sequences of max_seq_len.
 RuntimeConfig resolve_runtime_config(const Engine* engine, const ExecutorConfig& config) {
   RTLLM_CHECK_ARG(engine != nullptr, "engine must not be null");
   const KvCacheConfig& kv = config.kv_cache;
@@ -36,6 +36,12 @@ RuntimeConfig resolve_runtime_config(const Engine* engine, const ExecutorConfig&
   if (kv.max_tokens) {
     RTLLM_CHECK_ARG(*kv.max_tokens >= 1, "kv_cache max_tokens must be >= 1, got ", *kv.max_tokens);
     num_blocks = num_blocks_for(*kv.max_tokens);
+  } else if (runtime.device == DeviceKind::kCuda) {
+    // The runner sizes the pool from the device memory left free after its weights and workspace
+    // (and fails naming both numbers when that cannot hold one sequence of max_seq_len).
+    runtime.num_kv_blocks = 0;
+    runtime.kv_free_memory_fraction = kv.free_memory_fraction;
+    return runtime;
   } else {
     int32_t max_batch_size = runtime.max_batch_size > 0 ? runtime.max_batch_size : limits.max_batch_size;
     num_blocks = max_batch_size * num_blocks_for(limits.max_seq_len);
@@ -50,17 +56,40 @@ RuntimeConfig resolve_runtime_config(const Engine* engine, const ExecutorConfig&
   return runtime;
 }
 
+// The scheduler config with its 0 limits set to the runtime's; it may lower them, never raise them
+// (the runner's workspace is planned for the runtime's).
+SchedulerConfig resolve_scheduler_config(const ExecutorConfig& config, const RuntimeConfig& runtime) {
+  SchedulerConfig out = config.scheduler;
+  RTLLM_CHECK_ARG(out.max_batch_size >= 0 && out.max_batch_size <= runtime.max_batch_size,
+                  "scheduler max_batch_size ", out.max_batch_size, " must be in [0, ", runtime.max_batch_size,
+                  "] (0: the runtime's max_batch_size)");
+  RTLLM_CHECK_ARG(out.max_num_tokens >= 0 && out.max_num_tokens <= runtime.max_num_tokens,
+                  "scheduler max_num_tokens ", out.max_num_tokens, " must be in [0, ", runtime.max_num_tokens,
+                  "] (0: the runtime's max_num_tokens)");
+  RTLLM_CHECK_ARG(config.iteration_stats_max_size >= 0, "iteration_stats_max_size must be >= 0, got ",
+                  config.iteration_stats_max_size);
+  if (out.max_batch_size == 0) out.max_batch_size = runtime.max_batch_size;
+  if (out.max_num_tokens == 0) out.max_num_tokens = runtime.max_num_tokens;
+  out.validate(runtime.tokens_per_block);
+  return out;
+}
+
+using Clock = std::chrono::steady_clock;
+
 }  // namespace
 
 struct Executor::Impl {
   Impl(std::shared_ptr<const Engine> engine, const ExecutorConfig& config)
       : runner(engine, resolve_runtime_config(engine.get(), config)),
-        kv_cache(runner.config().num_kv_blocks, runner.config().tokens_per_block),
-        scheduler({CapacityPolicy::kGuaranteedNoEvict, runner.config().max_batch_size,
-                   runner.config().max_num_tokens},
-                  kv_cache),
-        seed_rng(config.seed) {
+        kv_cache(runner.config().num_kv_blocks, runner.config().tokens_per_block, config.kv_cache.enable_block_reuse,
+                 config.kv_cache.event_buffer_max_size),
+        scheduler(resolve_scheduler_config(config, runner.config()), kv_cache),
+        seed_rng(config.seed),
+        iteration_stats_max_size(config.iteration_stats_max_size),
+        event_buffer_max_size(config.kv_cache.event_buffer_max_size),
+        start_time(Clock::now()) {
     stats.kv_cache = kv_cache.stats();
+    kv_events = kv_cache.take_events();  // the pool's kCreated event
     loop_thread = std::thread([this] { loop(); });
   }
 
@@ -75,7 +104,8 @@ struct Executor::Impl {
   StepInputs inputs;
   std::vector<Response> outbox;          // responses of this round, published by flush()
   std::vector<RequestId> finished_ids;   // requests finished this round
-  int64_t num_steps = 0, num_generated_tokens = 0, num_completed = 0;
+  std::vector<IterationStats> new_iteration_stats;  // steps of this round, published by flush()
+  int64_t num_steps = 0, num_generated_tokens = 0, num_completed = 0, num_context_tokens = 0;
 
   // ---- shared, guarded by mutex ----
   mutable std::mutex mutex;
@@ -90,6 +120,11 @@ struct Executor::Impl {
   bool stopping = false;
   bool loop_done = false;  // the loop has published its last response
   ExecutorStats stats;
+  const int32_t iteration_stats_max_size;
+  const int32_t event_buffer_max_size;
+  std::deque<IterationStats> iteration_stats;
+  std::vector<KvCacheEvent> kv_events;  // bounded by the KV manager's event_buffer_max_size
+  const Clock::time_point start_time;
   std::mutex join_mutex;  // shutdown may be called from several threads at once
   std::thread loop_thread;
 
@@ -99,6 +134,8 @@ struct Executor::Impl {
   bool cancel(RequestId id);
   std::vector<Response> await_responses(std::chrono::milliseconds timeout);
   ExecutorStats get_stats() const;
+  std::vector<IterationStats> take_iteration_stats();
+  std::vector<KvCacheEvent> take_kv_events();
   void shutdown();
 
   // loop thread
@@ -112,6 +149,7 @@ struct Executor::Impl {
   void prepare_inputs(const Batch& batch);
   std::vector<SampledToken> sample(const Batch& batch, const float* logits);
   void postprocess(const Batch& batch, const std::vector<SampledToken>& tokens);
+  void record_iteration(const ScheduledBatch& scheduled, Clock::time_point step_start);
   void finish(LlmRequest& request, FinishReason reason, const std::string& message = {});
   void emit(LlmRequest& request);
   void flush();
@@ -128,8 +166,10 @@ void Executor::Impl::validate(const Request& request) const {
                   " tokens exceeds max_input_len ", limits.max_input_len);
   RTLLM_CHECK_ARG(num_prompt_tokens < limits.max_seq_len, "prompt of ", num_prompt_tokens,
                   " tokens leaves no room to generate within max_seq_len ", limits.max_seq_len);
-  RTLLM_CHECK_ARG(num_prompt_tokens <= runner.config().max_num_tokens, "prompt of ", num_prompt_tokens,
-                  " tokens exceeds max_num_tokens ", runner.config().max_num_tokens);
+  const SchedulerConfig& scheduling = scheduler.config();
+  RTLLM_CHECK_ARG(scheduling.enable_chunked_prefill || num_prompt_tokens <= scheduling.max_num_tokens, "prompt of ",
+                  num_prompt_tokens, " tokens exceeds max_num_tokens ", scheduling.max_num_tokens,
+                  " (enable chunked prefill to run longer prompts)");
   auto check_ids = [&](const std::vector<int32_t>& ids, const char* what) {
     for (size_t i = 0; i < ids.size(); ++i)
       RTLLM_CHECK_ARG(ids[i] >= 0 && ids[i] < vocab_size, what, "[", i, "] = ", ids[i],
@@ -180,6 +220,18 @@ ExecutorStats Executor::Impl::get_stats() const {
   out.num_waiting_requests += static_cast<int64_t>(incoming.size());
   out.num_active_requests += static_cast<int64_t>(incoming.size());
   return out;
+}
+
+std::vector<IterationStats> Executor::Impl::take_iteration_stats() {
+  std::lock_guard<std::mutex> lock(mutex);
+  std::vector<IterationStats> out(iteration_stats.begin(), iteration_stats.end());
+  iteration_stats.clear();
+  return out;
+}
+
+std::vector<KvCacheEvent> Executor::Impl::take_kv_events() {
+  std::lock_guard<std::mutex> lock(mutex);
+  return std::exchange(kv_events, {});
 }
 
 void Executor::Impl::shutdown() {
@@ -265,7 +317,9 @@ void Executor::Impl::step_or_fail_all() {
 // One step: schedule -> prepare -> forward -> sample -> postprocess. A failure of the model fails
 // this batch's requests; a failure to sample fails that request alone.
 void Executor::Impl::step() {
-  Batch batch = requests_of(scheduler.schedule());
+  const Clock::time_point step_start = Clock::now();
+  ScheduledBatch scheduled = scheduler.schedule();
+  Batch batch = requests_of(scheduled);
   RTLLM_CHECK(!batch.empty(), "the scheduler has work but scheduled nothing");
   const float* logits = nullptr;
   try {
@@ -277,6 +331,7 @@ void Executor::Impl::step() {
   }
   std::vector<SampledToken> tokens = sample(batch, logits);
   postprocess(batch, tokens);
+  record_iteration(scheduled, step_start);
   ++num_steps;
 }
 
@@ -297,22 +352,25 @@ void Executor::Impl::prepare_inputs(const Batch& batch) {
   inputs.block_table.assign(batch.size() * inputs.max_blocks_per_seq, -1);  // [num_seqs, max_blocks_per_seq]
   for (size_t s = 0; s < batch.size(); ++s) {
     const LlmRequest& request = *batch[s];
-    for (int32_t i = request.num_cached_tokens; i < request.num_tokens; ++i)
-      inputs.input_ids.push_back(request.token_at(i));
-    inputs.num_new_tokens.push_back(request.num_new_tokens());
+    const int32_t end = request.num_cached_tokens + request.num_scheduled_tokens;
+    inputs.input_ids.insert(inputs.input_ids.end(), request.token_ids.begin() + request.num_cached_tokens,
+                            request.token_ids.begin() + end);
+    inputs.num_new_tokens.push_back(request.num_scheduled_tokens);
     inputs.num_cached_tokens.push_back(request.num_cached_tokens);
     const std::vector<int32_t>& blocks = kv_cache.block_ids(request.id);
     std::copy(blocks.begin(), blocks.end(), inputs.block_table.begin() + s * inputs.max_blocks_per_seq);
   }
 }
 
-// logits: [batch.size(), vocab_size], row s for batch[s]. A request whose draw fails (e.g. every
-// token masked) ends with kError and gets no token.
+// logits: [batch.size(), vocab_size], row s for batch[s]. Only requests whose step fed their last
+// token draw one (a prompt chunk before the last draws nothing). A request whose draw fails (e.g.
+// every token masked) ends with kError and gets no token.
 std::vector<SampledToken> Executor::Impl::sample(const Batch& batch, const float* logits) {
   const int32_t vocab_size = runner.vocab_size();
   std::vector<SampledToken> tokens(batch.size());
   for (size_t s = 0; s < batch.size(); ++s) {
     LlmRequest& request = *batch[s];
+    if (!request.completes_step()) continue;
     std::vector<int32_t> masked = request.masked_token_ids();
     try {
       tokens[s] = sampler.sample_one(logits + s * vocab_size, vocab_size, request.sampling_input(&masked));
@@ -327,6 +385,11 @@ void Executor::Impl::postprocess(const Batch& batch, const std::vector<SampledTo
   for (size_t s = 0; s < batch.size(); ++s) {
     LlmRequest& request = *batch[s];
     if (request.is_finished()) continue;  // failed to sample
+    const bool has_token = request.completes_step();
+    request.num_cached_tokens += request.num_scheduled_tokens;
+    // Blocks filled by this step now hold computed K/V: later requests may share them.
+    kv_cache.store(request.id, request.token_ids, request.num_cached_tokens);
+    if (!has_token) continue;
     request.add_token(tokens[s]);
     ++num_generated_tokens;
     if (request.is_finished()) {
@@ -335,6 +398,24 @@ void Executor::Impl::postprocess(const Batch& batch, const std::vector<SampledTo
       emit(request);
     }
   }
+}
+
+void Executor::Impl::record_iteration(const ScheduledBatch& scheduled, Clock::time_point step_start) {
+  const Clock::time_point now = Clock::now();
+  IterationStats it;
+  it.iteration = num_steps;
+  it.timestamp_s = std::chrono::duration<double>(now - start_time).count();
+  it.step_time_ms = std::chrono::duration<double, std::milli>(now - step_start).count();
+  it.num_context_requests = static_cast<int32_t>(scheduled.context.size());
+  it.num_generation_requests = static_cast<int32_t>(scheduled.generation.size());
+  for (const auto& seq : scheduled.context) it.num_context_tokens += seq->num_scheduled_tokens;
+  for (const auto& seq : scheduled.generation) it.num_generation_tokens += seq->num_scheduled_tokens;
+  it.num_running_requests = scheduler.num_running();
+  it.num_waiting_requests = scheduler.num_waiting();
+  it.num_preempted_requests = scheduled.num_preempted;
+  it.kv_cache = kv_cache.stats();
+  num_context_tokens += it.num_context_tokens;
+  if (iteration_stats_max_size > 0) new_iteration_stats.push_back(it);
 }
 
 // Ends a request: its final response goes out, its blocks are freed and the loop forgets it.
@@ -366,7 +447,16 @@ void Executor::Impl::flush() {
   stats.num_active_requests = scheduler.num_waiting() + scheduler.num_running();
   stats.num_completed_requests = num_completed;
   stats.num_generated_tokens = num_generated_tokens;
+  stats.num_context_tokens = num_context_tokens;
+  stats.num_preemptions = scheduler.num_preemptions();
   stats.kv_cache = kv_cache.stats();
+  for (IterationStats& it : new_iteration_stats) iteration_stats.push_back(it);
+  new_iteration_stats.clear();
+  while (static_cast<int32_t>(iteration_stats.size()) > iteration_stats_max_size) iteration_stats.pop_front();
+  std::vector<KvCacheEvent> events = kv_cache.take_events();
+  kv_events.insert(kv_events.end(), std::make_move_iterator(events.begin()), std::make_move_iterator(events.end()));
+  const size_t max_events = static_cast<size_t>(std::max(0, event_buffer_max_size));
+  if (kv_events.size() > max_events) kv_events.erase(kv_events.begin(), kv_events.end() - max_events);
 }
 
 // ---------------------------------------------------------------- Executor
@@ -382,6 +472,8 @@ std::vector<Response> Executor::await_responses(std::chrono::milliseconds timeou
   return impl_->await_responses(timeout);
 }
 ExecutorStats Executor::get_stats() const { return impl_->get_stats(); }
+std::vector<IterationStats> Executor::get_iteration_stats() { return impl_->take_iteration_stats(); }
+std::vector<KvCacheEvent> Executor::get_kv_cache_events() { return impl_->take_kv_events(); }
 void Executor::shutdown() { impl_->shutdown(); }
 bool Executor::is_shutdown() const {
   std::lock_guard<std::mutex> lock(impl_->mutex);

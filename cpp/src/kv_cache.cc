@@ -1,31 +1,126 @@
 #include "rtllm/kv_cache.h"
 
+#include <algorithm>
+
 namespace rtllm {
 
-KVCacheManager::KVCacheManager(int32_t num_blocks, int32_t tokens_per_block)
-    : tokens_per_block_(tokens_per_block) {
+namespace {
+
+// splitmix64's finalizer: a cheap bijective mix with good avalanche.
+uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+}  // namespace
+
+uint64_t default_block_hash(uint64_t parent_hash, uint64_t extra_key, const int32_t* tokens, int32_t num_tokens) {
+  uint64_t h = mix64(parent_hash ^ 0x9e3779b97f4a7c15ULL) ^ mix64(extra_key + 0x632be59bd9b4e019ULL);
+  for (int32_t i = 0; i < num_tokens; ++i) h = mix64(h ^ static_cast<uint32_t>(tokens[i])) + 0x9e3779b97f4a7c15ULL;
+  return h;
+}
+
+uint64_t cache_salt_key(const std::optional<std::string>& cache_salt) {
+  if (!cache_salt) return 0;
+  uint64_t h = 0xcbf29ce484222325ULL;  // FNV-1a
+  for (unsigned char c : *cache_salt) h = (h ^ c) * 0x100000001b3ULL;
+  return h == 0 ? 1 : h;  // 0 means "no salt"
+}
+
+KVCacheManager::KVCacheManager(int32_t num_blocks, int32_t tokens_per_block, bool enable_block_reuse,
+                               int32_t event_buffer_max_size)
+    : tokens_per_block_(tokens_per_block),
+      enable_block_reuse_(enable_block_reuse),
+      event_buffer_max_size_(event_buffer_max_size) {
   RTLLM_CHECK_ARG(num_blocks >= 1, "num_blocks must be >= 1, got ", num_blocks);
   RTLLM_CHECK_ARG(tokens_per_block >= 1, "tokens_per_block must be >= 1, got ", tokens_per_block);
-  ref_counts_.assign(num_blocks, 0);
+  RTLLM_CHECK_ARG(event_buffer_max_size >= 0, "event_buffer_max_size must be >= 0, got ", event_buffer_max_size);
+  blocks_.resize(num_blocks);
   for (int32_t b = 0; b < num_blocks; ++b) free_blocks_.push_back(b);
+  KvCacheEvent created;
+  created.kind = KvCacheEventKind::kCreated;
+  created.num_blocks = num_blocks;
+  created.tokens_per_block = tokens_per_block;
+  push_event(std::move(created));
 }
 
 int32_t KVCacheManager::num_blocks_for(int64_t num_tokens) const {
   return static_cast<int32_t>((num_tokens + tokens_per_block_ - 1) / tokens_per_block_);
 }
 
-bool KVCacheManager::can_allocate(int64_t num_tokens) const {
-  return num_blocks_for(num_tokens) <= num_free_blocks();
+// ---------------------------------------------------------------- prefix lookup
+
+int32_t KVCacheManager::find_registered(uint64_t hash, uint64_t parent_identity, uint64_t extra_key,
+                                        const int32_t* tokens) const {
+  auto [first, last] = by_hash_.equal_range(hash);
+  for (auto it = first; it != last; ++it) {
+    const Block& block = blocks_[it->second];
+    if (block.parent_identity == parent_identity && block.extra_key == extra_key &&
+        std::equal(block.tokens.begin(), block.tokens.end(), tokens))
+      return it->second;
+  }
+  return -1;
 }
 
-void KVCacheManager::allocate(RequestId seq, int64_t num_tokens) {
-  RTLLM_CHECK(num_tokens >= 1, "a sequence needs at least one token slot, got ", num_tokens);
+PrefixMatch KVCacheManager::match_prefix(const std::vector<int32_t>& tokens, int64_t num_tokens,
+                                         uint64_t extra_key) const {
+  RTLLM_CHECK(num_tokens <= static_cast<int64_t>(tokens.size()), "num_tokens ", num_tokens, " exceeds the ",
+              tokens.size(), " tokens given");
+  PrefixMatch match;
+  if (!enable_block_reuse_ || num_tokens < 1) return match;
+  match.num_looked_up_blocks = static_cast<int32_t>((num_tokens - 1) / tokens_per_block_);
+  uint64_t parent_hash = 0, parent_identity = 0;
+  for (int32_t i = 0; i < match.num_looked_up_blocks; ++i) {
+    const int32_t* block_tokens = tokens.data() + int64_t{i} * tokens_per_block_;
+    uint64_t hash = hash_fn_(parent_hash, extra_key, block_tokens, tokens_per_block_);
+    int32_t b = find_registered(hash, parent_identity, extra_key, block_tokens);
+    if (b < 0) break;
+    match.block_ids.push_back(b);
+    parent_hash = hash;
+    parent_identity = blocks_[b].identity;
+  }
+  return match;
+}
+
+// ---------------------------------------------------------------- allocation
+
+int32_t KVCacheManager::num_blocks_to_take(int64_t num_tokens, const PrefixMatch& prefix) const {
+  int32_t num_prefix = static_cast<int32_t>(prefix.block_ids.size());
+  int32_t num_taken = std::max(0, num_blocks_for(num_tokens) - num_prefix);
+  for (int32_t b : prefix.block_ids) num_taken += blocks_[b].ref_count == 0 ? 1 : 0;
+  return num_taken;
+}
+
+bool KVCacheManager::can_allocate(int64_t num_tokens, const PrefixMatch& prefix) const {
+  return num_blocks_to_take(num_tokens, prefix) <= num_free_blocks();
+}
+
+void KVCacheManager::allocate(RequestId seq, int64_t num_tokens, const PrefixMatch& prefix, uint64_t extra_key) {
+  const int64_t num_prefix_tokens = static_cast<int64_t>(prefix.block_ids.size()) * tokens_per_block_;
+  RTLLM_CHECK(num_tokens >= 1 && num_tokens > num_prefix_tokens, "sequence ", seq, " needs more than its ",
+              num_prefix_tokens, " reused tokens, got ", num_tokens, " slots");
   RTLLM_CHECK(!contains(seq), "sequence ", seq, " already holds blocks");
-  RTLLM_CHECK(can_allocate(num_tokens), "sequence ", seq, " needs ", num_blocks_for(num_tokens),
+  RTLLM_CHECK(can_allocate(num_tokens, prefix), "sequence ", seq, " needs ", num_blocks_to_take(num_tokens, prefix),
               " blocks for ", num_tokens, " tokens; ", num_free_blocks(), " are free");
   SequenceBlocks& blocks = sequences_[seq];
-  for (int32_t i = 0; i < num_blocks_for(num_tokens); ++i) blocks.block_ids.push_back(take_free_block());
+  blocks.extra_key = extra_key;
+  // Hold the prefix first so that taking new blocks cannot evict it.
+  for (int32_t b : prefix.block_ids) {
+    RTLLM_CHECK(blocks_[b].is_registered, "prefix block ", b, " is not registered");
+    hold(b);
+    blocks.block_ids.push_back(b);
+    blocks.last_hash = blocks_[b].hash;
+    blocks.last_identity = blocks_[b].identity;
+  }
+  blocks.num_stored_blocks = static_cast<int32_t>(prefix.block_ids.size());
+  while (static_cast<int32_t>(blocks.block_ids.size()) < num_blocks_for(num_tokens))
+    blocks.block_ids.push_back(take_free_block());
   blocks.num_tokens = num_tokens;
+  num_reused_blocks_ += static_cast<int64_t>(prefix.block_ids.size());
+  num_missed_blocks_ += prefix.num_looked_up_blocks - static_cast<int64_t>(prefix.block_ids.size());
 }
 
 bool KVCacheManager::can_append(RequestId seq, int64_t num_new_tokens) const {
@@ -45,21 +140,118 @@ void KVCacheManager::append(RequestId seq, int64_t num_new_tokens) {
     blocks.block_ids.push_back(take_free_block());
 }
 
+// ---------------------------------------------------------------- registration and release
+
+void KVCacheManager::store(RequestId seq, const std::vector<int32_t>& tokens, int64_t num_computed_tokens) {
+  if (!enable_block_reuse_) return;
+  SequenceBlocks& blocks = sequences_.at(seq);
+  RTLLM_CHECK(num_computed_tokens <= std::min<int64_t>(blocks.num_tokens, static_cast<int64_t>(tokens.size())),
+              "sequence ", seq, ": ", num_computed_tokens, " computed tokens exceed its ", blocks.num_tokens,
+              " slots or the ", tokens.size(), " tokens given");
+  const int32_t num_full = static_cast<int32_t>(num_computed_tokens / tokens_per_block_);
+  for (int32_t i = blocks.num_stored_blocks; i < num_full; ++i) {
+    const int32_t* block_tokens = tokens.data() + int64_t{i} * tokens_per_block_;
+    uint64_t hash = hash_fn_(blocks.last_hash, blocks.extra_key, block_tokens, tokens_per_block_);
+    int32_t twin = find_registered(hash, blocks.last_identity, blocks.extra_key, block_tokens);
+    if (twin < 0) {  // new content: register this block
+      int32_t b = blocks.block_ids[i];
+      Block& block = blocks_[b];
+      block.is_registered = true;
+      block.hash = hash;
+      block.identity = next_identity_++;
+      block.parent_identity = blocks.last_identity;
+      block.parent_hash = blocks.last_hash;
+      block.extra_key = blocks.extra_key;
+      block.position = i;
+      block.tokens.assign(block_tokens, block_tokens + tokens_per_block_);
+      by_hash_.emplace(hash, b);
+      KvCacheEvent event;
+      event.kind = KvCacheEventKind::kStored;
+      event.block_id = b;
+      event.block_hash = hash;
+      event.parent_hash = block.parent_hash;
+      event.token_offset = i * tokens_per_block_;
+      event.token_ids = block.tokens;
+      push_event(std::move(event));
+      twin = b;
+    }
+    blocks.last_hash = hash;
+    blocks.last_identity = blocks_[twin].identity;
+  }
+  blocks.num_stored_blocks = std::max(blocks.num_stored_blocks, num_full);
+}
+
 void KVCacheManager::free(RequestId seq) {
   auto it = sequences_.find(seq);
   if (it == sequences_.end()) return;
-  for (int32_t b : it->second.block_ids) {
-    RTLLM_CHECK(ref_counts_[b] > 0, "block ", b, " of sequence ", seq, " has no holder");
-    if (--ref_counts_[b] == 0) free_blocks_.push_back(b);
-  }
+  // Last block first: a prefix's tail is evicted before its head, which more requests share.
+  const std::vector<int32_t>& ids = it->second.block_ids;
+  for (auto b = ids.rbegin(); b != ids.rend(); ++b) release(*b);
   sequences_.erase(it);
 }
 
+void KVCacheManager::hold(int32_t b) {
+  Block& block = blocks_[b];
+  if (block.ref_count == 0) {
+    RTLLM_CHECK(block.is_registered, "block ", b, " is free; take it with take_free_block");
+    reusable_lru_.erase(block.lru_it);
+  }
+  ++block.ref_count;
+}
+
+void KVCacheManager::release(int32_t b) {
+  Block& block = blocks_[b];
+  RTLLM_CHECK(block.ref_count > 0, "block ", b, " has no holder");
+  if (--block.ref_count > 0) return;
+  if (block.is_registered) {
+    block.lru_it = reusable_lru_.insert(reusable_lru_.end(), b);
+  } else {
+    free_blocks_.push_back(b);
+  }
+}
+
+// A free block if there is one, else the least recently used reusable block, forgotten first.
+int32_t KVCacheManager::take_free_block() {
+  int32_t b = -1;
+  if (!free_blocks_.empty()) {
+    b = free_blocks_.front();
+    free_blocks_.pop_front();
+  } else {
+    RTLLM_CHECK(!reusable_lru_.empty(), "no free KV-cache block");
+    b = reusable_lru_.front();
+    reusable_lru_.pop_front();
+    unregister(b);
+    ++num_evicted_blocks_;
+  }
+  RTLLM_CHECK(blocks_[b].ref_count == 0, "free block ", b, " has ", blocks_[b].ref_count, " holders");
+  blocks_[b].ref_count = 1;
+  return b;
+}
+
+void KVCacheManager::unregister(int32_t b) {
+  Block& block = blocks_[b];
+  auto [first, last] = by_hash_.equal_range(block.hash);
+  for (auto it = first; it != last; ++it) {
+    if (it->second != b) continue;
+    by_hash_.erase(it);
+    break;
+  }
+  KvCacheEvent event;
+  event.kind = KvCacheEventKind::kRemoved;
+  event.block_id = b;
+  event.block_hash = block.hash;
+  event.parent_hash = block.parent_hash;
+  event.token_offset = block.position * tokens_per_block_;
+  event.token_ids = std::move(block.tokens);
+  push_event(std::move(event));
+  block = Block{};
+}
+
+// ---------------------------------------------------------------- queries, events, invariants
+
 bool KVCacheManager::contains(RequestId seq) const { return sequences_.count(seq) != 0; }
 
-const std::vector<int32_t>& KVCacheManager::block_ids(RequestId seq) const {
-  return sequence(seq).block_ids;
-}
+const std::vector<int32_t>& KVCacheManager::block_ids(RequestId seq) const { return sequence(seq).block_ids; }
 
 int64_t KVCacheManager::num_tokens(RequestId seq) const { return sequence(seq).num_tokens; }
 
@@ -67,18 +259,62 @@ KvCacheStats KVCacheManager::stats() const {
   KvCacheStats s;
   s.num_total_blocks = num_total_blocks();
   s.num_free_blocks = num_free_blocks();
+  s.num_reusable_blocks = num_reusable_blocks();
   s.num_used_blocks = s.num_total_blocks - s.num_free_blocks;
   s.tokens_per_block = tokens_per_block_;
+  s.num_reused_blocks = num_reused_blocks_;
+  s.num_missed_blocks = num_missed_blocks_;
+  s.num_reused_tokens = num_reused_blocks_ * tokens_per_block_;
+  s.num_evicted_blocks = num_evicted_blocks_;
   return s;
 }
 
-int32_t KVCacheManager::take_free_block() {
-  RTLLM_CHECK(!free_blocks_.empty(), "no free KV-cache block");
-  int32_t b = free_blocks_.front();
-  free_blocks_.pop_front();
-  RTLLM_CHECK(ref_counts_[b] == 0, "free block ", b, " has ", ref_counts_[b], " holders");
-  ref_counts_[b] = 1;
-  return b;
+void KVCacheManager::push_event(KvCacheEvent event) {
+  if (event_buffer_max_size_ == 0) return;
+  event.event_id = next_event_id_++;
+  events_.push_back(std::move(event));
+  while (static_cast<int32_t>(events_.size()) > event_buffer_max_size_) events_.pop_front();
+}
+
+std::vector<KvCacheEvent> KVCacheManager::take_events() {
+  std::vector<KvCacheEvent> out(std::make_move_iterator(events_.begin()), std::make_move_iterator(events_.end()));
+  events_.clear();
+  return out;
+}
+
+void KVCacheManager::check_invariants() const {
+  std::vector<int32_t> num_holders(blocks_.size(), 0);
+  for (const auto& [seq, blocks] : sequences_) {
+    RTLLM_CHECK(static_cast<int32_t>(blocks.block_ids.size()) == num_blocks_for(blocks.num_tokens), "sequence ",
+                seq, " holds ", blocks.block_ids.size(), " blocks for ", blocks.num_tokens, " tokens");
+    for (int32_t b : blocks.block_ids) ++num_holders[b];
+  }
+  std::vector<int32_t> num_places(blocks_.size(), 0);  // free list + LRU list
+  for (int32_t b : free_blocks_) {
+    RTLLM_CHECK(!blocks_[b].is_registered, "free block ", b, " is registered");
+    ++num_places[b];
+  }
+  for (int32_t b : reusable_lru_) {
+    RTLLM_CHECK(blocks_[b].is_registered, "reusable block ", b, " is not registered");
+    ++num_places[b];
+  }
+  size_t num_registered = 0;
+  for (size_t b = 0; b < blocks_.size(); ++b) {
+    const Block& block = blocks_[b];
+    RTLLM_CHECK(block.ref_count == num_holders[b], "block ", b, " has ref count ", block.ref_count, " but ",
+                num_holders[b], " holders");
+    RTLLM_CHECK(num_places[b] == (block.ref_count == 0 ? 1 : 0), "block ", b, " with ", block.ref_count,
+                " holders is in ", num_places[b], " of the free and reusable lists");
+    if (!block.is_registered) continue;
+    ++num_registered;
+    RTLLM_CHECK(static_cast<int32_t>(block.tokens.size()) == tokens_per_block_, "registered block ", b, " has ",
+                block.tokens.size(), " tokens");
+    auto [first, last] = by_hash_.equal_range(block.hash);
+    RTLLM_CHECK(std::count_if(first, last, [&](const auto& kv) { return kv.second == static_cast<int32_t>(b); }) == 1,
+                "registered block ", b, " is not in the hash map exactly once");
+  }
+  RTLLM_CHECK(num_registered == by_hash_.size(), by_hash_.size(), " hash entries for ", num_registered,
+              " registered blocks");
 }
 
 const KVCacheManager::SequenceBlocks& KVCacheManager::sequence(RequestId seq) const {

@@ -62,6 +62,9 @@ struct OpContext {
   float* scratch = nullptr;                  // [num_threads, scratch_floats_per_thread]
   int64_t scratch_floats_per_thread = 0;     // >= max_seq_len
   float* thread_scratch(int thread) const { return scratch + thread * scratch_floats_per_thread; }
+  // CUDA ops only: the runner's cudaStream_t and its per-step device state (cuda/cuda_context.h).
+  void* stream = nullptr;
+  const void* device_step = nullptr;
 };
 
 // Reads `inputs` and writes `outputs` (views with the step's concrete shapes). Throws Error on
@@ -80,6 +83,8 @@ void register_cpu_norm_ops();
 void register_cpu_elementwise_ops();
 void register_cpu_rope_ops();
 void register_cpu_attention_ops();
+// Registers every CUDA op once (cuda/cuda_ops.cc; only in builds with the CUDA backend).
+void register_cuda_ops();
 
 // Shared checks for op implementations.
 void check_num_io(const char* op, int num_inputs, int min_inputs, int max_inputs, int num_outputs,

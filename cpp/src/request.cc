@@ -14,12 +14,10 @@ LlmRequest::LlmRequest(RequestId id_, Request request_, uint64_t seed_, int32_t 
   id = id_;
   num_prompt_tokens = static_cast<int32_t>(request.prompt_token_ids.size());
   num_tokens = num_prompt_tokens;
+  token_ids = request.prompt_token_ids;
+  cache_key = cache_salt_key(request.cache_salt);
   max_num_tokens = static_cast<int32_t>(
       std::min<int64_t>(int64_t{num_prompt_tokens} + request.stop.max_tokens, max_seq_len));
-}
-
-int32_t LlmRequest::token_at(int32_t i) const {
-  return i < num_prompt_tokens ? request.prompt_token_ids[i] : output_token_ids[i - num_prompt_tokens];
 }
 
 std::vector<int32_t> LlmRequest::masked_token_ids() const {
@@ -45,6 +43,7 @@ void LlmRequest::add_token(const SampledToken& token) {
   num_cached_tokens = num_tokens;
   num_tokens += 1;
   output_token_ids.push_back(token.token_id);
+  token_ids.push_back(token.token_id);
   if (request.sampling.num_logprobs >= 0) logprobs.push_back(token.logprob);
   if (request.sampling.num_logprobs > 0) top_logprobs.push_back(token.top_logprobs);
 

@@ -28,8 +28,8 @@ struct LlmRequest : Sequence {
 
   int32_t num_generated() const { return static_cast<int32_t>(output_token_ids.size()); }
   bool is_finished() const { return finish_reason != FinishReason::kNotFinished; }
-  // Token i of prompt + output.
-  int32_t token_at(int32_t i) const;
+  // Whether the scheduled tokens are all it has left to feed: the step then yields a token.
+  bool completes_step() const { return num_cached_tokens + num_scheduled_tokens == num_tokens; }
   // Ids the next draw may not produce: end ids (unless ignore_eos) and stop ids while fewer than
   // min_tokens tokens were generated.
   std::vector<int32_t> masked_token_ids() const;

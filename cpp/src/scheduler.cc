@@ -4,57 +4,132 @@
 
 namespace rtllm {
 
-void SchedulerConfig::validate() const {
+void SchedulerConfig::validate(int32_t tokens_per_block) const {
+  RTLLM_CHECK_ARG(policy == CapacityPolicy::kGuaranteedNoEvict || policy == CapacityPolicy::kMaxUtilization,
+                  "unknown capacity policy ", static_cast<int32_t>(policy),
+                  "; valid: GUARANTEED_NO_EVICT (0), MAX_UTILIZATION (1)");
   RTLLM_CHECK_ARG(max_batch_size >= 1, "max_batch_size must be >= 1, got ", max_batch_size);
   RTLLM_CHECK_ARG(max_num_tokens >= 1, "max_num_tokens must be >= 1, got ", max_num_tokens);
-  if (policy == CapacityPolicy::kMaxUtilization)
-    throw Error("capacity policy MAX_UTILIZATION is not implemented yet; use GUARANTEED_NO_EVICT");
+  RTLLM_CHECK_ARG(!enable_chunked_prefill || max_num_tokens >= tokens_per_block, "max_num_tokens ", max_num_tokens,
+                  " is smaller than tokens_per_block ", tokens_per_block,
+                  ": chunked prefill needs room for at least one block per step");
 }
 
-Scheduler::Scheduler(const SchedulerConfig& config, KVCacheManager& kv_cache)
-    : config_(config), kv_cache_(kv_cache) {
-  config_.validate();
+// What is left of a step's limits while it is being packed.
+struct Scheduler::Budget {
+  int32_t num_seqs;
+  int32_t num_tokens;
+};
+
+Scheduler::Scheduler(const SchedulerConfig& config, KVCacheManager& kv_cache) : config_(config), kv_cache_(kv_cache) {
+  config_.validate(kv_cache.tokens_per_block());
 }
 
 void Scheduler::add(std::shared_ptr<Sequence> seq) {
   RTLLM_CHECK(seq != nullptr, "null sequence");
   RTLLM_CHECK(seq->num_prompt_tokens >= 1 && seq->num_tokens == seq->num_prompt_tokens &&
-                  seq->num_cached_tokens == 0 && seq->max_num_tokens >= seq->num_tokens,
-              "sequence ", seq->id, " is not new: ", seq->num_prompt_tokens, " prompt tokens, ",
-              seq->num_tokens, " tokens, ", seq->num_cached_tokens, " cached, max ", seq->max_num_tokens);
-  RTLLM_CHECK_ARG(seq->num_prompt_tokens <= config_.max_num_tokens, "prompt of ", seq->num_prompt_tokens,
-                  " tokens exceeds max_num_tokens ", config_.max_num_tokens);
+                  seq->num_cached_tokens == 0 && seq->max_num_tokens >= seq->num_tokens &&
+                  (seq->token_ids.empty() || static_cast<int32_t>(seq->token_ids.size()) == seq->num_tokens),
+              "sequence ", seq->id, " is not new: ", seq->num_prompt_tokens, " prompt tokens, ", seq->num_tokens,
+              " tokens (", seq->token_ids.size(), " ids), ", seq->num_cached_tokens, " cached, max ",
+              seq->max_num_tokens);
+  RTLLM_CHECK_ARG(config_.enable_chunked_prefill || seq->num_prompt_tokens <= config_.max_num_tokens, "prompt of ",
+                  seq->num_prompt_tokens, " tokens exceeds max_num_tokens ", config_.max_num_tokens,
+                  " (enable chunked prefill to run longer prompts)");
   int32_t num_blocks = kv_cache_.num_blocks_for(seq->max_num_tokens);
-  RTLLM_CHECK_ARG(num_blocks <= kv_cache_.num_total_blocks(), "sequence of ", seq->max_num_tokens,
-                  " tokens needs ", num_blocks, " KV-cache blocks; the pool has ",
-                  kv_cache_.num_total_blocks());
+  RTLLM_CHECK_ARG(num_blocks <= kv_cache_.num_total_blocks(), "sequence of ", seq->max_num_tokens, " tokens needs ",
+                  num_blocks, " KV-cache blocks; the pool has ", kv_cache_.num_total_blocks());
   waiting_.push_back(std::move(seq));
 }
 
 ScheduledBatch Scheduler::schedule() {
   ScheduledBatch batch;
-  auto has_room = [&](int32_t num_new_tokens) {
-    return batch.num_seqs() < config_.max_batch_size &&
-           batch.num_tokens + num_new_tokens <= config_.max_num_tokens;
-  };
-  // Generation first: they hold blocks already and their growth was reserved at admission.
-  for (const auto& seq : running_) {
-    if (!has_room(seq->num_new_tokens())) break;
-    kv_cache_.append(seq->id, seq->num_tokens - kv_cache_.num_tokens(seq->id));
-    batch.generation.push_back(seq);
-    batch.num_tokens += seq->num_new_tokens();
+  Budget budget{config_.max_batch_size, config_.max_num_tokens};
+  // Running sequences first: generation keeps its pace while prompts wait or advance in chunks.
+  for (size_t i = 0; i < running_.size(); ++i)
+    if (!schedule_running(i, budget, batch)) break;
+  // A step that had to preempt admits nothing new: the pool is full.
+  if (batch.num_preempted == 0 || batch.empty()) admit_waiting(budget, batch);
+  return batch;
+}
+
+// Tokens of `seq` that fit in num_budget_tokens: all it has left, or a chunk ending on a block
+// boundary when it may be chunked; 0 if nothing fits.
+int32_t Scheduler::chunk_size(const Sequence& seq, int32_t num_budget_tokens) const {
+  const int32_t num_left = seq.num_new_tokens();
+  if (num_left <= num_budget_tokens) return num_left;
+  const bool never_fits = num_left > config_.max_num_tokens;  // a recompute longer than a step
+  if (!config_.enable_chunked_prefill && !never_fits) return 0;
+  const int32_t tokens_per_block = kv_cache_.tokens_per_block();
+  int32_t end = (seq.num_cached_tokens + num_budget_tokens) / tokens_per_block * tokens_per_block;
+  int32_t num_chunk = std::max(0, end - seq.num_cached_tokens);
+  // Only reachable without chunked prefill, where max_num_tokens may be below a block.
+  if (num_chunk == 0 && never_fits && num_budget_tokens == config_.max_num_tokens) num_chunk = num_budget_tokens;
+  return num_chunk;
+}
+
+// Schedules running_[index] if it fits, preempting newer sequences when its blocks do not.
+// Returns false when running_[index] itself was preempted (no running sequence is left after it).
+bool Scheduler::schedule_running(size_t index, Budget& budget, ScheduledBatch& batch) {
+  std::shared_ptr<Sequence> seq = running_[index];
+  if (budget.num_seqs == 0) return true;
+  int32_t num_chunk = chunk_size(*seq, budget.num_tokens);
+  if (num_chunk == 0) return true;
+  int64_t num_grow = int64_t{seq->num_cached_tokens} + num_chunk - kv_cache_.num_tokens(seq->id);
+  while (!kv_cache_.can_append(seq->id, num_grow)) {
+    RTLLM_CHECK(config_.policy == CapacityPolicy::kMaxUtilization, "sequence ", seq->id,
+                " ran out of KV-cache blocks under GUARANTEED_NO_EVICT");
+    preempt_newest(batch);
+    if (index >= running_.size()) return false;
   }
-  // Then admit waiting sequences in arrival order; the first that does not fit stops admission.
-  while (!waiting_.empty()) {
-    const auto& seq = waiting_.front();
-    if (!has_room(seq->num_new_tokens()) || !can_admit(*seq)) break;
-    kv_cache_.allocate(seq->id, seq->num_tokens);
+  const bool is_context = seq->is_context();
+  kv_cache_.append(seq->id, std::max<int64_t>(0, num_grow));
+  seq->num_scheduled_tokens = num_chunk;
+  (is_context ? batch.context : batch.generation).push_back(seq);
+  batch.num_tokens += num_chunk;
+  budget.num_seqs -= 1;
+  budget.num_tokens -= num_chunk;
+  return true;
+}
+
+// Admits waiting sequences in arrival order; the first that does not fit stops admission.
+void Scheduler::admit_waiting(Budget& budget, ScheduledBatch& batch) {
+  while (!waiting_.empty() && budget.num_seqs > 0 && budget.num_tokens > 0) {
+    std::shared_ptr<Sequence> seq = waiting_.front();
+    PrefixMatch prefix;
+    if (static_cast<int32_t>(seq->token_ids.size()) >= seq->num_tokens)
+      prefix = kv_cache_.match_prefix(seq->token_ids, seq->num_tokens, seq->cache_key);
+    seq->num_cached_tokens = static_cast<int32_t>(prefix.block_ids.size()) * kv_cache_.tokens_per_block();
+    int32_t num_chunk = chunk_size(*seq, budget.num_tokens);
+    int64_t num_slots = int64_t{seq->num_cached_tokens} + num_chunk;
+    if (num_chunk == 0 || !can_admit(*seq, prefix, static_cast<int32_t>(num_slots))) {
+      seq->num_cached_tokens = 0;
+      return;
+    }
+    kv_cache_.allocate(seq->id, num_slots, prefix, seq->cache_key);
+    seq->num_scheduled_tokens = num_chunk;
     batch.context.push_back(seq);
-    batch.num_tokens += seq->num_new_tokens();
+    batch.num_tokens += num_chunk;
+    budget.num_seqs -= 1;
+    budget.num_tokens -= num_chunk;
     running_.push_back(seq);
     waiting_.pop_front();
   }
-  return batch;
+}
+
+// Sends the newest running sequence back to the front of the waiting queue to be recomputed: its
+// prompt + generated tokens become the tokens to feed. Its computed full blocks stay reusable.
+void Scheduler::preempt_newest(ScheduledBatch& batch) {
+  RTLLM_CHECK(!running_.empty(), "nothing to preempt");
+  std::shared_ptr<Sequence> victim = running_.back();
+  running_.pop_back();
+  kv_cache_.free(victim->id);
+  victim->num_cached_tokens = 0;
+  victim->num_scheduled_tokens = 0;
+  victim->num_preemptions += 1;
+  waiting_.push_front(victim);
+  batch.num_preempted += 1;
+  num_preemptions_ += 1;
 }
 
 bool Scheduler::remove(RequestId id) {
@@ -83,8 +158,12 @@ int64_t Scheduler::num_reserved_blocks() const {
   return num_reserved;
 }
 
-bool Scheduler::can_admit(const Sequence& seq) const {
-  return kv_cache_.num_blocks_for(seq.max_num_tokens) <= kv_cache_.num_free_blocks() - num_reserved_blocks();
+// GUARANTEED_NO_EVICT: blocks for the whole length on top of the running sequences' reservations.
+// MAX_UTILIZATION: blocks for the slots of this step.
+bool Scheduler::can_admit(const Sequence& seq, const PrefixMatch& prefix, int32_t num_slots) const {
+  if (config_.policy == CapacityPolicy::kMaxUtilization) return kv_cache_.can_allocate(num_slots, prefix);
+  return kv_cache_.num_blocks_to_take(seq.max_num_tokens, prefix) <=
+         kv_cache_.num_free_blocks() - num_reserved_blocks();
 }
 
 }  // namespace rtllm

@@ -1,8 +1,11 @@
-// Scheduler: packing order, batch limits, FCFS admission and GUARANTEED_NO_EVICT reservations,
-// checked step by step while a driver plays the executor's part.
+// Scheduler: packing order, batch limits, FCFS admission, GUARANTEED_NO_EVICT reservations, chunked
+// prefill, prefix reuse and MAX_UTILIZATION preemption, checked step by step while a driver plays
+// the executor's part.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <map>
+#include <numeric>
 #include <random>
 
 #include "rtllm/scheduler.h"
@@ -115,7 +118,12 @@ TEST(Scheduler, ConfigValidation) {
   KVCacheManager kv(10, 4);
   EXPECT_THROW(Scheduler({CapacityPolicy::kGuaranteedNoEvict, 0, 64}, kv), InvalidArgument);
   EXPECT_THROW(Scheduler({CapacityPolicy::kGuaranteedNoEvict, 4, 0}, kv), InvalidArgument);
-  EXPECT_THROW(Scheduler({CapacityPolicy::kMaxUtilization, 4, 64}, kv), Error);
+  // Chunked prefill needs at least one block per step.
+  EXPECT_THROW(Scheduler({CapacityPolicy::kGuaranteedNoEvict, 4, 3, /*enable_chunked_prefill=*/true}, kv),
+               InvalidArgument);
+  EXPECT_NO_THROW(Scheduler({CapacityPolicy::kGuaranteedNoEvict, 4, 4, true}, kv));
+  EXPECT_THROW(Scheduler({static_cast<CapacityPolicy>(7), 4, 64}, kv), InvalidArgument);
+  EXPECT_NO_THROW(Scheduler({CapacityPolicy::kMaxUtilization, 4, 64}, kv));
 }
 
 // A random workload runs to completion: every step respects the limits, the KV blocks of each
@@ -162,6 +170,178 @@ TEST(Scheduler, RandomWorkloadRunsToCompletion) {
     ASSERT_EQ(static_cast<int>(finished.size()), num_requests) << "trial " << trial;
     ASSERT_TRUE(std::is_sorted(admitted.begin(), admitted.end())) << "admission is not FCFS";
     ASSERT_EQ(kv.num_free_blocks(), num_blocks);
+  }
+}
+
+// ---------------------------------------------------------------- chunks, reuse, preemption
+
+std::shared_ptr<Sequence> make_seq_with_tokens(RequestId id, std::vector<int32_t> prompt, int32_t max_num_tokens) {
+  auto seq = make_seq(id, static_cast<int32_t>(prompt.size()), max_num_tokens);
+  seq->token_ids = std::move(prompt);
+  return seq;
+}
+
+// The executor's part for sequences that carry token ids: the scheduled tokens are computed (and
+// their full blocks stored); a sequence that fed all its tokens gets `next_token(seq)`.
+template <typename NextToken>
+std::vector<RequestId> advance_chunks(Scheduler& scheduler, KVCacheManager& kv, const ScheduledBatch& batch,
+                                      NextToken next_token) {
+  std::vector<RequestId> finished;
+  for (const auto* list : {&batch.context, &batch.generation})
+    for (const auto& seq : *list) {
+      const bool completes = seq->num_cached_tokens + seq->num_scheduled_tokens == seq->num_tokens;
+      seq->num_cached_tokens += seq->num_scheduled_tokens;
+      kv.store(seq->id, seq->token_ids, seq->num_cached_tokens);
+      if (!completes) continue;
+      seq->token_ids.push_back(next_token(*seq));
+      seq->num_tokens += 1;
+      if (seq->num_tokens >= seq->max_num_tokens) finished.push_back(seq->id);
+    }
+  for (RequestId id : finished) EXPECT_TRUE(scheduler.remove(id));
+  return finished;
+}
+
+int32_t token_from_length(const Sequence& seq) { return 1000 + seq.num_tokens; }
+
+TEST(Scheduler, ChunkedPrefillAdvancesInBlockMultiplesWhileGenerationRuns) {
+  KVCacheManager kv(100, 4);
+  Scheduler scheduler({CapacityPolicy::kGuaranteedNoEvict, 4, 10, /*enable_chunked_prefill=*/true}, kv);
+  scheduler.add(make_seq_with_tokens(1, {1, 2, 3}, 40));
+  advance_chunks(scheduler, kv, scheduler.schedule(), token_from_length);  // 1 is generating now
+  std::vector<int32_t> long_prompt(25);
+  std::iota(long_prompt.begin(), long_prompt.end(), 100);
+  scheduler.add(make_seq_with_tokens(2, long_prompt, 40));  // longer than max_num_tokens: legal
+  std::vector<int32_t> chunks;
+  while (true) {
+    ScheduledBatch b = scheduler.schedule();
+    ASSERT_LE(b.num_tokens, 10);
+    if (b.context.empty()) break;
+    ASSERT_EQ(ids(b.generation), (std::vector<RequestId>{1}));  // generation never waits
+    ASSERT_EQ(ids(b.context), (std::vector<RequestId>{2}));
+    chunks.push_back(b.context[0]->num_scheduled_tokens);
+    advance_chunks(scheduler, kv, b, token_from_length);
+  }
+  // 9 tokens of budget after the generation token: chunks of 8 (two blocks) until the rest fits.
+  EXPECT_EQ(chunks, (std::vector<int32_t>{8, 8, 9}));
+}
+
+TEST(Scheduler, WithoutChunkingALongPromptIsRejected) {
+  KVCacheManager kv(100, 4);
+  Scheduler scheduler({CapacityPolicy::kGuaranteedNoEvict, 4, 10}, kv);
+  EXPECT_THROW(scheduler.add(make_seq_with_tokens(1, std::vector<int32_t>(11, 5), 20)), InvalidArgument);
+}
+
+TEST(Scheduler, NewSequenceTakesTheCachedPrefixAndComputesTheRest) {
+  KVCacheManager kv(100, 4);
+  Scheduler scheduler({CapacityPolicy::kGuaranteedNoEvict, 4, 64}, kv);
+  std::vector<int32_t> prompt(14);
+  std::iota(prompt.begin(), prompt.end(), 10);
+  scheduler.add(make_seq_with_tokens(1, prompt, 20));
+  advance_chunks(scheduler, kv, scheduler.schedule(), token_from_length);
+  scheduler.remove(1);  // finished: its three full blocks stay reusable
+  prompt[13] = 99;
+  scheduler.add(make_seq_with_tokens(2, prompt, 20));
+  ScheduledBatch b = scheduler.schedule();
+  ASSERT_EQ(ids(b.context), (std::vector<RequestId>{2}));
+  EXPECT_EQ(b.context[0]->num_cached_tokens, 12);
+  EXPECT_EQ(b.context[0]->num_scheduled_tokens, 2);
+  EXPECT_EQ(b.num_tokens, 2);
+  EXPECT_EQ(kv.stats().num_reused_tokens, 12);
+}
+
+TEST(Scheduler, MaxUtilizationPreemptsTheNewestAndResumesIt) {
+  KVCacheManager kv(/*num_blocks=*/4, /*tokens_per_block=*/2, /*enable_block_reuse=*/false);
+  Scheduler scheduler({CapacityPolicy::kMaxUtilization, 4, 64}, kv);
+  scheduler.add(make_seq_with_tokens(1, {1, 2, 3}, 8));
+  scheduler.add(make_seq_with_tokens(2, {4, 5, 6}, 8));
+  ScheduledBatch b = scheduler.schedule();  // both admitted greedily: 2 + 2 blocks
+  EXPECT_EQ(ids(b.context), (std::vector<RequestId>{1, 2}));
+  advance_chunks(scheduler, kv, b, token_from_length);  // 4 tokens each: still 2 blocks each
+  b = scheduler.schedule();
+  EXPECT_EQ(b.num_preempted, 0);
+  advance_chunks(scheduler, kv, b, token_from_length);  // 5 tokens each: 1 needs a third block
+  b = scheduler.schedule();
+  EXPECT_EQ(b.num_preempted, 1);
+  EXPECT_EQ(ids(b.generation), (std::vector<RequestId>{1}));
+  EXPECT_TRUE(b.context.empty());
+  EXPECT_EQ(scheduler.num_waiting(), 1);
+  EXPECT_EQ(scheduler.num_preemptions(), 1);
+  std::vector<RequestId> finished;
+  for (int step = 0; step < 20 && scheduler.has_work(); ++step) {
+    b = scheduler.schedule();
+    for (const auto& seq : b.context)
+      if (seq->id == 2) {
+        EXPECT_EQ(seq->num_cached_tokens, 0);
+        EXPECT_EQ(seq->num_scheduled_tokens, 5);  // prompt + generated tokens recomputed
+      }
+    for (RequestId id : advance_chunks(scheduler, kv, b, token_from_length)) finished.push_back(id);
+  }
+  EXPECT_EQ(finished, (std::vector<RequestId>{1, 2}));
+  EXPECT_EQ(kv.num_free_blocks(), 4);
+}
+
+// Random workloads under both policies with reuse, chunked prefill and small pools: limits hold at
+// every step, the KV manager's invariants hold, every sequence ends with the tokens a solo run
+// gives (tokens depend only on the sequence's own tokens), and every block comes back.
+TEST(Scheduler, RandomWorkloadWithReuseChunksAndPreemption) {
+  for (uint32_t trial = 0; trial < 24; ++trial) {
+    std::mt19937 rng(trial);
+    const CapacityPolicy policy = trial % 2 ? CapacityPolicy::kMaxUtilization : CapacityPolicy::kGuaranteedNoEvict;
+    const int32_t tokens_per_block = 1 << (rng() % 3), num_blocks = 12 + rng() % 20;
+    const int32_t max_batch_size = 1 + rng() % 5, max_num_tokens = 8 + rng() % 16;
+    const bool chunked = trial % 4 >= 2;
+    KVCacheManager kv(num_blocks, tokens_per_block, /*enable_block_reuse=*/true);
+    Scheduler scheduler({policy, max_batch_size, max_num_tokens, chunked}, kv);
+    // Next token: a function of the whole sequence, so that a recompute must give the same one.
+    auto next_token = [](const Sequence& seq) {
+      uint32_t h = 7;
+      for (int32_t t : seq.token_ids) h = h * 31 + static_cast<uint32_t>(t);
+      return static_cast<int32_t>(h % 5);
+    };
+    std::map<RequestId, std::shared_ptr<Sequence>> seqs;
+    const int num_requests = 30;
+    std::vector<RequestId> finished;
+    int next_id = 0;
+    for (int step = 0; step < 20000 && (next_id < num_requests || scheduler.has_work()); ++step) {
+      if (next_id < num_requests && rng() % 2 == 0) {
+        int32_t limit = chunked ? 3 * max_num_tokens : max_num_tokens;
+        int32_t max_len = std::min<int32_t>(2 + rng() % (limit + 8), num_blocks * tokens_per_block);
+        int32_t prompt_len = std::min<int32_t>(1 + rng() % limit, max_len - 1);
+        std::vector<int32_t> prompt(prompt_len);
+        for (auto& t : prompt) t = rng() % 2;  // tiny vocabulary: prefixes repeat
+        auto seq = make_seq_with_tokens(next_id++, prompt, max_len);
+        seqs[seq->id] = seq;
+        scheduler.add(seq);
+      }
+      ScheduledBatch batch = scheduler.schedule();
+      ASSERT_LE(batch.num_seqs(), max_batch_size);
+      ASSERT_LE(batch.num_tokens, max_num_tokens);
+      for (const auto* list : {&batch.context, &batch.generation})
+        for (const auto& seq : *list) {
+          ASSERT_GE(seq->num_scheduled_tokens, 1);
+          ASSERT_EQ(kv.num_tokens(seq->id), seq->num_cached_tokens + seq->num_scheduled_tokens);
+        }
+      for (const auto& seq : batch.generation) ASSERT_EQ(seq->num_scheduled_tokens, 1);
+      if (policy == CapacityPolicy::kGuaranteedNoEvict) {
+        ASSERT_EQ(batch.num_preempted, 0);
+      }
+      if (scheduler.has_work()) {
+        ASSERT_FALSE(batch.empty()) << "no progress at step " << step;
+      }
+      for (RequestId id : advance_chunks(scheduler, kv, batch, next_token)) finished.push_back(id);
+      kv.check_invariants();
+    }
+    ASSERT_EQ(static_cast<int>(finished.size()), num_requests) << "trial " << trial;
+    for (const auto& [id, seq] : seqs) {
+      std::vector<int32_t> solo(seq->token_ids.begin(), seq->token_ids.begin() + seq->num_prompt_tokens);
+      Sequence probe;
+      probe.token_ids = solo;
+      while (static_cast<int32_t>(probe.token_ids.size()) < seq->max_num_tokens)
+        probe.token_ids.push_back(next_token(probe));
+      ASSERT_EQ(seq->token_ids, probe.token_ids) << "trial " << trial << " sequence " << id;
+    }
+    ASSERT_EQ(kv.num_free_blocks(), num_blocks);
+    ASSERT_EQ(kv.stats().num_used_blocks, 0);
   }
 }
 

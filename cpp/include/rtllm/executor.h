@@ -15,6 +15,7 @@
 #include "rtllm/kv_cache.h"
 #include "rtllm/model_runner.h"
 #include "rtllm/sampler.h"
+#include "rtllm/scheduler.h"
 
 namespace rtllm {
 
@@ -32,6 +33,8 @@ struct Request {
   SamplingConfig sampling;
   StopConfig stop;
   bool streaming = false;  // true: one response per step with the new tokens; false: one at the end
+  // Requests share cached prefix blocks only with requests of the same salt (none: only unsalted).
+  std::optional<std::string> cache_salt;
 };
 
 enum class FinishReason : int32_t { kNotFinished, kEndId, kStopTokenId, kLength, kCancelled, kError };
@@ -51,12 +54,18 @@ struct KvCacheConfig {
   std::optional<int64_t> max_tokens;         // pool size in tokens; unset: by memory fraction
   float free_memory_fraction = 0.9f;         // of the memory free after weights and workspace
   int32_t tokens_per_block = 32;
+  bool enable_block_reuse = true;     // share cached prefix blocks between requests
+  int32_t event_buffer_max_size = 0;  // KV-cache events kept for get_kv_cache_events(); 0: none
 };
 
 struct ExecutorConfig {
   RuntimeConfig runtime;  // device, limits and threads (num_kv_blocks is derived from kv_cache)
   KvCacheConfig kv_cache;
+  // Capacity policy, chunked prefill and step limits; max_batch_size / max_num_tokens 0: the
+  // runtime's (else they lower it).
+  SchedulerConfig scheduler{CapacityPolicy::kGuaranteedNoEvict, 0, 0, false};
   uint64_t seed = 0;      // seeds the RNG that draws seeds for requests without one
+  int32_t iteration_stats_max_size = 1000;  // IterationStats kept for get_iteration_stats()
 };
 
 struct ExecutorStats {
@@ -65,7 +74,24 @@ struct ExecutorStats {
   int64_t num_waiting_requests = 0;
   int64_t num_completed_requests = 0;
   int64_t num_generated_tokens = 0;
+  int64_t num_context_tokens = 0;  // prompt (and recompute) tokens fed through the model
+  int64_t num_preemptions = 0;
   KvCacheStats kv_cache;
+};
+
+// One step of the loop, as get_iteration_stats() reports it.
+struct IterationStats {
+  int64_t iteration = 0;              // step index from 0
+  double timestamp_s = 0.0;           // end of the step, seconds since the executor started
+  double step_time_ms = 0.0;          // schedule -> postprocess
+  int32_t num_context_requests = 0;   // sequences feeding prompt tokens (whole or a chunk)
+  int32_t num_generation_requests = 0;
+  int32_t num_context_tokens = 0;
+  int32_t num_generation_tokens = 0;
+  int32_t num_running_requests = 0;   // after the step
+  int32_t num_waiting_requests = 0;   // after the step
+  int32_t num_preempted_requests = 0;
+  KvCacheStats kv_cache;              // after the step
 };
 
 class RTLLM_API Executor {
@@ -84,6 +110,10 @@ class RTLLM_API Executor {
   // Waits up to `timeout` for responses and returns all that are ready (possibly none).
   std::vector<Response> await_responses(std::chrono::milliseconds timeout);
   ExecutorStats get_stats() const;
+  // Steps since the last call, oldest first (at most iteration_stats_max_size; older ones dropped).
+  std::vector<IterationStats> get_iteration_stats();
+  // KV-cache events since the last call (kv_cache.event_buffer_max_size bounds the buffer).
+  std::vector<KvCacheEvent> get_kv_cache_events();
   // Stops the loop thread; pending requests end with kCancelled. Idempotent.
   void shutdown();
   bool is_shutdown() const;

@@ -1,4 +1,5 @@
-// KVCacheManager: the pool of KV-cache blocks and which sequence holds which blocks.
+// KVCacheManager: the pool of KV-cache blocks, which sequence holds which blocks, and which blocks
+// hold a reusable prefix.
 //
 // The pool has num_blocks blocks of tokens_per_block tokens each, shared by all layers: block id b
 // addresses block b in every layer's K/V tensor (layout [num_blocks, 2, num_kv_heads,
@@ -6,13 +7,25 @@
 // covering its token slots in order; token t of the sequence lives in block_ids(seq)[t / tokens_per_block]
 // at offset t % tokens_per_block.
 //
-// Verbs come in query/mutate pairs: can_allocate/allocate, can_append/append; free releases all
-// blocks of a sequence. Blocks are ref-counted so that one block can later be shared by several
-// sequences (prefix reuse); today every block has at most one holder.
+// Prefix reuse: once a sequence's block is full and its K/V computed, store() registers it under a
+// hash chain key H(parent key, extra key, the block's tokens). A later sequence whose tokens start
+// the same way (same extra key: a cache salt) takes those blocks instead of computing them
+// (match_prefix + allocate). A hash only finds candidates: a candidate is taken only if its stored
+// tokens, its extra key and its parent's identity equal the sequence's, so a collision never shares
+// wrong data. Blocks are ref-counted; a registered block nobody holds waits in an LRU list until
+// the pool needs it (free blocks are taken first, then the least recently used reusable one, which
+// is then forgotten).
+//
+// Every block is in exactly one state: held (ref_count >= 1), free (ref_count 0, not registered) or
+// reusable (ref_count 0, registered, in the LRU list). Verbs come in query/mutate pairs:
+// can_allocate/allocate, can_append/append; free releases all blocks of a sequence.
 #pragma once
 
 #include <cstdint>
 #include <deque>
+#include <list>
+#include <optional>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -23,34 +36,89 @@ namespace rtllm {
 // Requests (and the sequences the KV manager and the scheduler keep for them) are keyed by this id.
 using RequestId = uint64_t;
 
+// Key of a full block: parent key (0 for a sequence's first block), extra key, its tokens.
+using BlockHashFn = uint64_t (*)(uint64_t parent_hash, uint64_t extra_key, const int32_t* tokens,
+                                 int32_t num_tokens);
+RTLLM_API uint64_t default_block_hash(uint64_t parent_hash, uint64_t extra_key, const int32_t* tokens,
+                                      int32_t num_tokens);
+// Extra key of a request: 0 without a cache salt, else a 64-bit hash of the salt.
+RTLLM_API uint64_t cache_salt_key(const std::optional<std::string>& cache_salt);
+
 struct KvCacheStats {
   int64_t num_total_blocks = 0;
-  int64_t num_free_blocks = 0;
-  int64_t num_used_blocks = 0;  // held by at least one sequence
+  int64_t num_free_blocks = 0;       // free + reusable: what a new sequence may take
+  int64_t num_used_blocks = 0;       // held by at least one sequence
+  int64_t num_reusable_blocks = 0;   // nobody holds them; they keep a cached prefix until evicted
   int32_t tokens_per_block = 0;
+  int64_t num_reused_blocks = 0;     // blocks new sequences took from the cache (since creation)
+  int64_t num_missed_blocks = 0;     // full prompt blocks they looked up and did not find
+  int64_t num_reused_tokens = 0;     // num_reused_blocks * tokens_per_block
+  int64_t num_evicted_blocks = 0;    // reusable blocks taken for other data
+  double hit_rate() const {
+    int64_t n = num_reused_blocks + num_missed_blocks;
+    return n == 0 ? 0.0 : static_cast<double>(num_reused_blocks) / static_cast<double>(n);
+  }
+};
+
+// A cached prefix found for a new sequence.
+struct PrefixMatch {
+  std::vector<int32_t> block_ids;    // registered blocks, in token order
+  int32_t num_looked_up_blocks = 0;  // full blocks that were looked for (hits + misses)
+};
+
+enum class KvCacheEventKind : int32_t {
+  kCreated,  // once: the pool (num_blocks, tokens_per_block)
+  kStored,   // a full block became reusable under block_hash
+  kRemoved,  // a reusable block was evicted: its hash no longer finds it
+};
+
+struct KvCacheEvent {
+  int64_t event_id = 0;  // increasing from 0
+  KvCacheEventKind kind = KvCacheEventKind::kCreated;
+  int32_t num_blocks = 0;        // kCreated
+  int32_t tokens_per_block = 0;  // kCreated
+  int32_t block_id = -1;         // kStored, kRemoved
+  uint64_t block_hash = 0;       // kStored, kRemoved
+  uint64_t parent_hash = 0;      // kStored: 0 for a sequence's first block
+  int32_t token_offset = 0;      // kStored, kRemoved: position of the block's first token
+  std::vector<int32_t> token_ids;  // kStored, kRemoved: the block's tokens
 };
 
 class RTLLM_API KVCacheManager {
  public:
-  // Throws InvalidArgument for num_blocks < 1 or tokens_per_block < 1.
-  KVCacheManager(int32_t num_blocks, int32_t tokens_per_block);
+  // Throws InvalidArgument for num_blocks < 1, tokens_per_block < 1 or event_buffer_max_size < 0.
+  // event_buffer_max_size 0 records no events; otherwise the oldest are dropped beyond it.
+  KVCacheManager(int32_t num_blocks, int32_t tokens_per_block, bool enable_block_reuse = true,
+                 int32_t event_buffer_max_size = 0);
 
   // Blocks needed to hold num_tokens token slots: ceil(num_tokens / tokens_per_block).
   int32_t num_blocks_for(int64_t num_tokens) const;
 
-  // Whether a new sequence of num_tokens slots fits in the free blocks.
-  bool can_allocate(int64_t num_tokens) const;
-  // Creates sequence `seq` with num_tokens slots (num_tokens >= 1). Throws Error if `seq` already
-  // holds blocks or the free blocks do not suffice (check can_allocate first).
-  void allocate(RequestId seq, int64_t num_tokens);
+  // The registered blocks holding the longest prefix of tokens[0, num_tokens - 1) in whole blocks
+  // (the last token is always computed: its logits are needed). Empty with reuse off.
+  PrefixMatch match_prefix(const std::vector<int32_t>& tokens, int64_t num_tokens, uint64_t extra_key) const;
+  // Blocks a new sequence of num_tokens slots reusing `prefix` takes out of the free + reusable
+  // blocks: new blocks, plus the prefix blocks that nobody holds now.
+  int32_t num_blocks_to_take(int64_t num_tokens, const PrefixMatch& prefix = {}) const;
+  bool can_allocate(int64_t num_tokens, const PrefixMatch& prefix = {}) const;
+  // Creates sequence `seq` with num_tokens slots (num_tokens >= prefix's tokens + 1): the blocks of
+  // `prefix` (from match_prefix, for the same tokens and extra key, with no change to the pool in
+  // between) and new ones for the rest. Throws Error if `seq` already holds blocks or the blocks
+  // do not suffice (check can_allocate first).
+  void allocate(RequestId seq, int64_t num_tokens, const PrefixMatch& prefix = {}, uint64_t extra_key = 0);
 
   // Whether `seq` can grow by num_new_tokens slots (it may need no new block at all).
   bool can_append(RequestId seq, int64_t num_new_tokens) const;
   // Grows `seq` by num_new_tokens slots, taking new blocks as the last one fills.
   void append(RequestId seq, int64_t num_new_tokens);
 
-  // Releases all blocks of `seq`; blocks nobody else holds return to the free list. A sequence
-  // that holds no blocks is ignored, so free is safe to call twice.
+  // Registers the full blocks of `seq` whose K/V are computed, i.e. those within the first
+  // num_computed_tokens of `tokens` (the sequence's tokens from position 0), for reuse. No-op with
+  // reuse off. A block equal to one registered already stays private and returns to the free list.
+  void store(RequestId seq, const std::vector<int32_t>& tokens, int64_t num_computed_tokens);
+
+  // Releases all blocks of `seq`; blocks nobody else holds become reusable (registered) or free.
+  // A sequence that holds no blocks is ignored, so free is safe to call twice.
   void free(RequestId seq);
 
   bool contains(RequestId seq) const;
@@ -58,26 +126,69 @@ class RTLLM_API KVCacheManager {
   const std::vector<int32_t>& block_ids(RequestId seq) const;
   int64_t num_tokens(RequestId seq) const;  // slots held by `seq`
 
-  int32_t num_total_blocks() const { return static_cast<int32_t>(ref_counts_.size()); }
-  int32_t num_free_blocks() const { return static_cast<int32_t>(free_blocks_.size()); }
+  int32_t num_total_blocks() const { return static_cast<int32_t>(blocks_.size()); }
+  // Blocks a sequence may take: free ones and reusable ones (evicted on demand).
+  int32_t num_free_blocks() const { return static_cast<int32_t>(free_blocks_.size() + reusable_lru_.size()); }
+  int32_t num_reusable_blocks() const { return static_cast<int32_t>(reusable_lru_.size()); }
   int32_t tokens_per_block() const { return tokens_per_block_; }
+  bool enable_block_reuse() const { return enable_block_reuse_; }
   KvCacheStats stats() const;
 
+  // Events since the last call, oldest first (empty when events are off).
+  std::vector<KvCacheEvent> take_events();
+
+  // Test hooks: the hash function (e.g. one that always collides) and a view of one block.
+  void set_hash_function(BlockHashFn fn) { hash_fn_ = fn; }
+  int32_t ref_count(int32_t block_id) const { return blocks_.at(block_id).ref_count; }
+  bool is_registered(int32_t block_id) const { return blocks_.at(block_id).is_registered; }
+  const std::vector<int32_t>& block_tokens(int32_t block_id) const { return blocks_.at(block_id).tokens; }
+  // Throws Error unless every block is in exactly one state and ref counts equal the holders.
+  void check_invariants() const;
+
  private:
+  struct Block {
+    int32_t ref_count = 0;
+    bool is_registered = false;  // in by_hash_ with the identity below
+    uint64_t hash = 0;
+    uint64_t identity = 0;         // unique per registration; 0: none
+    uint64_t parent_identity = 0;  // 0 for a first block
+    uint64_t parent_hash = 0;
+    uint64_t extra_key = 0;
+    int32_t position = 0;          // index of the block in its sequence
+    std::vector<int32_t> tokens;   // [tokens_per_block] once registered
+    std::list<int32_t>::iterator lru_it;  // valid while reusable
+  };
   struct SequenceBlocks {
     std::vector<int32_t> block_ids;
     int64_t num_tokens = 0;
+    uint64_t extra_key = 0;
+    int32_t num_stored_blocks = 0;  // leading blocks already passed to store()
+    // Key of the last stored block (the registered one with equal content for a duplicate).
+    uint64_t last_hash = 0, last_identity = 0;
   };
 
+  int32_t find_registered(uint64_t hash, uint64_t parent_identity, uint64_t extra_key,
+                          const int32_t* tokens) const;
+  void hold(int32_t b);
+  void release(int32_t b);
   int32_t take_free_block();
+  void unregister(int32_t b);
+  void push_event(KvCacheEvent event);
   const SequenceBlocks& sequence(RequestId seq) const;
 
   int32_t tokens_per_block_;
-  std::vector<int32_t> ref_counts_;  // [num_blocks] holders of each block; 0: in free_blocks_
-  // Blocks nobody holds, taken from the front. With prefix reuse, blocks of finished sequences
-  // will wait here (keyed by their hash) until taken, in least-recently-used order.
-  std::deque<int32_t> free_blocks_;
+  bool enable_block_reuse_;
+  int32_t event_buffer_max_size_;
+  BlockHashFn hash_fn_ = default_block_hash;
+  std::vector<Block> blocks_;        // [num_blocks]
+  std::deque<int32_t> free_blocks_;  // unregistered, nobody holds them; taken from the front
+  std::list<int32_t> reusable_lru_;  // registered, nobody holds them; least recently used first
+  std::unordered_multimap<uint64_t, int32_t> by_hash_;  // hash -> registered blocks
   std::unordered_map<RequestId, SequenceBlocks> sequences_;
+  uint64_t next_identity_ = 1;
+  int64_t num_reused_blocks_ = 0, num_missed_blocks_ = 0, num_evicted_blocks_ = 0;
+  std::deque<KvCacheEvent> events_;
+  int64_t next_event_id_ = 0;
 };
 
 }  // namespace rtllm

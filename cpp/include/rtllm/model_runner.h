@@ -22,7 +22,14 @@ struct RuntimeConfig {
   int32_t num_kv_blocks = 0;     // blocks in the KV pool (every layer has each block)
   int32_t tokens_per_block = 32;
   int32_t num_threads = 0;       // CPU worker threads; 0: all hardware threads
+  bool enable_cuda_graphs = true;  // CUDA: decode-only steps replay a graph captured per batch-size bucket
+  // CUDA with num_kv_blocks 0: the pool takes this fraction of the device memory left free after the
+  // weights and workspace (0: room for max_batch_size sequences of max_seq_len, as on the CPU).
+  float kv_free_memory_fraction = 0.0f;
 };
+
+// True when this build has the CUDA backend and a CUDA device is present.
+RTLLM_API bool cuda_available();
 
 // One packed step: sequences with context (prefill) tokens first, then generation sequences.
 // Sequence s contributes num_new_tokens[s] consecutive tokens to input_ids, at positions

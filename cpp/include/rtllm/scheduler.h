@@ -1,11 +1,19 @@
 // Scheduler (batch manager): owns the waiting (first come, first served) and running queues and
 // decides, each step, which sequences run and how many tokens each contributes.
 //
-// Capacity policy GUARANTEED_NO_EVICT admits a waiting sequence only if blocks for its whole length
-// (max_num_tokens slots) can be reserved on top of what running sequences may still need, so a
-// running sequence never waits for memory and nothing is ever evicted.
-// A step packs at most max_batch_size sequences and max_num_tokens tokens: running (generation)
-// sequences first, one token each, then newly admitted (context) sequences with their whole prompt.
+// Capacity policies:
+// - GUARANTEED_NO_EVICT admits a waiting sequence only if blocks for its whole length
+//   (max_num_tokens slots) can be reserved on top of what running sequences may still need, so a
+//   running sequence never waits for memory and nothing is ever preempted.
+// - MAX_UTILIZATION admits a sequence when blocks for its next chunk are available. When a running
+//   sequence then needs a block and none is left, the newest running sequence is preempted: its
+//   blocks are released (its computed full blocks stay reusable) and it goes back to the front of
+//   the waiting queue to recompute its prompt + generated tokens.
+// A step packs at most max_batch_size sequences and max_num_tokens tokens: running sequences first
+// (one token each when generating), then waiting ones. A prompt that does not fit the token budget
+// advances in chunks ending on a block boundary when enable_chunked_prefill is on (and always when
+// it is longer than max_num_tokens, which only a recompute can be without chunked prefill).
+// A new sequence first takes the longest cached prefix the KV manager has for its tokens.
 #pragma once
 
 #include <cstdint>
@@ -20,35 +28,47 @@ namespace rtllm {
 
 enum class CapacityPolicy : int32_t {
   kGuaranteedNoEvict,  // reserve blocks for a sequence's whole length at admission
-  kMaxUtilization,     // admit greedily, preempt when blocks run out (not implemented yet)
+  kMaxUtilization,     // admit greedily, preempt the newest sequence when blocks run out
 };
 
 struct RTLLM_API SchedulerConfig {
   CapacityPolicy policy = CapacityPolicy::kGuaranteedNoEvict;
   int32_t max_batch_size = 1;  // sequences per step
   int32_t max_num_tokens = 1;  // packed tokens per step
-  void validate() const;       // throws InvalidArgument naming the value and the limit
+  bool enable_chunked_prefill = false;
+  // Throws InvalidArgument naming the value and the limit (e.g. max_num_tokens < tokens_per_block
+  // with chunked prefill: no chunk could end on a block boundary).
+  void validate(int32_t tokens_per_block) const;
 };
 
 // What the scheduler knows of a request. Its owner (the executor) advances num_tokens and
-// num_cached_tokens after each step; the scheduler reads them.
+// num_cached_tokens after each step; the scheduler reads them and sets num_scheduled_tokens.
 struct Sequence {
   RequestId id = 0;
   int32_t num_prompt_tokens = 0;
   int32_t num_tokens = 0;         // prompt + generated tokens so far
-  int32_t num_cached_tokens = 0;  // tokens whose K/V are in the cache (0 until the context step)
+  int32_t num_cached_tokens = 0;  // tokens whose K/V are in the cache
   int32_t max_num_tokens = 0;     // the length at which it ends at the latest (prompt + max new tokens)
+  // [num_tokens] prompt + generated tokens; prefix reuse looks them up (may stay empty without it).
+  std::vector<int32_t> token_ids;
+  uint64_t cache_key = 0;  // extra key of its blocks (cache_salt_key of its salt)
+  // Set by schedule(): tokens fed in this step, from num_cached_tokens on.
+  int32_t num_scheduled_tokens = 0;
+  int32_t num_preemptions = 0;
 
-  bool is_context() const { return num_cached_tokens == 0; }
-  // Tokens this sequence feeds to the model in its next step: the whole prompt, then one.
+  // Tokens still to feed; the step that feeds the last of them produces the next token.
   int32_t num_new_tokens() const { return num_tokens - num_cached_tokens; }
+  // Computing its prompt (or several tokens of a recompute after preemption) rather than
+  // generating one token.
+  bool is_context() const { return num_cached_tokens < num_prompt_tokens || num_new_tokens() > 1; }
 };
 
 // One step's work in packing order: context sequences first, then generation sequences.
 struct ScheduledBatch {
   std::vector<std::shared_ptr<Sequence>> context;
   std::vector<std::shared_ptr<Sequence>> generation;
-  int32_t num_tokens = 0;  // sum of num_new_tokens() over both lists
+  int32_t num_tokens = 0;  // sum of num_scheduled_tokens over both lists
+  int32_t num_preempted = 0;  // sequences sent back to the waiting queue by this schedule()
 
   int32_t num_seqs() const { return static_cast<int32_t>(context.size() + generation.size()); }
   bool empty() const { return num_seqs() == 0; }
@@ -60,10 +80,11 @@ class RTLLM_API Scheduler {
   Scheduler(const SchedulerConfig& config, KVCacheManager& kv_cache);
 
   // Queues a new sequence (num_tokens == num_prompt_tokens, nothing cached). Throws InvalidArgument
-  // if its prompt exceeds max_num_tokens or its whole length exceeds the KV pool (it could never run).
+  // if its prompt exceeds max_num_tokens without chunked prefill or its whole length exceeds the
+  // KV pool (it could never run).
   void add(std::shared_ptr<Sequence> seq);
-  // Picks the next step's sequences and grows their KV blocks to cover the tokens they feed.
-  // Returns an empty batch when nothing can run.
+  // Picks the next step's sequences, sets their num_scheduled_tokens and grows their KV blocks to
+  // cover them (preempting under MAX_UTILIZATION). Returns an empty batch when nothing can run.
   ScheduledBatch schedule();
   // Drops a sequence (finished, cancelled or failed) from whichever queue holds it and frees its
   // blocks. Returns false if the scheduler does not hold it.
@@ -72,16 +93,23 @@ class RTLLM_API Scheduler {
   bool has_work() const { return !waiting_.empty() || !running_.empty(); }
   int32_t num_waiting() const { return static_cast<int32_t>(waiting_.size()); }
   int32_t num_running() const { return static_cast<int32_t>(running_.size()); }
+  int64_t num_preemptions() const { return num_preemptions_; }
   const SchedulerConfig& config() const { return config_; }
 
  private:
+  struct Budget;
+  int32_t chunk_size(const Sequence& seq, int32_t num_budget_tokens) const;
+  bool schedule_running(size_t index, Budget& budget, ScheduledBatch& batch);
+  void admit_waiting(Budget& budget, ScheduledBatch& batch);
+  void preempt_newest(ScheduledBatch& batch);
   int64_t num_reserved_blocks() const;
-  bool can_admit(const Sequence& seq) const;
+  bool can_admit(const Sequence& seq, const PrefixMatch& prefix, int32_t num_slots) const;
 
   SchedulerConfig config_;
   KVCacheManager& kv_cache_;
-  std::deque<std::shared_ptr<Sequence>> waiting_;  // FCFS
+  std::deque<std::shared_ptr<Sequence>> waiting_;   // FCFS; preempted sequences return to the front
   std::vector<std::shared_ptr<Sequence>> running_;  // in admission order
+  int64_t num_preemptions_ = 0;
 };
 
 }  // namespace rtllm

@@ -86,8 +86,10 @@ class GenerationExecutor:
 
     def submit(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams,
                end_ids: Sequence[int] = (), streaming: bool = False, prompt: Optional[str] = None,
-               tokenizer=None) -> GenerationResult:
-        """Enqueues n core requests (one per sample) and returns their GenerationResult."""
+               tokenizer=None, cache_salt: Optional[str] = None) -> GenerationResult:
+        """Enqueues n core requests (one per sample) and returns their GenerationResult.
+
+        Requests with different `cache_salt`s never share cached KV blocks."""
         from rtllm import _core
 
         if not self._finalizer.alive:
@@ -107,7 +109,7 @@ class GenerationExecutor:
                 for index, sample in enumerate(result._samples):
                     sampling, stop = sampling_params.to_core(end_ids, seed_offset=index)
                     request = _core.Request(token_ids, sampling=sampling, stop=stop,
-                                            streaming=core_streaming)
+                                            streaming=core_streaming, cache_salt=cache_salt)
                     sample.core_id = self.core.enqueue(request)
                     router.routes[sample.core_id] = (result, index)
             except BaseException:

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 from tqdm import tqdm
 
 from rtllm.executor import GenerationExecutor, GenerationResult
-from rtllm.llmapi.llm_args import CapacitySchedulerPolicy, KvCacheConfig, SchedulerConfig
+from rtllm.llmapi.llm_args import KvCacheConfig, SchedulerConfig
 from rtllm.llmapi.outputs import RequestOutput
 from rtllm.llmapi.tokenizer import TokenizerWrapper
 from rtllm.sampling_params import SamplingParams
@@ -52,10 +52,9 @@ def _check_args(model: str, limits: dict, seed, num_threads, device: str, schedu
     devices = {"cpu": _core.DeviceKind.CPU, "cuda": _core.DeviceKind.CUDA}
     if device not in devices:
         raise ValueError(f"device={device!r} must be one of {sorted(devices)}")
-    policy = (scheduler_config or SchedulerConfig()).capacity_scheduler_policy
-    if policy != CapacitySchedulerPolicy.GUARANTEED_NO_EVICT:
-        raise ValueError(f"capacity_scheduler_policy={policy.value} is not supported yet: only "
-                         "GUARANTEED_NO_EVICT")
+    if scheduler_config is not None and not isinstance(scheduler_config, SchedulerConfig):
+        raise ValueError(f"scheduler_config of type {type(scheduler_config).__name__} is invalid: it "
+                         "must be a SchedulerConfig")
     return devices[device]
 
 
@@ -64,6 +63,14 @@ def _cleanup(executor: Optional[GenerationExecutor], temp_dir: Optional[str]) ->
         executor.shutdown()
     if temp_dir is not None:
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _kv_stats_dict(kv) -> dict:
+    return {"num_total_blocks": kv.num_total_blocks, "num_free_blocks": kv.num_free_blocks,
+            "num_used_blocks": kv.num_used_blocks, "num_reusable_blocks": kv.num_reusable_blocks,
+            "tokens_per_block": kv.tokens_per_block, "num_reused_blocks": kv.num_reused_blocks,
+            "num_missed_blocks": kv.num_missed_blocks, "num_reused_tokens": kv.num_reused_tokens,
+            "num_evicted_blocks": kv.num_evicted_blocks, "hit_rate": kv.hit_rate}
 
 
 class LLM:
@@ -90,6 +97,7 @@ class LLM:
                       max_seq_len=max_seq_len, max_input_len=max_input_len)
         device_kind = _check_args(model, limits, seed, num_threads, device, scheduler_config)
         kv_cache_config = kv_cache_config or KvCacheConfig()
+        self._scheduler_config = scheduler_config or SchedulerConfig()
 
         self.model_dir = model
         if is_engine_dir(model):
@@ -108,7 +116,8 @@ class LLM:
                                       max_batch_size=max_batch_size or 0,
                                       tokens_per_block=kv_cache_config.tokens_per_block,
                                       num_threads=num_threads)
-        config = _core.ExecutorConfig(runtime=runtime, kv_cache=kv_cache_config.to_core(), seed=seed)
+        config = _core.ExecutorConfig(runtime=runtime, kv_cache=kv_cache_config.to_core(),
+                                      scheduler=self._scheduler_config.to_core(), seed=seed)
         self._executor = GenerationExecutor(_core.Executor(self._engine, config))
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _cleanup, self._executor, self._temp_dir)
@@ -214,9 +223,10 @@ class LLM:
         if len(token_ids) >= self._max_seq_len:
             raise ValueError(f"prompt length {len(token_ids)} leaves no room to generate within "
                              f"max_seq_len={self._max_seq_len}")
-        if len(token_ids) > self._max_num_tokens:
+        if len(token_ids) > self._max_num_tokens and not self._scheduler_config.enable_chunked_prefill:
             raise ValueError(f"prompt length {len(token_ids)} exceeds max_num_tokens="
-                             f"{self._max_num_tokens}")
+                             f"{self._max_num_tokens} (enable_chunked_prefill in SchedulerConfig "
+                             "allows longer prompts)")
         return text, token_ids
 
     @staticmethod
@@ -247,25 +257,30 @@ class LLM:
 
     # Generation.
 
-    def _submit(self, text, token_ids, params: SamplingParams, streaming: bool) -> GenerationResult:
+    def _submit(self, text, token_ids, params: SamplingParams, streaming: bool,
+                cache_salt: Optional[str] = None) -> GenerationResult:
         if self._executor is None or self._executor.is_shutdown:
             raise RuntimeError("this LLM was shut down")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt of type {type(cache_salt).__name__} is invalid: it must be a str")
         return self._executor.submit(token_ids, params, end_ids=self._end_ids, streaming=streaming,
-                                     prompt=text, tokenizer=self._tokenizer)
+                                     prompt=text, tokenizer=self._tokenizer, cache_salt=cache_salt)
 
     def generate_async(self, inputs: PromptInput, sampling_params: Optional[SamplingParams] = None,
-                       streaming: bool = False) -> GenerationResult:
+                       streaming: bool = False, cache_salt: Optional[str] = None) -> GenerationResult:
         """Submits one prompt. The result is awaitable (final RequestOutput), async-iterable
-        (partial RequestOutputs when streaming, then the final one) and has `.result()`."""
+        (partial RequestOutputs when streaming, then the final one) and has `.result()`.
+        Prompts with different `cache_salt`s never share cached KV blocks."""
         text, token_ids = self._prompt_tokens(inputs)
         params = self._check_params(sampling_params, len(token_ids))
-        return self._submit(text, token_ids, params, streaming)
+        return self._submit(text, token_ids, params, streaming, cache_salt)
 
-    def generate(self, inputs, sampling_params=None, use_tqdm: bool = True
-                 ) -> Union[RequestOutput, list]:
+    def generate(self, inputs, sampling_params=None, use_tqdm: bool = True,
+                 cache_salt: Optional[Union[str, Sequence[str]]] = None) -> Union[RequestOutput, list]:
         """Completes one prompt (returns a RequestOutput) or a list of prompts (returns a list).
 
-        `sampling_params` is one SamplingParams for all prompts or a list with one per prompt.
+        `sampling_params` is one SamplingParams for all prompts or a list with one per prompt;
+        `cache_salt` likewise (prompts with different salts never share cached KV blocks).
         Every prompt is checked before any is submitted.
         """
         single = self._is_single_prompt(inputs)
@@ -276,14 +291,20 @@ class LLM:
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params] * len(prompts)
+        if isinstance(cache_salt, (list, tuple)):
+            if len(cache_salt) != len(prompts):
+                raise ValueError(f"got {len(cache_salt)} cache_salt values for {len(prompts)} prompts")
+            salts = list(cache_salt)
+        else:
+            salts = [cache_salt] * len(prompts)
         prepared = []
-        for prompt, params in zip(prompts, params_list):
+        for prompt, params, salt in zip(prompts, params_list, salts):
             text, token_ids = self._prompt_tokens(prompt)
-            prepared.append((text, token_ids, self._check_params(params, len(token_ids))))
+            prepared.append((text, token_ids, self._check_params(params, len(token_ids)), salt))
         results = []
         try:
-            for text, token_ids, params in prepared:
-                results.append(self._submit(text, token_ids, params, streaming=False))
+            for text, token_ids, params, salt in prepared:
+                results.append(self._submit(text, token_ids, params, streaming=False, cache_salt=salt))
         except BaseException:
             for result in results:
                 result.abort()
@@ -303,16 +324,50 @@ class LLM:
         self._executor.abort(request_id)
 
     def get_stats(self) -> dict:
+        """Totals since start: steps, requests, generated / computed context tokens, preemptions,
+        and the KV cache (blocks free / used / reusable, reused tokens, hit rate)."""
         stats = self._executor.get_stats()
-        kv = stats.kv_cache
         return {
             "num_steps": stats.num_steps, "num_active_requests": stats.num_active_requests,
             "num_waiting_requests": stats.num_waiting_requests,
             "num_completed_requests": stats.num_completed_requests,
             "num_generated_tokens": stats.num_generated_tokens,
-            "kv_cache": {"num_total_blocks": kv.num_total_blocks, "num_free_blocks": kv.num_free_blocks,
-                         "num_used_blocks": kv.num_used_blocks, "tokens_per_block": kv.tokens_per_block},
+            "num_context_tokens": stats.num_context_tokens,
+            "num_preemptions": stats.num_preemptions,
+            "kv_cache": _kv_stats_dict(stats.kv_cache),
         }
+
+    def get_iteration_stats(self) -> list:
+        """Per-step stats since the last call, oldest first (a bounded queue: the oldest are
+        dropped beyond 1000 steps)."""
+        return [{
+            "iteration": it.iteration, "timestamp_s": it.timestamp_s, "step_time_ms": it.step_time_ms,
+            "num_context_requests": it.num_context_requests,
+            "num_generation_requests": it.num_generation_requests,
+            "num_context_tokens": it.num_context_tokens,
+            "num_generation_tokens": it.num_generation_tokens,
+            "num_running_requests": it.num_running_requests,
+            "num_waiting_requests": it.num_waiting_requests,
+            "num_preempted_requests": it.num_preempted_requests,
+            "kv_cache": _kv_stats_dict(it.kv_cache),
+        } for it in self._executor.core.get_iteration_stats()]
+
+    def get_kv_cache_events(self) -> list:
+        """KV-cache events since the last call, oldest first: one "created" for the pool, then
+        "stored" (a full block became reusable) and "removed" (a reusable block was evicted), each
+        with the block's hash, parent hash, first token position and tokens. Needs
+        KvCacheConfig(event_buffer_max_size > 0)."""
+        out = []
+        for e in self._executor.core.get_kv_cache_events():
+            kind = e.kind.name.lower()
+            event = {"event_id": e.event_id, "type": kind}
+            if kind == "created":
+                event.update(num_blocks=e.num_blocks, tokens_per_block=e.tokens_per_block)
+            else:
+                event.update(block_id=e.block_id, block_hash=e.block_hash, parent_hash=e.parent_hash,
+                             token_offset=e.token_offset, token_ids=list(e.token_ids))
+            out.append(event)
+        return out
 
     # Lifetime.
 

@@ -12,11 +12,17 @@ class KvCacheConfig:
 
     max_tokens: pool size in tokens; None sizes the pool from free_gpu_memory_fraction of the device
     memory left after weights and workspace (host memory on the CPU).
+    enable_block_reuse: requests share the cached K/V of full blocks of a common prompt prefix
+    (requests with different cache salts never share).
+    event_buffer_max_size: KV-cache events (stored/removed blocks) kept for
+    LLM.get_kv_cache_events(); 0 records none.
     """
 
     max_tokens: Optional[int] = None
     free_gpu_memory_fraction: float = 0.9
     tokens_per_block: int = 32
+    enable_block_reuse: bool = True
+    event_buffer_max_size: int = 0
 
     def __post_init__(self):
         if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or
@@ -28,13 +34,20 @@ class KvCacheConfig:
         tpb = self.tokens_per_block
         if isinstance(tpb, bool) or not isinstance(tpb, int) or tpb < 1 or tpb & (tpb - 1):
             raise ValueError(f"KvCacheConfig.tokens_per_block={tpb!r} must be a power of two >= 1")
+        if not isinstance(self.enable_block_reuse, bool):
+            raise ValueError(f"KvCacheConfig.enable_block_reuse={self.enable_block_reuse!r} must be a bool")
+        size = self.event_buffer_max_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"KvCacheConfig.event_buffer_max_size={size!r} must be an int >= 0")
 
     def to_core(self):
         from rtllm import _core
 
         return _core.KvCacheConfig(max_tokens=self.max_tokens,
                                    free_memory_fraction=float(self.free_gpu_memory_fraction),
-                                   tokens_per_block=self.tokens_per_block)
+                                   tokens_per_block=self.tokens_per_block,
+                                   enable_block_reuse=self.enable_block_reuse,
+                                   event_buffer_max_size=self.event_buffer_max_size)
 
 
 class CapacitySchedulerPolicy(str, enum.Enum):
@@ -46,7 +59,15 @@ class CapacitySchedulerPolicy(str, enum.Enum):
 
 @dataclass
 class SchedulerConfig:
+    """How the batch manager fills each step.
+
+    enable_chunked_prefill: a prompt longer than the step's token budget advances in chunks that are
+    multiples of tokens_per_block while other requests keep generating; prompts longer than
+    max_num_tokens become legal (max_input_len still limits them).
+    """
+
     capacity_scheduler_policy: CapacitySchedulerPolicy = CapacitySchedulerPolicy.GUARANTEED_NO_EVICT
+    enable_chunked_prefill: bool = False
 
     def __post_init__(self):
         try:
@@ -55,3 +76,12 @@ class SchedulerConfig:
             names = [p.value for p in CapacitySchedulerPolicy]
             raise ValueError(f"SchedulerConfig.capacity_scheduler_policy="
                              f"{self.capacity_scheduler_policy!r} must be one of {names}") from None
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise ValueError(f"SchedulerConfig.enable_chunked_prefill={self.enable_chunked_prefill!r} "
+                             "must be a bool")
+
+    def to_core(self):
+        from rtllm import _core
+
+        policy = getattr(_core.CapacityPolicy, self.capacity_scheduler_policy.value)
+        return _core.SchedulerConfig(policy=policy, enable_chunked_prefill=self.enable_chunked_prefill)

@@ -1,0 +1,121 @@
+"""Attention kernels against their ceilings and against torch SDPA, measured in the same run.
+
+decode: GB/s of K+V read (every sequence's whole context) against the copy bandwidth of the same run and
+against torch SDPA (GQA) on the same shapes with contiguous K/V.
+prefill: causal TFLOP/s (4 * heads * head_dim * query-key pairs) against torch SDPA causal (flash backend).
+Llama-3-8B heads: 32 query heads, 8 KV heads, head_dim 128, bf16, 16 tokens per block, blocks shuffled.
+
+Rows come from `bench_attention(ctx)` with the Context of bench_kernels.py (its timing helper: CUDA graph
+replays rotating over input sets larger than the L2); bench_kernels.py registers it.
+Standalone: python benchmarks/bench_attention.py [--output results.json]
+"""
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import report  # noqa: E402
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, TOKENS_PER_BLOCK = 32, 8, 128, 16
+BF16 = 0
+DECODE_BATCHES = (1, 8, 32, 64)
+DECODE_CONTEXTS = (1024, 4096, 8192, 16384)
+PREFILL_TOKENS = (1024, 2048, 4096, 8192)
+
+
+def _rand(*shape):
+    return torch.randn(*shape, device="cuda").to(torch.bfloat16)
+
+
+def bench_decode(ctx, batch, context):
+    kv_bytes = batch * context * NUM_KV_HEADS * HEAD_DIM * 2 * 2  # K and V, bf16
+    num_sets = ctx.num_sets(kv_bytes)
+    blocks_per_seq = math.ceil(context / TOKENS_PER_BLOCK)
+    num_blocks = num_sets * batch * blocks_per_seq
+    pool = _rand(num_blocks, 2, NUM_KV_HEADS, TOKENS_PER_BLOCK, HEAD_DIM)
+    # One block table per input set, all blocks of the pool shuffled among them.
+    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(num_sets, batch, blocks_per_seq)
+    q, out = _rand(batch, NUM_HEADS * HEAD_DIM), torch.empty(batch, NUM_HEADS * HEAD_DIM, device="cuda",
+                                                            dtype=torch.bfloat16)
+    seq_len = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    k = ctx.kernels
+    num_splits = k.attention_decode_num_splits(batch, NUM_KV_HEADS, context, ctx.props.multi_processor_count)
+    workspace = torch.empty(k.attention_decode_workspace_bytes(batch, NUM_HEADS, HEAD_DIM, num_splits) // 4,
+                            device="cuda")
+    launch = lambda i: k.attention_decode(
+        out=out.data_ptr(), q=q.data_ptr(), seq_len=seq_len.data_ptr(), num_seqs=batch, kv_data=pool.data_ptr(),
+        num_blocks=num_blocks, tokens_per_block=TOKENS_PER_BLOCK, block_table=tables[i].data_ptr(),
+        max_blocks_per_seq=blocks_per_seq, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+        scale=HEAD_DIM ** -0.5, num_splits=num_splits, workspace=workspace.data_ptr(), dtype=BF16,
+        stream=ctx.stream)
+    ms = ctx.time_ms(launch, num_sets)
+    del pool
+    torch.cuda.empty_cache()
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    q4 = q.view(batch, NUM_HEADS, 1, HEAD_DIM)
+    kvs = [(_rand(batch, NUM_KV_HEADS, context, HEAD_DIM), _rand(batch, NUM_KV_HEADS, context, HEAD_DIM))
+           for _ in range(num_sets)]
+    torch_ms = ctx.time_ms(lambda i: sdpa(q4, kvs[i][0], kvs[i][1], enable_gqa=True), num_sets)
+    del kvs
+    torch.cuda.empty_cache()
+    return ctx.row("attention_decode", f"b={batch} ctx={context} splits={num_splits}", ms, kv_bytes, torch_ms)
+
+
+def bench_prefill(ctx, num_tokens):
+    """One sequence of num_tokens new tokens (no cache), causal."""
+    num_blocks = math.ceil(num_tokens / TOKENS_PER_BLOCK)
+    q, pool = _rand(num_tokens, NUM_HEADS * HEAD_DIM), _rand(num_blocks, 2, NUM_KV_HEADS, TOKENS_PER_BLOCK, HEAD_DIM)
+    out = torch.empty_like(q)
+    table = torch.randperm(num_blocks, device="cuda").to(torch.int32)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device="cuda")
+    token_seq = torch.zeros(num_tokens, dtype=torch.int32, device="cuda")
+    positions = torch.arange(num_tokens, dtype=torch.int32, device="cuda")
+    starts, cached, lens = i32([0, num_tokens]), i32([0]), i32([num_tokens])
+    launch = lambda i: ctx.kernels.attention_prefill(
+        out=out.data_ptr(), q=q.data_ptr(), token_seq=token_seq.data_ptr(), positions=positions.data_ptr(),
+        seq_token_start=starts.data_ptr(), num_cached=cached.data_ptr(), seq_len=lens.data_ptr(),
+        num_tokens=num_tokens, num_seqs=1, kv_data=pool.data_ptr(), num_blocks=num_blocks,
+        tokens_per_block=TOKENS_PER_BLOCK, block_table=table.data_ptr(), max_blocks_per_seq=num_blocks,
+        max_new_tokens=num_tokens, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+        scale=HEAD_DIM ** -0.5, dtype=BF16, stream=ctx.stream)
+    ms = ctx.time_ms(launch)
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    q4 = _rand(1, NUM_HEADS, num_tokens, HEAD_DIM)
+    # The flash backend takes no enable_gqa: give it K/V expanded to every query head.
+    k4, v4 = (_rand(1, NUM_KV_HEADS, num_tokens, HEAD_DIM).repeat_interleave(NUM_HEADS // NUM_KV_HEADS, dim=1)
+              for _ in range(2))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        torch_ms = ctx.time_ms(lambda i: sdpa(q4, k4, v4, is_causal=True))
+    flops = 4 * NUM_HEADS * HEAD_DIM * num_tokens * (num_tokens + 1) / 2
+    bytes_moved = (2 * q.numel() + 2 * num_tokens * NUM_KV_HEADS * HEAD_DIM) * 2
+    return ctx.row("attention_prefill", f"tokens={num_tokens} causal", ms, bytes_moved, torch_ms,
+                   **{"TFLOP/s": flops / ms / 1e9, "torch_TFLOP/s": flops / torch_ms / 1e9})
+
+
+def bench_attention(ctx) -> list[dict]:
+    """Decode rows (GB/s against copy bandwidth and SDPA) then prefill rows (TFLOP/s against SDPA)."""
+    rows = [bench_decode(ctx, b, c) for b in DECODE_BATCHES for c in DECODE_CONTEXTS]
+    rows += [bench_prefill(ctx, n) for n in PREFILL_TOKENS]
+    return rows
+
+
+def main():
+    from bench_kernels import Context, bench_ceilings, load_kernels
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", help="write the JSON results here")
+    args = parser.parse_args()
+    ctx = Context(load_kernels())
+    rows = bench_ceilings(ctx) + bench_attention(ctx)
+    results = {"device": ctx.props.name, "copy_GBps": ctx.copy_gbps, "rows": rows}
+    report(results, rows, ["kernel", "shape", "us", "GB/s", "of_copy", "torch_us", "vs_torch", "TFLOP/s",
+                           "torch_TFLOP/s"], args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU suite: on a machine with a CUDA GPU and no network, builds rtllm with the CUDA backend, runs
+# tests/gpu, the kernel benchmark and the end-to-end benchmark, and writes logs + JSON to OUT_DIR.
+# Each step runs even when an earlier one failed; a summary table is printed last.
+#
+#   benchmarks/gpu_suite.sh OUT_DIR
+#
+# Environment: CUDA_ARCHS (default 90a), E2E_ARGS (extra bench_e2e.py arguments), PYTHON (default python3).
+set -u
+OUT_DIR=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+declare -a NAMES STATUS DURATIONS
+
+# run_step NAME TIMEOUT_S LOG COMMAND...: runs COMMAND with its output in OUT_DIR/LOG.
+run_step() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  local start=$SECONDS
+  echo "== $name (log: $OUT_DIR/$log)"
+  timeout "$limit" "$@" >"$OUT_DIR/$log" 2>&1
+  local rc=$?
+  NAMES+=("$name")
+  STATUS+=("$([ $rc -eq 0 ] && echo ok || { [ $rc -eq 124 ] && echo "timeout" || echo "failed ($rc)"; })")
+  DURATIONS+=("$((SECONDS - start))")
+  tail -n 5 "$OUT_DIR/$log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nvcc --version | tail -n 1; } \
+  >"$OUT_DIR/device.txt" 2>&1
+
+CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90a} -DRTLLM_CUDA=ON" \
+  run_step build 300 build.log "$PYTHON" -m pip install --no-build-isolation --no-deps -v .
+
+run_step tests_gpu 240 tests_gpu.log "$PYTHON" -m pytest tests/gpu -q -p no:cacheprovider \
+  --junitxml="$OUT_DIR/tests_gpu.xml"
+
+if [ -f benchmarks/bench_kernels.py ]; then
+  run_step bench_kernels 120 bench_kernels.log "$PYTHON" benchmarks/bench_kernels.py --output "$OUT_DIR/kernels.json"
+else
+  NAMES+=(bench_kernels); STATUS+=("missing"); DURATIONS+=(0)
+fi
+
+# shellcheck disable=SC2086
+run_step bench_e2e 180 bench_e2e.log "$PYTHON" benchmarks/bench_e2e.py --preset llama-3-8b --dtype bfloat16 \
+  --device cuda --num-requests 64 --isl 128 --osl 128 --hf-requests 8 --output "$OUT_DIR/e2e.json" ${E2E_ARGS:-}
+
+echo
+echo "== summary ($(cat "$OUT_DIR/device.txt" | head -n 1))"
+printf '%-14s %-12s %8s\n' step status seconds
+for i in "${!NAMES[@]}"; do
+  printf '%-14s %-12s %8s\n' "${NAMES[$i]}" "${STATUS[$i]}" "${DURATIONS[$i]}"
+done
+grep -E "passed|failed|error" "$OUT_DIR/tests_gpu.log" | tail -n 1

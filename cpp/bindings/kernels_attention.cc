@@ -1,0 +1,108 @@
+// Bindings of the attention launchers (kernels/include/rtllm/kernels/attention.cuh) into
+// rtllm._core.kernels, for the GPU tests and benchmarks. Pointers are device addresses passed as ints
+// (e.g. torch's tensor.data_ptr()); `stream` is a cudaStream_t as an int (0: the legacy default stream).
+#ifdef RTLLM_WITH_CUDA
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "bindings.h"
+#include "rtllm/common.h"
+#include "rtllm/kernels/attention.cuh"
+
+namespace py = pybind11;
+
+namespace rtllm::bindings {
+namespace {
+
+using kernels::DType;
+using kernels::PagedKv;
+using kernels::StepMetaDevice;
+
+template <typename P>
+P ptr(uintptr_t address) {
+  return reinterpret_cast<P>(address);
+}
+
+void check_launch(cudaError_t err, const char* name) {
+  RTLLM_CHECK_ARG(err != cudaErrorInvalidValue, name,
+                  ": unsupported arguments (dtype, head_dim, head counts, pool shape or num_splits)");
+  RTLLM_CHECK(err == cudaSuccess, name, ": ", kernels::error_string(err));
+}
+
+StepMetaDevice make_meta(uintptr_t token_seq, uintptr_t positions, uintptr_t seq_token_start, uintptr_t num_cached,
+                         uintptr_t seq_len, int32_t num_tokens, int32_t num_seqs) {
+  return StepMetaDevice{ptr<const int32_t*>(token_seq), ptr<const int32_t*>(positions),
+                        ptr<const int32_t*>(seq_token_start), ptr<const int32_t*>(num_cached),
+                        ptr<const int32_t*>(seq_len), num_tokens, num_seqs};
+}
+
+PagedKv make_kv(uintptr_t data, int32_t num_blocks, int32_t num_kv_heads, int32_t tokens_per_block,
+                int32_t head_dim, uintptr_t block_table, int32_t max_blocks_per_seq) {
+  return PagedKv{ptr<void*>(data), num_blocks, num_kv_heads, tokens_per_block, head_dim,
+                 ptr<const int32_t*>(block_table), max_blocks_per_seq};
+}
+
+DType to_dtype(int32_t dtype) {
+  RTLLM_CHECK_ARG(dtype == static_cast<int32_t>(DType::kBF16) || dtype == static_cast<int32_t>(DType::kFP16),
+                  "attention: dtype ", dtype, " is not bf16 (0) or fp16 (1)");
+  return static_cast<DType>(dtype);
+}
+
+}  // namespace
+
+void bind_attention_kernels(py::module_& m) {
+  // Meta arrays: token_seq [num_tokens], positions [num_tokens], seq_token_start [num_seqs + 1],
+  // num_cached [num_seqs], seq_len [num_seqs] (int32). Pool: [num_blocks, 2, num_kv_heads, tpb, head_dim].
+  m.def(
+      "attention_prefill",
+      [](uintptr_t out, uintptr_t q, uintptr_t token_seq, uintptr_t positions, uintptr_t seq_token_start,
+         uintptr_t num_cached, uintptr_t seq_len, int32_t num_tokens, int32_t num_seqs, uintptr_t kv_data,
+         int32_t num_blocks, int32_t tokens_per_block, uintptr_t block_table, int32_t max_blocks_per_seq,
+         int32_t max_new_tokens, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, float scale,
+         int32_t dtype, uintptr_t stream) {
+        const StepMetaDevice meta =
+            make_meta(token_seq, positions, seq_token_start, num_cached, seq_len, num_tokens, num_seqs);
+        const PagedKv kv =
+            make_kv(kv_data, num_blocks, num_kv_heads, tokens_per_block, head_dim, block_table, max_blocks_per_seq);
+        check_launch(kernels::attention_prefill(ptr<void*>(out), ptr<const void*>(q), meta, kv, max_new_tokens,
+                                                num_heads, num_kv_heads, head_dim, scale, to_dtype(dtype),
+                                                ptr<cudaStream_t>(stream)),
+                     "attention_prefill");
+      },
+      py::kw_only(), py::arg("out"), py::arg("q"), py::arg("token_seq"), py::arg("positions"),
+      py::arg("seq_token_start"), py::arg("num_cached"), py::arg("seq_len"), py::arg("num_tokens"),
+      py::arg("num_seqs"), py::arg("kv_data"), py::arg("num_blocks"), py::arg("tokens_per_block"),
+      py::arg("block_table"), py::arg("max_blocks_per_seq"), py::arg("max_new_tokens"), py::arg("num_heads"),
+      py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("dtype"), py::arg("stream") = 0);
+
+  m.def(
+      "attention_decode",
+      [](uintptr_t out, uintptr_t q, uintptr_t seq_len, int32_t num_seqs, uintptr_t kv_data, int32_t num_blocks,
+         int32_t tokens_per_block, uintptr_t block_table, int32_t max_blocks_per_seq, int32_t num_heads,
+         int32_t num_kv_heads, int32_t head_dim, float scale, int32_t num_splits, uintptr_t workspace,
+         int32_t dtype, uintptr_t stream) {
+        // Decode reads only seq_len; one token per sequence.
+        const StepMetaDevice meta = make_meta(0, 0, 0, 0, seq_len, num_seqs, num_seqs);
+        const PagedKv kv =
+            make_kv(kv_data, num_blocks, num_kv_heads, tokens_per_block, head_dim, block_table, max_blocks_per_seq);
+        check_launch(kernels::attention_decode(ptr<void*>(out), ptr<const void*>(q), meta, kv, num_heads,
+                                               num_kv_heads, head_dim, scale, num_splits, ptr<float*>(workspace),
+                                               to_dtype(dtype), ptr<cudaStream_t>(stream)),
+                     "attention_decode");
+      },
+      py::kw_only(), py::arg("out"), py::arg("q"), py::arg("seq_len"), py::arg("num_seqs"), py::arg("kv_data"),
+      py::arg("num_blocks"), py::arg("tokens_per_block"), py::arg("block_table"), py::arg("max_blocks_per_seq"),
+      py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("num_splits"),
+      py::arg("workspace"), py::arg("dtype"), py::arg("stream") = 0);
+
+  m.def("attention_decode_workspace_bytes", &kernels::attention_decode_workspace_bytes, py::arg("max_num_seqs"),
+        py::arg("num_heads"), py::arg("head_dim"), py::arg("max_splits"));
+  m.def("attention_decode_num_splits", &kernels::attention_decode_num_splits, py::arg("num_seqs"),
+        py::arg("num_kv_heads"), py::arg("max_seq_len"), py::arg("num_sms"));
+}
+
+}  // namespace rtllm::bindings
+
+#endif  // RTLLM_WITH_CUDA

@@ -1,0 +1,324 @@
+// The CUDA backend of ModelRunner. All device memory is planned at load:
+//   weights      uploaded once in the compute dtype (bf16; fp16 for fp16 engines; float32 weights are
+//                converted to bf16), except rope.inv_freq which stays float32;
+//   workspace    the activation arena planned by ModelRunner for max_num_tokens;
+//   step buffer  int32 arrays (StepLayout) filled each step from one pinned staging buffer by one copy;
+//   KV pool      per layer [num_kv_blocks + 1, 2, nkv, tpb, hd] of the compute dtype; the extra last
+//                block is scratch for the padding sequences of CUDA-graph buckets;
+//   scratch      q after qkv_prepare, the unfused q|k|v matrix, the split-KV decode workspace, the
+//                cuBLASLt workspace, and pinned host logits [max_batch_size, vocab] float32.
+// Everything runs on one non-blocking stream owned by the backend; forward() allocates nothing.
+#include <algorithm>
+#include <cstring>
+
+#include "cuda/cublaslt_gemm.h"
+#include "cuda/cuda_context.h"
+#include "cuda/cuda_graphs.h"
+#include "rtllm/kernels/attention.cuh"
+#include "runner_backend.h"
+#include "workspace.h"
+
+namespace rtllm {
+
+namespace {
+
+constexpr size_t kGemmWorkspaceBytes = 32u << 20;
+constexpr size_t kAlign = 256;
+
+// Offsets (in int32 elements, each a multiple of 64) of the step arrays in the device step buffer.
+struct StepLayout {
+  size_t input_ids, positions, token_seq, seq_token_start, num_cached, seq_len, last_token_ids, block_table, total;
+
+  StepLayout(int64_t max_tokens, int64_t max_seqs, int64_t max_blocks_per_seq) {
+    size_t at = 0;
+    auto take = [&](int64_t n) {
+      const size_t offset = at;
+      at += round_up(static_cast<size_t>(n), 64);
+      return offset;
+    };
+    input_ids = take(max_tokens);
+    positions = take(max_tokens);
+    token_seq = take(max_tokens);
+    seq_token_start = take(max_seqs + 1);
+    num_cached = take(max_seqs);
+    seq_len = take(max_seqs);
+    last_token_ids = take(max_seqs);
+    block_table = take(max_seqs * max_blocks_per_seq);  // last: a step copies only the rows it uses
+    total = at;
+  }
+};
+
+// A device allocation freed on destruction.
+struct DeviceBuffer {
+  void* data = nullptr;
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t num_bytes) { RTLLM_CUDA_CHECK(cudaMalloc(&data, std::max<size_t>(num_bytes, 1))); }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : data(o.data) { o.data = nullptr; }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    std::swap(data, o.data);
+    return *this;
+  }
+  ~DeviceBuffer() {
+    if (data) cudaFree(data);
+  }
+};
+
+struct PinnedBuffer {
+  void* data = nullptr;
+  PinnedBuffer() = default;
+  explicit PinnedBuffer(size_t num_bytes) { RTLLM_CUDA_CHECK(cudaMallocHost(&data, std::max<size_t>(num_bytes, 1))); }
+  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept {
+    std::swap(data, o.data);
+    return *this;
+  }
+  ~PinnedBuffer() {
+    if (data) cudaFreeHost(data);
+  }
+};
+
+class CudaBackend final : public RunnerBackend {
+ public:
+  CudaBackend(const Engine& engine, const RuntimeConfig& config);
+  ~CudaBackend() override;
+
+  TensorSlot place_weight(const Weight& w) override;
+  DataType activation_dtype(DataType dtype) const override {
+    return dtype == DataType::kFloat32 ? compute_dtype_ : dtype;
+  }
+  void* allocate_workspace(size_t num_bytes) override {
+    workspace_ = DeviceBuffer(num_bytes);
+    return workspace_.data;
+  }
+  void* graph_input(const std::string& name) override;
+  void allocate_kv_pool(RuntimeConfig& config) override;
+  const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) override;
+
+ private:
+  int32_t* device_array(size_t offset) const { return static_cast<int32_t*>(step_buffer_.data) + offset; }
+  size_t stage(const HostStep& st, int32_t num_seqs);
+  void prepare_step(const HostStep& st, int32_t num_tokens, int32_t num_seqs);
+  void run_nodes(std::vector<PlannedNode>& nodes, int32_t num_tokens, int32_t num_seqs);
+  int32_t decode_splits(int32_t num_seqs) const {
+    return kernels::attention_decode_num_splits(num_seqs, model_.num_kv_heads, max_seq_len_, num_sms_);
+  }
+
+  const Engine& engine_;
+  const ModelConfig& model_;
+  RuntimeConfig config_;
+  int device_ = 0;
+  int32_t num_sms_ = 0;
+  DataType compute_dtype_ = DataType::kBFloat16;
+  cudaStream_t stream_ = nullptr;
+  int32_t max_seq_len_ = 0, max_blocks_per_seq_ = 0;
+  StepLayout layout_;
+
+  std::vector<DeviceBuffer> weights_;
+  size_t weight_bytes_ = 0;
+  DeviceBuffer workspace_, step_buffer_, kv_pool_, attn_q_, attn_qkv_, decode_workspace_;
+  PinnedBuffer staging_, host_logits_;
+  std::vector<void*> kv_layers_;
+  int32_t scratch_block_ = 0;  // the pool's extra block
+  std::unique_ptr<CublasLtGemm> gemm_;
+  std::unique_ptr<DecodeGraphs> graphs_;
+  CudaStep step_;
+};
+
+CudaBackend::CudaBackend(const Engine& engine, const RuntimeConfig& config)
+    : engine_(engine),
+      model_(engine.model_config()),
+      config_(config),
+      max_seq_len_(engine.limits().max_seq_len),
+      max_blocks_per_seq_((engine.limits().max_seq_len + config.tokens_per_block - 1) / config.tokens_per_block),
+      layout_(config.max_num_tokens, config.max_batch_size, max_blocks_per_seq_) {
+  register_cuda_ops();
+  const int32_t tpb = config.tokens_per_block;
+  RTLLM_CHECK_ARG((tpb & (tpb - 1)) == 0, "tokens_per_block ", tpb, " must be a power of two on CUDA");
+  RTLLM_CUDA_CHECK(cudaGetDevice(&device_));
+  RTLLM_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_));
+  compute_dtype_ = model_.dtype == DataType::kFloat16 ? DataType::kFloat16 : DataType::kBFloat16;
+  RTLLM_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  step_buffer_ = DeviceBuffer(layout_.total * sizeof(int32_t));
+  staging_ = PinnedBuffer(layout_.total * sizeof(int32_t));
+}
+
+CudaBackend::~CudaBackend() {
+  if (stream_) {
+    cudaStreamSynchronize(stream_);
+    graphs_.reset();
+    cudaStreamDestroy(stream_);
+  }
+}
+
+// float32 weights become the compute dtype (rope.inv_freq stays float32); bf16/fp16 are copied as is.
+TensorSlot CudaBackend::place_weight(const Weight& w) {
+  TensorSlot slot;
+  for (int64_t d : w.shape) slot.dims.push_back(Dim{Dim::Kind::kFixed, d});
+  const int64_t n = w.numel();
+  const bool convert = w.dtype == DataType::kFloat32 && w.name != "rope.inv_freq";
+  slot.dtype = convert ? compute_dtype_ : w.dtype;
+  std::vector<uint16_t> converted;
+  const void* src = w.data;
+  if (convert) {
+    converted.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      float v;
+      std::memcpy(&v, static_cast<const uint8_t*>(w.data) + 4 * i, 4);
+      converted[i] = compute_dtype_ == DataType::kFloat16 ? float_to_fp16(v) : float_to_bf16(v);
+    }
+    src = converted.data();
+  }
+  const size_t num_bytes = n * dtype_size(slot.dtype);
+  DeviceBuffer buf(num_bytes);
+  RTLLM_CUDA_CHECK(cudaMemcpy(buf.data, src, num_bytes, cudaMemcpyHostToDevice));
+  weight_bytes_ += round_up(num_bytes, kAlign);
+  slot.data = buf.data;
+  weights_.push_back(std::move(buf));
+  return slot;
+}
+
+void* CudaBackend::graph_input(const std::string& name) {
+  if (name == "input_ids") return device_array(layout_.input_ids);
+  if (name == "positions") return device_array(layout_.positions);
+  RTLLM_CHECK(name == "last_token_ids", "unknown graph input \"", name, "\"");
+  return device_array(layout_.last_token_ids);
+}
+
+void CudaBackend::allocate_kv_pool(RuntimeConfig& config) {
+  const int64_t max_tokens = config.max_num_tokens, max_seqs = config.max_batch_size;
+  const size_t elem = dtype_size(compute_dtype_);
+  const int32_t nh = model_.num_heads, nkv = model_.num_kv_heads, hd = model_.head_dim;
+  int32_t max_splits = 1;
+  for (int32_t r = 1; r <= max_seqs; ++r) max_splits = std::max(max_splits, decode_splits(r));
+  attn_q_ = DeviceBuffer(max_tokens * nh * hd * elem);
+  attn_qkv_ = DeviceBuffer(max_tokens * (nh + 2 * nkv) * hd * elem);
+  decode_workspace_ = DeviceBuffer(kernels::attention_decode_workspace_bytes(static_cast<int32_t>(max_seqs), nh, hd,
+                                                                             max_splits));
+  gemm_ = std::make_unique<CublasLtGemm>(kGemmWorkspaceBytes);
+  host_logits_ = PinnedBuffer(max_seqs * model_.vocab_size * sizeof(float));
+  if (config.enable_cuda_graphs)
+    graphs_ = std::make_unique<DecodeGraphs>(config.max_batch_size, config.max_num_tokens);
+
+  const size_t block_bytes = ModelRunner::kv_bytes_per_block(model_, config.tokens_per_block, DeviceKind::kCuda);
+  size_t free_bytes = 0, total_bytes = 0;
+  RTLLM_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  if (config.num_kv_blocks == 0) {
+    // The pool takes a fraction of what the weights, workspace and buffers above left free.
+    const double budget = static_cast<double>(free_bytes) * config.kv_free_memory_fraction;
+    const int64_t blocks = static_cast<int64_t>(budget / static_cast<double>(block_bytes)) - 1;  // minus scratch
+    config.num_kv_blocks = static_cast<int32_t>(std::clamp<int64_t>(blocks, 0, INT32_MAX - 1));
+    RTLLM_CHECK(config.num_kv_blocks >= max_blocks_per_seq_, "the KV pool of ", config.num_kv_blocks,
+                " blocks (", static_cast<int64_t>(config.num_kv_blocks) * config.tokens_per_block,
+                " tokens in ", config.kv_free_memory_fraction, " of the ", free_bytes,
+                " bytes of device memory left free after ", weight_bytes_,
+                " bytes of weights and the workspace) cannot hold one sequence of max_seq_len ", max_seq_len_,
+                " tokens, which needs ", max_blocks_per_seq_, " blocks");
+  }
+  const size_t pool_bytes = block_bytes * (static_cast<size_t>(config.num_kv_blocks) + 1);
+  RTLLM_CHECK(pool_bytes <= free_bytes, "the KV pool of ", config.num_kv_blocks, " blocks needs ", pool_bytes,
+              " bytes of device memory, ", free_bytes, " are free after ", weight_bytes_, " bytes of weights");
+  kv_pool_ = DeviceBuffer(pool_bytes);
+  const size_t layer_bytes = pool_bytes / model_.num_layers;
+  for (int32_t l = 0; l < model_.num_layers; ++l) kv_layers_.push_back(static_cast<uint8_t*>(kv_pool_.data) + l * layer_bytes);
+  scratch_block_ = config.num_kv_blocks;
+  config_ = config;
+
+  step_.block_table = device_array(layout_.block_table);
+  step_.max_blocks_per_seq = max_blocks_per_seq_;
+  step_.kv_layers = kv_layers_.data();
+  step_.num_layers = model_.num_layers;
+  step_.num_kv_blocks = config.num_kv_blocks + 1;
+  step_.tokens_per_block = config.tokens_per_block;
+  step_.decode_workspace = static_cast<float*>(decode_workspace_.data);
+  step_.attn_q = attn_q_.data;
+  step_.attn_qkv = attn_qkv_.data;
+  step_.compute_dtype = compute_dtype_;
+  step_.gemm = gemm_.get();
+  step_.meta.token_seq = device_array(layout_.token_seq);
+  step_.meta.positions = device_array(layout_.positions);
+  step_.meta.seq_token_start = device_array(layout_.seq_token_start);
+  step_.meta.num_cached = device_array(layout_.num_cached);
+  step_.meta.seq_len = device_array(layout_.seq_len);
+}
+
+// Writes the step into the staging buffer, padded to num_seqs sequences (the padding sequences have
+// one token, id 0 at position 0, stored in the scratch block). Returns the bytes to copy.
+size_t CudaBackend::stage(const HostStep& st, int32_t num_seqs) {
+  auto* h = static_cast<int32_t*>(staging_.data);
+  const StepInputs& in = *st.inputs;
+  const int32_t T = st.num_tokens, R = st.num_seqs, pad = num_seqs - R;
+  std::copy(in.input_ids.begin(), in.input_ids.end(), h + layout_.input_ids);
+  std::copy(st.positions.begin(), st.positions.end(), h + layout_.positions);
+  std::copy(st.token_seq.begin(), st.token_seq.end(), h + layout_.token_seq);
+  std::copy(st.seq_token_start.begin(), st.seq_token_start.end(), h + layout_.seq_token_start);
+  std::copy(in.num_cached_tokens.begin(), in.num_cached_tokens.end(), h + layout_.num_cached);
+  std::copy(st.seq_len.begin(), st.seq_len.end(), h + layout_.seq_len);
+  std::copy(st.last_token_ids.begin(), st.last_token_ids.end(), h + layout_.last_token_ids);
+  const int32_t cols = std::min(in.max_blocks_per_seq, max_blocks_per_seq_);
+  for (int32_t s = 0; s < R; ++s) {
+    int32_t* row = h + layout_.block_table + static_cast<size_t>(s) * max_blocks_per_seq_;
+    std::copy_n(in.block_table.begin() + static_cast<size_t>(s) * in.max_blocks_per_seq, cols, row);
+    std::fill(row + cols, row + max_blocks_per_seq_, -1);
+  }
+  for (int32_t i = 0; i < pad; ++i) {
+    const int32_t s = R + i, t = T + i;  // decode-only: one token per padding sequence
+    h[layout_.input_ids + t] = 0;
+    h[layout_.positions + t] = 0;
+    h[layout_.token_seq + t] = s;
+    h[layout_.seq_token_start + s + 1] = t + 1;
+    h[layout_.num_cached + s] = 0;
+    h[layout_.seq_len + s] = 1;
+    h[layout_.last_token_ids + s] = t;
+    int32_t* row = h + layout_.block_table + static_cast<size_t>(s) * max_blocks_per_seq_;
+    std::fill(row, row + max_blocks_per_seq_, scratch_block_);
+  }
+  return (layout_.block_table + static_cast<size_t>(num_seqs) * max_blocks_per_seq_) * sizeof(int32_t);
+}
+
+void CudaBackend::prepare_step(const HostStep& st, int32_t num_tokens, int32_t num_seqs) {
+  step_.meta.num_tokens = num_tokens;
+  step_.meta.num_seqs = num_seqs;
+  step_.max_new_tokens = st.max_new_tokens;
+  step_.decode_only = st.decode_only;
+  step_.decode_splits = st.decode_only ? decode_splits(num_seqs) : 1;
+}
+
+void CudaBackend::run_nodes(std::vector<PlannedNode>& nodes, int32_t num_tokens, int32_t num_seqs) {
+  OpContext ctx;
+  ctx.stream = stream_;
+  ctx.device_step = &step_;
+  for (PlannedNode& node : nodes) node.run(ctx, num_tokens, num_seqs);
+}
+
+const float* CudaBackend::forward(const HostStep& st, std::vector<PlannedNode>& nodes, const TensorSlot& logits) {
+  RTLLM_CUDA_CHECK(cudaSetDevice(device_));  // the caller's thread may not have selected it
+  const int32_t bucket = graphs_ && st.decode_only ? graphs_->bucket_for(st.num_seqs) : 0;
+  const int32_t num_seqs = bucket ? bucket : st.num_seqs;
+  const int32_t num_tokens = bucket ? bucket : st.num_tokens;
+  const size_t num_bytes = stage(st, num_seqs);
+  RTLLM_CUDA_CHECK(cudaMemcpyAsync(step_buffer_.data, staging_.data, num_bytes, cudaMemcpyHostToDevice, stream_));
+  prepare_step(st, num_tokens, num_seqs);
+  if (bucket && graphs_->captured(bucket)) {
+    graphs_->launch(bucket, stream_);
+  } else {
+    run_nodes(nodes, num_tokens, num_seqs);  // also the warm-up run of a bucket before its capture
+    if (bucket) graphs_->capture(bucket, stream_, [&] { run_nodes(nodes, num_tokens, num_seqs); });
+  }
+  const size_t logits_bytes = static_cast<size_t>(st.num_seqs) * model_.vocab_size * sizeof(float);
+  RTLLM_CUDA_CHECK(cudaMemcpyAsync(host_logits_.data, logits.data, logits_bytes, cudaMemcpyDeviceToHost, stream_));
+  // The staging buffer and host logits are reused by the next step: wait for this one.
+  RTLLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return static_cast<const float*>(host_logits_.data);
+}
+
+}  // namespace
+
+std::unique_ptr<RunnerBackend> make_cuda_backend(const Engine& engine, const RuntimeConfig& config) {
+  return std::make_unique<CudaBackend>(engine, config);
+}
+
+bool cuda_available() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+}  // namespace rtllm

@@ -1,0 +1,89 @@
+// The device-independent plan of ModelRunner (graph slots, nodes, the packed step on the host) and
+// the interface each device implements: where weights, activations and graph inputs live, and how
+// one step runs. model_runner.cc plans; cpu_runner.cc and cuda/cuda_runner.cc execute.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "op_registry.h"
+#include "rtllm/engine.h"
+#include "rtllm/model_runner.h"
+
+namespace rtllm {
+
+inline int64_t dim_size(const Dim& d, int64_t num_tokens, int64_t num_seqs) {
+  return d.kind == Dim::Kind::kNumTokens ? num_tokens : d.kind == Dim::Kind::kNumSeqs ? num_seqs : d.value;
+}
+
+// A graph tensor as planned: where it lives (host or device memory) and its shape with the
+// step-dependent dims.
+struct TensorSlot {
+  void* data = nullptr;
+  DataType dtype = DataType::kFloat32;
+  std::vector<Dim> dims;
+
+  void bind(TensorView& view, int64_t num_tokens, int64_t num_seqs) const {
+    view.data = data;
+    view.dtype = dtype;
+    view.ndim = static_cast<int>(dims.size());
+    for (size_t i = 0; i < dims.size(); ++i) view.shape[i] = dim_size(dims[i], num_tokens, num_seqs);
+  }
+};
+
+struct PlannedNode {
+  OpFn fn = nullptr;
+  const GraphNode* node = nullptr;
+  std::vector<const TensorSlot*> inputs, outputs;
+  std::vector<TensorView> input_views, output_views;  // refilled each step
+
+  // Binds the views to a step of num_tokens tokens in num_seqs sequences and runs the op.
+  void run(OpContext& ctx, int64_t num_tokens, int64_t num_seqs) {
+    for (size_t i = 0; i < inputs.size(); ++i) inputs[i]->bind(input_views[i], num_tokens, num_seqs);
+    for (size_t i = 0; i < outputs.size(); ++i) outputs[i]->bind(output_views[i], num_tokens, num_seqs);
+    ctx.attrs = &node->attrs;
+    fn(ctx, input_views.data(), static_cast<int>(input_views.size()), output_views.data(),
+       static_cast<int>(output_views.size()));
+  }
+};
+
+// The validated step, expanded on the host into the arrays the graph inputs and ops read.
+struct HostStep {
+  const StepInputs* inputs = nullptr;
+  int32_t num_seqs = 0, num_tokens = 0;
+  int32_t max_new_tokens = 0;    // over the sequences
+  bool decode_only = false;      // every sequence has exactly one new token
+  std::vector<int32_t> positions;        // [num_tokens]
+  std::vector<int32_t> token_seq;        // [num_tokens] sequence of each packed token
+  std::vector<int32_t> seq_token_start;  // [num_seqs + 1]
+  std::vector<int32_t> seq_len;          // [num_seqs] cached + new
+  std::vector<int32_t> last_token_ids;   // [num_seqs]
+};
+
+// What differs per device. ModelRunner calls, in order: place_weight for each weight,
+// activation_dtype + allocate_workspace for the arena, graph_input for the three graph inputs,
+// allocate_kv_pool (which may size the pool), then forward per step.
+class RunnerBackend {
+ public:
+  virtual ~RunnerBackend() = default;
+  // The weight as the ops see it (possibly converted); the backend owns any copy.
+  virtual TensorSlot place_weight(const Weight& w) = 0;
+  // The dtype of an activation the graph declares as `dtype` (graph outputs keep theirs).
+  virtual DataType activation_dtype(DataType dtype) const = 0;
+  virtual void* allocate_workspace(size_t num_bytes) = 0;
+  // int32 memory for "input_ids", "positions" ([max_num_tokens]) or "last_token_ids" ([max_batch_size]).
+  virtual void* graph_input(const std::string& name) = 0;
+  // Allocates the KV pool (and per-step buffers). With config.num_kv_blocks 0 the backend sizes the
+  // pool itself and writes the count back. Throws Error when memory does not suffice, naming both sizes.
+  virtual void allocate_kv_pool(RuntimeConfig& config) = 0;
+  // Runs the nodes for one step; returns [num_seqs, vocab] float32 logits on the host.
+  virtual const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) = 0;
+};
+
+std::unique_ptr<RunnerBackend> make_cpu_backend(const Engine& engine, RuntimeConfig& config);
+#ifdef RTLLM_WITH_CUDA
+std::unique_ptr<RunnerBackend> make_cuda_backend(const Engine& engine, const RuntimeConfig& config);
+#endif
+
+}  // namespace rtllm

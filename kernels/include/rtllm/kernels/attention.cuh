@@ -1,0 +1,56 @@
+// Paged attention over the KV pool: prefill (tensor cores, causal) and decode (split-KV).
+//
+// Host-side declarations only (plain C++ + cuda_runtime_api.h): cpp/src/cuda/*.cc includes this.
+// Both launchers read the step's per-sequence lengths on the device, so they are CUDA-graph safe.
+//
+// Layouts (T = bf16 or fp16, nh = num_heads, hd = head_dim):
+//   q, out     [num_tokens, nh * hd] contiguous; q is the output of qkv_prepare (qk-norm + RoPE done).
+//   kv.data    [num_blocks, 2 (K, V), num_kv_heads, tokens_per_block, hd]; token t of sequence s lives in
+//              block kv.block_table[s * max_blocks_per_seq + t / tokens_per_block], slot t % tokens_per_block.
+//   query head h reads KV head h / (nh / num_kv_heads); tokens_per_block is a power of two.
+//   q and out rows 16-byte aligned.
+// Return: cudaErrorInvalidValue for an unsupported dtype/head_dim/shape, else cudaGetLastError() after launch.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "rtllm/common.h"
+#include "rtllm/kernels/common.cuh"
+#include "rtllm/kernels/kv_cache.cuh"
+
+namespace rtllm::kernels {
+
+// Every new token of every sequence of the step (tokens num_cached[s] .. seq_len[s] - 1 of sequence s,
+// packed at seq_token_start[s] ..) attends causally over keys 0 .. its own position, read from the pool
+// (qkv_prepare has already stored the new keys and values). max_new_tokens >= every sequence's new-token
+// count: it sizes the grid; query tiles past a sequence's end exit at once.
+// head_dim 64 and 128 run on tensor cores; other head_dims (multiples of 8, <= 256) on a simple path.
+RTLLM_API cudaError_t attention_prefill(void* out, const void* q, StepMetaDevice meta, PagedKv kv,
+                                        int32_t max_new_tokens, int32_t num_heads, int32_t num_kv_heads,
+                                        int32_t head_dim, float scale, DType dtype, cudaStream_t stream);
+
+// One new token per sequence (token index = sequence index), attending to keys 0 .. seq_len[s] - 1.
+// Split-KV: each of num_splits CTAs per (sequence, KV head) covers ceil(seq_len / num_splits) keys and
+// serves all query heads of that KV head; with num_splits > 1 the partial results go to `workspace`
+// (attention_decode_workspace_bytes(num_seqs, ...) bytes, float) and a second kernel merges them.
+// head_dim: 16, 32, 64, 128, 256. num_splits in [1, kMaxDecodeSplits].
+constexpr int32_t kMaxDecodeSplits = 128;
+RTLLM_API cudaError_t attention_decode(void* out, const void* q, StepMetaDevice meta, PagedKv kv,
+                                       int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, float scale,
+                                       int32_t num_splits, float* workspace, DType dtype, cudaStream_t stream);
+
+// Bytes of `workspace` attention_decode needs for up to max_num_seqs sequences and max_splits splits:
+// partial outputs [num_seqs, num_heads, max_splits, head_dim] then log-sum-exps [num_seqs, num_heads, max_splits].
+RTLLM_API size_t attention_decode_workspace_bytes(int32_t max_num_seqs, int32_t num_heads, int32_t head_dim,
+                                                  int32_t max_splits);
+
+// A split count so that num_seqs x num_kv_heads x splits CTAs come close to, without passing, 4 per SM
+// (one wave with enough loads in flight), each split still covering at least 128 keys of max_seq_len.
+// Fixed per captured graph.
+RTLLM_API int32_t attention_decode_num_splits(int32_t num_seqs, int32_t num_kv_heads, int32_t max_seq_len,
+                                              int32_t num_sms);
+
+}  // namespace rtllm::kernels

@@ -1,0 +1,26 @@
+// Types shared by every kernel family's host-side launcher declarations.
+//
+// Host-side only (plain C++ + cuda_runtime_api.h), so g++ can include it from cpp/src/cuda/*.cc.
+// Launchers take raw device pointers, sizes and a stream and return cudaError_t:
+// cudaErrorInvalidValue for arguments they do not support (null pointers, sizes, alignment, dtype),
+// otherwise cudaGetLastError() after the launch. No launcher allocates or synchronizes.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "rtllm/common.h"
+
+namespace rtllm::kernels {
+
+// Activation / weight element type. Each launcher lists the ones it supports.
+enum class DType : int32_t { kBF16 = 0, kFP16 = 1, kFP32 = 2 };
+
+inline int64_t dtype_size(DType dtype) { return dtype == DType::kFP32 ? 4 : 2; }
+
+// cudaGetErrorString of the CUDA runtime librtllm links, for callers (the Python bindings) that do not
+// link one themselves.
+RTLLM_API const char* error_string(cudaError_t err);
+
+}  // namespace rtllm::kernels

@@ -1,0 +1,24 @@
+// Bandwidth-bound small-M linear for decode: y = x · Wᵀ (+ bias) with the weight streamed once.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "rtllm/common.h"
+#include "rtllm/kernels/common.cuh"
+
+namespace rtllm::kernels {
+
+constexpr int32_t kGemvMaxM = 8;
+
+// y [m, n], x [m, k], weight [n, k] (row-major, one output feature per row), bias [n] or null; all T
+// (bf16 or fp16), float32 accumulation, y rounded to T once. m in [1, kGemvMaxM]; k % 8 == 0; x, weight
+// 16-byte aligned. Each warp streams whole weight rows with 16-byte loads, several in flight.
+RTLLM_API cudaError_t gemv(void* y, const void* x, const void* weight, const void* bias, int32_t m, int32_t n,
+                           int32_t k, DType dtype, cudaStream_t stream);
+
+// Whether gemv takes this shape (the runtime falls back to cuBLASLt otherwise).
+RTLLM_API bool gemv_supported(int32_t m, int32_t k);
+
+}  // namespace rtllm::kernels

@@ -1,0 +1,73 @@
+// On-device sampling: only the sampled ids (and requested logprobs) go back to the host.
+//
+// Same semantics as the CPU Sampler (cpp/src/sampler.cc), per sequence, in this order:
+//   repetition penalty over the distinct prompt + output tokens (logit > 0 ? logit / r : logit · r),
+//   presence/frequency penalties over output tokens (logit -= presence + frequency · count),
+//   masked ids set to -inf; then temperature 0 takes the argmax (lowest id on ties); otherwise
+//   p_i = exp((l_i − max) / temperature) (unnormalized, the max is 1), candidates p_i > 0;
+//   top-k (when 0 < top_k < #candidates) keeps the top_k most likely (ties: lower id first);
+//   top-p keeps the shortest prefix of the candidates ordered by (p desc, id asc) whose mass reaches
+//   top_p of the mass left; min-p drops p_i < min_p; the draw is the inverse CDF at u·total with
+//   u = sampling_uniform(seed, step), walking the kept candidates in (p desc, id asc) order when top-k
+//   or top-p is active and in id order otherwise.
+// Logprobs are log_softmax of the RAW logits (before penalties, mask and temperature).
+//
+// Numerics: ordering uses the float32 adjusted logits (the CPU orders by the double probabilities,
+// which are a monotone function of them); probabilities are computed with a float32 exp2 of the
+// double-precision fractional exponent and scaled in double, so they differ from the CPU's by < 3e-7
+// relative and underflow to 0 exactly where the CPU's do. Masses are summed in double.
+// One CTA per sequence; graph-safe (params, CSR lists and seeds are read on the device).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "rtllm/common.h"
+#include "rtllm/kernels/common.cuh"
+
+namespace rtllm::kernels {
+
+// One per sequence, in device memory. Same meaning and limits as rtllm::SamplingConfig.
+struct SamplingParamsDevice {
+  float temperature;  // 0: greedy
+  float top_p;        // (0, 1]
+  float min_p;        // [0, 1]
+  float repetition_penalty;
+  float presence_penalty;
+  float frequency_penalty;
+  int32_t top_k;         // 0: off
+  int32_t num_logprobs;  // -1: none; 0: the sampled token's; N: also the top N (N <= max_top)
+  uint64_t seed;         // the resolved per-sequence seed
+  int64_t step;          // index of the token being drawn
+};
+
+// Most top logprobs one call can return per sequence.
+constexpr int32_t kMaxTopLogprobs = 64;
+
+// logits      [num_seqs, vocab_size] float32 (not modified).
+// params      [num_seqs].
+// CSR token lists (offsets [num_seqs + 1]; a null offsets pointer means empty lists for every sequence):
+//   prompt_ids/prompt_offsets  prompt tokens (repetition penalty),
+//   output_ids/output_offsets  generated tokens (repetition, presence and frequency penalties),
+//   masked_ids/masked_offsets  ids that may not be drawn (e.g. end ids before min_tokens).
+//   Ids must lie in [0, vocab_size) (ids outside are ignored).
+// out_ids       [num_seqs]: the sampled id, or -1 when every token of the sequence is masked or -inf.
+// out_logprobs  [num_seqs, 1 + max_top] (may be null when no sequence asks for logprobs): [0] the raw
+//               logprob of the sampled id, [1 + j] the j-th highest raw logprob (j < num_logprobs);
+// out_top_ids   [num_seqs, max_top] the ids of those (ties: lower id first). Slots past num_logprobs
+//               hold id -1 and logprob -inf; rows of sequences with num_logprobs < 0 are left untouched.
+// workspace     sample_workspace_bytes(num_seqs, vocab_size) bytes, 4-byte aligned; needed only when a
+//               sequence has penalties or masked ids (may be null otherwise).
+// max_top in [0, kMaxTopLogprobs]; vocab_size in [1, 2^30].
+RTLLM_API cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, const float* logits,
+                             const SamplingParamsDevice* params, const int32_t* prompt_ids,
+                             const int32_t* prompt_offsets, const int32_t* output_ids, const int32_t* output_offsets,
+                             const int32_t* masked_ids, const int32_t* masked_offsets, int32_t num_seqs,
+                             int32_t vocab_size, int32_t max_top, void* workspace, cudaStream_t stream);
+
+// Workspace bytes for sample() with up to max_num_seqs sequences: one uint32 per (sequence, vocab id).
+RTLLM_API size_t sample_workspace_bytes(int32_t max_num_seqs, int32_t vocab_size);
+
+}  // namespace rtllm::kernels

@@ -1,0 +1,144 @@
+// Private device helpers shared by attention_prefill.cu and attention_decode.cu: paged KV addressing,
+// element conversions, cp.async, ldmatrix and mma.sync wrappers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "rtllm/kernels/attention.cuh"
+
+namespace rtllm::kernels::attn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+__host__ __device__ __forceinline__ int32_t log2_of_pow2(int32_t x) {
+  int32_t shift = 0;
+  while ((1 << shift) < x) ++shift;
+  return shift;
+}
+
+// Addressing of one (sequence, KV head) in a layer's pool [num_blocks, 2, num_kv_heads, tokens_per_block,
+// head_dim], with tokens_per_block a power of two: token t's key starts at key_offset(t) elements, its value
+// v_offset elements later.
+struct PagedKvIndex {
+  const int32_t* table;  // the sequence's row of the block table
+  int32_t shift, slot_mask, head_dim;
+  int64_t block_stride, head_offset, v_offset;
+
+  __device__ __forceinline__ PagedKvIndex(const PagedKv& kv, int32_t s, int32_t kv_head)
+      : table(kv.block_table + (int64_t)s * kv.max_blocks_per_seq),
+        shift(log2_of_pow2(kv.tokens_per_block)),
+        slot_mask(kv.tokens_per_block - 1),
+        head_dim(kv.head_dim),
+        block_stride(2 * (int64_t)kv.num_kv_heads * kv.tokens_per_block * kv.head_dim),
+        head_offset((int64_t)kv_head * kv.tokens_per_block * kv.head_dim),
+        v_offset((int64_t)kv.num_kv_heads * kv.tokens_per_block * kv.head_dim) {}
+
+  __device__ __forceinline__ int64_t key_offset(int32_t t) const {
+    return table[t >> shift] * block_stride + head_offset + (int64_t)(t & slot_mask) * head_dim;
+  }
+};
+
+// Launch-side check shared by both launchers: the pool layout the kernels index.
+inline bool paged_kv_supported(const PagedKv& kv) {
+  const int32_t tpb = kv.tokens_per_block;
+  return kv.data != nullptr && kv.block_table != nullptr && tpb > 0 && (tpb & (tpb - 1)) == 0 &&
+         kv.max_blocks_per_seq > 0;
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
+template <>
+__device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
+
+// Two floats packed into one 32-bit register of T (low element first).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// 8 elements of T (16 bytes) to floats.
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& raw, float* f) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] = to_float(e[i]);
+}
+
+// 16-byte read-only global load that does not allocate in L1 (streamed KV).
+__device__ __forceinline__ uint4 load_stream_16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// cp.async of 16 bytes; when `valid` is false the destination is zero-filled and nothing is read.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// d += a (16x16, row) * b (16x8, col), fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float* d, const uint32_t* a, const uint32_t* b);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// exp2 that treats a fully masked running max (-inf) as 0 so that exp2(-inf - max) is 0, never NaN.
+__device__ __forceinline__ float safe_max(float m) { return m == -INFINITY ? 0.0f : m; }
+
+}  // namespace rtllm::kernels::attn

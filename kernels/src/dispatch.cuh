@@ -1,0 +1,147 @@
+// Private device-side helpers of the kernel families: dtype / head_dim dispatch, 16-byte vectors,
+// float conversions, warp and block reductions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "rtllm/kernels/common.cuh"
+
+// Runs the statements with `T` bound to the element type of a 16-bit activation dtype; any other dtype
+// makes the enclosing launcher return cudaErrorInvalidValue.
+#define RTLLM_DISPATCH_DTYPE(dtype, T, ...)                  \
+  switch (dtype) {                                           \
+    case ::rtllm::kernels::DType::kBF16: {                   \
+      using T = __nv_bfloat16;                               \
+      __VA_ARGS__;                                           \
+    } break;                                                 \
+    case ::rtllm::kernels::DType::kFP16: {                   \
+      using T = __half;                                      \
+      __VA_ARGS__;                                           \
+    } break;                                                 \
+    default: return cudaErrorInvalidValue;                   \
+  }
+
+// Binds the compile-time constant HEAD_DIM to hd for the head sizes the kernels are built for.
+#define RTLLM_DISPATCH_HEAD_DIM(hd, HEAD_DIM, ...)               \
+  switch (hd) {                                                  \
+    case 16: { constexpr int HEAD_DIM = 16; __VA_ARGS__; } break;   \
+    case 32: { constexpr int HEAD_DIM = 32; __VA_ARGS__; } break;   \
+    case 64: { constexpr int HEAD_DIM = 64; __VA_ARGS__; } break;   \
+    case 128: { constexpr int HEAD_DIM = 128; __VA_ARGS__; } break; \
+    case 256: { constexpr int HEAD_DIM = 256; __VA_ARGS__; } break; \
+    default: return cudaErrorInvalidValue;                       \
+  }
+
+// Returns cudaErrorInvalidValue from the launcher when `cond` does not hold.
+#define RTLLM_KERNEL_CHECK(cond) \
+  do {                           \
+    if (!(cond)) return cudaErrorInvalidValue; \
+  } while (0)
+
+namespace rtllm::kernels {
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float(float x) { return x; }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+
+// Eight 16-bit elements in one 16-byte register quad.
+template <typename T>
+struct alignas(16) Vec8 {
+  T v[8];
+};
+
+template <typename T>
+__device__ __forceinline__ Vec8<T> load8(const T* p) {  // p 16-byte aligned
+  Vec8<T> r;
+  *reinterpret_cast<uint4*>(&r) = *reinterpret_cast<const uint4*>(p);
+  return r;
+}
+
+// Read-only, streamed once: bypass L1 allocation.
+template <typename T>
+__device__ __forceinline__ Vec8<T> load8_stream(const T* p) {
+  Vec8<T> r;
+  *reinterpret_cast<uint4*>(&r) = __ldcs(reinterpret_cast<const uint4*>(p));
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const Vec8<T>& r) {
+  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&r);
+}
+
+template <typename T>
+__device__ __forceinline__ void to_float8(const Vec8<T>& r, float* f) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] = to_float(r.v[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ Vec8<T> from_float8(const float* f) {
+  Vec8<T> r;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) r.v[i] = from_float<T>(f[i]);
+  return r;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block; every thread gets the result. `scratch` holds 32 values; blockDim.x is a
+// multiple of 32. Contains two barriers, so every thread of the block must call it.
+template <typename V>
+__device__ __forceinline__ V block_sum(V v, V* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < num_warps ? scratch[lane] : V(0);
+  return warp_sum(v);
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < num_warps ? scratch[lane] : -INFINITY;
+  return warp_max(v);
+}
+
+}  // namespace rtllm::kernels

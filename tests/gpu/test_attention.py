@@ -1,0 +1,256 @@
+"""attention_prefill / attention_decode against a float64 reference computed from the same bf16 values.
+
+Every case draws fresh random q and pool contents (never zeros), scatters each sequence over shuffled
+blocks of the pool, poisons the output (and the split-KV workspace) with NaN, and checks the relative
+error of every (token, head) row as well as of the whole output. Bound: bf16 inputs, fp32 accumulation,
+probabilities and output rounded to 16 bits -> 1e-2 on the whole output, 2e-2 on any single row.
+The `kernels` fixture (rtllm._core.kernels) comes from conftest.py.
+"""
+import math
+
+import pytest
+import torch
+
+REL_TOL = 1e-2
+ROW_REL_TOL = 2e-2
+DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+UNUSED_BLOCK = 1 << 30  # block-table filler: reading it faults instead of silently reading another block
+
+
+class PagedCase:
+    """A step: per sequence num_cached tokens already cached and num_new new ones (all in the pool)."""
+
+    def __init__(self, num_cached, num_new, num_heads, num_kv_heads, head_dim, tokens_per_block,
+                 dtype=torch.bfloat16, seed=0, q_scale=1.0):
+        gen = torch.Generator().manual_seed(seed)
+        self.num_cached, self.num_new = list(num_cached), list(num_new)
+        self.seq_len = [c + n for c, n in zip(num_cached, num_new)]
+        self.num_seqs, self.num_tokens = len(self.seq_len), sum(num_new)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.tpb, self.dtype = tokens_per_block, dtype
+        blocks_per_seq = [math.ceil(n / tokens_per_block) for n in self.seq_len]
+        self.max_blocks = max(blocks_per_seq)
+        self.num_blocks = sum(blocks_per_seq) + 3  # a few blocks no sequence owns
+        order = torch.randperm(self.num_blocks, generator=gen).tolist()
+        table = torch.full((self.num_seqs, self.max_blocks), UNUSED_BLOCK, dtype=torch.int32)
+        for s, n in enumerate(blocks_per_seq):
+            table[s, :n] = torch.tensor(order[:n], dtype=torch.int32)
+            order = order[n:]
+        self.block_table = table
+        # [num_blocks, 2, nkv, tpb, hd]; values drawn in float then rounded: the reference uses the rounded ones.
+        self.pool = torch.randn(self.num_blocks, 2, num_kv_heads, tokens_per_block, head_dim,
+                                generator=gen).to(dtype)
+        self.q = (torch.randn(self.num_tokens, num_heads * head_dim, generator=gen) * q_scale).to(dtype)
+        self.scale = head_dim ** -0.5
+        starts = [0]
+        for n in num_new:
+            starts.append(starts[-1] + n)
+        self.seq_token_start = starts
+        self.token_seq = [s for s, n in enumerate(num_new) for _ in range(n)]
+        self.positions = [c + i for c, n in zip(num_cached, num_new) for i in range(n)]
+
+    def gather_kv(self, s):
+        """K, V of sequence s: [seq_len, nkv, hd] float64, read through the block table."""
+        t = torch.arange(self.seq_len[s])
+        blocks = self.block_table[s, t // self.tpb].long()
+        kv = self.pool[blocks, :, :, t % self.tpb, :].double()  # [L, 2, nkv, hd]
+        return kv[:, 0], kv[:, 1]
+
+    def reference(self):
+        """[num_tokens, nh * hd] float64: each new token attends causally over its sequence."""
+        group = self.num_heads // self.num_kv_heads
+        out = torch.empty(self.num_tokens, self.num_heads, self.head_dim, dtype=torch.float64)
+        q = self.q.double().view(self.num_tokens, self.num_heads, self.head_dim)
+        for s in range(self.num_seqs):
+            k, v = self.gather_kv(s)
+            k = k.repeat_interleave(group, dim=1)  # [L, nh, hd]: q head h reads kv head h // group
+            v = v.repeat_interleave(group, dim=1)
+            t0, n = self.seq_token_start[s], self.num_new[s]
+            qs = q[t0:t0 + n]  # [n, nh, hd]
+            scores = torch.einsum("ihd,jhd->hij", qs, k) * self.scale  # [nh, n, L]
+            pos = self.num_cached[s] + torch.arange(n)
+            mask = torch.arange(self.seq_len[s])[None, :] > pos[:, None]
+            scores = scores.masked_fill(mask[None], float("-inf"))
+            out[t0:t0 + n] = torch.einsum("hij,jhd->ihd", torch.softmax(scores, dim=-1), v)
+        return out.view(self.num_tokens, -1)
+
+    def to_device(self):
+        i32 = lambda x: torch.tensor(x, dtype=torch.int32, device="cuda")
+        return dict(q=self.q.cuda(), pool=self.pool.cuda(), block_table=self.block_table.cuda(),
+                    token_seq=i32(self.token_seq), positions=i32(self.positions),
+                    seq_token_start=i32(self.seq_token_start), num_cached=i32(self.num_cached),
+                    seq_len=i32(self.seq_len))
+
+
+def check_close(out, ref, num_heads, head_dim):
+    out = out.double().cpu()
+    assert torch.isfinite(out).all(), f"{(~torch.isfinite(out)).sum().item()} outputs not written or not finite"
+    err = (out - ref).norm() / ref.norm()
+    assert err <= REL_TOL, f"relative error {err:.3g} > {REL_TOL}"
+    rows_out = out.view(-1, num_heads, head_dim)
+    rows_ref = ref.view(-1, num_heads, head_dim)
+    row_err = (rows_out - rows_ref).norm(dim=-1) / rows_ref.norm(dim=-1).clamp_min(1e-6)
+    worst = row_err.argmax().item()
+    assert row_err.max() <= ROW_REL_TOL, (f"row error {row_err.max():.3g} > {ROW_REL_TOL} at token "
+                                          f"{worst // num_heads}, head {worst % num_heads}")
+
+
+def run_prefill(kernels, case, max_new_tokens=None):
+    d = case.to_device()
+    out = torch.full((case.num_tokens, case.num_heads * case.head_dim), float("nan"), dtype=case.dtype,
+                     device="cuda")
+    kernels.attention_prefill(
+        out=out.data_ptr(), q=d["q"].data_ptr(), token_seq=d["token_seq"].data_ptr(),
+        positions=d["positions"].data_ptr(), seq_token_start=d["seq_token_start"].data_ptr(),
+        num_cached=d["num_cached"].data_ptr(), seq_len=d["seq_len"].data_ptr(), num_tokens=case.num_tokens,
+        num_seqs=case.num_seqs, kv_data=d["pool"].data_ptr(), num_blocks=case.num_blocks,
+        tokens_per_block=case.tpb, block_table=d["block_table"].data_ptr(), max_blocks_per_seq=case.max_blocks,
+        max_new_tokens=max_new_tokens or max(case.num_new), num_heads=case.num_heads,
+        num_kv_heads=case.num_kv_heads, head_dim=case.head_dim, scale=case.scale, dtype=DTYPES[case.dtype],
+        stream=torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    return out
+
+
+def decode_workspace(kernels, case, num_splits):
+    num_bytes = kernels.attention_decode_workspace_bytes(case.num_seqs, case.num_heads, case.head_dim, num_splits)
+    return torch.full((num_bytes // 4,), float("nan"), dtype=torch.float32, device="cuda")
+
+
+def launch_decode(kernels, case, d, out, workspace, num_splits):
+    kernels.attention_decode(
+        out=out.data_ptr(), q=d["q"].data_ptr(), seq_len=d["seq_len"].data_ptr(), num_seqs=case.num_seqs,
+        kv_data=d["pool"].data_ptr(), num_blocks=case.num_blocks, tokens_per_block=case.tpb,
+        block_table=d["block_table"].data_ptr(), max_blocks_per_seq=case.max_blocks, num_heads=case.num_heads,
+        num_kv_heads=case.num_kv_heads, head_dim=case.head_dim, scale=case.scale, num_splits=num_splits,
+        workspace=workspace.data_ptr(), dtype=DTYPES[case.dtype], stream=torch.cuda.current_stream().cuda_stream)
+
+
+def run_decode(kernels, case, num_splits):
+    d = case.to_device()
+    out = torch.full((case.num_seqs, case.num_heads * case.head_dim), float("nan"), dtype=case.dtype,
+                     device="cuda")
+    launch_decode(kernels, case, d, out, decode_workspace(kernels, case, num_splits), num_splits)
+    torch.cuda.synchronize()
+    return out
+
+
+HEADS = [(8, 8), (8, 2), (16, 2)]  # (num_heads, num_kv_heads): GQA ratios 1, 4, 8
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 16])
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("tpb", [16, 32, 64])
+def test_prefill_no_cache(kernels, head_dim, heads, tpb):
+    case = PagedCase([0, 0, 0, 0, 0], [1, 17, 64, 65, 200], *heads, head_dim, tpb, seed=head_dim + tpb)
+    check_close(run_prefill(kernels, case), case.reference(), case.num_heads, head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 16])
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("tpb", [16, 64])
+def test_prefill_cached_prefix(kernels, head_dim, heads, tpb):
+    # Chunked prefill (cached multiples of the block size) and prefix reuse (any cached count).
+    case = PagedCase([32, 100, 512, 7, 63], [64, 7, 130, 1, 129], *heads, head_dim, tpb, seed=7 * tpb + head_dim)
+    check_close(run_prefill(kernels, case), case.reference(), case.num_heads, head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_prefill_mixed_step(kernels, head_dim):
+    # Context requests then generation requests in one step; max_new_tokens larger than needed.
+    num_cached = [0, 300, 0, 1023, 5, 2000, 64]
+    num_new = [333, 90, 1, 1, 1, 1, 1]
+    case = PagedCase(num_cached, num_new, 32, 8, head_dim, 16, seed=head_dim, q_scale=3.0)
+    check_close(run_prefill(kernels, case, max_new_tokens=400), case.reference(), case.num_heads, head_dim)
+
+
+def test_prefill_fp16_long(kernels):
+    case = PagedCase([1000, 0], [1100, 777], 8, 2, 128, 32, dtype=torch.float16, seed=11)
+    check_close(run_prefill(kernels, case), case.reference(), case.num_heads, 128)
+
+
+DECODE_CONTEXTS = [1, 2, 15, 16, 17, 100, 1000, 4097, 8192]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 16])
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("tpb", [16, 32, 64])
+@pytest.mark.parametrize("num_splits", [1, 5, 16])
+def test_decode(kernels, head_dim, heads, tpb, num_splits):
+    contexts = DECODE_CONTEXTS
+    case = PagedCase([c - 1 for c in contexts], [1] * len(contexts), *heads, head_dim, tpb,
+                     seed=head_dim + tpb + num_splits)
+    check_close(run_decode(kernels, case, num_splits), case.reference(), case.num_heads, head_dim)
+
+
+@pytest.mark.parametrize("heads", [(12, 2), (40, 8), (32, 1), (4, 4)])  # groups 6, 5, 32 (head chunks), 1
+def test_decode_odd_groups(kernels, heads):
+    contexts = [3, 333, 2048]
+    case = PagedCase([c - 1 for c in contexts], [1] * len(contexts), *heads, 128, 16, seed=sum(heads),
+                     q_scale=3.0)
+    check_close(run_decode(kernels, case, 4), case.reference(), case.num_heads, 128)
+
+
+def test_decode_fp16(kernels):
+    contexts = [5, 700, 4096]
+    case = PagedCase([c - 1 for c in contexts], [1] * len(contexts), 32, 8, 128, 16, dtype=torch.float16, seed=3)
+    check_close(run_decode(kernels, case, 8), case.reference(), case.num_heads, 128)
+
+
+def test_decode_matches_prefill_path(kernels):
+    # A step of single-token sequences can go through either kernel; both must agree with the reference.
+    contexts = [1, 64, 999]
+    case = PagedCase([c - 1 for c in contexts], [1] * len(contexts), 32, 8, 128, 16, seed=5)
+    ref = case.reference()
+    check_close(run_decode(kernels, case, 3), ref, case.num_heads, 128)
+    check_close(run_prefill(kernels, case), ref, case.num_heads, 128)
+
+
+def test_decode_cuda_graph_reads_lengths_on_device(kernels):
+    # Capture once, then change the sequence lengths in device memory only: the replay must follow them.
+    contexts = [700, 2000, 33]
+    case = PagedCase([c - 1 for c in contexts], [1] * len(contexts), 32, 8, 128, 16, seed=9)
+    d = case.to_device()
+    out = torch.full((case.num_seqs, case.num_heads * case.head_dim), float("nan"), dtype=case.dtype,
+                     device="cuda")
+    workspace = decode_workspace(kernels, case, 4)
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        launch_decode(kernels, case, d, out, workspace, 4)  # warm-up outside the capture
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            launch_decode(kernels, case, d, out, workspace, 4)
+    for lengths in ([700, 2000, 33], [1, 1500, 34], [699, 17, 1]):
+        case.seq_len = lengths
+        case.num_cached = [n - 1 for n in lengths]
+        d["seq_len"].copy_(torch.tensor(lengths, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_close(out, case.reference(), case.num_heads, 128)
+
+
+def test_decode_num_splits_heuristic(kernels):
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert kernels.attention_decode_num_splits(128, 8, 4096, num_sms) == 1  # 1024 CTAs already fill the GPU
+    splits = kernels.attention_decode_num_splits(1, 8, 16384, num_sms)
+    assert 8 * splits >= num_sms and 16384 / splits >= 128
+    assert kernels.attention_decode_num_splits(1, 8, 100, num_sms) == 1  # too short to split
+
+
+def test_rejects_unsupported_arguments(kernels):
+    case = PagedCase([0], [4], 8, 2, 128, 16)
+    d = case.to_device()
+    out = torch.empty(4, 8 * 128, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError):
+        launch_decode(kernels, case, d, out, decode_workspace(kernels, case, 1), 0)  # num_splits 0
+    case.tpb = 24  # tokens_per_block must be a power of two
+    with pytest.raises(ValueError):
+        launch_decode(kernels, case, d, out, decode_workspace(kernels, case, 1), 1)
+    with pytest.raises(ValueError):
+        run_prefill(kernels, case)
+    case.tpb = 16
+    case.head_dim = 100  # not a multiple of 8 (16-byte rows)
+    with pytest.raises(ValueError):
+        run_prefill(kernels, case)

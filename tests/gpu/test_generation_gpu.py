@@ -1,0 +1,115 @@
+"""Whole models on CUDA against HF transformers (float32, CPU) and rtllm's CPU backend.
+
+The GPU computes in bf16 (fp16 for fp16 checkpoints), so two bounds replace exact equality:
+- last-token logits: ‖gpu − hf‖ / ‖hf‖ <= 2e-2;
+- greedy tokens, teacher-forced: for each token the GPU generated, HF's logits on the same prefix
+  (prompt + the GPU's earlier tokens) must rank it first or within MARGIN_REL · rms(logits) of HF's top
+  logit (bf16 rounding may resolve such a near-tie the other way). The margin is 0.1 rms: with a normwise
+  error of 2e-2, a flip needs the errors of the two logits to differ by 5x the rms error. So the check is
+  not vacuous, at least 90% of the GPU's tokens must be HF's exact argmax.
+The CPU backend computes in float32 and must produce exactly HF's argmax at every step.
+"""
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
+from checkpoints import make_hf_checkpoint  # noqa: E402
+from hf_reference import BOS_ID, EOS_ID, VOCAB_SIZE, hf_last_logits, load_hf_model, random_prompts  # noqa: E402
+from tokenizer_fixture import make_tokenizer  # noqa: E402
+
+import rtllm  # noqa: E402
+from rtllm import LLM, BuildConfig, KvCacheConfig, SamplingParams, _core  # noqa: E402
+from rtllm.models import AutoModelForCausalLM  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not _core.cuda_available(), reason="no CUDA device or no CUDA backend in this build")
+
+PROMPT_LENGTHS = [1, 3, 7, 12, 20, 33, 48, 64]
+MAX_NEW_TOKENS = 12
+LOGITS_RTOL = 2e-2
+MARGIN_REL = 0.1
+VARIANTS = [("llama", "float32", False), ("llama3", "float32", False), ("mistral", "float32", False),
+            ("qwen2", "float32", True), ("qwen3", "float32", False), ("llama", "bfloat16", False),
+            ("qwen3", "bfloat16", True), ("mistral", "float16", False)]
+BUILD = dict(max_batch_size=8, max_input_len=128, max_seq_len=256, max_num_tokens=512)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cache = {}
+
+    def make(arch, dtype, tie):
+        if (arch, dtype, tie) not in cache:
+            path = tmp_path_factory.mktemp(f"{arch}-{dtype}-{tie}")
+            make_hf_checkpoint(path, arch=arch, dtype=dtype, tie_word_embeddings=tie, vocab_size=VOCAB_SIZE,
+                               bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+            make_tokenizer(path, vocab_size=VOCAB_SIZE)
+            cache[arch, dtype, tie] = path
+        return cache[arch, dtype, tie]
+
+    return make
+
+
+def relative_error(actual, expected):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def hf_check(model, prompt, tokens):
+    """Teacher-forced check of a greedy continuation against HF; returns how many tokens were HF's argmax."""
+    num_exact = 0
+    with torch.no_grad():
+        for i, token in enumerate(tokens):
+            logits = model(torch.tensor([list(prompt) + list(tokens[:i])])).logits[0, -1].double().numpy()
+            best = int(np.argmax(logits))
+            margin = MARGIN_REL * np.sqrt(np.mean(logits ** 2))
+            assert logits[best] - logits[token] <= margin, (
+                f"step {i}: token {token} is {logits[best] - logits[token]:.3g} below HF's argmax {best} "
+                f"(margin {margin:.3g})")
+            num_exact += token == best
+    return num_exact
+
+
+def generate(checkpoint_dir, prompts, device):
+    params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    # On CUDA the pool is sized by the executor from a fraction of the free device memory.
+    kv = KvCacheConfig(free_gpu_memory_fraction=0.02) if device == "cuda" else None
+    with LLM(model=str(checkpoint_dir), build_config=BuildConfig(**BUILD), device=device,
+             kv_cache_config=kv) as llm:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("arch,dtype,tie", VARIANTS)
+def test_greedy_matches_hf_and_cpu(checkpoint, arch, dtype, tie):
+    path = checkpoint(arch, dtype, tie)
+    prompts = random_prompts(np.random.default_rng(2), PROMPT_LENGTHS)
+    gpu, cpu = generate(path, prompts, "cuda"), generate(path, prompts, "cpu")
+    hf = load_hf_model(path)
+    num_exact = 0
+    for prompt, gpu_tokens, cpu_tokens in zip(prompts, gpu, cpu):
+        assert len(gpu_tokens) == len(cpu_tokens) == MAX_NEW_TOKENS
+        assert hf_check(hf, prompt, cpu_tokens) == MAX_NEW_TOKENS
+        num_exact += hf_check(hf, prompt, gpu_tokens)
+    assert num_exact >= 0.9 * len(prompts) * MAX_NEW_TOKENS, f"only {num_exact} GPU tokens are HF's argmax"
+
+
+@pytest.mark.parametrize("arch,dtype,tie", VARIANTS)
+def test_last_token_logits_match_hf(checkpoint, tmp_path, arch, dtype, tie):
+    path = checkpoint(arch, dtype, tie)
+    model = AutoModelForCausalLM.from_hugging_face(str(path))
+    rtllm.build(model, BuildConfig(**BUILD)).save(str(tmp_path / "engine"))
+    engine = _core.Engine.load(str(tmp_path / "engine"))
+    prompts = random_prompts(np.random.default_rng(1), PROMPT_LENGTHS)
+    tpb = 16
+    max_blocks = max(-(-len(p) // tpb) for p in prompts)
+    runner = _core.ModelRunner(engine, _core.RuntimeConfig(device=_core.DeviceKind.CUDA, tokens_per_block=tpb,
+                                                           num_kv_blocks=max_blocks * len(prompts)))
+    blocks = np.arange(max_blocks * len(prompts), dtype=np.int32)[::-1].reshape(len(prompts), max_blocks)
+    logits = runner.forward(np.concatenate([np.asarray(p, np.int32) for p in prompts]), [len(p) for p in prompts],
+                            [0] * len(prompts), np.ascontiguousarray(blocks))
+    hf = load_hf_model(path)
+    for prompt, row in zip(prompts, logits):
+        assert relative_error(row, hf_last_logits(hf, prompt)) <= LOGITS_RTOL

@@ -1,0 +1,236 @@
+"""The CUDA kernels against float64 references on fresh random inputs.
+
+Bounds: ‖out − ref‖ / ‖ref‖ <= 1e-2 for bf16 outputs and 2e-3 for fp16 outputs (one rounding of the
+output plus bf16/fp16 inputs); float32 outputs <= 1e-6. Outputs are poisoned with NaN before each
+launch, so an unwritten element fails the finiteness check.
+"""
+import numpy as np
+import pytest
+import torch
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def code(kernels, dtype):
+    return kernels.BF16 if dtype == torch.bfloat16 else kernels.FP16
+
+
+def rand(*shape, dtype=torch.bfloat16, scale=1.0, gen=None):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float32) * scale).to(dtype).cuda()
+
+
+def poisoned(*shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+
+
+def rel_err(out, ref):
+    out = out.detach().double().cpu()
+    ref = torch.as_tensor(ref).double().cpu()
+    assert torch.isfinite(out).all(), "an output element was not written (NaN poison left)"
+    return (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
+
+
+def d(t):
+    return t.data_ptr()
+
+
+def rms_ref(x, w, group, eps):
+    x = x.double().cpu()
+    shape = x.shape
+    g = x.reshape(-1, group)
+    return (g / torch.sqrt((g * g).mean(-1, keepdim=True) + eps) * w.double().cpu()).reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden,group", [(1, 64, 64), (7, 4096, 4096), (3, 8192, 8192), (5, 1024, 128),
+                                               (4, 256, 16), (2, 4096, 512), (9, 2048, 2048)])
+def test_rms_norm(kernels, stream, dtype, rows, hidden, group):
+    x, w = rand(rows, hidden, dtype=dtype, scale=3.0), rand(group, dtype=dtype) + 1.0
+    out = poisoned(rows, hidden, dtype=dtype)
+    kernels.rms_norm(d(out), d(x), d(w), rows, hidden, group, 1e-5, code(kernels, dtype), stream)
+    assert rel_err(out, rms_ref(x, w, group, 1e-5)) <= TOL[dtype]
+    # In place (out aliases x).
+    ref = rms_ref(x, w, group, 1e-5)
+    kernels.rms_norm(d(x), d(x), d(w), rows, hidden, group, 1e-5, code(kernels, dtype), stream)
+    assert rel_err(x, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (6, 4096), (2, 8192), (17, 1000 - 1000 % 8)])
+def test_add_rms_norm(kernels, stream, dtype, rows, hidden):
+    x, res, w = rand(rows, hidden, dtype=dtype), rand(rows, hidden, dtype=dtype, scale=2.0), rand(hidden, dtype=dtype)
+    normed, total = poisoned(rows, hidden, dtype=dtype), poisoned(rows, hidden, dtype=dtype)
+    kernels.add_rms_norm(d(normed), d(total), d(x), d(res), d(w), rows, hidden, 1e-6, code(kernels, dtype), stream)
+    rounded_sum = (x.float() + res.float()).to(dtype)  # one rounding of the float32 sum
+    assert torch.equal(total, rounded_sum)
+    assert rel_err(normed, rms_ref(rounded_sum, w, hidden, 1e-6)) <= TOL[dtype]
+    # sum aliasing residual, as the runtime uses it.
+    res2 = res.clone()
+    kernels.add_rms_norm(d(normed), d(res2), d(x), d(res2), d(w), rows, hidden, 1e-6, code(kernels, dtype), stream)
+    assert torch.equal(res2, rounded_sum)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [8, 4096 * 3, 1001, 77777])  # vector and scalar paths
+def test_add_mul_silu(kernels, stream, dtype, n):
+    a, b = rand(n, dtype=dtype, scale=4.0), rand(n, dtype=dtype)
+    for name, ref in [("add", a.double() + b.double()), ("mul", a.double() * b.double())]:
+        out = poisoned(n, dtype=dtype)
+        getattr(kernels, name)(d(out), d(a), d(b), n, code(kernels, dtype), stream)
+        assert rel_err(out, ref) <= TOL[dtype], name
+    out = poisoned(n, dtype=dtype)
+    kernels.silu(d(out), d(a), n, code(kernels, dtype), stream)
+    assert rel_err(out, torch.nn.functional.silu(a.double())) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,inter", [(1, 14336), (5, 512), (3, 100)])
+def test_silu_mul(kernels, stream, dtype, rows, inter):
+    x = rand(rows, 2 * inter, dtype=dtype, scale=3.0)
+    out = poisoned(rows, inter, dtype=dtype)
+    kernels.silu_mul(d(out), d(x), rows, inter, code(kernels, dtype), stream)
+    ref = torch.nn.functional.silu(x[:, :inter].double()) * x[:, inter:].double()
+    assert rel_err(out, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 4096, 100])
+def test_embedding_and_gather(kernels, stream, dtype, hidden):
+    vocab, num = 1000, 37
+    table = rand(vocab, hidden, dtype=dtype)
+    ids = torch.randint(0, vocab, (num,), dtype=torch.int32, device="cuda")
+    out = poisoned(num, hidden, dtype=dtype)
+    kernels.embedding(d(out), d(ids), d(table), num, hidden, vocab, code(kernels, dtype), stream)
+    assert torch.equal(out, table[ids.long()])
+    out = poisoned(num, hidden, dtype=dtype)
+    kernels.gather_rows(d(out), d(table), d(ids), num, hidden, vocab, code(kernels, dtype), stream)
+    assert torch.equal(out, table[ids.long()])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cast_to_float(kernels, stream, dtype):
+    x = rand(3, 32001, dtype=dtype, scale=10.0)
+    out = torch.full((3, 32001), float("nan"), device="cuda")
+    kernels.cast_to_float(d(out), d(x), x.numel(), code(kernels, dtype), stream)
+    assert torch.equal(out, x.float())
+
+
+def rope_ref(x, positions, inv_freq, num_heads, head_dim):
+    """Rotate-half RoPE in float64 with the angle rounded to float32 like the kernels."""
+    t = x.double().cpu().reshape(x.shape[0], num_heads, head_dim)
+    f = (positions.float().cpu()[:, None] * inv_freq.cpu()[None, :]).double()  # float32 product
+    c, s = torch.cos(f)[:, None, :], torch.sin(f)[:, None, :]
+    half = head_dim // 2
+    x1, x2 = t[..., :half], t[..., half:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1).reshape(x.shape[0], -1)
+
+
+def inv_freq_for(head_dim, theta=10000.0):
+    return (1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)).float().cuda()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,num_heads", [(16, 3), (64, 8), (128, 32)])
+def test_rope(kernels, stream, dtype, head_dim, num_heads):
+    tokens = 23
+    x = rand(tokens, num_heads * head_dim, dtype=dtype)
+    positions = torch.randint(0, 5000, (tokens,), dtype=torch.int32, device="cuda")
+    inv_freq = inv_freq_for(head_dim)
+    out = poisoned(tokens, num_heads * head_dim, dtype=dtype)
+    kernels.rope(d(out), d(x), d(positions), d(inv_freq), tokens, num_heads, head_dim, code(kernels, dtype), stream)
+    ref = rope_ref(x, positions, inv_freq, num_heads, head_dim)
+    assert rel_err(out, ref) <= TOL[dtype]
+    kernels.rope(d(x), d(x), d(positions), d(inv_freq), tokens, num_heads, head_dim, code(kernels, dtype), stream)
+    assert rel_err(x, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads,tpb", [
+    (16, 4, 4, 16), (64, 8, 2, 32), (128, 32, 8, 64), (128, 32, 4, 16), (64, 4, 1, 64)])
+@pytest.mark.parametrize("rope,qk_norm", [(True, False), (True, True), (False, False)])
+def test_qkv_prepare(kernels, stream, dtype, head_dim, num_heads, num_kv_heads, tpb, rope, qk_norm):
+    gen = torch.Generator().manual_seed(head_dim * 1000 + num_heads * 10 + tpb)
+    num_cached = [0, 37, 5 * tpb + 3, 130]  # new tokens after a cached prefix spanning many blocks
+    num_new = [19, 1, 2 * tpb + 5, 1]
+    seq_len = [c + n for c, n in zip(num_cached, num_new)]
+    max_blocks = max((n + tpb - 1) // tpb for n in seq_len) + 1
+    num_blocks = len(seq_len) * max_blocks + 3
+    perm = torch.randperm(num_blocks, generator=gen)  # blocks in shuffled order
+    block_table = perm[: len(seq_len) * max_blocks].reshape(len(seq_len), max_blocks).to(torch.int32).cuda()
+    token_seq = torch.cat([torch.full((n,), s, dtype=torch.int32) for s, n in enumerate(num_new)]).cuda()
+    positions = torch.cat([torch.arange(c, c + n, dtype=torch.int32) for c, n in zip(num_cached, num_new)]).cuda()
+    tokens = token_seq.numel()
+    q_w, kv_w = num_heads * head_dim, num_kv_heads * head_dim
+    stride = q_w + 2 * kv_w + 8  # a row stride wider than q|k|v
+    qkv = rand(tokens, stride, dtype=dtype, scale=2.0, gen=gen)
+    inv_freq = inv_freq_for(head_dim, theta=500000.0) if rope else None
+    q_norm = rand(head_dim, dtype=dtype, gen=gen) + 1.0 if qk_norm else None
+    k_norm = rand(head_dim, dtype=dtype, gen=gen) + 1.0 if qk_norm else None
+    pool = poisoned(num_blocks, 2, num_kv_heads, tpb, head_dim, dtype=dtype)
+    q_out = poisoned(tokens, q_w, dtype=dtype)
+    kernels.qkv_prepare(d(q_out), d(qkv), stride, 0, q_w, q_w + kv_w, d(inv_freq) if rope else 0,
+                        d(q_norm) if qk_norm else 0, d(k_norm) if qk_norm else 0, 1e-6, token_seq=d(token_seq),
+                        positions=d(positions), num_tokens=tokens, num_seqs=len(seq_len), kv_data=d(pool),
+                        num_blocks=num_blocks, tokens_per_block=tpb, block_table=d(block_table),
+                        max_blocks_per_seq=max_blocks, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                        head_dim=head_dim, dtype=code(kernels, dtype), stream=stream)
+
+    def transform(x, heads, weight):
+        if weight is not None:
+            x = rms_ref(x, weight, head_dim, 1e-6)
+        if rope:
+            x = rope_ref(x, positions, inv_freq, heads, head_dim)
+        return x.double()
+
+    q_ref = transform(qkv[:, :q_w], num_heads, q_norm)
+    k_ref = transform(qkv[:, q_w:q_w + kv_w], num_kv_heads, k_norm).reshape(tokens, num_kv_heads, head_dim)
+    v_ref = qkv[:, q_w + kv_w:q_w + 2 * kv_w].double().cpu().reshape(tokens, num_kv_heads, head_dim)
+    assert rel_err(q_out, q_ref) <= TOL[dtype]
+    pool_cpu = pool.cpu()
+    written = torch.zeros(num_blocks, tpb, dtype=torch.bool)
+    bt = block_table.cpu()
+    k_got, v_got = [], []
+    for t in range(tokens):
+        s, p = int(token_seq[t]), int(positions[t])
+        b = int(bt[s, p // tpb])
+        written[b, p % tpb] = True
+        k_got.append(pool_cpu[b, 0, :, p % tpb])
+        v_got.append(pool_cpu[b, 1, :, p % tpb])
+    assert rel_err(torch.stack(k_got), k_ref) <= TOL[dtype]
+    assert torch.equal(torch.stack(v_got).double(), v_ref)  # v is copied unchanged
+    # Nothing else in the pool was touched.
+    untouched = pool_cpu.permute(0, 3, 1, 2, 4)[~written]
+    assert torch.isnan(untouched.float()).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,bias", [(1, 4096, 4096, False), (1, 1000, 14336, True), (3, 777, 520, True),
+                                        (8, 512, 4096, False), (5, 64, 8, True), (2, 3000, 2048, False)])
+def test_gemv(kernels, stream, dtype, m, n, k, bias):
+    x, w = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype, scale=0.05)
+    b = rand(n, dtype=dtype) if bias else None
+    y = poisoned(m, n, dtype=dtype)
+    assert kernels.gemv_supported(m, k)
+    kernels.gemv(d(y), d(x), d(w), d(b) if bias else 0, m, n, k, code(kernels, dtype), stream)
+    ref = x.double() @ w.double().T + (b.double() if bias else 0.0)
+    assert rel_err(y, ref) <= TOL[dtype]
+
+
+def test_bad_arguments_are_refused(kernels, stream):
+    x = rand(4, 64)
+    out = poisoned(4, 64, dtype=torch.bfloat16)
+    w = rand(64)
+    bf16 = kernels.BF16
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        kernels.rms_norm(d(out), d(x), d(w), 4, 64, 48, 1e-6, bf16, stream)  # group does not divide the row
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        kernels.rms_norm(d(out), d(x), d(w), 4, 64, 64, 1e-6, kernels.FP32, stream)  # unsupported dtype
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        kernels.rms_norm(d(out), d(x) + 2, d(w), 4, 64, 64, 1e-6, bf16, stream)  # not 16-byte aligned
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        kernels.add(0, d(x), d(x), 256, bf16, stream)  # null output
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        kernels.gemv(d(out), d(x), d(w), 0, 9, 1, 64, bf16, stream)  # m above the limit
+    assert not kernels.gemv_supported(1, 100) and not kernels.gemv_supported(9, 64)
+    assert torch.isnan(out.float()).all()  # no refused launch wrote anything

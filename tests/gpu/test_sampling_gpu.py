@@ -1,0 +1,239 @@
+"""The device sampler against the CPU sampler (same seed and step -> same token) and float64 references.
+
+Identity with the CPU sampler is required except where the draw is ambiguous at float64 precision:
+draws whose target u·total lies within 1e-9 (relative to the total) of a cumulative boundary, or
+whose top-p cut lies within 1e-9 of the threshold, are computed by `ambiguous` below and excluded
+(the two samplers sum the same double probabilities in different orders, ~1e-13 apart).
+"""
+import numpy as np
+import pytest
+import torch
+
+MARGIN = 1e-9
+
+
+def params_array(kernels, rows):
+    """Packs dicts of SamplingParamsDevice fields into device memory with the C++ layout."""
+    off = kernels.SAMPLING_PARAMS_OFFSETS
+    fields = {"temperature": np.float32, "top_p": np.float32, "min_p": np.float32, "repetition_penalty": np.float32,
+              "presence_penalty": np.float32, "frequency_penalty": np.float32, "top_k": np.int32,
+              "num_logprobs": np.int32, "seed": np.uint64, "step": np.int64}
+    dt = np.dtype({"names": list(fields), "formats": list(fields.values()), "offsets": [off[n] for n in fields],
+                   "itemsize": kernels.SAMPLING_PARAMS_SIZE})
+    arr = np.zeros(len(rows), dtype=dt)
+    defaults = dict(temperature=1.0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                    frequency_penalty=0.0, top_k=0, num_logprobs=-1, seed=0, step=0)
+    for i, r in enumerate(rows):
+        for k, v in {**defaults, **r}.items():
+            arr[i][k] = v
+    return torch.from_numpy(arr.view(np.uint8).copy()).cuda()
+
+
+def csr(lists):
+    offsets = np.zeros(len(lists) + 1, np.int32)
+    offsets[1:] = np.cumsum([len(x) for x in lists])
+    ids = np.concatenate([np.asarray(x, np.int32) for x in lists] + [np.zeros(1, np.int32)])
+    return torch.from_numpy(ids).cuda(), torch.from_numpy(offsets).cuda()
+
+
+def gpu_sample(kernels, logits, rows, prompt=None, output=None, masked=None, max_top=0):
+    """logits: [S, V] float32 cuda. Returns ids, logprobs [S, 1 + max_top], top ids [S, max_top] (numpy)."""
+    num_seqs, vocab = logits.shape
+    params = params_array(kernels, rows)
+    ids = torch.full((num_seqs,), -7, dtype=torch.int32, device="cuda")
+    logprobs = torch.full((num_seqs, 1 + max_top), float("nan"), device="cuda")
+    top_ids = torch.full((num_seqs, max(max_top, 1)), -7, dtype=torch.int32, device="cuda")
+    lists, keep = {}, []
+    for name, value in [("prompt", prompt), ("output", output), ("masked", masked)]:
+        if value is not None:
+            t_ids, t_off = csr(value)
+            keep += [t_ids, t_off]
+            lists[f"{name}_ids"], lists[f"{name}_offsets"] = t_ids.data_ptr(), t_off.data_ptr()
+    workspace = torch.empty(kernels.sample_workspace_bytes(num_seqs, vocab), dtype=torch.uint8, device="cuda")
+    kernels.sample(ids.data_ptr(), logprobs.data_ptr(), top_ids.data_ptr(), logits.data_ptr(), params.data_ptr(),
+                   num_seqs=num_seqs, vocab_size=vocab, max_top=max_top, workspace=workspace.data_ptr(),
+                   stream=torch.cuda.current_stream().cuda_stream, **lists)
+    torch.cuda.synchronize()
+    return ids.cpu().numpy(), logprobs.cpu().numpy(), top_ids.cpu().numpy()
+
+
+def ambiguous(logits, u, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """Whether the CPU sampler's draw (cpp/src/sampler.cc, in float64) is within MARGIN of a boundary."""
+    x = np.asarray(logits, np.float64)
+    p = np.exp((x - x.max()) * (1.0 / np.float64(np.float32(temperature))))
+    cand = np.nonzero(p > 0)[0]
+    order = cand[np.lexsort((cand, -p[cand]))]  # p desc, id asc
+    sorted_mode = False
+    if 0 < top_k < len(cand):
+        order, sorted_mode = order[:top_k], True
+    elif top_p < 1.0:
+        sorted_mode = True
+    if top_p < 1.0:
+        total = p[order].sum()
+        cum = np.cumsum(p[order])
+        thr = np.float64(np.float32(top_p)) * total
+        if np.min(np.abs(cum - thr)) < MARGIN * total:
+            return True
+        order = order[: max(int(np.searchsorted(cum, thr, side="left")) + 1, 1)]
+    seq = order if sorted_mode else cand
+    seq = seq[p[seq] >= np.float64(np.float32(min_p))]
+    if min_p > 0 and np.min(np.abs(p[cand] - np.float64(np.float32(min_p)))) < MARGIN:
+        return True
+    cum = np.cumsum(p[seq])
+    return bool(np.min(np.abs(cum - u * cum[-1])) < MARGIN * cum[-1])
+
+
+SETTINGS = [dict(temperature=1.0), dict(temperature=0.6), dict(temperature=1.5, top_k=5),
+            dict(temperature=1.0, top_p=0.7), dict(temperature=1.2, min_p=0.2),
+            dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05), dict(temperature=0.7, top_k=1),
+            dict(temperature=2.0, top_p=0.95)]
+
+
+@pytest.mark.parametrize("vocab", [1000, 32000, 152064])
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_same_token_as_cpu_sampler(kernels, vocab, settings):
+    rng = np.random.default_rng(vocab + len(str(settings)))
+    num = 32 if vocab > 100000 else 200
+    logits = (rng.standard_normal(vocab) * 3.0).astype(np.float32)
+    seeds = rng.integers(0, 2**63, size=num, dtype=np.uint64)
+    steps = rng.integers(0, 1000, size=num)
+    rows = [dict(settings, seed=int(s), step=int(t)) for s, t in zip(seeds, steps)]
+    ids, _, _ = gpu_sample(kernels, torch.from_numpy(np.tile(logits, (num, 1))).cuda(), rows)
+    excluded = 0
+    for i, (s, t) in enumerate(zip(seeds, steps)):
+        u = kernels.sampling_uniform(int(s), int(t))
+        if ambiguous(logits, u, **settings):
+            excluded += 1
+            continue
+        cpu = kernels.cpu_sample(logits, settings.get("temperature", 1.0), settings.get("top_k", 0),
+                                 settings.get("top_p", 1.0), settings.get("min_p", 0.0), 1.0, 0.0, 0.0, int(s), int(t),
+                                 [], [], [], -1)[0]
+        assert ids[i] == cpu, f"seed {s} step {t}: GPU {ids[i]} CPU {cpu}"
+    assert excluded <= 2
+
+
+def test_tied_logits_follow_id_order(kernels):
+    """Equal logits: the CPU orders ties by id; top-p / top-k cuts then fall inside the tie."""
+    vocab, num = 5000, 100
+    logits = np.zeros(vocab, np.float32)
+    logits[::7] = 1.0  # 715 tied leaders, the rest tied below
+    for settings in [dict(top_p=0.5), dict(top_k=300), dict(top_k=800, top_p=0.9), dict()]:
+        rows = [dict(settings, seed=1000 + i, step=3) for i in range(num)]
+        ids, _, _ = gpu_sample(kernels, torch.from_numpy(np.tile(logits, (num, 1))).cuda(), rows)
+        for i in range(num):
+            if ambiguous(logits, kernels.sampling_uniform(1000 + i, 3), **settings):
+                continue
+            cpu = kernels.cpu_sample(logits, 1.0, settings.get("top_k", 0), settings.get("top_p", 1.0), 0.0, 1.0,
+                                     0.0, 0.0, 1000 + i, 3, [], [], [], -1)[0]
+            assert ids[i] == cpu, (settings, i)
+
+
+def test_greedy_is_argmax_lowest_id_on_ties(kernels):
+    rng = np.random.default_rng(1)
+    num, vocab = 16, 128256
+    logits = rng.standard_normal((num, vocab)).astype(np.float32)
+    for s in range(num):  # plant a tied maximum at two random ids
+        a, b = sorted(rng.choice(vocab, 2, replace=False))
+        logits[s, a] = logits[s, b] = 10.0 + s
+    ids, _, _ = gpu_sample(kernels, torch.from_numpy(logits).cuda(), [dict(temperature=0.0)] * num)
+    assert np.array_equal(ids, np.argmax(logits, axis=1))
+
+
+def apply_penalties(logits, prompt, output, masked, rep, presence, frequency):
+    x = logits.astype(np.float64).copy()
+    seen = np.unique(np.concatenate([np.asarray(prompt, np.int64), np.asarray(output, np.int64)]))
+    x[seen] = np.where(x[seen] > 0, x[seen] / rep, x[seen] * rep)
+    ids, counts = np.unique(np.asarray(output, np.int64), return_counts=True)
+    x[ids] -= presence + frequency * counts
+    x[np.asarray(masked, np.int64)] = -np.inf
+    return x
+
+
+def test_penalties_and_masks(kernels):
+    rng = np.random.default_rng(5)
+    num, vocab = 24, 4096
+    logits = (rng.standard_normal((num, vocab)) * 2).astype(np.float32)
+    prompt = [rng.integers(0, vocab, rng.integers(0, 300)).tolist() for _ in range(num)]
+    output = [rng.integers(0, 200, rng.integers(0, 100)).tolist() for _ in range(num)]  # repeats
+    masked = [np.argsort(-logits[s])[:3].tolist() if s % 2 else [] for s in range(num)]  # mask the top 3
+    rows = [dict(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2)] * num
+    ids, _, _ = gpu_sample(kernels, torch.from_numpy(logits).cuda(), rows, prompt, output, masked)
+    for s in range(num):
+        ref = apply_penalties(logits[s], prompt[s], output[s], masked[s], 1.3, 0.5, 0.2)
+        assert ids[s] == int(np.argmax(ref))
+        assert ids[s] not in masked[s]
+        cpu = kernels.cpu_sample(logits[s], 0.0, 0, 1.0, 0.0, 1.3, 0.5, 0.2, 0, 0, prompt[s], output[s], masked[s], -1)
+        assert ids[s] == cpu[0]
+    # Sampled (not greedy) with penalties: the same token as the CPU sampler.
+    rows = [dict(temperature=1.0, top_p=0.9, repetition_penalty=1.2, presence_penalty=-0.4, frequency_penalty=0.3,
+                 seed=77 + s, step=s) for s in range(num)]
+    ids, _, _ = gpu_sample(kernels, torch.from_numpy(logits).cuda(), rows, prompt, output, masked)
+    for s in range(num):
+        adjusted = apply_penalties(logits[s], prompt[s], output[s], masked[s], 1.2, -0.4, 0.3).astype(np.float32)
+        if ambiguous(adjusted, kernels.sampling_uniform(77 + s, s), top_p=0.9):
+            continue
+        cpu = kernels.cpu_sample(logits[s], 1.0, 0, 0.9, 0.0, 1.2, -0.4, 0.3, 77 + s, s, prompt[s], output[s],
+                                 masked[s], -1)
+        assert ids[s] == cpu[0] and ids[s] not in masked[s]
+
+
+def test_everything_masked_gives_minus_one(kernels):
+    logits = torch.randn(2, 50, device="cuda")
+    ids, _, _ = gpu_sample(kernels, logits, [dict(temperature=0.0), dict(temperature=1.0)],
+                           masked=[list(range(50)), list(range(50))])
+    assert ids.tolist() == [-1, -1]
+
+
+def test_logprobs_of_raw_logits(kernels):
+    rng = np.random.default_rng(9)
+    num, vocab, max_top = 6, 32000, 8
+    logits = (rng.standard_normal((num, vocab)) * 4).astype(np.float32)
+    logits[0, 100] = logits[0, 50] = logits[0].max() + 1  # a tie among the top: lower id first
+    num_logprobs = [0, 1, 5, 8, 3, -1]
+    rows = [dict(temperature=0.9, seed=s, num_logprobs=n, repetition_penalty=2.0) for s, n in enumerate(num_logprobs)]
+    ids, lp, top = gpu_sample(kernels, torch.from_numpy(logits).cuda(), rows, prompt=[[1, 2, 3]] * num, max_top=max_top)
+    for s in range(num):
+        ref = torch.log_softmax(torch.from_numpy(logits[s]).double(), 0).numpy()
+        if num_logprobs[s] < 0:
+            assert np.isnan(lp[s]).all() and (top[s] == -7).all()  # row untouched
+            continue
+        assert abs(lp[s, 0] - ref[ids[s]]) <= 1e-5  # raw logprob, before the penalty
+        order = np.lexsort((np.arange(vocab), -logits[s]))[: num_logprobs[s]]
+        n = num_logprobs[s]
+        assert top[s, :n].tolist() == order.tolist()
+        assert np.allclose(lp[s, 1:1 + n], ref[order], atol=1e-5)
+        assert (top[s, n:] == -1).all() and np.isneginf(lp[s, 1 + n:]).all()
+
+
+def reference_distribution(logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
+    """The distribution the sampler must draw from, in float64 (as tests/python/test_sampling.py)."""
+    z = np.asarray(logits, np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    keep = np.ones_like(p, dtype=bool)
+    order = np.argsort(-p, kind="stable")
+    if top_k > 0:
+        keep[order[top_k:]] = False
+    if top_p < 1.0:
+        q = np.where(keep, p, 0.0)
+        q /= q.sum()
+        cutoff = int(np.searchsorted(np.cumsum(q[order]), top_p)) + 1
+        keep[order[cutoff:]] = False
+    if min_p > 0.0:
+        keep &= p >= min_p * p.max()
+    p = np.where(keep, p, 0.0)
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("settings", SETTINGS[:6])
+def test_token_frequencies_match_reference(kernels, settings):
+    num, vocab = 20000, 64
+    logits = (np.random.default_rng(3).standard_normal(vocab) * 2).astype(np.float32)
+    rows = [dict(settings, seed=s, step=0) for s in range(num)]
+    ids, _, _ = gpu_sample(kernels, torch.from_numpy(np.tile(logits, (num, 1))).cuda(), rows)
+    counts = np.bincount(ids, minlength=vocab)
+    expected = reference_distribution(logits, **settings)
+    assert counts[expected == 0].sum() == 0, "sampled a token the settings exclude"
+    # Five standard deviations of a binomial frequency, plus slack for float32 rounding.
+    bound = 5 * np.sqrt(expected * (1 - expected) / num) + 1e-3
+    assert np.all(np.abs(counts / num - expected) <= bound)

@@ -1,0 +1,107 @@
+"""Property test of the KV-cache manager through its binding: hypothesis drives random sequences of
+allocate (sharing the longest cached prefix) / compute+store / append / free, with pool pressure so
+that reusable blocks are evicted, with cache salts and with a hash that always collides. After
+every operation, checked from Python against a model of each sequence's tokens: ref counts equal
+the holders, no block is both free and held, a shared block's tokens equal the sequence's, and at
+the end every block is back."""
+from collections import Counter
+
+import hypothesis.strategies as st
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from rtllm import _core
+
+NUM_BLOCKS = 12
+STEMS = [[1, 2, 1, 2, 1, 2, 1, 2, 1], [1, 2, 1, 2, 2, 2, 2, 2], [2, 2, 2, 2, 1, 1, 1]]
+SALTS = [None, "tenant-a"]
+
+
+class KvCacheMachine(RuleBasedStateMachine):
+    @initialize(tokens_per_block=st.sampled_from([1, 2, 3]), collide=st.booleans())
+    def setup(self, tokens_per_block, collide):
+        self.tpb = tokens_per_block
+        self.kv = _core.KVCacheManager(NUM_BLOCKS, tokens_per_block)
+        if collide:
+            self.kv.use_colliding_hash_for_testing()
+        self.tokens = {}    # seq -> all its tokens
+        self.computed = {}  # seq -> tokens whose K/V are "computed"
+        self.keys = {}      # seq -> extra key
+
+    @rule(seq=st.integers(0, 5), stem=st.sampled_from(STEMS), length=st.integers(1, 9),
+          suffix=st.lists(st.integers(1, 2), max_size=3), salt=st.sampled_from(SALTS))
+    def allocate(self, seq, stem, length, suffix, salt):
+        if seq in self.tokens:
+            return
+        tokens = stem[:length] + suffix
+        key = _core.cache_salt_key(salt)
+        match = self.kv.match_prefix(tokens, len(tokens), key)
+        num_cached = len(match.block_ids) * self.tpb
+        assert num_cached < len(tokens)
+        assert match.num_looked_up_blocks == (len(tokens) - 1) // self.tpb
+        for i, b in enumerate(match.block_ids):
+            assert self.kv.block_tokens(b) == tokens[i * self.tpb:(i + 1) * self.tpb]
+        num_new = self.kv.num_blocks_for(len(tokens)) - len(match.block_ids)
+        num_unheld = sum(self.kv.ref_count(b) == 0 for b in match.block_ids)
+        assert self.kv.num_blocks_to_take(len(tokens), match) == num_new + num_unheld
+        if not self.kv.can_allocate(len(tokens), match):
+            assert num_new + num_unheld > self.kv.num_free_blocks
+            return
+        self.kv.allocate(seq, len(tokens), match, key)
+        self.tokens[seq], self.computed[seq], self.keys[seq] = tokens, num_cached, key
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def compute(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        n = data.draw(st.integers(1, len(self.tokens[seq]) - self.computed[seq] or 1))
+        self.computed[seq] = min(len(self.tokens[seq]), self.computed[seq] + n)
+        self.kv.store(seq, self.tokens[seq], self.computed[seq])
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), token=st.integers(1, 2))
+    def append(self, data, token):
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        if self.kv.can_append(seq, 1):
+            self.kv.append(seq, 1)
+            self.tokens[seq].append(token)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def free(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        self.kv.free(seq)
+        for d in (self.tokens, self.computed, self.keys):
+            del d[seq]
+
+    @invariant()
+    def consistent(self):
+        if not hasattr(self, "kv"):
+            return
+        holders = Counter()
+        for seq, tokens in self.tokens.items():
+            blocks = self.kv.block_ids(seq)
+            assert len(blocks) == self.kv.num_blocks_for(len(tokens)) and self.kv.num_tokens(seq) == len(tokens)
+            assert len(set(blocks)) == len(blocks)
+            holders.update(blocks)
+            for i, b in enumerate(blocks):
+                if self.kv.is_registered(b):  # shared or shareable: must hold this sequence's tokens
+                    assert self.kv.block_tokens(b) == tokens[i * self.tpb:(i + 1) * self.tpb]
+        for b in range(NUM_BLOCKS):
+            assert self.kv.ref_count(b) == holders[b], f"block {b}"
+        assert self.kv.num_free_blocks == NUM_BLOCKS - len(holders)  # free or reusable = not held
+        assert self.kv.stats().num_used_blocks == len(holders)
+        self.kv.check_invariants()
+
+    def teardown(self):
+        if not hasattr(self, "kv"):
+            return
+        for seq in list(self.tokens):
+            self.kv.free(seq)
+        self.kv.check_invariants()
+        assert self.kv.num_free_blocks == NUM_BLOCKS
+        assert all(self.kv.ref_count(b) == 0 for b in range(NUM_BLOCKS))
+
+
+KvCacheMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+TestKvCacheManager = KvCacheMachine.TestCase
