@@ -102,6 +102,8 @@ void bind_engine(py::module_& m) {
            py::arg("engine"), py::arg("runtime_config") = RuntimeConfig{}, py::call_guard<py::gil_scoped_release>())
       .def("forward", &forward, py::arg("input_ids"), py::arg("num_new_tokens"), py::arg("num_cached_tokens"),
            py::arg("block_table"))
+      // [(source, destination)]: whole KV blocks, every layer, before the next forward.
+      .def("copy_blocks", &ModelRunner::copy_blocks, py::arg("copies"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("config", &ModelRunner::config)  // with the 0 fields resolved
       .def_property_readonly("vocab_size", &ModelRunner::vocab_size)
       .def_static(

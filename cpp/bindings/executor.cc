@@ -65,23 +65,29 @@ void bind_configs(py::module_& m) {
 
   py::class_<KvCacheConfig>(m, "KvCacheConfig")
       .def(py::init([](std::optional<int64_t> max_tokens, float free_memory_fraction, int32_t tokens_per_block,
-                       bool enable_block_reuse, int32_t event_buffer_max_size) {
+                       bool enable_block_reuse, int32_t event_buffer_max_size, bool enable_partial_reuse,
+                       int32_t min_partial_reuse_tokens) {
              KvCacheConfig c;
              c.max_tokens = max_tokens;
              c.free_memory_fraction = free_memory_fraction;
              c.tokens_per_block = tokens_per_block;
              c.enable_block_reuse = enable_block_reuse;
              c.event_buffer_max_size = event_buffer_max_size;
+             c.enable_partial_reuse = enable_partial_reuse;
+             c.min_partial_reuse_tokens = min_partial_reuse_tokens;
              return c;
            }),
            py::kw_only(), py::arg("max_tokens") = py::none(), py::arg("free_memory_fraction") = 0.9f,
            py::arg("tokens_per_block") = 32, py::arg("enable_block_reuse") = true,
-           py::arg("event_buffer_max_size") = 0)
+           py::arg("event_buffer_max_size") = 0, py::arg("enable_partial_reuse") = true,
+           py::arg("min_partial_reuse_tokens") = 1)
       .def_readwrite("max_tokens", &KvCacheConfig::max_tokens)
       .def_readwrite("free_memory_fraction", &KvCacheConfig::free_memory_fraction)
       .def_readwrite("tokens_per_block", &KvCacheConfig::tokens_per_block)
       .def_readwrite("enable_block_reuse", &KvCacheConfig::enable_block_reuse)
-      .def_readwrite("event_buffer_max_size", &KvCacheConfig::event_buffer_max_size);
+      .def_readwrite("event_buffer_max_size", &KvCacheConfig::event_buffer_max_size)
+      .def_readwrite("enable_partial_reuse", &KvCacheConfig::enable_partial_reuse)
+      .def_readwrite("min_partial_reuse_tokens", &KvCacheConfig::min_partial_reuse_tokens);
 
   py::enum_<CapacityPolicy>(m, "CapacityPolicy")
       .value("GUARANTEED_NO_EVICT", CapacityPolicy::kGuaranteedNoEvict)
@@ -167,6 +173,7 @@ void bind_stats(py::module_& m) {
       .def_readonly("num_reused_blocks", &KvCacheStats::num_reused_blocks)
       .def_readonly("num_missed_blocks", &KvCacheStats::num_missed_blocks)
       .def_readonly("num_reused_tokens", &KvCacheStats::num_reused_tokens)
+      .def_readonly("num_partial_reused_blocks", &KvCacheStats::num_partial_reused_blocks)
       .def_readonly("num_evicted_blocks", &KvCacheStats::num_evicted_blocks)
       .def_property_readonly("hit_rate", &KvCacheStats::hit_rate);
 
@@ -217,11 +224,14 @@ void bind_kv_cache_manager(py::module_& m) {
   py::class_<PrefixMatch>(m, "PrefixMatch")
       .def(py::init<>())
       .def_readonly("block_ids", &PrefixMatch::block_ids)
-      .def_readonly("num_looked_up_blocks", &PrefixMatch::num_looked_up_blocks);
+      .def_readonly("num_looked_up_blocks", &PrefixMatch::num_looked_up_blocks)
+      .def_readonly("partial_block_id", &PrefixMatch::partial_block_id)
+      .def_readonly("num_partial_tokens", &PrefixMatch::num_partial_tokens);
 
   py::class_<KVCacheManager>(m, "KVCacheManager")
-      .def(py::init<int32_t, int32_t, bool, int32_t>(), py::arg("num_blocks"), py::arg("tokens_per_block"),
-           py::arg("enable_block_reuse") = true, py::arg("event_buffer_max_size") = 0)
+      .def(py::init<int32_t, int32_t, bool, int32_t, bool, int32_t>(), py::arg("num_blocks"),
+           py::arg("tokens_per_block"), py::arg("enable_block_reuse") = true, py::arg("event_buffer_max_size") = 0,
+           py::arg("enable_partial_reuse") = true, py::arg("min_partial_reuse_tokens") = 1)
       .def("num_blocks_for", &KVCacheManager::num_blocks_for, py::arg("num_tokens"))
       .def("match_prefix", &KVCacheManager::match_prefix, py::arg("tokens"), py::arg("num_tokens"),
            py::arg("extra_key") = 0)
@@ -234,6 +244,8 @@ void bind_kv_cache_manager(py::module_& m) {
       .def("append", &KVCacheManager::append, py::arg("seq"), py::arg("num_new_tokens"))
       .def("store", &KVCacheManager::store, py::arg("seq"), py::arg("tokens"), py::arg("num_computed_tokens"))
       .def("free", &KVCacheManager::free, py::arg("seq"))
+      .def("pending_copies", &KVCacheManager::pending_copies)
+      .def("finish_copies", &KVCacheManager::finish_copies)
       .def("contains", &KVCacheManager::contains, py::arg("seq"))
       .def("block_ids", &KVCacheManager::block_ids, py::arg("seq"))
       .def("num_tokens", &KVCacheManager::num_tokens, py::arg("seq"))

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu/gemm_pack.h"
 #include "runner_backend.h"
 #include "thread_pool.h"
 #include "workspace.h"
@@ -32,6 +33,7 @@ class CpuBackend final : public RunnerBackend {
   }
 
   TensorSlot place_weight(const Weight& w) override;
+  bool only_linear_reads(const std::string& name) const;  // read by linear nodes only, as their W
   DataType activation_dtype(DataType dtype) const override { return dtype; }
   void* allocate_workspace(size_t num_bytes) override {
     workspace_ = HostBuffer(num_bytes);
@@ -45,11 +47,12 @@ class CpuBackend final : public RunnerBackend {
   }
   void allocate_kv_pool(RuntimeConfig& config) override;
   const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) override;
+  void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) override;
 
  private:
   const Engine& engine_;
   std::unique_ptr<ThreadPool> pool_;
-  std::vector<HostBuffer> owned_weights_;  // bf16/fp16 weights converted to float32
+  std::vector<HostBuffer> owned_weights_;  // converted (bf16/fp16 -> float32) or packed weights
   size_t weight_bytes_ = 0;
   HostBuffer kv_buffer_, workspace_, scratch_;
   std::vector<float*> kv_layers_;
@@ -59,13 +62,16 @@ class CpuBackend final : public RunnerBackend {
 };
 
 // Weights become float32 views: float32 data stays in the mapped file, bf16/fp16 are converted once.
+// A 2-d weight that only linear reads (as its W) is re-laid into the GEMM's column panels
+// [num_panels, K, kPanelCols] (cpu/gemm_pack.h), the shape by which the linear op knows it.
 TensorSlot CpuBackend::place_weight(const Weight& w) {
   TensorSlot slot;
   for (int64_t d : w.shape) slot.dims.push_back(Dim{Dim::Kind::kFixed, d});
-  const int64_t n = w.numel();
+  int64_t n = w.numel();
   const bool half = w.dtype == DataType::kBFloat16 || w.dtype == DataType::kFloat16;
   const bool aligned = reinterpret_cast<uintptr_t>(w.data) % dtype_size(w.dtype) == 0;
-  if (!half && aligned) {
+  const bool pack = (half || w.dtype == DataType::kFloat32) && w.shape.size() == 2 && only_linear_reads(w.name);
+  if (!half && aligned && !pack) {
     slot.data = const_cast<void*>(w.data);  // read-only mapping; ops never write weights
     slot.dtype = w.dtype;
     return slot;
@@ -83,11 +89,32 @@ TensorSlot CpuBackend::place_weight(const Weight& w) {
       dst[i] = w.dtype == DataType::kBFloat16 ? bf16_to_float(bits) : fp16_to_float(bits);
     }
   }
+  if (pack) {
+    const int64_t N = w.shape[0], K = w.shape[1], num_panels = cpu::num_panels(N);
+    HostBuffer panels(num_panels * K * cpu::kPanelCols * sizeof(float));
+    cpu::pack_linear_weight(static_cast<const float*>(buf.data()), N, K, static_cast<float*>(panels.data()));
+    buf = std::move(panels);
+    n = num_panels * K * cpu::kPanelCols;
+    slot.dims = {Dim{Dim::Kind::kFixed, num_panels}, Dim{Dim::Kind::kFixed, K},
+                 Dim{Dim::Kind::kFixed, cpu::kPanelCols}};
+  }
   weight_bytes_ += n * dtype_size(dtype);
   slot.data = buf.data();
   slot.dtype = dtype;
   owned_weights_.push_back(std::move(buf));
   return slot;
+}
+
+bool CpuBackend::only_linear_reads(const std::string& name) const {
+  bool read = false;
+  for (const GraphNode& node : engine_.graph().nodes) {
+    for (size_t i = 0; i < node.inputs.size(); ++i) {
+      if (node.inputs[i] != name) continue;
+      if (node.op != "linear" || i != 1) return false;
+      read = true;
+    }
+  }
+  return read;
 }
 
 void CpuBackend::allocate_kv_pool(RuntimeConfig& config) {
@@ -136,6 +163,15 @@ const float* CpuBackend::forward(const HostStep& st, std::vector<PlannedNode>& n
   ctx.scratch_floats_per_thread = scratch_floats_per_thread_;
   for (PlannedNode& node : nodes) node.run(ctx, st.num_tokens, st.num_seqs);
   return static_cast<const float*>(logits.data);
+}
+
+// A block is [2, num_kv_heads, tokens_per_block, head_dim] floats, contiguous in each layer.
+void CpuBackend::copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) {
+  const size_t block_floats = size_t{2} * kv_.num_kv_heads * kv_.tokens_per_block * kv_.head_dim;
+  for (int32_t l = 0; l < kv_.num_layers; ++l)
+    for (const auto& [src, dst] : copies)
+      std::memcpy(kv_.layers[l] + dst * block_floats, kv_.layers[l] + src * block_floats,
+                  block_floats * sizeof(float));
 }
 
 }  // namespace

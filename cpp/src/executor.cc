@@ -82,7 +82,8 @@ struct Executor::Impl {
   Impl(std::shared_ptr<const Engine> engine, const ExecutorConfig& config)
       : runner(engine, resolve_runtime_config(engine.get(), config)),
         kv_cache(runner.config().num_kv_blocks, runner.config().tokens_per_block, config.kv_cache.enable_block_reuse,
-                 config.kv_cache.event_buffer_max_size),
+                 config.kv_cache.event_buffer_max_size, config.kv_cache.enable_partial_reuse,
+                 config.kv_cache.min_partial_reuse_tokens),
         scheduler(resolve_scheduler_config(config, runner.config()), kv_cache),
         seed_rng(config.seed),
         iteration_stats_max_size(config.iteration_stats_max_size),
@@ -308,14 +309,16 @@ void Executor::Impl::step_or_fail_all() {
   try {
     step();
   } catch (const std::exception& e) {
+    kv_cache.finish_copies();  // copies recorded by a step that broke before its copy stage
     std::vector<std::shared_ptr<LlmRequest>> left;
     for (const auto& [id, request] : requests) left.push_back(request);
     for (const auto& request : left) finish(*request, FinishReason::kError, e.what());
   }
 }
 
-// One step: schedule -> prepare -> forward -> sample -> postprocess. A failure of the model fails
-// this batch's requests; a failure to sample fails that request alone.
+// One step: schedule -> prepare -> copy -> forward -> sample -> postprocess. The copy stage fills
+// the private blocks of partially reused prefixes (copy-on-write) before forward reads them. A
+// failure of the model fails this batch's requests; a failure to sample fails that request alone.
 void Executor::Impl::step() {
   const Clock::time_point step_start = Clock::now();
   ScheduledBatch scheduled = scheduler.schedule();
@@ -324,8 +327,11 @@ void Executor::Impl::step() {
   const float* logits = nullptr;
   try {
     prepare_inputs(batch);
+    if (!kv_cache.pending_copies().empty()) runner.copy_blocks(kv_cache.pending_copies());
+    kv_cache.finish_copies();
     logits = runner.forward(inputs);
   } catch (const std::exception& e) {
+    kv_cache.finish_copies();  // unpins the sources whatever ran
     for (const auto& request : batch) finish(*request, FinishReason::kError, e.what());
     return;
   }

@@ -31,14 +31,20 @@ uint64_t cache_salt_key(const std::optional<std::string>& cache_salt) {
 }
 
 KVCacheManager::KVCacheManager(int32_t num_blocks, int32_t tokens_per_block, bool enable_block_reuse,
-                               int32_t event_buffer_max_size)
+                               int32_t event_buffer_max_size, bool enable_partial_reuse,
+                               int32_t min_partial_reuse_tokens)
     : tokens_per_block_(tokens_per_block),
       enable_block_reuse_(enable_block_reuse),
-      event_buffer_max_size_(event_buffer_max_size) {
+      event_buffer_max_size_(event_buffer_max_size),
+      enable_partial_reuse_(enable_block_reuse && enable_partial_reuse),
+      min_partial_reuse_tokens_(min_partial_reuse_tokens) {
   RTLLM_CHECK_ARG(num_blocks >= 1, "num_blocks must be >= 1, got ", num_blocks);
   RTLLM_CHECK_ARG(tokens_per_block >= 1, "tokens_per_block must be >= 1, got ", tokens_per_block);
   RTLLM_CHECK_ARG(event_buffer_max_size >= 0, "event_buffer_max_size must be >= 0, got ", event_buffer_max_size);
+  RTLLM_CHECK_ARG(min_partial_reuse_tokens >= 1, "min_partial_reuse_tokens must be >= 1, got ",
+                  min_partial_reuse_tokens);
   blocks_.resize(num_blocks);
+  pending_copies_.reserve(num_blocks);
   for (int32_t b = 0; b < num_blocks; ++b) free_blocks_.push_back(b);
   KvCacheEvent created;
   created.kind = KvCacheEventKind::kCreated;
@@ -82,7 +88,36 @@ PrefixMatch KVCacheManager::match_prefix(const std::vector<int32_t>& tokens, int
     parent_hash = hash;
     parent_identity = blocks_[b].identity;
   }
+  if (enable_partial_reuse_) match_partial(tokens, num_tokens, extra_key, parent_identity, match);
   return match;
+}
+
+// Among the registered blocks continuing the matched chain (children of parent_identity), the one
+// whose tokens share the longest prefix with the sequence's next tokens, if that prefix has at least
+// min_partial_reuse_tokens_ tokens. It stops short of the block's end and of the last token (both
+// are computed). Ties go to the first candidate found.
+void KVCacheManager::match_partial(const std::vector<int32_t>& tokens, int64_t num_tokens, uint64_t extra_key,
+                                   uint64_t parent_identity, PrefixMatch& match) const {
+  const int64_t start = static_cast<int64_t>(match.block_ids.size()) * tokens_per_block_;
+  const int32_t max_shared =
+      static_cast<int32_t>(std::min<int64_t>(tokens_per_block_ - 1, num_tokens - 1 - start));
+  if (max_shared < min_partial_reuse_tokens_) return;
+  const int32_t* next = tokens.data() + start;
+  auto [first, last] = children_.equal_range(parent_identity);
+  for (auto it = first; it != last; ++it) {
+    const Block& block = blocks_[it->second];
+    if (block.extra_key != extra_key) continue;
+    const int32_t num_shared = static_cast<int32_t>(
+        std::mismatch(next, next + max_shared, block.tokens.begin()).first - next);
+    if (num_shared > match.num_partial_tokens) {
+      match.partial_block_id = it->second;
+      match.num_partial_tokens = num_shared;
+    }
+  }
+  if (match.num_partial_tokens < min_partial_reuse_tokens_) {
+    match.partial_block_id = -1;
+    match.num_partial_tokens = 0;
+  }
 }
 
 // ---------------------------------------------------------------- allocation
@@ -91,6 +126,7 @@ int32_t KVCacheManager::num_blocks_to_take(int64_t num_tokens, const PrefixMatch
   int32_t num_prefix = static_cast<int32_t>(prefix.block_ids.size());
   int32_t num_taken = std::max(0, num_blocks_for(num_tokens) - num_prefix);
   for (int32_t b : prefix.block_ids) num_taken += blocks_[b].ref_count == 0 ? 1 : 0;
+  if (prefix.partial_block_id >= 0) num_taken += blocks_[prefix.partial_block_id].ref_count == 0 ? 1 : 0;
   return num_taken;
 }
 
@@ -99,7 +135,7 @@ bool KVCacheManager::can_allocate(int64_t num_tokens, const PrefixMatch& prefix)
 }
 
 void KVCacheManager::allocate(RequestId seq, int64_t num_tokens, const PrefixMatch& prefix, uint64_t extra_key) {
-  const int64_t num_prefix_tokens = static_cast<int64_t>(prefix.block_ids.size()) * tokens_per_block_;
+  const int64_t num_prefix_tokens = prefix.num_cached_tokens(tokens_per_block_);
   RTLLM_CHECK(num_tokens >= 1 && num_tokens > num_prefix_tokens, "sequence ", seq, " needs more than its ",
               num_prefix_tokens, " reused tokens, got ", num_tokens, " slots");
   RTLLM_CHECK(!contains(seq), "sequence ", seq, " already holds blocks");
@@ -116,11 +152,29 @@ void KVCacheManager::allocate(RequestId seq, int64_t num_tokens, const PrefixMat
     blocks.last_identity = blocks_[b].identity;
   }
   blocks.num_stored_blocks = static_cast<int32_t>(prefix.block_ids.size());
+  const int32_t source = prefix.partial_block_id;
+  if (source >= 0) {
+    RTLLM_CHECK(blocks_[source].is_registered && prefix.num_partial_tokens >= 1 &&
+                    prefix.num_partial_tokens < tokens_per_block_,
+                "partial source block ", source, " is not registered or shares ", prefix.num_partial_tokens,
+                " tokens");
+    hold(source);  // the pin: no block taken below (or before the copy runs) can evict it
+  }
   while (static_cast<int32_t>(blocks.block_ids.size()) < num_blocks_for(num_tokens))
     blocks.block_ids.push_back(take_free_block());
   blocks.num_tokens = num_tokens;
+  if (source >= 0) {
+    pending_copies_.emplace_back(source, blocks.block_ids[prefix.block_ids.size()]);
+    ++num_partial_reused_blocks_;
+    num_partial_reused_tokens_ += prefix.num_partial_tokens;
+  }
   num_reused_blocks_ += static_cast<int64_t>(prefix.block_ids.size());
   num_missed_blocks_ += prefix.num_looked_up_blocks - static_cast<int64_t>(prefix.block_ids.size());
+}
+
+void KVCacheManager::finish_copies() {
+  for (const auto& copy : pending_copies_) release(copy.first);
+  pending_copies_.clear();
 }
 
 bool KVCacheManager::can_append(RequestId seq, int64_t num_new_tokens) const {
@@ -154,26 +208,8 @@ void KVCacheManager::store(RequestId seq, const std::vector<int32_t>& tokens, in
     uint64_t hash = hash_fn_(blocks.last_hash, blocks.extra_key, block_tokens, tokens_per_block_);
     int32_t twin = find_registered(hash, blocks.last_identity, blocks.extra_key, block_tokens);
     if (twin < 0) {  // new content: register this block
-      int32_t b = blocks.block_ids[i];
-      Block& block = blocks_[b];
-      block.is_registered = true;
-      block.hash = hash;
-      block.identity = next_identity_++;
-      block.parent_identity = blocks.last_identity;
-      block.parent_hash = blocks.last_hash;
-      block.extra_key = blocks.extra_key;
-      block.position = i;
-      block.tokens.assign(block_tokens, block_tokens + tokens_per_block_);
-      by_hash_.emplace(hash, b);
-      KvCacheEvent event;
-      event.kind = KvCacheEventKind::kStored;
-      event.block_id = b;
-      event.block_hash = hash;
-      event.parent_hash = block.parent_hash;
-      event.token_offset = i * tokens_per_block_;
-      event.token_ids = block.tokens;
-      push_event(std::move(event));
-      twin = b;
+      twin = blocks.block_ids[i];
+      register_block(twin, hash, blocks, i, block_tokens);
     }
     blocks.last_hash = hash;
     blocks.last_identity = blocks_[twin].identity;
@@ -181,11 +217,43 @@ void KVCacheManager::store(RequestId seq, const std::vector<int32_t>& tokens, in
   blocks.num_stored_blocks = std::max(blocks.num_stored_blocks, num_full);
 }
 
+// Registers block b at `position` of a sequence whose last stored block is blocks.last_*.
+void KVCacheManager::register_block(int32_t b, uint64_t hash, const SequenceBlocks& blocks, int32_t position,
+                                    const int32_t* tokens) {
+  Block& block = blocks_[b];
+  block.is_registered = true;
+  block.hash = hash;
+  block.identity = next_identity_++;
+  block.parent_identity = blocks.last_identity;
+  block.parent_hash = blocks.last_hash;
+  block.extra_key = blocks.extra_key;
+  block.position = position;
+  block.tokens.assign(tokens, tokens + tokens_per_block_);
+  by_hash_.emplace(hash, b);
+  children_.emplace(block.parent_identity, b);
+  KvCacheEvent event;
+  event.kind = KvCacheEventKind::kStored;
+  event.block_id = b;
+  event.block_hash = hash;
+  event.parent_hash = block.parent_hash;
+  event.token_offset = position * tokens_per_block_;
+  event.token_ids = block.tokens;
+  push_event(std::move(event));
+}
+
 void KVCacheManager::free(RequestId seq) {
   auto it = sequences_.find(seq);
   if (it == sequences_.end()) return;
   // Last block first: a prefix's tail is evicted before its head, which more requests share.
   const std::vector<int32_t>& ids = it->second.block_ids;
+  // A copy into a block this sequence gives back must not run any more: drop it and its pin.
+  auto into_ids = [&](const std::pair<int32_t, int32_t>& copy) {
+    if (std::find(ids.begin(), ids.end(), copy.second) == ids.end()) return false;
+    release(copy.first);
+    return true;
+  };
+  pending_copies_.erase(std::remove_if(pending_copies_.begin(), pending_copies_.end(), into_ids),
+                        pending_copies_.end());
   for (auto b = ids.rbegin(); b != ids.rend(); ++b) release(*b);
   sequences_.erase(it);
 }
@@ -230,12 +298,16 @@ int32_t KVCacheManager::take_free_block() {
 
 void KVCacheManager::unregister(int32_t b) {
   Block& block = blocks_[b];
-  auto [first, last] = by_hash_.equal_range(block.hash);
-  for (auto it = first; it != last; ++it) {
-    if (it->second != b) continue;
-    by_hash_.erase(it);
-    break;
-  }
+  auto erase_entry = [b](std::unordered_multimap<uint64_t, int32_t>& map, uint64_t key) {
+    auto [first, last] = map.equal_range(key);
+    for (auto it = first; it != last; ++it) {
+      if (it->second != b) continue;
+      map.erase(it);
+      return;
+    }
+  };
+  erase_entry(by_hash_, block.hash);
+  erase_entry(children_, block.parent_identity);
   KvCacheEvent event;
   event.kind = KvCacheEventKind::kRemoved;
   event.block_id = b;
@@ -264,7 +336,8 @@ KvCacheStats KVCacheManager::stats() const {
   s.tokens_per_block = tokens_per_block_;
   s.num_reused_blocks = num_reused_blocks_;
   s.num_missed_blocks = num_missed_blocks_;
-  s.num_reused_tokens = num_reused_blocks_ * tokens_per_block_;
+  s.num_reused_tokens = num_reused_blocks_ * tokens_per_block_ + num_partial_reused_tokens_;
+  s.num_partial_reused_blocks = num_partial_reused_blocks_;
   s.num_evicted_blocks = num_evicted_blocks_;
   return s;
 }
@@ -289,6 +362,10 @@ void KVCacheManager::check_invariants() const {
                 seq, " holds ", blocks.block_ids.size(), " blocks for ", blocks.num_tokens, " tokens");
     for (int32_t b : blocks.block_ids) ++num_holders[b];
   }
+  for (const auto& copy : pending_copies_) {
+    RTLLM_CHECK(blocks_[copy.first].is_registered, "partial source block ", copy.first, " is not registered");
+    ++num_holders[copy.first];  // the pin
+  }
   std::vector<int32_t> num_places(blocks_.size(), 0);  // free list + LRU list
   for (int32_t b : free_blocks_) {
     RTLLM_CHECK(!blocks_[b].is_registered, "free block ", b, " is registered");
@@ -309,12 +386,16 @@ void KVCacheManager::check_invariants() const {
     ++num_registered;
     RTLLM_CHECK(static_cast<int32_t>(block.tokens.size()) == tokens_per_block_, "registered block ", b, " has ",
                 block.tokens.size(), " tokens");
-    auto [first, last] = by_hash_.equal_range(block.hash);
-    RTLLM_CHECK(std::count_if(first, last, [&](const auto& kv) { return kv.second == static_cast<int32_t>(b); }) == 1,
-                "registered block ", b, " is not in the hash map exactly once");
+    auto count_in = [&](const std::unordered_multimap<uint64_t, int32_t>& map, uint64_t key) {
+      auto [first, last] = map.equal_range(key);
+      return std::count_if(first, last, [&](const auto& kv) { return kv.second == static_cast<int32_t>(b); });
+    };
+    RTLLM_CHECK(count_in(by_hash_, block.hash) == 1, "registered block ", b, " is not in the hash map exactly once");
+    RTLLM_CHECK(count_in(children_, block.parent_identity) == 1, "registered block ", b,
+                " is not in its parent's children exactly once");
   }
-  RTLLM_CHECK(num_registered == by_hash_.size(), by_hash_.size(), " hash entries for ", num_registered,
-              " registered blocks");
+  RTLLM_CHECK(num_registered == by_hash_.size() && num_registered == children_.size(), by_hash_.size(),
+              " hash entries and ", children_.size(), " child entries for ", num_registered, " registered blocks");
 }
 
 const KVCacheManager::SequenceBlocks& KVCacheManager::sequence(RequestId seq) const {

@@ -263,6 +263,19 @@ const float* ModelRunner::forward(const StepInputs& inputs) {
   return im.backend->forward(im.step, im.nodes, *im.logits);
 }
 
+void ModelRunner::copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) {
+  Impl& im = *impl_;
+  const int32_t num_blocks = im.config.num_kv_blocks;
+  for (size_t i = 0; i < copies.size(); ++i) {
+    const auto [src, dst] = copies[i];
+    RTLLM_CHECK_ARG(src >= 0 && src < num_blocks && dst >= 0 && dst < num_blocks, "block copy ", i, ": ", src,
+                    " -> ", dst, " has a block id outside [0, ", num_blocks, ")");
+    RTLLM_CHECK_ARG(src != dst, "block copy ", i, " copies block ", src, " onto itself");
+  }
+  std::lock_guard<std::mutex> lock(im.forward_mutex);
+  if (!copies.empty()) im.backend->copy_blocks(copies);
+}
+
 #ifndef RTLLM_WITH_CUDA
 bool cuda_available() { return false; }
 #endif

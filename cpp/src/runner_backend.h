@@ -63,7 +63,7 @@ struct HostStep {
 
 // What differs per device. ModelRunner calls, in order: place_weight for each weight,
 // activation_dtype + allocate_workspace for the arena, graph_input for the three graph inputs,
-// allocate_kv_pool (which may size the pool), then forward per step.
+// allocate_kv_pool (which may size the pool), then forward per step (after copy_blocks, if any).
 class RunnerBackend {
  public:
   virtual ~RunnerBackend() = default;
@@ -79,6 +79,9 @@ class RunnerBackend {
   virtual void allocate_kv_pool(RuntimeConfig& config) = 0;
   // Runs the nodes for one step; returns [num_seqs, vocab] float32 logits on the host.
   virtual const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) = 0;
+  // Copies KV blocks (source, destination; validated ids), every layer, in order, ahead of the next
+  // forward (on the CUDA stream: ordered before it, no host wait).
+  virtual void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) = 0;
 };
 
 std::unique_ptr<RunnerBackend> make_cpu_backend(const Engine& engine, RuntimeConfig& config);

@@ -43,6 +43,9 @@ void Scheduler::add(std::shared_ptr<Sequence> seq) {
 }
 
 ScheduledBatch Scheduler::schedule() {
+  // Each step runs (or drops) the block copies its admissions recorded before the next is planned.
+  RTLLM_CHECK(kv_cache_.pending_copies().empty(), kv_cache_.pending_copies().size(),
+              " KV block copies of the previous step were never run (call finish_copies after them)");
   ScheduledBatch batch;
   Budget budget{config_.max_batch_size, config_.max_num_tokens};
   // Running sequences first: generation keeps its pace while prompts wait or advance in chunks.
@@ -99,13 +102,18 @@ void Scheduler::admit_waiting(Budget& budget, ScheduledBatch& batch) {
     PrefixMatch prefix;
     if (static_cast<int32_t>(seq->token_ids.size()) >= seq->num_tokens)
       prefix = kv_cache_.match_prefix(seq->token_ids, seq->num_tokens, seq->cache_key);
-    seq->num_cached_tokens = static_cast<int32_t>(prefix.block_ids.size()) * kv_cache_.tokens_per_block();
-    int32_t num_chunk = chunk_size(*seq, budget.num_tokens);
-    int64_t num_slots = int64_t{seq->num_cached_tokens} + num_chunk;
-    if (num_chunk == 0 || !can_admit(*seq, prefix, static_cast<int32_t>(num_slots))) {
+    int32_t num_chunk = fit(*seq, prefix, budget);
+    if (num_chunk == 0 && prefix.partial_block_id >= 0) {
+      // The partial copy's pinned source may be the one block too many: try without it.
+      prefix.partial_block_id = -1;
+      prefix.num_partial_tokens = 0;
+      num_chunk = fit(*seq, prefix, budget);
+    }
+    if (num_chunk == 0) {
       seq->num_cached_tokens = 0;
       return;
     }
+    const int64_t num_slots = int64_t{seq->num_cached_tokens} + num_chunk;
     kv_cache_.allocate(seq->id, num_slots, prefix, seq->cache_key);
     seq->num_scheduled_tokens = num_chunk;
     batch.context.push_back(seq);
@@ -115,6 +123,15 @@ void Scheduler::admit_waiting(Budget& budget, ScheduledBatch& batch) {
     running_.push_back(seq);
     waiting_.pop_front();
   }
+}
+
+// Sets seq's cached tokens from `prefix` and returns the tokens it would feed this step, or 0 when
+// nothing fits the budget or its blocks cannot be admitted.
+int32_t Scheduler::fit(Sequence& seq, const PrefixMatch& prefix, const Budget& budget) const {
+  seq.num_cached_tokens = static_cast<int32_t>(prefix.num_cached_tokens(kv_cache_.tokens_per_block()));
+  const int32_t num_chunk = chunk_size(seq, budget.num_tokens);
+  if (num_chunk == 0 || !can_admit(seq, prefix, seq.num_cached_tokens + num_chunk)) return 0;
+  return num_chunk;
 }
 
 // Sends the newest running sequence back to the front of the waiting queue to be recomputed: its

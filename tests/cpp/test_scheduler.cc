@@ -187,6 +187,7 @@ template <typename NextToken>
 std::vector<RequestId> advance_chunks(Scheduler& scheduler, KVCacheManager& kv, const ScheduledBatch& batch,
                                       NextToken next_token) {
   std::vector<RequestId> finished;
+  kv.finish_copies();  // the step's copy stage (partially reused blocks) before its forward
   for (const auto* list : {&batch.context, &batch.generation})
     for (const auto& seq : *list) {
       const bool completes = seq->num_cached_tokens + seq->num_scheduled_tokens == seq->num_tokens;
@@ -247,6 +248,33 @@ TEST(Scheduler, NewSequenceTakesTheCachedPrefixAndComputesTheRest) {
   EXPECT_EQ(b.context[0]->num_scheduled_tokens, 2);
   EXPECT_EQ(b.num_tokens, 2);
   EXPECT_EQ(kv.stats().num_reused_tokens, 12);
+}
+
+// A prompt ending mid-block takes the leading tokens of the cached block it shares them with (a
+// copy the step runs before its forward); where the pool cannot also pin that block's source for
+// the copy, the sequence is admitted with its full blocks alone rather than waiting forever.
+TEST(Scheduler, PartialBlockReuseAndItsFallbackWhenThePoolIsTight) {
+  for (int32_t num_blocks : {5, 4}) {
+    KVCacheManager kv(num_blocks, 4);
+    Scheduler scheduler({CapacityPolicy::kGuaranteedNoEvict, 4, 64}, kv);
+    scheduler.add(make_seq_with_tokens(1, {1, 2, 3, 4, 5, 6, 7, 8, 9}, 16));
+    advance_chunks(scheduler, kv, scheduler.schedule(), token_from_length);  // 2 full blocks stored
+    scheduler.remove(1);
+    scheduler.add(make_seq_with_tokens(2, {1, 2, 3, 4, 5, 6, 0, 0, 0}, 16));  // shares 6 tokens
+    ScheduledBatch b = scheduler.schedule();
+    ASSERT_EQ(ids(b.context), (std::vector<RequestId>{2}));
+    // 16 tokens take 4 blocks; pinning the source of the copy needs a fifth.
+    const bool partial = num_blocks == 5;
+    EXPECT_EQ(b.context[0]->num_cached_tokens, partial ? 6 : 4) << num_blocks << " blocks";
+    EXPECT_EQ(b.context[0]->num_scheduled_tokens, partial ? 3 : 5);
+    EXPECT_EQ(kv.pending_copies().size(), partial ? 1u : 0u);
+    EXPECT_EQ(kv.stats().num_partial_reused_blocks, partial ? 1 : 0);
+    if (partial) {
+      EXPECT_THROW(scheduler.schedule(), Error) << "copies of the last step never ran";
+    }
+    kv.finish_copies();
+    kv.check_invariants();
+  }
 }
 
 TEST(Scheduler, MaxUtilizationPreemptsTheNewestAndResumesIt) {

@@ -208,3 +208,20 @@ def test_bad_block_id_is_rejected(engine):
     session = Session(path, 4, num_kv_blocks=8)
     with pytest.raises(ValueError, match="block id 8 outside"):
         session.runner.forward([1, 2], [2], [0], np.array([[8]], dtype=np.int32))
+
+
+def test_copy_blocks_copies_every_layer(engine):
+    """copy_blocks on the runner's stream: a sequence sharing 6 tokens (one full block and 2 tokens
+    of the next) with a cached one reads its own copy of the partial block; the source is unchanged."""
+    rng = np.random.default_rng(13)
+    m, path = engine(num_layers=3)
+    runner = Session(path, 4, num_kv_blocks=16).runner
+    a = random_tokens(rng, m, 10)
+    b = a[:6] + random_tokens(rng, m, 5)
+    table = lambda *ids: np.array([ids], dtype=np.int32)
+    runner.forward(a, [10], [0], table(3, 7, 11))
+    runner.copy_blocks([(7, 5)])
+    assert_close(runner.forward(b[6:], [5], [6], table(3, 5, 9))[0], reference_logits(m, b)[-1])
+    assert_close(runner.forward([a[-1]], [1], [10], table(3, 7, 11))[0], reference_logits(m, a + [a[-1]])[-1])
+    with pytest.raises(ValueError, match="outside"):
+        runner.copy_blocks([(16, 0)])

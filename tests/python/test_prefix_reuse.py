@@ -1,6 +1,7 @@
 """Prefix reuse through the LLM API and the core executor on a tiny random-weight Llama: a request
-sharing a cached prefix computes only its uncached tokens (and still matches HF transformers), KV
-cache events describe the stored and evicted blocks, and cache salts keep requests apart."""
+sharing a cached prefix computes only its uncached tokens (and still matches HF transformers),
+including the leading tokens of a partially shared block (copied, copy-on-write), KV cache events
+describe the stored and evicted blocks, and cache salts keep requests apart."""
 import numpy as np
 import pytest
 
@@ -42,7 +43,9 @@ def test_shared_prefix_computes_only_uncached_tokens(engine_dir, hf_model):
     rng = np.random.default_rng(3)
     system = random_prompts(rng, [43])[0]  # 5 full blocks + 3 tokens
     first, second = (system + tail for tail in random_prompts(rng, [6, 11]))
-    kv = KvCacheConfig(max_tokens=1024, tokens_per_block=TOKENS_PER_BLOCK)
+    assert first[43] != second[43]
+    # Full blocks only: the 3 tokens of the shared prefix in block 5 are computed again.
+    kv = KvCacheConfig(max_tokens=1024, tokens_per_block=TOKENS_PER_BLOCK, enable_partial_reuse=False)
     with LLM(engine_dir, kv_cache_config=kv) as llm:
         assert greedy(llm, first) == hf_greedy(hf_model, first, 6)
         before = llm.get_stats()
@@ -56,18 +59,103 @@ def test_shared_prefix_computes_only_uncached_tokens(engine_dir, hf_model):
     # The first request looked up 6 full blocks (48 of its 49 prompt tokens) and found none.
     assert after["kv_cache"]["num_missed_blocks"] >= 6
     assert after["kv_cache"]["hit_rate"] == pytest.approx(5 / (5 + after["kv_cache"]["num_missed_blocks"]))
+    assert after["kv_cache"]["num_partial_reused_blocks"] == 0
 
 
-def test_identical_prompt_reuses_all_but_the_last_token(engine_dir, hf_model):
-    prompt = random_prompts(np.random.default_rng(4), [32])[0]  # exactly 4 blocks
+def reused_tokens(llm, hf_model, prompt, sequences):
+    """Runs prompt (checked against HF), appends its tokens to `sequences`, returns stat deltas."""
+    before = llm.get_stats()
+    out = greedy(llm, prompt)
+    assert out == hf_greedy(hf_model, prompt, 6)
+    sequences.append(prompt + out)
+    after = llm.get_stats()
+    return {key: after["kv_cache"][key] - before["kv_cache"][key]
+            for key in ("num_reused_tokens", "num_reused_blocks", "num_partial_reused_blocks")} | {
+                "num_context_tokens": after["num_context_tokens"] - before["num_context_tokens"]}
+
+
+@pytest.mark.parametrize("tokens_per_block", [4, 8, 16])
+def test_prefix_ending_mid_block_is_partially_reused(engine_dir, hf_model, tokens_per_block):
+    """A 43-token shared prefix: its full blocks are shared, and the leading tokens of the cached
+    block it ends in are copied into the second request's private block (at most tokens_per_block - 1:
+    a whole equal block would have been shared), so it computes only what follows them."""
+    rng = np.random.default_rng(10 + tokens_per_block)
+    system = random_prompts(rng, [43])[0]
+    first, second = (system + tail for tail in random_prompts(rng, [6, 11]))
+    assert first[43] != second[43]
+    third = second[:-1] + [second[-1] % 100 + 2]  # the second's prompt with another last token
+    kv = KvCacheConfig(max_tokens=1024, tokens_per_block=tokens_per_block, event_buffer_max_size=1000)
+    with LLM(engine_dir, kv_cache_config=kv) as llm:
+        sequences = []
+        reused_tokens(llm, hf_model, first, sequences)
+        second_reuse = reused_tokens(llm, hf_model, second, sequences)
+        # The third reuses the second's private block, registered once full with the second's tokens.
+        third_reuse = reused_tokens(llm, hf_model, third, sequences)
+        events = llm.get_kv_cache_events()
+    num_full = 43 // tokens_per_block * tokens_per_block
+    # The first left its computed tokens (prompt + 5 fed back) cached in full blocks, among them
+    # the block the shared prefix ends in.
+    assert (len(first) + 5) // tokens_per_block * tokens_per_block > num_full
+    assert second_reuse == {"num_reused_tokens": 43, "num_reused_blocks": num_full // tokens_per_block,
+                            "num_partial_reused_blocks": 1, "num_context_tokens": len(second) - 43}
+    # The second's cached full blocks; the third may take whole blocks of its first 53 tokens, then
+    # the leading tokens of the next cached block, never its last token.
+    num_blocks_second = (len(second) + 5) // tokens_per_block
+    num_blocks_third = min(53 // tokens_per_block, num_blocks_second)
+    num_partial = min(tokens_per_block - 1, 53 - num_blocks_third * tokens_per_block)
+    if num_blocks_third == num_blocks_second:
+        num_partial = 0
+    assert third_reuse["num_reused_tokens"] == num_blocks_third * tokens_per_block + num_partial
+    assert third_reuse["num_context_tokens"] == len(third) - third_reuse["num_reused_tokens"]
+    stored = [e for e in events if e["type"] == "stored"]
+    assert len({e["block_hash"] for e in stored}) == len(stored)
+    for e in stored:  # every stored block carries the tokens of a request at its offset
+        span = slice(e["token_offset"], e["token_offset"] + tokens_per_block)
+        assert any(e["token_ids"] == s[span] for s in sequences)
+
+
+def test_partial_reuse_up_to_the_last_token(engine_dir, hf_model):
+    """The same 30-token prompt twice: 3 full blocks and 5 of the 6 cached tokens of the fourth
+    block are reused; only the last prompt token is computed."""
+    prompt = random_prompts(np.random.default_rng(11), [30])[0]
     with LLM(engine_dir, kv_cache_config=KvCacheConfig(max_tokens=1024, tokens_per_block=TOKENS_PER_BLOCK)) as llm:
+        expected = greedy(llm, prompt)  # 30 + 5 computed tokens: 4 full blocks cached
+        before = llm.get_stats()
+        assert greedy(llm, prompt) == expected == hf_greedy(hf_model, prompt, 6)
+        after = llm.get_stats()
+    assert after["kv_cache"]["num_reused_tokens"] - before["kv_cache"]["num_reused_tokens"] == 29
+    assert after["num_context_tokens"] - before["num_context_tokens"] == 1
+
+
+def test_min_partial_reuse_tokens(engine_dir, hf_model):
+    prompt = random_prompts(np.random.default_rng(12), [30])[0]
+    kv = KvCacheConfig(max_tokens=1024, tokens_per_block=TOKENS_PER_BLOCK, min_partial_reuse_tokens=6)
+    with LLM(engine_dir, kv_cache_config=kv) as llm:
+        greedy(llm, prompt)
+        before = llm.get_stats()
+        assert greedy(llm, prompt) == hf_greedy(hf_model, prompt, 6)
+        after = llm.get_stats()
+    # 5 shared tokens in the fourth block are below the threshold: only the 3 full blocks are reused.
+    assert after["kv_cache"]["num_reused_tokens"] - before["kv_cache"]["num_reused_tokens"] == 24
+    assert after["kv_cache"]["num_partial_reused_blocks"] == 0
+    with pytest.raises(ValueError, match="min_partial_reuse_tokens"):
+        KvCacheConfig(min_partial_reuse_tokens=0)
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_identical_prompt_reuses_all_but_the_last_token(engine_dir, hf_model, partial):
+    prompt = random_prompts(np.random.default_rng(4), [32])[0]  # exactly 4 blocks
+    kv = KvCacheConfig(max_tokens=1024, tokens_per_block=TOKENS_PER_BLOCK, enable_partial_reuse=partial)
+    with LLM(engine_dir, kv_cache_config=kv) as llm:
         expected = greedy(llm, prompt)
         before = llm.get_stats()
         assert greedy(llm, prompt) == expected == hf_greedy(hf_model, prompt, 6)
         after = llm.get_stats()
-    # 31 tokens may be reused, in whole blocks: 3 blocks; the 4th block's 8 tokens are computed.
-    assert after["kv_cache"]["num_reused_tokens"] - before["kv_cache"]["num_reused_tokens"] == 24
-    assert after["num_context_tokens"] - before["num_context_tokens"] == 8
+    # 31 tokens may be reused: 3 whole blocks, and with partial reuse 7 tokens of the 4th; the rest
+    # of the 4th block (8 tokens, or only the last one) is computed.
+    num_reused = 31 if partial else 24
+    assert after["kv_cache"]["num_reused_tokens"] - before["kv_cache"]["num_reused_tokens"] == num_reused
+    assert after["num_context_tokens"] - before["num_context_tokens"] == 32 - num_reused
 
 
 def test_kv_cache_events(engine_dir):
@@ -144,3 +232,33 @@ def test_cache_salt_through_the_llm_api(engine_dir, hf_model):
         assert result.result().outputs[0].token_ids == hf_greedy(hf_model, prompt, 4)
         with pytest.raises(ValueError, match="cache_salt"):
             llm.generate([list(prompt)] * 2, params, use_tqdm=False, cache_salt=["a"])
+
+
+def test_runner_copy_blocks_copies_every_layer(tmp_path):
+    """ModelRunner.copy_blocks against the float64 reference: a sequence sharing 6 tokens (one full
+    block and 2 tokens of the next) with a cached one reads its own copy of the partial block; the
+    source keeps serving its owner."""
+    from engine_fixture import TinyModel, reference_logits, write_engine
+
+    m = TinyModel(num_layers=3)
+    engine = _core.Engine.load(str(write_engine(tmp_path / "engine", m)))
+    runner = _core.ModelRunner(engine, _core.RuntimeConfig(tokens_per_block=4, num_kv_blocks=16))
+    rng = np.random.default_rng(13)
+    a = [int(t) for t in rng.integers(0, m.vocab_size, 10)]
+    b = a[:6] + [int(t) for t in rng.integers(0, m.vocab_size, 5)]
+    table = lambda *ids: np.array([ids], dtype=np.int32)
+    error = lambda x, ref: float(np.max(np.abs(x - ref)) / np.max(np.abs(ref)))
+    runner.forward(a, [10], [0], table(3, 7, 11))
+    runner.copy_blocks([(7, 5)])  # b's block 1 starts as a's: tokens 4, 5 are b's too
+    out = runner.forward(b[6:], [5], [6], table(3, 5, 9))
+    assert error(out[0], reference_logits(m, b)[-1]) <= 1e-5
+    # The same step over a block nobody copied into reads other K/V: the check above can fail.
+    stale = runner.forward(b[6:], [5], [6], table(3, 13, 9))
+    assert not np.all(np.isfinite(stale)) or error(stale[0], reference_logits(m, b)[-1]) > 1e-3
+    # b wrote its tokens 6, 7 into its copy, never into a's block 7.
+    out = runner.forward([a[-1]], [1], [10], table(3, 7, 11))
+    assert error(out[0], reference_logits(m, a + [a[-1]])[-1]) <= 1e-5
+    with pytest.raises(ValueError, match="outside"):
+        runner.copy_blocks([(16, 0)])
+    with pytest.raises(ValueError, match="onto itself"):
+        runner.copy_blocks([(2, 2)])

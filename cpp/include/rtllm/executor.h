@@ -55,6 +55,13 @@ struct KvCacheConfig {
   float free_memory_fraction = 0.9f;         // of the memory free after weights and workspace
   int32_t tokens_per_block = 32;
   bool enable_block_reuse = true;     // share cached prefix blocks between requests
+  // Also take the leading tokens of a cached block that continues the shared prefix, by copying it
+  // into a private block (copy-on-write); needs enable_block_reuse.
+  bool enable_partial_reuse = true;
+  // Fewest shared tokens for which a partial block is copied (>= 1). The copy is one memory copy of
+  // the block per layer (K and V); that is cheaper than the prefill of even one token through every
+  // layer's weights, so 1 pays.
+  int32_t min_partial_reuse_tokens = 1;
   int32_t event_buffer_max_size = 0;  // KV-cache events kept for get_kv_cache_events(); 0: none
 };
 

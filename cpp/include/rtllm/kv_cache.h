@@ -16,8 +16,16 @@
 // the pool needs it (free blocks are taken first, then the least recently used reusable one, which
 // is then forgotten).
 //
-// Every block is in exactly one state: held (ref_count >= 1), free (ref_count 0, not registered) or
-// reusable (ref_count 0, registered, in the LRU list). Verbs come in query/mutate pairs:
+// Partial reuse (copy-on-write): past the full blocks it matched, a new sequence may also take the
+// first k < tokens_per_block tokens of a registered block that continues its chain (a child of its
+// last matched block), the one sharing the longest prefix with its next tokens. It never writes into
+// that shared block: allocate() gives it a fresh private block and records a copy (source ->
+// destination) that the caller hands to ModelRunner::copy_blocks before the step's forward, then
+// acknowledges with finish_copies(). The source is pinned (held) until then, so taking blocks in the
+// meantime can never evict it. The private block is registered like any other once it is full.
+//
+// Every block is in exactly one state: held (ref_count >= 1: sequences and copy pins), free
+// (ref_count 0, not registered) or reusable (ref_count 0, registered, in the LRU list). Verbs come in query/mutate pairs:
 // can_allocate/allocate, can_append/append; free releases all blocks of a sequence.
 #pragma once
 
@@ -27,6 +35,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "rtllm/common.h"
@@ -52,7 +61,8 @@ struct KvCacheStats {
   int32_t tokens_per_block = 0;
   int64_t num_reused_blocks = 0;     // blocks new sequences took from the cache (since creation)
   int64_t num_missed_blocks = 0;     // full prompt blocks they looked up and did not find
-  int64_t num_reused_tokens = 0;     // num_reused_blocks * tokens_per_block
+  int64_t num_reused_tokens = 0;     // num_reused_blocks * tokens_per_block + partially reused tokens
+  int64_t num_partial_reused_blocks = 0;  // blocks whose leading tokens were copied for a new sequence
   int64_t num_evicted_blocks = 0;    // reusable blocks taken for other data
   double hit_rate() const {
     int64_t n = num_reused_blocks + num_missed_blocks;
@@ -64,7 +74,19 @@ struct KvCacheStats {
 struct PrefixMatch {
   std::vector<int32_t> block_ids;    // registered blocks, in token order
   int32_t num_looked_up_blocks = 0;  // full blocks that were looked for (hits + misses)
+  // Partial reuse: a registered block continuing the chain whose first num_partial_tokens tokens
+  // equal the sequence's next ones (-1 and 0: none).
+  int32_t partial_block_id = -1;
+  int32_t num_partial_tokens = 0;
+
+  // Tokens whose K/V the sequence takes instead of computing.
+  int64_t num_cached_tokens(int32_t tokens_per_block) const {
+    return static_cast<int64_t>(block_ids.size()) * tokens_per_block + num_partial_tokens;
+  }
 };
+
+// Block copies (source, destination) to run before a step's forward.
+using BlockCopies = std::vector<std::pair<int32_t, int32_t>>;
 
 enum class KvCacheEventKind : int32_t {
   kCreated,  // once: the pool (num_blocks, tokens_per_block)
@@ -86,26 +108,37 @@ struct KvCacheEvent {
 
 class RTLLM_API KVCacheManager {
  public:
-  // Throws InvalidArgument for num_blocks < 1, tokens_per_block < 1 or event_buffer_max_size < 0.
-  // event_buffer_max_size 0 records no events; otherwise the oldest are dropped beyond it.
+  // Throws InvalidArgument for num_blocks < 1, tokens_per_block < 1, event_buffer_max_size < 0 or
+  // min_partial_reuse_tokens < 1. event_buffer_max_size 0 records no events; otherwise the oldest are
+  // dropped beyond it. Partial reuse needs block reuse and at least min_partial_reuse_tokens shared
+  // tokens in the block.
   KVCacheManager(int32_t num_blocks, int32_t tokens_per_block, bool enable_block_reuse = true,
-                 int32_t event_buffer_max_size = 0);
+                 int32_t event_buffer_max_size = 0, bool enable_partial_reuse = true,
+                 int32_t min_partial_reuse_tokens = 1);
 
   // Blocks needed to hold num_tokens token slots: ceil(num_tokens / tokens_per_block).
   int32_t num_blocks_for(int64_t num_tokens) const;
 
   // The registered blocks holding the longest prefix of tokens[0, num_tokens - 1) in whole blocks
-  // (the last token is always computed: its logits are needed). Empty with reuse off.
+  // (the last token is always computed: its logits are needed), then the best partial block (see
+  // above) for the tokens after them. Empty with reuse off.
   PrefixMatch match_prefix(const std::vector<int32_t>& tokens, int64_t num_tokens, uint64_t extra_key) const;
   // Blocks a new sequence of num_tokens slots reusing `prefix` takes out of the free + reusable
-  // blocks: new blocks, plus the prefix blocks that nobody holds now.
+  // blocks: new blocks, plus the prefix blocks (and the partial source, pinned for the copy) that
+  // nobody holds now.
   int32_t num_blocks_to_take(int64_t num_tokens, const PrefixMatch& prefix = {}) const;
   bool can_allocate(int64_t num_tokens, const PrefixMatch& prefix = {}) const;
   // Creates sequence `seq` with num_tokens slots (num_tokens >= prefix's tokens + 1): the blocks of
   // `prefix` (from match_prefix, for the same tokens and extra key, with no change to the pool in
   // between) and new ones for the rest. Throws Error if `seq` already holds blocks or the blocks
-  // do not suffice (check can_allocate first).
+  // do not suffice (check can_allocate first). A partial match records a copy into the sequence's
+  // private block for that position (see pending_copies).
   void allocate(RequestId seq, int64_t num_tokens, const PrefixMatch& prefix = {}, uint64_t extra_key = 0);
+
+  // Copies recorded by allocate() since the last finish_copies(), in order; their sources are pinned.
+  const BlockCopies& pending_copies() const { return pending_copies_; }
+  // The copies ran (or were dropped with their step): unpins the sources and clears the list.
+  void finish_copies();
 
   // Whether `seq` can grow by num_new_tokens slots (it may need no new block at all).
   bool can_append(RequestId seq, int64_t num_new_tokens) const;
@@ -118,7 +151,8 @@ class RTLLM_API KVCacheManager {
   void store(RequestId seq, const std::vector<int32_t>& tokens, int64_t num_computed_tokens);
 
   // Releases all blocks of `seq`; blocks nobody else holds become reusable (registered) or free.
-  // A sequence that holds no blocks is ignored, so free is safe to call twice.
+  // A pending copy into its blocks is dropped. A sequence that holds no blocks is ignored, so free
+  // is safe to call twice.
   void free(RequestId seq);
 
   bool contains(RequestId seq) const;
@@ -132,6 +166,7 @@ class RTLLM_API KVCacheManager {
   int32_t num_reusable_blocks() const { return static_cast<int32_t>(reusable_lru_.size()); }
   int32_t tokens_per_block() const { return tokens_per_block_; }
   bool enable_block_reuse() const { return enable_block_reuse_; }
+  bool enable_partial_reuse() const { return enable_partial_reuse_; }
   KvCacheStats stats() const;
 
   // Events since the last call, oldest first (empty when events are off).
@@ -169,6 +204,10 @@ class RTLLM_API KVCacheManager {
 
   int32_t find_registered(uint64_t hash, uint64_t parent_identity, uint64_t extra_key,
                           const int32_t* tokens) const;
+  void match_partial(const std::vector<int32_t>& tokens, int64_t num_tokens, uint64_t extra_key,
+                     uint64_t parent_identity, PrefixMatch& match) const;
+  void register_block(int32_t b, uint64_t hash, const SequenceBlocks& blocks, int32_t position,
+                      const int32_t* tokens);
   void hold(int32_t b);
   void release(int32_t b);
   int32_t take_free_block();
@@ -179,14 +218,20 @@ class RTLLM_API KVCacheManager {
   int32_t tokens_per_block_;
   bool enable_block_reuse_;
   int32_t event_buffer_max_size_;
+  bool enable_partial_reuse_;
+  int32_t min_partial_reuse_tokens_;
   BlockHashFn hash_fn_ = default_block_hash;
   std::vector<Block> blocks_;        // [num_blocks]
   std::deque<int32_t> free_blocks_;  // unregistered, nobody holds them; taken from the front
   std::list<int32_t> reusable_lru_;  // registered, nobody holds them; least recently used first
   std::unordered_multimap<uint64_t, int32_t> by_hash_;  // hash -> registered blocks
+  // parent identity (0: none) -> registered blocks continuing it; candidates for partial reuse.
+  std::unordered_multimap<uint64_t, int32_t> children_;
+  BlockCopies pending_copies_;  // reserved for num_blocks: recording one never allocates
   std::unordered_map<RequestId, SequenceBlocks> sequences_;
   uint64_t next_identity_ = 1;
   int64_t num_reused_blocks_ = 0, num_missed_blocks_ = 0, num_evicted_blocks_ = 0;
+  int64_t num_partial_reused_blocks_ = 0, num_partial_reused_tokens_ = 0;
   std::deque<KvCacheEvent> events_;
   int64_t next_event_id_ = 0;
 };

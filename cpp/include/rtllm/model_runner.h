@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "rtllm/common.h"
@@ -60,6 +61,11 @@ class RTLLM_API ModelRunner {
   // sequence's last new token, [num_seqs, vocab_size] float32 on the host. The buffer is owned by
   // the runner and valid until the next call. Throws InvalidArgument for inputs over the limits.
   const float* forward(const StepInputs& inputs);
+
+  // Copies whole KV blocks, source -> destination, in every layer (K and V), in order, before the
+  // next forward reads them (copy-on-write of a partially reused prefix block). Throws
+  // InvalidArgument for a block id outside [0, num_kv_blocks) or a pair with source == destination.
+  void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies);
 
   const Engine& engine() const;
   const RuntimeConfig& config() const;  // with the 0 fields resolved

@@ -101,6 +101,7 @@ class RTLLM_API Scheduler {
   int32_t chunk_size(const Sequence& seq, int32_t num_budget_tokens) const;
   bool schedule_running(size_t index, Budget& budget, ScheduledBatch& batch);
   void admit_waiting(Budget& budget, ScheduledBatch& batch);
+  int32_t fit(Sequence& seq, const PrefixMatch& prefix, const Budget& budget) const;
   void preempt_newest(ScheduledBatch& batch);
   int64_t num_reserved_blocks() const;
   bool can_admit(const Sequence& seq, const PrefixMatch& prefix, int32_t num_slots) const;

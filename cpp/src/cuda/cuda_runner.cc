@@ -92,6 +92,7 @@ class CudaBackend final : public RunnerBackend {
   void* graph_input(const std::string& name) override;
   void allocate_kv_pool(RuntimeConfig& config) override;
   const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) override;
+  void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) override;
 
  private:
   int32_t* device_array(size_t offset) const { return static_cast<int32_t*>(step_buffer_.data) + offset; }
@@ -308,6 +309,19 @@ const float* CudaBackend::forward(const HostStep& st, std::vector<PlannedNode>& 
   // The staging buffer and host logits are reused by the next step: wait for this one.
   RTLLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
   return static_cast<const float*>(host_logits_.data);
+}
+
+// A block is [2, nkv, tpb, hd] of the compute dtype, contiguous in each layer's [num_kv_blocks + 1, ...].
+// Device-to-device copies on the backend's stream, so the next forward sees them without a host wait.
+void CudaBackend::copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) {
+  RTLLM_CUDA_CHECK(cudaSetDevice(device_));
+  const size_t block_bytes = ModelRunner::kv_bytes_per_block(model_, config_.tokens_per_block, DeviceKind::kCuda) /
+                             model_.num_layers;
+  for (void* layer : kv_layers_)
+    for (const auto& [src, dst] : copies)
+      RTLLM_CUDA_CHECK(cudaMemcpyAsync(static_cast<uint8_t*>(layer) + dst * block_bytes,
+                                       static_cast<uint8_t*>(layer) + src * block_bytes, block_bytes,
+                                       cudaMemcpyDeviceToDevice, stream_));
 }
 
 }  // namespace

@@ -16,6 +16,9 @@ class KvCacheConfig:
     (requests with different cache salts never share).
     event_buffer_max_size: KV-cache events (stored/removed blocks) kept for
     LLM.get_kv_cache_events(); 0 records none.
+    enable_partial_reuse: past the shared full blocks, a request also takes the leading tokens of a
+    cached block that continues its prefix, copied into a private block (needs enable_block_reuse).
+    min_partial_reuse_tokens: fewest shared tokens for which that copy is made.
     """
 
     max_tokens: Optional[int] = None
@@ -23,6 +26,8 @@ class KvCacheConfig:
     tokens_per_block: int = 32
     enable_block_reuse: bool = True
     event_buffer_max_size: int = 0
+    enable_partial_reuse: bool = True
+    min_partial_reuse_tokens: int = 1
 
     def __post_init__(self):
         if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or
@@ -39,6 +44,11 @@ class KvCacheConfig:
         size = self.event_buffer_max_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"KvCacheConfig.event_buffer_max_size={size!r} must be an int >= 0")
+        if not isinstance(self.enable_partial_reuse, bool):
+            raise ValueError(f"KvCacheConfig.enable_partial_reuse={self.enable_partial_reuse!r} must be a bool")
+        k = self.min_partial_reuse_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"KvCacheConfig.min_partial_reuse_tokens={k!r} must be an int >= 1")
 
     def to_core(self):
         from rtllm import _core
@@ -47,7 +57,9 @@ class KvCacheConfig:
                                    free_memory_fraction=float(self.free_gpu_memory_fraction),
                                    tokens_per_block=self.tokens_per_block,
                                    enable_block_reuse=self.enable_block_reuse,
-                                   event_buffer_max_size=self.event_buffer_max_size)
+                                   event_buffer_max_size=self.event_buffer_max_size,
+                                   enable_partial_reuse=self.enable_partial_reuse,
+                                   min_partial_reuse_tokens=self.min_partial_reuse_tokens)
 
 
 class CapacitySchedulerPolicy(str, enum.Enum):

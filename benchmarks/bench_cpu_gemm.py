@@ -1,0 +1,97 @@
+"""rtllm's CPU linear op against numpy.matmul and torch.matmul (float32), same shapes, same run.
+
+rtllm's linear runs through a one-linear engine (embedding -> linear -> gather_rows, one token per
+sequence; tests/python/test_cpu_linear.py writes it), so its time includes a whole runner step: the
+embedding gather of x and the copy of y out, which the library rows do not pay. The shapes are those of
+llama-30m (hidden 512, intermediate 1408, vocab 8192) at decode (M = 1, 32) and prefill (M = 512, 4096).
+The rowmajor rows run rtllm's linear on a W that the embedding reads too (as with tied embeddings),
+which the runner leaves row-major [N, K] for the inner-product kernel instead of packing it.
+Each row gives the median over --reps calls, the spread (p10..p90) and GFLOP/s (2 M N K / time).
+
+Usage: python benchmarks/bench_cpu_gemm.py [--threads 2] [--reps 20] [--output results.json]
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "python"))
+from timing import now, report  # noqa: E402
+from test_cpu_linear import LinearRunner, write_linear_engine  # noqa: E402
+
+SHAPES = [("qkv", 512, 1024), ("o_proj", 512, 512), ("gate_up", 512, 2816), ("down", 1408, 512),
+          ("lm_head", 512, 8192)]  # (name, K, N)
+ROWS = [1, 32, 512, 4096]
+
+
+def time_calls(fn, reps):
+    """(p10, p50, p90) seconds of fn() over reps calls, after a pause and a warm-up call: numpy's
+    OpenBLAS and torch's OpenMP threads busy-wait for a while after each call, which would take a core
+    from whichever engine runs next."""
+    time.sleep(0.3)
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = now()
+        fn()
+        times.append(now() - t0)
+    return np.percentile(np.asarray(times), [10, 50, 90])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--rows", type=int, nargs="*", default=ROWS)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--output")
+    args = parser.parse_args()
+    torch = None
+    if not args.no_torch:
+        import torch
+        torch.set_num_threads(args.threads)
+
+    rng = np.random.default_rng(0)
+    results, rows = {"threads": args.threads, "reps": args.reps, "rows": []}, []
+    max_rows = max(args.rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, K, N in SHAPES:
+            table = rng.standard_normal((N, K)).astype(np.float32)
+            weight = (rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32)
+            path = write_linear_engine(Path(tmp) / name, table, weight, max_rows=max_rows)
+            runner = LinearRunner(path, num_threads=args.threads, max_rows=max_rows)
+            # W doubling as the embedding table stays row-major: the inner-product kernel for such weights
+            tied = write_linear_engine(Path(tmp) / (name + "_tied"), weight, weight, max_rows=max_rows)
+            rowmajor = LinearRunner(tied, num_threads=args.threads, max_rows=max_rows)
+            for M in args.rows:
+                ids = rng.integers(0, N, M)
+                x = table[ids]
+                flop = 2.0 * M * N * K
+                row = {"shape": name, "M": M, "K": K, "N": N}
+                engines = {"rtllm": lambda: runner(ids), "rowmajor": lambda: rowmajor(ids),
+                           "numpy": lambda: np.matmul(x, weight.T)}
+                if torch is not None:
+                    xt, wt = torch.from_numpy(x), torch.from_numpy(weight)
+                    engines["torch"] = lambda: torch.matmul(xt, wt.T)
+                for engine, fn in engines.items():
+                    p10, p50, p90 = time_calls(fn, args.reps)
+                    row[f"{engine}_ms"] = p50 * 1e3
+                    row[f"{engine}_spread_ms"] = f"{p10 * 1e3:.3g}..{p90 * 1e3:.3g}"
+                    row[f"{engine}_gflops"] = flop / p50 / 1e9
+                results["rows"].append(row)
+                rows.append(row)
+    columns = ["shape", "M", "K", "N", "rtllm_ms", "rtllm_gflops", "rowmajor_gflops", "numpy_gflops"]
+    if torch is not None:
+        columns.append("torch_gflops")
+    columns += ["rtllm_spread_ms"]
+    report(results, rows, columns, args.output)
+
+
+if __name__ == "__main__":
+    main()
