@@ -128,6 +128,25 @@ class _GraphWriter:
         return names[0] if num_outputs == 1 else names
 
 
+def engine_config(model_config, limits, tensors, nodes, fused=True, format_version=1):
+    """config.json of a hand-written engine (docs/engine_format.md) whose graph ends in "logits"."""
+    def spec(name, *shape):
+        return {"name": name, "dtype": "int32" if name != "logits" else "float32", "shape": list(shape)}
+
+    return {
+        "format_version": format_version, "rtllm_version": "0.1.0",
+        "architecture": model_config["architecture"], "model_config": model_config,
+        "build_config": {**limits, "fuse": fused}, "quant_config": {"quant_algo": None},
+        "mapping": {"tp_size": 1, "tp_rank": 0},
+        "graph": {
+            "inputs": [spec("input_ids", "num_tokens"), spec("positions", "num_tokens"),
+                       spec("last_token_ids", "num_seqs")],
+            "outputs": [spec("logits", "num_seqs", model_config["vocab_size"])],
+            "tensors": tensors, "nodes": nodes,
+        },
+    }
+
+
 def write_engine(path, m: TinyModel, fused=True, limits=None, format_version=1):
     """Writes config.json and rank0.engine for model m into directory `path`."""
     H, hd, I, nh, nkv = m.hidden_size, m.head_dim, m.intermediate_size, m.num_heads, m.num_kv_heads
@@ -200,30 +219,16 @@ def write_engine(path, m: TinyModel, fused=True, limits=None, format_version=1):
 
     limits = {"max_batch_size": 8, "max_input_len": 256, "max_seq_len": 320, "max_num_tokens": 512,
               **(limits or {})}
-    config = {
-        "format_version": format_version,
-        "rtllm_version": "0.1.0",
-        "architecture": "LlamaForCausalLM",
-        "model_config": {
-            "architecture": "LlamaForCausalLM", "vocab_size": m.vocab_size, "hidden_size": H,
-            "num_layers": m.num_layers, "num_heads": nh, "num_kv_heads": nkv, "head_dim": hd,
-            "intermediate_size": I, "max_position_embeddings": 4096, "rms_norm_eps": eps,
-            "rope_theta": m.rope_theta, "rope_scaling": None, "tie_word_embeddings": m.tie_word_embeddings,
-            "attention_bias": m.qkv_bias, "qk_norm": m.qk_norm, "dtype": m.dtype, "bos_token_id": 1,
-            "eos_token_id": [2],
-        },
-        "build_config": {**limits, "fuse": fused},
-        "quant_config": {"quant_algo": None},
-        "mapping": {"tp_size": 1, "tp_rank": 0},
-        "graph": {
-            "inputs": [{"name": "input_ids", "dtype": "int32", "shape": ["num_tokens"]},
-                       {"name": "positions", "dtype": "int32", "shape": ["num_tokens"]},
-                       {"name": "last_token_ids", "dtype": "int32", "shape": ["num_seqs"]}],
-            "outputs": [{"name": "logits", "dtype": "float32", "shape": ["num_seqs", m.vocab_size]}],
-            "tensors": g.tensors,
-            "nodes": g.nodes,
-        },
+    model_config = {
+        "architecture": "LlamaForCausalLM", "vocab_size": m.vocab_size, "hidden_size": H,
+        "num_layers": m.num_layers, "num_heads": nh, "num_kv_heads": nkv, "head_dim": hd,
+        "intermediate_size": I, "max_position_embeddings": 4096, "rms_norm_eps": eps,
+        "rope_theta": m.rope_theta, "rope_scaling": None, "tie_word_embeddings": m.tie_word_embeddings,
+        "attention_bias": m.qkv_bias, "qk_norm": m.qk_norm, "dtype": m.dtype, "bos_token_id": 1,
+        "eos_token_id": [2],
     }
+    config = engine_config(model_config, limits, g.tensors, g.nodes, fused=fused,
+                           format_version=format_version)
     assert logits == "t%d" % (len(g.tensors) - 1)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2))

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from engine_fixture import write_safetensors
+from engine_fixture import engine_config, write_safetensors
 from rtllm import _core
 
 MAX_ROWS = 80
@@ -29,24 +29,13 @@ def write_linear_engine(path, table, weight, bias=None, max_rows=MAX_ROWS):
                {"name": "y", "dtype": "float32", "shape": ["num_tokens", N]},
                {"name": "logits", "dtype": "float32", "shape": ["num_seqs", N]}]
     limits = {"max_batch_size": max_rows, "max_input_len": 4, "max_seq_len": 8, "max_num_tokens": max_rows}
-    config = {
-        "format_version": 1, "rtllm_version": "0.1.0", "architecture": "LlamaForCausalLM",
-        "model_config": {
-            "architecture": "LlamaForCausalLM", "vocab_size": N, "hidden_size": K, "num_layers": 1,
-            "num_heads": 1, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": K,
-            "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None,
-            "tie_word_embeddings": False, "attention_bias": False, "qk_norm": False, "dtype": "float32",
-            "bos_token_id": 1, "eos_token_id": [2]},
-        "build_config": {**limits, "fuse": True},
-        "quant_config": {"quant_algo": None},
-        "mapping": {"tp_size": 1, "tp_rank": 0},
-        "graph": {
-            "inputs": [{"name": "input_ids", "dtype": "int32", "shape": ["num_tokens"]},
-                       {"name": "positions", "dtype": "int32", "shape": ["num_tokens"]},
-                       {"name": "last_token_ids", "dtype": "int32", "shape": ["num_seqs"]}],
-            "outputs": [{"name": "logits", "dtype": "float32", "shape": ["num_seqs", N]}],
-            "tensors": tensors, "nodes": nodes},
-    }
+    model_config = {
+        "architecture": "LlamaForCausalLM", "vocab_size": N, "hidden_size": K, "num_layers": 1,
+        "num_heads": 1, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": K,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None,
+        "tie_word_embeddings": False, "attention_bias": False, "qk_norm": False, "dtype": "float32",
+        "bos_token_id": 1, "eos_token_id": [2]}
+    config = engine_config(model_config, limits, tensors, nodes)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
     stored = {"W": weight, **({"E": table} if table is not weight else {}), **({"b": bias} if bias is not None else {})}

@@ -12,6 +12,8 @@ from safetensors.numpy import save_file
 
 from rtllm import _core
 
+from engine_fixture import engine_config
+
 VOCAB, HIDDEN = 40, 16
 LIMITS = dict(max_batch_size=4, max_input_len=24, max_seq_len=48, max_num_tokens=64)
 
@@ -23,28 +25,18 @@ def write_markov_engine(path, seed=0, limits=LIMITS):
     lm_head = (2.0 * rng.standard_normal((VOCAB, HIDDEN))).astype(np.float32)
     save_file({"embed.weight": embed, "lm_head.weight": lm_head}, str(path / "rank0.engine"))
     spec = lambda name, *shape: {"name": name, "dtype": "float32", "shape": list(shape)}
-    graph = {
-        "inputs": [{"name": "input_ids", "dtype": "int32", "shape": ["num_tokens"]},
-                   {"name": "positions", "dtype": "int32", "shape": ["num_tokens"]},
-                   {"name": "last_token_ids", "dtype": "int32", "shape": ["num_seqs"]}],
-        "outputs": [spec("logits", "num_seqs", VOCAB)],
-        "tensors": [spec("hidden", "num_tokens", HIDDEN), spec("last_hidden", "num_seqs", HIDDEN),
-                    spec("logits", "num_seqs", VOCAB)],
-        "nodes": [
-            {"op": "embedding", "inputs": ["input_ids", "embed.weight"], "outputs": ["hidden"], "attrs": {}},
-            {"op": "gather_rows", "inputs": ["hidden", "last_token_ids"], "outputs": ["last_hidden"], "attrs": {}},
-            {"op": "linear", "inputs": ["last_hidden", "lm_head.weight"], "outputs": ["logits"], "attrs": {}},
-        ],
-    }
-    config = {
-        "format_version": 1, "rtllm_version": "0.1.0", "architecture": "MarkovForTest",
-        "model_config": {"architecture": "MarkovForTest", "vocab_size": VOCAB, "hidden_size": HIDDEN,
-                         "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "head_dim": HIDDEN,
-                         "intermediate_size": 0, "max_position_embeddings": 64, "dtype": "float32",
-                         "bos_token_id": -1, "eos_token_id": []},
-        "build_config": limits, "quant_config": {"quant_algo": None},
-        "mapping": {"tp_size": 1, "tp_rank": 0}, "graph": graph,
-    }
+    tensors = [spec("hidden", "num_tokens", HIDDEN), spec("last_hidden", "num_seqs", HIDDEN),
+               spec("logits", "num_seqs", VOCAB)]
+    nodes = [
+        {"op": "embedding", "inputs": ["input_ids", "embed.weight"], "outputs": ["hidden"], "attrs": {}},
+        {"op": "gather_rows", "inputs": ["hidden", "last_token_ids"], "outputs": ["last_hidden"], "attrs": {}},
+        {"op": "linear", "inputs": ["last_hidden", "lm_head.weight"], "outputs": ["logits"], "attrs": {}},
+    ]
+    model_config = {"architecture": "MarkovForTest", "vocab_size": VOCAB, "hidden_size": HIDDEN,
+                    "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "head_dim": HIDDEN,
+                    "intermediate_size": 0, "max_position_embeddings": 64, "dtype": "float32",
+                    "bos_token_id": -1, "eos_token_id": []}
+    config = engine_config(model_config, limits, tensors, nodes)
     (path / "config.json").write_text(json.dumps(config))
     return embed.astype(np.float64) @ lm_head.astype(np.float64).T  # [VOCAB, VOCAB]: row t = logits after t
 
