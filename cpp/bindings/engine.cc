@@ -71,13 +71,16 @@ void bind_engine(py::module_& m) {
   py::class_<RuntimeConfig>(m, "RuntimeConfig")
       .def(py::init([](DeviceKind device, int32_t max_num_tokens, int32_t max_batch_size, int32_t num_kv_blocks,
                        int32_t tokens_per_block, int32_t num_threads, bool enable_cuda_graphs,
-                       float kv_free_memory_fraction) {
-             return RuntimeConfig{device,      max_num_tokens,     max_batch_size,         num_kv_blocks,
-                                  tokens_per_block, num_threads, enable_cuda_graphs, kv_free_memory_fraction};
+                       float kv_free_memory_fraction, bool device_sampling) {
+             RuntimeConfig c{device,      max_num_tokens,     max_batch_size,         num_kv_blocks,
+                             tokens_per_block, num_threads, enable_cuda_graphs, kv_free_memory_fraction};
+             c.device_sampling = device_sampling;
+             return c;
            }),
            py::arg("device") = DeviceKind::kCpu, py::arg("max_num_tokens") = 0, py::arg("max_batch_size") = 0,
            py::arg("num_kv_blocks") = 0, py::arg("tokens_per_block") = 32, py::arg("num_threads") = 0,
-           py::arg("enable_cuda_graphs") = true, py::arg("kv_free_memory_fraction") = 0.0f)
+           py::arg("enable_cuda_graphs") = true, py::arg("kv_free_memory_fraction") = 0.0f,
+           py::arg("device_sampling") = true)
       .def_readwrite("device", &RuntimeConfig::device)
       .def_readwrite("max_num_tokens", &RuntimeConfig::max_num_tokens)
       .def_readwrite("max_batch_size", &RuntimeConfig::max_batch_size)
@@ -86,13 +89,15 @@ void bind_engine(py::module_& m) {
       .def_readwrite("num_threads", &RuntimeConfig::num_threads)
       .def_readwrite("enable_cuda_graphs", &RuntimeConfig::enable_cuda_graphs)
       .def_readwrite("kv_free_memory_fraction", &RuntimeConfig::kv_free_memory_fraction)
+      .def_readwrite("device_sampling", &RuntimeConfig::device_sampling)
       .def("__repr__", [](const RuntimeConfig& c) {
         return detail::concat("RuntimeConfig(device=", c.device == DeviceKind::kCpu ? "CPU" : "CUDA",
                               ", max_num_tokens=", c.max_num_tokens, ", max_batch_size=", c.max_batch_size,
                               ", num_kv_blocks=", c.num_kv_blocks, ", tokens_per_block=", c.tokens_per_block,
                               ", num_threads=", c.num_threads, ", enable_cuda_graphs=",
                               c.enable_cuda_graphs ? "True" : "False", ", kv_free_memory_fraction=",
-                              c.kv_free_memory_fraction, ")");
+                              c.kv_free_memory_fraction, ", device_sampling=",
+                              c.device_sampling ? "True" : "False", ")");
       });
 
   py::class_<ModelRunner>(m, "ModelRunner")

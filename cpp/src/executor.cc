@@ -91,6 +91,7 @@ struct Executor::Impl {
         start_time(Clock::now()) {
     stats.kv_cache = kv_cache.stats();
     kv_events = kv_cache.take_events();  // the pool's kCreated event
+    device_sampling = runner.config().device == DeviceKind::kCuda && runner.config().device_sampling;
     loop_thread = std::thread([this] { loop(); });
   }
 
@@ -103,6 +104,10 @@ struct Executor::Impl {
   Sampler sampler;
   std::unordered_map<RequestId, std::shared_ptr<LlmRequest>> requests;  // those in the scheduler
   StepInputs inputs;
+  // CUDA with device_sampling: the runner samples where the logits are (forward_and_sample).
+  bool device_sampling = false;
+  std::vector<std::vector<int32_t>> masked;  // [num_seqs] masked ids of this step's sampling inputs
+  std::vector<SamplingInput> sampling_inputs;
   std::vector<Response> outbox;          // responses of this round, published by flush()
   std::vector<RequestId> finished_ids;   // requests finished this round
   std::vector<IterationStats> new_iteration_stats;  // steps of this round, published by flush()
@@ -149,6 +154,8 @@ struct Executor::Impl {
   Batch requests_of(const ScheduledBatch& scheduled) const;
   void prepare_inputs(const Batch& batch);
   std::vector<SampledToken> sample(const Batch& batch, const float* logits);
+  void prepare_sampling(const Batch& batch);
+  void check_sampled(const Batch& batch, const std::vector<SampledToken>& tokens);
   void postprocess(const Batch& batch, const std::vector<SampledToken>& tokens);
   void record_iteration(const ScheduledBatch& scheduled, Clock::time_point step_start);
   void finish(LlmRequest& request, FinishReason reason, const std::string& message = {});
@@ -317,25 +324,37 @@ void Executor::Impl::step_or_fail_all() {
 }
 
 // One step: schedule -> prepare -> copy -> forward -> sample -> postprocess. The copy stage fills
-// the private blocks of partially reused prefixes (copy-on-write) before forward reads them. A
-// failure of the model fails this batch's requests; a failure to sample fails that request alone.
+// the private blocks of partially reused prefixes (copy-on-write) before forward reads them. On
+// CUDA with device_sampling, forward and sample are one runner call and the logits stay on the
+// device. A failure of the model fails this batch's requests; a failure to sample fails that
+// request alone.
 void Executor::Impl::step() {
   const Clock::time_point step_start = Clock::now();
   ScheduledBatch scheduled = scheduler.schedule();
   Batch batch = requests_of(scheduled);
   RTLLM_CHECK(!batch.empty(), "the scheduler has work but scheduled nothing");
   const float* logits = nullptr;
+  std::vector<SampledToken> tokens;
   try {
     prepare_inputs(batch);
     if (!kv_cache.pending_copies().empty()) runner.copy_blocks(kv_cache.pending_copies());
     kv_cache.finish_copies();
-    logits = runner.forward(inputs);
+    if (device_sampling) {
+      prepare_sampling(batch);
+      runner.forward_and_sample(inputs, sampling_inputs, &tokens);
+    } else {
+      logits = runner.forward(inputs);
+    }
   } catch (const std::exception& e) {
     kv_cache.finish_copies();  // unpins the sources whatever ran
     for (const auto& request : batch) finish(*request, FinishReason::kError, e.what());
     return;
   }
-  std::vector<SampledToken> tokens = sample(batch, logits);
+  if (device_sampling) {
+    check_sampled(batch, tokens);
+  } else {
+    tokens = sample(batch, logits);
+  }
   postprocess(batch, tokens);
   record_iteration(scheduled, step_start);
   ++num_steps;
@@ -385,6 +404,29 @@ std::vector<SampledToken> Executor::Impl::sample(const Batch& batch, const float
     }
   }
   return tokens;
+}
+
+// The sampling inputs of forward_and_sample, row s for batch[s]; a request that draws nothing this
+// step (a prompt chunk before the last) gets an input without a config.
+void Executor::Impl::prepare_sampling(const Batch& batch) {
+  masked.resize(batch.size());
+  sampling_inputs.assign(batch.size(), SamplingInput{});
+  for (size_t s = 0; s < batch.size(); ++s) {
+    const LlmRequest& request = *batch[s];
+    if (!request.completes_step()) continue;
+    masked[s] = request.masked_token_ids();
+    sampling_inputs[s] = request.sampling_input(&masked[s]);
+  }
+}
+
+// A request whose device draw failed (token -1: every token masked or -inf) ends with kError, as
+// when the CPU Sampler throws.
+void Executor::Impl::check_sampled(const Batch& batch, const std::vector<SampledToken>& tokens) {
+  for (size_t s = 0; s < batch.size(); ++s) {
+    LlmRequest& request = *batch[s];
+    if (request.completes_step() && tokens[s].token_id < 0)
+      finish(request, FinishReason::kError, "every token of the vocabulary is masked or has logit -inf");
+  }
 }
 
 void Executor::Impl::postprocess(const Batch& batch, const std::vector<SampledToken>& tokens) {

@@ -10,6 +10,7 @@
 #include "op_registry.h"
 #include "rtllm/engine.h"
 #include "rtllm/model_runner.h"
+#include "rtllm/sampler.h"
 
 namespace rtllm {
 
@@ -79,6 +80,16 @@ class RunnerBackend {
   virtual void allocate_kv_pool(RuntimeConfig& config) = 0;
   // Runs the nodes for one step; returns [num_seqs, vocab] float32 logits on the host.
   virtual const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) = 0;
+  // Whether forward_and_sample can draw these inputs where the logits are (false: the caller
+  // samples forward()'s host logits with the CPU Sampler).
+  virtual bool samples_on_device(const std::vector<SamplingInput>& /*inputs*/) const { return false; }
+  // Runs the nodes and samples on the device; out[s] for inputs[s] (token_id -1: no draw, or every
+  // token masked). Only called when samples_on_device(inputs).
+  virtual void forward_and_sample(const HostStep& /*step*/, std::vector<PlannedNode>& /*nodes*/,
+                                  const TensorSlot& /*logits*/, const std::vector<SamplingInput>& /*inputs*/,
+                                  std::vector<SampledToken>* /*out*/) {
+    RTLLM_CHECK(false, "this backend has no device sampling");
+  }
   // Copies KV blocks (source, destination; validated ids), every layer, in order, ahead of the next
   // forward (on the CUDA stream: ordered before it, no host wait).
   virtual void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) = 0;

@@ -201,18 +201,20 @@ def test_logprobs_match_hf(llm, hf_model, hf_tokenizer):
     assert zero.logprobs == pytest.approx([d[t] for d, t in zip(out.logprobs, out.token_ids)], abs=1e-5)
 
 
-def test_abort(checkpoint):
-    # Long requests (480 tokens) so the abort lands well before they could finish on their own.
-    with LLM(checkpoint, kv_cache_config=KV, max_seq_len=512, max_input_len=32,
-             max_num_tokens=256) as llm:
-        params = SamplingParams(max_tokens=480, **GREEDY)
+def test_abort(tiny_model):
+    # Requests of 16,000 tokens (seconds of work even for this tiny model) so the abort lands well
+    # before they could finish on their own, however loaded the machine.
+    long_checkpoint = str(tiny_model("llama", max_position_embeddings=16384))
+    with LLM(long_checkpoint, kv_cache_config=KvCacheConfig(max_tokens=16384, tokens_per_block=16),
+             max_seq_len=16384, max_input_len=32, max_num_tokens=256) as llm:
+        params = SamplingParams(max_tokens=16000, **GREEDY)
         parts = []
         for part in llm.generate_async("Abort me", params, streaming=True):
             parts.append(part)
             if len(parts) == 1:
                 part.abort()
         out = parts[-1].outputs[0]
-        assert parts[-1].finished and out.finish_reason == "cancelled" and len(out.token_ids) < 480
+        assert parts[-1].finished and out.finish_reason == "cancelled" and len(out.token_ids) < 16000
         result = llm.generate_async("Abort me too", params, streaming=True)
         next(iter(result))
         llm.abort(result.request_id)

@@ -11,6 +11,7 @@
 
 #include "rtllm/common.h"
 #include "rtllm/engine.h"
+#include "rtllm/sampler.h"
 
 namespace rtllm {
 
@@ -27,6 +28,9 @@ struct RuntimeConfig {
   // CUDA with num_kv_blocks 0: the pool takes this fraction of the device memory left free after the
   // weights and workspace (0: room for max_batch_size sequences of max_seq_len, as on the CPU).
   float kv_free_memory_fraction = 0.0f;
+  // CUDA: forward_and_sample draws on the device and only the sampled ids (and requested logprobs)
+  // reach the host; false: the logits are copied to the host and sampled by the CPU Sampler.
+  bool device_sampling = true;
 };
 
 // True when this build has the CUDA backend and a CUDA device is present.
@@ -61,6 +65,15 @@ class RTLLM_API ModelRunner {
   // sequence's last new token, [num_seqs, vocab_size] float32 on the host. The buffer is owned by
   // the runner and valid until the next call. Throws InvalidArgument for inputs over the limits.
   const float* forward(const StepInputs& inputs);
+
+  // forward() followed by sampling each sequence's next token: out[s] for inputs[s]. An input
+  // without a config draws nothing; out[s].token_id is -1 then and when the draw fails (every token
+  // masked or -inf). Same semantics as Sampler. On CUDA with device_sampling (and every num_logprobs
+  // <= 64) the logits stay on the device; otherwise forward()'s host logits go through the CPU Sampler.
+  void forward_and_sample(const StepInputs& inputs, const std::vector<SamplingInput>& sampling,
+                          std::vector<SampledToken>* out);
+  // Whether forward_and_sample samples on the device for these inputs.
+  bool samples_on_device(const std::vector<SamplingInput>& sampling) const;
 
   // Copies whole KV blocks, source -> destination, in every layer (K and V), in order, before the
   // next forward reads them (copy-on-write of a partially reused prefix block). Throws

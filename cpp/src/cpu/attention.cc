@@ -2,14 +2,16 @@
 //
 // Phase 1, per token: q heads get qk_norm then RoPE and are written to the output rows (used as the
 // q buffer); k heads get the same and are stored with v at the token's slot in the layer's pool.
-// Phase 2, per (sequence, q head): each new token attends causally over the sequence's cached and new
-// keys, read from the pool. A token's result depends only on its own q and its sequence's K/V, never on
-// the other sequences of the step or on the thread that computes it.
+// Phase 2, per (sequence, kv head, tile of new tokens): the tile's tokens and the q heads that share
+// the kv head attend causally over the sequence's cached and new keys, read from the pool once per
+// tile (cpu/attention_kernel.h). A token's result depends only on its own q and its sequence's K/V,
+// never on the other sequences of the step, the tiling or the thread that computes it.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
+#include <vector>
 
+#include "cpu/attention_kernel.h"
 #include "cpu/row_ops.h"
 #include "op_registry.h"
 #include "thread_pool.h"
@@ -142,45 +144,63 @@ void attention_op(const OpContext& ctx, const TensorView* in, int num_in, Tensor
     }
   }, (nh + 2 * nkv) * hd * 4);
 
-  // Phase 2: causal softmax(q·kᵀ·scale)·v per (sequence, q head).
+  // Phase 2: causal softmax(q·kᵀ·scale)·v. A task is (tile of up to tile_tokens new tokens of one
+  // sequence, kv head, chunk of up to heads_per_task of that kv head's `group` q heads); its rows are
+  // tokens x heads, so each K/V row loaded serves all of them.
   const int64_t group = nh / nkv;
-  int64_t num_scores = 0;  // q·k products of the step per head
-  for (int32_t s = 0; s < step.num_seqs; ++s)
+  const int64_t heads_per_task = std::min(group, cpu::kMaxTileRows);
+  const int64_t num_head_chunks = (group + heads_per_task - 1) / heads_per_task;
+  const int64_t tile_tokens = cpu::kMaxTileRows / heads_per_task;
+  const int64_t tasks_per_tile = nkv * num_head_chunks;
+  const int64_t v_minus_k = kv_offset(0, 1, 0, 0);  // from a K row to the V row of the same slot
+  std::vector<int64_t> first_tile(step.num_seqs + 1, 0);  // tiles of sequences [0, s)
+  int64_t num_scores = 0;  // q·k products of the step per q head
+  for (int32_t s = 0; s < step.num_seqs; ++s) {
+    first_tile[s + 1] = first_tile[s] + (step.num_new_tokens[s] + tile_tokens - 1) / tile_tokens;
     num_scores += int64_t{step.num_new_tokens[s]} * (step.num_cached_tokens[s] + step.num_new_tokens[s]);
-  const int64_t work_per_head = 2 * hd * num_scores / step.num_seqs;
-  ctx.pool->parallel_for(static_cast<int64_t>(step.num_seqs) * nh, [&](int64_t task, int thread) {
-    const int64_t s = task / nh, h = task % nh, kh = h / group;
-    const int64_t num_cached = step.num_cached_tokens[s], num_new = step.num_new_tokens[s];
-    RTLLM_CHECK(num_cached + num_new <= ctx.scratch_floats_per_thread, "attention: context of ",
-                num_cached + num_new, " tokens exceeds the planned ", ctx.scratch_floats_per_thread);
-    float* scores = ctx.thread_scratch(thread);  // [context length]
-    float q_buf[cpu::kMaxHeadDim], acc[cpu::kMaxHeadDim];
-    for (int64_t i = 0; i < num_new; ++i) {
+  }
+  const int64_t num_tiles = first_tile[step.num_seqs];
+  if (num_tiles == 0) return;
+  const int64_t work_per_task = 2 * hd * nh * num_scores / (num_tiles * tasks_per_tile) + 1;
+  ctx.pool->parallel_for(num_tiles * tasks_per_tile, [&](int64_t task, int) {
+    const int64_t tile = task / tasks_per_tile, kh = task % tasks_per_tile / num_head_chunks;
+    const int64_t first_head = kh * group + task % num_head_chunks * heads_per_task;
+    const int64_t last_head = std::min(first_head + heads_per_task, (kh + 1) * group);
+    const int64_t s = std::upper_bound(first_tile.begin(), first_tile.end(), tile) - first_tile.begin() - 1;
+    const int64_t num_cached = step.num_cached_tokens[s];
+    const int64_t first = (tile - first_tile[s]) * tile_tokens;
+    const int64_t last = std::min<int64_t>(first + tile_tokens, step.num_new_tokens[s]);
+    const float* q_rows[cpu::kMaxTileRows];
+    float* out_rows[cpu::kMaxTileRows];
+    int64_t num_keys[cpu::kMaxTileRows];
+    int64_t num_rows = 0;
+    for (int64_t i = first; i < last; ++i) {
       const int64_t t = step.seq_token_start[s] + i;
-      const int64_t num_ctx = num_cached + i + 1;
-      float* dst = o + t * nh * hd + h * hd;
-      std::memcpy(q_buf, dst, hd * sizeof(float));
-      float max_score = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < num_ctx; ++j) {
-        const float* key = layer + kv_offset(token_block(s, j), 0, kh, j % tpb);
-        scores[j] = cpu::dot(q_buf, key, hd) * p.scale;
-        max_score = std::max(max_score, scores[j]);
+      for (int64_t h = first_head; h < last_head; ++h) {
+        out_rows[num_rows] = o + t * nh * hd + h * hd;
+        q_rows[num_rows] = out_rows[num_rows];
+        num_keys[num_rows++] = num_cached + i + 1;
       }
-      float sum = 0.0f;
-      for (int64_t j = 0; j < num_ctx; ++j) {
-        scores[j] = std::exp(scores[j] - max_score);
-        sum += scores[j];
-      }
-      std::fill(acc, acc + hd, 0.0f);
-      for (int64_t j = 0; j < num_ctx; ++j) {
-        const float* val = layer + kv_offset(token_block(s, j), 1, kh, j % tpb);
-        const float w = scores[j];
-        for (int64_t d = 0; d < hd; ++d) acc[d] += w * val[d];
-      }
-      const float inv_sum = 1.0f / sum;
-      for (int64_t d = 0; d < hd; ++d) dst[d] = acc[d] * inv_sum;
     }
-  }, work_per_head);
+    // Walks the block table a page at a time (no division per key).
+    auto kv_rows = [&](int64_t start, int64_t end, const float** key_rows, const float** value_rows) {
+      int64_t page = start / tpb, slot = start % tpb;
+      const float* k_row = layer + kv_offset(token_block(s, start), 0, kh, slot);
+      for (int64_t j = 0; j < cpu::kKeyBlock; ++j) {
+        key_rows[j] = k_row;
+        value_rows[j] = k_row + v_minus_k;
+        if (start + j + 1 >= end) continue;  // stay on the last valid row
+        if (++slot < tpb) {
+          k_row += hd;
+        } else {
+          slot = 0;
+          k_row = layer + kv_offset(step.block_table[s * step.max_blocks_per_seq + ++page], 0, kh, 0);
+        }
+      }
+    };
+    alignas(32) float acc[cpu::kMaxTileRows * cpu::kMaxHeadDim];  // [num_rows, hd]
+    cpu::attend_tile(q_rows, out_rows, num_keys, num_rows, hd, p.scale, kv_rows, acc);
+  }, work_per_task);
 }
 
 }  // namespace

@@ -6,7 +6,8 @@
 //   KV pool      per layer [num_kv_blocks + 1, 2, nkv, tpb, hd] of the compute dtype; the extra last
 //                block is scratch for the padding sequences of CUDA-graph buckets;
 //   scratch      q after qkv_prepare, the unfused q|k|v matrix, the split-KV decode workspace, the
-//                cuBLASLt workspace, and pinned host logits [max_batch_size, vocab] float32.
+//                cuBLASLt workspace, and pinned host logits [max_batch_size, vocab] float32;
+//   sampler      the device sampling buffers (CudaSampler) when device_sampling is on.
 // Everything runs on one non-blocking stream owned by the backend; forward() allocates nothing.
 #include <algorithm>
 #include <cstring>
@@ -14,6 +15,7 @@
 #include "cuda/cublaslt_gemm.h"
 #include "cuda/cuda_context.h"
 #include "cuda/cuda_graphs.h"
+#include "cuda/cuda_sampler.h"
 #include "rtllm/kernels/attention.cuh"
 #include "runner_backend.h"
 #include "workspace.h"
@@ -92,6 +94,11 @@ class CudaBackend final : public RunnerBackend {
   void* graph_input(const std::string& name) override;
   void allocate_kv_pool(RuntimeConfig& config) override;
   const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) override;
+  bool samples_on_device(const std::vector<SamplingInput>& inputs) const override {
+    return sampler_ && CudaSampler::supports(inputs);
+  }
+  void forward_and_sample(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits,
+                          const std::vector<SamplingInput>& inputs, std::vector<SampledToken>* out) override;
   void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) override;
 
  private:
@@ -99,6 +106,7 @@ class CudaBackend final : public RunnerBackend {
   size_t stage(const HostStep& st, int32_t num_seqs);
   void prepare_step(const HostStep& st, int32_t num_tokens, int32_t num_seqs);
   void run_nodes(std::vector<PlannedNode>& nodes, int32_t num_tokens, int32_t num_seqs);
+  void run_step(const HostStep& st, std::vector<PlannedNode>& nodes);
   int32_t decode_splits(int32_t num_seqs) const {
     return kernels::attention_decode_num_splits(num_seqs, model_.num_kv_heads, max_seq_len_, num_sms_);
   }
@@ -121,6 +129,7 @@ class CudaBackend final : public RunnerBackend {
   int32_t scratch_block_ = 0;  // the pool's extra block
   std::unique_ptr<CublasLtGemm> gemm_;
   std::unique_ptr<DecodeGraphs> graphs_;
+  std::unique_ptr<CudaSampler> sampler_;  // null when device_sampling is off
   CudaStep step_;
 };
 
@@ -198,6 +207,8 @@ void CudaBackend::allocate_kv_pool(RuntimeConfig& config) {
   host_logits_ = PinnedBuffer(max_seqs * model_.vocab_size * sizeof(float));
   if (config.enable_cuda_graphs)
     graphs_ = std::make_unique<DecodeGraphs>(config.max_batch_size, config.max_num_tokens);
+  if (config.device_sampling)
+    sampler_ = std::make_unique<CudaSampler>(config.max_batch_size, model_.vocab_size, max_seq_len_);
 
   const size_t block_bytes = ModelRunner::kv_bytes_per_block(model_, config.tokens_per_block, DeviceKind::kCuda);
   size_t free_bytes = 0, total_bytes = 0;
@@ -290,7 +301,8 @@ void CudaBackend::run_nodes(std::vector<PlannedNode>& nodes, int32_t num_tokens,
   for (PlannedNode& node : nodes) node.run(ctx, num_tokens, num_seqs);
 }
 
-const float* CudaBackend::forward(const HostStep& st, std::vector<PlannedNode>& nodes, const TensorSlot& logits) {
+// Stages the step and runs it on the stream (a captured graph for decode-only buckets); no host wait.
+void CudaBackend::run_step(const HostStep& st, std::vector<PlannedNode>& nodes) {
   RTLLM_CUDA_CHECK(cudaSetDevice(device_));  // the caller's thread may not have selected it
   const int32_t bucket = graphs_ && st.decode_only ? graphs_->bucket_for(st.num_seqs) : 0;
   const int32_t num_seqs = bucket ? bucket : st.num_seqs;
@@ -304,11 +316,27 @@ const float* CudaBackend::forward(const HostStep& st, std::vector<PlannedNode>& 
     run_nodes(nodes, num_tokens, num_seqs);  // also the warm-up run of a bucket before its capture
     if (bucket) graphs_->capture(bucket, stream_, [&] { run_nodes(nodes, num_tokens, num_seqs); });
   }
+}
+
+const float* CudaBackend::forward(const HostStep& st, std::vector<PlannedNode>& nodes, const TensorSlot& logits) {
+  run_step(st, nodes);
   const size_t logits_bytes = static_cast<size_t>(st.num_seqs) * model_.vocab_size * sizeof(float);
   RTLLM_CUDA_CHECK(cudaMemcpyAsync(host_logits_.data, logits.data, logits_bytes, cudaMemcpyDeviceToHost, stream_));
   // The staging buffer and host logits are reused by the next step: wait for this one.
   RTLLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
   return static_cast<const float*>(host_logits_.data);
+}
+
+// The sampling kernel reads the first num_seqs rows of the logits (a graph bucket's padding rows
+// follow them) on the same stream, after the step; it is not part of the captured graph.
+void CudaBackend::forward_and_sample(const HostStep& st, std::vector<PlannedNode>& nodes, const TensorSlot& logits,
+                                     const std::vector<SamplingInput>& inputs, std::vector<SampledToken>* out) {
+  RTLLM_CHECK(sampler_, "device sampling is off");
+  RTLLM_CHECK(static_cast<int32_t>(inputs.size()) == st.num_seqs, "sampling inputs for ", inputs.size(),
+              " sequences, the step has ", st.num_seqs);
+  run_step(st, nodes);
+  // Also waits for the step, so its staging buffer may be reused.
+  sampler_->sample(static_cast<const float*>(logits.data), inputs, out, stream_);
 }
 
 // A block is [2, nkv, tpb, hd] of the compute dtype, contiguous in each layer's [num_kv_blocks + 1, ...].
