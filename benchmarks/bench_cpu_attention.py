@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "python"))
-from timing import now, report  # noqa: E402
+from timing import report, time_calls  # noqa: E402
 from test_cpu_attention import write_attention_engine  # noqa: E402
 from engine_fixture import engine_config, write_safetensors  # noqa: E402
 from rtllm import _core  # noqa: E402
@@ -47,17 +46,6 @@ def write_overhead_engine(path, width, vocab):
     (path / "config.json").write_text(json.dumps(config))
     table = np.random.default_rng(0).standard_normal((vocab, vocab)).astype(np.float32)
     write_safetensors(path / "rank0.engine", {"E": ("F32", table.shape, table.tobytes())})
-
-
-def time_calls(fn, reps):
-    time.sleep(0.3)  # let torch's OpenMP threads stop spinning
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = now()
-        fn()
-        times.append(now() - t0)
-    return np.percentile(np.asarray(times), [10, 50, 90])
 
 
 def main():

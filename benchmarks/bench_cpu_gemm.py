@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,26 +21,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "python"))
-from timing import now, report  # noqa: E402
+from timing import report, time_calls  # noqa: E402
 from test_cpu_linear import LinearRunner, write_linear_engine  # noqa: E402
 
 SHAPES = [("qkv", 512, 1024), ("o_proj", 512, 512), ("gate_up", 512, 2816), ("down", 1408, 512),
           ("lm_head", 512, 8192)]  # (name, K, N)
 ROWS = [1, 32, 512, 4096]
-
-
-def time_calls(fn, reps):
-    """(p10, p50, p90) seconds of fn() over reps calls, after a pause and a warm-up call: numpy's
-    OpenBLAS and torch's OpenMP threads busy-wait for a while after each call, which would take a core
-    from whichever engine runs next."""
-    time.sleep(0.3)
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = now()
-        fn()
-        times.append(now() - t0)
-    return np.percentile(np.asarray(times), [10, 50, 90])
 
 
 def main():

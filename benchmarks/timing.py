@@ -9,6 +9,20 @@ def now() -> float:
     return time.perf_counter()
 
 
+def time_calls(fn, reps: int):
+    """(p10, p50, p90) seconds of fn() over `reps` calls, after a pause and a warm-up call: numpy's
+    OpenBLAS and torch's OpenMP threads busy-wait for a while after each call, which would take a core
+    from whichever engine runs next."""
+    time.sleep(0.3)
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = now()
+        fn()
+        times.append(now() - t0)
+    return np.percentile(np.asarray(times), [10, 50, 90])
+
+
 def summarize(values_s) -> dict:
     """mean/p50/p90/p99 in milliseconds of a list of durations in seconds."""
     v = np.asarray(values_s, dtype=np.float64) * 1e3

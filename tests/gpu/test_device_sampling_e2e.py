@@ -18,7 +18,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
 from checkpoints import make_hf_checkpoint  # noqa: E402
 from hf_reference import BOS_ID, EOS_ID, VOCAB_SIZE, random_prompts  # noqa: E402
 from test_generation_vs_hf import build_engine  # noqa: E402
-from test_sampling import NUM_SAMPLES, reference_distribution  # noqa: E402
+from test_sampling import NUM_SAMPLES, check_token_frequencies  # noqa: E402
 from tokenizer_fixture import make_tokenizer  # noqa: E402
 
 from rtllm import LLM, KvCacheConfig, SamplingParams, _core  # noqa: E402
@@ -178,16 +178,7 @@ def one_seq_llm(engine_dir):
 @pytest.mark.parametrize("settings", FREQUENCY_SETTINGS)
 def test_token_frequencies_match_reference(engine, one_seq_llm, settings):
     prompt = random_prompts(np.random.default_rng(11), [9])[0]
-    logits = gpu_last_logits(engine, prompt)
-    params = [SamplingParams(max_tokens=1, seed=seed, ignore_eos=True, **settings) for seed in range(NUM_SAMPLES)]
-    outputs = one_seq_llm.generate([prompt] * NUM_SAMPLES, params, use_tqdm=False)
-    counts = np.bincount([o.outputs[0].token_ids[0] for o in outputs], minlength=len(logits))
-    expected = reference_distribution(logits, **settings)
-    assert counts[expected == 0].sum() == 0, "sampled a token the settings exclude"
-    frequency = counts / NUM_SAMPLES
-    # Five standard deviations of a binomial frequency, plus slack for float32 rounding.
-    bound = 5 * np.sqrt(expected * (1 - expected) / NUM_SAMPLES) + 1e-3
-    assert np.all(np.abs(frequency - expected) <= bound)
+    check_token_frequencies(one_seq_llm, prompt, gpu_last_logits(engine, prompt), settings, NUM_SAMPLES)
 
 
 def test_seeded_sampling_is_reproducible_across_runs_and_batches(engine_dir):

@@ -48,15 +48,21 @@ def model_and_logits(tiny_model, tmp_path_factory):
     dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05)])
 def test_token_frequencies_match_reference(model_and_logits, settings):
     llm, prompt, logits = model_and_logits
+    check_token_frequencies(llm, prompt, logits, settings)
+
+
+def check_token_frequencies(llm, prompt, logits, settings, num_samples=NUM_SAMPLES):
+    """Draws the first token of `prompt` with num_samples seeds and compares the frequencies with the
+    reference distribution of `logits` (the model's last-token logits for that prompt)."""
     params = [SamplingParams(max_tokens=1, seed=seed, ignore_eos=True, **settings)
-              for seed in range(NUM_SAMPLES)]
-    outputs = llm.generate([prompt] * NUM_SAMPLES, params, use_tqdm=False)
+              for seed in range(num_samples)]
+    outputs = llm.generate([prompt] * num_samples, params, use_tqdm=False)
     counts = np.bincount([o.outputs[0].token_ids[0] for o in outputs], minlength=len(logits))
     expected = reference_distribution(logits, **settings)
     assert counts[expected == 0].sum() == 0, "sampled a token the settings exclude"
-    frequency = counts / NUM_SAMPLES
+    frequency = counts / num_samples
     # Five standard deviations of a binomial frequency, plus slack for float32 rounding.
-    bound = 5 * np.sqrt(expected * (1 - expected) / NUM_SAMPLES) + 1e-3
+    bound = 5 * np.sqrt(expected * (1 - expected) / num_samples) + 1e-3
     assert np.all(np.abs(frequency - expected) <= bound)
 
 
