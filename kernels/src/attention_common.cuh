@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "dispatch.cuh"  // to_float / from_float
 #include "rtllm/kernels/attention.cuh"
 
 namespace rtllm::kernels::attn {
@@ -47,20 +48,6 @@ inline bool paged_kv_supported(const PagedKv& kv) {
   return kv.data != nullptr && kv.block_table != nullptr && tpb > 0 && (tpb & (tpb - 1)) == 0 &&
          kv.max_blocks_per_seq > 0;
 }
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
-template <>
-__device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
 
 // Two floats packed into one 32-bit register of T (low element first).
 template <typename T>

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
-from engine_fixture import TinyModel, reference_logits, write_engine  # noqa: E402
+from engine_fixture import RunnerSession, TinyModel, random_tokens, reference_logits, write_engine  # noqa: E402
 
 from rtllm import _core  # noqa: E402
 
@@ -34,41 +34,9 @@ def assert_close(actual, expected, rtol=RTOL):
     assert err <= rtol, f"relative error {err:.3g} > {rtol:g}"
 
 
-class Session:
-    """A CUDA runner plus a block allocator handing out blocks in shuffled order, and each sequence's tokens."""
-
-    def __init__(self, engine_dir, tokens_per_block=4, num_kv_blocks=512, seed=0, **runtime):
-        self.engine = _core.Engine.load(str(engine_dir))
-        cfg = _core.RuntimeConfig(device=_core.DeviceKind.CUDA, tokens_per_block=tokens_per_block,
-                                  num_kv_blocks=num_kv_blocks, **runtime)
-        self.runner = _core.ModelRunner(self.engine, cfg)
-        self.tpb = tokens_per_block
-        self.free = list(np.random.default_rng(seed).permutation(num_kv_blocks))
-        self.blocks, self.tokens = {}, {}
-
-    def step(self, new_tokens):
-        """new_tokens: {seq: list of tokens}, context sequences first. Returns {seq: logits}."""
-        seqs = list(new_tokens)
-        for s in seqs:
-            cached = len(self.tokens.setdefault(s, []))
-            blocks = self.blocks.setdefault(s, [])
-            while len(blocks) < -(-(cached + len(new_tokens[s])) // self.tpb):
-                blocks.append(self.free.pop())
-        width = max(len(self.blocks[s]) for s in seqs) + 1  # one spare column of -1
-        table = np.full((len(seqs), width), -1, dtype=np.int32)
-        for i, s in enumerate(seqs):
-            table[i, :len(self.blocks[s])] = self.blocks[s]
-        ids = [t for s in seqs for t in new_tokens[s]]
-        logits = self.runner.forward(ids, [len(new_tokens[s]) for s in seqs],
-                                     [len(self.tokens[s]) for s in seqs], table)
-        assert logits.shape == (len(seqs), self.engine.vocab_size) and logits.dtype == np.float32
-        for s in seqs:
-            self.tokens[s] = self.tokens[s] + list(new_tokens[s])
-        return dict(zip(seqs, logits))
-
-
-def random_tokens(rng, m, n):
-    return [int(t) for t in rng.integers(0, m.vocab_size, n)]
+def Session(engine_dir, tokens_per_block=4, num_kv_blocks=512, seed=0, **runtime):
+    """A CUDA RunnerSession."""
+    return RunnerSession(engine_dir, tokens_per_block, num_kv_blocks, seed, device=_core.DeviceKind.CUDA, **runtime)
 
 
 @pytest.fixture

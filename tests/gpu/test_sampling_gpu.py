@@ -5,9 +5,15 @@ draws whose target u·total lies within 1e-9 (relative to the total) of a cumula
 whose top-p cut lies within 1e-9 of the threshold, are computed by `ambiguous` below and excluded
 (the two samplers sum the same double probabilities in different orders, ~1e-13 apart).
 """
+import pathlib
+import sys
+
 import numpy as np
 import pytest
 import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
+from test_sampling import reference_distribution  # noqa: E402
 
 MARGIN = 1e-9
 
@@ -203,26 +209,6 @@ def test_logprobs_of_raw_logits(kernels):
         assert top[s, :n].tolist() == order.tolist()
         assert np.allclose(lp[s, 1:1 + n], ref[order], atol=1e-5)
         assert (top[s, n:] == -1).all() and np.isneginf(lp[s, 1 + n:]).all()
-
-
-def reference_distribution(logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
-    """The distribution the sampler must draw from, in float64 (as tests/python/test_sampling.py)."""
-    z = np.asarray(logits, np.float64) / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    keep = np.ones_like(p, dtype=bool)
-    order = np.argsort(-p, kind="stable")
-    if top_k > 0:
-        keep[order[top_k:]] = False
-    if top_p < 1.0:
-        q = np.where(keep, p, 0.0)
-        q /= q.sum()
-        cutoff = int(np.searchsorted(np.cumsum(q[order]), top_p)) + 1
-        keep[order[cutoff:]] = False
-    if min_p > 0.0:
-        keep &= p >= min_p * p.max()
-    p = np.where(keep, p, 0.0)
-    return p / p.sum()
 
 
 @pytest.mark.parametrize("settings", SETTINGS[:6])

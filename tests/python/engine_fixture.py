@@ -238,6 +238,47 @@ def write_engine(path, m: TinyModel, fused=True, limits=None, format_version=1):
     return path
 
 
+class RunnerSession:
+    """A runner (any device: pass device= in **runtime) plus a block allocator that hands out blocks in
+    shuffled order, and each sequence's tokens."""
+
+    def __init__(self, engine_dir, tokens_per_block=4, num_kv_blocks=256, seed=0, **runtime):
+        from rtllm import _core
+
+        self.engine = _core.Engine.load(str(engine_dir))
+        cfg = _core.RuntimeConfig(tokens_per_block=tokens_per_block, num_kv_blocks=num_kv_blocks, **runtime)
+        self.runner = _core.ModelRunner(self.engine, cfg)
+        self.tpb = tokens_per_block
+        self.free = list(np.random.default_rng(seed).permutation(num_kv_blocks))
+        self.blocks = {}  # seq -> block ids
+        self.tokens = {}  # seq -> tokens whose K/V are cached
+
+    def step(self, new_tokens):
+        """new_tokens: {seq: list of tokens}, context sequences first. Returns {seq: logits}."""
+        seqs = list(new_tokens)
+        for s in seqs:
+            cached = len(self.tokens.setdefault(s, []))
+            needed = -(-(cached + len(new_tokens[s])) // self.tpb)
+            blocks = self.blocks.setdefault(s, [])
+            while len(blocks) < needed:
+                blocks.append(self.free.pop())
+        width = max(len(self.blocks[s]) for s in seqs) + 1  # one spare column of -1
+        table = np.full((len(seqs), width), -1, dtype=np.int32)
+        for i, s in enumerate(seqs):
+            table[i, :len(self.blocks[s])] = self.blocks[s]
+        ids = [t for s in seqs for t in new_tokens[s]]
+        logits = self.runner.forward(ids, [len(new_tokens[s]) for s in seqs],
+                                     [len(self.tokens[s]) for s in seqs], table)
+        assert logits.shape == (len(seqs), self.engine.vocab_size) and logits.dtype == np.float32
+        for s in seqs:
+            self.tokens[s] = self.tokens[s] + list(new_tokens[s])
+        return dict(zip(seqs, logits))
+
+
+def random_tokens(rng, m, n):
+    return [int(t) for t in rng.integers(0, m.vocab_size, n)]
+
+
 # ---------------------------------------------------------------- float64 reference
 
 
