@@ -84,8 +84,13 @@ def test_forced_preemption_matches_hf(engine_dir, cases, reuse):
     kv = KvCacheConfig(max_tokens=128, tokens_per_block=8, enable_block_reuse=reuse)
     scheduler = SchedulerConfig(capacity_scheduler_policy="MAX_UTILIZATION")
     with LLM(engine_dir, kv_cache_config=kv, scheduler_config=scheduler) as llm:
-        assert generate(llm, prompts, max_tokens=NUM_NEW) == expected
-        stats = llm.get_stats()
+        # Whether requests overlap enough to run out of blocks depends on how fast this thread submits
+        # them relative to the engine's steps; repeat (each round checked) until a preemption happened.
+        for _ in range(5):
+            assert generate(llm, prompts, max_tokens=NUM_NEW) == expected
+            stats = llm.get_stats()
+            if stats["num_preemptions"] > 0:
+                break
     assert stats["num_preemptions"] > 0
     assert stats["kv_cache"]["num_used_blocks"] == 0
 

@@ -306,7 +306,9 @@ def test_idle_loop_sleeps(markov):
     collect(executor, [rid])
     cpu_before, wall_before = time.process_time(), time.time()
     time.sleep(0.5)
-    assert time.process_time() - cpu_before < 0.1 * (time.time() - wall_before)  # no busy wait
+    # A spinning loop would take a whole core (>= 1.0 of wall time); the margin below 1.0 leaves room
+    # for the other threads of the test process (other engines' pools, torch), which also count here.
+    assert time.process_time() - cpu_before < 0.5 * (time.time() - wall_before)  # no busy wait
 
 
 def test_a_failing_request_does_not_stop_the_others(markov):
