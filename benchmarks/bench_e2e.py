@@ -1,11 +1,14 @@
 """End-to-end generation benchmark: rtllm next to HF transformers on the same prompts, same run.
 
   python benchmarks/bench_e2e.py --preset llama-30m --num-requests 32 --isl 128 --osl 64
-  python benchmarks/bench_e2e.py --model ./hf_checkpoint --device cuda --num-requests 1000
+  python benchmarks/bench_e2e.py --preset llama-3-8b --dtype bfloat16 --device cuda \
+      --workload 128x128x1000 --workload 2048x2048x200 --max-batch-size 256 --hf-requests 64
 
-Reports offline throughput (output tokens/s over all requests submitted at once), time to first token
-(TTFT), time per output token after the first (TPOT) and inter-token latency (ITL), and batch-1 decode
-latency; then the same prompts (a slice, --hf-requests) through HF transformers' generate().
+Each workload (input tokens x output tokens x requests) runs on one loaded model: offline throughput
+(output tokens/s over all requests submitted at once), time to first token (TTFT), time per output
+token after the first (TPOT) and inter-token latency (ITL). Then batch-1 decode latency, next to its
+floor on CUDA (weight bytes over the device-to-device copy bandwidth measured in this run); then a
+slice of each workload (--hf-requests, outputs capped by --hf-max-osl) through HF transformers.
 """
 import argparse
 import asyncio
@@ -38,28 +41,36 @@ async def _stream_all(llm, prompts, params):
     return start, now(), arrivals
 
 
-def bench_rtllm(model_dir, prompts, osl, args):
+def bench_rtllm(model_dir, workloads, args):
     from rtllm import LLM, BuildConfig, SamplingParams
 
-    isl = len(prompts[0])
-    build_config = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=isl,
-                               max_seq_len=isl + osl, max_num_tokens=args.max_num_tokens,
+    max_isl = max(len(w["prompts"][0]) for w in workloads)
+    max_seq = max(len(w["prompts"][0]) + w["osl"] for w in workloads)
+    build_config = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=max_isl,
+                               max_seq_len=max_seq, max_num_tokens=args.max_num_tokens,
                                dtype=args.dtype)
-    params = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
-    results = {}
+    results = {"workloads": []}
     with LLM(model=model_dir, build_config=build_config, skip_tokenizer_init=True,
              device=args.device) as llm:
-        llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
-        start, end, arrivals = asyncio.run(_stream_all(llm, prompts, params))
-        num_out = sum(len(a) for a in arrivals)
-        results["throughput"] = {
-            "num_requests": len(prompts), "output_tokens": num_out, "seconds": end - start,
-            "output_tokens_per_s": num_out / (end - start),
-            "ttft": summarize([a[0] - start for a in arrivals]),
-            "tpot": summarize([(a[-1] - a[0]) / (len(a) - 1) for a in arrivals if len(a) > 1]),
-            "itl": summarize(np.concatenate([np.diff(a) for a in arrivals])),
-        }
-        start, end, arrivals = asyncio.run(_stream_all(llm, prompts[:1], params))
+        first = workloads[0]["prompts"]
+        llm.generate(first[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+        for w in workloads:
+            params = SamplingParams(max_tokens=w["osl"], temperature=0.0, ignore_eos=True)
+            start, end, arrivals = asyncio.run(_stream_all(llm, w["prompts"], params))
+            num_out = sum(len(a) for a in arrivals)
+            results["workloads"].append({
+                "isl": len(w["prompts"][0]), "osl": w["osl"],
+                "num_requests": len(w["prompts"]), "output_tokens": num_out, "seconds": end - start,
+                "output_tokens_per_s": num_out / (end - start),
+                "ttft": summarize([a[0] - start for a in arrivals]),
+                "tpot": summarize([(a[-1] - a[0]) / (len(a) - 1) for a in arrivals if len(a) > 1]),
+                "itl": summarize(np.concatenate([np.diff(a) for a in arrivals])),
+            })
+            print(f"rtllm {results['workloads'][-1]['isl']}/{w['osl']} x{len(w['prompts'])}: "
+                  f"{results['workloads'][-1]['output_tokens_per_s']:,.0f} output tok/s", flush=True)
+        osl = workloads[0]["osl"]
+        params = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
+        start, end, arrivals = asyncio.run(_stream_all(llm, first[:1], params))
         a = arrivals[0]
         results["batch1"] = {"ttft_ms": (a[0] - start) * 1e3,
                              "tpot_ms": (a[-1] - a[0]) / (len(a) - 1) * 1e3,
@@ -67,7 +78,32 @@ def bench_rtllm(model_dir, prompts, osl, args):
     return results
 
 
-def bench_hf(model_dir, prompts, osl, args):
+def decode_floor(model_dir):
+    """Batch-1 decode floor on CUDA: every weight byte read once per token at the copy bandwidth
+    (bytes read + bytes written of a 2 GiB device-to-device copy, median of 20) measured now."""
+    import torch
+
+    weight_bytes = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
+                       if f.endswith(".safetensors"))
+    src = torch.randn(2**29, device="cuda")  # 2 GiB of float32
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(21):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) * 1e-3)
+    seconds = float(np.median(times[1:]))
+    bandwidth = 2 * src.numel() * src.element_size() / seconds
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"weight_bytes": weight_bytes, "copy_bandwidth_GBps": bandwidth / 1e9,
+            "floor_ms": weight_bytes / bandwidth * 1e3}
+
+
+def bench_hf(model_dir, workloads, args):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -84,19 +120,33 @@ def bench_hf(model_dir, prompts, osl, args):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    generate(prompts[:1], 4)  # warm-up
-    results = {}
-    batch = prompts[:args.hf_requests]
+    generate(workloads[0]["prompts"][:1], 4)  # warm-up
+    results = {"workloads": []}
+    for w in workloads:
+        batch = w["prompts"][:args.hf_requests]
+        osl = min(w["osl"], args.hf_max_osl or w["osl"])
+        start = now()
+        generate(batch, osl)
+        seconds = now() - start
+        results["workloads"].append({"isl": len(batch[0]), "osl": osl, "num_requests": len(batch),
+                                     "output_tokens": len(batch) * osl, "seconds": seconds,
+                                     "output_tokens_per_s": len(batch) * osl / seconds})
+    osl = workloads[0]["osl"]
     start = now()
-    generate(batch, osl)
-    seconds = now() - start
-    results["throughput"] = {"num_requests": len(batch), "output_tokens": len(batch) * osl,
-                             "seconds": seconds, "output_tokens_per_s": len(batch) * osl / seconds}
-    start = now()
-    generate(prompts[:1], osl)
+    generate(workloads[0]["prompts"][:1], osl)
     seconds = now() - start
     results["batch1"] = {"tpot_ms": seconds / osl * 1e3, "output_tokens_per_s": osl / seconds}
     return results
+
+
+def parse_workload(text):
+    try:
+        isl, osl, num = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"workload {text!r} must be ISLxOSLxREQUESTS, e.g. 128x128x1000")
+    if min(isl, osl, num) < 1:
+        raise argparse.ArgumentTypeError(f"workload {text!r}: every number must be >= 1")
+    return isl, osl, num
 
 
 def main():
@@ -109,13 +159,17 @@ def main():
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--isl", type=int, default=128, help="input tokens per request")
     parser.add_argument("--osl", type=int, default=64, help="output tokens per request")
+    parser.add_argument("--workload", type=parse_workload, action="append",
+                        help="ISLxOSLxREQUESTS; repeatable; replaces --isl/--osl/--num-requests")
     parser.add_argument("--hf-requests", type=int, default=None, help="requests for HF (default: all)")
+    parser.add_argument("--hf-max-osl", type=int, default=None, help="cap on HF's output tokens")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-num-tokens", type=int, default=8192)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
-    args.hf_requests = args.hf_requests or args.num_requests
+    specs = args.workload or [(args.isl, args.osl, args.num_requests)]
+    args.hf_requests = args.hf_requests or max(num for _, _, num in specs)
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
@@ -126,25 +180,40 @@ def main():
         import json
         with open(os.path.join(model_dir, "config.json")) as f:
             vocab_size = json.load(f)["vocab_size"]
-        prompts = random_prompts(args.num_requests, args.isl, vocab_size)
+        workloads = [{"prompts": random_prompts(num, isl, vocab_size, seed=i), "osl": osl}
+                     for i, (isl, osl, num) in enumerate(specs)]
         results = {"model": args.model or args.preset, "dtype": args.dtype, "device": args.device,
-                   "isl": args.isl, "osl": args.osl, "cpu_count": os.cpu_count(),
-                   "rtllm": bench_rtllm(model_dir, prompts, args.osl, args)}
+                   "cpu_count": os.cpu_count()}
+        if args.device == "cuda":
+            import torch
+            results["gpu"] = torch.cuda.get_device_name()
+            results["floor"] = decode_floor(model_dir)
+        results["rtllm"] = bench_rtllm(model_dir, workloads, args)
         if not args.skip_hf:
-            results["hf_transformers"] = bench_hf(model_dir, prompts, args.osl, args)
+            results["hf_transformers"] = bench_hf(model_dir, workloads, args)
 
     rows = []
     for engine in ("rtllm", "hf_transformers"):
-        if engine in results:
-            r = results[engine]
-            rows.append({"engine": engine, "requests": r["throughput"]["num_requests"],
-                         "output tok/s": r["throughput"]["output_tokens_per_s"],
-                         "TTFT p50 ms": r["throughput"].get("ttft", {}).get("p50_ms"),
-                         "TPOT p50 ms": r["throughput"].get("tpot", {}).get("p50_ms"),
-                         "batch-1 TPOT ms": r["batch1"]["tpot_ms"]})
-    report(results, rows, ["engine", "requests", "output tok/s", "TTFT p50 ms", "TPOT p50 ms",
-                           "batch-1 TPOT ms"], args.output)
-
+        if engine not in results:
+            continue
+        r = results[engine]
+        for w in r["workloads"]:
+            rows.append({"engine": engine, "isl/osl": f"{w['isl']}/{w['osl']}", "requests": w["num_requests"],
+                         "output tok/s": w["output_tokens_per_s"],
+                         "TTFT p50 ms": w.get("ttft", {}).get("p50_ms"),
+                         "TPOT p50 ms": w.get("tpot", {}).get("p50_ms")})
+        rows.append({"engine": engine, "isl/osl": "batch 1", "requests": 1,
+                     "output tok/s": r["batch1"]["output_tokens_per_s"],
+                     "TPOT p50 ms": r["batch1"]["tpot_ms"]})
+    if "floor" in results:
+        floor = results["floor"]
+        rows.append({"engine": "floor", "isl/osl": "batch 1", "TPOT p50 ms": floor["floor_ms"]})
+        results["batch1_over_floor"] = results["rtllm"]["batch1"]["tpot_ms"] / floor["floor_ms"]
+    report(results, rows, ["engine", "isl/osl", "requests", "output tok/s", "TTFT p50 ms", "TPOT p50 ms"],
+           args.output)
+    if "batch1_over_floor" in results:
+        print(f"batch-1 TPOT / floor: {results['batch1_over_floor']:.3f} "
+              f"(copy {results['floor']['copy_bandwidth_GBps']:,.0f} GB/s)")
 
 if __name__ == "__main__":
     main()

@@ -140,10 +140,11 @@ void bind_kernels(py::module_& parent) {
      py::arg("block_table"), py::arg("max_blocks_per_seq"), py::arg("num_heads"), py::arg("num_kv_heads"),
      py::arg("head_dim"), py::arg("dtype"), s0);
   m.def("gemv", [](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t bias, int32_t m_, int32_t n, int32_t k, int dtype,
-                   uintptr_t stream) {
-    check(kernels::gemv(ptr(y), ptr(x), ptr(w), ptr(bias), m_, n, k, as_dtype(dtype), as_stream(stream)), "gemv");
+                   uintptr_t stream, int y_dtype) {
+    check(kernels::gemv(ptr(y), ptr(x), ptr(w), ptr(bias), m_, n, k, as_dtype(dtype),
+                        as_dtype(y_dtype < 0 ? dtype : y_dtype), as_stream(stream)), "gemv");
   }, py::arg("y"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("m"), py::arg("n"), py::arg("k"),
-     py::arg("dtype"), s0);
+     py::arg("dtype"), s0, py::arg("y_dtype") = -1);
   m.def("gemv_supported", &kernels::gemv_supported, py::arg("m"), py::arg("k"));
 
   m.def("sample", [](uintptr_t out_ids, uintptr_t out_logprobs, uintptr_t out_top_ids, uintptr_t logits,

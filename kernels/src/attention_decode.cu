@@ -33,6 +33,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(T* __restrict__ 
   constexpr int kKeysPerStep = kNumWarps * kKeysPerWarp * kUnroll;
   __shared__ float red_acc[kNumWarps][MAX_GROUP][HEAD_DIM];
   __shared__ float red_m[kNumWarps][MAX_GROUP], red_l[kNumWarps][MAX_GROUP];
+  pdl_begin();
 
   const int s = blockIdx.x;
   const int kv_head = blockIdx.y / num_head_chunks, chunk = blockIdx.y % num_head_chunks;
@@ -191,6 +192,7 @@ template <typename T>
 __global__ void decode_merge_kernel(T* __restrict__ out, const float* __restrict__ partial_o,
                                     const float* __restrict__ partial_lse, int num_heads, int head_dim,
                                     int num_splits) {
+  pdl_begin();
   const int64_t head = (int64_t)blockIdx.x * num_heads + blockIdx.y;
   const int d = threadIdx.x;
   const float* lse = partial_lse + head * num_splits;
@@ -217,7 +219,7 @@ cudaError_t launch_decode(T* out, const T* q, const StepMetaDevice& meta, const 
     constexpr int kGroup = decltype(max_group_tag)::value;
     const int num_chunks = (group + kGroup - 1) / kGroup;
     const dim3 grid(meta.num_seqs, num_kv_heads * num_chunks, num_splits);
-    decode_split_kernel<T, HEAD_DIM, kGroup><<<grid, kThreads, 0, stream>>>(
+    launch_pdl(decode_split_kernel<T, HEAD_DIM, kGroup>, grid, kThreads, 0, stream,
         out, q, meta, kv, num_heads, group, num_chunks, scale_log2, num_splits, partial_o, partial_lse);
   };
   if (group == 1) launch(std::integral_constant<int, 1>{});
@@ -227,8 +229,8 @@ cudaError_t launch_decode(T* out, const T* q, const StepMetaDevice& meta, const 
   if (num_splits > 1) {
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    decode_merge_kernel<T><<<dim3(meta.num_seqs, num_heads), HEAD_DIM, 0, stream>>>(out, partial_o, partial_lse,
-                                                                                     num_heads, HEAD_DIM, num_splits);
+    launch_pdl(decode_merge_kernel<T>, dim3(meta.num_seqs, num_heads), HEAD_DIM, 0, stream, out, partial_o,
+               partial_lse, num_heads, HEAD_DIM, num_splits);
   }
   return cudaGetLastError();
 }
@@ -281,7 +283,10 @@ int32_t attention_decode_num_splits(int32_t num_seqs, int32_t num_kv_heads, int3
   // About 4 CTAs fit on an SM (128 threads, <= 128 registers for groups <= 4) and keep enough 16-byte loads
   // in flight; a split count that overshoots one such wave leaves a mostly idle second wave (measured on an
   // H100: 8 sequences x 8 KV heads at 16k keys, 8 splits 87% of copy bandwidth, 9 splits 66%).
-  constexpr int32_t kMinKeysPerSplit = 128;
+  // A split shorter than one step of a CTA's key loop (4 warps x 2 keys x 4 unrolled = 32 keys at head_dim
+  // 128 and groups <= 4) leaves lanes idle. Longer splits mean more dependent steps per CTA: at batch 1 and
+  // a few hundred keys each step's load latency, not bandwidth, sets the time, so splits stay this short.
+  constexpr int32_t kMinKeysPerSplit = 32;
   constexpr int64_t kCtasPerSm = 4;
   const int64_t num_ctas = (int64_t)num_seqs * num_kv_heads;
   if (num_ctas <= 0) return 1;

@@ -44,6 +44,38 @@
 
 namespace rtllm::kernels {
 
+// Programmatic dependent launch (sm_90 and later). A kernel started by launch_pdl may begin while the
+// kernel before it in the stream is still running, which hides the launch and ramp-up gap between the
+// many short kernels of a decode step. Such a kernel calls pdl_begin() in every block before it reads
+// anything an earlier kernel wrote and before it writes anything; only constant data (weights) may be
+// read before it. pdl_begin() first lets the next kernel launch (it may only start once every block of
+// this one has started, and waits in its own pdl_begin() for this one to complete), then waits for the
+// previous kernel to complete with its writes visible. Completion is transitive: this kernel completes
+// only after its wait, so the kernel after it also sees every earlier kernel's writes.
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n\tgriddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Launches `kernel` with programmatic stream serialization when programmatic_launch_enabled(), as a
+// plain launch otherwise; the error is left for the launcher's cudaGetLastError().
+template <typename... KernelArgs, typename... Args>
+void launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                Args... args) {
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = programmatic_launch_enabled() ? 1 : 0;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  (void)cudaLaunchKernelEx(&config, kernel, static_cast<KernelArgs>(args)...);
+}
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -62,6 +94,8 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 template <>
 __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ float from_float(float x) { return x; }
 
 // Eight 16-bit elements in one 16-byte register quad.
 template <typename T>

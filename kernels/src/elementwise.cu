@@ -1,6 +1,8 @@
 // Elementwise and row-gather ops. 16-byte vector paths when every pointer is 16-byte aligned and the
 // sizes are multiples of 8 elements, scalar grid-stride loops otherwise.
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "dispatch.cuh"
 #include "rtllm/kernels/elementwise.cuh"
@@ -24,6 +26,7 @@ struct MulOp {
 
 template <typename T, typename Op>
 __global__ void binary_vec_kernel(T* out, const T* a, const T* b, int64_t num_vecs, Op op) {
+  pdl_begin();
   for (int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; v < num_vecs; v += (int64_t)gridDim.x * blockDim.x) {
     float af[8], bf[8];
     to_float8(load8(a + v * 8), af);
@@ -36,12 +39,14 @@ __global__ void binary_vec_kernel(T* out, const T* a, const T* b, int64_t num_ve
 
 template <typename T, typename Op>
 __global__ void binary_scalar_kernel(T* out, const T* a, const T* b, int64_t n, Op op) {
+  pdl_begin();
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
     out[i] = from_float<T>(op(to_float(a[i]), to_float(b[i])));
 }
 
 template <typename T>
 __global__ void silu_kernel(T* out, const T* x, int64_t n, bool vec) {
+  pdl_begin();
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   if (vec) {
     for (int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; v < n / 8; v += stride) {
@@ -60,6 +65,7 @@ __global__ void silu_kernel(T* out, const T* x, int64_t n, bool vec) {
 // out [rows, inter] = silu(x[:, :inter]) · x[:, inter:], x [rows, 2·inter].
 template <typename T>
 __global__ void silu_mul_kernel(T* out, const T* x, int64_t num_rows, int64_t inter, bool vec) {
+  pdl_begin();
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   if (vec) {
     const int64_t vecs_per_row = inter / 8;
@@ -84,6 +90,7 @@ __global__ void silu_mul_kernel(T* out, const T* x, int64_t num_rows, int64_t in
 template <typename T>
 __global__ void gather_kernel(T* out, const T* src, const int32_t* index, int64_t num_rows, int64_t row_size,
                               int64_t num_src_rows, bool vec) {
+  pdl_begin();
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   const int w = vec ? 8 : 1;
   const int64_t units_per_row = row_size / w;
@@ -99,6 +106,7 @@ __global__ void gather_kernel(T* out, const T* src, const int32_t* index, int64_
 
 template <typename T>
 __global__ void cast_to_float_kernel(float* out, const T* x, int64_t n) {
+  pdl_begin();
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
     out[i] = to_float(x[i]);
 }
@@ -110,11 +118,11 @@ cudaError_t binary(void* out, const void* a, const void* b, int64_t n, DType dty
   const bool vec = n % 8 == 0 && aligned16(out) && aligned16(a) && aligned16(b);
   RTLLM_DISPATCH_DTYPE(dtype, T, {
     if (vec)
-      binary_vec_kernel<T><<<grid_for(n / 8), kThreads, 0, stream>>>(static_cast<T*>(out), static_cast<const T*>(a),
-                                                                    static_cast<const T*>(b), n / 8, op);
+      launch_pdl(binary_vec_kernel<T, Op>, grid_for(n / 8), kThreads, 0, stream, static_cast<T*>(out),
+                 static_cast<const T*>(a), static_cast<const T*>(b), n / 8, op);
     else
-      binary_scalar_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(static_cast<T*>(out), static_cast<const T*>(a),
-                                                                   static_cast<const T*>(b), n, op);
+      launch_pdl(binary_scalar_kernel<T, Op>, grid_for(n), kThreads, 0, stream, static_cast<T*>(out),
+                 static_cast<const T*>(a), static_cast<const T*>(b), n, op);
   });
   return cudaGetLastError();
 }
@@ -125,7 +133,7 @@ cudaError_t gather(void* out, const void* src, const int32_t* index, int64_t num
   if (num_rows == 0) return cudaSuccess;
   const bool vec = row_size % 8 == 0 && aligned16(out) && aligned16(src);
   RTLLM_DISPATCH_DTYPE(dtype, T, {
-    gather_kernel<T><<<grid_for(num_rows * row_size / (vec ? 8 : 1)), kThreads, 0, stream>>>(
+    launch_pdl(gather_kernel<T>, grid_for(num_rows * row_size / (vec ? 8 : 1)), kThreads, 0, stream,
         static_cast<T*>(out), static_cast<const T*>(src), index, num_rows, row_size, num_src_rows, vec);
   });
   return cudaGetLastError();
@@ -134,6 +142,21 @@ cudaError_t gather(void* out, const void* src, const int32_t* index, int64_t num
 }  // namespace
 
 const char* error_string(cudaError_t err) { return cudaGetErrorString(err); }
+
+bool programmatic_launch_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("RTLLM_PDL");
+    if (env && std::string(env) == "0") return false;
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+      cudaGetLastError();  // leave no error behind for the launcher that asked
+      return false;
+    }
+    return major >= 9;
+  }();
+  return enabled;
+}
 
 cudaError_t embedding(void* out, const int32_t* ids, const void* table, int64_t num_tokens, int64_t hidden,
                       int64_t num_table_rows, DType dtype, cudaStream_t stream) {
@@ -158,8 +181,8 @@ cudaError_t silu(void* out, const void* x, int64_t n, DType dtype, cudaStream_t 
   if (n == 0) return cudaSuccess;
   const bool vec = n % 8 == 0 && aligned16(out) && aligned16(x);
   RTLLM_DISPATCH_DTYPE(dtype, T, {
-    silu_kernel<T><<<grid_for(vec ? n / 8 : n), kThreads, 0, stream>>>(static_cast<T*>(out),
-                                                                       static_cast<const T*>(x), n, vec);
+    launch_pdl(silu_kernel<T>, grid_for(vec ? n / 8 : n), kThreads, 0, stream, static_cast<T*>(out),
+               static_cast<const T*>(x), n, vec);
   });
   return cudaGetLastError();
 }
@@ -169,7 +192,7 @@ cudaError_t silu_mul(void* out, const void* x, int64_t num_rows, int64_t inter, 
   if (num_rows == 0) return cudaSuccess;
   const bool vec = inter % 8 == 0 && aligned16(out) && aligned16(x);
   RTLLM_DISPATCH_DTYPE(dtype, T, {
-    silu_mul_kernel<T><<<grid_for(num_rows * inter / (vec ? 8 : 1)), kThreads, 0, stream>>>(
+    launch_pdl(silu_mul_kernel<T>, grid_for(num_rows * inter / (vec ? 8 : 1)), kThreads, 0, stream,
         static_cast<T*>(out), static_cast<const T*>(x), num_rows, inter, vec);
   });
   return cudaGetLastError();
@@ -180,7 +203,7 @@ cudaError_t cast_to_float(float* out, const void* x, int64_t n, DType dtype, cud
   if (n == 0) return cudaSuccess;
   if (dtype == DType::kFP32) return cudaMemcpyAsync(out, x, n * sizeof(float), cudaMemcpyDeviceToDevice, stream);
   RTLLM_DISPATCH_DTYPE(dtype, T, {
-    cast_to_float_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(out, static_cast<const T*>(x), n);
+    launch_pdl(cast_to_float_kernel<T>, grid_for(n), kThreads, 0, stream, out, static_cast<const T*>(x), n);
   });
   return cudaGetLastError();
 }

@@ -14,6 +14,7 @@ __global__ void qkv_prepare_kernel(T* q_out, const T* qkv, int64_t row_stride, i
                                    int64_t v_col, const float* inv_freq, const T* q_norm_weight,
                                    const T* k_norm_weight, float eps, StepMetaDevice meta, PagedKv kv,
                                    int32_t num_heads, int32_t num_kv_heads) {
+  pdl_begin();
   constexpr int kHalf = HEAD_DIM / 2;
   constexpr int kPairs = (kHalf + 31) / 32;  // pairs per lane
   const int lane = threadIdx.x & 31;
@@ -111,7 +112,7 @@ cudaError_t qkv_prepare(void* q_out, const void* qkv, int64_t qkv_row_stride, in
   const unsigned blocks = (unsigned)ceil_div(items, kWarpsPerBlock);
   RTLLM_DISPATCH_DTYPE(dtype, T, {
     RTLLM_DISPATCH_HEAD_DIM(head_dim, HEAD_DIM, {
-      qkv_prepare_kernel<T, HEAD_DIM><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+      launch_pdl(qkv_prepare_kernel<T, HEAD_DIM>, blocks, kWarpsPerBlock * 32, 0, stream,
           static_cast<T*>(q_out), static_cast<const T*>(qkv), qkv_row_stride, q_col, k_col, v_col, inv_freq,
           static_cast<const T*>(q_norm_weight), static_cast<const T*>(k_norm_weight), qk_norm_eps, meta, kv,
           num_heads, num_kv_heads);

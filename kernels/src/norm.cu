@@ -41,6 +41,7 @@ __device__ __forceinline__ float sum_squares(const T* x, int64_t num_vecs, int64
 template <typename T>
 __global__ void rms_norm_warp_kernel(T* out, const T* x, const T* weight, int64_t num_groups, int group_size,
                                      float eps) {
+  pdl_begin();
   const int64_t group = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   if (group >= num_groups) return;  // the whole warp leaves together
   const int lane = threadIdx.x & 31;
@@ -54,6 +55,7 @@ __global__ void rms_norm_warp_kernel(T* out, const T* x, const T* weight, int64_
 template <typename T>
 __global__ void rms_norm_block_kernel(T* out, const T* x, const T* weight, int64_t group_size, float eps) {
   __shared__ float scratch[32];
+  pdl_begin();
   const int64_t base = (int64_t)blockIdx.x * group_size, num_vecs = group_size / 8;
   const float ss = block_sum(sum_squares(x + base, num_vecs, threadIdx.x, blockDim.x), scratch);
   const float inv_rms = 1.0f / sqrtf(ss / (float)group_size + eps);
@@ -65,6 +67,7 @@ template <typename T>
 __global__ void add_rms_norm_kernel(T* normed, T* sum, const T* x, const T* residual, const T* weight,
                                     int64_t row_size, float eps) {
   __shared__ float scratch[32];
+  pdl_begin();
   const int64_t base = (int64_t)blockIdx.x * row_size, num_vecs = row_size / 8;
   float ss = 0.0f;
   for (int64_t v = threadIdx.x; v < num_vecs; v += blockDim.x) {
@@ -101,12 +104,12 @@ cudaError_t rms_norm(void* out, const void* x, const void* weight, int64_t num_r
   RTLLM_DISPATCH_DTYPE(dtype, T, {
     if (group_size <= kWarpGroupMax) {
       constexpr int kWarps = kBlockThreads / 32;
-      rms_norm_warp_kernel<T><<<(unsigned)ceil_div(num_groups, kWarps), kBlockThreads, 0, stream>>>(
+      launch_pdl(rms_norm_warp_kernel<T>, (unsigned)ceil_div(num_groups, kWarps), kBlockThreads, 0, stream,
           static_cast<T*>(out), static_cast<const T*>(x), static_cast<const T*>(weight), num_groups,
           (int)group_size, eps);
     } else {
       RTLLM_KERNEL_CHECK(num_groups < (int64_t(1) << 31));
-      rms_norm_block_kernel<T><<<(unsigned)num_groups, threads_for(group_size / 8), 0, stream>>>(
+      launch_pdl(rms_norm_block_kernel<T>, (unsigned)num_groups, threads_for(group_size / 8), 0, stream,
           static_cast<T*>(out), static_cast<const T*>(x), static_cast<const T*>(weight), group_size, eps);
     }
   });
@@ -121,7 +124,7 @@ cudaError_t add_rms_norm(void* normed, void* sum, const void* x, const void* res
                      aligned16(weight));
   if (num_rows == 0) return cudaSuccess;
   RTLLM_DISPATCH_DTYPE(dtype, T, {
-    add_rms_norm_kernel<T><<<(unsigned)num_rows, threads_for(row_size / 8), 0, stream>>>(
+    launch_pdl(add_rms_norm_kernel<T>, (unsigned)num_rows, threads_for(row_size / 8), 0, stream,
         static_cast<T*>(normed), static_cast<T*>(sum), static_cast<const T*>(x), static_cast<const T*>(residual),
         static_cast<const T*>(weight), row_size, eps);
   });

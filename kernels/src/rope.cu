@@ -10,6 +10,7 @@ namespace {
 template <typename T>
 __global__ void rope_kernel(T* out, const T* x, const int32_t* positions, const float* inv_freq,
                             int64_t num_tokens, int32_t num_heads, int32_t head_dim) {
+  pdl_begin();
   const int32_t half = head_dim / 2;
   const int64_t total = num_tokens * num_heads * half;
   for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
@@ -37,8 +38,8 @@ cudaError_t rope(void* out, const void* x, const int32_t* positions, const float
   if (total == 0) return cudaSuccess;
   const unsigned blocks = (unsigned)std::min<int64_t>(ceil_div(total, 256), 65536);
   RTLLM_DISPATCH_DTYPE(dtype, T, {
-    rope_kernel<T><<<blocks, 256, 0, stream>>>(static_cast<T*>(out), static_cast<const T*>(x), positions, inv_freq,
-                                               num_tokens, num_heads, head_dim);
+    launch_pdl(rope_kernel<T>, blocks, 256, 0, stream, static_cast<T*>(out), static_cast<const T*>(x), positions,
+               inv_freq, num_tokens, num_heads, head_dim);
   });
   return cudaGetLastError();
 }

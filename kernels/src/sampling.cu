@@ -342,6 +342,7 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
     const int32_t* output_ids, const int32_t* output_offsets, const int32_t* masked_ids,
     const int32_t* masked_offsets, int32_t n, int32_t max_top, uint32_t* workspace) {
   __shared__ Shared sh;
+  pdl_begin();
   const int s = blockIdx.x;
   const SamplingParamsDevice p = params[s];
   const float* raw = logits + (int64_t)s * n;
@@ -454,10 +455,9 @@ cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, 
   const bool has_lists = prompt_offsets || output_offsets || masked_offsets;
   RTLLM_KERNEL_CHECK(!has_lists || (workspace && (reinterpret_cast<uintptr_t>(workspace) & 3) == 0));
   if (num_seqs == 0) return cudaSuccess;
-  sample_kernel<<<num_seqs, kThreads, 0, stream>>>(out_ids, out_logprobs, out_top_ids, logits, params, prompt_ids,
-                                                   prompt_offsets, output_ids, output_offsets, masked_ids,
-                                                   masked_offsets, vocab_size, max_top,
-                                                   static_cast<uint32_t*>(workspace));
+  launch_pdl(sample_kernel, num_seqs, kThreads, 0, stream, out_ids, out_logprobs, out_top_ids, logits, params,
+             prompt_ids, prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets, vocab_size, max_top,
+             static_cast<uint32_t*>(workspace));
   return cudaGetLastError();
 }
 

@@ -235,8 +235,9 @@ def test_decode_num_splits_heuristic(kernels):
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert kernels.attention_decode_num_splits(128, 8, 4096, num_sms) == 1  # 1024 CTAs already fill the GPU
     splits = kernels.attention_decode_num_splits(1, 8, 16384, num_sms)
-    assert 8 * splits >= num_sms and 16384 / splits >= 128
-    assert kernels.attention_decode_num_splits(1, 8, 100, num_sms) == 1  # too short to split
+    assert 8 * splits >= num_sms and 16384 / splits >= 32
+    assert kernels.attention_decode_num_splits(1, 8, 40, num_sms) == 1  # too short to split
+    assert kernels.attention_decode_num_splits(1, 8, 384, num_sms) == 12  # batch 1: one loop step per split
 
 
 def test_rejects_unsupported_arguments(kernels):

@@ -54,11 +54,10 @@ void linear_op(const OpContext& ctx, const TensorView* in, int num_in, TensorVie
     bias = in[2].data;
   }
   const CudaStep& st = step_of(ctx);
-  if (y.dtype == x.dtype && T <= kMaxGemvRows && kernels::gemv_supported(static_cast<int32_t>(T),
-                                                                         static_cast<int32_t>(K))) {
+  if (T <= kMaxGemvRows && kernels::gemv_supported(static_cast<int32_t>(T), static_cast<int32_t>(K))) {
     check_launch("linear", kernels::gemv(y.data, x.data, w.data, bias, static_cast<int32_t>(T),
                                          static_cast<int32_t>(N), static_cast<int32_t>(K), kernel_dtype(x.dtype),
-                                         stream_of(ctx)));
+                                         kernel_dtype(y.dtype), stream_of(ctx)));
     return;
   }
   st.gemm->linear(y.data, x.data, w.data, bias, T, N, K, x.dtype, y.dtype, stream_of(ctx));

@@ -48,7 +48,7 @@ RTLLM_API size_t attention_decode_workspace_bytes(int32_t max_num_seqs, int32_t 
                                                   int32_t max_splits);
 
 // A split count so that num_seqs x num_kv_heads x splits CTAs come close to, without passing, 4 per SM
-// (one wave with enough loads in flight), each split still covering at least 128 keys of max_seq_len.
+// (one wave with enough loads in flight), each split still covering at least 32 keys of max_seq_len.
 // Fixed per captured graph.
 RTLLM_API int32_t attention_decode_num_splits(int32_t num_seqs, int32_t num_kv_heads, int32_t max_seq_len,
                                               int32_t num_sms);

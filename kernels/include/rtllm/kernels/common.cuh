@@ -23,4 +23,9 @@ inline int64_t dtype_size(DType dtype) { return dtype == DType::kFP32 ? 4 : 2; }
 // link one themselves.
 RTLLM_API const char* error_string(cudaError_t err);
 
+// Whether the decode-path kernels use programmatic dependent launch: on devices of compute capability
+// 9.0 and later, unless the environment sets RTLLM_PDL=0. Decided once, for the device current at the
+// first call.
+RTLLM_API bool programmatic_launch_enabled();
+
 }  // namespace rtllm::kernels

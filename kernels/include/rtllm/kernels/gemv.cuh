@@ -12,11 +12,12 @@ namespace rtllm::kernels {
 
 constexpr int32_t kGemvMaxM = 8;
 
-// y [m, n], x [m, k], weight [n, k] (row-major, one output feature per row), bias [n] or null; all T
-// (bf16 or fp16), float32 accumulation, y rounded to T once. m in [1, kGemvMaxM]; k % 8 == 0; x, weight
-// 16-byte aligned. Each warp streams whole weight rows with 16-byte loads, several in flight.
+// y [m, n], x [m, k], weight [n, k] (row-major, one output feature per row), bias [n] or null; x, weight
+// and bias of `dtype` (bf16 or fp16), float32 accumulation; y of y_dtype (`dtype`, rounded once, or
+// kFP32: the logits of an LM head). m in [1, kGemvMaxM]; k % 8 == 0; x, weight 16-byte aligned. Each warp
+// streams whole weight rows with 16-byte loads, several in flight.
 RTLLM_API cudaError_t gemv(void* y, const void* x, const void* weight, const void* bias, int32_t m, int32_t n,
-                           int32_t k, DType dtype, cudaStream_t stream);
+                           int32_t k, DType dtype, DType y_dtype, cudaStream_t stream);
 
 // Whether gemv takes this shape (the runtime falls back to cuBLASLt otherwise).
 RTLLM_API bool gemv_supported(int32_t m, int32_t k);

@@ -1,0 +1,114 @@
+"""Where a decode step's time goes on CUDA: device time per kernel, per step, at several batch sizes.
+
+  python benchmarks/profile_decode.py --preset llama-3-8b --batch 1 --batch 64 --batch 256
+
+For each batch size, the same requests run twice under torch's profiler (which records every kernel of
+the process, rtllm's included, also when replayed from a CUDA graph): once for the prompt only
+(max_tokens=1) and once with --steps more tokens. The difference, over --steps, is one decode step:
+device time per kernel name, the sum of kernel time, and the wall time per step (host, launch gaps and
+the sampled ids' trip to the host included).
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import now, report  # noqa: E402
+
+# Kernel names, as the profiler reports them, grouped into the ops of a Llama layer.
+GROUPS = [("gemv", "gemv"), ("gemm (cuBLASLt)", "gemm|nvjet|sm90_xmma|cutlass|cublas"),
+          ("add_rms_norm", "add_rms_norm"), ("rms_norm", "rms_norm"), ("qkv_prepare (rope + kv write)", "qkv_prepare"),
+          ("attention decode", "decode_split"), ("attention merge", "decode_merge"),
+          ("attention prefill", "prefill"), ("silu_mul", "silu_mul"), ("embedding gather", "gather"),
+          ("sampling", "sample_kernel"), ("memcpy / memset", "Memcpy|Memset|memcpy|memset")]
+
+
+def group_of(name):
+    for group, pattern in GROUPS:
+        if re.search(pattern, name):
+            return group
+    return name[:60]
+
+
+def kernel_times(llm, prompts, max_tokens):
+    """(seconds of wall time, {group: [device µs, launches]}) of one generate() under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from rtllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = now()
+        llm.generate(prompts, params, use_tqdm=False)
+        seconds = now() - start
+    with tempfile.TemporaryDirectory() as tmp:  # the trace holds every device activity, graph nodes too
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = collections.defaultdict(lambda: [0.0, 0])
+    for event in events:
+        if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in event:
+            entry = totals[group_of(event["name"])]
+            entry[0] += float(event["dur"])
+            entry[1] += 1
+    return seconds, totals
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="an HF checkpoint directory")
+    source.add_argument("--preset", help="a named shape with random weights (rtllm.models.presets)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--batch", type=int, action="append", help="batch sizes (repeatable; default 1)")
+    parser.add_argument("--isl", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=64, help="decode steps profiled")
+    parser.add_argument("--output", help="also write the JSON here")
+    args = parser.parse_args()
+    batches = args.batch or [1]
+
+    from rtllm import LLM, BuildConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model
+        if args.preset:
+            from rtllm.models.presets import write_random_checkpoint
+            model_dir = write_random_checkpoint(os.path.join(tmp, args.preset), args.preset, dtype=args.dtype)
+        build_config = BuildConfig(max_batch_size=max(batches), max_input_len=args.isl,
+                                   max_seq_len=args.isl + args.steps + 1, dtype=args.dtype)
+        rng = np.random.default_rng(0)
+        results = {"model": args.model or args.preset, "isl": args.isl, "steps": args.steps, "batches": []}
+        rows = []
+        with LLM(model=model_dir, build_config=build_config, skip_tokenizer_init=True, device="cuda") as llm:
+            import torch
+            results["gpu"] = torch.cuda.get_device_name()
+            for batch in batches:
+                prompts = [rng.integers(10, 1000, size=args.isl).tolist() for _ in range(batch)]
+                kernel_times(llm, prompts, args.steps + 1)  # warm-up: captures this batch's graph
+                prefill_s, prefill = kernel_times(llm, prompts, 1)
+                total_s, total = kernel_times(llm, prompts, args.steps + 1)
+                step = {g: ((total[g][0] - prefill.get(g, [0.0, 0])[0]) / args.steps,
+                            (total[g][1] - prefill.get(g, [0.0, 0])[1]) / args.steps) for g in total}
+                device_us = sum(us for us, _ in step.values())
+                wall_us = (total_s - prefill_s) / args.steps * 1e6
+                entry = {"batch": batch, "wall_us_per_step": wall_us, "device_us_per_step": device_us,
+                         "kernels": {g: {"us_per_step": us, "launches_per_step": n} for g, (us, n) in step.items()}}
+                results["batches"].append(entry)
+                for g, (us, n) in sorted(step.items(), key=lambda kv: -kv[1][0]):
+                    rows.append({"batch": batch, "op": g, "us/step": us, "launches/step": n,
+                                 "share": f"{us / wall_us:.1%}"})
+                rows.append({"batch": batch, "op": "all kernels", "us/step": device_us,
+                             "share": f"{device_us / wall_us:.1%}"})
+                rows.append({"batch": batch, "op": "wall time", "us/step": wall_us, "share": "100%"})
+    report(results, rows, ["batch", "op", "us/step", "launches/step", "share"], args.output)
+
+
+if __name__ == "__main__":
+    main()
