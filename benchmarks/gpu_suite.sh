@@ -47,7 +47,7 @@ wants kernels && run_step bench_kernels 150 bench_kernels.log "$PYTHON" benchmar
   --output "$OUT_DIR/kernels.json"
 
 # The workloads: 1,000 requests at 128/128, and fewer at 2048/2048 (each holds 4k tokens of KV).
-E2E_ARGS=${E2E_ARGS:---workload 128x128x1000 --workload 2048x2048x200 --max-batch-size 256 \
+E2E_ARGS=${E2E_ARGS:---workload 128x128x1000 --workload 2048x2048x200 --max-batch-size 512 \
   --hf-requests 64 --hf-max-osl 128}
 # shellcheck disable=SC2086
 wants e2e && run_step bench_e2e 480 bench_e2e.log "$PYTHON" benchmarks/bench_e2e.py --preset llama-3-8b \

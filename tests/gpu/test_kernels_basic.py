@@ -56,7 +56,8 @@ def test_rms_norm(kernels, stream, dtype, rows, hidden, group):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,hidden", [(1, 64), (6, 4096), (2, 8192), (17, 1000 - 1000 % 8)])
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (6, 4096), (2, 8192), (17, 1000 - 1000 % 8),
+                                        (1, 16384)])  # rows kept in registers up to 8192, then re-read
 def test_add_rms_norm(kernels, stream, dtype, rows, hidden):
     x, res, w = rand(rows, hidden, dtype=dtype), rand(rows, hidden, dtype=dtype, scale=2.0), rand(hidden, dtype=dtype)
     normed, total = poisoned(rows, hidden, dtype=dtype), poisoned(rows, hidden, dtype=dtype)
