@@ -46,7 +46,7 @@ wants tests && run_step tests_gpu 300 tests_gpu.log "$PYTHON" -m pytest tests/gp
 wants kernels && run_step bench_kernels 150 bench_kernels.log "$PYTHON" benchmarks/bench_kernels.py \
   --output "$OUT_DIR/kernels.json"
 
-# The workloads: 1,000 requests at 128/128, and fewer at 2048/2048 (each holds 4k tokens of KV).
+# Default workloads: 1,000 requests at 128/128, and 200 at 2048/2048 (the KV pool holds ~100 such requests).
 E2E_ARGS=${E2E_ARGS:---workload 128x128x1000 --workload 2048x2048x200 --max-batch-size 512 \
   --hf-requests 64 --hf-max-osl 128}
 # shellcheck disable=SC2086

@@ -94,8 +94,8 @@ def main():
                 kernel_times(llm, prompts, args.steps + 1)  # warm-up: captures this batch's graph
                 prefill_s, prefill = kernel_times(llm, prompts, 1)
                 total_s, total = kernel_times(llm, prompts, args.steps + 1)
-                step = {g: ((total[g][0] - prefill.get(g, [0.0, 0])[0]) / args.steps,
-                            (total[g][1] - prefill.get(g, [0.0, 0])[1]) / args.steps) for g in total}
+                step = {g: ((total[g][0] - prefill[g][0]) / args.steps, (total[g][1] - prefill[g][1]) / args.steps)
+                        for g in total}  # prefill is a defaultdict: groups only decode runs read as 0
                 device_us = sum(us for us, _ in step.values())
                 wall_us = (total_s - prefill_s) / args.steps * 1e6
                 entry = {"batch": batch, "wall_us_per_step": wall_us, "device_us_per_step": device_us,

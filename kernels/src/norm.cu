@@ -11,18 +11,23 @@ namespace {
 constexpr int kWarpGroupMax = 256;  // groups up to this size are normalized by one warp each
 constexpr int kBlockThreads = 256;
 
+// w · (x · inv_rms) of one 8-vector.
+template <typename T>
+__device__ __forceinline__ Vec8<T> scale_vec(const Vec8<T>& x, const Vec8<T>& w, float inv_rms) {
+  float xf[8], wf[8];
+  to_float8(x, xf);
+  to_float8(w, wf);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) xf[i] = wf[i] * (xf[i] * inv_rms);
+  return from_float8<T>(xf);
+}
+
 // y[0:d] = w · (x · inv_rms) for the 8-vectors v = first, first + stride, ... of one group.
 template <typename T>
 __device__ __forceinline__ void scale_group(T* y, const T* x, const T* w, int64_t num_vecs, int64_t first,
                                             int64_t stride, float inv_rms) {
-  for (int64_t v = first; v < num_vecs; v += stride) {
-    float xf[8], wf[8];
-    to_float8(load8(x + v * 8), xf);
-    to_float8(load8(w + v * 8), wf);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) xf[i] = wf[i] * (xf[i] * inv_rms);
-    store8(y + v * 8, from_float8<T>(xf));
-  }
+  for (int64_t v = first; v < num_vecs; v += stride)
+    store8(y + v * 8, scale_vec(load8(x + v * 8), load8(w + v * 8), inv_rms));
 }
 
 template <typename T>
@@ -88,9 +93,10 @@ __global__ void add_rms_norm_kernel(T* normed, T* sum, const T* x, const T* resi
     store8(sum + base + v * 8, s);
     return s;
   };
+  const bool kept_in_registers = num_vecs <= kKeptVecs * (int64_t)blockDim.x;
+  Vec8<T> kept[kKeptVecs], w[kKeptVecs];
   float ss = 0.0f;
-  if (num_vecs <= kKeptVecs * (int64_t)blockDim.x) {
-    Vec8<T> kept[kKeptVecs], w[kKeptVecs];
+  if (kept_in_registers) {
 #pragma unroll
     for (int j = 0; j < kKeptVecs; ++j) {
       const int64_t v = threadIdx.x + (int64_t)j * blockDim.x;
@@ -99,26 +105,20 @@ __global__ void add_rms_norm_kernel(T* normed, T* sum, const T* x, const T* resi
         w[j] = load8(weight + v * 8);
       }
     }
-    ss = block_sum(ss, scratch);
-    const float inv_rms = 1.0f / sqrtf(ss / (float)row_size + eps);
+  } else {
+    for (int64_t v = threadIdx.x; v < num_vecs; v += blockDim.x) add_row_vec(v, ss);
+  }
+  ss = block_sum(ss, scratch);
+  const float inv_rms = 1.0f / sqrtf(ss / (float)row_size + eps);
+  if (kept_in_registers) {
 #pragma unroll
     for (int j = 0; j < kKeptVecs; ++j) {
       const int64_t v = threadIdx.x + (int64_t)j * blockDim.x;
-      if (v < num_vecs) {
-        float sf[8], wf[8];
-        to_float8(kept[j], sf);
-        to_float8(w[j], wf);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) sf[i] = wf[i] * (sf[i] * inv_rms);  // as scale_group
-        store8(normed + base + v * 8, from_float8<T>(sf));
-      }
+      if (v < num_vecs) store8(normed + base + v * 8, scale_vec(kept[j], w[j], inv_rms));
     }
-    return;
+  } else {
+    scale_group(normed + base, sum + base, weight, num_vecs, threadIdx.x, blockDim.x, inv_rms);
   }
-  for (int64_t v = threadIdx.x; v < num_vecs; v += blockDim.x) add_row_vec(v, ss);
-  ss = block_sum(ss, scratch);
-  const float inv_rms = 1.0f / sqrtf(ss / (float)row_size + eps);
-  scale_group(normed + base, sum + base, weight, num_vecs, threadIdx.x, blockDim.x, inv_rms);
 }
 
 int threads_for(int64_t num_vecs) {
