@@ -5,8 +5,13 @@
 For each batch size, the same requests run twice under torch's profiler (which records every kernel of
 the process, rtllm's included, also when replayed from a CUDA graph): once for the prompt only
 (max_tokens=1) and once with --steps more tokens. The difference, over --steps, is one decode step:
-device time per kernel name, the sum of kernel time, and the wall time per step (host, launch gaps and
-the sampled ids' trip to the host included).
+device time per kernel name, the sum of kernel time, the time the device was busy (the union of the
+kernels' intervals, which overlap under programmatic dependent launch), the idle time left in each step
+(launch gaps and the host's turn between steps: sampled ids to the host, scheduling, the next launch),
+where the longest gaps fall, the host time of CUDA API calls, and the wall time per step. The profiler
+itself slows graph launches (measured on an H100: cudaGraphLaunch took 280 us of host time per step
+under it, and splitting the graph to hide that gained nothing without it), so wall time and gaps read
+high here; bench_e2e.py gives the unprofiled step time.
 """
 import argparse
 import collections
@@ -36,8 +41,30 @@ def group_of(name):
     return name[:60]
 
 
+def busy_and_gaps(intervals, long_gap_us=20.0):
+    """(µs the device was busy: the union of the intervals, µs of idle gaps longer than long_gap_us, their
+    count, {(name before, name after): µs} of those gaps) over [(start µs, end µs, name)]."""
+    busy = long_gaps = 0.0
+    num_long = 0
+    where = collections.Counter()
+    end, last_name = None, None
+    for start, stop, name in sorted(intervals):
+        if end is None or start > end:
+            if end is not None and start - end > long_gap_us:
+                long_gaps += start - end
+                num_long += 1
+                where[(group_of(last_name), group_of(name))] += start - end
+            busy += stop - start
+            end, last_name = stop, name
+        elif stop > end:
+            busy += stop - end
+            end, last_name = stop, name
+    return busy, long_gaps, num_long, where
+
+
 def kernel_times(llm, prompts, max_tokens):
-    """(seconds of wall time, {group: [device µs, launches]}) of one generate() under the profiler."""
+    """(seconds of wall time, {group: [device µs, launches]}, (busy µs, long-gap µs, long gaps)) of one
+    generate() under the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     from rtllm import SamplingParams
@@ -53,12 +80,21 @@ def kernel_times(llm, prompts, max_tokens):
         with open(path) as f:
             events = json.load(f)["traceEvents"]
     totals = collections.defaultdict(lambda: [0.0, 0])
+    host_calls = collections.defaultdict(lambda: [0.0, 0])  # CUDA API calls on the host: [µs, calls]
+    intervals = []
     for event in events:
-        if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in event:
+        if "dur" not in event:
+            continue
+        if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
             entry = totals[group_of(event["name"])]
             entry[0] += float(event["dur"])
             entry[1] += 1
-    return seconds, totals
+            intervals.append((float(event["ts"]), float(event["ts"]) + float(event["dur"]), event["name"]))
+        elif event.get("cat") in ("cuda_runtime", "cuda_driver"):
+            entry = host_calls[event["name"]]
+            entry[0] += float(event["dur"])
+            entry[1] += 1
+    return seconds, totals, busy_and_gaps(intervals), host_calls
 
 
 def main():
@@ -92,13 +128,22 @@ def main():
             for batch in batches:
                 prompts = [rng.integers(10, 1000, size=args.isl).tolist() for _ in range(batch)]
                 kernel_times(llm, prompts, args.steps + 1)  # warm-up: captures this batch's graph
-                prefill_s, prefill = kernel_times(llm, prompts, 1)
-                total_s, total = kernel_times(llm, prompts, args.steps + 1)
+                prefill_s, prefill, prefill_busy, prefill_calls = kernel_times(llm, prompts, 1)
+                total_s, total, total_busy, total_calls = kernel_times(llm, prompts, args.steps + 1)
+                busy_us, long_gap_us, num_long_gaps = ((t - p) / args.steps for t, p in zip(total_busy[:3], prefill_busy[:3]))
+                gap_sites = {f"{a} -> {b}": (us - prefill_busy[3].get((a, b), 0.0)) / args.steps
+                             for (a, b), us in total_busy[3].items()}
+                host_api = {name: {"us_per_step": (us - prefill_calls[name][0]) / args.steps,
+                                   "calls_per_step": (n - prefill_calls[name][1]) / args.steps}
+                            for name, (us, n) in total_calls.items()}
                 step = {g: ((total[g][0] - prefill[g][0]) / args.steps, (total[g][1] - prefill[g][1]) / args.steps)
                         for g in total}  # prefill is a defaultdict: groups only decode runs read as 0
                 device_us = sum(us for us, _ in step.values())
                 wall_us = (total_s - prefill_s) / args.steps * 1e6
                 entry = {"batch": batch, "wall_us_per_step": wall_us, "device_us_per_step": device_us,
+                         "busy_us_per_step": busy_us, "idle_us_per_step": wall_us - busy_us,
+                         "gaps_over_20us_per_step": [num_long_gaps, long_gap_us], "gap_sites_us_per_step": gap_sites,
+                         "host_cuda_api": host_api,
                          "kernels": {g: {"us_per_step": us, "launches_per_step": n} for g, (us, n) in step.items()}}
                 results["batches"].append(entry)
                 for g, (us, n) in sorted(step.items(), key=lambda kv: -kv[1][0]):
@@ -106,7 +151,17 @@ def main():
                                  "share": f"{us / wall_us:.1%}"})
                 rows.append({"batch": batch, "op": "all kernels", "us/step": device_us,
                              "share": f"{device_us / wall_us:.1%}"})
+                rows.append({"batch": batch, "op": "device busy (union)", "us/step": busy_us,
+                             "share": f"{busy_us / wall_us:.1%}"})
+                rows.append({"batch": batch, "op": "idle gaps > 20 us", "us/step": long_gap_us,
+                             "launches/step": num_long_gaps, "share": f"{long_gap_us / wall_us:.1%}"})
                 rows.append({"batch": batch, "op": "wall time", "us/step": wall_us, "share": "100%"})
+                for site, us in sorted(gap_sites.items(), key=lambda kv: -kv[1])[:3]:
+                    rows.append({"batch": batch, "op": f"gap: {site}"[:60], "us/step": us,
+                                 "share": f"{us / wall_us:.1%}"})
+                for name, v in sorted(host_api.items(), key=lambda kv: -kv[1]["us_per_step"])[:6]:
+                    rows.append({"batch": batch, "op": f"host: {name}"[:60], "us/step": v["us_per_step"],
+                                 "launches/step": v["calls_per_step"], "share": f"{v['us_per_step'] / wall_us:.1%}"})
     report(results, rows, ["batch", "op", "us/step", "launches/step", "share"], args.output)
 
 

@@ -20,6 +20,16 @@ using namespace attn;
 constexpr int kNumWarps = 4;
 constexpr int kThreads = kNumWarps * 32;
 constexpr int kMaxGroup = 8;  // query heads per CTA; larger groups are split into chunks of heads
+// A split shorter than one step of a CTA's key loop (4 warps x 2 keys x 4 unrolled = 32 keys at head_dim
+// 128 and groups <= 4) leaves lanes idle.
+constexpr int32_t kMinKeysPerSplit = 32;
+
+// The splits sequence s uses: the launch's num_splits (fixed per captured graph, sized for max_seq_len)
+// cut to what its current length fills, read on the device so a graph replay follows the lengths. At
+// batch 1 and a few hundred keys, an engine built for 4096 tokens otherwise ran 66 splits of ~6 keys.
+__device__ __forceinline__ int splits_used(int num_splits, int seq_len) {
+  return max(1, min(num_splits, (seq_len + kMinKeysPerSplit - 1) / kMinKeysPerSplit));
+}
 
 template <typename T, int HEAD_DIM, int MAX_GROUP>
 __global__ void __launch_bounds__(kThreads) decode_split_kernel(T* __restrict__ out, const T* __restrict__ q,
@@ -44,7 +54,9 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(T* __restrict__ 
   const int dim0 = (lane % kLanesPerKey) * 8, key_slot = lane / kLanesPerKey;
 
   const int seq_len = meta.seq_len[s];
-  const int keys_per_split = (seq_len + num_splits - 1) / num_splits;
+  const int used_splits = splits_used(num_splits, seq_len);
+  if (split >= used_splits) return;  // the whole CTA: nothing merges its (unwritten) partials
+  const int keys_per_split = (seq_len + used_splits - 1) / used_splits;
   const int k_begin = split * keys_per_split, k_end = min(seq_len, k_begin + keys_per_split);
 
   float qf[MAX_GROUP][8];
@@ -190,17 +202,18 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(T* __restrict__ 
 // One CTA of head_dim threads per (sequence, query head): out = Σ_i w_i · o_i / Σ_i w_i, w_i = 2^(lse_i - max).
 template <typename T>
 __global__ void decode_merge_kernel(T* __restrict__ out, const float* __restrict__ partial_o,
-                                    const float* __restrict__ partial_lse, int num_heads, int head_dim,
-                                    int num_splits) {
+                                    const float* __restrict__ partial_lse, const int32_t* __restrict__ seq_lens,
+                                    int num_heads, int head_dim, int num_splits) {
   pdl_begin();
   const int64_t head = (int64_t)blockIdx.x * num_heads + blockIdx.y;
   const int d = threadIdx.x;
+  const int used_splits = splits_used(num_splits, seq_lens[blockIdx.x]);
   const float* lse = partial_lse + head * num_splits;
   float m = -INFINITY;
-  for (int i = 0; i < num_splits; ++i) m = fmaxf(m, lse[i]);
+  for (int i = 0; i < used_splits; ++i) m = fmaxf(m, lse[i]);
   const float m_use = safe_max(m);
   float w_sum = 0.0f, o = 0.0f;
-  for (int i = 0; i < num_splits; ++i) {
+  for (int i = 0; i < used_splits; ++i) {
     const float w = exp2f(lse[i] - m_use);
     w_sum += w;
     o += w * partial_o[(head * num_splits + i) * head_dim + d];
@@ -230,7 +243,7 @@ cudaError_t launch_decode(T* out, const T* q, const StepMetaDevice& meta, const 
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     launch_pdl(decode_merge_kernel<T>, dim3(meta.num_seqs, num_heads), HEAD_DIM, 0, stream, out, partial_o,
-               partial_lse, num_heads, HEAD_DIM, num_splits);
+               partial_lse, meta.seq_len, num_heads, HEAD_DIM, num_splits);
   }
   return cudaGetLastError();
 }
@@ -283,10 +296,9 @@ int32_t attention_decode_num_splits(int32_t num_seqs, int32_t num_kv_heads, int3
   // About 4 CTAs fit on an SM (128 threads, <= 128 registers for groups <= 4) and keep enough 16-byte loads
   // in flight; a split count that overshoots one such wave leaves a mostly idle second wave (measured on an
   // H100: 8 sequences x 8 KV heads at 16k keys, 8 splits 87% of copy bandwidth, 9 splits 66%).
-  // A split shorter than one step of a CTA's key loop (4 warps x 2 keys x 4 unrolled = 32 keys at head_dim
-  // 128 and groups <= 4) leaves lanes idle. Longer splits mean more dependent steps per CTA: at batch 1 and
-  // a few hundred keys each step's load latency, not bandwidth, sets the time, so splits stay this short.
-  constexpr int32_t kMinKeysPerSplit = 32;
+  // Splits of kMinKeysPerSplit keys, no fewer: longer splits mean more dependent steps per CTA, and at
+  // batch 1 and a few hundred keys each step's load latency, not bandwidth, sets the time. The kernel
+  // cuts the count further per sequence from its current length (splits_used).
   constexpr int64_t kCtasPerSm = 4;
   const int64_t num_ctas = (int64_t)num_seqs * num_kv_heads;
   if (num_ctas <= 0) return 1;

@@ -183,6 +183,14 @@ def test_decode(kernels, head_dim, heads, tpb, num_splits):
     check_close(run_decode(kernels, case, num_splits), case.reference(), case.num_heads, head_dim)
 
 
+def test_decode_cuts_splits_to_each_length(kernels):
+    # 64 splits launched: the 1- and 33-key sequences use 1 and 2 of them, the 5000-key one all 64. The
+    # workspace is poisoned with NaN, so merging a split that never ran would show.
+    contexts = [1, 33, 100, 5000]
+    case = PagedCase([c - 1 for c in contexts], [1] * len(contexts), 32, 8, 128, 16, seed=17)
+    check_close(run_decode(kernels, case, 64), case.reference(), case.num_heads, 128)
+
+
 @pytest.mark.parametrize("heads", [(12, 2), (40, 8), (32, 1), (4, 4)])  # groups 6, 5, 32 (head chunks), 1
 def test_decode_odd_groups(kernels, heads):
     contexts = [3, 333, 2048]
