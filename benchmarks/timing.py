@@ -4,6 +4,8 @@ import time
 
 import numpy as np
 
+from rtllm.bench.metrics import summarize  # noqa: F401  (mean/p50/p90/p99 ms, as `rtllm bench` reports)
+
 
 def now() -> float:
     return time.perf_counter()
@@ -21,15 +23,6 @@ def time_calls(fn, reps: int):
         fn()
         times.append(now() - t0)
     return np.percentile(np.asarray(times), [10, 50, 90])
-
-
-def summarize(values_s) -> dict:
-    """mean/p50/p90/p99 in milliseconds of a list of durations in seconds."""
-    v = np.asarray(values_s, dtype=np.float64) * 1e3
-    if v.size == 0:
-        return {}
-    return {"mean_ms": float(v.mean()), "p50_ms": float(np.percentile(v, 50)),
-            "p90_ms": float(np.percentile(v, 90)), "p99_ms": float(np.percentile(v, 99))}
 
 
 def report(results: dict, rows: list, columns: list, path: str | None = None) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rtllm.bench import add_bench_parser
+from rtllm.serve.cli import add_serve_parser
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -27,7 +30,7 @@ def _add_generate_parser(subparsers) -> None:
                               description="Complete each PROMPT and print the completion.")
     p.add_argument("prompts", metavar="PROMPT", nargs="+", help="prompt text")
     p.add_argument("--model", metavar="DIR", default=None,
-                   help="engine or HF checkpoint directory (default: the built-in random-weight model)")
+                   help="engine or HF checkpoint directory (default: the built-in demo model)")
     p.add_argument("--tokenizer", metavar="DIR", default=None, help="tokenizer directory (default: the model's)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
@@ -52,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     _add_build_parser(subparsers)
     _add_generate_parser(subparsers)
+    add_bench_parser(subparsers)
+    add_serve_parser(subparsers)
     return parser
 
 

@@ -187,6 +187,11 @@ class LLM:
     def max_seq_len(self) -> int:
         return self._max_seq_len
 
+    @property
+    def is_shutdown(self) -> bool:
+        """True once shutdown() ran: new requests then raise RuntimeError."""
+        return self._executor is None or self._executor.is_shutdown
+
     # Inputs.
 
     def _prompt_tokens(self, prompt: PromptInput):

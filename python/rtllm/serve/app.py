@@ -1,0 +1,335 @@
+"""The OpenAI-compatible ASGI app over one LLM: routes, streaming, disconnects and errors.
+
+All requests share the LLM. Each runs as engine requests submitted with
+generate_async(streaming=True); the event loop only awaits their outputs, so generation (in C++)
+never blocks it. A request whose client goes away is aborted, which frees its KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import time
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+import rtllm
+from rtllm.serve import DEFAULT_MAX_BODY_BYTES
+from rtllm.serve.metrics import ServerMetrics
+from rtllm.serve.protocol import (DEFAULT_COMPLETION_MAX_TOKENS, APIError, ChatCompletionRequest,
+                                  CompletionRequest, parse_request)
+from rtllm.serve.responses import ChatFormatter, CompletionFormatter, new_request_id
+
+CHAT_PAGE = os.path.join(os.path.dirname(__file__), "static", "index.html")
+# Open even with an API key: liveness probes, and the chat page, a static file that a browser
+# loads without headers (the page then asks for the key and sends it with its API calls).
+PUBLIC_PATHS = frozenset({"/health", "/"})
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class _ApiKeyMiddleware:
+    """Answers 401 unless the request carries "Authorization: Bearer <key>" (compared in constant
+    time). Pure ASGI rather than BaseHTTPMiddleware, so streamed responses and disconnects pass
+    through untouched."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                error = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                 code="invalid_api_key")
+                response = _error_response(error)
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def read_json_object(request: Request, max_bytes: int) -> dict:
+    """The body as a JSON object. 413 past `max_bytes`, checked on the declared length and again
+    while reading (chunked bodies declare none); 400 for anything but a JSON object."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"the request body of {int(declared)} bytes exceeds the limit of "
+                            f"{max_bytes} bytes", code="request_too_large")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise APIError(413, f"the request body exceeds the limit of {max_bytes} bytes",
+                               code="request_too_large")
+    except ClientDisconnect:  # nobody reads the answer; a 400 keeps it out of the error log
+        raise APIError(400, "the client disconnected while sending the body") from None
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, not a {type(data).__name__}",
+                       code="invalid_json")
+    return data
+
+
+class _Generation:
+    """The engine requests behind one HTTP request: one per prompt, each with n sequences."""
+
+    def __init__(self, llm, prompts: list, params, metrics: ServerMetrics):
+        self.num_prompt_tokens = sum(len(p) for p in prompts)
+        self._record = metrics.start_request([len(p) for p in prompts], params.n)
+        self._results: list = []
+        self._closed = False
+        try:
+            for token_ids in prompts:
+                self._results.append(llm.generate_async({"prompt_token_ids": token_ids}, params,
+                                                        streaming=True))
+        except (ValueError, RuntimeError) as e:  # rejected before running: not counted
+            self._closed = True
+            self.abort()
+            if isinstance(e, ValueError):
+                raise APIError(400, str(e), code="invalid_value") from None
+            raise APIError(503 if llm.is_shutdown else 500, f"the engine refused the request: {e}") from None
+
+    async def outputs(self):
+        """Yields (prompt index, RequestOutput) as the prompts' streams advance, until all end."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(prompt_index, result):
+            try:
+                async for output in result:
+                    queue.put_nowait((prompt_index, output, None))
+            except Exception as e:  # the request failed in the engine
+                queue.put_nowait((prompt_index, None, e))
+                return
+            queue.put_nowait((prompt_index, None, None))
+
+        tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(self._results)]
+        try:
+            num_running = len(tasks)
+            while num_running:
+                prompt_index, output, error = await queue.get()
+                if error is not None:
+                    raise error
+                if output is None:
+                    num_running -= 1
+                    continue
+                self._record.observe(prompt_index, output)
+                yield prompt_index, output
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def collect(self, request: Request) -> list:
+        """Each prompt's final RequestOutput. If the client disconnects first, the engine requests
+        are aborted (and end as cancelled)."""
+        watcher = asyncio.ensure_future(self._abort_on_disconnect(request))
+        finals = [None] * len(self._results)
+        try:
+            async for prompt_index, output in self.outputs():
+                finals[prompt_index] = output
+        except Exception as e:
+            self.close(failed=True)
+            raise APIError(500, f"generation failed: {e}") from None
+        finally:
+            watcher.cancel()
+            self.close()
+        return finals
+
+    async def _abort_on_disconnect(self, request: Request) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.abort()
+
+    def abort(self) -> None:
+        for result in self._results:
+            result.abort()  # a no-op once finished
+
+    def close(self, failed: bool = False) -> None:
+        """Aborts what still runs (the client went away) and counts the request, once."""
+        if not self._closed:
+            self._closed = True
+            self.abort()
+            self._record.finish(failed)
+
+
+class _OpenAIServer:
+    """The routes; state is the shared LLM and the metrics."""
+
+    def __init__(self, llm, model_name: str, max_body_bytes: int):
+        self.llm = llm
+        self.model_name = model_name
+        self.max_body_bytes = max_body_bytes
+        self.metrics = ServerMetrics()
+        self.created = int(time.time())
+
+    # Plain routes.
+
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                            "created": self.created, "owned_by": "rtllm",
+                                            "max_model_len": self.llm.max_seq_len}]}
+
+    async def health(self):
+        if self.llm.is_shutdown:
+            raise APIError(503, "the engine is shut down")
+        return {"status": "ok"}
+
+    async def version(self):
+        return {"version": rtllm.__version__}
+
+    async def prometheus_metrics(self):
+        return PlainTextResponse(self.metrics.render(self.llm.get_stats()),
+                                 media_type="text/plain; version=0.0.4")
+
+    async def chat_page(self):
+        if not os.path.isfile(CHAT_PAGE):
+            raise APIError(404, f"the chat page is not installed ({CHAT_PAGE} is missing)")
+        return FileResponse(CHAT_PAGE, media_type="text/html")
+
+    # Generation routes.
+
+    async def completions(self, request: Request):
+        req = parse_request(CompletionRequest, await read_json_object(request, self.max_body_bytes))
+        req.check_supported()
+        self._check_model(req.model)
+        prompts = [self._encode(p) for p in req.prompt]
+        for token_ids in prompts:
+            self._check_length(len(token_ids), req.max_tokens, "prompt")
+        # The default (16) shrinks to fit; an explicit max_tokens that does not fit is an error.
+        room = self.llm.max_seq_len - max(len(p) for p in prompts)
+        max_tokens = req.max_tokens if req.max_tokens is not None else min(DEFAULT_COMPLETION_MAX_TOKENS, room)
+        params = req.sampling_params(max_tokens, req.logprobs)
+        formatter = CompletionFormatter(new_request_id("cmpl"), self.model_name, params.n, req.logprobs,
+                                        self.llm.tokenizer, req.include_usage)
+        return await self._respond(request, prompts, params, formatter, bool(req.stream))
+
+    async def chat_completions(self, request: Request):
+        req = parse_request(ChatCompletionRequest, await read_json_object(request, self.max_body_bytes))
+        req.check_supported()
+        self._check_model(req.model)
+        token_ids = self._apply_chat_template(req.messages)
+        max_tokens = req.requested_max_tokens
+        self._check_length(len(token_ids), max_tokens, "messages")
+        if max_tokens is None:  # as OpenAI: up to the context length
+            max_tokens = self.llm.max_seq_len - len(token_ids)
+        num_logprobs = req.num_logprobs()
+        params = req.sampling_params(max_tokens, num_logprobs)
+        formatter = ChatFormatter(new_request_id("chatcmpl"), self.model_name, params.n, num_logprobs,
+                                  self.llm.tokenizer, req.include_usage)
+        return await self._respond(request, [token_ids], params, formatter, bool(req.stream))
+
+    def _check_model(self, model) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"model {model!r} does not exist: this server serves {self.model_name!r}",
+                           "model", "model_not_found")
+
+    def _encode(self, prompt) -> list:
+        if not isinstance(prompt, str):
+            return prompt  # token ids, checked against the vocabulary by the LLM
+        if self.llm.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send the prompt as token ids", "prompt")
+        return self.llm.tokenizer.encode(prompt)
+
+    def _apply_chat_template(self, messages) -> list:
+        tokenizer = self.llm.tokenizer
+        if tokenizer is None or tokenizer.chat_template is None:
+            raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
+        try:
+            return tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=True)
+        except (ValueError, jinja2.TemplateError) as e:  # e.g. a role the template rejects
+            raise APIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
+
+    def _check_length(self, num_prompt_tokens: int, max_tokens, prompt_param: str) -> None:
+        limit = self.llm.max_seq_len
+        if num_prompt_tokens >= limit:
+            raise APIError(400, f"the prompt has {num_prompt_tokens} tokens: the model's max_seq_len={limit} "
+                                "leaves no room to generate", prompt_param, "context_length_exceeded")
+        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+            raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {num_prompt_tokens} tokens "
+                                f"exceeds the model's max_seq_len={limit} (at most "
+                                f"{limit - num_prompt_tokens} new tokens fit)", "max_tokens",
+                           "context_length_exceeded")
+
+    async def _respond(self, request: Request, prompts: list, params, formatter, stream: bool):
+        generation = _Generation(self.llm, prompts, params, self.metrics)
+        if not stream:
+            return JSONResponse(formatter.response(await generation.collect(request)))
+        # The background task counts the request even if the stream never starts (client gone).
+        return StreamingResponse(self._events(generation, formatter), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(generation.close))
+
+    async def _events(self, generation: _Generation, formatter):
+        """Server-sent events. A disconnect cancels this generator, whose `finally` aborts."""
+        try:
+            for chunk in formatter.start_chunks():
+                yield _sse(chunk)
+            async for prompt_index, output in generation.outputs():
+                for chunk in formatter.stream_chunks(prompt_index, output):
+                    yield _sse(chunk)
+                # One loop turn per output, so a dropped connection is noticed (and this stream
+                # cancelled) after one failed write rather than after a burst of them.
+                await asyncio.sleep(0)
+            if formatter.include_usage:
+                yield _sse(formatter.usage_chunk(generation.num_prompt_tokens))
+        except Exception as e:  # the status line is sent: the error travels in the stream
+            generation.close(failed=True)
+            yield _sse(APIError(500, f"generation failed: {e}").body())
+        finally:
+            generation.close()
+        yield "data: [DONE]\n\n"
+
+
+def build_app(llm, model_name: str, api_key=None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The server's ASGI app over `llm`, which it shares between requests and does not shut down."""
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes={max_body_bytes!r} must be an int >= 1")
+    if api_key is not None and not api_key:
+        raise ValueError("api_key is empty: pass None for no key")
+    server = _OpenAIServer(llm, model_name, max_body_bytes)
+    app = FastAPI(title="rtllm", version=rtllm.__version__, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.get("/v1/models")(server.models)
+    app.post("/v1/completions")(server.completions)
+    app.post("/v1/chat/completions")(server.chat_completions)
+    app.get("/health")(server.health)
+    app.get("/version")(server.version)
+    app.get("/metrics")(server.prometheus_metrics)
+    app.get("/")(server.chat_page)
+
+    async def api_error(request, error: APIError):
+        return _error_response(error)
+
+    async def http_error(request, error: StarletteHTTPException):  # unknown route, wrong method
+        if error.status_code == 404:
+            message = f"{request.method} {request.url.path} is not a route of this server"
+        else:
+            message = f"{request.method} {request.url.path}: {error.detail}"
+        return _error_response(APIError(error.status_code, message, code="not_found"
+                                        if error.status_code == 404 else None))
+
+    async def internal_error(request, error: Exception):  # uvicorn logs the traceback
+        return _error_response(APIError(500, f"internal error: {type(error).__name__}: {error}"))
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+    if api_key is not None:
+        app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
+    return app

@@ -1,0 +1,122 @@
+"""`rtllm serve`: load a model and serve it over an OpenAI-compatible HTTP API."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import signal
+import socket
+import sys
+
+from rtllm.serve import DEFAULT_MAX_BODY_BYTES, require_serve_extra
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def add_serve_parser(subparsers) -> None:
+    from rtllm.cli import DTYPES
+
+    p = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve MODEL at /v1/completions, /v1/chat/completions and /v1/models, with "
+                    "/health, /version, /metrics (Prometheus) and a chat page at /.")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help="engine or HF checkpoint directory (default: the built-in demo model)")
+    p.add_argument("--tokenizer", metavar="DIR", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--served-model-name", metavar="NAME", default=None,
+                   help="the model name clients send (default: MODEL's directory name)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("RTLLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: $RTLLM_API_KEY, which keeps the key out of the process list)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help=f"largest request body; larger ones get 413 (default {DEFAULT_MAX_BODY_BYTES})")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="uvicorn's log level")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    engine.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="weight dtype when MODEL is an HF checkpoint (auto: the checkpoint's)")
+    engine.add_argument("--max-batch-size", type=int, default=None, help="most sequences per step")
+    engine.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + output")
+    engine.add_argument("--max-input-len", type=int, default=None, help="longest prompt")
+    engine.add_argument("--max-num-tokens", type=int, default=None, help="most tokens per step")
+    engine.add_argument("--kv-cache-fraction", type=float, default=None,
+                        help="fraction of free device memory for the KV cache (default 0.9)")
+    engine.add_argument("--max-kv-tokens", type=int, default=None,
+                        help="KV cache size in tokens (overrides --kv-cache-fraction)")
+    engine.add_argument("--enable-chunked-prefill", action="store_true",
+                        help="split long prompts into chunks that share steps with generation")
+    engine.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
+    engine.add_argument("--num-threads", type=int, default=0, help="CPU threads (0: all cores)")
+    p.set_defaults(func=run_serve)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Binds before the model loads, so a taken port fails at once."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port={port} must be in [0, 65535]")
+    return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
+def _load_llm(args: argparse.Namespace):
+    from rtllm import LLM, KvCacheConfig, SchedulerConfig
+
+    kv_options = {"max_tokens": args.max_kv_tokens}
+    if args.kv_cache_fraction is not None:
+        kv_options["free_gpu_memory_fraction"] = args.kv_cache_fraction
+    model = args.model
+    if model is None:
+        from rtllm.default_model import default_model_dir
+        model = default_model_dir()
+    llm = LLM(model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+              kv_cache_config=KvCacheConfig(**kv_options),
+              scheduler_config=SchedulerConfig(enable_chunked_prefill=args.enable_chunked_prefill),
+              max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+              max_input_len=args.max_input_len, max_num_tokens=args.max_num_tokens, seed=args.seed,
+              num_threads=args.num_threads)
+    return llm, args.served_model_name or os.path.basename(os.path.normpath(model))
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    try:
+        require_serve_extra()
+    except ImportError as e:
+        raise SystemExit(f"rtllm serve: error: {e}") from None
+    import uvicorn
+
+    from rtllm.serve.app import build_app
+
+    if args.max_body_bytes < 1:
+        raise ValueError(f"--max-body-bytes={args.max_body_bytes} must be >= 1")
+    if args.api_key == "":
+        raise ValueError("--api-key is empty: give a key or leave the option out")
+    with _listen(args.host, args.port) as sock:
+        llm, model_name = _load_llm(args)
+        with llm:
+            app = build_app(llm, model_name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+            port = sock.getsockname()[1]
+            url_host = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"rtllm serve: {model_name!r} (max_seq_len {llm.max_seq_len}) at "
+                  f"http://{url_host}:{port}/v1", flush=True)
+            if args.api_key is None and not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+                print(f"rtllm serve: warning: listening on {args.host} without --api-key: anyone who "
+                      "can reach this port can use the model", file=sys.stderr)
+            # Streams still open 5 s after Ctrl+C are cancelled, which aborts their requests.
+            config = uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level,
+                                    timeout_graceful_shutdown=5)
+            _run_until_signal(uvicorn.Server(config), sock)
+
+
+def _run_until_signal(server, sock: socket.socket) -> None:
+    """Runs uvicorn until Ctrl+C or SIGTERM. Uvicorn shuts down gracefully, then raises the signal
+    again; as KeyboardInterrupt (SIGTERM included) it ends here, so the engine shuts down cleanly
+    and deletes a temporary engine rather than the process dying."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
