@@ -5,7 +5,7 @@
 #
 #   benchmarks/gpu_suite.sh OUT_DIR
 #
-# Environment: STEPS (default "build tests kernels e2e"), CUDA_ARCHS (default 90a),
+# Environment: STEPS (default "build tests kernels e2e serving"), CUDA_ARCHS (default 90a),
 # E2E_ARGS (bench_e2e.py arguments replacing the default workloads), PYTHON (default python3).
 set -u
 OUT_DIR=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
-STEPS=${STEPS:-build tests kernels e2e}
+STEPS=${STEPS:-build tests kernels e2e serving}
 declare -a NAMES STATUS DURATIONS
 
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -46,12 +46,18 @@ wants tests && run_step tests_gpu 300 tests_gpu.log "$PYTHON" -m pytest tests/gp
 wants kernels && run_step bench_kernels 150 bench_kernels.log "$PYTHON" benchmarks/bench_kernels.py \
   --output "$OUT_DIR/kernels.json"
 
-# Default workloads: 1,000 requests at 128/128, and 200 at 2048/2048 (the KV pool holds ~100 such requests).
+# Default workloads: 1,000 requests at 128/128, and 200 at 2048/2048 (the KV pool holds ~100 such requests;
+# 1,000 of them take ~500 s on an H100: E2E_ARGS="--workload 2048x2048x1000 ..." runs that alone).
 E2E_ARGS=${E2E_ARGS:---workload 128x128x1000 --workload 2048x2048x200 --max-batch-size 512 \
   --hf-requests 64 --hf-max-osl 128}
 # shellcheck disable=SC2086
 wants e2e && run_step bench_e2e 480 bench_e2e.log "$PYTHON" benchmarks/bench_e2e.py --preset llama-3-8b \
   --dtype bfloat16 --device cuda --output "$OUT_DIR/e2e.json" $E2E_ARGS
+
+# rtllm bench throughput next to rtllm bench serve against rtllm serve, same model and workload.
+wants serving && run_step bench_serving 420 bench_serving.log "$PYTHON" benchmarks/bench_serving.py \
+  --preset llama-3-8b --dtype bfloat16 --device cuda --num-requests 1000 --input-len 128 --output-len 128 \
+  --max-batch-size 256 --output "$OUT_DIR/serving.json"
 
 echo
 echo "== summary ($(cat "$OUT_DIR/device.txt" | head -n 1))"

@@ -1,7 +1,9 @@
 """Named model shapes and random-weight checkpoints of them, for benchmarks and demos (no download).
 
 `write_random_checkpoint(path, "llama-3-8b", dtype="bfloat16")` writes an HF-style checkpoint
-(config.json + model.safetensors) that both rtllm and HF transformers load. Weights are seeded uniform
+(config.json + model.safetensors) that both rtllm and HF transformers load; with tokenizer=True also a
+placeholder word-level tokenizer whose token i reads "t<i>", so every id of the vocabulary decodes
+(for serving benchmarks, where the server streams text). Weights are seeded uniform
 noise with the usual initializer's standard deviation (never zeros: zeros hide wrong indexing and run
 unrealistically fast), written tensor by tensor, so an 8B model never sits in host memory whole.
 """
@@ -83,8 +85,25 @@ def _random_tensor(shape, dtype: str, seed, centre: float, spread: float) -> np.
     return out
 
 
-def write_random_checkpoint(path, preset: str | dict, dtype: str = "bfloat16", seed: int = 0) -> str:
-    """Writes config.json and model.safetensors with random weights; returns `path`."""
+def write_placeholder_tokenizer(path, vocab_size: int) -> None:
+    """tokenizer.json (word level, token i is "t<i>", ids 0 and 1 the BOS and EOS) and
+    tokenizer_config.json with a plain chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(os.path.join(path, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "t0", "eos_token": "t1",
+              "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}"}
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def write_random_checkpoint(path, preset: str | dict, dtype: str = "bfloat16", seed: int = 0,
+                            tokenizer: bool = False) -> str:
+    """Writes config.json and model.safetensors with random weights (and, with `tokenizer`, the
+    placeholder tokenizer); returns `path`."""
     config = hf_config(preset, dtype) if isinstance(preset, str) else dict(preset, torch_dtype=dtype)
     os.makedirs(path, exist_ok=True)
     std = config.get("initializer_range", 0.02)
@@ -99,4 +118,6 @@ def write_random_checkpoint(path, preset: str | dict, dtype: str = "bfloat16", s
     write_safetensors(os.path.join(path, "model.safetensors"), tensors, metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    if tokenizer:
+        write_placeholder_tokenizer(path, config["vocab_size"])
     return str(path)
