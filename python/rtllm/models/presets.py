@@ -85,16 +85,17 @@ def _random_tensor(shape, dtype: str, seed, centre: float, spread: float) -> np.
     return out
 
 
-def write_placeholder_tokenizer(path, vocab_size: int) -> None:
-    """tokenizer.json (word level, token i is "t<i>", ids 0 and 1 the BOS and EOS) and
-    tokenizer_config.json with a plain chat template."""
+def write_placeholder_tokenizer(path, vocab_size: int, bos_token_id: int = 1, eos_token_id: int = 2) -> None:
+    """tokenizer.json (word level, token i is "t<i>") and tokenizer_config.json naming the BOS and EOS
+    tokens, with a plain chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {f"t{i}": i for i in range(vocab_size)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=f"t{eos_token_id}"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.save(os.path.join(path, "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "t0", "eos_token": "t1",
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": f"t{bos_token_id}",
+              "eos_token": f"t{eos_token_id}",
               "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}"}
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -119,5 +120,6 @@ def write_random_checkpoint(path, preset: str | dict, dtype: str = "bfloat16", s
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     if tokenizer:
-        write_placeholder_tokenizer(path, config["vocab_size"])
+        write_placeholder_tokenizer(path, config["vocab_size"], config.get("bos_token_id", 1),
+                                    config.get("eos_token_id", 2))
     return str(path)
