@@ -1,6 +1,7 @@
 """`rtllm bench throughput` (the LLM API) next to `rtllm bench serve` (a running `rtllm serve`) on one
-model and one workload: the two should agree on token counts and come close on throughput and latency,
-the server adding HTTP, JSON and detokenization per streamed chunk.
+model and one workload, every request submitted at once in both: the two should agree on token counts
+and come close on throughput and latency, the server adding HTTP, JSON and detokenization per streamed
+chunk (--max-concurrency caps the server's in-flight requests instead, as a closed-loop client would).
 
   python benchmarks/bench_serving.py --preset llama-3-8b --device cuda --num-requests 1000 \\
       --input-len 128 --output-len 128 --max-batch-size 256
@@ -48,6 +49,8 @@ def main():
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-concurrency", type=int, default=None,
+                        help="most requests in flight at the server (default: all at once, as offline)")
     parser.add_argument("--port", type=int, default=8431)
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
@@ -71,9 +74,9 @@ def main():
                                            *engine])
         try:
             wait_for_server(url, server, timeout_s=600)
+            concurrency = ["--max-concurrency", str(args.max_concurrency)] if args.max_concurrency else []
             subprocess.run(rtllm + ["bench", "serve", "--base-url", url, "--tokenizer", model, *workload,
-                                    "--max-concurrency", str(args.max_batch_size), "--output-json", serve_json],
-                           check=True)
+                                    *concurrency, "--output-json", serve_json], check=True)
         finally:
             server.terminate()
             server.wait(timeout=60)

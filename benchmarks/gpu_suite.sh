@@ -58,6 +58,9 @@ wants e2e && run_step bench_e2e 480 bench_e2e.log "$PYTHON" benchmarks/bench_e2e
 wants serving && run_step bench_serving 420 bench_serving.log "$PYTHON" benchmarks/bench_serving.py \
   --preset llama-3-8b --dtype bfloat16 --device cuda --num-requests 1000 --input-len 128 --output-len 128 \
   --max-batch-size 256 --output "$OUT_DIR/serving.json"
+wants serving && run_step bench_serving_c256 420 bench_serving_c256.log "$PYTHON" benchmarks/bench_serving.py \
+  --preset llama-3-8b --dtype bfloat16 --device cuda --num-requests 1000 --input-len 128 --output-len 128 \
+  --max-batch-size 256 --max-concurrency 256 --output "$OUT_DIR/serving_c256.json"
 
 echo
 echo "== summary ($(cat "$OUT_DIR/device.txt" | head -n 1))"

@@ -9,7 +9,7 @@ import threading
 import weakref
 from typing import Optional, Sequence
 
-from rtllm.executor.result import GenerationResult
+from rtllm.executor.result import GenerationResult, Wakeups
 from rtllm.sampling_params import SamplingParams
 
 _AWAIT_TIMEOUT_MS = 50  # how often the thread checks for shutdown
@@ -29,18 +29,22 @@ class _Router:
             self.route(self.core.await_responses(_AWAIT_TIMEOUT_MS))
 
     def route(self, responses) -> None:
-        for response in responses:
-            with self.lock:
-                entry = self.routes.get(response.request_id)
-                if entry is None:  # a request given up at submit or shutdown
-                    continue
-                if response.is_final:
-                    del self.routes[response.request_id]
-                result, index = entry
-                try:
-                    result._handle_response(index, response)
-                except Exception as e:  # a Python-side failure ends only this request
-                    result._fail(f"{type(e).__name__}: {e}")
+        wakeups = Wakeups()  # async consumers are woken once per event loop, after the batch
+        try:
+            for response in responses:
+                with self.lock:
+                    entry = self.routes.get(response.request_id)
+                    if entry is None:  # a request given up at submit or shutdown
+                        continue
+                    if response.is_final:
+                        del self.routes[response.request_id]
+                    result, index = entry
+                    try:
+                        result._handle_response(index, response, wakeups)
+                    except Exception as e:  # a Python-side failure ends only this request
+                        result._fail(f"{type(e).__name__}: {e}")
+        finally:
+            wakeups.send()
 
     def cancel(self, core_id: int) -> None:
         try:

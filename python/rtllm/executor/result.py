@@ -2,7 +2,8 @@
 
 The background thread calls `_handle_response` with each core response; users read snapshots
 (RequestOutput) through `result()`, `await`, `for` or `async for`. Snapshots are copies, so a
-consumer may keep them while generation goes on.
+consumer may keep them while generation goes on (all of a request's snapshots share one list of
+prompt ids, which nobody may change).
 """
 from __future__ import annotations
 
@@ -14,6 +15,31 @@ from typing import Callable, Optional
 from rtllm.llmapi.outputs import CompletionOutput, RequestOutput
 from rtllm.llmapi.tokenizer import IncrementalDetokenizer
 from rtllm.sampling_params import SamplingParams
+
+class Wakeups:
+    """The event-loop wake-ups owed to async consumers while the background thread routes one batch
+    of responses, sent as one call_soon_threadsafe per loop (each is a write to the loop's self-pipe:
+    with hundreds of streams, one per response cost more than the routing itself)."""
+
+    def __init__(self):
+        self._events_by_loop: dict = {}
+
+    def add(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        self._events_by_loop.setdefault(loop, []).append(event)
+
+    def send(self) -> None:
+        for loop, events in self._events_by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_set_all, events)
+            except RuntimeError:  # the consumer's loop is closed
+                pass
+        self._events_by_loop.clear()
+
+
+def _set_all(events) -> None:
+    for event in events:
+        event.set()
+
 
 # Core FinishReason name -> (finish_reason, whether stop_reason is the stop token id).
 _FINISH_REASONS = {"END_ID": ("stop", False), "STOP_TOKEN_ID": ("stop", True),
@@ -136,7 +162,9 @@ class GenerationResult:
 
     # Background-thread side.
 
-    def _handle_response(self, index: int, response) -> None:
+    def _handle_response(self, index: int, response, wakeups: Optional[Wakeups] = None) -> None:
+        """Applies one core response; an async consumer's wake-up goes to `wakeups` when given
+        (the caller sends them), else right away."""
         sample = self._samples[index]
         if sample.finished:  # e.g. the cancel that follows a stop-string match
             return
@@ -146,19 +174,19 @@ class GenerationResult:
         if sample.add(response) and not response.is_final:
             self._cancel_core(sample.core_id)
         if self.streaming or all(s.finished for s in self._samples):
-            self._publish()
+            self._publish(wakeups)
 
-    def _publish(self) -> None:
+    def _publish(self, wakeups: Optional[Wakeups] = None) -> None:
         done = all(s.finished for s in self._samples)
         output = RequestOutput(request_id=self.request_id, prompt=self.prompt,
-                               prompt_token_ids=list(self.prompt_token_ids),
+                               prompt_token_ids=self.prompt_token_ids,
                                outputs=[s.snapshot() for s in self._samples], finished=done,
                                _result=self)
         with self._cond:
             self._latest = output
             self._pending.append(output)
             self._done = done
-            self._notify_locked()
+            self._notify_locked(wakeups)
 
     def _fail(self, message: str) -> None:
         for sample in self._samples:
@@ -173,13 +201,17 @@ class GenerationResult:
             self._done = True
             self._notify_locked()
 
-    def _notify_locked(self) -> None:
+    def _notify_locked(self, wakeups: Optional[Wakeups] = None) -> None:
         self._cond.notify_all()
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._event.set)
-            except RuntimeError:  # the consumer's loop is closed
-                pass
+        if self._loop is None:
+            return
+        if wakeups is not None:
+            wakeups.add(self._loop, self._event)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._event.set)
+        except RuntimeError:  # the consumer's loop is closed
+            pass
 
     # User side.
 
@@ -228,6 +260,8 @@ class GenerationResult:
 
     def _attach_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._loop is loop:  # attached by an earlier wait (set once, never reset)
+            return
         with self._cond:
             if self._loop is None:
                 self._loop, self._event = loop, asyncio.Event()
