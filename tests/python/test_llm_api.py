@@ -116,6 +116,37 @@ def test_generate_async_await_and_async_for(llm):
     assert llm.generate_async(prompts[1], params).result().outputs[0].text == expected[1]
 
 
+def test_async_streams_wake_their_loop_once_per_batch(llm):
+    # Each batch of responses the executor routes wakes an event loop once, however many of its
+    # streams it advances (a self-pipe write per token per stream cost more than the routing).
+    params = SamplingParams(max_tokens=10, **GREEDY)
+    prompts = [f"stream {i} of eight" for i in range(8)]
+    expected = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakeups, original = [], loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kwargs):
+            wakeups.append(callback)
+            return original(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting
+
+        async def stream(prompt):
+            parts = [part async for part in llm.generate_async(prompt, params, streaming=True)]
+            return "".join(p.outputs[0].text_diff for p in parts), len(parts)
+
+        results = await asyncio.gather(*(stream(p) for p in prompts))
+        return results, len(wakeups)
+
+    results, num_wakeups = asyncio.run(main())
+    assert [text for text, _ in results] == expected
+    num_parts = sum(n for _, n in results)
+    assert num_parts >= 8 * 10
+    assert num_wakeups <= num_parts // 2, (num_wakeups, num_parts)
+
+
 def test_n_samples_use_consecutive_seeds(llm):
     params = SamplingParams(max_tokens=12, temperature=1.0, seed=5, n=3, ignore_eos=True)
     out = llm.generate("Sample me", params, use_tqdm=False)
