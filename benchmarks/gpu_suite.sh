@@ -5,6 +5,8 @@
 #
 #   benchmarks/gpu_suite.sh OUT_DIR
 #
+# The serving step needs the serve extra (fastapi, uvicorn) importable; on a machine without network, put
+# their wheels on PYTHONPATH first.
 # Environment: STEPS (default "build tests kernels e2e serving"), CUDA_ARCHS (default 90a),
 # E2E_ARGS (bench_e2e.py arguments replacing the default workloads), PYTHON (default python3).
 set -u
