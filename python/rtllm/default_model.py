@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 
-def default_model_dir(print_note: bool = True) -> str:
-    """The demo model's HF checkpoint directory (config.json, model.safetensors, tokenizer.json).
-    print_note is accepted and ignored: a trained model needs no warning."""
+def default_model_dir() -> str:
+    """The demo model's HF checkpoint directory (config.json, model.safetensors, tokenizer.json)."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")

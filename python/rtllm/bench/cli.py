@@ -30,10 +30,12 @@ _positive_int = _int_at_least(1)
 
 
 def _add_engine_args(p) -> None:
+    from rtllm.cli import DTYPES
+
     p.add_argument("model", metavar="MODEL", help="engine or HF checkpoint directory")
     p.add_argument("--tokenizer", metavar="DIR", default=None, help="tokenizer directory (default: MODEL)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="weight dtype when building an HF checkpoint")
     p.add_argument("--max-batch-size", type=_positive_int, default=None)
     p.add_argument("--max-num-tokens", type=_positive_int, default=None)
