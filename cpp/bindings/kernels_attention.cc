@@ -97,6 +97,31 @@ void bind_attention_kernels(py::module_& m) {
       py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("num_splits"),
       py::arg("workspace"), py::arg("dtype"), py::arg("stream") = 0);
 
+  m.def(
+      "attention_decode_qkv",
+      [](uintptr_t out, uintptr_t qkv, int64_t qkv_row_stride, int64_t q_col, int64_t k_col, int64_t v_col,
+         uintptr_t inv_freq, uintptr_t q_norm_weight, uintptr_t k_norm_weight, float qk_norm_eps,
+         uintptr_t positions, uintptr_t seq_len, int32_t num_seqs, uintptr_t kv_data, int32_t num_blocks,
+         int32_t tokens_per_block, uintptr_t block_table, int32_t max_blocks_per_seq, int32_t num_heads,
+         int32_t num_kv_heads, int32_t head_dim, float scale, int32_t num_splits, uintptr_t workspace,
+         int32_t dtype, uintptr_t stream) {
+        const StepMetaDevice meta = make_meta(0, positions, 0, 0, seq_len, num_seqs, num_seqs);
+        const PagedKv kv =
+            make_kv(kv_data, num_blocks, num_kv_heads, tokens_per_block, head_dim, block_table, max_blocks_per_seq);
+        check_launch(kernels::attention_decode_qkv(
+                         ptr<void*>(out), ptr<const void*>(qkv), qkv_row_stride, q_col, k_col, v_col,
+                         ptr<const float*>(inv_freq), ptr<const void*>(q_norm_weight),
+                         ptr<const void*>(k_norm_weight), qk_norm_eps, meta, kv, num_heads, num_kv_heads, head_dim,
+                         scale, num_splits, ptr<float*>(workspace), to_dtype(dtype), ptr<cudaStream_t>(stream)),
+                     "attention_decode_qkv");
+      },
+      py::kw_only(), py::arg("out"), py::arg("qkv"), py::arg("qkv_row_stride"), py::arg("q_col"), py::arg("k_col"),
+      py::arg("v_col"), py::arg("inv_freq"), py::arg("q_norm_weight"), py::arg("k_norm_weight"),
+      py::arg("qk_norm_eps"), py::arg("positions"), py::arg("seq_len"), py::arg("num_seqs"), py::arg("kv_data"),
+      py::arg("num_blocks"), py::arg("tokens_per_block"), py::arg("block_table"), py::arg("max_blocks_per_seq"),
+      py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("num_splits"),
+      py::arg("workspace"), py::arg("dtype"), py::arg("stream") = 0);
+
   m.def("attention_decode_workspace_bytes", &kernels::attention_decode_workspace_bytes, py::arg("max_num_seqs"),
         py::arg("num_heads"), py::arg("head_dim"), py::arg("max_splits"));
   m.def("attention_decode_num_splits", &kernels::attention_decode_num_splits, py::arg("num_seqs"),

@@ -5,8 +5,20 @@
 // Thread layout: HEAD_DIM / 8 lanes share one key, each holding 8 dims (one 16-byte load of K and of V);
 // a warp covers 32 / (HEAD_DIM / 8) consecutive keys per load, so a warp's loads are contiguous in a block.
 // Each thread keeps its own online-softmax state (max, sum, 8 accumulators per head) over the keys it
-// visits; the states merge across lanes, then warps, at the end. With num_splits > 1, each split writes
-// its normalized output and log2-sum-exp to the workspace and decode_merge_kernel combines them.
+// visits; the states merge across lanes, then warps, at the end.
+//
+// With num_splits > 1, each split writes its normalized output and log2-sum-exp to the workspace and
+// decode_merge_kernel combines them.
+//
+// attention_decode_qkv also does qkv_prepare's work for the new token, so that a decode step needs no
+// separate kernel for it: each CTA applies qk-norm and RoPE to its q heads as it loads them (the RoPE
+// angles computed once per CTA into shared memory), and the CTA whose split holds the new position
+// prepares the new key, takes it from shared memory in its key loop (no read back of its own global
+// write) and stores the key and value into the pool.
+//
+// Measured on an H100 and left out: merging the splits through distributed shared memory in a
+// thread-block cluster instead of the merge kernel (batch-1 decode 0.05 ms slower), and calling sincosf
+// per head inside the unrolled loads (the kernel's code grew fourfold; decode 0.14 ms slower).
 #include <algorithm>
 #include <type_traits>
 
@@ -31,47 +43,148 @@ __device__ __forceinline__ int splits_used(int num_splits, int seq_len) {
   return max(1, min(num_splits, (seq_len + kMinKeysPerSplit - 1) / kMinKeysPerSplit));
 }
 
-template <typename T, int HEAD_DIM, int MAX_GROUP>
-__global__ void __launch_bounds__(kThreads) decode_split_kernel(T* __restrict__ out, const T* __restrict__ q,
-                                                                StepMetaDevice meta, PagedKv kv, int num_heads,
-                                                                int group, int num_head_chunks, float scale_log2,
-                                                                int num_splits, float* __restrict__ partial_o,
-                                                                float* __restrict__ partial_lse) {
+template <typename T>
+struct DecodeArgs {
+  T* out;                // [num_seqs, num_heads * head_dim]
+  const T* q;            // sequence s's query heads at q + s * row_stride
+  const T* k_new;        // with fused preparation: the new key / value heads at + s * row_stride; else null
+  const T* v_new;
+  int64_t row_stride;
+  const float* inv_freq;  // fused preparation: RoPE [head_dim / 2] or null; qk-norm weights [head_dim] or null
+  const T* q_norm;
+  const T* k_norm;
+  float norm_eps;
+  StepMetaDevice meta;
+  PagedKv kv;
+  int num_heads, group, num_head_chunks, num_splits;
+  float scale_log2;
+  float* partial_o;    // num_splits > 1: [num_seqs, num_heads, num_splits, head_dim]
+  float* partial_lse;  // [num_seqs, num_heads, num_splits]
+};
+
+// qkv_prepare's transform of one head held as 8 dims per lane by HEAD_DIM / 8 consecutive lanes (dims
+// dim0 .. dim0 + 7): rms-normalization with `norm_weight` (if any), then rotate-half RoPE with the
+// angles' cos / sin [HEAD_DIM / 2] (if rope), in float32, rounded to T like the stored values. Every lane
+// of the warp must call it.
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void prepare_head(float (&x)[8], int dim0, const T* norm_weight, float eps, bool rope,
+                                             const float* rope_cos, const float* rope_sin) {
+  constexpr int kLanesPerKey = HEAD_DIM / 8, kHalf = HEAD_DIM / 2;
+  if (norm_weight) {
+    float ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) ss += x[i] * x[i];
+#pragma unroll
+    for (int off = kLanesPerKey / 2; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    const float inv_rms = 1.0f / sqrtf(ss / (float)HEAD_DIM + eps);
+    float w[8];
+    unpack8<T>(*reinterpret_cast<const uint4*>(norm_weight + dim0), w);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) x[i] = w[i] * (x[i] * inv_rms);
+  }
+  if (rope) {
+    // The partner of dim d is d ± HEAD_DIM / 2, held by the lane kLanesPerKey / 2 away.
+    const bool first_half = dim0 < kHalf;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float partner = __shfl_xor_sync(0xffffffffu, x[i], kLanesPerKey / 2);
+      const float cs = rope_cos[dim0 % kHalf + i], sn = rope_sin[dim0 % kHalf + i];
+      x[i] = first_half ? x[i] * cs - partner * sn : x[i] * cs + partner * sn;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) x[i] = to_float(from_float<T>(x[i]));
+}
+
+// CTAs per SM the register budget keeps: groups of 4 fit 128 registers (attention_decode_num_splits plans
+// on 4 CTAs per SM), smaller groups fewer.
+template <int MAX_GROUP>
+constexpr int min_ctas_per_sm() { return MAX_GROUP == 1 ? 8 : MAX_GROUP == 2 ? 6 : MAX_GROUP == 4 ? 4 : 1; }
+
+// PREPARE: attention_decode_qkv's kernel (a.k_new, a.v_new set).
+template <typename T, int HEAD_DIM, int MAX_GROUP, bool PREPARE>
+__global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP>()) decode_split_kernel(DecodeArgs<T> a) {
   constexpr int kLanesPerKey = HEAD_DIM / 8;
   constexpr int kKeysPerWarp = 32 / kLanesPerKey;
   constexpr int kUnroll = MAX_GROUP >= 8 ? 2 : 4;  // keys per thread per step: loads in flight vs registers
   constexpr int kKeysPerStep = kNumWarps * kKeysPerWarp * kUnroll;
   __shared__ float red_acc[kNumWarps][MAX_GROUP][HEAD_DIM];
   __shared__ float red_m[kNumWarps][MAX_GROUP], red_l[kNumWarps][MAX_GROUP];
+  __shared__ float rope_cos[PREPARE ? HEAD_DIM / 2 : 1], rope_sin[PREPARE ? HEAD_DIM / 2 : 1];
+  __shared__ uint4 new_kv[2][PREPARE ? kLanesPerKey : 1];  // the prepared new key and value
   pdl_begin();
 
   const int s = blockIdx.x;
-  const int kv_head = blockIdx.y / num_head_chunks, chunk = blockIdx.y % num_head_chunks;
+  const int kv_head = blockIdx.y / a.num_head_chunks, chunk = blockIdx.y % a.num_head_chunks;
   const int split = blockIdx.z;
-  const int h0 = kv_head * group + chunk * MAX_GROUP;
-  const int num_h = min(MAX_GROUP, group - chunk * MAX_GROUP);
+  const int h0 = kv_head * a.group + chunk * MAX_GROUP;
+  const int num_h = min(MAX_GROUP, a.group - chunk * MAX_GROUP);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int dim0 = (lane % kLanesPerKey) * 8, key_slot = lane / kLanesPerKey;
 
-  const int seq_len = meta.seq_len[s];
-  const int used_splits = splits_used(num_splits, seq_len);
+  const int seq_len = a.meta.seq_len[s];
+  const int pos = PREPARE ? a.meta.positions[s] : -1;
+  const int used_splits = splits_used(a.num_splits, seq_len);
   if (split >= used_splits) return;  // the whole CTA: nothing merges its (unwritten) partials
   const int keys_per_split = (seq_len + used_splits - 1) / used_splits;
   const int k_begin = split * keys_per_split, k_end = min(seq_len, k_begin + keys_per_split);
+  // With PREPARE, the CTA whose split holds the new position prepares its key and value.
+  const int new_key = PREPARE && pos == seq_len - 1 && pos >= k_begin && pos < k_end ? pos : -1;
 
+  // q and the new key / value are loaded together, so that the preparation adds arithmetic and one
+  // round trip to memory before the key loop, not one per operand.
+  uint4 q_raw[MAX_GROUP];
+#pragma unroll
+  for (int g = 0; g < MAX_GROUP; ++g)
+    q_raw[g] = g < num_h ? *reinterpret_cast<const uint4*>(a.q + s * a.row_stride + (int64_t)(h0 + g) * HEAD_DIM + dim0)
+                         : make_uint4(0, 0, 0, 0);
+  const int64_t new_col = s * a.row_stride + (int64_t)kv_head * HEAD_DIM + dim0;
+  uint4 k_new_raw = make_uint4(0, 0, 0, 0), v_new_raw = make_uint4(0, 0, 0, 0);
+  if (new_key >= 0) {
+    k_new_raw = *reinterpret_cast<const uint4*>(a.k_new + new_col);
+    v_new_raw = *reinterpret_cast<const uint4*>(a.v_new + new_col);
+  }
+  const T* pool = static_cast<const T*>(a.kv.data);
+  const PagedKvIndex kv_index(a.kv, s, kv_head);
+
+  const bool rope = PREPARE && a.inv_freq != nullptr;
+  if (rope) {  // the angles of the new position, once per CTA
+    for (int j = threadIdx.x; j < HEAD_DIM / 2; j += kThreads)
+      sincosf((float)pos * a.inv_freq[j], &rope_sin[j], &rope_cos[j]);
+    __syncthreads();
+  }
   float qf[MAX_GROUP][8];
 #pragma unroll
   for (int g = 0; g < MAX_GROUP; ++g) {
-    if (g < num_h) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(q + ((int64_t)s * num_heads + h0 + g) * HEAD_DIM + dim0);
-      unpack8<T>(raw, qf[g]);
+    unpack8<T>(q_raw[g], qf[g]);
+    if (PREPARE && g < num_h) prepare_head<T, HEAD_DIM>(qf[g], dim0, a.q_norm, a.norm_eps, rope, rope_cos, rope_sin);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) qf[g][i] *= scale_log2;
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) qf[g][i] = 0.0f;
-    }
+    for (int i = 0; i < 8; ++i) qf[g][i] *= a.scale_log2;
   }
+  if (new_key >= 0) {
+    float kf[8];
+    unpack8<T>(k_new_raw, kf);
+    prepare_head<T, HEAD_DIM>(kf, dim0, a.k_norm, a.norm_eps, rope, rope_cos, rope_sin);
+    if (warp == 0 && key_slot == 0) {
+      k_new_raw = make_uint4(pack2<T>(kf[0], kf[1]), pack2<T>(kf[2], kf[3]), pack2<T>(kf[4], kf[5]),
+                             pack2<T>(kf[6], kf[7]));
+      new_kv[0][lane] = k_new_raw;
+      new_kv[1][lane] = v_new_raw;
+      // Stored by the first head chunk. A block id outside the table/pool is a runtime bug: skip the write
+      // rather than corrupt another sequence's blocks (as qkv_prepare does).
+      const int32_t block_index = pos / a.kv.tokens_per_block;
+      if (chunk == 0 && block_index < a.kv.max_blocks_per_seq) {
+        const int32_t block = kv_index.table[block_index];
+        if (block >= 0 && block < a.kv.num_blocks) {
+          T* k_dst = static_cast<T*>(a.kv.data) + kv_index.key_offset(pos) + dim0;
+          *reinterpret_cast<uint4*>(k_dst) = k_new_raw;
+          *reinterpret_cast<uint4*>(k_dst + kv_index.v_offset) = v_new_raw;
+        }
+      }
+    }
+    __syncthreads();
+  }
+
   float m_run[MAX_GROUP], l_run[MAX_GROUP], acc[MAX_GROUP][8];
 #pragma unroll
   for (int g = 0; g < MAX_GROUP; ++g) {
@@ -81,8 +194,6 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(T* __restrict__ 
     for (int i = 0; i < 8; ++i) acc[g][i] = 0.0f;
   }
 
-  const T* pool = static_cast<const T*>(kv.data);
-  const PagedKvIndex kv_index(kv, s, kv_head);
   for (int base = k_begin; base < k_end; base += kKeysPerStep) {
     uint4 k_raw[kUnroll], v_raw[kUnroll];
     bool valid[kUnroll];
@@ -90,7 +201,10 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(T* __restrict__ 
     for (int u = 0; u < kUnroll; ++u) {
       const int key = base + (u * kNumWarps + warp) * kKeysPerWarp + key_slot;
       valid[u] = key < k_end;
-      if (valid[u]) {
+      if (PREPARE && key == new_key) {
+        k_raw[u] = new_kv[0][dim0 / 8];
+        v_raw[u] = new_kv[1][dim0 / 8];
+      } else if (valid[u]) {
         const T* k = pool + kv_index.key_offset(key) + dim0;
         k_raw[u] = load_stream_16(k);
         v_raw[u] = load_stream_16(k + kv_index.v_offset);
@@ -135,10 +249,10 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(T* __restrict__ 
       l_run[g] = l_run[g] * corr + p_sum;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        float a = acc[g][i] * corr;
+        float x = acc[g][i] * corr;
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) a += p[u] * vf[u][i];
-        acc[g][i] = a;
+        for (int u = 0; u < kUnroll; ++u) x += p[u] * vf[u][i];
+        acc[g][i] = x;
       }
     }
   }
@@ -189,12 +303,12 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(T* __restrict__ 
       a_all += red_acc[w][g][d] * c;
     }
     const float o = l_all > 0.0f ? a_all / l_all : 0.0f;
-    const int64_t head = (int64_t)s * num_heads + h0 + g;
-    if (num_splits == 1) {
-      out[head * HEAD_DIM + d] = from_float<T>(o);
+    const int64_t head = (int64_t)s * a.num_heads + h0 + g;
+    if (a.num_splits == 1) {
+      a.out[head * HEAD_DIM + d] = from_float<T>(o);
     } else {
-      partial_o[(head * num_splits + split) * HEAD_DIM + d] = o;
-      if (d == 0) partial_lse[head * num_splits + split] = l_all > 0.0f ? m_use + log2f(l_all) : -INFINITY;
+      a.partial_o[(head * a.num_splits + split) * HEAD_DIM + d] = o;
+      if (d == 0) a.partial_lse[head * a.num_splits + split] = l_all > 0.0f ? m_use + log2f(l_all) : -INFINITY;
     }
   }
 }
@@ -221,47 +335,53 @@ __global__ void decode_merge_kernel(T* __restrict__ out, const float* __restrict
   out[head * head_dim + d] = from_float<T>(w_sum > 0.0f ? o / w_sum : 0.0f);
 }
 
-template <typename T, int HEAD_DIM>
-cudaError_t launch_decode(T* out, const T* q, const StepMetaDevice& meta, const PagedKv& kv, int num_heads,
-                          int num_kv_heads, float scale_log2, int num_splits, float* workspace,
-                          cudaStream_t stream) {
-  const int group = num_heads / num_kv_heads;
-  float* partial_o = workspace;
-  float* partial_lse = workspace + (int64_t)meta.num_seqs * num_heads * num_splits * HEAD_DIM;
+template <typename T, int HEAD_DIM, bool PREPARE>
+cudaError_t launch_decode(DecodeArgs<T> a, int num_kv_heads, float* workspace, cudaStream_t stream) {
+  a.group = a.num_heads / num_kv_heads;
+  a.partial_o = workspace;
+  a.partial_lse = workspace + (int64_t)a.meta.num_seqs * a.num_heads * a.num_splits * HEAD_DIM;
   auto launch = [&](auto max_group_tag) {
     constexpr int kGroup = decltype(max_group_tag)::value;
-    const int num_chunks = (group + kGroup - 1) / kGroup;
-    const dim3 grid(meta.num_seqs, num_kv_heads * num_chunks, num_splits);
-    launch_pdl(decode_split_kernel<T, HEAD_DIM, kGroup>, grid, kThreads, 0, stream,
-        out, q, meta, kv, num_heads, group, num_chunks, scale_log2, num_splits, partial_o, partial_lse);
+    a.num_head_chunks = (a.group + kGroup - 1) / kGroup;
+    const dim3 grid(a.meta.num_seqs, num_kv_heads * a.num_head_chunks, a.num_splits);
+    launch_pdl(decode_split_kernel<T, HEAD_DIM, kGroup, PREPARE>, grid, kThreads, 0, stream, a);
   };
-  if (group == 1) launch(std::integral_constant<int, 1>{});
-  else if (group == 2) launch(std::integral_constant<int, 2>{});
-  else if (group <= 4) launch(std::integral_constant<int, 4>{});
+  if (a.group == 1) launch(std::integral_constant<int, 1>{});
+  else if (a.group == 2) launch(std::integral_constant<int, 2>{});
+  else if (a.group <= 4) launch(std::integral_constant<int, 4>{});
   else launch(std::integral_constant<int, kMaxGroup>{});
-  if (num_splits > 1) {
+  if (a.num_splits > 1) {
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    launch_pdl(decode_merge_kernel<T>, dim3(meta.num_seqs, num_heads), HEAD_DIM, 0, stream, out, partial_o,
-               partial_lse, meta.seq_len, num_heads, HEAD_DIM, num_splits);
+    launch_pdl(decode_merge_kernel<T>, dim3(a.meta.num_seqs, a.num_heads), HEAD_DIM, 0, stream, a.out,
+               a.partial_o, a.partial_lse, a.meta.seq_len, a.num_heads, HEAD_DIM, a.num_splits);
   }
   return cudaGetLastError();
 }
 
+// The launch shared by attention_decode and attention_decode_qkv: `a` holds the q (and, for the latter,
+// the preparation) operands; the rest is checked and filled here.
 template <typename T>
-cudaError_t dispatch_head_dim(void* out, const void* q, const StepMetaDevice& meta, const PagedKv& kv,
-                              int num_heads, int num_kv_heads, int head_dim, float scale_log2, int num_splits,
-                              float* workspace, cudaStream_t stream) {
-  T* o = static_cast<T*>(out);
-  const T* qt = static_cast<const T*>(q);
-  switch (head_dim) {
-    case 16: return launch_decode<T, 16>(o, qt, meta, kv, num_heads, num_kv_heads, scale_log2, num_splits, workspace, stream);
-    case 32: return launch_decode<T, 32>(o, qt, meta, kv, num_heads, num_kv_heads, scale_log2, num_splits, workspace, stream);
-    case 64: return launch_decode<T, 64>(o, qt, meta, kv, num_heads, num_kv_heads, scale_log2, num_splits, workspace, stream);
-    case 128: return launch_decode<T, 128>(o, qt, meta, kv, num_heads, num_kv_heads, scale_log2, num_splits, workspace, stream);
-    case 256: return launch_decode<T, 256>(o, qt, meta, kv, num_heads, num_kv_heads, scale_log2, num_splits, workspace, stream);
-    default: return cudaErrorInvalidValue;
+cudaError_t decode(DecodeArgs<T> a, void* out, const StepMetaDevice& meta, const PagedKv& kv, int num_heads,
+                   int num_kv_heads, int head_dim, float scale, int num_splits, float* workspace,
+                   cudaStream_t stream) {
+  if (num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || kv.head_dim != head_dim ||
+      kv.num_kv_heads != num_kv_heads || !attn::paged_kv_supported(kv) || num_splits < 1 ||
+      num_splits > kMaxDecodeSplits || (num_splits > 1 && workspace == nullptr) || num_heads > 65535)
+    return cudaErrorInvalidValue;
+  if (meta.num_seqs == 0) return cudaSuccess;
+  a.out = static_cast<T*>(out);
+  a.meta = meta;
+  a.kv = kv;
+  a.num_heads = num_heads;
+  a.num_splits = num_splits;
+  a.scale_log2 = scale * attn::kLog2e;
+  if (a.k_new) {
+    RTLLM_DISPATCH_HEAD_DIM(head_dim, HEAD_DIM, return launch_decode<T, HEAD_DIM, true>(a, num_kv_heads, workspace, stream));
+  } else {
+    RTLLM_DISPATCH_HEAD_DIM(head_dim, HEAD_DIM, return launch_decode<T, HEAD_DIM, false>(a, num_kv_heads, workspace, stream));
   }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
@@ -269,22 +389,42 @@ cudaError_t dispatch_head_dim(void* out, const void* q, const StepMetaDevice& me
 cudaError_t attention_decode(void* out, const void* q, StepMetaDevice meta, PagedKv kv, int32_t num_heads,
                              int32_t num_kv_heads, int32_t head_dim, float scale, int32_t num_splits,
                              float* workspace, DType dtype, cudaStream_t stream) {
-  if (num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || kv.head_dim != head_dim ||
-      kv.num_kv_heads != num_kv_heads || !attn::paged_kv_supported(kv) || num_splits < 1 || num_splits > kMaxDecodeSplits ||
-      (num_splits > 1 && workspace == nullptr) || num_heads > 65535)
-    return cudaErrorInvalidValue;
-  if (meta.num_seqs == 0) return cudaSuccess;
-  const float scale_log2 = scale * attn::kLog2e;
-  switch (dtype) {
-    case DType::kBF16:
-      return dispatch_head_dim<__nv_bfloat16>(out, q, meta, kv, num_heads, num_kv_heads, head_dim, scale_log2,
-                                              num_splits, workspace, stream);
-    case DType::kFP16:
-      return dispatch_head_dim<__half>(out, q, meta, kv, num_heads, num_kv_heads, head_dim, scale_log2, num_splits,
-                                       workspace, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  RTLLM_DISPATCH_DTYPE(dtype, T, {
+    DecodeArgs<T> a = {};
+    a.q = static_cast<const T*>(q);
+    a.row_stride = (int64_t)num_heads * head_dim;
+    return decode<T>(a, out, meta, kv, num_heads, num_kv_heads, head_dim, scale, num_splits, workspace, stream);
+  });
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t attention_decode_qkv(void* out, const void* qkv, int64_t qkv_row_stride, int64_t q_col, int64_t k_col,
+                                 int64_t v_col, const float* inv_freq, const void* q_norm_weight,
+                                 const void* k_norm_weight, float qk_norm_eps, StepMetaDevice meta, PagedKv kv,
+                                 int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, float scale,
+                                 int32_t num_splits, float* workspace, DType dtype, cudaStream_t stream) {
+  RTLLM_KERNEL_CHECK(qkv && meta.positions && meta.seq_len);
+  RTLLM_KERNEL_CHECK((q_norm_weight == nullptr) == (k_norm_weight == nullptr));
+  RTLLM_KERNEL_CHECK(q_col >= 0 && k_col >= 0 && v_col >= 0 && qkv_row_stride % 8 == 0 && q_col % 8 == 0 &&
+                     k_col % 8 == 0 && v_col % 8 == 0 && aligned16(qkv));
+  RTLLM_KERNEL_CHECK(q_norm_weight == nullptr || (aligned16(q_norm_weight) && aligned16(k_norm_weight)));
+  const int64_t width = (int64_t)num_heads * head_dim, kv_width = (int64_t)num_kv_heads * head_dim;
+  RTLLM_KERNEL_CHECK(q_col + width <= qkv_row_stride && k_col + kv_width <= qkv_row_stride &&
+                     v_col + kv_width <= qkv_row_stride);
+  RTLLM_DISPATCH_DTYPE(dtype, T, {
+    const T* row = static_cast<const T*>(qkv);
+    DecodeArgs<T> a = {};
+    a.q = row + q_col;
+    a.k_new = row + k_col;
+    a.v_new = row + v_col;
+    a.row_stride = qkv_row_stride;
+    a.inv_freq = inv_freq;
+    a.q_norm = static_cast<const T*>(q_norm_weight);
+    a.k_norm = static_cast<const T*>(k_norm_weight);
+    a.norm_eps = qk_norm_eps;
+    return decode<T>(a, out, meta, kv, num_heads, num_kv_heads, head_dim, scale, num_splits, workspace, stream);
+  });
+  return cudaErrorInvalidValue;
 }
 
 size_t attention_decode_workspace_bytes(int32_t max_num_seqs, int32_t num_heads, int32_t head_dim,

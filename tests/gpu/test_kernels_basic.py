@@ -126,6 +126,16 @@ def rope_ref(x, positions, inv_freq, num_heads, head_dim):
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1).reshape(x.shape[0], -1)
 
 
+def prepare_ref(x, num_heads, head_dim, norm_weight, positions, inv_freq, eps=1e-6):
+    """qkv_prepare's transform of [tokens, num_heads * head_dim]: per-head RMSNorm (if a weight), then RoPE
+    (if inv_freq), in float64."""
+    if norm_weight is not None:
+        x = rms_ref(x, norm_weight, head_dim, eps)
+    if inv_freq is not None:
+        x = rope_ref(x, positions, inv_freq, num_heads, head_dim)
+    return x.double().cpu()
+
+
 def inv_freq_for(head_dim, theta=10000.0):
     return (1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)).float().cuda()
 
@@ -176,15 +186,9 @@ def test_qkv_prepare(kernels, stream, dtype, head_dim, num_heads, num_kv_heads, 
                         max_blocks_per_seq=max_blocks, num_heads=num_heads, num_kv_heads=num_kv_heads,
                         head_dim=head_dim, dtype=code(kernels, dtype), stream=stream)
 
-    def transform(x, heads, weight):
-        if weight is not None:
-            x = rms_ref(x, weight, head_dim, 1e-6)
-        if rope:
-            x = rope_ref(x, positions, inv_freq, heads, head_dim)
-        return x.double()
-
-    q_ref = transform(qkv[:, :q_w], num_heads, q_norm)
-    k_ref = transform(qkv[:, q_w:q_w + kv_w], num_kv_heads, k_norm).reshape(tokens, num_kv_heads, head_dim)
+    q_ref = prepare_ref(qkv[:, :q_w], num_heads, head_dim, q_norm, positions, inv_freq)
+    k_ref = prepare_ref(qkv[:, q_w:q_w + kv_w], num_kv_heads, head_dim, k_norm, positions,
+                        inv_freq).reshape(tokens, num_kv_heads, head_dim)
     v_ref = qkv[:, q_w + kv_w:q_w + 2 * kv_w].double().cpu().reshape(tokens, num_kv_heads, head_dim)
     assert rel_err(q_out, q_ref) <= TOL[dtype]
     pool_cpu = pool.cpu()

@@ -43,6 +43,18 @@ RTLLM_API cudaError_t attention_decode(void* out, const void* q, StepMetaDevice 
                                        int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, float scale,
                                        int32_t num_splits, float* workspace, DType dtype, cudaStream_t stream);
 
+// attention_decode with qkv_prepare's work for the new tokens folded in, for decode steps: q, k and v come
+// from row s of `qkv` as qkv_prepare reads them (columns q_col, k_col, v_col; stride qkv_row_stride), get
+// its qk-norm and RoPE at meta.positions[s], and the new key and value are written into the pool at that
+// position, which must be seq_len[s] - 1. Reads meta.positions and meta.seq_len. Same limits as
+// qkv_prepare and attention_decode.
+RTLLM_API cudaError_t attention_decode_qkv(void* out, const void* qkv, int64_t qkv_row_stride, int64_t q_col,
+                                           int64_t k_col, int64_t v_col, const float* inv_freq,
+                                           const void* q_norm_weight, const void* k_norm_weight, float qk_norm_eps,
+                                           StepMetaDevice meta, PagedKv kv, int32_t num_heads,
+                                           int32_t num_kv_heads, int32_t head_dim, float scale, int32_t num_splits,
+                                           float* workspace, DType dtype, cudaStream_t stream);
+
 // Bytes of `workspace` attention_decode needs for up to max_num_seqs sequences and max_splits splits:
 // partial outputs [num_seqs, num_heads, max_splits, head_dim] then log-sum-exps [num_seqs, num_heads, max_splits].
 RTLLM_API size_t attention_decode_workspace_bytes(int32_t max_num_seqs, int32_t num_heads, int32_t head_dim,
