@@ -36,11 +36,17 @@ constexpr int kMaxGroup = 8;  // query heads per CTA; larger groups are split in
 // 128 and groups <= 4) leaves lanes idle.
 constexpr int32_t kMinKeysPerSplit = 32;
 
-// The splits sequence s uses: the launch's num_splits (fixed per captured graph, sized for max_seq_len)
-// cut to what its current length fills, read on the device so a graph replay follows the lengths. At
-// batch 1 and a few hundred keys, an engine built for 4096 tokens otherwise ran 66 splits of ~6 keys.
+// The keys each split of a sequence of seq_len keys covers, and the splits that leaves: splits of
+// kMinKeysPerSplit keys until the launch's num_splits (fixed per captured graph, sized for max_seq_len)
+// would not cover seq_len, longer ones beyond. Read on the device so a graph replay follows the lengths;
+// at batch 1 and a few hundred keys, an engine built for 4096 tokens otherwise ran 66 splits of ~6 keys.
+// While seq_len <= kMinKeysPerSplit * num_splits, split i starts at key i * kMinKeysPerSplit whatever the
+// length, which lets the kernel fetch its block-table entries before it knows the length.
+__device__ __forceinline__ int keys_per_split(int num_splits, int seq_len) {
+  return max(kMinKeysPerSplit, (seq_len + num_splits - 1) / num_splits);
+}
 __device__ __forceinline__ int splits_used(int num_splits, int seq_len) {
-  return max(1, min(num_splits, (seq_len + kMinKeysPerSplit - 1) / kMinKeysPerSplit));
+  return max(1, (seq_len + keys_per_split(num_splits, seq_len) - 1) / keys_per_split(num_splits, seq_len));
 }
 
 template <typename T>
@@ -97,9 +103,9 @@ __device__ __forceinline__ void prepare_head(float (&x)[8], int dim0, const T* n
 }
 
 // CTAs per SM the register budget keeps: groups of 4 fit 128 registers (attention_decode_num_splits plans
-// on 4 CTAs per SM), smaller groups fewer.
+// on 4 CTAs per SM), groups of 1 and 2 fit 80.
 template <int MAX_GROUP>
-constexpr int min_ctas_per_sm() { return MAX_GROUP == 1 ? 8 : MAX_GROUP == 2 ? 6 : MAX_GROUP == 4 ? 4 : 1; }
+constexpr int min_ctas_per_sm() { return MAX_GROUP <= 2 ? 6 : MAX_GROUP == 4 ? 4 : 1; }
 
 // PREPARE: attention_decode_qkv's kernel (a.k_new, a.v_new set).
 template <typename T, int HEAD_DIM, int MAX_GROUP, bool PREPARE>
@@ -122,17 +128,12 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP>()) decode
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int dim0 = (lane % kLanesPerKey) * 8, key_slot = lane / kLanesPerKey;
 
+  // Everything the CTA starts from that does not depend on the sequence's length is fetched together with
+  // the length, so that the preparation and the first keys cost no extra round trips to memory: q, the
+  // new key / value (PREPARE), and (into L1) the block-table entries of the first keys, as split i starts
+  // at key i * kMinKeysPerSplit for lengths up to kMinKeysPerSplit * num_splits (keys_per_split).
   const int seq_len = a.meta.seq_len[s];
   const int pos = PREPARE ? a.meta.positions[s] : -1;
-  const int used_splits = splits_used(a.num_splits, seq_len);
-  if (split >= used_splits) return;  // the whole CTA: nothing merges its (unwritten) partials
-  const int keys_per_split = (seq_len + used_splits - 1) / used_splits;
-  const int k_begin = split * keys_per_split, k_end = min(seq_len, k_begin + keys_per_split);
-  // With PREPARE, the CTA whose split holds the new position prepares its key and value.
-  const int new_key = PREPARE && pos == seq_len - 1 && pos >= k_begin && pos < k_end ? pos : -1;
-
-  // q and the new key / value are loaded together, so that the preparation adds arithmetic and one
-  // round trip to memory before the key loop, not one per operand.
   uint4 q_raw[MAX_GROUP];
 #pragma unroll
   for (int g = 0; g < MAX_GROUP; ++g)
@@ -140,12 +141,23 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP>()) decode
                          : make_uint4(0, 0, 0, 0);
   const int64_t new_col = s * a.row_stride + (int64_t)kv_head * HEAD_DIM + dim0;
   uint4 k_new_raw = make_uint4(0, 0, 0, 0), v_new_raw = make_uint4(0, 0, 0, 0);
-  if (new_key >= 0) {
+  if (PREPARE) {
     k_new_raw = *reinterpret_cast<const uint4*>(a.k_new + new_col);
     v_new_raw = *reinterpret_cast<const uint4*>(a.v_new + new_col);
   }
-  const T* pool = static_cast<const T*>(a.kv.data);
   const PagedKvIndex kv_index(a.kv, s, kv_head);
+  {
+    const int block_index = (split * kMinKeysPerSplit + warp * kKeysPerWarp) >> kv_index.shift;
+    if (block_index < a.kv.max_blocks_per_seq) prefetch_l1(kv_index.table + block_index);
+  }
+
+  const int used_splits = splits_used(a.num_splits, seq_len);
+  if (split >= used_splits) return;  // the whole CTA: nothing merges its (unwritten) partials
+  const int split_keys = keys_per_split(a.num_splits, seq_len);
+  const int k_begin = split * split_keys, k_end = min(seq_len, k_begin + split_keys);
+  // With PREPARE, the CTA whose split holds the new position prepares its key and value.
+  const int new_key = PREPARE && pos == seq_len - 1 && pos >= k_begin && pos < k_end ? pos : -1;
+  const T* pool = static_cast<const T*>(a.kv.data);
 
   const bool rope = PREPARE && a.inv_freq != nullptr;
   if (rope) {  // the angles of the new position, once per CTA

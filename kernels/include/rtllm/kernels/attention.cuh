@@ -33,9 +33,9 @@ RTLLM_API cudaError_t attention_prefill(void* out, const void* q, StepMetaDevice
                                         int32_t head_dim, float scale, DType dtype, cudaStream_t stream);
 
 // One new token per sequence (token index = sequence index), attending to keys 0 .. seq_len[s] - 1.
-// Split-KV: each of num_splits CTAs per (sequence, KV head) covers ceil(seq_len / splits) keys and serves
-// all query heads of that KV head, where splits = min(num_splits, ceil(seq_len / 32)) per sequence (the
-// CTAs past it exit at once); with num_splits > 1 the partial results go to `workspace`
+// Split-KV: each of num_splits CTAs per (sequence, KV head) covers max(32, ceil(seq_len / num_splits))
+// consecutive keys and serves all query heads of that KV head (the CTAs past the sequence's end exit at
+// once); with num_splits > 1 the partial results go to `workspace`
 // (attention_decode_workspace_bytes(num_seqs, ...) bytes, float) and a second kernel merges them.
 // head_dim: 16, 32, 64, 128, 256. num_splits in [1, kMaxDecodeSplits].
 constexpr int32_t kMaxDecodeSplits = 128;
