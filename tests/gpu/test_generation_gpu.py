@@ -113,3 +113,21 @@ def test_last_token_logits_match_hf(checkpoint, tmp_path, arch, dtype, tie):
     hf = load_hf_model(path)
     for prompt, row in zip(prompts, logits):
         assert relative_error(row, hf_last_logits(hf, prompt)) <= LOGITS_RTOL
+
+
+@pytest.mark.parametrize("arch,dtype,tie", [("llama", "bfloat16", False), ("qwen3", "bfloat16", True)])
+@pytest.mark.parametrize("max_seq_len", [48, 256])
+def test_greedy_on_both_decode_attention_paths(checkpoint, arch, dtype, tie, max_seq_len):
+    # Decode steps that split the keys (max_seq_len 256 allows 8 splits) run attention_decode_qkv, which
+    # applies RoPE / qk-norm and writes the new key and value itself; with max_seq_len 48 (one split) they
+    # run qkv_prepare and attention_decode. Both must follow HF.
+    path = checkpoint(arch, dtype, tie)
+    prompts = random_prompts(np.random.default_rng(3), [1, 5, 17, 30])
+    params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    build = dict(BUILD, max_input_len=32, max_seq_len=max_seq_len)
+    with LLM(model=str(path), build_config=BuildConfig(**build), device="cuda",
+             kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.02)) as llm:
+        outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    hf = load_hf_model(path)
+    num_exact = sum(hf_check(hf, prompt, tokens) for prompt, tokens in zip(prompts, outputs))
+    assert num_exact >= 0.9 * len(prompts) * MAX_NEW_TOKENS, f"only {num_exact} GPU tokens are HF's argmax"
