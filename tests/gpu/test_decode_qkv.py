@@ -4,8 +4,8 @@ Each case draws a fresh random packed q|k|v row per sequence and a random pool o
 the new token's slot in the pool is poisoned with NaN, so a kernel that read it back instead of using
 the key it prepared would produce NaN. Checked: the attention output (bounds of test_attention.py), the
 new key (qk-norm + RoPE, bounds of test_kernels_basic.py) and value (copied exactly) in the pool, and that
-nothing else in the pool changed. Split counts cover one split, cluster merges (5, 16) and the workspace
-merge (64).
+nothing else in the pool changed. Split counts cover one split and the workspace merge of 5, 16 and 64
+splits.
 """
 import pytest
 import torch
