@@ -4,11 +4,15 @@
   python benchmarks/bench_e2e.py --preset llama-3-8b --dtype bfloat16 --device cuda \
       --workload 128x128x1000 --workload 2048x2048x200 --max-batch-size 256 --hf-requests 64
 
-Each workload (input tokens x output tokens x requests) runs on one loaded model: offline throughput
-(output tokens/s over all requests submitted at once), time to first token (TTFT), time per output
-token after the first (TPOT) and inter-token latency (ITL). Then batch-1 decode latency, next to its
+Each workload (input tokens x output tokens x requests, greedy unless suffixed ":topp" for temperature
+0.8 / top-p 0.95 or ":topk" for temperature 0.8 / top-k 50) runs on one loaded model, in the order given
+(so a workload listed twice shows the cold and the warm process): offline throughput (output tokens/s
+over all requests submitted at once), time to first token (TTFT), time per output token after the
+first (TPOT) and inter-token latency (ITL). Then batch-1 decode latency, greedy and top-p, next to its
 floor on CUDA (weight bytes over the device-to-device copy bandwidth measured in this run); then a
 slice of each workload (--hf-requests, outputs capped by --hf-max-osl) through HF transformers.
+--model takes an HF checkpoint or a built engine directory (then the engine's limits apply and HF is
+skipped); the same engine run under two builds of rtllm is a same-machine A/B.
 """
 import argparse
 import asyncio
@@ -41,40 +45,54 @@ async def _stream_all(llm, prompts, params):
     return start, now(), arrivals
 
 
+SAMPLING = {"greedy": dict(temperature=0.0), "topp": dict(temperature=0.8, top_p=0.95, seed=0),
+            "topk": dict(temperature=0.8, top_k=50, seed=0)}
+
+
+def sampling_params(mode, max_tokens):
+    from rtllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True, **SAMPLING[mode])
+
+
+def is_engine_dir(path):
+    return os.path.exists(os.path.join(path, "config.json")) and os.path.exists(os.path.join(path, "rank0.engine"))
+
+
 def bench_rtllm(model_dir, workloads, args):
-    from rtllm import LLM, BuildConfig, SamplingParams
+    from rtllm import LLM, BuildConfig
 
     max_isl = max(len(w["prompts"][0]) for w in workloads)
     max_seq = max(len(w["prompts"][0]) + w["osl"] for w in workloads)
-    build_config = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=max_isl,
-                               max_seq_len=max_seq, max_num_tokens=args.max_num_tokens,
-                               dtype=args.dtype)
+    build_config = None if is_engine_dir(model_dir) else BuildConfig(
+        max_batch_size=args.max_batch_size, max_input_len=max_isl, max_seq_len=max_seq,
+        max_num_tokens=args.max_num_tokens, dtype=args.dtype)
     results = {"workloads": []}
     with LLM(model=model_dir, build_config=build_config, skip_tokenizer_init=True,
              device=args.device) as llm:
         first = workloads[0]["prompts"]
-        llm.generate(first[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+        llm.generate(first[:2], sampling_params("greedy", 4), use_tqdm=False)  # warm-up
         for w in workloads:
-            params = SamplingParams(max_tokens=w["osl"], temperature=0.0, ignore_eos=True)
+            params = sampling_params(w["sampling"], w["osl"])
             start, end, arrivals = asyncio.run(_stream_all(llm, w["prompts"], params))
             num_out = sum(len(a) for a in arrivals)
             results["workloads"].append({
-                "isl": len(w["prompts"][0]), "osl": w["osl"],
+                "isl": len(w["prompts"][0]), "osl": w["osl"], "sampling": w["sampling"],
                 "num_requests": len(w["prompts"]), "output_tokens": num_out, "seconds": end - start,
                 "output_tokens_per_s": num_out / (end - start),
                 "ttft": summarize([a[0] - start for a in arrivals]),
                 "tpot": summarize([(a[-1] - a[0]) / (len(a) - 1) for a in arrivals if len(a) > 1]),
                 "itl": summarize(np.concatenate([np.diff(a) for a in arrivals])),
             })
-            print(f"rtllm {results['workloads'][-1]['isl']}/{w['osl']} x{len(w['prompts'])}: "
+            print(f"rtllm {results['workloads'][-1]['isl']}/{w['osl']} x{len(w['prompts'])} {w['sampling']}: "
                   f"{results['workloads'][-1]['output_tokens_per_s']:,.0f} output tok/s", flush=True)
         osl = workloads[0]["osl"]
-        params = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
-        start, end, arrivals = asyncio.run(_stream_all(llm, first[:1], params))
-        a = arrivals[0]
-        results["batch1"] = {"ttft_ms": (a[0] - start) * 1e3,
-                             "tpot_ms": (a[-1] - a[0]) / (len(a) - 1) * 1e3,
-                             "output_tokens_per_s": (len(a) - 1) / (a[-1] - a[0])}
+        for mode, key in (("greedy", "batch1"), ("topp", "batch1_topp")):
+            start, end, arrivals = asyncio.run(_stream_all(llm, first[:1], sampling_params(mode, osl)))
+            a = arrivals[0]
+            results[key] = {"ttft_ms": (a[0] - start) * 1e3, "tpot_ms": (a[-1] - a[0]) / (len(a) - 1) * 1e3,
+                            "output_tokens_per_s": (len(a) - 1) / (a[-1] - a[0])}
+            print(f"rtllm batch 1 {mode}: TPOT {results[key]['tpot_ms']:.3f} ms", flush=True)
     return results
 
 
@@ -84,7 +102,7 @@ def decode_floor(model_dir):
     import torch
 
     weight_bytes = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
-                       if f.endswith(".safetensors"))
+                       if f.endswith((".safetensors", ".engine")))
     src = torch.randn(2**29, device="cuda")  # 2 GiB of float32
     dst = torch.empty_like(src)
     times = []
@@ -140,19 +158,24 @@ def bench_hf(model_dir, workloads, args):
 
 
 def parse_workload(text):
+    sizes, _, mode = text.lower().partition(":")
+    mode = mode or "greedy"
     try:
-        isl, osl, num = (int(v) for v in text.lower().split("x"))
+        isl, osl, num = (int(v) for v in sizes.split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"workload {text!r} must be ISLxOSLxREQUESTS, e.g. 128x128x1000")
+        raise argparse.ArgumentTypeError(f"workload {text!r} must be ISLxOSLxREQUESTS[:topp|:topk], "
+                                         "e.g. 128x128x1000:topp")
     if min(isl, osl, num) < 1:
         raise argparse.ArgumentTypeError(f"workload {text!r}: every number must be >= 1")
-    return isl, osl, num
+    if mode not in SAMPLING:
+        raise argparse.ArgumentTypeError(f"workload {text!r}: sampling {mode!r} is not one of {', '.join(SAMPLING)}")
+    return isl, osl, num, mode
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="an HF checkpoint directory")
+    source.add_argument("--model", help="an HF checkpoint or engine directory")
     source.add_argument("--preset", help="a named shape with random weights (rtllm.models.presets)")
     parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -168,8 +191,8 @@ def main():
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
-    specs = args.workload or [(args.isl, args.osl, args.num_requests)]
-    args.hf_requests = args.hf_requests or max(num for _, _, num in specs)
+    specs = args.workload or [(args.isl, args.osl, args.num_requests, "greedy")]
+    args.hf_requests = args.hf_requests or max(spec[2] for spec in specs)
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
@@ -179,9 +202,11 @@ def main():
             model_dir = write_random_checkpoint(os.path.join(tmp, args.preset), args.preset, dtype=dtype)
         import json
         with open(os.path.join(model_dir, "config.json")) as f:
-            vocab_size = json.load(f)["vocab_size"]
-        workloads = [{"prompts": random_prompts(num, isl, vocab_size, seed=i), "osl": osl}
-                     for i, (isl, osl, num) in enumerate(specs)]
+            config = json.load(f)
+        vocab_size = config.get("model_config", config)["vocab_size"]  # an engine's or a checkpoint's
+        args.skip_hf = args.skip_hf or is_engine_dir(model_dir)
+        workloads = [{"prompts": random_prompts(num, isl, vocab_size, seed=i), "osl": osl, "sampling": mode}
+                     for i, (isl, osl, num, mode) in enumerate(specs)]
         results = {"model": args.model or args.preset, "dtype": args.dtype, "device": args.device,
                    "cpu_count": os.cpu_count()}
         if args.device == "cuda":
@@ -198,13 +223,16 @@ def main():
             continue
         r = results[engine]
         for w in r["workloads"]:
-            rows.append({"engine": engine, "isl/osl": f"{w['isl']}/{w['osl']}", "requests": w["num_requests"],
+            rows.append({"engine": engine, "isl/osl": f"{w['isl']}/{w['osl']} {w.get('sampling', 'greedy')}",
+                         "requests": w["num_requests"],
                          "output tok/s": w["output_tokens_per_s"],
                          "TTFT p50 ms": w.get("ttft", {}).get("p50_ms"),
                          "TPOT p50 ms": w.get("tpot", {}).get("p50_ms")})
-        rows.append({"engine": engine, "isl/osl": "batch 1", "requests": 1,
-                     "output tok/s": r["batch1"]["output_tokens_per_s"],
-                     "TPOT p50 ms": r["batch1"]["tpot_ms"]})
+        for key in ("batch1", "batch1_topp"):
+            if key in r:
+                rows.append({"engine": engine, "isl/osl": key.replace("batch1", "batch 1").replace("_", " "),
+                             "requests": 1, "output tok/s": r[key]["output_tokens_per_s"],
+                             "TPOT p50 ms": r[key]["tpot_ms"]})
     if "floor" in results:
         floor = results["floor"]
         rows.append({"engine": "floor", "isl/osl": "batch 1", "TPOT p50 ms": floor["floor_ms"]})

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "bindings.h"
@@ -47,6 +48,21 @@ py::array_t<float> forward(ModelRunner& runner, const Int32Array& input_ids, std
 
 void bind_engine(py::module_& m) {
   py::enum_<DeviceKind>(m, "DeviceKind").value("CPU", DeviceKind::kCpu).value("CUDA", DeviceKind::kCuda);
+  // Raw bytes of n values in one float dtype -> raw bytes in another (rtllm::convert_floats); dtypes by
+  // name ("bfloat16", "F8_E4M3", ...).
+  m.def(
+      "convert_floats",
+      [](py::array_t<uint8_t, py::array::c_style> src, const std::string& src_dtype, const std::string& dst_dtype) {
+        const DataType from = parse_dtype(src_dtype), to = parse_dtype(dst_dtype);
+        const int64_t bytes_per_value = std::max(1, dtype_bits(from) / 8);
+        RTLLM_CHECK_ARG(src.size() % bytes_per_value == 0, "convert_floats: ", src.size(), " bytes are not whole ",
+                        src_dtype, " values");
+        const int64_t n = src.size() / bytes_per_value;
+        py::array_t<uint8_t> dst(static_cast<int64_t>(dtype_num_bytes(to, n)));
+        convert_floats(src.data(), from, dst.mutable_data(), to, n);
+        return dst;
+      },
+      py::arg("src"), py::arg("src_dtype"), py::arg("dst_dtype"));
   m.def("cuda_available", &cuda_available, "True when this build has the CUDA backend and a CUDA device is present");
 
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
@@ -71,16 +87,18 @@ void bind_engine(py::module_& m) {
   py::class_<RuntimeConfig>(m, "RuntimeConfig")
       .def(py::init([](DeviceKind device, int32_t max_num_tokens, int32_t max_batch_size, int32_t num_kv_blocks,
                        int32_t tokens_per_block, int32_t num_threads, bool enable_cuda_graphs,
-                       float kv_free_memory_fraction, bool device_sampling) {
+                       float kv_free_memory_fraction, bool device_sampling,
+                       const std::optional<std::string>& kv_cache_dtype) {
              RuntimeConfig c{device,      max_num_tokens,     max_batch_size,         num_kv_blocks,
                              tokens_per_block, num_threads, enable_cuda_graphs, kv_free_memory_fraction};
              c.device_sampling = device_sampling;
+             if (kv_cache_dtype) c.kv_cache_dtype = parse_dtype(*kv_cache_dtype);
              return c;
            }),
            py::arg("device") = DeviceKind::kCpu, py::arg("max_num_tokens") = 0, py::arg("max_batch_size") = 0,
            py::arg("num_kv_blocks") = 0, py::arg("tokens_per_block") = 32, py::arg("num_threads") = 0,
            py::arg("enable_cuda_graphs") = true, py::arg("kv_free_memory_fraction") = 0.0f,
-           py::arg("device_sampling") = true)
+           py::arg("device_sampling") = true, py::arg("kv_cache_dtype") = std::nullopt)
       .def_readwrite("device", &RuntimeConfig::device)
       .def_readwrite("max_num_tokens", &RuntimeConfig::max_num_tokens)
       .def_readwrite("max_batch_size", &RuntimeConfig::max_batch_size)
@@ -90,6 +108,17 @@ void bind_engine(py::module_& m) {
       .def_readwrite("enable_cuda_graphs", &RuntimeConfig::enable_cuda_graphs)
       .def_readwrite("kv_free_memory_fraction", &RuntimeConfig::kv_free_memory_fraction)
       .def_readwrite("device_sampling", &RuntimeConfig::device_sampling)
+      // A dtype name ("bfloat16", "F8_E4M3", ...) or None for the backend's default; reads back the
+      // safetensors name.
+      .def_property(
+          "kv_cache_dtype",
+          [](const RuntimeConfig& c) -> std::optional<std::string> {
+            if (!c.kv_cache_dtype) return std::nullopt;
+            return std::string(dtype_safetensors_name(*c.kv_cache_dtype));
+          },
+          [](RuntimeConfig& c, const std::optional<std::string>& name) {
+            c.kv_cache_dtype = name ? std::optional<DataType>(parse_dtype(*name)) : std::nullopt;
+          })
       .def("__repr__", [](const RuntimeConfig& c) {
         return detail::concat("RuntimeConfig(device=", c.device == DeviceKind::kCpu ? "CPU" : "CUDA",
                               ", max_num_tokens=", c.max_num_tokens, ", max_batch_size=", c.max_batch_size,
@@ -113,10 +142,12 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("vocab_size", &ModelRunner::vocab_size)
       .def_static(
           "kv_bytes_per_block",
-          [](const Engine& engine, int32_t tokens_per_block, DeviceKind device) {
-            return ModelRunner::kv_bytes_per_block(engine.model_config(), tokens_per_block, device);
+          [](const Engine& engine, int32_t tokens_per_block, const std::string& kv_cache_dtype) {
+            return ModelRunner::kv_bytes_per_block(engine.model_config(), tokens_per_block,
+                                                   parse_dtype(kv_cache_dtype));
           },
-          py::arg("engine"), py::arg("tokens_per_block"), py::arg("device") = DeviceKind::kCpu);
+          py::arg("engine"), py::arg("tokens_per_block"), py::arg("kv_cache_dtype") = "float32")
+      .def_property_readonly("kv_pool_bytes", &ModelRunner::kv_pool_bytes);
 }
 
 }  // namespace rtllm::bindings

@@ -72,6 +72,8 @@ void bind_kernels(py::module_& parent) {
   py::module_ m = parent.def_submodule("kernels", "CUDA kernel launchers (test and benchmark use only)");
   m.attr("BF16") = static_cast<int>(DType::kBF16);
   m.attr("FP16") = static_cast<int>(DType::kFP16);
+  m.attr("FP8_E4M3") = static_cast<int>(DType::kFP8E4M3);
+  m.attr("FP8_E5M2") = static_cast<int>(DType::kFP8E5M2);
   m.attr("FP32") = static_cast<int>(DType::kFP32);
   const auto s0 = py::arg("stream") = uintptr_t{0};
 
@@ -111,6 +113,10 @@ void bind_kernels(py::module_& parent) {
   m.def("silu_mul", [](uintptr_t out, uintptr_t x, int64_t rows, int64_t inter, int dtype, uintptr_t stream) {
     check(kernels::silu_mul(ptr(out), ptr(x), rows, inter, as_dtype(dtype), as_stream(stream)), "silu_mul");
   }, py::arg("out"), py::arg("x"), py::arg("num_rows"), py::arg("inter"), py::arg("dtype"), s0);
+  m.def("convert", [](uintptr_t out, int out_dtype, uintptr_t x, int x_dtype, int64_t n, uintptr_t stream) {
+    check(kernels::convert(ptr(out), as_dtype(out_dtype), ptr(x), as_dtype(x_dtype), n, as_stream(stream)),
+          "convert");
+  });
   m.def("cast_to_float", [](uintptr_t out, uintptr_t x, int64_t n, int dtype, uintptr_t stream) {
     check(kernels::cast_to_float(ptr<float>(out), ptr(x), n, as_dtype(dtype), as_stream(stream)), "cast_to_float");
   }, py::arg("out"), py::arg("x"), py::arg("n"), py::arg("dtype"), s0);
@@ -129,7 +135,7 @@ void bind_kernels(py::module_& parent) {
     kernels::StepMetaDevice meta{ptr<const int32_t>(token_seq), ptr<const int32_t>(positions), nullptr, nullptr,
                                  nullptr, num_tokens, num_seqs};
     kernels::PagedKv kv{ptr(kv_data), num_blocks, num_kv_heads, tokens_per_block, head_dim,
-                        ptr<const int32_t>(block_table), max_blocks_per_seq};
+                        ptr<const int32_t>(block_table), max_blocks_per_seq, as_dtype(dtype)};
     check(kernels::qkv_prepare(ptr(q_out), ptr(qkv), row_stride, q_col, k_col, v_col, ptr<const float>(inv_freq),
                                ptr(q_norm), ptr(k_norm), eps, meta, kv, num_heads, num_kv_heads, head_dim,
                                as_dtype(dtype), as_stream(stream)), "qkv_prepare");

@@ -39,9 +39,9 @@ StepMetaDevice make_meta(uintptr_t token_seq, uintptr_t positions, uintptr_t seq
 }
 
 PagedKv make_kv(uintptr_t data, int32_t num_blocks, int32_t num_kv_heads, int32_t tokens_per_block,
-                int32_t head_dim, uintptr_t block_table, int32_t max_blocks_per_seq) {
+                int32_t head_dim, uintptr_t block_table, int32_t max_blocks_per_seq, DType dtype) {
   return PagedKv{ptr<void*>(data), num_blocks, num_kv_heads, tokens_per_block, head_dim,
-                 ptr<const int32_t*>(block_table), max_blocks_per_seq};
+                 ptr<const int32_t*>(block_table), max_blocks_per_seq, dtype};
 }
 
 DType to_dtype(int32_t dtype) {
@@ -65,7 +65,8 @@ void bind_attention_kernels(py::module_& m) {
         const StepMetaDevice meta =
             make_meta(token_seq, positions, seq_token_start, num_cached, seq_len, num_tokens, num_seqs);
         const PagedKv kv =
-            make_kv(kv_data, num_blocks, num_kv_heads, tokens_per_block, head_dim, block_table, max_blocks_per_seq);
+            make_kv(kv_data, num_blocks, num_kv_heads, tokens_per_block, head_dim, block_table, max_blocks_per_seq,
+                    to_dtype(dtype));
         check_launch(kernels::attention_prefill(ptr<void*>(out), ptr<const void*>(q), meta, kv, max_new_tokens,
                                                 num_heads, num_kv_heads, head_dim, scale, to_dtype(dtype),
                                                 ptr<cudaStream_t>(stream)),
@@ -86,7 +87,8 @@ void bind_attention_kernels(py::module_& m) {
         // Decode reads only seq_len; one token per sequence.
         const StepMetaDevice meta = make_meta(0, 0, 0, 0, seq_len, num_seqs, num_seqs);
         const PagedKv kv =
-            make_kv(kv_data, num_blocks, num_kv_heads, tokens_per_block, head_dim, block_table, max_blocks_per_seq);
+            make_kv(kv_data, num_blocks, num_kv_heads, tokens_per_block, head_dim, block_table, max_blocks_per_seq,
+                    to_dtype(dtype));
         check_launch(kernels::attention_decode(ptr<void*>(out), ptr<const void*>(q), meta, kv, num_heads,
                                                num_kv_heads, head_dim, scale, num_splits, ptr<float*>(workspace),
                                                to_dtype(dtype), ptr<cudaStream_t>(stream)),
@@ -107,7 +109,8 @@ void bind_attention_kernels(py::module_& m) {
          int32_t dtype, uintptr_t stream) {
         const StepMetaDevice meta = make_meta(0, positions, 0, 0, seq_len, num_seqs, num_seqs);
         const PagedKv kv =
-            make_kv(kv_data, num_blocks, num_kv_heads, tokens_per_block, head_dim, block_table, max_blocks_per_seq);
+            make_kv(kv_data, num_blocks, num_kv_heads, tokens_per_block, head_dim, block_table, max_blocks_per_seq,
+                    to_dtype(dtype));
         check_launch(kernels::attention_decode_qkv(
                          ptr<void*>(out), ptr<const void*>(qkv), qkv_row_stride, q_col, k_col, v_col,
                          ptr<const float*>(inv_freq), ptr<const void*>(q_norm_weight),

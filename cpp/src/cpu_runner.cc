@@ -1,5 +1,6 @@
-// The CPU backend of ModelRunner: float32 weights (bf16/fp16 converted once, float32 read from the
-// mapped file), host buffers for the workspace and the float32 KV pool, ops run on a thread pool.
+// The CPU backend of ModelRunner: weights placed as the op kinds ask (float32 read from the mapped
+// file, other float dtypes converted once, linear weights packed into GEMM panels), host buffers for
+// the workspace and the KV pool, ops run on a thread pool.
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,19 +26,27 @@ class CpuBackend final : public RunnerBackend {
     register_cpu_ops();
     pool_ = std::make_unique<ThreadPool>(config.num_threads);
     config.num_threads = pool_->num_threads();
-    const EngineLimits& limits = engine.limits();
     input_ids_ = HostBuffer(config.max_num_tokens * sizeof(int32_t));
     positions_ = HostBuffer(config.max_num_tokens * sizeof(int32_t));
     last_token_ids_ = HostBuffer(config.max_batch_size * sizeof(int32_t));
-    scratch_floats_per_thread_ = round_up(limits.max_seq_len, kBufferAlignment / sizeof(float));
   }
 
-  TensorSlot place_weight(const Weight& w) override;
-  bool only_linear_reads(const std::string& name) const;  // read by linear nodes only, as their W
-  DataType activation_dtype(DataType dtype) const override { return dtype; }
+  BackendInfo info() const override {
+    BackendInfo b;
+    b.device = DeviceKind::kCpu;
+    b.activation_dtype = b.kv_cache_dtype = DataType::kFloat32;
+    b.num_threads = pool_->num_threads();
+    return b;
+  }
+  TensorSlot place_weight(const Weight& w, const WeightPlacement& placement) override;
   void* allocate_workspace(size_t num_bytes) override {
     workspace_ = HostBuffer(num_bytes);
     return workspace_.data();
+  }
+  void* allocate_op_workspace(size_t num_bytes) override {
+    op_workspace_ = HostBuffer(num_bytes);
+    op_workspace_bytes_ = num_bytes;
+    return op_workspace_.data();
   }
   void* graph_input(const std::string& name) override {
     if (name == "input_ids") return input_ids_.data();
@@ -46,6 +55,7 @@ class CpuBackend final : public RunnerBackend {
     return last_token_ids_.data();
   }
   void allocate_kv_pool(RuntimeConfig& config) override;
+  size_t kv_pool_bytes() const override { return kv_bytes_; }
   const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) override;
   void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) override;
 
@@ -53,91 +63,70 @@ class CpuBackend final : public RunnerBackend {
   const Engine& engine_;
   std::unique_ptr<ThreadPool> pool_;
   std::vector<HostBuffer> owned_weights_;  // converted (bf16/fp16 -> float32) or packed weights
-  size_t weight_bytes_ = 0;
-  HostBuffer kv_buffer_, workspace_, scratch_;
-  std::vector<float*> kv_layers_;
+  size_t weight_bytes_ = 0, kv_bytes_ = 0, op_workspace_bytes_ = 0;
+  HostBuffer kv_buffer_, workspace_, op_workspace_;
+  std::vector<void*> kv_layers_;
   KvPool kv_;
-  int64_t scratch_floats_per_thread_ = 0;
   HostBuffer input_ids_, positions_, last_token_ids_;
 };
 
-// Weights become float32 views: float32 data stays in the mapped file, bf16/fp16 are converted once.
-// A 2-d weight that only linear reads (as its W) is re-laid into the GEMM's column panels
+// A weight already in the placement's dtype and row-major stays in the mapped file (read-only: ops
+// never write weights); otherwise it is converted once and, for GEMM panels, re-laid
 // [num_panels, K, kPanelCols] (cpu/gemm_pack.h), the shape by which the linear op knows it.
-TensorSlot CpuBackend::place_weight(const Weight& w) {
+TensorSlot CpuBackend::place_weight(const Weight& w, const WeightPlacement& placement) {
   TensorSlot slot;
   for (int64_t d : w.shape) slot.dims.push_back(Dim{Dim::Kind::kFixed, d});
-  int64_t n = w.numel();
-  const bool half = w.dtype == DataType::kBFloat16 || w.dtype == DataType::kFloat16;
-  const bool aligned = reinterpret_cast<uintptr_t>(w.data) % dtype_size(w.dtype) == 0;
-  const bool pack = (half || w.dtype == DataType::kFloat32) && w.shape.size() == 2 && only_linear_reads(w.name);
-  if (!half && aligned && !pack) {
-    slot.data = const_cast<void*>(w.data);  // read-only mapping; ops never write weights
-    slot.dtype = w.dtype;
+  slot.dtype = placement.dtype;
+  const int64_t n = w.numel();
+  const bool pack = placement.layout == WeightLayout::kCpuGemmPanels;
+  const bool aligned = reinterpret_cast<uintptr_t>(w.data) % std::max<size_t>(1, dtype_bits(w.dtype) / 8) == 0;
+  if (w.dtype == placement.dtype && aligned && !pack) {
+    slot.data = const_cast<void*>(w.data);
     return slot;
   }
-  const DataType dtype = half ? DataType::kFloat32 : w.dtype;
-  HostBuffer buf(n * dtype_size(dtype));
-  const auto* src = static_cast<const uint8_t*>(w.data);
-  if (dtype == w.dtype) {
-    std::memcpy(buf.data(), src, w.num_bytes);
+  HostBuffer buf(dtype_num_bytes(placement.dtype, n));
+  if (w.dtype == placement.dtype) {
+    std::memcpy(buf.data(), w.data, w.num_bytes);
   } else {
-    float* dst = static_cast<float*>(buf.data());
-    for (int64_t i = 0; i < n; ++i) {
-      uint16_t bits;
-      std::memcpy(&bits, src + 2 * i, 2);
-      dst[i] = w.dtype == DataType::kBFloat16 ? bf16_to_float(bits) : fp16_to_float(bits);
-    }
+    convert_floats(w.data, w.dtype, buf.data(), placement.dtype, n);  // throws for non-float pairs
   }
+  size_t num_bytes = dtype_num_bytes(placement.dtype, n);
   if (pack) {
+    RTLLM_CHECK(placement.dtype == DataType::kFloat32 && w.shape.size() == 2, "weight \"", w.name,
+                "\": GEMM panels hold 2-d float32 weights");
     const int64_t N = w.shape[0], K = w.shape[1], num_panels = cpu::num_panels(N);
-    HostBuffer panels(num_panels * K * cpu::kPanelCols * sizeof(float));
+    num_bytes = num_panels * K * cpu::kPanelCols * sizeof(float);
+    HostBuffer panels(num_bytes);
     cpu::pack_linear_weight(static_cast<const float*>(buf.data()), N, K, static_cast<float*>(panels.data()));
     buf = std::move(panels);
-    n = num_panels * K * cpu::kPanelCols;
     slot.dims = {Dim{Dim::Kind::kFixed, num_panels}, Dim{Dim::Kind::kFixed, K},
                  Dim{Dim::Kind::kFixed, cpu::kPanelCols}};
   }
-  weight_bytes_ += n * dtype_size(dtype);
+  weight_bytes_ += num_bytes;
   slot.data = buf.data();
-  slot.dtype = dtype;
   owned_weights_.push_back(std::move(buf));
   return slot;
 }
 
-bool CpuBackend::only_linear_reads(const std::string& name) const {
-  bool read = false;
-  for (const GraphNode& node : engine_.graph().nodes) {
-    for (size_t i = 0; i < node.inputs.size(); ++i) {
-      if (node.inputs[i] != name) continue;
-      if (node.op != "linear" || i != 1) return false;
-      read = true;
-    }
-  }
-  return read;
-}
-
 void CpuBackend::allocate_kv_pool(RuntimeConfig& config) {
   const ModelConfig& m = engine_.model_config();
-  const size_t kv_bytes =
-      ModelRunner::kv_bytes_per_block(m, config.tokens_per_block, DeviceKind::kCpu) * config.num_kv_blocks;
-  const size_t scratch_bytes = scratch_floats_per_thread_ * sizeof(float) * config.num_threads;
-  const size_t num_bytes = weight_bytes_ + kv_bytes + scratch_bytes;
+  const DataType kv_dtype = *config.kv_cache_dtype;
+  kv_bytes_ = ModelRunner::kv_bytes_per_block(m, config.tokens_per_block, kv_dtype) * config.num_kv_blocks;
+  const size_t num_bytes = weight_bytes_ + kv_bytes_ + op_workspace_bytes_;
   const size_t available = physical_memory_bytes();
   RTLLM_CHECK(num_bytes <= available, "the model needs ", num_bytes, " bytes of host memory (weights, KV pool of ",
               config.num_kv_blocks, " blocks), the machine has ", available);
-  const size_t layer_floats = static_cast<size_t>(config.num_kv_blocks) * 2 * m.num_kv_heads *
-                              config.tokens_per_block * m.head_dim;
-  kv_buffer_ = HostBuffer(kv_bytes);
+  kv_buffer_ = HostBuffer(kv_bytes_);
+  const size_t layer_bytes = kv_bytes_ / m.num_layers;
   for (int32_t l = 0; l < m.num_layers; ++l)
-    kv_layers_.push_back(static_cast<float*>(kv_buffer_.data()) + l * layer_floats);
+    kv_layers_.push_back(static_cast<uint8_t*>(kv_buffer_.data()) + l * layer_bytes);
   kv_.layers = kv_layers_.data();
+  kv_.dtype = kv_dtype;
   kv_.num_layers = m.num_layers;
   kv_.num_blocks = config.num_kv_blocks;
   kv_.num_kv_heads = m.num_kv_heads;
   kv_.tokens_per_block = config.tokens_per_block;
   kv_.head_dim = m.head_dim;
-  scratch_ = HostBuffer(scratch_bytes);
 }
 
 const float* CpuBackend::forward(const HostStep& st, std::vector<PlannedNode>& nodes, const TensorSlot& logits) {
@@ -159,19 +148,18 @@ const float* CpuBackend::forward(const HostStep& st, std::vector<PlannedNode>& n
   ctx.pool = pool_.get();
   ctx.step = &meta;
   ctx.kv = &kv_;
-  ctx.scratch = static_cast<float*>(scratch_.data());
-  ctx.scratch_floats_per_thread = scratch_floats_per_thread_;
+  ctx.workspace = op_workspace_.data();
   for (PlannedNode& node : nodes) node.run(ctx, st.num_tokens, st.num_seqs);
   return static_cast<const float*>(logits.data);
 }
 
-// A block is [2, num_kv_heads, tokens_per_block, head_dim] floats, contiguous in each layer.
+// A block is [2, num_kv_heads, tokens_per_block, head_dim] of the KV dtype, contiguous in each layer.
 void CpuBackend::copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) {
-  const size_t block_floats = size_t{2} * kv_.num_kv_heads * kv_.tokens_per_block * kv_.head_dim;
-  for (int32_t l = 0; l < kv_.num_layers; ++l)
-    for (const auto& [src, dst] : copies)
-      std::memcpy(kv_.layers[l] + dst * block_floats, kv_.layers[l] + src * block_floats,
-                  block_floats * sizeof(float));
+  const size_t block_bytes = kv_bytes_ / kv_.num_layers / kv_.num_blocks;
+  for (int32_t l = 0; l < kv_.num_layers; ++l) {
+    auto* layer = static_cast<uint8_t*>(kv_.layers[l]);
+    for (const auto& [src, dst] : copies) std::memcpy(layer + dst * block_bytes, layer + src * block_bytes, block_bytes);
+  }
 }
 
 }  // namespace

@@ -20,8 +20,6 @@ int64_t max_elements(const std::vector<Dim>& dims, int64_t max_num_tokens, int64
   return n;
 }
 
-const char* device_name(DeviceKind d) { return d == DeviceKind::kCpu ? "CPU" : "CUDA"; }
-
 }  // namespace
 
 void StepInputs::clear() {
@@ -39,15 +37,17 @@ struct ModelRunner::Impl {
   Sampler sampler;  // forward_and_sample where the backend cannot draw on the device
   std::mutex forward_mutex;  // one step at a time
 
+  BackendInfo info;  // the op kinds keep a pointer to it
   std::unordered_map<std::string, TensorSlot> slots;  // weights, graph inputs and node outputs
   std::vector<PlannedNode> nodes;
   const TensorSlot* logits = nullptr;
   HostStep step;  // reused across steps
 
   void resolve_config(const RuntimeConfig& requested);
+  void create_op_kinds();
   void plan_weights();
   void plan_workspace();
-  void plan_nodes();
+  void bind_nodes();
   void validate(const StepInputs& in) const;
   void expand(const StepInputs& in);
 };
@@ -82,16 +82,77 @@ void ModelRunner::Impl::resolve_config(const RuntimeConfig& requested) {
   RTLLM_CHECK_ARG(config.num_threads >= 0, "num_threads ", config.num_threads, " must be >= 0");
 }
 
-void ModelRunner::Impl::plan_weights() {
-  for (const GraphNode& node : engine->graph().nodes) {
+// One op kind per node, created from the node and the specs of its tensors as the graph declares them
+// (weights: as stored). An op or dtype the backend cannot run fails here, naming both.
+void ModelRunner::Impl::create_op_kinds() {
+  const Graph& g = engine->graph();
+  std::unordered_map<std::string, const TensorSpec*> specs;
+  for (const TensorSpec& t : g.inputs) {
+    RTLLM_CHECK(t.name == "input_ids" || t.name == "positions" || t.name == "last_token_ids",
+                "unknown graph input \"", t.name, "\"");
+    specs[t.name] = &t;
+  }
+  for (const TensorSpec& t : g.outputs) specs[t.name] = &t;
+  for (const TensorSpec& t : g.tensors) specs[t.name] = &t;
+  for (const GraphNode& node : g.nodes) {
+    OpSpec spec;
+    spec.node = &node;
+    spec.backend = &info;
     for (const std::string& name : node.inputs) {
-      if (slots.count(name) || !engine->has_weight(name)) continue;
-      const Weight& w = engine->weight(name);
-      RTLLM_CHECK(w.shape.size() <= static_cast<size_t>(kMaxDims), "weight \"", name, "\" has ", w.shape.size(),
-                  " dims, at most ", kMaxDims, " are supported");
-      slots.emplace(name, backend->place_weight(w));
+      const bool is_weight = engine->has_weight(name);
+      TensorSpec t;
+      if (is_weight) {
+        const Weight& w = engine->weight(name);
+        RTLLM_CHECK(w.shape.size() <= static_cast<size_t>(kMaxDims), "weight \"", name, "\" has ", w.shape.size(),
+                    " dims, at most ", kMaxDims, " are supported");
+        t = TensorSpec{name, w.dtype, {}};
+        for (int64_t d : w.shape) t.shape.push_back(Dim{Dim::Kind::kFixed, d});
+      } else {
+        auto it = specs.find(name);
+        RTLLM_CHECK(it != specs.end(), "op \"", node.op, "\" reads \"", name,
+                    "\", which is neither a weight, a graph input nor a listed tensor");
+        t = *it->second;
+      }
+      spec.inputs.push_back(std::move(t));
+      spec.input_is_weight.push_back(is_weight);
+    }
+    for (const std::string& name : node.outputs) {
+      auto it = specs.find(name);
+      RTLLM_CHECK(it != specs.end(), "node output \"", name, "\" is not listed in graph.tensors");
+      spec.outputs.push_back(*it->second);
+    }
+    PlannedNode planned;
+    planned.kind = create_op(spec);
+    nodes.push_back(std::move(planned));
+  }
+}
+
+// Each weight is placed once, as its readers ask. Readers must agree on the dtype; when they ask for
+// different layouts (an embedding table that is also the LM head's weight) it stays row-major, which
+// every kind accepts.
+void ModelRunner::Impl::plan_weights() {
+  const Graph& g = engine->graph();
+  std::unordered_map<std::string, WeightPlacement> placements;
+  std::unordered_map<std::string, std::string> first_reader;
+  for (size_t n = 0; n < g.nodes.size(); ++n) {
+    const GraphNode& node = g.nodes[n];
+    for (size_t i = 0; i < node.inputs.size(); ++i) {
+      const std::string& name = node.inputs[i];
+      if (!engine->has_weight(name)) continue;
+      const WeightPlacement want = nodes[n].kind->weight_placement(i);
+      auto [it, inserted] = placements.emplace(name, want);
+      if (inserted) {
+        first_reader[name] = node.op;
+        continue;
+      }
+      RTLLM_CHECK(it->second.dtype == want.dtype, "weight \"", name, "\" is read as ",
+                  dtype_safetensors_name(it->second.dtype), " by op \"", first_reader[name], "\" and as ",
+                  dtype_safetensors_name(want.dtype), " by op \"", node.op, "\" on the ",
+                  device_name(config.device), " backend");
+      if (it->second.layout != want.layout) it->second.layout = WeightLayout::kRowMajor;
     }
   }
+  for (const auto& [name, placement] : placements) slots.emplace(name, backend->place_weight(engine->weight(name), placement));
 }
 
 // Node outputs share one arena: a tensor lives from the node that writes it to the last node that
@@ -130,28 +191,23 @@ void ModelRunner::Impl::plan_workspace() {
   auto* base = static_cast<uint8_t*>(backend->allocate_workspace(total));
   for (size_t i = 0; i < tensors.size(); ++i)
     slots[tensors[i]->name] = TensorSlot{base + offsets[i], dtypes[i], tensors[i]->shape};
+  size_t op_bytes = 0;
+  for (const PlannedNode& node : nodes) op_bytes = std::max(op_bytes, node.kind->workspace_bytes());
+  backend->allocate_op_workspace(op_bytes);
 }
 
-void ModelRunner::Impl::plan_nodes() {
+void ModelRunner::Impl::bind_nodes() {
   const Graph& g = engine->graph();
   const Dim tokens{Dim::Kind::kNumTokens, 0}, seqs{Dim::Kind::kNumSeqs, 0};
-  for (const TensorSpec& t : g.inputs)
-    RTLLM_CHECK(t.name == "input_ids" || t.name == "positions" || t.name == "last_token_ids",
-                "unknown graph input \"", t.name, "\"");
   slots["input_ids"] = TensorSlot{backend->graph_input("input_ids"), DataType::kInt32, {tokens}};
   slots["positions"] = TensorSlot{backend->graph_input("positions"), DataType::kInt32, {tokens}};
   slots["last_token_ids"] = TensorSlot{backend->graph_input("last_token_ids"), DataType::kInt32, {seqs}};
-
-  for (const GraphNode& node : g.nodes) {
-    PlannedNode p;
-    p.node = &node;
-    p.fn = find_op(node.op, config.device);
-    RTLLM_CHECK(p.fn, "op \"", node.op, "\" has no ", device_name(config.device), " implementation");
-    for (const std::string& name : node.inputs) p.inputs.push_back(&slots.at(name));
-    for (const std::string& name : node.outputs) p.outputs.push_back(&slots.at(name));
+  for (size_t n = 0; n < g.nodes.size(); ++n) {
+    PlannedNode& p = nodes[n];
+    for (const std::string& name : g.nodes[n].inputs) p.inputs.push_back(&slots.at(name));
+    for (const std::string& name : g.nodes[n].outputs) p.outputs.push_back(&slots.at(name));
     p.input_views.resize(p.inputs.size());
     p.output_views.resize(p.outputs.size());
-    nodes.push_back(std::move(p));
   }
   RTLLM_CHECK(g.outputs.size() == 1, "the graph must have one output (logits), it has ", g.outputs.size());
   logits = &slots.at(g.outputs[0].name);
@@ -171,10 +227,19 @@ ModelRunner::ModelRunner(std::shared_ptr<const Engine> engine, const RuntimeConf
   if (im.config.device == DeviceKind::kCuda) im.backend = make_cuda_backend(*im.engine, im.config);
 #endif
   if (!im.backend) im.backend = make_cpu_backend(*im.engine, im.config);
+  im.info = im.backend->info();
+  im.info.max_num_tokens = im.config.max_num_tokens;
+  im.info.max_batch_size = im.config.max_batch_size;
+  im.info.max_seq_len = im.engine->limits().max_seq_len;
+  im.info.tokens_per_block = im.config.tokens_per_block;
+  im.info.num_layers = im.engine->model_config().num_layers;
+  if (im.config.kv_cache_dtype) im.info.kv_cache_dtype = *im.config.kv_cache_dtype;
+  im.config.kv_cache_dtype = im.info.kv_cache_dtype;
+  im.create_op_kinds();
   im.plan_weights();
   im.plan_workspace();
   im.backend->allocate_kv_pool(im.config);
-  im.plan_nodes();
+  im.bind_nodes();
 }
 
 ModelRunner::~ModelRunner() = default;
@@ -183,12 +248,12 @@ const Engine& ModelRunner::engine() const { return *impl_->engine; }
 const RuntimeConfig& ModelRunner::config() const { return impl_->config; }
 int32_t ModelRunner::vocab_size() const { return impl_->engine->model_config().vocab_size; }
 
-size_t ModelRunner::kv_bytes_per_block(const ModelConfig& model, int32_t tokens_per_block, DeviceKind device) {
-  // The CPU keeps K/V in float32; the GPU in the 2-byte compute dtype (bf16, or fp16 for fp16 engines).
-  const size_t element_size = device == DeviceKind::kCpu ? sizeof(float) : 2;
-  return static_cast<size_t>(model.num_layers) * 2 * model.num_kv_heads * tokens_per_block * model.head_dim *
-         element_size;
+size_t ModelRunner::kv_bytes_per_block(const ModelConfig& model, int32_t tokens_per_block, DataType kv_cache_dtype) {
+  return dtype_num_bytes(kv_cache_dtype, static_cast<int64_t>(model.num_layers) * 2 * model.num_kv_heads *
+                                             tokens_per_block * model.head_dim);
 }
+
+size_t ModelRunner::kv_pool_bytes() const { return impl_->backend->kv_pool_bytes(); }
 
 void ModelRunner::Impl::validate(const StepInputs& in) const {
   const int32_t num_seqs = in.num_seqs(), num_tokens = in.num_tokens();

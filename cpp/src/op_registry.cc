@@ -11,21 +11,29 @@ std::mutex& registry_mutex() {
   static std::mutex m;
   return m;
 }
-std::map<std::pair<std::string, DeviceKind>, OpFn>& registry() {
-  static std::map<std::pair<std::string, DeviceKind>, OpFn> r;
+std::map<std::pair<std::string, DeviceKind>, OpFactory>& registry() {
+  static std::map<std::pair<std::string, DeviceKind>, OpFactory> r;
   return r;
 }
 }  // namespace
 
-void register_op(const std::string& name, DeviceKind device, OpFn fn) {
+const char* device_name(DeviceKind device) { return device == DeviceKind::kCpu ? "CPU" : "CUDA"; }
+
+void register_op(const std::string& name, DeviceKind device, OpFactory factory) {
   std::lock_guard<std::mutex> lock(registry_mutex());
-  registry()[{name, device}] = fn;
+  registry()[{name, device}] = factory;
 }
 
-OpFn find_op(const std::string& name, DeviceKind device) {
-  std::lock_guard<std::mutex> lock(registry_mutex());
-  auto it = registry().find({name, device});
-  return it == registry().end() ? nullptr : it->second;
+std::unique_ptr<OpKind> create_op(const OpSpec& spec) {
+  const DeviceKind device = spec.backend->device;
+  OpFactory factory = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    auto it = registry().find({spec.op(), device});
+    if (it != registry().end()) factory = it->second;
+  }
+  RTLLM_CHECK(factory, "op \"", spec.op(), "\" has no ", device_name(device), " implementation");
+  return factory(spec);
 }
 
 void register_cpu_ops() {
@@ -39,17 +47,30 @@ void register_cpu_ops() {
   });
 }
 
-void check_num_io(const char* op, int num_inputs, int min_inputs, int max_inputs, int num_outputs,
-                  int expected_outputs) {
-  RTLLM_CHECK(num_inputs >= min_inputs && num_inputs <= max_inputs, "op ", op, " takes ", min_inputs, "..",
-              max_inputs, " inputs, got ", num_inputs);
-  RTLLM_CHECK(num_outputs == expected_outputs, "op ", op, " has ", expected_outputs, " outputs, got ",
-              num_outputs);
+DataType OpSpec::activation_dtype(size_t i) const {
+  const DataType stored = inputs.at(i).dtype;
+  return stored == DataType::kFloat32 && !input_is_weight.at(i) ? backend->activation_dtype : stored;
 }
 
-void check_f32(const char* op, const TensorView& t, const char* what) {
-  RTLLM_CHECK(t.dtype == DataType::kFloat32, "op ", op, ": ", what, " must be float32 on the CPU, got ",
-              dtype_safetensors_name(t.dtype));
+void OpSpec::require_input_dtype(size_t i, const std::vector<DataType>& supported) const {
+  const TensorSpec& t = inputs.at(i);
+  for (DataType d : supported)
+    if (t.dtype == d) return;
+  std::string names;
+  for (DataType d : supported) names += std::string(names.empty() ? "" : ", ") + dtype_safetensors_name(d);
+  RTLLM_CHECK(false, "op \"", op(), "\" on the ", device_name(backend->device), " backend does not support dtype ",
+              dtype_safetensors_name(t.dtype), " for input ", i, " (\"", t.name, "\"); supported: ", names);
+}
+
+void OpSpec::require_num_io(size_t min_inputs, size_t max_inputs, size_t num_outputs) const {
+  RTLLM_CHECK(inputs.size() >= min_inputs && inputs.size() <= max_inputs, "op \"", op(), "\" takes ", min_inputs,
+              "..", max_inputs, " inputs, the node has ", inputs.size());
+  RTLLM_CHECK(outputs.size() == num_outputs, "op \"", op(), "\" has ", num_outputs, " outputs, the node has ",
+              outputs.size());
+}
+
+WeightPlacement OpKind::weight_placement(size_t input) const {
+  return {spec_.inputs.at(input).dtype, WeightLayout::kRowMajor};
 }
 
 }  // namespace rtllm

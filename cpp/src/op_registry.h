@@ -1,11 +1,16 @@
-// The op registry: (op name, device) -> implementation. ModelRunner resolves every graph node to
-// an OpFn at load and calls it with tensor views over its workspace, weights and the step metadata.
+// The op registry: (op name, device) -> a factory of op kinds. ModelRunner creates one OpKind per
+// graph node at load (the plan/run split of FlashInfer, ggml's supports_op): the kind parses its
+// attributes, checks the dtypes it is given, says where its weights live and how much scratch it
+// needs; then it runs every step on tensor views over the workspace, weights and step metadata.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "rtllm/dtype.h"
+#include "rtllm/engine.h"
 #include "rtllm/json.h"
 #include "rtllm/model_runner.h"
 
@@ -44,9 +49,10 @@ struct StepMeta {
   int32_t max_blocks_per_seq = 0;
 };
 
-// The KV pool: per layer [num_blocks, 2 (K, V), num_kv_heads, tokens_per_block, head_dim] float32.
+// The KV pool: per layer [num_blocks, 2 (K, V), num_kv_heads, tokens_per_block, head_dim] of dtype.
 struct KvPool {
-  float* const* layers = nullptr;  // [num_layers]
+  void* const* layers = nullptr;  // [num_layers]
+  DataType dtype = DataType::kFloat32;
   int32_t num_layers = 0;
   int32_t num_blocks = 0;
   int32_t num_kv_heads = 0;
@@ -54,26 +60,93 @@ struct KvPool {
   int32_t head_dim = 0;
 };
 
+// Where a backend keeps a weight: its dtype and layout as the op kinds that read it want them.
+enum class WeightLayout {
+  kRowMajor,        // as stored in the engine
+  kCpuGemmPanels,   // the CPU GEMM's column panels [num_panels, K, kPanelCols] (cpu/gemm_pack.h)
+};
+
+struct WeightPlacement {
+  DataType dtype = DataType::kFloat32;
+  WeightLayout layout = WeightLayout::kRowMajor;
+};
+
+// What the runner knows of the backend and its limits when it creates the op kinds. The backend
+// fills the device facts; ModelRunner the limits and the resolved KV-cache dtype.
+struct BackendInfo {
+  DeviceKind device = DeviceKind::kCpu;
+  DataType activation_dtype = DataType::kFloat32;  // of every activation the graph declares float32
+  DataType kv_cache_dtype = DataType::kFloat32;    // of the KV pool
+  int32_t num_threads = 1;   // CPU worker threads
+  int32_t num_sms = 0;       // CUDA multiprocessors
+  int32_t max_num_tokens = 0, max_batch_size = 0, max_seq_len = 0;
+  int32_t tokens_per_block = 0;
+  int32_t num_layers = 0;    // of the KV pool
+};
+
+// Weights a kind converts to its compute dtype when it places them.
+inline const std::vector<DataType> kWideFloatDtypes = {DataType::kFloat32, DataType::kBFloat16, DataType::kFloat16};
+
+// What an op kind is created from: its node, the graph specs of its inputs and outputs (weights with
+// their stored dtype and shape), and the backend.
+struct OpSpec {
+  const GraphNode* node = nullptr;
+  std::vector<TensorSpec> inputs, outputs;
+  std::vector<bool> input_is_weight;  // [inputs.size()]
+  const BackendInfo* backend = nullptr;
+
+  const std::string& op() const { return node->op; }
+  // The dtype input i has when the op runs: a weight's as the kind places it, an activation's on
+  // this backend (graph inputs are int32).
+  DataType activation_dtype(size_t i) const;
+  // Throws Error naming the op, the input, its dtype, the backend and the dtypes it supports.
+  void require_input_dtype(size_t i, const std::vector<DataType>& supported) const;
+  // Throws Error unless the node has min..max inputs and exactly num_outputs outputs.
+  void require_num_io(size_t min_inputs, size_t max_inputs, size_t num_outputs) const;
+};
+
+// Per-step state every op reads.
 struct OpContext {
   ThreadPool* pool = nullptr;
   const StepMeta* step = nullptr;
   const KvPool* kv = nullptr;
-  const Json* attrs = nullptr;               // the node's attrs (an object)
-  float* scratch = nullptr;                  // [num_threads, scratch_floats_per_thread]
-  int64_t scratch_floats_per_thread = 0;     // >= max_seq_len
-  float* thread_scratch(int thread) const { return scratch + thread * scratch_floats_per_thread; }
+  // The op's workspace (workspace_bytes() of it, host or device memory): shared by all ops, valid
+  // during run() only.
+  void* workspace = nullptr;
   // CUDA ops only: the runner's cudaStream_t and its per-step device state (cuda/cuda_context.h).
   void* stream = nullptr;
   const void* device_step = nullptr;
 };
 
-// Reads `inputs` and writes `outputs` (views with the step's concrete shapes). Throws Error on
-// shapes that do not fit the op.
-using OpFn = void (*)(const OpContext& ctx, const TensorView* inputs, int num_inputs, TensorView* outputs,
-                      int num_outputs);
+// An op of the graph, bound to a backend: created once at engine load (attributes parsed and dtypes
+// checked there), then run every step with views of the step's concrete shapes.
+class OpKind {
+ public:
+  virtual ~OpKind() = default;
+  // Where weight input i lives on this backend. The default keeps it as stored (FP8 and integer
+  // weights, float32 scales); kinds that compute with a weight in the activation dtype (linear, norms,
+  // embedding) override it.
+  virtual WeightPlacement weight_placement(size_t input) const;
+  // Scratch bytes the op needs at the largest step (max_num_tokens tokens, max_batch_size sequences).
+  virtual size_t workspace_bytes() const { return 0; }
+  // Reads `inputs`, writes `outputs`. Throws Error on shapes that do not fit the op.
+  virtual void run(const OpContext& ctx, const TensorView* inputs, TensorView* outputs) = 0;
 
-void register_op(const std::string& name, DeviceKind device, OpFn fn);
-OpFn find_op(const std::string& name, DeviceKind device);  // nullptr when there is none
+ protected:
+  explicit OpKind(const OpSpec& spec) : spec_(spec) {}
+  // Weight input i converted to the activation dtype, row-major.
+  WeightPlacement in_activation_dtype() const { return {spec_.backend->activation_dtype, WeightLayout::kRowMajor}; }
+  const OpSpec spec_;  // the node outlives the kind (the engine owns it)
+};
+
+// Creates the kind of spec.op() on spec.backend->device; throws Error naming the op and the backend
+// when there is none, or the kind's own error for attributes or dtypes it does not support.
+using OpFactory = std::unique_ptr<OpKind> (*)(const OpSpec& spec);
+
+void register_op(const std::string& name, DeviceKind device, OpFactory factory);
+std::unique_ptr<OpKind> create_op(const OpSpec& spec);
+const char* device_name(DeviceKind device);  // "CPU", "CUDA"
+
 // Registers every CPU op once (explicit, so that no registration depends on static initializers).
 void register_cpu_ops();
 
@@ -86,9 +159,10 @@ void register_cpu_attention_ops();
 // Registers every CUDA op once (cuda/cuda_ops.cc; only in builds with the CUDA backend).
 void register_cuda_ops();
 
-// Shared checks for op implementations.
-void check_num_io(const char* op, int num_inputs, int min_inputs, int max_inputs, int num_outputs,
-                  int expected_outputs);
-void check_f32(const char* op, const TensorView& t, const char* what);
+// A factory for a kind whose constructor takes the spec.
+template <typename Kind>
+std::unique_ptr<OpKind> make_op(const OpSpec& spec) {
+  return std::make_unique<Kind>(spec);
+}
 
 }  // namespace rtllm

@@ -33,19 +33,17 @@ struct TensorSlot {
   }
 };
 
+// A graph node bound to its op kind and to the slots of its tensors.
 struct PlannedNode {
-  OpFn fn = nullptr;
-  const GraphNode* node = nullptr;
+  std::unique_ptr<OpKind> kind;
   std::vector<const TensorSlot*> inputs, outputs;
   std::vector<TensorView> input_views, output_views;  // refilled each step
 
   // Binds the views to a step of num_tokens tokens in num_seqs sequences and runs the op.
-  void run(OpContext& ctx, int64_t num_tokens, int64_t num_seqs) {
+  void run(const OpContext& ctx, int64_t num_tokens, int64_t num_seqs) {
     for (size_t i = 0; i < inputs.size(); ++i) inputs[i]->bind(input_views[i], num_tokens, num_seqs);
     for (size_t i = 0; i < outputs.size(); ++i) outputs[i]->bind(output_views[i], num_tokens, num_seqs);
-    ctx.attrs = &node->attrs;
-    fn(ctx, input_views.data(), static_cast<int>(input_views.size()), output_views.data(),
-       static_cast<int>(output_views.size()));
+    kind->run(ctx, input_views.data(), output_views.data());
   }
 };
 
@@ -62,22 +60,31 @@ struct HostStep {
   std::vector<int32_t> last_token_ids;   // [num_seqs]
 };
 
-// What differs per device. ModelRunner calls, in order: place_weight for each weight,
-// activation_dtype + allocate_workspace for the arena, graph_input for the three graph inputs,
-// allocate_kv_pool (which may size the pool), then forward per step (after copy_blocks, if any).
+// What differs per device. ModelRunner calls, in order: info to create the op kinds, place_weight for
+// each weight, allocate_workspace for the activation arena and the ops' shared scratch, graph_input
+// for the three graph inputs, allocate_kv_pool (which may size the pool), then forward per step
+// (after copy_blocks, if any).
 class RunnerBackend {
  public:
   virtual ~RunnerBackend() = default;
-  // The weight as the ops see it (possibly converted); the backend owns any copy.
-  virtual TensorSlot place_weight(const Weight& w) = 0;
+  // The device facts op kinds are created with; kv_cache_dtype is the backend's default for the pool.
+  virtual BackendInfo info() const = 0;
+  // The weight in the dtype and layout `placement` asks for (converted or packed as needed); the
+  // backend owns any copy. Throws Error for a conversion it cannot make.
+  virtual TensorSlot place_weight(const Weight& w, const WeightPlacement& placement) = 0;
   // The dtype of an activation the graph declares as `dtype` (graph outputs keep theirs).
-  virtual DataType activation_dtype(DataType dtype) const = 0;
+  DataType activation_dtype(DataType dtype) const {
+    return dtype == DataType::kFloat32 ? info().activation_dtype : dtype;
+  }
+  // Memory for the activation arena and for the ops' scratch (shared: ops run one at a time).
   virtual void* allocate_workspace(size_t num_bytes) = 0;
+  virtual void* allocate_op_workspace(size_t num_bytes) = 0;
   // int32 memory for "input_ids", "positions" ([max_num_tokens]) or "last_token_ids" ([max_batch_size]).
   virtual void* graph_input(const std::string& name) = 0;
-  // Allocates the KV pool (and per-step buffers). With config.num_kv_blocks 0 the backend sizes the
-  // pool itself and writes the count back. Throws Error when memory does not suffice, naming both sizes.
+  // Allocates the KV pool of config.kv_cache_dtype (and per-step buffers). With config.num_kv_blocks 0
+  // the backend sizes the pool itself and writes the count back. Throws Error when memory does not suffice, naming both sizes.
   virtual void allocate_kv_pool(RuntimeConfig& config) = 0;
+  virtual size_t kv_pool_bytes() const = 0;  // as allocated
   // Runs the nodes for one step; returns [num_seqs, vocab] float32 logits on the host.
   virtual const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) = 0;
   // Whether forward_and_sample can draw these inputs where the logits are (false: the caller

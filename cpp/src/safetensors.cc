@@ -43,7 +43,7 @@ Weight parse_entry(const std::string& path, const std::string& name, const Json&
   if (begin < 0 || end < begin) fail(detail::concat("invalid data_offsets [", begin, ", ", end, "]"));
   if (static_cast<uint64_t>(end) > data_size)
     fail(detail::concat("data_offsets end ", end, " is past the data size ", data_size, " (truncated file?)"));
-  uint64_t expected = static_cast<uint64_t>(numel) * dtype_size(w.dtype);
+  uint64_t expected = dtype_num_bytes(w.dtype, numel);
   if (static_cast<uint64_t>(end - begin) != expected)
     fail(detail::concat("byte range of ", end - begin, " bytes does not match its shape and dtype (", expected,
                         " bytes)"));

@@ -401,6 +401,7 @@ cudaError_t decode(DecodeArgs<T> a, void* out, const StepMetaDevice& meta, const
 cudaError_t attention_decode(void* out, const void* q, StepMetaDevice meta, PagedKv kv, int32_t num_heads,
                              int32_t num_kv_heads, int32_t head_dim, float scale, int32_t num_splits,
                              float* workspace, DType dtype, cudaStream_t stream) {
+  RTLLM_KERNEL_CHECK(kv.dtype == dtype);  // the pool in the activation dtype
   RTLLM_DISPATCH_DTYPE(dtype, T, {
     DecodeArgs<T> a = {};
     a.q = static_cast<const T*>(q);
@@ -416,6 +417,7 @@ cudaError_t attention_decode_qkv(void* out, const void* qkv, int64_t qkv_row_str
                                  int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, float scale,
                                  int32_t num_splits, float* workspace, DType dtype, cudaStream_t stream) {
   RTLLM_KERNEL_CHECK(qkv && meta.positions && meta.seq_len);
+  RTLLM_KERNEL_CHECK(kv.dtype == dtype);
   RTLLM_KERNEL_CHECK((q_norm_weight == nullptr) == (k_norm_weight == nullptr));
   RTLLM_KERNEL_CHECK(q_col >= 0 && k_col >= 0 && v_col >= 0 && qkv_row_stride % 8 == 0 && q_col % 8 == 0 &&
                      k_col % 8 == 0 && v_col % 8 == 0 && aligned16(qkv));

@@ -338,6 +338,7 @@ cudaError_t launch_prefill(void* out, const void* q, const StepMetaDevice& meta,
 cudaError_t attention_prefill(void* out, const void* q, StepMetaDevice meta, PagedKv kv, int32_t max_new_tokens,
                               int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, float scale, DType dtype,
                               cudaStream_t stream) {
+  if (kv.dtype != dtype) return cudaErrorInvalidValue;  // the pool in the activation dtype
   if (num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || head_dim <= 0 ||
       head_dim % 8 != 0 || head_dim > kSimpleMaxHeadDim || kv.head_dim != head_dim ||
       kv.num_kv_heads != num_kv_heads || !attn::paged_kv_supported(kv) || meta.num_seqs > 65535 || num_heads > 65535 || max_new_tokens < 0)

@@ -4,6 +4,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -23,6 +24,25 @@
       __VA_ARGS__;                                           \
     } break;                                                 \
     default: return cudaErrorInvalidValue;                   \
+  }
+
+// Runs the statements with `T` bound to the element type of any float dtype (FP32, BF16, FP16 and both
+// FP8 formats); any other dtype makes the enclosing launcher return cudaErrorInvalidValue.
+#define RTLLM_DISPATCH_FLOAT_DTYPE(dtype, T, ...)            \
+  switch (dtype) {                                           \
+    case ::rtllm::kernels::DType::kFP32: {                   \
+      using T = float;                                       \
+      __VA_ARGS__;                                           \
+    } break;                                                 \
+    case ::rtllm::kernels::DType::kFP8E4M3: {                \
+      using T = __nv_fp8_e4m3;                               \
+      __VA_ARGS__;                                           \
+    } break;                                                 \
+    case ::rtllm::kernels::DType::kFP8E5M2: {                \
+      using T = __nv_fp8_e5m2;                               \
+      __VA_ARGS__;                                           \
+    } break;                                                 \
+    default: RTLLM_DISPATCH_DTYPE(dtype, T, __VA_ARGS__);    \
   }
 
 // Binds the compile-time constant HEAD_DIM to hd for the head sizes the kernels are built for.
@@ -87,6 +107,10 @@ template <>
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 template <>
 __device__ __forceinline__ float to_float(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_float(__nv_fp8_e4m3 x) { return static_cast<float>(x); }
+template <>
+__device__ __forceinline__ float to_float(__nv_fp8_e5m2 x) { return static_cast<float>(x); }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
@@ -96,6 +120,11 @@ template <>
 __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
 template <>
 __device__ __forceinline__ float from_float(float x) { return x; }
+// FP8 narrowing rounds to nearest even and saturates finite values (cvt.rn.satfinite); NaN stays NaN.
+template <>
+__device__ __forceinline__ __nv_fp8_e4m3 from_float(float x) { return __nv_fp8_e4m3(x); }
+template <>
+__device__ __forceinline__ __nv_fp8_e5m2 from_float(float x) { return __nv_fp8_e5m2(x); }
 
 // Eight 16-bit elements in one 16-byte register quad.
 template <typename T>

@@ -111,6 +111,12 @@ __global__ void cast_to_float_kernel(float* out, const T* x, int64_t n) {
     out[i] = to_float(x[i]);
 }
 
+template <typename Out, typename In>
+__global__ void convert_kernel(Out* out, const In* x, int64_t n) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    out[i] = from_float<Out>(to_float(x[i]));
+}
+
 template <typename Op>
 cudaError_t binary(void* out, const void* a, const void* b, int64_t n, DType dtype, cudaStream_t stream, Op op) {
   RTLLM_KERNEL_CHECK(out && a && b && n >= 0);
@@ -204,6 +210,18 @@ cudaError_t cast_to_float(float* out, const void* x, int64_t n, DType dtype, cud
   if (dtype == DType::kFP32) return cudaMemcpyAsync(out, x, n * sizeof(float), cudaMemcpyDeviceToDevice, stream);
   RTLLM_DISPATCH_DTYPE(dtype, T, {
     launch_pdl(cast_to_float_kernel<T>, grid_for(n), kThreads, 0, stream, out, static_cast<const T*>(x), n);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t convert(void* out, DType out_dtype, const void* x, DType x_dtype, int64_t n, cudaStream_t stream) {
+  RTLLM_KERNEL_CHECK(out && x && n >= 0);
+  if (n == 0) return cudaSuccess;
+  RTLLM_DISPATCH_FLOAT_DTYPE(out_dtype, Out, {
+    RTLLM_DISPATCH_FLOAT_DTYPE(x_dtype, In, {
+      convert_kernel<Out, In><<<grid_for(n), kThreads, 0, stream>>>(static_cast<Out*>(out),
+                                                                    static_cast<const In*>(x), n);
+    });
   });
   return cudaGetLastError();
 }

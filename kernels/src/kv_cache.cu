@@ -99,6 +99,7 @@ cudaError_t qkv_prepare(void* q_out, const void* qkv, int64_t qkv_row_stride, in
                         float qk_norm_eps, StepMetaDevice meta, PagedKv kv, int32_t num_heads, int32_t num_kv_heads,
                         int32_t head_dim, DType dtype, cudaStream_t stream) {
   RTLLM_KERNEL_CHECK(q_out && qkv && meta.token_seq && meta.positions && kv.data && kv.block_table);
+  RTLLM_KERNEL_CHECK(kv.dtype == dtype);
   RTLLM_KERNEL_CHECK(meta.num_tokens >= 0 && num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0);
   RTLLM_KERNEL_CHECK(kv.head_dim == head_dim && kv.num_kv_heads == num_kv_heads && kv.tokens_per_block > 0 &&
                      kv.max_blocks_per_seq > 0 && kv.num_blocks > 0);

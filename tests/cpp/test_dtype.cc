@@ -97,3 +97,42 @@ TEST(DType, Bf16) {
   EXPECT_EQ(rtllm::float_to_bf16(1.0f + 1.0f / 256.0f), 0x3F80);  // tie to even (down)
   EXPECT_EQ(rtllm::float_to_bf16(1.0f + 3.0f / 256.0f), 0x3F82);  // tie to even (up)
 }
+
+// FP8 against values worked out from the formats' definitions (the Python tests compare every code and
+// random values with torch's casts).
+TEST(DType, Fp8KnownValues) {
+  EXPECT_EQ(rtllm::float_to_fp8_e4m3(448.0f), 0x7E);                  // largest finite
+  EXPECT_EQ(rtllm::float_to_fp8_e4m3(-1e9f), 0xFE);                   // saturates
+  EXPECT_EQ(rtllm::float_to_fp8_e4m3(INFINITY), 0x7E);
+  EXPECT_EQ(rtllm::float_to_fp8_e4m3(std::ldexp(1.0f, -9)), 0x01);    // smallest subnormal
+  EXPECT_EQ(rtllm::float_to_fp8_e4m3(std::ldexp(1.0f, -10)), 0x00);   // half of it: tie to even (zero)
+  EXPECT_EQ(rtllm::float_to_fp8_e4m3(1.0f + 1.0f / 16.0f), 0x38);     // 1 + half an ulp: tie to even
+  EXPECT_EQ(rtllm::float_to_fp8_e4m3(1.0f + 3.0f / 16.0f), 0x3A);     // 1 + 1.5 ulp: tie to even (up)
+  EXPECT_TRUE(std::isnan(rtllm::fp8_e4m3_to_float(0x7F)));
+  EXPECT_EQ(rtllm::fp8_e4m3_to_float(0x7E), 448.0f);
+  EXPECT_EQ(rtllm::fp8_e5m2_to_float(0x7B), 57344.0f);
+  EXPECT_TRUE(std::isinf(rtllm::fp8_e5m2_to_float(0x7C)));
+  EXPECT_EQ(rtllm::float_to_fp8_e5m2(INFINITY), 0x7B);
+  EXPECT_EQ(rtllm::float_to_fp8_e5m2(std::ldexp(1.0f, -16)), 0x01);   // smallest subnormal
+  for (int code = 0; code < 256; ++code) {  // every finite code round-trips
+    const float e4 = rtllm::fp8_e4m3_to_float(static_cast<uint8_t>(code));
+    const float e5 = rtllm::fp8_e5m2_to_float(static_cast<uint8_t>(code));
+    if (!std::isnan(e4)) EXPECT_EQ(rtllm::float_to_fp8_e4m3(e4), code) << code;
+    if (std::isfinite(e5)) EXPECT_EQ(rtllm::float_to_fp8_e5m2(e5), code) << code;
+  }
+}
+
+TEST(DType, Int4PacksTwoPerByte) {
+  uint8_t packed[3] = {0xAA, 0xAA, 0xAA};
+  const int values[5] = {-8, 7, 0, -1, 3};
+  for (int i = 0; i < 5; ++i) rtllm::int4_set(packed, i, values[i]);
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(rtllm::int4_get(packed, i), values[i]) << i;
+  EXPECT_EQ(packed[0], 0x78);        // -8 in the low nibble, 7 in the high one
+  EXPECT_EQ(packed[2] >> 4, 0xA);    // the unused high nibble of the last byte is untouched
+  EXPECT_THROW(rtllm::int4_set(packed, 0, 8), rtllm::InvalidArgument);
+  EXPECT_EQ(rtllm::dtype_num_bytes(rtllm::DataType::kInt4, 5), 3u);
+  EXPECT_EQ(rtllm::dtype_bits(rtllm::DataType::kInt4), 4);
+  EXPECT_THROW(rtllm::dtype_size(rtllm::DataType::kInt4), rtllm::Error);
+  EXPECT_EQ(rtllm::parse_dtype("F8_E4M3"), rtllm::DataType::kFloat8E4M3);
+  EXPECT_EQ(rtllm::parse_dtype("int4"), rtllm::DataType::kInt4);
+}

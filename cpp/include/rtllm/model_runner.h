@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -31,6 +32,10 @@ struct RuntimeConfig {
   // CUDA: forward_and_sample draws on the device and only the sampled ids (and requested logprobs)
   // reach the host; false: the logits are copied to the host and sampled by the CPU Sampler.
   bool device_sampling = true;
+  // The KV pool's element type, separate from the activations'. Unset: the backend's default (float32
+  // on the CPU, the compute dtype on CUDA); config() reports the resolved one. An attention op that
+  // cannot read it fails at load naming both.
+  std::optional<DataType> kv_cache_dtype;
 };
 
 // True when this build has the CUDA backend and a CUDA device is present.
@@ -83,8 +88,10 @@ class RTLLM_API ModelRunner {
   const Engine& engine() const;
   const RuntimeConfig& config() const;  // with the 0 fields resolved
   int32_t vocab_size() const;
-  // Bytes one KV block takes over all layers (K and V); used to size the pool.
-  static size_t kv_bytes_per_block(const ModelConfig& model, int32_t tokens_per_block, DeviceKind device);
+  // Bytes one KV block takes over all layers (K and V) in kv_cache_dtype; used to size the pool.
+  static size_t kv_bytes_per_block(const ModelConfig& model, int32_t tokens_per_block, DataType kv_cache_dtype);
+  // Bytes of the whole KV pool as allocated (every block, every layer).
+  size_t kv_pool_bytes() const;
 
  private:
   struct Impl;

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <vector>
 
+#include "attention_attrs.h"
 #include "cpu/attention_kernel.h"
 #include "cpu/row_ops.h"
 #include "op_registry.h"
@@ -18,27 +19,6 @@
 
 namespace rtllm {
 namespace {
-
-struct AttentionAttrs {
-  int64_t layer_idx, num_heads, num_kv_heads, head_dim;
-  float scale;
-  bool fused_qkv, rope, qk_norm;
-  float qk_norm_eps;
-};
-
-AttentionAttrs parse_attrs(const Json& a) {
-  AttentionAttrs p;
-  p.layer_idx = a.at("layer_idx").as_int();
-  p.num_heads = a.at("num_heads").as_int();
-  p.num_kv_heads = a.at("num_kv_heads").as_int();
-  p.head_dim = a.at("head_dim").as_int();
-  p.scale = static_cast<float>(a.get_double("scale", 1.0 / std::sqrt(static_cast<double>(p.head_dim))));
-  p.fused_qkv = a.get_bool("fused_qkv", false);
-  p.rope = a.get_bool("rope", false);
-  p.qk_norm = a.get_bool("qk_norm", false);
-  p.qk_norm_eps = static_cast<float>(a.get_double("qk_norm_eps", 1e-6));
-  return p;
-}
 
 // Where a tensor's head columns live: row t, head h starts at base + t * row_stride + h * head_dim.
 struct HeadSource {
@@ -54,24 +34,32 @@ int32_t seq_of_token(const StepMeta& step, int64_t t) {
                               step.seq_token_start) - 1;
 }
 
-void attention_op(const OpContext& ctx, const TensorView* in, int num_in, TensorView* out, int num_out) {
-  const AttentionAttrs p = parse_attrs(*ctx.attrs);
-  const int num_qkv = p.fused_qkv ? 1 : 3;
-  const int expected = num_qkv + (p.rope ? 2 : 0) + (p.qk_norm ? 2 : 0);
-  check_num_io("attention", num_in, expected, expected, num_out, 1);
+class Attention final : public OpKind {
+ public:
+  explicit Attention(const OpSpec& spec) : OpKind(spec), p(spec) {
+    const DataType kv_dtype = spec.backend->kv_cache_dtype;
+    RTLLM_CHECK(kv_dtype == DataType::kFloat32, "op \"attention\" on the CPU backend does not support KV cache ",
+                "dtype ", dtype_safetensors_name(kv_dtype), "; supported: F32");
+    RTLLM_CHECK(p.head_dim % 2 == 0 && p.head_dim <= cpu::kMaxHeadDim, "attention: head_dim ", p.head_dim,
+                " must be even and <= ", cpu::kMaxHeadDim);
+  }
+  // q/k norm weights are computed with in float32; inv_freq stays float32 as stored.
+  WeightPlacement weight_placement(size_t input) const override {
+    return p.is_norm_weight(input) ? in_activation_dtype() : OpKind::weight_placement(input);
+  }
+  void run(const OpContext& ctx, const TensorView* in, TensorView* out) override;
+
+ private:
+  const AttentionAttrs p;
+};
+
+void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out) {
+  const int num_qkv = p.num_qkv();
   const StepMeta& step = *ctx.step;
   const KvPool& kv = *ctx.kv;
   const int64_t nh = p.num_heads, nkv = p.num_kv_heads, hd = p.head_dim, T = step.num_tokens;
-  RTLLM_CHECK(nh > 0 && nkv > 0 && nh % nkv == 0, "attention: num_heads ", nh, " is not a multiple of num_kv_heads ",
-              nkv);
-  RTLLM_CHECK(hd > 0 && hd % 2 == 0 && hd <= cpu::kMaxHeadDim, "attention: head_dim ", hd, " must be even and <= ",
-              cpu::kMaxHeadDim);
-  RTLLM_CHECK(p.layer_idx >= 0 && p.layer_idx < kv.num_layers, "attention: layer_idx ", p.layer_idx, " outside [0, ",
-              kv.num_layers, ")");
   RTLLM_CHECK(kv.num_kv_heads == nkv && kv.head_dim == hd, "attention: the KV pool has ", kv.num_kv_heads,
               " heads of ", kv.head_dim, ", the node ", nkv, " of ", hd);
-  for (int i = 0; i < num_in; ++i)
-    if (in[i].dtype != DataType::kInt32) check_f32("attention", in[i], "input");
 
   HeadSource q, k, v;
   if (p.fused_qkv) {
@@ -108,7 +96,7 @@ void attention_op(const OpContext& ctx, const TensorView* in, int num_in, Tensor
   float* o = out[0].f32();
   RTLLM_CHECK(out[0].rows() == T && out[0].cols() == nh * hd, "attention: output [", out[0].rows(), ", ",
               out[0].cols(), "], expected [", T, ", ", nh * hd, "]");
-  float* layer = kv.layers[p.layer_idx];
+  float* layer = static_cast<float*>(kv.layers[p.layer_idx]);
   const int64_t tpb = kv.tokens_per_block;
   const int64_t half = hd / 2;
 
@@ -205,6 +193,6 @@ void attention_op(const OpContext& ctx, const TensorView* in, int num_in, Tensor
 
 }  // namespace
 
-void register_cpu_attention_ops() { register_op("attention", DeviceKind::kCpu, attention_op); }
+void register_cpu_attention_ops() { register_op("attention", DeviceKind::kCpu, make_op<Attention>); }
 
 }  // namespace rtllm

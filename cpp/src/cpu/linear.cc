@@ -168,49 +168,63 @@ void linear_packed(ThreadPool& pool, const float* x, const float* panels, const 
   }, std::min(T, kBlockRows) * K * kPanelCols * panels_per_task);
 }
 
-void linear_op(const OpContext& ctx, const TensorView* in, int num_in, TensorView* out, int num_out) {
-  check_num_io("linear", num_in, 2, 3, num_out, 1);
-  const TensorView &x = in[0], &w = in[1], &y = out[0];
-  check_f32("linear", x, "x");
-  check_f32("linear", w, "weight");
-  const int64_t T = x.rows(), K = x.cols(), N = y.cols();
-  RTLLM_CHECK(y.rows() == T, "linear: output has ", y.rows(), " rows, x has ", T);
-  const bool packed = w.ndim == 3;  // [num_panels, K, kPanelCols], see cpu/gemm_pack.h
-  if (packed) {
-    RTLLM_CHECK(w.shape[0] == cpu::num_panels(N) && w.shape[1] == K && w.shape[2] == cpu::kPanelCols,
-                "linear: packed weight [", w.shape[0], ", ", w.shape[1], ", ", w.shape[2], "] does not match x with ",
-                K, " columns and ", N, " outputs");
-  } else {
-    RTLLM_CHECK(w.ndim == 2 && w.shape[0] == N && w.shape[1] == K, "linear: weight [", w.shape[0], ", ",
-                w.shape[1], "] does not match x with ", K, " columns and ", N, " outputs");
+// x [T, K] float32; weight [N, K] and optional bias [N] in float32 (converted at load). The weight is
+// placed as packed panels unless another op reads it too (an embedding table tied to the LM head).
+class Linear final : public OpKind {
+ public:
+  explicit Linear(const OpSpec& spec) : OpKind(spec) {
+    spec.require_num_io(2, 3, 1);
+    spec.require_input_dtype(0, {DataType::kFloat32});
+    for (size_t i = 1; i < spec.inputs.size(); ++i) spec.require_input_dtype(i, kWideFloatDtypes);
   }
-  const float* bias = nullptr;
-  if (num_in == 3) {
-    check_f32("linear", in[2], "bias");
-    RTLLM_CHECK(in[2].numel() == N, "linear: bias has ", in[2].numel(), " values, expected ", N);
-    bias = in[2].f32();
+  WeightPlacement weight_placement(size_t input) const override {
+    const bool matrix = input == 1 && spec_.inputs[1].shape.size() == 2;
+    return {DataType::kFloat32, matrix ? WeightLayout::kCpuGemmPanels : WeightLayout::kRowMajor};
   }
-  if (packed) return linear_packed(*ctx.pool, x.f32(), w.f32(), bias, y.f32(), T, K, N);
-  const float* xp = x.f32();
-  const float* wp = w.f32();
-  float* yp = y.f32();
-  const int64_t num_row_tasks = (T + kTaskRows - 1) / kTaskRows;
-  const int64_t num_col_tasks = (N + kTaskCols - 1) / kTaskCols;
-  ctx.pool->parallel_for(num_row_tasks * num_col_tasks, [&](int64_t task, int) {
-    const int64_t t0 = (task / num_col_tasks) * kTaskRows, t1 = std::min(T, t0 + kTaskRows);
-    const int64_t n0 = (task % num_col_tasks) * kTaskCols, n1 = std::min(N, n0 + kTaskCols);
-    for (int64_t n = n0; n < n1; n += kTileCols) {
-      const int nr = static_cast<int>(std::min(kTileCols, n1 - n));
-      for (int64_t t = t0; t < t1; t += kTileRows) {
-        const int mr = static_cast<int>(std::min(kTileRows, t1 - t));
-        linear_tile_any(mr, nr, xp + t * K, wp + n * K, bias ? bias + n : nullptr, yp + t * N + n, K, N);
-      }
+
+  void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
+    const TensorView &x = in[0], &w = in[1], &y = out[0];
+    const int64_t T = x.rows(), K = x.cols(), N = y.cols();
+    RTLLM_CHECK(y.rows() == T, "linear: output has ", y.rows(), " rows, x has ", T);
+    const bool packed = w.ndim == 3;  // [num_panels, K, kPanelCols], see cpu/gemm_pack.h
+    if (packed) {
+      RTLLM_CHECK(w.shape[0] == cpu::num_panels(N) && w.shape[1] == K && w.shape[2] == cpu::kPanelCols,
+                  "linear: packed weight [", w.shape[0], ", ", w.shape[1], ", ", w.shape[2],
+                  "] does not match x with ", K, " columns and ", N, " outputs");
+    } else {
+      RTLLM_CHECK(w.ndim == 2 && w.shape[0] == N && w.shape[1] == K, "linear: weight [", w.shape[0], ", ",
+                  w.shape[1], "] does not match x with ", K, " columns and ", N, " outputs");
     }
-  }, std::min(T, kTaskRows) * std::min(N, kTaskCols) * K);
-}
+    const float* bias = nullptr;
+    if (spec_.inputs.size() == 3) {
+      RTLLM_CHECK(in[2].numel() == N, "linear: bias has ", in[2].numel(), " values, expected ", N);
+      bias = in[2].f32();
+    }
+    if (packed) return linear_packed(*ctx.pool, x.f32(), w.f32(), bias, y.f32(), T, K, N);
+    linear_rows(*ctx.pool, x.f32(), w.f32(), bias, y.f32(), T, K, N);
+  }
+
+ private:
+  static void linear_rows(ThreadPool& pool, const float* xp, const float* wp, const float* bias, float* yp, int64_t T,
+                          int64_t K, int64_t N) {
+    const int64_t num_row_tasks = (T + kTaskRows - 1) / kTaskRows;
+    const int64_t num_col_tasks = (N + kTaskCols - 1) / kTaskCols;
+    pool.parallel_for(num_row_tasks * num_col_tasks, [&](int64_t task, int) {
+      const int64_t t0 = (task / num_col_tasks) * kTaskRows, t1 = std::min(T, t0 + kTaskRows);
+      const int64_t n0 = (task % num_col_tasks) * kTaskCols, n1 = std::min(N, n0 + kTaskCols);
+      for (int64_t n = n0; n < n1; n += kTileCols) {
+        const int nr = static_cast<int>(std::min(kTileCols, n1 - n));
+        for (int64_t t = t0; t < t1; t += kTileRows) {
+          const int mr = static_cast<int>(std::min(kTileRows, t1 - t));
+          linear_tile_any(mr, nr, xp + t * K, wp + n * K, bias ? bias + n : nullptr, yp + t * N + n, K, N);
+        }
+      }
+    }, std::min(T, kTaskRows) * std::min(N, kTaskCols) * K);
+  }
+};
 
 }  // namespace
 
-void register_cpu_linear_ops() { register_op("linear", DeviceKind::kCpu, linear_op); }
+void register_cpu_linear_ops() { register_op("linear", DeviceKind::kCpu, make_op<Linear>); }
 
 }  // namespace rtllm

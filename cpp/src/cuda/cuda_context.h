@@ -30,26 +30,28 @@ inline kernels::DType kernel_dtype(DataType dtype) {
     case DataType::kBFloat16: return kernels::DType::kBF16;
     case DataType::kFloat16: return kernels::DType::kFP16;
     case DataType::kFloat32: return kernels::DType::kFP32;
+    case DataType::kFloat8E4M3: return kernels::DType::kFP8E4M3;
+    case DataType::kFloat8E5M2: return kernels::DType::kFP8E5M2;
+    case DataType::kInt8: return kernels::DType::kINT8;
+    case DataType::kInt4: return kernels::DType::kINT4;
     default: RTLLM_CHECK(false, "no CUDA kernel dtype for ", dtype_safetensors_name(dtype));
   }
 }
 
-// What the CUDA ops need beyond their tensors, for the current step (valid during forward()).
+// What the CUDA ops need beyond their tensors and workspace, for the current step (valid during
+// forward()).
 struct CudaStep {
   kernels::StepMetaDevice meta;      // device arrays + num_tokens / num_seqs of the step
   const int32_t* block_table = nullptr;  // device [num_seqs, max_blocks_per_seq]
   int32_t max_blocks_per_seq = 0;
   void* const* kv_layers = nullptr;  // [num_layers] device pointers, each [num_blocks, 2, nkv, tpb, hd]
+  DataType kv_cache_dtype = DataType::kBFloat16;
   int32_t num_layers = 0;
   int32_t num_kv_blocks = 0;         // blocks in each layer's pool (the scratch block included)
   int32_t tokens_per_block = 0;
   int32_t max_new_tokens = 0;        // over the step's sequences
   bool decode_only = false;          // every sequence has one new token
   int32_t decode_splits = 1;         // attention_decode split count for this step (fixed per graph)
-  float* decode_workspace = nullptr; // attention_decode_workspace_bytes(max_batch_size, ...)
-  void* attn_q = nullptr;            // [max_num_tokens, max nh*hd] compute dtype: q after qkv_prepare
-  void* attn_qkv = nullptr;          // [max_num_tokens, max (nh+2nkv)*hd]: unfused q, k, v side by side
-  DataType compute_dtype = DataType::kBFloat16;
   CublasLtGemm* gemm = nullptr;
 };
 

@@ -1,12 +1,12 @@
 // The CUDA backend of ModelRunner. All device memory is planned at load:
-//   weights      uploaded once in the compute dtype (bf16; fp16 for fp16 engines; float32 weights are
-//                converted to bf16), except rope.inv_freq which stays float32;
-//   workspace    the activation arena planned by ModelRunner for max_num_tokens;
+//   weights      uploaded once as the op kinds place them (the compute dtype, bf16 or fp16 for fp16
+//                engines, for what they compute with; float32 inv_freq and scales as stored);
+//   workspace    the activation arena planned by ModelRunner for max_num_tokens, and the ops' shared
+//                scratch (the largest OpKind::workspace_bytes: attention's q and split-KV partials);
 //   step buffer  int32 arrays (StepLayout) filled each step from one pinned staging buffer by one copy;
-//   KV pool      per layer [num_kv_blocks + 1, 2, nkv, tpb, hd] of the compute dtype; the extra last
+//   KV pool      per layer [num_kv_blocks + 1, 2, nkv, tpb, hd] of the KV-cache dtype; the extra last
 //                block is scratch for the padding sequences of CUDA-graph buckets;
-//   scratch      q after qkv_prepare, the unfused q|k|v matrix, the split-KV decode workspace, the
-//                cuBLASLt workspace, and pinned host logits [max_batch_size, vocab] float32;
+//   scratch      the cuBLASLt workspace and pinned host logits [max_batch_size, vocab] float32;
 //   sampler      the device sampling buffers (CudaSampler) when device_sampling is on.
 // Everything runs on one non-blocking stream owned by the backend; forward() allocates nothing.
 #include <algorithm>
@@ -83,16 +83,25 @@ class CudaBackend final : public RunnerBackend {
   CudaBackend(const Engine& engine, const RuntimeConfig& config);
   ~CudaBackend() override;
 
-  TensorSlot place_weight(const Weight& w) override;
-  DataType activation_dtype(DataType dtype) const override {
-    return dtype == DataType::kFloat32 ? compute_dtype_ : dtype;
+  BackendInfo info() const override {
+    BackendInfo b;
+    b.device = DeviceKind::kCuda;
+    b.activation_dtype = b.kv_cache_dtype = compute_dtype_;
+    b.num_sms = num_sms_;
+    return b;
   }
+  TensorSlot place_weight(const Weight& w, const WeightPlacement& placement) override;
   void* allocate_workspace(size_t num_bytes) override {
     workspace_ = DeviceBuffer(num_bytes);
     return workspace_.data;
   }
+  void* allocate_op_workspace(size_t num_bytes) override {
+    op_workspace_ = DeviceBuffer(num_bytes);
+    return op_workspace_.data;
+  }
   void* graph_input(const std::string& name) override;
   void allocate_kv_pool(RuntimeConfig& config) override;
+  size_t kv_pool_bytes() const override { return kv_pool_bytes_; }
   const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) override;
   bool samples_on_device(const std::vector<SamplingInput>& inputs) const override {
     return sampler_ && CudaSampler::supports(inputs);
@@ -107,6 +116,10 @@ class CudaBackend final : public RunnerBackend {
   void prepare_step(const HostStep& st, int32_t num_tokens, int32_t num_seqs);
   void run_nodes(std::vector<PlannedNode>& nodes, int32_t num_tokens, int32_t num_seqs);
   void run_step(const HostStep& st, std::vector<PlannedNode>& nodes);
+  size_t kv_block_bytes() const {  // one block of one layer
+    return ModelRunner::kv_bytes_per_block(model_, config_.tokens_per_block, *config_.kv_cache_dtype) /
+           model_.num_layers;
+  }
   int32_t decode_splits(int32_t num_seqs) const {
     return kernels::attention_decode_num_splits(num_seqs, model_.num_kv_heads, max_seq_len_, num_sms_);
   }
@@ -122,8 +135,8 @@ class CudaBackend final : public RunnerBackend {
   StepLayout layout_;
 
   std::vector<DeviceBuffer> weights_;
-  size_t weight_bytes_ = 0;
-  DeviceBuffer workspace_, step_buffer_, kv_pool_, attn_q_, attn_qkv_, decode_workspace_;
+  size_t weight_bytes_ = 0, kv_pool_bytes_ = 0;
+  DeviceBuffer workspace_, op_workspace_, step_buffer_, kv_pool_;
   PinnedBuffer staging_, host_logits_;
   std::vector<void*> kv_layers_;
   int32_t scratch_block_ = 0;  // the pool's extra block
@@ -159,25 +172,22 @@ CudaBackend::~CudaBackend() {
   }
 }
 
-// float32 weights become the compute dtype (rope.inv_freq stays float32); bf16/fp16 are copied as is.
-TensorSlot CudaBackend::place_weight(const Weight& w) {
+// Converted on the host when the placement asks for another float dtype, then uploaded once.
+TensorSlot CudaBackend::place_weight(const Weight& w, const WeightPlacement& placement) {
+  RTLLM_CHECK(placement.layout == WeightLayout::kRowMajor, "weight \"", w.name,
+              "\": the CUDA backend keeps weights row-major");
   TensorSlot slot;
   for (int64_t d : w.shape) slot.dims.push_back(Dim{Dim::Kind::kFixed, d});
+  slot.dtype = placement.dtype;
   const int64_t n = w.numel();
-  const bool convert = w.dtype == DataType::kFloat32 && w.name != "rope.inv_freq";
-  slot.dtype = convert ? compute_dtype_ : w.dtype;
-  std::vector<uint16_t> converted;
+  std::vector<uint8_t> converted;
   const void* src = w.data;
-  if (convert) {
-    converted.resize(n);
-    for (int64_t i = 0; i < n; ++i) {
-      float v;
-      std::memcpy(&v, static_cast<const uint8_t*>(w.data) + 4 * i, 4);
-      converted[i] = compute_dtype_ == DataType::kFloat16 ? float_to_fp16(v) : float_to_bf16(v);
-    }
+  if (w.dtype != placement.dtype) {
+    converted.resize(dtype_num_bytes(placement.dtype, n));
+    convert_floats(w.data, w.dtype, converted.data(), placement.dtype, n);  // throws for non-float pairs
     src = converted.data();
   }
-  const size_t num_bytes = n * dtype_size(slot.dtype);
+  const size_t num_bytes = dtype_num_bytes(slot.dtype, n);
   DeviceBuffer buf(num_bytes);
   RTLLM_CUDA_CHECK(cudaMemcpy(buf.data, src, num_bytes, cudaMemcpyHostToDevice));
   weight_bytes_ += round_up(num_bytes, kAlign);
@@ -194,15 +204,7 @@ void* CudaBackend::graph_input(const std::string& name) {
 }
 
 void CudaBackend::allocate_kv_pool(RuntimeConfig& config) {
-  const int64_t max_tokens = config.max_num_tokens, max_seqs = config.max_batch_size;
-  const size_t elem = dtype_size(compute_dtype_);
-  const int32_t nh = model_.num_heads, nkv = model_.num_kv_heads, hd = model_.head_dim;
-  int32_t max_splits = 1;
-  for (int32_t r = 1; r <= max_seqs; ++r) max_splits = std::max(max_splits, decode_splits(r));
-  attn_q_ = DeviceBuffer(max_tokens * nh * hd * elem);
-  attn_qkv_ = DeviceBuffer(max_tokens * (nh + 2 * nkv) * hd * elem);
-  decode_workspace_ = DeviceBuffer(kernels::attention_decode_workspace_bytes(static_cast<int32_t>(max_seqs), nh, hd,
-                                                                             max_splits));
+  const int64_t max_seqs = config.max_batch_size;
   gemm_ = std::make_unique<CublasLtGemm>(kGemmWorkspaceBytes);
   host_logits_ = PinnedBuffer(max_seqs * model_.vocab_size * sizeof(float));
   if (config.enable_cuda_graphs)
@@ -210,7 +212,7 @@ void CudaBackend::allocate_kv_pool(RuntimeConfig& config) {
   if (config.device_sampling)
     sampler_ = std::make_unique<CudaSampler>(config.max_batch_size, model_.vocab_size, max_seq_len_);
 
-  const size_t block_bytes = ModelRunner::kv_bytes_per_block(model_, config.tokens_per_block, DeviceKind::kCuda);
+  const size_t block_bytes = ModelRunner::kv_bytes_per_block(model_, config.tokens_per_block, *config.kv_cache_dtype);
   size_t free_bytes = 0, total_bytes = 0;
   RTLLM_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
   if (config.num_kv_blocks == 0) {
@@ -229,6 +231,7 @@ void CudaBackend::allocate_kv_pool(RuntimeConfig& config) {
   RTLLM_CHECK(pool_bytes <= free_bytes, "the KV pool of ", config.num_kv_blocks, " blocks needs ", pool_bytes,
               " bytes of device memory, ", free_bytes, " are free after ", weight_bytes_, " bytes of weights");
   kv_pool_ = DeviceBuffer(pool_bytes);
+  kv_pool_bytes_ = pool_bytes;
   const size_t layer_bytes = pool_bytes / model_.num_layers;
   for (int32_t l = 0; l < model_.num_layers; ++l) kv_layers_.push_back(static_cast<uint8_t*>(kv_pool_.data) + l * layer_bytes);
   scratch_block_ = config.num_kv_blocks;
@@ -237,13 +240,10 @@ void CudaBackend::allocate_kv_pool(RuntimeConfig& config) {
   step_.block_table = device_array(layout_.block_table);
   step_.max_blocks_per_seq = max_blocks_per_seq_;
   step_.kv_layers = kv_layers_.data();
+  step_.kv_cache_dtype = *config.kv_cache_dtype;
   step_.num_layers = model_.num_layers;
   step_.num_kv_blocks = config.num_kv_blocks + 1;
   step_.tokens_per_block = config.tokens_per_block;
-  step_.decode_workspace = static_cast<float*>(decode_workspace_.data);
-  step_.attn_q = attn_q_.data;
-  step_.attn_qkv = attn_qkv_.data;
-  step_.compute_dtype = compute_dtype_;
   step_.gemm = gemm_.get();
   step_.meta.token_seq = device_array(layout_.token_seq);
   step_.meta.positions = device_array(layout_.positions);
@@ -298,6 +298,7 @@ void CudaBackend::run_nodes(std::vector<PlannedNode>& nodes, int32_t num_tokens,
   OpContext ctx;
   ctx.stream = stream_;
   ctx.device_step = &step_;
+  ctx.workspace = op_workspace_.data;
   for (PlannedNode& node : nodes) node.run(ctx, num_tokens, num_seqs);
 }
 
@@ -339,12 +340,11 @@ void CudaBackend::forward_and_sample(const HostStep& st, std::vector<PlannedNode
   sampler_->sample(static_cast<const float*>(logits.data), inputs, out, stream_);
 }
 
-// A block is [2, nkv, tpb, hd] of the compute dtype, contiguous in each layer's [num_kv_blocks + 1, ...].
+// A block is [2, nkv, tpb, hd] of the KV-cache dtype, contiguous in each layer's [num_kv_blocks + 1, ...].
 // Device-to-device copies on the backend's stream, so the next forward sees them without a host wait.
 void CudaBackend::copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) {
   RTLLM_CUDA_CHECK(cudaSetDevice(device_));
-  const size_t block_bytes = ModelRunner::kv_bytes_per_block(model_, config_.tokens_per_block, DeviceKind::kCuda) /
-                             model_.num_layers;
+  const size_t block_bytes = kv_block_bytes();
   for (void* layer : kv_layers_)
     for (const auto& [src, dst] : copies)
       RTLLM_CUDA_CHECK(cudaMemcpyAsync(static_cast<uint8_t*>(layer) + dst * block_bytes,

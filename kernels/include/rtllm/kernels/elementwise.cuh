@@ -37,4 +37,10 @@ RTLLM_API cudaError_t gather_rows(void* out, const void* x, const int32_t* index
 // out[i] = float(x[i]) for i < n (logits to float32 for the sampler). kFP32 input is copied.
 RTLLM_API cudaError_t cast_to_float(float* out, const void* x, int64_t n, DType dtype, cudaStream_t stream);
 
+// out[i] = x[i] converted between float dtypes (FP32, BF16, FP16, FP8 E4M3/E5M2): widening is exact,
+// narrowing rounds to nearest even once; FP8 saturates finite values (rtllm::convert_floats on the host
+// gives the same bits). The reference for quantized weights and caches; not on a hot path.
+RTLLM_API cudaError_t convert(void* out, DType out_dtype, const void* x, DType x_dtype, int64_t n,
+                              cudaStream_t stream);
+
 }  // namespace rtllm::kernels

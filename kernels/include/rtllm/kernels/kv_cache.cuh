@@ -14,10 +14,13 @@ namespace rtllm::kernels {
 // One layer's pool. Token t of sequence s lives in block block_table[s · max_blocks_per_seq + t / tpb],
 // slot t % tpb (tpb = tokens_per_block).
 struct PagedKv {
-  void* data;  // [num_blocks, 2 (K, V), num_kv_heads, tokens_per_block, head_dim] of T
+  void* data;  // [num_blocks, 2 (K, V), num_kv_heads, tokens_per_block, head_dim] of dtype
   int32_t num_blocks, num_kv_heads, tokens_per_block, head_dim;
   const int32_t* block_table;  // device [num_seqs, max_blocks_per_seq]
   int32_t max_blocks_per_seq;
+  // The pool's element type, separate from the activations'. The kernels read and write it; each
+  // launcher lists the (activation, KV) pairs it supports and returns cudaErrorInvalidValue for others.
+  DType dtype;
 };
 
 // Device arrays filled by the runtime once per step; the counts are launch arguments.

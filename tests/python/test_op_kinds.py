@@ -1,0 +1,98 @@
+"""Op kinds at engine load: an op or dtype the backend cannot run fails there, naming both; weights are
+placed in the dtype the kinds ask for; the KV pool's bytes follow its own dtype.
+
+Engines are written by hand (engine_fixture.write_engine) and then edited, as a newer builder or a
+damaged file would make them.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from engine_fixture import RunnerSession, TinyModel, random_tokens, reference_logits, write_engine, write_safetensors
+from rtllm import _core
+
+
+def _rewrite_weight(path, name, dtype, raw):
+    """Replaces one weight of rank0.engine (float32 engine) with raw bytes of another dtype."""
+    from safetensors.numpy import load_file
+
+    tensors = {k: ("F32", v.shape, v.tobytes()) for k, v in load_file(str(path / "rank0.engine")).items()}
+    tensors[name] = (dtype, tensors[name][1], raw)
+    write_safetensors(path / "rank0.engine", tensors)
+
+
+def _load_runner(path, **runtime):
+    return _core.ModelRunner(_core.Engine.load(str(path)), _core.RuntimeConfig(num_kv_blocks=64, **runtime))
+
+
+def test_unknown_op_fails_at_load_naming_op_and_backend(tmp_path):
+    path = write_engine(tmp_path / "e", TinyModel())
+    config = json.loads((path / "config.json").read_text())
+    node = next(n for n in config["graph"]["nodes"] if n["op"] == "silu_mul")
+    node["op"] = "gelu_tanh_mul"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(_core.RtllmError, match='op "gelu_tanh_mul" has no CPU implementation'):
+        _load_runner(path)
+
+
+def test_fp8_linear_weight_fails_at_load_on_cpu(tmp_path):
+    m = TinyModel()
+    path = write_engine(tmp_path / "e", m)
+    w = m.weights["lm_head.weight"]
+    fp8 = _core.convert_floats(np.ascontiguousarray(w, np.float32).view(np.uint8).ravel(), "F32", "F8_E4M3")
+    _rewrite_weight(path, "lm_head.weight", "F8_E4M3", fp8.tobytes())
+    with pytest.raises(_core.RtllmError) as err:
+        _load_runner(path)
+    message = str(err.value)
+    assert 'op "linear"' in message and "F8_E4M3" in message and "CPU" in message, message
+    assert '"lm_head.weight"' in message
+
+
+def test_wrong_input_dtype_of_index_fails_at_load(tmp_path):
+    path = write_engine(tmp_path / "e", TinyModel())
+    config = json.loads((path / "config.json").read_text())
+    config["graph"]["inputs"][0]["dtype"] = "float32"  # input_ids must be int32 for the embedding
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(_core.RtllmError, match='op "embedding" on the CPU backend does not support dtype F32'):
+        _load_runner(path)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_weights_are_placed_as_float32(tmp_path, dtype):
+    """The kinds ask for float32 on the CPU: bf16/fp16 weights are widened once at load, exactly."""
+    rng = np.random.default_rng(3)
+    m = TinyModel(dtype=dtype, qk_norm=True, qkv_bias=True)
+    path = write_engine(tmp_path / "e", m)
+    tokens = random_tokens(rng, m, 11)
+    out = RunnerSession(path).step({0: tokens})[0]
+    expected = reference_logits(m, tokens)[-1]
+    assert np.max(np.abs(out - expected)) / np.max(np.abs(expected)) < 1e-5
+
+
+def test_kv_pool_bytes_follow_the_kv_dtype(tmp_path):
+    m = TinyModel()
+    path = write_engine(tmp_path / "e", m)
+    engine = _core.Engine.load(str(path))
+    per_block_f32 = m.num_layers * 2 * m.num_kv_heads * 16 * m.head_dim * 4
+    assert _core.ModelRunner.kv_bytes_per_block(engine, 16) == per_block_f32
+    assert _core.ModelRunner.kv_bytes_per_block(engine, 16, "bfloat16") == per_block_f32 // 2
+    assert _core.ModelRunner.kv_bytes_per_block(engine, 16, "F8_E4M3") == per_block_f32 // 4
+    runner = _core.ModelRunner(engine, _core.RuntimeConfig(num_kv_blocks=40, tokens_per_block=16))
+    assert runner.config.kv_cache_dtype == "F32"
+    assert runner.kv_pool_bytes == 40 * per_block_f32
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "F8_E4M3"])
+def test_kv_dtype_the_cpu_attention_cannot_read_fails_at_load(tmp_path, kv_dtype):
+    path = write_engine(tmp_path / "e", TinyModel())
+    with pytest.raises(_core.RtllmError) as err:
+        _load_runner(path, kv_cache_dtype=kv_dtype)
+    message = str(err.value)
+    assert 'op "attention"' in message and "CPU" in message and "KV cache dtype" in message, message
+
+
+def test_unknown_kv_dtype_name_is_a_value_error():
+    config = _core.RuntimeConfig()
+    with pytest.raises(ValueError, match='unknown dtype "fp7"'):
+        config.kv_cache_dtype = "fp7"
