@@ -78,15 +78,16 @@ bool Scheduler::schedule_running(size_t index, Budget& budget, ScheduledBatch& b
   if (budget.num_seqs == 0) return true;
   int32_t num_chunk = chunk_size(*seq, budget.num_tokens);
   if (num_chunk == 0) return true;
-  int64_t num_grow = int64_t{seq->num_cached_tokens} + num_chunk - kv_cache_.num_tokens(seq->id);
-  while (!kv_cache_.can_append(seq->id, num_grow)) {
+  const int64_t num_new_slots =
+      std::max<int64_t>(0, int64_t{seq->num_cached_tokens} + num_chunk - kv_cache_.num_tokens(seq->id));
+  while (!kv_cache_.can_allocate_slots(seq->id, num_new_slots)) {
     RTLLM_CHECK(config_.policy == CapacityPolicy::kMaxUtilization, "sequence ", seq->id,
                 " ran out of KV-cache blocks under GUARANTEED_NO_EVICT");
     preempt_newest(batch);
     if (index >= running_.size()) return false;
   }
   const bool is_context = seq->is_context();
-  kv_cache_.append(seq->id, std::max<int64_t>(0, num_grow));
+  kv_cache_.allocate_slots(seq->id, num_new_slots);
   seq->num_scheduled_tokens = num_chunk;
   (is_context ? batch.context : batch.generation).push_back(seq);
   batch.num_tokens += num_chunk;
