@@ -360,11 +360,10 @@ void Executor::Impl::step() {
   ++num_steps;
 }
 
-// Context requests first, then generation requests: the packing order of StepInputs.
+// The scheduled requests in packing order (context requests first), the order of StepInputs.
 Executor::Impl::Batch Executor::Impl::requests_of(const ScheduledBatch& scheduled) const {
   Batch batch;
-  for (const auto* list : {&scheduled.context, &scheduled.generation})
-    for (const auto& seq : *list) batch.push_back(requests.at(seq->id));
+  for (const auto& seq : scheduled.seqs) batch.push_back(requests.at(seq->id));
   return batch;
 }
 
@@ -454,10 +453,12 @@ void Executor::Impl::record_iteration(const ScheduledBatch& scheduled, Clock::ti
   it.iteration = num_steps;
   it.timestamp_s = std::chrono::duration<double>(now - start_time).count();
   it.step_time_ms = std::chrono::duration<double, std::milli>(now - step_start).count();
-  it.num_context_requests = static_cast<int32_t>(scheduled.context.size());
-  it.num_generation_requests = static_cast<int32_t>(scheduled.generation.size());
-  for (const auto& seq : scheduled.context) it.num_context_tokens += seq->num_scheduled_tokens;
-  for (const auto& seq : scheduled.generation) it.num_generation_tokens += seq->num_scheduled_tokens;
+  it.num_context_requests = scheduled.num_context_seqs;
+  it.num_generation_requests = scheduled.num_generation_seqs();
+  for (size_t s = 0; s < scheduled.seqs.size(); ++s) {
+    int32_t& num_tokens = scheduled.is_context(s) ? it.num_context_tokens : it.num_generation_tokens;
+    num_tokens += scheduled.seqs[s]->num_scheduled_tokens;
+  }
   it.num_running_requests = scheduler.num_running();
   it.num_waiting_requests = scheduler.num_waiting();
   it.num_preempted_requests = scheduled.num_preempted;
