@@ -292,7 +292,8 @@ void bind_executor(py::module_& m) {
       .def("get_iteration_stats", &Executor::get_iteration_stats, Release())
       .def("get_kv_cache_events", &Executor::get_kv_cache_events, Release())
       .def("shutdown", &Executor::shutdown, Release())
-      .def_property_readonly("is_shutdown", &Executor::is_shutdown);
+      .def_property_readonly("is_shutdown", &Executor::is_shutdown)
+      .def_static("num_live_runners", &Executor::num_live_runners);
 }
 
 }  // namespace rtllm::bindings
