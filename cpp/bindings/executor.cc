@@ -240,8 +240,12 @@ void bind_kv_cache_manager(py::module_& m) {
       .def("can_allocate", &KVCacheManager::can_allocate, py::arg("num_tokens"), py::arg("prefix") = PrefixMatch{})
       .def("allocate", &KVCacheManager::allocate, py::arg("seq"), py::arg("num_tokens"),
            py::arg("prefix") = PrefixMatch{}, py::arg("extra_key") = 0)
-      .def("can_append", &KVCacheManager::can_append, py::arg("seq"), py::arg("num_new_tokens"))
-      .def("append", &KVCacheManager::append, py::arg("seq"), py::arg("num_new_tokens"))
+      .def("can_allocate_slots", &KVCacheManager::can_allocate_slots, py::arg("seq"), py::arg("num_new_tokens"),
+           py::arg("num_lookahead_tokens") = 0)
+      .def("allocate_slots", &KVCacheManager::allocate_slots, py::arg("seq"), py::arg("num_new_tokens"),
+           py::arg("num_lookahead_tokens") = 0)
+      .def("can_rewind", &KVCacheManager::can_rewind, py::arg("seq"), py::arg("num_tokens"))
+      .def("rewind", &KVCacheManager::rewind, py::arg("seq"), py::arg("num_tokens"))
       .def("store", &KVCacheManager::store, py::arg("seq"), py::arg("tokens"), py::arg("num_computed_tokens"))
       .def("free", &KVCacheManager::free, py::arg("seq"))
       .def("pending_copies", &KVCacheManager::pending_copies)
@@ -249,6 +253,7 @@ void bind_kv_cache_manager(py::module_& m) {
       .def("contains", &KVCacheManager::contains, py::arg("seq"))
       .def("block_ids", &KVCacheManager::block_ids, py::arg("seq"))
       .def("num_tokens", &KVCacheManager::num_tokens, py::arg("seq"))
+      .def("num_lookahead_tokens", &KVCacheManager::num_lookahead_tokens, py::arg("seq"))
       .def_property_readonly("num_total_blocks", &KVCacheManager::num_total_blocks)
       .def_property_readonly("num_free_blocks", &KVCacheManager::num_free_blocks)
       .def_property_readonly("num_reusable_blocks", &KVCacheManager::num_reusable_blocks)
@@ -287,7 +292,8 @@ void bind_executor(py::module_& m) {
       .def("get_iteration_stats", &Executor::get_iteration_stats, Release())
       .def("get_kv_cache_events", &Executor::get_kv_cache_events, Release())
       .def("shutdown", &Executor::shutdown, Release())
-      .def_property_readonly("is_shutdown", &Executor::is_shutdown);
+      .def_property_readonly("is_shutdown", &Executor::is_shutdown)
+      .def_static("num_live_runners", &Executor::num_live_runners);
 }
 
 }  // namespace rtllm::bindings

@@ -4,6 +4,7 @@
 #include "rtllm/executor.h"
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -76,29 +77,53 @@ SchedulerConfig resolve_scheduler_config(const ExecutorConfig& config, const Run
 
 using Clock = std::chrono::steady_clock;
 
+// Model runners alive in executors: counted from a runner's construction to its deletion.
+std::atomic<int64_t> live_runner_count{0};
+
+struct RunnerDeleter {
+  void operator()(ModelRunner* runner) const {
+    delete runner;
+    live_runner_count.fetch_sub(1);
+  }
+};
+using RunnerPtr = std::unique_ptr<ModelRunner, RunnerDeleter>;
+
+RunnerPtr make_runner(std::shared_ptr<const Engine> engine, const ExecutorConfig& config) {
+  RuntimeConfig runtime = resolve_runtime_config(engine.get(), config);
+  RunnerPtr runner(new ModelRunner(std::move(engine), runtime));
+  live_runner_count.fetch_add(1);
+  return runner;
+}
+
 }  // namespace
 
 struct Executor::Impl {
   Impl(std::shared_ptr<const Engine> engine, const ExecutorConfig& config)
-      : runner(engine, resolve_runtime_config(engine.get(), config)),
-        kv_cache(runner.config().num_kv_blocks, runner.config().tokens_per_block, config.kv_cache.enable_block_reuse,
+      : engine(engine),
+        runner(make_runner(engine, config)),
+        vocab_size(runner->vocab_size()),
+        kv_cache(runner->config().num_kv_blocks, runner->config().tokens_per_block, config.kv_cache.enable_block_reuse,
                  config.kv_cache.event_buffer_max_size, config.kv_cache.enable_partial_reuse,
                  config.kv_cache.min_partial_reuse_tokens),
-        scheduler(resolve_scheduler_config(config, runner.config()), kv_cache),
+        scheduler(resolve_scheduler_config(config, runner->config()), kv_cache),
         seed_rng(config.seed),
         iteration_stats_max_size(config.iteration_stats_max_size),
         event_buffer_max_size(config.kv_cache.event_buffer_max_size),
         start_time(Clock::now()) {
     stats.kv_cache = kv_cache.stats();
     kv_events = kv_cache.take_events();  // the pool's kCreated event
-    device_sampling = runner.config().device == DeviceKind::kCuda && runner.config().device_sampling;
+    device_sampling = runner->config().device == DeviceKind::kCuda && runner->config().device_sampling;
     loop_thread = std::thread([this] { loop(); });
   }
 
   using Batch = std::vector<std::shared_ptr<LlmRequest>>;
 
-  // ---- owned by the loop thread (callers only read the runner's engine and resolved config) ----
-  ModelRunner runner;
+  // ---- immutable: read by any thread ----
+  const std::shared_ptr<const Engine> engine;
+  // ---- owned by the loop thread; shutdown() deletes the runner (weights, KV pool, workspace) once
+  // the loop has ended, so that its memory is back before the Executor object goes ----
+  RunnerPtr runner;
+  const int32_t vocab_size;  // the runner's
   KVCacheManager kv_cache;
   Scheduler scheduler;
   Sampler sampler;
@@ -166,8 +191,7 @@ struct Executor::Impl {
 // ---------------------------------------------------------------- callers' side
 
 void Executor::Impl::validate(const Request& request) const {
-  const EngineLimits& limits = runner.engine().limits();
-  const int32_t vocab_size = runner.vocab_size();
+  const EngineLimits& limits = engine->limits();
   const int64_t num_prompt_tokens = static_cast<int64_t>(request.prompt_token_ids.size());
   RTLLM_CHECK_ARG(num_prompt_tokens >= 1, "prompt_token_ids is empty");
   RTLLM_CHECK_ARG(num_prompt_tokens <= limits.max_input_len, "prompt of ", num_prompt_tokens,
@@ -196,7 +220,7 @@ RequestId Executor::Impl::enqueue(Request request) {
   if (stopping) throw Error("the executor is shut down; no request can be enqueued");
   RequestId id = next_id++;
   uint64_t seed = request.sampling.seed ? *request.sampling.seed : seed_rng();
-  int32_t max_seq_len = runner.engine().limits().max_seq_len;
+  int32_t max_seq_len = engine->limits().max_seq_len;
   incoming.push_back(std::make_shared<LlmRequest>(id, std::move(request), seed, max_seq_len));
   unfinished_ids.insert(id);
   work_cv.notify_one();
@@ -250,6 +274,7 @@ void Executor::Impl::shutdown() {
   }
   std::lock_guard<std::mutex> lock(join_mutex);
   if (loop_thread.joinable()) loop_thread.join();
+  runner.reset();  // the loop is over: nothing reads the runner any more
 }
 
 // ---------------------------------------------------------------- the loop thread
@@ -337,13 +362,13 @@ void Executor::Impl::step() {
   std::vector<SampledToken> tokens;
   try {
     prepare_inputs(batch);
-    if (!kv_cache.pending_copies().empty()) runner.copy_blocks(kv_cache.pending_copies());
+    if (!kv_cache.pending_copies().empty()) runner->copy_blocks(kv_cache.pending_copies());
     kv_cache.finish_copies();
     if (device_sampling) {
       prepare_sampling(batch);
-      runner.forward_and_sample(inputs, sampling_inputs, &tokens);
+      runner->forward_and_sample(inputs, sampling_inputs, &tokens);
     } else {
-      logits = runner.forward(inputs);
+      logits = runner->forward(inputs);
     }
   } catch (const std::exception& e) {
     kv_cache.finish_copies();  // unpins the sources whatever ran
@@ -360,11 +385,10 @@ void Executor::Impl::step() {
   ++num_steps;
 }
 
-// Context requests first, then generation requests: the packing order of StepInputs.
+// The scheduled requests in packing order (context requests first), the order of StepInputs.
 Executor::Impl::Batch Executor::Impl::requests_of(const ScheduledBatch& scheduled) const {
   Batch batch;
-  for (const auto* list : {&scheduled.context, &scheduled.generation})
-    for (const auto& seq : *list) batch.push_back(requests.at(seq->id));
+  for (const auto& seq : scheduled.seqs) batch.push_back(requests.at(seq->id));
   return batch;
 }
 
@@ -391,7 +415,6 @@ void Executor::Impl::prepare_inputs(const Batch& batch) {
 // token draw one (a prompt chunk before the last draws nothing). A request whose draw fails (e.g.
 // every token masked) ends with kError and gets no token.
 std::vector<SampledToken> Executor::Impl::sample(const Batch& batch, const float* logits) {
-  const int32_t vocab_size = runner.vocab_size();
   std::vector<SampledToken> tokens(batch.size());
   for (size_t s = 0; s < batch.size(); ++s) {
     LlmRequest& request = *batch[s];
@@ -454,10 +477,12 @@ void Executor::Impl::record_iteration(const ScheduledBatch& scheduled, Clock::ti
   it.iteration = num_steps;
   it.timestamp_s = std::chrono::duration<double>(now - start_time).count();
   it.step_time_ms = std::chrono::duration<double, std::milli>(now - step_start).count();
-  it.num_context_requests = static_cast<int32_t>(scheduled.context.size());
-  it.num_generation_requests = static_cast<int32_t>(scheduled.generation.size());
-  for (const auto& seq : scheduled.context) it.num_context_tokens += seq->num_scheduled_tokens;
-  for (const auto& seq : scheduled.generation) it.num_generation_tokens += seq->num_scheduled_tokens;
+  it.num_context_requests = scheduled.num_context_seqs;
+  it.num_generation_requests = scheduled.num_generation_seqs();
+  for (size_t s = 0; s < scheduled.seqs.size(); ++s) {
+    int32_t& num_tokens = scheduled.is_context(s) ? it.num_context_tokens : it.num_generation_tokens;
+    num_tokens += scheduled.seqs[s]->num_scheduled_tokens;
+  }
   it.num_running_requests = scheduler.num_running();
   it.num_waiting_requests = scheduler.num_waiting();
   it.num_preempted_requests = scheduled.num_preempted;
@@ -527,6 +552,7 @@ bool Executor::is_shutdown() const {
   std::lock_guard<std::mutex> lock(impl_->mutex);
   return impl_->stopping;
 }
-const Engine& Executor::engine() const { return impl_->runner.engine(); }
+const Engine& Executor::engine() const { return *impl_->engine; }
+int64_t Executor::num_live_runners() { return live_runner_count.load(); }
 
 }  // namespace rtllm

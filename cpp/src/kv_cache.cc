@@ -177,21 +177,41 @@ void KVCacheManager::finish_copies() {
   pending_copies_.clear();
 }
 
-bool KVCacheManager::can_append(RequestId seq, int64_t num_new_tokens) const {
+bool KVCacheManager::can_allocate_slots(RequestId seq, int64_t num_new_tokens, int64_t num_lookahead_tokens) const {
   const SequenceBlocks& blocks = sequence(seq);
-  int64_t num_needed = num_blocks_for(blocks.num_tokens + num_new_tokens) -
+  int64_t num_needed = num_blocks_for(blocks.num_tokens + num_new_tokens + num_lookahead_tokens) -
                        static_cast<int64_t>(blocks.block_ids.size());
   return num_needed <= num_free_blocks();
 }
 
-void KVCacheManager::append(RequestId seq, int64_t num_new_tokens) {
-  RTLLM_CHECK(num_new_tokens >= 0, "cannot append ", num_new_tokens, " tokens");
-  RTLLM_CHECK(can_append(seq, num_new_tokens), "sequence ", seq, " cannot grow by ", num_new_tokens,
-              " tokens; ", num_free_blocks(), " blocks are free");
+void KVCacheManager::allocate_slots(RequestId seq, int64_t num_new_tokens, int64_t num_lookahead_tokens) {
+  RTLLM_CHECK(num_new_tokens >= 0 && num_lookahead_tokens >= 0, "sequence ", seq, " cannot grow by ",
+              num_new_tokens, " tokens with ", num_lookahead_tokens, " lookahead slots");
+  RTLLM_CHECK(can_allocate_slots(seq, num_new_tokens, num_lookahead_tokens), "sequence ", seq, " cannot grow by ",
+              num_new_tokens, " tokens with ", num_lookahead_tokens, " lookahead slots; ", num_free_blocks(),
+              " blocks are free");
   SequenceBlocks& blocks = sequences_.at(seq);
   blocks.num_tokens += num_new_tokens;
-  while (static_cast<int64_t>(blocks.block_ids.size()) < num_blocks_for(blocks.num_tokens))
-    blocks.block_ids.push_back(take_free_block());
+  blocks.num_lookahead_tokens = num_lookahead_tokens;
+  const size_t num_blocks = num_blocks_for(blocks.num_tokens + num_lookahead_tokens);
+  release_tail(blocks, num_blocks);  // a smaller reserve than the last step's
+  while (blocks.block_ids.size() < num_blocks) blocks.block_ids.push_back(take_free_block());
+}
+
+bool KVCacheManager::can_rewind(RequestId seq, int64_t num_tokens) const {
+  const SequenceBlocks& blocks = sequence(seq);
+  return num_tokens >= 0 &&
+         blocks.num_tokens - num_tokens >= int64_t{blocks.num_stored_blocks} * tokens_per_block_;
+}
+
+void KVCacheManager::rewind(RequestId seq, int64_t num_tokens) {
+  RTLLM_CHECK(can_rewind(seq, num_tokens), "sequence ", seq, " cannot rewind ", num_tokens, " of its ",
+              this->num_tokens(seq), " tokens: its first ",
+              int64_t{sequence(seq).num_stored_blocks} * tokens_per_block_,
+              " are in stored blocks, which may be shared and are never written again");
+  SequenceBlocks& blocks = sequences_.at(seq);
+  blocks.num_tokens -= num_tokens;
+  release_tail(blocks, num_blocks_for(blocks.num_tokens + blocks.num_lookahead_tokens));
 }
 
 // ---------------------------------------------------------------- registration and release
@@ -244,18 +264,25 @@ void KVCacheManager::register_block(int32_t b, uint64_t hash, const SequenceBloc
 void KVCacheManager::free(RequestId seq) {
   auto it = sequences_.find(seq);
   if (it == sequences_.end()) return;
-  // Last block first: a prefix's tail is evicted before its head, which more requests share.
-  const std::vector<int32_t>& ids = it->second.block_ids;
-  // A copy into a block this sequence gives back must not run any more: drop it and its pin.
-  auto into_ids = [&](const std::pair<int32_t, int32_t>& copy) {
-    if (std::find(ids.begin(), ids.end(), copy.second) == ids.end()) return false;
+  release_tail(it->second, 0);
+  sequences_.erase(it);
+}
+
+// Releases the blocks of `blocks` past its first num_kept, last first: a prefix's tail is evicted
+// before its head, which more requests share. A copy into a block given back must not run any
+// more: it is dropped with its pin.
+void KVCacheManager::release_tail(SequenceBlocks& blocks, size_t num_kept) {
+  std::vector<int32_t>& ids = blocks.block_ids;
+  if (num_kept >= ids.size()) return;
+  auto into_tail = [&](const std::pair<int32_t, int32_t>& copy) {
+    if (std::find(ids.begin() + num_kept, ids.end(), copy.second) == ids.end()) return false;
     release(copy.first);
     return true;
   };
-  pending_copies_.erase(std::remove_if(pending_copies_.begin(), pending_copies_.end(), into_ids),
+  pending_copies_.erase(std::remove_if(pending_copies_.begin(), pending_copies_.end(), into_tail),
                         pending_copies_.end());
-  for (auto b = ids.rbegin(); b != ids.rend(); ++b) release(*b);
-  sequences_.erase(it);
+  for (size_t i = ids.size(); i-- > num_kept;) release(ids[i]);
+  ids.resize(num_kept);
 }
 
 void KVCacheManager::hold(int32_t b) {
@@ -327,6 +354,8 @@ const std::vector<int32_t>& KVCacheManager::block_ids(RequestId seq) const { ret
 
 int64_t KVCacheManager::num_tokens(RequestId seq) const { return sequence(seq).num_tokens; }
 
+int64_t KVCacheManager::num_lookahead_tokens(RequestId seq) const { return sequence(seq).num_lookahead_tokens; }
+
 KvCacheStats KVCacheManager::stats() const {
   KvCacheStats s;
   s.num_total_blocks = num_total_blocks();
@@ -357,10 +386,23 @@ std::vector<KvCacheEvent> KVCacheManager::take_events() {
 
 void KVCacheManager::check_invariants() const {
   std::vector<int32_t> num_holders(blocks_.size(), 0);
+  std::vector<RequestId> last_holder(blocks_.size(), 0);
+  std::vector<bool> has_holder(blocks_.size(), false);
   for (const auto& [seq, blocks] : sequences_) {
-    RTLLM_CHECK(static_cast<int32_t>(blocks.block_ids.size()) == num_blocks_for(blocks.num_tokens), "sequence ",
-                seq, " holds ", blocks.block_ids.size(), " blocks for ", blocks.num_tokens, " tokens");
-    for (int32_t b : blocks.block_ids) ++num_holders[b];
+    RTLLM_CHECK(static_cast<int32_t>(blocks.block_ids.size()) ==
+                    num_blocks_for(blocks.num_tokens + blocks.num_lookahead_tokens),
+                "sequence ", seq, " holds ", blocks.block_ids.size(), " blocks for ", blocks.num_tokens,
+                " tokens and ", blocks.num_lookahead_tokens, " lookahead slots");
+    RTLLM_CHECK(int64_t{blocks.num_stored_blocks} * tokens_per_block_ <= blocks.num_tokens, "sequence ", seq,
+                " has ", blocks.num_stored_blocks, " stored blocks but only ", blocks.num_tokens, " tokens");
+    for (int32_t b : blocks.block_ids) {
+      RTLLM_CHECK(b >= 0 && b < num_total_blocks(), "sequence ", seq, " holds block ", b, " outside [0, ",
+                  num_total_blocks(), ")");
+      RTLLM_CHECK(!(has_holder[b] && last_holder[b] == seq), "sequence ", seq, " holds block ", b, " twice");
+      has_holder[b] = true;
+      last_holder[b] = seq;
+      ++num_holders[b];
+    }
   }
   for (const auto& copy : pending_copies_) {
     RTLLM_CHECK(blocks_[copy.first].is_registered, "partial source block ", copy.first, " is not registered");
@@ -375,6 +417,9 @@ void KVCacheManager::check_invariants() const {
     RTLLM_CHECK(blocks_[b].is_registered, "reusable block ", b, " is not registered");
     ++num_places[b];
   }
+  const int64_t num_held = std::count_if(num_holders.begin(), num_holders.end(), [](int32_t n) { return n > 0; });
+  RTLLM_CHECK(num_held + num_free_blocks() == num_total_blocks(), num_held, " held + ", free_blocks_.size(),
+              " free + ", reusable_lru_.size(), " reusable blocks != ", num_total_blocks(), " blocks");
   size_t num_registered = 0;
   for (size_t b = 0; b < blocks_.size(); ++b) {
     const Block& block = blocks_[b];
@@ -396,6 +441,14 @@ void KVCacheManager::check_invariants() const {
   }
   RTLLM_CHECK(num_registered == by_hash_.size() && num_registered == children_.size(), by_hash_.size(),
               " hash entries and ", children_.size(), " child entries for ", num_registered, " registered blocks");
+  // The rewind rule rests on this: past its stored blocks a sequence holds private blocks only.
+  for (const auto& [seq, blocks] : sequences_)
+    for (size_t i = blocks.num_stored_blocks; i < blocks.block_ids.size(); ++i) {
+      const Block& block = blocks_[blocks.block_ids[i]];
+      RTLLM_CHECK(!block.is_registered && block.ref_count == 1, "block ", blocks.block_ids[i], " at position ", i,
+                  " of sequence ", seq, " is past its ", blocks.num_stored_blocks, " stored blocks but is ",
+                  block.is_registered ? "registered" : "shared");
+    }
 }
 
 const KVCacheManager::SequenceBlocks& KVCacheManager::sequence(RequestId seq) const {

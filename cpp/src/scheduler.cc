@@ -78,21 +78,34 @@ bool Scheduler::schedule_running(size_t index, Budget& budget, ScheduledBatch& b
   if (budget.num_seqs == 0) return true;
   int32_t num_chunk = chunk_size(*seq, budget.num_tokens);
   if (num_chunk == 0) return true;
-  int64_t num_grow = int64_t{seq->num_cached_tokens} + num_chunk - kv_cache_.num_tokens(seq->id);
-  while (!kv_cache_.can_append(seq->id, num_grow)) {
+  const int64_t num_new_slots =
+      std::max<int64_t>(0, int64_t{seq->num_cached_tokens} + num_chunk - kv_cache_.num_tokens(seq->id));
+  while (!kv_cache_.can_allocate_slots(seq->id, num_new_slots)) {
     RTLLM_CHECK(config_.policy == CapacityPolicy::kMaxUtilization, "sequence ", seq->id,
                 " ran out of KV-cache blocks under GUARANTEED_NO_EVICT");
     preempt_newest(batch);
     if (index >= running_.size()) return false;
   }
+  kv_cache_.allocate_slots(seq->id, num_new_slots);
   const bool is_context = seq->is_context();
-  kv_cache_.append(seq->id, std::max<int64_t>(0, num_grow));
+  take(std::move(seq), num_chunk, is_context, budget, batch);
+  return true;
+}
+
+// Puts `seq` feeding num_chunk tokens into the batch, in packing order: after the context sequences
+// taken so far if it is one, else at the end.
+void Scheduler::take(std::shared_ptr<Sequence> seq, int32_t num_chunk, bool is_context, Budget& budget,
+                     ScheduledBatch& batch) const {
   seq->num_scheduled_tokens = num_chunk;
-  (is_context ? batch.context : batch.generation).push_back(seq);
+  if (is_context) {
+    batch.seqs.insert(batch.seqs.begin() + batch.num_context_seqs, std::move(seq));
+    batch.num_context_seqs += 1;
+  } else {
+    batch.seqs.push_back(std::move(seq));
+  }
   batch.num_tokens += num_chunk;
   budget.num_seqs -= 1;
   budget.num_tokens -= num_chunk;
-  return true;
 }
 
 // Admits waiting sequences in arrival order; the first that does not fit stops admission.
@@ -115,13 +128,9 @@ void Scheduler::admit_waiting(Budget& budget, ScheduledBatch& batch) {
     }
     const int64_t num_slots = int64_t{seq->num_cached_tokens} + num_chunk;
     kv_cache_.allocate(seq->id, num_slots, prefix, seq->cache_key);
-    seq->num_scheduled_tokens = num_chunk;
-    batch.context.push_back(seq);
-    batch.num_tokens += num_chunk;
-    budget.num_seqs -= 1;
-    budget.num_tokens -= num_chunk;
     running_.push_back(seq);
     waiting_.pop_front();
+    take(std::move(seq), num_chunk, /*is_context=*/true, budget, batch);  // a new or recomputed sequence
   }
 }
 

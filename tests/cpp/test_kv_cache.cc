@@ -14,6 +14,12 @@ namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+std::vector<int32_t> iota_tokens(int32_t n, int32_t first) {
+  std::vector<int32_t> t(n);
+  std::iota(t.begin(), t.end(), first);
+  return t;
+}
+
 TEST(KVCacheManager, AllocateTakesCeilBlocksAndFreeReturnsThem) {
   KVCacheManager kv(/*num_blocks=*/10, /*tokens_per_block=*/4);
   EXPECT_TRUE(kv.can_allocate(40));
@@ -34,20 +40,119 @@ TEST(KVCacheManager, AllocateTakesCeilBlocksAndFreeReturnsThem) {
   EXPECT_EQ(kv.num_free_blocks(), 10);
 }
 
-TEST(KVCacheManager, AppendTakesABlockOnlyWhenTheLastOneIsFull) {
+TEST(KVCacheManager, AllocateSlotsTakesABlockOnlyWhenTheLastOneIsFull) {
   KVCacheManager kv(3, 4);
   kv.allocate(7, 3);
   EXPECT_EQ(kv.block_ids(7).size(), 1u);
-  kv.append(7, 1);  // 4 tokens: still one block
+  kv.allocate_slots(7, 1);  // 4 tokens: still one block
   EXPECT_EQ(kv.block_ids(7).size(), 1u);
-  kv.append(7, 1);  // 5 tokens: two blocks
+  kv.allocate_slots(7, 1);  // 5 tokens: two blocks
   EXPECT_EQ(kv.block_ids(7).size(), 2u);
-  EXPECT_TRUE(kv.can_append(7, 7));   // 12 tokens = 3 blocks
-  EXPECT_FALSE(kv.can_append(7, 8));  // 13 tokens = 4 blocks
-  kv.append(7, 7);
+  EXPECT_TRUE(kv.can_allocate_slots(7, 7));   // 12 tokens = 3 blocks
+  EXPECT_FALSE(kv.can_allocate_slots(7, 8));  // 13 tokens = 4 blocks
+  kv.allocate_slots(7, 7);
   EXPECT_EQ(kv.num_free_blocks(), 0);
-  EXPECT_TRUE(kv.can_append(7, 0));
-  EXPECT_THROW(kv.append(7, 1), Error);
+  EXPECT_TRUE(kv.can_allocate_slots(7, 0));
+  EXPECT_THROW(kv.allocate_slots(7, 1), Error);
+  EXPECT_THROW(kv.allocate_slots(7, -1), Error);
+  EXPECT_EQ(kv.num_tokens(7), 12);
+}
+
+// Lookahead slots are covered by blocks but not counted as tokens; each call sets the reserve, and
+// blocks a smaller one leaves empty go back.
+TEST(KVCacheManager, AllocateSlotsReservesLookaheadSlots) {
+  KVCacheManager kv(6, 4);
+  kv.allocate(1, 3);
+  kv.allocate_slots(1, 1, /*num_lookahead_tokens=*/3);  // 4 tokens + 3: two blocks
+  EXPECT_EQ(kv.num_tokens(1), 4);
+  EXPECT_EQ(kv.num_lookahead_tokens(1), 3);
+  EXPECT_EQ(kv.block_ids(1).size(), 2u);
+  const int32_t second = kv.block_ids(1)[1];
+  kv.allocate_slots(1, 2, 2);  // 6 + 2: the reserved block now holds tokens, no new block
+  EXPECT_EQ(kv.block_ids(1).size(), 2u);
+  EXPECT_EQ(kv.block_ids(1)[1], second);
+  EXPECT_FALSE(kv.can_allocate_slots(1, 0, 19));  // 6 + 19 = 7 blocks > 6
+  EXPECT_TRUE(kv.can_allocate_slots(1, 0, 18));
+  kv.allocate_slots(1, 0, 18);
+  EXPECT_EQ(kv.num_free_blocks(), 0);
+  kv.allocate_slots(1, 1, 0);  // reserve dropped: 7 tokens in two blocks, four given back
+  EXPECT_EQ(kv.num_tokens(1), 7);
+  EXPECT_EQ(kv.block_ids(1).size(), 2u);
+  EXPECT_EQ(kv.num_free_blocks(), 4);
+  EXPECT_THROW(kv.allocate_slots(1, 0, -1), Error);
+  kv.check_invariants();
+}
+
+// Rewind drops slots after the stored blocks only: the blocks it empties go back to the free list,
+// the one it cuts into is private, and a stored (shared or registered) block is never cut into.
+TEST(KVCacheManager, RewindReleasesEmptiedBlocksAndNeverCutsIntoStoredOnes) {
+  KVCacheManager kv(8, 4);
+  const std::vector<int32_t> a = iota_tokens(14, 0);
+  kv.allocate(1, 14);           // 4 blocks
+  kv.store(1, a, 9);            // blocks 0 and 1 registered
+  const std::vector<int32_t> held = kv.block_ids(1);
+  EXPECT_TRUE(kv.can_rewind(1, 6));   // 8 tokens left: the stored blocks stay whole
+  EXPECT_FALSE(kv.can_rewind(1, 7));  // would cut into stored block 1
+  EXPECT_FALSE(kv.can_rewind(1, -1));
+  EXPECT_THROW(kv.rewind(1, 7), Error);
+  EXPECT_EQ(kv.num_tokens(1), 14);  // unchanged by the refused rewind
+  kv.check_invariants();
+  kv.rewind(1, 3);  // 11 tokens: still 3 blocks; the last one is private, cut to 3 tokens
+  EXPECT_EQ(kv.block_ids(1), std::vector<int32_t>(held.begin(), held.begin() + 3));
+  EXPECT_EQ(kv.num_free_blocks(), 5);
+  kv.rewind(1, 3);  // 8 tokens: two blocks, the third back on the free list unregistered
+  EXPECT_EQ(kv.block_ids(1).size(), 2u);
+  EXPECT_EQ(kv.num_free_blocks(), 6);
+  EXPECT_FALSE(kv.is_registered(held[2]));
+  kv.check_invariants();
+
+  // A sequence sharing a's two blocks may drop its own slots, never the shared ones.
+  PrefixMatch m = kv.match_prefix(a, 10, 0);
+  ASSERT_EQ(m.block_ids.size(), 2u);
+  kv.allocate(2, 10, m);
+  kv.finish_copies();
+  EXPECT_TRUE(kv.can_rewind(2, 2));
+  EXPECT_FALSE(kv.can_rewind(2, 3));
+  kv.rewind(2, 2);
+  EXPECT_EQ(kv.block_ids(2), std::vector<int32_t>(held.begin(), held.begin() + 2));
+  EXPECT_EQ(kv.ref_count(held[0]), 2);
+  EXPECT_TRUE(kv.can_allocate_slots(2, 1));
+  kv.allocate_slots(2, 1);  // the next token goes to a new private block
+  EXPECT_NE(kv.block_ids(2)[2], held[1]);
+  EXPECT_EQ(kv.block_tokens(held[1]), std::vector<int32_t>({4, 5, 6, 7}));
+  kv.check_invariants();
+
+  // The lookahead reserve survives a rewind, after the slots left.
+  kv.allocate_slots(2, 2, /*num_lookahead_tokens=*/5);  // 11 + 5: 4 blocks
+  kv.rewind(2, 3);                                       // 8 + 5: still 4 blocks
+  EXPECT_EQ(kv.num_lookahead_tokens(2), 5);
+  EXPECT_EQ(kv.block_ids(2).size(), 4u);
+  kv.rewind(2, 0);
+  kv.check_invariants();
+  kv.free(1);
+  kv.free(2);
+  EXPECT_EQ(kv.num_free_blocks(), 8);
+}
+
+// Rewinding the block a partial copy goes into drops the copy and unpins its source.
+TEST(KVCacheManager, RewindDropsACopyIntoAReleasedBlock) {
+  KVCacheManager kv(8, 4);
+  const std::vector<int32_t> a = iota_tokens(8, 0);
+  kv.allocate(1, 8);
+  kv.store(1, a, 8);
+  const int32_t a1 = kv.block_ids(1)[1];
+  kv.free(1);
+  const std::vector<int32_t> c = {0, 1, 2, 3, 4, 5, 9};
+  PrefixMatch m = kv.match_prefix(c, 7, 0);
+  ASSERT_EQ(m.partial_block_id, a1);
+  kv.allocate(2, 7, m);
+  ASSERT_EQ(kv.pending_copies().size(), 1u);
+  EXPECT_EQ(kv.ref_count(a1), 1);  // pinned
+  kv.rewind(2, 3);  // 4 tokens: the copy's destination is released
+  EXPECT_TRUE(kv.pending_copies().empty());
+  EXPECT_EQ(kv.ref_count(a1), 0);
+  EXPECT_TRUE(kv.is_registered(a1));
+  kv.check_invariants();
 }
 
 TEST(KVCacheManager, RejectsMisuse) {
@@ -59,7 +164,8 @@ TEST(KVCacheManager, RejectsMisuse) {
   EXPECT_THROW(kv.allocate(2, 5), Error);   // needs 2 blocks, 1 free
   EXPECT_THROW(kv.allocate(2, 0), Error);
   EXPECT_THROW(kv.block_ids(3), Error);     // unknown sequence
-  EXPECT_THROW(kv.can_append(3, 1), Error);
+  EXPECT_THROW(kv.can_allocate_slots(3, 1), Error);
+  EXPECT_THROW(kv.rewind(3, 1), Error);
 }
 
 // Random allocate/append/free against a model that only tracks each sequence's token count:
@@ -86,8 +192,8 @@ TEST(KVCacheManager, RandomOperationsKeepInvariants) {
         case 1: {
           if (!model.count(seq)) break;
           int64_t need = ceil_div(model[seq] + n, tokens_per_block) - ceil_div(model[seq], tokens_per_block);
-          ASSERT_EQ(kv.can_append(seq, n), need <= free_blocks);
-          if (kv.can_append(seq, n)) kv.append(seq, n), model[seq] += n;
+          ASSERT_EQ(kv.can_allocate_slots(seq, n), need <= free_blocks);
+          if (kv.can_allocate_slots(seq, n)) kv.allocate_slots(seq, n), model[seq] += n;
           break;
         }
         default:
@@ -113,12 +219,6 @@ TEST(KVCacheManager, RandomOperationsKeepInvariants) {
 }
 
 // ---------------------------------------------------------------- prefix reuse
-
-std::vector<int32_t> iota_tokens(int32_t n, int32_t first) {
-  std::vector<int32_t> t(n);
-  std::iota(t.begin(), t.end(), first);
-  return t;
-}
 
 uint64_t always_collide(uint64_t, uint64_t, const int32_t*, int32_t) { return 42; }
 
@@ -357,7 +457,7 @@ TEST(KVCacheManager, PartialSourceIsPinnedAndLeavesTheChildrenWhenEvicted) {
   kv.check_invariants();
   kv.finish_copies();
   EXPECT_EQ(kv.num_free_blocks(), 1);  // a1, reusable again
-  kv.append(2, 1);                     // takes (evicts) a1
+  kv.allocate_slots(2, 1);             // takes (evicts) a1
   EXPECT_FALSE(kv.is_registered(a1));
   kv.check_invariants();
   kv.free(2);
@@ -366,124 +466,230 @@ TEST(KVCacheManager, PartialSourceIsPinnedAndLeavesTheChildrenWhenEvicted) {
   kv.check_invariants();
 }
 
-// Property test: random allocate (with full and partial sharing) / copy / append / store / free,
-// against a model of each sequence's tokens and of what every block's K/V slots hold, under pool
-// pressure (so reusable blocks get evicted), with an honest and an always-colliding hash. "Computing"
-// writes a sequence's tokens into its slots; a partial match's copy runs at a random later point
-// (before the sequence computes, as a step does). After every operation: every block is in exactly
-// one state, ref counts equal the holders (sequences and copy pins: check_invariants), every
-// registered block a sequence holds carries that sequence's tokens at that position, and every
-// computed or reused slot of a sequence whose copy ran holds the sequence's token there (so no
-// shared block was written over, and copies moved the right data). At the end every block is back.
+// Property test: random allocate (sharing the longest cached prefix: full blocks and a partial one) /
+// copy / allocate_slots with lookahead / a speculative step (1 + k tokens computed, the accepted ones
+// stored, the rejected ones rewound) / rewind / store / free, over many seeds, under pool pressure (so
+// reusable blocks get evicted), with an honest and an always-colliding hash. A model keeps each
+// sequence's tokens, computed tokens, stored blocks and lookahead, and what every block's K/V slots
+// hold: "computing" writes a sequence's tokens into its slots; a partial match's copy runs at a random
+// later point (before the sequence computes, as a step does). After every operation:
+// - check_invariants: every block in exactly one state (none leaked), ref counts equal the holders
+//   (sequences and copy pins), no block held twice by a sequence, block count ==
+//   ceil((tokens + lookahead) / tokens_per_block), blocks past the stored ones private;
+// - the manager's view of every sequence equals the model's: tokens, lookahead, how far it may rewind;
+// - every computed or reused slot of a sequence whose copy ran holds the sequence's token there, and
+//   every registered block's slots hold the tokens it is registered under: no shared or registered
+//   block was written, copies moved the right data, and no block stays registered for tokens other
+//   than those its K/V are of.
+// At the end every block is back.
+class RandomKvOperations {
+ public:
+  RandomKvOperations(uint32_t seed, int32_t tokens_per_block, bool collide)
+      : tpb_(tokens_per_block),
+        kv_(kNumBlocks, tokens_per_block),
+        rng_(seed),
+        slots_(kNumBlocks, std::vector<int32_t>(tokens_per_block, -1)) {
+    if (collide) kv_.set_hash_function(always_collide);
+    for (int i = 0; i < 3; ++i) {  // a few shared stems so that prefixes repeat
+      std::vector<int32_t> stem(3 * tpb_ + 1);
+      for (auto& t : stem) t = token();
+      stems_.push_back(stem);
+    }
+  }
+
+  void run(int num_ops) {
+    for (int op = 0; op < num_ops; ++op) {
+      const RequestId id = rng_() % 10;
+      const uint32_t kind = rng_() % 8;
+      if (kind <= 1) {
+        if (!seqs_.count(id)) allocate(id);
+      } else if (kind == 6) {
+        if (rng_() % 2) run_copies();
+      } else if (seqs_.count(id)) {
+        Seq& s = seqs_[id];
+        if (kind == 2) {
+          step(id, s);
+        } else if (kind == 3) {
+          grow(id, s, rng_() % 4, rng_() % (2 * tpb_ + 1));
+        } else if (kind == 4) {
+          speculative_step(id, s);
+        } else if (kind == 5) {
+          rewind(id, s, rng_() % std::min<int64_t>(static_cast<int64_t>(s.tokens.size()) + 1, 2 * tpb_ + 2));
+        } else if (rng_() % 2) {
+          kv_.free(id);
+          seqs_.erase(id);
+        }
+      }
+      check();
+      if (::testing::Test::HasFatalFailure()) return;
+    }
+  }
+
+  void finish() {
+    EXPECT_GT(num_reused_tokens_, 0);
+    EXPECT_EQ(kv_.stats().num_reused_tokens, num_reused_tokens_);
+    EXPECT_EQ(kv_.stats().num_partial_reused_blocks, num_partial_);
+    if (tpb_ > 1) {
+      EXPECT_GT(num_partial_, 0);
+    }
+    EXPECT_GT(kv_.stats().num_evicted_blocks, 0);
+    EXPECT_GT(num_rewinds_, 0);
+    EXPECT_GT(num_refused_rewinds_, 0);
+    EXPECT_GT(num_lookaheads_, 0);
+    for (const auto& [id, s] : seqs_) kv_.free(id);
+    run_copies();
+    kv_.check_invariants();
+    EXPECT_EQ(kv_.num_free_blocks(), kNumBlocks);
+    EXPECT_EQ(kv_.stats().num_used_blocks, 0);
+  }
+
+ private:
+  static constexpr int32_t kNumBlocks = 24;
+  struct Seq {
+    std::vector<int32_t> tokens;     // all its tokens: one per slot
+    int64_t num_computed = 0;        // tokens whose K/V are written or reused
+    int64_t num_stored_blocks = 0;   // leading blocks taken from the cache or stored: never rewound
+    int64_t num_lookahead = 0;
+    bool copy_pending = false;       // its partial block is not copied yet
+  };
+
+  int32_t token() { return static_cast<int32_t>(rng_() % 3); }
+
+  void allocate(RequestId id) {
+    std::vector<int32_t> t = stems_[rng_() % stems_.size()];
+    t.resize(1 + rng_() % t.size());
+    for (int extra = rng_() % 3; extra > 0; --extra) t.push_back(token());
+    const int64_t n = static_cast<int64_t>(t.size());
+    PrefixMatch m = kv_.match_prefix(t, n, 0);
+    const int64_t num_cached = m.num_cached_tokens(tpb_);
+    ASSERT_LT(num_cached, n);
+    for (size_t i = 0; i < m.block_ids.size(); ++i)
+      ASSERT_EQ(kv_.block_tokens(m.block_ids[i]), std::vector<int32_t>(t.begin() + i * tpb_, t.begin() + (i + 1) * tpb_));
+    if (m.partial_block_id >= 0) {
+      ASSERT_LT(m.num_partial_tokens, tpb_);
+      const auto next = t.begin() + static_cast<int64_t>(m.block_ids.size()) * tpb_;
+      ASSERT_TRUE(std::equal(next, next + m.num_partial_tokens, kv_.block_tokens(m.partial_block_id).begin()));
+    }
+    if (!kv_.can_allocate(n, m)) return;
+    kv_.allocate(id, n, m);
+    num_partial_ += m.partial_block_id >= 0;
+    num_reused_tokens_ += num_cached;
+    seqs_[id] = Seq{t, num_cached, static_cast<int64_t>(m.block_ids.size()), 0, m.partial_block_id >= 0};
+  }
+
+  void run_copies() {
+    for (const auto& [src, dst] : kv_.pending_copies()) slots_[dst] = slots_[src];
+    kv_.finish_copies();
+    for (auto& [id, s] : seqs_) s.copy_pending = false;
+  }
+
+  // A forward: writes the K/V of the tokens not computed yet into the sequence's slots.
+  void compute(RequestId id, Seq& s) {
+    run_copies();  // a step copies before its forward
+    const std::vector<int32_t>& ids = kv_.block_ids(id);
+    for (size_t pos = s.num_computed; pos < s.tokens.size(); ++pos)
+      slots_[ids[pos / tpb_]][pos % tpb_] = s.tokens[pos];
+    s.num_computed = static_cast<int64_t>(s.tokens.size());
+  }
+
+  void store(RequestId id, Seq& s, int64_t num_tokens) {
+    kv_.store(id, s.tokens, num_tokens);
+    s.num_stored_blocks = std::max(s.num_stored_blocks, num_tokens / tpb_);
+  }
+
+  // allocate_slots when the model says the blocks suffice; false otherwise.
+  bool grow(RequestId id, Seq& s, int64_t num_new, int64_t num_lookahead) {
+    const int64_t num_needed = ceil_div(static_cast<int64_t>(s.tokens.size()) + num_new + num_lookahead, tpb_) -
+                               static_cast<int64_t>(kv_.block_ids(id).size());
+    const bool can = num_needed <= kv_.num_free_blocks();
+    EXPECT_EQ(kv_.can_allocate_slots(id, num_new, num_lookahead), can);
+    if (!can) return false;
+    kv_.allocate_slots(id, num_new, num_lookahead);
+    for (int64_t i = 0; i < num_new; ++i) s.tokens.push_back(token());
+    s.num_lookahead = num_lookahead;
+    num_lookaheads_ += num_lookahead > 0;
+    return true;
+  }
+
+  // A plain step: compute everything, store it, then maybe take the next token's slot.
+  void step(RequestId id, Seq& s) {
+    compute(id, s);
+    store(id, s, s.num_computed);
+    if (rng_() % 2) grow(id, s, 1, 0);
+  }
+
+  // Speculative decoding: 1 + k tokens fed and computed, the accepted ones stored, the rest rewound.
+  void speculative_step(RequestId id, Seq& s) {
+    const int64_t k = rng_() % 4;
+    if (!grow(id, s, 1 + k, rng_() % (k + 1))) return;
+    compute(id, s);
+    const int64_t num_rejected = rng_() % (k + 1);
+    store(id, s, static_cast<int64_t>(s.tokens.size()) - num_rejected);
+    ASSERT_TRUE(kv_.can_rewind(id, num_rejected));
+    rewind(id, s, num_rejected);
+  }
+
+  void rewind(RequestId id, Seq& s, int64_t num_tokens) {
+    const bool can = num_tokens <= static_cast<int64_t>(s.tokens.size()) - s.num_stored_blocks * tpb_;
+    ASSERT_EQ(kv_.can_rewind(id, num_tokens), can);
+    if (!can) {
+      EXPECT_THROW(kv_.rewind(id, num_tokens), Error);
+      ++num_refused_rewinds_;
+      return;
+    }
+    kv_.rewind(id, num_tokens);
+    s.tokens.resize(s.tokens.size() - num_tokens);
+    s.num_computed = std::min(s.num_computed, static_cast<int64_t>(s.tokens.size()));
+    num_rewinds_ += num_tokens > 0;
+  }
+
+  void check() {
+    kv_.check_invariants();
+    for (const auto& [id, s] : seqs_) {
+      const std::vector<int32_t>& ids = kv_.block_ids(id);
+      const int64_t n = static_cast<int64_t>(s.tokens.size());
+      ASSERT_EQ(kv_.num_tokens(id), n);
+      ASSERT_EQ(kv_.num_lookahead_tokens(id), s.num_lookahead);
+      ASSERT_EQ(static_cast<int64_t>(ids.size()), ceil_div(n + s.num_lookahead, tpb_));
+      ASSERT_TRUE(kv_.can_rewind(id, n - s.num_stored_blocks * tpb_));
+      ASSERT_FALSE(kv_.can_rewind(id, n - s.num_stored_blocks * tpb_ + 1));
+      if (!s.copy_pending) {
+        for (int64_t pos = 0; pos < s.num_computed; ++pos)
+          ASSERT_EQ(slots_[ids[pos / tpb_]][pos % tpb_], s.tokens[pos]) << "sequence " << id << " slot " << pos;
+      }
+      for (size_t i = 0; i < ids.size(); ++i) {
+        if (!kv_.is_registered(ids[i])) continue;
+        ASSERT_EQ(kv_.block_tokens(ids[i]),
+                  std::vector<int32_t>(s.tokens.begin() + i * tpb_, s.tokens.begin() + (i + 1) * tpb_))
+            << "sequence " << id << " block " << i;
+      }
+    }
+    for (int32_t b = 0; b < kNumBlocks; ++b)
+      if (kv_.is_registered(b)) {
+        ASSERT_EQ(slots_[b], kv_.block_tokens(b)) << "registered block " << b;
+      }
+  }
+
+  const int32_t tpb_;
+  KVCacheManager kv_;
+  std::mt19937 rng_;
+  std::vector<std::vector<int32_t>> slots_;  // [num_blocks][tokens_per_block]: the token each slot's K/V is of
+  std::vector<std::vector<int32_t>> stems_;
+  std::map<RequestId, Seq> seqs_;
+  int64_t num_reused_tokens_ = 0, num_partial_ = 0, num_rewinds_ = 0, num_refused_rewinds_ = 0, num_lookaheads_ = 0;
+};
+
 TEST(KVCacheManager, RandomOperationsWithReuseKeepInvariants) {
   for (bool collide : {false, true})
-    for (int32_t tokens_per_block : {1, 2, 4, 8}) {
-      const int32_t num_blocks = 24;
-      KVCacheManager kv(num_blocks, tokens_per_block);
-      if (collide) kv.set_hash_function(always_collide);
-      std::mt19937 rng(tokens_per_block * 7 + collide);
-      std::map<RequestId, std::vector<int32_t>> tokens;   // all tokens of each live sequence
-      std::map<RequestId, int64_t> num_computed;           // tokens whose K/V are "computed"
-      std::vector<std::vector<int32_t>> slots(num_blocks, std::vector<int32_t>(tokens_per_block, -1));
-      std::set<RequestId> copy_pending;  // sequences whose partial block is not copied yet
-      int64_t num_partial = 0;
-      auto run_copies = [&] {
-        for (const auto& [src, dst] : kv.pending_copies()) slots[dst] = slots[src];
-        kv.finish_copies();
-        copy_pending.clear();
-      };
-      // A few shared stems so that prefixes repeat; tokens come from a tiny vocabulary.
-      std::vector<std::vector<int32_t>> stems;
-      for (int i = 0; i < 3; ++i) {
-        std::vector<int32_t> stem(3 * tokens_per_block + 1);
-        for (auto& t : stem) t = rng() % 3;
-        stems.push_back(stem);
+    for (int32_t tokens_per_block : {1, 2, 4, 8})
+      for (uint32_t seed = 0; seed < 25; ++seed) {
+        SCOPED_TRACE(::testing::Message() << "collide " << collide << ", tokens_per_block " << tokens_per_block
+                                          << ", seed " << seed);
+        RandomKvOperations ops(seed * 100 + tokens_per_block * 7 + collide, tokens_per_block, collide);
+        ops.run(3000);
+        ASSERT_FALSE(HasFatalFailure());
+        ops.finish();
       }
-      int64_t num_reused_tokens = 0;
-      for (int op = 0; op < 4000; ++op) {
-        RequestId seq = rng() % 10;
-        switch (rng() % 5) {
-          case 0: {  // allocate, sharing the longest cached prefix
-            if (tokens.count(seq)) break;
-            std::vector<int32_t> t = stems[rng() % stems.size()];
-            t.resize(1 + rng() % t.size());
-            for (int extra = rng() % 3; extra > 0; --extra) t.push_back(rng() % 3);
-            const int64_t n = static_cast<int64_t>(t.size());
-            PrefixMatch m = kv.match_prefix(t, n, 0);
-            const int64_t num_cached = m.num_cached_tokens(tokens_per_block);
-            ASSERT_LT(num_cached, n);
-            for (size_t i = 0; i < m.block_ids.size(); ++i)
-              ASSERT_EQ(kv.block_tokens(m.block_ids[i]),
-                        std::vector<int32_t>(t.begin() + i * tokens_per_block, t.begin() + (i + 1) * tokens_per_block));
-            if (m.partial_block_id >= 0) {
-              ASSERT_LT(m.num_partial_tokens, tokens_per_block);
-              const std::vector<int32_t>& source = kv.block_tokens(m.partial_block_id);
-              const auto next = t.begin() + static_cast<int64_t>(m.block_ids.size()) * tokens_per_block;
-              ASSERT_TRUE(std::equal(next, next + m.num_partial_tokens, source.begin()));
-            }
-            if (!kv.can_allocate(n, m)) break;
-            kv.allocate(seq, n, m);
-            if (m.partial_block_id >= 0) copy_pending.insert(seq), ++num_partial;
-            num_reused_tokens += num_cached;
-            tokens[seq] = t;
-            num_computed[seq] = num_cached;
-            break;
-          }
-          case 1: {  // a step: pending copies, compute some tokens, then maybe grow by one token
-            if (!tokens.count(seq)) break;
-            run_copies();
-            std::vector<int32_t>& t = tokens[seq];
-            const std::vector<int32_t>& ids = kv.block_ids(seq);
-            for (size_t pos = num_computed[seq]; pos < t.size(); ++pos)
-              slots[ids[pos / tokens_per_block]][pos % tokens_per_block] = t[pos];
-            num_computed[seq] = static_cast<int64_t>(t.size());
-            kv.store(seq, t, num_computed[seq]);
-            if (rng() % 2 && kv.can_append(seq, 1)) {
-              kv.append(seq, 1);
-              t.push_back(rng() % 3);
-            }
-            break;
-          }
-          case 2:
-            if (rng() % 2) run_copies();
-            break;
-          default:
-            if (rng() % 2) break;
-            kv.free(seq);
-            tokens.erase(seq);
-            num_computed.erase(seq);
-            copy_pending.erase(seq);
-        }
-        kv.check_invariants();
-        for (const auto& [s, t] : tokens) {
-          const std::vector<int32_t>& ids = kv.block_ids(s);
-          ASSERT_EQ(kv.num_tokens(s), static_cast<int64_t>(t.size()));
-          if (!copy_pending.count(s)) {
-            for (int64_t pos = 0; pos < num_computed[s]; ++pos)
-              ASSERT_EQ(slots[ids[pos / tokens_per_block]][pos % tokens_per_block], t[pos])
-                  << "sequence " << s << " slot " << pos;
-          }
-          for (size_t i = 0; i < ids.size(); ++i) {
-            if (!kv.is_registered(ids[i])) continue;
-            ASSERT_EQ(kv.block_tokens(ids[i]),
-                      std::vector<int32_t>(t.begin() + i * tokens_per_block, t.begin() + (i + 1) * tokens_per_block))
-                << "sequence " << s << " block " << i;
-          }
-        }
-      }
-      EXPECT_GT(num_reused_tokens, 0);
-      EXPECT_EQ(kv.stats().num_reused_tokens, num_reused_tokens);
-      EXPECT_EQ(kv.stats().num_partial_reused_blocks, num_partial);
-      if (tokens_per_block > 1) {
-        EXPECT_GT(num_partial, 0);
-      }
-      EXPECT_GT(kv.stats().num_evicted_blocks, 0);
-      for (const auto& [s, t] : tokens) kv.free(s);
-      run_copies();
-      kv.check_invariants();
-      EXPECT_EQ(kv.num_free_blocks(), num_blocks);
-      EXPECT_EQ(kv.stats().num_used_blocks, 0);
-    }
 }
 
 }  // namespace

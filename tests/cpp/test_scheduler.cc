@@ -26,14 +26,21 @@ std::shared_ptr<Sequence> make_seq(RequestId id, int32_t num_prompt_tokens, int3
 // one token was sampled. Sequences that reach max_num_tokens finish and are removed.
 std::vector<RequestId> advance(Scheduler& scheduler, const ScheduledBatch& batch) {
   std::vector<RequestId> finished;
-  for (const auto* list : {&batch.context, &batch.generation})
-    for (const auto& seq : *list) {
-      seq->num_cached_tokens = seq->num_tokens;
-      seq->num_tokens += 1;
-      if (seq->num_tokens >= seq->max_num_tokens) finished.push_back(seq->id);
-    }
+  for (const auto& seq : batch.seqs) {
+    seq->num_cached_tokens = seq->num_tokens;
+    seq->num_tokens += 1;
+    if (seq->num_tokens >= seq->max_num_tokens) finished.push_back(seq->id);
+  }
   for (RequestId id : finished) EXPECT_TRUE(scheduler.remove(id));
   return finished;
+}
+
+// The two parts of a batch's one list: context sequences first, then generation sequences.
+std::vector<std::shared_ptr<Sequence>> context_of(const ScheduledBatch& batch) {
+  return {batch.seqs.begin(), batch.seqs.begin() + batch.num_context_seqs};
+}
+std::vector<std::shared_ptr<Sequence>> generation_of(const ScheduledBatch& batch) {
+  return {batch.seqs.begin() + batch.num_context_seqs, batch.seqs.end()};
 }
 
 std::vector<RequestId> ids(const std::vector<std::shared_ptr<Sequence>>& seqs) {
@@ -48,19 +55,19 @@ TEST(Scheduler, ContextFirstInBatchButGenerationFirstInPriority) {
   scheduler.add(make_seq(1, 5, 8));
   scheduler.add(make_seq(2, 4, 8));
   ScheduledBatch b1 = scheduler.schedule();
-  EXPECT_EQ(ids(b1.context), (std::vector<RequestId>{1, 2}));
-  EXPECT_TRUE(b1.generation.empty());
+  EXPECT_EQ(ids(context_of(b1)), (std::vector<RequestId>{1, 2}));
+  EXPECT_TRUE(generation_of(b1).empty());
   EXPECT_EQ(b1.num_tokens, 9);
   advance(scheduler, b1);
 
   scheduler.add(make_seq(3, 8, 12));  // 2 generation tokens + 8 = 10 fits
   scheduler.add(make_seq(4, 1, 12));  // batch is full (3 sequences)
   ScheduledBatch b2 = scheduler.schedule();
-  EXPECT_EQ(ids(b2.context), (std::vector<RequestId>{3}));
-  EXPECT_EQ(ids(b2.generation), (std::vector<RequestId>{1, 2}));
+  EXPECT_EQ(ids(context_of(b2)), (std::vector<RequestId>{3}));
+  EXPECT_EQ(ids(generation_of(b2)), (std::vector<RequestId>{1, 2}));
   EXPECT_EQ(b2.num_tokens, 10);
   EXPECT_EQ(scheduler.num_waiting(), 1);
-  for (const auto& seq : b2.generation) {
+  for (const auto& seq : generation_of(b2)) {
     EXPECT_EQ(seq->num_new_tokens(), 1);
     EXPECT_GE(kv.num_tokens(seq->id), seq->num_tokens);  // KV covers the token being fed
   }
@@ -73,7 +80,7 @@ TEST(Scheduler, TokenBudgetBlocksTheQueueHeadFirstComeFirstServed) {
   scheduler.add(make_seq(2, 6, 20));  // 6 + 6 > 10: waits
   scheduler.add(make_seq(3, 2, 20));  // would fit, but must not overtake 2
   ScheduledBatch b = scheduler.schedule();
-  EXPECT_EQ(ids(b.context), (std::vector<RequestId>{1}));
+  EXPECT_EQ(ids(context_of(b)), (std::vector<RequestId>{1}));
   EXPECT_EQ(scheduler.num_waiting(), 2);
 }
 
@@ -83,13 +90,13 @@ TEST(Scheduler, GuaranteedNoEvictReservesWholeLength) {
   scheduler.add(make_seq(1, 4, 16));  // holds 1 block now, reserves 4
   scheduler.add(make_seq(2, 4, 12));  // needs 3; 5 free but only 2 unreserved
   ScheduledBatch b = scheduler.schedule();
-  EXPECT_EQ(ids(b.context), (std::vector<RequestId>{1}));
+  EXPECT_EQ(ids(context_of(b)), (std::vector<RequestId>{1}));
   EXPECT_EQ(kv.num_free_blocks(), 5);
   EXPECT_EQ(scheduler.num_waiting(), 1);
   scheduler.remove(1);
   EXPECT_EQ(kv.num_free_blocks(), 6);
   b = scheduler.schedule();
-  EXPECT_EQ(ids(b.context), (std::vector<RequestId>{2}));
+  EXPECT_EQ(ids(context_of(b)), (std::vector<RequestId>{2}));
 }
 
 TEST(Scheduler, AddRejectsSequencesThatCanNeverRun) {
@@ -150,17 +157,16 @@ TEST(Scheduler, RandomWorkloadRunsToCompletion) {
       ASSERT_LE(batch.num_seqs(), max_batch_size);
       ASSERT_LE(batch.num_tokens, max_num_tokens);
       int32_t num_tokens = 0;
-      for (const auto& seq : batch.context) {
+      for (const auto& seq : context_of(batch)) {
         ASSERT_EQ(seq->num_cached_tokens, 0);
         admitted.push_back(seq->id);
       }
-      for (const auto& seq : batch.generation) ASSERT_EQ(seq->num_new_tokens(), 1);
-      for (const auto* list : {&batch.context, &batch.generation})
-        for (const auto& seq : *list) {
-          num_tokens += seq->num_new_tokens();
-          ASSERT_GE(kv.num_tokens(seq->id), seq->num_tokens);
-          ASSERT_GE(static_cast<int64_t>(kv.block_ids(seq->id).size()) * tokens_per_block, seq->num_tokens);
-        }
+      for (const auto& seq : generation_of(batch)) ASSERT_EQ(seq->num_new_tokens(), 1);
+      for (const auto& seq : batch.seqs) {
+        num_tokens += seq->num_new_tokens();
+        ASSERT_GE(kv.num_tokens(seq->id), seq->num_tokens);
+        ASSERT_GE(static_cast<int64_t>(kv.block_ids(seq->id).size()) * tokens_per_block, seq->num_tokens);
+      }
       ASSERT_EQ(num_tokens, batch.num_tokens);
       if (scheduler.has_work()) {
         ASSERT_FALSE(batch.empty()) << "no progress at step " << step;
@@ -188,16 +194,15 @@ std::vector<RequestId> advance_chunks(Scheduler& scheduler, KVCacheManager& kv, 
                                       NextToken next_token) {
   std::vector<RequestId> finished;
   kv.finish_copies();  // the step's copy stage (partially reused blocks) before its forward
-  for (const auto* list : {&batch.context, &batch.generation})
-    for (const auto& seq : *list) {
-      const bool completes = seq->num_cached_tokens + seq->num_scheduled_tokens == seq->num_tokens;
-      seq->num_cached_tokens += seq->num_scheduled_tokens;
-      kv.store(seq->id, seq->token_ids, seq->num_cached_tokens);
-      if (!completes) continue;
-      seq->token_ids.push_back(next_token(*seq));
-      seq->num_tokens += 1;
-      if (seq->num_tokens >= seq->max_num_tokens) finished.push_back(seq->id);
-    }
+  for (const auto& seq : batch.seqs) {
+    const bool completes = seq->num_cached_tokens + seq->num_scheduled_tokens == seq->num_tokens;
+    seq->num_cached_tokens += seq->num_scheduled_tokens;
+    kv.store(seq->id, seq->token_ids, seq->num_cached_tokens);
+    if (!completes) continue;
+    seq->token_ids.push_back(next_token(*seq));
+    seq->num_tokens += 1;
+    if (seq->num_tokens >= seq->max_num_tokens) finished.push_back(seq->id);
+  }
   for (RequestId id : finished) EXPECT_TRUE(scheduler.remove(id));
   return finished;
 }
@@ -216,14 +221,38 @@ TEST(Scheduler, ChunkedPrefillAdvancesInBlockMultiplesWhileGenerationRuns) {
   while (true) {
     ScheduledBatch b = scheduler.schedule();
     ASSERT_LE(b.num_tokens, 10);
-    if (b.context.empty()) break;
-    ASSERT_EQ(ids(b.generation), (std::vector<RequestId>{1}));  // generation never waits
-    ASSERT_EQ(ids(b.context), (std::vector<RequestId>{2}));
-    chunks.push_back(b.context[0]->num_scheduled_tokens);
+    if (context_of(b).empty()) break;
+    ASSERT_EQ(ids(generation_of(b)), (std::vector<RequestId>{1}));  // generation never waits
+    ASSERT_EQ(ids(context_of(b)), (std::vector<RequestId>{2}));
+    chunks.push_back(context_of(b)[0]->num_scheduled_tokens);
     advance_chunks(scheduler, kv, b, token_from_length);
   }
   // 9 tokens of budget after the generation token: chunks of 8 (two blocks) until the rest fits.
   EXPECT_EQ(chunks, (std::vector<int32_t>{8, 8, 9}));
+}
+
+// One list per step: running prompt chunks, then admitted prompts, then generation sequences, each
+// part in scheduling order, with the flag and the counts telling the parts apart.
+TEST(Scheduler, OneListPacksContextSequencesFirst) {
+  KVCacheManager kv(100, 4);
+  Scheduler scheduler({CapacityPolicy::kGuaranteedNoEvict, 4, 12, /*enable_chunked_prefill=*/true}, kv);
+  scheduler.add(make_seq_with_tokens(1, {1, 2}, 40));
+  scheduler.add(make_seq_with_tokens(2, std::vector<int32_t>(20, 7), 40));
+  ScheduledBatch b1 = scheduler.schedule();  // 2 tokens of 1, a chunk of 8 of 2
+  EXPECT_EQ(ids(b1.seqs), (std::vector<RequestId>{1, 2}));
+  EXPECT_EQ(b1.num_context_seqs, 2);
+  advance_chunks(scheduler, kv, b1, token_from_length);  // 1 is generating; 2 has 12 tokens left
+  scheduler.add(make_seq_with_tokens(3, {5, 6}, 40));
+  ScheduledBatch b2 = scheduler.schedule();  // 1 decode token, a chunk of 8 of 2, 2 tokens of 3
+  EXPECT_EQ(ids(b2.seqs), (std::vector<RequestId>{2, 3, 1}));
+  EXPECT_EQ(b2.num_context_seqs, 2);
+  EXPECT_EQ(b2.num_generation_seqs(), 1);
+  EXPECT_TRUE(b2.is_context(0) && b2.is_context(1) && !b2.is_context(2));
+  EXPECT_EQ(b2.seqs[0]->num_scheduled_tokens, 8);
+  EXPECT_EQ(b2.seqs[1]->num_scheduled_tokens, 2);
+  EXPECT_EQ(b2.seqs[2]->num_scheduled_tokens, 1);
+  EXPECT_EQ(b2.num_tokens, 11);
+  for (const auto& seq : b2.seqs) EXPECT_EQ(kv.num_tokens(seq->id), seq->num_cached_tokens + seq->num_scheduled_tokens);
 }
 
 TEST(Scheduler, WithoutChunkingALongPromptIsRejected) {
@@ -243,9 +272,9 @@ TEST(Scheduler, NewSequenceTakesTheCachedPrefixAndComputesTheRest) {
   prompt[13] = 99;
   scheduler.add(make_seq_with_tokens(2, prompt, 20));
   ScheduledBatch b = scheduler.schedule();
-  ASSERT_EQ(ids(b.context), (std::vector<RequestId>{2}));
-  EXPECT_EQ(b.context[0]->num_cached_tokens, 12);
-  EXPECT_EQ(b.context[0]->num_scheduled_tokens, 2);
+  ASSERT_EQ(ids(context_of(b)), (std::vector<RequestId>{2}));
+  EXPECT_EQ(context_of(b)[0]->num_cached_tokens, 12);
+  EXPECT_EQ(context_of(b)[0]->num_scheduled_tokens, 2);
   EXPECT_EQ(b.num_tokens, 2);
   EXPECT_EQ(kv.stats().num_reused_tokens, 12);
 }
@@ -262,11 +291,11 @@ TEST(Scheduler, PartialBlockReuseAndItsFallbackWhenThePoolIsTight) {
     scheduler.remove(1);
     scheduler.add(make_seq_with_tokens(2, {1, 2, 3, 4, 5, 6, 0, 0, 0}, 16));  // shares 6 tokens
     ScheduledBatch b = scheduler.schedule();
-    ASSERT_EQ(ids(b.context), (std::vector<RequestId>{2}));
+    ASSERT_EQ(ids(context_of(b)), (std::vector<RequestId>{2}));
     // 16 tokens take 4 blocks; pinning the source of the copy needs a fifth.
     const bool partial = num_blocks == 5;
-    EXPECT_EQ(b.context[0]->num_cached_tokens, partial ? 6 : 4) << num_blocks << " blocks";
-    EXPECT_EQ(b.context[0]->num_scheduled_tokens, partial ? 3 : 5);
+    EXPECT_EQ(context_of(b)[0]->num_cached_tokens, partial ? 6 : 4) << num_blocks << " blocks";
+    EXPECT_EQ(context_of(b)[0]->num_scheduled_tokens, partial ? 3 : 5);
     EXPECT_EQ(kv.pending_copies().size(), partial ? 1u : 0u);
     EXPECT_EQ(kv.stats().num_partial_reused_blocks, partial ? 1 : 0);
     if (partial) {
@@ -283,21 +312,21 @@ TEST(Scheduler, MaxUtilizationPreemptsTheNewestAndResumesIt) {
   scheduler.add(make_seq_with_tokens(1, {1, 2, 3}, 8));
   scheduler.add(make_seq_with_tokens(2, {4, 5, 6}, 8));
   ScheduledBatch b = scheduler.schedule();  // both admitted greedily: 2 + 2 blocks
-  EXPECT_EQ(ids(b.context), (std::vector<RequestId>{1, 2}));
+  EXPECT_EQ(ids(context_of(b)), (std::vector<RequestId>{1, 2}));
   advance_chunks(scheduler, kv, b, token_from_length);  // 4 tokens each: still 2 blocks each
   b = scheduler.schedule();
   EXPECT_EQ(b.num_preempted, 0);
   advance_chunks(scheduler, kv, b, token_from_length);  // 5 tokens each: 1 needs a third block
   b = scheduler.schedule();
   EXPECT_EQ(b.num_preempted, 1);
-  EXPECT_EQ(ids(b.generation), (std::vector<RequestId>{1}));
-  EXPECT_TRUE(b.context.empty());
+  EXPECT_EQ(ids(generation_of(b)), (std::vector<RequestId>{1}));
+  EXPECT_TRUE(context_of(b).empty());
   EXPECT_EQ(scheduler.num_waiting(), 1);
   EXPECT_EQ(scheduler.num_preemptions(), 1);
   std::vector<RequestId> finished;
   for (int step = 0; step < 20 && scheduler.has_work(); ++step) {
     b = scheduler.schedule();
-    for (const auto& seq : b.context)
+    for (const auto& seq : context_of(b))
       if (seq->id == 2) {
         EXPECT_EQ(seq->num_cached_tokens, 0);
         EXPECT_EQ(seq->num_scheduled_tokens, 5);  // prompt + generated tokens recomputed
@@ -344,12 +373,11 @@ TEST(Scheduler, RandomWorkloadWithReuseChunksAndPreemption) {
       ScheduledBatch batch = scheduler.schedule();
       ASSERT_LE(batch.num_seqs(), max_batch_size);
       ASSERT_LE(batch.num_tokens, max_num_tokens);
-      for (const auto* list : {&batch.context, &batch.generation})
-        for (const auto& seq : *list) {
-          ASSERT_GE(seq->num_scheduled_tokens, 1);
-          ASSERT_EQ(kv.num_tokens(seq->id), seq->num_cached_tokens + seq->num_scheduled_tokens);
-        }
-      for (const auto& seq : batch.generation) ASSERT_EQ(seq->num_scheduled_tokens, 1);
+      for (const auto& seq : batch.seqs) {
+        ASSERT_GE(seq->num_scheduled_tokens, 1);
+        ASSERT_EQ(kv.num_tokens(seq->id), seq->num_cached_tokens + seq->num_scheduled_tokens);
+      }
+      for (const auto& seq : generation_of(batch)) ASSERT_EQ(seq->num_scheduled_tokens, 1);
       if (policy == CapacityPolicy::kGuaranteedNoEvict) {
         ASSERT_EQ(batch.num_preempted, 0);
       }

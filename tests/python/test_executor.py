@@ -2,6 +2,7 @@
 last token: logits = lm_head @ embed[last]. The reference is that formula in float64 numpy, so
 every greedy sequence, stop, length cap and logprob has an exact expected value.
 """
+import gc
 import json
 import threading
 import time
@@ -275,6 +276,34 @@ def test_shutdown_cancels_pending_and_is_idempotent(long_markov):
     with pytest.raises(_core.RtllmError, match="shut down"):
         executor.enqueue(greedy_request([1], 2))
     assert executor.await_responses(1000) == []  # returns at once: nothing will come
+
+
+def test_shutdown_releases_the_model_runner_at_once(markov):
+    """shutdown() deletes the runner (weights, KV pool, workspace) while the Executor object lives on;
+    what stays readable still works, and so does a new executor on the same engine."""
+    engine, next_logits = markov
+    gc.collect()  # executors other tests dropped go now, not in the middle of the counts below
+    before = _core.Executor.num_live_runners()
+    executor = make_executor(engine)
+    assert _core.Executor.num_live_runners() == before + 1
+    rid = executor.enqueue(greedy_request([3, 4], 5))
+    assert list(collect(executor, [rid])[rid][-1].token_ids) == greedy_reference(next_logits, [3, 4], 5)
+    executor.shutdown()
+    assert _core.Executor.num_live_runners() == before
+    assert executor.get_stats().num_completed_requests == 1
+    assert len(executor.get_iteration_stats()) >= 1
+    with pytest.raises(_core.RtllmError, match="shut down"):
+        executor.enqueue(greedy_request([1], 2))
+    executor.shutdown()
+    assert _core.Executor.num_live_runners() == before
+
+    second = make_executor(engine)
+    assert _core.Executor.num_live_runners() == before + 1
+    rid = second.enqueue(greedy_request([3, 4], 5))
+    assert list(collect(second, [rid])[rid][-1].token_ids) == greedy_reference(next_logits, [3, 4], 5)
+    del second  # never shut down: the destructor does it
+    gc.collect()
+    assert _core.Executor.num_live_runners() == before
 
 
 def test_enqueue_from_many_threads(markov):

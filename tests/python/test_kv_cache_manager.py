@@ -1,10 +1,11 @@
 """Property test of the KV-cache manager through its binding: hypothesis drives random sequences of
 allocate (sharing the longest cached prefix, and the leading tokens of a partially shared block
-through a recorded copy) / copy / compute+store / append / free, with pool pressure so that reusable
-blocks are evicted, with cache salts and with a hash that always collides. After every operation,
-checked from Python against a model of each sequence's tokens: ref counts equal the holders (copy
-sources pinned until their copy runs), no block is both free and held, a shared block's tokens equal
-the sequence's, and at the end every block is back."""
+through a recorded copy) / copy / compute+store / allocate_slots (with lookahead) / rewind / free,
+with pool pressure so that reusable blocks are evicted, with cache salts and with a hash that always
+collides. After every operation, checked from Python against a model of each sequence's tokens:
+ref counts equal the holders (copy sources pinned until their copy runs), no block is both free and
+held, a shared block's tokens equal the sequence's, rewind is allowed exactly down to the stored
+blocks, and at the end every block is back."""
 from collections import Counter
 
 import hypothesis.strategies as st
@@ -28,6 +29,7 @@ class KvCacheMachine(RuleBasedStateMachine):
         self.tokens = {}    # seq -> all its tokens
         self.computed = {}  # seq -> tokens whose K/V are "computed"
         self.keys = {}      # seq -> extra key
+        self.stored = {}    # seq -> leading blocks taken from the cache or stored
 
     @rule(seq=st.integers(0, 5), stem=st.sampled_from(STEMS), length=st.integers(1, 9),
           suffix=st.lists(st.integers(1, 2), max_size=3), salt=st.sampled_from(SALTS))
@@ -64,6 +66,7 @@ class KvCacheMachine(RuleBasedStateMachine):
             assert not self.kv.is_registered(copies[-1][1])
         assert len(copies) == num_copies + len(sources)
         self.tokens[seq], self.computed[seq], self.keys[seq] = tokens, num_cached, key
+        self.stored[seq] = len(match.block_ids)
 
     @rule()
     def run_copies(self):
@@ -79,21 +82,37 @@ class KvCacheMachine(RuleBasedStateMachine):
         n = data.draw(st.integers(1, len(self.tokens[seq]) - self.computed[seq] or 1))
         self.computed[seq] = min(len(self.tokens[seq]), self.computed[seq] + n)
         self.kv.store(seq, self.tokens[seq], self.computed[seq])
+        self.stored[seq] = max(self.stored[seq], self.computed[seq] // self.tpb)
 
     @precondition(lambda self: self.tokens)
-    @rule(data=st.data(), token=st.integers(1, 2))
-    def append(self, data, token):
+    @rule(data=st.data(), new=st.lists(st.integers(1, 2), max_size=3), lookahead=st.integers(0, 5))
+    def allocate_slots(self, data, new, lookahead):
         seq = data.draw(st.sampled_from(sorted(self.tokens)))
-        if self.kv.can_append(seq, 1):
-            self.kv.append(seq, 1)
-            self.tokens[seq].append(token)
+        if self.kv.can_allocate_slots(seq, len(new), lookahead):
+            self.kv.allocate_slots(seq, len(new), lookahead)
+            self.tokens[seq] += new
+            assert self.kv.num_lookahead_tokens(seq) == lookahead
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), n=st.integers(0, 6))
+    def rewind(self, data, n):
+        """Only slots past the stored blocks may go: those blocks are never written again."""
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        tokens = self.tokens[seq]
+        can = n <= len(tokens) - self.stored[seq] * self.tpb
+        assert self.kv.can_rewind(seq, n) == can
+        if not can:
+            return
+        self.kv.rewind(seq, n)
+        del tokens[len(tokens) - n:]
+        self.computed[seq] = min(self.computed[seq], len(tokens))
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
     def free(self, data):
         seq = data.draw(st.sampled_from(sorted(self.tokens)))
         self.kv.free(seq)
-        for d in (self.tokens, self.computed, self.keys):
+        for d in (self.tokens, self.computed, self.keys, self.stored):
             del d[seq]
 
     @invariant()
@@ -103,7 +122,8 @@ class KvCacheMachine(RuleBasedStateMachine):
         holders = Counter()
         for seq, tokens in self.tokens.items():
             blocks = self.kv.block_ids(seq)
-            assert len(blocks) == self.kv.num_blocks_for(len(tokens)) and self.kv.num_tokens(seq) == len(tokens)
+            num_slots = len(tokens) + self.kv.num_lookahead_tokens(seq)
+            assert len(blocks) == self.kv.num_blocks_for(num_slots) and self.kv.num_tokens(seq) == len(tokens)
             assert len(set(blocks)) == len(blocks)
             holders.update(blocks)
             for i, b in enumerate(blocks):

@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import rtllm
-from rtllm import LLM, BuildConfig, KvCacheConfig, SamplingParams
+from rtllm import LLM, BuildConfig, KvCacheConfig, SamplingParams, _core
 from rtllm.models import AutoModelForCausalLM
 
 from hf_reference import hf_greedy, hf_last_logits, load_hf_model
@@ -322,6 +322,24 @@ def test_engine_dir_and_context_manager(checkpoint, tmp_path, llm):
     engine_llm.shutdown()  # idempotent
     with pytest.raises(ValueError, match="build_config"):
         LLM(engine_dir, build_config=BuildConfig())
+
+
+def test_shutdown_and_with_block_give_the_runner_back(checkpoint):
+    """The model runner (on CUDA: weights, KV pool, workspace) goes at shutdown() or at the end of a
+    `with` block, while the LLM object is still referenced, not when it is garbage-collected."""
+    gc.collect()  # LLMs other tests dropped go now, not in the middle of the counts below
+    before = _core.Executor.num_live_runners()
+    with LLM(checkpoint, kv_cache_config=KV, **LIMITS) as llm:
+        assert _core.Executor.num_live_runners() == before + 1
+        out = llm.generate("x", SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)
+    assert _core.Executor.num_live_runners() == before
+    assert llm.get_stats()["num_completed_requests"] == 1
+    llm = LLM(checkpoint, kv_cache_config=KV, **LIMITS)
+    assert _core.Executor.num_live_runners() == before + 1
+    again = llm.generate("x", SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)
+    llm.shutdown()
+    assert _core.Executor.num_live_runners() == before
+    assert again.outputs[0].token_ids == out.outputs[0].token_ids
 
 
 def test_temporary_engine_removed_on_shutdown(checkpoint):

@@ -121,11 +121,18 @@ class RTLLM_API Executor {
   std::vector<IterationStats> get_iteration_stats();
   // KV-cache events since the last call (kv_cache.event_buffer_max_size bounds the buffer).
   std::vector<KvCacheEvent> get_kv_cache_events();
-  // Stops the loop thread; pending requests end with kCancelled. Idempotent.
+  // Stops the loop thread (pending requests end with kCancelled), then deletes the model runner:
+  // its weights, KV pool and workspace are given back before shutdown returns, not when the
+  // Executor is destroyed. Stats, iteration stats, events and engine() stay readable; enqueue then
+  // throws. Idempotent.
   void shutdown();
   bool is_shutdown() const;
 
   const Engine& engine() const;
+
+  // Model runners alive in this process's executors: each executor holds one from construction
+  // until shutdown(). Lets tests see that shutdown gave a runner's memory back.
+  static int64_t num_live_runners();
 
  private:
   struct Impl;

@@ -24,9 +24,27 @@
 // acknowledges with finish_copies(). The source is pinned (held) until then, so taking blocks in the
 // meantime can never evict it. The private block is registered like any other once it is full.
 //
+// Token-based growth (vLLM v1's allocate_slots): each step grows a sequence by the tokens it feeds
+// (a prompt chunk, one decode token, or 1 + k draft tokens) and may reserve lookahead slots after
+// them, room for K/V that draft tokens will need. A sequence holds exactly the blocks covering
+// num_tokens + num_lookahead_tokens slots. rewind() drops slots at the end (rejected draft tokens).
+//
+// The rewind rule. A sequence's leading blocks are its stored ones: prefix blocks it took from the
+// cache and full blocks it passed to store(). They may be shared with other sequences or registered
+// under their tokens, so they are never written again (a stored block equal to one registered
+// already stays private, but is treated the same). Every block after them is private: taken from
+// the free list (or the destination of a partial copy), held by this sequence alone, never
+// registered. rewind() only drops slots after the stored blocks, so the blocks it releases go
+// straight back to the free list, and the block it cuts into is private and may be written with
+// other tokens. A registered block therefore never loses the tokens it is registered under, and its
+// K/V stay those of its tokens. Callers store only tokens they keep (speculative decoding stores
+// verified tokens only), so rejected draft tokens are always past the stored blocks; rewinding
+// further throws.
+//
 // Every block is in exactly one state: held (ref_count >= 1: sequences and copy pins), free
-// (ref_count 0, not registered) or reusable (ref_count 0, registered, in the LRU list). Verbs come in query/mutate pairs:
-// can_allocate/allocate, can_append/append; free releases all blocks of a sequence.
+// (ref_count 0, not registered) or reusable (ref_count 0, registered, in the LRU list). Verbs come
+// in query/mutate pairs: can_allocate/allocate, can_allocate_slots/allocate_slots,
+// can_rewind/rewind; free releases all blocks of a sequence.
 #pragma once
 
 #include <cstdint>
@@ -140,10 +158,23 @@ class RTLLM_API KVCacheManager {
   // The copies ran (or were dropped with their step): unpins the sources and clears the list.
   void finish_copies();
 
-  // Whether `seq` can grow by num_new_tokens slots (it may need no new block at all).
-  bool can_append(RequestId seq, int64_t num_new_tokens) const;
-  // Grows `seq` by num_new_tokens slots, taking new blocks as the last one fills.
-  void append(RequestId seq, int64_t num_new_tokens);
+  // Whether allocate_slots(seq, num_new_tokens, num_lookahead_tokens) has the blocks it needs (it
+  // may need none). Throws Error for an unknown sequence.
+  bool can_allocate_slots(RequestId seq, int64_t num_new_tokens, int64_t num_lookahead_tokens = 0) const;
+  // Grows `seq` by num_new_tokens slots (the tokens this step feeds) and sets its lookahead reserve
+  // to num_lookahead_tokens slots after them: the reserve is set, not added, since each step states
+  // what it needs; blocks a smaller reserve leaves empty go back to the free list. New blocks are
+  // private (see the rewind rule). Throws Error for a negative count or when the blocks do not
+  // suffice (check can_allocate_slots first).
+  void allocate_slots(RequestId seq, int64_t num_new_tokens, int64_t num_lookahead_tokens = 0);
+
+  // Whether rewind(seq, num_tokens) is allowed: 0 <= num_tokens and the slots left still cover the
+  // sequence's stored blocks (see the rewind rule above).
+  bool can_rewind(RequestId seq, int64_t num_tokens) const;
+  // Drops the last num_tokens slots of `seq` (rejected draft tokens); its lookahead reserve stays,
+  // after the slots left. Blocks left empty go back to the free list, last first, and a pending
+  // copy into one of them is dropped. Throws Error unless can_rewind; nothing changes then.
+  void rewind(RequestId seq, int64_t num_tokens);
 
   // Registers the full blocks of `seq` whose K/V are computed, i.e. those within the first
   // num_computed_tokens of `tokens` (the sequence's tokens from position 0), for reuse. No-op with
@@ -158,7 +189,8 @@ class RTLLM_API KVCacheManager {
   bool contains(RequestId seq) const;
   // The blocks of `seq` in token order. Throws Error for an unknown sequence.
   const std::vector<int32_t>& block_ids(RequestId seq) const;
-  int64_t num_tokens(RequestId seq) const;  // slots held by `seq`
+  int64_t num_tokens(RequestId seq) const;  // slots of `seq`'s tokens (the lookahead reserve excluded)
+  int64_t num_lookahead_tokens(RequestId seq) const;  // slots reserved after them
 
   int32_t num_total_blocks() const { return static_cast<int32_t>(blocks_.size()); }
   // Blocks a sequence may take: free ones and reusable ones (evicted on demand).
@@ -177,7 +209,11 @@ class RTLLM_API KVCacheManager {
   int32_t ref_count(int32_t block_id) const { return blocks_.at(block_id).ref_count; }
   bool is_registered(int32_t block_id) const { return blocks_.at(block_id).is_registered; }
   const std::vector<int32_t>& block_tokens(int32_t block_id) const { return blocks_.at(block_id).tokens; }
-  // Throws Error unless every block is in exactly one state and ref counts equal the holders.
+  // Debug check, O(num_blocks + held blocks); throws Error naming the first broken invariant:
+  // every block is in exactly one state (held, free or reusable; so none leaks and held + free +
+  // reusable == total), ref counts equal the holders (sequences and copy pins), no sequence holds
+  // a block twice, a sequence holds num_blocks_for(num_tokens + num_lookahead_tokens) blocks, and
+  // its blocks past the stored ones are private (unregistered, held by it alone).
   void check_invariants() const;
 
  private:
@@ -194,10 +230,11 @@ class RTLLM_API KVCacheManager {
     std::list<int32_t>::iterator lru_it;  // valid while reusable
   };
   struct SequenceBlocks {
-    std::vector<int32_t> block_ids;
+    std::vector<int32_t> block_ids;  // covering num_tokens + num_lookahead_tokens slots
     int64_t num_tokens = 0;
+    int64_t num_lookahead_tokens = 0;
     uint64_t extra_key = 0;
-    int32_t num_stored_blocks = 0;  // leading blocks already passed to store()
+    int32_t num_stored_blocks = 0;  // leading blocks taken from the cache or passed to store()
     // Key of the last stored block (the registered one with equal content for a duplicate).
     uint64_t last_hash = 0, last_identity = 0;
   };
@@ -210,6 +247,7 @@ class RTLLM_API KVCacheManager {
                       const int32_t* tokens);
   void hold(int32_t b);
   void release(int32_t b);
+  void release_tail(SequenceBlocks& blocks, size_t num_kept);
   int32_t take_free_block();
   void unregister(int32_t b);
   void push_event(KvCacheEvent event);

@@ -63,15 +63,21 @@ struct Sequence {
   bool is_context() const { return num_cached_tokens < num_prompt_tokens || num_new_tokens() > 1; }
 };
 
-// One step's work in packing order: context sequences first, then generation sequences.
+// One step's work: each sequence with the count of tokens it feeds (its num_scheduled_tokens), a
+// prompt chunk, one decode token (later 1 + k draft tokens), in packing order: the context
+// sequences first, then the generation ones.
 struct ScheduledBatch {
-  std::vector<std::shared_ptr<Sequence>> context;
-  std::vector<std::shared_ptr<Sequence>> generation;
-  int32_t num_tokens = 0;  // sum of num_scheduled_tokens over both lists
+  // [num_seqs]: seqs[i] is a context sequence (a prompt, a chunk of one or a recompute after
+  // preemption) iff i < num_context_seqs, else a generation sequence (one token).
+  std::vector<std::shared_ptr<Sequence>> seqs;
+  int32_t num_context_seqs = 0;
+  int32_t num_tokens = 0;     // sum of num_scheduled_tokens over seqs
   int32_t num_preempted = 0;  // sequences sent back to the waiting queue by this schedule()
 
-  int32_t num_seqs() const { return static_cast<int32_t>(context.size() + generation.size()); }
-  bool empty() const { return num_seqs() == 0; }
+  int32_t num_seqs() const { return static_cast<int32_t>(seqs.size()); }
+  int32_t num_generation_seqs() const { return num_seqs() - num_context_seqs; }
+  bool is_context(size_t index) const { return index < static_cast<size_t>(num_context_seqs); }
+  bool empty() const { return seqs.empty(); }
 };
 
 class RTLLM_API Scheduler {
@@ -84,7 +90,8 @@ class RTLLM_API Scheduler {
   // KV pool (it could never run).
   void add(std::shared_ptr<Sequence> seq);
   // Picks the next step's sequences, sets their num_scheduled_tokens and grows their KV blocks to
-  // cover them (preempting under MAX_UTILIZATION). Returns an empty batch when nothing can run.
+  // cover them with KVCacheManager::allocate / allocate_slots (preempting under MAX_UTILIZATION).
+  // Returns an empty batch when nothing can run.
   ScheduledBatch schedule();
   // Drops a sequence (finished, cancelled or failed) from whichever queue holds it and frees its
   // blocks. Returns false if the scheduler does not hold it.
@@ -102,6 +109,8 @@ class RTLLM_API Scheduler {
   bool schedule_running(size_t index, Budget& budget, ScheduledBatch& batch);
   void admit_waiting(Budget& budget, ScheduledBatch& batch);
   int32_t fit(Sequence& seq, const PrefixMatch& prefix, const Budget& budget) const;
+  void take(std::shared_ptr<Sequence> seq, int32_t num_chunk, bool is_context, Budget& budget,
+            ScheduledBatch& batch) const;
   void preempt_newest(ScheduledBatch& batch);
   int64_t num_reserved_blocks() const;
   bool can_admit(const Sequence& seq, const PrefixMatch& prefix, int32_t num_slots) const;
