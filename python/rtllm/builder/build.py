@@ -7,7 +7,9 @@ from . import passes
 from .engine import FORMAT_VERSION, Engine, rtllm_version
 from .tensor import Network
 
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
+# Weight dtype choices: BuildConfig.dtype, from_hugging_face(dtype=) and every --dtype option. "auto" keeps
+# the checkpoint's dtype.
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEFAULT_MAX_INPUT_LEN = 1024
 
 
@@ -39,8 +41,8 @@ class BuildConfig:
             # a prompt must fit one step until chunked prefill exists
             raise ValueError(f"BuildConfig.max_num_tokens={self.max_num_tokens} is less than "
                              f"max_input_len={self.max_input_len}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"BuildConfig.dtype={self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"BuildConfig.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not isinstance(self.fuse, bool):
             raise ValueError(f"BuildConfig.fuse={self.fuse!r} must be a bool")
 
