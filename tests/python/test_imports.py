@@ -49,3 +49,10 @@ def test_runtime_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_top_level_names():
+    from rtllm.mapping import Mapping
+    from rtllm.quantization import QuantAlgo, QuantConfig
+    assert (rtllm.Mapping, rtllm.QuantConfig, rtllm.QuantAlgo) == (Mapping, QuantConfig, QuantAlgo)
+    assert {"Mapping", "QuantConfig", "QuantAlgo"} <= set(rtllm.__all__)
