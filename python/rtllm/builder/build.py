@@ -5,6 +5,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
+from ..mapping import Mapping
 from ..quantization import QuantConfig, check_supported, quantize
 from . import passes
 from .engine import FORMAT_VERSION, Engine, rtllm_version
@@ -93,6 +94,7 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
     build_config = (build_config or BuildConfig()).resolved(model.config.max_position_embeddings)
     quant_config = quant_config or QuantConfig()
     check_supported(quant_config)  # before any work
+    mapping = getattr(model, "mapping", None) or Mapping()
     model_config = dataclasses.replace(model.config)
     if build_config.dtype != "auto":
         model_config.dtype = build_config.dtype
@@ -119,7 +121,7 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
         "model_config": model_config.to_json(),
         "build_config": build_config.to_json(),
         "quantization": quant_config.to_dict(),
-        "mapping": {"tp_size": 1, "tp_rank": 0},
+        "mapping": {"tp_size": mapping.tp_size, "tp_rank": mapping.tp_rank},
         "graph": network.to_json(),
     }
     return Engine(config, weights, source_dir=getattr(model, "source_dir", None))
