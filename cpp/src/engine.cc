@@ -15,6 +15,7 @@ struct Engine::Impl {
   Json config;
   ModelConfig model;
   EngineLimits limits;
+  QuantSpec quant;
   Graph graph;
   std::unique_ptr<SafetensorsFile> file;
   std::unordered_map<std::string, size_t> weight_index;  // name -> index in file->tensors()
@@ -83,6 +84,24 @@ EngineLimits parse_limits(const Json& j) {
               "build_config limits must be positive (max_batch_size ", l.max_batch_size, ", max_input_len ",
               l.max_input_len, ", max_seq_len ", l.max_seq_len, ", max_num_tokens ", l.max_num_tokens, ")");
   return l;
+}
+
+// Refuses every quantization: no op kind runs quantized weights or a quantized KV cache yet.
+QuantSpec parse_quant(const Json& config) {
+  QuantSpec q;
+  if (!config.contains("quantization") || config.at("quantization").is_null()) return q;
+  const Json& j = config.at("quantization");
+  RTLLM_CHECK(j.is_object(), "\"quantization\" must be an object");
+  auto algo = [&](const char* key) {
+    return j.contains(key) && !j.at(key).is_null() ? j.at(key).as_string() : std::string("NO_QUANT");
+  };
+  q.quant_algo = algo("quant_algo");
+  q.kv_cache_quant_algo = algo("kv_cache_quant_algo");
+  RTLLM_CHECK(q.quant_algo == "NO_QUANT", "quant_algo ", q.quant_algo,
+              " is not supported: this rtllm runs unquantized engines only (quant_algo null or NO_QUANT)");
+  RTLLM_CHECK(q.kv_cache_quant_algo == "NO_QUANT", "kv_cache_quant_algo ", q.kv_cache_quant_algo,
+              " is not supported: this rtllm keeps the KV cache unquantized (kv_cache_quant_algo null or NO_QUANT)");
+  return q;
 }
 
 TensorSpec parse_tensor_spec(const Json& j) {
@@ -158,6 +177,7 @@ std::shared_ptr<const Engine> Engine::load(const std::string& dir, int32_t rank)
                                  kFormatVersion, " (", config_path, ")"));
     im.model = parse_model_config(im.config.at("model_config"));
     im.limits = parse_limits(im.config.at("build_config"));
+    im.quant = parse_quant(im.config);
     im.graph = parse_graph(im.config.at("graph"));
   } catch (const Error& e) {
     if (std::string(e.what()).find(config_path) != std::string::npos) throw;
@@ -176,6 +196,7 @@ const std::string& Engine::dir() const { return impl_->dir; }
 const Json& Engine::config() const { return impl_->config; }
 const ModelConfig& Engine::model_config() const { return impl_->model; }
 const EngineLimits& Engine::limits() const { return impl_->limits; }
+const QuantSpec& Engine::quant() const { return impl_->quant; }
 const Graph& Engine::graph() const { return impl_->graph; }
 
 bool Engine::has_weight(const std::string& name) const { return impl_->weight_index.count(name) > 0; }

@@ -15,6 +15,9 @@ _LAZY = {
     "BuildConfig": ("rtllm.builder", "BuildConfig"),
     "build": ("rtllm.builder", "build"),
     "Engine": ("rtllm.builder", "Engine"),
+    "QuantConfig": ("rtllm.quantization", "QuantConfig"),
+    "QuantAlgo": ("rtllm.quantization", "QuantAlgo"),
+    "Mapping": ("rtllm.mapping", "Mapping"),
 }
 
 
@@ -45,5 +48,6 @@ def __getattr__(name):
 
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "BuildConfig",
-           "KvCacheConfig", "SchedulerConfig", "CapacitySchedulerPolicy", "build", "Engine",
+           "KvCacheConfig", "SchedulerConfig", "CapacitySchedulerPolicy", "QuantConfig", "QuantAlgo", "Mapping",
+           "build", "Engine",
            "RtllmError", "__version__", "cmake_dir", "include_dir", "lib_dir"]

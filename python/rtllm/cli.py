@@ -5,9 +5,8 @@ import argparse
 import sys
 
 from rtllm.bench import add_bench_parser
+from rtllm.builder import DTYPES
 from rtllm.serve.cli import add_serve_parser
-
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def _add_build_parser(subparsers) -> None:

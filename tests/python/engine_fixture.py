@@ -136,7 +136,7 @@ def engine_config(model_config, limits, tensors, nodes, fused=True, format_versi
     return {
         "format_version": format_version, "rtllm_version": "0.1.0",
         "architecture": model_config["architecture"], "model_config": model_config,
-        "build_config": {**limits, "fuse": fused}, "quant_config": {"quant_algo": None},
+        "build_config": {**limits, "fuse": fused}, "quantization": {"quant_algo": None},
         "mapping": {"tp_size": 1, "tp_rank": 0},
         "graph": {
             "inputs": [spec("input_ids", "num_tokens"), spec("positions", "num_tokens"),

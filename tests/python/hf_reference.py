@@ -4,9 +4,22 @@ import torch
 from transformers import AutoModelForCausalLM
 
 # Every architecture the builder supports; "llama3" is Llama with llama3 rope scaling.
-ARCHITECTURES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+ARCHITECTURES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "granite"]
 VOCAB_SIZE = 300  # the test tokenizer's byte-level BPE needs >= 258
 BOS_ID, EOS_ID = 0, 1  # ids of "<s>" and "</s>" in the test tokenizer
+
+
+# rtllm's stacked parameters -> the HF projections they hold, in row order
+STACKED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def hf_tensor(tensors: dict, name: str):
+    """The HF tensor (torch, from `tensors`: name -> tensor) that rtllm parameter `name` holds; a stacked
+    one (model.layers.0.self_attn.qkv_proj.weight) is its HF parts concatenated along rows."""
+    parent, module, leaf = name.rsplit(".", 2) if name.count(".") >= 2 else ("", *name.split("."))
+    if module not in STACKED_PROJECTIONS:
+        return tensors[name]
+    return torch.cat([tensors[f"{parent}.{part}.{leaf}"] for part in STACKED_PROJECTIONS[module]])
 
 
 def load_hf_model(path):

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import make_hf_checkpoint
+from hf_reference import STACKED_PROJECTIONS, hf_tensor
 from rtllm.builder import BuildConfig, build
 from rtllm.builder.safetensors_io import SafetensorsFile, cast, float32_to_bf16, to_float32, write_safetensors
 from rtllm.models import AutoModelForCausalLM, parse_hf_config
@@ -31,10 +32,14 @@ def test_weights_bit_exact_vs_safetensors(tmp_path, dtype, sharded):
         expected.update(load_file(str(f)))
     model = AutoModelForCausalLM.from_hugging_face(tmp_path)
     params = dict(model.named_parameters())
-    assert set(params) - {"rope.inv_freq"} == set(expected)
-    for name, tensor in expected.items():
-        assert params[name].dtype == dtype
-        np.testing.assert_array_equal(params[name].load(), _torch_bits(tensor), err_msg=name)
+    del params["rope.inv_freq"]  # computed, not read
+    used = set()
+    for name, param in params.items():
+        assert param.dtype == dtype
+        np.testing.assert_array_equal(param.load(), _torch_bits(hf_tensor(expected, name)), err_msg=name)
+        parent, module, leaf = name.rsplit(".", 2)
+        used.update(f"{parent}.{part}.{leaf}" for part in STACKED_PROJECTIONS.get(module, [module]))
+    assert used == set(expected)  # every checkpoint tensor is read
 
 
 def test_bf16_conversions_match_torch():

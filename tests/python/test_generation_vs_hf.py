@@ -19,7 +19,7 @@ PROMPT_LENGTHS = [1, 3, 7, 12, 20, 33, 48, 64]  # a batch of 8 prompts of differ
 MAX_NEW_TOKENS = 12
 # (arch, weight dtype, tied embeddings): every architecture, tied and untied, bf16 and fp16 weights.
 VARIANTS = [(arch, "float32", False) for arch in ARCHITECTURES] + [
-    ("llama", "float32", True), ("qwen2", "float32", True),
+    ("llama", "float32", True), ("qwen2", "float32", True), ("granite", "float32", True),
     ("llama", "bfloat16", False), ("qwen3", "bfloat16", True), ("mistral", "float16", False)]
 # rtllm computes in float32 whatever the weight dtype, so it matches HF in float32 on the same
 # (upcast) weights equally closely for bf16/fp16 weights.
@@ -69,6 +69,17 @@ def test_greedy_batch_matches_hf(tiny_model, arch, dtype, tie):
     hf = load_hf_model(checkpoint)
     for prompt, output in zip(prompts, outputs):
         assert output.outputs[0].token_ids == hf_greedy(hf, prompt, MAX_NEW_TOKENS)
+
+
+def test_granite_3_multipliers_match_hf(tiny_model, tmp_path):
+    """Granite 3.x's own multipliers (not powers of two), folded into float32 weights."""
+    checkpoint = tiny_model("granite", embedding_multiplier=12.0, residual_multiplier=0.22,
+                            attention_multiplier=0.0078125, logits_scaling=8.0)
+    prompts = random_prompts(np.random.default_rng(6), PROMPT_LENGTHS)
+    logits = runner_last_logits(build_engine(checkpoint, tmp_path / "engine"), prompts)
+    hf = load_hf_model(checkpoint)
+    for prompt, row in zip(prompts, logits):
+        assert relative_error(row, hf_last_logits(hf, prompt)) < LOGITS_RTOL
 
 
 def test_greedy_alone_equals_in_batch(tiny_model):

@@ -6,7 +6,7 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rtllm.llmapi.tokenizer import IncrementalDetokenizer, TokenizerWrapper
+from rtllm.llmapi import IncrementalDetokenizer, TokenizerWrapper
 from tokenizer_fixture import CORPUS, make_tokenizer
 
 TEXTS = ["Hello world!", "Café naïve 你好，世界 😀🚀👍🏽", "日本語 한국어 Русский", "  spaces\tand\nlines  ", "x"]

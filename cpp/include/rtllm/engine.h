@@ -37,6 +37,13 @@ struct EngineLimits {
   int32_t max_num_tokens = 0;  // packed tokens per step
 };
 
+// config.json's "quantization" section (rtllm.QuantConfig); algorithms by TensorRT-LLM name. An engine
+// without the section, or with null algorithms, is unquantized: both read as "NO_QUANT".
+struct QuantSpec {
+  std::string quant_algo = "NO_QUANT";
+  std::string kv_cache_quant_algo = "NO_QUANT";
+};
+
 // A dimension of a graph tensor: a fixed size or one of the two step-dependent sizes.
 struct Dim {
   enum class Kind { kFixed, kNumTokens, kNumSeqs };
@@ -79,7 +86,8 @@ class RTLLM_API Engine {
   static constexpr int32_t kFormatVersion = 1;
 
   // Reads dir/config.json and memory-maps dir/rank{rank}.engine. Throws Error naming the file
-  // for a missing, truncated or corrupt file, and naming both versions for another format version.
+  // for a missing, truncated or corrupt file, naming both versions for another format version, and
+  // naming the algorithm for a quantized engine (only unquantized engines run so far).
   static std::shared_ptr<const Engine> load(const std::string& dir, int32_t rank = 0);
 
   ~Engine();
@@ -90,6 +98,7 @@ class RTLLM_API Engine {
   const Json& config() const;  // the whole config.json
   const ModelConfig& model_config() const;
   const EngineLimits& limits() const;
+  const QuantSpec& quant() const;
   const Graph& graph() const;
   bool has_weight(const std::string& name) const;
   const Weight& weight(const std::string& name) const;  // throws Error naming the missing weight

@@ -30,7 +30,7 @@ _positive_int = _int_at_least(1)
 
 
 def _add_engine_args(p) -> None:
-    from rtllm.cli import DTYPES
+    from rtllm.builder import DTYPES
 
     p.add_argument("model", metavar="MODEL", help="engine or HF checkpoint directory")
     p.add_argument("--tokenizer", metavar="DIR", default=None, help="tokenizer directory (default: MODEL)")

@@ -1,13 +1,19 @@
-"""build(model, BuildConfig) -> Engine: trace forward() into a Network, run the passes, attach weights."""
+"""build(model, BuildConfig, QuantConfig) -> Engine: trace forward() into a Network, run the passes, attach
+weights."""
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
+from ..mapping import Mapping
+from ..quantization import QuantConfig, check_supported, quantize
 from . import passes
 from .engine import FORMAT_VERSION, Engine, rtllm_version
 from .tensor import Network
 
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
+# Weight dtype choices: BuildConfig.dtype, from_hugging_face(dtype=) and every --dtype option. "auto" keeps
+# the checkpoint's dtype.
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEFAULT_MAX_INPUT_LEN = 1024
 
 
@@ -39,8 +45,8 @@ class BuildConfig:
             # a prompt must fit one step until chunked prefill exists
             raise ValueError(f"BuildConfig.max_num_tokens={self.max_num_tokens} is less than "
                              f"max_input_len={self.max_input_len}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"BuildConfig.dtype={self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"BuildConfig.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not isinstance(self.fuse, bool):
             raise ValueError(f"BuildConfig.fuse={self.fuse!r} must be a bool")
 
@@ -74,11 +80,21 @@ def trace(model) -> Network:
     return network
 
 
-def build(model, build_config: BuildConfig | None = None) -> Engine:
+def pass_list(build_config: BuildConfig, quant_config: QuantConfig) -> list:
+    """The rewrites build() runs on the traced network, in order: fusion (BuildConfig.fuse), then the
+    quantization of linears."""
+    fusion = list(passes.ALL_PASSES) if build_config.fuse else []
+    return fusion + [functools.partial(quantize, quant_config=quant_config)]
+
+
+def build(model, build_config: BuildConfig | None = None, quant_config: QuantConfig | None = None) -> Engine:
     """Traces `model` (a module with .config and forward(input_ids, positions, last_token_ids)) into an
-    engine: the graph after the fusion passes, and lazy weights in the engine dtype. Reads no weight data;
-    Engine.save streams it."""
+    engine: the graph after the passes, and lazy weights in the engine dtype. Reads no weight data;
+    Engine.save streams it. quant_config None builds unquantized (the only kind implemented so far)."""
     build_config = (build_config or BuildConfig()).resolved(model.config.max_position_embeddings)
+    quant_config = quant_config or QuantConfig()
+    check_supported(quant_config)  # before any work
+    mapping = getattr(model, "mapping", None) or Mapping()
     model_config = dataclasses.replace(model.config)
     if build_config.dtype != "auto":
         model_config.dtype = build_config.dtype
@@ -88,9 +104,8 @@ def build(model, build_config: BuildConfig | None = None) -> Engine:
                          f"less than max_seq_len={build_config.max_seq_len}; build with max_seq_len <= {window}")
 
     network = trace(model)
-    if build_config.fuse:
-        for rewrite in passes.ALL_PASSES:
-            rewrite(network)
+    for rewrite in pass_list(build_config, quant_config):
+        rewrite(network)
     network.prune()
     network.renumber()
     # in order of first use; every weight in the engine dtype except rope.inv_freq, which stays float32
@@ -105,8 +120,8 @@ def build(model, build_config: BuildConfig | None = None) -> Engine:
         "architecture": model_config.architecture,
         "model_config": model_config.to_json(),
         "build_config": build_config.to_json(),
-        "quant_config": {"quant_algo": None},
-        "mapping": {"tp_size": 1, "tp_rank": 0},
+        "quantization": quant_config.to_dict(),
+        "mapping": {"tp_size": mapping.tp_size, "tp_rank": mapping.tp_rank},
         "graph": network.to_json(),
     }
     return Engine(config, weights, source_dir=getattr(model, "source_dir", None))

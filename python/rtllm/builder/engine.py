@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 
+from ..quantization import QuantConfig, check_supported
 from .safetensors_io import SafetensorsFile, storage_type, write_safetensors
 from .tensor import Parameter
 
@@ -93,6 +94,10 @@ class Engine:
         if version != FORMAT_VERSION:
             raise ValueError(f"{path}: engine format version {version} is not readable; this rtllm reads "
                              f"version {FORMAT_VERSION}")
+        try:  # engines written before the section existed are unquantized
+            check_supported(QuantConfig.from_dict(config.get("quantization") or {}))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
         st = SafetensorsFile(os.path.join(engine_dir, engine_file_name(rank)))
         weights = {name: Parameter(st.shape(name), st.dtype(name), lambda name=name: st.get(name), name)
                    for name in st.keys()}

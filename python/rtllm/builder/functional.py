@@ -50,15 +50,6 @@ def add(a: Tensor, b: Tensor) -> Tensor:
     return _node("add", [a, b], [(ACT, a.shape)])[0]
 
 
-def mul(a: Tensor, b: Tensor) -> Tensor:
-    _check(a.shape == b.shape, f"mul: shapes {list(a.shape)} and {list(b.shape)} differ")
-    return _node("mul", [a, b], [(ACT, a.shape)])[0]
-
-
-def silu(x: Tensor) -> Tensor:
-    return _node("silu", [x], [(ACT, x.shape)])[0]
-
-
 def silu_mul(x: Tensor) -> Tensor:
     """[T, 2I] -> [T, I] = silu(x[:, :I]) * x[:, I:]"""
     _check(x.shape[-1] % 2 == 0, f"silu_mul: last dim {x.shape[-1]} is odd")
@@ -73,27 +64,28 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Parameter, eps: float) -> 
     return normed, total
 
 
-def rope(x: Tensor, positions: Tensor, inv_freq: Parameter, head_dim: int) -> Tensor:
-    """Rotate-half RoPE on each head of x [T, n * head_dim]; inv_freq [head_dim / 2] float32."""
-    _check(x.shape[-1] % head_dim == 0, f"rope: width {x.shape[-1]} is not a multiple of head_dim {head_dim}")
-    _check(inv_freq.shape == (head_dim // 2,), f"rope: inv_freq must be [{head_dim // 2}], got {list(inv_freq.shape)}")
-    return _node("rope", [x, positions, inv_freq], [(ACT, x.shape)], {"head_dim": int(head_dim)})[0]
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, *, layer_idx: int, num_heads: int, num_kv_heads: int,
-              head_dim: int, scale: float) -> Tensor:
-    """Causal paged attention over each sequence's cached and new tokens (unfused form: q, k, v
-    already normed and rotated). q [T, nh*hd], k/v [T, nkv*hd] -> [T, nh*hd]. Passes fold the
-    preceding projections, norms and RoPE into it (attrs fused_qkv, qk_norm, rope)."""
+def attention(qkv: Tensor, positions: Tensor, inv_freq: Parameter, qk_norm: tuple | None = None, *,
+              layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> Tensor:
+    """Causal paged attention over each sequence's cached and new tokens. qkv [T, (nh + 2 nkv) hd] (rows of
+    q, k, v), positions [T], inv_freq [hd / 2] float32 -> [T, nh hd]. qk_norm (q_norm [hd], k_norm [hd], eps)
+    normalizes each head of q and k before RoPE (Qwen3)."""
     _check(num_heads % num_kv_heads == 0, f"attention: num_heads {num_heads} is not a multiple of "
                                           f"num_kv_heads {num_kv_heads}")
-    _check(q.shape[-1] == num_heads * head_dim, f"attention: q width {q.shape[-1]} != {num_heads}*{head_dim}")
-    for t in (k, v):
-        _check(t.shape[-1] == num_kv_heads * head_dim, f"attention: k/v width {t.shape[-1]} != "
-                                                       f"{num_kv_heads}*{head_dim}")
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    _check(qkv.shape[-1] == width, f"attention: qkv width {qkv.shape[-1]} != ({num_heads} + 2*{num_kv_heads})*"
+                                   f"{head_dim}")
+    _check(inv_freq.shape == (head_dim // 2,), f"attention: inv_freq must be [{head_dim // 2}], got "
+                                               f"{list(inv_freq.shape)}")
     attrs = {"layer_idx": int(layer_idx), "num_heads": int(num_heads), "num_kv_heads": int(num_kv_heads),
-             "head_dim": int(head_dim), "scale": float(scale), "fused_qkv": False, "rope": False, "qk_norm": False}
-    return _node("attention", [q, k, v], [(ACT, q.shape)], attrs)[0]
+             "head_dim": int(head_dim), "scale": float(scale), "fused_qkv": True, "rope": True,
+             "qk_norm": qk_norm is not None}
+    inputs = [qkv, positions, inv_freq]
+    if qk_norm is not None:
+        q_norm, k_norm, eps = qk_norm
+        _check(q_norm.shape == k_norm.shape == (head_dim,), f"attention: q/k norm weights must be [{head_dim}]")
+        inputs += [q_norm, k_norm]
+        attrs["qk_norm_eps"] = float(eps)
+    return _node("attention", inputs, [(ACT, (*qkv.shape[:-1], num_heads * head_dim))], attrs)[0]
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ import struct
 import numpy as np
 
 # dtype name -> (safetensors name, numpy storage type)
-DTYPES = {
+SAFETENSORS_DTYPES = {
     "float32": ("F32", np.float32),
     "float16": ("F16", np.float16),
     "bfloat16": ("BF16", np.uint16),
@@ -23,15 +23,15 @@ DTYPES = {
     "uint8": ("U8", np.uint8),
     "bool": ("BOOL", np.bool_),
 }
-_FROM_SAFETENSORS = {st: name for name, (st, _) in DTYPES.items()}
+_FROM_SAFETENSORS = {st: name for name, (st, _) in SAFETENSORS_DTYPES.items()}
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 _MAX_HEADER_BYTES = 100 << 20  # the safetensors limit; anything larger is a corrupt length field
 
 
 def storage_type(dtype: str) -> type:
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
-    return DTYPES[dtype][1]
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
+    return SAFETENSORS_DTYPES[dtype][1]
 
 
 def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -63,7 +63,7 @@ def cast(array: np.ndarray, src: str, dst: str) -> np.ndarray:
     if dst == "bfloat16":
         return float32_to_bf16(x)
     with np.errstate(over="ignore"):  # out of float16 range -> inf, as IEEE rounding says
-        return x.astype(DTYPES[dst][1])
+        return x.astype(SAFETENSORS_DTYPES[dst][1])
 
 
 class SafetensorsFile:
@@ -117,7 +117,7 @@ class SafetensorsFile:
         begin, end = offsets
         if end > data_size:
             fail(f"data_offsets end {end} is past the data size {data_size} (truncated file?)")
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype][1]).itemsize
+        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[dtype][1]).itemsize
         if end - begin != expected:
             fail(f"byte range of {end - begin} bytes does not match shape {shape} and dtype {dtype} "
                  f"({expected} bytes)")
@@ -138,7 +138,7 @@ class SafetensorsFile:
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         raw = self._mmap[self._data_start + begin:self._data_start + end]
-        return raw.view(DTYPES[dtype][1]).reshape(shape)
+        return raw.view(SAFETENSORS_DTYPES[dtype][1]).reshape(shape)
 
 
 def write_safetensors(path: str, tensors, metadata: dict | None = None) -> None:
@@ -152,7 +152,7 @@ def write_safetensors(path: str, tensors, metadata: dict | None = None) -> None:
     offset = 0
     for name, dtype, shape, _ in tensors:
         num_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(storage_type(dtype)).itemsize
-        header[name] = {"dtype": DTYPES[dtype][0], "shape": list(shape), "data_offsets": [offset, offset + num_bytes]}
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype][0], "shape": list(shape), "data_offsets": [offset, offset + num_bytes]}
         offset += num_bytes
     if metadata:
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}

@@ -30,6 +30,8 @@ class Parameter:
 
     The loader returns a numpy array in the parameter's storage type (bf16 as uint16 bits). `name` is
     set when the parameter is registered (Module.named_parameters names it by the module tree).
+    `weight_loader(param, loaded, ...)`, when a layer sets one, is how checkpoint loading gives it a
+    checkpoint tensor (rtllm.nn.linear: the layer keeps its shard; None: the whole tensor).
     """
 
     def __init__(self, shape, dtype: str = "float32", loader: Callable[[], np.ndarray] | None = None,
@@ -38,6 +40,7 @@ class Parameter:
         self.dtype = dtype
         self.loader = loader
         self.name = name
+        self.weight_loader = None
 
     def load(self) -> np.ndarray:
         if self.loader is None:

@@ -12,8 +12,8 @@ import collections
 import threading
 from typing import Callable, Optional
 
-from rtllm.llmapi.outputs import CompletionOutput, RequestOutput
-from rtllm.llmapi.tokenizer import IncrementalDetokenizer
+from rtllm.executor.detokenizer import IncrementalDetokenizer
+from rtllm.executor.outputs import CompletionOutput, RequestOutput
 from rtllm.sampling_params import SamplingParams
 
 class Wakeups:

@@ -14,8 +14,8 @@ from typing import Optional, Sequence, Union
 from tqdm import tqdm
 
 from rtllm.executor import GenerationExecutor, GenerationResult
+from rtllm.executor.outputs import RequestOutput
 from rtllm.llmapi.llm_args import KvCacheConfig, SchedulerConfig
-from rtllm.llmapi.outputs import RequestOutput
 from rtllm.llmapi.tokenizer import TokenizerWrapper
 from rtllm.sampling_params import SamplingParams
 

@@ -1,5 +1,5 @@
 """Tokenizer: HF `tokenizers` (tokenizer.json) plus tokenizer_config.json (special tokens, chat
-template), and an incremental detokenizer that never emits half a UTF-8 character."""
+template). Its incremental detokenizer lives in rtllm.executor.detokenizer."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,6 @@ from tokenizers import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
-_REPLACEMENT_CHAR = "\ufffd"
 
 
 def _token_content(token) -> Optional[str]:
@@ -154,41 +153,3 @@ class TokenizerWrapper:
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             self._chat_env = env
         return self._chat_env
-
-
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas.
-
-    Decodes a short window: tokens[prefix_offset:read_offset] were already emitted, tokens after
-    read_offset are new. Text is emitted only when the window's text grew and does not end in
-    U+FFFD (the decoder's mark for an incomplete UTF-8 sequence); until then the tokens wait.
-    Both offsets only move to points where the decoded bytes end on a character boundary, so the
-    window's text extends the full decode exactly.
-    """
-
-    def __init__(self, tokenizer: TokenizerWrapper, skip_special_tokens: bool = True):
-        self._tokenizer = tokenizer
-        self._skip_special_tokens = skip_special_tokens
-        self.token_ids: list = []
-        self.text = ""
-        self._prefix_offset = 0
-        self._read_offset = 0
-
-    def _decode(self, ids) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
-
-    def add_tokens(self, new_token_ids: Sequence[int], final: bool = False) -> str:
-        """Appends tokens and returns the newly complete text (all the rest when `final`)."""
-        self.token_ids.extend(new_token_ids)
-        window = self.token_ids[self._prefix_offset:]
-        prefix_text = self._decode(self.token_ids[self._prefix_offset:self._read_offset])
-        window_text = self._decode(window)
-        if len(window_text) <= len(prefix_text):
-            return ""
-        if window_text.endswith(_REPLACEMENT_CHAR) and not final:
-            return ""
-        delta = window_text[len(prefix_text):]
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self.token_ids)
-        self.text += delta
-        return delta

@@ -1,13 +1,11 @@
-"""AutoModelForCausalLM: picks the model class from config.json's "architectures"."""
+"""AutoModelForCausalLM: the registered class of a checkpoint's architecture (config.json's "architectures",
+else its "model_type")."""
 
-from .config import SUPPORTED_ARCHITECTURES, parse_hf_config
-from .llama import LlamaForCausalLM
-
-MODEL_CLASSES = {arch: LlamaForCausalLM for arch in SUPPORTED_ARCHITECTURES}
+from .registry import resolve_hf_model
 
 
 class AutoModelForCausalLM:
     @staticmethod
-    def from_hugging_face(model_dir: str, dtype: str = "auto"):
-        config = parse_hf_config(str(model_dir))  # raises for an unknown architecture, listing the known ones
-        return MODEL_CLASSES[config.architecture].from_hugging_face(model_dir, dtype=dtype)
+    def from_hugging_face(model_dir: str, dtype: str = "auto", mapping=None):
+        model_class, _ = resolve_hf_model(str(model_dir))  # raises for an unknown architecture, listing the known ones
+        return model_class.from_hugging_face(model_dir, dtype=dtype, mapping=mapping)

@@ -1,4 +1,5 @@
-"""Reading HF checkpoint weights: one model.safetensors or shards listed in model.safetensors.index.json."""
+"""Reading HF checkpoint weights (one model.safetensors or shards listed in model.safetensors.index.json)
+and handing them to a model's parameters through their loader hooks."""
 
 import glob
 import json
@@ -6,6 +7,7 @@ import os
 
 from ..builder.safetensors_io import SafetensorsFile
 from ..builder.tensor import Parameter
+from ..nn import default_weight_loader
 
 
 class Checkpoint:
@@ -34,12 +36,29 @@ class Checkpoint:
             for name in st.keys():
                 self.files[name] = st
 
-    def parameter(self, name: str, shape: tuple) -> Parameter:
-        """A lazy Parameter for tensor `name`, checked against the shape the model config implies."""
+    def tensor(self, name: str) -> Parameter:
+        """Tensor `name` as a lazy Parameter (its data is read when loaded)."""
         st = self.files.get(name)
         if st is None:
             raise ValueError(f"tensor {name!r} is missing from the checkpoint in {self.model_dir}")
-        if st.shape(name) != tuple(shape):
-            raise ValueError(f"tensor {name!r} in {st.path} has shape {list(st.shape(name))}, but config.json "
-                             f"implies {list(shape)}")
-        return Parameter(shape, st.dtype(name), lambda: st.get(name), name)
+        return Parameter(st.shape(name), st.dtype(name), lambda: st.get(name), name)
+
+
+def load_weights(model, checkpoint: Checkpoint) -> None:
+    """Gives every parameter of `model` its checkpoint tensors through its weight_loader (lazily: no data is
+    read). A parameter stacked from several tensors (model.packed_modules_mapping) gets one call per part,
+    with the part's shard id. Parameters that already have a loader are computed, not read."""
+    parts_of = {}  # stacked module name -> [(checkpoint module name, shard id)]
+    for checkpoint_module, (module, shard_id) in model.packed_modules_mapping.items():
+        parts_of.setdefault(module, []).append((checkpoint_module, shard_id))
+    for name, param in model.named_parameters():
+        if param.loader is not None:
+            continue
+        weight_loader = param.weight_loader or default_weight_loader
+        prefix, _, leaf = model.checkpoint_name(name).rpartition(".")  # model.layers.0.mlp.gate_up_proj, weight
+        parent, _, module = prefix.rpartition(".")
+        if module not in parts_of:
+            weight_loader(param, checkpoint.tensor(f"{prefix}.{leaf}"))
+            continue
+        for checkpoint_module, shard_id in parts_of[module]:
+            weight_loader(param, checkpoint.tensor(f"{parent}.{checkpoint_module}.{leaf}"), shard_id)

@@ -1,4 +1,5 @@
-"""ModelConfig: the Llama-family hyper-parameters, parsed from a HF config.json."""
+"""ModelConfig: the Llama-family hyper-parameters, and the parsing of a HF config.json shared by the
+architectures (each model file adds its own fields and flags: rtllm.models.registry)."""
 
 import json
 import math
@@ -7,7 +8,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _DTYPE_NAMES = {"float32": "float32", "float": "float32", "float16": "float16", "half": "float16",
                 "bfloat16": "bfloat16"}
 
@@ -85,7 +85,7 @@ def _rope(hf: dict, path: str) -> tuple:
     return float(theta), scaling
 
 
-def _sliding_window(hf: dict) -> int | None:
+def sliding_window_of(hf: dict) -> int | None:
     if hf.get("use_sliding_window") is False or hf.get("sliding_window") is None:
         return None
     layer_types = hf.get("layer_types")
@@ -105,17 +105,30 @@ def _eos_ids(hf: dict, model_dir: str) -> list:
     return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
 
-def parse_hf_config(model_dir: str) -> ModelConfig:
-    """Reads model_dir/config.json (and generation_config.json's eos ids when present)."""
+def read_hf_config(model_dir: str) -> tuple:
+    """(config.json as a dict, its path)."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"no config.json in {model_dir}: not a Hugging Face checkpoint directory")
-    hf = _read_json(path)
-    architectures = hf.get("architectures") or []
-    arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None:
-        raise ValueError(f"{path}: architectures {architectures} not supported; supported: "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    return _read_json(path), path
+
+
+def refuse_quantized(hf: dict, path: str) -> None:
+    """A pre-quantized checkpoint must never be loaded as if it were not: its weights are packed integers or
+    need their scales."""
+    quantization = hf.get("quantization_config")
+    if quantization is None:
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    raise ValueError(f"{path}: quantization method {method!r} (quantization_config) is not supported: rtllm "
+                     f"cannot load pre-quantized checkpoints yet; use an unquantized checkpoint")
+
+
+def parse_llama_family(hf: dict, path: str, model_dir: str, architecture: str, *, attention_bias: bool,
+                       o_bias: bool, qk_norm: bool = False, sliding_window: int | None = None,
+                       config_class: type = ModelConfig, **extra_fields) -> ModelConfig:
+    """The fields every Llama-like config.json shares; the architecture gives its flags (and a subclass of
+    ModelConfig with its extra fields)."""
     required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "max_position_embeddings")
     missing = [k for k in required if k not in hf]
@@ -131,10 +144,9 @@ def parse_hf_config(model_dir: str) -> ModelConfig:
     if dtype_name not in _DTYPE_NAMES:
         raise ValueError(f"{path}: dtype {dtype_name!r} is not supported (float32, float16, bfloat16)")
     rope_theta, rope_scaling = _rope(hf, path)
-    bias = bool(hf.get("attention_bias", False))
     bos = hf.get("bos_token_id")
-    return ModelConfig(
-        architecture=arch,
+    return config_class(
+        architecture=architecture,
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
         num_layers=int(hf["num_hidden_layers"]),
@@ -147,12 +159,12 @@ def parse_hf_config(model_dir: str) -> ModelConfig:
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        # Qwen2 always has q/k/v bias (no flag), Mistral never; Llama and Qwen3 follow the flag, o_proj too
-        attention_bias=arch == "Qwen2ForCausalLM" or (bias and arch != "MistralForCausalLM"),
-        o_bias=bias and arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"),
-        qk_norm=arch == "Qwen3ForCausalLM",
+        attention_bias=attention_bias,
+        o_bias=o_bias,
+        qk_norm=qk_norm,
         dtype=_DTYPE_NAMES[dtype_name],
         bos_token_id=-1 if bos is None else int(bos),
         eos_token_id=_eos_ids(hf, model_dir),
-        sliding_window=_sliding_window(hf) if arch != "LlamaForCausalLM" else None,
+        sliding_window=sliding_window,
+        **extra_fields,
     )

@@ -1,6 +1,15 @@
-"""Model building blocks mirroring torch.nn naming; they trace into the builder's Network."""
+"""The layer library: building blocks mirroring torch.nn naming that trace into the builder's Network.
+Linears load their own tensor-parallel shard (linear.py)."""
 
 from ..builder.tensor import Parameter
-from .module import Embedding, Linear, Module, ModuleList, RMSNorm
+from .attention import Attention
+from .decoder_layer import DecoderLayer
+from .embedding import Embedding
+from .linear import ColumnLinear, Linear, MergedColumnLinear, QKVColumnLinear, RowLinear, tp_shard
+from .mlp import GatedMLP
+from .module import Module, ModuleList, default_weight_loader
+from .normalization import RMSNorm
 
-__all__ = ["Embedding", "Linear", "Module", "ModuleList", "Parameter", "RMSNorm"]
+__all__ = ["Attention", "ColumnLinear", "DecoderLayer", "Embedding", "GatedMLP", "Linear", "MergedColumnLinear",
+           "Module", "ModuleList", "Parameter", "QKVColumnLinear", "RMSNorm", "RowLinear", "default_weight_loader",
+           "tp_shard"]

@@ -1,8 +1,7 @@
-"""Module and the basic layers. Attribute names mirror torch.nn / HF so that named_parameters()
-yields checkpoint names (model.layers.0.self_attn.q_proj.weight, ...)."""
+"""Module, ModuleList and the default weight loader. Attribute names mirror torch.nn / HF so that
+named_parameters() yields checkpoint-like names (model.layers.0.self_attn.qkv_proj.weight, ...)."""
 
-from ..builder import functional as F
-from ..builder.tensor import Parameter, Tensor
+from ..builder.tensor import Parameter
 
 
 class Module:
@@ -32,27 +31,14 @@ class ModuleList(list):
     """A list of modules named by index, like torch.nn.ModuleList."""
 
 
-class Linear(Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: str = "float32"):
-        self.weight = Parameter((out_features, in_features), dtype)  # [N, K] as in HF
-        self.bias = Parameter((out_features,), dtype) if bias else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+def check_loaded_shape(loaded: Parameter, shape: tuple) -> None:
+    """`loaded` is a checkpoint tensor; `shape` the whole (unsharded) shape the model config implies."""
+    if tuple(loaded.shape) != tuple(shape):
+        raise ValueError(f"tensor {loaded.name!r} from the checkpoint has shape {list(loaded.shape)}, but "
+                         f"config.json implies {list(shape)}")
 
 
-class Embedding(Module):
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: str = "float32"):
-        self.weight = Parameter((num_embeddings, embedding_dim), dtype)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.weight)
-
-
-class RMSNorm(Module):
-    def __init__(self, dim: int, eps: float, dtype: str = "float32"):
-        self.weight = Parameter((dim,), dtype)
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, self.weight, self.eps)
+def default_weight_loader(param: Parameter, loaded: Parameter) -> None:
+    """For a parameter every rank holds whole: the checkpoint tensor, converted to param's dtype on load."""
+    check_loaded_shape(loaded, param.shape)
+    param.loader = loaded.cast(param.dtype).load

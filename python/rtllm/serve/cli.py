@@ -14,7 +14,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def add_serve_parser(subparsers) -> None:
-    from rtllm.cli import DTYPES
+    from rtllm.builder import DTYPES
 
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",

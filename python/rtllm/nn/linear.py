@@ -1,0 +1,137 @@
+"""Linears that load their own shard of each checkpoint tensor, ready for tensor parallelism (the idea of
+nano-vllm's layers/linear.py and TensorRT-LLM's ColumnLinear / RowLinear).
+
+Each weight is [out_features, in_features] as in HF. A ColumnLinear splits its output features over the
+tensor-parallel ranks (dim 0), a RowLinear its input features (dim 1; the partial outputs are summed by an
+all-reduce, and its bias is added once, so the bias is not split). Parameters carry
+`weight_loader(param, loaded[, shard_id])`: `loaded` is a lazy checkpoint tensor of the whole, unsplit
+weight, and the loader keeps this rank's slice. Stacked linears (QKVColumnLinear, MergedColumnLinear) hold
+several checkpoint tensors in one parameter; shard_id says which part `loaded` is.
+"""
+
+import numpy as np
+
+from ..builder import functional as F
+from ..builder.safetensors_io import storage_type
+from ..builder.tensor import Parameter, Tensor
+from ..mapping import Mapping
+from .module import Module, check_loaded_shape, default_weight_loader
+
+
+def tp_shard(array: np.ndarray, dim: int, mapping: Mapping) -> np.ndarray:
+    """This rank's contiguous 1/tp_size of `array` along `dim`."""
+    if mapping.tp_size == 1:
+        return array
+    size = array.shape[dim]
+    if size % mapping.tp_size:
+        raise ValueError(f"cannot split {size} features (dim {dim}) over tp_size={mapping.tp_size}")
+    n = size // mapping.tp_size
+    index = [slice(None)] * array.ndim
+    index[dim] = slice(mapping.tp_rank * n, (mapping.tp_rank + 1) * n)
+    return array[tuple(index)]
+
+
+def _divide(n: int, mapping: Mapping, what: str) -> int:
+    if n % mapping.tp_size:
+        raise ValueError(f"{what}={n} is not divisible by tp_size={mapping.tp_size}")
+    return n // mapping.tp_size
+
+
+class Linear(Module):
+    """y = x W^T (+ b), W [out_features, in_features]; `tp_dim` is the dim split over ranks (None: every
+    rank holds it whole)."""
+    tp_dim = None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: str = "float32",
+                 mapping: Mapping | None = None):
+        self.mapping = mapping or Mapping()
+        num_out = out_features if self.tp_dim != 0 else _divide(out_features, self.mapping, "out_features")
+        num_in = in_features if self.tp_dim != 1 else _divide(in_features, self.mapping, "in_features")
+        self.weight = Parameter((num_out, num_in), dtype)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = Parameter((num_out,), dtype) if bias else None
+        if bias:
+            self.bias.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: Parameter, loaded: Parameter) -> None:
+        dim = self.tp_dim if param is self.weight or self.tp_dim == 0 else None  # a row bias is whole
+        if dim is None:
+            return default_weight_loader(param, loaded)
+        whole = list(param.shape)
+        whole[dim] *= self.mapping.tp_size
+        check_loaded_shape(loaded, whole)
+        cast = loaded.cast(param.dtype)
+        param.loader = lambda: tp_shard(cast.load(), dim, self.mapping)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnLinear(Linear):
+    tp_dim = 0
+
+
+class RowLinear(Linear):
+    tp_dim = 1
+
+
+class _StackedLoader:
+    """param.loader of a parameter stacked along dim 0 from several checkpoint tensors: each part's rows are
+    filled from its own lazy tensor when the parameter is loaded (one copy of the result in memory)."""
+
+    def __init__(self, param: Parameter, shard_ids):
+        self.param, self.shard_ids, self.parts = param, list(shard_ids), {}
+
+    def add(self, shard_id, offset: int, produce) -> None:
+        self.parts[shard_id] = (offset, produce)
+
+    def __call__(self) -> np.ndarray:
+        missing = [s for s in self.shard_ids if s not in self.parts]
+        if missing:
+            raise ValueError(f"weight {self.param.name!r} lacks its parts {missing} (not loaded from the checkpoint)")
+        out = np.empty(self.param.shape, storage_type(self.param.dtype))
+        for offset, produce in self.parts.values():
+            part = produce()
+            out[offset:offset + part.shape[0]] = part
+        return out
+
+
+class StackedColumnLinear(ColumnLinear):
+    """A column linear whose output features are the concatenation of parts (shard ids -> whole sizes),
+    each loaded from its own checkpoint tensor; each rank holds its slice of every part, parts in order."""
+
+    def __init__(self, in_features: int, part_sizes: dict, bias: bool = False, dtype: str = "float32",
+                 mapping: Mapping | None = None):
+        mapping = mapping or Mapping()
+        self.part_sizes = dict(part_sizes)
+        self.part_offsets, offset = {}, 0  # rows of this rank's parameter
+        for shard_id, size in self.part_sizes.items():
+            self.part_offsets[shard_id] = offset
+            offset += _divide(size, mapping, f"part {shard_id!r} size")
+        super().__init__(in_features, sum(self.part_sizes.values()), bias, dtype, mapping)
+
+    def weight_loader(self, param: Parameter, loaded: Parameter, shard_id=None) -> None:
+        if shard_id not in self.part_sizes:
+            raise ValueError(f"{param.name}: unknown part {shard_id!r}; parts: {list(self.part_sizes)}")
+        check_loaded_shape(loaded, (self.part_sizes[shard_id], *param.shape[1:]))
+        if not isinstance(param.loader, _StackedLoader):
+            param.loader = _StackedLoader(param, self.part_sizes)
+        cast = loaded.cast(param.dtype)
+        param.loader.add(shard_id, self.part_offsets[shard_id], lambda: tp_shard(cast.load(), 0, self.mapping))
+
+
+class QKVColumnLinear(StackedColumnLinear):
+    """q, k and v projections as one linear: rows q [nh*hd], k [nkv*hd], v [nkv*hd] (per rank: its heads)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool = False,
+                 dtype: str = "float32", mapping: Mapping | None = None):
+        super().__init__(hidden_size, {"q": num_heads * head_dim, "k": num_kv_heads * head_dim,
+                                       "v": num_kv_heads * head_dim}, bias, dtype, mapping)
+
+
+class MergedColumnLinear(StackedColumnLinear):
+    """Several projections of the same input as one linear (gate and up: shard ids 0 and 1)."""
+
+    def __init__(self, in_features: int, output_sizes: list, bias: bool = False, dtype: str = "float32",
+                 mapping: Mapping | None = None):
+        super().__init__(in_features, dict(enumerate(output_sizes)), bias, dtype, mapping)
