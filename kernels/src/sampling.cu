@@ -54,21 +54,25 @@ __device__ __forceinline__ bool passes(double cum, double target, bool strict) {
   return strict ? target < cum : target <= cum;
 }
 
-// One sequence's logits with penalties and mask applied on the fly (counts null: none).
+// One sequence's logits with stages 1 and 2 (penalties, then bias and mask) applied on the fly
+// (counts null: no penalty and no mask; bias null: no bias).
 struct SeqLogits {
   const float* raw;
   const uint32_t* counts;
+  const float* bias;
   float repetition, presence, frequency;
 
   __device__ float adjusted(int32_t i) const {
     float a = raw[i];
-    if (!counts) return a;
-    const uint32_t c = counts[i];
-    if (c & kMasked) return -INFINITY;
-    if ((c & kSeen) && repetition != 1.0f) a = a > 0.0f ? a / repetition : a * repetition;
-    const uint32_t n = c & kCountMask;
-    // Rounded like the CPU's `presence + frequency * count` (no fused multiply-add).
-    if (n && (presence != 0.0f || frequency != 0.0f)) a -= __fadd_rn(presence, __fmul_rn(frequency, (float)n));
+    if (counts) {
+      const uint32_t c = counts[i];
+      if (c & kMasked) return -INFINITY;  // the mask wins over penalties and bias
+      if ((c & kSeen) && repetition != 1.0f) a = a > 0.0f ? a / repetition : a * repetition;
+      const uint32_t n = c & kCountMask;
+      // Rounded like the CPU's `presence + frequency * count` (no fused multiply-add).
+      if (n && (presence != 0.0f || frequency != 0.0f)) a -= __fadd_rn(presence, __fmul_rn(frequency, (float)n));
+    }
+    if (bias) a = __fadd_rn(a, bias[i]);
     return a;
   }
 };
@@ -309,11 +313,13 @@ __device__ int32_t block_argmax(Shared& sh, int32_t n, const SeqLogits& lg, floa
   return best == -INFINITY ? -1 : best_id;
 }
 
-// Builds the per-token flags/counts of one sequence in `counts` (zeroed first).
+// Builds the per-token flags/counts of one sequence in `counts`: kMasked for the ids its bitmask row
+// (null: none) does not allow, then the lists.
 __device__ void build_counts(uint32_t* counts, int32_t n, int s, const int32_t* prompt_ids,
                              const int32_t* prompt_offsets, const int32_t* output_ids, const int32_t* output_offsets,
-                             const int32_t* masked_ids, const int32_t* masked_offsets) {
-  for (int32_t i = threadIdx.x; i < n; i += kThreads) counts[i] = 0u;
+                             const int32_t* masked_ids, const int32_t* masked_offsets, const uint32_t* allowed_row) {
+  for (int32_t i = threadIdx.x; i < n; i += kThreads)
+    counts[i] = !allowed_row || ((allowed_row[i >> 5] >> (i & 31)) & 1u) ? 0u : kMasked;
   __syncthreads();
   if (prompt_offsets)
     for (int32_t j = prompt_offsets[s] + threadIdx.x; j < prompt_offsets[s + 1]; j += kThreads) {
@@ -336,11 +342,24 @@ __device__ void build_counts(uint32_t* counts, int32_t n, int s, const int32_t* 
   __syncthreads();
 }
 
+// The bias of every token of one sequence in `bias` (0 where its list has none).
+__device__ void build_bias(float* bias, int32_t n, int s, const int32_t* bias_ids, const float* bias_values,
+                           const int32_t* bias_offsets) {
+  for (int32_t i = threadIdx.x; i < n; i += kThreads) bias[i] = 0.0f;
+  __syncthreads();
+  for (int32_t j = bias_offsets[s] + threadIdx.x; j < bias_offsets[s + 1]; j += kThreads) {
+    const int32_t id = bias_ids[j];
+    if (id >= 0 && id < n) bias[id] = bias_values[j];
+  }
+  __syncthreads();
+}
+
 __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
     int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, const float* logits,
     const SamplingParamsDevice* params, const int32_t* prompt_ids, const int32_t* prompt_offsets,
     const int32_t* output_ids, const int32_t* output_offsets, const int32_t* masked_ids,
-    const int32_t* masked_offsets, int32_t n, int32_t max_top, uint32_t* workspace) {
+    const int32_t* masked_offsets, const int32_t* bias_ids, const float* bias_values, const int32_t* bias_offsets,
+    const uint32_t* allowed_bitmask, int32_t n, int32_t max_top, uint32_t* workspace) {
   __shared__ Shared sh;
   pdl_begin();
   const int s = blockIdx.x;
@@ -387,14 +406,23 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
     }
   }
 
-  SeqLogits lg{raw, nullptr, p.repetition_penalty, p.presence_penalty, p.frequency_penalty};
-  const bool has_lists = (prompt_offsets && prompt_offsets[s + 1] > prompt_offsets[s]) ||
-                         (output_offsets && output_offsets[s + 1] > output_offsets[s]) ||
-                         (masked_offsets && masked_offsets[s + 1] > masked_offsets[s]);
-  if (has_lists && workspace) {
-    uint32_t* counts = workspace + (int64_t)s * n;
-    build_counts(counts, n, s, prompt_ids, prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets);
+  // Stages 1 and 2 read this sequence's part of the workspace: counts [n] uint32, then bias [n] float.
+  SeqLogits lg{raw, nullptr, nullptr, p.repetition_penalty, p.presence_penalty, p.frequency_penalty};
+  const uint32_t* allowed_row = allowed_bitmask ? allowed_bitmask + (int64_t)s * ((n + 31) >> 5) : nullptr;
+  const bool has_counts = (prompt_offsets && prompt_offsets[s + 1] > prompt_offsets[s]) ||
+                          (output_offsets && output_offsets[s + 1] > output_offsets[s]) ||
+                          (masked_offsets && masked_offsets[s + 1] > masked_offsets[s]) || allowed_row;
+  const bool has_bias = bias_offsets && bias_offsets[s + 1] > bias_offsets[s];
+  if (has_counts && workspace) {
+    uint32_t* counts = workspace + (int64_t)s * 2 * n;
+    build_counts(counts, n, s, prompt_ids, prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets,
+                 allowed_row);
     lg.counts = counts;
+  }
+  if (has_bias && workspace) {
+    float* bias = reinterpret_cast<float*>(workspace + (int64_t)s * 2 * n + n);
+    build_bias(bias, n, s, bias_ids, bias_values, bias_offsets);
+    lg.bias = bias;
   }
 
   float max_logit;
@@ -436,14 +464,15 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
 }  // namespace
 
 size_t sample_workspace_bytes(int32_t max_num_seqs, int32_t vocab_size) {
-  return (size_t)std::max(max_num_seqs, 0) * (size_t)std::max(vocab_size, 0) * sizeof(uint32_t);
+  return (size_t)std::max(max_num_seqs, 0) * (size_t)std::max(vocab_size, 0) * (sizeof(uint32_t) + sizeof(float));
 }
 
 cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, const float* logits,
                    const SamplingParamsDevice* params, const int32_t* prompt_ids, const int32_t* prompt_offsets,
                    const int32_t* output_ids, const int32_t* output_offsets, const int32_t* masked_ids,
-                   const int32_t* masked_offsets, int32_t num_seqs, int32_t vocab_size, int32_t max_top,
-                   void* workspace, cudaStream_t stream) {
+                   const int32_t* masked_offsets, const int32_t* bias_ids, const float* bias_values,
+                   const int32_t* bias_offsets, const uint32_t* allowed_bitmask, int32_t num_seqs,
+                   int32_t vocab_size, int32_t max_top, void* workspace, cudaStream_t stream) {
   RTLLM_KERNEL_CHECK(out_ids && logits && params && num_seqs >= 0);
   RTLLM_KERNEL_CHECK(vocab_size >= 1 && vocab_size <= (1 << 30));
   RTLLM_KERNEL_CHECK(max_top >= 0 && max_top <= kMaxTopLogprobs);
@@ -452,12 +481,13 @@ cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, 
   RTLLM_KERNEL_CHECK((prompt_offsets == nullptr) || prompt_ids);
   RTLLM_KERNEL_CHECK((output_offsets == nullptr) || output_ids);
   RTLLM_KERNEL_CHECK((masked_offsets == nullptr) || masked_ids);
-  const bool has_lists = prompt_offsets || output_offsets || masked_offsets;
+  RTLLM_KERNEL_CHECK((bias_offsets == nullptr) || (bias_ids && bias_values));
+  const bool has_lists = prompt_offsets || output_offsets || masked_offsets || bias_offsets || allowed_bitmask;
   RTLLM_KERNEL_CHECK(!has_lists || (workspace && (reinterpret_cast<uintptr_t>(workspace) & 3) == 0));
   if (num_seqs == 0) return cudaSuccess;
   launch_pdl(sample_kernel, num_seqs, kThreads, 0, stream, out_ids, out_logprobs, out_top_ids, logits, params,
-             prompt_ids, prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets, vocab_size, max_top,
-             static_cast<uint32_t*>(workspace));
+             prompt_ids, prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets, bias_ids, bias_values,
+             bias_offsets, allowed_bitmask, vocab_size, max_top, static_cast<uint32_t*>(workspace));
   return cudaGetLastError();
 }
 
