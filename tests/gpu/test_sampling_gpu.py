@@ -57,8 +57,8 @@ def gpu_sample(kernels, logits, rows, prompt=None, output=None, masked=None, max
             keep += [t_ids, t_off]
             lists[f"{name}_ids"], lists[f"{name}_offsets"] = t_ids.data_ptr(), t_off.data_ptr()
     if bias is not None:
-        t_ids, t_off = csr([list(b) for b in bias])
-        values = torch.tensor([v for b in bias for v in b.values()] + [0.0], dtype=torch.float32, device="cuda")
+        t_ids, t_off = csr([sorted(b) for b in bias])  # the kernel wants each sequence's ids ascending
+        values = torch.tensor([b[t] for b in bias for t in sorted(b)] + [0.0], dtype=torch.float32, device="cuda")
         keep += [t_ids, t_off, values]
         lists.update(bias_ids=t_ids.data_ptr(), bias_offsets=t_off.data_ptr(), bias_values=values.data_ptr())
     if bitmask is not None:

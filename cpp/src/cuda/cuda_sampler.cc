@@ -176,7 +176,8 @@ CudaSampler::Staged CudaSampler::stage(const std::vector<SamplingInput>& inputs)
   close(output_offsets);
   for (int32_t s = 0; s < num_seqs; ++s) append(masked_offsets, s, inputs[s].masked_token_ids, inputs[s].config);
   close(masked_offsets);
-  // Bias ids here, their values right after them (same offsets).
+  // Bias ids here (ascending per sequence, as the kernel's binary search needs: std::map's order),
+  // their values right after them (same offsets).
   for (int32_t s = 0; s < num_seqs; ++s) {
     bias_offsets[s] = at - start;
     if (!inputs[s].config) continue;

@@ -54,8 +54,9 @@ constexpr int32_t kMaxTopLogprobs = 64;
 //   prompt_ids/prompt_offsets  prompt tokens (repetition penalty),
 //   output_ids/output_offsets  generated tokens (repetition, presence and frequency penalties),
 //   masked_ids/masked_offsets  ids that may not be drawn (e.g. end ids before min_tokens),
-//   bias_ids/bias_values/bias_offsets  (token id, bias) pairs added to the logits (each id at most
-//                              once per sequence; bias_values is float32, parallel to bias_ids).
+//   bias_ids/bias_values/bias_offsets  (token id, bias) pairs added to the logits; a sequence's ids
+//                              strictly ascending (found by binary search); bias_values is float32,
+//                              parallel to bias_ids.
 //   Ids must lie in [0, vocab_size) (ids outside are ignored).
 // allowed_bitmask [num_seqs, (vocab_size + 31) / 32] uint32 (null: every token allowed): token i of
 //               sequence s may be drawn only when bit i % 32 of word i / 32 of row s is set.
@@ -75,8 +76,8 @@ RTLLM_API cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out
                              int32_t num_seqs, int32_t vocab_size, int32_t max_top, void* workspace,
                              cudaStream_t stream);
 
-// Workspace bytes for sample() with up to max_num_seqs sequences: per (sequence, vocab id) a uint32
-// of flags and counts and a float32 bias.
+// Workspace bytes for sample() with up to max_num_seqs sequences: one uint32 of flags and count per
+// (sequence, vocab id).
 RTLLM_API size_t sample_workspace_bytes(int32_t max_num_seqs, int32_t vocab_size);
 
 }  // namespace rtllm::kernels
