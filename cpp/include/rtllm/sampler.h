@@ -78,7 +78,7 @@ struct SamplingInput {
 
 struct SampledToken {
   int32_t token_id = -1;
-  // log_softmax of the raw logits (before penalties and temperature) at token_id; set when
+  // log_softmax of the raw logits (before every stage) at token_id; set when
   // num_logprobs >= 0, with the num_logprobs highest raw log-probabilities when num_logprobs > 0.
   float logprob = 0.0f;
   std::vector<TokenLogprob> top_logprobs;

@@ -12,7 +12,7 @@
 //   top_p of the mass left; min-p drops p_i < min_p; the draw is the inverse CDF at u·total with
 //   u = sampling_uniform(seed, step), walking the kept candidates in (p desc, id asc) order when top-k
 //   or top-p is active and in id order otherwise.
-// Logprobs are log_softmax of the RAW logits (before penalties, mask and temperature).
+// Logprobs are log_softmax of the RAW logits (before penalties, bias, mask and temperature).
 //
 // Numerics: ordering uses the float32 adjusted logits (the CPU orders by the double probabilities,
 // which are a monotone function of them); probabilities are computed with a float32 exp2 of the
