@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <map>
 #include <optional>
 #include <utility>
 
@@ -30,13 +31,15 @@ void bind_configs(py::module_& m) {
   py::class_<SamplingConfig>(m, "SamplingConfig")
       .def(py::init([](float temperature, int32_t top_k, float top_p, float min_p, float repetition_penalty,
                        float presence_penalty, float frequency_penalty, std::optional<uint64_t> seed,
-                       int32_t num_logprobs) {
-             return SamplingConfig{temperature,      top_k,             top_p, min_p, repetition_penalty,
-                                   presence_penalty, frequency_penalty, seed,  num_logprobs};
+                       int32_t num_logprobs, std::map<int32_t, float> logit_bias) {
+             return SamplingConfig{temperature,       top_k, top_p,        min_p,
+                                   repetition_penalty, presence_penalty, frequency_penalty, seed,
+                                   num_logprobs,       std::move(logit_bias)};
            }),
            py::kw_only(), py::arg("temperature") = 1.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
            py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f, py::arg("presence_penalty") = 0.0f,
-           py::arg("frequency_penalty") = 0.0f, py::arg("seed") = py::none(), py::arg("num_logprobs") = -1)
+           py::arg("frequency_penalty") = 0.0f, py::arg("seed") = py::none(), py::arg("num_logprobs") = -1,
+           py::arg("logit_bias") = std::map<int32_t, float>{})
       .def_readwrite("temperature", &SamplingConfig::temperature)
       .def_readwrite("top_k", &SamplingConfig::top_k)
       .def_readwrite("top_p", &SamplingConfig::top_p)
@@ -46,6 +49,7 @@ void bind_configs(py::module_& m) {
       .def_readwrite("frequency_penalty", &SamplingConfig::frequency_penalty)
       .def_readwrite("seed", &SamplingConfig::seed)
       .def_readwrite("num_logprobs", &SamplingConfig::num_logprobs)
+      .def_readwrite("logit_bias", &SamplingConfig::logit_bias)
       .def("validate", &SamplingConfig::validate);
 
   py::class_<StopConfig>(m, "StopConfig")
@@ -129,7 +133,7 @@ void bind_requests(py::module_& m) {
   py::class_<Request>(m, "Request")
       .def(py::init([](std::vector<int32_t> prompt_token_ids, const SamplingConfig& sampling, const StopConfig& stop,
                        bool streaming, std::optional<std::string> cache_salt) {
-             return Request{std::move(prompt_token_ids), sampling, stop, streaming, std::move(cache_salt)};
+             return Request{std::move(prompt_token_ids), sampling, stop, streaming, std::move(cache_salt), nullptr};
            }),
            py::arg("prompt_token_ids"), py::kw_only(), py::arg("sampling") = SamplingConfig{},
            py::arg("stop") = StopConfig{}, py::arg("streaming") = false, py::arg("cache_salt") = py::none())

@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include <cstddef>
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -42,8 +43,10 @@ void check(cudaError_t err, const char* what) {
 py::tuple cpu_sample(py::array_t<float, py::array::c_style | py::array::forcecast> logits, float temperature,
                      int32_t top_k, float top_p, float min_p, float repetition_penalty, float presence_penalty,
                      float frequency_penalty, uint64_t seed, int64_t step, std::vector<int32_t> prompt,
-                     std::vector<int32_t> output, std::vector<int32_t> masked, int32_t num_logprobs) {
+                     std::vector<int32_t> output, std::vector<int32_t> masked, int32_t num_logprobs,
+                     std::map<int32_t, float> logit_bias) {
   SamplingConfig config;
+  config.logit_bias = std::move(logit_bias);
   config.temperature = temperature;
   config.top_k = top_k;
   config.top_p = top_p;
@@ -155,17 +158,21 @@ void bind_kernels(py::module_& parent) {
 
   m.def("sample", [](uintptr_t out_ids, uintptr_t out_logprobs, uintptr_t out_top_ids, uintptr_t logits,
                      uintptr_t params, uintptr_t prompt_ids, uintptr_t prompt_offsets, uintptr_t output_ids,
-                     uintptr_t output_offsets, uintptr_t masked_ids, uintptr_t masked_offsets, int32_t num_seqs,
+                     uintptr_t output_offsets, uintptr_t masked_ids, uintptr_t masked_offsets, uintptr_t bias_ids,
+                     uintptr_t bias_values, uintptr_t bias_offsets, uintptr_t allowed_bitmask, int32_t num_seqs,
                      int32_t vocab_size, int32_t max_top, uintptr_t workspace, uintptr_t stream) {
     check(kernels::sample(ptr<int32_t>(out_ids), ptr<float>(out_logprobs), ptr<int32_t>(out_top_ids),
                           ptr<const float>(logits), ptr<const kernels::SamplingParamsDevice>(params),
                           ptr<const int32_t>(prompt_ids), ptr<const int32_t>(prompt_offsets),
                           ptr<const int32_t>(output_ids), ptr<const int32_t>(output_offsets),
-                          ptr<const int32_t>(masked_ids), ptr<const int32_t>(masked_offsets), num_seqs, vocab_size,
-                          max_top, ptr(workspace), as_stream(stream)), "sample");
+                          ptr<const int32_t>(masked_ids), ptr<const int32_t>(masked_offsets),
+                          ptr<const int32_t>(bias_ids), ptr<const float>(bias_values), ptr<const int32_t>(bias_offsets),
+                          ptr<const uint32_t>(allowed_bitmask), num_seqs, vocab_size, max_top, ptr(workspace),
+                          as_stream(stream)), "sample");
   }, py::arg("out_ids"), py::arg("out_logprobs"), py::arg("out_top_ids"), py::arg("logits"), py::arg("params"),
      py::kw_only(), py::arg("prompt_ids") = 0, py::arg("prompt_offsets") = 0, py::arg("output_ids") = 0,
      py::arg("output_offsets") = 0, py::arg("masked_ids") = 0, py::arg("masked_offsets") = 0,
+     py::arg("bias_ids") = 0, py::arg("bias_values") = 0, py::arg("bias_offsets") = 0, py::arg("allowed_bitmask") = 0,
      py::arg("num_seqs"), py::arg("vocab_size"), py::arg("max_top"), py::arg("workspace") = 0, s0);
   m.def("sample_workspace_bytes", &kernels::sample_workspace_bytes, py::arg("max_num_seqs"), py::arg("vocab_size"));
   m.attr("MAX_TOP_LOGPROBS") = kernels::kMaxTopLogprobs;
@@ -188,7 +195,7 @@ void bind_kernels(py::module_& parent) {
   m.def("cpu_sample", &cpu_sample, py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
         py::arg("min_p"), py::arg("repetition_penalty"), py::arg("presence_penalty"), py::arg("frequency_penalty"),
         py::arg("seed"), py::arg("step"), py::arg("prompt"), py::arg("output"), py::arg("masked"),
-        py::arg("num_logprobs"));
+        py::arg("num_logprobs"), py::arg("logit_bias") = std::map<int32_t, float>{});
   m.def("sampling_uniform", &sampling_uniform, py::arg("seed"), py::arg("step"));
   bind_attention_kernels(m);  // cpp/bindings/kernels_attention.cc
 }

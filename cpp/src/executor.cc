@@ -1,6 +1,6 @@
 // Executor: requests come in from any thread (enqueue, cancel) and responses go out through a
-// queue (await_responses); one loop thread owns the scheduler, the KV-cache manager, the model
-// runner and the sampler, and runs steps while there is work.
+// queue (await_responses); one loop thread owns the scheduler, the KV-cache manager and the model
+// runner (which draws the tokens), and runs steps while there is work.
 #include "rtllm/executor.h"
 
 #include <algorithm>
@@ -112,7 +112,6 @@ struct Executor::Impl {
         start_time(Clock::now()) {
     stats.kv_cache = kv_cache.stats();
     kv_events = kv_cache.take_events();  // the pool's kCreated event
-    device_sampling = runner->config().device == DeviceKind::kCuda && runner->config().device_sampling;
     loop_thread = std::thread([this] { loop(); });
   }
 
@@ -126,13 +125,14 @@ struct Executor::Impl {
   const int32_t vocab_size;  // the runner's
   KVCacheManager kv_cache;
   Scheduler scheduler;
-  Sampler sampler;
   std::unordered_map<RequestId, std::shared_ptr<LlmRequest>> requests;  // those in the scheduler
   StepInputs inputs;
-  // CUDA with device_sampling: the runner samples where the logits are (forward_and_sample).
-  bool device_sampling = false;
-  std::vector<std::vector<int32_t>> masked;  // [num_seqs] masked ids of this step's sampling inputs
+  // This step's draws, row s for the batch's request s (reused across steps).
+  std::vector<std::vector<int32_t>> masked;  // masked ids
+  std::vector<uint32_t> allowed_bitmasks;    // [num_seqs, num_bitmask_words(vocab)] from LogitsProcessors
+  std::vector<std::string> sampling_errors;  // a LogitsProcessor's exception: the request fails
   std::vector<SamplingInput> sampling_inputs;
+  std::vector<SampledToken> tokens;
   std::vector<Response> outbox;          // responses of this round, published by flush()
   std::vector<RequestId> finished_ids;   // requests finished this round
   std::vector<IterationStats> new_iteration_stats;  // steps of this round, published by flush()
@@ -178,9 +178,8 @@ struct Executor::Impl {
   void step();
   Batch requests_of(const ScheduledBatch& scheduled) const;
   void prepare_inputs(const Batch& batch);
-  std::vector<SampledToken> sample(const Batch& batch, const float* logits);
   void prepare_sampling(const Batch& batch);
-  void check_sampled(const Batch& batch, const std::vector<SampledToken>& tokens);
+  void check_sampled(const Batch& batch);
   void postprocess(const Batch& batch, const std::vector<SampledToken>& tokens);
   void record_iteration(const ScheduledBatch& scheduled, Clock::time_point step_start);
   void finish(LlmRequest& request, FinishReason reason, const std::string& message = {});
@@ -210,6 +209,9 @@ void Executor::Impl::validate(const Request& request) const {
   check_ids(request.prompt_token_ids, "prompt_token_ids");
   check_ids(request.stop.end_ids, "end_ids");
   check_ids(request.stop.stop_token_ids, "stop_token_ids");
+  for (const auto& [token_id, bias] : request.sampling.logit_bias)
+    RTLLM_CHECK_ARG(token_id >= 0 && token_id < vocab_size, "logit_bias token id ", token_id,
+                    " is outside the vocabulary [0, ", vocab_size, ")");
   request.sampling.validate();
   request.stop.validate();
 }
@@ -348,38 +350,27 @@ void Executor::Impl::step_or_fail_all() {
   }
 }
 
-// One step: schedule -> prepare -> copy -> forward -> sample -> postprocess. The copy stage fills
-// the private blocks of partially reused prefixes (copy-on-write) before forward reads them. On
-// CUDA with device_sampling, forward and sample are one runner call and the logits stay on the
-// device. A failure of the model fails this batch's requests; a failure to sample fails that
-// request alone.
+// One step: schedule -> prepare -> copy -> forward and sample -> postprocess. The copy stage fills
+// the private blocks of partially reused prefixes (copy-on-write) before forward reads them. The
+// runner draws the tokens where the logits are. A failure of the model fails this batch's requests;
+// a failure to sample fails that request alone.
 void Executor::Impl::step() {
   const Clock::time_point step_start = Clock::now();
   ScheduledBatch scheduled = scheduler.schedule();
   Batch batch = requests_of(scheduled);
   RTLLM_CHECK(!batch.empty(), "the scheduler has work but scheduled nothing");
-  const float* logits = nullptr;
-  std::vector<SampledToken> tokens;
   try {
     prepare_inputs(batch);
+    prepare_sampling(batch);
     if (!kv_cache.pending_copies().empty()) runner->copy_blocks(kv_cache.pending_copies());
     kv_cache.finish_copies();
-    if (device_sampling) {
-      prepare_sampling(batch);
-      runner->forward_and_sample(inputs, sampling_inputs, &tokens);
-    } else {
-      logits = runner->forward(inputs);
-    }
+    runner->forward_and_sample(inputs, sampling_inputs, &tokens);
   } catch (const std::exception& e) {
     kv_cache.finish_copies();  // unpins the sources whatever ran
     for (const auto& request : batch) finish(*request, FinishReason::kError, e.what());
     return;
   }
-  if (device_sampling) {
-    check_sampled(batch, tokens);
-  } else {
-    tokens = sample(batch, logits);
-  }
+  check_sampled(batch);
   postprocess(batch, tokens);
   record_iteration(scheduled, step_start);
   ++num_steps;
@@ -411,44 +402,51 @@ void Executor::Impl::prepare_inputs(const Batch& batch) {
   }
 }
 
-// logits: [batch.size(), vocab_size], row s for batch[s]. Only requests whose step fed their last
-// token draw one (a prompt chunk before the last draws nothing). A request whose draw fails (e.g.
-// every token masked) ends with kError and gets no token.
-std::vector<SampledToken> Executor::Impl::sample(const Batch& batch, const float* logits) {
-  std::vector<SampledToken> tokens(batch.size());
-  for (size_t s = 0; s < batch.size(); ++s) {
-    LlmRequest& request = *batch[s];
-    if (!request.completes_step()) continue;
-    std::vector<int32_t> masked = request.masked_token_ids();
-    try {
-      tokens[s] = sampler.sample_one(logits + s * vocab_size, vocab_size, request.sampling_input(&masked));
-    } catch (const std::exception& e) {
-      finish(request, FinishReason::kError, e.what());
-    }
-  }
-  return tokens;
-}
-
 // The sampling inputs of forward_and_sample, row s for batch[s]; a request that draws nothing this
-// step (a prompt chunk before the last) gets an input without a config.
+// step (a prompt chunk before the last) gets an input without a config. A request's LogitsProcessor
+// fills its row of allowed_bitmasks here; if it throws, the request draws nothing and fails after
+// the step (finishing it now would free blocks the step still writes).
 void Executor::Impl::prepare_sampling(const Batch& batch) {
+  const size_t num_words = static_cast<size_t>(num_bitmask_words(vocab_size));
   masked.resize(batch.size());
+  sampling_errors.assign(batch.size(), std::string{});
   sampling_inputs.assign(batch.size(), SamplingInput{});
+  const bool any_processor = std::any_of(batch.begin(), batch.end(), [](const auto& r) {
+    return r->completes_step() && r->request.logits_processor;
+  });
+  if (any_processor && allowed_bitmasks.size() < batch.size() * num_words)
+    allowed_bitmasks.resize(batch.size() * num_words);
   for (size_t s = 0; s < batch.size(); ++s) {
     const LlmRequest& request = *batch[s];
     if (!request.completes_step()) continue;
     masked[s] = request.masked_token_ids();
-    sampling_inputs[s] = request.sampling_input(&masked[s]);
+    SamplingInput input = request.sampling_input(&masked[s]);
+    if (LogitsProcessor* processor = request.request.logits_processor.get()) {
+      uint32_t* bitmask = allowed_bitmasks.data() + s * num_words;
+      std::fill(bitmask, bitmask + num_words, ~0u);
+      try {
+        processor->fill_next_token_bitmask(request.request.prompt_token_ids, request.output_token_ids, vocab_size,
+                                           bitmask);
+      } catch (const std::exception& e) {
+        sampling_errors[s] = detail::concat("the logits processor failed: ", e.what());
+        continue;
+      }
+      input.allowed_token_bitmask = bitmask;
+    }
+    sampling_inputs[s] = input;
   }
 }
 
-// A request whose device draw failed (token -1: every token masked or -inf) ends with kError, as
-// when the CPU Sampler throws.
-void Executor::Impl::check_sampled(const Batch& batch, const std::vector<SampledToken>& tokens) {
+// A request whose draw failed (token -1: every token masked or -inf) or whose logits processor
+// threw ends with kError; the others go on.
+void Executor::Impl::check_sampled(const Batch& batch) {
   for (size_t s = 0; s < batch.size(); ++s) {
     LlmRequest& request = *batch[s];
-    if (request.completes_step() && tokens[s].token_id < 0)
+    if (!sampling_errors[s].empty()) {
+      finish(request, FinishReason::kError, sampling_errors[s]);
+    } else if (request.completes_step() && tokens[s].token_id < 0) {
       finish(request, FinishReason::kError, "every token of the vocabulary is masked or has logit -inf");
+    }
   }
 }
 

@@ -34,7 +34,6 @@ struct ModelRunner::Impl {
   std::shared_ptr<const Engine> engine;
   RuntimeConfig config;
   std::unique_ptr<RunnerBackend> backend;
-  Sampler sampler;  // forward_and_sample where the backend cannot draw on the device
   std::mutex forward_mutex;  // one step at a time
 
   BackendInfo info;  // the op kinds keep a pointer to it
@@ -329,35 +328,16 @@ const float* ModelRunner::forward(const StepInputs& inputs) {
   return im.backend->forward(im.step, im.nodes, *im.logits);
 }
 
-bool ModelRunner::samples_on_device(const std::vector<SamplingInput>& sampling) const {
-  const Impl& im = *impl_;
-  return im.config.device_sampling && im.backend->samples_on_device(sampling);
-}
-
 void ModelRunner::forward_and_sample(const StepInputs& inputs, const std::vector<SamplingInput>& sampling,
                                      std::vector<SampledToken>* out) {
   Impl& im = *impl_;
   RTLLM_CHECK_ARG(out != nullptr, "forward_and_sample needs an output vector");
   RTLLM_CHECK_ARG(sampling.size() == inputs.num_new_tokens.size(), "forward_and_sample got ", sampling.size(),
                   " sampling inputs for ", inputs.num_new_tokens.size(), " sequences");
-  if (samples_on_device(sampling)) {
-    std::lock_guard<std::mutex> lock(im.forward_mutex);
-    im.validate(inputs);
-    im.expand(inputs);
-    im.backend->forward_and_sample(im.step, im.nodes, *im.logits, sampling, out);
-    return;
-  }
-  const float* logits = forward(inputs);
-  const int32_t vocab = vocab_size();
-  out->assign(sampling.size(), SampledToken{});
-  for (size_t s = 0; s < sampling.size(); ++s) {
-    if (!sampling[s].config) continue;
-    try {
-      (*out)[s] = im.sampler.sample_one(logits + s * static_cast<size_t>(vocab), vocab, sampling[s]);
-    } catch (const Error&) {
-      (*out)[s] = SampledToken{};  // every token masked or -inf: token_id -1, as on the device
-    }
-  }
+  std::lock_guard<std::mutex> lock(im.forward_mutex);
+  im.validate(inputs);
+  im.expand(inputs);
+  im.backend->forward_and_sample(im.step, im.nodes, *im.logits, sampling, out);
 }
 
 void ModelRunner::copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) {

@@ -62,8 +62,8 @@ struct HostStep {
 
 // What differs per device. ModelRunner calls, in order: info to create the op kinds, place_weight for
 // each weight, allocate_workspace for the activation arena and the ops' shared scratch, graph_input
-// for the three graph inputs, allocate_kv_pool (which may size the pool), then forward per step
-// (after copy_blocks, if any).
+// for the three graph inputs, allocate_kv_pool (which may size the pool), then forward_and_sample (or
+// forward, for logits alone) per step, after copy_blocks if any.
 class RunnerBackend {
  public:
   virtual ~RunnerBackend() = default;
@@ -87,19 +87,22 @@ class RunnerBackend {
   virtual size_t kv_pool_bytes() const = 0;  // as allocated
   // Runs the nodes for one step; returns [num_seqs, vocab] float32 logits on the host.
   virtual const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) = 0;
-  // Whether forward_and_sample can draw these inputs where the logits are (false: the caller
-  // samples forward()'s host logits with the CPU Sampler).
-  virtual bool samples_on_device(const std::vector<SamplingInput>& /*inputs*/) const { return false; }
-  // Runs the nodes and samples on the device; out[s] for inputs[s] (token_id -1: no draw, or every
-  // token masked). Only called when samples_on_device(inputs).
-  virtual void forward_and_sample(const HostStep& /*step*/, std::vector<PlannedNode>& /*nodes*/,
-                                  const TensorSlot& /*logits*/, const std::vector<SamplingInput>& /*inputs*/,
-                                  std::vector<SampledToken>* /*out*/) {
-    RTLLM_CHECK(false, "this backend has no device sampling");
+  // Runs the nodes for one step and draws each sequence's next token: out[s] for inputs[s], token_id
+  // -1 for an input without a config and for a draw with every token masked or -inf. The one place a
+  // step's tokens are drawn. This default samples forward()'s host logits with the CPU Sampler; a
+  // backend that can draw where the logits are overrides it and calls it back for the inputs its
+  // kernel cannot draw.
+  virtual void forward_and_sample(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits,
+                                  const std::vector<SamplingInput>& inputs, std::vector<SampledToken>* out) {
+    const float* host_logits = forward(step, nodes, logits);
+    host_sampler_.sample(host_logits, static_cast<int32_t>(logits.dims[1].value), inputs, out);
   }
   // Copies KV blocks (source, destination; validated ids), every layer, in order, ahead of the next
   // forward (on the CUDA stream: ordered before it, no host wait).
   virtual void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) = 0;
+
+ private:
+  Sampler host_sampler_;  // the host draw of forward_and_sample; its buffers are reused across steps
 };
 
 std::unique_ptr<RunnerBackend> make_cpu_backend(const Engine& engine, RuntimeConfig& config);

@@ -19,6 +19,8 @@ void SamplingConfig::validate() const {
   RTLLM_CHECK_ARG(frequency_penalty >= -2.0f && frequency_penalty <= 2.0f,
                   "frequency_penalty must be in [-2, 2], got ", frequency_penalty);
   RTLLM_CHECK_ARG(num_logprobs >= -1, "num_logprobs must be >= -1, got ", num_logprobs);
+  for (const auto& [token_id, bias] : logit_bias)
+    RTLLM_CHECK_ARG(std::isfinite(bias), "logit_bias[", token_id, "] must be finite, got ", bias);
 }
 
 namespace {
@@ -65,6 +67,25 @@ void apply_presence_frequency(float* logits, float presence, float frequency,
   }
 }
 
+// Stage 1.
+void apply_penalties(float* logits, const SamplingConfig& config, const std::vector<int32_t>& prompt,
+                     const std::vector<int32_t>& output) {
+  apply_repetition_penalty(logits, config.repetition_penalty, prompt, output);
+  apply_presence_frequency(logits, config.presence_penalty, config.frequency_penalty, output);
+}
+
+// Stage 2: the bias first, then -inf for masked ids and ids the bitmask does not allow, so a mask
+// wins over any bias.
+void apply_bias_and_mask(float* logits, int32_t vocab_size, const std::map<int32_t, float>& logit_bias,
+                         const std::vector<int32_t>& masked, const uint32_t* allowed_bitmask) {
+  constexpr float kMasked = -std::numeric_limits<float>::infinity();
+  for (const auto& [token_id, bias] : logit_bias) logits[token_id] += bias;
+  for (int32_t id : masked) logits[id] = kMasked;
+  if (!allowed_bitmask) return;
+  for (int32_t i = 0; i < vocab_size; ++i)
+    if (!((allowed_bitmask[i / 32] >> (i % 32)) & 1u)) logits[i] = kMasked;
+}
+
 int32_t argmax(const float* logits, int32_t vocab_size) {
   int32_t best = 0;
   for (int32_t i = 1; i < vocab_size; ++i)
@@ -98,16 +119,21 @@ double sampling_uniform(uint64_t seed, int64_t step) {
   return static_cast<double>(h >> 11) * 0x1.0p-53;
 }
 
-std::vector<SampledToken> Sampler::sample(const float* logits, int32_t vocab_size,
-                                          const std::vector<SamplingInput>& inputs) {
-  std::vector<SampledToken> out;
-  out.reserve(inputs.size());
+void Sampler::sample(const float* logits, int32_t vocab_size, const std::vector<SamplingInput>& inputs,
+                     std::vector<SampledToken>* out) {
+  RTLLM_CHECK(out != nullptr, "Sampler::sample needs an output vector");
+  out->assign(inputs.size(), SampledToken{});
   for (size_t s = 0; s < inputs.size(); ++s)
-    out.push_back(sample_one(logits + s * static_cast<size_t>(vocab_size), vocab_size, inputs[s]));
+    if (inputs[s].config) try_sample(logits + s * static_cast<size_t>(vocab_size), vocab_size, inputs[s], (*out)[s]);
+}
+
+SampledToken Sampler::sample_one(const float* logits, int32_t vocab_size, const SamplingInput& input) {
+  SampledToken out;
+  RTLLM_CHECK(try_sample(logits, vocab_size, input, out), "every token of the vocabulary is masked or has logit -inf");
   return out;
 }
 
-SampledToken Sampler::sample_one(const float* raw_logits, int32_t vocab_size, const SamplingInput& input) {
+bool Sampler::try_sample(const float* raw_logits, int32_t vocab_size, const SamplingInput& input, SampledToken& out) {
   RTLLM_CHECK(input.config != nullptr, "sampling input without a config");
   RTLLM_CHECK(vocab_size >= 1, "vocab_size must be >= 1, got ", vocab_size);
   const SamplingConfig& config = *input.config;
@@ -117,38 +143,48 @@ SampledToken Sampler::sample_one(const float* raw_logits, int32_t vocab_size, co
   check_ids(prompt, vocab_size);
   check_ids(output, vocab_size);
   check_ids(masked, vocab_size);
+  for (const auto& [token_id, bias] : config.logit_bias)
+    RTLLM_CHECK(token_id >= 0 && token_id < vocab_size, "logit_bias token id ", token_id, " outside [0, ",
+                vocab_size, ")");
 
   logits_.assign(raw_logits, raw_logits + vocab_size);
   float* logits = logits_.data();
-  apply_repetition_penalty(logits, config.repetition_penalty, prompt, output);
-  apply_presence_frequency(logits, config.presence_penalty, config.frequency_penalty, output);
-  for (int32_t id : masked) logits[id] = -std::numeric_limits<float>::infinity();
-  float max_logit = logits[argmax(logits, vocab_size)];
-  RTLLM_CHECK(max_logit > -std::numeric_limits<float>::infinity(),
-              "every token of the vocabulary is masked or has logit -inf");
+  apply_penalties(logits, config, prompt, output);
+  apply_bias_and_mask(logits, vocab_size, config.logit_bias, masked, input.allowed_token_bitmask);
+  const int32_t best = argmax(logits, vocab_size);
+  if (logits[best] == -std::numeric_limits<float>::infinity()) return false;
 
-  SampledToken out;
-  out.token_id = config.temperature == 0.0f ? argmax(logits, vocab_size)
-                                            : draw(logits, vocab_size, config, sampling_uniform(input.seed, input.step));
+  out = SampledToken{};
+  if (config.temperature == 0.0f) {
+    out.token_id = best;
+  } else {
+    apply_temperature(vocab_size, config.temperature);
+    filter_candidates(config);
+    out.token_id = draw_candidate(sampling_uniform(input.seed, input.step));
+  }
   if (config.num_logprobs >= 0) fill_logprobs(raw_logits, vocab_size, config.num_logprobs, out);
-  return out;
+  return true;
 }
 
-// Softmax of logits / temperature, filtered by top-k, top-p and min-p, sampled by inverse CDF with
-// the uniform number u. Candidates are ordered by probability (then id) whenever a filter needs it.
-int32_t Sampler::draw(const float* logits, int32_t vocab_size, const SamplingConfig& config, double u) {
-  double max_logit = logits[argmax(logits, vocab_size)];
-  double inv_temperature = 1.0 / config.temperature;
+// Stage 3: unnormalized softmax of logits_ / temperature (the most likely token has p = 1); the
+// candidates are the tokens with p > 0, in id order.
+void Sampler::apply_temperature(int32_t vocab_size, float temperature) {
+  const double max_logit = logits_[argmax(logits_.data(), vocab_size)];
+  const double inv_temperature = 1.0 / temperature;
   probs_.resize(vocab_size);
   candidates_.clear();
   for (int32_t i = 0; i < vocab_size; ++i) {
-    probs_[i] = std::exp((logits[i] - max_logit) * inv_temperature);  // unnormalized; max is 1
+    probs_[i] = std::exp((logits_[i] - max_logit) * inv_temperature);
     if (probs_[i] > 0.0) candidates_.push_back(i);
   }
-  auto more_likely = [&](int32_t a, int32_t b) { return probs_[a] > probs_[b] || (probs_[a] == probs_[b] && a < b); };
-  auto num_candidates = [&]() { return static_cast<int64_t>(candidates_.size()); };
+}
 
-  if (config.top_k > 0 && config.top_k < num_candidates()) {
+// Stage 4: top-k, top-p, min-p. Candidates end ordered by probability (then id) whenever top-k or
+// top-p is active.
+void Sampler::filter_candidates(const SamplingConfig& config) {
+  auto more_likely = [&](int32_t a, int32_t b) { return probs_[a] > probs_[b] || (probs_[a] == probs_[b] && a < b); };
+  const int64_t num_candidates = static_cast<int64_t>(candidates_.size());
+  if (config.top_k > 0 && config.top_k < num_candidates) {
     std::partial_sort(candidates_.begin(), candidates_.begin() + config.top_k, candidates_.end(), more_likely);
     candidates_.resize(config.top_k);
   } else if (config.top_p < 1.0f) {
@@ -165,15 +201,18 @@ int32_t Sampler::draw(const float* logits, int32_t vocab_size, const SamplingCon
   }
   if (config.min_p > 0.0f) {
     // The most likely token (p = 1 unnormalized) always passes; the ratio is scale-free.
-    double threshold = static_cast<double>(config.min_p);
+    const double threshold = static_cast<double>(config.min_p);
     candidates_.erase(std::remove_if(candidates_.begin(), candidates_.end(),
                                      [&](int32_t id) { return probs_[id] < threshold; }),
                       candidates_.end());
   }
+}
 
+// Stage 5: inverse CDF of the kept mass at the uniform number u, walking the candidates in order.
+int32_t Sampler::draw_candidate(double u) const {
   double total = 0.0;
   for (int32_t id : candidates_) total += probs_[id];
-  double target = u * total;
+  const double target = u * total;
   double mass = 0.0;
   for (int32_t id : candidates_) {
     mass += probs_[id];

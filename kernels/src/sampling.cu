@@ -16,7 +16,9 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBuckets = 256;
-constexpr uint32_t kMasked = 1u << 31, kSeen = 1u << 30, kCountMask = kSeen - 1;
+// Per-token flags and count of one sequence (the workspace): masked, seen in prompt or output, has
+// a logit bias; the low bits count the token in the output.
+constexpr uint32_t kMasked = 1u << 31, kSeen = 1u << 30, kBiased = 1u << 29, kCountMask = kBiased - 1;
 
 struct Shared {
   double warp_hist[kWarps][kBuckets];
@@ -54,21 +56,36 @@ __device__ __forceinline__ bool passes(double cum, double target, bool strict) {
   return strict ? target < cum : target <= cum;
 }
 
-// One sequence's logits with penalties and mask applied on the fly (counts null: none).
+// One sequence's logits with stages 1 and 2 (penalties, then bias and mask) applied on the fly
+// (counts null: no penalty, bias or mask). The bias of a token flagged kBiased is found by binary
+// search in the sequence's bias list (ids ascending): lists are short, flagged tokens few.
 struct SeqLogits {
   const float* raw;
   const uint32_t* counts;
   float repetition, presence, frequency;
+  const int32_t* bias_ids;  // [num_biases] ascending
+  const float* bias_values;
+  int32_t num_biases;
+
+  __device__ float bias_of(int32_t i) const {
+    int32_t lo = 0, hi = num_biases;  // the first entry with id >= i
+    while (lo < hi) {
+      const int32_t mid = (lo + hi) >> 1;
+      if (bias_ids[mid] < i) lo = mid + 1; else hi = mid;
+    }
+    return lo < num_biases && bias_ids[lo] == i ? bias_values[lo] : 0.0f;
+  }
 
   __device__ float adjusted(int32_t i) const {
     float a = raw[i];
     if (!counts) return a;
     const uint32_t c = counts[i];
-    if (c & kMasked) return -INFINITY;
+    if (c & kMasked) return -INFINITY;  // the mask wins over penalties and bias
     if ((c & kSeen) && repetition != 1.0f) a = a > 0.0f ? a / repetition : a * repetition;
     const uint32_t n = c & kCountMask;
     // Rounded like the CPU's `presence + frequency * count` (no fused multiply-add).
     if (n && (presence != 0.0f || frequency != 0.0f)) a -= __fadd_rn(presence, __fmul_rn(frequency, (float)n));
+    if (c & kBiased) a = __fadd_rn(a, bias_of(i));
     return a;
   }
 };
@@ -309,30 +326,34 @@ __device__ int32_t block_argmax(Shared& sh, int32_t n, const SeqLogits& lg, floa
   return best == -INFINITY ? -1 : best_id;
 }
 
-// Builds the per-token flags/counts of one sequence in `counts` (zeroed first).
+// Builds the per-token flags/counts of one sequence in `counts`: kMasked for the ids its bitmask row
+// (null: none) does not allow, then the lists' flags and counts.
 __device__ void build_counts(uint32_t* counts, int32_t n, int s, const int32_t* prompt_ids,
                              const int32_t* prompt_offsets, const int32_t* output_ids, const int32_t* output_offsets,
-                             const int32_t* masked_ids, const int32_t* masked_offsets) {
-  for (int32_t i = threadIdx.x; i < n; i += kThreads) counts[i] = 0u;
+                             const int32_t* masked_ids, const int32_t* masked_offsets, const int32_t* bias_ids,
+                             const int32_t* bias_offsets, const uint32_t* allowed_row) {
+  for (int32_t i = threadIdx.x; i < n; i += kThreads)
+    counts[i] = !allowed_row || ((allowed_row[i >> 5] >> (i & 31)) & 1u) ? 0u : kMasked;
   __syncthreads();
-  if (prompt_offsets)
-    for (int32_t j = prompt_offsets[s] + threadIdx.x; j < prompt_offsets[s + 1]; j += kThreads) {
-      const int32_t id = prompt_ids[j];
-      if (id >= 0 && id < n) atomicOr(&counts[id], kSeen);
+  // Sets `flag` on each id of sequence s's part of a CSR list.
+  auto flag_list = [&](const int32_t* ids, const int32_t* offsets, uint32_t flag) {
+    if (!offsets) return;
+    for (int32_t j = offsets[s] + threadIdx.x; j < offsets[s + 1]; j += kThreads) {
+      const int32_t id = ids[j];
+      if (id >= 0 && id < n) atomicOr(&counts[id], flag);
     }
+  };
+  flag_list(prompt_ids, prompt_offsets, kSeen);
   if (output_offsets)
     for (int32_t j = output_offsets[s] + threadIdx.x; j < output_offsets[s + 1]; j += kThreads) {
       const int32_t id = output_ids[j];
       if (id >= 0 && id < n) {
-        atomicAdd(&counts[id], 1u);  // the count stays below kSeen for any realistic output length
+        atomicAdd(&counts[id], 1u);  // the count stays below kBiased for any realistic output length
         atomicOr(&counts[id], kSeen);
       }
     }
-  if (masked_offsets)
-    for (int32_t j = masked_offsets[s] + threadIdx.x; j < masked_offsets[s + 1]; j += kThreads) {
-      const int32_t id = masked_ids[j];
-      if (id >= 0 && id < n) atomicOr(&counts[id], kMasked);
-    }
+  flag_list(masked_ids, masked_offsets, kMasked);
+  flag_list(bias_ids, bias_offsets, kBiased);
   __syncthreads();
 }
 
@@ -340,7 +361,8 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
     int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, const float* logits,
     const SamplingParamsDevice* params, const int32_t* prompt_ids, const int32_t* prompt_offsets,
     const int32_t* output_ids, const int32_t* output_offsets, const int32_t* masked_ids,
-    const int32_t* masked_offsets, int32_t n, int32_t max_top, uint32_t* workspace) {
+    const int32_t* masked_offsets, const int32_t* bias_ids, const float* bias_values, const int32_t* bias_offsets,
+    const uint32_t* allowed_bitmask, int32_t n, int32_t max_top, uint32_t* workspace) {
   __shared__ Shared sh;
   pdl_begin();
   const int s = blockIdx.x;
@@ -387,13 +409,20 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
     }
   }
 
-  SeqLogits lg{raw, nullptr, p.repetition_penalty, p.presence_penalty, p.frequency_penalty};
-  const bool has_lists = (prompt_offsets && prompt_offsets[s + 1] > prompt_offsets[s]) ||
-                         (output_offsets && output_offsets[s + 1] > output_offsets[s]) ||
-                         (masked_offsets && masked_offsets[s + 1] > masked_offsets[s]);
+  SeqLogits lg{raw, nullptr, p.repetition_penalty, p.presence_penalty, p.frequency_penalty, nullptr, nullptr, 0};
+  const uint32_t* allowed_row = allowed_bitmask ? allowed_bitmask + (int64_t)s * ((n + 31) >> 5) : nullptr;
+  auto has_list = [&](const int32_t* offsets) { return offsets && offsets[s + 1] > offsets[s]; };
+  if (bias_offsets) {
+    lg.bias_ids = bias_ids + bias_offsets[s];
+    lg.bias_values = bias_values + bias_offsets[s];
+    lg.num_biases = bias_offsets[s + 1] - bias_offsets[s];
+  }
+  const bool has_lists = has_list(prompt_offsets) || has_list(output_offsets) || has_list(masked_offsets) ||
+                         lg.num_biases > 0 || allowed_row;
   if (has_lists && workspace) {
     uint32_t* counts = workspace + (int64_t)s * n;
-    build_counts(counts, n, s, prompt_ids, prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets);
+    build_counts(counts, n, s, prompt_ids, prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets,
+                 bias_ids, bias_offsets, allowed_row);
     lg.counts = counts;
   }
 
@@ -442,8 +471,9 @@ size_t sample_workspace_bytes(int32_t max_num_seqs, int32_t vocab_size) {
 cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, const float* logits,
                    const SamplingParamsDevice* params, const int32_t* prompt_ids, const int32_t* prompt_offsets,
                    const int32_t* output_ids, const int32_t* output_offsets, const int32_t* masked_ids,
-                   const int32_t* masked_offsets, int32_t num_seqs, int32_t vocab_size, int32_t max_top,
-                   void* workspace, cudaStream_t stream) {
+                   const int32_t* masked_offsets, const int32_t* bias_ids, const float* bias_values,
+                   const int32_t* bias_offsets, const uint32_t* allowed_bitmask, int32_t num_seqs,
+                   int32_t vocab_size, int32_t max_top, void* workspace, cudaStream_t stream) {
   RTLLM_KERNEL_CHECK(out_ids && logits && params && num_seqs >= 0);
   RTLLM_KERNEL_CHECK(vocab_size >= 1 && vocab_size <= (1 << 30));
   RTLLM_KERNEL_CHECK(max_top >= 0 && max_top <= kMaxTopLogprobs);
@@ -452,12 +482,13 @@ cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, 
   RTLLM_KERNEL_CHECK((prompt_offsets == nullptr) || prompt_ids);
   RTLLM_KERNEL_CHECK((output_offsets == nullptr) || output_ids);
   RTLLM_KERNEL_CHECK((masked_offsets == nullptr) || masked_ids);
-  const bool has_lists = prompt_offsets || output_offsets || masked_offsets;
+  RTLLM_KERNEL_CHECK((bias_offsets == nullptr) || (bias_ids && bias_values));
+  const bool has_lists = prompt_offsets || output_offsets || masked_offsets || bias_offsets || allowed_bitmask;
   RTLLM_KERNEL_CHECK(!has_lists || (workspace && (reinterpret_cast<uintptr_t>(workspace) & 3) == 0));
   if (num_seqs == 0) return cudaSuccess;
   launch_pdl(sample_kernel, num_seqs, kThreads, 0, stream, out_ids, out_logprobs, out_top_ids, logits, params,
-             prompt_ids, prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets, vocab_size, max_top,
-             static_cast<uint32_t*>(workspace));
+             prompt_ids, prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets, bias_ids, bias_values,
+             bias_offsets, allowed_bitmask, vocab_size, max_top, static_cast<uint32_t*>(workspace));
   return cudaGetLastError();
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 _PENALTY_LIMIT = 2.0
 
@@ -28,7 +28,9 @@ class SamplingParams:
     """Sampling and stopping controls for one prompt.
 
     temperature=0 samples greedily; top_k=0, top_p=1, min_p=0 and the penalties' neutral values
-    switch those filters off. `logprobs=N` returns the sampled token's log-probability for every
+    switch those filters off. `logit_bias` maps token ids to a bias added to their logits after the
+    penalties and before temperature (vLLM's and OpenAI's semantics: +100 all but forces a token,
+    -100 all but bans it); the LLM checks the ids against the vocabulary. `logprobs=N` returns the sampled token's log-probability for every
     generated token (from the raw logits' log-softmax) and, for N > 0, the top N alternatives too.
     With `end_id=None` the tokenizer's / model's end-of-sequence ids end generation. `stop`
     strings end it when they appear in the detokenized text, which is cut before them (or after,
@@ -55,6 +57,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: Optional[int] = None
+    logit_bias: Optional[Dict[int, float]] = None
     detokenize: bool = True
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -95,6 +98,15 @@ class SamplingParams:
         self._stop_strings = stop
         _check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0), "logprobs",
                self.logprobs, "None or an int >= 0")
+        if self.logit_bias is not None:
+            _check(isinstance(self.logit_bias, dict), "logit_bias", self.logit_bias,
+                   "None or a dict of token id -> bias")
+            for token_id, bias in self.logit_bias.items():
+                _check(_is_int(token_id) and token_id >= 0, "logit_bias", self.logit_bias,
+                       f"keyed by token ids (ints >= 0), not {token_id!r}")
+                _check(_is_real(bias) and math.isfinite(bias), "logit_bias", self.logit_bias,
+                       f"a dict of finite biases, not {bias!r} for token {token_id}")
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
 
     @property
     def stop_strings(self) -> list:
@@ -114,7 +126,8 @@ class SamplingParams:
             min_p=float(self.min_p), repetition_penalty=float(self.repetition_penalty),
             presence_penalty=float(self.presence_penalty),
             frequency_penalty=float(self.frequency_penalty), seed=seed,
-            num_logprobs=-1 if self.logprobs is None else int(self.logprobs))
+            num_logprobs=-1 if self.logprobs is None else int(self.logprobs),
+            logit_bias=dict(self.logit_bias or {}))
         stop = _core.StopConfig(
             max_tokens=int(self.max_tokens), min_tokens=int(self.min_tokens),
             end_ids=[int(self.end_id)] if self.end_id is not None else [int(i) for i in end_ids],

@@ -1,5 +1,6 @@
-// Sampler against straightforward double-precision references: greedy choice, penalties,
-// the filtered distribution (checked statistically), logprobs and per-sequence determinism.
+// Sampler against straightforward double-precision references: greedy choice, penalties, logit
+// bias, the allowed-token bitmask, the filtered distribution (checked statistically), logprobs and
+// per-sequence determinism.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -90,8 +91,9 @@ TEST(Sampler, GreedyTakesArgmaxLowestIdOnTies) {
   }
 }
 
-// Greedy after penalties picks the argmax of the reference penalized logits.
-TEST(Sampler, PenaltiesMatchReference) {
+// Greedy after penalties (stage 1) and, in odd trials, logit bias (stage 2) picks the argmax of the
+// float64 reference.
+TEST(Sampler, PenaltiesAndLogitBiasMatchReference) {
   Sampler sampler;
   std::mt19937 rng(7);
   const int32_t vocab_size = 40;
@@ -103,10 +105,13 @@ TEST(Sampler, PenaltiesMatchReference) {
     c.repetition_penalty = std::uniform_real_distribution<float>(0.5f, 2.0f)(rng);
     c.presence_penalty = std::uniform_real_distribution<float>(-2.0f, 2.0f)(rng);
     c.frequency_penalty = std::uniform_real_distribution<float>(-2.0f, 2.0f)(rng);
+    for (int j = 0; j < (trial % 2 ? 6 : 0); ++j)
+      c.logit_bias[rng() % vocab_size] = std::uniform_real_distribution<float>(-3.0f, 3.0f)(rng);
     std::vector<int32_t> prompt(rng() % 10), output(rng() % 10);
     for (auto& t : prompt) t = rng() % 10;  // few distinct ids: repeats and overlaps
     for (auto& t : output) t = rng() % 10;
     auto ref = reference_penalized(logits, c, prompt, output);
+    for (const auto& [t, bias] : c.logit_bias) ref[t] += bias;
     std::vector<double> sorted(ref);
     std::sort(sorted.rbegin(), sorted.rend());
     if (sorted[0] - sorted[1] < 1e-4) continue;  // too close to call in float32
@@ -191,9 +196,10 @@ TEST(Sampler, SameSeedAndStepGiveSameTokenWhateverTheBatch) {
     std::vector<float> batch2(logits_b);  // [b, b, a]
     batch2.insert(batch2.end(), logits_b.begin(), logits_b.end());
     batch2.insert(batch2.end(), logits_a.begin(), logits_a.end());
-    auto r1 = s1.sample(batch1.data(), vocab_size, {make_input(a, 99, step)});
-    auto r2 = s2.sample(batch2.data(), vocab_size,
-                        {make_input(other, 5, step), make_input(other, 6, 3), make_input(a, 99, step)});
+    std::vector<SampledToken> r1, r2;
+    s1.sample(batch1.data(), vocab_size, {make_input(a, 99, step)}, &r1);
+    s2.sample(batch2.data(), vocab_size,
+              {make_input(other, 5, step), make_input(other, 6, 3), make_input(a, 99, step)}, &r2);
     ASSERT_EQ(r1[0].token_id, r2[2].token_id) << "step " << step;
   }
 }
@@ -260,6 +266,98 @@ TEST(Sampler, MaskedTokensAreNeverDrawn) {
   EXPECT_THROW(sampler.sample_one(logits.data(), vocab_size, in), Error);
 }
 
+// Stage 2's bias: the sampled distribution follows the float64 reference of the biased logits.
+TEST(Sampler, LogitBiasShiftsTheDistributionLikeTheReference) {
+  Sampler sampler;
+  SamplingConfig hot = config_of(1.0f, 0, 0.9f, 0.0f);
+  hot.logit_bias = {{2, 3.0f}, {5, -2.0f}, {11, 1.0f}};
+  auto logits = random_logits(16, 5);
+  std::vector<double> biased(logits.begin(), logits.end());
+  for (const auto& [t, bias] : hot.logit_bias) biased[t] += bias;
+  auto target = reference_distribution(biased, hot);
+  const int num_draws = 20000;
+  std::vector<int> counts(16, 0);
+  for (int i = 0; i < num_draws; ++i) counts[sampler.sample_one(logits.data(), 16, make_input(hot, i / 100, i % 100)).token_id]++;
+  for (int32_t t = 0; t < 16; ++t) {
+    const double sigma = std::sqrt(target[t] * (1 - target[t]) / num_draws);
+    EXPECT_LE(std::abs(static_cast<double>(counts[t]) / num_draws - target[t]), 5 * sigma + 1e-12) << "token " << t;
+  }
+}
+
+// +100 forces a token and -100 bans one, greedy and sampled; logprobs stay those of the raw logits.
+TEST(Sampler, LogitBiasOfHundredForcesOrBans) {
+  const int32_t vocab_size = 64;
+  auto logits = random_logits(vocab_size, 9);
+  const int32_t favourite = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  const int32_t unlikely = static_cast<int32_t>(std::min_element(logits.begin(), logits.end()) - logits.begin());
+  Sampler sampler;
+  for (float temperature : {0.0f, 0.8f}) {
+    SamplingConfig force = config_of(temperature, 0, 0.95f, 0.0f), ban = force;
+    force.logit_bias[unlikely] = 100.0f;
+    force.num_logprobs = 0;
+    ban.logit_bias[favourite] = -100.0f;
+    for (int64_t step = 0; step < 200; ++step) {
+      SampledToken forced = sampler.sample_one(logits.data(), vocab_size, make_input(force, 3, step));
+      ASSERT_EQ(forced.token_id, unlikely) << "temperature " << temperature << " step " << step;
+      double log_sum = 0.0;
+      for (float l : logits) log_sum += std::exp(static_cast<double>(l));
+      EXPECT_NEAR(forced.logprob, logits[unlikely] - std::log(log_sum), 1e-4);
+      ASSERT_NE(sampler.sample_one(logits.data(), vocab_size, make_input(ban, 3, step)).token_id, favourite);
+    }
+  }
+}
+
+// A LogitsProcessor's bitmask, as the executor passes it: only allowed tokens are drawn, it wins
+// over a +100 bias, and no allowed token left fails the draw (token -1 from sample()).
+TEST(Sampler, AllowedTokenBitmaskForcesTheDrawToAllowedTokens) {
+  // A processor that allows the tokens whose id is a multiple of 7 after an even number of outputs.
+  struct MultiplesOfSeven : LogitsProcessor {
+    void fill_next_token_bitmask(const std::vector<int32_t>&, const std::vector<int32_t>& output, int32_t vocab_size,
+                                 uint32_t* bitmask) override {
+      if (output.size() % 2) return;
+      for (int32_t i = 0; i < vocab_size; ++i)
+        if (i % 7) bitmask[i / 32] &= ~(1u << (i % 32));
+    }
+  };
+  const int32_t vocab_size = 100;  // not a multiple of 32: the last word is partial
+  std::vector<uint32_t> bitmask(num_bitmask_words(vocab_size));
+  MultiplesOfSeven processor;
+  const std::vector<int32_t> prompt = {1, 2};
+  Sampler sampler;
+  SamplingConfig hot = config_of(1.5f, 0, 1.0f, 0.0f), greedy = config_of(0.0f, 0, 1.0f, 0.0f);
+  hot.logit_bias = {{3, 100.0f}};  // masked by the bitmask: the mask wins
+  std::map<int32_t, int> drawn;
+  for (int64_t step = 0; step < 400; ++step) {
+    std::vector<int32_t> output(step % 2 ? 1 : 0, 5);
+    std::fill(bitmask.begin(), bitmask.end(), ~0u);
+    processor.fill_next_token_bitmask(prompt, output, vocab_size, bitmask.data());
+    auto logits = random_logits(vocab_size, 100 + step);
+    SamplingInput in = make_input(step % 3 == 0 ? greedy : hot, 8, step);
+    in.allowed_token_bitmask = bitmask.data();
+    const int32_t t = sampler.sample_one(logits.data(), vocab_size, in).token_id;
+    if (step % 2 == 0) {
+      ASSERT_EQ(t % 7, 0) << "step " << step;
+      drawn[t]++;
+      if (step % 3 == 0) {  // greedy: the argmax over the allowed tokens
+        int32_t best = 0;
+        for (int32_t i = 7; i < vocab_size; i += 7) best = logits[i] > logits[best] ? i : best;
+        EXPECT_EQ(t, best);
+      }
+    } else if (step % 3) {
+      EXPECT_EQ(t, 3) << "all tokens allowed: the +100 bias wins";
+    }
+  }
+  EXPECT_GT(drawn.size(), 5u);  // sampling, not a constant
+  std::fill(bitmask.begin(), bitmask.end(), 0u);
+  SamplingInput none = make_input(hot, 1, 0);
+  none.allowed_token_bitmask = bitmask.data();
+  auto logits = random_logits(vocab_size, 1);
+  EXPECT_THROW(sampler.sample_one(logits.data(), vocab_size, none), Error);
+  std::vector<SampledToken> out;
+  sampler.sample(logits.data(), vocab_size, {none}, &out);
+  EXPECT_EQ(out.at(0).token_id, -1);
+}
+
 TEST(Sampler, ValidateNamesTheBadValue) {
   auto expect_invalid = [](SamplingConfig c, const char* what) {
     try {
@@ -281,6 +379,8 @@ TEST(Sampler, ValidateNamesTheBadValue) {
   c.presence_penalty = 2.5f, expect_invalid(c, "presence_penalty"), c = {};
   c.frequency_penalty = -3.0f, expect_invalid(c, "frequency_penalty"), c = {};
   c.num_logprobs = -2, expect_invalid(c, "num_logprobs"), c = {};
+  c.logit_bias = {{7, INFINITY}}, expect_invalid(c, "logit_bias[7]"), c = {};
+  c.logit_bias = {{3, NAN}}, expect_invalid(c, "logit_bias[3]"), c = {};
 }
 
 }  // namespace

@@ -197,3 +197,59 @@ def test_seeded_sampling_is_reproducible_across_runs_and_batches(engine_dir):
         copies = llm.generate([prompt] * 4 + others[:2], [params] * 4 + mixed[:2], use_tqdm=False)
     assert alone == again == batch[2].outputs[0].token_ids
     assert all(c.outputs[0].token_ids == alone for c in copies[:4])
+
+
+def biased_requests(prompts, rng):
+    """Greedy and seeded requests with logit_bias: forcing (+100), banning (-100) and moderate biases."""
+    samplings = [dict(temperature=0.0), dict(temperature=0.8, top_p=0.95, seed=21),
+                 dict(temperature=1.0, top_k=30, seed=22, repetition_penalty=1.2, num_logprobs=2)]
+    requests = []
+    for i, prompt in enumerate(prompts):
+        ids = rng.choice(VOCAB_SIZE, size=12, replace=False).tolist()
+        kind = i % 3
+        bias = ({ids[0]: 100.0} if kind == 0 else {t: -100.0 for t in ids} if kind == 1
+                else {t: float(rng.uniform(-5, 5)) for t in ids})
+        sampling = _core.SamplingConfig(**samplings[i % len(samplings)], logit_bias=bias)
+        requests.append(_core.Request(list(prompt), sampling=sampling,
+                                      stop=_core.StopConfig(max_tokens=12, ignore_eos=True)))
+    return requests
+
+
+def test_logit_bias_device_path_matches_host_path(engine):
+    """Same GPU logits: the kernel's bias stage and the CPU Sampler's draw the same tokens."""
+    prompts = random_prompts(np.random.default_rng(41), [2, 7, 11, 19, 33, 8, 15, 26, 4])
+    device = run_alone(engine, biased_requests(prompts, np.random.default_rng(42)), device_sampling=True)
+    host = run_alone(engine, biased_requests(prompts, np.random.default_rng(42)), device_sampling=False)
+    for request, d, h in zip(biased_requests(prompts, np.random.default_rng(42)), device, host):
+        assert list(d.token_ids) == list(h.token_ids)
+        np.testing.assert_allclose(d.logprobs, h.logprobs, atol=PATHS_LOGPROB_ATOL)
+        bias = request.sampling.logit_bias
+        if 100.0 in bias.values():
+            assert list(d.token_ids) == [next(iter(bias))] * 12
+        if -100.0 in bias.values():
+            assert not set(d.token_ids) & set(bias)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=0.8, top_p=0.95)],
+                         ids=["greedy", "sampled"])
+def test_logit_bias_same_tokens_on_cpu_and_cuda(engine_dir, settings):
+    """+100 forces the same tokens on both devices; -100 bans tokens on both (their other draws may
+    differ: CUDA computes in bf16)."""
+    rng = np.random.default_rng(43)
+    prompts = random_prompts(rng, [5, 13, 21])
+    forced = rng.choice(VOCAB_SIZE, size=len(prompts), replace=False).tolist()
+    banned = rng.choice(VOCAB_SIZE, size=40, replace=False).tolist()
+    force_params = [SamplingParams(max_tokens=10, seed=50 + i, ignore_eos=True, logit_bias={t: 100.0}, **settings)
+                    for i, t in enumerate(forced)]
+    ban_params = [SamplingParams(max_tokens=10, seed=60 + i, ignore_eos=True,
+                                 logit_bias={t: -100.0 for t in banned}, **settings) for i in range(len(prompts))]
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        kv = KvCacheConfig(free_gpu_memory_fraction=0.02) if device == "cuda" else KvCacheConfig(max_tokens=4096)
+        with LLM(model=str(engine_dir), device=device, kv_cache_config=kv) as llm:
+            outputs[device] = ([o.outputs[0].token_ids for o in llm.generate(prompts, force_params, use_tqdm=False)],
+                               [o.outputs[0].token_ids for o in llm.generate(prompts, ban_params, use_tqdm=False)])
+    for device, (forced_out, banned_out) in outputs.items():
+        assert forced_out == [[t] * 10 for t in forced], device
+        assert all(len(o) == 10 and not set(o) & set(banned) for o in banned_out), device
+    assert outputs["cpu"][0] == outputs["cuda"][0]

@@ -42,8 +42,9 @@ def csr(lists):
     return torch.from_numpy(ids).cuda(), torch.from_numpy(offsets).cuda()
 
 
-def gpu_sample(kernels, logits, rows, prompt=None, output=None, masked=None, max_top=0):
-    """logits: [S, V] float32 cuda. Returns ids, logprobs [S, 1 + max_top], top ids [S, max_top] (numpy)."""
+def gpu_sample(kernels, logits, rows, prompt=None, output=None, masked=None, max_top=0, bias=None, bitmask=None):
+    """logits: [S, V] float32 cuda; bias: a {token id: bias} dict per sequence; bitmask: [S, ceil(V / 32)]
+    uint32 numpy. Returns ids, logprobs [S, 1 + max_top], top ids [S, max_top] (numpy)."""
     num_seqs, vocab = logits.shape
     params = params_array(kernels, rows)
     ids = torch.full((num_seqs,), -7, dtype=torch.int32, device="cuda")
@@ -55,6 +56,15 @@ def gpu_sample(kernels, logits, rows, prompt=None, output=None, masked=None, max
             t_ids, t_off = csr(value)
             keep += [t_ids, t_off]
             lists[f"{name}_ids"], lists[f"{name}_offsets"] = t_ids.data_ptr(), t_off.data_ptr()
+    if bias is not None:
+        t_ids, t_off = csr([sorted(b) for b in bias])  # the kernel wants each sequence's ids ascending
+        values = torch.tensor([b[t] for b in bias for t in sorted(b)] + [0.0], dtype=torch.float32, device="cuda")
+        keep += [t_ids, t_off, values]
+        lists.update(bias_ids=t_ids.data_ptr(), bias_offsets=t_off.data_ptr(), bias_values=values.data_ptr())
+    if bitmask is not None:
+        t_mask = torch.from_numpy(np.ascontiguousarray(bitmask, np.uint32).view(np.int32)).cuda()
+        keep.append(t_mask)
+        lists["allowed_bitmask"] = t_mask.data_ptr()
     workspace = torch.empty(kernels.sample_workspace_bytes(num_seqs, vocab), dtype=torch.uint8, device="cuda")
     kernels.sample(ids.data_ptr(), logprobs.data_ptr(), top_ids.data_ptr(), logits.data_ptr(), params.data_ptr(),
                    num_seqs=num_seqs, vocab_size=vocab, max_top=max_top, workspace=workspace.data_ptr(),
@@ -223,3 +233,93 @@ def test_token_frequencies_match_reference(kernels, settings):
     # Five standard deviations of a binomial frequency, plus slack for float32 rounding.
     bound = 5 * np.sqrt(expected * (1 - expected) / num) + 1e-3
     assert np.all(np.abs(counts / num - expected) <= bound)
+
+
+def bitmask_of(allowed, vocab):
+    """[S, ceil(V / 32)] uint32 rows from boolean [S, V] rows (bit i % 32 of word i // 32 is token i)."""
+    padded = np.zeros((allowed.shape[0], -(-vocab // 32) * 32), bool)
+    padded[:, :vocab] = allowed
+    bits = padded.reshape(allowed.shape[0], -1, 32).astype(np.uint64) << np.arange(32, dtype=np.uint64)
+    return bits.sum(axis=2).astype(np.uint32)
+
+
+def test_logit_bias_and_bitmask_match_float64_reference(kernels):
+    """Fresh random logits, penalties, biases and bitmasks each run (the seed is in the message):
+    greedy ids are the argmax of the float64 stages 1-2, sampled ids the CPU Sampler's, never a
+    disallowed token; outputs start as NaN / -7 so a row the kernel skips shows."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+    num, vocab = 32, 32003  # a partial last bitmask word
+    logits = (rng.standard_normal((num, vocab)) * 3).astype(np.float32)
+    prompt = [rng.integers(0, vocab, rng.integers(0, 50)).tolist() for _ in range(num)]
+    output = [rng.integers(0, 300, rng.integers(0, 40)).tolist() for _ in range(num)]
+    masked = [rng.integers(0, vocab, 3).tolist() for _ in range(num)]
+    bias = []
+    for s in range(num):
+        ids = rng.choice(vocab, size=int(rng.integers(0, 200)), replace=False)
+        values = rng.uniform(-100, 100, size=len(ids)).astype(np.float32)
+        values[:3] = [100.0, -100.0, 7.5][:len(values[:3])]
+        bias.append({int(t): float(v) for t, v in zip(ids, values)})
+    allowed = np.ones((num, vocab), bool)
+    allowed[::2] = rng.random((num // 2, vocab)) < 0.3  # every other sequence has a processor's mask
+    penalties = dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2)
+
+    def reference(s):
+        x = apply_penalties(logits[s], prompt[s], output[s], masked[s], 1.3, 0.4, 0.2)
+        for t, b in bias[s].items():
+            x[t] = np.float64(np.float32(np.float32(x[t]) + np.float32(b)))  # one float32 add, as both samplers
+        x[~allowed[s]] = -np.inf
+        return x
+
+    greedy, _, _ = gpu_sample(kernels, torch.from_numpy(logits).cuda(), [dict(temperature=0.0, **penalties)] * num,
+                              prompt, output, masked, bias=bias, bitmask=bitmask_of(allowed, vocab))
+    for s in range(num):
+        ref = reference(s)
+        top2 = np.sort(ref)[-2:]
+        if top2[1] - top2[0] > 1e-4:
+            assert greedy[s] == int(np.argmax(ref)), f"seed {seed} sequence {s}"
+        assert allowed[s, greedy[s]] and greedy[s] not in masked[s], f"seed {seed} sequence {s}"
+
+    rows = [dict(temperature=0.8, top_p=0.95, seed=int(rng.integers(2**62)), step=s, **penalties) for s in range(num)]
+    sampled, _, _ = gpu_sample(kernels, torch.from_numpy(logits).cuda(), rows, prompt, output, masked, bias=bias,
+                               bitmask=bitmask_of(allowed, vocab))
+    for s in range(num):
+        assert allowed[s, sampled[s]] and sampled[s] not in masked[s], f"seed {seed} sequence {s}"
+        if not allowed[s].all():
+            continue  # cpu_sample has no bitmask argument; the masked rows are checked above
+        adjusted = reference(s).astype(np.float32)
+        if ambiguous(adjusted, kernels.sampling_uniform(rows[s]["seed"], s), temperature=0.8, top_p=0.95):
+            continue
+        cpu = kernels.cpu_sample(logits[s], 0.8, 0, 0.95, 0.0, 1.3, 0.4, 0.2, rows[s]["seed"], s, prompt[s],
+                                 output[s], masked[s], -1, logit_bias=bias[s])[0]
+        assert sampled[s] == cpu, f"seed {seed} sequence {s}"
+
+
+def test_logit_bias_frequencies_match_reference(kernels):
+    num, vocab = 20000, 64
+    rng = np.random.default_rng()
+    logits = (rng.standard_normal(vocab) * 2).astype(np.float32)
+    bias = {int(t): float(b) for t, b in zip(rng.choice(vocab, 10, replace=False), rng.uniform(-4, 4, 10))}
+    settings = dict(temperature=0.9, top_p=0.9)
+    ids, _, _ = gpu_sample(kernels, torch.from_numpy(np.tile(logits, (num, 1))).cuda(),
+                           [dict(settings, seed=s, step=1) for s in range(num)], bias=[bias] * num)
+    biased = logits.astype(np.float64)
+    for t, b in bias.items():
+        biased[t] = np.float32(logits[t]) + np.float32(b)
+    expected = reference_distribution(biased, **settings)
+    counts = np.bincount(ids, minlength=vocab)
+    assert counts[expected == 0].sum() == 0, "sampled a token the settings exclude"
+    bound = 5 * np.sqrt(expected * (1 - expected) / num) + 1e-3
+    assert np.all(np.abs(counts / num - expected) <= bound), (logits.tolist(), bias)
+
+
+def test_bias_only_and_everything_disallowed(kernels):
+    """A bias with no other list still needs the workspace path; an all-zero bitmask row gives -1."""
+    logits = torch.zeros(3, 100, device="cuda")
+    allowed = np.ones((3, 100), bool)
+    allowed[2] = False
+    ids, _, _ = gpu_sample(kernels, logits, [dict(temperature=0.0)] * 3, bias=[{42: 1.0}, {7: -1.0}, {}],
+                           bitmask=bitmask_of(allowed, 100))
+    assert ids.tolist() == [42, 0, -1]
+    ids, _, _ = gpu_sample(kernels, logits, [dict(temperature=0.0)] * 2, bias=[{42: 1.0}, {0: -1.0}])
+    assert ids.tolist() == [42, 1]

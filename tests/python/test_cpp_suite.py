@@ -25,12 +25,18 @@ def cmake_build(source_dir, build_dir):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
 
-def test_cpp_unit_tests(tmp_path):
+def test_cpp_unit_tests(tiny_model, tmp_path):
     # GoogleTest comes from the system (Debian: libgtest-dev); .ci/run installs it.
-    cmake_build(os.path.join(REPO, "tests", "cpp"), tmp_path)
-    result = subprocess.run([os.path.join(tmp_path, "rtllm_tests"), "--gtest_brief=1"],
+    cmake_build(os.path.join(REPO, "tests", "cpp"), tmp_path / "build")
+    # The executor tests run a tiny engine, named in RTLLM_TEST_ENGINE_DIR.
+    engine_dir = tmp_path / "engine"
+    model = AutoModelForCausalLM.from_hugging_face(str(tiny_model("llama")))
+    rtllm.build(model, BuildConfig(max_batch_size=8, max_input_len=64, max_seq_len=128)).save(str(engine_dir))
+    result = subprocess.run([str(tmp_path / "build" / "rtllm_tests"), "--gtest_brief=1"],
+                            env={**os.environ, "RTLLM_TEST_ENGINE_DIR": str(engine_dir)},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    assert "SKIPPED" not in result.stdout, result.stdout[-8000:]
 
 
 def test_cpp_example_matches_python(tiny_model, tmp_path):

@@ -21,6 +21,8 @@ BAD_VALUES = [
     ("stop", ""), ("stop", ["ok", ""]), ("stop", [1, 2]),
     ("stop_token_ids", [-1]), ("stop_token_ids", "ab"), ("stop_token_ids", [1.5]),
     ("logprobs", -1), ("logprobs", 1.0),
+    ("logit_bias", {1: math.inf}), ("logit_bias", {2: math.nan}), ("logit_bias", {-1: 1.0}),
+    ("logit_bias", {"3": 1.0}), ("logit_bias", {4: "high"}), ("logit_bias", [1, 2]),
 ]
 
 
@@ -38,6 +40,7 @@ GOOD_VALUES = [
     ("repetition_penalty", 1e-3), ("presence_penalty", -2.0), ("frequency_penalty", 2.0),
     ("seed", 0), ("seed", 2**64 - 1), ("n", 4), ("end_id", 0), ("stop", "\n"), ("stop", ["a", "bc"]),
     ("stop_token_ids", [0, 5]), ("stop_token_ids", (3,)), ("logprobs", 0), ("logprobs", 5),
+    ("logit_bias", {}), ("logit_bias", {3: 100.0, 0: -100.0}), ("logit_bias", {7: -0.5}),
 ]
 
 
@@ -68,4 +71,6 @@ def test_to_core_end_ids_and_seed_offset():
     _, stop = SamplingParams(end_id=5).to_core(end_ids=[1])
     assert list(stop.end_ids) == [5]
     sampling, _ = SamplingParams().to_core(end_ids=[])
-    assert sampling.seed is None and sampling.num_logprobs == -1
+    assert sampling.seed is None and sampling.num_logprobs == -1 and sampling.logit_bias == {}
+    sampling, _ = SamplingParams(logit_bias={5: 2, 9: -1.5}).to_core(end_ids=[])
+    assert sampling.logit_bias == {5: 2.0, 9: -1.5}

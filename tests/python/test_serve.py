@@ -207,6 +207,26 @@ def test_logprobs_match_llm_generate(llm, client):
     assert all(c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)  # greedy
 
 
+def test_logit_bias_forces_and_bans_tokens_like_llm_generate(llm, client):
+    prompt = "The lazy dog"
+    plain = reference(llm, prompt, max_tokens=6).outputs[0]
+    forced_id = (plain.token_ids[0] + 7) % llm.vocab_size
+    forced = reference(llm, prompt, max_tokens=6, logit_bias={forced_id: 100.0}).outputs[0]
+    assert forced.token_ids == [forced_id] * 6
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6,
+                                    logit_bias={str(forced_id): 100}, **GREEDY)
+    assert out.choices[0].text == forced.text
+    banned = reference(llm, prompt, max_tokens=6, logit_bias={t: -100.0 for t in plain.token_ids}).outputs[0]
+    assert not set(banned.token_ids) & set(plain.token_ids)
+    chat_banned = reference(llm, chat_ids(llm, prompt), max_tokens=6,
+                            logit_bias={t: -100.0 for t in plain.token_ids}).outputs[0]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                          max_tokens=6, logit_bias={str(t): -100 for t in plain.token_ids},
+                                          **GREEDY)
+    assert chat.choices[0].message.content == chat_banned.text
+    assert not set(chat_banned.token_ids) & set(plain.token_ids)
+
+
 def metric_values(base_url) -> dict:
     """{(sample name, labels): value} from /metrics, through Prometheus' own parser."""
     text = httpx.get(base_url + "/metrics", timeout=TIMEOUT_S).text

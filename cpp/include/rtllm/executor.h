@@ -1,5 +1,7 @@
-// The Executor: a loop thread that runs steps (schedule -> prepare -> forward -> sample ->
-// postprocess) over the requests enqueued from any thread, and queues their responses.
+// The Executor: a loop thread that runs steps (schedule -> prepare -> forward and sample ->
+// postprocess) over the requests enqueued from any thread, and queues their responses. The draw
+// itself belongs to the model runner (ModelRunner::forward_and_sample); the executor only prepares
+// each request's SamplingInput, calling its LogitsProcessor if it has one.
 #pragma once
 
 #include <chrono>
@@ -35,6 +37,10 @@ struct Request {
   bool streaming = false;  // true: one response per step with the new tokens; false: one at the end
   // Requests share cached prefix blocks only with requests of the same salt (none: only unsalted).
   std::optional<std::string> cache_salt;
+  // Called before each of this request's draws to narrow the tokens it may produce (structured
+  // output); null: none. See LogitsProcessor in rtllm/sampler.h. Shared so a Request stays copyable;
+  // the executor calls it from its loop thread only.
+  std::shared_ptr<LogitsProcessor> logits_processor;
 };
 
 enum class FinishReason : int32_t { kNotFinished, kEndId, kStopTokenId, kLength, kCancelled, kError };
@@ -108,8 +114,8 @@ class RTLLM_API Executor {
   Executor(const Executor&) = delete;
   Executor& operator=(const Executor&) = delete;
 
-  // Validates the request against the engine limits (throws InvalidArgument naming the value and
-  // the limit) and queues it. Thread-safe.
+  // Validates the request against the engine limits and the vocabulary (prompt, end, stop and
+  // logit_bias ids; throws InvalidArgument naming the value and the limit) and queues it. Thread-safe.
   RequestId enqueue(Request request);
   // Cancels a queued or running request: it ends with kCancelled and frees its blocks.
   // Throws InvalidArgument for an id that was never returned by enqueue; false if already finished.

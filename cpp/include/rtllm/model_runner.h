@@ -71,14 +71,15 @@ class RTLLM_API ModelRunner {
   // the runner and valid until the next call. Throws InvalidArgument for inputs over the limits.
   const float* forward(const StepInputs& inputs);
 
-  // forward() followed by sampling each sequence's next token: out[s] for inputs[s]. An input
+  // forward() followed by the draw of each sequence's next token: out[s] for inputs[s]. The one
+  // sampling entry point of a step (Sampler's stages and semantics on every backend). An input
   // without a config draws nothing; out[s].token_id is -1 then and when the draw fails (every token
-  // masked or -inf). Same semantics as Sampler. On CUDA with device_sampling (and every num_logprobs
-  // <= 64) the logits stay on the device; otherwise forward()'s host logits go through the CPU Sampler.
+  // masked or -inf). Where the draw runs is the backend's choice: the CPU backend samples with the
+  // CPU Sampler; CUDA with device_sampling draws on the device (only ids and requested logprobs
+  // reach the host) and samples the logits on the host only for what its kernel lacks (num_logprobs
+  // above 64) or with device_sampling off.
   void forward_and_sample(const StepInputs& inputs, const std::vector<SamplingInput>& sampling,
                           std::vector<SampledToken>* out);
-  // Whether forward_and_sample samples on the device for these inputs.
-  bool samples_on_device(const std::vector<SamplingInput>& sampling) const;
 
   // Copies whole KV blocks, source -> destination, in every layer (K and V), in order, before the
   // next forward reads them (copy-on-write of a partially reused prefix block). Throws

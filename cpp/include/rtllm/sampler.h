@@ -1,13 +1,20 @@
 // Sampler: turns one step's logits into the next token of each sequence, on the CPU.
 //
-// Per sequence, in this order: repetition penalty (prompt and output tokens), presence and
-// frequency penalties (output tokens), masked ids set to -inf; then temperature 0 takes the argmax
-// (lowest id on ties); otherwise logits / temperature -> softmax -> top-k -> top-p -> min-p ->
-// renormalize -> draw. The draw for step i uses one uniform number that depends only on the
-// sequence's seed and i, so a sequence samples the same tokens whatever else is in the batch.
+// Per sequence, five stages with the same semantics on every backend (the CUDA kernel,
+// kernels/include/rtllm/kernels/sampling.cuh, follows them step for step):
+//   1. penalties       repetition penalty (distinct prompt and output tokens), then presence and
+//                      frequency penalties (output tokens);
+//   2. bias and mask   logit_bias added; masked ids and ids outside the allowed-token bitmask (the
+//                      request's LogitsProcessor) set to -inf;
+//   3. temperature     0 skips to stage 5's argmax (lowest id on ties); else softmax(logits / T);
+//   4. filters         top-k -> top-p -> min-p;
+//   5. draw            inverse CDF of the renormalized kept mass, or the argmax when greedy.
+// The draw for step i uses one uniform number that depends only on the sequence's seed and i, so a
+// sequence samples the same tokens whatever else is in the batch.
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <vector>
 
@@ -26,7 +33,29 @@ struct RTLLM_API SamplingConfig {
   float frequency_penalty = 0.0f;   // in [-2, 2] (output tokens)
   std::optional<uint64_t> seed;     // per-request RNG seed; unset: drawn from the executor's RNG
   int32_t num_logprobs = -1;        // -1: none; 0: the sampled token's; N: also the top N
+  // token id -> bias added to its logit after the penalties, before temperature (OpenAI's and
+  // vLLM's logit_bias). Biases must be finite; ids must lie in the vocabulary, which the executor
+  // checks (validate() does not know the vocabulary).
+  std::map<int32_t, float> logit_bias;
   void validate() const;            // throws InvalidArgument naming the value and the limit
+};
+
+// Words of an allowed-token bitmask over vocab_size tokens: bit (i % 32) of word i / 32 is token i.
+constexpr int32_t num_bitmask_words(int32_t vocab_size) { return (vocab_size + 31) / 32; }
+
+// A per-request hook that narrows the tokens the next draw may produce, e.g. a grammar matcher of
+// structured output (xgrammar's fill_next_token_bitmask). The executor calls it on its loop thread,
+// on the host, before every draw of its request (never for a prompt chunk that draws nothing), with
+// the tokens so far; both backends apply the bitmask in stage 2 with the other masked ids. A draw
+// with no allowed token left ends the request with kError, as does an exception out of the hook.
+class RTLLM_API LogitsProcessor {
+ public:
+  virtual ~LogitsProcessor() = default;
+  // bitmask: [num_bitmask_words(vocab_size)] uint32, every bit set on entry; clear the bit of each
+  // token the draw that follows output_token_ids may not produce. Bits past vocab_size are ignored.
+  virtual void fill_next_token_bitmask(const std::vector<int32_t>& prompt_token_ids,
+                                       const std::vector<int32_t>& output_token_ids, int32_t vocab_size,
+                                       uint32_t* bitmask) = 0;
 };
 
 struct TokenLogprob {
@@ -43,11 +72,13 @@ struct SamplingInput {
   const std::vector<int32_t>* prompt_token_ids = nullptr;
   const std::vector<int32_t>* output_token_ids = nullptr;
   const std::vector<int32_t>* masked_token_ids = nullptr;  // may not be drawn (e.g. end ids before min_tokens)
+  // [num_bitmask_words(vocab_size)] uint32: only tokens whose bit is set may be drawn; null: all.
+  const uint32_t* allowed_token_bitmask = nullptr;
 };
 
 struct SampledToken {
   int32_t token_id = -1;
-  // log_softmax of the raw logits (before penalties and temperature) at token_id; set when
+  // log_softmax of the raw logits (before every stage) at token_id; set when
   // num_logprobs >= 0, with the num_logprobs highest raw log-probabilities when num_logprobs > 0.
   float logprob = 0.0f;
   std::vector<TokenLogprob> top_logprobs;
@@ -58,13 +89,21 @@ RTLLM_API double sampling_uniform(uint64_t seed, int64_t step);
 
 class RTLLM_API Sampler {
  public:
-  // logits: [inputs.size(), vocab_size] float32 row-major, row s for inputs[s].
-  std::vector<SampledToken> sample(const float* logits, int32_t vocab_size,
-                                   const std::vector<SamplingInput>& inputs);
+  // logits: [inputs.size(), vocab_size] float32 row-major, row s for inputs[s]. out[s] for inputs[s];
+  // an input without a config draws nothing, and a draw with every token masked or -inf fails:
+  // both leave out[s].token_id -1 (as the CUDA sampler does). Other errors throw.
+  void sample(const float* logits, int32_t vocab_size, const std::vector<SamplingInput>& inputs,
+              std::vector<SampledToken>* out);
+  // One sequence; throws Error when every token is masked or -inf.
   SampledToken sample_one(const float* logits, int32_t vocab_size, const SamplingInput& input);
 
  private:
-  int32_t draw(const float* logits, int32_t vocab_size, const SamplingConfig& config, double u);
+  // False when every token is masked or -inf (out untouched).
+  bool try_sample(const float* logits, int32_t vocab_size, const SamplingInput& input, SampledToken& out);
+  // Stages 3-5 over logits_, which stages 1-2 adjusted in place.
+  void apply_temperature(int32_t vocab_size, float temperature);
+  void filter_candidates(const SamplingConfig& config);
+  int32_t draw_candidate(double u) const;
 
   // Work buffers reused across calls: [vocab_size] adjusted logits, candidate ids and probabilities.
   std::vector<float> logits_;

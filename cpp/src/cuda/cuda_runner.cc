@@ -103,9 +103,6 @@ class CudaBackend final : public RunnerBackend {
   void allocate_kv_pool(RuntimeConfig& config) override;
   size_t kv_pool_bytes() const override { return kv_pool_bytes_; }
   const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) override;
-  bool samples_on_device(const std::vector<SamplingInput>& inputs) const override {
-    return sampler_ && CudaSampler::supports(inputs);
-  }
   void forward_and_sample(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits,
                           const std::vector<SamplingInput>& inputs, std::vector<SampledToken>* out) override;
   void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) override;
@@ -329,10 +326,14 @@ const float* CudaBackend::forward(const HostStep& st, std::vector<PlannedNode>& 
 }
 
 // The sampling kernel reads the first num_seqs rows of the logits (a graph bucket's padding rows
-// follow them) on the same stream, after the step; it is not part of the captured graph.
+// follow them) on the same stream, after the step; it is not part of the captured graph. With
+// device_sampling off, or inputs the kernel lacks a feature for, the host samples the logits instead.
 void CudaBackend::forward_and_sample(const HostStep& st, std::vector<PlannedNode>& nodes, const TensorSlot& logits,
                                      const std::vector<SamplingInput>& inputs, std::vector<SampledToken>* out) {
-  RTLLM_CHECK(sampler_, "device sampling is off");
+  if (!sampler_ || !CudaSampler::supports(inputs)) {
+    RunnerBackend::forward_and_sample(st, nodes, logits, inputs, out);
+    return;
+  }
   RTLLM_CHECK(static_cast<int32_t>(inputs.size()) == st.num_seqs, "sampling inputs for ", inputs.size(),
               " sequences, the step has ", st.num_seqs);
   run_step(st, nodes);

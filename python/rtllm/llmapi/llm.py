@@ -251,6 +251,11 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params of type {type(params).__name__} is invalid: it must "
                              "be a SamplingParams")
+        vocab_size = self.vocab_size
+        for token_id in params.logit_bias or {}:
+            if token_id >= vocab_size:
+                raise ValueError(f"SamplingParams.logit_bias token id {token_id} is invalid: it must be "
+                                 f"in [0, vocab_size={vocab_size})")
         if params.stop_strings and (self._tokenizer is None or not params.detokenize):
             raise ValueError(f"stop={params.stop!r} needs detokenized text: a tokenizer and "
                              "detokenize=True")

@@ -208,6 +208,7 @@ class _OpenAIServer:
         req = parse_request(CompletionRequest, await read_json_object(request, self.max_body_bytes))
         req.check_supported()
         self._check_model(req.model)
+        req.check_logit_bias_ids(self.llm.vocab_size)
         prompts = [self._encode(p) for p in req.prompt]
         for token_ids in prompts:
             self._check_length(len(token_ids), req.max_tokens, "prompt")
@@ -223,6 +224,7 @@ class _OpenAIServer:
         req = parse_request(ChatCompletionRequest, await read_json_object(request, self.max_body_bytes))
         req.check_supported()
         self._check_model(req.model)
+        req.check_logit_bias_ids(self.llm.vocab_size)
         token_ids = self._apply_chat_template(req.messages)
         max_tokens = req.requested_max_tokens
         self._check_length(len(token_ids), max_tokens, "messages")

@@ -2,7 +2,7 @@
 
 Models are strict (5 for an int, never "5" or true) and ignore unknown fields, because OpenAI
 clients send fields rtllm has no use for (user, metadata, ...). Fields rtllm cannot honour
-(echo, suffix, logit_bias, tools, ...) are rejected with 400 rather than silently ignored.
+(echo, suffix, tools, ...) are rejected with 400 rather than silently ignored.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from rtllm.sampling_params import SamplingParams
 MAX_N = 128  # choices per prompt
 MAX_PROMPTS = 128  # prompts per completions request
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+MAX_LOGIT_BIAS = 100.0  # OpenAI's limit for |logit_bias| values
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -118,12 +119,36 @@ class _SamplingRequest(BaseModel):
             return stop
         raise ValueError(f"stop={_short_repr(stop)} is invalid: it must be a string or a list of strings")
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, logit_bias):
+        """OpenAI's map of token-id strings to biases in [-100, 100], as {int: float}."""
+        if logit_bias is None:
+            return None
+        out = {}
+        for key, bias in logit_bias.items():
+            if not re.fullmatch(r"[0-9]{1,10}", key):
+                raise ValueError(f"logit_bias key {_short_repr(key)} is invalid: it must be a token id "
+                                 "written as a string of digits, such as \"50256\"")
+            if not (isinstance(bias, (int, float)) and not isinstance(bias, bool)
+                    and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+                raise ValueError(f"logit_bias[{key!r}]={_short_repr(bias)} is invalid: it must be a number "
+                                 f"in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+            out[int(key)] = float(bias)
+        return out
+
+    def check_logit_bias_ids(self, vocab_size: int) -> None:
+        """400 naming logit_bias for a token id outside the served model's vocabulary."""
+        for token_id in self.logit_bias or {}:
+            if token_id >= vocab_size:
+                raise APIError(400, f"logit_bias token id {token_id} is invalid: it must be in "
+                                    f"[0, vocab_size={vocab_size})", "logit_bias", "invalid_value")
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def _check_common(self) -> None:
-        _reject_unsupported(logit_bias=(self.logit_bias, not self.logit_bias))
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", "stream_options",
                            "invalid_value")
@@ -136,7 +161,7 @@ class _SamplingRequest(BaseModel):
                       stop_token_ids=self.stop_token_ids, presence_penalty=self.presence_penalty,
                       frequency_penalty=self.frequency_penalty,
                       repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos,
-                      min_tokens=self.min_tokens, logprobs=logprobs)
+                      min_tokens=self.min_tokens, logprobs=logprobs, logit_bias=self.logit_bias)
         try:
             return SamplingParams(**{k: v for k, v in values.items() if v is not None})
         except ValueError as e:

@@ -1,16 +1,18 @@
 // On-device sampling: only the sampled ids (and requested logprobs) go back to the host.
 //
-// Same semantics as the CPU Sampler (cpp/src/sampler.cc), per sequence, in this order:
-//   repetition penalty over the distinct prompt + output tokens (logit > 0 ? logit / r : logit · r),
-//   presence/frequency penalties over output tokens (logit -= presence + frequency · count),
-//   masked ids set to -inf; then temperature 0 takes the argmax (lowest id on ties); otherwise
+// Same stages and semantics as the CPU Sampler (rtllm/sampler.h), per sequence, in this order:
+//   1. repetition penalty over the distinct prompt + output tokens (logit > 0 ? logit / r : logit · r),
+//      presence/frequency penalties over output tokens (logit -= presence + frequency · count);
+//   2. logit bias added (float32, after the penalties), then masked ids and ids outside the
+//      allowed-token bitmask set to -inf;
+//   3-5. temperature 0 takes the argmax (lowest id on ties); otherwise
 //   p_i = exp((l_i − max) / temperature) (unnormalized, the max is 1), candidates p_i > 0;
 //   top-k (when 0 < top_k < #candidates) keeps the top_k most likely (ties: lower id first);
 //   top-p keeps the shortest prefix of the candidates ordered by (p desc, id asc) whose mass reaches
 //   top_p of the mass left; min-p drops p_i < min_p; the draw is the inverse CDF at u·total with
 //   u = sampling_uniform(seed, step), walking the kept candidates in (p desc, id asc) order when top-k
 //   or top-p is active and in id order otherwise.
-// Logprobs are log_softmax of the RAW logits (before penalties, mask and temperature).
+// Logprobs are log_softmax of the RAW logits (before penalties, bias, mask and temperature).
 //
 // Numerics: ordering uses the float32 adjusted logits (the CPU orders by the double probabilities,
 // which are a monotone function of them); probabilities are computed with a float32 exp2 of the
@@ -51,23 +53,31 @@ constexpr int32_t kMaxTopLogprobs = 64;
 // CSR token lists (offsets [num_seqs + 1]; a null offsets pointer means empty lists for every sequence):
 //   prompt_ids/prompt_offsets  prompt tokens (repetition penalty),
 //   output_ids/output_offsets  generated tokens (repetition, presence and frequency penalties),
-//   masked_ids/masked_offsets  ids that may not be drawn (e.g. end ids before min_tokens).
+//   masked_ids/masked_offsets  ids that may not be drawn (e.g. end ids before min_tokens),
+//   bias_ids/bias_values/bias_offsets  (token id, bias) pairs added to the logits; a sequence's ids
+//                              strictly ascending (found by binary search); bias_values is float32,
+//                              parallel to bias_ids.
 //   Ids must lie in [0, vocab_size) (ids outside are ignored).
+// allowed_bitmask [num_seqs, (vocab_size + 31) / 32] uint32 (null: every token allowed): token i of
+//               sequence s may be drawn only when bit i % 32 of word i / 32 of row s is set.
 // out_ids       [num_seqs]: the sampled id, or -1 when every token of the sequence is masked or -inf.
 // out_logprobs  [num_seqs, 1 + max_top] (may be null when no sequence asks for logprobs): [0] the raw
 //               logprob of the sampled id, [1 + j] the j-th highest raw logprob (j < num_logprobs);
 // out_top_ids   [num_seqs, max_top] the ids of those (ties: lower id first). Slots past num_logprobs
 //               hold id -1 and logprob -inf; rows of sequences with num_logprobs < 0 are left untouched.
 // workspace     sample_workspace_bytes(num_seqs, vocab_size) bytes, 4-byte aligned; needed only when a
-//               sequence has penalties or masked ids (may be null otherwise).
+//               sequence has penalties, masked ids, biases or a bitmask (may be null otherwise).
 // max_top in [0, kMaxTopLogprobs]; vocab_size in [1, 2^30].
 RTLLM_API cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, const float* logits,
                              const SamplingParamsDevice* params, const int32_t* prompt_ids,
                              const int32_t* prompt_offsets, const int32_t* output_ids, const int32_t* output_offsets,
-                             const int32_t* masked_ids, const int32_t* masked_offsets, int32_t num_seqs,
-                             int32_t vocab_size, int32_t max_top, void* workspace, cudaStream_t stream);
+                             const int32_t* masked_ids, const int32_t* masked_offsets, const int32_t* bias_ids,
+                             const float* bias_values, const int32_t* bias_offsets, const uint32_t* allowed_bitmask,
+                             int32_t num_seqs, int32_t vocab_size, int32_t max_top, void* workspace,
+                             cudaStream_t stream);
 
-// Workspace bytes for sample() with up to max_num_seqs sequences: one uint32 per (sequence, vocab id).
+// Workspace bytes for sample() with up to max_num_seqs sequences: one uint32 of flags and count per
+// (sequence, vocab id).
 RTLLM_API size_t sample_workspace_bytes(int32_t max_num_seqs, int32_t vocab_size);
 
 }  // namespace rtllm::kernels
