@@ -9,6 +9,11 @@
 # their wheels on PYTHONPATH first.
 # Environment: STEPS (default "build tests kernels e2e serving"), CUDA_ARCHS (default 90a),
 # E2E_ARGS (bench_e2e.py arguments replacing the default workloads), PYTHON (default python3).
+#
+# Same-machine A/B against another rtllm source tree (e.g. the previous main, `git archive` into a
+# folder): STEPS="build ab_prepare ab" AB_BASE=DIR. ab_prepare builds DIR into AB_WORK/base (default
+# AB_WORK=/tmp/rtllm-ab) and writes one Llama-3-8B-shaped engine with random bf16 weights; ab runs
+# bench_e2e.py on that engine under the base build, then this one (AB_ARGS: its workloads).
 set -u
 OUT_DIR=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
 mkdir -p "$OUT_DIR"
@@ -63,6 +68,31 @@ wants serving && run_step bench_serving 420 bench_serving.log "$PYTHON" benchmar
 wants serving && run_step bench_serving_c256 420 bench_serving_c256.log "$PYTHON" benchmarks/bench_serving.py \
   --preset llama-3-8b --dtype bfloat16 --device cuda --num-requests 1000 --input-len 128 --output-len 128 \
   --max-batch-size 256 --max-concurrency 256 --output "$OUT_DIR/serving_c256.json"
+
+AB_WORK=${AB_WORK:-/tmp/rtllm-ab}
+AB_ARGS=${AB_ARGS:---workload 128x128x1000 --workload 128x128x1000 --workload 128x128x5000 \
+  --workload 2048x2048x200}
+ab_prepare() {  # each part skipped when its output exists (a machine kept between calls)
+  mkdir -p "$AB_WORK" || return
+  [ -d "$AB_WORK/base/rtllm" ] || CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCHS -DRTLLM_CUDA=ON" \
+    "$PYTHON" -m pip install --no-build-isolation --no-deps --target "$AB_WORK/base" "${AB_BASE:?AB_BASE is unset}" ||
+    return
+  [ -f "$AB_WORK/engine/rank0.engine" ] && return
+  "$PYTHON" -c "from rtllm.models.presets import write_random_checkpoint as w; w('$AB_WORK/hf', 'llama-3-8b', dtype='bfloat16')" &&
+    "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/engine" --max-batch-size 512 --max-input-len 2048 \
+      --max-seq-len 4096 --max-num-tokens 8192 && rm -rf "$AB_WORK/hf"
+}
+ab_run() {
+  # shellcheck disable=SC2086
+  PYTHONPATH="$AB_WORK/base${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/bench_e2e.py --model "$AB_WORK/engine" \
+    --device cuda --output "$OUT_DIR/ab_base.json" $AB_ARGS &&
+  "$PYTHON" benchmarks/bench_e2e.py --model "$AB_WORK/engine" --device cuda --output "$OUT_DIR/ab_new.json" $AB_ARGS
+}
+export -f ab_prepare ab_run
+export AB_WORK AB_ARGS PYTHON OUT_DIR
+export AB_BASE="${AB_BASE:-}" CUDA_ARCHS="${CUDA_ARCHS:-90a}"
+wants ab_prepare && run_step ab_prepare 540 ab_prepare.log bash -c ab_prepare
+wants ab && run_step ab 580 ab.log bash -c ab_run
 
 echo
 echo "== summary ($(cat "$OUT_DIR/device.txt" | head -n 1))"
