@@ -321,5 +321,5 @@ def test_bias_only_and_everything_disallowed(kernels):
     ids, _, _ = gpu_sample(kernels, logits, [dict(temperature=0.0)] * 3, bias=[{42: 1.0}, {7: -1.0}, {}],
                            bitmask=bitmask_of(allowed, 100))
     assert ids.tolist() == [42, 0, -1]
-    ids, _, _ = gpu_sample(kernels, logits, [dict(temperature=0.0)] * 2, bias=[{42: 1.0}, {0: -1.0}])
+    ids, _, _ = gpu_sample(kernels, logits[:2], [dict(temperature=0.0)] * 2, bias=[{42: 1.0}, {0: -1.0}])
     assert ids.tolist() == [42, 1]
