@@ -23,7 +23,8 @@ std::shared_ptr<Engine> load_engine(const std::string& dir, int32_t rank) {
 }
 
 py::array_t<float> forward(ModelRunner& runner, const Int32Array& input_ids, std::vector<int32_t> num_new_tokens,
-                           std::vector<int32_t> num_cached_tokens, const Int32Array& block_table) {
+                           std::vector<int32_t> num_cached_tokens, const Int32Array& block_table,
+                           std::optional<std::vector<int32_t>> logits_indices) {
   StepInputs step;
   RTLLM_CHECK_ARG(input_ids.ndim() == 1, "input_ids must be 1-D, got ", input_ids.ndim(), " dims");
   step.input_ids.assign(input_ids.data(), input_ids.data() + input_ids.size());
@@ -33,13 +34,14 @@ py::array_t<float> forward(ModelRunner& runner, const Int32Array& input_ids, std
                   "block_table must be [num_seqs = ", step.num_seqs(), ", max_blocks_per_seq]");
   step.max_blocks_per_seq = static_cast<int32_t>(block_table.shape(1));
   step.block_table.assign(block_table.data(), block_table.data() + block_table.size());
-  const int64_t num_seqs = step.num_seqs(), vocab = runner.vocab_size();
-  py::array_t<float> logits({num_seqs, vocab});
+  if (logits_indices) step.logits_indices = std::move(*logits_indices);
+  const int64_t num_rows = logits_indices ? step.logits_indices.size() : step.num_seqs(), vocab = runner.vocab_size();
+  py::array_t<float> logits({num_rows, vocab});
   float* dst = logits.mutable_data();
   {
     py::gil_scoped_release release;
     const float* src = runner.forward(step);
-    std::memcpy(dst, src, num_seqs * vocab * sizeof(float));
+    std::memcpy(dst, src, num_rows * vocab * sizeof(float));
   }
   return logits;
 }
@@ -108,6 +110,7 @@ void bind_engine(py::module_& m) {
       .def_readwrite("enable_cuda_graphs", &RuntimeConfig::enable_cuda_graphs)
       .def_readwrite("kv_free_memory_fraction", &RuntimeConfig::kv_free_memory_fraction)
       .def_readwrite("device_sampling", &RuntimeConfig::device_sampling)
+      .def_readwrite("max_num_logits", &RuntimeConfig::max_num_logits)
       // A dtype name ("bfloat16", "F8_E4M3", ...) or None for the backend's default; reads back the
       // safetensors name.
       .def_property(
@@ -135,7 +138,7 @@ void bind_engine(py::module_& m) {
            }),
            py::arg("engine"), py::arg("runtime_config") = RuntimeConfig{}, py::call_guard<py::gil_scoped_release>())
       .def("forward", &forward, py::arg("input_ids"), py::arg("num_new_tokens"), py::arg("num_cached_tokens"),
-           py::arg("block_table"))
+           py::arg("block_table"), py::arg("logits_indices") = std::nullopt)
       // [(source, destination)]: whole KV blocks, every layer, before the next forward.
       .def("copy_blocks", &ModelRunner::copy_blocks, py::arg("copies"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("config", &ModelRunner::config)  // with the 0 fields resolved

@@ -28,7 +28,7 @@ class CpuBackend final : public RunnerBackend {
     config.num_threads = pool_->num_threads();
     input_ids_ = HostBuffer(config.max_num_tokens * sizeof(int32_t));
     positions_ = HostBuffer(config.max_num_tokens * sizeof(int32_t));
-    last_token_ids_ = HostBuffer(config.max_batch_size * sizeof(int32_t));
+    logits_indices_ = HostBuffer(config.max_num_logits * sizeof(int32_t));
   }
 
   BackendInfo info() const override {
@@ -51,8 +51,8 @@ class CpuBackend final : public RunnerBackend {
   void* graph_input(const std::string& name) override {
     if (name == "input_ids") return input_ids_.data();
     if (name == "positions") return positions_.data();
-    RTLLM_CHECK(name == "last_token_ids", "unknown graph input \"", name, "\"");
-    return last_token_ids_.data();
+    RTLLM_CHECK(name == "logits_indices", "unknown graph input \"", name, "\"");
+    return logits_indices_.data();
   }
   void allocate_kv_pool(RuntimeConfig& config) override;
   size_t kv_pool_bytes() const override { return kv_bytes_; }
@@ -67,7 +67,7 @@ class CpuBackend final : public RunnerBackend {
   HostBuffer kv_buffer_, workspace_, op_workspace_;
   std::vector<void*> kv_layers_;
   KvPool kv_;
-  HostBuffer input_ids_, positions_, last_token_ids_;
+  HostBuffer input_ids_, positions_, logits_indices_;
 };
 
 // A weight already in the placement's dtype and row-major stays in the mapped file (read-only: ops
@@ -133,7 +133,7 @@ const float* CpuBackend::forward(const HostStep& st, std::vector<PlannedNode>& n
   const StepInputs& in = *st.inputs;
   std::copy(in.input_ids.begin(), in.input_ids.end(), static_cast<int32_t*>(input_ids_.data()));
   std::copy(st.positions.begin(), st.positions.end(), static_cast<int32_t*>(positions_.data()));
-  std::copy(st.last_token_ids.begin(), st.last_token_ids.end(), static_cast<int32_t*>(last_token_ids_.data()));
+  std::copy(st.logits_indices.begin(), st.logits_indices.end(), static_cast<int32_t*>(logits_indices_.data()));
 
   StepMeta meta;
   meta.num_seqs = st.num_seqs;
@@ -149,7 +149,7 @@ const float* CpuBackend::forward(const HostStep& st, std::vector<PlannedNode>& n
   ctx.step = &meta;
   ctx.kv = &kv_;
   ctx.workspace = op_workspace_.data();
-  for (PlannedNode& node : nodes) node.run(ctx, st.num_tokens, st.num_seqs);
+  for (PlannedNode& node : nodes) node.run(ctx, st.num_tokens, st.num_logits);
   return static_cast<const float*>(logits.data);
 }
 

@@ -104,15 +104,21 @@ QuantSpec parse_quant(const Json& config) {
   return q;
 }
 
+// Version 1 names of what version 2 calls "logits_indices" and "num_logits".
+const char* const kV1LogitsIndices = "last_token_ids";
+const char* const kV1NumLogits = "num_seqs";
+
+std::string current_name(const std::string& name) { return name == kV1LogitsIndices ? "logits_indices" : name; }
+
 TensorSpec parse_tensor_spec(const Json& j) {
   TensorSpec t;
-  t.name = j.at("name").as_string();
+  t.name = current_name(j.at("name").as_string());
   t.dtype = parse_dtype(j.get_string("dtype", "float32"));
   for (const Json& d : j.at("shape").as_array()) {
     Dim dim;
     if (d.is_string()) {
       if (d.as_string() == "num_tokens") dim.kind = Dim::Kind::kNumTokens;
-      else if (d.as_string() == "num_seqs") dim.kind = Dim::Kind::kNumSeqs;
+      else if (d.as_string() == "num_logits" || d.as_string() == kV1NumLogits) dim.kind = Dim::Kind::kNumLogits;
       else RTLLM_CHECK(false, "tensor \"", t.name, "\": unknown dim symbol \"", d.as_string(), "\"");
     } else {
       dim.value = d.as_int();
@@ -131,7 +137,7 @@ Graph parse_graph(const Json& j) {
   for (const Json& n : j.at("nodes").as_array()) {
     GraphNode node;
     node.op = n.at("op").as_string();
-    for (const Json& s : n.at("inputs").as_array()) node.inputs.push_back(s.as_string());
+    for (const Json& s : n.at("inputs").as_array()) node.inputs.push_back(current_name(s.as_string()));
     for (const Json& s : n.at("outputs").as_array()) node.outputs.push_back(s.as_string());
     node.attrs = n.contains("attrs") && !n.at("attrs").is_null() ? n.at("attrs") : Json(Json::Object{});
     RTLLM_CHECK(node.attrs.is_object(), "attrs of a \"", node.op, "\" node must be an object");
@@ -172,9 +178,9 @@ std::shared_ptr<const Engine> Engine::load(const std::string& dir, int32_t rank)
   try {
     im.config = Json::parse(text);
     int64_t version = im.config.at("format_version").as_int();
-    if (version != kFormatVersion)
-      throw Error(detail::concat("engine format version ", version, " is not readable; this rtllm reads version ",
-                                 kFormatVersion, " (", config_path, ")"));
+    if (version < kMinFormatVersion || version > kFormatVersion)
+      throw Error(detail::concat("engine format version ", version, " is not readable; this rtllm reads versions ",
+                                 kMinFormatVersion, " to ", kFormatVersion, " (", config_path, ")"));
     im.model = parse_model_config(im.config.at("model_config"));
     im.limits = parse_limits(im.config.at("build_config"));
     im.quant = parse_quant(im.config);

@@ -14,9 +14,9 @@ namespace rtllm {
 
 namespace {
 
-int64_t max_elements(const std::vector<Dim>& dims, int64_t max_num_tokens, int64_t max_num_seqs) {
+int64_t max_elements(const std::vector<Dim>& dims, int64_t max_num_tokens, int64_t max_num_logits) {
   int64_t n = 1;
-  for (const Dim& d : dims) n *= dim_size(d, max_num_tokens, max_num_seqs);
+  for (const Dim& d : dims) n *= dim_size(d, max_num_tokens, max_num_logits);
   return n;
 }
 
@@ -68,6 +68,10 @@ void ModelRunner::Impl::resolve_config(const RuntimeConfig& requested) {
   };
   resolve(config.max_num_tokens, limits.max_num_tokens, "max_num_tokens");
   resolve(config.max_batch_size, limits.max_batch_size, "max_batch_size");
+  RTLLM_CHECK_ARG(config.max_num_logits >= 0, "max_num_logits ", config.max_num_logits, " must be >= 0");
+  if (config.max_num_logits == 0) config.max_num_logits = config.max_batch_size;
+  RTLLM_CHECK_ARG(config.max_num_logits >= config.max_batch_size, "max_num_logits ", config.max_num_logits,
+                  " must be at least max_batch_size ", config.max_batch_size, " (a row per sequence)");
   RTLLM_CHECK_ARG(config.tokens_per_block > 0, "tokens_per_block ", config.tokens_per_block, " must be > 0");
   RTLLM_CHECK_ARG(config.num_kv_blocks >= 0, "num_kv_blocks ", config.num_kv_blocks, " must be >= 0");
   RTLLM_CHECK_ARG(config.kv_free_memory_fraction >= 0.0f && config.kv_free_memory_fraction <= 1.0f,
@@ -87,7 +91,7 @@ void ModelRunner::Impl::create_op_kinds() {
   const Graph& g = engine->graph();
   std::unordered_map<std::string, const TensorSpec*> specs;
   for (const TensorSpec& t : g.inputs) {
-    RTLLM_CHECK(t.name == "input_ids" || t.name == "positions" || t.name == "last_token_ids",
+    RTLLM_CHECK(t.name == "input_ids" || t.name == "positions" || t.name == "logits_indices",
                 "unknown graph input \"", t.name, "\"");
     specs[t.name] = &t;
   }
@@ -177,7 +181,7 @@ void ModelRunner::Impl::plan_workspace() {
       const bool is_output = std::any_of(g.outputs.begin(), g.outputs.end(),
                                          [&](const TensorSpec& t) { return t.name == name; });
       const DataType dtype = is_output ? spec.dtype : backend->activation_dtype(spec.dtype);
-      const int64_t n = max_elements(spec.shape, config.max_num_tokens, config.max_batch_size);
+      const int64_t n = max_elements(spec.shape, config.max_num_tokens, config.max_num_logits);
       index[name] = tensors.size();
       tensors.push_back(&spec);
       dtypes.push_back(dtype);
@@ -197,10 +201,10 @@ void ModelRunner::Impl::plan_workspace() {
 
 void ModelRunner::Impl::bind_nodes() {
   const Graph& g = engine->graph();
-  const Dim tokens{Dim::Kind::kNumTokens, 0}, seqs{Dim::Kind::kNumSeqs, 0};
+  const Dim tokens{Dim::Kind::kNumTokens, 0}, logit_rows{Dim::Kind::kNumLogits, 0};
   slots["input_ids"] = TensorSlot{backend->graph_input("input_ids"), DataType::kInt32, {tokens}};
   slots["positions"] = TensorSlot{backend->graph_input("positions"), DataType::kInt32, {tokens}};
-  slots["last_token_ids"] = TensorSlot{backend->graph_input("last_token_ids"), DataType::kInt32, {seqs}};
+  slots["logits_indices"] = TensorSlot{backend->graph_input("logits_indices"), DataType::kInt32, {logit_rows}};
   for (size_t n = 0; n < g.nodes.size(); ++n) {
     PlannedNode& p = nodes[n];
     for (const std::string& name : g.nodes[n].inputs) p.inputs.push_back(&slots.at(name));
@@ -212,8 +216,8 @@ void ModelRunner::Impl::bind_nodes() {
   logits = &slots.at(g.outputs[0].name);
   const int64_t vocab = engine->model_config().vocab_size;
   RTLLM_CHECK(logits->dtype == DataType::kFloat32 && logits->dims.size() == 2 &&
-                  logits->dims[0].kind == Dim::Kind::kNumSeqs && logits->dims[1].value == vocab,
-              "graph output \"", g.outputs[0].name, "\" must be float32 [num_seqs, ", vocab, "]");
+                  logits->dims[0].kind == Dim::Kind::kNumLogits && logits->dims[1].value == vocab,
+              "graph output \"", g.outputs[0].name, "\" must be float32 [num_logits, ", vocab, "]");
 }
 
 ModelRunner::ModelRunner(std::shared_ptr<const Engine> engine, const RuntimeConfig& config)
@@ -286,6 +290,12 @@ void ModelRunner::Impl::validate(const StepInputs& in) const {
     total += num_new;
   }
   RTLLM_CHECK_ARG(total == num_tokens, "num_new_tokens sum to ", total, " but input_ids has ", num_tokens, " tokens");
+  const int64_t num_logits = in.logits_indices.size();
+  RTLLM_CHECK_ARG(num_logits <= config.max_num_logits, "logits_indices has ", num_logits,
+                  " entries, more than max_num_logits ", config.max_num_logits);
+  for (int64_t r = 0; r < num_logits; ++r)
+    RTLLM_CHECK_ARG(in.logits_indices[r] >= 0 && in.logits_indices[r] < num_tokens, "logits_indices[", r, "] = ",
+                    in.logits_indices[r], " outside the step's tokens [0, ", num_tokens, ")");
   for (int32_t t = 0; t < num_tokens; ++t)
     RTLLM_CHECK_ARG(in.input_ids[t] >= 0 && in.input_ids[t] < vocab, "token id ", in.input_ids[t], " at index ", t,
                     " outside [0, vocab_size ", vocab, ")");
@@ -302,7 +312,7 @@ void ModelRunner::Impl::expand(const StepInputs& in) {
   st.token_seq.resize(st.num_tokens);
   st.seq_token_start.resize(st.num_seqs + 1);
   st.seq_len.resize(st.num_seqs);
-  st.last_token_ids.resize(st.num_seqs);
+  st.logits_indices.resize(st.num_seqs);
   int32_t start = 0;
   for (int32_t s = 0; s < st.num_seqs; ++s) {
     const int32_t num_new = in.num_new_tokens[s];
@@ -312,12 +322,15 @@ void ModelRunner::Impl::expand(const StepInputs& in) {
       st.token_seq[start + i] = s;
     }
     start += num_new;
-    st.last_token_ids[s] = start - 1;
+    st.logits_indices[s] = start - 1;
     st.seq_len[s] = in.num_cached_tokens[s] + num_new;
     st.max_new_tokens = std::max(st.max_new_tokens, num_new);
   }
   st.seq_token_start[st.num_seqs] = start;
   st.decode_only = st.max_new_tokens == 1;
+  st.one_logit_per_seq = in.logits_indices.empty() || in.logits_indices == st.logits_indices;
+  if (!in.logits_indices.empty()) st.logits_indices = in.logits_indices;
+  st.num_logits = static_cast<int32_t>(st.logits_indices.size());
 }
 
 const float* ModelRunner::forward(const StepInputs& inputs) {
@@ -332,11 +345,11 @@ void ModelRunner::forward_and_sample(const StepInputs& inputs, const std::vector
                                      std::vector<SampledToken>* out) {
   Impl& im = *impl_;
   RTLLM_CHECK_ARG(out != nullptr, "forward_and_sample needs an output vector");
-  RTLLM_CHECK_ARG(sampling.size() == inputs.num_new_tokens.size(), "forward_and_sample got ", sampling.size(),
-                  " sampling inputs for ", inputs.num_new_tokens.size(), " sequences");
   std::lock_guard<std::mutex> lock(im.forward_mutex);
   im.validate(inputs);
   im.expand(inputs);
+  RTLLM_CHECK_ARG(static_cast<int32_t>(sampling.size()) == im.step.num_logits, "forward_and_sample got ",
+                  sampling.size(), " sampling inputs for ", im.step.num_logits, " rows of logits");
   im.backend->forward_and_sample(im.step, im.nodes, *im.logits, sampling, out);
 }
 

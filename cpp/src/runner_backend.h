@@ -14,8 +14,8 @@
 
 namespace rtllm {
 
-inline int64_t dim_size(const Dim& d, int64_t num_tokens, int64_t num_seqs) {
-  return d.kind == Dim::Kind::kNumTokens ? num_tokens : d.kind == Dim::Kind::kNumSeqs ? num_seqs : d.value;
+inline int64_t dim_size(const Dim& d, int64_t num_tokens, int64_t num_logits) {
+  return d.kind == Dim::Kind::kNumTokens ? num_tokens : d.kind == Dim::Kind::kNumLogits ? num_logits : d.value;
 }
 
 // A graph tensor as planned: where it lives (host or device memory) and its shape with the
@@ -25,11 +25,11 @@ struct TensorSlot {
   DataType dtype = DataType::kFloat32;
   std::vector<Dim> dims;
 
-  void bind(TensorView& view, int64_t num_tokens, int64_t num_seqs) const {
+  void bind(TensorView& view, int64_t num_tokens, int64_t num_logits) const {
     view.data = data;
     view.dtype = dtype;
     view.ndim = static_cast<int>(dims.size());
-    for (size_t i = 0; i < dims.size(); ++i) view.shape[i] = dim_size(dims[i], num_tokens, num_seqs);
+    for (size_t i = 0; i < dims.size(); ++i) view.shape[i] = dim_size(dims[i], num_tokens, num_logits);
   }
 };
 
@@ -39,10 +39,10 @@ struct PlannedNode {
   std::vector<const TensorSlot*> inputs, outputs;
   std::vector<TensorView> input_views, output_views;  // refilled each step
 
-  // Binds the views to a step of num_tokens tokens in num_seqs sequences and runs the op.
-  void run(const OpContext& ctx, int64_t num_tokens, int64_t num_seqs) {
-    for (size_t i = 0; i < inputs.size(); ++i) inputs[i]->bind(input_views[i], num_tokens, num_seqs);
-    for (size_t i = 0; i < outputs.size(); ++i) outputs[i]->bind(output_views[i], num_tokens, num_seqs);
+  // Binds the views to a step of num_tokens tokens and num_logits rows of logits and runs the op.
+  void run(const OpContext& ctx, int64_t num_tokens, int64_t num_logits) {
+    for (size_t i = 0; i < inputs.size(); ++i) inputs[i]->bind(input_views[i], num_tokens, num_logits);
+    for (size_t i = 0; i < outputs.size(); ++i) outputs[i]->bind(output_views[i], num_tokens, num_logits);
     kind->run(ctx, input_views.data(), output_views.data());
   }
 };
@@ -57,7 +57,9 @@ struct HostStep {
   std::vector<int32_t> token_seq;        // [num_tokens] sequence of each packed token
   std::vector<int32_t> seq_token_start;  // [num_seqs + 1]
   std::vector<int32_t> seq_len;          // [num_seqs] cached + new
-  std::vector<int32_t> last_token_ids;   // [num_seqs]
+  std::vector<int32_t> logits_indices;   // [num_logits] packed tokens whose logits are computed
+  int32_t num_logits = 0;
+  bool one_logit_per_seq = true;         // logits_indices is each sequence's last token, in order
 };
 
 // What differs per device. ModelRunner calls, in order: info to create the op kinds, place_weight for
@@ -79,16 +81,16 @@ class RunnerBackend {
   // Memory for the activation arena and for the ops' scratch (shared: ops run one at a time).
   virtual void* allocate_workspace(size_t num_bytes) = 0;
   virtual void* allocate_op_workspace(size_t num_bytes) = 0;
-  // int32 memory for "input_ids", "positions" ([max_num_tokens]) or "last_token_ids" ([max_batch_size]).
+  // int32 memory for "input_ids", "positions" ([max_num_tokens]) or "logits_indices" ([max_num_logits]).
   virtual void* graph_input(const std::string& name) = 0;
   // Allocates the KV pool of config.kv_cache_dtype (and per-step buffers). With config.num_kv_blocks 0
   // the backend sizes the pool itself and writes the count back. Throws Error when memory does not suffice, naming both sizes.
   virtual void allocate_kv_pool(RuntimeConfig& config) = 0;
   virtual size_t kv_pool_bytes() const = 0;  // as allocated
-  // Runs the nodes for one step; returns [num_seqs, vocab] float32 logits on the host.
+  // Runs the nodes for one step; returns [num_logits, vocab] float32 logits on the host.
   virtual const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) = 0;
-  // Runs the nodes for one step and draws each sequence's next token: out[s] for inputs[s], token_id
-  // -1 for an input without a config and for a draw with every token masked or -inf. The one place a
+  // Runs the nodes for one step and draws from each row of logits: out[r] for inputs[r], token_id -1
+  // for an input without a config and for a draw with every token masked or -inf. The one place a
   // step's tokens are drawn. This default samples forward()'s host logits with the CPU Sampler; a
   // backend that can draw where the logits are overrides it and calls it back for the inputs its
   // kernel cannot draw.

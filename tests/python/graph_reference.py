@@ -67,7 +67,7 @@ def run_graph(engine, prompts: list) -> np.ndarray:
     values = {
         "input_ids": np.concatenate([np.asarray(p, dtype=np.int32) for p in prompts]),
         "positions": np.concatenate([np.arange(n, dtype=np.int32) for n in seq_lens]),
-        "last_token_ids": (np.cumsum(seq_lens) - 1).astype(np.int32),
+        "logits_indices": (np.cumsum(seq_lens) - 1).astype(np.int32),
     }
     cache = {}
 

@@ -45,7 +45,7 @@ def _check_graph_wellformed(engine):
             assert name in declared and name not in defined
             defined.add(name)
     assert [t["name"] for t in graph["outputs"]] == ["logits"]
-    assert graph["outputs"][0]["shape"] == ["num_seqs", engine.model_config["vocab_size"]]
+    assert graph["outputs"][0]["shape"] == ["num_logits", engine.model_config["vocab_size"]]
     used = {i for node in graph["nodes"] for i in node["inputs"]}
     assert set(engine.weights) <= used, "engine stores weights the graph never reads"
 
@@ -256,9 +256,9 @@ def test_engine_data_is_aligned(tiny_model, tmp_path):
 def test_load_rejects_other_format_version(tiny_model, tmp_path):
     build(AutoModelForCausalLM.from_hugging_face(tiny_model("llama"))).save(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["format_version"] = 2
+    config["format_version"] = 3
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="engine format version 2 is not readable; this rtllm reads version 1"):
+    with pytest.raises(ValueError, match="engine format version 3 is not readable; this rtllm reads versions 1 to 2"):
         Engine.load(tmp_path)
     with pytest.raises(ValueError, match="no config.json"):
         Engine.load(tmp_path / "nowhere")

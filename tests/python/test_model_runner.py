@@ -233,8 +233,8 @@ def test_thread_counts_give_identical_logits(engine):
 
 def test_wrong_format_version(engine, tmp_path):
     m = TinyModel()
-    path = write_engine(tmp_path / "v2", m, format_version=2)
-    with pytest.raises(_core.RtllmError, match="engine format version 2 is not readable; this rtllm reads version 1"):
+    path = write_engine(tmp_path / "v3", m, format_version=3)
+    with pytest.raises(_core.RtllmError, match="engine format version 3 is not readable; this rtllm reads versions 1 to 2"):
         _core.Engine.load(str(path))
 
 

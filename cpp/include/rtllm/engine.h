@@ -44,9 +44,10 @@ struct QuantSpec {
   std::string kv_cache_quant_algo = "NO_QUANT";
 };
 
-// A dimension of a graph tensor: a fixed size or one of the two step-dependent sizes.
+// A dimension of a graph tensor: a fixed size or one of the two step-dependent sizes: the tokens
+// packed in the step, and the rows of logits it computes (one per index in "logits_indices").
 struct Dim {
-  enum class Kind { kFixed, kNumTokens, kNumSeqs };
+  enum class Kind { kFixed, kNumTokens, kNumLogits };
   Kind kind = Kind::kFixed;
   int64_t value = 0;  // only for kFixed
 };
@@ -65,7 +66,7 @@ struct GraphNode {
 };
 
 struct Graph {
-  std::vector<TensorSpec> inputs;    // fed by the runtime each step: input_ids, positions, last_token_ids
+  std::vector<TensorSpec> inputs;    // fed by the runtime each step: input_ids, positions, logits_indices
   std::vector<TensorSpec> outputs;   // logits
   std::vector<TensorSpec> tensors;   // every node output, with its shape
   std::vector<GraphNode> nodes;      // in execution order
@@ -83,7 +84,11 @@ struct Weight {
 
 class RTLLM_API Engine {
  public:
-  static constexpr int32_t kFormatVersion = 1;
+  // Version 2 names the logits' rows: the graph input "logits_indices" [num_logits] (packed token
+  // indices whose logits the step computes). Version 1 engines ("last_token_ids" [num_seqs], one row
+  // per sequence) read as the same graph.
+  static constexpr int32_t kFormatVersion = 2;
+  static constexpr int32_t kMinFormatVersion = 1;
 
   // Reads dir/config.json and memory-maps dir/rank{rank}.engine. Throws Error naming the file
   // for a missing, truncated or corrupt file, naming both versions for another format version, and

@@ -36,6 +36,10 @@ struct RuntimeConfig {
   // on the CPU, the compute dtype on CUDA); config() reports the resolved one. An attention op that
   // cannot read it fails at load naming both.
   std::optional<DataType> kv_cache_dtype;
+  // Rows of logits a step may compute (StepInputs::logits_indices); 0: max_batch_size (one per
+  // sequence). Prompt log-probabilities need more: one per scored prompt token. The logits workspace,
+  // the host logits and the device sampler are sized for it.
+  int32_t max_num_logits = 0;
 };
 
 // True when this build has the CUDA backend and a CUDA device is present.
@@ -52,6 +56,9 @@ struct StepInputs {
   // sequence s's tokens in order; it must cover num_cached_tokens[s] + num_new_tokens[s] tokens.
   std::vector<int32_t> block_table;
   int32_t max_blocks_per_seq = 0;
+  // [num_logits] packed token indices whose logits the step computes, row r for logits_indices[r]
+  // (any order, repeats allowed). Empty: each sequence's last new token, row s for sequence s.
+  std::vector<int32_t> logits_indices;
 
   int32_t num_seqs() const { return static_cast<int32_t>(num_new_tokens.size()); }
   int32_t num_tokens() const { return static_cast<int32_t>(input_ids.size()); }
@@ -66,12 +73,14 @@ class RTLLM_API ModelRunner {
   ModelRunner(const ModelRunner&) = delete;
   ModelRunner& operator=(const ModelRunner&) = delete;
 
-  // Runs the graph: writes the new tokens' K/V into their blocks and returns the logits of each
-  // sequence's last new token, [num_seqs, vocab_size] float32 on the host. The buffer is owned by
-  // the runner and valid until the next call. Throws InvalidArgument for inputs over the limits.
+  // Runs the graph: writes the new tokens' K/V into their blocks and returns the logits of the
+  // tokens of inputs.logits_indices (by default each sequence's last new token), [num_logits,
+  // vocab_size] float32 on the host. The buffer is owned by the runner and valid until the next call.
+  // Throws InvalidArgument for inputs over the limits.
   const float* forward(const StepInputs& inputs);
 
-  // forward() followed by the draw of each sequence's next token: out[s] for inputs[s]. The one
+  // forward() followed by a draw from each row of logits: out[r] for sampling[r], one input per
+  // row (per sequence by default; an input with score_token_id set scores that token). The one
   // sampling entry point of a step (Sampler's stages and semantics on every backend). An input
   // without a config draws nothing; out[s].token_id is -1 then and when the draw fails (every token
   // masked or -inf). Where the draw runs is the backend's choice: the CPU backend samples with the

@@ -6,7 +6,7 @@
 //   step buffer  int32 arrays (StepLayout) filled each step from one pinned staging buffer by one copy;
 //   KV pool      per layer [num_kv_blocks + 1, 2, nkv, tpb, hd] of the KV-cache dtype; the extra last
 //                block is scratch for the padding sequences of CUDA-graph buckets;
-//   scratch      the cuBLASLt workspace and pinned host logits [max_batch_size, vocab] float32;
+//   scratch      the cuBLASLt workspace and pinned host logits [max_num_logits, vocab] float32;
 //   sampler      the device sampling buffers (CudaSampler) when device_sampling is on.
 // Everything runs on one non-blocking stream owned by the backend; forward() allocates nothing.
 #include <algorithm>
@@ -29,9 +29,9 @@ constexpr size_t kAlign = 256;
 
 // Offsets (in int32 elements, each a multiple of 64) of the step arrays in the device step buffer.
 struct StepLayout {
-  size_t input_ids, positions, token_seq, seq_token_start, num_cached, seq_len, last_token_ids, block_table, total;
+  size_t input_ids, positions, token_seq, seq_token_start, num_cached, seq_len, logits_indices, block_table, total;
 
-  StepLayout(int64_t max_tokens, int64_t max_seqs, int64_t max_blocks_per_seq) {
+  StepLayout(int64_t max_tokens, int64_t max_seqs, int64_t max_logits, int64_t max_blocks_per_seq) {
     size_t at = 0;
     auto take = [&](int64_t n) {
       const size_t offset = at;
@@ -44,7 +44,7 @@ struct StepLayout {
     seq_token_start = take(max_seqs + 1);
     num_cached = take(max_seqs);
     seq_len = take(max_seqs);
-    last_token_ids = take(max_seqs);
+    logits_indices = take(max_logits);
     block_table = take(max_seqs * max_blocks_per_seq);  // last: a step copies only the rows it uses
     total = at;
   }
@@ -111,7 +111,7 @@ class CudaBackend final : public RunnerBackend {
   int32_t* device_array(size_t offset) const { return static_cast<int32_t*>(step_buffer_.data) + offset; }
   size_t stage(const HostStep& st, int32_t num_seqs);
   void prepare_step(const HostStep& st, int32_t num_tokens, int32_t num_seqs);
-  void run_nodes(std::vector<PlannedNode>& nodes, int32_t num_tokens, int32_t num_seqs);
+  void run_nodes(std::vector<PlannedNode>& nodes, int32_t num_tokens, int32_t num_logits);
   void run_step(const HostStep& st, std::vector<PlannedNode>& nodes);
   size_t kv_block_bytes() const {  // one block of one layer
     return ModelRunner::kv_bytes_per_block(model_, config_.tokens_per_block, *config_.kv_cache_dtype) /
@@ -149,7 +149,7 @@ CudaBackend::CudaBackend(const Engine& engine, const RuntimeConfig& config)
       config_(config),
       max_seq_len_(engine.limits().max_seq_len),
       max_blocks_per_seq_((engine.limits().max_seq_len + config.tokens_per_block - 1) / config.tokens_per_block),
-      layout_(config.max_num_tokens, config.max_batch_size, max_blocks_per_seq_) {
+      layout_(config.max_num_tokens, config.max_batch_size, config.max_num_logits, max_blocks_per_seq_) {
   register_cuda_ops();
   const int32_t tpb = config.tokens_per_block;
   RTLLM_CHECK_ARG((tpb & (tpb - 1)) == 0, "tokens_per_block ", tpb, " must be a power of two on CUDA");
@@ -196,18 +196,17 @@ TensorSlot CudaBackend::place_weight(const Weight& w, const WeightPlacement& pla
 void* CudaBackend::graph_input(const std::string& name) {
   if (name == "input_ids") return device_array(layout_.input_ids);
   if (name == "positions") return device_array(layout_.positions);
-  RTLLM_CHECK(name == "last_token_ids", "unknown graph input \"", name, "\"");
-  return device_array(layout_.last_token_ids);
+  RTLLM_CHECK(name == "logits_indices", "unknown graph input \"", name, "\"");
+  return device_array(layout_.logits_indices);
 }
 
 void CudaBackend::allocate_kv_pool(RuntimeConfig& config) {
-  const int64_t max_seqs = config.max_batch_size;
   gemm_ = std::make_unique<CublasLtGemm>(kGemmWorkspaceBytes);
-  host_logits_ = PinnedBuffer(max_seqs * model_.vocab_size * sizeof(float));
+  host_logits_ = PinnedBuffer(static_cast<size_t>(config.max_num_logits) * model_.vocab_size * sizeof(float));
   if (config.enable_cuda_graphs)
     graphs_ = std::make_unique<DecodeGraphs>(config.max_batch_size, config.max_num_tokens);
   if (config.device_sampling)
-    sampler_ = std::make_unique<CudaSampler>(config.max_batch_size, model_.vocab_size, max_seq_len_);
+    sampler_ = std::make_unique<CudaSampler>(config.max_num_logits, model_.vocab_size, max_seq_len_);
 
   const size_t block_bytes = ModelRunner::kv_bytes_per_block(model_, config.tokens_per_block, *config.kv_cache_dtype);
   size_t free_bytes = 0, total_bytes = 0;
@@ -261,7 +260,7 @@ size_t CudaBackend::stage(const HostStep& st, int32_t num_seqs) {
   std::copy(st.seq_token_start.begin(), st.seq_token_start.end(), h + layout_.seq_token_start);
   std::copy(in.num_cached_tokens.begin(), in.num_cached_tokens.end(), h + layout_.num_cached);
   std::copy(st.seq_len.begin(), st.seq_len.end(), h + layout_.seq_len);
-  std::copy(st.last_token_ids.begin(), st.last_token_ids.end(), h + layout_.last_token_ids);
+  std::copy(st.logits_indices.begin(), st.logits_indices.end(), h + layout_.logits_indices);
   const int32_t cols = std::min(in.max_blocks_per_seq, max_blocks_per_seq_);
   for (int32_t s = 0; s < R; ++s) {
     int32_t* row = h + layout_.block_table + static_cast<size_t>(s) * max_blocks_per_seq_;
@@ -276,7 +275,7 @@ size_t CudaBackend::stage(const HostStep& st, int32_t num_seqs) {
     h[layout_.seq_token_start + s + 1] = t + 1;
     h[layout_.num_cached + s] = 0;
     h[layout_.seq_len + s] = 1;
-    h[layout_.last_token_ids + s] = t;
+    h[layout_.logits_indices + s] = t;  // padding only with one row per sequence (graph buckets)
     int32_t* row = h + layout_.block_table + static_cast<size_t>(s) * max_blocks_per_seq_;
     std::fill(row, row + max_blocks_per_seq_, scratch_block_);
   }
@@ -291,41 +290,44 @@ void CudaBackend::prepare_step(const HostStep& st, int32_t num_tokens, int32_t n
   step_.decode_splits = st.decode_only ? decode_splits(num_seqs) : 1;
 }
 
-void CudaBackend::run_nodes(std::vector<PlannedNode>& nodes, int32_t num_tokens, int32_t num_seqs) {
+void CudaBackend::run_nodes(std::vector<PlannedNode>& nodes, int32_t num_tokens, int32_t num_logits) {
   OpContext ctx;
   ctx.stream = stream_;
   ctx.device_step = &step_;
   ctx.workspace = op_workspace_.data;
-  for (PlannedNode& node : nodes) node.run(ctx, num_tokens, num_seqs);
+  for (PlannedNode& node : nodes) node.run(ctx, num_tokens, num_logits);
 }
 
-// Stages the step and runs it on the stream (a captured graph for decode-only buckets); no host wait.
+// Stages the step and runs it on the stream (a captured graph for decode-only buckets with a row of
+// logits per sequence); no host wait.
 void CudaBackend::run_step(const HostStep& st, std::vector<PlannedNode>& nodes) {
   RTLLM_CUDA_CHECK(cudaSetDevice(device_));  // the caller's thread may not have selected it
-  const int32_t bucket = graphs_ && st.decode_only ? graphs_->bucket_for(st.num_seqs) : 0;
+  const bool graphable = graphs_ && st.decode_only && st.one_logit_per_seq;
+  const int32_t bucket = graphable ? graphs_->bucket_for(st.num_seqs) : 0;
   const int32_t num_seqs = bucket ? bucket : st.num_seqs;
   const int32_t num_tokens = bucket ? bucket : st.num_tokens;
+  const int32_t num_logits = bucket ? bucket : st.num_logits;
   const size_t num_bytes = stage(st, num_seqs);
   RTLLM_CUDA_CHECK(cudaMemcpyAsync(step_buffer_.data, staging_.data, num_bytes, cudaMemcpyHostToDevice, stream_));
   prepare_step(st, num_tokens, num_seqs);
   if (bucket && graphs_->captured(bucket)) {
     graphs_->launch(bucket, stream_);
   } else {
-    run_nodes(nodes, num_tokens, num_seqs);  // also the warm-up run of a bucket before its capture
-    if (bucket) graphs_->capture(bucket, stream_, [&] { run_nodes(nodes, num_tokens, num_seqs); });
+    run_nodes(nodes, num_tokens, num_logits);  // also the warm-up run of a bucket before its capture
+    if (bucket) graphs_->capture(bucket, stream_, [&] { run_nodes(nodes, num_tokens, num_logits); });
   }
 }
 
 const float* CudaBackend::forward(const HostStep& st, std::vector<PlannedNode>& nodes, const TensorSlot& logits) {
   run_step(st, nodes);
-  const size_t logits_bytes = static_cast<size_t>(st.num_seqs) * model_.vocab_size * sizeof(float);
+  const size_t logits_bytes = static_cast<size_t>(st.num_logits) * model_.vocab_size * sizeof(float);
   RTLLM_CUDA_CHECK(cudaMemcpyAsync(host_logits_.data, logits.data, logits_bytes, cudaMemcpyDeviceToHost, stream_));
   // The staging buffer and host logits are reused by the next step: wait for this one.
   RTLLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
   return static_cast<const float*>(host_logits_.data);
 }
 
-// The sampling kernel reads the first num_seqs rows of the logits (a graph bucket's padding rows
+// The sampling kernel reads the first num_logits rows of the logits (a graph bucket's padding rows
 // follow them) on the same stream, after the step; it is not part of the captured graph. With
 // device_sampling off, or inputs the kernel lacks a feature for, the host samples the logits instead.
 void CudaBackend::forward_and_sample(const HostStep& st, std::vector<PlannedNode>& nodes, const TensorSlot& logits,
@@ -334,8 +336,8 @@ void CudaBackend::forward_and_sample(const HostStep& st, std::vector<PlannedNode
     RunnerBackend::forward_and_sample(st, nodes, logits, inputs, out);
     return;
   }
-  RTLLM_CHECK(static_cast<int32_t>(inputs.size()) == st.num_seqs, "sampling inputs for ", inputs.size(),
-              " sequences, the step has ", st.num_seqs);
+  RTLLM_CHECK(static_cast<int32_t>(inputs.size()) == st.num_logits, "sampling inputs for ", inputs.size(),
+              " rows, the step has ", st.num_logits);
   run_step(st, nodes);
   // Also waits for the step, so its staging buffer may be reused.
   sampler_->sample(static_cast<const float*>(logits.data), inputs, out, stream_);

@@ -74,8 +74,8 @@ def trace(model) -> Network:
     with network:
         input_ids = network.add_input("input_ids", "int32", ["num_tokens"])
         positions = network.add_input("positions", "int32", ["num_tokens"])
-        last_token_ids = network.add_input("last_token_ids", "int32", ["num_seqs"])
-        logits = model.forward(input_ids, positions, last_token_ids)
+        logits_indices = network.add_input("logits_indices", "int32", ["num_logits"])
+        logits = model.forward(input_ids, positions, logits_indices)
         network.mark_output(logits, "logits")
     return network
 
@@ -88,7 +88,7 @@ def pass_list(build_config: BuildConfig, quant_config: QuantConfig) -> list:
 
 
 def build(model, build_config: BuildConfig | None = None, quant_config: QuantConfig | None = None) -> Engine:
-    """Traces `model` (a module with .config and forward(input_ids, positions, last_token_ids)) into an
+    """Traces `model` (a module with .config and forward(input_ids, positions, logits_indices)) into an
     engine: the graph after the passes, and lazy weights in the engine dtype. Reads no weight data;
     Engine.save streams it. quant_config None builds unquantized (the only kind implemented so far)."""
     build_config = (build_config or BuildConfig()).resolved(model.config.max_position_embeddings)

@@ -11,7 +11,8 @@ from ..quantization import QuantConfig, check_supported
 from .safetensors_io import SafetensorsFile, storage_type, write_safetensors
 from .tensor import Parameter
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the graph input "logits_indices" [num_logits]; 1: "last_token_ids" [num_seqs]
+MIN_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 
@@ -91,9 +92,9 @@ class Engine:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
         version = config.get("format_version") if isinstance(config, dict) else None
-        if version != FORMAT_VERSION:
+        if not isinstance(version, int) or not MIN_FORMAT_VERSION <= version <= FORMAT_VERSION:
             raise ValueError(f"{path}: engine format version {version} is not readable; this rtllm reads "
-                             f"version {FORMAT_VERSION}")
+                             f"versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION}")
         try:  # engines written before the section existed are unquantized
             check_supported(QuantConfig.from_dict(config.get("quantization") or {}))
         except ValueError as e:

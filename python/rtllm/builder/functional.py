@@ -1,7 +1,7 @@
 """Ops that append nodes to the current Network; names, inputs and attrs follow docs/engine_format.md.
 
 Activations are float32 in the graph (a device may compute in another dtype). Shapes use
-T = "num_tokens" and R = "num_seqs".
+T = "num_tokens" and R = "num_logits" (the rows whose logits the step computes).
 """
 
 from .tensor import Parameter, Tensor, current_network

@@ -11,7 +11,7 @@ import numpy as np
 
 from .safetensors_io import cast, storage_type
 
-DYNAMIC_DIMS = ("num_tokens", "num_seqs")
+DYNAMIC_DIMS = ("num_tokens", "num_logits")
 
 
 @dataclass(eq=False)

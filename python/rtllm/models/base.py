@@ -11,7 +11,7 @@ from .registry import resolve_hf_model
 
 class CausalLM(Module):
     """Subclasses register themselves (rtllm.models.registry.register_model), set `architecture`, and define
-    config_from_hf, __init__(config, mapping) and forward(input_ids, positions, last_token_ids) -> logits."""
+    config_from_hf, __init__(config, mapping) and forward(input_ids, positions, logits_indices) -> logits."""
     architecture: str = ""
     # checkpoint module name -> (module of this model, shard id): tensors stacked into one parameter
     packed_modules_mapping: dict = {}

@@ -57,10 +57,10 @@ class LlamaForCausalLM(CausalLM):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: Tensor, positions: Tensor, last_token_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, positions: Tensor, logits_indices: Tensor) -> Tensor:
         m = self.model
         h = m.embed_tokens(input_ids)  # [T, H]
         for layer in m.layers:
             h = layer(h, positions, self.rope.inv_freq)
-        h = F.gather_rows(m.norm(h), last_token_ids)  # [R, H]
+        h = F.gather_rows(m.norm(h), logits_indices)  # [R, H]: the rows whose logits are wanted
         return self.lm_head(h)  # [R, V]
