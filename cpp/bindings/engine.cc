@@ -90,17 +90,19 @@ void bind_engine(py::module_& m) {
       .def(py::init([](DeviceKind device, int32_t max_num_tokens, int32_t max_batch_size, int32_t num_kv_blocks,
                        int32_t tokens_per_block, int32_t num_threads, bool enable_cuda_graphs,
                        float kv_free_memory_fraction, bool device_sampling,
-                       const std::optional<std::string>& kv_cache_dtype) {
+                       const std::optional<std::string>& kv_cache_dtype, int32_t max_num_logits) {
              RuntimeConfig c{device,      max_num_tokens,     max_batch_size,         num_kv_blocks,
                              tokens_per_block, num_threads, enable_cuda_graphs, kv_free_memory_fraction};
              c.device_sampling = device_sampling;
              if (kv_cache_dtype) c.kv_cache_dtype = parse_dtype(*kv_cache_dtype);
+             c.max_num_logits = max_num_logits;
              return c;
            }),
            py::arg("device") = DeviceKind::kCpu, py::arg("max_num_tokens") = 0, py::arg("max_batch_size") = 0,
            py::arg("num_kv_blocks") = 0, py::arg("tokens_per_block") = 32, py::arg("num_threads") = 0,
            py::arg("enable_cuda_graphs") = true, py::arg("kv_free_memory_fraction") = 0.0f,
-           py::arg("device_sampling") = true, py::arg("kv_cache_dtype") = std::nullopt)
+           py::arg("device_sampling") = true, py::arg("kv_cache_dtype") = std::nullopt,
+           py::arg("max_num_logits") = 0)
       .def_readwrite("device", &RuntimeConfig::device)
       .def_readwrite("max_num_tokens", &RuntimeConfig::max_num_tokens)
       .def_readwrite("max_batch_size", &RuntimeConfig::max_batch_size)

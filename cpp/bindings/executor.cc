@@ -31,15 +31,15 @@ void bind_configs(py::module_& m) {
   py::class_<SamplingConfig>(m, "SamplingConfig")
       .def(py::init([](float temperature, int32_t top_k, float top_p, float min_p, float repetition_penalty,
                        float presence_penalty, float frequency_penalty, std::optional<uint64_t> seed,
-                       int32_t num_logprobs, std::map<int32_t, float> logit_bias) {
+                       int32_t num_logprobs, std::map<int32_t, float> logit_bias, int32_t num_prompt_logprobs) {
              return SamplingConfig{temperature,       top_k, top_p,        min_p,
                                    repetition_penalty, presence_penalty, frequency_penalty, seed,
-                                   num_logprobs,       std::move(logit_bias)};
+                                   num_logprobs,       std::move(logit_bias), num_prompt_logprobs};
            }),
            py::kw_only(), py::arg("temperature") = 1.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
            py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f, py::arg("presence_penalty") = 0.0f,
            py::arg("frequency_penalty") = 0.0f, py::arg("seed") = py::none(), py::arg("num_logprobs") = -1,
-           py::arg("logit_bias") = std::map<int32_t, float>{})
+           py::arg("logit_bias") = std::map<int32_t, float>{}, py::arg("num_prompt_logprobs") = -1)
       .def_readwrite("temperature", &SamplingConfig::temperature)
       .def_readwrite("top_k", &SamplingConfig::top_k)
       .def_readwrite("top_p", &SamplingConfig::top_p)
@@ -50,6 +50,7 @@ void bind_configs(py::module_& m) {
       .def_readwrite("seed", &SamplingConfig::seed)
       .def_readwrite("num_logprobs", &SamplingConfig::num_logprobs)
       .def_readwrite("logit_bias", &SamplingConfig::logit_bias)
+      .def_readwrite("num_prompt_logprobs", &SamplingConfig::num_prompt_logprobs)
       .def("validate", &SamplingConfig::validate);
 
   py::class_<StopConfig>(m, "StopConfig")
@@ -156,6 +157,17 @@ void bind_requests(py::module_& m) {
       .def_readonly("token_ids", &Response::token_ids)
       .def_readonly("logprobs", &Response::logprobs)
       .def_property_readonly("top_logprobs", [](const Response& r) { return top_logprobs_to_python(r.top_logprobs); })
+      // [(prompt token id, logprob, [(token_id, logprob) of the top ones])] for prompt tokens 1, 2, ...
+      .def_property_readonly("prompt_logprobs",
+                             [](const Response& r) {
+                               py::list out;
+                               for (const SampledToken& t : r.prompt_logprobs) {
+                                 py::list top;
+                                 for (const TokenLogprob& e : t.top_logprobs) top.append(py::make_tuple(e.token_id, e.logprob));
+                                 out.append(py::make_tuple(t.token_id, t.logprob, std::move(top)));
+                               }
+                               return out;
+                             })
       .def_readonly("is_final", &Response::is_final)
       .def_readonly("finish_reason", &Response::finish_reason)
       .def_readonly("stop_token_id", &Response::stop_token_id)

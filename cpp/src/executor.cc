@@ -71,6 +71,10 @@ SchedulerConfig resolve_scheduler_config(const ExecutorConfig& config, const Run
                   config.iteration_stats_max_size);
   if (out.max_batch_size == 0) out.max_batch_size = runtime.max_batch_size;
   if (out.max_num_tokens == 0) out.max_num_tokens = runtime.max_num_tokens;
+  RTLLM_CHECK_ARG(out.max_num_logits >= 0 && out.max_num_logits <= runtime.max_num_logits,
+                  "scheduler max_num_logits ", out.max_num_logits, " must be in [0, ", runtime.max_num_logits,
+                  "] (0: the runtime's max_num_logits)");
+  if (out.max_num_logits == 0) out.max_num_logits = runtime.max_num_logits;
   out.validate(runtime.tokens_per_block);
   return out;
 }
@@ -131,7 +135,15 @@ struct Executor::Impl {
   std::vector<std::vector<int32_t>> masked;  // masked ids
   std::vector<uint32_t> allowed_bitmasks;    // [num_seqs, num_bitmask_words(vocab)] from LogitsProcessors
   std::vector<std::string> sampling_errors;  // a LogitsProcessor's exception: the request fails
-  std::vector<SamplingInput> sampling_inputs;
+  std::vector<SamplingInput> sampling_inputs;  // a row per sequence, then the scoring rows
+  // This step's prompt-scoring rows: batch index, position scored (its next prompt token), packed
+  // token index; rows batch.size() + i of the logits.
+  struct ScoringRow {
+    size_t seq;
+    int32_t position;
+    int32_t token_index;
+  };
+  std::vector<ScoringRow> scoring_rows;
   std::vector<SampledToken> tokens;
   std::vector<Response> outbox;          // responses of this round, published by flush()
   std::vector<RequestId> finished_ids;   // requests finished this round
@@ -178,6 +190,7 @@ struct Executor::Impl {
   void step();
   Batch requests_of(const ScheduledBatch& scheduled) const;
   void prepare_inputs(const Batch& batch);
+  void add_prompt_scoring_rows(const Batch& batch);
   void prepare_sampling(const Batch& batch);
   void check_sampled(const Batch& batch);
   void postprocess(const Batch& batch, const std::vector<SampledToken>& tokens);
@@ -214,6 +227,9 @@ void Executor::Impl::validate(const Request& request) const {
                     " is outside the vocabulary [0, ", vocab_size, ")");
   request.sampling.validate();
   request.stop.validate();
+  RTLLM_CHECK_ARG(request.sampling.num_prompt_logprobs < 0 || scheduling.max_num_logits > scheduling.max_batch_size,
+                  "prompt_logprobs needs rows of logits beyond one per sequence: max_num_logits ",
+                  scheduling.max_num_logits, " must exceed max_batch_size ", scheduling.max_batch_size);
 }
 
 RequestId Executor::Impl::enqueue(Request request) {
@@ -371,6 +387,8 @@ void Executor::Impl::step() {
     return;
   }
   check_sampled(batch);
+  for (size_t r = 0; r < scoring_rows.size(); ++r)  // scored in position order, once each
+    batch[scoring_rows[r].seq]->prompt_logprobs.push_back(tokens[batch.size() + r]);
   postprocess(batch, tokens);
   record_iteration(scheduled, step_start);
   ++num_steps;
@@ -400,6 +418,28 @@ void Executor::Impl::prepare_inputs(const Batch& batch) {
     const std::vector<int32_t>& blocks = kv_cache.block_ids(request.id);
     std::copy(blocks.begin(), blocks.end(), inputs.block_table.begin() + s * inputs.max_blocks_per_seq);
   }
+  add_prompt_scoring_rows(batch);
+}
+
+// Sequences scoring their prompt get a row of logits for each scheduled position whose next token is
+// a prompt token, after the one row per sequence (row s: sequence s's last token) that draws. The
+// scheduler left room for them (Sequence::prompt_rows).
+void Executor::Impl::add_prompt_scoring_rows(const Batch& batch) {
+  scoring_rows.clear();
+  int32_t start = 0;
+  for (size_t s = 0; s < batch.size(); ++s) {
+    const LlmRequest& request = *batch[s];
+    const int32_t first = std::max(request.num_cached_tokens, request.num_scored_positions);
+    const int32_t end = request.num_cached_tokens + request.prompt_rows(request.num_scheduled_tokens);
+    for (int32_t position = first; position < end; ++position)
+      scoring_rows.push_back({s, position, start + position - request.num_cached_tokens});
+    start += request.num_scheduled_tokens;
+  }
+  if (scoring_rows.empty()) return;  // the default: a row per sequence
+  inputs.logits_indices.clear();
+  int32_t last = -1;
+  for (const auto& request : batch) inputs.logits_indices.push_back(last += request->num_scheduled_tokens);
+  for (const ScoringRow& row : scoring_rows) inputs.logits_indices.push_back(row.token_index);
 }
 
 // The sampling inputs of forward_and_sample, row s for batch[s]; a request that draws nothing this
@@ -435,6 +475,7 @@ void Executor::Impl::prepare_sampling(const Batch& batch) {
     }
     sampling_inputs[s] = input;
   }
+  for (const ScoringRow& row : scoring_rows) sampling_inputs.push_back(batch[row.seq]->prompt_scoring_input(row.position));
 }
 
 // A request whose draw failed (token -1: every token masked or -inf) or whose logits processor
@@ -455,6 +496,8 @@ void Executor::Impl::postprocess(const Batch& batch, const std::vector<SampledTo
     LlmRequest& request = *batch[s];
     if (request.is_finished()) continue;  // failed to sample
     const bool has_token = request.completes_step();
+    const int32_t scored_end = request.num_cached_tokens + request.prompt_rows(request.num_scheduled_tokens);
+    request.num_scored_positions = std::max(request.num_scored_positions, scored_end);
     request.num_cached_tokens += request.num_scheduled_tokens;
     // Blocks filled by this step now hold computed K/V: later requests may share them.
     kv_cache.store(request.id, request.token_ids, request.num_cached_tokens);

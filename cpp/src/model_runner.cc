@@ -28,6 +28,7 @@ void StepInputs::clear() {
   num_cached_tokens.clear();
   block_table.clear();
   max_blocks_per_seq = 0;
+  logits_indices.clear();
 }
 
 struct ModelRunner::Impl {

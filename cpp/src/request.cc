@@ -16,6 +16,9 @@ LlmRequest::LlmRequest(RequestId id_, Request request_, uint64_t seed_, int32_t 
   num_tokens = num_prompt_tokens;
   token_ids = request.prompt_token_ids;
   cache_key = cache_salt_key(request.cache_salt);
+  scores_prompt = request.sampling.num_prompt_logprobs >= 0;
+  prompt_scoring = request.sampling;
+  prompt_scoring.num_logprobs = request.sampling.num_prompt_logprobs;
   max_num_tokens = static_cast<int32_t>(
       std::min<int64_t>(int64_t{num_prompt_tokens} + request.stop.max_tokens, max_seq_len));
 }
@@ -36,6 +39,13 @@ SamplingInput LlmRequest::sampling_input(const std::vector<int32_t>* masked) con
   input.prompt_token_ids = &request.prompt_token_ids;
   input.output_token_ids = &output_token_ids;
   input.masked_token_ids = masked;
+  return input;
+}
+
+SamplingInput LlmRequest::prompt_scoring_input(int32_t position) const {
+  SamplingInput input;
+  input.config = &prompt_scoring;
+  input.score_token_id = request.prompt_token_ids[position + 1];
   return input;
 }
 
@@ -78,6 +88,9 @@ bool LlmRequest::take_response(Response& response) {
   response.token_ids.assign(output_token_ids.begin() + first, output_token_ids.end());
   if (!logprobs.empty()) response.logprobs.assign(logprobs.begin() + first, logprobs.end());
   if (!top_logprobs.empty()) response.top_logprobs.assign(top_logprobs.begin() + first, top_logprobs.end());
+  const size_t first_prompt = request.streaming ? num_sent_prompt_logprobs_ : 0;
+  response.prompt_logprobs.assign(prompt_logprobs.begin() + first_prompt, prompt_logprobs.end());
+  num_sent_prompt_logprobs_ = prompt_logprobs.size();
   response.is_final = is_finished();
   response.finish_reason = finish_reason;
   response.stop_token_id = stop_token_id;

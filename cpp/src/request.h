@@ -22,6 +22,12 @@ struct LlmRequest : Sequence {
   std::vector<int32_t> output_token_ids;
   std::vector<float> logprobs;                          // per output token, if requested
   std::vector<std::vector<TokenLogprob>> top_logprobs;  // per output token, if requested
+  // Prompt scoring (request.sampling.num_prompt_logprobs >= 0): prompt tokens 1.. in order, scored
+  // from the logits at the position before each; positions below num_scored_positions are done (a
+  // recompute after preemption does not score them twice).
+  std::vector<SampledToken> prompt_logprobs;
+  int32_t num_scored_positions = 0;
+  SamplingConfig prompt_scoring;  // request.sampling with num_logprobs = num_prompt_logprobs
   FinishReason finish_reason = FinishReason::kNotFinished;
   int32_t stop_token_id = -1;
   std::string error;
@@ -34,6 +40,8 @@ struct LlmRequest : Sequence {
   // min_tokens tokens were generated.
   std::vector<int32_t> masked_token_ids() const;
   SamplingInput sampling_input(const std::vector<int32_t>* masked) const;
+  // The input that scores prompt token position + 1 from the logits at `position`.
+  SamplingInput prompt_scoring_input(int32_t position) const;
 
   // Records a token sampled after a step that fed all num_new_tokens() tokens, then ends the
   // request if the token or the length says so (end id, stop id, length; in that order).
@@ -47,6 +55,7 @@ struct LlmRequest : Sequence {
 
  private:
   size_t num_sent_tokens_ = 0;  // output tokens already in a streaming response
+  size_t num_sent_prompt_logprobs_ = 0;
   bool sent_final_ = false;
 };
 

@@ -19,6 +19,7 @@ void SamplingConfig::validate() const {
   RTLLM_CHECK_ARG(frequency_penalty >= -2.0f && frequency_penalty <= 2.0f,
                   "frequency_penalty must be in [-2, 2], got ", frequency_penalty);
   RTLLM_CHECK_ARG(num_logprobs >= -1, "num_logprobs must be >= -1, got ", num_logprobs);
+  RTLLM_CHECK_ARG(num_prompt_logprobs >= -1, "num_prompt_logprobs must be >= -1, got ", num_prompt_logprobs);
   for (const auto& [token_id, bias] : logit_bias)
     RTLLM_CHECK_ARG(std::isfinite(bias), "logit_bias[", token_id, "] must be finite, got ", bias);
 }
@@ -147,6 +148,14 @@ bool Sampler::try_sample(const float* raw_logits, int32_t vocab_size, const Samp
     RTLLM_CHECK(token_id >= 0 && token_id < vocab_size, "logit_bias token id ", token_id, " outside [0, ",
                 vocab_size, ")");
 
+  if (input.score_token_id >= 0) {
+    RTLLM_CHECK(input.score_token_id < vocab_size, "score_token_id ", input.score_token_id, " outside [0, ",
+                vocab_size, ")");
+    out = SampledToken{};
+    out.token_id = input.score_token_id;
+    fill_logprobs(raw_logits, vocab_size, std::max(config.num_logprobs, 0), out);
+    return true;
+  }
   logits_.assign(raw_logits, raw_logits + vocab_size);
   float* logits = logits_.data();
   apply_penalties(logits, config, prompt, output);

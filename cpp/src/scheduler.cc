@@ -10,6 +10,8 @@ void SchedulerConfig::validate(int32_t tokens_per_block) const {
                   "; valid: GUARANTEED_NO_EVICT (0), MAX_UTILIZATION (1)");
   RTLLM_CHECK_ARG(max_batch_size >= 1, "max_batch_size must be >= 1, got ", max_batch_size);
   RTLLM_CHECK_ARG(max_num_tokens >= 1, "max_num_tokens must be >= 1, got ", max_num_tokens);
+  RTLLM_CHECK_ARG(max_num_logits == 0 || max_num_logits >= max_batch_size, "max_num_logits ", max_num_logits,
+                  " must be 0 (max_batch_size) or at least max_batch_size ", max_batch_size);
   RTLLM_CHECK_ARG(!enable_chunked_prefill || max_num_tokens >= tokens_per_block, "max_num_tokens ", max_num_tokens,
                   " is smaller than tokens_per_block ", tokens_per_block,
                   ": chunked prefill needs room for at least one block per step");
@@ -19,6 +21,7 @@ void SchedulerConfig::validate(int32_t tokens_per_block) const {
 struct Scheduler::Budget {
   int32_t num_seqs;
   int32_t num_tokens;
+  int32_t num_logits;
 };
 
 Scheduler::Scheduler(const SchedulerConfig& config, KVCacheManager& kv_cache) : config_(config), kv_cache_(kv_cache) {
@@ -47,7 +50,8 @@ ScheduledBatch Scheduler::schedule() {
   RTLLM_CHECK(kv_cache_.pending_copies().empty(), kv_cache_.pending_copies().size(),
               " KV block copies of the previous step were never run (call finish_copies after them)");
   ScheduledBatch batch;
-  Budget budget{config_.max_batch_size, config_.max_num_tokens};
+  Budget budget{config_.max_batch_size, config_.max_num_tokens,
+                config_.max_num_logits ? config_.max_num_logits : config_.max_batch_size};
   // Running sequences first: generation keeps its pace while prompts wait or advance in chunks.
   for (size_t i = 0; i < running_.size(); ++i)
     if (!schedule_running(i, budget, batch)) break;
@@ -56,10 +60,24 @@ ScheduledBatch Scheduler::schedule() {
   return batch;
 }
 
-// Tokens of `seq` that fit in num_budget_tokens: all it has left, or a chunk ending on a block
-// boundary when it may be chunked; 0 if nothing fits.
-int32_t Scheduler::chunk_size(const Sequence& seq, int32_t num_budget_tokens) const {
+// Tokens of `seq` that fit the budget: all it has left, or a chunk ending on a block boundary when it
+// may be chunked; 0 if nothing fits. A sequence scoring its prompt also needs a row of logits per
+// scored position, leaving one row for every sequence slot still open; its chunks may end anywhere
+// when the rows left are fewer than a block (else it could never advance).
+int32_t Scheduler::chunk_size(const Sequence& seq, const Budget& budget) const {
   const int32_t num_left = seq.num_new_tokens();
+  int32_t num_budget_tokens = budget.num_tokens;
+  if (seq.scores_prompt) {
+    const int32_t num_spare_rows = budget.num_logits - budget.num_seqs;
+    if (seq.prompt_rows(std::min(num_left, num_budget_tokens)) > num_spare_rows) {
+      const int32_t num_fit = num_spare_rows;  // prompt_rows(n) <= n: a chunk of num_fit tokens fits
+      if (num_fit <= 0) return 0;
+      const int32_t tokens_per_block = kv_cache_.tokens_per_block();
+      const int32_t aligned = (seq.num_cached_tokens + num_fit) / tokens_per_block * tokens_per_block -
+                              seq.num_cached_tokens;
+      return aligned > 0 ? aligned : num_fit;
+    }
+  }
   if (num_left <= num_budget_tokens) return num_left;
   const bool never_fits = num_left > config_.max_num_tokens;  // a recompute longer than a step
   if (!config_.enable_chunked_prefill && !never_fits) return 0;
@@ -76,7 +94,7 @@ int32_t Scheduler::chunk_size(const Sequence& seq, int32_t num_budget_tokens) co
 bool Scheduler::schedule_running(size_t index, Budget& budget, ScheduledBatch& batch) {
   std::shared_ptr<Sequence> seq = running_[index];
   if (budget.num_seqs == 0) return true;
-  int32_t num_chunk = chunk_size(*seq, budget.num_tokens);
+  int32_t num_chunk = chunk_size(*seq, budget);
   if (num_chunk == 0) return true;
   const int64_t num_new_slots =
       std::max<int64_t>(0, int64_t{seq->num_cached_tokens} + num_chunk - kv_cache_.num_tokens(seq->id));
@@ -97,6 +115,7 @@ bool Scheduler::schedule_running(size_t index, Budget& budget, ScheduledBatch& b
 void Scheduler::take(std::shared_ptr<Sequence> seq, int32_t num_chunk, bool is_context, Budget& budget,
                      ScheduledBatch& batch) const {
   seq->num_scheduled_tokens = num_chunk;
+  budget.num_logits -= 1 + seq->prompt_rows(num_chunk);
   if (is_context) {
     batch.seqs.insert(batch.seqs.begin() + batch.num_context_seqs, std::move(seq));
     batch.num_context_seqs += 1;
@@ -113,7 +132,7 @@ void Scheduler::admit_waiting(Budget& budget, ScheduledBatch& batch) {
   while (!waiting_.empty() && budget.num_seqs > 0 && budget.num_tokens > 0) {
     std::shared_ptr<Sequence> seq = waiting_.front();
     PrefixMatch prefix;
-    if (static_cast<int32_t>(seq->token_ids.size()) >= seq->num_tokens)
+    if (!seq->scores_prompt && static_cast<int32_t>(seq->token_ids.size()) >= seq->num_tokens)
       prefix = kv_cache_.match_prefix(seq->token_ids, seq->num_tokens, seq->cache_key);
     int32_t num_chunk = fit(*seq, prefix, budget);
     if (num_chunk == 0 && prefix.partial_block_id >= 0) {
@@ -138,7 +157,7 @@ void Scheduler::admit_waiting(Budget& budget, ScheduledBatch& batch) {
 // nothing fits the budget or its blocks cannot be admitted.
 int32_t Scheduler::fit(Sequence& seq, const PrefixMatch& prefix, const Budget& budget) const {
   seq.num_cached_tokens = static_cast<int32_t>(prefix.num_cached_tokens(kv_cache_.tokens_per_block()));
-  const int32_t num_chunk = chunk_size(seq, budget.num_tokens);
+  const int32_t num_chunk = chunk_size(seq, budget);
   if (num_chunk == 0 || !can_admit(seq, prefix, seq.num_cached_tokens + num_chunk)) return 0;
   return num_chunk;
 }

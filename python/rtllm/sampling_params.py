@@ -31,7 +31,9 @@ class SamplingParams:
     switch those filters off. `logit_bias` maps token ids to a bias added to their logits after the
     penalties and before temperature (vLLM's and OpenAI's semantics: +100 all but forces a token,
     -100 all but bans it); the LLM checks the ids against the vocabulary. `logprobs=N` returns the sampled token's log-probability for every
-    generated token (from the raw logits' log-softmax) and, for N > 0, the top N alternatives too.
+    generated token (from the raw logits' log-softmax) and, for N > 0, the top N alternatives too;
+    `prompt_logprobs=N` scores the prompt the same way (RequestOutput.prompt_logprobs, None for the
+    first token; the prompt is then computed in full, never taken from the prefix cache).
     With `end_id=None` the tokenizer's / model's end-of-sequence ids end generation. `stop`
     strings end it when they appear in the detokenized text, which is cut before them (or after,
     with include_stop_str_in_output). pad_id and spaces_between_special_tokens are kept for
@@ -57,6 +59,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
     logit_bias: Optional[Dict[int, float]] = None
     detokenize: bool = True
     skip_special_tokens: bool = True
@@ -98,6 +101,8 @@ class SamplingParams:
         self._stop_strings = stop
         _check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0), "logprobs",
                self.logprobs, "None or an int >= 0")
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and self.prompt_logprobs >= 0),
+               "prompt_logprobs", self.prompt_logprobs, "None or an int >= 0")
         if self.logit_bias is not None:
             _check(isinstance(self.logit_bias, dict), "logit_bias", self.logit_bias,
                    "None or a dict of token id -> bias")
@@ -116,7 +121,8 @@ class SamplingParams:
         """Returns (_core.SamplingConfig, _core.StopConfig) for one core request.
 
         `end_ids` are the model's end-of-sequence ids, used when `end_id` is None. `seed_offset`
-        separates the n samples of one prompt (seed, seed + 1, ...).
+        separates the n samples of one prompt (seed, seed + 1, ...); only the first (offset 0) scores
+        the prompt, which all n share.
         """
         from rtllm import _core
 
@@ -127,7 +133,8 @@ class SamplingParams:
             presence_penalty=float(self.presence_penalty),
             frequency_penalty=float(self.frequency_penalty), seed=seed,
             num_logprobs=-1 if self.logprobs is None else int(self.logprobs),
-            logit_bias=dict(self.logit_bias or {}))
+            logit_bias=dict(self.logit_bias or {}),
+            num_prompt_logprobs=-1 if self.prompt_logprobs is None or seed_offset else int(self.prompt_logprobs))
         stop = _core.StopConfig(
             max_tokens=int(self.max_tokens), min_tokens=int(self.min_tokens),
             end_ids=[int(self.end_id)] if self.end_id is not None else [int(i) for i in end_ids],

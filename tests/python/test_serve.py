@@ -207,6 +207,26 @@ def test_logprobs_match_llm_generate(llm, client):
     assert all(c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)  # greedy
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_returns_the_prompt_and_its_logprobs(llm, client, stream):
+    prompt = "The quick brown fox"
+    expected = reference(llm, prompt, max_tokens=4, logprobs=1, prompt_logprobs=1)
+    prompt_ids = expected.prompt_token_ids
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, logprobs=1, echo=True,
+                                    stream=stream, **GREEDY)
+    chunks = list(out) if stream else [out]
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == prompt + expected.outputs[0].text
+    token_logprobs = [lp for c in chunks if c.choices and c.choices[0].logprobs
+                      for lp in c.choices[0].logprobs.token_logprobs]
+    scored = [entry[t] for entry, t in zip(expected.prompt_logprobs[1:], prompt_ids[1:])]
+    sampled = [entry[t] for entry, t in zip(expected.outputs[0].logprobs, expected.outputs[0].token_ids)]
+    assert token_logprobs[0] is None  # the prompt's first token has no logprob, as OpenAI's echo
+    assert token_logprobs[1:] == pytest.approx(scored + sampled)
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, echo=True, **GREEDY)
+    assert plain.choices[0].text == prompt + expected.outputs[0].text and plain.choices[0].logprobs is None
+
+
 def test_logit_bias_forces_and_bans_tokens_like_llm_generate(llm, client):
     prompt = "The lazy dog"
     plain = reference(llm, prompt, max_tokens=6).outputs[0]

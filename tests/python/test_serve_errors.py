@@ -134,7 +134,6 @@ BAD_BODIES = [  # (route, body, status, param, fragments of the message)
     ("completions", {**COMPLETION, "max_tokens": 2.5}, 400, "max_tokens", ["2.5"]),
     ("completions", {**COMPLETION, "prompt": [1, "a"]}, 400, "prompt", ["prompt="]),
     ("completions", {**COMPLETION, "prompt": [99999]}, 400, None, ["99999", "vocab_size"]),
-    ("completions", {**COMPLETION, "echo": True}, 400, "echo", ["not supported"]),
     ("completions", {**COMPLETION, "logit_bias": {"abc": 5}}, 400, "logit_bias", ["'abc'", "token id"]),
     ("completions", {**COMPLETION, "logit_bias": {"-1": 5}}, 400, "logit_bias", ["'-1'"]),
     ("completions", {**COMPLETION, "logit_bias": {"3": 101}}, 400, "logit_bias", ["101", "[-100, 100]"]),

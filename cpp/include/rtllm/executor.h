@@ -50,6 +50,9 @@ struct Response {
   std::vector<int32_t> token_ids;  // streaming: the tokens new since the last response; else all
   std::vector<float> logprobs;     // per token in token_ids, if num_logprobs >= 0
   std::vector<std::vector<TokenLogprob>> top_logprobs;  // per token, if num_logprobs > 0
+  // With num_prompt_logprobs >= 0: prompt tokens 1, 2, ... scored (token_id: the prompt token; its
+  // logprob; the top ones), new since the last response. Complete before the first output token.
+  std::vector<SampledToken> prompt_logprobs;
   bool is_final = false;
   FinishReason finish_reason = FinishReason::kNotFinished;
   int32_t stop_token_id = -1;  // the end/stop id that finished the request (kEndId/kStopTokenId)

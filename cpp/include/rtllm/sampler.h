@@ -37,6 +37,9 @@ struct RTLLM_API SamplingConfig {
   // vLLM's logit_bias). Biases must be finite; ids must lie in the vocabulary, which the executor
   // checks (validate() does not know the vocabulary).
   std::map<int32_t, float> logit_bias;
+  // Prompt log-probabilities (vLLM's prompt_logprobs): -1 none; 0: each prompt token's (the first has
+  // none); N: also the top N at each position. Computed from the raw logits, as num_logprobs.
+  int32_t num_prompt_logprobs = -1;
   void validate() const;            // throws InvalidArgument naming the value and the limit
 };
 
@@ -74,6 +77,9 @@ struct SamplingInput {
   const std::vector<int32_t>* masked_token_ids = nullptr;  // may not be drawn (e.g. end ids before min_tokens)
   // [num_bitmask_words(vocab_size)] uint32: only tokens whose bit is set may be drawn; null: all.
   const uint32_t* allowed_token_bitmask = nullptr;
+  // >= 0: no draw; the result is this token with its log-probability (and, with num_logprobs > 0,
+  // the top ones) from the raw logits: how prompt tokens are scored (prompt_logprobs).
+  int32_t score_token_id = -1;
 };
 
 struct SampledToken {

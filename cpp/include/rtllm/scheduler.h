@@ -16,6 +16,7 @@
 // A new sequence first takes the longest cached prefix the KV manager has for its tokens.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -36,6 +37,9 @@ struct RTLLM_API SchedulerConfig {
   int32_t max_batch_size = 1;  // sequences per step
   int32_t max_num_tokens = 1;  // packed tokens per step
   bool enable_chunked_prefill = false;
+  // Rows of logits per step: one per scheduled sequence, plus one per prompt position a sequence
+  // that scores its prompt computes; 0: max_batch_size (no room for prompt scoring).
+  int32_t max_num_logits = 0;
   // Throws InvalidArgument naming the value and the limit (e.g. max_num_tokens < tokens_per_block
   // with chunked prefill: no chunk could end on a block boundary).
   void validate(int32_t tokens_per_block) const;
@@ -52,12 +56,22 @@ struct Sequence {
   // [num_tokens] prompt + generated tokens; prefix reuse looks them up (may stay empty without it).
   std::vector<int32_t> token_ids;
   uint64_t cache_key = 0;  // extra key of its blocks (cache_salt_key of its salt)
+  // Scores its prompt (prompt log-probabilities): every prompt position is computed, never taken
+  // from the prefix cache, and each costs a row of logits (prompt_rows) on top of the sequence's own.
+  bool scores_prompt = false;
   // Set by schedule(): tokens fed in this step, from num_cached_tokens on.
   int32_t num_scheduled_tokens = 0;
   int32_t num_preemptions = 0;
 
   // Tokens still to feed; the step that feeds the last of them produces the next token.
   int32_t num_new_tokens() const { return num_tokens - num_cached_tokens; }
+  // Rows of logits beyond its own that feeding num_chunk tokens takes: the positions p whose next
+  // token is a prompt token (p < num_prompt_tokens - 1), when it scores its prompt.
+  int32_t prompt_rows(int32_t num_chunk) const {
+    if (!scores_prompt) return 0;
+    const int32_t end = std::min(num_cached_tokens + num_chunk, num_prompt_tokens - 1);
+    return std::max(0, end - num_cached_tokens);
+  }
   // Computing its prompt (or several tokens of a recompute after preemption) rather than
   // generating one token.
   bool is_context() const { return num_cached_tokens < num_prompt_tokens || num_new_tokens() > 1; }
@@ -105,7 +119,7 @@ class RTLLM_API Scheduler {
 
  private:
   struct Budget;
-  int32_t chunk_size(const Sequence& seq, int32_t num_budget_tokens) const;
+  int32_t chunk_size(const Sequence& seq, const Budget& budget) const;
   bool schedule_running(size_t index, Budget& budget, ScheduledBatch& batch);
   void admit_waiting(Budget& budget, ScheduledBatch& batch);
   int32_t fit(Sequence& seq, const PrefixMatch& prefix, const Budget& budget) const;

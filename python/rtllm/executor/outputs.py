@@ -42,13 +42,18 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """A snapshot of one request: the final result, or a streamed partial one (finished=False)."""
+    """A snapshot of one request: the final result, or a streamed partial one (finished=False).
+
+    prompt_logprobs: None unless SamplingParams.prompt_logprobs was set; then per prompt token None
+    for the first and a dict {token_id: logprob} holding the prompt token and the top N (vLLM's).
+    """
 
     request_id: int
     prompt: Optional[str]
     prompt_token_ids: list
     outputs: list
     finished: bool
+    prompt_logprobs: Optional[list] = None
     _result: Any = field(default=None, repr=False, compare=False)
 
     def abort(self) -> None:

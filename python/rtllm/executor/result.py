@@ -151,6 +151,8 @@ class GenerationResult:
         self.sampling_params = params
         self.streaming = streaming
         self._samples = [_Sample(i, params, tokenizer) for i in range(params.n)]
+        # Filled from sample 0's responses (only its core request scores the prompt).
+        self.prompt_logprobs: Optional[list] = None if params.prompt_logprobs is None else [None]
         self._cancel_core = cancel_core
         self._cond = threading.Condition()
         self._pending = collections.deque()  # snapshots not yet taken by an iterator
@@ -171,6 +173,9 @@ class GenerationResult:
         if getattr(response.finish_reason, "name", "") == "ERROR":
             self._fail(response.error or "the request failed")
             return
+        if index == 0 and self.prompt_logprobs is not None:
+            for token_id, logprob, top in response.prompt_logprobs:
+                self.prompt_logprobs.append(_top_logprobs_dict(top, token_id, logprob))
         if sample.add(response) and not response.is_final:
             self._cancel_core(sample.core_id)
         if self.streaming or all(s.finished for s in self._samples):
@@ -181,6 +186,7 @@ class GenerationResult:
         output = RequestOutput(request_id=self.request_id, prompt=self.prompt,
                                prompt_token_ids=self.prompt_token_ids,
                                outputs=[s.snapshot() for s in self._samples], finished=done,
+                               prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
                                _result=self)
         with self._cond:
             self._latest = output

@@ -87,7 +87,7 @@ class LLM:
                  max_batch_size: Optional[int] = None, max_num_tokens: Optional[int] = None,
                  max_seq_len: Optional[int] = None, max_input_len: Optional[int] = None,
                  seed: int = 0, skip_tokenizer_init: bool = False, num_threads: int = 0,
-                 device: str = "cpu"):
+                 device: str = "cpu", max_num_logits: Optional[int] = None):
         from rtllm import _core
 
         self._executor = None
@@ -117,11 +117,27 @@ class LLM:
                                       max_batch_size=max_batch_size or 0,
                                       tokens_per_block=kv_cache_config.tokens_per_block,
                                       num_threads=num_threads)
+        runtime.max_num_logits = self._max_num_logits(max_num_logits, max_batch_size, device)
         config = _core.ExecutorConfig(runtime=runtime, kv_cache=kv_cache_config.to_core(),
                                       scheduler=self._scheduler_config.to_core(), seed=seed)
         self._executor = GenerationExecutor(_core.Executor(self._engine, config))
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _cleanup, self._executor, self._temp_dir)
+
+    # Rows of logits a CPU step computes beyond one per sequence, so prompt_logprobs works there by
+    # default; on CUDA they cost device memory (rows x vocab floats, several times) and are opt-in.
+    CPU_PROMPT_SCORING_ROWS = 256
+
+    def _max_num_logits(self, max_num_logits: Optional[int], max_batch_size: Optional[int], device: str) -> int:
+        """Rows of logits per step: the user's, or on the CPU room to score prompts; 0 on CUDA (one row
+        per sequence: prompt_logprobs then needs max_num_logits > max_batch_size)."""
+        batch = max_batch_size or self._engine.max_batch_size
+        if max_num_logits is None:
+            return batch + self.CPU_PROMPT_SCORING_ROWS if device == "cpu" else 0
+        if not isinstance(max_num_logits, int) or isinstance(max_num_logits, bool) or max_num_logits < batch:
+            raise ValueError(f"max_num_logits={max_num_logits!r} must be an int >= max_batch_size ({batch}): "
+                             "one row of logits per sequence, more to score prompts (prompt_logprobs)")
+        return max_num_logits
 
     def _set_limits(self, limits: dict) -> None:
         """Python-side limits: the engine's, lowered by the user's (never raised)."""

@@ -215,9 +215,10 @@ class _OpenAIServer:
         # The default (16) shrinks to fit; an explicit max_tokens that does not fit is an error.
         room = self.llm.max_seq_len - max(len(p) for p in prompts)
         max_tokens = req.max_tokens if req.max_tokens is not None else min(DEFAULT_COMPLETION_MAX_TOKENS, room)
-        params = req.sampling_params(max_tokens, req.logprobs)
+        params = req.completion_sampling_params(max_tokens)
         formatter = CompletionFormatter(new_request_id("cmpl"), self.model_name, params.n, req.logprobs,
-                                        self.llm.tokenizer, req.include_usage)
+                                        self.llm.tokenizer, req.include_usage,
+                                        echo_texts=[self._prompt_text(p) for p in req.prompt] if req.echo else None)
         return await self._respond(request, prompts, params, formatter, bool(req.stream))
 
     async def chat_completions(self, request: Request):
@@ -247,6 +248,12 @@ class _OpenAIServer:
         if self.llm.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send the prompt as token ids", "prompt")
         return self.llm.tokenizer.encode(prompt)
+
+    def _prompt_text(self, prompt) -> str:
+        """The prompt as echoed: its own text, or its token ids decoded."""
+        if isinstance(prompt, str) or self.llm.tokenizer is None:
+            return prompt if isinstance(prompt, str) else ""
+        return self.llm.tokenizer.decode(prompt, skip_special_tokens=False)
 
     def _apply_chat_template(self, messages) -> list:
         tokenizer = self.llm.tokenizer

@@ -2,7 +2,7 @@
 
 Models are strict (5 for an int, never "5" or true) and ignore unknown fields, because OpenAI
 clients send fields rtllm has no use for (user, metadata, ...). Fields rtllm cannot honour
-(echo, suffix, tools, ...) are rejected with 400 rather than silently ignored.
+(suffix, tools, ...) are rejected with 400 rather than silently ignored.
 """
 from __future__ import annotations
 
@@ -206,8 +206,15 @@ class CompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         self._check_common()
-        _reject_unsupported(echo=(self.echo, not self.echo), suffix=(self.suffix, not self.suffix),
+        _reject_unsupported(suffix=(self.suffix, not self.suffix),
                             best_of=(self.best_of, self.best_of in (None, self.n or 1)))
+
+    def completion_sampling_params(self, max_tokens: int) -> SamplingParams:
+        """With echo and logprobs, the prompt's tokens are scored too (OpenAI's echo)."""
+        params = self.sampling_params(max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None:
+            params.prompt_logprobs = self.logprobs
+        return params
 
 
 class ChatMessage(BaseModel):

@@ -24,7 +24,10 @@ def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
 
 def _split_logprob(entry, token_id: int):
     """rtllm's per-token entry (a float, or {token_id: logprob} with the top N and the sampled
-    token) -> (sampled token's logprob, [(token_id, logprob)] best first)."""
+    token; None for a prompt's first token) -> (sampled token's logprob, [(token_id, logprob)] best
+    first), (None, None) for None."""
+    if entry is None:
+        return None, None
     if isinstance(entry, dict):
         return entry[token_id], sorted(entry.items(), key=lambda item: -item[1])
     return entry, []
@@ -64,6 +67,16 @@ class _Formatter:
     def start_chunks(self) -> list:
         return []
 
+    def _echo(self, prompt_index: int, index: int, output):
+        """(text, logprobs) a choice starts with: nothing but with the completions' echo."""
+        return "", None
+
+    @staticmethod
+    def _joined_logprobs(first, second):
+        if first is None or second is None:
+            return first if second is None else second
+        return {key: None if first[key] is None else first[key] + second[key] for key in first}
+
     def stream_chunks(self, prompt_index: int, output) -> list:
         """Chunks for what `output` (a streamed RequestOutput) adds, one choice per chunk."""
         chunks = []
@@ -71,6 +84,8 @@ class _Formatter:
             index = prompt_index * self.n + sequence.index
             if index in self._finished:
                 continue
+            echo_text, echo_logprobs = ("", None) if index in self._num_tokens else self._echo(prompt_index, index,
+                                                                                                 output)
             self._num_tokens[index] = len(sequence.token_ids)
             reason = _FINISH_REASONS.get(sequence.finish_reason, sequence.finish_reason)
             if reason is not None:
@@ -80,7 +95,8 @@ class _Formatter:
             if self.num_logprobs is not None and new_ids:
                 first = len(sequence.token_ids) - len(new_ids)
                 logprobs = self._logprobs(index, new_ids, sequence.logprobs[first:])
-            text = sequence.text_diff
+            logprobs = self._joined_logprobs(echo_logprobs, logprobs)
+            text = echo_text + sequence.text_diff
             if text or logprobs is not None or reason is not None:
                 chunks.append(self._chunk([self._stream_choice(index, text, logprobs, reason)]))
         return chunks
@@ -96,11 +112,12 @@ class _Formatter:
         for prompt_index, output in enumerate(outputs):
             for sequence in output.outputs:
                 index = prompt_index * self.n + sequence.index
-                logprobs = None
+                echo_text, logprobs = self._echo(prompt_index, index, output)
                 if self.num_logprobs is not None:
-                    logprobs = self._logprobs(index, sequence.token_ids, sequence.logprobs)
+                    logprobs = self._joined_logprobs(logprobs, self._logprobs(index, sequence.token_ids,
+                                                                              sequence.logprobs))
                 reason = _FINISH_REASONS.get(sequence.finish_reason, sequence.finish_reason)
-                choices.append(self._choice(index, sequence.text, logprobs, reason))
+                choices.append(self._choice(index, echo_text + sequence.text, logprobs, reason))
                 num_completion_tokens += len(sequence.token_ids)
         body = self._envelope(self.object_name, choices)
         body["usage"] = usage(sum(len(o.prompt_token_ids) for o in outputs), num_completion_tokens)
@@ -110,9 +127,19 @@ class _Formatter:
 class CompletionFormatter(_Formatter):
     object_name = chunk_object_name = "text_completion"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, echo_texts: Optional[list] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._text_offsets: dict = {}  # choice index -> characters of its tokens so far
+        self._echo_texts = echo_texts  # per prompt: the text echoed before each of its choices
+
+    def _echo(self, prompt_index: int, index: int, output):
+        """OpenAI's echo: the prompt's text, and with logprobs its tokens' (the first has none)."""
+        if self._echo_texts is None:
+            return "", None
+        logprobs = None
+        if self.num_logprobs is not None:
+            logprobs = self._logprobs(index, output.prompt_token_ids, output.prompt_logprobs)
+        return self._echo_texts[prompt_index], logprobs
 
     def _logprobs(self, index: int, token_ids: list, entries: list) -> dict:
         """The legacy completions format: parallel lists over the tokens."""
@@ -125,8 +152,8 @@ class CompletionFormatter(_Formatter):
             token_logprobs.append(logprob)
             # OpenAI returns the sampled token too, so up to logprobs + 1 entries. Tokens that
             # decode alike (parts of one UTF-8 character) share a key, which keeps the best.
-            alternatives = {}
-            for alternative, alternative_logprob in top:
+            alternatives = None if top is None else {}
+            for alternative, alternative_logprob in top or []:
                 alternatives.setdefault(self._token_text(alternative), alternative_logprob)
             top_logprobs.append(alternatives)
             text_offset.append(offset)
