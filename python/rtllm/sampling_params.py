@@ -27,9 +27,10 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _check_int32(name: str, value, container=None) -> None:
-    """An int that C++ holds as int32_t (out of range it would not convert), alone or in `container`."""
-    shown, kind = (value, "an int") if container is None else (container, "made of ints")
+def _check_int32(name: str, value, container=None, kind: str = "an int") -> None:
+    """An int that C++ holds as int32_t (out of range it would not convert); `container` is shown in
+    the message instead of the value when the int is one of its items."""
+    shown = value if container is None else container
     _check(_is_int(value), name, shown, kind)
     _check(INT32_MIN <= value <= INT32_MAX, name, shown, f"{kind} in [{INT32_MIN}, {INT32_MAX}] (C++ int32)")
 
@@ -94,10 +95,10 @@ class SamplingParams:
         _check(self.pad_id is None or (_is_int(self.pad_id) and self.pad_id >= 0), "pad_id", self.pad_id,
                "None or an int >= 0")
         if self.stop_token_ids is not None:
-            _check(not isinstance(self.stop_token_ids, (str, bytes)), "stop_token_ids", self.stop_token_ids,
-                   "a list of ints")
+            _check(hasattr(self.stop_token_ids, "__iter__") and not isinstance(self.stop_token_ids, (str, bytes)),
+                   "stop_token_ids", self.stop_token_ids, "a list of ints")
             for token_id in self.stop_token_ids:
-                _check_int32("stop_token_ids", token_id, self.stop_token_ids)
+                _check_int32("stop_token_ids", token_id, self.stop_token_ids, "a list of ints")
             self.stop_token_ids = list(self.stop_token_ids)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         _check(all(isinstance(s, str) and s for s in stop), "stop", self.stop,
@@ -109,7 +110,7 @@ class SamplingParams:
             _check(isinstance(self.logit_bias, dict), "logit_bias", self.logit_bias,
                    "None or a dict of token id -> bias")
             for token_id, bias in self.logit_bias.items():
-                _check_int32("logit_bias", token_id, self.logit_bias)
+                _check_int32("logit_bias", token_id, self.logit_bias, "a dict keyed by token ids (ints)")
                 _check(_is_real(bias), "logit_bias", self.logit_bias,
                        f"a dict of numeric biases, not {bias!r} for token {token_id}")
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}

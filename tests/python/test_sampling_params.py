@@ -21,7 +21,7 @@ BAD_VALUES = [
     ("n", 0), ("n", -2),
     ("end_id", -1), ("pad_id", -3),
     ("stop", ""), ("stop", ["ok", ""]), ("stop", [1, 2]),
-    ("stop_token_ids", [-1]), ("stop_token_ids", "ab"), ("stop_token_ids", [1.5]),
+    ("stop_token_ids", [-1]), ("stop_token_ids", "ab"), ("stop_token_ids", [1.5]), ("stop_token_ids", 5),
     ("logprobs", -1), ("logprobs", 1.0),
     ("logit_bias", {1: math.inf}), ("logit_bias", {2: math.nan}), ("logit_bias", {-1: 1.0}),
     ("logit_bias", {"3": 1.0}), ("logit_bias", {4: "high"}), ("logit_bias", [1, 2]),
