@@ -9,9 +9,8 @@ device time per kernel name, the sum of kernel time, the time the device was bus
 kernels' intervals, which overlap under programmatic dependent launch), the idle time left in each step
 (launch gaps and the host's turn between steps: sampled ids to the host, scheduling, the next launch),
 where the longest gaps fall, the host time of CUDA API calls, and the wall time per step. The profiler
-itself slows graph launches (measured on an H100: cudaGraphLaunch took 280 us of host time per step
-under it, and splitting the graph to hide that gained nothing without it), so wall time and gaps read
-high here; bench_e2e.py gives the unprofiled step time.
+itself slows graph launches (docs/performance.md, "Design decisions and their measurements"), so wall
+time and gaps read high here; bench_e2e.py gives the unprofiled step time.
 """
 import argparse
 import collections

@@ -205,31 +205,31 @@ struct Executor::Impl {
 void Executor::Impl::validate(const Request& request) const {
   const EngineLimits& limits = engine->limits();
   const int64_t num_prompt_tokens = static_cast<int64_t>(request.prompt_token_ids.size());
-  RTLLM_CHECK_ARG(num_prompt_tokens >= 1, "prompt_token_ids is empty");
-  RTLLM_CHECK_ARG(num_prompt_tokens <= limits.max_input_len, "prompt of ", num_prompt_tokens,
-                  " tokens exceeds max_input_len ", limits.max_input_len);
-  RTLLM_CHECK_ARG(num_prompt_tokens < limits.max_seq_len, "prompt of ", num_prompt_tokens,
-                  " tokens leaves no room to generate within max_seq_len ", limits.max_seq_len);
+  RTLLM_CHECK_FIELD(num_prompt_tokens >= 1, "prompt_token_ids", "prompt_token_ids is empty");
+  RTLLM_CHECK_FIELD(num_prompt_tokens <= limits.max_input_len, "prompt_token_ids", "prompt of ", num_prompt_tokens,
+                    " tokens exceeds max_input_len ", limits.max_input_len);
+  RTLLM_CHECK_FIELD(num_prompt_tokens < limits.max_seq_len, "prompt_token_ids", "prompt of ", num_prompt_tokens,
+                    " tokens leaves no room to generate within max_seq_len ", limits.max_seq_len);
   const SchedulerConfig& scheduling = scheduler.config();
-  RTLLM_CHECK_ARG(scheduling.enable_chunked_prefill || num_prompt_tokens <= scheduling.max_num_tokens, "prompt of ",
-                  num_prompt_tokens, " tokens exceeds max_num_tokens ", scheduling.max_num_tokens,
-                  " (enable chunked prefill to run longer prompts)");
-  auto check_ids = [&](const std::vector<int32_t>& ids, const char* what) {
+  RTLLM_CHECK_FIELD(scheduling.enable_chunked_prefill || num_prompt_tokens <= scheduling.max_num_tokens,
+                    "prompt_token_ids", "prompt of ", num_prompt_tokens, " tokens exceeds max_num_tokens ",
+                    scheduling.max_num_tokens, " (enable chunked prefill to run longer prompts)");
+  auto check_ids = [&](const std::vector<int32_t>& ids, const char* field) {
     for (size_t i = 0; i < ids.size(); ++i)
-      RTLLM_CHECK_ARG(ids[i] >= 0 && ids[i] < vocab_size, what, "[", i, "] = ", ids[i],
-                      " is outside the vocabulary [0, ", vocab_size, ")");
+      RTLLM_CHECK_FIELD(ids[i] >= 0 && ids[i] < vocab_size, field, field, "[", i, "] = ", ids[i],
+                        " is outside the vocabulary [0, ", vocab_size, ")");
   };
   check_ids(request.prompt_token_ids, "prompt_token_ids");
   check_ids(request.stop.end_ids, "end_ids");
   check_ids(request.stop.stop_token_ids, "stop_token_ids");
   for (const auto& [token_id, bias] : request.sampling.logit_bias)
-    RTLLM_CHECK_ARG(token_id >= 0 && token_id < vocab_size, "logit_bias token id ", token_id,
-                    " is outside the vocabulary [0, ", vocab_size, ")");
+    RTLLM_CHECK_FIELD(token_id >= 0 && token_id < vocab_size, "logit_bias", "logit_bias token id ", token_id,
+                      " is outside the vocabulary [0, ", vocab_size, ")");
   request.sampling.validate();
   request.stop.validate();
-  RTLLM_CHECK_ARG(request.sampling.num_prompt_logprobs < 0 || scheduling.max_num_logits > scheduling.max_batch_size,
-                  "prompt_logprobs needs rows of logits beyond one per sequence: max_num_logits ",
-                  scheduling.max_num_logits, " must exceed max_batch_size ", scheduling.max_batch_size);
+  RTLLM_CHECK_FIELD(request.sampling.num_prompt_logprobs < 0 || scheduling.max_num_logits > scheduling.max_batch_size,
+                    "prompt_logprobs", "prompt_logprobs needs rows of logits beyond one per sequence: max_num_logits ",
+                    scheduling.max_num_logits, " must exceed max_batch_size ", scheduling.max_batch_size);
 }
 
 RequestId Executor::Impl::enqueue(Request request) {

@@ -5,8 +5,15 @@
 namespace rtllm {
 
 void StopConfig::validate() const {
-  RTLLM_CHECK_ARG(max_tokens >= 1, "max_tokens must be >= 1, got ", max_tokens);
-  RTLLM_CHECK_ARG(min_tokens >= 0, "min_tokens must be >= 0, got ", min_tokens);
+  RTLLM_CHECK_FIELD(max_tokens >= 1, "max_tokens", "max_tokens=", max_tokens, " is invalid: it must be >= 1");
+  RTLLM_CHECK_FIELD(min_tokens >= 0 && min_tokens <= max_tokens, "min_tokens", "min_tokens=", min_tokens,
+                    " is invalid: it must be in [0, max_tokens=", max_tokens, "]");
+  auto check_ids = [](const std::vector<int32_t>& ids, const char* field) {
+    for (size_t i = 0; i < ids.size(); ++i)
+      RTLLM_CHECK_FIELD(ids[i] >= 0, field, field, "[", i, "]=", ids[i], " is invalid: it must be >= 0");
+  };
+  check_ids(end_ids, "end_ids");
+  check_ids(stop_token_ids, "stop_token_ids");
 }
 
 LlmRequest::LlmRequest(RequestId id_, Request request_, uint64_t seed_, int32_t max_seq_len)

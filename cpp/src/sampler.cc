@@ -6,22 +6,29 @@
 
 namespace rtllm {
 
+// Messages read "<field>=<value> is invalid: it must be <limit>", the form Python's checks of the
+// fields C++ never sees (SamplingParams.n, stop, ...) use too.
 void SamplingConfig::validate() const {
-  RTLLM_CHECK_ARG(std::isfinite(temperature) && temperature >= 0.0f,
-                  "temperature must be finite and >= 0, got ", temperature);
-  RTLLM_CHECK_ARG(top_k >= 0, "top_k must be >= 0, got ", top_k);
-  RTLLM_CHECK_ARG(top_p > 0.0f && top_p <= 1.0f, "top_p must be in (0, 1], got ", top_p);
-  RTLLM_CHECK_ARG(min_p >= 0.0f && min_p <= 1.0f, "min_p must be in [0, 1], got ", min_p);
-  RTLLM_CHECK_ARG(std::isfinite(repetition_penalty) && repetition_penalty > 0.0f,
-                  "repetition_penalty must be finite and > 0, got ", repetition_penalty);
-  RTLLM_CHECK_ARG(presence_penalty >= -2.0f && presence_penalty <= 2.0f,
-                  "presence_penalty must be in [-2, 2], got ", presence_penalty);
-  RTLLM_CHECK_ARG(frequency_penalty >= -2.0f && frequency_penalty <= 2.0f,
-                  "frequency_penalty must be in [-2, 2], got ", frequency_penalty);
-  RTLLM_CHECK_ARG(num_logprobs >= -1, "num_logprobs must be >= -1, got ", num_logprobs);
-  RTLLM_CHECK_ARG(num_prompt_logprobs >= -1, "num_prompt_logprobs must be >= -1, got ", num_prompt_logprobs);
-  for (const auto& [token_id, bias] : logit_bias)
-    RTLLM_CHECK_ARG(std::isfinite(bias), "logit_bias[", token_id, "] must be finite, got ", bias);
+  RTLLM_CHECK_FIELD(std::isfinite(temperature) && temperature >= 0.0f, "temperature", "temperature=", temperature,
+                    " is invalid: it must be a finite number >= 0 (0 samples greedily)");
+  RTLLM_CHECK_FIELD(top_k >= 0, "top_k", "top_k=", top_k, " is invalid: it must be >= 0 (0: off)");
+  RTLLM_CHECK_FIELD(top_p > 0.0f && top_p <= 1.0f, "top_p", "top_p=", top_p, " is invalid: it must be in (0, 1]");
+  RTLLM_CHECK_FIELD(min_p >= 0.0f && min_p <= 1.0f, "min_p", "min_p=", min_p, " is invalid: it must be in [0, 1]");
+  RTLLM_CHECK_FIELD(std::isfinite(repetition_penalty) && repetition_penalty > 0.0f, "repetition_penalty",
+                    "repetition_penalty=", repetition_penalty, " is invalid: it must be a finite number > 0 (1: off)");
+  RTLLM_CHECK_FIELD(presence_penalty >= -2.0f && presence_penalty <= 2.0f, "presence_penalty",
+                    "presence_penalty=", presence_penalty, " is invalid: it must be in [-2, 2]");
+  RTLLM_CHECK_FIELD(frequency_penalty >= -2.0f && frequency_penalty <= 2.0f, "frequency_penalty",
+                    "frequency_penalty=", frequency_penalty, " is invalid: it must be in [-2, 2]");
+  RTLLM_CHECK_FIELD(num_logprobs >= -1, "num_logprobs", "num_logprobs=", num_logprobs,
+                    " is invalid: it must be >= -1 (-1: none)");
+  RTLLM_CHECK_FIELD(num_prompt_logprobs >= -1, "prompt_logprobs", "prompt_logprobs=", num_prompt_logprobs,
+                    " is invalid: it must be >= -1 (-1: none)");
+  for (const auto& [token_id, bias] : logit_bias) {
+    RTLLM_CHECK_FIELD(token_id >= 0, "logit_bias", "logit_bias token id ", token_id, " is invalid: it must be >= 0");
+    RTLLM_CHECK_FIELD(std::isfinite(bias), "logit_bias", "logit_bias[", token_id, "]=", bias,
+                      " is invalid: it must be finite");
+  }
 }
 
 namespace {

@@ -16,9 +16,9 @@
 // prepares the new key, takes it from shared memory in its key loop (no read back of its own global
 // write) and stores the key and value into the pool.
 //
-// Measured on an H100 and left out: merging the splits through distributed shared memory in a
-// thread-block cluster instead of the merge kernel (batch-1 decode 0.05 ms slower), and calling sincosf
-// per head inside the unrolled loads (the kernel's code grew fourfold; decode 0.14 ms slower).
+// The splits merge in a second kernel rather than through a thread-block cluster's distributed shared
+// memory, and the RoPE angles come from shared memory rather than sincosf per head inside the unrolled
+// loads: both alternatives decode slower (docs/performance.md, "Design decisions and their measurements").
 #include <algorithm>
 #include <type_traits>
 
@@ -448,8 +448,8 @@ size_t attention_decode_workspace_bytes(int32_t max_num_seqs, int32_t num_heads,
 
 int32_t attention_decode_num_splits(int32_t num_seqs, int32_t num_kv_heads, int32_t max_seq_len, int32_t num_sms) {
   // About 4 CTAs fit on an SM (128 threads, <= 128 registers for groups <= 4) and keep enough 16-byte loads
-  // in flight; a split count that overshoots one such wave leaves a mostly idle second wave (measured on an
-  // H100: 8 sequences x 8 KV heads at 16k keys, 8 splits 87% of copy bandwidth, 9 splits 66%).
+  // in flight; a split count that overshoots one such wave leaves a mostly idle second wave (see
+  // docs/performance.md, "Design decisions and their measurements").
   // Splits of kMinKeysPerSplit keys, no fewer: longer splits mean more dependent steps per CTA, and at
   // batch 1 and a few hundred keys each step's load latency, not bandwidth, sets the time. The kernel
   // cuts the count further per sequence from its current length (splits_used).

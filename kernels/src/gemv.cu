@@ -6,10 +6,9 @@
 // cache. Accumulation in float32, one warp reduction per output. Launched as a programmatic dependent
 // launch, each warp starts reading its weights while the kernel before it is still finishing.
 //
-// Measured on an H100 (Llama-3-8B shapes, batch 1) and left out: folding the RMSNorm before the product
-// into this kernel (every warp reads all of x anyway) and the SiLU gate after the gate/up product (two
-// rows per warp) each made decode slower; the extra loads and arithmetic per weight vector, or fewer
-// loads in flight, cost more than the launch they saved.
+// The RMSNorm before the product and the SiLU gate after the gate/up product stay separate kernels:
+// the extra loads and arithmetic per weight vector, or fewer loads in flight, cost more than the launch
+// they would save (docs/performance.md, "Design decisions and their measurements").
 #include "dispatch.cuh"
 #include "rtllm/kernels/gemv.cuh"
 
@@ -20,7 +19,8 @@ constexpr int kWarps = 4;  // warps per block
 // Shape of one warp's work: R weight rows at once (each x vector read from L1 then serves R rows, which
 // matters for larger m) and U 16-byte loads per row in flight per lane (R · U loads in all).
 // m <= 2: R = 1, U = 4, 8 resident blocks (64 registers) so one wave holds 4096 rows on 132 SMs.
-// (U = 8 at m = 1 spills at that 64-register cap; measured on an H100, batch-1 decode got 35% slower.)
+// (U = 8 at m = 1 spills at that 64-register cap; see docs/performance.md, "Design decisions and their
+// measurements".)
 template <int M>
 __host__ __device__ constexpr int rows_per_warp() { return M <= 2 ? 1 : 4; }
 template <int M>

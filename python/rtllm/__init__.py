@@ -1,12 +1,14 @@
 """rtllm: an LLM inference engine (C++ core, Python builder and LLM API).
 
-The pure-Python API (SamplingParams, configs, tokenizer) imports without the C++ extension;
-names that need it (RtllmError) or the builder load on first use.
+The pure-Python API (SamplingParams, configs, tokenizer) imports without the C++ extension
+(SamplingParams needs it when constructed: C++ checks its values); names that need it
+(RtllmError) or the builder load on first use.
 """
 __version__ = "0.1.0"
 
 import os as _os
 
+from rtllm.errors import InvalidArgumentError
 from rtllm.llmapi import (LLM, CapacitySchedulerPolicy, CompletionOutput, KvCacheConfig,
                           RequestOutput, SamplingParams, SchedulerConfig)
 
@@ -50,4 +52,4 @@ def __getattr__(name):
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "BuildConfig",
            "KvCacheConfig", "SchedulerConfig", "CapacitySchedulerPolicy", "QuantConfig", "QuantAlgo", "Mapping",
            "build", "Engine",
-           "RtllmError", "__version__", "cmake_dir", "include_dir", "lib_dir"]
+           "RtllmError", "InvalidArgumentError", "__version__", "cmake_dir", "include_dir", "lib_dir"]

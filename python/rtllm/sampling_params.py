@@ -1,17 +1,21 @@
 """SamplingParams: how one prompt is completed (names and defaults follow TensorRT-LLM's LLM API)."""
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Union
 
-_PENALTY_LIMIT = 2.0
+from rtllm.errors import InvalidArgumentError
+
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1  # fields held as int32_t in C++
+# C++ field names that SamplingParams spells otherwise.
+_FIELD_OF_CORE_FIELD = {"end_ids": "end_id", "num_logprobs": "logprobs"}
 
 
 def _check(ok: bool, name: str, value, limit: str) -> None:
+    """The form of C++'s messages, for what only Python checks (types, Python-only fields)."""
     if not ok:
-        raise ValueError(f"SamplingParams.{name}={value!r} is invalid: it must be {limit}")
+        raise InvalidArgumentError(f"{name}={value!r} is invalid: it must be {limit}", name)
 
 
 def _is_int(x) -> bool:
@@ -23,9 +27,21 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def _check_int32(name: str, value, container=None, kind: str = "an int") -> None:
+    """An int that C++ holds as int32_t (out of range it would not convert); `container` is shown in
+    the message instead of the value when the int is one of its items."""
+    shown = value if container is None else container
+    _check(_is_int(value), name, shown, kind)
+    _check(INT32_MIN <= value <= INT32_MAX, name, shown, f"{kind} in [{INT32_MIN}, {INT32_MAX}] (C++ int32)")
+
+
 @dataclass
 class SamplingParams:
-    """Sampling and stopping controls for one prompt.
+    """Sampling and stopping controls for one prompt, checked on construction.
+
+    Invalid values raise rtllm.InvalidArgumentError (a ValueError) whose `field` names the field;
+    the value ranges are those of the C++ core (SamplingConfig / StopConfig::validate), with its
+    message.
 
     temperature=0 samples greedily; top_k=0, top_p=1, min_p=0 and the penalties' neutral values
     switch those filters off. `logit_bias` maps token ids to a bias added to their logits after the
@@ -68,50 +84,47 @@ class SamplingParams:
     _stop_strings: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
-               "an int >= 1")
-        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
-               self.min_tokens, f"an int in [0, max_tokens={self.max_tokens}]")
-        _check(_is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
-               "temperature", self.temperature, "a finite number >= 0 (0 samples greedily)")
-        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an int >= 0 (0: off)")
-        _check(_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        _check(_is_real(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
-        _check(_is_real(self.repetition_penalty) and math.isfinite(self.repetition_penalty)
-               and self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty,
-               "a finite number > 0 (1: off)")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            _check(_is_real(value) and -_PENALTY_LIMIT <= value <= _PENALTY_LIMIT, name, value,
-                   f"in [-{_PENALTY_LIMIT:g}, {_PENALTY_LIMIT:g}]")
+        # Types, fixed-width ranges and Python-only fields here; value ranges in C++ (below).
+        for name in ("max_tokens", "min_tokens", "top_k"):
+            _check_int32(name, getattr(self, name))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            _check(_is_real(getattr(self, name)), name, getattr(self, name), "a number")
         _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64), "seed", self.seed,
                "None or an int in [0, 2**64)")
         _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an int >= 1")
-        for name in ("end_id", "pad_id"):
-            value = getattr(self, name)
-            _check(value is None or (_is_int(value) and value >= 0), name, value, "None or an int >= 0")
+        if self.end_id is not None:
+            _check_int32("end_id", self.end_id)
+        _check(self.pad_id is None or (_is_int(self.pad_id) and self.pad_id >= 0), "pad_id", self.pad_id,
+               "None or an int >= 0")
         if self.stop_token_ids is not None:
-            _check(not isinstance(self.stop_token_ids, (str, bytes)) and
-                   all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-                   "stop_token_ids", self.stop_token_ids, "a list of ints >= 0")
+            _check(hasattr(self.stop_token_ids, "__iter__") and not isinstance(self.stop_token_ids, (str, bytes)),
+                   "stop_token_ids", self.stop_token_ids, "a list of ints")
+            for token_id in self.stop_token_ids:
+                _check_int32("stop_token_ids", token_id, self.stop_token_ids, "a list of ints")
             self.stop_token_ids = list(self.stop_token_ids)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         _check(all(isinstance(s, str) and s for s in stop), "stop", self.stop,
                "a non-empty string or a list of non-empty strings")
         self._stop_strings = stop
-        _check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0), "logprobs",
-               self.logprobs, "None or an int >= 0")
-        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and self.prompt_logprobs >= 0),
-               "prompt_logprobs", self.prompt_logprobs, "None or an int >= 0")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= INT32_MAX),
+               "logprobs", self.logprobs, f"None or an int in [0, {INT32_MAX}]")
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= INT32_MAX),
+               "prompt_logprobs", self.prompt_logprobs, f"None or an int in [0, {INT32_MAX}]")
         if self.logit_bias is not None:
             _check(isinstance(self.logit_bias, dict), "logit_bias", self.logit_bias,
                    "None or a dict of token id -> bias")
             for token_id, bias in self.logit_bias.items():
-                _check(_is_int(token_id) and token_id >= 0, "logit_bias", self.logit_bias,
-                       f"keyed by token ids (ints >= 0), not {token_id!r}")
-                _check(_is_real(bias) and math.isfinite(bias), "logit_bias", self.logit_bias,
-                       f"a dict of finite biases, not {bias!r} for token {token_id}")
+                _check_int32("logit_bias", token_id, self.logit_bias, "a dict keyed by token ids (ints)")
+                _check(_is_real(bias), "logit_bias", self.logit_bias,
+                       f"a dict of numeric biases, not {bias!r} for token {token_id}")
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
+        sampling, stop_config = self.to_core(end_ids=[])
+        try:
+            sampling.validate()
+            stop_config.validate()
+        except InvalidArgumentError as e:  # C++'s message; the field under its SamplingParams name
+            raise InvalidArgumentError(str(e), _FIELD_OF_CORE_FIELD.get(e.field, e.field)) from None
 
     @property
     def stop_strings(self) -> list:

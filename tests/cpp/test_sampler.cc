@@ -383,5 +383,24 @@ TEST(Sampler, ValidateNamesTheBadValue) {
   c.logit_bias = {{3, NAN}}, expect_invalid(c, "logit_bias[3]"), c = {};
 }
 
+TEST(Sampler, ValidateErrorCarriesTheField) {
+  auto field_of = [](const SamplingConfig& c) -> std::string {
+    try {
+      c.validate();
+    } catch (const InvalidArgument& e) {
+      return e.field();
+    }
+    return "(valid)";
+  };
+  SamplingConfig valid, top_p, top_k, logit_bias;
+  top_p.top_p = 2.0f;
+  top_k.top_k = -4;
+  logit_bias.logit_bias = {{-1, 1.0f}};
+  EXPECT_EQ(field_of(valid), "(valid)");
+  EXPECT_EQ(field_of(top_p), "top_p");
+  EXPECT_EQ(field_of(top_k), "top_k");
+  EXPECT_EQ(field_of(logit_bias), "logit_bias");
+}
+
 }  // namespace
 }  // namespace rtllm

@@ -49,7 +49,7 @@ def test_generate_options_parse_into_sampling_params():
 
 def test_bad_sampling_value_is_reported():
     result = run_cli("generate", "--model", "/nonexistent", "--top-p", "0", "hi", check=False)
-    assert result.returncode == 2 and "top_p=0.0" in result.stderr
+    assert result.returncode == 2 and "top_p=0 is invalid: it must be in (0, 1]" in result.stderr
 
 
 def test_build_then_generate_matches_hf(tiny_model, tmp_path):

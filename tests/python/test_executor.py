@@ -238,25 +238,29 @@ def test_cancel(long_markov):
     assert stats.kv_cache.num_used_blocks == 0 and stats.num_active_requests == 0
 
 
-@pytest.mark.parametrize("request_args, message", [
-    (dict(prompt=[]), "prompt_token_ids is empty"),
-    (dict(prompt=[1, VOCAB]), f"prompt_token_ids\\[1\\] = {VOCAB} is outside the vocabulary \\[0, {VOCAB}\\)"),
-    (dict(prompt=[-1]), "= -1 is outside"),
-    (dict(prompt=[1] * 25), "prompt of 25 tokens exceeds max_input_len 24"),
-    (dict(stop=dict(max_tokens=0)), "max_tokens must be >= 1, got 0"),
-    (dict(stop=dict(min_tokens=-2)), "min_tokens must be >= 0, got -2"),
-    (dict(stop=dict(end_ids=[VOCAB + 5])), f"end_ids\\[0\\] = {VOCAB + 5}"),
-    (dict(sampling=dict(temperature=-1.0)), "temperature must be finite and >= 0, got -1"),
-    (dict(sampling=dict(top_p=0.0)), "top_p must be in \\(0, 1\\], got 0"),
+@pytest.mark.parametrize("request_args, field, message", [
+    (dict(prompt=[]), "prompt_token_ids", "prompt_token_ids is empty"),
+    (dict(prompt=[1, VOCAB]), "prompt_token_ids",
+     f"prompt_token_ids\\[1\\] = {VOCAB} is outside the vocabulary \\[0, {VOCAB}\\)"),
+    (dict(prompt=[-1]), "prompt_token_ids", "= -1 is outside"),
+    (dict(prompt=[1] * 25), "prompt_token_ids", "prompt of 25 tokens exceeds max_input_len 24"),
+    (dict(stop=dict(max_tokens=0)), "max_tokens", "max_tokens=0 is invalid: it must be >= 1"),
+    (dict(stop=dict(min_tokens=-2)), "min_tokens", "min_tokens=-2 is invalid: it must be in \\[0, max_tokens=16\\]"),
+    (dict(stop=dict(end_ids=[VOCAB + 5])), "end_ids", f"end_ids\\[0\\] = {VOCAB + 5}"),
+    (dict(stop=dict(stop_token_ids=[VOCAB])), "stop_token_ids", f"stop_token_ids\\[0\\] = {VOCAB}"),
+    (dict(sampling=dict(logit_bias={VOCAB: 1.0})), "logit_bias", f"logit_bias token id {VOCAB} is outside"),
+    (dict(sampling=dict(temperature=-1.0)), "temperature", "temperature=-1 is invalid: it must be a finite number >= 0"),
+    (dict(sampling=dict(top_p=0.0)), "top_p", "top_p=0 is invalid: it must be in \\(0, 1\\]"),
 ])
-def test_enqueue_rejects_bad_requests(markov, request_args, message):
+def test_enqueue_rejects_bad_requests(markov, request_args, field, message):
     engine, _ = markov
     executor = make_executor(engine)
     request = _core.Request(request_args.get("prompt", [1, 2]),
                             sampling=_core.SamplingConfig(**request_args.get("sampling", {})),
                             stop=_core.StopConfig(**request_args.get("stop", {})))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(_core.InvalidArgumentError, match=message) as info:
         executor.enqueue(request)
+    assert isinstance(info.value, ValueError) and info.value.field == field
 
 
 def test_kv_pool_smaller_than_one_sequence_is_an_error(markov):

@@ -133,7 +133,12 @@ BAD_BODIES = [  # (route, body, status, param, fragments of the message)
     ("completions", {**COMPLETION, "temperature": "hot"}, 400, "temperature", ["'hot'"]),
     ("completions", {**COMPLETION, "max_tokens": 2.5}, 400, "max_tokens", ["2.5"]),
     ("completions", {**COMPLETION, "prompt": [1, "a"]}, 400, "prompt", ["prompt="]),
-    ("completions", {**COMPLETION, "prompt": [99999]}, 400, None, ["99999", "vocab_size"]),
+    ("completions", {**COMPLETION, "prompt": [99999]}, 400, "prompt", ["99999", "vocab_size"]),
+    ("chat/completions", {**CHAT, "top_k": 2**40}, 400, "top_k", [str(2**40), "2147483647"]),
+    ("completions", {**COMPLETION, "stop_token_ids": [2**40]}, 400, "stop_token_ids", [str(2**40), "2147483647"]),
+    # rejected only by the C++ executor at enqueue: the engine's vocabulary
+    ("completions", {**COMPLETION, "stop_token_ids": [99999]}, 400, "stop_token_ids", ["99999", "vocabulary"]),
+    ("chat/completions", {**CHAT, "min_tokens": 5}, 400, "min_tokens", ["min_tokens=5", "max_tokens=4"]),
     ("completions", {**COMPLETION, "logit_bias": {"abc": 5}}, 400, "logit_bias", ["'abc'", "token id"]),
     ("completions", {**COMPLETION, "logit_bias": {"-1": 5}}, 400, "logit_bias", ["'-1'"]),
     ("completions", {**COMPLETION, "logit_bias": {"3": 101}}, 400, "logit_bias", ["101", "[-100, 100]"]),
@@ -157,6 +162,34 @@ def test_bad_request(base_url, route, body, status, param, fragments):
                           timeout=TIMEOUT_S, **kwargs)
     assert_error(response, status, param, fragments)
     assert_still_serving(base_url)
+
+
+@pytest.mark.parametrize("field,value,core", [("top_p", 1.5, dict(top_p=1.5)),
+                                              ("repetition_penalty", 0, dict(repetition_penalty=0.0))])
+def test_range_error_is_the_cores_with_its_field(base_url, field, value, core):
+    """A range only C++ checks: the 400 carries C++'s message and its field as param."""
+    from rtllm import InvalidArgumentError, _core
+    with pytest.raises(InvalidArgumentError) as from_cpp:
+        _core.SamplingConfig(**core).validate()
+    response = httpx.post(base_url + "/v1/completions", headers=AUTH, timeout=TIMEOUT_S,
+                          json={**COMPLETION, field: value})
+    assert_error(response, 400, from_cpp.value.field, [str(from_cpp.value)])
+    assert response.json()["error"]["message"] == str(from_cpp.value)
+
+
+def test_param_comes_from_the_errors_field_not_its_message():
+    """protocol.py reads InvalidArgumentError.field: a message naming another field changes nothing."""
+    from unittest import mock
+
+    from rtllm import InvalidArgumentError
+    from rtllm.serve import protocol
+    req = protocol.parse_request(protocol.CompletionRequest, {"prompt": "hi", "temperature": 0.5})
+    misleading = InvalidArgumentError("top_p=3 is invalid: it must be in (0, 1]", "temperature")
+    with mock.patch.object(protocol, "SamplingParams", side_effect=misleading):
+        with pytest.raises(protocol.APIError) as info:
+            req.sampling_params(4, None)
+    assert (info.value.status, info.value.param, info.value.message) == (400, "temperature", str(misleading))
+    assert "import re" not in open(protocol.__file__).read()
 
 
 def test_unknown_route_and_method(base_url):

@@ -21,10 +21,17 @@ class RTLLM_API Error : public std::runtime_error {
 };
 
 // An argument a caller passed is invalid (an out-of-range value, an unknown name).
-// The message names the value and the limit. Python sees it as ValueError.
+// The message names the value and the limit; field() names the offending field (e.g. "top_p",
+// "stop_token_ids") when one is to blame, else it is empty. Python sees it as
+// rtllm.InvalidArgumentError, a ValueError whose `field` attribute is field() (None if empty).
 class RTLLM_API InvalidArgument : public Error {
  public:
-  using Error::Error;
+  explicit InvalidArgument(const std::string& message, std::string field = {})
+      : Error(message), field_(std::move(field)) {}
+  const std::string& field() const { return field_; }
+
+ private:
+  std::string field_;
 };
 
 namespace detail {
@@ -35,7 +42,7 @@ std::string concat(Args&&... args) {
   return os.str();
 }
 [[noreturn]] RTLLM_API void throw_error(const char* file, int line, const char* func, const std::string& msg);
-[[noreturn]] RTLLM_API void throw_invalid_argument(const std::string& msg);
+[[noreturn]] RTLLM_API void throw_invalid_argument(const std::string& msg, const char* field = "");
 }  // namespace detail
 
 }  // namespace rtllm
@@ -52,4 +59,11 @@ std::string concat(Args&&... args) {
 #define RTLLM_CHECK_ARG(cond, ...)                                                      \
   do {                                                                                  \
     if (!(cond)) ::rtllm::detail::throw_invalid_argument(::rtllm::detail::concat(__VA_ARGS__)); \
+  } while (0)
+
+// Invalid value of one named field: as RTLLM_CHECK_ARG, and the error's field() is `field`.
+#define RTLLM_CHECK_FIELD(cond, field, ...)                                                      \
+  do {                                                                                           \
+    if (!(cond))                                                                                 \
+      ::rtllm::detail::throw_invalid_argument(::rtllm::detail::concat(__VA_ARGS__), field);      \
   } while (0)

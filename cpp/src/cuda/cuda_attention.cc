@@ -113,8 +113,8 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
   kv.dtype = kernel_dtype(st.kv_cache_dtype);
   const kernels::DType kd = kernel_dtype(dtype);
   // Small decode batches (split-KV: latency-bound) fold the preparation into the attention kernel and save a
-  // kernel per layer; at large batches the separate, fully parallel qkv_prepare is faster (H100, Llama-3-8B,
-  // batch 512: decode step 1% longer fused).
+  // kernel per layer; at large batches the separate, fully parallel qkv_prepare is faster (docs/performance.md,
+  // "Design decisions and their measurements").
   if (st.decode_only && st.decode_splits > 1) {
     check_launch("attention_decode_qkv",
                  kernels::attention_decode_qkv(out[0].data, qkv, qkv_cols, 0, nh * hd, (nh + nkv) * hd, inv_freq,

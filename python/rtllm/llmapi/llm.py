@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 
 from tqdm import tqdm
 
+from rtllm.errors import InvalidArgumentError
 from rtllm.executor import GenerationExecutor, GenerationResult
 from rtllm.executor.outputs import RequestOutput
 from rtllm.llmapi.llm_args import KvCacheConfig, SchedulerConfig
@@ -237,18 +238,18 @@ class LLM:
         vocab_size = self.vocab_size
         for t in token_ids:
             if not _is_int(t) or not 0 <= t < vocab_size:
-                raise ValueError(f"prompt token id {t!r} is invalid: it must be an int in "
-                                 f"[0, vocab_size={vocab_size})")
+                raise InvalidArgumentError(f"prompt token id {t!r} is invalid: it must be an int in "
+                                           f"[0, vocab_size={vocab_size})", "prompt")
         if len(token_ids) > self._max_input_len:
-            raise ValueError(f"prompt length {len(token_ids)} exceeds max_input_len="
-                             f"{self._max_input_len}")
+            raise InvalidArgumentError(f"prompt length {len(token_ids)} exceeds max_input_len="
+                                       f"{self._max_input_len}", "prompt")
         if len(token_ids) >= self._max_seq_len:
-            raise ValueError(f"prompt length {len(token_ids)} leaves no room to generate within "
-                             f"max_seq_len={self._max_seq_len}")
+            raise InvalidArgumentError(f"prompt length {len(token_ids)} leaves no room to generate within "
+                                       f"max_seq_len={self._max_seq_len}", "prompt")
         if len(token_ids) > self._max_num_tokens and not self._scheduler_config.enable_chunked_prefill:
-            raise ValueError(f"prompt length {len(token_ids)} exceeds max_num_tokens="
-                             f"{self._max_num_tokens} (enable_chunked_prefill in SchedulerConfig "
-                             "allows longer prompts)")
+            raise InvalidArgumentError(f"prompt length {len(token_ids)} exceeds max_num_tokens="
+                                       f"{self._max_num_tokens} (enable_chunked_prefill in SchedulerConfig "
+                                       "allows longer prompts)", "prompt")
         return text, token_ids
 
     @staticmethod
@@ -270,8 +271,8 @@ class LLM:
         vocab_size = self.vocab_size
         for token_id in params.logit_bias or {}:
             if token_id >= vocab_size:
-                raise ValueError(f"SamplingParams.logit_bias token id {token_id} is invalid: it must be "
-                                 f"in [0, vocab_size={vocab_size})")
+                raise InvalidArgumentError(f"logit_bias token id {token_id} is invalid: it must be "
+                                           f"in [0, vocab_size={vocab_size})", "logit_bias")
         if params.stop_strings and (self._tokenizer is None or not params.detokenize):
             raise ValueError(f"stop={params.stop!r} needs detokenized text: a tokenizer and "
                              "detokenize=True")

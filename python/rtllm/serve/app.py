@@ -11,6 +11,7 @@ import hmac
 import json
 import os
 import time
+from typing import Optional
 
 import jinja2
 from fastapi import FastAPI, Request
@@ -87,10 +88,17 @@ async def read_json_object(request: Request, max_bytes: int) -> dict:
     return data
 
 
+def _param_of(error: ValueError, prompt_param: str) -> Optional[str]:
+    """The request field an engine-side ValueError blames: its `field` (InvalidArgumentError's),
+    with the engine's names for the prompt read as the route's (`prompt` or `messages`)."""
+    field = getattr(error, "field", None)
+    return prompt_param if field in ("prompt", "prompt_token_ids") else field
+
+
 class _Generation:
     """The engine requests behind one HTTP request: one per prompt, each with n sequences."""
 
-    def __init__(self, llm, prompts: list, params, metrics: ServerMetrics):
+    def __init__(self, llm, prompts: list, params, metrics: ServerMetrics, prompt_param: str):
         self.num_prompt_tokens = sum(len(p) for p in prompts)
         self._record = metrics.start_request([len(p) for p in prompts], params.n)
         self._results: list = []
@@ -103,7 +111,7 @@ class _Generation:
             self._closed = True
             self.abort()
             if isinstance(e, ValueError):
-                raise APIError(400, str(e), code="invalid_value") from None
+                raise APIError(400, str(e), _param_of(e, prompt_param), "invalid_value") from None
             raise APIError(503 if llm.is_shutdown else 500, f"the engine refused the request: {e}") from None
 
     async def outputs(self):
@@ -219,7 +227,7 @@ class _OpenAIServer:
         formatter = CompletionFormatter(new_request_id("cmpl"), self.model_name, params.n, req.logprobs,
                                         self.llm.tokenizer, req.include_usage,
                                         echo_texts=[self._prompt_text(p) for p in req.prompt] if req.echo else None)
-        return await self._respond(request, prompts, params, formatter, bool(req.stream))
+        return await self._respond(request, prompts, params, formatter, bool(req.stream), "prompt")
 
     async def chat_completions(self, request: Request):
         req = parse_request(ChatCompletionRequest, await read_json_object(request, self.max_body_bytes))
@@ -235,7 +243,7 @@ class _OpenAIServer:
         params = req.sampling_params(max_tokens, num_logprobs)
         formatter = ChatFormatter(new_request_id("chatcmpl"), self.model_name, params.n, num_logprobs,
                                   self.llm.tokenizer, req.include_usage)
-        return await self._respond(request, [token_ids], params, formatter, bool(req.stream))
+        return await self._respond(request, [token_ids], params, formatter, bool(req.stream), "messages")
 
     def _check_model(self, model) -> None:
         if model is not None and model != self.model_name:
@@ -275,8 +283,9 @@ class _OpenAIServer:
                                 f"{limit - num_prompt_tokens} new tokens fit)", "max_tokens",
                            "context_length_exceeded")
 
-    async def _respond(self, request: Request, prompts: list, params, formatter, stream: bool):
-        generation = _Generation(self.llm, prompts, params, self.metrics)
+    async def _respond(self, request: Request, prompts: list, params, formatter, stream: bool,
+                       prompt_param: str):
+        generation = _Generation(self.llm, prompts, params, self.metrics, prompt_param)
         if not stream:
             return JSONResponse(formatter.response(await generation.collect(request)))
         # The background task counts the request even if the stream never starts (client gone).

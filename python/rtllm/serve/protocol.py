@@ -6,11 +6,11 @@ clients send fields rtllm has no use for (user, metadata, ...). Fields rtllm can
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from rtllm.errors import InvalidArgumentError
 from rtllm.sampling_params import SamplingParams
 
 MAX_N = 128  # choices per prompt
@@ -127,7 +127,7 @@ class _SamplingRequest(BaseModel):
             return None
         out = {}
         for key, bias in logit_bias.items():
-            if not re.fullmatch(r"[0-9]{1,10}", key):
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
                 raise ValueError(f"logit_bias key {_short_repr(key)} is invalid: it must be a token id "
                                  "written as a string of digits, such as \"50256\"")
             if not (isinstance(bias, (int, float)) and not isinstance(bias, bool)
@@ -154,7 +154,8 @@ class _SamplingRequest(BaseModel):
                            "invalid_value")
 
     def sampling_params(self, max_tokens: int, logprobs: Optional[int]) -> SamplingParams:
-        """This request's SamplingParams; its ValueError (naming value and limit) becomes a 400."""
+        """This request's SamplingParams; its InvalidArgumentError becomes a 400 whose param is the
+        error's field (SamplingParams' fields carry the OpenAI names)."""
         top_k = 0 if self.top_k == -1 else self.top_k
         values = dict(max_tokens=max_tokens, n=self.n, temperature=self.temperature, top_p=self.top_p,
                       top_k=top_k, min_p=self.min_p, seed=self.seed, stop=self.stop,
@@ -164,10 +165,8 @@ class _SamplingRequest(BaseModel):
                       min_tokens=self.min_tokens, logprobs=logprobs, logit_bias=self.logit_bias)
         try:
             return SamplingParams(**{k: v for k, v in values.items() if v is not None})
-        except ValueError as e:
-            message = str(e).replace("SamplingParams.", "")
-            match = re.match(r"(\w+)=", message)
-            raise APIError(400, message, match and match.group(1), "invalid_value") from None
+        except InvalidArgumentError as e:
+            raise APIError(400, str(e), e.field, "invalid_value") from None
 
 
 class CompletionRequest(_SamplingRequest):
