@@ -54,9 +54,9 @@ class RTLLM_API Worker {
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
 
-  // Runs the step: the block copies, the forward, and the draw. out[s] for sequence s, resized to
-  // num_seqs (its vectors reused across calls); out[s].token_id is -1 for an input that draws
-  // nothing or whose draw fails (every token masked or -inf), as in ModelRunner::forward_and_sample.
+  // Runs the step: the block copies, the forward, and the draw. out (resized to num_seqs) gets the
+  // token of sequence s at out[s]; out[s].token_id is -1 for an input that draws nothing or whose
+  // draw fails (every token masked or -inf), as in ModelRunner::forward_and_sample.
   // Throws when the step cannot run (inputs over the limits, a device error, a lost rank, or after
   // shutdown()): the executor then fails this step's requests with the message and goes on serving.
   virtual void execute_step(const WorkerStep& step, std::vector<SampledToken>* out) = 0;
