@@ -1,10 +1,9 @@
 // Executor: requests come in from any thread (enqueue, cancel) and responses go out through a
-// queue (await_responses); one loop thread owns the scheduler, the KV-cache manager and the model
-// runner (which draws the tokens), and runs steps while there is work.
+// queue (await_responses); one loop thread owns the scheduler and the KV-cache manager, hands each
+// step to the worker (which runs the model and draws the tokens), and runs steps while there is work.
 #include "rtllm/executor.h"
 
 #include <algorithm>
-#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -81,35 +80,27 @@ SchedulerConfig resolve_scheduler_config(const ExecutorConfig& config, const Run
 
 using Clock = std::chrono::steady_clock;
 
-// Model runners alive in executors: counted from a runner's construction to its deletion.
-std::atomic<int64_t> live_runner_count{0};
-
-struct RunnerDeleter {
-  void operator()(ModelRunner* runner) const {
-    delete runner;
-    live_runner_count.fetch_sub(1);
-  }
-};
-using RunnerPtr = std::unique_ptr<ModelRunner, RunnerDeleter>;
-
-RunnerPtr make_runner(std::shared_ptr<const Engine> engine, const ExecutorConfig& config) {
-  RuntimeConfig runtime = resolve_runtime_config(engine.get(), config);
-  RunnerPtr runner(new ModelRunner(std::move(engine), runtime));
-  live_runner_count.fetch_add(1);
-  return runner;
+// The worker an executor may run on: not null, with an engine and the KV block size its config asks for.
+std::unique_ptr<Worker> checked_worker(std::unique_ptr<Worker> worker, const ExecutorConfig& config) {
+  RTLLM_CHECK_ARG(worker != nullptr, "worker must not be null");
+  RTLLM_CHECK_ARG(worker->engine() != nullptr, "the worker's engine must not be null");
+  RTLLM_CHECK_ARG(config.kv_cache.tokens_per_block == worker->config().tokens_per_block,
+                  "kv_cache tokens_per_block ", config.kv_cache.tokens_per_block, " differs from the worker's ",
+                  worker->config().tokens_per_block);
+  return worker;
 }
 
 }  // namespace
 
 struct Executor::Impl {
-  Impl(std::shared_ptr<const Engine> engine, const ExecutorConfig& config)
-      : engine(engine),
-        runner(make_runner(engine, config)),
-        vocab_size(runner->vocab_size()),
-        kv_cache(runner->config().num_kv_blocks, runner->config().tokens_per_block, config.kv_cache.enable_block_reuse,
+  Impl(std::unique_ptr<Worker> checked, const ExecutorConfig& config)
+      : engine(checked->engine()),
+        worker(std::move(checked)),
+        vocab_size(worker->vocab_size()),
+        kv_cache(worker->config().num_kv_blocks, worker->config().tokens_per_block, config.kv_cache.enable_block_reuse,
                  config.kv_cache.event_buffer_max_size, config.kv_cache.enable_partial_reuse,
                  config.kv_cache.min_partial_reuse_tokens),
-        scheduler(resolve_scheduler_config(config, runner->config()), kv_cache),
+        scheduler(resolve_scheduler_config(config, worker->config()), kv_cache),
         seed_rng(config.seed),
         iteration_stats_max_size(config.iteration_stats_max_size),
         event_buffer_max_size(config.kv_cache.event_buffer_max_size),
@@ -123,10 +114,10 @@ struct Executor::Impl {
 
   // ---- immutable: read by any thread ----
   const std::shared_ptr<const Engine> engine;
-  // ---- owned by the loop thread; shutdown() deletes the runner (weights, KV pool, workspace) once
-  // the loop has ended, so that its memory is back before the Executor object goes ----
-  RunnerPtr runner;
-  const int32_t vocab_size;  // the runner's
+  // ---- owned by the loop thread; shutdown() shuts the worker down (weights, KV pool, workspace)
+  // once the loop has ended, so that its memory is back before the Executor object goes ----
+  const std::unique_ptr<Worker> worker;
+  const int32_t vocab_size;  // the worker's
   KVCacheManager kv_cache;
   Scheduler scheduler;
   std::unordered_map<RequestId, std::shared_ptr<LlmRequest>> requests;  // those in the scheduler
@@ -292,7 +283,7 @@ void Executor::Impl::shutdown() {
   }
   std::lock_guard<std::mutex> lock(join_mutex);
   if (loop_thread.joinable()) loop_thread.join();
-  runner.reset();  // the loop is over: nothing reads the runner any more
+  worker->shutdown();  // the loop is over: nothing steps any more
 }
 
 // ---------------------------------------------------------------- the loop thread
@@ -366,10 +357,10 @@ void Executor::Impl::step_or_fail_all() {
   }
 }
 
-// One step: schedule -> prepare -> copy -> forward and sample -> postprocess. The copy stage fills
-// the private blocks of partially reused prefixes (copy-on-write) before forward reads them. The
-// runner draws the tokens where the logits are. A failure of the model fails this batch's requests;
-// a failure to sample fails that request alone.
+// One step: schedule -> prepare -> execute on the worker -> postprocess. The worker first runs the
+// block copies that fill the private blocks of partially reused prefixes (copy-on-write), then the
+// forward, and draws the tokens where the logits are. A failure of the model fails this batch's
+// requests; a failure to sample fails that request alone.
 void Executor::Impl::step() {
   const Clock::time_point step_start = Clock::now();
   ScheduledBatch scheduled = scheduler.schedule();
@@ -378,9 +369,8 @@ void Executor::Impl::step() {
   try {
     prepare_inputs(batch);
     prepare_sampling(batch);
-    if (!kv_cache.pending_copies().empty()) runner->copy_blocks(kv_cache.pending_copies());
+    worker->execute_step(WorkerStep{kv_cache.pending_copies(), inputs, sampling_inputs}, &tokens);
     kv_cache.finish_copies();
-    runner->forward_and_sample(inputs, sampling_inputs, &tokens);
   } catch (const std::exception& e) {
     kv_cache.finish_copies();  // unpins the sources whatever ran
     for (const auto& request : batch) finish(*request, FinishReason::kError, e.what());
@@ -576,7 +566,10 @@ void Executor::Impl::flush() {
 // ---------------------------------------------------------------- Executor
 
 Executor::Executor(std::shared_ptr<const Engine> engine, const ExecutorConfig& config)
-    : impl_(std::make_unique<Impl>(std::move(engine), config)) {}
+    : Executor(make_local_worker(std::move(engine), config), config) {}
+
+Executor::Executor(std::unique_ptr<Worker> worker, const ExecutorConfig& config)
+    : impl_(std::make_unique<Impl>(checked_worker(std::move(worker), config), config)) {}
 
 Executor::~Executor() { shutdown(); }
 
@@ -594,6 +587,12 @@ bool Executor::is_shutdown() const {
   return impl_->stopping;
 }
 const Engine& Executor::engine() const { return *impl_->engine; }
-int64_t Executor::num_live_runners() { return live_runner_count.load(); }
+std::unique_ptr<Worker> Executor::make_local_worker(std::shared_ptr<const Engine> engine,
+                                                   const ExecutorConfig& config) {
+  RuntimeConfig runtime = resolve_runtime_config(engine.get(), config);
+  return std::make_unique<LocalWorker>(std::move(engine), runtime);
+}
+
+int64_t Executor::num_live_runners() { return LocalWorker::num_live_runners(); }
 
 }  // namespace rtllm

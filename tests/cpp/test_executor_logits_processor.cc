@@ -4,13 +4,11 @@
 // tiny one and names it in RTLLM_TEST_ENGINE_DIR.
 #include <gtest/gtest.h>
 
-#include <chrono>
-#include <cstdlib>
-#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
 
+#include "executor_test_util.h"
 #include "rtllm/executor.h"
 
 namespace rtllm {
@@ -44,11 +42,6 @@ struct AllowsNothing : LogitsProcessor {
   }
 };
 
-std::shared_ptr<const Engine> test_engine() {
-  const char* dir = std::getenv("RTLLM_TEST_ENGINE_DIR");
-  return dir ? Engine::load(dir) : nullptr;
-}
-
 Request request_with(std::shared_ptr<LogitsProcessor> processor, float temperature, int32_t max_tokens) {
   Request r;
   r.prompt_token_ids = {1, 17, 42, 9, 5, 77, 3};
@@ -58,19 +51,6 @@ Request request_with(std::shared_ptr<LogitsProcessor> processor, float temperatu
   r.stop.ignore_eos = true;
   r.logits_processor = std::move(processor);
   return r;
-}
-
-// Runs the requests together and returns their final responses by request id.
-std::map<RequestId, Response> run(Executor& executor, std::vector<Request> requests) {
-  std::vector<RequestId> ids;
-  for (Request& r : requests) ids.push_back(executor.enqueue(std::move(r)));
-  std::map<RequestId, Response> finals;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (finals.size() < ids.size() && std::chrono::steady_clock::now() < deadline)
-    for (Response& response : executor.await_responses(std::chrono::milliseconds(100)))
-      if (response.is_final) finals[response.request_id] = std::move(response);
-  EXPECT_EQ(finals.size(), ids.size()) << "timed out";
-  return finals;
 }
 
 TEST(ExecutorLogitsProcessor, DrawsOnlyAllowedTokensAndFailsOnlyItsOwnRequest) {

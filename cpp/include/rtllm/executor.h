@@ -1,7 +1,7 @@
 // The Executor: a loop thread that runs steps (schedule -> prepare -> forward and sample ->
-// postprocess) over the requests enqueued from any thread, and queues their responses. The draw
-// itself belongs to the model runner (ModelRunner::forward_and_sample); the executor only prepares
-// each request's SamplingInput, calling its LogitsProcessor if it has one.
+// postprocess) over the requests enqueued from any thread, and queues their responses. The forward
+// and the draw belong to its Worker (rtllm/worker.h: one step in, sampled tokens out); the executor
+// only prepares each request's SamplingInput, calling its LogitsProcessor if it has one.
 #pragma once
 
 #include <chrono>
@@ -18,6 +18,7 @@
 #include "rtllm/model_runner.h"
 #include "rtllm/sampler.h"
 #include "rtllm/scheduler.h"
+#include "rtllm/worker.h"
 
 namespace rtllm {
 
@@ -112,7 +113,14 @@ struct IterationStats {
 
 class RTLLM_API Executor {
  public:
+  // Runs on make_local_worker(engine, config).
   Executor(std::shared_ptr<const Engine> engine, const ExecutorConfig& config);
+  // Runs on `worker` (e.g. a tensor-parallel group, or a test's), which it owns from now on: its
+  // loop thread calls execute_step, shutdown() calls the worker's shutdown(). The worker's resolved
+  // config() replaces config.runtime and the KV pool sizing of config.kv_cache; the rest of config
+  // applies. Throws InvalidArgument for a null worker or when config.kv_cache.tokens_per_block
+  // differs from the worker's.
+  Executor(std::unique_ptr<Worker> worker, const ExecutorConfig& config);
   ~Executor();  // shuts down
   Executor(const Executor&) = delete;
   Executor& operator=(const Executor&) = delete;
@@ -130,17 +138,24 @@ class RTLLM_API Executor {
   std::vector<IterationStats> get_iteration_stats();
   // KV-cache events since the last call (kv_cache.event_buffer_max_size bounds the buffer).
   std::vector<KvCacheEvent> get_kv_cache_events();
-  // Stops the loop thread (pending requests end with kCancelled), then deletes the model runner:
-  // its weights, KV pool and workspace are given back before shutdown returns, not when the
-  // Executor is destroyed. Stats, iteration stats, events and engine() stay readable; enqueue then
-  // throws. Idempotent.
+  // Stops the loop thread (pending requests end with kCancelled), then shuts the worker down: the
+  // weights, KV pool and workspace are given back before shutdown returns, not when the Executor is
+  // destroyed. Stats, iteration stats, events and engine() stay readable; enqueue then throws.
+  // Idempotent.
   void shutdown();
   bool is_shutdown() const;
 
   const Engine& engine() const;
 
-  // Model runners alive in this process's executors: each executor holds one from construction
-  // until shutdown(). Lets tests see that shutdown gave a runner's memory back.
+  // The worker Executor(engine, config) runs on: a LocalWorker on config.runtime.device with the KV
+  // pool sized from config.kv_cache (max_tokens; else on CUDA free_memory_fraction of the memory
+  // left after weights and workspace, on the CPU room for max_batch_size sequences of max_seq_len).
+  // Throws InvalidArgument for a bad KV-cache config, Error when the pool cannot hold one sequence.
+  static std::unique_ptr<Worker> make_local_worker(std::shared_ptr<const Engine> engine,
+                                                   const ExecutorConfig& config);
+
+  // Model runners alive in this process (LocalWorker::num_live_runners): an executor's worker
+  // holds one from construction until shutdown(). Lets tests see that shutdown gave its memory back.
   static int64_t num_live_runners();
 
  private:
