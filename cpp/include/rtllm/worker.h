@@ -43,8 +43,9 @@ struct WorkerStep {
   const BlockCopies& block_copies;
   // The packed batch: every rank of a group runs the forward over it.
   const StepInputs& inputs;
-  // [inputs.num_seqs()] how sequence s draws its next token; an input without a config draws
-  // nothing. Only the rank that samples (rank 0) reads them.
+  // One per row of logits (inputs.logits_indices; by default row s for sequence s): how it draws or
+  // scores a token; an input without a config draws nothing. Only the rank that samples (rank 0)
+  // reads them.
   const std::vector<SamplingInput>& sampling;
 };
 
@@ -54,9 +55,9 @@ class RTLLM_API Worker {
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
 
-  // Runs the step: the block copies, the forward, and the draw. out (resized to num_seqs) gets the
-  // token of sequence s at out[s]; out[s].token_id is -1 for an input that draws nothing or whose
-  // draw fails (every token masked or -inf), as in ModelRunner::forward_and_sample.
+  // Runs the step: the block copies, the forward, and the draw. out (one per sampling input) gets
+  // row r's token at out[r]; out[r].token_id is -1 for an input that draws nothing or whose draw
+  // fails (every token masked or -inf), as in ModelRunner::forward_and_sample.
   // Throws when the step cannot run (inputs over the limits, a device error, a lost rank, or after
   // shutdown()): the executor then fails this step's requests with the message and goes on serving.
   virtual void execute_step(const WorkerStep& step, std::vector<SampledToken>* out) = 0;
