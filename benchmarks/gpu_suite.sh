@@ -70,17 +70,19 @@ wants serving && run_step bench_serving_c256 420 bench_serving_c256.log "$PYTHON
   --max-batch-size 256 --max-concurrency 256 --output "$OUT_DIR/serving_c256.json"
 
 AB_WORK=${AB_WORK:-/tmp/rtllm-ab}
-AB_ARGS=${AB_ARGS:---workload 128x128x1000 --workload 128x128x1000 --workload 128x128x5000 \
-  --workload 2048x2048x200}
+AB_ARGS=${AB_ARGS:---workload 128x128x1000 --workload 128x128x1000 --workload 128x128x1000:topp \
+  --workload 128x128x5000 --workload 2048x2048x200}
 ab_prepare() {  # each part skipped when its output exists (a machine kept between calls)
   mkdir -p "$AB_WORK" || return
   [ -d "$AB_WORK/base/rtllm" ] || CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCHS -DRTLLM_CUDA=ON" \
     "$PYTHON" -m pip install --no-build-isolation --no-deps --target "$AB_WORK/base" "${AB_BASE:?AB_BASE is unset}" ||
     return
   [ -f "$AB_WORK/engine/rank0.engine" ] && return
-  "$PYTHON" -c "from rtllm.models.presets import write_random_checkpoint as w; w('$AB_WORK/hf', 'llama-3-8b', dtype='bfloat16')" &&
-    "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/engine" --max-batch-size 512 --max-input-len 2048 \
-      --max-seq-len 4096 --max-num-tokens 8192 && rm -rf "$AB_WORK/hf"
+  # The base's builder writes the engine: a newer build reads older engine formats, not the reverse.
+  PYTHONPATH="$AB_WORK/base${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
+    "from rtllm.models.presets import write_random_checkpoint as w; w('$AB_WORK/hf', 'llama-3-8b', dtype='bfloat16')" &&
+    PYTHONPATH="$AB_WORK/base${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/engine" \
+      --max-batch-size 512 --max-input-len 2048 --max-seq-len 4096 --max-num-tokens 8192 && rm -rf "$AB_WORK/hf"
 }
 ab_run() {
   # shellcheck disable=SC2086
