@@ -131,3 +131,27 @@ def test_greedy_on_both_decode_attention_paths(checkpoint, arch, dtype, tie, max
     hf = load_hf_model(path)
     num_exact = sum(hf_check(hf, prompt, tokens) for prompt, tokens in zip(prompts, outputs))
     assert num_exact >= 0.9 * len(prompts) * MAX_NEW_TOKENS, f"only {num_exact} GPU tokens are HF's argmax"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "granite"])
+def test_prompt_logprobs_on_cuda_follow_hf(checkpoint, arch):
+    """Rows of logits beyond one per sequence on CUDA (max_num_logits): the prompt's log-probabilities
+    against HF's teacher-forced ones, within bf16's error, and the greedy tokens unchanged by scoring."""
+    path = checkpoint(arch, "float32", False)
+    prompts = random_prompts(np.random.default_rng(11), [5, 40, 90])
+    scored = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    plain = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    with LLM(path, device="cuda", max_num_logits=8 + 64, skip_tokenizer_init=True,
+             kv_cache_config=KvCacheConfig(max_tokens=4096), **BUILD) as llm:
+        outputs = llm.generate(prompts, scored, use_tqdm=False)
+        again = llm.generate(prompts, plain, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in again]
+    hf = load_hf_model(path)
+    for out, prompt in zip(outputs, prompts):
+        with torch.no_grad():
+            expected = torch.log_softmax(hf(torch.tensor([prompt])).logits[0, :-1].double(), -1).numpy()
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+        got = np.array([entry[t] for entry, t in zip(out.prompt_logprobs[1:], prompt[1:])])
+        want = expected[np.arange(len(prompt) - 1), prompt[1:]]
+        assert np.max(np.abs(got - want)) < 0.05 * max(1.0, np.max(np.abs(want)))
+        assert all(len(entry) in (2, 3) for entry in out.prompt_logprobs[1:])  # the top 2 and the token

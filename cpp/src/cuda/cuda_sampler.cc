@@ -111,7 +111,8 @@ CudaSampler::~CudaSampler() {
 
 bool CudaSampler::supports(const std::vector<SamplingInput>& inputs) {
   return std::all_of(inputs.begin(), inputs.end(), [](const SamplingInput& in) {
-    return !in.config || in.config->num_logprobs <= kMaxTopLogprobs;
+    // Scoring a given token (prompt logprobs) is the host Sampler's.
+    return !in.config || (in.config->num_logprobs <= kMaxTopLogprobs && in.score_token_id < 0);
   });
 }
 

@@ -28,7 +28,8 @@ class CudaSampler {
   CudaSampler(const CudaSampler&) = delete;
   CudaSampler& operator=(const CudaSampler&) = delete;
 
-  // True when the kernel supports every input (num_logprobs <= kernels::kMaxTopLogprobs).
+  // True when the kernel supports every input (num_logprobs <= kernels::kMaxTopLogprobs, no
+  // score_token_id).
   static bool supports(const std::vector<SamplingInput>& inputs);
 
   // logits: device [inputs.size(), vocab_size] float32, row s for inputs[s]. An input without a
