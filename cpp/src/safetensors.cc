@@ -52,6 +52,34 @@ Weight parse_entry(const std::string& path, const std::string& name, const Json&
   return w;
 }
 
+// Packed int4 tensors are stored as uint8 bytes [..., K / 2] and listed by the metadata key
+// "packed_int4" (a JSON list of names): they become kInt4 tensors of their logical shape [..., K].
+void mark_packed_int4(const std::string& path, const Json& metadata, std::vector<Weight>& tensors) {
+  if (!metadata.is_object() || !metadata.contains("packed_int4")) return;
+  auto fail = [&](const std::string& why) {
+    throw Error(detail::concat("corrupt safetensors file ", path, ": metadata packed_int4: ", why));
+  };
+  const Json& value = metadata.at("packed_int4");
+  if (!value.is_string()) fail("must be a JSON list of tensor names in a string");
+  Json names;
+  try {
+    names = Json::parse(value.as_string());
+  } catch (const Error& e) {
+    fail(e.what());
+  }
+  if (!names.is_array()) fail("must be a JSON list of tensor names");
+  for (const Json& name : names.as_array()) {
+    if (!name.is_string()) fail("must be a JSON list of tensor names");
+    auto it = std::find_if(tensors.begin(), tensors.end(), [&](const Weight& w) { return w.name == name.as_string(); });
+    if (it == tensors.end()) fail(detail::concat("names \"", name.as_string(), "\", which the file does not hold"));
+    if (it->dtype != DataType::kUInt8 || it->shape.empty())
+      fail(detail::concat("tensor \"", it->name, "\" must be stored as U8 bytes, it is ",
+                          dtype_safetensors_name(it->dtype)));
+    it->dtype = DataType::kInt4;
+    it->shape.back() *= 2;
+  }
+}
+
 }  // namespace
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
@@ -100,6 +128,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
         throw Error(detail::concat("corrupt safetensors file ", path, ": tensor \"", name, "\": ", e.what()));
       }
     }
+    if (header.contains("__metadata__")) mark_packed_int4(path, header.at("__metadata__"), tensors_);
     // Ranges may not overlap: sort a copy by begin and compare neighbours.
     std::vector<std::pair<size_t, size_t>> ranges;  // (begin, index)
     for (size_t i = 0; i < tensors_.size(); ++i)

@@ -96,3 +96,32 @@ def test_unknown_kv_dtype_name_is_a_value_error():
     config = _core.RuntimeConfig()
     with pytest.raises(ValueError, match='unknown dtype "fp7"'):
         config.kv_cache_dtype = "fp7"
+
+
+def test_packed_int4_weight_is_stored_as_bytes_and_refused_by_the_cpu_linear(tmp_path):
+    """Engine files hold packed int4 as U8 bytes named in the metadata: the safetensors library reads
+    them as bytes, rtllm's readers as int4 of the logical shape, and a kind without int4 refuses it."""
+    from safetensors.numpy import load_file
+
+    from rtllm.builder.safetensors_io import SafetensorsFile, pack_int4, unpack_int4, write_safetensors as write
+
+    m = TinyModel()
+    path = write_engine(tmp_path / "e", m)
+    tensors = load_file(str(path / "rank0.engine"))
+    rng = np.random.default_rng(0)
+    values = rng.integers(-8, 8, size=tensors["lm_head.weight"].shape)
+    entries = [(name, "float32", array.shape, lambda array=array: array) for name, array in tensors.items()
+               if name != "lm_head.weight"]
+    entries.append(("lm_head.weight", "int4", values.shape, lambda: pack_int4(values)))
+    write(str(path / "rank0.engine"), entries)
+
+    raw = load_file(str(path / "rank0.engine"))["lm_head.weight"]  # the safetensors library: bytes
+    assert raw.dtype == np.uint8 and raw.shape == (values.shape[0], values.shape[1] // 2)
+    assert raw[0, 0] == (values[0, 0] & 0xF) | ((values[0, 1] & 0xF) << 4)  # even index: low nibble
+    st = SafetensorsFile(str(path / "rank0.engine"))
+    assert st.dtype("lm_head.weight") == "int4" and st.shape("lm_head.weight") == values.shape
+    assert np.array_equal(unpack_int4(st.get("lm_head.weight")), values)
+    with pytest.raises(_core.RtllmError) as err:
+        _load_runner(path)
+    message = str(err.value)
+    assert 'op "linear"' in message and "I4" in message and "CPU" in message, message
