@@ -234,6 +234,7 @@ ModelRunner::ModelRunner(std::shared_ptr<const Engine> engine, const RuntimeConf
   im.info = im.backend->info();
   im.info.max_num_tokens = im.config.max_num_tokens;
   im.info.max_batch_size = im.config.max_batch_size;
+  im.info.max_num_logits = im.config.max_num_logits;
   im.info.max_seq_len = im.engine->limits().max_seq_len;
   im.info.tokens_per_block = im.config.tokens_per_block;
   im.info.num_layers = im.engine->model_config().num_layers;

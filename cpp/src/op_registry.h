@@ -80,6 +80,7 @@ struct BackendInfo {
   int32_t num_threads = 1;   // CPU worker threads
   int32_t num_sms = 0;       // CUDA multiprocessors
   int32_t max_num_tokens = 0, max_batch_size = 0, max_seq_len = 0;
+  int32_t max_num_logits = 0;  // rows of the graph's num_logits dim
   int32_t tokens_per_block = 0;
   int32_t num_layers = 0;    // of the KV pool
 };
@@ -152,6 +153,7 @@ void register_cpu_ops();
 
 // Op families, one per cpu/*.cc file; called by register_cpu_ops().
 void register_cpu_linear_ops();
+void register_cpu_fp8_linear_ops();
 void register_cpu_norm_ops();
 void register_cpu_elementwise_ops();
 void register_cpu_rope_ops();

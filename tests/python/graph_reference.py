@@ -61,6 +61,34 @@ def _attention(args, attrs, seq_lens):
     return out
 
 
+def e4m3(x) -> np.ndarray:
+    """float -> the nearest OCP E4M3 value (ties to even), saturated to +-448; through torch's
+    float8_e4m3fn cast, which rounds to nearest even but does not saturate."""
+    import torch
+
+    clamped = np.clip(np.asarray(x, np.float32), -448.0, 448.0)
+    return torch.from_numpy(clamped).to(torch.float8_e4m3fn).to(torch.float64).numpy()
+
+
+def e4m3_decode(codes) -> np.ndarray:
+    """E4M3 bit patterns (uint8) -> float64 values, through torch's float8_e4m3fn."""
+    import torch
+
+    return torch.from_numpy(np.array(codes, np.uint8)).view(torch.float8_e4m3fn).to(torch.float64).numpy()
+
+
+def fp8_linear(x, w, weight_scale, bias=None) -> np.ndarray:
+    """docs/engine_format.md's fp8_linear: per token t, s_t = max(amax|x_t| / 448, FLT_MIN) and
+    q = e4m3(x_t / s_t) in float32 (as the op computes them: quantization is not continuous), then the
+    product in float64. `w` holds E4M3 values (decoded)."""
+    x32 = np.asarray(x, np.float32)
+    s = np.maximum(np.max(np.abs(x32), axis=-1, keepdims=True) / np.float32(448.0),
+                   np.finfo(np.float32).tiny).astype(np.float32)
+    q = e4m3(x32 / s)
+    y = (q @ np.asarray(w, np.float64).T) * s.astype(np.float64) * np.asarray(weight_scale, np.float64)
+    return y + (bias if bias is not None else 0.0)
+
+
 def run_graph(engine, prompts: list) -> np.ndarray:
     """[len(prompts), vocab] float64 logits of each prompt's last token."""
     seq_lens = [len(p) for p in prompts]
@@ -76,7 +104,8 @@ def run_graph(engine, prompts: list) -> np.ndarray:
             return values[name]
         if name not in cache:
             w = engine.weights[name]
-            cache[name] = to_float32(w.load(), w.dtype).astype(np.float64)
+            cache[name] = e4m3_decode(w.load()) if w.dtype == "float8_e4m3" else \
+                to_float32(w.load(), w.dtype).astype(np.float64)
         return cache[name]
 
     for node in engine.graph["nodes"]:
@@ -85,6 +114,8 @@ def run_graph(engine, prompts: list) -> np.ndarray:
             out = [args[1][args[0]]]
         elif op == "linear":
             out = [args[0] @ args[1].T + (args[2] if len(args) == 3 else 0.0)]
+        elif op == "fp8_linear":
+            out = [fp8_linear(*args)]
         elif op == "rms_norm":
             out = [_rms_norm(args[0], args[1], attrs["eps"])]
         elif op == "add":

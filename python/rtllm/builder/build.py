@@ -90,7 +90,8 @@ def pass_list(build_config: BuildConfig, quant_config: QuantConfig) -> list:
 def build(model, build_config: BuildConfig | None = None, quant_config: QuantConfig | None = None) -> Engine:
     """Traces `model` (a module with .config and forward(input_ids, positions, logits_indices)) into an
     engine: the graph after the passes, and lazy weights in the engine dtype. Reads no weight data;
-    Engine.save streams it. quant_config None builds unquantized (the only kind implemented so far)."""
+    Engine.save streams it (quantizing each weight as it is written). quant_config None builds unquantized;
+    FP8_PER_CHANNEL_PER_TOKEN is the one quantization implemented so far (rtllm.quantization.quantize)."""
     build_config = (build_config or BuildConfig()).resolved(model.config.max_position_embeddings)
     quant_config = quant_config or QuantConfig()
     check_supported(quant_config)  # before any work
@@ -108,12 +109,14 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
         rewrite(network)
     network.prune()
     network.renumber()
-    # in order of first use; every weight in the engine dtype except rope.inv_freq, which stays float32
+    # in order of first use; every weight in the engine dtype except rope.inv_freq, which stays float32,
+    # and the quantized weights and their scales (keep_dtype)
     names = dict.fromkeys(i for node in network.nodes for i in node.inputs if i in network.weights)
     weights = {}
     for name in names:
         weight = network.weights[name]
-        weights[name] = weight if name == "rope.inv_freq" else weight.cast(model_config.dtype)
+        keep = name == "rope.inv_freq" or weight.keep_dtype
+        weights[name] = weight if keep else weight.cast(model_config.dtype)
     config = {
         "format_version": FORMAT_VERSION,
         "rtllm_version": rtllm_version(),

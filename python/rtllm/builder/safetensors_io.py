@@ -80,6 +80,8 @@ def float32_to_bf16(x: np.ndarray) -> np.ndarray:
 
 
 def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype not in FLOAT_DTYPES:  # FP8 bit patterns are uint8 codes, not values
+        raise ValueError(f"cannot read {dtype} as float32 values: only {', '.join(FLOAT_DTYPES)} convert")
     if dtype == "bfloat16":
         return bf16_to_float32(array)
     return np.asarray(array, dtype=np.float32)

@@ -32,6 +32,8 @@ class Parameter:
     set when the parameter is registered (Module.named_parameters names it by the module tree).
     `weight_loader(param, loaded, ...)`, when a layer sets one, is how checkpoint loading gives it a
     checkpoint tensor (rtllm.nn.linear: the layer keeps its shard; None: the whole tensor).
+    `keep_dtype` marks weights stored in their own dtype whatever the engine dtype (quantized weights and
+    their float32 scales).
     """
 
     def __init__(self, shape, dtype: str = "float32", loader: Callable[[], np.ndarray] | None = None,
@@ -41,6 +43,7 @@ class Parameter:
         self.loader = loader
         self.name = name
         self.weight_loader = None
+        self.keep_dtype = False
 
     def load(self) -> np.ndarray:
         if self.loader is None:

@@ -79,7 +79,8 @@ class LLM:
     """`LLM(model)` with `model` an engine directory or an HF checkpoint directory (built on load).
 
     max_batch_size / max_num_tokens / max_seq_len / max_input_len go into the build of an HF
-    checkpoint; for a built engine they may only lower its limits.
+    checkpoint; for a built engine they may only lower its limits. quant_config (rtllm.QuantConfig)
+    quantizes that build; a built engine is run as it was quantized.
     """
 
     def __init__(self, model: Union[str, os.PathLike], tokenizer=None, dtype: str = "auto",
@@ -88,7 +89,7 @@ class LLM:
                  max_batch_size: Optional[int] = None, max_num_tokens: Optional[int] = None,
                  max_seq_len: Optional[int] = None, max_input_len: Optional[int] = None,
                  seed: int = 0, skip_tokenizer_init: bool = False, num_threads: int = 0,
-                 device: str = "cpu", max_num_logits: Optional[int] = None):
+                 device: str = "cpu", max_num_logits: Optional[int] = None, quant_config=None):
         from rtllm import _core
 
         self._executor = None
@@ -103,11 +104,12 @@ class LLM:
 
         self.model_dir = model
         if is_engine_dir(model):
-            if build_config is not None:
-                raise ValueError(f"build_config is given but model={model!r} is a built engine")
+            for name, value in (("build_config", build_config), ("quant_config", quant_config)):
+                if value is not None:  # an engine is quantized (or not) when it is built
+                    raise ValueError(f"{name} is given but model={model!r} is a built engine")
             self.engine_dir = model
         else:
-            self.engine_dir = self._build(model, dtype, build_config, limits)
+            self.engine_dir = self._build(model, dtype, build_config, limits, quant_config)
         self._engine = _core.Engine.load(self.engine_dir)
         self._model_config = json.loads(self._engine.config_json).get("model_config", {})
         self._set_limits(limits)
@@ -149,7 +151,7 @@ class LLM:
                 raise ValueError(f"{name}={value} exceeds the engine's {name}={limit}")
             setattr(self, "_" + name, limit if value is None else value)
 
-    def _build(self, hf_dir: str, dtype: str, build_config, limits: dict) -> str:
+    def _build(self, hf_dir: str, dtype: str, build_config, limits: dict, quant_config) -> str:
         from rtllm.builder import BuildConfig, build
         from rtllm.models import AutoModelForCausalLM
 
@@ -161,7 +163,7 @@ class LLM:
             for key, value in overrides.items():
                 setattr(build_config, key, value)
         model = AutoModelForCausalLM.from_hugging_face(hf_dir, dtype=dtype)
-        engine = build(model, build_config)
+        engine = build(model, build_config, quant_config)
         # The engine lives only as long as this LLM; _cleanup deletes it.
         self._temp_dir = tempfile.mkdtemp(prefix="rtllm-engine-")
         self._finalizer.detach()

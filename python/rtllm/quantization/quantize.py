@@ -1,22 +1,99 @@
 """The builder's quantization pass: rewrites the linears a QuantConfig selects into quantized ones.
 
-Only the unquantized engine is implemented; check_supported refuses every other config up front so that
-nothing is ever built (or loaded) silently unquantized.
+Implemented: FP8_PER_CHANNEL_PER_TOKEN (each `linear` becomes an `fp8_linear`: E4M3 weights with one
+float32 scale per output channel; the op quantizes its input per token at run time, so no calibration is
+needed). check_supported refuses every other config up front so that nothing is ever built (or loaded)
+silently unquantized.
 """
+import fnmatch
+
+import numpy as np
+
+from .mode import QuantAlgo
 from .quant_config import QuantConfig
+
+FP8_E4M3_MAX = 448.0  # the largest finite E4M3 magnitude
+SUPPORTED_QUANT_ALGOS = (QuantAlgo.NO_QUANT, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
 
 
 def check_supported(quant_config: QuantConfig) -> None:
     """Raises ValueError naming the algorithm unless rtllm can build and run `quant_config`."""
-    if quant_config.quantizes_weights:
-        raise ValueError(f"quant_algo {quant_config.quant_algo.value} is not implemented yet: rtllm builds "
-                         f"unquantized engines only (quant_algo None or NO_QUANT)")
+    algo = quant_config.quant_algo
+    if algo is not None and algo not in SUPPORTED_QUANT_ALGOS:
+        why = " (its static activation scales need calibration)" if algo == QuantAlgo.FP8 else ""
+        raise ValueError(f"quant_algo {algo.value} is not implemented yet{why}: rtllm builds "
+                         f"{QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN.value} and unquantized engines only "
+                         f"(quant_algo None, NO_QUANT or FP8_PER_CHANNEL_PER_TOKEN)")
     if quant_config.quantizes_kv_cache:
         raise ValueError(f"kv_cache_quant_algo {quant_config.kv_cache_quant_algo.value} is not implemented yet: "
                          f"rtllm keeps the KV cache unquantized (kv_cache_quant_algo None or NO_QUANT)")
 
 
+def is_excluded(weight_name: str, exclude_modules) -> bool:
+    """Whether a glob of exclude_modules matches the weight's module (`lm_head` for `lm_head.weight`) or
+    the weight name itself."""
+    module = weight_name.rsplit(".", 1)[0]
+    return any(fnmatch.fnmatchcase(module, glob) or fnmatch.fnmatchcase(weight_name, glob)
+               for glob in exclude_modules)
+
+
 def quantize(network, quant_config: QuantConfig) -> None:
-    """The pass slot: replaces each linear not matched by exclude_modules with its quantized form. With no
-    quantization there is nothing to rewrite."""
+    """The pass slot: replaces each linear not matched by exclude_modules with its quantized form. Reads
+    no weight data: the new weights are lazy, quantized one tensor at a time when the engine is saved."""
     check_supported(quant_config)
+    if quant_config.quant_algo != QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN:
+        return
+    readers = network.consumers()
+    for i, node in enumerate(network.nodes):
+        if node.op != "linear":
+            continue
+        name = node.inputs[1]
+        # A weight another op reads too (an embedding table tied to the LM head) stays as it is: the
+        # embedding needs it unquantized, and the file stores it once.
+        if is_excluded(name, quant_config.exclude_modules) or len(readers[name]) > 1:
+            continue
+        weight = network.weights[name]
+        fp8, scale = fp8_per_channel_parameters(weight)
+        network.weights[name] = fp8
+        network.weights[scale.name] = scale
+        node.op = "fp8_linear"
+        node.inputs = [node.inputs[0], name, scale.name, *node.inputs[2:]]
+
+
+def fp8_per_channel_parameters(weight):
+    """A [N, K] weight -> (its E4M3 codes [N, K] named as the weight, weight_scale [N] float32), both lazy
+    and exempt from the engine-dtype cast (keep_dtype)."""
+    from ..builder.tensor import Parameter
+
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight {weight.name!r} {list(weight.shape)}: FP8 per-channel quantization needs a "
+                         f"2-d [out_features, in_features] weight")
+    module = weight.name.rsplit(".", 1)[0]
+    fp8 = Parameter(weight.shape, "float8_e4m3", lambda: quantize_rows(_float32(weight))[0], weight.name)
+    scale = Parameter(weight.shape[:1], "float32", lambda: row_scales(_float32(weight)), f"{module}.weight_scale")
+    fp8.keep_dtype = scale.keep_dtype = True
+    return fp8, scale
+
+
+def _float32(weight) -> np.ndarray:
+    from ..builder.safetensors_io import to_float32
+
+    return to_float32(weight.load(), weight.dtype)
+
+
+def row_scales(w: np.ndarray) -> np.ndarray:
+    """float32 [N]: amax of each row / 448, so the row's largest magnitude maps to E4M3's largest; a row
+    of zeros gets 1 (any scale reproduces it)."""
+    amax = np.max(np.abs(w), axis=1).astype(np.float32)
+    return np.where(amax > 0, amax / np.float32(FP8_E4M3_MAX), np.float32(1.0)).astype(np.float32)
+
+
+def quantize_rows(w: np.ndarray) -> tuple:
+    """float32 [N, K] -> (E4M3 codes uint8 [N, K], scales float32 [N]): codes = e4m3(w / scale) with the
+    division in float32 and rtllm's own conversion (round to nearest even, saturate)."""
+    from rtllm import _core
+
+    scale = row_scales(w)
+    scaled = np.ascontiguousarray(w / scale[:, None], dtype=np.float32)
+    codes = _core.convert_floats(scaled.view(np.uint8).ravel(), "F32", "F8_E4M3")
+    return np.asarray(codes, dtype=np.uint8).reshape(w.shape), scale

@@ -1,0 +1,137 @@
+// fp8_linear: y[T, N] = x[T, K] · W[N, K]ᵀ with FP8 E4M3 weights scaled per output channel and the
+// activations quantized to FP8 E4M3 per token at run time (FP8_PER_CHANNEL_PER_TOKEN). The CPU
+// reference of the semantics in docs/engine_format.md:
+//   s_t = max(amax_k |x[t, k]| / 448, FLT_MIN)          (float32)
+//   q[t, k] = e4m3(x[t, k] / s_t)                      (float32 division, round to nearest even, saturate)
+//   y[t, n] = (sum_k q[t, k] · w[n, k]) · s_t · weight_scale[n] (+ bias[n])
+// Each product of two E4M3 values is exact in float32; the sum is accumulated in float32 in one fixed
+// order (8-lane FMA chunks over k, a fixed horizontal sum, then the k tail: cpu::dot), then multiplied
+// by s_t, then by weight_scale[n], then the bias is added. A token's result does not depend on its batch.
+//
+// Workspace: the quantized activations as float32 [T, K] (E4M3 values, exact), their scales [T], and
+// one decoded weight row [K] per thread.
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+
+#include "cpu/simd.h"
+#include "op_registry.h"
+#include "thread_pool.h"
+
+namespace rtllm {
+namespace {
+
+constexpr float kFp8E4M3Max = 448.0f;
+constexpr int64_t kBlockRows = 64;  // tokens per task: one decoded weight row serves all of them
+constexpr int64_t kBlockCols = 16;  // weight rows per task
+
+// E4M3 byte -> float, all 256 codes (the two NaN codes decode to NaN).
+const std::array<float, 256>& e4m3_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int i = 0; i < 256; ++i) t[i] = fp8_e4m3_to_float(static_cast<uint8_t>(i));
+    return t;
+  }();
+  return table;
+}
+
+// x [T, K] float32; weight [N, K] F8_E4M3 and weight_scale [N] F32 kept as stored; optional bias [N]
+// converted to float32.
+class Fp8Linear final : public OpKind {
+ public:
+  explicit Fp8Linear(const OpSpec& spec) : OpKind(spec) {
+    spec.require_num_io(3, 4, 1);
+    spec.require_input_dtype(0, {DataType::kFloat32});
+    spec.require_input_dtype(1, {DataType::kFloat8E4M3});
+    spec.require_input_dtype(2, {DataType::kFloat32});
+    if (spec.inputs.size() == 4) spec.require_input_dtype(3, kWideFloatDtypes);
+    const auto& w = spec.inputs[1].shape;
+    RTLLM_CHECK(w.size() == 2, "fp8_linear: weight \"", spec.inputs[1].name, "\" has ", w.size(),
+                " dims, expected 2 ([N, K])");
+    num_cols_ = w[1].value;
+    // x is [num_tokens, K], or [num_logits, K] for an LM head
+    const Dim rows = spec.inputs[0].shape.at(0);
+    const BackendInfo& b = *spec.backend;
+    max_rows_ = rows.kind == Dim::Kind::kNumLogits ? b.max_num_logits
+                : rows.kind == Dim::Kind::kNumTokens ? b.max_num_tokens : rows.value;
+    e4m3_table();  // built once here, not inside the first step
+  }
+
+  WeightPlacement weight_placement(size_t input) const override {
+    if (input == 3) return {DataType::kFloat32, WeightLayout::kRowMajor};  // bias
+    return OpKind::weight_placement(input);  // FP8 weight and float32 scales as stored
+  }
+
+  size_t workspace_bytes() const override {
+    return sizeof(float) * (static_cast<size_t>(max_rows_) * (num_cols_ + 1) +
+                            static_cast<size_t>(spec_.backend->num_threads) * num_cols_);
+  }
+
+  void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
+    const TensorView &x = in[0], &w = in[1], &w_scale = in[2], &y = out[0];
+    const int64_t T = x.rows(), K = x.cols(), N = y.cols();
+    RTLLM_CHECK(y.rows() == T, "fp8_linear: output has ", y.rows(), " rows, x has ", T);
+    RTLLM_CHECK(w.ndim == 2 && w.shape[0] == N && w.shape[1] == K, "fp8_linear: weight [", w.shape[0], ", ",
+                w.shape[1], "] does not match x with ", K, " columns and ", N, " outputs");
+    RTLLM_CHECK(w_scale.numel() == N, "fp8_linear: weight_scale has ", w_scale.numel(), " values, expected ", N);
+    RTLLM_CHECK(T <= max_rows_, "fp8_linear: x has ", T, " rows, more than the ", max_rows_, " planned at load");
+    const float* bias = nullptr;
+    if (spec_.inputs.size() == 4) {
+      RTLLM_CHECK(in[3].numel() == N, "fp8_linear: bias has ", in[3].numel(), " values, expected ", N);
+      bias = in[3].f32();
+    }
+    float* q = static_cast<float*>(ctx.workspace);  // [T, K]
+    float* x_scale = q + T * K;                      // [T]
+    float* w_rows = x_scale + T;                     // [num_threads, K]
+    quantize_tokens(*ctx.pool, x.f32(), T, K, q, x_scale);
+    gemm(*ctx.pool, q, x_scale, static_cast<const uint8_t*>(w.data), w_scale.f32(), bias, w_rows, y.f32(), T, K, N);
+  }
+
+ private:
+  // q[t] = E4M3 values of x[t] / s_t (as floats), x_scale[t] = s_t.
+  static void quantize_tokens(ThreadPool& pool, const float* x, int64_t T, int64_t K, float* q, float* x_scale) {
+    const auto& table = e4m3_table();
+    pool.parallel_for(T, [&](int64_t t, int) {
+      const float* row = x + t * K;
+      float amax = 0.0f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+      // FLT_MIN keeps a row of zeros (amax 0) finite: its q is all zeros, so y is the bias.
+      const float s = std::max(amax / kFp8E4M3Max, std::numeric_limits<float>::min());
+      x_scale[t] = s;
+      for (int64_t k = 0; k < K; ++k) q[t * K + k] = table[float_to_fp8_e4m3(row[k] / s)];
+    }, 4 * K);
+  }
+
+  // Task = (block of tokens, block of weight rows); each weight row is decoded once per task into the
+  // thread's row buffer and dotted with every token of the block.
+  static void gemm(ThreadPool& pool, const float* q, const float* x_scale, const uint8_t* w, const float* w_scale,
+                   const float* bias, float* w_rows, float* y, int64_t T, int64_t K, int64_t N) {
+    const auto& table = e4m3_table();
+    const int64_t num_row_tasks = (T + kBlockRows - 1) / kBlockRows;
+    const int64_t num_col_tasks = (N + kBlockCols - 1) / kBlockCols;
+    pool.parallel_for(num_row_tasks * num_col_tasks, [&](int64_t task, int thread) {
+      const int64_t t0 = (task / num_col_tasks) * kBlockRows, t1 = std::min(T, t0 + kBlockRows);
+      const int64_t n0 = (task % num_col_tasks) * kBlockCols, n1 = std::min(N, n0 + kBlockCols);
+      float* w_row = w_rows + thread * K;
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* codes = w + n * K;
+        for (int64_t k = 0; k < K; ++k) w_row[k] = table[codes[k]];
+        for (int64_t t = t0; t < t1; ++t) {
+          float v = cpu::dot(q + t * K, w_row, K) * x_scale[t] * w_scale[n];
+          if (bias) v += bias[n];
+          y[t * N + n] = v;
+        }
+      }
+    }, std::min(T, kBlockRows) * std::min(N, kBlockCols) * K);
+  }
+
+  int64_t num_cols_ = 0;  // K
+  int64_t max_rows_ = 0;  // of x, at the largest step
+};
+
+}  // namespace
+
+void register_cpu_fp8_linear_ops() { register_op("fp8_linear", DeviceKind::kCpu, make_op<Fp8Linear>); }
+
+}  // namespace rtllm
