@@ -68,8 +68,12 @@ def bench_rtllm(model_dir, workloads, args):
         max_batch_size=args.max_batch_size, max_input_len=max_isl, max_seq_len=max_seq,
         max_num_tokens=args.max_num_tokens, dtype=args.dtype)
     results = {"workloads": []}
-    with LLM(model=model_dir, build_config=build_config, skip_tokenizer_init=True,
-             device=args.device) as llm:
+    quant = {}
+    if getattr(args, "quant_algo", None) or getattr(args, "kv_cache_quant_algo", None):
+        from rtllm.quantization.cli_args import quant_config_of
+        quant = {"quant_config": quant_config_of(args)}
+    with LLM(model=model_dir, build_config=build_config, skip_tokenizer_init=True, device=args.device,
+             **quant) as llm:
         first = workloads[0]["prompts"]
         llm.generate(first[:2], sampling_params("greedy", 4), use_tqdm=False)  # warm-up
         for w in workloads:
@@ -190,6 +194,11 @@ def main():
     parser.add_argument("--max-num-tokens", type=int, default=8192)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--output", help="also write the JSON here")
+    try:
+        from rtllm.quantization.cli_args import add_quant_args
+        add_quant_args(parser)
+    except ImportError:  # an older rtllm (a same-machine A/B runs this script under the previous build)
+        pass
     args = parser.parse_args()
     specs = args.workload or [(args.isl, args.osl, args.num_requests, "greedy")]
     args.hf_requests = args.hf_requests or max(spec[2] for spec in specs)

@@ -6,6 +6,7 @@ import sys
 
 from rtllm.bench import add_bench_parser
 from rtllm.builder import DTYPES
+from rtllm.quantization.cli_args import add_quant_args, quant_config_of
 from rtllm.serve.cli import add_serve_parser
 
 
@@ -21,6 +22,7 @@ def _add_build_parser(subparsers) -> None:
                    help="longest prompt + output (default: the model's max_position_embeddings)")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="most tokens per step (default 8192)")
     p.add_argument("--no-fuse", action="store_true", help="skip the fusion passes")
+    add_quant_args(p)
     p.set_defaults(func=_run_build)
 
 
@@ -72,7 +74,10 @@ def _run_build(args) -> None:
                          max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
                          fuse=not args.no_fuse)
     model = AutoModelForCausalLM.from_hugging_face(args.hf_dir, dtype=args.dtype)
-    build(model, config).save(args.output)
+    engine = build(model, config, quant_config_of(args))
+    engine.save(args.output)
+    if engine.quantization_report.quantized or engine.quantization_report.kept:
+        print(engine.quantization_report.summary())
     print(f"engine written to {args.output}")
 
 

@@ -85,3 +85,25 @@ def test_generate_with_default_model(tmp_path):
     assert expected.strip() and result.stdout == expected + "\n"
     assert result.stderr == ""
     assert sorted(os.listdir(model_dir)) == files and not os.listdir(tmp_path)
+
+
+def test_build_quantizes_with_quant_algo_and_refuses_the_unimplemented(tiny_model, tmp_path):
+    import json
+
+    checkpoint = str(tiny_model("llama"))
+    engine_dir = tmp_path / "fp8"
+    out = run_cli("build", checkpoint, "-o", str(engine_dir), "--max-batch-size", "2", "--max-seq-len", "64",
+                  "--quant-algo", "FP8_PER_CHANNEL_PER_TOKEN", "--exclude-modules", "lm_head", "*.down_proj").stdout
+    config = json.loads((engine_dir / "config.json").read_text())
+    ops = [(n["op"], n["inputs"][1]) for n in config["graph"]["nodes"] if n["op"] in ("linear", "fp8_linear")]
+    kept = [w for op, w in ops if op == "linear"]
+    assert sorted(kept) == sorted(["lm_head.weight"] + [w for _, w in ops if w.endswith("down_proj.weight")])
+    quantized = [w for op, w in ops if op == "fp8_linear"]
+    assert quantized and f"quantized {len(quantized)} of {len(ops)} linears to FP8_PER_CHANNEL_PER_TOKEN" in out
+    assert config["quantization"]["quant_algo"] == "FP8_PER_CHANNEL_PER_TOKEN"
+    generated = run_cli("generate", "--model", str(engine_dir), "--temperature", "0", "--max-tokens", "4",
+                        "Hello").stdout
+    assert generated.strip() != ""
+    refused = run_cli("build", checkpoint, "-o", str(tmp_path / "w4"), "--quant-algo", "W4A16_AWQ", check=False)
+    assert refused.returncode == 2 and "quant_algo W4A16_AWQ is not implemented yet" in refused.stderr
+    assert not (tmp_path / "w4" / "config.json").exists()

@@ -31,6 +31,7 @@ _positive_int = _int_at_least(1)
 
 def _add_engine_args(p) -> None:
     from rtllm.builder import DTYPES
+    from rtllm.quantization.cli_args import add_quant_args
 
     p.add_argument("model", metavar="MODEL", help="engine or HF checkpoint directory")
     p.add_argument("--tokenizer", metavar="DIR", default=None, help="tokenizer directory (default: MODEL)")
@@ -43,6 +44,7 @@ def _add_engine_args(p) -> None:
                    help="default for an HF checkpoint: the workload's longest prompt")
     p.add_argument("--max-seq-len", type=_positive_int, default=None,
                    help="default for an HF checkpoint: the workload's longest prompt + output")
+    add_quant_args(p)
 
 
 def _add_dataset_args(p) -> None:
@@ -154,13 +156,14 @@ def _report(args, title: str, model: str, records, duration_s: float) -> None:
 
 def _run_offline(args) -> None:
     from rtllm import LLM
+    from rtllm.quantization.cli_args import quant_config_of
     from rtllm.bench.offline import engine_limits, llm_sender, tokenize_prompts
 
     tokenizer_dir = args.tokenizer or args.model
     requests = tokenize_prompts(_load_requests(args, tokenizer_dir), tokenizer_dir)
     limits = engine_limits(args.model, requests, args.max_input_len, args.max_seq_len, args.max_num_tokens)
     with LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-             max_batch_size=args.max_batch_size, **limits) as llm:
+             max_batch_size=args.max_batch_size, quant_config=quant_config_of(args), **limits) as llm:
         send = llm_sender(llm, _sampling(args))
         records, duration_s = asyncio.run(_benchmark(send, requests, args))
     _report(args, f"rtllm bench {args.bench_mode}", args.model, records, duration_s)

@@ -105,8 +105,10 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
                          f"less than max_seq_len={build_config.max_seq_len}; build with max_seq_len <= {window}")
 
     network = trace(model)
-    for rewrite in pass_list(build_config, quant_config):
+    *rewrites, quantize_pass = pass_list(build_config, quant_config)
+    for rewrite in rewrites:
         rewrite(network)
+    quantization_report = quantize_pass(network)
     network.prune()
     network.renumber()
     # in order of first use; every weight in the engine dtype except rope.inv_freq, which stays float32,
@@ -127,4 +129,6 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
         "mapping": {"tp_size": mapping.tp_size, "tp_rank": mapping.tp_rank},
         "graph": network.to_json(),
     }
-    return Engine(config, weights, source_dir=getattr(model, "source_dir", None))
+    engine = Engine(config, weights, source_dir=getattr(model, "source_dir", None))
+    engine.quantization_report = quantization_report
+    return engine

@@ -47,6 +47,7 @@ class Engine:
         self.config = config
         self.weights = weights
         self.source_dir = source_dir
+        self.quantization_report = None  # what build()'s quantize pass did (None for a loaded engine)
 
     @property
     def model_config(self) -> dict:

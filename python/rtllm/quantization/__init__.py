@@ -2,6 +2,6 @@
 
 from .mode import KV_CACHE_QUANT_ALGO_LIST, QuantAlgo
 from .quant_config import QuantConfig
-from .quantize import check_supported, quantize
+from .quantize import QuantizationReport, check_supported, quantize
 
-__all__ = ["KV_CACHE_QUANT_ALGO_LIST", "QuantAlgo", "QuantConfig", "check_supported", "quantize"]
+__all__ = ["KV_CACHE_QUANT_ALGO_LIST", "QuantAlgo", "QuantConfig", "QuantizationReport", "check_supported", "quantize"]

@@ -5,6 +5,7 @@ float32 scale per output channel; the op quantizes its input per token at run ti
 needed). check_supported refuses every other config up front so that nothing is ever built (or loaded)
 silently unquantized.
 """
+import dataclasses
 import fnmatch
 
 import numpy as np
@@ -29,6 +30,23 @@ def check_supported(quant_config: QuantConfig) -> None:
                          f"rtllm keeps the KV cache unquantized (kv_cache_quant_algo None or NO_QUANT)")
 
 
+@dataclasses.dataclass
+class QuantizationReport:
+    """What the quantize pass did: each linear's weight, quantized or kept (with the reason)."""
+
+    quant_algo: str
+    quantized: list = dataclasses.field(default_factory=list)  # weight names
+    kept: dict = dataclasses.field(default_factory=dict)       # weight name -> why it stayed unquantized
+
+    def summary(self) -> str:
+        if self.quant_algo == QuantAlgo.NO_QUANT.value:
+            return "no quantization"
+        total = len(self.quantized) + len(self.kept)
+        kept = "; ".join(f"{name} ({why})" for name, why in self.kept.items())
+        return f"quantized {len(self.quantized)} of {total} linears to {self.quant_algo}" + \
+            (f"; kept: {kept}" if kept else "")
+
+
 def is_excluded(weight_name: str, exclude_modules) -> bool:
     """Whether a glob of exclude_modules matches the weight's module (`lm_head` for `lm_head.weight`) or
     the weight name itself."""
@@ -37,12 +55,15 @@ def is_excluded(weight_name: str, exclude_modules) -> bool:
                for glob in exclude_modules)
 
 
-def quantize(network, quant_config: QuantConfig) -> None:
-    """The pass slot: replaces each linear not matched by exclude_modules with its quantized form. Reads
-    no weight data: the new weights are lazy, quantized one tensor at a time when the engine is saved."""
+def quantize(network, quant_config: QuantConfig) -> QuantizationReport:
+    """The pass slot: replaces each linear not matched by exclude_modules with its quantized form and
+    reports what it did. Reads no weight data: the new weights are lazy, quantized one tensor at a time
+    when the engine is saved."""
     check_supported(quant_config)
-    if quant_config.quant_algo != QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN:
-        return
+    algo = quant_config.quant_algo or QuantAlgo.NO_QUANT
+    report = QuantizationReport(algo.value)
+    if algo != QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN:
+        return report
     readers = network.consumers()
     for i, node in enumerate(network.nodes):
         if node.op != "linear":
@@ -50,14 +71,20 @@ def quantize(network, quant_config: QuantConfig) -> None:
         name = node.inputs[1]
         # A weight another op reads too (an embedding table tied to the LM head) stays as it is: the
         # embedding needs it unquantized, and the file stores it once.
-        if is_excluded(name, quant_config.exclude_modules) or len(readers[name]) > 1:
+        if is_excluded(name, quant_config.exclude_modules):
+            report.kept[name] = "excluded by exclude_modules"
             continue
+        if len(readers[name]) > 1:
+            report.kept[name] = "tied to the embedding"
+            continue
+        report.quantized.append(name)
         weight = network.weights[name]
         fp8, scale = fp8_per_channel_parameters(weight)
         network.weights[name] = fp8
         network.weights[scale.name] = scale
         node.op = "fp8_linear"
         node.inputs = [node.inputs[0], name, scale.name, *node.inputs[2:]]
+    return report
 
 
 def fp8_per_channel_parameters(weight):
