@@ -84,6 +84,15 @@ void ModelRunner::Impl::resolve_config(const RuntimeConfig& requested) {
     config.num_kv_blocks = static_cast<int32_t>(per_seq * config.max_batch_size);
   }
   RTLLM_CHECK_ARG(config.num_threads >= 0, "num_threads ", config.num_threads, " must be >= 0");
+  // An engine built with a quantized KV cache (kv_cache_quant_algo) fixes the pool's dtype; a request
+  // for another one is refused rather than silently running a different numeric format.
+  const std::string& kv_algo = engine->quant().kv_cache_quant_algo;
+  if (kv_algo == "FP8") {
+    RTLLM_CHECK_ARG(!config.kv_cache_dtype || *config.kv_cache_dtype == DataType::kFloat8E4M3, "kv_cache_dtype ",
+                    dtype_safetensors_name(*config.kv_cache_dtype), " contradicts the engine's kv_cache_quant_algo ",
+                    kv_algo, ", which stores the KV cache as F8_E4M3");
+    config.kv_cache_dtype = DataType::kFloat8E4M3;
+  }
 }
 
 // One op kind per node, created from the node and the specs of its tensors as the graph declares them

@@ -295,8 +295,9 @@ def _rope(x, positions, inv_freq):
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def reference_logits(m: TinyModel, tokens):
-    """Logits [len(tokens), vocab] of a causal transformer over the whole sequence, in float64."""
+def reference_logits(m: TinyModel, tokens, kv_round=None):
+    """Logits [len(tokens), vocab] of a causal transformer over the whole sequence, in float64.
+    kv_round: applied to K (after qk_norm and RoPE) and V as a KV cache stores them (e.g. E4M3 rounding)."""
     w, eps = m.weights, m.rms_norm_eps
     nh, nkv, hd = m.num_heads, m.num_kv_heads, m.head_dim
     T = len(tokens)
@@ -319,6 +320,8 @@ def reference_logits(m: TinyModel, tokens):
             q = _rms_norm(q, w[p + "self_attn.q_norm.weight"], eps)
             k = _rms_norm(k, w[p + "self_attn.k_norm.weight"], eps)
         q, k = _rope(q, pos, m.inv_freq), _rope(k, pos, m.inv_freq)
+        if kv_round is not None:
+            k, v = kv_round(k), kv_round(v)
         group = nh // nkv
         k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [T, nh, hd]
         scores = np.einsum("thd,shd->hts", q, k) * hd ** -0.5

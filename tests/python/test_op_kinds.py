@@ -83,13 +83,14 @@ def test_kv_pool_bytes_follow_the_kv_dtype(tmp_path):
     assert runner.kv_pool_bytes == 40 * per_block_f32
 
 
-@pytest.mark.parametrize("kv_dtype", ["bfloat16", "F8_E4M3"])
-def test_kv_dtype_the_cpu_attention_cannot_read_fails_at_load(tmp_path, kv_dtype):
+@pytest.mark.parametrize("kv_dtype, name", [("bfloat16", "BF16"), ("F8_E5M2", "F8_E5M2"), ("float16", "F16")])
+def test_kv_dtype_the_cpu_attention_cannot_read_fails_at_load(tmp_path, kv_dtype, name):
     path = write_engine(tmp_path / "e", TinyModel())
     with pytest.raises(_core.RtllmError) as err:
         _load_runner(path, kv_cache_dtype=kv_dtype)
     message = str(err.value)
-    assert 'op "attention"' in message and "CPU" in message and "KV cache dtype" in message, message
+    assert 'op "attention"' in message and "CPU" in message and f"KV cache dtype {name};" in message, message
+    assert "supported: F32, F8_E4M3" in message, message
 
 
 def test_unknown_kv_dtype_name_is_a_value_error():

@@ -92,7 +92,7 @@ class RTLLM_API Engine {
 
   // Reads dir/config.json and memory-maps dir/rank{rank}.engine. Throws Error naming the file
   // for a missing, truncated or corrupt file, naming both versions for another format version, and
-  // naming the algorithm for a quantized engine (only unquantized engines run so far).
+  // naming the algorithm for a quantization this build cannot run.
   static std::shared_ptr<const Engine> load(const std::string& dir, int32_t rank = 0);
 
   ~Engine();

@@ -33,7 +33,8 @@ struct RuntimeConfig {
   // reach the host; false: the logits are copied to the host and sampled by the CPU Sampler.
   bool device_sampling = true;
   // The KV pool's element type, separate from the activations'. Unset: the backend's default (float32
-  // on the CPU, the compute dtype on CUDA); config() reports the resolved one. An attention op that
+  // on the CPU, the compute dtype on CUDA), or F8_E4M3 for an engine built with kv_cache_quant_algo FP8
+  // (which refuses any other, naming both); config() reports the resolved one. An attention op that
   // cannot read it fails at load naming both.
   std::optional<DataType> kv_cache_dtype;
   // Rows of logits a step may compute (StepInputs::logits_indices); 0: max_batch_size (one per

@@ -6,6 +6,12 @@
 // the kv head attend causally over the sequence's cached and new keys, read from the pool once per
 // tile (cpu/attention_kernel.h). A token's result depends only on its own q and its sequence's K/V,
 // never on the other sequences of the step, the tiling or the thread that computes it.
+//
+// KV cache dtype F32 or F8_E4M3. An F8_E4M3 pool stores e4m3(k) and e4m3(v) (k after qk_norm and RoPE;
+// round to nearest even, saturated to +-448; no scale yet: calibrated K/V scales come with
+// calibration). Phase 2 decodes each key block's K and V rows exactly into a per-thread float32 scratch
+// (the op's workspace) and runs the same kernel on them, so an FP8 cache computes what an F32 cache
+// holding the same E4M3 values would, bit for bit.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -13,6 +19,7 @@
 
 #include "attention_attrs.h"
 #include "cpu/attention_kernel.h"
+#include "cpu/fp8.h"
 #include "cpu/row_ops.h"
 #include "op_registry.h"
 #include "thread_pool.h"
@@ -38,20 +45,36 @@ class Attention final : public OpKind {
  public:
   explicit Attention(const OpSpec& spec) : OpKind(spec), p(spec) {
     const DataType kv_dtype = spec.backend->kv_cache_dtype;
-    RTLLM_CHECK(kv_dtype == DataType::kFloat32, "op \"attention\" on the CPU backend does not support KV cache ",
-                "dtype ", dtype_safetensors_name(kv_dtype), "; supported: F32");
+    RTLLM_CHECK(kv_dtype == DataType::kFloat32 || kv_dtype == DataType::kFloat8E4M3,
+                "op \"attention\" on the CPU backend does not support KV cache dtype ",
+                dtype_safetensors_name(kv_dtype), "; supported: F32, F8_E4M3");
     RTLLM_CHECK(p.head_dim % 2 == 0 && p.head_dim <= cpu::kMaxHeadDim, "attention: head_dim ", p.head_dim,
                 " must be even and <= ", cpu::kMaxHeadDim);
+    fp8_ = kv_dtype == DataType::kFloat8E4M3;
+    if (fp8_) cpu::e4m3_table();
   }
   // q/k norm weights are computed with in float32; inv_freq stays float32 as stored.
   WeightPlacement weight_placement(size_t input) const override {
     return p.is_norm_weight(input) ? in_activation_dtype() : OpKind::weight_placement(input);
   }
+  // An F8_E4M3 cache: one decoded key block (K rows, then V rows, [2, kKeyBlock, head_dim] float32) per
+  // thread.
+  size_t workspace_bytes() const override {
+    return fp8_ ? static_cast<size_t>(spec_.backend->num_threads) * decoded_block_floats() * sizeof(float) : 0;
+  }
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override;
 
  private:
+  int64_t decoded_block_floats() const { return 2 * cpu::kKeyBlock * p.head_dim; }
+
   const AttentionAttrs p;
+  bool fp8_ = false;  // the pool holds F8_E4M3 (else F32)
 };
+
+// Stores hd floats as E4M3 codes (round to nearest even, saturate).
+void quantize_row(const float* src, uint8_t* dst, int64_t hd) {
+  for (int64_t d = 0; d < hd; ++d) dst[d] = float_to_fp8_e4m3(src[d]);
+}
 
 void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out) {
   const int num_qkv = p.num_qkv();
@@ -60,6 +83,8 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
   const int64_t nh = p.num_heads, nkv = p.num_kv_heads, hd = p.head_dim, T = step.num_tokens;
   RTLLM_CHECK(kv.num_kv_heads == nkv && kv.head_dim == hd, "attention: the KV pool has ", kv.num_kv_heads,
               " heads of ", kv.head_dim, ", the node ", nkv, " of ", hd);
+  RTLLM_CHECK(kv.dtype == (fp8_ ? DataType::kFloat8E4M3 : DataType::kFloat32), "attention: the KV pool has dtype ",
+              dtype_safetensors_name(kv.dtype), ", the op was created for ", fp8_ ? "F8_E4M3" : "F32");
 
   HeadSource q, k, v;
   if (p.fused_qkv) {
@@ -96,7 +121,9 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
   float* o = out[0].f32();
   RTLLM_CHECK(out[0].rows() == T && out[0].cols() == nh * hd, "attention: output [", out[0].rows(), ", ",
               out[0].cols(), "], expected [", T, ", ", nh * hd, "]");
+  // One of the two is used: the layer's pool as float32 or as E4M3 codes.
   float* layer = static_cast<float*>(kv.layers[p.layer_idx]);
+  uint8_t* layer8 = static_cast<uint8_t*>(kv.layers[p.layer_idx]);
   const int64_t tpb = kv.tokens_per_block;
   const int64_t half = hd / 2;
 
@@ -125,6 +152,14 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
     }
     const int64_t block = token_block(s, pos), slot = pos % tpb;
     for (int64_t kh = 0; kh < nkv; ++kh) {
+      if (fp8_) {  // transformed in float32, then quantized
+        float k_row[cpu::kMaxHeadDim];
+        std::memcpy(k_row, k.head(t, kh, hd), hd * sizeof(float));
+        transform(k_row, k_norm);
+        quantize_row(k_row, layer8 + kv_offset(block, 0, kh, slot), hd);
+        quantize_row(v.head(t, kh, hd), layer8 + kv_offset(block, 1, kh, slot), hd);
+        continue;
+      }
       float* k_dst = layer + kv_offset(block, 0, kh, slot);
       std::memcpy(k_dst, k.head(t, kh, hd), hd * sizeof(float));
       transform(k_dst, k_norm);
@@ -150,7 +185,8 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
   const int64_t num_tiles = first_tile[step.num_seqs];
   if (num_tiles == 0) return;
   const int64_t work_per_task = 2 * hd * nh * num_scores / (num_tiles * tasks_per_tile) + 1;
-  ctx.pool->parallel_for(num_tiles * tasks_per_tile, [&](int64_t task, int) {
+  const auto& e4m3 = cpu::e4m3_table();
+  ctx.pool->parallel_for(num_tiles * tasks_per_tile, [&](int64_t task, int thread) {
     const int64_t tile = task / tasks_per_tile, kh = task % tasks_per_tile / num_head_chunks;
     const int64_t first_head = kh * group + task % num_head_chunks * heads_per_task;
     const int64_t last_head = std::min(first_head + heads_per_task, (kh + 1) * group);
@@ -170,10 +206,12 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
         num_keys[num_rows++] = num_cached + i + 1;
       }
     }
-    // Walks the block table a page at a time (no division per key).
-    auto kv_rows = [&](int64_t start, int64_t end, const float** key_rows, const float** value_rows) {
+    // Points key_rows[j] / value_rows[j] at the pool's K / V rows of position start + j (of end - 1
+    // past it), base being the layer as float or as E4M3 codes. Walks the block table a page at a time
+    // (no division per key).
+    auto pool_rows = [&](auto* base, int64_t start, int64_t end, auto** key_rows, auto** value_rows) {
       int64_t page = start / tpb, slot = start % tpb;
-      const float* k_row = layer + kv_offset(token_block(s, start), 0, kh, slot);
+      auto* k_row = base + kv_offset(token_block(s, start), 0, kh, slot);
       for (int64_t j = 0; j < cpu::kKeyBlock; ++j) {
         key_rows[j] = k_row;
         value_rows[j] = k_row + v_minus_k;
@@ -182,11 +220,40 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
           k_row += hd;
         } else {
           slot = 0;
-          k_row = layer + kv_offset(step.block_table[s * step.max_blocks_per_seq + ++page], 0, kh, 0);
+          k_row = base + kv_offset(step.block_table[s * step.max_blocks_per_seq + ++page], 0, kh, 0);
         }
       }
     };
     alignas(32) float acc[cpu::kMaxTileRows * cpu::kMaxHeadDim];  // [num_rows, hd]
+    if (!fp8_) {
+      auto kv_rows = [&](int64_t start, int64_t end, const float** key_rows, const float** value_rows) {
+        pool_rows(layer, start, end, key_rows, value_rows);
+      };
+      cpu::attend_tile(q_rows, out_rows, num_keys, num_rows, hd, p.scale, kv_rows, acc);
+      return;
+    }
+    // E4M3: decode the block's valid rows (exact) into this thread's scratch; the rows past end - 1
+    // point at the last decoded ones, as the kernel expects.
+    float* decoded = static_cast<float*>(ctx.workspace) + thread * decoded_block_floats();
+    auto kv_rows = [&](int64_t start, int64_t end, const float** key_rows, const float** value_rows) {
+      const uint8_t* codes_k[cpu::kKeyBlock];
+      const uint8_t* codes_v[cpu::kKeyBlock];
+      pool_rows(static_cast<const uint8_t*>(layer8), start, end, codes_k, codes_v);
+      const int64_t count = std::min(cpu::kKeyBlock, end - start);
+      for (int64_t j = 0; j < cpu::kKeyBlock; ++j) {
+        if (j >= count) {
+          key_rows[j] = key_rows[count - 1];
+          value_rows[j] = value_rows[count - 1];
+          continue;
+        }
+        float* k_row = decoded + j * hd;
+        float* v_row = decoded + (cpu::kKeyBlock + j) * hd;
+        for (int64_t d = 0; d < hd; ++d) k_row[d] = e4m3[codes_k[j][d]];
+        for (int64_t d = 0; d < hd; ++d) v_row[d] = e4m3[codes_v[j][d]];
+        key_rows[j] = k_row;
+        value_rows[j] = v_row;
+      }
+    };
     cpu::attend_tile(q_rows, out_rows, num_keys, num_rows, hd, p.scale, kv_rows, acc);
   }, work_per_task);
 }

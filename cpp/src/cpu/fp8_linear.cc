@@ -15,6 +15,7 @@
 #include <cmath>
 #include <limits>
 
+#include "cpu/fp8.h"
 #include "cpu/simd.h"
 #include "op_registry.h"
 #include "thread_pool.h"
@@ -22,19 +23,11 @@
 namespace rtllm {
 namespace {
 
+using cpu::e4m3_table;
+
 constexpr float kFp8E4M3Max = 448.0f;
 constexpr int64_t kBlockRows = 64;  // tokens per task: one decoded weight row serves all of them
 constexpr int64_t kBlockCols = 16;  // weight rows per task
-
-// E4M3 byte -> float, all 256 codes (the two NaN codes decode to NaN).
-const std::array<float, 256>& e4m3_table() {
-  static const std::array<float, 256> table = [] {
-    std::array<float, 256> t{};
-    for (int i = 0; i < 256; ++i) t[i] = fp8_e4m3_to_float(static_cast<uint8_t>(i));
-    return t;
-  }();
-  return table;
-}
 
 // x [T, K] float32; weight [N, K] F8_E4M3 and weight_scale [N] F32 kept as stored; optional bias [N]
 // converted to float32.

@@ -2,7 +2,8 @@
 
 Implemented: FP8_PER_CHANNEL_PER_TOKEN (each `linear` becomes an `fp8_linear`: E4M3 weights with one
 float32 scale per output channel; the op quantizes its input per token at run time, so no calibration is
-needed). check_supported refuses every other config up front so that nothing is ever built (or loaded)
+needed), and kv_cache_quant_algo FP8 (an E4M3 KV cache, chosen by the runtime from config.json; nothing in
+the graph changes). check_supported refuses every other config up front so that nothing is ever built (or loaded)
 silently unquantized.
 """
 import dataclasses
@@ -15,6 +16,9 @@ from .quant_config import QuantConfig
 
 FP8_E4M3_MAX = 448.0  # the largest finite E4M3 magnitude
 SUPPORTED_QUANT_ALGOS = (QuantAlgo.NO_QUANT, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
+# FP8: the runtime keeps the KV pool as E4M3 values with scale 1 (the graph does not change; the engine's
+# config.json records the algorithm and the runtime picks the pool dtype from it).
+SUPPORTED_KV_CACHE_QUANT_ALGOS = (QuantAlgo.NO_QUANT, QuantAlgo.FP8)
 
 
 def check_supported(quant_config: QuantConfig) -> None:
@@ -25,9 +29,10 @@ def check_supported(quant_config: QuantConfig) -> None:
         raise ValueError(f"quant_algo {algo.value} is not implemented yet{why}: rtllm builds "
                          f"{QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN.value} and unquantized engines only "
                          f"(quant_algo None, NO_QUANT or FP8_PER_CHANNEL_PER_TOKEN)")
-    if quant_config.quantizes_kv_cache:
-        raise ValueError(f"kv_cache_quant_algo {quant_config.kv_cache_quant_algo.value} is not implemented yet: "
-                         f"rtllm keeps the KV cache unquantized (kv_cache_quant_algo None or NO_QUANT)")
+    kv_algo = quant_config.kv_cache_quant_algo
+    if kv_algo is not None and kv_algo not in SUPPORTED_KV_CACHE_QUANT_ALGOS:
+        raise ValueError(f"kv_cache_quant_algo {kv_algo.value} is not implemented yet: rtllm stores the KV cache "
+                         f"unquantized or as FP8 E4M3 (kv_cache_quant_algo None, NO_QUANT or FP8)")
 
 
 @dataclasses.dataclass
