@@ -377,8 +377,11 @@ void Executor::Impl::step() {
     return;
   }
   check_sampled(batch);
-  for (size_t r = 0; r < scoring_rows.size(); ++r)  // scored in position order, once each
-    batch[scoring_rows[r].seq]->prompt_logprobs.push_back(tokens[batch.size() + r]);
+  for (size_t r = 0; r < scoring_rows.size(); ++r) {  // scored in position order, once each
+    LlmRequest& request = *batch[scoring_rows[r].seq];
+    request.prompt_logprobs.push_back(tokens[batch.size() + r]);
+    request.num_scored_positions = scoring_rows[r].position + 1;
+  }
   postprocess(batch, tokens);
   record_iteration(scheduled, step_start);
   ++num_steps;
@@ -486,8 +489,6 @@ void Executor::Impl::postprocess(const Batch& batch, const std::vector<SampledTo
     LlmRequest& request = *batch[s];
     if (request.is_finished()) continue;  // failed to sample
     const bool has_token = request.completes_step();
-    const int32_t scored_end = request.num_cached_tokens + request.prompt_rows(request.num_scheduled_tokens);
-    request.num_scored_positions = std::max(request.num_scored_positions, scored_end);
     request.num_cached_tokens += request.num_scheduled_tokens;
     // Blocks filled by this step now hold computed K/V: later requests may share them.
     kv_cache.store(request.id, request.token_ids, request.num_cached_tokens);

@@ -174,7 +174,7 @@ bool Sampler::try_sample(const float* raw_logits, int32_t vocab_size, const Samp
   if (config.temperature == 0.0f) {
     out.token_id = best;
   } else {
-    apply_temperature(vocab_size, config.temperature);
+    apply_temperature(vocab_size, config.temperature, logits[best]);
     filter_candidates(config);
     out.token_id = draw_candidate(sampling_uniform(input.seed, input.step));
   }
@@ -182,10 +182,9 @@ bool Sampler::try_sample(const float* raw_logits, int32_t vocab_size, const Samp
   return true;
 }
 
-// Stage 3: unnormalized softmax of logits_ / temperature (the most likely token has p = 1); the
-// candidates are the tokens with p > 0, in id order.
-void Sampler::apply_temperature(int32_t vocab_size, float temperature) {
-  const double max_logit = logits_[argmax(logits_.data(), vocab_size)];
+// Stage 3: unnormalized softmax of logits_ / temperature (the most likely token, max_logit, has
+// p = 1); the candidates are the tokens with p > 0, in id order.
+void Sampler::apply_temperature(int32_t vocab_size, float temperature, double max_logit) {
   const double inv_temperature = 1.0 / temperature;
   probs_.resize(vocab_size);
   candidates_.clear();

@@ -336,3 +336,18 @@ def reference_logits(m: TinyModel, tokens, kv_round=None):
     h = _rms_norm(h, w["model.norm.weight"], eps)
     head = w["model.embed_tokens.weight"] if m.tie_word_embeddings else w["lm_head.weight"]
     return h @ head.T
+
+
+def build_engine_dirs(checkpoint, tmp_path_factory, variants):
+    """Engines of one HF checkpoint built by rtllm.build, one per (name, QuantConfig or None) in
+    `variants`; returns their directories in that order."""
+    from rtllm.builder import BuildConfig, build
+    from rtllm.models import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_hugging_face(checkpoint)
+    dirs = []
+    for name, quant in variants:
+        path = tmp_path_factory.mktemp(name)
+        build(model, BuildConfig(max_seq_len=128), quant).save(path)
+        dirs.append(path)
+    return dirs

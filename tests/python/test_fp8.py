@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from engine_fixture import RunnerSession
+from engine_fixture import RunnerSession, build_engine_dirs
 from graph_reference import e4m3, e4m3_decode, fp8_linear, run_graph
 from hf_reference import hf_last_logits, load_hf_model, random_prompts, relative_error
 from rtllm import LLM, SamplingParams, _core
@@ -96,13 +96,7 @@ def test_cpu_fp8_linear_against_float64(llama_dir, tmp_path, K, N):
 @pytest.fixture(scope="module")
 def engines(llama_dir, tmp_path_factory):
     """(unquantized, FP8) engine dirs of the tiny llama."""
-    model = AutoModelForCausalLM.from_hugging_face(llama_dir)
-    dirs = []
-    for name, quant in (("bf", None), ("fp8", FP8_PCPT)):
-        path = tmp_path_factory.mktemp(name)
-        build(model, BuildConfig(max_seq_len=128), quant).save(path)
-        dirs.append(path)
-    return dirs
+    return build_engine_dirs(llama_dir, tmp_path_factory, (("bf", None), ("fp8", FP8_PCPT)))
 
 
 def test_build_swaps_linears_except_lm_head(engines):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import rtllm
-from engine_fixture import RunnerSession, TinyModel, random_tokens, reference_logits, write_engine
+from engine_fixture import (RunnerSession, TinyModel, build_engine_dirs, random_tokens, reference_logits,
+                            write_engine)
 from graph_reference import e4m3
 from hf_reference import random_prompts, relative_error
 from rtllm import LLM, BuildConfig, KvCacheConfig, SamplingParams, _core
@@ -119,13 +120,7 @@ def llama_dir(tiny_model):
 @pytest.fixture(scope="module")
 def engines(llama_dir, tmp_path_factory):
     """(unquantized, FP8 KV) engine dirs of the tiny HF llama."""
-    model = AutoModelForCausalLM.from_hugging_face(llama_dir)
-    dirs = []
-    for name, quant in (("plain", None), ("fp8kv", FP8_KV)):
-        path = tmp_path_factory.mktemp(name)
-        build(model, BuildConfig(max_seq_len=128), quant).save(path)
-        dirs.append(path)
-    return dirs
+    return build_engine_dirs(llama_dir, tmp_path_factory, (("plain", None), ("fp8kv", FP8_KV)))
 
 
 def test_engine_records_the_kv_algorithm_and_the_runner_follows_it(engines):

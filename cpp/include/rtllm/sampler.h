@@ -107,7 +107,7 @@ class RTLLM_API Sampler {
   // False when every token is masked or -inf (out untouched).
   bool try_sample(const float* logits, int32_t vocab_size, const SamplingInput& input, SampledToken& out);
   // Stages 3-5 over logits_, which stages 1-2 adjusted in place.
-  void apply_temperature(int32_t vocab_size, float temperature);
+  void apply_temperature(int32_t vocab_size, float temperature, double max_logit);
   void filter_candidates(const SamplingConfig& config);
   int32_t draw_candidate(double u) const;
 
