@@ -254,6 +254,7 @@ ModelRunner::ModelRunner(std::shared_ptr<const Engine> engine, const RuntimeConf
   im.plan_workspace();
   im.backend->allocate_kv_pool(im.config);
   im.bind_nodes();
+  im.backend->warm_up(im.nodes);
 }
 
 ModelRunner::~ModelRunner() = default;

@@ -99,6 +99,9 @@ class RunnerBackend {
     const float* host_logits = forward(step, nodes, logits);
     host_sampler_.sample(host_logits, static_cast<int32_t>(logits.dims[1].value), inputs, out);
   }
+  // Called once after the nodes are bound, before the first step: a backend prepares here what it
+  // would otherwise prepare lazily inside the first steps (CUDA captures every decode graph bucket).
+  virtual void warm_up(std::vector<PlannedNode>& nodes) {}
   // Copies KV blocks (source, destination; validated ids), every layer, in order, ahead of the next
   // forward (on the CUDA stream: ordered before it, no host wait).
   virtual void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) = 0;

@@ -1,5 +1,5 @@
 // CUDA graphs for decode-only steps: one graph per batch-size bucket (1, 2, 4, ..., max_batch_size),
-// captured lazily the first time a bucket's step runs after one eager warm-up run of it. A step of
+// all captured at load (CudaBackend::warm_up), each after one eager warm-up run of it. A step of
 // num_seqs sequences is padded up to its bucket by the runner, so the captured kernels' sizes (tokens,
 // sequences, decode split count) are fixed; per-step values live in device buffers at fixed addresses.
 #pragma once

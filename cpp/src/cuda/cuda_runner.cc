@@ -106,6 +106,7 @@ class CudaBackend final : public RunnerBackend {
   void forward_and_sample(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits,
                           const std::vector<SamplingInput>& inputs, std::vector<SampledToken>* out) override;
   void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) override;
+  void warm_up(std::vector<PlannedNode>& nodes) override;
 
  private:
   int32_t* device_array(size_t offset) const { return static_cast<int32_t*>(step_buffer_.data) + offset; }
@@ -315,6 +316,29 @@ void CudaBackend::run_step(const HostStep& st, std::vector<PlannedNode>& nodes) 
   } else {
     run_nodes(nodes, num_tokens, num_logits);  // also the warm-up run of a bucket before its capture
     if (bucket) graphs_->capture(bucket, stream_, [&] { run_nodes(nodes, num_tokens, num_logits); });
+  }
+}
+
+// Captures every decode bucket's graph now, so that no step of the first workload pays for a capture
+// (an eager run, stream capture and instantiation per bucket, and the cuBLASLt plans of its shapes).
+// Each bucket runs on padding sequences only: one token at position 0 in the scratch block.
+void CudaBackend::warm_up(std::vector<PlannedNode>& nodes) {
+  if (!graphs_) return;
+  RTLLM_CUDA_CHECK(cudaSetDevice(device_));
+  const StepInputs no_inputs;
+  HostStep padding;
+  padding.inputs = &no_inputs;
+  padding.decode_only = true;
+  padding.max_new_tokens = 1;
+  padding.seq_token_start = {0};
+  for (int32_t bucket : graphs_->buckets()) {
+    if (graphs_->captured(bucket)) continue;
+    const size_t num_bytes = stage(padding, bucket);
+    RTLLM_CUDA_CHECK(cudaMemcpyAsync(step_buffer_.data, staging_.data, num_bytes, cudaMemcpyHostToDevice, stream_));
+    prepare_step(padding, bucket, bucket);
+    run_nodes(nodes, bucket, bucket);  // the warm-up run a capture needs (plans, lazy module loads)
+    graphs_->capture(bucket, stream_, [&] { run_nodes(nodes, bucket, bucket); });
+    RTLLM_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the staging buffer is reused by the next bucket
   }
 }
 
