@@ -381,7 +381,9 @@ cudaError_t launch_prefill(void* out, const void* q, const StepMetaDevice& meta,
     const int64_t max_rows = (int64_t)max_new_tokens * group;
     if (head_dim == 64)
       return launch_mma<T, KV, 64, kPrefillRowGroups>(o, qt, meta, kv, max_rows, num_heads, group, scale_log2, stream);
-    return launch_mma<T, KV, 128, kPrefillRowGroups>(o, qt, meta, kv, max_rows, num_heads, group, scale_log2, stream);
+    // FP8 at head_dim 128: two bands' accumulators plus the tile in flight in registers spill; one band does not.
+    constexpr int kRowGroups128 = is_fp8_kv<KV>() ? 1 : kPrefillRowGroups;
+    return launch_mma<T, KV, 128, kRowGroups128>(o, qt, meta, kv, max_rows, num_heads, group, scale_log2, stream);
   } else {
     const int64_t num_tasks = (int64_t)meta.num_tokens * num_heads;
     const int64_t num_blocks = (num_tasks + kNumWarps - 1) / kNumWarps;

@@ -39,13 +39,17 @@ K_SCALE, V_SCALE = 0.0173, 0.0291
 E4M3_MAX = 448.0
 
 
+def _exponent(a):
+    """floor(log2(a)) for a > 0, exactly (frexp: a = m · 2^e with m in [0.5, 1)); 0 for a = 0."""
+    return np.where(a > 0, np.frexp(a)[1] - 1, 0).astype(np.float64)
+
+
 def e4m3(x):
     """float32 (or float64) array -> float64 values of its E4M3 rounding: nearest, ties to even, saturated
     to ±448, subnormals below 2^-6 in steps of 2^-9."""
     x = np.asarray(x, np.float64)
     a = np.minimum(np.abs(x), E4M3_MAX)
-    exp = np.floor(np.log2(np.where(a > 0, a, 1.0)))
-    step = np.exp2(np.maximum(exp, -6.0) - 3.0)  # 3 mantissa bits; the subnormal step below 2^-6
+    step = np.exp2(np.maximum(_exponent(a), -6.0) - 3.0)  # 3 mantissa bits; the subnormal step below 2^-6
     r = np.minimum(np.round(a / step) * step, E4M3_MAX)  # np.round: half to even; a / step is exact
     return np.copysign(r, x)
 
@@ -53,8 +57,7 @@ def e4m3(x):
 def e4m3_half_step(x):
     """Half the E4M3 spacing at |x| (the largest rounding error of a value in range)."""
     a = np.abs(np.asarray(x, np.float64))
-    exp = np.floor(np.log2(np.where(a > 0, a, 1.0)))
-    return 0.5 * np.exp2(np.maximum(exp, -6.0) - 3.0)
+    return 0.5 * np.exp2(np.maximum(_exponent(a), -6.0) - 3.0)
 
 
 def to_codes(values):
@@ -375,10 +378,11 @@ def test_head_dim_80_is_refused_at_load(tmp_path):
 # backends), run on the CPU (float32 math) and on CUDA (bf16 activations). Both hold E4M3 K/V, but of slightly
 # different k and v: bf16 activations move a value by ~2^-9 relative, an E4M3 step is 2^-3 to 2^-4, so ~3% of
 # the codes differ by one step (~6% of that element) between the backends. That adds ~1e-2 relative to the
-# bf16 error (~1e-2 in test_generation_gpu), hence LOGITS_RTOL 3e-2 on the last-token logits. Greedy tokens:
+# bf16 error (bounded by 2e-2 in test_generation_gpu), hence LOGITS_RTOL 4e-2 on the last-token logits
+# (2e-2 + twice the estimate). A misread code or a misapplied scale moves the logits by far more. Greedy tokens:
 # the CPU's and CUDA's are compared teacher-forced as in test_generation_gpu: each CUDA token is the CPU's
 # argmax or within MARGIN_REL · rms(logits) of it, and at least 90% are exactly the CPU's argmax.
-LOGITS_RTOL = 3e-2
+LOGITS_RTOL = 4e-2
 MARGIN_REL = 0.1
 E2E_BUILD = dict(max_batch_size=8, max_input_len=64, max_seq_len=128, max_num_tokens=256)
 
