@@ -411,10 +411,17 @@ __global__ void decode_merge_kernel(T* __restrict__ out, const float* __restrict
   out[head * head_dim + d] = from_float<T>(w_sum > 0.0f ? o / w_sum : 0.0f);
 }
 
+// Query heads per CTA over an FP8 pool: 4 holds the registers of a 16-bit CTA of 8 heads (about 200, two
+// CTAs per SM), 2 those of 4 heads (128, four CTAs per SM) but reads each K/V byte once per pair of heads.
+#ifndef RTLLM_DECODE_FP8_MAX_GROUP
+#define RTLLM_DECODE_FP8_MAX_GROUP 4
+#endif
+static_assert(RTLLM_DECODE_FP8_MAX_GROUP == 2 || RTLLM_DECODE_FP8_MAX_GROUP == 4, "FP8 decode groups: 2 or 4");
+
 template <typename T, typename KV, int HEAD_DIM, bool PREPARE>
 cudaError_t launch_decode(DecodeArgs<T> a, int num_kv_heads, float* workspace, cudaStream_t stream) {
-  // An FP8 lane holds twice a 16-bit lane's dims, so its CTAs serve at most half the heads (same registers).
-  constexpr int kMaxGroupKv = kMaxGroup * 8 / dims_per_lane<KV>();
+  // An FP8 lane holds twice a 16-bit lane's dims, so its CTAs serve fewer heads.
+  constexpr int kMaxGroupKv = is_fp8_kv<KV>() ? RTLLM_DECODE_FP8_MAX_GROUP : kMaxGroup;
   a.group = a.num_heads / num_kv_heads;
   a.partial_o = workspace;
   a.partial_lse = workspace + (int64_t)a.meta.num_seqs * a.num_heads * a.num_splits * HEAD_DIM;
@@ -425,7 +432,7 @@ cudaError_t launch_decode(DecodeArgs<T> a, int num_kv_heads, float* workspace, c
     launch_pdl(decode_split_kernel<T, KV, HEAD_DIM, kGroup, PREPARE>, grid, kThreads, 0, stream, a);
   };
   if (a.group == 1) launch(std::integral_constant<int, 1>{});
-  else if (a.group == 2) launch(std::integral_constant<int, 2>{});
+  else if (a.group == 2 || kMaxGroupKv == 2) launch(std::integral_constant<int, 2>{});
   else if (a.group <= 4) launch(std::integral_constant<int, 4>{});
   else launch(std::integral_constant<int, kMaxGroupKv>{});
   if (a.num_splits > 1) {
