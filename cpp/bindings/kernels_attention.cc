@@ -82,8 +82,8 @@ void bind_attention_kernels(py::module_& m) {
       py::arg("seq_token_start"), py::arg("num_cached"), py::arg("seq_len"), py::arg("num_tokens"),
       py::arg("num_seqs"), py::arg("kv_data"), py::arg("num_blocks"), py::arg("tokens_per_block"),
       py::arg("block_table"), py::arg("max_blocks_per_seq"), py::arg("max_new_tokens"), py::arg("num_heads"),
-      py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("dtype"), py::arg("kv_dtype") = -1, py::arg("k_scale") = 1.0f,
-      py::arg("v_scale") = 1.0f, py::arg("stream") = 0);
+      py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("dtype"), py::arg("kv_dtype") = -1,
+      py::arg("k_scale") = 1.0f, py::arg("v_scale") = 1.0f, py::arg("stream") = 0);
 
   m.def(
       "attention_decode",

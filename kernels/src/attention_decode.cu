@@ -112,7 +112,8 @@ __device__ __forceinline__ void prepare_head(float (&x)[DIMS], int dim0, const T
     const float inv_rms = 1.0f / sqrtf(ss / (float)HEAD_DIM + eps);
     float w[DIMS];
 #pragma unroll
-    for (int v = 0; v < DIMS / 8; ++v) unpack8<T>(*reinterpret_cast<const uint4*>(norm_weight + dim0 + 8 * v), w + 8 * v);
+    for (int v = 0; v < DIMS / 8; ++v)
+      unpack8<T>(*reinterpret_cast<const uint4*>(norm_weight + dim0 + 8 * v), w + 8 * v);
 #pragma unroll
     for (int i = 0; i < DIMS; ++i) x[i] = w[i] * (x[i] * inv_rms);
   }
