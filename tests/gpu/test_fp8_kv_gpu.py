@@ -98,9 +98,11 @@ class Fp8Case(PagedCase):
         self.pool = torch.from_numpy(grid * scales)
 
     def to_device(self):
-        d = super().to_device()
-        d["pool"] = self.codes.cuda()
-        return d
+        i32 = lambda x: torch.tensor(x, dtype=torch.int32, device="cuda")
+        return dict(q=self.q.cuda(), pool=self.codes.cuda(), block_table=self.block_table.cuda(),
+                    token_seq=i32(self.token_seq), positions=i32(self.positions),
+                    seq_token_start=i32(self.seq_token_start), num_cached=i32(self.num_cached),
+                    seq_len=i32(self.seq_len))
 
 
 def kv_args(kernels, case):
