@@ -1,7 +1,8 @@
 """Attention kernels against their ceilings and against torch SDPA, measured in the same run.
 
 decode: GB/s of K+V read (every sequence's whole context) against the copy bandwidth of the same run and
-against torch SDPA (GQA) on the same shapes with contiguous K/V.
+against torch SDPA (GQA) on the same shapes with contiguous K/V; rows "attention_decode_fp8kv" read an FP8
+(E4M3) pool instead (half the bytes; compare their us with the bf16 row of the same shape).
 prefill: causal TFLOP/s (4 * heads * head_dim * query-key pairs) against torch SDPA causal (flash backend).
 Llama-3-8B heads: 32 query heads, 8 KV heads, head_dim 128, bf16, 16 tokens per block, blocks shuffled.
 
@@ -23,6 +24,8 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, TOKENS_PER_BLOCK = 32, 8, 128, 16
 BF16 = 0
 DECODE_BATCHES = (1, 8, 32, 64)
 DECODE_CONTEXTS = (1024, 4096, 8192, 16384)
+FP8_KV_DECODE = ((1, 4096), (1, 16384), (8, 4096), (32, 4096), (64, 4096))  # (batch, context)
+FP8_E4M3 = 3
 PREFILL_TOKENS = (1024, 2048, 4096, 8192)
 
 
@@ -30,12 +33,14 @@ def _rand(*shape):
     return torch.randn(*shape, device="cuda").to(torch.bfloat16)
 
 
-def bench_decode(ctx, batch, context):
-    kv_bytes = batch * context * NUM_KV_HEADS * HEAD_DIM * 2 * 2  # K and V, bf16
+def bench_decode(ctx, batch, context, fp8_kv=False):
+    kv_bytes = batch * context * NUM_KV_HEADS * HEAD_DIM * 2 * (1 if fp8_kv else 2)  # K and V
     num_sets = ctx.num_sets(kv_bytes)
     blocks_per_seq = math.ceil(context / TOKENS_PER_BLOCK)
     num_blocks = num_sets * batch * blocks_per_seq
     pool = _rand(num_blocks, 2, NUM_KV_HEADS, TOKENS_PER_BLOCK, HEAD_DIM)
+    if fp8_kv:
+        pool = (pool.float() * 40.0).to(torch.float8_e4m3fn).view(torch.uint8)
     # One block table per input set, all blocks of the pool shuffled among them.
     tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(num_sets, batch, blocks_per_seq)
     q, out = _rand(batch, NUM_HEADS * HEAD_DIM), torch.empty(batch, NUM_HEADS * HEAD_DIM, device="cuda",
@@ -50,10 +55,12 @@ def bench_decode(ctx, batch, context):
         num_blocks=num_blocks, tokens_per_block=TOKENS_PER_BLOCK, block_table=tables[i].data_ptr(),
         max_blocks_per_seq=blocks_per_seq, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
         scale=HEAD_DIM ** -0.5, num_splits=num_splits, workspace=workspace.data_ptr(), dtype=BF16,
-        stream=ctx.stream)
+        kv_dtype=FP8_E4M3 if fp8_kv else -1, k_scale=0.025, v_scale=0.025, stream=ctx.stream)
     ms = ctx.time_ms(launch, num_sets)
     del pool
     torch.cuda.empty_cache()
+    if fp8_kv:  # SDPA has no FP8 K/V: its row is the bf16 one
+        return ctx.row("attention_decode_fp8kv", f"b={batch} ctx={context} splits={num_splits}", ms, kv_bytes)
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
     q4 = q.view(batch, NUM_HEADS, 1, HEAD_DIM)
@@ -101,6 +108,7 @@ def bench_prefill(ctx, num_tokens):
 def bench_attention(ctx) -> list[dict]:
     """Decode rows (GB/s against copy bandwidth and SDPA) then prefill rows (TFLOP/s against SDPA)."""
     rows = [bench_decode(ctx, b, c) for b in DECODE_BATCHES for c in DECODE_CONTEXTS]
+    rows += [bench_decode(ctx, b, c, fp8_kv=True) for b, c in FP8_KV_DECODE]
     rows += [bench_prefill(ctx, n) for n in PREFILL_TOKENS]
     return rows
 

@@ -134,11 +134,12 @@ void bind_kernels(py::module_& parent) {
                           uintptr_t token_seq, uintptr_t positions, int32_t num_tokens, int32_t num_seqs,
                           uintptr_t kv_data, int32_t num_blocks, int32_t tokens_per_block, uintptr_t block_table,
                           int32_t max_blocks_per_seq, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
-                          int dtype, uintptr_t stream) {
+                          int dtype, int kv_dtype, float k_scale, float v_scale, uintptr_t stream) {
     kernels::StepMetaDevice meta{ptr<const int32_t>(token_seq), ptr<const int32_t>(positions), nullptr, nullptr,
                                  nullptr, num_tokens, num_seqs};
     kernels::PagedKv kv{ptr(kv_data), num_blocks, num_kv_heads, tokens_per_block, head_dim,
-                        ptr<const int32_t>(block_table), max_blocks_per_seq, as_dtype(dtype)};
+                        ptr<const int32_t>(block_table), max_blocks_per_seq,
+                        as_dtype(kv_dtype < 0 ? dtype : kv_dtype), k_scale, v_scale};
     check(kernels::qkv_prepare(ptr(q_out), ptr(qkv), row_stride, q_col, k_col, v_col, ptr<const float>(inv_freq),
                                ptr(q_norm), ptr(k_norm), eps, meta, kv, num_heads, num_kv_heads, head_dim,
                                as_dtype(dtype), as_stream(stream)), "qkv_prepare");
@@ -147,7 +148,8 @@ void bind_kernels(py::module_& parent) {
      py::arg("qk_norm_eps"), py::kw_only(), py::arg("token_seq"), py::arg("positions"), py::arg("num_tokens"),
      py::arg("num_seqs"), py::arg("kv_data"), py::arg("num_blocks"), py::arg("tokens_per_block"),
      py::arg("block_table"), py::arg("max_blocks_per_seq"), py::arg("num_heads"), py::arg("num_kv_heads"),
-     py::arg("head_dim"), py::arg("dtype"), s0);
+     py::arg("head_dim"), py::arg("dtype"), py::arg("kv_dtype") = -1, py::arg("k_scale") = 1.0f,
+     py::arg("v_scale") = 1.0f, s0);
   m.def("gemv", [](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t bias, int32_t m_, int32_t n, int32_t k, int dtype,
                    uintptr_t stream, int y_dtype) {
     check(kernels::gemv(ptr(y), ptr(x), ptr(w), ptr(bias), m_, n, k, as_dtype(dtype),

@@ -38,10 +38,16 @@ StepMetaDevice make_meta(uintptr_t token_seq, uintptr_t positions, uintptr_t seq
                         ptr<const int32_t*>(seq_len), num_tokens, num_seqs};
 }
 
+// kv_dtype -1: the pool in the activation dtype; else FP8_E4M3 (3) with k_scale / v_scale.
 PagedKv make_kv(uintptr_t data, int32_t num_blocks, int32_t num_kv_heads, int32_t tokens_per_block,
-                int32_t head_dim, uintptr_t block_table, int32_t max_blocks_per_seq, DType dtype) {
+                int32_t head_dim, uintptr_t block_table, int32_t max_blocks_per_seq, DType dtype, int32_t kv_dtype,
+                float k_scale, float v_scale) {
+  RTLLM_CHECK_ARG(kv_dtype == -1 || kv_dtype == static_cast<int32_t>(DType::kFP8E4M3) ||
+                      kv_dtype == static_cast<int32_t>(dtype),
+                  "attention: kv_dtype ", kv_dtype, " is not -1 (the activation dtype) or FP8_E4M3 (3)");
   return PagedKv{ptr<void*>(data), num_blocks, num_kv_heads, tokens_per_block, head_dim,
-                 ptr<const int32_t*>(block_table), max_blocks_per_seq, dtype};
+                 ptr<const int32_t*>(block_table), max_blocks_per_seq,
+                 kv_dtype < 0 ? dtype : static_cast<DType>(kv_dtype), k_scale, v_scale};
 }
 
 DType to_dtype(int32_t dtype) {
@@ -61,12 +67,12 @@ void bind_attention_kernels(py::module_& m) {
          uintptr_t num_cached, uintptr_t seq_len, int32_t num_tokens, int32_t num_seqs, uintptr_t kv_data,
          int32_t num_blocks, int32_t tokens_per_block, uintptr_t block_table, int32_t max_blocks_per_seq,
          int32_t max_new_tokens, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, float scale,
-         int32_t dtype, uintptr_t stream) {
+         int32_t dtype, int32_t kv_dtype, float k_scale, float v_scale, uintptr_t stream) {
         const StepMetaDevice meta =
             make_meta(token_seq, positions, seq_token_start, num_cached, seq_len, num_tokens, num_seqs);
         const PagedKv kv =
             make_kv(kv_data, num_blocks, num_kv_heads, tokens_per_block, head_dim, block_table, max_blocks_per_seq,
-                    to_dtype(dtype));
+                    to_dtype(dtype), kv_dtype, k_scale, v_scale);
         check_launch(kernels::attention_prefill(ptr<void*>(out), ptr<const void*>(q), meta, kv, max_new_tokens,
                                                 num_heads, num_kv_heads, head_dim, scale, to_dtype(dtype),
                                                 ptr<cudaStream_t>(stream)),
@@ -76,19 +82,20 @@ void bind_attention_kernels(py::module_& m) {
       py::arg("seq_token_start"), py::arg("num_cached"), py::arg("seq_len"), py::arg("num_tokens"),
       py::arg("num_seqs"), py::arg("kv_data"), py::arg("num_blocks"), py::arg("tokens_per_block"),
       py::arg("block_table"), py::arg("max_blocks_per_seq"), py::arg("max_new_tokens"), py::arg("num_heads"),
-      py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("dtype"), py::arg("stream") = 0);
+      py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("dtype"), py::arg("kv_dtype") = -1,
+      py::arg("k_scale") = 1.0f, py::arg("v_scale") = 1.0f, py::arg("stream") = 0);
 
   m.def(
       "attention_decode",
       [](uintptr_t out, uintptr_t q, uintptr_t seq_len, int32_t num_seqs, uintptr_t kv_data, int32_t num_blocks,
          int32_t tokens_per_block, uintptr_t block_table, int32_t max_blocks_per_seq, int32_t num_heads,
          int32_t num_kv_heads, int32_t head_dim, float scale, int32_t num_splits, uintptr_t workspace,
-         int32_t dtype, uintptr_t stream) {
+         int32_t dtype, int32_t kv_dtype, float k_scale, float v_scale, uintptr_t stream) {
         // Decode reads only seq_len; one token per sequence.
         const StepMetaDevice meta = make_meta(0, 0, 0, 0, seq_len, num_seqs, num_seqs);
         const PagedKv kv =
             make_kv(kv_data, num_blocks, num_kv_heads, tokens_per_block, head_dim, block_table, max_blocks_per_seq,
-                    to_dtype(dtype));
+                    to_dtype(dtype), kv_dtype, k_scale, v_scale);
         check_launch(kernels::attention_decode(ptr<void*>(out), ptr<const void*>(q), meta, kv, num_heads,
                                                num_kv_heads, head_dim, scale, num_splits, ptr<float*>(workspace),
                                                to_dtype(dtype), ptr<cudaStream_t>(stream)),
@@ -97,7 +104,8 @@ void bind_attention_kernels(py::module_& m) {
       py::kw_only(), py::arg("out"), py::arg("q"), py::arg("seq_len"), py::arg("num_seqs"), py::arg("kv_data"),
       py::arg("num_blocks"), py::arg("tokens_per_block"), py::arg("block_table"), py::arg("max_blocks_per_seq"),
       py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("num_splits"),
-      py::arg("workspace"), py::arg("dtype"), py::arg("stream") = 0);
+      py::arg("workspace"), py::arg("dtype"), py::arg("kv_dtype") = -1, py::arg("k_scale") = 1.0f,
+      py::arg("v_scale") = 1.0f, py::arg("stream") = 0);
 
   m.def(
       "attention_decode_qkv",
@@ -106,11 +114,11 @@ void bind_attention_kernels(py::module_& m) {
          uintptr_t positions, uintptr_t seq_len, int32_t num_seqs, uintptr_t kv_data, int32_t num_blocks,
          int32_t tokens_per_block, uintptr_t block_table, int32_t max_blocks_per_seq, int32_t num_heads,
          int32_t num_kv_heads, int32_t head_dim, float scale, int32_t num_splits, uintptr_t workspace,
-         int32_t dtype, uintptr_t stream) {
+         int32_t dtype, int32_t kv_dtype, float k_scale, float v_scale, uintptr_t stream) {
         const StepMetaDevice meta = make_meta(0, positions, 0, 0, seq_len, num_seqs, num_seqs);
         const PagedKv kv =
             make_kv(kv_data, num_blocks, num_kv_heads, tokens_per_block, head_dim, block_table, max_blocks_per_seq,
-                    to_dtype(dtype));
+                    to_dtype(dtype), kv_dtype, k_scale, v_scale);
         check_launch(kernels::attention_decode_qkv(
                          ptr<void*>(out), ptr<const void*>(qkv), qkv_row_stride, q_col, k_col, v_col,
                          ptr<const float*>(inv_freq), ptr<const void*>(q_norm_weight),
@@ -123,7 +131,8 @@ void bind_attention_kernels(py::module_& m) {
       py::arg("qk_norm_eps"), py::arg("positions"), py::arg("seq_len"), py::arg("num_seqs"), py::arg("kv_data"),
       py::arg("num_blocks"), py::arg("tokens_per_block"), py::arg("block_table"), py::arg("max_blocks_per_seq"),
       py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("num_splits"),
-      py::arg("workspace"), py::arg("dtype"), py::arg("stream") = 0);
+      py::arg("workspace"), py::arg("dtype"), py::arg("kv_dtype") = -1, py::arg("k_scale") = 1.0f,
+      py::arg("v_scale") = 1.0f, py::arg("stream") = 0);
 
   m.def("attention_decode_workspace_bytes", &kernels::attention_decode_workspace_bytes, py::arg("max_num_seqs"),
         py::arg("num_heads"), py::arg("head_dim"), py::arg("max_splits"));

@@ -17,6 +17,7 @@ struct AttentionAttrs {
   float scale;
   bool fused_qkv, rope, qk_norm;
   float qk_norm_eps;
+  float k_scale = 1.0f, v_scale = 1.0f;
 
   // Input positions: [qkv] or [q, k, v], then [positions, inv_freq] with rope, then
   // [q_norm, k_norm] with qk_norm.

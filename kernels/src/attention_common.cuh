@@ -4,8 +4,10 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "dispatch.cuh"  // to_float / from_float
 #include "rtllm/kernels/attention.cuh"
@@ -69,6 +71,45 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float* f) {
   const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
   for (int i = 0; i < 8; ++i) f[i] = to_float(e[i]);
+}
+
+// Two e4m3 codes (low byte first) to two halves with the hardware conversion (cvt.rn.f16x2.e4m3x2 on
+// sm_89+): exact, every e4m3 value is a half.
+__device__ __forceinline__ __half2 e4m3x2_to_half2(uint16_t codes) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(codes), __NV_E4M3);
+  return __half2(h);
+}
+
+// 16 e4m3 codes (16 bytes) to floats.
+__device__ __forceinline__ void unpack16_e4m3(const uint4& raw, float* f) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 lo = __half22float2(e4m3x2_to_half2(static_cast<uint16_t>(w[i] & 0xffffu)));
+    const float2 hi = __half22float2(e4m3x2_to_half2(static_cast<uint16_t>(w[i] >> 16)));
+    f[4 * i + 0] = lo.x;
+    f[4 * i + 1] = lo.y;
+    f[4 * i + 2] = hi.x;
+    f[4 * i + 3] = hi.y;
+  }
+}
+
+// 8 e4m3 codes (8 bytes) to 8 elements of T (16 bytes), exactly: every e4m3 value is a bf16 and a half.
+template <typename T>
+__device__ __forceinline__ uint4 e4m3x8_to(const uint2& raw) {
+  const uint32_t w[2] = {raw.x, raw.y};
+  uint32_t r[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __half2 h = e4m3x2_to_half2(static_cast<uint16_t>(w[i / 2] >> (16 * (i % 2))));
+    if constexpr (std::is_same_v<T, __half>) {
+      r[i] = *reinterpret_cast<const uint32_t*>(&h);
+    } else {
+      const float2 f = __half22float2(h);
+      r[i] = pack2<T>(f.x, f.y);
+    }
+  }
+  return make_uint4(r[0], r[1], r[2], r[3]);
 }
 
 // 16-byte read-only global load that does not allocate in L1 (streamed KV).

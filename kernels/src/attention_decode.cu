@@ -16,10 +16,16 @@
 // prepares the new key, takes it from shared memory in its key loop (no read back of its own global
 // write) and stores the key and value into the pool.
 //
+// An FP8 (e4m3) pool: each lane still loads 16 bytes of a key and of a value, i.e. 16 dims instead of 8,
+// so half as many lanes share a key and a CTA serves at most 4 query heads (the same registers as 8 heads
+// of a 16-bit pool). Codes convert with the hardware e4m3x2 -> f16x2 instruction; k_scale is folded into the
+// softmax scale and v_scale into the output, so the inner loop is the 16-bit one on codes.
+//
 // The splits merge in a second kernel rather than through a thread-block cluster's distributed shared
 // memory, and the RoPE angles come from shared memory rather than sincosf per head inside the unrolled
 // loads: both alternatives decode slower (docs/performance.md, "Design decisions and their measurements").
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 
 #include "attention_common.cuh"
@@ -63,61 +69,101 @@ struct DecodeArgs {
   StepMetaDevice meta;
   PagedKv kv;
   int num_heads, group, num_head_chunks, num_splits;
-  float scale_log2;
+  float scale_log2;    // softmax scale · log2(e), times kv.k_scale with an FP8 pool
   float* partial_o;    // num_splits > 1: [num_seqs, num_heads, num_splits, head_dim]
   float* partial_lse;  // [num_seqs, num_heads, num_splits]
 };
 
-// qkv_prepare's transform of one head held as 8 dims per lane by HEAD_DIM / 8 consecutive lanes (dims
-// dim0 .. dim0 + 7): rms-normalization with `norm_weight` (if any), then rotate-half RoPE with the
-// angles' cos / sin [HEAD_DIM / 2] (if rope), in float32, rounded to T like the stored values. Every lane
-// of the warp must call it.
-template <typename T, int HEAD_DIM>
-__device__ __forceinline__ void prepare_head(float (&x)[8], int dim0, const T* norm_weight, float eps, bool rope,
-                                             const float* rope_cos, const float* rope_sin) {
-  constexpr int kLanesPerKey = HEAD_DIM / 8, kHalf = HEAD_DIM / 2;
+// Dims per lane: one 16-byte load of a key (and of a value) from a pool of element type KV, 8 for a 16-bit
+// pool and 16 for an FP8 one. An FP8 lane thus holds twice the q and accumulator state of a 16-bit one.
+template <typename KV>
+constexpr int dims_per_lane() { return 16 / (int)sizeof(KV); }
+
+// 16 bytes of the pool to kDims floats (FP8: the codes; the scales are folded in elsewhere).
+template <typename T, typename KV>
+__device__ __forceinline__ void unpack_kv(const uint4& raw, float* f) {
+  if constexpr (is_fp8_kv<KV>()) unpack16_e4m3(raw, f);
+  else unpack8<T>(raw, f);
+}
+
+// 16 floats to 16 e4m3 codes of f / scale (encode_kv), packed low byte first.
+__device__ __forceinline__ uint4 encode16_e4m3(const float* f, float scale) {
+  uint32_t w[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+    w[i / 4] |= static_cast<uint32_t>(encode_kv<__nv_fp8_e4m3>(f[i], scale).__x) << (8 * (i % 4));
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// qkv_prepare's transform of one head held as DIMS dims per lane by HEAD_DIM / DIMS consecutive lanes (dims
+// dim0 .. dim0 + DIMS - 1): rms-normalization with `norm_weight` (if any), then rotate-half RoPE with the
+// angles' cos / sin [HEAD_DIM / 2] (if rope), in float32, then (round_to_t) rounded to T like the stored
+// values. Every lane of the warp must call it.
+template <typename T, int HEAD_DIM, int DIMS>
+__device__ __forceinline__ void prepare_head(float (&x)[DIMS], int dim0, const T* norm_weight, float eps, bool rope,
+                                             const float* rope_cos, const float* rope_sin, bool round_to_t) {
+  constexpr int kLanesPerKey = HEAD_DIM / DIMS, kHalf = HEAD_DIM / 2;
   if (norm_weight) {
     float ss = 0.0f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) ss += x[i] * x[i];
+    for (int i = 0; i < DIMS; ++i) ss += x[i] * x[i];
 #pragma unroll
     for (int off = kLanesPerKey / 2; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
     const float inv_rms = 1.0f / sqrtf(ss / (float)HEAD_DIM + eps);
-    float w[8];
-    unpack8<T>(*reinterpret_cast<const uint4*>(norm_weight + dim0), w);
+    float w[DIMS];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) x[i] = w[i] * (x[i] * inv_rms);
+    for (int v = 0; v < DIMS / 8; ++v)
+      unpack8<T>(*reinterpret_cast<const uint4*>(norm_weight + dim0 + 8 * v), w + 8 * v);
+#pragma unroll
+    for (int i = 0; i < DIMS; ++i) x[i] = w[i] * (x[i] * inv_rms);
   }
   if (rope) {
-    // The partner of dim d is d ± HEAD_DIM / 2, held by the lane kLanesPerKey / 2 away.
-    const bool first_half = dim0 < kHalf;
+    if constexpr (kLanesPerKey >= 2) {
+      // The partner of dim d is d ± HEAD_DIM / 2, held by the lane kLanesPerKey / 2 away.
+      const bool first_half = dim0 < kHalf;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float partner = __shfl_xor_sync(0xffffffffu, x[i], kLanesPerKey / 2);
-      const float cs = rope_cos[dim0 % kHalf + i], sn = rope_sin[dim0 % kHalf + i];
-      x[i] = first_half ? x[i] * cs - partner * sn : x[i] * cs + partner * sn;
+      for (int i = 0; i < DIMS; ++i) {
+        const float partner = __shfl_xor_sync(0xffffffffu, x[i], kLanesPerKey / 2);
+        const float cs = rope_cos[dim0 % kHalf + i], sn = rope_sin[dim0 % kHalf + i];
+        x[i] = first_half ? x[i] * cs - partner * sn : x[i] * cs + partner * sn;
+      }
+    } else {  // one lane holds the whole head
+#pragma unroll
+      for (int i = 0; i < kHalf; ++i) {
+        const float a = x[i], b = x[i + kHalf];
+        x[i] = a * rope_cos[i] - b * rope_sin[i];
+        x[i + kHalf] = b * rope_cos[i] + a * rope_sin[i];
+      }
     }
   }
+  if (round_to_t) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) x[i] = to_float(from_float<T>(x[i]));
+    for (int i = 0; i < DIMS; ++i) x[i] = to_float(from_float<T>(x[i]));
+  }
 }
 
 // CTAs per SM the register budget keeps: groups of 4 fit 128 registers (attention_decode_num_splits plans
-// on 4 CTAs per SM), groups of 1 and 2 fit 80.
-template <int MAX_GROUP>
-constexpr int min_ctas_per_sm() { return MAX_GROUP <= 2 ? 6 : MAX_GROUP == 4 ? 4 : 1; }
+// on 4 CTAs per SM), groups of 1 and 2 fit 80. STATE counts a lane's per-head state in 8-dim units times
+// the heads: an FP8 lane of a group of 2 holds as much as a 16-bit lane of a group of 4.
+template <int STATE>
+constexpr int min_ctas_per_sm() { return STATE <= 2 ? 6 : STATE == 4 ? 4 : 1; }
 
-// PREPARE: attention_decode_qkv's kernel (a.k_new, a.v_new set).
-template <typename T, int HEAD_DIM, int MAX_GROUP, bool PREPARE>
-__global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP>()) decode_split_kernel(DecodeArgs<T> a) {
-  constexpr int kLanesPerKey = HEAD_DIM / 8;
+// PREPARE: attention_decode_qkv's kernel (a.k_new, a.v_new set). KV: the pool's element type (T or e4m3).
+template <typename T, typename KV, int HEAD_DIM, int MAX_GROUP, bool PREPARE>
+__global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per_lane<KV>() / 8>())
+    decode_split_kernel(DecodeArgs<T> a) {
+  constexpr bool kFp8 = is_fp8_kv<KV>();
+  constexpr int kDims = dims_per_lane<KV>();
+  constexpr int kQVecs = kDims / 8;  // 16-byte loads of a head's kDims T values (q, new k / v)
+  constexpr int kLanesPerKey = HEAD_DIM / kDims;
   constexpr int kKeysPerWarp = 32 / kLanesPerKey;
-  constexpr int kUnroll = MAX_GROUP >= 8 ? 2 : 4;  // keys per thread per step: loads in flight vs registers
+  constexpr int kState = MAX_GROUP * kQVecs;
+  constexpr int kUnroll = kState >= 8 ? 2 : 4;  // keys per thread per step: loads in flight vs registers
   constexpr int kKeysPerStep = kNumWarps * kKeysPerWarp * kUnroll;
   __shared__ float red_acc[kNumWarps][MAX_GROUP][HEAD_DIM];
   __shared__ float red_m[kNumWarps][MAX_GROUP], red_l[kNumWarps][MAX_GROUP];
   __shared__ float rope_cos[PREPARE ? HEAD_DIM / 2 : 1], rope_sin[PREPARE ? HEAD_DIM / 2 : 1];
-  __shared__ uint4 new_kv[2][PREPARE ? kLanesPerKey : 1];  // the prepared new key and value
+  __shared__ uint4 new_kv[2][PREPARE ? kLanesPerKey : 1];  // the prepared new key and value, as stored
   pdl_begin();
 
   const int s = blockIdx.x;
@@ -126,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP>()) decode
   const int h0 = kv_head * a.group + chunk * MAX_GROUP;
   const int num_h = min(MAX_GROUP, a.group - chunk * MAX_GROUP);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int dim0 = (lane % kLanesPerKey) * 8, key_slot = lane / kLanesPerKey;
+  const int dim0 = (lane % kLanesPerKey) * kDims, key_slot = lane / kLanesPerKey;
 
   // Everything the CTA starts from that does not depend on the sequence's length is fetched together with
   // the length, so that the preparation and the first keys cost no extra round trips to memory: q, the
@@ -134,16 +180,20 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP>()) decode
   // at key i * kMinKeysPerSplit for lengths up to kMinKeysPerSplit * num_splits (keys_per_split).
   const int seq_len = a.meta.seq_len[s];
   const int pos = PREPARE ? a.meta.positions[s] : -1;
-  uint4 q_raw[MAX_GROUP];
+  uint4 q_raw[MAX_GROUP][kQVecs];
 #pragma unroll
   for (int g = 0; g < MAX_GROUP; ++g)
-    q_raw[g] = g < num_h ? *reinterpret_cast<const uint4*>(a.q + s * a.row_stride + (int64_t)(h0 + g) * HEAD_DIM + dim0)
-                         : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int v = 0; v < kQVecs; ++v)
+      q_raw[g][v] = g < num_h ? *reinterpret_cast<const uint4*>(a.q + s * a.row_stride + (int64_t)(h0 + g) * HEAD_DIM +
+                                                                dim0 + 8 * v)
+                              : make_uint4(0, 0, 0, 0);
   const int64_t new_col = s * a.row_stride + (int64_t)kv_head * HEAD_DIM + dim0;
-  uint4 k_new_raw = make_uint4(0, 0, 0, 0), v_new_raw = make_uint4(0, 0, 0, 0);
-  if (PREPARE) {
-    k_new_raw = *reinterpret_cast<const uint4*>(a.k_new + new_col);
-    v_new_raw = *reinterpret_cast<const uint4*>(a.v_new + new_col);
+  uint4 k_new_raw[kQVecs], v_new_raw[kQVecs];
+#pragma unroll
+  for (int v = 0; v < kQVecs; ++v) {
+    k_new_raw[v] = PREPARE ? *reinterpret_cast<const uint4*>(a.k_new + new_col + 8 * v) : make_uint4(0, 0, 0, 0);
+    v_new_raw[v] = PREPARE ? *reinterpret_cast<const uint4*>(a.v_new + new_col + 8 * v) : make_uint4(0, 0, 0, 0);
   }
   const PagedKvIndex kv_index(a.kv, s, kv_head);
   {
@@ -157,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP>()) decode
   const int k_begin = split * split_keys, k_end = min(seq_len, k_begin + split_keys);
   // With PREPARE, the CTA whose split holds the new position prepares its key and value.
   const int new_key = PREPARE && pos == seq_len - 1 && pos >= k_begin && pos < k_end ? pos : -1;
-  const T* pool = static_cast<const T*>(a.kv.data);
+  const KV* pool = static_cast<const KV*>(a.kv.data);
 
   const bool rope = PREPARE && a.inv_freq != nullptr;
   if (rope) {  // the angles of the new position, once per CTA
@@ -165,45 +215,59 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP>()) decode
       sincosf((float)pos * a.inv_freq[j], &rope_sin[j], &rope_cos[j]);
     __syncthreads();
   }
-  float qf[MAX_GROUP][8];
+  float qf[MAX_GROUP][kDims];
 #pragma unroll
   for (int g = 0; g < MAX_GROUP; ++g) {
-    unpack8<T>(q_raw[g], qf[g]);
-    if (PREPARE && g < num_h) prepare_head<T, HEAD_DIM>(qf[g], dim0, a.q_norm, a.norm_eps, rope, rope_cos, rope_sin);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) qf[g][i] *= a.scale_log2;
+    for (int v = 0; v < kQVecs; ++v) unpack8<T>(q_raw[g][v], qf[g] + 8 * v);
+    if (PREPARE && g < num_h)
+      prepare_head<T, HEAD_DIM, kDims>(qf[g], dim0, a.q_norm, a.norm_eps, rope, rope_cos, rope_sin, true);
+#pragma unroll
+    for (int i = 0; i < kDims; ++i) qf[g][i] *= a.scale_log2;
   }
   if (new_key >= 0) {
-    float kf[8];
-    unpack8<T>(k_new_raw, kf);
-    prepare_head<T, HEAD_DIM>(kf, dim0, a.k_norm, a.norm_eps, rope, rope_cos, rope_sin);
+    float kf[kDims];
+#pragma unroll
+    for (int v = 0; v < kQVecs; ++v) unpack8<T>(k_new_raw[v], kf + 8 * v);
+    // An FP8 pool encodes the float32 key, as qkv_prepare does (no rounding to T on the way).
+    prepare_head<T, HEAD_DIM, kDims>(kf, dim0, a.k_norm, a.norm_eps, rope, rope_cos, rope_sin, !kFp8);
     if (warp == 0 && key_slot == 0) {
-      k_new_raw = make_uint4(pack2<T>(kf[0], kf[1]), pack2<T>(kf[2], kf[3]), pack2<T>(kf[4], kf[5]),
-                             pack2<T>(kf[6], kf[7]));
-      new_kv[0][lane] = k_new_raw;
-      new_kv[1][lane] = v_new_raw;
+      uint4 k_stored, v_stored;
+      if constexpr (kFp8) {
+        float vf[kDims];
+#pragma unroll
+        for (int v = 0; v < kQVecs; ++v) unpack8<T>(v_new_raw[v], vf + 8 * v);
+        k_stored = encode16_e4m3(kf, a.kv.k_scale);
+        v_stored = encode16_e4m3(vf, a.kv.v_scale);
+      } else {
+        k_stored = make_uint4(pack2<T>(kf[0], kf[1]), pack2<T>(kf[2], kf[3]), pack2<T>(kf[4], kf[5]),
+                              pack2<T>(kf[6], kf[7]));
+        v_stored = v_new_raw[0];
+      }
+      new_kv[0][lane] = k_stored;
+      new_kv[1][lane] = v_stored;
       // Stored by the first head chunk. A block id outside the table/pool is a runtime bug: skip the write
       // rather than corrupt another sequence's blocks (as qkv_prepare does).
       const int32_t block_index = pos / a.kv.tokens_per_block;
       if (chunk == 0 && block_index < a.kv.max_blocks_per_seq) {
         const int32_t block = kv_index.table[block_index];
         if (block >= 0 && block < a.kv.num_blocks) {
-          T* k_dst = static_cast<T*>(a.kv.data) + kv_index.key_offset(pos) + dim0;
-          *reinterpret_cast<uint4*>(k_dst) = k_new_raw;
-          *reinterpret_cast<uint4*>(k_dst + kv_index.v_offset) = v_new_raw;
+          KV* k_dst = static_cast<KV*>(a.kv.data) + kv_index.key_offset(pos) + dim0;
+          *reinterpret_cast<uint4*>(k_dst) = k_stored;
+          *reinterpret_cast<uint4*>(k_dst + kv_index.v_offset) = v_stored;
         }
       }
     }
     __syncthreads();
   }
 
-  float m_run[MAX_GROUP], l_run[MAX_GROUP], acc[MAX_GROUP][8];
+  float m_run[MAX_GROUP], l_run[MAX_GROUP], acc[MAX_GROUP][kDims];
 #pragma unroll
   for (int g = 0; g < MAX_GROUP; ++g) {
     m_run[g] = -INFINITY;
     l_run[g] = 0.0f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[g][i] = 0.0f;
+    for (int i = 0; i < kDims; ++i) acc[g][i] = 0.0f;
   }
 
   for (int base = k_begin; base < k_end; base += kKeysPerStep) {
@@ -214,10 +278,10 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP>()) decode
       const int key = base + (u * kNumWarps + warp) * kKeysPerWarp + key_slot;
       valid[u] = key < k_end;
       if (PREPARE && key == new_key) {
-        k_raw[u] = new_kv[0][dim0 / 8];
-        v_raw[u] = new_kv[1][dim0 / 8];
+        k_raw[u] = new_kv[0][dim0 / kDims];
+        v_raw[u] = new_kv[1][dim0 / kDims];
       } else if (valid[u]) {
-        const T* k = pool + kv_index.key_offset(key) + dim0;
+        const KV* k = pool + kv_index.key_offset(key) + dim0;
         k_raw[u] = load_stream_16(k);
         v_raw[u] = load_stream_16(k + kv_index.v_offset);
       } else {
@@ -228,21 +292,21 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP>()) decode
     float score[kUnroll][MAX_GROUP];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      float kf[8];
-      unpack8<T>(k_raw[u], kf);
+      float kf[kDims];
+      unpack_kv<T, KV>(k_raw[u], kf);
 #pragma unroll
       for (int g = 0; g < MAX_GROUP; ++g) {
         float x = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) x += qf[g][i] * kf[i];
+        for (int i = 0; i < kDims; ++i) x += qf[g][i] * kf[i];
 #pragma unroll
         for (int off = kLanesPerKey / 2; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
         score[u][g] = valid[u] ? x : -INFINITY;
       }
     }
-    float vf[kUnroll][8];
+    float vf[kUnroll][kDims];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) unpack8<T>(v_raw[u], vf[u]);
+    for (int u = 0; u < kUnroll; ++u) unpack_kv<T, KV>(v_raw[u], vf[u]);
 #pragma unroll
     for (int g = 0; g < MAX_GROUP; ++g) {
       float step_max = score[0][g];
@@ -260,7 +324,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP>()) decode
       }
       l_run[g] = l_run[g] * corr + p_sum;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
+      for (int i = 0; i < kDims; ++i) {
         float x = acc[g][i] * corr;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) x += p[u] * vf[u][i];
@@ -281,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP>()) decode
       m_run[g] = m_new;
       l_run[g] = l_run[g] * c_self + l_other * c_other;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
+      for (int i = 0; i < kDims; ++i) {
         const float a_other = __shfl_xor_sync(0xffffffffu, acc[g][i], off);
         acc[g][i] = acc[g][i] * c_self + a_other * c_other;
       }
@@ -291,7 +355,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP>()) decode
 #pragma unroll
     for (int g = 0; g < MAX_GROUP; ++g) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) red_acc[warp][g][dim0 + i] = acc[g][i];
+      for (int i = 0; i < kDims; ++i) red_acc[warp][g][dim0 + i] = acc[g][i];
       if (lane == 0) {
         red_m[warp][g] = m_run[g];
         red_l[warp][g] = l_run[g];
@@ -314,7 +378,8 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP>()) decode
       l_all += red_l[w][g] * c;
       a_all += red_acc[w][g][d] * c;
     }
-    const float o = l_all > 0.0f ? a_all / l_all : 0.0f;
+    float o = l_all > 0.0f ? a_all / l_all : 0.0f;
+    if constexpr (kFp8) o *= a.kv.v_scale;  // the values were accumulated as codes
     const int64_t head = (int64_t)s * a.num_heads + h0 + g;
     if (a.num_splits == 1) {
       a.out[head * HEAD_DIM + d] = from_float<T>(o);
@@ -347,8 +412,17 @@ __global__ void decode_merge_kernel(T* __restrict__ out, const float* __restrict
   out[head * head_dim + d] = from_float<T>(w_sum > 0.0f ? o / w_sum : 0.0f);
 }
 
-template <typename T, int HEAD_DIM, bool PREPARE>
+// Query heads per CTA over an FP8 pool: 4 holds the registers of a 16-bit CTA of 8 heads (about 200, two
+// CTAs per SM), 2 those of 4 heads (128, four CTAs per SM) but reads each K/V byte once per pair of heads.
+#ifndef RTLLM_DECODE_FP8_MAX_GROUP
+#define RTLLM_DECODE_FP8_MAX_GROUP 4
+#endif
+static_assert(RTLLM_DECODE_FP8_MAX_GROUP == 2 || RTLLM_DECODE_FP8_MAX_GROUP == 4, "FP8 decode groups: 2 or 4");
+
+template <typename T, typename KV, int HEAD_DIM, bool PREPARE>
 cudaError_t launch_decode(DecodeArgs<T> a, int num_kv_heads, float* workspace, cudaStream_t stream) {
+  // An FP8 lane holds twice a 16-bit lane's dims, so its CTAs serve fewer heads.
+  constexpr int kMaxGroupKv = is_fp8_kv<KV>() ? RTLLM_DECODE_FP8_MAX_GROUP : kMaxGroup;
   a.group = a.num_heads / num_kv_heads;
   a.partial_o = workspace;
   a.partial_lse = workspace + (int64_t)a.meta.num_seqs * a.num_heads * a.num_splits * HEAD_DIM;
@@ -356,12 +430,12 @@ cudaError_t launch_decode(DecodeArgs<T> a, int num_kv_heads, float* workspace, c
     constexpr int kGroup = decltype(max_group_tag)::value;
     a.num_head_chunks = (a.group + kGroup - 1) / kGroup;
     const dim3 grid(a.meta.num_seqs, num_kv_heads * a.num_head_chunks, a.num_splits);
-    launch_pdl(decode_split_kernel<T, HEAD_DIM, kGroup, PREPARE>, grid, kThreads, 0, stream, a);
+    launch_pdl(decode_split_kernel<T, KV, HEAD_DIM, kGroup, PREPARE>, grid, kThreads, 0, stream, a);
   };
   if (a.group == 1) launch(std::integral_constant<int, 1>{});
-  else if (a.group == 2) launch(std::integral_constant<int, 2>{});
+  else if (a.group == 2 || kMaxGroupKv == 2) launch(std::integral_constant<int, 2>{});
   else if (a.group <= 4) launch(std::integral_constant<int, 4>{});
-  else launch(std::integral_constant<int, kMaxGroup>{});
+  else launch(std::integral_constant<int, kMaxGroupKv>{});
   if (a.num_splits > 1) {
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -387,12 +461,20 @@ cudaError_t decode(DecodeArgs<T> a, void* out, const StepMetaDevice& meta, const
   a.kv = kv;
   a.num_heads = num_heads;
   a.num_splits = num_splits;
-  a.scale_log2 = scale * attn::kLog2e;
-  if (a.k_new) {
-    RTLLM_DISPATCH_HEAD_DIM(head_dim, HEAD_DIM, return launch_decode<T, HEAD_DIM, true>(a, num_kv_heads, workspace, stream));
-  } else {
-    RTLLM_DISPATCH_HEAD_DIM(head_dim, HEAD_DIM, return launch_decode<T, HEAD_DIM, false>(a, num_kv_heads, workspace, stream));
-  }
+  const bool fp8 = kv.dtype == DType::kFP8E4M3;
+  if (fp8 && !(kv.k_scale > 0.0f && kv.v_scale > 0.0f && std::isfinite(kv.k_scale) && std::isfinite(kv.v_scale)))
+    return cudaErrorInvalidValue;
+  // An FP8 pool's keys are read as codes: k_scale joins the softmax scale (v_scale scales the output).
+  a.scale_log2 = scale * attn::kLog2e * (fp8 ? kv.k_scale : 1.0f);
+  RTLLM_DISPATCH_KV(kv.dtype, T, KV, {
+    if (a.k_new) {
+      RTLLM_DISPATCH_HEAD_DIM(head_dim, HEAD_DIM,
+                              return launch_decode<T, KV, HEAD_DIM, true>(a, num_kv_heads, workspace, stream));
+    } else {
+      RTLLM_DISPATCH_HEAD_DIM(head_dim, HEAD_DIM,
+                              return launch_decode<T, KV, HEAD_DIM, false>(a, num_kv_heads, workspace, stream));
+    }
+  });
   return cudaErrorInvalidValue;
 }
 
@@ -401,7 +483,6 @@ cudaError_t decode(DecodeArgs<T> a, void* out, const StepMetaDevice& meta, const
 cudaError_t attention_decode(void* out, const void* q, StepMetaDevice meta, PagedKv kv, int32_t num_heads,
                              int32_t num_kv_heads, int32_t head_dim, float scale, int32_t num_splits,
                              float* workspace, DType dtype, cudaStream_t stream) {
-  RTLLM_KERNEL_CHECK(kv.dtype == dtype);  // the pool in the activation dtype
   RTLLM_DISPATCH_DTYPE(dtype, T, {
     DecodeArgs<T> a = {};
     a.q = static_cast<const T*>(q);
@@ -417,7 +498,6 @@ cudaError_t attention_decode_qkv(void* out, const void* qkv, int64_t qkv_row_str
                                  int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, float scale,
                                  int32_t num_splits, float* workspace, DType dtype, cudaStream_t stream) {
   RTLLM_KERNEL_CHECK(qkv && meta.positions && meta.seq_len);
-  RTLLM_KERNEL_CHECK(kv.dtype == dtype);
   RTLLM_KERNEL_CHECK((q_norm_weight == nullptr) == (k_norm_weight == nullptr));
   RTLLM_KERNEL_CHECK(q_col >= 0 && k_col >= 0 && v_col >= 0 && qkv_row_stride % 8 == 0 && q_col % 8 == 0 &&
                      k_col % 8 == 0 && v_col % 8 == 0 && aligned16(qkv));

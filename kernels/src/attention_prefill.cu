@@ -7,6 +7,10 @@
 // (scale·log2e folded into one fma), then O += P·V. K/V tiles are gathered from the pool block by block with
 // 16-byte cp.async; V of tile j loads while S_j is computed, K of tile j+1 while P_j·V_j is. Only tiles
 // that cross the diagonal are masked. Other head_dims take a simple warp-per-(token, head) path.
+// An FP8 (e4m3) pool is read as codes converted exactly to T on their way into shared memory (through
+// registers rather than cp.async); k_scale is folded into the softmax scale and v_scale into the output.
+#include <cmath>
+
 #include "attention_common.cuh"
 
 namespace rtllm::kernels {
@@ -44,13 +48,49 @@ __device__ __forceinline__ void load_kv_tile(uint4* tile, const T* pool, const P
   }
 }
 
+// An FP8 pool's tile goes through registers instead: fetch_kv_tile_fp8 issues the loads of a thread's 8-byte
+// chunks (8 codes) where load_kv_tile would start its cp.async, store_kv_tile_fp8 converts them to T (exact)
+// into the same swizzled layout where the cp.async would be waited for, so the loads stay in flight over the
+// same work.
+template <int HEAD_DIM>
+struct Fp8TileRegs {
+  static constexpr int kChunks = HEAD_DIM / 8;
+  static constexpr int kRowsPerPass = kThreads / kChunks;
+  uint2 r[kBlockN / kRowsPerPass];
+};
+
+template <int HEAD_DIM>
+__device__ __forceinline__ void fetch_kv_tile_fp8(Fp8TileRegs<HEAD_DIM>& regs, const __nv_fp8_e4m3* pool,
+                                                  const PagedKvIndex& index, bool v, int n0, int seq_len) {
+  using R = Fp8TileRegs<HEAD_DIM>;
+  const int chunk = threadIdx.x % R::kChunks, row0 = threadIdx.x / R::kChunks;
+  const __nv_fp8_e4m3* base = pool + (v ? index.v_offset : 0) + chunk * 8;
+#pragma unroll
+  for (int i = 0; i < kBlockN / R::kRowsPerPass; ++i) {
+    const int t = n0 + row0 + i * R::kRowsPerPass;
+    regs.r[i] = t < seq_len ? __ldg(reinterpret_cast<const uint2*>(base + index.key_offset(t))) : make_uint2(0, 0);
+  }
+}
+
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void store_kv_tile_fp8(uint4* tile, const Fp8TileRegs<HEAD_DIM>& regs) {
+  using R = Fp8TileRegs<HEAD_DIM>;
+  const int chunk = threadIdx.x % R::kChunks, row0 = threadIdx.x / R::kChunks;
+#pragma unroll
+  for (int i = 0; i < kBlockN / R::kRowsPerPass; ++i)
+    tile[swizzle<HEAD_DIM>(row0 + i * R::kRowsPerPass, chunk)] = e4m3x8_to<T>(regs.r[i]);
+}
+
 // ROW_GROUPS bands of 64 rows per CTA: warp w owns rows rg * 64 + w * 16 .. + 15 of each band rg, so every K/V
 // fragment read from shared memory feeds ROW_GROUPS mma instructions. With one band Q stays in registers;
 // with two it is re-read from shared memory per k-step (registers hold the two output accumulators).
-template <typename T, int HEAD_DIM, int ROW_GROUPS>
+// KV: the pool's element type, T or e4m3 (read as codes: kv.k_scale is in scale_log2, kv.v_scale applied to
+// the output).
+template <typename T, typename KV, int HEAD_DIM, int ROW_GROUPS>
 __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(T* __restrict__ out, const T* __restrict__ q,
                                                                StepMetaDevice meta, PagedKv kv, int num_heads,
                                                                int group, float scale_log2) {
+  constexpr bool kFp8 = is_fp8_kv<KV>();
   constexpr int RG = ROW_GROUPS;
   constexpr int kRows = kBlockM * RG;
   constexpr int kChunks = HEAD_DIM / 8;
@@ -79,9 +119,15 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(T* __restrict__ o
     const bool valid = m0 + r < num_rows;
     cp_async_16(&q_s[swizzle<HEAD_DIM>(r, chunk)], q + row_offset(valid ? m0 + r : 0) + chunk * 8, valid);
   }
-  const T* pool = static_cast<const T*>(kv.data);
+  const KV* pool = static_cast<const KV*>(kv.data);
   const PagedKvIndex kv_index(kv, s, kv_head);
-  load_kv_tile<T, HEAD_DIM>(k_s, pool, kv_index, false, 0, seq_len);
+  [[maybe_unused]] Fp8TileRegs<HEAD_DIM> fp8_regs;  // K or V in flight (FP8 pool)
+  if constexpr (kFp8) {
+    fetch_kv_tile_fp8<HEAD_DIM>(fp8_regs, pool, kv_index, false, 0, seq_len);
+    store_kv_tile_fp8<T, HEAD_DIM>(k_s, fp8_regs);
+  } else {
+    load_kv_tile<T, HEAD_DIM>(k_s, pool, kv_index, false, 0, seq_len);
+  }
   cp_async_commit();
 
   // Keys 0 .. key_end - 1 are seen by some row of the tile; row R sees keys up to num_cached + R / group.
@@ -117,7 +163,8 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(T* __restrict__ o
         for (int kk = 0; kk < kKSteps; ++kk) ldmatrix_x4(q_frag[kk], &q_s[swizzle<HEAD_DIM>(q_row(0), kk * 2 + lane / 16)]);
       }
     }
-    load_kv_tile<T, HEAD_DIM>(v_s, pool, kv_index, true, n0, seq_len);
+    if constexpr (kFp8) fetch_kv_tile_fp8<HEAD_DIM>(fp8_regs, pool, kv_index, true, n0, seq_len);
+    else load_kv_tile<T, HEAD_DIM>(v_s, pool, kv_index, true, n0, seq_len);
     cp_async_commit();
 
     float sacc[RG][kKeyTiles][4];
@@ -196,9 +243,14 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(T* __restrict__ o
       }
     }
 
+    // Every warp finished V_{j-1} before the barrier at the top of this iteration: v_s is free.
+    if constexpr (kFp8) store_kv_tile_fp8<T, HEAD_DIM>(v_s, fp8_regs);
     cp_async_wait<0>();
     __syncthreads();  // V_j landed; every warp is done with K_j
-    if (j + 1 < num_key_tiles) load_kv_tile<T, HEAD_DIM>(k_s, pool, kv_index, false, n0 + kBlockN, seq_len);
+    if (j + 1 < num_key_tiles) {
+      if constexpr (kFp8) fetch_kv_tile_fp8<HEAD_DIM>(fp8_regs, pool, kv_index, false, n0 + kBlockN, seq_len);
+      else load_kv_tile<T, HEAD_DIM>(k_s, pool, kv_index, false, n0 + kBlockN, seq_len);
+    }
     cp_async_commit();
 
 #pragma unroll
@@ -214,6 +266,10 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(T* __restrict__ o
         }
       }
     }
+    // Every warp finished K_j at the barrier above: k_s is free for K_{j+1}.
+    if constexpr (kFp8) {
+      if (j + 1 < num_key_tiles) store_kv_tile_fp8<T, HEAD_DIM>(k_s, fp8_regs);
+    }
   }
 
 #pragma unroll
@@ -225,7 +281,8 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(T* __restrict__ o
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const int row = m0 + rg * kBlockM + warp * 16 + lane / 4 + 8 * r;
       if (row >= num_rows) continue;
-      const float inv_l = 1.0f / l;
+      float inv_l = 1.0f / l;
+      if constexpr (kFp8) inv_l *= kv.v_scale;  // the values were accumulated as codes
       T* dst = out + row_offset(row) + 2 * (lane % 4);
 #pragma unroll
       for (int i = 0; i < kDimTiles; ++i)
@@ -238,7 +295,7 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(T* __restrict__ o
 // time; each lane then accumulates dims lane, lane + 32, .. over those keys.
 constexpr int kSimpleMaxHeadDim = 256;
 
-template <typename T>
+template <typename T, typename KV>
 __global__ void __launch_bounds__(kThreads) prefill_simple_kernel(T* __restrict__ out, const T* __restrict__ q,
                                                                   StepMetaDevice meta, PagedKv kv, int num_heads,
                                                                   int group, int head_dim, float scale_log2) {
@@ -253,7 +310,7 @@ __global__ void __launch_bounds__(kThreads) prefill_simple_kernel(T* __restrict_
   for (int d = lane; d < head_dim; d += 32) q_s[warp][d] = to_float(q[q_offset + d]) * scale_log2;
   __syncwarp();
 
-  const T* pool = static_cast<const T*>(kv.data);
+  const KV* pool = static_cast<const KV*>(kv.data);
   const PagedKvIndex kv_index(kv, s, kv_head);
   constexpr int kDimsPerLane = kSimpleMaxHeadDim / 32;
   float acc[kDimsPerLane] = {};
@@ -262,7 +319,7 @@ __global__ void __launch_bounds__(kThreads) prefill_simple_kernel(T* __restrict_
     const int key = k0 + lane;
     float score = -INFINITY;
     if (key <= limit) {
-      const T* k = pool + kv_index.key_offset(key);
+      const KV* k = pool + kv_index.key_offset(key);
       score = 0.0f;
       for (int d = 0; d < head_dim; ++d) score += q_s[warp][d] * to_float(k[d]);
     }
@@ -278,14 +335,15 @@ __global__ void __launch_bounds__(kThreads) prefill_simple_kernel(T* __restrict_
     const int num_keys = min(32, limit - k0 + 1);
     for (int j = 0; j < num_keys; ++j) {
       const float pj = __shfl_sync(0xffffffffu, p, j);
-      const T* v = pool + kv_index.key_offset(k0 + j) + kv_index.v_offset;
+      const KV* v = pool + kv_index.key_offset(k0 + j) + kv_index.v_offset;
 #pragma unroll
       for (int r = 0; r < kDimsPerLane; ++r)
         if (lane + 32 * r < head_dim) acc[r] += pj * to_float(v[lane + 32 * r]);
     }
   }
   for (int off = 16; off > 0; off /= 2) l_lane += __shfl_xor_sync(0xffffffffu, l_lane, off);
-  const float inv_l = 1.0f / l_lane;
+  float inv_l = 1.0f / l_lane;
+  if constexpr (is_fp8_kv<KV>()) inv_l *= kv.v_scale;  // the values were accumulated as codes
 #pragma unroll
   for (int r = 0; r < kDimsPerLane; ++r)
     if (lane + 32 * r < head_dim) out[q_offset + lane + 32 * r] = from_float<T>(acc[r] * inv_l);
@@ -297,12 +355,12 @@ __global__ void __launch_bounds__(kThreads) prefill_simple_kernel(T* __restrict_
 #endif
 constexpr int kPrefillRowGroups = RTLLM_PREFILL_ROW_GROUPS;
 
-template <typename T, int HEAD_DIM, int RG>
+template <typename T, typename KV, int HEAD_DIM, int RG>
 cudaError_t launch_mma(T* out, const T* q, const StepMetaDevice& meta, const PagedKv& kv, int64_t max_rows,
                        int32_t num_heads, int32_t group, float scale_log2, cudaStream_t stream) {
   constexpr int kRows = kBlockM * RG;
   constexpr size_t kSmemBytes = (size_t)(kRows + 2 * kBlockN) * HEAD_DIM * 2;
-  auto kernel = prefill_mma_kernel<T, HEAD_DIM, RG>;
+  auto kernel = prefill_mma_kernel<T, KV, HEAD_DIM, RG>;
   if (kSmemBytes > 48 * 1024) {
     // Above 48 KB a kernel needs an explicit opt-in; a host-side attribute, safe during graph capture.
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmemBytes);
@@ -313,7 +371,7 @@ cudaError_t launch_mma(T* out, const T* q, const StepMetaDevice& meta, const Pag
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, typename KV>
 cudaError_t launch_prefill(void* out, const void* q, const StepMetaDevice& meta, const PagedKv& kv,
                            int32_t max_new_tokens, int32_t num_heads, int32_t group, int32_t head_dim,
                            float scale_log2, cudaStream_t stream) {
@@ -322,13 +380,15 @@ cudaError_t launch_prefill(void* out, const void* q, const StepMetaDevice& meta,
   if (head_dim == 64 || head_dim == 128) {
     const int64_t max_rows = (int64_t)max_new_tokens * group;
     if (head_dim == 64)
-      return launch_mma<T, 64, kPrefillRowGroups>(o, qt, meta, kv, max_rows, num_heads, group, scale_log2, stream);
-    return launch_mma<T, 128, kPrefillRowGroups>(o, qt, meta, kv, max_rows, num_heads, group, scale_log2, stream);
+      return launch_mma<T, KV, 64, kPrefillRowGroups>(o, qt, meta, kv, max_rows, num_heads, group, scale_log2, stream);
+    // FP8 at head_dim 128: two bands' accumulators plus the tile in flight in registers spill; one band does not.
+    constexpr int kRowGroups128 = is_fp8_kv<KV>() ? 1 : kPrefillRowGroups;
+    return launch_mma<T, KV, 128, kRowGroups128>(o, qt, meta, kv, max_rows, num_heads, group, scale_log2, stream);
   } else {
     const int64_t num_tasks = (int64_t)meta.num_tokens * num_heads;
     const int64_t num_blocks = (num_tasks + kNumWarps - 1) / kNumWarps;
-    prefill_simple_kernel<T><<<(unsigned)num_blocks, kThreads, 0, stream>>>(o, qt, meta, kv, num_heads, group,
-                                                                          head_dim, scale_log2);
+    prefill_simple_kernel<T, KV><<<(unsigned)num_blocks, kThreads, 0, stream>>>(o, qt, meta, kv, num_heads, group,
+                                                                              head_dim, scale_log2);
   }
   return cudaGetLastError();
 }
@@ -338,24 +398,23 @@ cudaError_t launch_prefill(void* out, const void* q, const StepMetaDevice& meta,
 cudaError_t attention_prefill(void* out, const void* q, StepMetaDevice meta, PagedKv kv, int32_t max_new_tokens,
                               int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, float scale, DType dtype,
                               cudaStream_t stream) {
-  if (kv.dtype != dtype) return cudaErrorInvalidValue;  // the pool in the activation dtype
+  const bool fp8 = kv.dtype == DType::kFP8E4M3;
+  if (fp8 && !(kv.k_scale > 0.0f && kv.v_scale > 0.0f && std::isfinite(kv.k_scale) && std::isfinite(kv.v_scale)))
+    return cudaErrorInvalidValue;
   if (num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || head_dim <= 0 ||
       head_dim % 8 != 0 || head_dim > kSimpleMaxHeadDim || kv.head_dim != head_dim ||
       kv.num_kv_heads != num_kv_heads || !attn::paged_kv_supported(kv) || meta.num_seqs > 65535 || num_heads > 65535 || max_new_tokens < 0)
     return cudaErrorInvalidValue;
   if (meta.num_seqs == 0 || meta.num_tokens == 0 || max_new_tokens == 0) return cudaSuccess;
   const int32_t group = num_heads / num_kv_heads;
-  const float scale_log2 = scale * attn::kLog2e;
-  switch (dtype) {
-    case DType::kBF16:
-      return launch_prefill<__nv_bfloat16>(out, q, meta, kv, max_new_tokens, num_heads, group, head_dim, scale_log2,
-                                           stream);
-    case DType::kFP16:
-      return launch_prefill<__half>(out, q, meta, kv, max_new_tokens, num_heads, group, head_dim, scale_log2,
-                                    stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  // An FP8 pool's keys are read as codes: k_scale joins the softmax scale (v_scale scales the output).
+  const float scale_log2 = scale * attn::kLog2e * (fp8 ? kv.k_scale : 1.0f);
+  RTLLM_DISPATCH_DTYPE(dtype, T, {
+    RTLLM_DISPATCH_KV(kv.dtype, T, KV, {
+      return launch_prefill<T, KV>(out, q, meta, kv, max_new_tokens, num_heads, group, head_dim, scale_log2, stream);
+    });
+  });
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace rtllm::kernels

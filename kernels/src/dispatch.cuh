@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "rtllm/kernels/common.cuh"
 
@@ -43,6 +44,19 @@
       __VA_ARGS__;                                           \
     } break;                                                 \
     default: RTLLM_DISPATCH_DTYPE(dtype, T, __VA_ARGS__);    \
+  }
+
+// Binds `KV` to the element type of a KV pool of dtype kv_dtype holding activations of type T: T itself
+// or an FP8 (E4M3) pool; any other pool dtype makes the enclosing launcher return cudaErrorInvalidValue.
+#define RTLLM_DISPATCH_KV(kv_dtype, T, KV, ...)                                                     \
+  if ((kv_dtype) == ::rtllm::kernels::DType::kFP8E4M3) {                                            \
+    using KV = __nv_fp8_e4m3;                                                                       \
+    __VA_ARGS__;                                                                                    \
+  } else if ((kv_dtype) == ::rtllm::kernels::dtype_of<T>()) {                                       \
+    using KV = T;                                                                                   \
+    __VA_ARGS__;                                                                                    \
+  } else {                                                                                          \
+    return cudaErrorInvalidValue;                                                                   \
   }
 
 // Binds the compile-time constant HEAD_DIM to hd for the head sizes the kernels are built for.
@@ -96,6 +110,16 @@ void launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t sme
   (void)cudaLaunchKernelEx(&config, kernel, static_cast<KernelArgs>(args)...);
 }
 
+template <typename T>
+constexpr DType dtype_of();
+template <>
+constexpr DType dtype_of<__nv_bfloat16>() { return DType::kBF16; }
+template <>
+constexpr DType dtype_of<__half>() { return DType::kFP16; }
+
+template <typename KV>
+constexpr bool is_fp8_kv() { return std::is_same_v<KV, __nv_fp8_e4m3>; }
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -125,6 +149,14 @@ template <>
 __device__ __forceinline__ __nv_fp8_e4m3 from_float(float x) { return __nv_fp8_e4m3(x); }
 template <>
 __device__ __forceinline__ __nv_fp8_e5m2 from_float(float x) { return __nv_fp8_e5m2(x); }
+
+// A key or value element as the pool of element type KV stores it: an FP8 pool holds e4m3(x / scale)
+// (float32 division, docs/engine_format.md "KV cache layout"); a 16-bit pool holds x rounded to KV.
+template <typename KV>
+__device__ __forceinline__ KV encode_kv(float x, float scale) {
+  if constexpr (is_fp8_kv<KV>()) return from_float<KV>(x / scale);
+  else return from_float<KV>(x);
+}
 
 // Eight 16-bit elements in one 16-byte register quad.
 template <typename T>

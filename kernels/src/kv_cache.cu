@@ -1,6 +1,9 @@
 // qkv_prepare: per (token, head) one warp loads the head's values of the packed qkv row, applies
 // qk-norm (q and k heads) and rotate-half RoPE (q and k heads) in float32 and writes q to q_out and
-// k, v into the paged pool. Lane l holds the pairs (i, i + hd/2) for i = l, l + 32, ...
+// k, v into the paged pool (of element type KV: T, or e4m3 codes of k / k_scale, v / v_scale). Lane l holds
+// the pairs (i, i + hd/2) for i = l, l + 32, ...
+#include <cmath>
+
 #include "dispatch.cuh"
 #include "rtllm/kernels/kv_cache.cuh"
 
@@ -9,7 +12,7 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 
-template <typename T, int HEAD_DIM>
+template <typename T, typename KV, int HEAD_DIM>
 __global__ void qkv_prepare_kernel(T* q_out, const T* qkv, int64_t row_stride, int64_t q_col, int64_t k_col,
                                    int64_t v_col, const float* inv_freq, const T* q_norm_weight,
                                    const T* k_norm_weight, float eps, StepMetaDevice meta, PagedKv kv,
@@ -66,9 +69,16 @@ __global__ void qkv_prepare_kernel(T* q_out, const T* qkv, int64_t row_stride, i
       }
     }
   }
-  T* dst;
   if (kind == 0) {
-    dst = q_out + t * (int64_t)num_heads * HEAD_DIM + (int64_t)head * HEAD_DIM;
+    T* dst = q_out + t * (int64_t)num_heads * HEAD_DIM + (int64_t)head * HEAD_DIM;
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+      const int i = lane + 32 * j;
+      if (i < kHalf) {
+        dst[i] = from_float<T>(x1[j]);
+        dst[i + kHalf] = from_float<T>(x2[j]);
+      }
+    }
   } else {
     // A position or block id outside the table/pool is a runtime bug: skip the write rather than
     // corrupt another sequence's blocks.
@@ -80,14 +90,15 @@ __global__ void qkv_prepare_kernel(T* q_out, const T* qkv, int64_t row_stride, i
     const int64_t offset =
         ((((int64_t)block * 2 + (kind - 1)) * kv.num_kv_heads + head) * kv.tokens_per_block +
          pos % kv.tokens_per_block) * HEAD_DIM;
-    dst = static_cast<T*>(kv.data) + offset;
-  }
+    KV* dst = static_cast<KV*>(kv.data) + offset;
+    const float scale = kind == 1 ? kv.k_scale : kv.v_scale;
 #pragma unroll
-  for (int j = 0; j < kPairs; ++j) {
-    const int i = lane + 32 * j;
-    if (i < kHalf) {
-      dst[i] = from_float<T>(x1[j]);
-      dst[i + kHalf] = from_float<T>(x2[j]);
+    for (int j = 0; j < kPairs; ++j) {
+      const int i = lane + 32 * j;
+      if (i < kHalf) {
+        dst[i] = encode_kv<KV>(x1[j], scale);
+        dst[i + kHalf] = encode_kv<KV>(x2[j], scale);
+      }
     }
   }
 }
@@ -99,11 +110,12 @@ cudaError_t qkv_prepare(void* q_out, const void* qkv, int64_t qkv_row_stride, in
                         float qk_norm_eps, StepMetaDevice meta, PagedKv kv, int32_t num_heads, int32_t num_kv_heads,
                         int32_t head_dim, DType dtype, cudaStream_t stream) {
   RTLLM_KERNEL_CHECK(q_out && qkv && meta.token_seq && meta.positions && kv.data && kv.block_table);
-  RTLLM_KERNEL_CHECK(kv.dtype == dtype);
   RTLLM_KERNEL_CHECK(meta.num_tokens >= 0 && num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0);
   RTLLM_KERNEL_CHECK(kv.head_dim == head_dim && kv.num_kv_heads == num_kv_heads && kv.tokens_per_block > 0 &&
                      kv.max_blocks_per_seq > 0 && kv.num_blocks > 0);
   RTLLM_KERNEL_CHECK((q_norm_weight == nullptr) == (k_norm_weight == nullptr));
+  RTLLM_KERNEL_CHECK(kv.dtype != DType::kFP8E4M3 || (kv.k_scale > 0.0f && kv.v_scale > 0.0f &&
+                                                    std::isfinite(kv.k_scale) && std::isfinite(kv.v_scale)));
   RTLLM_KERNEL_CHECK(q_col >= 0 && k_col >= 0 && v_col >= 0);
   const int64_t width = (int64_t)num_heads * head_dim, kv_width = (int64_t)num_kv_heads * head_dim;
   RTLLM_KERNEL_CHECK(q_col + width <= qkv_row_stride && k_col + kv_width <= qkv_row_stride &&
@@ -112,11 +124,13 @@ cudaError_t qkv_prepare(void* q_out, const void* qkv, int64_t qkv_row_stride, in
   const int64_t items = (int64_t)meta.num_tokens * (num_heads + 2 * num_kv_heads);
   const unsigned blocks = (unsigned)ceil_div(items, kWarpsPerBlock);
   RTLLM_DISPATCH_DTYPE(dtype, T, {
-    RTLLM_DISPATCH_HEAD_DIM(head_dim, HEAD_DIM, {
-      launch_pdl(qkv_prepare_kernel<T, HEAD_DIM>, blocks, kWarpsPerBlock * 32, 0, stream,
-          static_cast<T*>(q_out), static_cast<const T*>(qkv), qkv_row_stride, q_col, k_col, v_col, inv_freq,
-          static_cast<const T*>(q_norm_weight), static_cast<const T*>(k_norm_weight), qk_norm_eps, meta, kv,
-          num_heads, num_kv_heads);
+    RTLLM_DISPATCH_KV(kv.dtype, T, KV, {
+      RTLLM_DISPATCH_HEAD_DIM(head_dim, HEAD_DIM, {
+        launch_pdl(qkv_prepare_kernel<T, KV, HEAD_DIM>, blocks, kWarpsPerBlock * 32, 0, stream,
+            static_cast<T*>(q_out), static_cast<const T*>(qkv), qkv_row_stride, q_col, k_col, v_col, inv_freq,
+            static_cast<const T*>(q_norm_weight), static_cast<const T*>(k_norm_weight), qk_norm_eps, meta, kv,
+            num_heads, num_kv_heads);
+      });
     });
   });
   return cudaGetLastError();

@@ -51,12 +51,13 @@ def test_kv_pool_bytes_follow_the_kv_dtype(tmp_path, dtype, element_bytes):
     assert runner.kv_pool_bytes == (64 + 1) * per_block  # + the CUDA-graph padding block
 
 
-def test_fp8_kv_cache_fails_at_load_until_attention_reads_it(tmp_path):
+def test_kv_cache_dtype_attention_cannot_read_fails_at_load(tmp_path):
+    # F8_E4M3 is read (test_fp8_kv_gpu.py); F8_E5M2 is not.
     path = write_engine(tmp_path / "e", TinyModel())
     with pytest.raises(_core.RtllmError) as err:
-        _runner(path, kv_cache_dtype="F8_E4M3")
+        _runner(path, kv_cache_dtype="F8_E5M2")
     message = str(err.value)
-    assert 'op "attention"' in message and "CUDA" in message and "F8_E4M3" in message, message
+    assert 'op "attention"' in message and "CUDA" in message and "F8_E5M2" in message, message
 
 
 PAIRS = [(torch.float32, torch.float8_e4m3fn), (torch.float32, torch.float8_e5m2), (torch.bfloat16, torch.float8_e4m3fn),
