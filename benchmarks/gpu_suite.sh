@@ -10,6 +10,8 @@
 # Environment: STEPS (default "build tests kernels e2e serving"), CUDA_ARCHS (default 90a),
 # E2E_ARGS (bench_e2e.py arguments replacing the default workloads), PYTHON (default python3).
 #
+# STEPS may also name fp8_kernels, fp8_prepare and fp8_e2e (below).
+#
 # Same-machine A/B against another rtllm source tree (e.g. the previous main, `git archive` into a
 # folder): STEPS="build ab_prepare ab" AB_BASE=DIR. ab_prepare builds DIR into AB_WORK/base (default
 # AB_WORK=/tmp/rtllm-ab) and writes one Llama-3-8B-shaped engine with random bf16 weights; ab runs
@@ -95,6 +97,37 @@ export AB_WORK AB_ARGS PYTHON OUT_DIR
 export AB_BASE="${AB_BASE:-}" CUDA_ARCHS="${CUDA_ARCHS:-90a}"
 wants ab_prepare && run_step ab_prepare 540 ab_prepare.log bash -c ab_prepare
 wants ab && run_step ab 580 ab.log bash -c ab_run
+
+# FP8 next to bf16 on one random Llama-3-8B-shaped checkpoint: the FP8 GEMM/GEMV kernel benchmark against
+# torch._scaled_mm and the copy bandwidth, then bench_e2e.py on a bf16 engine and an FP8 + FP8-KV engine
+# (quantize() with calibration) built from the same weights (FP8_ARGS: the workloads).
+FP8_ARGS=${FP8_ARGS:---workload 128x128x5000 --workload 128x128x5000:topp}
+fp8_prepare() {
+  mkdir -p "$AB_WORK" || return
+  [ -f "$AB_WORK/hf/config.json" ] || "$PYTHON" -c \
+    "from rtllm.models.presets import write_random_checkpoint as w; w('$AB_WORK/hf', 'llama-3-8b', dtype='bfloat16')" ||
+    return
+  local limits="--max-batch-size 512 --max-input-len 2048 --max-seq-len 4096 --max-num-tokens 8192"
+  # shellcheck disable=SC2086
+  [ -f "$AB_WORK/bf16/rank0.engine" ] || "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/bf16" $limits ||
+    return
+  # shellcheck disable=SC2086
+  [ -f "$AB_WORK/fp8/rank0.engine" ] || "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/fp8" $limits \
+    --quant-algo FP8 --kv-cache-quant-algo FP8 --calib-size "${FP8_CALIB_SIZE:-16}"
+}
+fp8_run() {
+  # shellcheck disable=SC2086
+  "$PYTHON" benchmarks/bench_e2e.py --model "$AB_WORK/bf16" --device cuda --skip-hf --output "$OUT_DIR/e2e_bf16.json" \
+    $FP8_ARGS &&
+  "$PYTHON" benchmarks/bench_e2e.py --model "$AB_WORK/fp8" --device cuda --skip-hf --output "$OUT_DIR/e2e_fp8.json" \
+    $FP8_ARGS
+}
+export -f fp8_prepare fp8_run
+export FP8_ARGS
+wants fp8_kernels && run_step fp8_kernels 200 fp8_kernels.log "$PYTHON" benchmarks/bench_fp8_gemm.py \
+  --output "$OUT_DIR/fp8_kernels.json"
+wants fp8_prepare && run_step fp8_prepare 540 fp8_prepare.log bash -c fp8_prepare
+wants fp8_e2e && run_step fp8_e2e 580 fp8_e2e.log bash -c fp8_run
 
 echo
 echo "== summary ($(cat "$OUT_DIR/device.txt" | head -n 1))"
