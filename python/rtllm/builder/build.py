@@ -6,7 +6,8 @@ import functools
 from dataclasses import dataclass
 
 from ..mapping import Mapping
-from ..quantization import QuantConfig, check_supported, quantize
+from ..quantization import QuantConfig, check_supported
+from ..quantization.quantize import needs_calibration, quantize_network, selected_linears
 from . import passes
 from .engine import FORMAT_VERSION, Engine, rtllm_version
 from .tensor import Network
@@ -80,18 +81,20 @@ def trace(model) -> Network:
     return network
 
 
-def pass_list(build_config: BuildConfig, quant_config: QuantConfig) -> list:
+def pass_list(build_config: BuildConfig, quant_config: QuantConfig, calibration=None) -> list:
     """The rewrites build() runs on the traced network, in order: fusion (BuildConfig.fuse), then the
-    quantization of linears."""
+    quantization of linears (and of the KV cache's scales)."""
     fusion = list(passes.ALL_PASSES) if build_config.fuse else []
-    return fusion + [functools.partial(quantize, quant_config=quant_config)]
+    return fusion + [functools.partial(quantize_network, quant_config=quant_config, calibration=calibration)]
 
 
-def build(model, build_config: BuildConfig | None = None, quant_config: QuantConfig | None = None) -> Engine:
+def build(model, build_config: BuildConfig | None = None, quant_config: QuantConfig | None = None,
+          calib_data=None) -> Engine:
     """Traces `model` (a module with .config and forward(input_ids, positions, logits_indices)) into an
     engine: the graph after the passes, and lazy weights in the engine dtype. Reads no weight data;
-    Engine.save streams it (quantizing each weight as it is written). quant_config None builds unquantized;
-    FP8_PER_CHANNEL_PER_TOKEN is the one quantization implemented so far (rtllm.quantization.quantize)."""
+    Engine.save streams it (quantizing each weight as it is written). quant_config None builds unquantized.
+    FP8 weights and an FP8 KV cache are calibrated first on calib_data (rtllm.quantization.quantize
+    describes it; None: the corpus shipped with rtllm), which runs the unquantized model on the CPU."""
     build_config = (build_config or BuildConfig()).resolved(model.config.max_position_embeddings)
     quant_config = quant_config or QuantConfig()
     check_supported(quant_config)  # before any work
@@ -105,10 +108,17 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
                          f"less than max_seq_len={build_config.max_seq_len}; build with max_seq_len <= {window}")
 
     network = trace(model)
-    *rewrites, quantize_pass = pass_list(build_config, quant_config)
+    *rewrites, _ = pass_list(build_config, quant_config)
     for rewrite in rewrites:
         rewrite(network)
-    quantization_report = quantize_pass(network)
+    calibration = None
+    if needs_calibration(quant_config):
+        from ..quantization.calibrate import calibrate
+
+        quantized = quant_config.quant_algo == "FP8"
+        weights = [n.inputs[1] for n in selected_linears(network, quant_config)] if quantized else []
+        calibration = calibrate(model, build_config, quant_config, calib_data, weights)
+    quantization_report = pass_list(build_config, quant_config, calibration)[-1](network)
     network.prune()
     network.renumber()
     # in order of first use; every weight in the engine dtype except rope.inv_freq, which stays float32,
