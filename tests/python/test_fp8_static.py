@@ -20,7 +20,7 @@ from rtllm.builder import BuildConfig, Engine, build
 from rtllm.builder.tensor import Parameter
 from rtllm.models import AutoModelForCausalLM
 from rtllm.quantization import QuantAlgo, QuantConfig
-from rtllm.quantization.calibrate import calibrate, default_corpus_path, load_calib_texts, tokenize_samples
+from rtllm.quantization.calibration import calibrate, default_corpus_path, load_calib_texts, tokenize_samples
 
 FP8 = QuantConfig(quant_algo=QuantAlgo.FP8, kv_cache_quant_algo=QuantAlgo.FP8, calib_size=16,
                   calib_max_seq_length=64)

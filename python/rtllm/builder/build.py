@@ -2,7 +2,6 @@
 weights."""
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 from ..mapping import Mapping
@@ -81,11 +80,9 @@ def trace(model) -> Network:
     return network
 
 
-def pass_list(build_config: BuildConfig, quant_config: QuantConfig, calibration=None) -> list:
-    """The rewrites build() runs on the traced network, in order: fusion (BuildConfig.fuse), then the
-    quantization of linears (and of the KV cache's scales)."""
-    fusion = list(passes.ALL_PASSES) if build_config.fuse else []
-    return fusion + [functools.partial(quantize_network, quant_config=quant_config, calibration=calibration)]
+def fusion_passes(build_config: BuildConfig) -> list:
+    """The rewrites build() runs on the traced network before quantization (BuildConfig.fuse)."""
+    return list(passes.ALL_PASSES) if build_config.fuse else []
 
 
 def build(model, build_config: BuildConfig | None = None, quant_config: QuantConfig | None = None,
@@ -108,17 +105,19 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
                          f"less than max_seq_len={build_config.max_seq_len}; build with max_seq_len <= {window}")
 
     network = trace(model)
-    *rewrites, _ = pass_list(build_config, quant_config)
-    for rewrite in rewrites:
+    for rewrite in fusion_passes(build_config):
         rewrite(network)
+    # Then quantization: calibration first when the algorithms need activation ranges.
     calibration = None
     if needs_calibration(quant_config):
-        from ..quantization.calibrate import calibrate
+        from ..quantization import QuantAlgo
+        from ..quantization.calibration import calibrate
 
-        quantized = quant_config.quant_algo == "FP8"
-        weights = [n.inputs[1] for n in selected_linears(network, quant_config)] if quantized else []
-        calibration = calibrate(model, build_config, quant_config, calib_data, weights)
-    quantization_report = pass_list(build_config, quant_config, calibration)[-1](network)
+        # FP8's static input scales: the linears the pass will quantize, as it selects them
+        static = quant_config.quant_algo == QuantAlgo.FP8
+        linears = [n.inputs[1] for n in selected_linears(network, quant_config)] if static else []
+        calibration = calibrate(model, build_config, quant_config, calib_data, linears)
+    quantization_report = quantize_network(network, quant_config, calibration)
     network.prune()
     network.renumber()
     # in order of first use; every weight in the engine dtype except rope.inv_freq, which stays float32,

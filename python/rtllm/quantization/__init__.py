@@ -2,7 +2,7 @@
 
 from .mode import KV_CACHE_QUANT_ALGO_LIST, QuantAlgo
 from .quant_config import QuantConfig
-from .calibrate import Calibration, calibrate, load_calib_texts
+from .calibration import Calibration, calibrate, load_calib_texts
 from .quantize import QuantizationReport, check_supported, quantize, quantize_network
 
 __all__ = ["KV_CACHE_QUANT_ALGO_LIST", "Calibration", "QuantAlgo", "QuantConfig", "QuantizationReport", "calibrate",

@@ -86,7 +86,7 @@ def quantize(model, quant_config: QuantConfig, calib_data=None, build_config=Non
     FP8 weights and an FP8 KV cache are calibrated first: the unquantized model runs the prompts of
     calib_data (a list of strings, a .txt file of paragraphs separated by blank lines, a .jsonl file of
     {"text": ...} lines, or None for the corpus shipped with rtllm; quant_config.calib_size samples of at
-    most calib_max_seq_length tokens) on rtllm's CPU runtime (rtllm.quantization.calibrate). The returned
+    most calib_max_seq_length tokens) on rtllm's CPU runtime (rtllm.quantization.calibration). The returned
     Engine's quantization_report says what was quantized and which scales calibration chose."""
     from ..builder.build import build
 
@@ -119,7 +119,7 @@ def selected_linears(network, quant_config: QuantConfig, report: QuantizationRep
 def quantize_network(network, quant_config: QuantConfig, calibration=None) -> QuantizationReport:
     """The builder's pass: replaces each selected linear with its quantized form, sets the attention
     nodes' k_scale / v_scale for an FP8 KV cache, and reports what it did. `calibration`
-    (rtllm.quantization.calibrate.Calibration) is required when needs_calibration(quant_config). Reads no
+    (rtllm.quantization.calibration.Calibration) is required when needs_calibration(quant_config). Reads no
     weight data: the new weights are lazy, quantized one tensor at a time when the engine is saved."""
     check_supported(quant_config)
     algo = quant_config.quant_algo or QuantAlgo.NO_QUANT

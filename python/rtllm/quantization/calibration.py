@@ -129,7 +129,7 @@ def calibrate(model, build_config, quant_config, calib_data=None, linear_weights
     # fusion, so the linears read the same values they will in the quantized engine.
     calib_build = BuildConfig(max_batch_size=1, max_input_len=max_len, max_seq_len=max_len, max_num_tokens=max_len,
                               dtype=build_config.dtype, fuse=build_config.fuse)
-    engine = build(model, calib_build, QuantConfig(exclude_modules=list(quant_config.exclude_modules)))
+    engine = build(model, calib_build, QuantConfig())
     graph_nodes = engine.graph["nodes"]
     wanted = set(linear_weights)
     inputs_of = {}  # weight name -> input tensor name in the calibration engine
@@ -148,17 +148,15 @@ def calibrate(model, build_config, quant_config, calib_data=None, linear_weights
             device=_core.DeviceKind.CPU, num_kv_blocks=num_blocks, tokens_per_block=TOKENS_PER_BLOCK,
             kv_cache_dtype="F32"))
         runner.observe_amax(sorted(set(inputs_of.values())))
-        kv_amax = [[0.0, 0.0] for _ in range(num_layers)]
+        kv_amax = np.zeros((num_layers, 2))  # np.maximum keeps a NaN: quantize_network refuses it
         block_table = list(range(num_blocks))
-        for ids in samples:
+        for ids in samples:  # each prompt overwrites the blocks of the one before
             runner.forward(np.asarray(ids, dtype=np.int32), [len(ids)], [0],
                            np.asarray([block_table], dtype=np.int32))
-            for layer, (k, v) in enumerate(runner.kv_cache_amax(block_table, len(ids))):
-                kv_amax[layer][0] = max(kv_amax[layer][0], k) if k == k else k
-                kv_amax[layer][1] = max(kv_amax[layer][1], v) if v == v else v
+            kv_amax = np.maximum(kv_amax, np.array(runner.kv_cache_amax(block_table, len(ids))))
         tensor_amax = runner.observed_amax()
         del runner, core_engine  # unmaps the temporary engine before the directory goes
     return Calibration(num_samples=len(samples), num_tokens=sum(map(len, samples)),
                        linear_amax={w: float(tensor_amax[t]) for w, t in inputs_of.items()},
-                       kv_amax=[tuple(a) for a in kv_amax])
+                       kv_amax=[(float(k), float(v)) for k, v in kv_amax])
 
