@@ -143,6 +143,30 @@ void bind_engine(py::module_& m) {
            py::arg("block_table"), py::arg("logits_indices") = std::nullopt)
       // [(source, destination)]: whole KV blocks, every layer, before the next forward.
       .def("copy_blocks", &ModelRunner::copy_blocks, py::arg("copies"), py::call_guard<py::gil_scoped_release>())
+      // Calibration: observe_amax([tensor names]) records each node output's running amax |value| over the
+      // following steps; observed_amax() -> {name: amax}; kv_cache_amax(block_table, num_tokens) -> per
+      // layer (amax |K|, amax |V|) of one sequence's tokens in the pool.
+      .def("observe_amax", &ModelRunner::observe_amax, py::arg("tensor_names"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("observed_amax",
+           [](const ModelRunner& r) {
+             py::dict d;
+             for (const auto& [name, amax] : r.observed_amax()) d[py::str(name)] = amax;
+             return d;
+           })
+      .def(
+          "kv_cache_amax",
+          [](ModelRunner& r, std::vector<int32_t> block_table, int32_t num_tokens) {
+            std::vector<std::array<float, 2>> amax;
+            {
+              py::gil_scoped_release release;
+              amax = r.kv_cache_amax(block_table, num_tokens);
+            }
+            std::vector<std::pair<float, float>> out;
+            for (const auto& a : amax) out.emplace_back(a[0], a[1]);
+            return out;
+          },
+          py::arg("block_table"), py::arg("num_tokens"))
       .def_property_readonly("config", &ModelRunner::config)  // with the 0 fields resolved
       .def_property_readonly("vocab_size", &ModelRunner::vocab_size)
       .def_static(

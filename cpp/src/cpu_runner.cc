@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "cpu/gemm_pack.h"
@@ -14,6 +15,19 @@
 namespace rtllm {
 
 namespace {
+
+// A value's magnitude raises amax; a NaN makes it NaN (`!(a <= m)`), so a broken run is not hidden.
+void raise_amax(float a, float& amax) {
+  if (!(a <= amax)) amax = a;
+}
+
+// amax |value| over a float32 activation as bound for the step (every row of it).
+void observe(const TensorView& t, float& amax) {
+  RTLLM_CHECK(t.dtype == DataType::kFloat32, "observe_amax reads float32 activations, got ",
+              dtype_safetensors_name(t.dtype));
+  const float* x = t.f32();
+  for (int64_t i = 0, n = t.numel(); i < n; ++i) raise_amax(std::fabs(x[i]), amax);
+}
 
 size_t physical_memory_bytes() {
   long pages = sysconf(_SC_PHYS_PAGES), page_size = sysconf(_SC_PAGE_SIZE);
@@ -58,6 +72,8 @@ class CpuBackend final : public RunnerBackend {
   size_t kv_pool_bytes() const override { return kv_bytes_; }
   const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) override;
   void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) override;
+  bool can_observe() const override { return true; }
+  void kv_cache_amax(const int32_t* block_table, int32_t num_tokens, std::array<float, 2>* out) const override;
 
  private:
   const Engine& engine_;
@@ -149,7 +165,10 @@ const float* CpuBackend::forward(const HostStep& st, std::vector<PlannedNode>& n
   ctx.step = &meta;
   ctx.kv = &kv_;
   ctx.workspace = op_workspace_.data();
-  for (PlannedNode& node : nodes) node.run(ctx, st.num_tokens, st.num_logits);
+  for (PlannedNode& node : nodes) {
+    node.run(ctx, st.num_tokens, st.num_logits);
+    for (auto& [o, amax] : node.observed) observe(node.output_views[o], amax);
+  }
   return static_cast<const float*>(logits.data);
 }
 
@@ -159,6 +178,21 @@ void CpuBackend::copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& cop
   for (int32_t l = 0; l < kv_.num_layers; ++l) {
     auto* layer = static_cast<uint8_t*>(kv_.layers[l]);
     for (const auto& [src, dst] : copies) std::memcpy(layer + dst * block_bytes, layer + src * block_bytes, block_bytes);
+  }
+}
+
+// Token t of the sequence is in block block_table[t / tpb], slot t % tpb; K then V of every kv head.
+void CpuBackend::kv_cache_amax(const int32_t* block_table, int32_t num_tokens, std::array<float, 2>* out) const {
+  RTLLM_CHECK(kv_.dtype == DataType::kFloat32, "kv_cache_amax reads a float32 KV cache");
+  const int64_t tpb = kv_.tokens_per_block, nkv = kv_.num_kv_heads, hd = kv_.head_dim;
+  for (int32_t l = 0; l < kv_.num_layers; ++l) {
+    const float* layer = static_cast<const float*>(kv_.layers[l]);
+    for (int64_t t = 0; t < num_tokens; ++t)
+      for (int64_t which = 0; which < 2; ++which)
+        for (int64_t kh = 0; kh < nkv; ++kh) {
+          const float* row = layer + (((block_table[t / tpb] * 2 + which) * nkv + kh) * tpb + t % tpb) * hd;
+          for (int64_t d = 0; d < hd; ++d) raise_amax(std::fabs(row[d]), out[l][which]);
+        }
   }
 }
 

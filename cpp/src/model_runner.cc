@@ -378,6 +378,55 @@ void ModelRunner::copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& co
   if (!copies.empty()) im.backend->copy_blocks(copies);
 }
 
+void ModelRunner::observe_amax(const std::vector<std::string>& tensor_names) {
+  Impl& im = *impl_;
+  RTLLM_CHECK_ARG(im.backend->can_observe() || tensor_names.empty(), "observe_amax is not implemented on the ",
+                  device_name(im.config.device), " backend yet (available on the CPU)");
+  const Graph& g = im.engine->graph();
+  std::lock_guard<std::mutex> lock(im.forward_mutex);
+  for (PlannedNode& node : im.nodes) node.observed.clear();
+  for (const std::string& name : tensor_names) {
+    bool found = false;
+    for (size_t n = 0; n < g.nodes.size() && !found; ++n)
+      for (size_t o = 0; o < g.nodes[n].outputs.size() && !found; ++o)
+        if (g.nodes[n].outputs[o] == name) {
+          auto& obs = im.nodes[n].observed;
+          if (std::none_of(obs.begin(), obs.end(), [&](const auto& p) { return p.first == o; }))
+            obs.emplace_back(o, 0.0f);
+          found = true;
+        }
+    RTLLM_CHECK_ARG(found, "observe_amax: \"", name, "\" is not the output of a node of the graph");
+  }
+}
+
+std::vector<std::pair<std::string, float>> ModelRunner::observed_amax() const {
+  const Impl& im = *impl_;
+  const Graph& g = im.engine->graph();
+  std::vector<std::pair<std::string, float>> out;
+  for (size_t n = 0; n < im.nodes.size(); ++n)
+    for (const auto& [o, amax] : im.nodes[n].observed) out.emplace_back(g.nodes[n].outputs[o], amax);
+  return out;
+}
+
+std::vector<std::array<float, 2>> ModelRunner::kv_cache_amax(const std::vector<int32_t>& block_table,
+                                                             int32_t num_tokens) {
+  Impl& im = *impl_;
+  const int32_t tpb = im.config.tokens_per_block;
+  RTLLM_CHECK_ARG(*im.config.kv_cache_dtype == DataType::kFloat32, "kv_cache_amax reads a float32 KV cache; "
+                  "this runner's is ", dtype_safetensors_name(*im.config.kv_cache_dtype));
+  RTLLM_CHECK_ARG(num_tokens >= 0, "kv_cache_amax: num_tokens ", num_tokens, " must be >= 0");
+  const int64_t num_blocks = (static_cast<int64_t>(num_tokens) + tpb - 1) / tpb;
+  RTLLM_CHECK_ARG(static_cast<int64_t>(block_table.size()) >= num_blocks, "kv_cache_amax: ", num_tokens,
+                  " tokens need ", num_blocks, " blocks, the block table has ", block_table.size());
+  for (int64_t b = 0; b < num_blocks; ++b)
+    RTLLM_CHECK_ARG(block_table[b] >= 0 && block_table[b] < im.config.num_kv_blocks, "kv_cache_amax: block id ",
+                    block_table[b], " outside [0, ", im.config.num_kv_blocks, ")");
+  std::vector<std::array<float, 2>> out(im.engine->model_config().num_layers, {0.0f, 0.0f});
+  std::lock_guard<std::mutex> lock(im.forward_mutex);
+  im.backend->kv_cache_amax(block_table.data(), num_tokens, out.data());
+  return out;
+}
+
 #ifndef RTLLM_WITH_CUDA
 bool cuda_available() { return false; }
 #endif

@@ -3,6 +3,7 @@
 // one step runs. model_runner.cc plans; cpu_runner.cc and cuda/cuda_runner.cc execute.
 #pragma once
 
+#include <array>
 #include <memory>
 #include <string>
 #include <vector>
@@ -38,6 +39,9 @@ struct PlannedNode {
   std::unique_ptr<OpKind> kind;
   std::vector<const TensorSlot*> inputs, outputs;
   std::vector<TensorView> input_views, output_views;  // refilled each step
+  // (output index, running amax |value|) of the outputs ModelRunner::observe_amax asked for; the
+  // backend updates them after each run.
+  std::vector<std::pair<size_t, float>> observed;
 
   // Binds the views to a step of num_tokens tokens and num_logits rows of logits and runs the op.
   void run(const OpContext& ctx, int64_t num_tokens, int64_t num_logits) {
@@ -105,6 +109,13 @@ class RunnerBackend {
   // Copies KV blocks (source, destination; validated ids), every layer, in order, ahead of the next
   // forward (on the CUDA stream: ordered before it, no host wait).
   virtual void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) = 0;
+  // Calibration: whether forward updates PlannedNode::observed, and the per-layer {amax |K|, amax |V|}
+  // of a sequence's first num_tokens pool slots (validated block ids) into out[num_layers][2].
+  virtual bool can_observe() const { return false; }
+  virtual void kv_cache_amax(const int32_t* block_table, int32_t num_tokens, std::array<float, 2>* out) const {
+    (void)block_table, (void)num_tokens, (void)out;
+    RTLLM_CHECK_ARG(false, "kv_cache_amax is not implemented on this backend yet (available on the CPU)");
+  }
 
  private:
   Sampler host_sampler_;  // the host draw of forward_and_sample; its buffers are reused across steps

@@ -19,6 +19,7 @@ _LAZY = {
     "Engine": ("rtllm.builder", "Engine"),
     "QuantConfig": ("rtllm.quantization", "QuantConfig"),
     "QuantAlgo": ("rtllm.quantization", "QuantAlgo"),
+    "quantize": ("rtllm.quantization", "quantize"),
     "Mapping": ("rtllm.mapping", "Mapping"),
 }
 
@@ -51,5 +52,5 @@ def __getattr__(name):
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "BuildConfig",
            "KvCacheConfig", "SchedulerConfig", "CapacitySchedulerPolicy", "QuantConfig", "QuantAlgo", "Mapping",
-           "build", "Engine",
+           "build", "Engine", "quantize",
            "RtllmError", "InvalidArgumentError", "__version__", "cmake_dir", "include_dir", "lib_dir"]

@@ -126,7 +126,11 @@ def engines(llama_dir, tmp_path_factory):
 def test_engine_records_the_kv_algorithm_and_the_runner_follows_it(engines):
     config = json.loads((engines[1] / "config.json").read_text())
     assert config["quantization"]["kv_cache_quant_algo"] == "FP8"
-    assert config["graph"] == json.loads((engines[0] / "config.json").read_text())["graph"]  # the graph is unchanged
+    # the graph is unchanged but for each attention node's calibrated k_scale / v_scale
+    graph = config["graph"]
+    scales = [(n["attrs"].pop("k_scale"), n["attrs"].pop("v_scale")) for n in graph["nodes"] if n["op"] == "attention"]
+    assert len(scales) == 2 and all(0 < s < 1 for pair in scales for s in pair)
+    assert graph == json.loads((engines[0] / "config.json").read_text())["graph"]
     engine = _core.Engine.load(str(engines[1]))
     runner = _core.ModelRunner(engine, _core.RuntimeConfig(num_kv_blocks=8))
     assert runner.config.kv_cache_dtype == "F8_E4M3"
@@ -205,7 +209,8 @@ def test_prefix_reuse_with_an_fp8_pool(engines):
 @pytest.mark.parametrize("config, message", [
     (QuantConfig(kv_cache_quant_algo=QuantAlgo.INT8), "kv_cache_quant_algo INT8 is not implemented yet"),
     (QuantConfig(kv_cache_quant_algo=QuantAlgo.NVFP4), "kv_cache_quant_algo NVFP4 is not implemented yet"),
-    (QuantConfig(quant_algo=QuantAlgo.FP8, kv_cache_quant_algo=QuantAlgo.FP8), "quant_algo FP8 is not implemented"),
+    (QuantConfig(quant_algo=QuantAlgo.FP8_BLOCK_SCALES, kv_cache_quant_algo=QuantAlgo.FP8),
+     "quant_algo FP8_BLOCK_SCALES is not implemented"),
 ])
 def test_other_kv_algorithms_are_refused(llama_dir, config, message):
     model = AutoModelForCausalLM.from_hugging_face(llama_dir)

@@ -3,6 +3,7 @@
 // Block ids and their lifetimes belong to KVCacheManager; the runner only stores K/V where it is told.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -95,6 +96,18 @@ class RTLLM_API ModelRunner {
   // next forward reads them (copy-on-write of a partially reused prefix block). Throws
   // InvalidArgument for a block id outside [0, num_kv_blocks) or a pair with source == destination.
   void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies);
+
+  // Calibration (the quantize pass's activation ranges). observe_amax starts recording, for each named
+  // node output, the largest |value| it holds over every later step (all its rows), and drops earlier
+  // observations (an empty list stops observing). observed_amax returns the running values by name (0
+  // before any step). Throws InvalidArgument for a name that is no node's output and on a backend that
+  // cannot observe (CUDA so far).
+  void observe_amax(const std::vector<std::string>& tensor_names);
+  std::vector<std::pair<std::string, float>> observed_amax() const;
+  // Per layer {amax |K|, amax |V|} of one sequence's first num_tokens tokens as the KV pool holds them
+  // (K after qk_norm and RoPE), block_table listing its blocks in order. Reads a float32 pool; throws
+  // InvalidArgument for another dtype, a block id outside the pool or a table too short.
+  std::vector<std::array<float, 2>> kv_cache_amax(const std::vector<int32_t>& block_table, int32_t num_tokens);
 
   const Engine& engine() const;
   const RuntimeConfig& config() const;  // with the 0 fields resolved

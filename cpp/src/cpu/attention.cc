@@ -7,11 +7,12 @@
 // tile (cpu/attention_kernel.h). A token's result depends only on its own q and its sequence's K/V,
 // never on the other sequences of the step, the tiling or the thread that computes it.
 //
-// KV cache dtype F32 or F8_E4M3. An F8_E4M3 pool stores e4m3(k) and e4m3(v) (k after qk_norm and RoPE;
-// round to nearest even, saturated to +-448; no scale yet: calibrated K/V scales come with
-// calibration). Phase 2 decodes each key block's K and V rows exactly into a per-thread float32 scratch
-// (the op's workspace) and runs the same kernel on them, so an FP8 cache computes what an F32 cache
-// holding the same E4M3 values would, bit for bit.
+// KV cache dtype F32 or F8_E4M3. An F8_E4M3 pool stores e4m3(k / k_scale) and e4m3(v / v_scale) (k after
+// qk_norm and RoPE; float32 division, round to nearest even, saturated to +-448; the scales are the
+// node's calibrated attrs, 1 when absent). Phase 2 decodes each key block's K and V rows exactly, times
+// the scale in float32, into a per-thread float32 scratch (the op's workspace) and runs the same kernel
+// on them, so an FP8 cache computes what an F32 cache holding e4m3(k / k_scale) · k_scale would, bit for
+// bit.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -71,9 +72,9 @@ class Attention final : public OpKind {
   bool fp8_ = false;  // the pool holds F8_E4M3 (else F32)
 };
 
-// Stores hd floats as E4M3 codes (round to nearest even, saturate).
-void quantize_row(const float* src, uint8_t* dst, int64_t hd) {
-  for (int64_t d = 0; d < hd; ++d) dst[d] = float_to_fp8_e4m3(src[d]);
+// Stores hd floats divided by scale as E4M3 codes (float32 division, round to nearest even, saturate).
+void quantize_row(const float* src, float scale, uint8_t* dst, int64_t hd) {
+  for (int64_t d = 0; d < hd; ++d) dst[d] = float_to_fp8_e4m3(src[d] / scale);
 }
 
 void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out) {
@@ -156,8 +157,8 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
         float k_row[cpu::kMaxHeadDim];
         std::memcpy(k_row, k.head(t, kh, hd), hd * sizeof(float));
         transform(k_row, k_norm);
-        quantize_row(k_row, layer8 + kv_offset(block, 0, kh, slot), hd);
-        quantize_row(v.head(t, kh, hd), layer8 + kv_offset(block, 1, kh, slot), hd);
+        quantize_row(k_row, p.k_scale, layer8 + kv_offset(block, 0, kh, slot), hd);
+        quantize_row(v.head(t, kh, hd), p.v_scale, layer8 + kv_offset(block, 1, kh, slot), hd);
         continue;
       }
       float* k_dst = layer + kv_offset(block, 0, kh, slot);
@@ -186,6 +187,7 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
   if (num_tiles == 0) return;
   const int64_t work_per_task = 2 * hd * nh * num_scores / (num_tiles * tasks_per_tile) + 1;
   const auto& e4m3 = cpu::e4m3_table();
+  const float k_scale = p.k_scale, v_scale = p.v_scale;
   ctx.pool->parallel_for(num_tiles * tasks_per_tile, [&](int64_t task, int thread) {
     const int64_t tile = task / tasks_per_tile, kh = task % tasks_per_tile / num_head_chunks;
     const int64_t first_head = kh * group + task % num_head_chunks * heads_per_task;
@@ -232,8 +234,8 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
       cpu::attend_tile(q_rows, out_rows, num_keys, num_rows, hd, p.scale, kv_rows, acc);
       return;
     }
-    // E4M3: decode the block's valid rows (exact) into this thread's scratch; the rows past end - 1
-    // point at the last decoded ones, as the kernel expects.
+    // E4M3: decode the block's valid rows (exact) times the scales into this thread's scratch; the rows
+    // past end - 1 point at the last decoded ones, as the kernel expects.
     float* decoded = static_cast<float*>(ctx.workspace) + thread * decoded_block_floats();
     auto kv_rows = [&](int64_t start, int64_t end, const float** key_rows, const float** value_rows) {
       const uint8_t* codes_k[cpu::kKeyBlock];
@@ -248,8 +250,8 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
         }
         float* k_row = decoded + j * hd;
         float* v_row = decoded + (cpu::kKeyBlock + j) * hd;
-        for (int64_t d = 0; d < hd; ++d) k_row[d] = e4m3[codes_k[j][d]];
-        for (int64_t d = 0; d < hd; ++d) v_row[d] = e4m3[codes_v[j][d]];
+        for (int64_t d = 0; d < hd; ++d) k_row[d] = e4m3[codes_k[j][d]] * k_scale;
+        for (int64_t d = 0; d < hd; ++d) v_row[d] = e4m3[codes_v[j][d]] * v_scale;
         key_rows[j] = k_row;
         value_rows[j] = v_row;
       }

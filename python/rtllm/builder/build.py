@@ -2,11 +2,11 @@
 weights."""
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 from ..mapping import Mapping
-from ..quantization import QuantConfig, check_supported, quantize
+from ..quantization import QuantConfig, check_supported
+from ..quantization.quantize import needs_calibration, quantize_network, selected_linears
 from . import passes
 from .engine import FORMAT_VERSION, Engine, rtllm_version
 from .tensor import Network
@@ -80,18 +80,18 @@ def trace(model) -> Network:
     return network
 
 
-def pass_list(build_config: BuildConfig, quant_config: QuantConfig) -> list:
-    """The rewrites build() runs on the traced network, in order: fusion (BuildConfig.fuse), then the
-    quantization of linears."""
-    fusion = list(passes.ALL_PASSES) if build_config.fuse else []
-    return fusion + [functools.partial(quantize, quant_config=quant_config)]
+def fusion_passes(build_config: BuildConfig) -> list:
+    """The rewrites build() runs on the traced network before quantization (BuildConfig.fuse)."""
+    return list(passes.ALL_PASSES) if build_config.fuse else []
 
 
-def build(model, build_config: BuildConfig | None = None, quant_config: QuantConfig | None = None) -> Engine:
+def build(model, build_config: BuildConfig | None = None, quant_config: QuantConfig | None = None,
+          calib_data=None) -> Engine:
     """Traces `model` (a module with .config and forward(input_ids, positions, logits_indices)) into an
     engine: the graph after the passes, and lazy weights in the engine dtype. Reads no weight data;
-    Engine.save streams it (quantizing each weight as it is written). quant_config None builds unquantized;
-    FP8_PER_CHANNEL_PER_TOKEN is the one quantization implemented so far (rtllm.quantization.quantize)."""
+    Engine.save streams it (quantizing each weight as it is written). quant_config None builds unquantized.
+    FP8 weights and an FP8 KV cache are calibrated first on calib_data (rtllm.quantization.quantize
+    describes it; None: the corpus shipped with rtllm), which runs the unquantized model on the CPU."""
     build_config = (build_config or BuildConfig()).resolved(model.config.max_position_embeddings)
     quant_config = quant_config or QuantConfig()
     check_supported(quant_config)  # before any work
@@ -105,10 +105,19 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
                          f"less than max_seq_len={build_config.max_seq_len}; build with max_seq_len <= {window}")
 
     network = trace(model)
-    *rewrites, quantize_pass = pass_list(build_config, quant_config)
-    for rewrite in rewrites:
+    for rewrite in fusion_passes(build_config):
         rewrite(network)
-    quantization_report = quantize_pass(network)
+    # Then quantization: calibration first when the algorithms need activation ranges.
+    calibration = None
+    if needs_calibration(quant_config):
+        from ..quantization import QuantAlgo
+        from ..quantization.calibration import calibrate
+
+        # FP8's static input scales: the linears the pass will quantize, as it selects them
+        static = quant_config.quant_algo == QuantAlgo.FP8
+        linears = [n.inputs[1] for n in selected_linears(network, quant_config)] if static else []
+        calibration = calibrate(model, build_config, quant_config, calib_data, linears)
+    quantization_report = quantize_network(network, quant_config, calibration)
     network.prune()
     network.renumber()
     # in order of first use; every weight in the engine dtype except rope.inv_freq, which stays float32,

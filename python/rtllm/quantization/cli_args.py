@@ -4,23 +4,32 @@ from __future__ import annotations
 
 
 def add_quant_args(p) -> None:
-    """--quant-algo, --kv-cache-quant-algo and --exclude-modules, as QuantConfig's fields (rtllm build,
-    rtllm bench, benchmarks)."""
+    """--quant-algo, --kv-cache-quant-algo, --exclude-modules, --calib-data and --calib-size, as
+    QuantConfig's fields and quantize()'s calib_data (rtllm build, rtllm bench, benchmarks)."""
     from rtllm.quantization import QuantAlgo
 
     names = [a.value for a in QuantAlgo]
     g = p.add_argument_group("quantization")
     g.add_argument("--quant-algo", choices=names, default=None, metavar="ALGO",
-                   help="quantize the weights (implemented: FP8_PER_CHANNEL_PER_TOKEN; default: none)")
+                   help="quantize the weights (implemented: FP8, FP8_PER_CHANNEL_PER_TOKEN; default: none)")
     g.add_argument("--kv-cache-quant-algo", choices=names, default=None, metavar="ALGO",
-                   help="quantize the KV cache (implemented: FP8, an E4M3 cache; default: none)")
+                   help="quantize the KV cache (implemented: FP8, an E4M3 cache with calibrated scales; "
+                        "default: none)")
     g.add_argument("--exclude-modules", nargs="+", default=None, metavar="GLOB",
                    help="modules left unquantized (default: lm_head)")
+    g.add_argument("--calib-data", default=None, metavar="FILE",
+                   help="calibration texts for FP8 and an FP8 KV cache: a .txt file (paragraphs separated by "
+                        "blank lines) or a .jsonl file ({\"text\": ...} a line); default: rtllm's own corpus")
+    g.add_argument("--calib-size", type=int, default=None, metavar="N",
+                   help="calibration samples to run (QuantConfig.calib_size, default 512)")
 
 
 def quant_config_of(args):
     """The QuantConfig the quantization arguments ask for, or None."""
     if args.quant_algo is None and args.kv_cache_quant_algo is None:
+        if args.calib_data is not None or args.calib_size is not None:
+            raise ValueError("--calib-data and --calib-size calibrate a quantization: add --quant-algo FP8 or "
+                             "--kv-cache-quant-algo FP8")
         return None
     from rtllm.quantization import QuantAlgo, QuantConfig
 
@@ -28,4 +37,9 @@ def quant_config_of(args):
                   kv_cache_quant_algo=args.kv_cache_quant_algo and QuantAlgo(args.kv_cache_quant_algo))
     if args.exclude_modules is not None:
         fields["exclude_modules"] = list(args.exclude_modules)
+    # The calibration file travels as QuantConfig.calib_dataset (recorded in the engine's config.json).
+    if args.calib_data is not None:
+        fields["calib_dataset"] = args.calib_data
+    if args.calib_size is not None:
+        fields["calib_size"] = args.calib_size
     return QuantConfig(**fields)

@@ -27,7 +27,10 @@ def _positive_int(name: str, value) -> None:
 class QuantConfig:
     """quant_algo None (or NO_QUANT) keeps the weights unquantized; kv_cache_quant_algo None keeps the KV
     cache in the activation dtype. exclude_modules are globs over module names (lm_head, model.layers.*.mlp.*)
-    that stay unquantized. The calib_* fields drive calibration of algorithms that need activations."""
+    that stay unquantized. The calib_* fields drive calibration of algorithms that need activations (FP8,
+    an FP8 KV cache): calib_size samples of at most calib_max_seq_length tokens from calib_dataset, a .txt
+    or .jsonl file (rtllm.quantization.calibration.load_calib_texts); rtllm downloads no dataset, and the
+    default name "cnn_dailymail" calibrates on the English corpus shipped with rtllm."""
     quant_algo: QuantAlgo | None = None
     kv_cache_quant_algo: QuantAlgo | None = None
     group_size: int = 128

@@ -1,10 +1,13 @@
-"""The builder's quantization pass: rewrites the linears a QuantConfig selects into quantized ones.
+"""Quantization: the public entry point quantize(model, quant_config, calib_data) and the builder's pass
+(quantize_network) that rewrites the linears a QuantConfig selects into quantized ones.
 
 Implemented: FP8_PER_CHANNEL_PER_TOKEN (each `linear` becomes an `fp8_linear`: E4M3 weights with one
 float32 scale per output channel; the op quantizes its input per token at run time, so no calibration is
-needed), and kv_cache_quant_algo FP8 (an E4M3 KV cache, chosen by the runtime from config.json; nothing in
-the graph changes). check_supported refuses every other config up front so that nothing is ever built (or loaded)
-silently unquantized.
+needed); FP8 (a static `fp8_linear`: one float32 scale over the whole, possibly fused, weight and one
+input scale from the largest activation calibration saw at that linear's input); and kv_cache_quant_algo
+FP8 (an E4M3 KV cache, chosen by the runtime from config.json, with each attention node's k_scale and
+v_scale calibrated). check_supported refuses every other config up front so that nothing is ever built
+(or loaded) silently unquantized.
 """
 import dataclasses
 import fnmatch
@@ -15,9 +18,9 @@ from .mode import QuantAlgo
 from .quant_config import QuantConfig
 
 FP8_E4M3_MAX = 448.0  # the largest finite E4M3 magnitude
-SUPPORTED_QUANT_ALGOS = (QuantAlgo.NO_QUANT, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
-# FP8: the runtime keeps the KV pool as E4M3 values with scale 1 (the graph does not change; the engine's
-# config.json records the algorithm and the runtime picks the pool dtype from it).
+SUPPORTED_QUANT_ALGOS = (QuantAlgo.NO_QUANT, QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
+# FP8: the runtime keeps the KV pool as E4M3 values (the engine's config.json records the algorithm and the
+# runtime picks the pool dtype from it); the attention nodes carry the calibrated k_scale / v_scale.
 SUPPORTED_KV_CACHE_QUANT_ALGOS = (QuantAlgo.NO_QUANT, QuantAlgo.FP8)
 
 
@@ -25,31 +28,47 @@ def check_supported(quant_config: QuantConfig) -> None:
     """Raises ValueError naming the algorithm unless rtllm can build and run `quant_config`."""
     algo = quant_config.quant_algo
     if algo is not None and algo not in SUPPORTED_QUANT_ALGOS:
-        why = " (its static activation scales need calibration)" if algo == QuantAlgo.FP8 else ""
-        raise ValueError(f"quant_algo {algo.value} is not implemented yet{why}: rtllm builds "
+        raise ValueError(f"quant_algo {algo.value} is not implemented yet: rtllm builds FP8, "
                          f"{QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN.value} and unquantized engines only "
-                         f"(quant_algo None, NO_QUANT or FP8_PER_CHANNEL_PER_TOKEN)")
+                         f"(quant_algo None, NO_QUANT, FP8 or FP8_PER_CHANNEL_PER_TOKEN)")
     kv_algo = quant_config.kv_cache_quant_algo
     if kv_algo is not None and kv_algo not in SUPPORTED_KV_CACHE_QUANT_ALGOS:
         raise ValueError(f"kv_cache_quant_algo {kv_algo.value} is not implemented yet: rtllm stores the KV cache "
                          f"unquantized or as FP8 E4M3 (kv_cache_quant_algo None, NO_QUANT or FP8)")
 
 
+def needs_calibration(quant_config: QuantConfig) -> bool:
+    """FP8's static input scales and an FP8 KV cache's k/v scales come from activations."""
+    return quant_config.quant_algo == QuantAlgo.FP8 or quant_config.kv_cache_quant_algo == QuantAlgo.FP8
+
+
 @dataclasses.dataclass
 class QuantizationReport:
-    """What the quantize pass did: each linear's weight, quantized or kept (with the reason)."""
+    """What the quantize pass did: each linear's weight, quantized or kept (with the reason), and, when
+    it calibrated, on how much data and which scales it chose."""
 
     quant_algo: str
     quantized: list = dataclasses.field(default_factory=list)  # weight names
     kept: dict = dataclasses.field(default_factory=dict)       # weight name -> why it stayed unquantized
+    calib_samples: int = 0   # calibration prompts run (0: no calibration)
+    calib_tokens: int = 0    # their tokens in all
+    input_scales: dict = dataclasses.field(default_factory=dict)  # weight name -> FP8 static input_scale
+    kv_scales: list = dataclasses.field(default_factory=list)     # per layer (k_scale, v_scale)
 
     def summary(self) -> str:
-        if self.quant_algo == QuantAlgo.NO_QUANT.value:
-            return "no quantization"
-        total = len(self.quantized) + len(self.kept)
-        kept = "; ".join(f"{name} ({why})" for name, why in self.kept.items())
-        return f"quantized {len(self.quantized)} of {total} linears to {self.quant_algo}" + \
-            (f"; kept: {kept}" if kept else "")
+        parts = []
+        if self.quant_algo != QuantAlgo.NO_QUANT.value:
+            total = len(self.quantized) + len(self.kept)
+            kept = "; ".join(f"{name} ({why})" for name, why in self.kept.items())
+            parts.append(f"quantized {len(self.quantized)} of {total} linears to {self.quant_algo}" +
+                         (f"; kept: {kept}" if kept else ""))
+        if self.calib_samples:
+            parts.append(f"calibrated on {self.calib_samples} samples ({self.calib_tokens} tokens)")
+        if self.kv_scales:
+            k = [k for k, _ in self.kv_scales]
+            v = [v for _, v in self.kv_scales]
+            parts.append(f"FP8 KV cache scales: k {min(k):.4g}..{max(k):.4g}, v {min(v):.4g}..{max(v):.4g}")
+        return "; ".join(parts) or "no quantization"
 
 
 def is_excluded(weight_name: str, exclude_modules) -> bool:
@@ -60,36 +79,118 @@ def is_excluded(weight_name: str, exclude_modules) -> bool:
                for glob in exclude_modules)
 
 
-def quantize(network, quant_config: QuantConfig) -> QuantizationReport:
-    """The pass slot: replaces each linear not matched by exclude_modules with its quantized form and
-    reports what it did. Reads no weight data: the new weights are lazy, quantized one tensor at a time
-    when the engine is saved."""
-    check_supported(quant_config)
-    algo = quant_config.quant_algo or QuantAlgo.NO_QUANT
-    report = QuantizationReport(algo.value)
-    if algo != QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN:
-        return report
+def quantize(model, quant_config: QuantConfig, calib_data=None, build_config=None):
+    """Builds `model` (an rtllm model, e.g. AutoModelForCausalLM.from_hugging_face(dir)) into an engine
+    quantized as quant_config says; the same path as build(model, build_config, quant_config, calib_data).
+
+    FP8 weights and an FP8 KV cache are calibrated first: the unquantized model runs the prompts of
+    calib_data (a list of strings, a .txt file of paragraphs separated by blank lines, a .jsonl file of
+    {"text": ...} lines, or None for the corpus shipped with rtllm; quant_config.calib_size samples of at
+    most calib_max_seq_length tokens) on rtllm's CPU runtime (rtllm.quantization.calibration). The returned
+    Engine's quantization_report says what was quantized and which scales calibration chose."""
+    from ..builder.build import build
+
+    return build(model, build_config, quant_config, calib_data=calib_data)
+
+
+def selected_linears(network, quant_config: QuantConfig, report: QuantizationReport | None = None) -> list:
+    """The `linear` nodes quant_config quantizes (not matched by exclude_modules, not tied to another
+    reader); the others are recorded in report.kept with the reason."""
     readers = network.consumers()
-    for i, node in enumerate(network.nodes):
+    selected = []
+    for node in network.nodes:
         if node.op != "linear":
             continue
         name = node.inputs[1]
+        if is_excluded(name, quant_config.exclude_modules):
+            if report is not None:
+                report.kept[name] = "excluded by exclude_modules"
+            continue
         # A weight another op reads too (an embedding table tied to the LM head) stays as it is: the
         # embedding needs it unquantized, and the file stores it once.
-        if is_excluded(name, quant_config.exclude_modules):
-            report.kept[name] = "excluded by exclude_modules"
-            continue
         if len(readers[name]) > 1:
-            report.kept[name] = "tied to the embedding"
+            if report is not None:
+                report.kept[name] = "tied to the embedding"
             continue
+        selected.append(node)
+    return selected
+
+
+def quantize_network(network, quant_config: QuantConfig, calibration=None) -> QuantizationReport:
+    """The builder's pass: replaces each selected linear with its quantized form, sets the attention
+    nodes' k_scale / v_scale for an FP8 KV cache, and reports what it did. `calibration`
+    (rtllm.quantization.calibration.Calibration) is required when needs_calibration(quant_config). Reads no
+    weight data: the new weights are lazy, quantized one tensor at a time when the engine is saved."""
+    check_supported(quant_config)
+    algo = quant_config.quant_algo or QuantAlgo.NO_QUANT
+    report = QuantizationReport(algo.value)
+    if needs_calibration(quant_config):
+        if calibration is None:
+            raise ValueError(f"quant_algo {algo.value} with kv_cache_quant_algo {quant_config.kv_cache_quant_algo} "
+                             f"needs calibration data (rtllm.quantization.quantize(model, quant_config, calib_data))")
+        report.calib_samples, report.calib_tokens = calibration.num_samples, calibration.num_tokens
+    if quant_config.kv_cache_quant_algo == QuantAlgo.FP8:
+        report.kv_scales = [(amax_scale(k), amax_scale(v)) for k, v in calibration.kv_amax]
+        for node in network.nodes:
+            if node.op == "attention":
+                k_scale, v_scale = report.kv_scales[node.attrs["layer_idx"]]
+                node.attrs["k_scale"], node.attrs["v_scale"] = k_scale, v_scale
+    if algo not in (QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN):
+        return report
+    for node in selected_linears(network, quant_config, report):
+        name = node.inputs[1]
         report.quantized.append(name)
         weight = network.weights[name]
-        fp8, scale = fp8_per_channel_parameters(weight)
+        if algo == QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN:
+            fp8, scale = fp8_per_channel_parameters(weight)
+            scales = [scale]
+        else:
+            if name not in calibration.linear_amax:
+                raise ValueError(f"calibration has no activation range for linear {name!r}")
+            input_scale = amax_scale(calibration.linear_amax[name])
+            report.input_scales[name] = input_scale
+            fp8, scale, in_scale = fp8_per_tensor_parameters(weight, input_scale)
+            scales = [scale, in_scale]
+            node.attrs["activation_scaling"] = "static"
         network.weights[name] = fp8
-        network.weights[scale.name] = scale
+        for s in scales:
+            network.weights[s.name] = s
         node.op = "fp8_linear"
-        node.inputs = [node.inputs[0], name, scale.name, *node.inputs[2:]]
+        node.inputs = [node.inputs[0], name, *(s.name for s in scales), *node.inputs[2:]]
     return report
+
+
+def amax_scale(amax: float) -> float:
+    """The float32 scale mapping amax to E4M3's largest magnitude (amax / 448); 1 for an amax of 0 (any
+    scale reproduces zeros). A non-finite amax (a broken calibration run) is refused."""
+    amax = float(amax)
+    if not np.isfinite(amax) or amax < 0:
+        raise ValueError(f"calibration saw an activation range of {amax}; the model's activations are not finite")
+    return float(np.float32(amax) / np.float32(FP8_E4M3_MAX)) if amax > 0 else 1.0
+
+
+def fp8_per_tensor_parameters(weight, input_scale: float):
+    """A [N, K] weight -> (E4M3 codes [N, K] named as the weight, weight_scale [1], input_scale [1]), the
+    first two lazy; all exempt from the engine-dtype cast."""
+    from ..builder.tensor import Parameter
+
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight {weight.name!r} {list(weight.shape)}: FP8 quantization needs a 2-d "
+                         f"[out_features, in_features] weight")
+    module = weight.name.rsplit(".", 1)[0]
+    fp8 = Parameter(weight.shape, "float8_e4m3", lambda: quantize_tensor(_float32(weight))[0], weight.name)
+    scale = Parameter((1,), "float32", lambda: quantize_tensor(_float32(weight))[1], f"{module}.weight_scale")
+    in_scale = Parameter((1,), "float32", lambda: np.array([input_scale], dtype=np.float32),
+                         f"{module}.input_scale")
+    fp8.keep_dtype = scale.keep_dtype = in_scale.keep_dtype = True
+    return fp8, scale, in_scale
+
+
+def quantize_tensor(w: np.ndarray) -> tuple:
+    """float32 [N, K] -> (E4M3 codes uint8 [N, K], weight_scale float32 [1]): one scale, amax |w| / 448 over
+    the whole tensor (1 for zeros), codes = e4m3(w / scale) in float32."""
+    scale = row_scales(w.reshape(1, -1))
+    return _e4m3_codes(np.ascontiguousarray(w / scale[0], dtype=np.float32)), scale
 
 
 def fp8_per_channel_parameters(weight):
@@ -123,9 +224,13 @@ def row_scales(w: np.ndarray) -> np.ndarray:
 def quantize_rows(w: np.ndarray) -> tuple:
     """float32 [N, K] -> (E4M3 codes uint8 [N, K], scales float32 [N]): codes = e4m3(w / scale) with the
     division in float32 and rtllm's own conversion (round to nearest even, saturate)."""
+    scale = row_scales(w)
+    return _e4m3_codes(np.ascontiguousarray(w / scale[:, None], dtype=np.float32)), scale
+
+
+def _e4m3_codes(x: np.ndarray) -> np.ndarray:
+    """float32 array -> its E4M3 codes (uint8, same shape) by rtllm's own conversion (RNE, saturating)."""
     from rtllm import _core
 
-    scale = row_scales(w)
-    scaled = np.ascontiguousarray(w / scale[:, None], dtype=np.float32)
-    codes = _core.convert_floats(scaled.view(np.uint8).ravel(), "F32", "F8_E4M3")
-    return np.asarray(codes, dtype=np.uint8).reshape(w.shape), scale
+    codes = _core.convert_floats(np.ascontiguousarray(x, dtype=np.float32).view(np.uint8).ravel(), "F32", "F8_E4M3")
+    return np.asarray(codes, dtype=np.uint8).reshape(x.shape)

@@ -1,0 +1,162 @@
+"""Calibration: the activation ranges static FP8 scales are chosen from, measured by running the
+unquantized model on rtllm's own runtime (the CPU ModelRunner), prompt by prompt.
+
+The model is built unquantized into a temporary engine (same dtype and fusion as the real build) and
+each sample is prefilled once. The runner records the largest |x| at each quantizable linear's input
+(ModelRunner.observe_amax on the tensor the linear reads, keyed here by the linear's weight name) and,
+after each prompt, the largest |k| and |v| the KV cache holds for it in every layer (kv_cache_amax: k
+after qk_norm and RoPE, as stored).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from importlib import resources
+
+CORPUS_FILE = "calib_corpus.txt"  # shipped with the package: original English prose, varied topics
+DEFAULT_DATASET = "cnn_dailymail"  # QuantConfig.calib_dataset's default: the shipped corpus stands for it
+TOKENS_PER_BLOCK = 32
+
+
+@dataclasses.dataclass
+class Calibration:
+    """What the calibration run saw: per linear weight name, amax |input|; per layer, (amax |k|, amax |v|)."""
+    num_samples: int
+    num_tokens: int
+    linear_amax: dict
+    kv_amax: list
+
+
+def default_corpus_path() -> str:
+    return str(resources.files("rtllm.quantization").joinpath(CORPUS_FILE))
+
+
+def _paragraphs(text: str) -> list:
+    """Paragraphs separated by blank lines, each joined into one line."""
+    blocks, current = [], []
+    for line in text.splitlines():
+        if line.strip():
+            current.append(line.strip())
+        elif current:
+            blocks.append(" ".join(current))
+            current = []
+    if current:
+        blocks.append(" ".join(current))
+    return blocks
+
+
+def load_calib_texts(calib_data) -> list:
+    """calib_data -> a list of non-empty strings. Accepts a list/tuple of strings, a path (str or
+    os.PathLike) to a .txt file (paragraphs separated by blank lines) or a .jsonl file (one {"text": ...}
+    object a line), or None (the corpus shipped with rtllm). Raises ValueError naming what is wrong."""
+    if calib_data is None:
+        calib_data = default_corpus_path()
+    if isinstance(calib_data, (list, tuple)):
+        if not calib_data:
+            raise ValueError("calib_data=[] is empty: give at least one calibration text")
+        for i, text in enumerate(calib_data):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"calib_data[{i}]={text!r} is not a non-empty string")
+        return list(calib_data)
+    if not isinstance(calib_data, (str, os.PathLike)):
+        raise ValueError(f"calib_data={calib_data!r} must be a list of strings, a path to a .txt or .jsonl file, "
+                         f"or None")
+    path = os.fspath(calib_data)
+    if not os.path.isfile(path):
+        raise ValueError(f"calib_data={path!r}: no such file")
+    with open(path, encoding="utf-8") as f:
+        content = f.read()
+    if path.endswith(".jsonl"):
+        texts = []
+        for n, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"calib_data={path!r} line {n} is not JSON: {e}") from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"calib_data={path!r} line {n} has no non-empty \"text\" string")
+            texts.append(text)
+    elif path.endswith(".txt"):
+        texts = _paragraphs(content)
+    else:
+        raise ValueError(f"calib_data={path!r} must be a .txt or .jsonl file")
+    if not texts:
+        raise ValueError(f"calib_data={path!r} holds no text")
+    return texts
+
+
+def tokenize_samples(model, texts: list, num_samples: int, max_tokens: int) -> list:
+    """The first num_samples texts as token-id lists of at most max_tokens, with the model's tokenizer
+    (tokenizer.json of the checkpoint directory) and its special tokens, as a prompt would be."""
+    from ..llmapi.tokenizer import TokenizerWrapper
+
+    source = getattr(model, "source_dir", None)
+    if not source or not os.path.isfile(os.path.join(source, "tokenizer.json")):
+        raise ValueError(f"calibration tokenizes its texts with the checkpoint's tokenizer.json, which "
+                         f"{source!r} does not have")
+    tokenizer = TokenizerWrapper.from_pretrained(source)
+    samples = []
+    for text in texts[:num_samples]:
+        ids = tokenizer.encode(text)[:max_tokens]
+        if ids:
+            samples.append(ids)
+    if not samples:
+        raise ValueError("calibration texts tokenize to no tokens")
+    return samples
+
+
+def calibrate(model, build_config, quant_config, calib_data=None, linear_weights=()) -> Calibration:
+    """Runs the unquantized `model` over the calibration samples on the CPU runtime and returns the ranges
+    quantize_network needs: the input amax of each linear of linear_weights (weight names), and per layer
+    the K/V amax as the KV cache stores them."""
+    import numpy as np
+
+    from .. import _core
+    from ..builder.build import BuildConfig, build
+    from .quant_config import QuantConfig
+
+    if calib_data is None and quant_config.calib_dataset != DEFAULT_DATASET:
+        calib_data = quant_config.calib_dataset  # a file named on the command line (--calib-data)
+    texts = load_calib_texts(calib_data)
+    max_len = min(quant_config.calib_max_seq_length, model.config.max_position_embeddings)
+    samples = tokenize_samples(model, texts, quant_config.calib_size, max_len)
+    # A calibration engine sized for one sample per step; unquantized, with the real build's dtype and
+    # fusion, so the linears read the same values they will in the quantized engine.
+    calib_build = BuildConfig(max_batch_size=1, max_input_len=max_len, max_seq_len=max_len, max_num_tokens=max_len,
+                              dtype=build_config.dtype, fuse=build_config.fuse)
+    engine = build(model, calib_build, QuantConfig())
+    graph_nodes = engine.graph["nodes"]
+    wanted = set(linear_weights)
+    inputs_of = {}  # weight name -> input tensor name in the calibration engine
+    for node in graph_nodes:
+        if node["op"] == "linear" and node["inputs"][1] in wanted:
+            inputs_of[node["inputs"][1]] = node["inputs"][0]
+    missing = sorted(wanted - set(inputs_of))
+    if missing:
+        raise ValueError(f"the calibration engine has no linear reading {missing[0]!r}")
+    num_layers = model.config.num_layers
+    num_blocks = (max_len + TOKENS_PER_BLOCK - 1) // TOKENS_PER_BLOCK
+    with tempfile.TemporaryDirectory(prefix="rtllm-calib-") as tmp:
+        engine.save(tmp)
+        core_engine = _core.Engine.load(tmp)
+        runner = _core.ModelRunner(core_engine, _core.RuntimeConfig(
+            device=_core.DeviceKind.CPU, num_kv_blocks=num_blocks, tokens_per_block=TOKENS_PER_BLOCK,
+            kv_cache_dtype="F32"))
+        runner.observe_amax(sorted(set(inputs_of.values())))
+        kv_amax = np.zeros((num_layers, 2))  # np.maximum keeps a NaN: quantize_network refuses it
+        block_table = list(range(num_blocks))
+        for ids in samples:  # each prompt overwrites the blocks of the one before
+            runner.forward(np.asarray(ids, dtype=np.int32), [len(ids)], [0],
+                           np.asarray([block_table], dtype=np.int32))
+            kv_amax = np.maximum(kv_amax, np.array(runner.kv_cache_amax(block_table, len(ids))))
+        tensor_amax = runner.observed_amax()
+        del runner, core_engine  # unmaps the temporary engine before the directory goes
+    return Calibration(num_samples=len(samples), num_tokens=sum(map(len, samples)),
+                       linear_amax={w: float(tensor_amax[t]) for w, t in inputs_of.items()},
+                       kv_amax=[(float(k), float(v)) for k, v in kv_amax])
+
