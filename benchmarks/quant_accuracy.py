@@ -115,15 +115,22 @@ def hf_scores(checkpoint_dir: str, windows: list) -> Scores:
 
 
 def evaluate(checkpoint_dir: str, names: list, num_tokens: int = 2560, window: int = 512, device: str = "cpu",
-             with_hf: bool = False, work_dir: str | None = None) -> dict:
+             with_hf: bool = False, work_dir: str | None = None, skip_unbuildable: bool = False) -> dict:
     """name -> Scores for each algorithm name (plus "hf" when with_hf); the first name must be "none"
-    (the reference of the agreement)."""
+    (the reference of the agreement). skip_unbuildable: a config the builder refuses maps to its error
+    message (a str) instead of raising."""
     windows = heldout_windows(checkpoint_dir, num_tokens, window)
     results = {}
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         for name in names:
             engine_dir = os.path.join(tmp, name.replace("+", "_"))
-            build_engine(checkpoint_dir, quant_config_of(name), engine_dir, max_seq_len=window, device=device)
+            try:
+                build_engine(checkpoint_dir, quant_config_of(name), engine_dir, max_seq_len=window, device=device)
+            except ValueError as e:
+                if not skip_unbuildable or name == "none":
+                    raise
+                results[name] = str(e)
+                continue
             results[name] = rtllm_scores(engine_dir, windows, device)
     if with_hf:
         results["hf"] = hf_scores(checkpoint_dir, windows)
@@ -136,6 +143,9 @@ def markdown_table(results: dict, reference: str = "none") -> str:
             "|---|---:|---:|---:|---:|"]
     for name, s in results.items():
         label = "HF transformers (float32)" if name == "hf" else name
+        if isinstance(s, str):
+            rows.append(f"| {label} | not built: {s} | | | |")
+            continue
         rows.append(f"| {label} | {s.perplexity:.4f} | {100 * (s.perplexity / base.perplexity - 1):+.2f}% | "
                     f"{100 * s.agreement(base):.2f}% | {len(s.logprobs)} |")
     return "\n".join(rows)
@@ -159,7 +169,8 @@ def main(argv=None) -> int:
         checkpoint = checkpoint_dir()
     names = ["none"] + [n for n in args.algos if n.lower() != "none"]
     start = time.time()
-    results = evaluate(checkpoint, names, args.num_tokens, args.window, args.device, args.hf)
+    results = evaluate(checkpoint, names, args.num_tokens, args.window, args.device, args.hf,
+                       skip_unbuildable=True)
     print(f"{checkpoint}: {len(results['none'].logprobs)} scored tokens in windows of {args.window}, "
           f"{args.device}, {time.time() - start:.0f} s\n")
     print(markdown_table(results))

@@ -93,8 +93,12 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
     Engine.save streams it (quantizing each weight as it is written). quant_config None builds unquantized;
     FP8_PER_CHANNEL_PER_TOKEN is the one quantization implemented so far (rtllm.quantization.quantize)."""
     build_config = (build_config or BuildConfig()).resolved(model.config.max_position_embeddings)
-    quant_config = quant_config or QuantConfig()
-    check_supported(quant_config)  # before any work
+    prequantized = getattr(model, "prequantized", None)
+    if prequantized is not None:  # a pre-quantized checkpoint: its own algorithms, nothing left to quantize
+        quant_config = prequantized.quant_config(quant_config)
+    else:
+        quant_config = quant_config or QuantConfig()
+        check_supported(quant_config)  # before any work
     mapping = getattr(model, "mapping", None) or Mapping()
     model_config = dataclasses.replace(model.config)
     if build_config.dtype != "auto":
@@ -108,7 +112,7 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
     *rewrites, quantize_pass = pass_list(build_config, quant_config)
     for rewrite in rewrites:
         rewrite(network)
-    quantization_report = quantize_pass(network)
+    quantization_report = quantize_pass(network) if prequantized is None else prequantized.apply(network)
     network.prune()
     network.renumber()
     # in order of first use; every weight in the engine dtype except rope.inv_freq, which stays float32,

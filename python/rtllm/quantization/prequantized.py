@@ -63,6 +63,14 @@ def _read_json(path: str) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
+def scheme_of(model_dir: str) -> Fp8Scheme | None:
+    """detect() for a checkpoint directory."""
+    from ..models.config import read_hf_config
+
+    hf, path = read_hf_config(str(model_dir))
+    return detect(hf, path, str(model_dir))
+
+
 def detect(hf: dict, path: str, model_dir: str) -> Fp8Scheme | None:
     """The FP8 scheme of a checkpoint directory (config.json parsed as `hf`, read from `path`), None when it
     is not quantized. Raises ValueError for any quantization rtllm cannot load."""
@@ -79,8 +87,8 @@ def detect(hf: dict, path: str, model_dir: str) -> Fp8Scheme | None:
         if os.path.isfile(modelopt_path):
             return _modelopt(_read_json(modelopt_path).get("quantization"), modelopt_path)
         return _modelopt(quantization, path)
-    raise ValueError(f"{path}: quantization method {method!r} (quantization_config.quant_method) is not "
-                     f"supported: rtllm loads pre-quantized {_SUPPORTED} checkpoints; use one of those or an "
+    raise ValueError(f"{path}: quantization method {method!r} (quantization_config) is not supported: rtllm "
+                     f"cannot load pre-quantized checkpoints of that method; supported: {_SUPPORTED}; or use an "
                      f"unquantized checkpoint")
 
 
