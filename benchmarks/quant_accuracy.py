@@ -97,13 +97,41 @@ def rtllm_scores(engine_dir: str, windows: list, device: str = "cpu") -> Scores:
     return Scores(np.asarray(logprobs, np.float64), np.asarray(argmax, np.int64))
 
 
-def hf_scores(checkpoint_dir: str, windows: list) -> Scores:
-    """The same scores from HF transformers (float32, CPU)."""
+def fake_quantize_fp8_per_channel_per_token(model, exclude=("lm_head",)) -> None:
+    """Makes an HF transformers model compute as FP8_PER_CHANNEL_PER_TOKEN does (docs/engine_format.md),
+    in torch: each linear's weight becomes e4m3(W / s) · s with s = its row amax / 448, and its input
+    e4m3(x / s_t) · s_t with s_t = the token's amax / 448 (torch's E4M3 cast rounds to nearest even; the
+    clamp saturates). An independent model of the numerics, to tell rtllm's FP8 error from FP8's own."""
+    import torch
+
+    def e4m3(x):
+        return x.clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float32)
+
+    def quantize_input(module, inputs):
+        x = inputs[0]
+        s = (x.abs().amax(dim=-1, keepdim=True) / 448).clamp(min=torch.finfo(torch.float32).tiny)
+        return (e4m3(x / s) * s,)
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not any(name.endswith(e) for e in exclude):
+                w = module.weight.to(torch.float32)
+                amax = w.abs().amax(dim=1, keepdim=True)
+                s = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+                module.weight = torch.nn.Parameter(e4m3(w / s) * s, requires_grad=False)  # unties a shared table
+                module.register_forward_pre_hook(quantize_input)
+
+
+def hf_scores(checkpoint_dir: str, windows: list, fake_fp8: bool = False) -> Scores:
+    """The same scores from HF transformers (float32, CPU); fake_fp8: with the FP8_PER_CHANNEL_PER_TOKEN
+    numerics simulated in torch."""
     import torch
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32)
     model.eval()
+    if fake_fp8:
+        fake_quantize_fp8_per_channel_per_token(model)
     logprobs, argmax = [], []
     with torch.no_grad():
         for ids in windows:
@@ -134,6 +162,7 @@ def evaluate(checkpoint_dir: str, names: list, num_tokens: int = 2560, window: i
             results[name] = rtllm_scores(engine_dir, windows, device)
     if with_hf:
         results["hf"] = hf_scores(checkpoint_dir, windows)
+        results["hf-fp8"] = hf_scores(checkpoint_dir, windows, fake_fp8=True)
     return results
 
 
@@ -142,7 +171,8 @@ def markdown_table(results: dict, reference: str = "none") -> str:
     rows = ["| config | perplexity | vs unquantized | top-1 agreement | positions |",
             "|---|---:|---:|---:|---:|"]
     for name, s in results.items():
-        label = "HF transformers (float32)" if name == "hf" else name
+        label = {"hf": "HF transformers (float32)",
+                 "hf-fp8": "HF transformers, FP8_PER_CHANNEL_PER_TOKEN simulated in torch"}.get(name, name)
         if isinstance(s, str):
             rows.append(f"| {label} | not built: {s} | | | |")
             continue
@@ -160,7 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-tokens", type=int, default=2560)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--hf", action="store_true", help="add HF transformers' scores of the same windows")
+    p.add_argument("--hf", action="store_true", help="add HF transformers' scores of the same windows, "
+                   "unquantized and with FP8_PER_CHANNEL_PER_TOKEN simulated in torch")
     args = p.parse_args(argv)
     checkpoint = args.checkpoint
     if checkpoint is None:

@@ -377,6 +377,15 @@ def test_missing_scales_are_refused(llama_dir, tmp_path):
     with pytest.raises(ValueError, match="declares an FP8 KV cache but has none of "
                                          "model.layers.0.self_attn.v_scale"):
         AutoModelForCausalLM.from_hugging_face(ckpt)
+    del tensors["model.layers.0.self_attn.k_proj.input_scale"]
+    save_file(tensors, os.path.join(ckpt, "model.safetensors"))
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.k_proj.input_scale is missing: the checkpoint "
+                                         "declares static input activations"):
+        AutoModelForCausalLM.from_hugging_face(ckpt)
+    tensors["model.layers.0.self_attn.k_proj.input_scale"] = torch.tensor([0.1, 0.2])
+    save_file(tensors, os.path.join(ckpt, "model.safetensors"))
+    with pytest.raises(ValueError, match="has shape \\[2\\]: a per-tensor scale must hold one value"):
+        AutoModelForCausalLM.from_hugging_face(ckpt)
 
 
 def test_a_conflicting_quant_config_is_refused(llama_dir, tmp_path):

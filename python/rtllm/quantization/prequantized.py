@@ -330,6 +330,8 @@ def load_prequantized(model, checkpoint, scheme: Fp8Scheme) -> PrequantizedModel
         k = module.weight.shape[1]
         loaded = [(ckpt, _fp8_weight(checkpoint, f"{ckpt}.weight", (sizes[shard], k)), sizes[shard])
                   for ckpt, shard in parts]
+        for ckpt, _, rows in loaded:  # shapes now, so that a bad checkpoint fails here, not when it is saved
+            _check_scale_shapes(checkpoint, ckpt, rows, scheme.activation_scaling)
         _attach(module, checkpoint, loaded, scheme.activation_scaling, Parameter)
         state.linears.append(module)
     if scheme.kv_cache:
@@ -341,6 +343,20 @@ def load_prequantized(model, checkpoint, scheme: Fp8Scheme) -> PrequantizedModel
         raise ValueError(f"{scheme.source} declares {scheme.method} FP8 quantization, but no linear of the "
                          f"checkpoint has a weight_scale")
     return state
+
+
+def _check_scale_shapes(checkpoint, module: str, rows: int, mode: str) -> None:
+    size = int(np.prod(checkpoint.tensor(f"{module}.weight_scale").shape))
+    if mode == STATIC:
+        if size != 1:
+            raise ValueError(f"{module}.weight_scale has {size} values: static FP8 activations need a per-tensor "
+                             f"weight scale (one value)")
+        if f"{module}.input_scale" not in checkpoint.files:
+            raise ValueError(f"{module}.input_scale is missing: the checkpoint declares static input activations")
+        _scalar(checkpoint, f"{module}.input_scale")
+    elif size not in (1, rows):
+        raise ValueError(f"{module}.weight_scale has {size} values for {rows} output features; supported: one "
+                         f"(per tensor) or {rows} (per channel); group and block scales are not supported")
 
 
 def _changes_weights(model) -> bool:
