@@ -230,8 +230,9 @@ def test_per_tensor_weights_dynamic_activations(llama_dir, tmp_path):
         ours = RunnerSession(tmp_path / "engine").step({0: prompt})[0]
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0, -1].numpy()
-        # same quantization on both sides; only float32 rounding differs (a rare E4M3 tie flips)
-        assert relative_error(ours, ref) < 2e-2
+        # same quantization on both sides; only float32 rounding differs (measured 3e-7; a rare E4M3 rounding
+        # flip could add ~1e-4), while the FP8 model is 6-7% away from the unquantized one
+        assert relative_error(ours, ref) < 1e-3
 
 
 @pytest.fixture(scope="module", params=["compressed-tensors", "modelopt"])
@@ -294,7 +295,7 @@ def test_static_output_matches_hf_with_the_same_quantization(llama_dir, tmp_path
         ours = RunnerSession(tmp_path / "engine").step({0: prompt})[0]
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0, -1].numpy()
-        assert relative_error(ours, ref) < 2e-2
+        assert relative_error(ours, ref) < 1e-3  # as in the per-token case above
 
 
 def _with_config(src, dst, quantization_config=None, hf_quant=None):
