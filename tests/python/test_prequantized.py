@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import graph_reference
 from engine_fixture import RunnerSession
 from hf_reference import load_hf_model, random_prompts, relative_error
 from rtllm import LLM, SamplingParams
@@ -276,11 +277,11 @@ def _single(entry):
     return entry["codes"].view(torch.uint8).numpy(), np.float32(entry["scale"]), np.float32(entry["input_scale"])
 
 
-def test_static_output_matches_hf_with_the_same_quantization(llama_dir, tmp_path):
-    """Runs the static engine (needs the runtime's static fp8_linear) against HF with the unified FP8 weights
-    and static input quantization. No KV scales: the HF side keeps a float KV cache."""
+def _static_reference(llama_dir, tmp_path, layout="compressed-tensors"):
+    """(checkpoint dir, HF model with its unified FP8 weights and static input quantization). No KV scales:
+    the HF side keeps a float KV cache."""
     ckpt = tmp_path / "ckpt"
-    written, _ = write_prequantized(llama_dir, ckpt, "compressed-tensors", weights="tensor", acts="tensor")
+    written, _ = write_prequantized(llama_dir, ckpt, layout, weights="tensor", acts="tensor")
 
     def effective(m):
         layer, leaf = int(m.split(".")[2]), m.split(".", 3)[3]
@@ -289,8 +290,36 @@ def test_static_output_matches_hf_with_the_same_quantization(llama_dir, tmp_path
         codes, top, input_scale = unified_parts(written, layer, FUSED[leaf])
         return codes[m], top, input_scale
 
+    return ckpt, fake_quant_hf(llama_dir, written, "tensor", effective)
+
+
+@pytest.mark.parametrize("layout", ["compressed-tensors", "modelopt"])
+def test_static_engine_semantics_match_hf_with_the_same_quantization(llama_dir, tmp_path, monkeypatch, layout):
+    """The static engine's graph and weights, evaluated in float64 numpy by docs/engine_format.md's static
+    fp8_linear (q = e4m3(x / input_scale), y = q·Wᵀ · input_scale · weight_scale), against HF running the same
+    FP8 model: what the engine holds is the checkpoint's model (measured 2e-7 apart; 7-9% from unquantized)."""
+    ckpt, hf = _static_reference(llama_dir, tmp_path, layout)
+    engine = engine_of(ckpt)
+
+    def static_fp8_linear(x, weight, weight_scale, input_scale, bias=None):
+        q = graph_reference.e4m3(np.asarray(x, np.float32) / np.float32(input_scale[0]))
+        return (q @ weight.T) * input_scale[0] * weight_scale[0] + (0.0 if bias is None else bias)
+
+    assert all(n["attrs"].get("activation_scaling") == "static" for n in engine.graph["nodes"]
+               if n["op"] == "fp8_linear")
+    monkeypatch.setattr(graph_reference, "fp8_linear", static_fp8_linear)
+    for prompt in random_prompts(np.random.default_rng(3), [6, 21]):
+        ours = graph_reference.run_graph(engine, [prompt])[0]
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0, -1].numpy()
+        assert relative_error(ours, ref) < 1e-4
+
+
+def test_static_output_matches_hf_with_the_same_quantization(llama_dir, tmp_path):
+    """Runs the static engine (needs the runtime's static fp8_linear) against HF with the unified FP8 weights
+    and static input quantization."""
+    ckpt, hf = _static_reference(llama_dir, tmp_path)
     engine_of(ckpt).save(tmp_path / "engine")
-    hf = fake_quant_hf(llama_dir, written, "tensor", effective)
     for prompt in random_prompts(np.random.default_rng(3), [6, 21]):
         ours = RunnerSession(tmp_path / "engine").step({0: prompt})[0]
         with torch.no_grad():
