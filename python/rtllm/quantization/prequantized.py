@@ -24,16 +24,15 @@ Mapping onto the engine:
   `self_attn.k_proj.output_scale`) -> the attention node's k_scale / v_scale attrs.
 Every other variant is refused with a ValueError naming the value and what is supported.
 """
-import fnmatch
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from .mode import QuantAlgo
 from .quant_config import QuantConfig
-from .quantize import FP8_E4M3_MAX, QuantizationReport
+from .quantize import QuantizationReport
 
 FP8 = "float8_e4m3"
 PER_TOKEN, STATIC = "per_token", "static"
@@ -48,7 +47,6 @@ class Fp8Scheme:
     activation_scaling: str           # PER_TOKEN or STATIC
     kv_cache: bool                    # k_scale / v_scale tensors present
     source: str                       # the file the scheme was read from (for messages)
-    ignore: list = field(default_factory=list)
 
     @property
     def quant_algo(self) -> QuantAlgo:
@@ -102,7 +100,7 @@ def _modelopt(q, path: str) -> Fp8Scheme:
     kv = q.get("kv_cache_quant_algo")
     if kv not in (None, "FP8"):
         raise ValueError(f"{path}: ModelOpt kv_cache_quant_algo {kv!r} is not supported; supported: FP8 or null")
-    return Fp8Scheme("modelopt", modes[algo], kv == "FP8", path, list(q.get("exclude_modules") or []))
+    return Fp8Scheme("modelopt", modes[algo], kv == "FP8", path)
 
 
 def _float8(args, what: str, path: str) -> None:
@@ -162,7 +160,7 @@ def _compressed_tensors(q: dict, path: str) -> Fp8Scheme:
         if kv.get("strategy", "tensor") != "tensor" or kv.get("dynamic"):
             raise ValueError(f"{path}: kv_cache_scheme strategy {kv.get('strategy')!r} dynamic="
                              f"{kv.get('dynamic')!r} is not supported; supported: static per-tensor k/v scales")
-    return Fp8Scheme("compressed-tensors", modes.pop(), kv is not None, path, list(q.get("ignore") or []))
+    return Fp8Scheme("compressed-tensors", modes.pop(), kv is not None, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
