@@ -93,8 +93,12 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
     FP8 weights and an FP8 KV cache are calibrated first on calib_data (rtllm.quantization.quantize
     describes it; None: the corpus shipped with rtllm), which runs the unquantized model on the CPU."""
     build_config = (build_config or BuildConfig()).resolved(model.config.max_position_embeddings)
-    quant_config = quant_config or QuantConfig()
-    check_supported(quant_config)  # before any work
+    prequantized = getattr(model, "prequantized", None)
+    if prequantized is not None:  # a pre-quantized checkpoint: its own algorithms, nothing left to quantize
+        quant_config = prequantized.quant_config(quant_config)
+    else:
+        quant_config = quant_config or QuantConfig()
+        check_supported(quant_config)  # before any work
     mapping = getattr(model, "mapping", None) or Mapping()
     model_config = dataclasses.replace(model.config)
     if build_config.dtype != "auto":
@@ -107,17 +111,20 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
     network = trace(model)
     for rewrite in fusion_passes(build_config):
         rewrite(network)
-    # Then quantization: calibration first when the algorithms need activation ranges.
-    calibration = None
-    if needs_calibration(quant_config):
-        from ..quantization import QuantAlgo
-        from ..quantization.calibration import calibrate
+    if prequantized is not None:
+        quantization_report = prequantized.apply(network)
+    else:
+        # Then quantization: calibration first when the algorithms need activation ranges.
+        calibration = None
+        if needs_calibration(quant_config):
+            from ..quantization import QuantAlgo
+            from ..quantization.calibration import calibrate
 
-        # FP8's static input scales: the linears the pass will quantize, as it selects them
-        static = quant_config.quant_algo == QuantAlgo.FP8
-        linears = [n.inputs[1] for n in selected_linears(network, quant_config)] if static else []
-        calibration = calibrate(model, build_config, quant_config, calib_data, linears)
-    quantization_report = quantize_network(network, quant_config, calibration)
+            # FP8's static input scales: the linears the pass will quantize, as it selects them
+            static = quant_config.quant_algo == QuantAlgo.FP8
+            linears = [n.inputs[1] for n in selected_linears(network, quant_config)] if static else []
+            calibration = calibrate(model, build_config, quant_config, calib_data, linears)
+        quantization_report = quantize_network(network, quant_config, calibration)
     network.prune()
     network.renumber()
     # in order of first use; every weight in the engine dtype except rope.inv_freq, which stays float32,

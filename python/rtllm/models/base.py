@@ -4,6 +4,7 @@ registry, checkpoint loading through the parameters' loader hooks) and the hooks
 from ..builder.build import DTYPES
 from ..mapping import Mapping
 from ..nn import Module
+from ..quantization.prequantized import load_prequantized, scheme_of
 from .checkpoint import Checkpoint, load_weights
 from .config import ModelConfig
 from .registry import resolve_hf_model
@@ -15,6 +16,8 @@ class CausalLM(Module):
     architecture: str = ""
     # checkpoint module name -> (module of this model, shard id): tensors stacked into one parameter
     packed_modules_mapping: dict = {}
+    # rtllm.quantization.prequantized.PrequantizedModel when loaded from a pre-quantized FP8 checkpoint
+    prequantized = None
 
     @classmethod
     def config_from_hf(cls, hf: dict, path: str, model_dir: str) -> ModelConfig:
@@ -41,6 +44,10 @@ class CausalLM(Module):
             config.dtype = dtype
         model = found(config, mapping)
         model.source_dir = model_dir  # tokenizer files are copied from here into engines
-        load_weights(model, Checkpoint(model_dir))
+        checkpoint = Checkpoint(model_dir)
+        scheme = scheme_of(model_dir)
+        if scheme is not None:  # its FP8 linears first; load_weights then skips them
+            model.prequantized = load_prequantized(model, checkpoint, scheme)
+        load_weights(model, checkpoint)
         model.process_weights_after_loading()
         return model

@@ -113,17 +113,6 @@ def read_hf_config(model_dir: str) -> tuple:
     return _read_json(path), path
 
 
-def refuse_quantized(hf: dict, path: str) -> None:
-    """A pre-quantized checkpoint must never be loaded as if it were not: its weights are packed integers or
-    need their scales."""
-    quantization = hf.get("quantization_config")
-    if quantization is None:
-        return
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
-    raise ValueError(f"{path}: quantization method {method!r} (quantization_config) is not supported: rtllm "
-                     f"cannot load pre-quantized checkpoints yet; use an unquantized checkpoint")
-
-
 def parse_llama_family(hf: dict, path: str, model_dir: str, architecture: str, *, attention_bias: bool,
                        o_bias: bool, qk_norm: bool = False, sliding_window: int | None = None,
                        config_class: type = ModelConfig, **extra_fields) -> ModelConfig:

@@ -3,7 +3,8 @@
 Each architecture file registers its class with @register_model("XForCausalLM", model_type="x"); the
 model_type is the fallback for a config.json without "architectures", as in transformers.
 """
-from .config import ModelConfig, read_hf_config, refuse_quantized
+from ..quantization.prequantized import detect
+from .config import ModelConfig, read_hf_config
 
 _MODEL_CLASSES: dict = {}   # architecture -> class
 _MODEL_TYPES: dict = {}     # model_type -> architecture
@@ -43,9 +44,10 @@ def model_class(hf: dict, path: str) -> type:
 
 def resolve_hf_model(model_dir: str) -> tuple:
     """(model class, ModelConfig) of a checkpoint directory: config.json (and generation_config.json's eos
-    ids when present) parsed as its architecture parses it. Pre-quantized checkpoints are refused."""
+    ids when present) parsed as its architecture parses it. Pre-quantized checkpoints other than the FP8
+    layouts of rtllm.quantization.prequantized are refused."""
     hf, path = read_hf_config(str(model_dir))
-    refuse_quantized(hf, path)
+    detect(hf, path, str(model_dir))
     cls = model_class(hf, path)
     return cls, cls.config_from_hf(hf, path, str(model_dir))
 

@@ -1,0 +1,407 @@
+"""Pre-quantized FP8 checkpoints: reading the E4M3 weights and scales that compressed-tensors (llm-compressor)
+and NVIDIA ModelOpt write, and mapping them onto the engine's fp8_linear (docs/engine_format.md).
+
+Recognised from metadata:
+- compressed-tensors: config.json `quantization_config.quant_method == "compressed-tensors"` with config
+  groups of float8 weights (num_bits 8, type float, strategy tensor or channel) and input activations that
+  are either dynamic per token (strategy token, dynamic true) or static per tensor (strategy tensor,
+  dynamic false; `input_scale` tensors); optional kv_cache_scheme (float8, per tensor: k_scale/v_scale).
+- ModelOpt: hf_quant_config.json (or config.json `quantization_config.quant_method == "modelopt"`) with
+  quant_algo FP8 (per-tensor weights, static per-tensor input scales) or FP8_PER_CHANNEL_PER_TOKEN, and
+  kv_cache_quant_algo FP8 or null.
+In both, a quantized linear `m` stores `m.weight` (F8_E4M3 [N, K]) and `m.weight_scale` ([N, 1], [N], [1] or
+a scalar); static ones also `m.input_scale` (scalar). Linears the checkpoint left unquantized (its ignore /
+exclude_modules list) have no `weight_scale` and load as ordinary linears.
+
+Mapping onto the engine:
+- dynamic per-token activations -> fp8_linear "per_token": weight_scale [N], the checkpoint's per-channel
+  scales as they are, or each part's per-tensor scale repeated over its rows; the codes are kept as stored.
+- static per-tensor activations -> fp8_linear "static" (weight_scale [1], input_scale [1]). rtllm fuses
+  q/k/v (and gate/up) into one linear with one weight scale: parts with a smaller scale are dequantized with
+  their own scale and re-quantized with the largest one (E4M3, round to nearest even, saturating), and the
+  fused input scale is the largest of the parts'.
+- k_scale / v_scale (`self_attn.k_scale`, `self_attn.k_proj.k_scale` or the older
+  `self_attn.k_proj.output_scale`) -> the attention node's k_scale / v_scale attrs.
+Every other variant is refused with a ValueError naming the value and what is supported.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .mode import QuantAlgo
+from .quant_config import QuantConfig
+from .quantize import QuantizationReport
+
+FP8 = "float8_e4m3"
+PER_TOKEN, STATIC = "per_token", "static"
+_SUPPORTED = ("compressed-tensors FP8 (float8 weights, strategy tensor or channel; input activations dynamic "
+              "per token or static per tensor) and ModelOpt FP8 / FP8_PER_CHANNEL_PER_TOKEN")
+
+
+@dataclass
+class Fp8Scheme:
+    """What a pre-quantized checkpoint says about its linears and KV cache."""
+    method: str                       # "compressed-tensors" or "modelopt"
+    activation_scaling: str           # PER_TOKEN or STATIC
+    kv_cache: bool                    # k_scale / v_scale tensors present
+    source: str                       # the file the scheme was read from (for messages)
+
+    @property
+    def quant_algo(self) -> QuantAlgo:
+        return QuantAlgo.FP8 if self.activation_scaling == STATIC else QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def scheme_of(model_dir: str) -> Fp8Scheme | None:
+    """detect() for a checkpoint directory."""
+    from ..models.config import read_hf_config
+
+    hf, path = read_hf_config(str(model_dir))
+    return detect(hf, path, str(model_dir))
+
+
+def detect(hf: dict, path: str, model_dir: str) -> Fp8Scheme | None:
+    """The FP8 scheme of a checkpoint directory (config.json parsed as `hf`, read from `path`), None when it
+    is not quantized. Raises ValueError for any quantization rtllm cannot load."""
+    quantization = hf.get("quantization_config")
+    modelopt_path = os.path.join(model_dir, "hf_quant_config.json")
+    if quantization is None:
+        if os.path.isfile(modelopt_path):
+            return _modelopt(_read_json(modelopt_path).get("quantization"), modelopt_path)
+        return None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method == "compressed-tensors":
+        return _compressed_tensors(quantization, path)
+    if method == "modelopt":
+        if os.path.isfile(modelopt_path):
+            return _modelopt(_read_json(modelopt_path).get("quantization"), modelopt_path)
+        return _modelopt(quantization, path)
+    raise ValueError(f"{path}: quantization method {method!r} (quantization_config) is not supported: rtllm "
+                     f"cannot load pre-quantized checkpoints of that method; supported: {_SUPPORTED}; or use an "
+                     f"unquantized checkpoint")
+
+
+def _modelopt(q, path: str) -> Fp8Scheme:
+    if not isinstance(q, dict):
+        raise ValueError(f"{path}: expected a \"quantization\" object with quant_algo, got {q!r}")
+    algo = q.get("quant_algo")
+    modes = {"FP8": STATIC, "FP8_PER_CHANNEL_PER_TOKEN": PER_TOKEN}
+    if algo not in modes:
+        raise ValueError(f"{path}: ModelOpt quant_algo {algo!r} is not supported; supported: {', '.join(modes)}")
+    kv = q.get("kv_cache_quant_algo")
+    if kv not in (None, "FP8"):
+        raise ValueError(f"{path}: ModelOpt kv_cache_quant_algo {kv!r} is not supported; supported: FP8 or null")
+    return Fp8Scheme("modelopt", modes[algo], kv == "FP8", path)
+
+
+def _float8(args, what: str, path: str) -> None:
+    if not isinstance(args, dict):
+        raise ValueError(f"{path}: compressed-tensors {what} {args!r} is not a quantization scheme object")
+    kind, bits = args.get("type"), args.get("num_bits")
+    if kind != "float" or bits != 8:
+        raise ValueError(f"{path}: compressed-tensors {what} type {kind!r} with num_bits {bits!r} is not supported; "
+                         f"supported: type \"float\", num_bits 8 (FP8 E4M3)")
+    if args.get("symmetric", True) is not True:
+        raise ValueError(f"{path}: compressed-tensors {what} symmetric={args.get('symmetric')!r} is not supported "
+                         f"(FP8 is symmetric)")
+
+
+def _compressed_tensors(q: dict, path: str) -> Fp8Scheme:
+    fmt = q.get("format")
+    if fmt not in (None, "float-quantized", "naive-quantized"):
+        raise ValueError(f"{path}: compressed-tensors format {fmt!r} is not supported; supported: "
+                         f"float-quantized, naive-quantized (FP8 weights stored as float8_e4m3fn)")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError(f"{path}: compressed-tensors quantization_config has no config_groups")
+    modes = set()
+    for group_name, group in groups.items():
+        where = f"config_groups.{group_name}"
+        weights = group.get("weights") if isinstance(group, dict) else None
+        _float8(weights, f"{where}.weights", path)
+        strategy = weights.get("strategy")
+        if strategy not in ("tensor", "channel"):
+            raise ValueError(f"{path}: {where}.weights strategy {strategy!r} is not supported; supported: tensor, "
+                             f"channel")
+        if weights.get("dynamic"):
+            raise ValueError(f"{path}: {where}.weights dynamic=true is not supported (weights carry their scales)")
+        acts = group.get("input_activations")
+        if acts is None:
+            raise ValueError(f"{path}: {where} has no input_activations: FP8 weight-only quantization is not "
+                             f"supported; supported: input activations dynamic per token or static per tensor")
+        _float8(acts, f"{where}.input_activations", path)
+        a_strategy, dynamic = acts.get("strategy"), bool(acts.get("dynamic"))
+        if a_strategy == "token" and dynamic:
+            modes.add(PER_TOKEN)
+        elif a_strategy == "tensor" and not dynamic:
+            if strategy != "tensor":
+                raise ValueError(f"{path}: {where}: weights strategy {strategy!r} with static per-tensor input "
+                                 f"activations is not supported; static activations need weights strategy "
+                                 f"\"tensor\"")
+            modes.add(STATIC)
+        else:
+            raise ValueError(f"{path}: {where}.input_activations strategy {a_strategy!r} with dynamic={dynamic} is "
+                             f"not supported; supported: strategy \"token\" dynamic, or strategy \"tensor\" static")
+    if len(modes) > 1:
+        raise ValueError(f"{path}: config_groups mix dynamic per-token and static activations; rtllm loads one "
+                         f"activation scheme per checkpoint")
+    kv = q.get("kv_cache_scheme")
+    if kv is not None:
+        _float8(kv, "kv_cache_scheme", path)
+        if kv.get("strategy", "tensor") != "tensor" or kv.get("dynamic"):
+            raise ValueError(f"{path}: kv_cache_scheme strategy {kv.get('strategy')!r} dynamic="
+                             f"{kv.get('dynamic')!r} is not supported; supported: static per-tensor k/v scales")
+    return Fp8Scheme("compressed-tensors", modes.pop(), kv is not None, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# E4M3 codes
+
+
+def e4m3_decode(codes: np.ndarray) -> np.ndarray:
+    """uint8 E4M3 codes -> float32 values (exact)."""
+    from rtllm import _core
+
+    flat = np.ascontiguousarray(codes, np.uint8).ravel()
+    return np.asarray(_core.convert_floats(flat, "F8_E4M3", "F32"), np.uint8).view(np.float32).reshape(codes.shape)
+
+
+def e4m3_encode(values: np.ndarray) -> np.ndarray:
+    """float32 values -> uint8 E4M3 codes, rounded to nearest even and saturated to ±448 (rtllm's conversion)."""
+    from rtllm import _core
+
+    flat = np.ascontiguousarray(values, np.float32).view(np.uint8).ravel()
+    return np.asarray(_core.convert_floats(flat, "F32", "F8_E4M3"), np.uint8).reshape(values.shape)
+
+
+def requantize(codes: np.ndarray, scale: np.float32, new_scale: np.float32) -> np.ndarray:
+    """Codes of e4m3(decode(codes) · scale / new_scale) (float32 arithmetic); unchanged when the scales are
+    equal."""
+    if scale == new_scale:
+        return codes
+    return e4m3_encode(e4m3_decode(codes) * np.float32(scale) / np.float32(new_scale))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _scalar(checkpoint, name: str) -> np.float32:
+    """A scale stored as a scalar, [1] or [1, 1] tensor (any float dtype), as float32."""
+    from ..builder.safetensors_io import to_float32
+
+    t = checkpoint.tensor(name)
+    if int(np.prod(t.shape)) != 1:
+        raise ValueError(f"{name} has shape {list(t.shape)}: a per-tensor scale must hold one value")
+    value = np.float32(to_float32(t.load(), t.dtype).reshape(-1)[0])
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} = {value}: a scale must be finite and positive")
+    return value
+
+
+def _row_scales(checkpoint, name: str, rows: int) -> np.ndarray:
+    """weight_scale of a part with `rows` output features as float32 [rows]: per-channel ([rows, 1] or
+    [rows]) as it is, per-tensor repeated."""
+    from ..builder.safetensors_io import to_float32
+
+    t = checkpoint.tensor(name)
+    size = int(np.prod(t.shape))
+    if size == 1:
+        return np.full(rows, _scalar(checkpoint, name), np.float32)
+    if tuple(t.shape) not in ((rows,), (rows, 1)):
+        raise ValueError(f"{name} has shape {list(t.shape)}; supported: [{rows}, 1] or [{rows}] (per channel) or "
+                         f"one value (per tensor); group and block scales are not supported")
+    s = to_float32(t.load(), t.dtype).reshape(rows)
+    if not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise ValueError(f"{name}: weight scales must be finite and positive")
+    return s.astype(np.float32)
+
+
+def _fp8_weight(checkpoint, name: str, shape: tuple):
+    t = checkpoint.tensor(name)
+    if t.dtype != FP8:
+        raise ValueError(f"{name} is {t.dtype}, but its module has a weight_scale: rtllm loads pre-quantized "
+                         f"weights stored as F8_E4M3 (float8_e4m3fn) only")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"tensor {name!r} from the checkpoint has shape {list(t.shape)}, but config.json implies "
+                         f"{list(shape)}")
+    return t
+
+
+class PrequantizedModel:
+    """The FP8 linears and KV scales of one model loaded from a pre-quantized checkpoint; attached to the
+    model (model.prequantized) so that build() writes them as the checkpoint has them."""
+
+    def __init__(self, scheme: Fp8Scheme):
+        self.scheme = scheme
+        self.linears = []          # Linear modules loaded as FP8
+        self.kept = {}             # module name -> why it stayed a plain linear
+        self.kv_scales = {}        # layer index -> (k_scale, v_scale)
+
+    def quant_config(self, requested: QuantConfig | None) -> QuantConfig:
+        """The engine's QuantConfig: the checkpoint's algorithms. A requested config may repeat them (or
+        add an FP8 KV cache to a checkpoint without KV scales); anything else contradicts the checkpoint."""
+        kv = QuantAlgo.FP8 if self.scheme.kv_cache else None
+        algo = self.scheme.quant_algo
+        if requested is not None:
+            if requested.quant_algo not in (None, algo):
+                raise ValueError(f"quant_algo {requested.quant_algo.value} was requested, but the checkpoint is "
+                                 f"pre-quantized as {algo.value} ({self.scheme.source}); leave quant_algo unset")
+            if requested.kv_cache_quant_algo not in (None, QuantAlgo.NO_QUANT, QuantAlgo.FP8) or \
+                    (self.scheme.kv_cache and requested.kv_cache_quant_algo == QuantAlgo.NO_QUANT):
+                raise ValueError(f"kv_cache_quant_algo {requested.kv_cache_quant_algo.value} was requested, but the "
+                                 f"checkpoint {self.scheme.source} has "
+                                 f"{'FP8 KV scales' if kv else 'no KV cache quantization'}; supported: FP8 or unset")
+            kv = kv or (requested.kv_cache_quant_algo if requested.quantizes_kv_cache else None)
+        return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, exclude_modules=sorted(self.kept))
+
+    def apply(self, network) -> QuantizationReport:
+        """Build step (in place of the quantize pass): each FP8-loaded linear's node becomes an fp8_linear
+        (inputs x, weight, weight_scale[, input_scale][, bias] as docs/engine_format.md says), and each
+        attention node gets its layer's k_scale / v_scale."""
+        report = QuantizationReport(self.scheme.quant_algo.value, kept=dict(self.kept))
+        by_weight = {linear.weight.name: linear for linear in self.linears}
+        for node in network.nodes:
+            if node.op == "linear" and node.inputs[1] in by_weight:
+                linear = by_weight.pop(node.inputs[1])
+                scales = [linear.weight_scale] + ([linear.input_scale] if self.scheme.activation_scaling == STATIC
+                                                  else [])
+                for p in scales:
+                    network.add_weight(p)
+                node.op = "fp8_linear"
+                node.inputs = [node.inputs[0], node.inputs[1], *(p.name for p in scales), *node.inputs[2:]]
+                if self.scheme.activation_scaling == STATIC:  # per_token is the default when absent
+                    node.attrs["activation_scaling"] = STATIC
+                report.quantized.append(linear.weight.name)
+            elif node.op == "attention" and node.attrs["layer_idx"] in self.kv_scales:
+                k_scale, v_scale = self.kv_scales[node.attrs["layer_idx"]]
+                node.attrs.update(k_scale=float(k_scale), v_scale=float(v_scale))
+        if by_weight:
+            raise ValueError(f"pre-quantized linears {sorted(by_weight)} are not in the traced network")
+        return report
+
+
+def _parts(model, module_name: str) -> list:
+    """[(checkpoint module name, shard id)] that a model's linear is loaded from (as load_weights does)."""
+    prefix = model.checkpoint_name(f"{module_name}.weight").rsplit(".", 1)[0]
+    parent, _, leaf = prefix.rpartition(".")
+    parts = [(f"{parent}.{ckpt}" if parent else ckpt, shard)
+             for ckpt, (module, shard) in model.packed_modules_mapping.items() if module == leaf]
+    return parts or [(prefix, None)]
+
+
+def load_prequantized(model, checkpoint, scheme: Fp8Scheme) -> PrequantizedModel:
+    """Gives every linear the checkpoint stores in FP8 its codes and scales (lazily; before load_weights,
+    which then loads the remaining parameters, biases included, as usual)."""
+    from ..builder.tensor import Parameter
+    from ..nn.linear import Linear, StackedColumnLinear
+
+    if _changes_weights(model):
+        raise ValueError(f"{model.architecture} folds constants into its weights after loading, which pre-quantized "
+                         f"FP8 weights cannot take; pre-quantized checkpoints of it are not supported")
+    state = PrequantizedModel(scheme)
+    table = model.model.embed_tokens.weight
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        if module.weight is table:  # tied embeddings: the table stays unquantized
+            state.kept[name] = "tied to the embedding"
+            continue
+        parts = _parts(model, name)
+        has_scale = [f"{ckpt}.weight_scale" in checkpoint.files for ckpt, _ in parts]
+        if not any(has_scale):
+            state.kept[name] = "unquantized in the checkpoint"
+            continue
+        if not all(has_scale):
+            raise ValueError(f"{name} fuses {[c for c, _ in parts]}, but only some of them have a weight_scale in "
+                             f"the checkpoint: rtllm needs all of them in FP8 or none")
+        sizes = module.part_sizes if isinstance(module, StackedColumnLinear) else {None: module.weight.shape[0]}
+        k = module.weight.shape[1]
+        loaded = [(ckpt, _fp8_weight(checkpoint, f"{ckpt}.weight", (sizes[shard], k)), sizes[shard])
+                  for ckpt, shard in parts]
+        for ckpt, _, rows in loaded:  # shapes now, so that a bad checkpoint fails here, not when it is saved
+            _check_scale_shapes(checkpoint, ckpt, rows, scheme.activation_scaling)
+        _attach(module, checkpoint, loaded, scheme.activation_scaling, Parameter)
+        state.linears.append(module)
+    if scheme.kv_cache:
+        for i, layer in enumerate(model.model.layers):
+            attn = f"model.layers.{i}.self_attn"
+            state.kv_scales[layer.self_attn.layer_idx] = tuple(
+                _scalar(checkpoint, _kv_scale_name(checkpoint, attn, kv)) for kv in ("k", "v"))
+    if not state.linears:
+        raise ValueError(f"{scheme.source} declares {scheme.method} FP8 quantization, but no linear of the "
+                         f"checkpoint has a weight_scale")
+    return state
+
+
+def _check_scale_shapes(checkpoint, module: str, rows: int, mode: str) -> None:
+    size = int(np.prod(checkpoint.tensor(f"{module}.weight_scale").shape))
+    if mode == STATIC:
+        if size != 1:
+            raise ValueError(f"{module}.weight_scale has {size} values: static FP8 activations need a per-tensor "
+                             f"weight scale (one value)")
+        if f"{module}.input_scale" not in checkpoint.files:
+            raise ValueError(f"{module}.input_scale is missing: the checkpoint declares static input activations")
+        _scalar(checkpoint, f"{module}.input_scale")
+    elif size not in (1, rows):
+        raise ValueError(f"{module}.weight_scale has {size} values for {rows} output features; supported: one "
+                         f"(per tensor) or {rows} (per channel); group and block scales are not supported")
+
+
+def _changes_weights(model) -> bool:
+    from ..models.base import CausalLM
+
+    return type(model).process_weights_after_loading is not CausalLM.process_weights_after_loading
+
+
+def _kv_scale_name(checkpoint, attn: str, kv: str) -> str:
+    names = (f"{attn}.{kv}_scale", f"{attn}.{kv}_proj.{kv}_scale", f"{attn}.{kv}_proj.output_scale")
+    for name in names:
+        if name in checkpoint.files:
+            return name
+    raise ValueError(f"the checkpoint declares an FP8 KV cache but has none of {', '.join(names)}")
+
+
+def _attach(module, checkpoint, loaded: list, mode: str, Parameter) -> None:
+    """Makes module.weight load the fused E4M3 codes and adds module.weight_scale (and input_scale)."""
+    rows = module.weight.shape[0]
+    if mode == PER_TOKEN:
+        def codes():
+            return np.concatenate([t.load() for _, t, _ in loaded], axis=0)
+
+        def weight_scale():
+            return np.concatenate([_row_scales(checkpoint, f"{ckpt}.weight_scale", n) for ckpt, _, n in loaded])
+
+        scale_shape = (rows,)
+    else:
+        def part_scales():
+            return [_scalar(checkpoint, f"{ckpt}.weight_scale") for ckpt, _, _ in loaded]
+
+        def codes():
+            scales = part_scales()
+            top = max(scales)
+            return np.concatenate([requantize(t.load(), s, top) for (_, t, _), s in zip(loaded, scales)], axis=0)
+
+        def weight_scale():
+            return np.array([max(part_scales())], np.float32)
+
+        def input_scale():
+            return np.array([max(_scalar(checkpoint, f"{ckpt}.input_scale") for ckpt, _, _ in loaded)], np.float32)
+
+        scale_shape = (1,)
+    weight = module.weight
+    weight.dtype, weight.loader, weight.keep_dtype = FP8, codes, True
+    module.weight_scale = Parameter(scale_shape, "float32", weight_scale)
+    module.weight_scale.keep_dtype = True
+    if mode == STATIC:
+        module.input_scale = Parameter((1,), "float32", input_scale)
+        module.input_scale.keep_dtype = True
