@@ -412,8 +412,10 @@ std::vector<std::array<float, 2>> ModelRunner::kv_cache_amax(const std::vector<i
                                                              int32_t num_tokens) {
   Impl& im = *impl_;
   const int32_t tpb = im.config.tokens_per_block;
-  RTLLM_CHECK_ARG(*im.config.kv_cache_dtype == DataType::kFloat32, "kv_cache_amax reads a float32 KV cache; "
-                  "this runner's is ", dtype_safetensors_name(*im.config.kv_cache_dtype));
+  RTLLM_CHECK_ARG(*im.config.kv_cache_dtype == DataType::kFloat32 || *im.config.kv_cache_dtype == DataType::kBFloat16 ||
+                      *im.config.kv_cache_dtype == DataType::kFloat16,
+                  "kv_cache_amax reads an unquantized KV cache (F32, BF16 or F16); this runner's is ",
+                  dtype_safetensors_name(*im.config.kv_cache_dtype));
   RTLLM_CHECK_ARG(num_tokens >= 0, "kv_cache_amax: num_tokens ", num_tokens, " must be >= 0");
   const int64_t num_blocks = (static_cast<int64_t>(num_tokens) + tpb - 1) / tpb;
   RTLLM_CHECK_ARG(static_cast<int64_t>(block_table.size()) >= num_blocks, "kv_cache_amax: ", num_tokens,

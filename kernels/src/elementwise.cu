@@ -145,6 +145,22 @@ cudaError_t gather(void* out, const void* src, const int32_t* index, int64_t num
   return cudaGetLastError();
 }
 
+// |x| of a float (NaN included: its bits exceed +inf's) orders like its bits as an unsigned integer, so
+// one atomicMax on the bits keeps the running maximum.
+template <typename T>
+__global__ void amax_kernel(unsigned int* out, const T* x, int64_t n) {
+  float m = 0.0f;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const float a = fabsf(static_cast<float>(x[i]));
+    m = __float_as_uint(a) > __float_as_uint(m) ? a : m;
+  }
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const float other = __shfl_xor_sync(0xffffffffu, m, offset);
+    m = __float_as_uint(other) > __float_as_uint(m) ? other : m;
+  }
+  if ((threadIdx.x & 31) == 0) atomicMax(out, __float_as_uint(m));
+}
+
 }  // namespace
 
 const char* error_string(cudaError_t err) { return cudaGetErrorString(err); }
@@ -222,6 +238,16 @@ cudaError_t convert(void* out, DType out_dtype, const void* x, DType x_dtype, in
       convert_kernel<Out, In><<<grid_for(n), kThreads, 0, stream>>>(static_cast<Out*>(out),
                                                                     static_cast<const In*>(x), n);
     });
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t amax(float* out, const void* x, int64_t n, DType dtype, cudaStream_t stream) {
+  RTLLM_KERNEL_CHECK(out && x && n >= 0);
+  if (n == 0) return cudaSuccess;
+  auto* bits = reinterpret_cast<unsigned int*>(out);
+  RTLLM_DISPATCH_FLOAT_DTYPE(dtype, T, {
+    amax_kernel<T><<<std::min(grid_for(n), 1024u), kThreads, 0, stream>>>(bits, static_cast<const T*>(x), n);
   });
   return cudaGetLastError();
 }

@@ -10,6 +10,8 @@
 //   sampler      the device sampling buffers (CudaSampler) when device_sampling is on.
 // Everything runs on one non-blocking stream owned by the backend; forward() allocates nothing.
 #include <algorithm>
+#include <array>
+#include <cmath>
 #include <cstring>
 
 #include "cuda/cublaslt_gemm.h"
@@ -17,6 +19,7 @@
 #include "cuda/cuda_graphs.h"
 #include "cuda/cuda_sampler.h"
 #include "rtllm/kernels/attention.cuh"
+#include "rtllm/kernels/elementwise.cuh"
 #include "runner_backend.h"
 #include "workspace.h"
 
@@ -107,8 +110,12 @@ class CudaBackend final : public RunnerBackend {
                           const std::vector<SamplingInput>& inputs, std::vector<SampledToken>* out) override;
   void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) override;
   void warm_up(std::vector<PlannedNode>& nodes) override;
+  bool can_observe() const override { return true; }
+  void kv_cache_amax(const int32_t* block_table, int32_t num_tokens, std::array<float, 2>* out) const override;
 
  private:
+  size_t observe_slots(const std::vector<PlannedNode>& nodes);
+  void read_observed(std::vector<PlannedNode>& nodes, size_t num_slots);
   int32_t* device_array(size_t offset) const { return static_cast<int32_t*>(step_buffer_.data) + offset; }
   size_t stage(const HostStep& st, int32_t num_seqs);
   void prepare_step(const HostStep& st, int32_t num_tokens, int32_t num_seqs);
@@ -141,6 +148,10 @@ class CudaBackend final : public RunnerBackend {
   std::unique_ptr<CublasLtGemm> gemm_;
   std::unique_ptr<DecodeGraphs> graphs_;
   std::unique_ptr<CudaSampler> sampler_;  // null when device_sampling is off
+  // Calibration (ModelRunner::observe_amax): one float32 running amax per observed output, on the
+  // device during a step; allocated by the first observed step (calibration runs are never timed).
+  DeviceBuffer observed_;
+  size_t observed_capacity_ = 0;
   CudaStep step_;
 };
 
@@ -296,14 +307,79 @@ void CudaBackend::run_nodes(std::vector<PlannedNode>& nodes, int32_t num_tokens,
   ctx.stream = stream_;
   ctx.device_step = &step_;
   ctx.workspace = op_workspace_.data;
-  for (PlannedNode& node : nodes) node.run(ctx, num_tokens, num_logits);
+  float* slot = static_cast<float*>(observed_.data);
+  for (PlannedNode& node : nodes) {
+    node.run(ctx, num_tokens, num_logits);
+    for (const auto& observed : node.observed) {
+      const TensorView& t = node.output_views[observed.first];
+      RTLLM_CUDA_CHECK(kernels::amax(slot++, t.data, t.numel(), kernel_dtype(t.dtype), stream_));
+    }
+  }
+}
+
+// The number of observed outputs; makes room for their device amax slots and zeroes them.
+size_t CudaBackend::observe_slots(const std::vector<PlannedNode>& nodes) {
+  size_t n = 0;
+  for (const PlannedNode& node : nodes) n += node.observed.size();
+  if (n == 0) return 0;
+  if (n > observed_capacity_) {
+    observed_ = DeviceBuffer(n * sizeof(float));
+    observed_capacity_ = n;
+  }
+  RTLLM_CUDA_CHECK(cudaMemsetAsync(observed_.data, 0, n * sizeof(float), stream_));
+  return n;
+}
+
+// After an observed step: folds the step's device amax values into PlannedNode::observed.
+void CudaBackend::read_observed(std::vector<PlannedNode>& nodes, size_t num_slots) {
+  std::vector<float> values(num_slots);
+  RTLLM_CUDA_CHECK(cudaMemcpyAsync(values.data(), observed_.data, num_slots * sizeof(float), cudaMemcpyDeviceToHost,
+                                   stream_));
+  RTLLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  size_t i = 0;
+  for (PlannedNode& node : nodes)
+    for (auto& observed : node.observed) {
+      const float v = values[i++];
+      if (!(v <= observed.second)) observed.second = v;  // keeps a NaN
+    }
+}
+
+// Token t of the sequence is in block block_table[t / tpb], slot t % tpb: K then V of every kv head. The
+// blocks are copied to the host one at a time (calibration only).
+void CudaBackend::kv_cache_amax(const int32_t* block_table, int32_t num_tokens, std::array<float, 2>* out) const {
+  const DataType dtype = *config_.kv_cache_dtype;
+  RTLLM_CHECK(dtype == DataType::kBFloat16 || dtype == DataType::kFloat16 || dtype == DataType::kFloat32,
+              "kv_cache_amax reads an unquantized KV cache, this one is ", dtype_safetensors_name(dtype));
+  RTLLM_CUDA_CHECK(cudaSetDevice(device_));
+  RTLLM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  const int64_t tpb = config_.tokens_per_block, nkv = model_.num_kv_heads, hd = model_.head_dim;
+  const size_t block_bytes = kv_block_bytes();
+  std::vector<uint8_t> raw(block_bytes);
+  std::vector<float> values(block_bytes / dtype_num_bytes(dtype, 1));
+  for (int32_t l = 0; l < model_.num_layers; ++l)
+    for (int64_t b = 0; b * tpb < num_tokens; ++b) {
+      RTLLM_CUDA_CHECK(cudaMemcpy(raw.data(), static_cast<const uint8_t*>(kv_layers_[l]) + block_table[b] * block_bytes,
+                                  block_bytes, cudaMemcpyDeviceToHost));
+      convert_floats(raw.data(), dtype, values.data(), DataType::kFloat32, static_cast<int64_t>(values.size()));
+      const int64_t used = std::min<int64_t>(tpb, num_tokens - b * tpb);
+      for (int64_t which = 0; which < 2; ++which)
+        for (int64_t kh = 0; kh < nkv; ++kh)
+          for (int64_t t = 0; t < used; ++t) {
+            const float* row = values.data() + ((which * nkv + kh) * tpb + t) * hd;
+            for (int64_t d = 0; d < hd; ++d) {
+              const float a = std::fabs(row[d]);
+              if (!(a <= out[l][which])) out[l][which] = a;
+            }
+          }
+    }
 }
 
 // Stages the step and runs it on the stream (a captured graph for decode-only buckets with a row of
 // logits per sequence); no host wait.
 void CudaBackend::run_step(const HostStep& st, std::vector<PlannedNode>& nodes) {
   RTLLM_CUDA_CHECK(cudaSetDevice(device_));  // the caller's thread may not have selected it
-  const bool graphable = graphs_ && st.decode_only && st.one_logit_per_seq;
+  const size_t num_observed = observe_slots(nodes);  // observed steps run eagerly
+  const bool graphable = graphs_ && st.decode_only && st.one_logit_per_seq && num_observed == 0;
   const int32_t bucket = graphable ? graphs_->bucket_for(st.num_seqs) : 0;
   const int32_t num_seqs = bucket ? bucket : st.num_seqs;
   const int32_t num_tokens = bucket ? bucket : st.num_tokens;
@@ -317,6 +393,7 @@ void CudaBackend::run_step(const HostStep& st, std::vector<PlannedNode>& nodes) 
     run_nodes(nodes, num_tokens, num_logits);  // also the warm-up run of a bucket before its capture
     if (bucket) graphs_->capture(bucket, stream_, [&] { run_nodes(nodes, num_tokens, num_logits); });
   }
+  if (num_observed) read_observed(nodes, num_observed);
 }
 
 // Captures every decode bucket's graph now, so that no step of the first workload pays for a capture

@@ -1,5 +1,6 @@
 """Calibration: the activation ranges static FP8 scales are chosen from, measured by running the
-unquantized model on rtllm's own runtime (the CPU ModelRunner), prompt by prompt.
+unquantized model on rtllm's own runtime (a ModelRunner on the GPU when there is one, else on the CPU),
+prompt by prompt.
 
 The model is built unquantized into a temporary engine (same dtype and fusion as the real build) and
 each sample is prefilled once. The runner records the largest |x| at each quantizable linear's input
@@ -110,8 +111,21 @@ def tokenize_samples(model, texts: list, num_samples: int, max_tokens: int) -> l
     return samples
 
 
+def calibration_runtime_config(num_blocks: int):
+    """Calibration runs on the GPU when rtllm has one (an 8B model calibrates in seconds there), else on
+    the CPU with a float32 KV cache. RTLLM_CALIB_DEVICE=cpu forces the CPU."""
+    from .. import _core
+
+    if os.environ.get("RTLLM_CALIB_DEVICE", "").lower() != "cpu" and _core.cuda_available():
+        return _core.RuntimeConfig(device=_core.DeviceKind.CUDA, num_kv_blocks=num_blocks,
+                                   tokens_per_block=TOKENS_PER_BLOCK, enable_cuda_graphs=False,
+                                   device_sampling=False)
+    return _core.RuntimeConfig(device=_core.DeviceKind.CPU, num_kv_blocks=num_blocks,
+                               tokens_per_block=TOKENS_PER_BLOCK, kv_cache_dtype="F32")
+
+
 def calibrate(model, build_config, quant_config, calib_data=None, linear_weights=()) -> Calibration:
-    """Runs the unquantized `model` over the calibration samples on the CPU runtime and returns the ranges
+    """Runs the unquantized `model` over the calibration samples on rtllm's runtime and returns the ranges
     quantize_network needs: the input amax of each linear of linear_weights (weight names), and per layer
     the K/V amax as the KV cache stores them."""
     import numpy as np
@@ -144,9 +158,7 @@ def calibrate(model, build_config, quant_config, calib_data=None, linear_weights
     with tempfile.TemporaryDirectory(prefix="rtllm-calib-") as tmp:
         engine.save(tmp)
         core_engine = _core.Engine.load(tmp)
-        runner = _core.ModelRunner(core_engine, _core.RuntimeConfig(
-            device=_core.DeviceKind.CPU, num_kv_blocks=num_blocks, tokens_per_block=TOKENS_PER_BLOCK,
-            kv_cache_dtype="F32"))
+        runner = _core.ModelRunner(core_engine, calibration_runtime_config(num_blocks))
         runner.observe_amax(sorted(set(inputs_of.values())))
         kv_amax = np.zeros((num_layers, 2))  # np.maximum keeps a NaN: quantize_network refuses it
         block_table = list(range(num_blocks))

@@ -43,4 +43,8 @@ RTLLM_API cudaError_t cast_to_float(float* out, const void* x, int64_t n, DType 
 RTLLM_API cudaError_t convert(void* out, DType out_dtype, const void* x, DType x_dtype, int64_t n,
                               cudaStream_t stream);
 
+// *amax = max(*amax, max_i |x[i]|) for i < n, x of a float dtype (FP32, BF16, FP16); a NaN in x makes
+// *amax NaN. Calibration's observer of activation ranges, not on a hot path.
+RTLLM_API cudaError_t amax(float* out, const void* x, int64_t n, DType dtype, cudaStream_t stream);
+
 }  // namespace rtllm::kernels
