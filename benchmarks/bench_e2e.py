@@ -31,8 +31,37 @@ def random_prompts(num_requests, isl, vocab_size, seed=0):
     return [rng.integers(10, vocab_size, size=isl).tolist() for _ in range(num_requests)]
 
 
+def step_breakdown(steps, seconds):
+    """Where a workload's time went, from the executor's per-step stats: decode-only steps, steps with
+    prompt tokens (prefill or mixed), and the wall time outside any step (host work between steps)."""
+    out = {"num_steps": len(steps), "wall_s": seconds}
+    for kind, chosen in (("decode_only", [s for s in steps if s["num_context_tokens"] == 0]),
+                         ("with_prompt_tokens", [s for s in steps if s["num_context_tokens"] > 0])):
+        out[kind] = {"steps": len(chosen), "seconds": sum(s["step_time_ms"] for s in chosen) / 1e3,
+                     "mean_generation_tokens": float(np.mean([s["num_generation_tokens"] for s in chosen]))
+                     if chosen else 0.0,
+                     "mean_context_tokens": float(np.mean([s["num_context_tokens"] for s in chosen]))
+                     if chosen else 0.0}
+    out["outside_steps_s"] = seconds - sum(s["step_time_ms"] for s in steps) / 1e3
+    return out
+
+
+async def _collect_steps(llm, steps, stop):
+    """Drains the executor's bounded per-step stats queue while a workload runs."""
+    while not stop.is_set():
+        steps += llm.get_iteration_stats()
+        try:
+            await asyncio.wait_for(stop.wait(), 0.2)
+        except asyncio.TimeoutError:
+            pass
+    steps += llm.get_iteration_stats()
+
+
 async def _stream_all(llm, prompts, params):
-    """Submits every prompt at once and records each token's arrival time."""
+    """Submits every prompt at once and records each token's arrival time and the executor's steps."""
+    llm.get_iteration_stats()  # drop the steps of earlier work
+    steps, stop = [], asyncio.Event()
+    collector = asyncio.create_task(_collect_steps(llm, steps, stop))
     start = now()
 
     async def one(prompt):
@@ -42,7 +71,11 @@ async def _stream_all(llm, prompts, params):
         return arrivals
 
     arrivals = await asyncio.gather(*(one(p) for p in prompts))
-    return start, now(), arrivals
+    end = now()
+    stop.set()
+    await collector
+    _stream_all.last_steps = step_breakdown(steps, end - start)
+    return start, end, arrivals
 
 
 SAMPLING = {"greedy": dict(temperature=0.0), "topp": dict(temperature=0.8, top_p=0.95, seed=0),
@@ -87,9 +120,15 @@ def bench_rtllm(model_dir, workloads, args):
                 "ttft": summarize([a[0] - start for a in arrivals]),
                 "tpot": summarize([(a[-1] - a[0]) / (len(a) - 1) for a in arrivals if len(a) > 1]),
                 "itl": summarize(np.concatenate([np.diff(a) for a in arrivals])),
+                "steps": _stream_all.last_steps,
             })
+            b = _stream_all.last_steps
             print(f"rtllm {results['workloads'][-1]['isl']}/{w['osl']} x{len(w['prompts'])} {w['sampling']}: "
-                  f"{results['workloads'][-1]['output_tokens_per_s']:,.0f} output tok/s", flush=True)
+                  f"{results['workloads'][-1]['output_tokens_per_s']:,.0f} output tok/s; {b['num_steps']} steps: "
+                  f"{b['decode_only']['steps']} decode-only in {b['decode_only']['seconds']:.2f} s (mean batch "
+                  f"{b['decode_only']['mean_generation_tokens']:.0f}), {b['with_prompt_tokens']['steps']} with prompt "
+                  f"tokens in {b['with_prompt_tokens']['seconds']:.2f} s, {b['outside_steps_s']:.2f} s outside steps",
+                  flush=True)
         osl = workloads[0]["osl"]
         for mode, key in (("greedy", "batch1"), ("topp", "batch1_topp")):
             start, end, arrivals = asyncio.run(_stream_all(llm, first[:1], sampling_params(mode, osl)))
