@@ -1,5 +1,5 @@
 """FP8 linears on CUDA: rtllm's fp8_linear (rtllm._core.kernels.fp8_linear, the op's code path: activation
-quantization included) against the device's copy bandwidth at decode sizes and torch._scaled_mm at
+quantization included; torch._scaled_mm gets pre-quantized operands) against the device's copy bandwidth at decode sizes and torch._scaled_mm at
 prefill sizes. CUDA events, warmup, median of repeats.
 
     python benchmarks/bench_fp8_gemm.py [--json OUT]
@@ -15,17 +15,26 @@ K = _core.kernels
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (6144, 4096)]  # (N, K)
 
 
-def median_ms(fn, warmup=10, repeats=50):
+def median_ms(fn, warmup=3, repeats=25, calls=20):
+    """Median time of one call: `calls` back-to-back calls captured in a CUDA graph (so host-side launch
+    overhead does not count, as in a decode step's graph), replayed `repeats` times."""
     for _ in range(warmup):
-        fn()
+        fn()  # also builds the cuBLASLt plans outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    for _ in range(warmup):
+        graph.replay()
     times = []
     for _ in range(repeats):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / calls)
     times.sort()
     return times[len(times) // 2]
 
@@ -33,7 +42,7 @@ def median_ms(fn, warmup=10, repeats=50):
 def copy_bandwidth():
     n = 1 << 30
     src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
-    return 2 * n / (median_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9  # GB/s, read + write
+    return 2 * n / (median_ms(lambda: dst.copy_(src), calls=2) * 1e-3) / 1e9  # GB/s, read + write
 
 
 def rtllm_call(M, N, Kd, per_token, path=0):
@@ -43,9 +52,9 @@ def rtllm_call(M, N, Kd, per_token, path=0):
     iscale = torch.tensor([0.01], device="cuda")
     y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
     ws = torch.empty(K.fp8_linear_workspace_bytes(M, N, Kd, per_token), dtype=torch.uint8, device="cuda")
-    stream = torch.cuda.current_stream().cuda_stream
     return lambda: K.fp8_linear(y.data_ptr(), x.data_ptr(), w.data_ptr(), ws_.data_ptr(), iscale.data_ptr(), 0, M,
-                                N, Kd, "BF16", "BF16", per_token, path, True, ws.data_ptr(), stream)
+                                N, Kd, "BF16", "BF16", per_token, path, True, ws.data_ptr(),
+                                torch.cuda.current_stream().cuda_stream)  # the capture's stream
 
 
 def torch_scaled_mm(M, N, Kd, rowwise):
@@ -73,13 +82,19 @@ def main():
                 gbs = (N * Kd + M * Kd * 2 + M * N * 2) / (ms * 1e-3) / 1e9
                 rows.append(dict(kind="gemv", mode=mode, M=M, N=N, K=Kd, us=ms * 1e3, GBps=gbs, frac=gbs / bw))
                 print(f"gemv {mode:9s} M={M} N={N:5d} K={Kd:5d}: {ms * 1e3:7.2f} us {gbs:6.0f} GB/s {gbs / bw:5.1%}")
+    # where the op should switch from the GEMV to cuBLASLt (kMaxGemvRows in cuda_fp8_linear.cc)
+    for N, Kd in SHAPES:
+        for M in (4, 8, 12, 16):
+            gemv, gemm = (median_ms(rtllm_call(M, N, Kd, True, path)) * 1e3 for path in (1, 2))
+            rows.append(dict(kind="crossover", M=M, N=N, K=Kd, gemv_us=gemv, gemm_us=gemm))
+            print(f"crossover per_token M={M:2d} N={N:5d} K={Kd:5d}: GEMV {gemv:7.2f} us, GEMM {gemm:7.2f} us")
     for per_token in (False, True):
         mode = "per_token" if per_token else "static"
         for N, Kd in SHAPES:
             for M in (1024, 2048, 4096, 8192):
                 flop = 2.0 * M * N * Kd
-                ms = median_ms(rtllm_call(M, N, Kd, per_token), warmup=5, repeats=20)
-                ms_t = median_ms(torch_scaled_mm(M, N, Kd, per_token), warmup=5, repeats=20)
+                ms = median_ms(rtllm_call(M, N, Kd, per_token), repeats=10, calls=3)
+                ms_t = median_ms(torch_scaled_mm(M, N, Kd, per_token), repeats=10, calls=3)
                 t, tt = flop / (ms * 1e-3) / 1e12, flop / (ms_t * 1e-3) / 1e12
                 rows.append(dict(kind="gemm", mode=mode, M=M, N=N, K=Kd, TFLOPs=t, torch_TFLOPs=tt, ratio=t / tt))
                 print(f"gemm {mode:9s} M={M:5d} N={N:5d} K={Kd:5d}: rtllm {t:6.0f} TFLOP/s "
