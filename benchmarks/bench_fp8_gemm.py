@@ -51,10 +51,10 @@ def rtllm_call(M, N, Kd, per_token, path=0):
     ws_ = torch.rand(N if per_token else 1, device="cuda") * 1e-2
     iscale = torch.tensor([0.01], device="cuda")
     y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    ws = torch.empty(K.fp8_linear_workspace_bytes(M, N, Kd, per_token), dtype=torch.uint8, device="cuda")
+    ws = torch.empty(K.fp8_linear_workspace_bytes(M, N, Kd), dtype=torch.uint8, device="cuda")
     return lambda: K.fp8_linear(y.data_ptr(), x.data_ptr(), w.data_ptr(), ws_.data_ptr(), iscale.data_ptr(), 0, M,
-                                N, Kd, "BF16", "BF16", per_token, path, True, ws.data_ptr(),
-                                torch.cuda.current_stream().cuda_stream)  # the capture's stream
+                                N, Kd, "BF16", "BF16", per_token, ws.data_ptr(),
+                                torch.cuda.current_stream().cuda_stream, path=path)  # the capture's stream
 
 
 def torch_scaled_mm(M, N, Kd, rowwise):

@@ -105,16 +105,15 @@ def random_case(rng, M, N, K, per_token, with_bias, x_dtype):
     return dev, (x_vals, codes, w_scale, input_scale, bias)
 
 
-def run_op(kernels, dev, M, N, K, per_token, x_dtype, y_dtype, path=0, outer_vector=True):
-    ws = torch.empty(kernels.fp8_linear_workspace_bytes(M, N, K, per_token, outer_vector), dtype=torch.uint8,
-                     device="cuda")
+def run_op(kernels, dev, M, N, K, per_token, x_dtype, y_dtype, path=0, scaled_gemm=True):
+    ws = torch.empty(kernels.fp8_linear_workspace_bytes(M, N, K, scaled_gemm), dtype=torch.uint8, device="cuda")
     ws.fill_(0xFF)
     y = torch.empty((M, N), dtype=TORCH[y_dtype], device="cuda")
     y.view(torch.uint8).fill_(0xFF)  # NaN in every float dtype
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     kernels.fp8_linear(y.data_ptr(), dev["x"].data_ptr(), dev["w"].data_ptr(), dev["w_scale"].data_ptr(),
-                       ptr(dev["input_scale"]), ptr(dev["bias"]), M, N, K, x_dtype, y_dtype, per_token, path,
-                       outer_vector, ws.data_ptr(), torch.cuda.current_stream().cuda_stream)
+                       ptr(dev["input_scale"]), ptr(dev["bias"]), M, N, K, x_dtype, y_dtype, per_token, ws.data_ptr(),
+                       torch.cuda.current_stream().cuda_stream, path=path, scaled_gemm=scaled_gemm)
     torch.cuda.synchronize()
     return y.float().cpu().numpy().astype(np.float64)
 
@@ -156,19 +155,31 @@ def test_fp8_linear_dtypes_and_both_paths(kernels, M, per_token, x_dtype, y_dtyp
 
 
 @pytest.mark.parametrize("M", [9, 64, 300])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_unscaled_gemm_fallback(kernels, M, with_bias):
-    """Per-token GEMM where cuBLASLt has no outer-vector scaling: float32 accumulators + scale kernel."""
+@pytest.mark.parametrize("per_token", [True, False], ids=["per_token", "static"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("y_dtype", ["BF16", "F32"])
+def test_unscaled_gemm_fallback(kernels, M, per_token, with_bias, y_dtype):
+    """The GEMM where cuBLASLt cannot apply the scales: float32 accumulators, then the scale kernel."""
     N, K = 384, 256
-    rng = np.random.default_rng([M, with_bias, 7])
-    dev, host = random_case(rng, M, N, K, True, with_bias, "BF16")
+    rng = np.random.default_rng([M, per_token, with_bias, len(y_dtype)])
+    dev, host = random_case(rng, M, N, K, per_token, with_bias, "BF16")
+    ref, mag = reference(*host, per_token)
+    check(run_op(kernels, dev, M, N, K, per_token, "BF16", y_dtype, path=2, scaled_gemm=False), ref, mag)
+
+
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_gemv_any_n(kernels, M):
+    """N need not be a multiple of anything on the GEMV path (a 300-token vocabulary's LM head)."""
+    N, K = 300, 64
+    rng = np.random.default_rng([M, 300])
+    dev, host = random_case(rng, M, N, K, True, False, "BF16")
     ref, mag = reference(*host, True)
-    check(run_op(kernels, dev, M, N, K, True, "BF16", "BF16", path=2, outer_vector=False), ref, mag)
+    check(run_op(kernels, dev, M, N, K, True, "BF16", "F32"), ref, mag)
 
 
 def test_k_not_multiple_of_16_is_refused(kernels):
     with pytest.raises(_core.InvalidArgumentError, match="K = 40"):
-        kernels.fp8_linear(0, 0, 0, 0, 0, 0, 1, 16, 40, "BF16", "BF16", True, 0, True, 0, 0)
+        kernels.fp8_linear(0, 0, 0, 0, 0, 0, 1, 16, 40, "BF16", "BF16", True, 0)
 
 
 def test_capability_requirement():
@@ -182,11 +193,14 @@ def kernels_reason(major, minor):
     return _core.kernels.fp8_linear_unsupported_reason(major, minor)
 
 
-def test_outer_vector_scaling_available_on_hopper(kernels):
-    """Informational on other GPUs; on sm_90 cuBLASLt 12.9+ has the per-row x per-column scaled FP8 GEMM."""
+def test_scaled_gemm_available_on_hopper(kernels):
+    """On sm_90 with cuBLASLt 12.9+ the GEMM applies both kinds of scales itself (no fallback pass)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("only asserted on sm_90")
-    assert kernels.fp8_outer_vector_supported("BF16") and kernels.fp8_outer_vector_supported("F32")
+    for per_token in (True, False):
+        for y_dtype in ("BF16", "F32"):
+            assert kernels.fp8_scaled_gemm_supported(per_token, y_dtype), (per_token, y_dtype)
+        assert kernels.fp8_scaled_gemm_supported(per_token, "BF16", "BF16"), per_token
 
 
 # ---- end to end: an FP8_PER_CHANNEL_PER_TOKEN engine, CUDA against the CPU ----

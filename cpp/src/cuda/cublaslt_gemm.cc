@@ -191,24 +191,27 @@ void CublasLtGemm::fp8_linear(void* y, const void* q, const void* w, const float
                                     workspace_, workspace_bytes_, stream));
 }
 
-bool CublasLtGemm::fp8_outer_vector_supported(DataType y_dtype) {
+bool CublasLtGemm::fp8_scaled_gemm_supported(Fp8Scaling scaling, DataType y_dtype, bool has_bias,
+                                             DataType bias_dtype) {
   static std::mutex mutex;
-  static std::map<int, bool> known;
+  static std::map<std::tuple<int, int, int>, bool> known;
+  const std::tuple<int, int, int> key{static_cast<int>(scaling), static_cast<int>(y_dtype),
+                                      has_bias ? static_cast<int>(bias_dtype) : -1};
   std::lock_guard<std::mutex> lock(mutex);
-  auto it = known.find(static_cast<int>(y_dtype));
+  auto it = known.find(key);
   if (it != known.end()) return it->second;
   cublasLtHandle_t handle = nullptr;
   RTLLM_CUBLAS_CHECK(cublasLtCreate(&handle));
   bool supported = false;
   try {
     Plan p;
-    describe_fp8(p, 256, 256, 256, y_dtype, -1, Fp8Scaling::kOuterVector);
+    describe_fp8(p, 256, 256, 256, y_dtype, std::get<2>(key), scaling);
     supported = find_algo(handle, p, kProbeWorkspaceBytes);
   } catch (const Error&) {
-    supported = false;  // the scale mode is unknown to this cuBLASLt
+    supported = false;  // e.g. a scale mode this cuBLASLt does not know
   }
   cublasLtDestroy(handle);
-  return known[static_cast<int>(y_dtype)] = supported;
+  return known[key] = supported;
 }
 
 }  // namespace rtllm

@@ -42,9 +42,10 @@ class CublasLtGemm {
                   Fp8Scaling scaling, const void* bias, int64_t T, int64_t N, int64_t K, DataType bias_dtype,
                   DataType y_dtype, cudaStream_t stream);
 
-  // Whether cuBLASLt on the current device has an outer-vector (per-row x per-column) scaled FP8 GEMM
-  // for y_dtype (asked once per dtype with a temporary handle, at load).
-  static bool fp8_outer_vector_supported(DataType y_dtype);
+  // Whether cuBLASLt on the current device has an FP8 GEMM that applies `scaling` itself, for output
+  // y_dtype and a bias of bias_dtype (has_bias false: none). Asked once per combination, with a
+  // temporary handle, at load.
+  static bool fp8_scaled_gemm_supported(Fp8Scaling scaling, DataType y_dtype, bool has_bias, DataType bias_dtype);
 
  private:
   using Key = std::tuple<int64_t, int64_t, int64_t, int, int, bool>;  // T, N, K, ab, y, bias

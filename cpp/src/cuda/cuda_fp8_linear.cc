@@ -4,9 +4,12 @@
 //   static (FP8): weight_scale [1], input_scale [1]; q = e4m3(x / input_scale).
 // Then T <= kMaxGemvRows: the FP8 GEMV (kernels/src/fp8.cu), bound by reading the weight once; larger T:
 // cuBLASLt's FP8 GEMM with the scales applied in its epilogue (per-tensor scale pointers, or the outer-
-// vector mode for per-token x per-channel). Where cuBLASLt has no outer-vector algorithm (decided at
-// load), the GEMM writes unscaled float32 accumulators into the workspace and a kernel applies the
-// scales and bias: correct, one extra pass over [T, N].
+// vector mode for per-token x per-channel: CUDA 12.9+). Where cuBLASLt has no such algorithm for the
+// op's output and bias dtypes (asked at load), the GEMM writes unscaled float32 accumulators into the
+// workspace and a kernel applies the scales and the bias in the contract's order: the same result up to
+// float32 rounding of the scale products, at the cost of one more pass over [T, N] float32. (A bf16
+// unscaled output would add a rounding before the scales; the FP8 output types have no room for
+// accumulators.)
 // Everything a step does is kernel launches on the runner's stream over fixed buffers: capturable in a
 // CUDA graph.
 #include <string>
@@ -47,19 +50,23 @@ struct Fp8LinearCall {
   DataType x_dtype = DataType::kBFloat16;  // also the bias dtype
   DataType y_dtype = DataType::kBFloat16;
   bool per_token = true;
-  bool outer_vector = true;  // cuBLASLt has the outer-vector scaled GEMM (per_token only)
+  bool scaled_gemm = true;  // cuBLASLt applies the scales (and bias) itself
 };
 
 // Workspace: q [T, K] E4M3, token scales [T], and for the unscaled GEMM fallback accumulators [T, N].
-size_t fp8_workspace_bytes(int64_t max_rows, int64_t N, int64_t K, bool per_token, bool outer_vector) {
+size_t fp8_workspace_bytes(int64_t max_rows, int64_t N, int64_t K, bool scaled_gemm) {
   size_t bytes = align_up(static_cast<size_t>(max_rows) * K) + align_up(sizeof(float) * max_rows);
-  if (per_token && !outer_vector) bytes += align_up(sizeof(float) * max_rows * N);
+  if (!scaled_gemm) bytes += align_up(sizeof(float) * max_rows * N);
   return bytes;
 }
 
 void check_launch(cudaError_t err) {
   RTLLM_CHECK(err == cudaSuccess, "op fp8_linear: kernel launch failed: ", cudaGetErrorName(err), " (",
               cudaGetErrorString(err), ")");
+}
+
+CublasLtGemm::Fp8Scaling gemm_scaling(bool per_token) {
+  return per_token ? CublasLtGemm::Fp8Scaling::kOuterVector : CublasLtGemm::Fp8Scaling::kPerTensor;
 }
 
 void run_fp8_linear(const Fp8LinearCall& c, CublasLtGemm& gemm, void* workspace, Fp8Path path, cudaStream_t stream) {
@@ -83,16 +90,15 @@ void run_fp8_linear(const Fp8LinearCall& c, CublasLtGemm& gemm, void* workspace,
                                    x_kind, y_kind, stream));
     return;
   }
-  using S = CublasLtGemm::Fp8Scaling;
-  if (!c.per_token || c.outer_vector) {
-    gemm.fp8_linear(c.y, q, c.w, x_scale, c.w_scale, c.per_token ? S::kOuterVector : S::kPerTensor, c.bias, c.T,
-                    c.N, c.K, c.x_dtype, c.y_dtype, stream);
+  if (c.scaled_gemm) {
+    gemm.fp8_linear(c.y, q, c.w, x_scale, c.w_scale, gemm_scaling(c.per_token), c.bias, c.T, c.N, c.K, c.x_dtype,
+                    c.y_dtype, stream);
     return;
   }
-  gemm.fp8_linear(acc, q, c.w, nullptr, nullptr, S::kNone, nullptr, c.T, c.N, c.K, c.x_dtype, DataType::kFloat32,
-                  stream);
-  check_launch(kernels::fp8_scale_epilogue(c.y, acc, x_scale, true, c.w_scale, true, c.bias, c.T, c.N, x_kind, y_kind,
-                                           stream));
+  gemm.fp8_linear(acc, q, c.w, nullptr, nullptr, CublasLtGemm::Fp8Scaling::kNone, nullptr, c.T, c.N, c.K, c.x_dtype,
+                  DataType::kFloat32, stream);
+  check_launch(kernels::fp8_scale_epilogue(c.y, acc, x_scale, c.per_token, c.w_scale, c.per_token, c.bias, c.T, c.N,
+                                           x_kind, y_kind, stream));
 }
 
 void require_fp8_device() {
@@ -135,8 +141,10 @@ class CudaFp8Linear final : public OpKind {
     require_fp8_device();
     // Decided at load so that workspace_bytes() covers the fallback's accumulators when it is taken. The
     // output is in the compute dtype, or float32 for the logits: both must have the scaled GEMM.
-    outer_vector_ = !per_token_ || (CublasLtGemm::fp8_outer_vector_supported(b.activation_dtype) &&
-                                    CublasLtGemm::fp8_outer_vector_supported(DataType::kFloat32));
+    const CublasLtGemm::Fp8Scaling gemm_scales = gemm_scaling(per_token_);
+    const DataType act = b.activation_dtype;
+    scaled_gemm_ = CublasLtGemm::fp8_scaled_gemm_supported(gemm_scales, act, has_bias_, act) &&
+                   CublasLtGemm::fp8_scaled_gemm_supported(gemm_scales, DataType::kFloat32, has_bias_, act);
   }
 
   WeightPlacement weight_placement(size_t input) const override {
@@ -145,7 +153,7 @@ class CudaFp8Linear final : public OpKind {
   }
 
   size_t workspace_bytes() const override {
-    return fp8_workspace_bytes(max_rows_, num_outputs_, num_cols_, per_token_, outer_vector_);
+    return fp8_workspace_bytes(max_rows_, num_outputs_, num_cols_, scaled_gemm_);
   }
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
@@ -177,13 +185,13 @@ class CudaFp8Linear final : public OpKind {
     c.x_dtype = x.dtype;
     c.y_dtype = y.dtype;
     c.per_token = per_token_;
-    c.outer_vector = outer_vector_;
+    c.scaled_gemm = scaled_gemm_;
     const CudaStep& step = *static_cast<const CudaStep*>(ctx.device_step);
     run_fp8_linear(c, *step.gemm, ctx.workspace, Fp8Path::kAuto, static_cast<cudaStream_t>(ctx.stream));
   }
 
  private:
-  bool per_token_ = true, has_bias_ = false, outer_vector_ = true;
+  bool per_token_ = true, has_bias_ = false, scaled_gemm_ = true;
   int64_t num_outputs_ = 0, num_cols_ = 0;  // N, K
   int64_t max_rows_ = 0;  // of x, at the largest step
 };
@@ -192,23 +200,27 @@ class CudaFp8Linear final : public OpKind {
 
 void register_cuda_fp8_linear_op() { register_op("fp8_linear", DeviceKind::kCuda, make_op<CudaFp8Linear>); }
 
-// Test and benchmark hook (rtllm._core.kernels.fp8_linear): one fp8_linear on device pointers through
+// Test and benchmark hooks (rtllm._core.kernels.fp8_linear): one fp8_linear on device pointers through
 // the op's code paths, with its own cuBLASLt instance. path: 0 as the op chooses, 1 the GEMV, 2 the GEMM;
-// outer_vector false forces the unscaled-GEMM fallback. workspace of fp8_linear_workspace_bytes().
-RTLLM_API size_t fp8_linear_workspace_bytes(int64_t T, int64_t N, int64_t K, bool per_token, bool outer_vector) {
-  return fp8_workspace_bytes(T, N, K, per_token, outer_vector);
+// scaled_gemm false takes the unscaled-GEMM fallback. workspace of fp8_linear_workspace_bytes().
+RTLLM_API size_t fp8_linear_workspace_bytes(int64_t T, int64_t N, int64_t K, bool scaled_gemm) {
+  return fp8_workspace_bytes(T, N, K, scaled_gemm);
+}
+
+RTLLM_API bool fp8_scaled_gemm_supported(bool per_token, DataType y_dtype, bool has_bias, DataType bias_dtype) {
+  return CublasLtGemm::fp8_scaled_gemm_supported(gemm_scaling(per_token), y_dtype, has_bias, bias_dtype);
 }
 
 RTLLM_API void fp8_linear_for_tests(void* y, const void* x, const void* w, const void* w_scale,
                                     const void* input_scale, const void* bias, int64_t T, int64_t N, int64_t K,
-                                    DataType x_dtype, DataType y_dtype, bool per_token, int path, bool outer_vector,
+                                    DataType x_dtype, DataType y_dtype, bool per_token, int path, bool scaled_gemm,
                                     void* workspace, void* stream) {
   static CublasLtGemm gemm(32u << 20);  // kept for the process: its plans are cached like the runner's
-  require_fp8_device();
-  RTLLM_CHECK_ARG(K % 16 == 0, "fp8_linear: K = ", K, " is not a multiple of 16");
+  RTLLM_CHECK_ARG(K > 0 && K % 16 == 0, "fp8_linear: K = ", K, " is not a positive multiple of 16");
   RTLLM_CHECK_ARG(path >= 0 && path <= 2, "fp8_linear: path ", path, " is not 0, 1 or 2");
-  RTLLM_CHECK_ARG(!per_token || !outer_vector || CublasLtGemm::fp8_outer_vector_supported(y_dtype),
-                  "fp8_linear: cuBLASLt has no outer-vector scaled FP8 GEMM here");
+  require_fp8_device();
+  RTLLM_CHECK_ARG(!scaled_gemm || fp8_scaled_gemm_supported(per_token, y_dtype, bias != nullptr, x_dtype),
+                  "fp8_linear: cuBLASLt has no FP8 GEMM applying these scales here");
   Fp8LinearCall c;
   c.y = y;
   c.x = x;
@@ -222,12 +234,8 @@ RTLLM_API void fp8_linear_for_tests(void* y, const void* x, const void* w, const
   c.x_dtype = x_dtype;
   c.y_dtype = y_dtype;
   c.per_token = per_token;
-  c.outer_vector = outer_vector;
+  c.scaled_gemm = scaled_gemm;
   run_fp8_linear(c, gemm, workspace, static_cast<Fp8Path>(path), static_cast<cudaStream_t>(stream));
-}
-
-RTLLM_API bool fp8_outer_vector_supported_for_tests(DataType y_dtype) {
-  return CublasLtGemm::fp8_outer_vector_supported(y_dtype);
 }
 
 }  // namespace rtllm
