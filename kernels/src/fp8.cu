@@ -6,10 +6,12 @@
 // The weight bytes are widened to float with integer ops instead of cvt (the conversion would cost more
 // issue slots than the FMAs at m = 1): placing an E4M3 byte's exponent and mantissa bits at the top of a
 // float32's exponent/mantissa fields gives the value times 2^-120 (subnormal codes land on float
-// subnormals, also exact). The activation side is multiplied back by 2^120 (exact), so each product is
-// the true product times 2^-120, and the sum is multiplied by 2^120 at the end; products stay exact and
-// the sum keeps float32 precision down to an absolute 2^-29 of the true sum (the float subnormal range,
-// which needs no flush-to-zero: this file is not built with fast math).
+// subnormals, also exact). The activation side is widened the same way and multiplied back by 2^120
+// (exact), so each product is the true product times 2^-120, and the sum is multiplied by 2^120 at the
+// end. This rounds exactly like summing the unscaled products: a partial sum of normal magnitude has the
+// same significand either way, and a smaller one is a multiple of 2^-18 · 2^-120 (every product is a
+// multiple of 2^-9 · 2^-9 before scaling), which the float subnormal grid (2^-149) holds exactly, as
+// float32 holds the unscaled one. This file is not built with fast math, so subnormals are not flushed.
 #include <cfloat>
 
 #include "dispatch.cuh"
