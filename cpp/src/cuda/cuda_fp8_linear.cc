@@ -215,12 +215,15 @@ RTLLM_API void fp8_linear_for_tests(void* y, const void* x, const void* w, const
                                     const void* input_scale, const void* bias, int64_t T, int64_t N, int64_t K,
                                     DataType x_dtype, DataType y_dtype, bool per_token, int path, bool scaled_gemm,
                                     void* workspace, void* stream) {
-  static CublasLtGemm gemm(32u << 20);  // kept for the process: its plans are cached like the runner's
   RTLLM_CHECK_ARG(K > 0 && K % 16 == 0, "fp8_linear: K = ", K, " is not a positive multiple of 16");
   RTLLM_CHECK_ARG(path >= 0 && path <= 2, "fp8_linear: path ", path, " is not 0, 1 or 2");
   require_fp8_device();
-  RTLLM_CHECK_ARG(!scaled_gemm || fp8_scaled_gemm_supported(per_token, y_dtype, bias != nullptr, x_dtype),
+  RTLLM_CHECK_ARG(!scaled_gemm || path == static_cast<int>(Fp8Path::kGemv) ||
+                      fp8_scaled_gemm_supported(per_token, y_dtype, bias != nullptr, x_dtype),
                   "fp8_linear: cuBLASLt has no FP8 GEMM applying these scales here");
+  // Kept for the process (never destroyed: the CUDA context may be gone at exit); its plans are cached
+  // like the runner's.
+  static CublasLtGemm* gemm = new CublasLtGemm(32u << 20);
   Fp8LinearCall c;
   c.y = y;
   c.x = x;
@@ -235,7 +238,7 @@ RTLLM_API void fp8_linear_for_tests(void* y, const void* x, const void* w, const
   c.y_dtype = y_dtype;
   c.per_token = per_token;
   c.scaled_gemm = scaled_gemm;
-  run_fp8_linear(c, gemm, workspace, static_cast<Fp8Path>(path), static_cast<cudaStream_t>(stream));
+  run_fp8_linear(c, *gemm, workspace, static_cast<Fp8Path>(path), static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace rtllm
