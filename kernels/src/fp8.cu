@@ -68,6 +68,10 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_static_kernel(uint8_t*
     *reinterpret_cast<uint2*>(q + v * 8) = quantize8(load8(x + v * 8), scale);
 }
 
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
 // Byte i of `word` (an E4M3 code) as float32, times 2^-120 (see the top of the file).
 __device__ __forceinline__ float e4m3_times_2m120(uint32_t word, int i) {
   const uint32_t t = __byte_perm(word, 0u, 0x0444u | (uint32_t(i) << 12));  // the byte at bits 24..31
@@ -83,12 +87,14 @@ __device__ __forceinline__ TY scale_output(float acc, const float* a_scale, bool
   return from_float<TY>(v);
 }
 
-// Shape of one warp's work: R weight rows at once (each activation vector then serves R rows) and U
-// 16-byte loads per row in flight per lane.
+// Shape of one warp's work: R weight rows at once (each widened activation value then serves R rows:
+// at m = 1 its widening would otherwise cost as much as the weight's) and U 16-byte loads per row in
+// flight per lane (R · U in all; fewer where the M accumulators and activation vectors need the
+// registers).
 template <int M>
-__host__ __device__ constexpr int fp8_rows_per_warp() { return M <= 2 ? 1 : 2; }
+__host__ __device__ constexpr int fp8_rows_per_warp() { return M <= 4 ? 4 : 2; }
 template <int M>
-__host__ __device__ constexpr int fp8_unroll() { return M <= 2 ? 8 : (M <= 8 ? 4 : 2); }
+__host__ __device__ constexpr int fp8_unroll() { return M <= 2 ? 4 : (M <= 8 ? 2 : 1); }
 
 // M is the compile-time row capacity, m <= M the rows present.
 template <typename TB, typename TY, int M>
@@ -126,23 +132,23 @@ __global__ void __launch_bounds__(kWarps * 32) fp8_gemv_kernel(TY* y, const uint
     for (int u = 0; u < U; ++u) {
       const int32_t v = base + u * 32 + lane;
       if (v >= num_vecs) continue;
-      float wf[R][16];
+      uint4 qv[M];  // rows m..M-1 of the template's capacity: zeros, adding nothing
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const uint32_t words[4] = {wv[u][r].x, wv[u][r].y, wv[u][r].z, wv[u][r].w};
+      for (int mi = 0; mi < M; ++mi)
+        qv[mi] = mi < m ? __ldg(reinterpret_cast<const uint4*>(q + (int64_t)mi * k + (int64_t)v * 16))
+                        : make_uint4(0, 0, 0, 0);
+      // One k at a time: each activation value is widened once for the R rows, each weight value once
+      // for the M rows; few registers live beyond the loads in flight.
 #pragma unroll
-        for (int j = 0; j < 16; ++j) wf[r][j] = e4m3_times_2m120(words[j / 4], j % 4);  // rows past n: unused
-      }
+      for (int j = 0; j < 16; ++j) {
+        float qf[M];
 #pragma unroll
-      for (int mi = 0; mi < M; ++mi) {
-        if (mi >= m) break;
-        const uint4 qv = __ldg(reinterpret_cast<const uint4*>(q + (int64_t)mi * k + (int64_t)v * 16));
-        const uint32_t words[4] = {qv.x, qv.y, qv.z, qv.w};
+        for (int mi = 0; mi < M; ++mi) qf[mi] = e4m3_times_2m120(word_of(qv[mi], j / 4), j % 4) * 0x1p120f;  // exact
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const float qf = e4m3_times_2m120(words[j / 4], j % 4) * 0x1p120f;  // exact
+        for (int r = 0; r < R; ++r) {
+          const float wf = e4m3_times_2m120(word_of(wv[u][r], j / 4), j % 4);  // rows past n: unused
 #pragma unroll
-          for (int r = 0; r < R; ++r) acc[r][mi] = fmaf(qf, wf[r][j], acc[r][mi]);
+          for (int mi = 0; mi < M; ++mi) acc[r][mi] = fmaf(qf[mi], wf, acc[r][mi]);
         }
       }
     }
