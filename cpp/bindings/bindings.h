@@ -11,4 +11,5 @@ void bind_executor(pybind11::module_& m);  // configs, Request, Response, Execut
 void bind_kernels(pybind11::module_& m);   // rtllm._core.kernels: CUDA launchers (tests, benchmarks)
 #endif
 void bind_attention_kernels(pybind11::module_& kernels_module);  // rtllm._core.kernels attention (CUDA builds)
+void bind_fp8_kernels(pybind11::module_& kernels_module);  // rtllm._core.kernels fp8_linear (CUDA builds)
 }  // namespace rtllm::bindings

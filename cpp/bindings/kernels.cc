@@ -200,6 +200,7 @@ void bind_kernels(py::module_& parent) {
         py::arg("num_logprobs"), py::arg("logit_bias") = std::map<int32_t, float>{});
   m.def("sampling_uniform", &sampling_uniform, py::arg("seed"), py::arg("step"));
   bind_attention_kernels(m);  // cpp/bindings/kernels_attention.cc
+  bind_fp8_kernels(m);        // cpp/bindings/kernels_fp8.cc
 }
 
 }  // namespace rtllm::bindings

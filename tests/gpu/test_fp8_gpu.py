@@ -1,12 +1,31 @@
-"""FP8_PER_CHANNEL_PER_TOKEN on CUDA: no fp8_linear kind exists there yet, so such an engine must fail at
-load with the op registry's message rather than run anything."""
+"""fp8_linear on CUDA (docs/engine_format.md) against a float64 numpy reference of the contract, and an
+FP8_PER_CHANNEL_PER_TOKEN engine on CUDA against the same engine on the CPU.
+
+Op level, through rtllm._core.kernels.fp8_linear (the op kind's own code path: quantize kernel, then the
+FP8 GEMV or the cuBLASLt FP8 GEMM). The reference rounds to E4M3 with its own table of the 256 codes
+(nearest, ties to the even code, saturating at ±448), so the GPU's codes are checked independently. The
+quantized activations must match exactly (same float32 division, same rounding); what may differ is the
+summation of the exact products and the last rounding. Bound per output, with mag = Σ_k |q·w| · scales:
+    |y − ref| <= 2^-8·|ref|  (one rounding to bf16: half an ulp is 2^-9; the scale products add a few
+                             float32 ulps)
+               + K · 2^-24 · mag  (the GEMV: float32 recursive summation, at most K − 1 roundings of
+                             partial sums each bounded by mag)
+               or 2^-12 · mag  (cuBLASLt on Hopper: the FP8 tensor cores keep about 14 bits of the
+                             partial sum within a few k-steps before cuBLASLt's default, non-fast-accum
+                             mode adds it into float32; the bound leaves 4x on that)
+A wrong code for one large activation (one E4M3 step, 2^-3 of that term), a wrong scale or a lost row
+is well outside it.
+"""
 import pathlib
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
 from checkpoints import make_hf_checkpoint  # noqa: E402
+from engine_fixture import RunnerSession  # noqa: E402
 from hf_reference import BOS_ID, EOS_ID, VOCAB_SIZE  # noqa: E402
 
 from rtllm import _core  # noqa: E402
@@ -14,13 +33,235 @@ from rtllm.builder import BuildConfig, build  # noqa: E402
 from rtllm.models import AutoModelForCausalLM  # noqa: E402
 from rtllm.quantization import QuantConfig  # noqa: E402
 
+FLT_MIN = np.float32(np.finfo(np.float32).tiny)
+TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
-def test_fp8_engine_fails_at_load_on_cuda(tmp_path):
-    make_hf_checkpoint(tmp_path / "hf", arch="llama", vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
-    model = AutoModelForCausalLM.from_hugging_face(tmp_path / "hf")
-    quant = QuantConfig(quant_algo="FP8_PER_CHANNEL_PER_TOKEN")
-    build(model, BuildConfig(max_seq_len=128), quant).save(tmp_path / "engine")
-    engine = _core.Engine.load(str(tmp_path / "engine"))
-    config = _core.RuntimeConfig(device=_core.DeviceKind.CUDA, num_kv_blocks=64, tokens_per_block=16)
-    with pytest.raises(_core.RtllmError, match='op "fp8_linear" has no CUDA implementation'):
-        _core.ModelRunner(engine, config)
+
+def e4m3_values():
+    """float64 value of each of the 256 E4M3 (fn) codes; NaN for 0x7F and 0xFF."""
+    codes = np.arange(256)
+    sign = np.where(codes & 0x80, -1.0, 1.0)
+    exp, man = (codes >> 3) & 0xF, codes & 0x7
+    mag = np.where(exp == 0, man / 8.0 * 2.0 ** -6, (1 + man / 8.0) * 2.0 ** (exp - 7.0))
+    vals = sign * mag
+    vals[[0x7F, 0xFF]] = np.nan
+    return vals
+
+
+E4M3 = e4m3_values()
+_POS = E4M3[:0x7F]  # codes 0..126: 0 .. 448, increasing
+
+
+def e4m3_round(v):
+    """Codes' values of float32 v rounded to nearest E4M3 (ties to the even code), saturating to ±448."""
+    v = np.asarray(v, np.float64)
+    a = np.minimum(np.abs(v), 448.0)
+    hi = np.clip(np.searchsorted(_POS, a, side="left"), 0, 126)
+    lo = np.clip(hi - 1, 0, 126)
+    d_lo, d_hi = a - _POS[lo], _POS[hi] - a
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
+    return np.sign(v) * _POS[np.where(pick_hi, hi, lo)]
+
+
+def reference(x, w_codes, w_scale, input_scale, bias, per_token):
+    """float64 y of the contract, and the bound's sum of magnitudes, from the float32 values of x."""
+    x = x.astype(np.float32)
+    if per_token:
+        amax = np.max(np.abs(x), axis=1)
+        s = np.maximum(amax / np.float32(448), FLT_MIN).astype(np.float32)
+    else:
+        s = np.full(x.shape[0], input_scale[0], np.float32)
+    q = e4m3_round(x / s[:, None])  # float32 division, then rounding
+    w = E4M3[w_codes]
+    ws = w_scale.astype(np.float64) if per_token else np.float64(w_scale[0])
+    scale = s.astype(np.float64)[:, None] * ws
+    y = (q @ w.T) * scale
+    mag = (np.abs(q) @ np.abs(w).T) * scale
+    if bias is not None:
+        y = y + bias.astype(np.float64)
+    return y, mag
+
+
+def random_case(rng, M, N, K, per_token, with_bias, x_dtype):
+    x = (rng.standard_normal((M, K)) * rng.choice([0.01, 1.0, 30.0], size=(M, 1))).astype(np.float32)
+    x[rng.random((M, K)) < 0.01] *= 20  # outliers set the per-token scale
+    if M > 2:
+        x[1] = 0.0  # a row of zeros: s = FLT_MIN, y = bias
+    x_t = torch.from_numpy(x).to(TORCH[x_dtype]).cuda()
+    x_vals = x_t.float().cpu().numpy()
+    codes = rng.integers(0, 256, (N, K)).astype(np.uint8)
+    codes[codes == 0x7F] = 0x7E
+    codes[codes == 0xFF] = 0xFE
+    if per_token:
+        w_scale = (rng.random(N) * 1e-2 + 1e-4).astype(np.float32)
+        input_scale = None
+    else:
+        w_scale = np.array([rng.random() * 1e-2 + 1e-4], np.float32)
+        # calibrated below the data's amax: the largest activations saturate at ±448 · input_scale
+        input_scale = np.array([np.abs(x_vals).max() / 448 * 0.7 + 1e-8], np.float32)
+    bias = None
+    if with_bias:
+        bias_t = torch.from_numpy(rng.standard_normal(N).astype(np.float32)).to(TORCH[x_dtype]).cuda()
+        bias = bias_t.float().cpu().numpy()
+    else:
+        bias_t = None
+    dev = dict(x=x_t, w=torch.from_numpy(codes).cuda(), w_scale=torch.from_numpy(w_scale).cuda(),
+               input_scale=None if input_scale is None else torch.from_numpy(input_scale).cuda(), bias=bias_t)
+    return dev, (x_vals, codes, w_scale, input_scale, bias)
+
+
+def run_op(kernels, dev, M, N, K, per_token, x_dtype, y_dtype, path=0, scaled_gemm=True):
+    ws = torch.empty(kernels.fp8_linear_workspace_bytes(M, N, K, scaled_gemm), dtype=torch.uint8, device="cuda")
+    ws.fill_(0xFF)
+    y = torch.empty((M, N), dtype=TORCH[y_dtype], device="cuda")
+    y.view(torch.uint8).fill_(0xFF)  # NaN in every float dtype
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    kernels.fp8_linear(y.data_ptr(), dev["x"].data_ptr(), dev["w"].data_ptr(), dev["w_scale"].data_ptr(),
+                       ptr(dev["input_scale"]), ptr(dev["bias"]), M, N, K, x_dtype, y_dtype, per_token, ws.data_ptr(),
+                       torch.cuda.current_stream().cuda_stream, path=path, scaled_gemm=scaled_gemm)
+    torch.cuda.synchronize()
+    return y.float().cpu().numpy().astype(np.float64)
+
+
+def gemv_taken(M, path):
+    return path == 1 or (path == 0 and M <= 8)  # kMaxGemvRows in cuda_fp8_linear.cc
+
+
+def check(y, ref, mag, K, gemv):
+    assert np.isfinite(y).all(), "non-finite outputs (poison left unwritten?)"
+    err = np.abs(y - ref)
+    bound = 2.0 ** -8 * np.abs(ref) + (K * 2.0 ** -24 if gemv else 2.0 ** -12) * mag + 1e-30
+    worst = np.unravel_index(np.argmax(err / bound), err.shape)
+    assert (err <= bound).all(), f"at {worst}: got {y[worst]}, expected {ref[worst]} (bound {bound[worst]})"
+
+
+MS = [1, 2, 3, 4, 7, 8, 16, 64, 300, 1024]
+SHAPES = [(64, 128), (304, 48), (1000, 1024)]
+
+
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("per_token", [True, False], ids=["per_token", "static"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_fp8_linear_matches_reference(kernels, M, N, K, per_token, with_bias):
+    rng = np.random.default_rng([M, N, K, per_token, with_bias])
+    dev, host = random_case(rng, M, N, K, per_token, with_bias, "BF16")
+    ref, mag = reference(*host, per_token)
+    check(run_op(kernels, dev, M, N, K, per_token, "BF16", "BF16"), ref, mag, K, gemv_taken(M, 0))
+
+
+@pytest.mark.parametrize("M", [1, 5, 16, 33])
+@pytest.mark.parametrize("per_token", [True, False], ids=["per_token", "static"])
+@pytest.mark.parametrize("x_dtype,y_dtype", [("F16", "F16"), ("BF16", "F32"), ("F16", "F32")])
+def test_fp8_linear_dtypes_and_both_paths(kernels, M, per_token, x_dtype, y_dtype):
+    N, K = 272, 512
+    rng = np.random.default_rng([M, per_token, len(x_dtype), len(y_dtype)])
+    dev, host = random_case(rng, M, N, K, per_token, True, x_dtype)
+    ref, mag = reference(*host, per_token)
+    paths = [1, 2] if M <= 16 else [2]  # the GEMV takes up to 16 rows; the GEMM any
+    for path in paths:
+        check(run_op(kernels, dev, M, N, K, per_token, x_dtype, y_dtype, path=path), ref, mag, K, path == 1)
+
+
+@pytest.mark.parametrize("M", [9, 64, 300])
+@pytest.mark.parametrize("per_token", [True, False], ids=["per_token", "static"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("y_dtype", ["BF16", "F32"])
+def test_unscaled_gemm_fallback(kernels, M, per_token, with_bias, y_dtype):
+    """The GEMM where cuBLASLt cannot apply the scales: float32 accumulators, then the scale kernel."""
+    N, K = 384, 256
+    rng = np.random.default_rng([M, per_token, with_bias, len(y_dtype)])
+    dev, host = random_case(rng, M, N, K, per_token, with_bias, "BF16")
+    ref, mag = reference(*host, per_token)
+    check(run_op(kernels, dev, M, N, K, per_token, "BF16", y_dtype, path=2, scaled_gemm=False), ref, mag, K, False)
+
+
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_gemv_any_n(kernels, M):
+    """N need not be a multiple of anything on the GEMV path (a 300-token vocabulary's LM head)."""
+    N, K = 300, 64
+    rng = np.random.default_rng([M, 300])
+    dev, host = random_case(rng, M, N, K, True, False, "BF16")
+    ref, mag = reference(*host, True)
+    check(run_op(kernels, dev, M, N, K, True, "BF16", "F32"), ref, mag, K, True)
+
+
+def test_k_not_multiple_of_16_is_refused(kernels):
+    with pytest.raises(_core.InvalidArgumentError, match="K = 40"):
+        kernels.fp8_linear(0, 0, 0, 0, 0, 0, 1, 16, 40, "BF16", "BF16", True, 0)
+
+
+def test_capability_requirement():
+    assert kernels_reason(8, 9) == "" and kernels_reason(9, 0) == "" and kernels_reason(10, 0) == ""
+    for major, minor in [(8, 0), (8, 6), (7, 5)]:
+        reason = kernels_reason(major, minor)
+        assert f"{major}.{minor}" in reason and "8.9" in reason, reason
+
+
+def kernels_reason(major, minor):
+    return _core.kernels.fp8_linear_unsupported_reason(major, minor)
+
+
+def test_scaled_gemm_available_on_hopper(kernels):
+    """On sm_90 with cuBLASLt 12.9+ the GEMM applies both kinds of scales itself (no fallback pass)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("only asserted on sm_90")
+    for per_token in (True, False):
+        for y_dtype in ("BF16", "F32"):
+            assert kernels.fp8_scaled_gemm_supported(per_token, y_dtype), (per_token, y_dtype)
+        assert kernels.fp8_scaled_gemm_supported(per_token, "BF16", "BF16"), per_token
+
+
+# ---- end to end: an FP8_PER_CHANNEL_PER_TOKEN engine, CUDA against the CPU ----
+# Both backends quantize the same way, but the CPU's activations are float32 and CUDA's bf16: where a
+# bf16-rounded activation crosses an E4M3 rounding boundary its code moves one step (2^-3 relative). That
+# happens to ~2^-9/2^-3 of the elements, so CUDA's distance from the CPU is a fraction of the distance
+# FP8 quantization itself puts between the CPU's FP8 and unquantized logits (codes of every element move
+# by up to half a step). Bound: ‖gpu − cpu‖ <= max(2e-2 · ‖cpu‖, 0.5 · ‖cpu − cpu_unquantized‖) per
+# sequence and step (2e-2: the bound of the unquantized bf16 engine in test_generation_gpu.py). A kernel
+# that mis-scales, mis-rounds or drops a row is far outside it.
+# Greedy tokens, teacher-forced: the CPU's logit of the GPU's token must be within
+# max(0.1 · rms(logits), 4 · rms(gpu − cpu)) of the CPU's top logit, and >= 80% of them its exact argmax.
+LOGITS_RTOL = 2e-2
+QUANT_FRACTION = 0.5
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fp8")
+    make_hf_checkpoint(path / "hf", arch="llama", vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    model = AutoModelForCausalLM.from_hugging_face(path / "hf")
+    build(model, BuildConfig(max_seq_len=128), QuantConfig(quant_algo="FP8_PER_CHANNEL_PER_TOKEN")).save(path / "fp8")
+    model = AutoModelForCausalLM.from_hugging_face(path / "hf")
+    build(model, BuildConfig(max_seq_len=128)).save(path / "plain")
+    return path / "fp8", path / "plain"
+
+
+def test_fp8_engine_cuda_matches_cpu(engines):
+    fp8, plain = engines
+    cpu = RunnerSession(fp8, device=_core.DeviceKind.CPU)
+    gpu = RunnerSession(fp8, device=_core.DeviceKind.CUDA)
+    ref = RunnerSession(plain, device=_core.DeviceKind.CPU)
+    rng = np.random.default_rng(3)
+    prompts = {s: [int(t) for t in rng.integers(3, VOCAB_SIZE, n)] for s, n in enumerate([13, 5, 40, 1])}
+    # prefill (59 rows: the cuBLASLt path), then greedy decode of all four together (4 rows: the GEMV)
+    lc, lg, lr = cpu.step(prompts), gpu.step(prompts), ref.step(prompts)
+    exact = total = 0
+    worst = 0.0
+    for _ in range(8):
+        nxt = {}
+        for s in prompts:
+            c, g, r = (np.asarray(v, np.float64) for v in (lc[s], lg[s], lr[s]))
+            diff = np.linalg.norm(g - c)
+            bound = max(LOGITS_RTOL * np.linalg.norm(c), QUANT_FRACTION * np.linalg.norm(c - r))
+            assert diff <= bound, (s, diff, bound, np.linalg.norm(c))
+            worst = max(worst, diff / np.linalg.norm(c))
+            tok = int(np.argmax(g))
+            margin = max(0.1 * np.sqrt(np.mean(c ** 2)), 4 * np.sqrt(np.mean((g - c) ** 2)))
+            assert c[tok] >= c.max() - margin, (s, tok, int(np.argmax(c)))
+            exact += tok == int(np.argmax(c))
+            total += 1
+            nxt[s] = [tok]
+        lc, lg, lr = cpu.step(nxt), gpu.step(nxt), ref.step(nxt)
+    print(f"worst relative logits distance CUDA vs CPU: {worst:.4f}; {exact}/{total} tokens equal")
+    assert exact >= 0.8 * total, f"{exact}/{total} greedy tokens equal the CPU's argmax"

@@ -1,5 +1,7 @@
 #include "cuda/cublaslt_gemm.h"
 
+#include <mutex>
+
 #include "cuda/cuda_context.h"
 
 #define RTLLM_CUBLAS_CHECK(expr)                                                                   \
@@ -25,6 +27,7 @@ cudaDataType_t cuda_type(DataType dtype) {
 }
 
 constexpr uint32_t kMinAlignment = 16;  // bytes; every operand pointer is checked against it
+constexpr size_t kProbeWorkspaceBytes = 32 << 20;
 
 }  // namespace
 
@@ -44,6 +47,65 @@ struct CublasLtGemm::Plan {
   }
 };
 
+namespace {
+
+// The heuristic's first algorithm for the plan's descriptors into plan.algo; false when it has none.
+bool find_algo(cublasLtHandle_t handle, CublasLtGemm::Plan& p, size_t workspace_bytes) {
+  cublasLtMatmulPreference_t pref = nullptr;
+  RTLLM_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  cublasLtMatmulHeuristicResult_t result{};
+  int num_results = 0;
+  cublasStatus_t status = cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes, sizeof(workspace_bytes));
+  // The heuristic assumes 256-byte aligned operands unless told otherwise; activations in the
+  // workspace arena are only kMinAlignment-aligned.
+  for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES}) {
+    if (status != CUBLAS_STATUS_SUCCESS) break;
+    status = cublasLtMatmulPreferenceSetAttribute(pref, attr, &kMinAlignment, sizeof(kMinAlignment));
+  }
+  if (status == CUBLAS_STATUS_SUCCESS)
+    status = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.a, p.b, p.d, p.d, pref, 1, &result, &num_results);
+  cublasLtMatmulPreferenceDestroy(pref);
+  // NOT_SUPPORTED: no algorithm for this combination of types, scale modes and epilogue
+  if (status == CUBLAS_STATUS_NOT_SUPPORTED) return false;
+  RTLLM_CUBLAS_CHECK(status);
+  if (num_results == 0) return false;
+  p.algo = result.algo;
+  return true;
+}
+
+template <typename V>
+void set_attr(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, const V& value) {
+  RTLLM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, attr, &value, sizeof(value)));
+}
+
+// Descriptors of an FP8 plan: A = w (transposed), B = q, D of y_dtype; scale modes, bias epilogue. The
+// scale pointers are set per call.
+void describe_fp8(CublasLtGemm::Plan& p, int64_t T, int64_t N, int64_t K, DataType y_dtype, int bias_dtype,
+                  CublasLtGemm::Fp8Scaling scaling) {
+  RTLLM_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  // FP8 GEMMs take only the "TN" form: both operands with K contiguous, which row-major w [N, K] and
+  // q [T, K] are (see the layout note above).
+  set_attr(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T);
+  set_attr(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N);
+  if (scaling == CublasLtGemm::Fp8Scaling::kOuterVector) {
+    // A's scales run along its rows (m = N: per output channel), B's along its columns (n = T: per token).
+    const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    set_attr(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, mode);
+    set_attr(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, mode);
+  }
+  if (bias_dtype >= 0) {
+    set_attr(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, CUBLASLT_EPILOGUE_BIAS);
+    set_attr(p.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, cuda_type(static_cast<DataType>(bias_dtype)));
+  }
+  RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, K, N, K));
+  RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, K, T, K));
+  RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.d, cuda_type(y_dtype), N, T, N));
+}
+
+}  // namespace
+
 CublasLtGemm::CublasLtGemm(size_t workspace_bytes) : workspace_bytes_(workspace_bytes) {
   RTLLM_CUBLAS_CHECK(cublasLtCreate(&handle_));
   if (workspace_bytes_) RTLLM_CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
@@ -51,6 +113,7 @@ CublasLtGemm::CublasLtGemm(size_t workspace_bytes) : workspace_bytes_(workspace_
 
 CublasLtGemm::~CublasLtGemm() {
   plans_.clear();
+  fp8_plans_.clear();
   if (workspace_) cudaFree(workspace_);
   if (handle_) cublasLtDestroy(handle_);
 }
@@ -76,26 +139,8 @@ CublasLtGemm::Plan& CublasLtGemm::plan(const Key& key) {
   RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->b, ab, K, T, K));
   RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->d, y, N, T, N));
 
-  cublasLtMatmulPreference_t pref = nullptr;
-  RTLLM_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  cublasLtMatmulHeuristicResult_t result{};
-  int num_results = 0;
-  cublasStatus_t status = cublasLtMatmulPreferenceSetAttribute(
-      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_, sizeof(workspace_bytes_));
-  // The heuristic assumes 256-byte aligned operands unless told otherwise; activations in the
-  // workspace arena are only kMinAlignment-aligned.
-  for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES}) {
-    if (status != CUBLAS_STATUS_SUCCESS) break;
-    status = cublasLtMatmulPreferenceSetAttribute(pref, attr, &kMinAlignment, sizeof(kMinAlignment));
-  }
-  if (status == CUBLAS_STATUS_SUCCESS)
-    status = cublasLtMatmulAlgoGetHeuristic(handle_, p->desc, p->a, p->b, p->d, p->d, pref, 1, &result, &num_results);
-  cublasLtMatmulPreferenceDestroy(pref);
-  RTLLM_CUBLAS_CHECK(status);
-  RTLLM_CHECK(num_results > 0, "cuBLASLt has no algorithm for linear x [", T, ", ", K, "] · W [", N, ", ", K,
-              "]ᵀ with output ", dtype_safetensors_name(static_cast<DataType>(y_int)));
-  p->algo = result.algo;
+  RTLLM_CHECK(find_algo(handle_, *p, workspace_bytes_), "cuBLASLt has no algorithm for linear x [", T, ", ", K,
+              "] · W [", N, ", ", K, "]ᵀ with output ", dtype_safetensors_name(static_cast<DataType>(y_int)));
   return *plans_.emplace(key, std::move(p)).first->second;
 }
 
@@ -111,6 +156,62 @@ void CublasLtGemm::linear(void* y, const void* x, const void* w, const void* bia
   const float alpha = 1.0f, beta = 0.0f;
   RTLLM_CUBLAS_CHECK(cublasLtMatmul(handle_, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.d, y, p.d, &p.algo,
                                     workspace_, workspace_bytes_, stream));
+}
+
+CublasLtGemm::Plan& CublasLtGemm::fp8_plan(const Fp8Key& key) {
+  auto it = fp8_plans_.find(key);
+  if (it != fp8_plans_.end()) return *it->second;
+  const auto [T, N, K, y_int, bias_int, scaling_int] = key;
+  auto p = std::make_unique<Plan>();
+  describe_fp8(*p, T, N, K, static_cast<DataType>(y_int), bias_int, static_cast<Fp8Scaling>(scaling_int));
+  RTLLM_CHECK(find_algo(handle_, *p, workspace_bytes_), "cuBLASLt has no FP8 algorithm for fp8_linear x [", T, ", ",
+              K, "] · W [", N, ", ", K, "]ᵀ with output ", dtype_safetensors_name(static_cast<DataType>(y_int)),
+              bias_int >= 0 ? " and a bias" : "", " (scaling ", scaling_int, ")");
+  return *fp8_plans_.emplace(key, std::move(p)).first->second;
+}
+
+void CublasLtGemm::fp8_linear(void* y, const void* q, const void* w, const float* x_scale, const float* w_scale,
+                              Fp8Scaling scaling, const void* bias, int64_t T, int64_t N, int64_t K,
+                              DataType bias_dtype, DataType y_dtype, cudaStream_t stream) {
+  for (const void* ptr : {static_cast<const void*>(y), q, w, bias})
+    RTLLM_CHECK(reinterpret_cast<uintptr_t>(ptr) % kMinAlignment == 0, "cuBLASLt fp8_linear: operand ", ptr,
+                " is not ", kMinAlignment, "-byte aligned");
+  RTLLM_CHECK(K % 16 == 0, "cuBLASLt fp8_linear: K = ", K, " is not a multiple of 16");
+  RTLLM_CHECK(scaling != Fp8Scaling::kNone || y_dtype == DataType::kFloat32,
+              "cuBLASLt fp8_linear: unscaled output must be float32");
+  Plan& p = fp8_plan(Fp8Key{T, N, K, static_cast<int>(y_dtype), bias ? static_cast<int>(bias_dtype) : -1,
+                            static_cast<int>(scaling)});
+  if (bias) set_attr(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
+  if (scaling != Fp8Scaling::kNone) {
+    set_attr(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, w_scale);
+    set_attr(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, x_scale);
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  RTLLM_CUBLAS_CHECK(cublasLtMatmul(handle_, p.desc, &alpha, w, p.a, q, p.b, &beta, y, p.d, y, p.d, &p.algo,
+                                    workspace_, workspace_bytes_, stream));
+}
+
+bool CublasLtGemm::fp8_scaled_gemm_supported(Fp8Scaling scaling, DataType y_dtype, bool has_bias,
+                                             DataType bias_dtype) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int>, bool> known;
+  const std::tuple<int, int, int> key{static_cast<int>(scaling), static_cast<int>(y_dtype),
+                                      has_bias ? static_cast<int>(bias_dtype) : -1};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  cublasLtHandle_t handle = nullptr;
+  RTLLM_CUBLAS_CHECK(cublasLtCreate(&handle));
+  bool supported = false;
+  try {
+    Plan p;
+    describe_fp8(p, 256, 256, 256, y_dtype, std::get<2>(key), scaling);
+    supported = find_algo(handle, p, kProbeWorkspaceBytes);
+  } catch (const Error&) {
+    supported = false;  // e.g. a scale mode this cuBLASLt does not know
+  }
+  cublasLtDestroy(handle);
+  return known[key] = supported;
 }
 
 }  // namespace rtllm

@@ -1,6 +1,7 @@
 // Dense linear layers through cuBLASLt: y[T, N] = x[T, K] · W[N, K]ᵀ (+ bias[N]), bf16/fp16 operands,
 // float32 accumulation, y in the operand dtype or float32. One handle and one workspace allocated at
 // load; the plan (descriptors + heuristic algorithm) of each distinct shape is built once and cached.
+// FP8 linears (fp8_linear): E4M3 operands, float32 accumulation, scales applied by cuBLASLt.
 #pragma once
 
 #include <cublasLt.h>
@@ -10,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <tuple>
+#include <vector>
 
 #include "rtllm/dtype.h"
 
@@ -17,6 +19,12 @@ namespace rtllm {
 
 class CublasLtGemm {
  public:
+  // How fp8_linear scales the accumulators: one scale per operand (w_scale[0], x_scale[0]),
+  // per output channel and per token (w_scale[N], x_scale[T]: cuBLASLt's outer-vector mode), or none
+  // (unit scales, float32 output: the caller applies them).
+  enum class Fp8Scaling { kPerTensor, kOuterVector, kNone };
+  struct Plan;  // descriptors and algorithm of one shape
+
   explicit CublasLtGemm(size_t workspace_bytes);
   ~CublasLtGemm();
   CublasLtGemm(const CublasLtGemm&) = delete;
@@ -27,10 +35,25 @@ class CublasLtGemm {
   void linear(void* y, const void* x, const void* w, const void* bias, int64_t T, int64_t N, int64_t K,
               DataType ab_dtype, DataType y_dtype, cudaStream_t stream);
 
+  // y [T, N] = (q [T, K] · w [N, K]ᵀ) scaled by x_scale and w_scale (device float32 pointers, see
+  // Fp8Scaling) (+ bias [N] of bias_dtype); q and w E4M3, y of y_dtype (bf16, fp16 or float32; float32
+  // with kNone). K % 16 == 0. Throws Error on a cuBLASLt failure or when no algorithm supports the shape.
+  void fp8_linear(void* y, const void* q, const void* w, const float* x_scale, const float* w_scale,
+                  Fp8Scaling scaling, const void* bias, int64_t T, int64_t N, int64_t K, DataType bias_dtype,
+                  DataType y_dtype, cudaStream_t stream);
+
+  // Whether cuBLASLt on the current device has an FP8 GEMM that applies `scaling` itself, for output
+  // y_dtype and a bias of bias_dtype (has_bias false: none). Asked once per combination, with a
+  // temporary handle, at load.
+  static bool fp8_scaled_gemm_supported(Fp8Scaling scaling, DataType y_dtype, bool has_bias, DataType bias_dtype);
+
  private:
-  struct Plan;
   using Key = std::tuple<int64_t, int64_t, int64_t, int, int, bool>;  // T, N, K, ab, y, bias
   Plan& plan(const Key& key);
+  // T, N, K, y dtype, bias dtype (-1: none), scaling
+  using Fp8Key = std::tuple<int64_t, int64_t, int64_t, int, int, int>;
+  Plan& fp8_plan(const Fp8Key& key);
+  std::map<Fp8Key, std::unique_ptr<Plan>> fp8_plans_;
 
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;

@@ -1,0 +1,108 @@
+"""FP8 linears on CUDA: rtllm's fp8_linear (rtllm._core.kernels.fp8_linear, the op's code path: activation
+quantization included; torch._scaled_mm gets pre-quantized operands) against the device's copy bandwidth at decode sizes and torch._scaled_mm at
+prefill sizes. CUDA events, warmup, median of repeats.
+
+    python benchmarks/bench_fp8_gemm.py [--json OUT]
+"""
+import argparse
+import json
+
+import torch
+
+from rtllm import _core
+
+K = _core.kernels
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (6144, 4096)]  # (N, K)
+
+
+def median_ms(fn, warmup=3, repeats=25, calls=20):
+    """Median time of one call: `calls` back-to-back calls captured in a CUDA graph (so host-side launch
+    overhead does not count, as in a decode step's graph), replayed `repeats` times."""
+    for _ in range(warmup):
+        fn()  # also builds the cuBLASLt plans outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    for _ in range(warmup):
+        graph.replay()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth():
+    n = 1 << 30
+    src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
+    return 2 * n / (median_ms(lambda: dst.copy_(src), calls=2) * 1e-3) / 1e9  # GB/s, read + write
+
+
+def rtllm_call(M, N, Kd, per_token, path=0):
+    x = torch.randn(M, Kd, device="cuda", dtype=torch.bfloat16)
+    w = torch.randint(0, 0x7E, (N, Kd), dtype=torch.uint8, device="cuda")
+    ws_ = torch.rand(N if per_token else 1, device="cuda") * 1e-2
+    iscale = torch.tensor([0.01], device="cuda")
+    y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    ws = torch.empty(K.fp8_linear_workspace_bytes(M, N, Kd), dtype=torch.uint8, device="cuda")
+    return lambda: K.fp8_linear(y.data_ptr(), x.data_ptr(), w.data_ptr(), ws_.data_ptr(), iscale.data_ptr(), 0, M,
+                                N, Kd, "BF16", "BF16", per_token, ws.data_ptr(),
+                                torch.cuda.current_stream().cuda_stream, path=path)  # the capture's stream
+
+
+def torch_scaled_mm(M, N, Kd, rowwise):
+    a = torch.randn(M, Kd, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(N, Kd, device="cuda").to(torch.float8_e4m3fn).t()  # column-major [K, N]
+    if rowwise:
+        sa, sb = torch.rand(M, 1, device="cuda"), torch.rand(1, N, device="cuda")
+    else:
+        sa, sb = torch.tensor(1.0, device="cuda"), torch.tensor(1.0, device="cuda")
+    return lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    rows = []
+    bw = copy_bandwidth()
+    print(f"copy bandwidth (torch device-to-device, read + write): {bw:.0f} GB/s")
+    for per_token in (True, False):
+        mode = "per_token" if per_token else "static"
+        for N, Kd in SHAPES:
+            for M in range(1, 9):
+                ms = median_ms(rtllm_call(M, N, Kd, per_token))
+                gbs = (N * Kd + M * Kd * 2 + M * N * 2) / (ms * 1e-3) / 1e9
+                rows.append(dict(kind="gemv", mode=mode, M=M, N=N, K=Kd, us=ms * 1e3, GBps=gbs, frac=gbs / bw))
+                print(f"gemv {mode:9s} M={M} N={N:5d} K={Kd:5d}: {ms * 1e3:7.2f} us {gbs:6.0f} GB/s {gbs / bw:5.1%}")
+    # where the op should switch from the GEMV to cuBLASLt (kMaxGemvRows in cuda_fp8_linear.cc)
+    for N, Kd in SHAPES:
+        for M in (4, 8, 12, 16):
+            gemv, gemm = (median_ms(rtllm_call(M, N, Kd, True, path)) * 1e3 for path in (1, 2))
+            rows.append(dict(kind="crossover", M=M, N=N, K=Kd, gemv_us=gemv, gemm_us=gemm))
+            print(f"crossover per_token M={M:2d} N={N:5d} K={Kd:5d}: GEMV {gemv:7.2f} us, GEMM {gemm:7.2f} us")
+    for per_token in (False, True):
+        mode = "per_token" if per_token else "static"
+        for N, Kd in SHAPES:
+            for M in (1024, 2048, 4096, 8192):
+                flop = 2.0 * M * N * Kd
+                ms = median_ms(rtllm_call(M, N, Kd, per_token), repeats=10, calls=3)
+                ms_t = median_ms(torch_scaled_mm(M, N, Kd, per_token), repeats=10, calls=3)
+                t, tt = flop / (ms * 1e-3) / 1e12, flop / (ms_t * 1e-3) / 1e12
+                rows.append(dict(kind="gemm", mode=mode, M=M, N=N, K=Kd, TFLOPs=t, torch_TFLOPs=tt, ratio=t / tt))
+                print(f"gemm {mode:9s} M={M:5d} N={N:5d} K={Kd:5d}: rtllm {t:6.0f} TFLOP/s "
+                      f"torch._scaled_mm {tt:6.0f} TFLOP/s ratio {t / tt:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(copy_GBps=bw, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

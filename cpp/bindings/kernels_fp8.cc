@@ -1,0 +1,55 @@
+// rtllm._core.kernels FP8 entries: the fp8_linear op's code paths on device pointers (tests, benchmarks).
+#ifdef RTLLM_WITH_CUDA
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "bindings.h"
+#include "rtllm/common.h"
+#include "rtllm/dtype.h"
+
+namespace py = pybind11;
+
+namespace rtllm {
+// cpp/src/cuda/cuda_fp8_linear.cc
+RTLLM_API std::string fp8_linear_unsupported_reason(int major, int minor);
+RTLLM_API size_t fp8_linear_workspace_bytes(int64_t T, int64_t N, int64_t K, bool scaled_gemm);
+RTLLM_API void fp8_linear_for_tests(void* y, const void* x, const void* w, const void* w_scale, const void* input_scale,
+                                    const void* bias, int64_t T, int64_t N, int64_t K, DataType x_dtype,
+                                    DataType y_dtype, bool per_token, int path, bool scaled_gemm, void* workspace,
+                                    void* stream);
+RTLLM_API bool fp8_scaled_gemm_supported(bool per_token, DataType y_dtype, bool has_bias, DataType bias_dtype);
+}  // namespace rtllm
+
+namespace rtllm::bindings {
+
+void bind_fp8_kernels(py::module_& m) {
+  auto p = [](uintptr_t a) { return reinterpret_cast<void*>(a); };
+  auto dtype = [](const std::string& name) { return parse_dtype(name); };
+  m.def("fp8_linear_unsupported_reason", &fp8_linear_unsupported_reason, py::arg("major"), py::arg("minor"));
+  m.def("fp8_linear_workspace_bytes", &fp8_linear_workspace_bytes, py::arg("num_rows"), py::arg("n"), py::arg("k"),
+        py::arg("scaled_gemm") = true);
+  // bias_dtype "": no bias
+  m.def("fp8_scaled_gemm_supported", [dtype](bool per_token, const std::string& y_dtype, const std::string& bias_dtype) {
+    return fp8_scaled_gemm_supported(per_token, dtype(y_dtype), !bias_dtype.empty(),
+                                     bias_dtype.empty() ? DataType::kBFloat16 : dtype(bias_dtype));
+  }, py::arg("per_token"), py::arg("y_dtype"), py::arg("bias_dtype") = "");
+  // Dtypes by safetensors name ("BF16", "F16", "F32"); path 0: as the op, 1: GEMV, 2: cuBLASLt GEMM;
+  // scaled_gemm false: the unscaled GEMM + scale kernel fallback.
+  m.def("fp8_linear", [p, dtype](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t w_scale, uintptr_t input_scale,
+                                 uintptr_t bias, int64_t T, int64_t N, int64_t K, const std::string& x_dtype,
+                                 const std::string& y_dtype, bool per_token, uintptr_t workspace, uintptr_t stream,
+                                 int path, bool scaled_gemm) {
+    fp8_linear_for_tests(p(y), p(x), p(w), p(w_scale), p(input_scale), p(bias), T, N, K, dtype(x_dtype),
+                         dtype(y_dtype), per_token, path, scaled_gemm, p(workspace), p(stream));
+  }, py::arg("y"), py::arg("x"), py::arg("weight"), py::arg("weight_scale"), py::arg("input_scale"), py::arg("bias"),
+     py::arg("num_rows"), py::arg("n"), py::arg("k"), py::arg("x_dtype"), py::arg("y_dtype"), py::arg("per_token"),
+     py::arg("workspace"), py::arg("stream") = uintptr_t{0}, py::kw_only(), py::arg("path") = 0,
+     py::arg("scaled_gemm") = true);
+}
+
+}  // namespace rtllm::bindings
+
+#endif  // RTLLM_WITH_CUDA

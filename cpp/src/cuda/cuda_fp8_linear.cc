@@ -1,0 +1,244 @@
+// fp8_linear on CUDA (docs/engine_format.md): y[T, N] = x[T, K] · W[N, K]ᵀ with E4M3 weights.
+//   per_token (FP8_PER_CHANNEL_PER_TOKEN): weight_scale [N]; each token quantized with its own scale
+//     s_t = max(amax |x[t]| / 448, FLT_MIN) by a small kernel into the workspace;
+//   static (FP8): weight_scale [1], input_scale [1]; q = e4m3(x / input_scale).
+// Then T <= kMaxGemvRows: the FP8 GEMV (kernels/src/fp8.cu), bound by reading the weight once; larger T:
+// cuBLASLt's FP8 GEMM with the scales applied in its epilogue (per-tensor scale pointers, or the outer-
+// vector mode for per-token x per-channel: CUDA 12.9+). Where cuBLASLt has no such algorithm for the
+// op's output and bias dtypes (asked at load), the GEMM writes unscaled float32 accumulators into the
+// workspace and a kernel applies the scales and the bias in the contract's order: the same result up to
+// float32 rounding of the scale products, at the cost of one more pass over [T, N] float32. (A bf16
+// unscaled output would add a rounding before the scales; the FP8 output types have no room for
+// accumulators.)
+// Everything a step does is kernel launches on the runner's stream over fixed buffers: capturable in a
+// CUDA graph.
+#include <string>
+
+#include "cuda/cublaslt_gemm.h"
+#include "cuda/cuda_context.h"
+#include "op_registry.h"
+#include "rtllm/kernels/fp8.cuh"
+
+namespace rtllm {
+
+// Why a GPU of this compute capability cannot run FP8 linears, or "" when it can: E4M3 tensor-core
+// GEMMs and the e4m3 conversion instructions need compute capability 8.9 (Ada) or later.
+RTLLM_API std::string fp8_linear_unsupported_reason(int major, int minor) {
+  if (major > 8 || (major == 8 && minor >= 9)) return "";
+  return detail::concat("FP8 linears (fp8_linear) need a GPU of compute capability 8.9 or later; this GPU has ",
+                        major, ".", minor);
+}
+
+namespace {
+
+constexpr int64_t kMaxGemvRows = 8;  // decode-sized linears go to the FP8 GEMV
+constexpr size_t kAlign = 256;
+
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+enum class Fp8Path { kAuto = 0, kGemv = 1, kGemm = 2 };
+
+// One fp8_linear call on device pointers; shared by the op kind and the test hook below.
+struct Fp8LinearCall {
+  void* y = nullptr;
+  const void* x = nullptr;
+  const void* w = nullptr;
+  const float* w_scale = nullptr;
+  const float* input_scale = nullptr;  // static only
+  const void* bias = nullptr;
+  int64_t T = 0, N = 0, K = 0;
+  DataType x_dtype = DataType::kBFloat16;  // also the bias dtype
+  DataType y_dtype = DataType::kBFloat16;
+  bool per_token = true;
+  bool scaled_gemm = true;  // cuBLASLt applies the scales (and bias) itself
+};
+
+// Workspace: q [T, K] E4M3, token scales [T], and for the unscaled GEMM fallback accumulators [T, N].
+size_t fp8_workspace_bytes(int64_t max_rows, int64_t N, int64_t K, bool scaled_gemm) {
+  size_t bytes = align_up(static_cast<size_t>(max_rows) * K) + align_up(sizeof(float) * max_rows);
+  if (!scaled_gemm) bytes += align_up(sizeof(float) * max_rows * N);
+  return bytes;
+}
+
+void check_launch(cudaError_t err) {
+  RTLLM_CHECK(err == cudaSuccess, "op fp8_linear: kernel launch failed: ", cudaGetErrorName(err), " (",
+              cudaGetErrorString(err), ")");
+}
+
+CublasLtGemm::Fp8Scaling gemm_scaling(bool per_token) {
+  return per_token ? CublasLtGemm::Fp8Scaling::kOuterVector : CublasLtGemm::Fp8Scaling::kPerTensor;
+}
+
+void run_fp8_linear(const Fp8LinearCall& c, CublasLtGemm& gemm, void* workspace, Fp8Path path, cudaStream_t stream) {
+  uint8_t* ws = static_cast<uint8_t*>(workspace);
+  void* q = ws;
+  float* token_scale = reinterpret_cast<float*>(ws + align_up(static_cast<size_t>(c.T) * c.K));
+  float* acc = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(token_scale) + align_up(sizeof(float) * c.T));
+  const kernels::DType x_kind = kernel_dtype(c.x_dtype), y_kind = kernel_dtype(c.y_dtype);
+  const float* x_scale = c.per_token ? token_scale : c.input_scale;
+  if (c.per_token) {
+    check_launch(kernels::fp8_quantize_per_token(q, token_scale, c.x, c.T, c.K, x_kind, stream));
+  } else {
+    check_launch(kernels::fp8_quantize_static(q, c.x, c.input_scale, c.T, c.K, x_kind, stream));
+  }
+  const bool gemv = path == Fp8Path::kGemv || (path == Fp8Path::kAuto && c.T <= kMaxGemvRows);
+  if (gemv) {
+    RTLLM_CHECK(kernels::fp8_gemv_supported(static_cast<int32_t>(c.T), static_cast<int32_t>(c.K)),
+                "fp8_linear: the FP8 GEMV does not take ", c.T, " rows of ", c.K, " columns");
+    check_launch(kernels::fp8_gemv(c.y, q, x_scale, c.per_token, c.w, c.w_scale, c.per_token, c.bias,
+                                   static_cast<int32_t>(c.T), static_cast<int32_t>(c.N), static_cast<int32_t>(c.K),
+                                   x_kind, y_kind, stream));
+    return;
+  }
+  if (c.scaled_gemm) {
+    gemm.fp8_linear(c.y, q, c.w, x_scale, c.w_scale, gemm_scaling(c.per_token), c.bias, c.T, c.N, c.K, c.x_dtype,
+                    c.y_dtype, stream);
+    return;
+  }
+  gemm.fp8_linear(acc, q, c.w, nullptr, nullptr, CublasLtGemm::Fp8Scaling::kNone, nullptr, c.T, c.N, c.K, c.x_dtype,
+                  DataType::kFloat32, stream);
+  check_launch(kernels::fp8_scale_epilogue(c.y, acc, x_scale, c.per_token, c.w_scale, c.per_token, c.bias, c.T, c.N,
+                                           x_kind, y_kind, stream));
+}
+
+void require_fp8_device() {
+  int device = 0, major = 0, minor = 0;
+  RTLLM_CUDA_CHECK(cudaGetDevice(&device));
+  RTLLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  RTLLM_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  const std::string why = fp8_linear_unsupported_reason(major, minor);
+  RTLLM_CHECK_ARG(why.empty(), why, " (CUDA device ", device, ")");
+}
+
+// Inputs: x [T, K] (compute dtype), weight [N, K] F8_E4M3, weight_scale F32 ([N] per_token, [1] static),
+// static: input_scale [1] F32; optional bias [N] (placed in the compute dtype).
+class CudaFp8Linear final : public OpKind {
+ public:
+  explicit CudaFp8Linear(const OpSpec& spec) : OpKind(spec) {
+    const std::string scaling = spec.node->attrs.get_string("activation_scaling", "per_token");
+    RTLLM_CHECK(scaling == "per_token" || scaling == "static", "fp8_linear: activation_scaling \"", scaling,
+                "\" is not \"per_token\" or \"static\"");
+    per_token_ = scaling == "per_token";
+    const size_t num_scales = per_token_ ? 1 : 2;
+    spec.require_num_io(2 + num_scales, 3 + num_scales, 1);
+    spec.require_input_dtype(0, {DataType::kFloat32});
+    spec.require_input_dtype(1, {DataType::kFloat8E4M3});
+    for (size_t i = 2; i < 2 + num_scales; ++i) spec.require_input_dtype(i, {DataType::kFloat32});
+    has_bias_ = spec.inputs.size() == 3 + num_scales;
+    if (has_bias_) spec.require_input_dtype(2 + num_scales, kWideFloatDtypes);
+    const auto& w = spec.inputs[1].shape;
+    RTLLM_CHECK(w.size() == 2, "fp8_linear: weight \"", spec.inputs[1].name, "\" has ", w.size(),
+                " dims, expected 2 ([N, K])");
+    num_outputs_ = w[0].value;
+    num_cols_ = w[1].value;
+    // 16-byte rows of E4M3 codes: the GEMV's vector loads and cuBLASLt's FP8 layouts need them.
+    RTLLM_CHECK(num_cols_ % 16 == 0, "fp8_linear: weight \"", spec.inputs[1].name, "\" has K = ", num_cols_,
+                " columns; the CUDA backend needs a multiple of 16");
+    const Dim rows = spec.inputs[0].shape.at(0);
+    const BackendInfo& b = *spec.backend;
+    max_rows_ = rows.kind == Dim::Kind::kNumLogits ? b.max_num_logits
+                : rows.kind == Dim::Kind::kNumTokens ? b.max_num_tokens : rows.value;
+    require_fp8_device();
+    // Decided at load so that workspace_bytes() covers the fallback's accumulators when it is taken. The
+    // output is in the compute dtype, or float32 for the logits: both must have the scaled GEMM.
+    const CublasLtGemm::Fp8Scaling gemm_scales = gemm_scaling(per_token_);
+    const DataType act = b.activation_dtype;
+    scaled_gemm_ = CublasLtGemm::fp8_scaled_gemm_supported(gemm_scales, act, has_bias_, act) &&
+                   CublasLtGemm::fp8_scaled_gemm_supported(gemm_scales, DataType::kFloat32, has_bias_, act);
+  }
+
+  WeightPlacement weight_placement(size_t input) const override {
+    if (has_bias_ && input == spec_.inputs.size() - 1) return in_activation_dtype();  // bias
+    return OpKind::weight_placement(input);  // FP8 weight and float32 scales as stored
+  }
+
+  size_t workspace_bytes() const override {
+    return fp8_workspace_bytes(max_rows_, num_outputs_, num_cols_, scaled_gemm_);
+  }
+
+  void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
+    const TensorView &x = in[0], &w = in[1], &w_scale = in[2], &y = out[0];
+    Fp8LinearCall c;
+    c.T = x.rows();
+    c.K = x.cols();
+    c.N = y.cols();
+    RTLLM_CHECK(y.rows() == c.T, "fp8_linear: output has ", y.rows(), " rows, x has ", c.T);
+    RTLLM_CHECK(w.ndim == 2 && w.shape[0] == c.N && w.shape[1] == c.K, "fp8_linear: weight [", w.shape[0], ", ",
+                w.shape[1], "] does not match x with ", c.K, " columns and ", c.N, " outputs");
+    RTLLM_CHECK(c.T <= max_rows_, "fp8_linear: x has ", c.T, " rows, more than the ", max_rows_, " planned at load");
+    const int64_t num_w_scales = per_token_ ? c.N : 1;
+    RTLLM_CHECK(w_scale.numel() == num_w_scales, "fp8_linear: weight_scale has ", w_scale.numel(),
+                " values, expected ", num_w_scales);
+    if (!per_token_) {
+      RTLLM_CHECK(in[3].numel() == 1, "fp8_linear: input_scale has ", in[3].numel(), " values, expected 1");
+      c.input_scale = in[3].f32();
+    }
+    if (has_bias_) {
+      const TensorView& bias = in[spec_.inputs.size() - 1];
+      RTLLM_CHECK(bias.numel() == c.N, "fp8_linear: bias has ", bias.numel(), " values, expected ", c.N);
+      c.bias = bias.data;
+    }
+    c.y = y.data;
+    c.x = x.data;
+    c.w = w.data;
+    c.w_scale = w_scale.f32();
+    c.x_dtype = x.dtype;
+    c.y_dtype = y.dtype;
+    c.per_token = per_token_;
+    c.scaled_gemm = scaled_gemm_;
+    const CudaStep& step = *static_cast<const CudaStep*>(ctx.device_step);
+    run_fp8_linear(c, *step.gemm, ctx.workspace, Fp8Path::kAuto, static_cast<cudaStream_t>(ctx.stream));
+  }
+
+ private:
+  bool per_token_ = true, has_bias_ = false, scaled_gemm_ = true;
+  int64_t num_outputs_ = 0, num_cols_ = 0;  // N, K
+  int64_t max_rows_ = 0;  // of x, at the largest step
+};
+
+}  // namespace
+
+void register_cuda_fp8_linear_op() { register_op("fp8_linear", DeviceKind::kCuda, make_op<CudaFp8Linear>); }
+
+// Test and benchmark hooks (rtllm._core.kernels.fp8_linear): one fp8_linear on device pointers through
+// the op's code paths, with its own cuBLASLt instance. path: 0 as the op chooses, 1 the GEMV, 2 the GEMM;
+// scaled_gemm false takes the unscaled-GEMM fallback. workspace of fp8_linear_workspace_bytes().
+RTLLM_API size_t fp8_linear_workspace_bytes(int64_t T, int64_t N, int64_t K, bool scaled_gemm) {
+  return fp8_workspace_bytes(T, N, K, scaled_gemm);
+}
+
+RTLLM_API bool fp8_scaled_gemm_supported(bool per_token, DataType y_dtype, bool has_bias, DataType bias_dtype) {
+  return CublasLtGemm::fp8_scaled_gemm_supported(gemm_scaling(per_token), y_dtype, has_bias, bias_dtype);
+}
+
+RTLLM_API void fp8_linear_for_tests(void* y, const void* x, const void* w, const void* w_scale,
+                                    const void* input_scale, const void* bias, int64_t T, int64_t N, int64_t K,
+                                    DataType x_dtype, DataType y_dtype, bool per_token, int path, bool scaled_gemm,
+                                    void* workspace, void* stream) {
+  RTLLM_CHECK_ARG(K > 0 && K % 16 == 0, "fp8_linear: K = ", K, " is not a positive multiple of 16");
+  RTLLM_CHECK_ARG(path >= 0 && path <= 2, "fp8_linear: path ", path, " is not 0, 1 or 2");
+  require_fp8_device();
+  RTLLM_CHECK_ARG(!scaled_gemm || path == static_cast<int>(Fp8Path::kGemv) ||
+                      fp8_scaled_gemm_supported(per_token, y_dtype, bias != nullptr, x_dtype),
+                  "fp8_linear: cuBLASLt has no FP8 GEMM applying these scales here");
+  // Kept for the process (never destroyed: the CUDA context may be gone at exit); its plans are cached
+  // like the runner's.
+  static CublasLtGemm* gemm = new CublasLtGemm(32u << 20);
+  Fp8LinearCall c;
+  c.y = y;
+  c.x = x;
+  c.w = w;
+  c.w_scale = static_cast<const float*>(w_scale);
+  c.input_scale = static_cast<const float*>(input_scale);
+  c.bias = bias;
+  c.T = T;
+  c.N = N;
+  c.K = K;
+  c.x_dtype = x_dtype;
+  c.y_dtype = y_dtype;
+  c.per_token = per_token;
+  c.scaled_gemm = scaled_gemm;
+  run_fp8_linear(c, *gemm, workspace, static_cast<Fp8Path>(path), static_cast<cudaStream_t>(stream));
+}
+
+}  // namespace rtllm
