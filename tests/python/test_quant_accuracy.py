@@ -7,7 +7,8 @@ torch (rtllm's FP8 must be as accurate as FP8 itself allows).
 
 Bounds. Measured on this text (1022 scored tokens, windows of 512): perplexity 32.85 unquantized (HF: the
 same to 4 digits); FP8_PER_CHANNEL_PER_TOKEN +2.9% (torch simulation of the same numerics: +2.3%) with 89.9%
-top-1 agreement (simulation: 90.0%); with the FP8 KV cache +3.7%, 88.7%. A 135M model is more sensitive to
+top-1 agreement (simulation: 90.0%); with the FP8 KV cache +3.7%, 88.7%; static FP8 (per-tensor weights and
+calibrated activation scales) with the FP8 KV cache +4.9%, 88.6% (+5.1% over 2555 tokens). A 135M model is more sensitive to
 FP8 than large ones, and at perplexity ~33 many positions have near-tied top tokens, so agreement is low
 even for exact FP8 numerics: two equally valid realizations of them (the torch simulation, and the same
 with every activation scale times 1 + 2^-20) agree on only 90.9% of the tokens, with a mean |difference| of
@@ -31,7 +32,7 @@ NUM_TOKENS, WINDOW = 1024, 512  # two windows: about a minute on two cores for e
 BOUNDS = {
     "FP8_PER_CHANNEL_PER_TOKEN": (0.04, 0.87),
     "FP8_PER_CHANNEL_PER_TOKEN+FP8KV": (0.05, 0.86),
-    "FP8+FP8KV": (0.05, 0.86),  # static FP8 (calibrated activation and KV scales)
+    "FP8+FP8KV": (0.065, 0.86),  # static FP8 (calibrated activation and KV scales)
 }
 
 
