@@ -125,7 +125,7 @@ fp8_run() {
 export -f fp8_prepare fp8_run
 export FP8_ARGS
 wants fp8_kernels && run_step fp8_kernels 200 fp8_kernels.log "$PYTHON" benchmarks/bench_fp8_gemm.py \
-  --output "$OUT_DIR/fp8_kernels.json"
+  --json "$OUT_DIR/fp8_kernels.json"
 wants fp8_prepare && run_step fp8_prepare 540 fp8_prepare.log bash -c fp8_prepare
 wants fp8_e2e && run_step fp8_e2e 580 fp8_e2e.log bash -c fp8_run
 

@@ -253,13 +253,15 @@ def test_qkv_prepare_writes_fp8_codes(kernels, dtype, head_dim, num_heads, num_k
     pool = torch.full((num_blocks, 2, num_kv_heads, tpb, head_dim), 0x7F, dtype=torch.uint8)  # NaN codes
     untouched_value = 0x7F
     pool_d, qkv_d = pool.cuda(), qkv.cuda()
+    # device copies held for the launch: a temporary's memory may be reused before the kernel runs
+    token_seq_d, positions_d, block_table_d = token_seq.cuda(), positions.cuda(), block_table.cuda()
     q_out = torch.full((num_tokens, q_w), float("nan"), dtype=dtype, device="cuda")
     kernels.qkv_prepare(q_out.data_ptr(), qkv_d.data_ptr(), q_w + 2 * kv_w, 0, q_w, q_w + kv_w,
                         inv_freq.data_ptr() if rope else 0, q_norm.data_ptr() if qk_norm else 0,
-                        k_norm.data_ptr() if qk_norm else 0, 1e-6, token_seq=token_seq.cuda().data_ptr(),
-                        positions=positions.cuda().data_ptr(), num_tokens=num_tokens, num_seqs=1,
+                        k_norm.data_ptr() if qk_norm else 0, 1e-6, token_seq=token_seq_d.data_ptr(),
+                        positions=positions_d.data_ptr(), num_tokens=num_tokens, num_seqs=1,
                         kv_data=pool_d.data_ptr(), num_blocks=num_blocks, tokens_per_block=tpb,
-                        block_table=block_table.cuda().data_ptr(), max_blocks_per_seq=num_blocks,
+                        block_table=block_table_d.data_ptr(), max_blocks_per_seq=num_blocks,
                         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                         dtype=DTYPES[dtype], kv_dtype=kernels.FP8_E4M3, k_scale=K_SCALE, v_scale=V_SCALE,
                         stream=torch.cuda.current_stream().cuda_stream)

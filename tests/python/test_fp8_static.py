@@ -434,3 +434,20 @@ def test_cli_build_with_calib_data(llama_dir, tmp_path):
     q = json.loads((out / "config.json").read_text())["quantization"]
     assert q["quant_algo"] == "FP8" and q["calib_dataset"] == str(data) and q["calib_size"] == 2
     assert rtllm.cli.main(["build", str(llama_dir), "-o", str(tmp_path / "x"), "--calib-size", "2"]) == 2
+
+
+def test_calibration_without_a_tokenizer_uses_random_ids(tmp_path):
+    """A checkpoint without tokenizer.json (a random-weight benchmark model) calibrates on seeded random
+    token ids, and says so; text calibration data still needs the tokenizer."""
+    from checkpoints import make_hf_checkpoint
+    from hf_reference import BOS_ID, EOS_ID, VOCAB_SIZE
+
+    make_hf_checkpoint(tmp_path, arch="llama", vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    model = AutoModelForCausalLM.from_hugging_face(tmp_path)
+    qc = QuantConfig(quant_algo="FP8", calib_size=3, calib_max_seq_length=20)
+    weights = ["model.layers.0.mlp.down_proj.weight"]
+    with pytest.warns(UserWarning, match="no tokenizer.json: calibrating on 3 samples of random token ids"):
+        calib = calibrate(model, BuildConfig(), qc, None, weights)
+    assert (calib.num_samples, calib.num_tokens) == (3, 60) and calib.linear_amax[weights[0]] > 0
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        calibrate(model, BuildConfig(), qc, ["some text"], weights)

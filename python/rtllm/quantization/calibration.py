@@ -111,6 +111,24 @@ def tokenize_samples(model, texts: list, num_samples: int, max_tokens: int) -> l
     return samples
 
 
+def has_tokenizer(model) -> bool:
+    source = getattr(model, "source_dir", None)
+    return bool(source) and os.path.isfile(os.path.join(source, "tokenizer.json"))
+
+
+def random_samples(model, num_samples: int, max_tokens: int) -> list:
+    """For a checkpoint without a tokenizer (random-weight benchmark models): seeded random token ids, with a
+    warning, since ranges measured on them are not those of real text."""
+    import warnings
+
+    import numpy as np
+
+    warnings.warn(f"{getattr(model, 'source_dir', 'the model')!r} has no tokenizer.json: calibrating on "
+                  f"{num_samples} samples of random token ids instead of text", stacklevel=3)
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, model.config.vocab_size, max_tokens).tolist() for _ in range(num_samples)]
+
+
 def calibration_runtime_config(num_blocks: int):
     """Calibration runs on the GPU when rtllm has one (an 8B model calibrates in seconds there), else on
     the CPU with a float32 KV cache. RTLLM_CALIB_DEVICE=cpu forces the CPU."""
@@ -136,9 +154,11 @@ def calibrate(model, build_config, quant_config, calib_data=None, linear_weights
 
     if calib_data is None and quant_config.calib_dataset != DEFAULT_DATASET:
         calib_data = quant_config.calib_dataset  # a file named on the command line (--calib-data)
-    texts = load_calib_texts(calib_data)
     max_len = min(quant_config.calib_max_seq_length, model.config.max_position_embeddings)
-    samples = tokenize_samples(model, texts, quant_config.calib_size, max_len)
+    if calib_data is None and not has_tokenizer(model):
+        samples = random_samples(model, quant_config.calib_size, max_len)
+    else:
+        samples = tokenize_samples(model, load_calib_texts(calib_data), quant_config.calib_size, max_len)
     # A calibration engine sized for one sample per step; unquantized, with the real build's dtype and
     # fusion, so the linears read the same values they will in the quantized engine.
     calib_build = BuildConfig(max_batch_size=1, max_input_len=max_len, max_seq_len=max_len, max_num_tokens=max_len,
