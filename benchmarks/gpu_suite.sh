@@ -100,20 +100,19 @@ wants ab && run_step ab 580 ab.log bash -c ab_run
 
 # FP8 next to bf16 on one random Llama-3-8B-shaped checkpoint: the FP8 GEMM/GEMV kernel benchmark against
 # torch._scaled_mm and the copy bandwidth, then bench_e2e.py on a bf16 engine and an FP8 + FP8-KV engine
-# (quantize() with calibration) built from the same weights (FP8_ARGS: the workloads).
+# (quantize() with calibration) built from the same weights (FP8_ARGS: the workloads; FP8_PRESET: the shape).
 FP8_ARGS=${FP8_ARGS:---workload 128x128x5000 --workload 128x128x5000:topp}
 fp8_prepare() {
   mkdir -p "$AB_WORK" || return
   [ -f "$AB_WORK/hf/config.json" ] || "$PYTHON" -c \
-    "from rtllm.models.presets import write_random_checkpoint as w; w('$AB_WORK/hf', 'llama-3-8b', dtype='bfloat16')" ||
+    "from rtllm.models.presets import write_random_checkpoint as w; w('$AB_WORK/hf', '${FP8_PRESET:-llama-3-8b}', dtype='bfloat16')" ||
     return
   local limits="--max-batch-size 512 --max-input-len 2048 --max-seq-len 4096 --max-num-tokens 8192"
   # shellcheck disable=SC2086
-  [ -f "$AB_WORK/bf16/rank0.engine" ] || "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/bf16" $limits ||
-    return
-  # shellcheck disable=SC2086
   [ -f "$AB_WORK/fp8/rank0.engine" ] || "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/fp8" $limits \
-    --quant-algo FP8 --kv-cache-quant-algo FP8 --calib-size "${FP8_CALIB_SIZE:-16}"
+    --quant-algo FP8 --kv-cache-quant-algo FP8 --calib-size "${FP8_CALIB_SIZE:-16}" || return
+  # shellcheck disable=SC2086
+  [ -f "$AB_WORK/bf16/rank0.engine" ] || "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/bf16" $limits
 }
 fp8_run() {
   # shellcheck disable=SC2086
