@@ -12,7 +12,6 @@ from transformers import AutoTokenizer
 from rtllm import LLM, KvCacheConfig, SamplingParams
 from rtllm.cli import build_parser
 from rtllm.serve.app import build_app
-from rtllm.serve.cli import _chat_template
 
 from test_serve import serving
 
@@ -188,6 +187,8 @@ def test_continue_final_message_and_add_generation_prompt(llm, base_url, hf_toke
 
 
 def test_chat_template_option(llm, hf_tokenizer, tmp_path):
+    from rtllm.serve.cli import _chat_template
+
     path = tmp_path / "template.jinja"
     path.write_text(OTHER_TEMPLATE)
     assert _chat_template(str(path)) == OTHER_TEMPLATE == _chat_template(OTHER_TEMPLATE)

@@ -19,7 +19,8 @@ def add_serve_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve MODEL at /v1/completions, /v1/chat/completions and /v1/models, with "
-                    "/health, /version, /metrics (Prometheus) and a chat page at /.")
+                    "/tokenize, /detokenize, /health, /version, /metrics (Prometheus) and a chat page "
+                    "at /. docs/serving.md lists the limits and conventions.")
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
                    help="engine or HF checkpoint directory (default: the built-in demo model)")
     p.add_argument("--tokenizer", metavar="DIR", default=None, help="tokenizer directory (default: the model's)")
