@@ -21,9 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 import rtllm
+from rtllm.llmapi.llm import render_chat
 from rtllm.serve import DEFAULT_MAX_BODY_BYTES
 from rtllm.serve.metrics import ServerMetrics
-from rtllm.llmapi.llm import render_chat
 from rtllm.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   TokenizeRequest, parse_request)
 from rtllm.serve.responses import ChatFormatter, CompletionFormatter, new_request_id
