@@ -36,7 +36,8 @@ def _add_generate_parser(subparsers) -> None:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens per completion (default: up to the model's context length)")
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -124,6 +125,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError, _runtime_error()) as e:
         print(f"rtllm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C: the LLM's context manager has shut the engine down
+        print(f"rtllm {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,6 +1,7 @@
 """SamplingParams: how one prompt is completed (names and defaults follow TensorRT-LLM's LLM API)."""
 from __future__ import annotations
 
+import hashlib
 import numbers
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Union
@@ -8,6 +9,10 @@ from typing import Dict, Optional, Sequence, Union
 from rtllm.errors import InvalidArgumentError
 
 INT32_MIN, INT32_MAX = -2**31, 2**31 - 1  # fields held as int32_t in C++
+# Caps shared with the server (vLLM's max_logprobs and OpenAI's top_logprobs limit; OpenAI's n):
+# beyond them a request costs memory and time out of proportion to any use.
+MAX_LOGPROBS = 20
+MAX_N = 128
 # C++ field names that SamplingParams spells otherwise.
 _FIELD_OF_CORE_FIELD = {"end_ids": "end_id", "num_logprobs": "logprobs"}
 
@@ -35,6 +40,16 @@ def _check_int32(name: str, value, container=None, kind: str = "an int") -> None
     _check(INT32_MIN <= value <= INT32_MAX, name, shown, f"{kind} in [{INT32_MIN}, {INT32_MAX}] (C++ int32)")
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request seeded `seed`: the seed itself for sample 0, then a
+    hash of (seed, index), so that no sample equals that of another request (seed + index would
+    make sample i of seed s the sample of seed s + i)."""
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 @dataclass
 class SamplingParams:
     """Sampling and stopping controls for one prompt, checked on construction.
@@ -55,9 +70,15 @@ class SamplingParams:
     with include_stop_str_in_output). pad_id and spaces_between_special_tokens are kept for
     TensorRT-LLM compatibility: batches are packed (never padded) and the tokenizer's own decoder
     places spaces.
+
+    max_tokens=None (the default, in every entry point: the LLM API, `rtllm generate` and both
+    server routes) generates until an end id, a stop condition or the model's context
+    (max_seq_len) ends the sequence, as vLLM's server does. `n` is at most 128 and `logprobs` /
+    `prompt_logprobs` at most 20, as the server allows. With `seed` and n > 1, sample 0 uses
+    `seed` and sample i a hash of (seed, i).
     """
 
-    max_tokens: int = 32
+    max_tokens: Optional[int] = None
     min_tokens: int = 0
     temperature: float = 1.0
     top_k: int = 0
@@ -85,14 +106,16 @@ class SamplingParams:
 
     def __post_init__(self):
         # Types, fixed-width ranges and Python-only fields here; value ranges in C++ (below).
-        for name in ("max_tokens", "min_tokens", "top_k"):
+        if self.max_tokens is not None:
+            _check_int32("max_tokens", self.max_tokens, kind="None or an int")
+        for name in ("min_tokens", "top_k"):
             _check_int32(name, getattr(self, name))
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
             _check(_is_real(getattr(self, name)), name, getattr(self, name), "a number")
         _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64), "seed", self.seed,
                "None or an int in [0, 2**64)")
-        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an int >= 1")
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", self.n, f"an int in [1, {MAX_N}]")
         if self.end_id is not None:
             _check_int32("end_id", self.end_id)
         _check(self.pad_id is None or (_is_int(self.pad_id) and self.pad_id >= 0), "pad_id", self.pad_id,
@@ -103,14 +126,15 @@ class SamplingParams:
             for token_id in self.stop_token_ids:
                 _check_int32("stop_token_ids", token_id, self.stop_token_ids, "a list of ints")
             self.stop_token_ids = list(self.stop_token_ids)
+        stop_kind = "a non-empty string or a list of non-empty strings"
+        _check(self.stop is None or isinstance(self.stop, (str, list, tuple)), "stop", self.stop, stop_kind)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        _check(all(isinstance(s, str) and s for s in stop), "stop", self.stop,
-               "a non-empty string or a list of non-empty strings")
+        _check(all(isinstance(s, str) and s for s in stop), "stop", self.stop, stop_kind)
         self._stop_strings = stop
-        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= INT32_MAX),
-               "logprobs", self.logprobs, f"None or an int in [0, {INT32_MAX}]")
-        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= INT32_MAX),
-               "prompt_logprobs", self.prompt_logprobs, f"None or an int in [0, {INT32_MAX}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS), name, value,
+                   f"None or an int in [0, {MAX_LOGPROBS}]")
         if self.logit_bias is not None:
             _check(isinstance(self.logit_bias, dict), "logit_bias", self.logit_bias,
                    "None or a dict of token id -> bias")
@@ -133,13 +157,14 @@ class SamplingParams:
     def to_core(self, end_ids: Sequence[int], seed_offset: int = 0):
         """Returns (_core.SamplingConfig, _core.StopConfig) for one core request.
 
-        `end_ids` are the model's end-of-sequence ids, used when `end_id` is None. `seed_offset`
-        separates the n samples of one prompt (seed, seed + 1, ...); only the first (offset 0) scores
-        the prompt, which all n share.
+        `end_ids` are the model's end-of-sequence ids, used when `end_id` is None. `seed_offset` is
+        the sample's index among the n of one prompt (its seed is sample_seed(seed, index)); only
+        the first (offset 0) scores the prompt, which all n share. max_tokens=None becomes the
+        largest int32: the core ends the sequence at max_seq_len.
         """
         from rtllm import _core
 
-        seed = None if self.seed is None else (int(self.seed) + seed_offset) % 2**64
+        seed = None if self.seed is None else sample_seed(int(self.seed), seed_offset)
         sampling = _core.SamplingConfig(
             temperature=float(self.temperature), top_k=int(self.top_k), top_p=float(self.top_p),
             min_p=float(self.min_p), repetition_penalty=float(self.repetition_penalty),
@@ -149,7 +174,7 @@ class SamplingParams:
             logit_bias=dict(self.logit_bias or {}),
             num_prompt_logprobs=-1 if self.prompt_logprobs is None or seed_offset else int(self.prompt_logprobs))
         stop = _core.StopConfig(
-            max_tokens=int(self.max_tokens), min_tokens=int(self.min_tokens),
+            max_tokens=INT32_MAX if self.max_tokens is None else int(self.max_tokens), min_tokens=int(self.min_tokens),
             end_ids=[int(self.end_id)] if self.end_id is not None else [int(i) for i in end_ids],
             stop_token_ids=[int(i) for i in self.stop_token_ids or []], ignore_eos=bool(self.ignore_eos))
         return sampling, stop

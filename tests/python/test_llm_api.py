@@ -147,14 +147,15 @@ def test_async_streams_wake_their_loop_once_per_batch(llm):
     assert num_wakeups <= num_parts // 2, (num_wakeups, num_parts)
 
 
-def test_n_samples_use_consecutive_seeds(llm):
+def test_n_samples_use_seeds_hashed_from_seed_and_index(llm):
+    """Sample 0 is the seed's own sample; sample i > 0 is no other request's (seed + i was)."""
     params = SamplingParams(max_tokens=12, temperature=1.0, seed=5, n=3, ignore_eos=True)
     out = llm.generate("Sample me", params, use_tqdm=False)
     assert [c.index for c in out.outputs] == [0, 1, 2]
     for i, completion in enumerate(out.outputs):
         single = llm.generate("Sample me", SamplingParams(max_tokens=12, temperature=1.0, seed=5 + i,
                                                           ignore_eos=True), use_tqdm=False)
-        assert completion.token_ids == single.outputs[0].token_ids
+        assert (completion.token_ids == single.outputs[0].token_ids) == (i == 0)
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # 300-way sampling, 12 steps
     again = llm.generate("Sample me", params, use_tqdm=False)
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]

@@ -9,7 +9,7 @@ from rtllm import InvalidArgumentError, SamplingParams, _core
 
 BAD_VALUES = [
     ("max_tokens", 0), ("max_tokens", -5), ("max_tokens", 2.5), ("max_tokens", True),
-    ("min_tokens", -1), ("min_tokens", 33),  # > max_tokens (32)
+    ("min_tokens", -1),
     ("temperature", -0.1), ("temperature", math.inf), ("temperature", math.nan), ("temperature", "1"),
     ("top_k", -1), ("top_k", 1.5),
     ("top_p", 0.0), ("top_p", 1.01), ("top_p", -0.5),
@@ -42,7 +42,7 @@ def test_bad_value_raises_naming_it(name, value):
 OUT_OF_RANGE = [
     ("top_k", 2**40, "2147483647"), ("max_tokens", 2**31, "2147483647"), ("min_tokens", -2**31 - 1, "-2147483648"),
     ("stop_token_ids", [2**40], "2147483647"), ("end_id", 2**63, "2147483647"), ("logit_bias", {2**40: 1.0}, "2147483647"),
-    ("logprobs", 2**31, "2147483647"), ("seed", -1, "2**64"), ("seed", 2**64, "2**64"),
+    ("logprobs", 2**31, "20"), ("seed", -1, "2**64"), ("seed", 2**64, "2**64"),
 ]
 
 
@@ -110,8 +110,8 @@ def test_good_value_accepted(name, value):
 
 
 def test_defaults_follow_trtllm():
-    sp = SamplingParams()
-    assert (sp.max_tokens, sp.temperature, sp.top_k, sp.top_p, sp.n) == (32, 1.0, 0, 1.0, 1)
+    sp = SamplingParams()  # max_tokens None: up to the context length, every entry point's default
+    assert (sp.max_tokens, sp.temperature, sp.top_k, sp.top_p, sp.n) == (None, 1.0, 0, 1.0, 1)
     assert sp.stop_strings == [] and sp.logprobs is None and sp.detokenize
 
 
@@ -125,7 +125,8 @@ def test_to_core_end_ids_and_seed_offset():
     sampling, stop = SamplingParams(seed=7, top_k=3, logprobs=2, max_tokens=9,
                                     stop_token_ids=[4]).to_core(end_ids=[1, 2], seed_offset=3)
     assert isinstance(sampling, _core.SamplingConfig) and isinstance(stop, _core.StopConfig)
-    assert (sampling.seed, sampling.top_k, sampling.num_logprobs) == (10, 3, 2)
+    assert (sampling.top_k, sampling.num_logprobs) == (3, 2)
+    assert sampling.seed not in (7, 10) and 0 <= sampling.seed < 2**64  # hashed from (7, 3)
     assert (list(stop.end_ids), list(stop.stop_token_ids), stop.max_tokens) == ([1, 2], [4], 9)
     _, stop = SamplingParams(end_id=5).to_core(end_ids=[1])
     assert list(stop.end_ids) == [5]

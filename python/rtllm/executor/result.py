@@ -275,13 +275,20 @@ class GenerationResult:
                 raise RuntimeError(f"request {self.request_id} is awaited from two event loops")
 
     async def _wait_async(self, ready: Callable[[], bool]) -> None:
+        """Waits on the event loop until `ready()`. A cancelled wait (the awaiting task was
+        cancelled, e.g. by asyncio.wait_for or a closed client) aborts the request, as vLLM's
+        generate() does: nobody is left to read its outputs."""
         self._attach_loop()
-        while True:
-            with self._cond:
-                if ready():
-                    return
-                self._event.clear()
-            await self._event.wait()
+        try:
+            while True:
+                with self._cond:
+                    if ready():
+                        return
+                    self._event.clear()
+                await self._event.wait()
+        except asyncio.CancelledError:
+            self.abort()
+            raise
 
     async def aresult(self) -> RequestOutput:
         await self._wait_async(lambda: self._done)

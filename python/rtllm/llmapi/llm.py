@@ -16,7 +16,7 @@ from tqdm import tqdm
 from rtllm.errors import InvalidArgumentError
 from rtllm.executor import GenerationExecutor, GenerationResult
 from rtllm.executor.outputs import RequestOutput
-from rtllm.llmapi.llm_args import KvCacheConfig, SchedulerConfig
+from rtllm.llmapi.llm_args import KvCacheConfig, SchedulerConfig, resolve_vllm_aliases
 from rtllm.llmapi.tokenizer import TokenizerWrapper
 from rtllm.sampling_params import SamplingParams
 
@@ -59,6 +59,52 @@ def _check_args(model: str, limits: dict, seed, num_threads, device: str, schedu
     return devices[device]
 
 
+def check_text(name: str, text: str) -> None:
+    """ValueError naming `name` for text that is not valid Unicode (a lone surrogate, which JSON's
+    \\ud800 escapes and Python strings allow but no tokenizer encodes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgumentError(f"{name} is not valid Unicode: {e.reason} at character {e.start} "
+                                   f"({text[e.start:e.end]!a})", name) from None
+
+
+def render_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,
+                continue_final_message: bool = False, chat_template: Optional[str] = None) -> list:
+    """The token ids of one conversation rendered with the chat template (vLLM's and HF's options).
+
+    add_generation_prompt opens the assistant's turn; continue_final_message instead leaves the last
+    message open, so the model continues it (a prefilled answer). ValueError naming `messages` for
+    what cannot be rendered.
+    """
+    if tokenizer is None or tokenizer.chat_template is None and chat_template is None:
+        raise InvalidArgumentError("this model has no chat template: pass chat_template or use "
+                                   "prompts", "messages")
+    if add_generation_prompt and continue_final_message:
+        raise InvalidArgumentError("add_generation_prompt and continue_final_message are both set: "
+                                   "continuing the final message needs add_generation_prompt=False",
+                                   "continue_final_message")
+    if not isinstance(messages, (list, tuple)) or not messages or \
+            not all(isinstance(m, dict) for m in messages):
+        raise InvalidArgumentError(f"messages={messages!r:.80} is invalid: it must be a non-empty list of "
+                                   "{'role': ..., 'content': ...} dicts", "messages")
+    for message in messages:
+        if isinstance(message.get("content"), str):
+            check_text("messages", message["content"])
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                         chat_template=chat_template)
+    if continue_final_message:
+        # As HF's: cut the rendering after the final message's text (dropping its end-of-turn).
+        final = messages[-1].get("content")
+        final = final.strip() if isinstance(final, str) else ""
+        end = text.rfind(final) if final else -1
+        if end < 0:
+            raise InvalidArgumentError("continue_final_message needs a final message with text that the "
+                                       "chat template renders verbatim", "messages")
+        text = text[:end + len(final)]
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 def _cleanup(executor: Optional[GenerationExecutor], temp_dir: Optional[str]) -> None:
     if executor is not None:
         executor.shutdown()
@@ -81,6 +127,12 @@ class LLM:
     max_batch_size / max_num_tokens / max_seq_len / max_input_len go into the build of an HF
     checkpoint; for a built engine they may only lower its limits. quant_config (rtllm.QuantConfig)
     quantizes that build; a built engine is run as it was quantized.
+
+    vLLM's names are accepted with their meaning: max_model_len (max_seq_len), max_num_seqs
+    (max_batch_size), gpu_memory_utilization (KvCacheConfig.free_gpu_memory_fraction),
+    enable_prefix_caching (KvCacheConfig.enable_block_reuse) and enable_chunked_prefill
+    (SchedulerConfig.enable_chunked_prefill). trust_remote_code=True and revision are refused: no
+    code from a model repository runs, and models are local directories.
     """
 
     def __init__(self, model: Union[str, os.PathLike], tokenizer=None, dtype: str = "auto",
@@ -89,8 +141,23 @@ class LLM:
                  max_batch_size: Optional[int] = None, max_num_tokens: Optional[int] = None,
                  max_seq_len: Optional[int] = None, max_input_len: Optional[int] = None,
                  seed: int = 0, skip_tokenizer_init: bool = False, num_threads: int = 0,
-                 device: str = "cpu", max_num_logits: Optional[int] = None, quant_config=None):
+                 device: str = "cpu", max_num_logits: Optional[int] = None, quant_config=None,
+                 max_model_len: Optional[int] = None, max_num_seqs: Optional[int] = None,
+                 gpu_memory_utilization: Optional[float] = None,
+                 enable_prefix_caching: Optional[bool] = None,
+                 enable_chunked_prefill: Optional[bool] = None, trust_remote_code: bool = False,
+                 revision: Optional[str] = None):
         from rtllm import _core
+
+        aliased = resolve_vllm_aliases(
+            dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size, kv_cache_config=kv_cache_config,
+                 scheduler_config=scheduler_config),
+            dict(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                 gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+                 enable_chunked_prefill=enable_chunked_prefill, trust_remote_code=trust_remote_code,
+                 revision=revision))
+        max_seq_len, max_batch_size = aliased["max_seq_len"], aliased["max_batch_size"]
+        kv_cache_config, scheduler_config = aliased["kv_cache_config"], aliased["scheduler_config"]
 
         self._executor = None
         self._temp_dir = None
@@ -229,6 +296,7 @@ class LLM:
                 raise ValueError("prompt is empty: it must hold at least one character")
             if self._tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer (this LLM has none): pass token ids")
+            check_text("prompt", prompt)
             text, token_ids = prompt, self._tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)):
             token_ids = list(prompt)
@@ -278,9 +346,10 @@ class LLM:
         if params.stop_strings and (self._tokenizer is None or not params.detokenize):
             raise ValueError(f"stop={params.stop!r} needs detokenized text: a tokenizer and "
                              "detokenize=True")
-        # Like the core, generation ends at max_seq_len ("length") rather than failing.
+        # Like the core, generation ends at max_seq_len ("length") rather than failing; None (the
+        # default) means exactly that.
         room = self._max_seq_len - num_prompt_tokens
-        if params.max_tokens > room:
+        if params.max_tokens is None or params.max_tokens > room:
             params = dataclasses.replace(params, max_tokens=room,
                                          min_tokens=min(params.min_tokens, room))
         return params
@@ -305,14 +374,26 @@ class LLM:
         params = self._check_params(sampling_params, len(token_ids))
         return self._submit(text, token_ids, params, streaming, cache_salt)
 
-    def generate(self, inputs, sampling_params=None, use_tqdm: bool = True,
-                 cache_salt: Optional[Union[str, Sequence[str]]] = None) -> Union[RequestOutput, list]:
+    def generate(self, inputs=None, sampling_params=None, use_tqdm: bool = True,
+                 cache_salt: Optional[Union[str, Sequence[str]]] = None, *,
+                 prompt_token_ids=None) -> Union[RequestOutput, list]:
         """Completes one prompt (returns a RequestOutput) or a list of prompts (returns a list).
 
         `sampling_params` is one SamplingParams for all prompts or a list with one per prompt;
         `cache_salt` likewise (prompts with different salts never share cached KV blocks).
-        Every prompt is checked before any is submitted.
+        `prompt_token_ids` (vLLM's keyword), a list of ids or a list of such lists, stands for
+        `inputs`. Every prompt is checked before any is submitted.
         """
+        if prompt_token_ids is not None:
+            if inputs is not None:
+                raise ValueError("both inputs and prompt_token_ids are given: pass one of them")
+            if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids:
+                raise ValueError(f"prompt_token_ids={prompt_token_ids!r:.80} is invalid: it must be a "
+                                 "non-empty list of token ids or of token-id lists")
+            if all(isinstance(p, (list, tuple)) for p in prompt_token_ids):
+                inputs = [{"prompt_token_ids": p} for p in prompt_token_ids]
+            else:
+                inputs = {"prompt_token_ids": prompt_token_ids}
         single = self._is_single_prompt(inputs)
         prompts = [inputs] if single else list(inputs)
         if isinstance(sampling_params, (list, tuple)):
@@ -348,6 +429,26 @@ class LLM:
         if error is not None:
             raise error
         return outputs[0] if single else outputs
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
+             chat_template: Optional[str] = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> list:
+        """Answers one conversation (a list of {"role", "content"} dicts) or a list of them, rendered
+        with the model's chat template (or `chat_template`); returns a list of RequestOutputs, one
+        per conversation, as vLLM's LLM.chat. `sampling_params` as in generate()."""
+        conversations = [messages] if messages and isinstance(messages, (list, tuple)) and \
+            all(isinstance(m, dict) for m in messages) else messages
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise InvalidArgumentError(f"messages={messages!r:.80} is invalid: it must be a conversation "
+                                       "(a list of message dicts) or a list of them", "messages")
+        prompts = [{"prompt_token_ids": render_chat(self._tokenizer, conversation, add_generation_prompt,
+                                                    continue_final_message, chat_template)}
+                   for conversation in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def get_tokenizer(self) -> Optional[TokenizerWrapper]:
+        """The tokenizer (None with skip_tokenizer_init or for a model without one), as vLLM's."""
+        return self._tokenizer
 
     def abort(self, request_id: int) -> None:
         """Cancels a submitted request (no-op if finished); ValueError for an unknown id."""

@@ -97,3 +97,56 @@ class SchedulerConfig:
 
         policy = getattr(_core.CapacityPolicy, self.capacity_scheduler_policy.value)
         return _core.SchedulerConfig(policy=policy, enable_chunked_prefill=self.enable_chunked_prefill)
+
+
+# vLLM's LLM(...) arguments -> (rtllm's LLM argument, or the config and field they set).
+VLLM_ALIASES = {
+    "max_model_len": "max_seq_len",
+    "max_num_seqs": "max_batch_size",
+    "gpu_memory_utilization": ("kv_cache_config", "free_gpu_memory_fraction"),
+    "enable_prefix_caching": ("kv_cache_config", "enable_block_reuse"),
+    "enable_chunked_prefill": ("scheduler_config", "enable_chunked_prefill"),
+}
+
+
+def resolve_vllm_aliases(args: dict, aliases: dict) -> dict:
+    """Applies vLLM's argument names to `args` (rtllm's LLM arguments by name) and returns them.
+
+    An alias sets its rtllm argument, or the field of KvCacheConfig / SchedulerConfig it means (on a
+    copy of the config given, or a default one). Giving both names with different values, or an
+    alias and a config that says otherwise, is an error rather than a silent choice.
+    """
+    import dataclasses
+
+    if aliases.pop("trust_remote_code", False):
+        raise ValueError("trust_remote_code=True is not supported: rtllm runs no code from model "
+                         "repositories; its architectures are built in (rtllm.models."
+                         "supported_architectures())")
+    revision = aliases.pop("revision", None)
+    if revision is not None:
+        raise ValueError(f"revision={revision!r} is not supported: rtllm loads local directories only; "
+                         "check out the revision you want (e.g. huggingface-cli download --revision) "
+                         "and pass its directory")
+    args = dict(args)
+    defaults = {"kv_cache_config": KvCacheConfig, "scheduler_config": SchedulerConfig}
+    for alias, value in aliases.items():
+        if value is None:
+            continue
+        target = VLLM_ALIASES[alias]
+        if isinstance(target, str):
+            if args.get(target) is not None and args[target] != value:
+                raise ValueError(f"{alias}={value!r} and {target}={args[target]!r} disagree: {alias} is "
+                                 f"vLLM's name for {target}; give one of them")
+            args[target] = value
+            continue
+        config_name, field_name = target
+        config = args.get(config_name)
+        if config is not None:
+            current = getattr(config, field_name)
+            if current != value and current != getattr(defaults[config_name](), field_name):
+                raise ValueError(f"{alias}={value!r} and {config_name}.{field_name}={current!r} "
+                                 f"disagree: {alias} is vLLM's name for {field_name}; give one of them")
+        else:
+            config = defaults[config_name]()
+        args[config_name] = dataclasses.replace(config, **{field_name: value})
+    return args

@@ -21,10 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 import rtllm
+from rtllm.llmapi.llm import render_chat
 from rtllm.serve import DEFAULT_MAX_BODY_BYTES
 from rtllm.serve.metrics import ServerMetrics
-from rtllm.serve.protocol import (DEFAULT_COMPLETION_MAX_TOKENS, APIError, ChatCompletionRequest,
-                                  CompletionRequest, parse_request)
+from rtllm.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                  TokenizeRequest, parse_request)
 from rtllm.serve.responses import ChatFormatter, CompletionFormatter, new_request_id
 
 CHAT_PAGE = os.path.join(os.path.dirname(__file__), "static", "index.html")
@@ -42,18 +43,21 @@ def _sse(data: dict) -> str:
 
 
 class _ApiKeyMiddleware:
-    """Answers 401 unless the request carries "Authorization: Bearer <key>" (compared in constant
-    time). Pure ASGI rather than BaseHTTPMiddleware, so streamed responses and disconnects pass
-    through untouched."""
+    """Answers 401 unless the request carries "Authorization: Bearer <key>" (the scheme in any case,
+    as RFC 7235 has it; the key compared in constant time). Pure ASGI rather than
+    BaseHTTPMiddleware, so streamed responses and disconnects pass through untouched."""
 
     def __init__(self, app, api_key: str):
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, key = header.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self._expected)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self._expected):
+            if not self._authorized(dict(scope["headers"]).get(b"authorization", b"")):
                 error = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                  code="invalid_api_key")
                 response = _error_response(error)
@@ -179,19 +183,63 @@ class _Generation:
 class _OpenAIServer:
     """The routes; state is the shared LLM and the metrics."""
 
-    def __init__(self, llm, model_name: str, max_body_bytes: int):
+    def __init__(self, llm, model_name: str, max_body_bytes: int, chat_template: Optional[str] = None):
         self.llm = llm
         self.model_name = model_name
+        self.chat_template = chat_template  # None: the tokenizer's
         self.max_body_bytes = max_body_bytes
         self.metrics = ServerMetrics()
         self.created = int(time.time())
 
     # Plain routes.
 
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "rtllm",
+                "max_model_len": self.llm.max_seq_len}
+
     async def models(self):
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
-                                            "created": self.created, "owned_by": "rtllm",
-                                            "max_model_len": self.llm.max_seq_len}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def model(self, model_id: str):
+        """GET /v1/models/{id}: the model, or OpenAI's 404 for another id."""
+        self._check_model(model_id)
+        return self._model_card()
+
+    # vLLM's tokenizer routes.
+
+    async def tokenize(self, request: Request):
+        req = parse_request(TokenizeRequest, await read_json_object(request, self.max_body_bytes))
+        req.check_supported()
+        self._check_model(req.model)
+        if req.messages is not None:
+            token_ids = self._apply_chat_template(req.messages, req.add_generation_prompt,
+                                                  req.continue_final_message)
+            if req.add_special_tokens:  # templates write their own; asked for, prepend the bos
+                bos = self._tokenizer("messages").bos_token_id
+                token_ids = token_ids if bos is None or token_ids[:1] == [bos] else [bos] + token_ids
+        else:
+            token_ids = self._tokenizer("prompt").encode(
+                req.prompt, add_special_tokens=req.add_special_tokens is not False)
+        token_strs = None
+        if req.return_token_strs:
+            token_strs = [self.llm.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+        return {"count": len(token_ids), "max_model_len": self.llm.max_seq_len, "tokens": token_ids,
+                "token_strs": token_strs}
+
+    async def detokenize(self, request: Request):
+        req = parse_request(DetokenizeRequest, await read_json_object(request, self.max_body_bytes))
+        self._check_model(req.model)
+        vocab_size = self.llm.vocab_size
+        for token_id in req.tokens:
+            if token_id >= vocab_size:
+                raise APIError(400, f"token id {token_id} is invalid: it must be in [0, vocab_size="
+                                    f"{vocab_size})", "tokens", "invalid_value")
+        return {"prompt": self._tokenizer("tokens").decode(req.tokens)}
+
+    def _tokenizer(self, param: str):
+        if self.llm.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer", param)
+        return self.llm.tokenizer
 
     async def health(self):
         if self.llm.is_shutdown:
@@ -220,9 +268,10 @@ class _OpenAIServer:
         prompts = [self._encode(p) for p in req.prompt]
         for token_ids in prompts:
             self._check_length(len(token_ids), req.max_tokens, "prompt")
-        # The default (16) shrinks to fit; an explicit max_tokens that does not fit is an error.
+        # By default up to the context length (every entry point's rule); an explicit max_tokens
+        # that does not fit is an error.
         room = self.llm.max_seq_len - max(len(p) for p in prompts)
-        max_tokens = req.max_tokens if req.max_tokens is not None else min(DEFAULT_COMPLETION_MAX_TOKENS, room)
+        max_tokens = req.max_tokens if req.max_tokens is not None else room
         params = req.completion_sampling_params(max_tokens)
         formatter = CompletionFormatter(new_request_id("cmpl"), self.model_name, params.n, req.logprobs,
                                         self.llm.tokenizer, req.include_usage,
@@ -234,7 +283,8 @@ class _OpenAIServer:
         req.check_supported()
         self._check_model(req.model)
         req.check_logit_bias_ids(self.llm.vocab_size)
-        token_ids = self._apply_chat_template(req.messages)
+        token_ids = self._apply_chat_template(req.messages, req.add_generation_prompt,
+                                              req.continue_final_message)
         max_tokens = req.requested_max_tokens
         self._check_length(len(token_ids), max_tokens, "messages")
         if max_tokens is None:  # as OpenAI: up to the context length
@@ -263,12 +313,15 @@ class _OpenAIServer:
             return prompt if isinstance(prompt, str) else ""
         return self.llm.tokenizer.decode(prompt, skip_special_tokens=False)
 
-    def _apply_chat_template(self, messages) -> list:
+    def _apply_chat_template(self, messages, add_generation_prompt: bool = True,
+                             continue_final_message: bool = False) -> list:
         tokenizer = self.llm.tokenizer
-        if tokenizer is None or tokenizer.chat_template is None:
-            raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
+        if tokenizer is None or (tokenizer.chat_template is None and self.chat_template is None):
+            raise APIError(400, "this model has no chat template: use /v1/completions, or start the "
+                                "server with --chat-template", "messages")
         try:
-            return tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=True)
+            return render_chat(tokenizer, [m.model_dump() for m in messages], add_generation_prompt,
+                               continue_final_message, self.chat_template)
         except (ValueError, jinja2.TemplateError) as e:  # e.g. a role the template rejects
             raise APIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
 
@@ -314,16 +367,21 @@ class _OpenAIServer:
         yield "data: [DONE]\n\n"
 
 
-def build_app(llm, model_name: str, api_key=None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The server's ASGI app over `llm`, which it shares between requests and does not shut down."""
+def build_app(llm, model_name: str, api_key=None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              chat_template: Optional[str] = None) -> FastAPI:
+    """The server's ASGI app over `llm`, which it shares between requests and does not shut down.
+    `chat_template` (jinja2 text) replaces the tokenizer's for chat."""
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes={max_body_bytes!r} must be an int >= 1")
     if api_key is not None and not api_key:
         raise ValueError("api_key is empty: pass None for no key")
-    server = _OpenAIServer(llm, model_name, max_body_bytes)
+    server = _OpenAIServer(llm, model_name, max_body_bytes, chat_template)
     app = FastAPI(title="rtllm", version=rtllm.__version__, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.get("/v1/models")(server.models)
+    app.get("/v1/models/{model_id:path}")(server.model)
+    app.post("/tokenize")(server.tokenize)
+    app.post("/detokenize")(server.detokenize)
     app.post("/v1/completions")(server.completions)
     app.post("/v1/chat/completions")(server.chat_completions)
     app.get("/health")(server.health)

@@ -19,7 +19,8 @@ def add_serve_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve MODEL at /v1/completions, /v1/chat/completions and /v1/models, with "
-                    "/health, /version, /metrics (Prometheus) and a chat page at /.")
+                    "/tokenize, /detokenize, /health, /version, /metrics (Prometheus) and a chat page "
+                    "at /. docs/serving.md lists the limits and conventions.")
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
                    help="engine or HF checkpoint directory (default: the built-in demo model)")
     p.add_argument("--tokenizer", metavar="DIR", default=None, help="tokenizer directory (default: the model's)")
@@ -33,16 +34,23 @@ def add_serve_parser(subparsers) -> None:
                         "(default: $RTLLM_API_KEY, which keeps the key out of the process list)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"largest request body; larger ones get 413 (default {DEFAULT_MAX_BODY_BYTES})")
+    p.add_argument("--chat-template", metavar="FILE_OR_TEXT", default=None,
+                   help="jinja2 chat template for /v1/chat/completions, a file or the template itself "
+                        "(default: the tokenizer's)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="uvicorn's log level")
     engine = p.add_argument_group("engine")
     engine.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     engine.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="weight dtype when MODEL is an HF checkpoint (auto: the checkpoint's)")
-    engine.add_argument("--max-batch-size", type=int, default=None, help="most sequences per step")
-    engine.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + output")
+    # vLLM's flag names are aliases: --max-num-seqs, --max-model-len, --gpu-memory-utilization.
+    engine.add_argument("--max-batch-size", "--max-num-seqs", dest="max_batch_size", type=int, default=None,
+                        help="most sequences per step")
+    engine.add_argument("--max-seq-len", "--max-model-len", dest="max_seq_len", type=int, default=None,
+                        help="longest prompt + output")
     engine.add_argument("--max-input-len", type=int, default=None, help="longest prompt")
     engine.add_argument("--max-num-tokens", type=int, default=None, help="most tokens per step")
-    engine.add_argument("--kv-cache-fraction", type=float, default=None,
+    engine.add_argument("--kv-cache-fraction", "--gpu-memory-utilization", dest="kv_cache_fraction",
+                        type=float, default=None,
                         help="fraction of free device memory for the KV cache (default 0.9)")
     engine.add_argument("--max-kv-tokens", type=int, default=None,
                         help="KV cache size in tokens (overrides --kv-cache-fraction)")
@@ -79,6 +87,16 @@ def _load_llm(args: argparse.Namespace):
     return llm, args.served_model_name or os.path.basename(os.path.normpath(model))
 
 
+def _chat_template(value):
+    """--chat-template: a file's contents, or the text itself when no such file exists (vLLM's)."""
+    if value is None or not os.path.isfile(value):
+        if value is not None and "{" not in value:
+            raise ValueError(f"--chat-template={value!r} is neither a file nor a jinja2 template")
+        return value
+    with open(value, encoding="utf-8") as f:
+        return f.read()
+
+
 def run_serve(args: argparse.Namespace) -> None:
     try:
         require_serve_extra()
@@ -92,10 +110,12 @@ def run_serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-body-bytes={args.max_body_bytes} must be >= 1")
     if args.api_key == "":
         raise ValueError("--api-key is empty: give a key or leave the option out")
+    chat_template = _chat_template(args.chat_template)
     with _listen(args.host, args.port) as sock:
         llm, model_name = _load_llm(args)
         with llm:
-            app = build_app(llm, model_name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+            app = build_app(llm, model_name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                            chat_template=chat_template)
             port = sock.getsockname()[1]
             url_host = f"[{args.host}]" if ":" in args.host else args.host
             print(f"rtllm serve: {model_name!r} (max_seq_len {llm.max_seq_len}) at "

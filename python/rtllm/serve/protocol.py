@@ -11,13 +11,11 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from rtllm.errors import InvalidArgumentError
-from rtllm.sampling_params import SamplingParams
+from rtllm.llmapi.llm import check_text
+from rtllm.sampling_params import INT32_MAX, MAX_LOGPROBS, MAX_N, SamplingParams
 
-MAX_N = 128  # choices per prompt
 MAX_PROMPTS = 128  # prompts per completions request
-MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 MAX_LOGIT_BIAS = 100.0  # OpenAI's limit for |logit_bias| values
-DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 405: "invalid_request_error", 413: "invalid_request_error", 500: "internal_error",
@@ -182,6 +180,9 @@ class CompletionRequest(_SamplingRequest):
     @field_validator("prompt")
     @classmethod
     def _prompt_list(cls, prompt):
+        for text in [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []:
+            if isinstance(text, str):
+                check_text("prompt", text)
         if isinstance(prompt, str):
             return [prompt]
         if isinstance(prompt, list) and 0 < len(prompt):
@@ -225,6 +226,8 @@ class ChatMessage(BaseModel):
     @field_validator("content")
     @classmethod
     def _content_text(cls, content):
+        if isinstance(content, str):
+            check_text("content", content)
         if content is None or isinstance(content, str):
             return content or ""
         if isinstance(content, list):  # content parts: only text ones
@@ -245,8 +248,12 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
     tools: Optional[list] = None
+    tool_choice: Any = None
     functions: Optional[list] = None
     response_format: Optional[dict] = None
+    # vLLM's chat-template options: open the assistant's turn, or continue the final message.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     @field_validator("messages")
     @classmethod
@@ -277,7 +284,65 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         self._check_common()
+        if self.tool_choice is not None and not self.tools:  # OpenAI's answer, whatever the value
+            raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+                                "'tools' are specified.", "tool_choice", "invalid_value")
+        check_chat_options(self.add_generation_prompt, self.continue_final_message)
         response_type = (self.response_format or {}).get("type", "text")
         _reject_unsupported(tools=(self.tools, not self.tools),
                             functions=(self.functions, not self.functions),
                             response_format=(self.response_format, response_type == "text"))
+
+
+def check_chat_options(add_generation_prompt: bool, continue_final_message: bool) -> None:
+    if add_generation_prompt and continue_final_message:
+        raise APIError(400, "add_generation_prompt and continue_final_message are both true: continuing "
+                            "the final message needs add_generation_prompt=false",
+                       "continue_final_message", "invalid_value")
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, vLLM's: a `prompt`, or chat `messages` rendered with the chat template."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: Optional[bool] = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, prompt):
+        if prompt is not None:
+            check_text("prompt", prompt)
+        return prompt
+
+    def check_supported(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' and 'messages'", "prompt", "invalid_value")
+        if self.messages is not None:
+            if not self.messages:
+                raise APIError(400, "messages is empty: it must hold at least one message", "messages",
+                               "invalid_value")
+            check_chat_options(self.add_generation_prompt, self.continue_final_message)
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize, vLLM's: token ids back to text."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: Optional[str] = None
+    tokens: list[int]
+
+    @field_validator("tokens")
+    @classmethod
+    def _check_tokens(cls, tokens):
+        for token in tokens:
+            if not 0 <= token <= INT32_MAX:
+                raise ValueError(f"tokens holds {token}: token ids are in [0, vocab_size)")
+        return tokens

@@ -1,5 +1,8 @@
 """OpenAI response bodies and stream chunks, built from rtllm's RequestOutputs.
 
+Choices carry vLLM's `stop_reason` next to `finish_reason`: the stop token id or stop string
+that ended the choice, null otherwise (an end-of-sequence id, the length limit, a cancel).
+
 A formatter serves one HTTP request: one RequestOutput stream per prompt, each with n sequences.
 Choice `index` is prompt_index * n + sequence index, as OpenAI numbers choices of a prompt list.
 """
@@ -98,7 +101,8 @@ class _Formatter:
             logprobs = self._joined_logprobs(echo_logprobs, logprobs)
             text = echo_text + sequence.text_diff
             if text or logprobs is not None or reason is not None:
-                chunks.append(self._chunk([self._stream_choice(index, text, logprobs, reason)]))
+                chunks.append(self._chunk([self._stream_choice(index, text, logprobs, reason,
+                                                               sequence.stop_reason)]))
         return chunks
 
     def usage_chunk(self, num_prompt_tokens: int) -> dict:
@@ -117,7 +121,8 @@ class _Formatter:
                     logprobs = self._joined_logprobs(logprobs, self._logprobs(index, sequence.token_ids,
                                                                               sequence.logprobs))
                 reason = _FINISH_REASONS.get(sequence.finish_reason, sequence.finish_reason)
-                choices.append(self._choice(index, echo_text + sequence.text, logprobs, reason))
+                choices.append(self._choice(index, echo_text + sequence.text, logprobs, reason,
+                                            sequence.stop_reason))
                 num_completion_tokens += len(sequence.token_ids)
         body = self._envelope(self.object_name, choices)
         body["usage"] = usage(sum(len(o.prompt_token_ids) for o in outputs), num_completion_tokens)
@@ -162,8 +167,9 @@ class CompletionFormatter(_Formatter):
         return {"tokens": tokens, "token_logprobs": token_logprobs,
                 "top_logprobs": top_logprobs if self.num_logprobs else None, "text_offset": text_offset}
 
-    def _choice(self, index, text, logprobs, reason) -> dict:
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+    def _choice(self, index, text, logprobs, reason, stop_reason=None) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason,
+                "stop_reason": stop_reason}
 
     _stream_choice = _choice
 
@@ -191,10 +197,10 @@ class ChatFormatter(_Formatter):
                               "logprobs": None, "finish_reason": None}])
                 for index in range(self.n)]
 
-    def _choice(self, index, text, logprobs, reason) -> dict:
+    def _choice(self, index, text, logprobs, reason, stop_reason=None) -> dict:
         return {"index": index, "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs, "finish_reason": reason}
+                "logprobs": logprobs, "finish_reason": reason, "stop_reason": stop_reason}
 
-    def _stream_choice(self, index, text, logprobs, reason) -> dict:
+    def _stream_choice(self, index, text, logprobs, reason, stop_reason=None) -> dict:
         return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
-                "finish_reason": reason}
+                "finish_reason": reason, "stop_reason": stop_reason}
