@@ -72,7 +72,7 @@ def _kv_stats_dict(kv) -> dict:
             "tokens_per_block": kv.tokens_per_block, "num_reused_blocks": kv.num_reused_blocks,
             "num_missed_blocks": kv.num_missed_blocks, "num_reused_tokens": kv.num_reused_tokens,
             "num_evicted_blocks": kv.num_evicted_blocks, "num_partial_reused_blocks": kv.num_partial_reused_blocks,
-            "hit_rate": kv.hit_rate}
+            "num_touched_blocks": kv.num_touched_blocks, "hit_rate": kv.hit_rate}
 
 
 class LLM:
