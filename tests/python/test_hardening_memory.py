@@ -293,8 +293,11 @@ def test_hf_checkpoint_takes_prompts_up_to_max_seq_len(jinja_checkpoint):
         prompt = rng.integers(2, VOCAB_SIZE, size=1500).tolist()
         out = llm.generate(prompt, SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)
         assert len(out.outputs[0].token_ids) == 3
-        with pytest.raises(InvalidArgumentError, match=r"max_seq_len=2048; raise it with LLM\(\.\.\., max_seq_len="):
+        with pytest.raises(InvalidArgumentError, match=r"max_seq_len=2048; it is the model's max_position_embeddings"):
             llm.generate(rng.integers(2, VOCAB_SIZE, size=2048).tolist(), use_tqdm=False)
+    with LLM(jinja_checkpoint, max_seq_len=256, max_batch_size=2) as llm:
+        with pytest.raises(InvalidArgumentError, match=r"max_seq_len=256; raise it with LLM\(\.\.\., max_seq_len="):
+            llm.generate(rng.integers(2, VOCAB_SIZE, size=256).tolist(), use_tqdm=False)
     with LLM(jinja_checkpoint, max_seq_len=256, max_input_len=100, max_batch_size=2) as llm:
         with pytest.raises(InvalidArgumentError,
                            match=r"exceeds max_input_len=100; raise it with LLM\(\.\.\., max_input_len="):

@@ -171,6 +171,9 @@ class LLM:
         """How to raise limit `name` (max_input_len, max_seq_len, ...) from this entry point, for
         error messages: the LLM argument or CLI flag, or a rebuild when the engine's own limit binds."""
         if self._built_here:  # the limits are those of the build this LLM ran
+            positions = self._model_config.get("max_position_embeddings")
+            if name == "max_seq_len" and positions is not None and self._max_seq_len >= positions:
+                return f"it is the model's max_position_embeddings={positions}"
             return f"raise it with {self._argument(name)}"
         engine_limit = getattr(self._engine, name)
         if getattr(self, "_" + name) < engine_limit:
