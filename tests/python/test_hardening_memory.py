@@ -27,6 +27,7 @@ import pytest
 from rtllm import LLM, KvCacheConfig, SamplingParams
 from rtllm.cli import main as cli_main
 from rtllm.errors import InvalidArgumentError
+from rtllm.llmapi import temp_engine
 
 from checkpoints import make_hf_checkpoint
 from hf_reference import BOS_ID, EOS_ID, VOCAB_SIZE
@@ -225,7 +226,11 @@ def test_temporary_engine_of_a_killed_process_is_swept_at_the_next_start(tiny_mo
     process.communicate(timeout=TIMEOUT_S)
     assert os.path.isdir(killed_dir)  # SIGKILL runs no cleanup
 
-    # A live process's temporary engine is kept by the sweep.
+    # A directory named after a running process (pid 1) whose lock nobody holds: its process died and
+    # the pid was reused. A live process's temporary engine is kept.
+    recycled = tmp_path / "rtllm-engine-1-recycled"
+    recycled.mkdir()
+    (recycled / temp_engine.LOCK_FILE).touch()
     alive, alive_dir = start_holder(checkpoint, tmp_path)
     try:
         result = run_python("""
@@ -235,7 +240,7 @@ def test_temporary_engine_of_a_killed_process_is_swept_at_the_next_start(tiny_mo
                 pass
         """, checkpoint, env={"TMPDIR": str(tmp_path)})
         assert result.returncode == 0, result.stderr[-3000:]
-        assert not os.path.exists(killed_dir)
+        assert not os.path.exists(killed_dir) and not recycled.exists()
         assert os.path.isdir(alive_dir)
     finally:
         alive.kill()
