@@ -176,13 +176,13 @@ void CpuBackend::size_kv_pool(RuntimeConfig& config, size_t block_bytes) {
   const int64_t max_blocks = blocks_per_seq * config.max_batch_size;
   const size_t available = available_memory_bytes();
   const size_t pending = mapped_weight_bytes_ + workspace_bytes_ + op_workspace_bytes_;
-  const double budget = static_cast<double>(available > pending ? available - pending : 0) *
-                        static_cast<double>(config.kv_free_memory_fraction);
+  const size_t free_bytes = available > pending ? available - pending : 0;
+  const double budget = static_cast<double>(free_bytes) * static_cast<double>(config.kv_free_memory_fraction);
   const int64_t blocks = std::min<int64_t>(static_cast<int64_t>(budget / static_cast<double>(block_bytes)), max_blocks);
   RTLLM_CHECK(blocks >= blocks_per_seq, "the KV pool of ", blocks, " blocks (", blocks * config.tokens_per_block,
-              " tokens in ", config.kv_free_memory_fraction, " of the ", available > pending ? available - pending : 0,
-              " bytes of host memory available after ", pending, " bytes of mapped weights and workspace) cannot "
-              "hold one sequence of max_seq_len ", max_seq_len, " tokens, which needs ", blocks_per_seq,
+              " tokens in ", config.kv_free_memory_fraction, " of the ", free_bytes, " bytes of host memory "
+              "available after ", pending, " bytes of mapped weights and workspace) cannot hold one sequence of "
+              "max_seq_len ", max_seq_len, " tokens, which needs ", blocks_per_seq,
               " blocks: raise the KV-cache memory fraction or lower max_seq_len");
   config.num_kv_blocks = static_cast<int32_t>(std::min<int64_t>(blocks, INT32_MAX));
 }
