@@ -375,3 +375,19 @@ def test_server_chat_on_the_built_engine(served_engine, jinja_engine):
         expected = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=6, **GREEDY),
                                 use_tqdm=False).outputs[0].text
     assert response.json()["choices"][0]["message"]["content"] == expected
+
+
+def test_rebuilding_over_an_engine_leaves_no_file_of_the_old_tokenizer(jinja_checkpoint, tiny_model, tmp_path):
+    """An engine rebuilt from another checkpoint into the same directory keeps none of the old
+    tokenizer files: a stale special_tokens_map.json would change the special tokens, a stale
+    chat_template.jinja the chat format of a model whose tokenizer_config.json has none."""
+    engine = tmp_path / "engine"
+    assert cli_main(["build", str(jinja_checkpoint), "-o", str(engine), "--max-seq-len", "64"]) == 0
+    (engine / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<s>"}))
+    assert (engine / "chat_template.jinja").is_file()
+    other = tiny_model("llama")  # tokenizer_config.json holds its template; no .jinja, no special map
+    assert cli_main(["build", str(other), "-o", str(engine), "--max-seq-len", "64"]) == 0
+    assert not (engine / "chat_template.jinja").exists() and not (engine / "special_tokens_map.json").exists()
+    with LLM(engine) as llm:
+        assert llm.tokenizer.chat_template == CHAT_TEMPLATE
+        assert llm.tokenizer.eos_token == "</s>"

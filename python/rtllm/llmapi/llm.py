@@ -28,7 +28,8 @@ def is_engine_dir(path: str) -> bool:
     if not os.path.isfile(config_path):
         return False
     with open(config_path, encoding="utf-8") as f:
-        return "format_version" in json.load(f)
+        config = json.load(f)
+    return isinstance(config, dict) and "format_version" in config
 
 
 def _is_int(x) -> bool:
