@@ -379,8 +379,8 @@ def test_server_chat_on_the_built_engine(served_engine, jinja_engine):
 
 def test_rebuilding_over_an_engine_leaves_no_file_of_the_old_tokenizer(jinja_checkpoint, tiny_model, tmp_path):
     """An engine rebuilt from another checkpoint into the same directory keeps none of the old
-    tokenizer files: a stale special_tokens_map.json would change the special tokens, a stale
-    chat_template.jinja the chat format of a model whose tokenizer_config.json has none."""
+    tokenizer files: a stale special_tokens_map.json could supply special tokens the new
+    tokenizer_config.json leaves out, a stale chat_template.jinja the chat format of a model without one."""
     engine = tmp_path / "engine"
     assert cli_main(["build", str(jinja_checkpoint), "-o", str(engine), "--max-seq-len", "64"]) == 0
     (engine / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<s>"}))
