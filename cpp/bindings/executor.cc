@@ -191,6 +191,7 @@ void bind_stats(py::module_& m) {
       .def_readonly("num_reused_tokens", &KvCacheStats::num_reused_tokens)
       .def_readonly("num_partial_reused_blocks", &KvCacheStats::num_partial_reused_blocks)
       .def_readonly("num_evicted_blocks", &KvCacheStats::num_evicted_blocks)
+      .def_readonly("num_touched_blocks", &KvCacheStats::num_touched_blocks)
       .def_property_readonly("hit_rate", &KvCacheStats::hit_rate);
 
   py::enum_<KvCacheEventKind>(m, "KvCacheEventKind")

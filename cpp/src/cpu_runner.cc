@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 
 #include "cpu/gemm_pack.h"
@@ -34,6 +35,20 @@ size_t physical_memory_bytes() {
   return pages > 0 && page_size > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page_size) : SIZE_MAX;
 }
 
+// Host memory a new allocation can get without swapping: MemAvailable of /proc/meminfo (free memory
+// plus the page cache and slabs the kernel can reclaim), else the physical memory.
+size_t available_memory_bytes() {
+  if (std::FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char line[256];
+    unsigned long long kib = 0;
+    bool found = false;
+    while (!found && std::fgets(line, sizeof(line), f)) found = std::sscanf(line, "MemAvailable: %llu kB", &kib) == 1;
+    std::fclose(f);
+    if (found) return static_cast<size_t>(kib) * 1024;
+  }
+  return physical_memory_bytes();
+}
+
 class CpuBackend final : public RunnerBackend {
  public:
   CpuBackend(const Engine& engine, RuntimeConfig& config) : engine_(engine) {
@@ -55,6 +70,7 @@ class CpuBackend final : public RunnerBackend {
   TensorSlot place_weight(const Weight& w, const WeightPlacement& placement) override;
   void* allocate_workspace(size_t num_bytes) override {
     workspace_ = HostBuffer(num_bytes);
+    workspace_bytes_ = num_bytes;
     return workspace_.data();
   }
   void* allocate_op_workspace(size_t num_bytes) override {
@@ -69,6 +85,7 @@ class CpuBackend final : public RunnerBackend {
     return logits_indices_.data();
   }
   void allocate_kv_pool(RuntimeConfig& config) override;
+  void size_kv_pool(RuntimeConfig& config, size_t block_bytes);
   size_t kv_pool_bytes() const override { return kv_bytes_; }
   const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) override;
   void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) override;
@@ -79,7 +96,8 @@ class CpuBackend final : public RunnerBackend {
   const Engine& engine_;
   std::unique_ptr<ThreadPool> pool_;
   std::vector<HostBuffer> owned_weights_;  // converted (bf16/fp16 -> float32) or packed weights
-  size_t weight_bytes_ = 0, kv_bytes_ = 0, op_workspace_bytes_ = 0;
+  size_t weight_bytes_ = 0, kv_bytes_ = 0, workspace_bytes_ = 0, op_workspace_bytes_ = 0;
+  size_t mapped_weight_bytes_ = 0;  // weights read in place from the engine file
   HostBuffer kv_buffer_, workspace_, op_workspace_;
   std::vector<void*> kv_layers_;
   KvPool kv_;
@@ -97,6 +115,7 @@ TensorSlot CpuBackend::place_weight(const Weight& w, const WeightPlacement& plac
   const bool pack = placement.layout == WeightLayout::kCpuGemmPanels;
   const bool aligned = reinterpret_cast<uintptr_t>(w.data) % std::max<size_t>(1, dtype_bits(w.dtype) / 8) == 0;
   if (w.dtype == placement.dtype && aligned && !pack) {
+    mapped_weight_bytes_ += w.num_bytes;
     slot.data = const_cast<void*>(w.data);
     return slot;
   }
@@ -127,7 +146,9 @@ TensorSlot CpuBackend::place_weight(const Weight& w, const WeightPlacement& plac
 void CpuBackend::allocate_kv_pool(RuntimeConfig& config) {
   const ModelConfig& m = engine_.model_config();
   const DataType kv_dtype = *config.kv_cache_dtype;
-  kv_bytes_ = ModelRunner::kv_bytes_per_block(m, config.tokens_per_block, kv_dtype) * config.num_kv_blocks;
+  const size_t block_bytes = ModelRunner::kv_bytes_per_block(m, config.tokens_per_block, kv_dtype);
+  if (config.num_kv_blocks == 0) size_kv_pool(config, block_bytes);
+  kv_bytes_ = block_bytes * config.num_kv_blocks;
   const size_t num_bytes = weight_bytes_ + kv_bytes_ + op_workspace_bytes_;
   const size_t available = physical_memory_bytes();
   RTLLM_CHECK(num_bytes <= available, "the model needs ", num_bytes, " bytes of host memory (weights, KV pool of ",
@@ -143,6 +164,27 @@ void CpuBackend::allocate_kv_pool(RuntimeConfig& config) {
   kv_.num_kv_heads = m.num_kv_heads;
   kv_.tokens_per_block = config.tokens_per_block;
   kv_.head_dim = m.head_dim;
+}
+
+// The pool takes kv_free_memory_fraction of the host memory available now, less what is placed but
+// not yet resident (weights read from the mapped file, workspaces written at the first step), and
+// no more than max_batch_size sequences of max_seq_len can use. Its pages are committed when first
+// written; KVCacheManager's LIFO free list keeps that to the blocks traffic actually needs.
+void CpuBackend::size_kv_pool(RuntimeConfig& config, size_t block_bytes) {
+  const int64_t max_seq_len = engine_.limits().max_seq_len;
+  const int64_t blocks_per_seq = (max_seq_len + config.tokens_per_block - 1) / config.tokens_per_block;
+  const int64_t max_blocks = blocks_per_seq * config.max_batch_size;
+  const size_t available = available_memory_bytes();
+  const size_t pending = mapped_weight_bytes_ + workspace_bytes_ + op_workspace_bytes_;
+  const size_t free_bytes = available > pending ? available - pending : 0;
+  const double budget = static_cast<double>(free_bytes) * static_cast<double>(config.kv_free_memory_fraction);
+  const int64_t blocks = std::min<int64_t>(static_cast<int64_t>(budget / static_cast<double>(block_bytes)), max_blocks);
+  RTLLM_CHECK(blocks >= blocks_per_seq, "the KV pool of ", blocks, " blocks (", blocks * config.tokens_per_block,
+              " tokens in ", config.kv_free_memory_fraction, " of the ", free_bytes, " bytes of host memory "
+              "available after ", pending, " bytes of mapped weights and workspace) cannot hold one sequence of "
+              "max_seq_len ", max_seq_len, " tokens, which needs ", blocks_per_seq,
+              " blocks: raise the KV-cache memory fraction or lower max_seq_len");
+  config.num_kv_blocks = static_cast<int32_t>(std::min<int64_t>(blocks, INT32_MAX));
 }
 
 const float* CpuBackend::forward(const HostStep& st, std::vector<PlannedNode>& nodes, const TensorSlot& logits) {

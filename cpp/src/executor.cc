@@ -19,9 +19,10 @@ namespace rtllm {
 
 namespace {
 
-// The runtime config with the KV pool sized from the KV-cache config: max_tokens if set; else on
-// CUDA free_memory_fraction of the device memory left after weights and workspace (the runner sizes
-// it at load), on the CPU room for max_batch_size sequences of max_seq_len.
+// The runtime config with the KV pool sized from the KV-cache config: max_tokens if set; else
+// free_memory_fraction of the memory left after weights and workspace (the runner sizes it at load:
+// device memory on CUDA; available host memory on the CPU, at most max_batch_size sequences of
+// max_seq_len).
 RuntimeConfig resolve_runtime_config(const Engine* engine, const ExecutorConfig& config) {
   RTLLM_CHECK_ARG(engine != nullptr, "engine must not be null");
   const KvCacheConfig& kv = config.kv_cache;
@@ -36,15 +37,13 @@ RuntimeConfig resolve_runtime_config(const Engine* engine, const ExecutorConfig&
   if (kv.max_tokens) {
     RTLLM_CHECK_ARG(*kv.max_tokens >= 1, "kv_cache max_tokens must be >= 1, got ", *kv.max_tokens);
     num_blocks = num_blocks_for(*kv.max_tokens);
-  } else if (runtime.device == DeviceKind::kCuda) {
-    // The runner sizes the pool from the device memory left free after its weights and workspace
-    // (and fails naming both numbers when that cannot hold one sequence of max_seq_len).
+  } else {
+    // The runner sizes the pool from the memory left free after its weights and workspace (device
+    // memory on CUDA, available host memory on the CPU, there capped by max_batch_size sequences of
+    // max_seq_len) and fails naming the numbers when that cannot hold one sequence of max_seq_len.
     runtime.num_kv_blocks = 0;
     runtime.kv_free_memory_fraction = kv.free_memory_fraction;
     return runtime;
-  } else {
-    int32_t max_batch_size = runtime.max_batch_size > 0 ? runtime.max_batch_size : limits.max_batch_size;
-    num_blocks = max_batch_size * num_blocks_for(limits.max_seq_len);
   }
   int64_t num_blocks_per_seq = num_blocks_for(limits.max_seq_len);
   if (num_blocks < num_blocks_per_seq)

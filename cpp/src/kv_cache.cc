@@ -45,7 +45,8 @@ KVCacheManager::KVCacheManager(int32_t num_blocks, int32_t tokens_per_block, boo
                   min_partial_reuse_tokens);
   blocks_.resize(num_blocks);
   pending_copies_.reserve(num_blocks);
-  for (int32_t b = 0; b < num_blocks; ++b) free_blocks_.push_back(b);
+  free_blocks_.reserve(num_blocks);
+  for (int32_t b = num_blocks; b-- > 0;) free_blocks_.push_back(b);  // block 0 on top
   KvCacheEvent created;
   created.kind = KvCacheEventKind::kCreated;
   created.num_blocks = num_blocks;
@@ -305,12 +306,16 @@ void KVCacheManager::release(int32_t b) {
   }
 }
 
-// A free block if there is one, else the least recently used reusable block, forgotten first.
+// The last released free block if there is one (it is warm: its memory is resident), else the
+// least recently used reusable block, forgotten first. A cached prefix is evicted only when no free
+// block is left, so reuse keeps every prefix the pool has room for.
 int32_t KVCacheManager::take_free_block() {
   int32_t b = -1;
   if (!free_blocks_.empty()) {
-    b = free_blocks_.front();
-    free_blocks_.pop_front();
+    b = free_blocks_.back();
+    free_blocks_.pop_back();
+    // Never-touched blocks come off the bottom of the stack in id order (see kv_cache.h).
+    num_touched_blocks_ = std::max(num_touched_blocks_, b + 1);
   } else {
     RTLLM_CHECK(!reusable_lru_.empty(), "no free KV-cache block");
     b = reusable_lru_.front();
@@ -368,6 +373,7 @@ KvCacheStats KVCacheManager::stats() const {
   s.num_reused_tokens = num_reused_blocks_ * tokens_per_block_ + num_partial_reused_tokens_;
   s.num_partial_reused_blocks = num_partial_reused_blocks_;
   s.num_evicted_blocks = num_evicted_blocks_;
+  s.num_touched_blocks = num_touched_blocks_;
   return s;
 }
 
@@ -409,6 +415,13 @@ void KVCacheManager::check_invariants() const {
     ++num_holders[copy.first];  // the pin
   }
   std::vector<int32_t> num_places(blocks_.size(), 0);  // free list + LRU list
+  // Never-touched blocks lie at the bottom of the free stack, highest id deepest, all of them.
+  const int32_t num_untouched = num_total_blocks() - num_touched_blocks_;
+  RTLLM_CHECK(static_cast<int32_t>(free_blocks_.size()) >= num_untouched, free_blocks_.size(),
+              " free blocks but ", num_untouched, " were never handed out");
+  for (int32_t i = 0; i < num_untouched; ++i)
+    RTLLM_CHECK(free_blocks_[i] == num_total_blocks() - 1 - i, "free stack slot ", i, " holds block ",
+                free_blocks_[i], "; the never-touched block ", num_total_blocks() - 1 - i, " belongs there");
   for (int32_t b : free_blocks_) {
     RTLLM_CHECK(!blocks_[b].is_registered, "free block ", b, " is registered");
     ++num_places[b];

@@ -77,7 +77,7 @@ void ModelRunner::Impl::resolve_config(const RuntimeConfig& requested) {
   RTLLM_CHECK_ARG(config.num_kv_blocks >= 0, "num_kv_blocks ", config.num_kv_blocks, " must be >= 0");
   RTLLM_CHECK_ARG(config.kv_free_memory_fraction >= 0.0f && config.kv_free_memory_fraction <= 1.0f,
                   "kv_free_memory_fraction ", config.kv_free_memory_fraction, " outside [0, 1]");
-  const bool sized_by_backend = config.device == DeviceKind::kCuda && config.kv_free_memory_fraction > 0.0f;
+  const bool sized_by_backend = config.kv_free_memory_fraction > 0.0f;
   if (config.num_kv_blocks == 0 && !sized_by_backend) {
     // Enough for every sequence of a full batch at the longest length.
     const int64_t per_seq = (limits.max_seq_len + config.tokens_per_block - 1) / config.tokens_per_block;

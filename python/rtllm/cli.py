@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rtllm.bench import add_bench_parser
@@ -14,10 +15,13 @@ def _add_build_parser(subparsers) -> None:
     p = subparsers.add_parser("build", help="build an engine from a Hugging Face checkpoint",
                               description="Build an rtllm engine directory from an HF checkpoint.")
     p.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint directory (config.json, *.safetensors)")
-    p.add_argument("-o", "--output", metavar="ENGINE_DIR", required=True, help="engine directory to write")
+    p.add_argument("-o", "--output", metavar="ENGINE_DIR", required=True,
+                   help="engine directory to write: new, empty or an rtllm engine (replaced)")
+    p.add_argument("--force", action="store_true",
+                   help="write into ENGINE_DIR even if it holds files that are not an rtllm engine")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weight dtype (auto: the checkpoint's)")
     p.add_argument("--max-batch-size", type=int, default=64, help="most sequences per step (default 64)")
-    p.add_argument("--max-input-len", type=int, default=None, help="longest prompt (default: min(1024, max-seq-len))")
+    p.add_argument("--max-input-len", type=int, default=None, help="longest prompt (default: max-seq-len)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="longest prompt + output (default: the model's max_position_embeddings)")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="most tokens per step (default 8192)")
@@ -47,6 +51,9 @@ def _add_generate_parser(subparsers) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's; an HF checkpoint is built for it)")
+    p.add_argument("--max-input-len", type=int, default=None, help="longest prompt (default: max-seq-len)")
     p.set_defaults(func=_run_generate)
 
 
@@ -67,10 +74,32 @@ def _version() -> str:
     return __version__
 
 
+def _check_build_dirs(hf_dir: str, output: str, force: bool) -> None:
+    """Refuses an engine as input, and an output directory that holds something else than an engine
+    (another model's config and tokenizer would be overwritten) unless --force."""
+    from rtllm.llmapi.llm import is_engine_dir
+
+    if os.path.isdir(hf_dir) and is_engine_dir(hf_dir):
+        raise ValueError(f"{hf_dir} is already an rtllm engine, not an HF checkpoint: run it as it is "
+                         f"(rtllm generate --model {hf_dir}, rtllm serve {hf_dir})")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"-o {output} exists and is not a directory")
+    if force or not os.path.isdir(output) or not os.listdir(output):
+        return
+    try:
+        is_engine = is_engine_dir(output)
+    except (ValueError, OSError):  # an unreadable config.json is not an engine's
+        is_engine = False
+    if not is_engine:
+        raise ValueError(f"-o {output} is not empty and is not an rtllm engine: writing there would overwrite "
+                         "its config.json and tokenizer files; choose a new directory, or pass --force")
+
+
 def _run_build(args) -> None:
     from rtllm.builder import BuildConfig, build
     from rtllm.models import AutoModelForCausalLM
 
+    _check_build_dirs(args.hf_dir, args.output, args.force)
     config = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                          max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
                          fuse=not args.no_fuse)
@@ -94,7 +123,9 @@ def _run_generate(args) -> None:
     if model is None:
         from rtllm.default_model import default_model_dir
         model = default_model_dir()
-    with LLM(model, tokenizer=args.tokenizer, device=args.device) as llm:
+    with LLM(model, tokenizer=args.tokenizer, device=args.device, max_seq_len=args.max_seq_len,
+             max_input_len=args.max_input_len) as llm:
+        llm._entry_point = "rtllm generate"  # limit errors name this command's flags
         prompts = args.prompts
         if args.chat:
             prompts = [{"prompt_token_ids": llm.tokenizer.apply_chat_template(

@@ -40,6 +40,61 @@ TEST(KVCacheManager, AllocateTakesCeilBlocksAndFreeReturnsThem) {
   EXPECT_EQ(kv.num_free_blocks(), 10);
 }
 
+// Steady traffic reuses the blocks it just released (a stack), so the CPU pool's lazily committed
+// memory stays at the blocks in use; a FIFO hands every new sequence blocks never touched before.
+TEST(KVCacheManager, FreeListReusesWarmBlocksFirst) {
+  KVCacheManager kv(/*num_blocks=*/64, /*tokens_per_block=*/4, /*enable_block_reuse=*/false);
+  std::set<int32_t> seen;
+  for (RequestId seq = 1; seq <= 200; ++seq) {
+    kv.allocate(seq, 6);  // 2 blocks
+    kv.allocate_slots(seq, 3);  // 9 tokens: a third block
+    for (int32_t b : kv.block_ids(seq)) seen.insert(b);
+    kv.free(seq);
+    kv.check_invariants();
+  }
+  EXPECT_EQ(seen, (std::set<int32_t>{0, 1, 2}));
+  EXPECT_EQ(kv.stats().num_touched_blocks, 3);
+
+  // The block released last is the next one taken; untouched blocks come lowest id first.
+  kv.allocate(1, 4);
+  kv.allocate(2, 4);
+  kv.allocate(3, 4);
+  const int32_t released = kv.block_ids(2)[0];
+  kv.free(2);
+  kv.allocate(4, 4);
+  EXPECT_EQ(kv.block_ids(4)[0], released);
+  kv.allocate(5, 16);  // 4 blocks: the 3 touched ones are held, so blocks 3..6 are new
+  EXPECT_EQ(kv.block_ids(5), (std::vector<int32_t>{3, 4, 5, 6}));
+  EXPECT_EQ(kv.stats().num_touched_blocks, 7);
+  kv.check_invariants();
+}
+
+// Warm-first never costs a cached prefix: free uncached blocks are taken before any reusable one
+// is evicted, and reusable ones go least recently used first.
+TEST(KVCacheManager, WarmBlocksFirstKeepsCachedPrefixes) {
+  KVCacheManager kv(/*num_blocks=*/8, /*tokens_per_block=*/4);
+  const std::vector<int32_t> prompt = iota_tokens(9, 100);
+  kv.allocate(1, 9);
+  kv.store(1, prompt, 9);  // two full blocks registered
+  kv.free(1);
+  ASSERT_EQ(kv.num_reusable_blocks(), 2);
+  std::set<int32_t> seen;
+  for (RequestId seq = 2; seq < 100; ++seq) {  // short uncached traffic
+    kv.allocate(seq, 3);
+    seen.insert(kv.block_ids(seq)[0]);
+    kv.free(seq);
+  }
+  EXPECT_EQ(seen.size(), 1u);
+  EXPECT_EQ(kv.stats().num_evicted_blocks, 0);
+  EXPECT_EQ(kv.match_prefix(prompt, 9, 0).block_ids.size(), 2u);
+  // Once the free blocks run out, the cached prefix is evicted tail first.
+  kv.allocate(100, 4 * 7);
+  EXPECT_EQ(kv.stats().num_evicted_blocks, 1);
+  EXPECT_EQ(kv.match_prefix(prompt, 9, 0).block_ids.size(), 1u);
+  EXPECT_EQ(kv.stats().num_touched_blocks, 8);
+  kv.check_invariants();
+}
+
 TEST(KVCacheManager, AllocateSlotsTakesABlockOnlyWhenTheLastOneIsFull) {
   KVCacheManager kv(3, 4);
   kv.allocate(7, 3);

@@ -253,7 +253,6 @@ def test_sliding_window(tmp_path):
     (dict(max_seq_len="long"), "max_seq_len='long' must be a positive integer"),
     (dict(max_input_len=1.5), "max_input_len=1.5 must be a positive integer"),
     (dict(max_input_len=300, max_seq_len=200), "max_input_len=300 exceeds max_seq_len=200"),
-    (dict(max_input_len=300, max_num_tokens=200), "max_num_tokens=200 is less than max_input_len=300"),
     (dict(dtype="int8"), "dtype='int8' is not one of auto, float32, float16, bfloat16"),
     (dict(fuse="yes"), "fuse='yes' must be a bool"),
 ])

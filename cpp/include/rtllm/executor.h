@@ -148,8 +148,9 @@ class RTLLM_API Executor {
   const Engine& engine() const;
 
   // The worker Executor(engine, config) runs on: a LocalWorker on config.runtime.device with the KV
-  // pool sized from config.kv_cache (max_tokens; else on CUDA free_memory_fraction of the memory
-  // left after weights and workspace, on the CPU room for max_batch_size sequences of max_seq_len).
+  // pool sized from config.kv_cache (max_tokens; else free_memory_fraction of the memory left after
+  // weights and workspace: device memory on CUDA, available host memory on the CPU, there at most
+  // room for max_batch_size sequences of max_seq_len).
   // Throws InvalidArgument for a bad KV-cache config, Error when the pool cannot hold one sequence.
   static std::unique_ptr<Worker> make_local_worker(std::shared_ptr<const Engine> engine,
                                                    const ExecutorConfig& config);

@@ -16,6 +16,12 @@
 // the pool needs it (free blocks are taken first, then the least recently used reusable one, which
 // is then forgotten).
 //
+// Free blocks are a stack (LIFO): a released block is the next one taken, so steady traffic keeps
+// reusing the same few warm blocks and never touches the rest of the pool. On the CPU the pool is
+// host memory committed lazily, page by page; a FIFO would walk through all of it and grow the
+// resident set to the whole pool. Blocks never handed out stay at the bottom of the stack in id
+// order, so they are taken last and lowest id first (num_touched_blocks counts the others).
+//
 // Partial reuse (copy-on-write): past the full blocks it matched, a new sequence may also take the
 // first k < tokens_per_block tokens of a registered block that continues its chain (a child of its
 // last matched block), the one sharing the longest prefix with its next tokens. It never writes into
@@ -82,6 +88,10 @@ struct KvCacheStats {
   int64_t num_reused_tokens = 0;     // num_reused_blocks * tokens_per_block + partially reused tokens
   int64_t num_partial_reused_blocks = 0;  // blocks whose leading tokens were copied for a new sequence
   int64_t num_evicted_blocks = 0;    // reusable blocks taken for other data
+  // Distinct blocks ever handed out. Host memory is committed when first written, so on the CPU
+  // this bounds the pool's resident part: it stays near the peak of blocks in use (plus the cached
+  // prefixes kept) rather than growing towards num_total_blocks.
+  int64_t num_touched_blocks = 0;
   double hit_rate() const {
     int64_t n = num_reused_blocks + num_missed_blocks;
     return n == 0 ? 0.0 : static_cast<double>(num_reused_blocks) / static_cast<double>(n);
@@ -260,7 +270,9 @@ class RTLLM_API KVCacheManager {
   int32_t min_partial_reuse_tokens_;
   BlockHashFn hash_fn_ = default_block_hash;
   std::vector<Block> blocks_;        // [num_blocks]
-  std::deque<int32_t> free_blocks_;  // unregistered, nobody holds them; taken from the front
+  // Unregistered, nobody holds them; a stack taken from the back (last released first), with the
+  // never-touched blocks at the bottom, highest id deepest. Reserved for num_blocks.
+  std::vector<int32_t> free_blocks_;
   std::list<int32_t> reusable_lru_;  // registered, nobody holds them; least recently used first
   std::unordered_multimap<uint64_t, int32_t> by_hash_;  // hash -> registered blocks
   // parent identity (0: none) -> registered blocks continuing it; candidates for partial reuse.
@@ -270,6 +282,7 @@ class RTLLM_API KVCacheManager {
   uint64_t next_identity_ = 1;
   int64_t num_reused_blocks_ = 0, num_missed_blocks_ = 0, num_evicted_blocks_ = 0;
   int64_t num_partial_reused_blocks_ = 0, num_partial_reused_tokens_ = 0;
+  int32_t num_touched_blocks_ = 0;  // blocks [0, num_touched_blocks_) were handed out at least once
   std::deque<KvCacheEvent> events_;
   int64_t next_event_id_ = 0;
 };

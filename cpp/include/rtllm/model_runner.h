@@ -27,8 +27,9 @@ struct RuntimeConfig {
   int32_t tokens_per_block = 32;
   int32_t num_threads = 0;       // CPU worker threads; 0: all hardware threads
   bool enable_cuda_graphs = true;  // CUDA: decode-only steps replay a graph captured per batch-size bucket
-  // CUDA with num_kv_blocks 0: the pool takes this fraction of the device memory left free after the
-  // weights and workspace (0: room for max_batch_size sequences of max_seq_len, as on the CPU).
+  // With num_kv_blocks 0: the pool takes this fraction of the memory left free after the weights and
+  // workspace: device memory on CUDA; on the CPU the host's available memory (MemAvailable), capped
+  // by max_batch_size sequences of max_seq_len. 0: room for max_batch_size sequences of max_seq_len.
   float kv_free_memory_fraction = 0.0f;
   // CUDA: forward_and_sample draws on the device and only the sampled ids (and requested logprobs)
   // reach the host; false: the logits are copied to the host and sampled by the CPU Sampler.

@@ -14,7 +14,6 @@ from .tensor import Network
 # Weight dtype choices: BuildConfig.dtype, from_hugging_face(dtype=) and every --dtype option. "auto" keeps
 # the checkpoint's dtype.
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-_DEFAULT_MAX_INPUT_LEN = 1024
 
 
 @dataclass
@@ -22,7 +21,8 @@ class BuildConfig:
     """Limits the engine is built for; the runtime never exceeds them.
 
     max_seq_len None -> the model's max_position_embeddings (it only bounds a request's length; the KV
-    cache is sized at run time). max_input_len None -> min(1024, max_seq_len). dtype "auto" keeps the
+    cache is sized at run time). max_input_len None -> max_seq_len (a prompt may fill the context, as
+    with vLLM's max_model_len; one longer than max_num_tokens needs chunked prefill). dtype "auto" keeps the
     model's weight dtype. fuse enables the fusion passes.
     """
     max_batch_size: int = 64
@@ -41,10 +41,8 @@ class BuildConfig:
                 raise ValueError(f"BuildConfig.{name}={value!r} must be a positive integer")
         if self.max_input_len is not None and self.max_seq_len is not None and self.max_input_len > self.max_seq_len:
             raise ValueError(f"BuildConfig.max_input_len={self.max_input_len} exceeds max_seq_len={self.max_seq_len}")
-        if self.max_input_len is not None and self.max_num_tokens < self.max_input_len:
-            # a prompt must fit one step until chunked prefill exists
-            raise ValueError(f"BuildConfig.max_num_tokens={self.max_num_tokens} is less than "
-                             f"max_input_len={self.max_input_len}")
+        # max_input_len may exceed max_num_tokens: such prompts run with chunked prefill (the executor
+        # refuses them without it, naming the option).
         if self.dtype not in DTYPES:
             raise ValueError(f"BuildConfig.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not isinstance(self.fuse, bool):
@@ -56,7 +54,7 @@ class BuildConfig:
         if max_seq_len > max_position_embeddings:
             raise ValueError(f"BuildConfig.max_seq_len={max_seq_len} exceeds the model's "
                              f"max_position_embeddings={max_position_embeddings}")
-        max_input_len = self.max_input_len or min(_DEFAULT_MAX_INPUT_LEN, max_seq_len, self.max_num_tokens)
+        max_input_len = self.max_input_len or max_seq_len
         if max_input_len > max_seq_len:
             raise ValueError(f"BuildConfig.max_input_len={max_input_len} exceeds max_seq_len={max_seq_len}")
         return dataclasses.replace(self, max_seq_len=max_seq_len, max_input_len=max_input_len)

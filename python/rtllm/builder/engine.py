@@ -14,7 +14,11 @@ from .tensor import Parameter
 FORMAT_VERSION = 2  # 2: the graph input "logits_indices" [num_logits]; 1: "last_token_ids" [num_seqs]
 MIN_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+# Every file TokenizerWrapper.from_pretrained reads (rtllm.llmapi.tokenizer.TOKENIZER_FILES), so chat and
+# end-of-sequence ids work on the engine as on its checkpoint; chat_template.jinja is where current
+# transformers saves the chat template.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
 
 
 def rtllm_version() -> str:
@@ -74,11 +78,12 @@ class Engine:
         write_safetensors(os.path.join(engine_dir, engine_file_name(self.config["mapping"]["tp_rank"])),
                           [(w.name, w.dtype, w.shape, w.load) for w in order],
                           metadata={"format": "rtllm", "format_version": FORMAT_VERSION})
-        if self.source_dir:
-            for name in TOKENIZER_FILES:
-                path = os.path.join(self.source_dir, name)
-                if os.path.isfile(path):
-                    shutil.copyfile(path, os.path.join(engine_dir, name))
+        for name in TOKENIZER_FILES:
+            path, target = os.path.join(self.source_dir or "", name), os.path.join(engine_dir, name)
+            if self.source_dir and os.path.isfile(path):
+                shutil.copyfile(path, target)
+            elif os.path.isfile(target):  # left by an engine saved there before: another tokenizer's
+                os.remove(target)
 
     @classmethod
     def load(cls, engine_dir: str, rank: int = 0) -> "Engine":

@@ -6,8 +6,6 @@ import dataclasses
 import json
 import numbers
 import os
-import shutil
-import tempfile
 import weakref
 from typing import Optional, Sequence, Union
 
@@ -16,6 +14,7 @@ from tqdm import tqdm
 from rtllm.errors import InvalidArgumentError
 from rtllm.executor import GenerationExecutor, GenerationResult
 from rtllm.executor.outputs import RequestOutput
+from rtllm.llmapi import temp_engine
 from rtllm.llmapi.llm_args import KvCacheConfig, SchedulerConfig, resolve_vllm_aliases
 from rtllm.llmapi.tokenizer import TokenizerWrapper
 from rtllm.sampling_params import SamplingParams
@@ -29,7 +28,8 @@ def is_engine_dir(path: str) -> bool:
     if not os.path.isfile(config_path):
         return False
     with open(config_path, encoding="utf-8") as f:
-        return "format_version" in json.load(f)
+        config = json.load(f)
+    return isinstance(config, dict) and "format_version" in config
 
 
 def _is_int(x) -> bool:
@@ -109,7 +109,7 @@ def _cleanup(executor: Optional[GenerationExecutor], temp_dir: Optional[str]) ->
     if executor is not None:
         executor.shutdown()
     if temp_dir is not None:
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        temp_engine.remove(temp_dir)
 
 
 def _kv_stats_dict(kv) -> dict:
@@ -118,14 +118,15 @@ def _kv_stats_dict(kv) -> dict:
             "tokens_per_block": kv.tokens_per_block, "num_reused_blocks": kv.num_reused_blocks,
             "num_missed_blocks": kv.num_missed_blocks, "num_reused_tokens": kv.num_reused_tokens,
             "num_evicted_blocks": kv.num_evicted_blocks, "num_partial_reused_blocks": kv.num_partial_reused_blocks,
-            "hit_rate": kv.hit_rate}
+            "num_touched_blocks": kv.num_touched_blocks, "hit_rate": kv.hit_rate}
 
 
 class LLM:
     """`LLM(model)` with `model` an engine directory or an HF checkpoint directory (built on load).
 
     max_batch_size / max_num_tokens / max_seq_len / max_input_len go into the build of an HF
-    checkpoint; for a built engine they may only lower its limits. quant_config (rtllm.QuantConfig)
+    checkpoint (max_seq_len defaults to the model's max_position_embeddings, max_input_len to
+    max_seq_len, as vLLM's max_model_len); for a built engine they may only lower its limits. quant_config (rtllm.QuantConfig)
     quantizes that build; a built engine is run as it was quantized.
 
     vLLM's names are accepted with their meaning: max_model_len (max_seq_len), max_num_seqs
@@ -170,7 +171,8 @@ class LLM:
         self._scheduler_config = scheduler_config or SchedulerConfig()
 
         self.model_dir = model
-        if is_engine_dir(model):
+        self._built_here = not is_engine_dir(model)
+        if not self._built_here:
             for name, value in (("build_config", build_config), ("quant_config", quant_config)):
                 if value is not None:  # an engine is quantized (or not) when it is built
                     raise ValueError(f"{name} is given but model={model!r} is a built engine")
@@ -212,11 +214,39 @@ class LLM:
     def _set_limits(self, limits: dict) -> None:
         """Python-side limits: the engine's, lowered by the user's (never raised)."""
         engine = self._engine
-        for name in ("max_input_len", "max_seq_len", "max_num_tokens"):
+        for name in ("max_input_len", "max_seq_len", "max_num_tokens", "max_batch_size"):
             value, limit = limits[name], getattr(engine, name)
             if value is not None and value > limit:
-                raise ValueError(f"{name}={value} exceeds the engine's {name}={limit}")
+                raise ValueError(f"{name}={value} exceeds the engine's {name}={limit}: "
+                                 f"{self._rebuild_hint(name)}")
             setattr(self, "_" + name, limit if value is None else value)
+
+    # How a limit is raised, in the words of the entry point: LLM's arguments, or the flags of the
+    # command that created this LLM (it sets _entry_point, e.g. "rtllm serve").
+    _entry_point: Optional[str] = None
+
+    def _argument(self, name: str, command: Optional[str] = None) -> str:
+        command = command or self._entry_point
+        if command is None:
+            return f"LLM(..., {name}=...)"
+        return f"`{command} --{name.replace('_', '-')}`"
+
+    def _rebuild_hint(self, name: str) -> str:
+        return (f"rebuild the engine with a larger BuildConfig.{name} "
+                f"({self._argument(name, 'rtllm build')})")
+
+    def limit_hint(self, name: str) -> str:
+        """How to raise limit `name` (max_input_len, max_seq_len, ...) from this entry point, for
+        error messages: the LLM argument or CLI flag, or a rebuild when the engine's own limit binds."""
+        if self._built_here:  # the limits are those of the build this LLM ran
+            positions = self._model_config.get("max_position_embeddings")
+            if name == "max_seq_len" and positions is not None and self._max_seq_len >= positions:
+                return f"it is the model's max_position_embeddings={positions}"
+            return f"raise it with {self._argument(name)}"
+        engine_limit = getattr(self._engine, name)
+        if getattr(self, "_" + name) < engine_limit:
+            return f"raise it with {self._argument(name)}, up to the engine's {engine_limit}"
+        return f"the engine was built with {name}={engine_limit}: {self._rebuild_hint(name)}"
 
     def _build(self, hf_dir: str, dtype: str, build_config, limits: dict, quant_config) -> str:
         from rtllm.builder import BuildConfig, build
@@ -231,8 +261,9 @@ class LLM:
                 setattr(build_config, key, value)
         model = AutoModelForCausalLM.from_hugging_face(hf_dir, dtype=dtype)
         engine = build(model, build_config, quant_config)
-        # The engine lives only as long as this LLM; _cleanup deletes it.
-        self._temp_dir = tempfile.mkdtemp(prefix="rtllm-engine-")
+        # The engine lives only as long as this LLM; _cleanup deletes it (temp_engine: also when the
+        # process is terminated, or at the next start after a kill).
+        self._temp_dir = temp_engine.create()
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _cleanup, None, self._temp_dir)
         engine.save(self._temp_dir)
@@ -274,6 +305,21 @@ class LLM:
         return self._max_seq_len
 
     @property
+    def max_num_tokens(self) -> int:
+        return self._max_num_tokens
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    @property
+    def limits(self) -> dict:
+        """Every request limit: max_seq_len (prompt + output, vLLM's max_model_len), max_input_len
+        (prompt), max_batch_size (sequences per step), max_num_tokens (tokens per step)."""
+        return {"max_seq_len": self._max_seq_len, "max_input_len": self._max_input_len,
+                "max_batch_size": self._max_batch_size, "max_num_tokens": self._max_num_tokens}
+
+    @property
     def is_shutdown(self) -> bool:
         """True once shutdown() ran: new requests then raise RuntimeError."""
         return self._executor is None or self._executor.is_shutdown
@@ -312,14 +358,16 @@ class LLM:
                                            f"[0, vocab_size={vocab_size})", "prompt")
         if len(token_ids) > self._max_input_len:
             raise InvalidArgumentError(f"prompt length {len(token_ids)} exceeds max_input_len="
-                                       f"{self._max_input_len}", "prompt")
+                                       f"{self._max_input_len}; {self.limit_hint('max_input_len')}", "prompt")
         if len(token_ids) >= self._max_seq_len:
             raise InvalidArgumentError(f"prompt length {len(token_ids)} leaves no room to generate within "
-                                       f"max_seq_len={self._max_seq_len}", "prompt")
+                                       f"max_seq_len={self._max_seq_len}; {self.limit_hint('max_seq_len')}",
+                                       "prompt")
         if len(token_ids) > self._max_num_tokens and not self._scheduler_config.enable_chunked_prefill:
+            chunked = ("SchedulerConfig(enable_chunked_prefill=True)" if self._entry_point is None
+                       else f"`{self._entry_point} --enable-chunked-prefill`")
             raise InvalidArgumentError(f"prompt length {len(token_ids)} exceeds max_num_tokens="
-                                       f"{self._max_num_tokens} (enable_chunked_prefill in SchedulerConfig "
-                                       "allows longer prompts)", "prompt")
+                                       f"{self._max_num_tokens}; {chunked} allows longer prompts", "prompt")
         return text, token_ids
 
     @staticmethod

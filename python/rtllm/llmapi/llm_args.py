@@ -10,8 +10,11 @@ from typing import Optional
 class KvCacheConfig:
     """Size and layout of the paged KV cache.
 
-    max_tokens: pool size in tokens; None sizes the pool from free_gpu_memory_fraction of the device
-    memory left after weights and workspace (host memory on the CPU).
+    max_tokens: pool size in tokens; None sizes the pool from free_gpu_memory_fraction (TensorRT-LLM's
+    name; `rtllm serve --kv-cache-fraction`) of the memory left free after weights and workspace: device
+    memory on CUDA; on the CPU the available host memory (MemAvailable), capped by what max_batch_size
+    sequences of max_seq_len can use. CPU pool pages are committed as blocks are first written, and the
+    free list hands out recently released blocks first, so resident memory follows the blocks in use.
     enable_block_reuse: requests share the cached K/V of full blocks of a common prompt prefix
     (requests with different cache salts never share).
     event_buffer_max_size: KV-cache events (stored/removed blocks) kept for

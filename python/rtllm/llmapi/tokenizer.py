@@ -9,8 +9,9 @@ from typing import Optional, Sequence, Union
 
 from tokenizers import Tokenizer
 
+# The files from_pretrained reads; an engine build copies each (rtllm.builder.engine.TOKENIZER_FILES).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+                   "generation_config.json", "chat_template.jinja")
 
 
 def _token_content(token) -> Optional[str]:

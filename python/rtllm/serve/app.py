@@ -195,7 +195,7 @@ class _OpenAIServer:
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "rtllm",
-                "max_model_len": self.llm.max_seq_len}
+                "max_model_len": self.llm.max_seq_len, **self.llm.limits}
 
     async def models(self):
         return {"object": "list", "data": [self._model_card()]}
@@ -329,7 +329,8 @@ class _OpenAIServer:
         limit = self.llm.max_seq_len
         if num_prompt_tokens >= limit:
             raise APIError(400, f"the prompt has {num_prompt_tokens} tokens: the model's max_seq_len={limit} "
-                                "leaves no room to generate", prompt_param, "context_length_exceeded")
+                                f"leaves no room to generate; {self.llm.limit_hint('max_seq_len')}", prompt_param,
+                           "context_length_exceeded")
         if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
             raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {num_prompt_tokens} tokens "
                                 f"exceeds the model's max_seq_len={limit} (at most "

@@ -51,7 +51,8 @@ def add_serve_parser(subparsers) -> None:
     engine.add_argument("--max-num-tokens", type=int, default=None, help="most tokens per step")
     engine.add_argument("--kv-cache-fraction", "--gpu-memory-utilization", dest="kv_cache_fraction",
                         type=float, default=None,
-                        help="fraction of free device memory for the KV cache (default 0.9)")
+                        help="fraction of the memory free after the weights (device memory on CUDA, available "
+                             "host memory on the CPU) for the KV cache (default 0.9)")
     engine.add_argument("--max-kv-tokens", type=int, default=None,
                         help="KV cache size in tokens (overrides --kv-cache-fraction)")
     engine.add_argument("--enable-chunked-prefill", action="store_true",
@@ -84,6 +85,7 @@ def _load_llm(args: argparse.Namespace):
               max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
               max_input_len=args.max_input_len, max_num_tokens=args.max_num_tokens, seed=args.seed,
               num_threads=args.num_threads)
+    llm._entry_point = "rtllm serve"  # limit errors name this command's flags
     return llm, args.served_model_name or os.path.basename(os.path.normpath(model))
 
 
@@ -118,8 +120,8 @@ def run_serve(args: argparse.Namespace) -> None:
                             chat_template=chat_template)
             port = sock.getsockname()[1]
             url_host = f"[{args.host}]" if ":" in args.host else args.host
-            print(f"rtllm serve: {model_name!r} (max_seq_len {llm.max_seq_len}) at "
-                  f"http://{url_host}:{port}/v1", flush=True)
+            limits = ", ".join(f"{k} {v}" for k, v in llm.limits.items())
+            print(f"rtllm serve: {model_name!r} ({limits}) at http://{url_host}:{port}/v1", flush=True)
             if args.api_key is None and not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
                 print(f"rtllm serve: warning: listening on {args.host} without --api-key: anyone who "
                       "can reach this port can use the model", file=sys.stderr)
