@@ -11,7 +11,6 @@ small ones. On shutdown the server drains (see drain()).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hmac
 import itertools
 import json
@@ -207,9 +206,6 @@ class _OpenAIServer:
         self.limits = limits
         self.metrics = ServerMetrics()
         self.created = int(time.time())
-        # Tokenizing and templating run here, off the event loop (the tokenizer releases the GIL).
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
-                                                           thread_name_prefix="rtllm-tokenize")
         self._live: set = set()  # the _Generations running
         self._group_ids = itertools.count(1)
         self.draining = False
@@ -255,8 +251,11 @@ class _OpenAIServer:
                                 f"{self.llm.max_input_len} tokens can hold (at most {limit} characters)",
                            prompt_param, "context_length_exceeded")
 
-    async def _off_loop(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    @staticmethod
+    async def _off_loop(fn, *args):
+        """fn(*args) in the loop's thread pool: tokenizing and templating (after _check_chars) never
+        pause the event loop, and the tokenizer releases the GIL while it works."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     # Plain routes.
 
@@ -300,10 +299,9 @@ class _OpenAIServer:
         room = self.llm.max_seq_len - max(len(p) for p in prompts)
         max_tokens = req.max_tokens if req.max_tokens is not None else min(DEFAULT_COMPLETION_MAX_TOKENS, room)
         params = req.completion_sampling_params(max_tokens)
+        echo_texts = await self._off_loop(lambda: [self._prompt_text(p) for p in req.prompt]) if req.echo else None
         formatter = CompletionFormatter(new_request_id("cmpl"), self.model_name, params.n, req.logprobs,
-                                        self.llm.tokenizer, req.include_usage,
-                                        echo_texts=await self._off_loop(lambda: [self._prompt_text(p) for p in req.prompt])
-                                        if req.echo else None)
+                                        self.llm.tokenizer, req.include_usage, echo_texts=echo_texts)
         return await self._respond(request, prompts, params, formatter, bool(req.stream), "prompt")
 
     async def chat_completions(self, request: Request):

@@ -53,23 +53,23 @@ class _GuardedH11Protocol(H11Protocol):
         if len(self.connections) > self.limits.max_connections:
             self.transport.close()  # frees the descriptor at once; connection_lost unregisters it
             return
-        self._arm_head_deadline()
+        self._arm_head_deadline(None)
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        finished = self.cycle
+        super().on_response_complete()  # may start a pipelined request's cycle
         if not self.transport.is_closing():
-            self._arm_head_deadline()  # the next request's head, on a kept-alive connection
+            self._arm_head_deadline(finished)  # the next request's head, on a kept-alive connection
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_deadline()
         super().connection_lost(exc)
 
-    def _arm_head_deadline(self) -> None:
+    def _arm_head_deadline(self, cycle) -> None:
         self._cancel_head_deadline()
-        # A new request head replaces self.cycle: if the cycle is still this one when the timer
-        # fires, no head has arrived in time.
-        self._head_deadline = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out,
-                                                   self.cycle)
+        # A new request head replaces self.cycle: if the cycle is still `cycle` (the last one
+        # whose head arrived) when the timer fires, no head has arrived in time.
+        self._head_deadline = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out, cycle)
 
     def _cancel_head_deadline(self) -> None:
         handle = getattr(self, "_head_deadline", None)
