@@ -251,3 +251,18 @@ def test_sigterm_ends_open_streams_with_a_final_chunk(tmp_path):
         assert "abort" in reasons  # the drain ended some
         log = log_path.read_text()
         assert "Traceback" not in log and "Error" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--header-timeout", "0", "--header-timeout=0 must be > 0"),
+    ("--body-timeout", "-1", "--body-timeout=-1 must be > 0"),
+    ("--drain-timeout", "nan", "--drain-timeout=nan must be > 0"),
+    ("--max-connections", "0", "--max-connections=0 must be >= 1"),
+    ("--max-seqs-per-request", "0", "--max-seqs-per-request=0 must be >= 1"),
+    ("--max-waiting-seqs", "-5", "--max-waiting-seqs=-5 must be >= 1"),
+])
+def test_limit_flags_are_checked_before_loading(flag, value, fragment):
+    result = subprocess.run([sys.executable, "-m", "rtllm.cli", "serve", "--port", str(free_port()), flag, value],
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode != 0 and fragment in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -114,19 +114,24 @@ def run_serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-body-bytes={args.max_body_bytes} must be >= 1")
     if args.api_key == "":
         raise ValueError("--api-key is empty: give a key or leave the option out")
+    for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout),
+                        ("--keep-alive-timeout", args.keep_alive_timeout), ("--drain-timeout", args.drain_timeout)):
+        if not value > 0:
+            raise ValueError(f"{flag}={value:g} must be > 0 (seconds)")
+    for flag, value in (("--max-connections", args.max_connections),
+                        ("--max-seqs-per-request", args.max_seqs_per_request),
+                        ("--max-waiting-seqs", args.max_waiting_seqs)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}={value} must be >= 1")
     # Connections beyond the open-files limit would fail at accept; keep room for the model's files.
     fd_limit = raise_fd_limit()
     max_connections = args.max_connections
     if max_connections is None:
         max_connections = max(1, min(ConnectionLimits.max_connections, fd_limit - 64))
-    try:
-        conn_limits = ConnectionLimits(header_timeout_s=args.header_timeout, keep_alive_timeout_s=args.keep_alive_timeout,
-                                       max_connections=max_connections, drain_timeout_s=args.drain_timeout)
-        admission = AdmissionLimits(max_seqs_per_request=args.max_seqs_per_request,
-                                    max_waiting_seqs=args.max_waiting_seqs, body_timeout_s=args.body_timeout)
-    except ValueError as e:  # name the flag rather than the field
-        raise ValueError(f"rtllm serve: {e} (flags --header-timeout, --body-timeout, --keep-alive-timeout, "
-                         "--max-connections, --max-seqs-per-request, --max-waiting-seqs, --drain-timeout)") from None
+    conn_limits = ConnectionLimits(header_timeout_s=args.header_timeout, keep_alive_timeout_s=args.keep_alive_timeout,
+                                   max_connections=max_connections, drain_timeout_s=args.drain_timeout)
+    admission = AdmissionLimits(max_seqs_per_request=args.max_seqs_per_request,
+                                max_waiting_seqs=args.max_waiting_seqs, body_timeout_s=args.body_timeout)
     with _listen(args.host, args.port) as sock:
         llm, model_name = _load_llm(args)
         with llm:
