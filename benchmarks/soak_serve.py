@@ -88,6 +88,11 @@ class Soak:
         self.idle_reopened = 0
         self.stop = asyncio.Event()
 
+    def client(self) -> httpx.AsyncClient:
+        # Kept-alive connections are dropped well before the server's keep-alive timeout (5 s), so
+        # a request never races the server closing its connection.
+        return httpx.AsyncClient(timeout=self.args.timeout, limits=httpx.Limits(keepalive_expiry=1.0))
+
     def fail(self, what: str) -> None:
         self.counts["failed"] += 1
         if len(self.failures) < 50:
@@ -146,7 +151,7 @@ class Soak:
     async def disconnect(self) -> None:
         body, _ = self.valid_body(self.rng.choice((1, 3)), True)
         body["max_tokens"] = 200
-        async with httpx.AsyncClient(timeout=self.args.timeout) as own:  # its own connection, dropped
+        async with self.client() as own:  # its own connection, dropped
             async with own.stream("POST", self.url + "/v1/completions", json=body) as response:
                 if response.status_code != 200:
                     return self.fail(f"stream to drop got {response.status_code}")
@@ -184,7 +189,7 @@ class Soak:
     # The load, the idle connections and the well-behaved client.
 
     async def worker(self, queue: asyncio.Queue) -> None:
-        async with httpx.AsyncClient(timeout=self.args.timeout) as client:
+        async with self.client() as client:
             while True:
                 try:
                     kind = queue.get_nowait()
@@ -234,7 +239,7 @@ class Soak:
         two events of a stream is the number to watch."""
         body = {"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0, "ignore_eos": True,
                 "stream": True}
-        async with httpx.AsyncClient(timeout=self.args.timeout) as client:
+        async with self.client() as client:
             while not self.stop.is_set():
                 last = None
                 async with client.stream("POST", self.url + "/v1/completions", json=body) as response:

@@ -89,16 +89,18 @@ def test_idle_and_trickling_connections_are_closed(tmp_path):
         body = connect(url)
         body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 1000\r\n\r\n")
-        kept_alive = connect(url)
-        kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert b"200 OK" in kept_alive.recv(65536)
+        kept_alive, kept_trickling = connect(url), connect(url)
+        for s in (kept_alive, kept_trickling):
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"200 OK" in s.recv(65536)
         # A header a byte at a time never completes the head; a body a byte at a time never
         # completes within the body timeout (408); both kept sending while they were closed.
         assert closed_within(idle, 5) < 5
         assert closed_within(head, 5, b"POST /v1/completions HTTP/1.1\r\nX-Slow: " + b"a" * 100) < 5
         assert closed_within(body, 5, b'{"prompt": "' + b"a" * 100) < 5
         assert closed_within(kept_alive, 5) < 5
-        for s in (idle, head, body, kept_alive):
+        assert closed_within(kept_trickling, 5, b"GET /health HTTP/1.1\r\nX-Slow: " + b"a" * 100) < 5
+        for s in (idle, head, body, kept_alive, kept_trickling):
             s.close()
         assert httpx.get(url + "/health", timeout=5).status_code == 200
 

@@ -71,27 +71,39 @@ class _ApiKeyMiddleware:
 async def read_json_object(request: Request, max_bytes: int, timeout_s: float = 30.0) -> dict:
     """The body as a JSON object. 413 past `max_bytes`, checked on the declared length and again
     while reading (chunked bodies declare none); 408 unless it all arrives within `timeout_s` (a
-    trickling client must not hold its connection); 400 for anything but a JSON object."""
+    trickling client must not hold its connection); 400 for anything but a JSON object.
+
+    A body up to twice the limit is read to its end (and dropped) before the 413: closing a
+    connection with unread data resets it, and the client would see the reset, not the 413."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(413, f"the request body of {int(declared)} bytes exceeds the limit of "
-                            f"{max_bytes} bytes", code="request_too_large")
+    too_large = APIError(413, f"the request body of {int(declared)} bytes exceeds the limit of {max_bytes} bytes"
+                         if declared.isdigit() else f"the request body exceeds the limit of {max_bytes} bytes",
+                         code="request_too_large")
+    if declared.isdigit() and int(declared) > 2 * max_bytes:
+        raise too_large
     body = bytearray()
+    num_read = 0
 
     async def read():
+        nonlocal num_read
         async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > max_bytes:
-                raise APIError(413, f"the request body exceeds the limit of {max_bytes} bytes",
-                               code="request_too_large")
+            num_read += len(chunk)
+            if num_read > 2 * max_bytes:
+                return  # too much to drain: answer now
+            if num_read <= max_bytes:
+                body.extend(chunk)
 
     try:
         await asyncio.wait_for(read(), timeout_s)
     except ClientDisconnect:  # nobody reads the answer; a 400 keeps it out of the error log
         raise APIError(400, "the client disconnected while sending the body") from None
     except asyncio.TimeoutError:
+        if num_read > max_bytes:
+            raise too_large from None
         raise APIError(408, f"the request body did not arrive within {timeout_s:g} s "
                             "(rtllm serve --body-timeout)", code="request_timeout") from None
+    if num_read > max_bytes:
+        raise too_large
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

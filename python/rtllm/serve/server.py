@@ -1,8 +1,8 @@
 """The HTTP server under the app: uvicorn with the limits a server facing hostile clients needs.
 
-- A request's head must arrive within `header_timeout_s` of the connection opening (or of the
-  previous response on a kept-alive connection); its body within `body_timeout_s` (the app's side,
-  see app.read_json_object). Idle and trickling connections are closed, so they cannot pile up
+- A request's head must arrive within `header_timeout_s` of the connection opening (or of its
+  first byte on a kept-alive connection, idle at most `keep_alive_timeout_s` before it); its body
+  within `body_timeout_s` (the app's side, see app.read_json_object). Idle and trickling connections are closed, so they cannot pile up
   until the file descriptors run out.
 - At most `max_connections` connections are open at once; more are closed at once, and requests
   beyond it get uvicorn's 503.
@@ -42,11 +42,15 @@ def raise_fd_limit() -> int:
 
 
 class _GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline on each request head. Uvicorn arms no timer on a new
-    connection, and its keep-alive timer stops at the first byte, so without this a client that
-    sends nothing, or a header a byte at a time, holds its connection forever."""
+    """uvicorn's h11 protocol with a deadline on each request head: header_timeout_s from the
+    connection's opening, or on a kept-alive connection from the first byte after a response (the
+    keep-alive timeout governs the idle time before it). Uvicorn arms no timer on a new connection,
+    and its keep-alive timer stops at the first byte, so without this a client that sends nothing,
+    or a header a byte at a time, holds its connection forever."""
 
     limits: ConnectionLimits  # set by the subclass build_protocol makes
+    _head_deadline = None
+    _deadline_cycle = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -55,11 +59,12 @@ class _GuardedH11Protocol(H11Protocol):
             return
         self._arm_head_deadline(None)
 
-    def on_response_complete(self) -> None:
-        finished = self.cycle
-        super().on_response_complete()  # may start a pipelined request's cycle
-        if not self.transport.is_closing():
-            self._arm_head_deadline(finished)  # the next request's head, on a kept-alive connection
+    def data_received(self, data: bytes) -> None:
+        if self._head_deadline is None and self.cycle is not None and self.cycle.response_complete:
+            self._arm_head_deadline(self.cycle)  # the first byte after a response: a new head starts
+        super().data_received(data)
+        if self._head_deadline is not None and self.cycle is not self._deadline_cycle:
+            self._cancel_head_deadline()  # the head has arrived
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_deadline()
@@ -68,13 +73,13 @@ class _GuardedH11Protocol(H11Protocol):
     def _arm_head_deadline(self, cycle) -> None:
         self._cancel_head_deadline()
         # A new request head replaces self.cycle: if the cycle is still `cycle` (the last one
-        # whose head arrived) when the timer fires, no head has arrived in time.
+        # whose head arrived, None at first) when the timer fires, no head has arrived in time.
+        self._deadline_cycle = cycle
         self._head_deadline = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out, cycle)
 
     def _cancel_head_deadline(self) -> None:
-        handle = getattr(self, "_head_deadline", None)
-        if handle is not None:
-            handle.cancel()
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
             self._head_deadline = None
 
     def _head_timed_out(self, cycle) -> None:
