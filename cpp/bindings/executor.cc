@@ -133,16 +133,19 @@ void bind_configs(py::module_& m) {
 void bind_requests(py::module_& m) {
   py::class_<Request>(m, "Request")
       .def(py::init([](std::vector<int32_t> prompt_token_ids, const SamplingConfig& sampling, const StopConfig& stop,
-                       bool streaming, std::optional<std::string> cache_salt) {
-             return Request{std::move(prompt_token_ids), sampling, stop, streaming, std::move(cache_salt), nullptr};
+                       bool streaming, std::optional<std::string> cache_salt, std::optional<uint64_t> group_id) {
+             return Request{std::move(prompt_token_ids), sampling, stop, streaming, std::move(cache_salt), nullptr,
+                            group_id};
            }),
            py::arg("prompt_token_ids"), py::kw_only(), py::arg("sampling") = SamplingConfig{},
-           py::arg("stop") = StopConfig{}, py::arg("streaming") = false, py::arg("cache_salt") = py::none())
+           py::arg("stop") = StopConfig{}, py::arg("streaming") = false, py::arg("cache_salt") = py::none(),
+           py::arg("group_id") = py::none())
       .def_readwrite("prompt_token_ids", &Request::prompt_token_ids)
       .def_readwrite("sampling", &Request::sampling)
       .def_readwrite("stop", &Request::stop)
       .def_readwrite("streaming", &Request::streaming)
-      .def_readwrite("cache_salt", &Request::cache_salt);
+      .def_readwrite("cache_salt", &Request::cache_salt)
+      .def_readwrite("group_id", &Request::group_id);
 
   py::enum_<FinishReason>(m, "FinishReason")
       .value("NOT_FINISHED", FinishReason::kNotFinished)

@@ -217,6 +217,8 @@ void Executor::Impl::validate(const Request& request) const {
                       " is outside the vocabulary [0, ", vocab_size, ")");
   request.sampling.validate();
   request.stop.validate();
+  RTLLM_CHECK_FIELD(!request.group_id || *request.group_id < (uint64_t{1} << 63), "group_id", "group_id ",
+                    request.group_id.value_or(0), " must be < 2^63");
   RTLLM_CHECK_FIELD(request.sampling.num_prompt_logprobs < 0 || scheduling.max_num_logits > scheduling.max_batch_size,
                     "prompt_logprobs", "prompt_logprobs needs rows of logits beyond one per sequence: max_num_logits ",
                     scheduling.max_num_logits, " must exceed max_batch_size ", scheduling.max_batch_size);

@@ -23,6 +23,8 @@ LlmRequest::LlmRequest(RequestId id_, Request request_, uint64_t seed_, int32_t 
   num_tokens = num_prompt_tokens;
   token_ids = request.prompt_token_ids;
   cache_key = cache_salt_key(request.cache_salt);
+  // Ungrouped requests each form their own group, in a range no group id reaches (ids are < 2^63).
+  group = request.group_id ? *request.group_id : (uint64_t{1} << 63) | static_cast<uint64_t>(id);
   scores_prompt = request.sampling.num_prompt_logprobs >= 0;
   prompt_scoring = request.sampling;
   prompt_scoring.num_logprobs = request.sampling.num_prompt_logprobs;

@@ -127,10 +127,33 @@ void Scheduler::take(std::shared_ptr<Sequence> seq, int32_t num_chunk, bool is_c
   budget.num_tokens -= num_chunk;
 }
 
-// Admits waiting sequences in arrival order; the first that does not fit stops admission.
+// The waiting sequence to admit next (see "Fair admission" in scheduler.h), given the number of
+// running sequences of each group.
+std::deque<std::shared_ptr<Sequence>>::iterator Scheduler::next_waiting(
+    const std::unordered_map<uint64_t, int32_t>& num_running_of) {
+  if (waiting_.front()->num_preemptions > 0) return waiting_.begin();  // it was running: resume it
+  auto best = waiting_.end();
+  int32_t best_count = 0;
+  for (auto it = waiting_.begin(); it != waiting_.end(); ++it) {
+    auto found = num_running_of.find((*it)->group);
+    const int32_t count = found == num_running_of.end() ? 0 : found->second;
+    if (best == waiting_.end() || count < best_count) {
+      best = it;
+      best_count = count;
+      if (count == 0) break;  // nothing beats an idle group; ties go to the earliest
+    }
+  }
+  return best;
+}
+
+// Admits waiting sequences, groups in turn; the first that does not fit stops admission.
 void Scheduler::admit_waiting(Budget& budget, ScheduledBatch& batch) {
+  if (waiting_.empty()) return;
+  std::unordered_map<uint64_t, int32_t> num_running_of;
+  for (const auto& seq : running_) num_running_of[seq->group] += 1;
   while (!waiting_.empty() && budget.num_seqs > 0 && budget.num_tokens > 0) {
-    std::shared_ptr<Sequence> seq = waiting_.front();
+    auto next = next_waiting(num_running_of);
+    std::shared_ptr<Sequence> seq = *next;
     PrefixMatch prefix;
     if (!seq->scores_prompt && static_cast<int32_t>(seq->token_ids.size()) >= seq->num_tokens)
       prefix = kv_cache_.match_prefix(seq->token_ids, seq->num_tokens, seq->cache_key);
@@ -148,7 +171,8 @@ void Scheduler::admit_waiting(Budget& budget, ScheduledBatch& batch) {
     const int64_t num_slots = int64_t{seq->num_cached_tokens} + num_chunk;
     kv_cache_.allocate(seq->id, num_slots, prefix, seq->cache_key);
     running_.push_back(seq);
-    waiting_.pop_front();
+    waiting_.erase(next);
+    num_running_of[seq->group] += 1;
     take(std::move(seq), num_chunk, /*is_context=*/true, budget, batch);  // a new or recomputed sequence
   }
 }

@@ -401,5 +401,49 @@ TEST(Scheduler, RandomWorkloadWithReuseChunksAndPreemption) {
   }
 }
 
+std::shared_ptr<Sequence> make_grouped(RequestId id, uint64_t group, int32_t num_prompt_tokens, int32_t max_num_tokens) {
+  auto seq = make_seq(id, num_prompt_tokens, max_num_tokens);
+  seq->group = group;
+  return seq;
+}
+
+TEST(Scheduler, FairAdmissionTakesGroupsInTurn) {
+  // Group 1 fans out 12 sequences, then groups 2 and 3 arrive with one each: in arrival order they
+  // would wait for all 12; groups in turn admit them right after group 1's first.
+  KVCacheManager kv(1000, 4);
+  Scheduler scheduler({CapacityPolicy::kGuaranteedNoEvict, /*max_batch_size=*/4, /*max_num_tokens=*/100}, kv);
+  for (RequestId id = 1; id <= 12; ++id) scheduler.add(make_grouped(id, 1, 3, 6));
+  scheduler.add(make_grouped(13, 2, 3, 6));
+  scheduler.add(make_grouped(14, 3, 3, 6));
+  ScheduledBatch b1 = scheduler.schedule();
+  EXPECT_EQ(ids(b1.seqs), (std::vector<RequestId>{1, 13, 14, 2}));
+}
+
+TEST(Scheduler, FairAdmissionGivesAFreedSlotToTheLeastServedGroup) {
+  // Group 1 holds every slot; when one frees, a later group's sequence takes it before group 1's
+  // next, although group 1's waited longer.
+  KVCacheManager kv(1000, 4);
+  Scheduler scheduler({CapacityPolicy::kGuaranteedNoEvict, /*max_batch_size=*/2, /*max_num_tokens=*/100}, kv);
+  scheduler.add(make_grouped(1, 1, 3, 4));   // finishes after its first step
+  scheduler.add(make_grouped(2, 1, 3, 10));
+  for (RequestId id = 3; id <= 6; ++id) scheduler.add(make_grouped(id, 1, 3, 10));
+  ScheduledBatch b1 = scheduler.schedule();
+  EXPECT_EQ(ids(b1.seqs), (std::vector<RequestId>{1, 2}));
+  scheduler.add(make_grouped(7, 2, 3, 10));
+  EXPECT_EQ(advance(scheduler, b1), (std::vector<RequestId>{1}));
+  ScheduledBatch b2 = scheduler.schedule();
+  EXPECT_EQ(ids(context_of(b2)), (std::vector<RequestId>{7}));
+  EXPECT_EQ(ids(generation_of(b2)), (std::vector<RequestId>{2}));
+}
+
+TEST(Scheduler, OneGroupOrSingletonGroupsKeepArrivalOrder) {
+  for (bool one_group : {true, false}) {
+    KVCacheManager kv(1000, 4);
+    Scheduler scheduler({CapacityPolicy::kGuaranteedNoEvict, /*max_batch_size=*/3, /*max_num_tokens=*/100}, kv);
+    for (RequestId id = 1; id <= 5; ++id) scheduler.add(make_grouped(id, one_group ? 7 : id, 3, 6));
+    EXPECT_EQ(ids(scheduler.schedule().seqs), (std::vector<RequestId>{1, 2, 3})) << one_group;
+  }
+}
+
 }  // namespace
 }  // namespace rtllm

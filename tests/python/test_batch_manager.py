@@ -2,7 +2,8 @@
 CPU): greedy outputs must equal HF's with prefix reuse on and off, with chunked prefill at several
 chunk sizes and under forced preemption (a KV pool too small for the batch), for batches with
 shared and unshared prefixes. Also: iteration stats, invalid settings, a KV pool too small for one
-sequence, and a soak run of 1,000 requests with random cancels."""
+sequence, a soak run of 1,000 requests with random cancels, and fair admission between groups."""
+import asyncio
 import time
 
 import numpy as np
@@ -193,3 +194,32 @@ def test_soak_random_cancels_and_lengths(engine_dir, policy):
     print(f"soak: {stats.num_steps} steps, {stats.num_preemptions} preemptions, "
           f"{stats.kv_cache.num_reused_tokens} reused tokens, {stats.kv_cache.num_evicted_blocks} evictions, "
           f"{time.monotonic() - start:.2f} s")
+
+
+def test_fair_admission_between_groups(engine_dir, cases):
+    # Twelve prompts of one group (a client's fan-out), then one of another, two slots: in arrival
+    # order the lone request would end last; admitted in turn with the fan-out it ends among the
+    # first. Grouping changes when sequences run, not what they produce.
+    prompts, expected = cases
+    fan_out = [prompts[i % len(prompts)] for i in range(12)]
+    params = SamplingParams(max_tokens=NUM_NEW, **GREEDY)
+
+    async def run(llm):
+        order, outputs = [], {}
+
+        async def wait(name, result):
+            outputs[name] = (await result).outputs[0].token_ids
+            order.append(name)
+
+        results = [llm.generate_async({"prompt_token_ids": list(p)}, params, group_id=1) for p in fan_out]
+        lone = llm.generate_async({"prompt_token_ids": list(prompts[6])}, params, group_id=2)
+        await asyncio.gather(*[wait(i, r) for i, r in enumerate(results)], wait("lone", lone))
+        return order, outputs
+
+    with LLM(engine_dir, max_batch_size=2) as llm:
+        with pytest.raises(ValueError, match="group_id"):
+            llm.generate_async({"prompt_token_ids": [1, 2]}, params, group_id=-1)
+        order, outputs = asyncio.run(run(llm))
+    assert order.index("lone") <= 3, order
+    assert outputs["lone"] == expected[6]
+    assert [outputs[i] for i in range(12)] == [expected[i % len(prompts)] for i in range(12)]

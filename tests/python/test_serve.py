@@ -388,8 +388,8 @@ class FailingLLM:
     def __getattr__(self, name):
         return getattr(self._llm, name)
 
-    def generate_async(self, inputs, sampling_params=None, streaming=False):
-        result = self._llm.generate_async(inputs, sampling_params, streaming=streaming)
+    def generate_async(self, inputs, sampling_params=None, streaming=False, **kwargs):
+        result = self._llm.generate_async(inputs, sampling_params, streaming=streaming, **kwargs)
         if inputs["prompt_token_ids"][-1] == self.FAIL_TOKEN:
             result._fail("injected failure")
         return result

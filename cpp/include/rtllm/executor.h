@@ -42,6 +42,10 @@ struct Request {
   // output); null: none. See LogitsProcessor in rtllm/sampler.h. Shared so a Request stays copyable;
   // the executor calls it from its loop thread only.
   std::shared_ptr<LogitsProcessor> logits_processor;
+  // Fairness group: the scheduler admits waiting sequences of different groups in turn, so the many
+  // sequences of one client request (its prompts x n samples, given one group id) cannot starve
+  // other requests. Unset: a group of its own. Must be < 2^63.
+  std::optional<uint64_t> group_id;
 };
 
 enum class FinishReason : int32_t { kNotFinished, kEndId, kStopTokenId, kLength, kCancelled, kError };

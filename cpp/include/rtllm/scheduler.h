@@ -14,12 +14,17 @@
 // advances in chunks ending on a block boundary when enable_chunked_prefill is on (and always when
 // it is longer than max_num_tokens, which only a recompute can be without chunked prefill).
 // A new sequence first takes the longest cached prefix the KV manager has for its tokens.
+// Fair admission: waiting sequences belong to groups (the sequences of one client request). A
+// preempted sequence is readmitted first; otherwise the next admitted is the earliest waiting one
+// of the groups with the fewest running sequences, so groups take turns and one request's fan-out
+// cannot starve another's. When every sequence is its own group this is arrival order.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <unordered_map>
 #include <vector>
 
 #include "rtllm/common.h"
@@ -56,6 +61,7 @@ struct Sequence {
   // [num_tokens] prompt + generated tokens; prefix reuse looks them up (may stay empty without it).
   std::vector<int32_t> token_ids;
   uint64_t cache_key = 0;  // extra key of its blocks (cache_salt_key of its salt)
+  uint64_t group = 0;      // fairness group: sequences of one client request share it
   // Scores its prompt (prompt log-probabilities): every prompt position is computed, never taken
   // from the prefix cache, and each costs a row of logits (prompt_rows) on top of the sequence's own.
   bool scores_prompt = false;
@@ -122,6 +128,8 @@ class RTLLM_API Scheduler {
   int32_t chunk_size(const Sequence& seq, const Budget& budget) const;
   bool schedule_running(size_t index, Budget& budget, ScheduledBatch& batch);
   void admit_waiting(Budget& budget, ScheduledBatch& batch);
+  std::deque<std::shared_ptr<Sequence>>::iterator next_waiting(
+      const std::unordered_map<uint64_t, int32_t>& num_running_of);
   int32_t fit(Sequence& seq, const PrefixMatch& prefix, const Budget& budget) const;
   void take(std::shared_ptr<Sequence> seq, int32_t num_chunk, bool is_context, Budget& budget,
             ScheduledBatch& batch) const;
@@ -131,7 +139,7 @@ class RTLLM_API Scheduler {
 
   SchedulerConfig config_;
   KVCacheManager& kv_cache_;
-  std::deque<std::shared_ptr<Sequence>> waiting_;   // FCFS; preempted sequences return to the front
+  std::deque<std::shared_ptr<Sequence>> waiting_;   // arrival order; preempted sequences return to the front
   std::vector<std::shared_ptr<Sequence>> running_;  // in admission order
   int64_t num_preemptions_ = 0;
 };

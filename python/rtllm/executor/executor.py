@@ -90,14 +90,19 @@ class GenerationExecutor:
 
     def submit(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams,
                end_ids: Sequence[int] = (), streaming: bool = False, prompt: Optional[str] = None,
-               tokenizer=None, cache_salt: Optional[str] = None) -> GenerationResult:
+               tokenizer=None, cache_salt: Optional[str] = None,
+               group_id: Optional[int] = None) -> GenerationResult:
         """Enqueues n core requests (one per sample) and returns their GenerationResult.
 
-        Requests with different `cache_salt`s never share cached KV blocks."""
+        Requests with different `cache_salt`s never share cached KV blocks; those with one
+        `group_id` are admitted as one client's (see LLM.generate_async)."""
         from rtllm import _core
 
         if not self._finalizer.alive:
             raise RuntimeError("the executor was shut down")
+        if group_id is not None and (isinstance(group_id, bool) or not isinstance(group_id, int)
+                                     or not 0 <= group_id < 1 << 63):
+            raise ValueError(f"group_id={group_id!r} is invalid: it must be an int in [0, 2^63)")
         with self._lock:
             request_id = self._num_submitted
             self._num_submitted += 1
@@ -113,7 +118,7 @@ class GenerationExecutor:
                 for index, sample in enumerate(result._samples):
                     sampling, stop = sampling_params.to_core(end_ids, seed_offset=index)
                     request = _core.Request(token_ids, sampling=sampling, stop=stop,
-                                            streaming=core_streaming, cache_salt=cache_salt)
+                                            streaming=core_streaming, cache_salt=cache_salt, group_id=group_id)
                     sample.core_id = self.core.enqueue(request)
                     router.routes[sample.core_id] = (result, index)
             except BaseException:

@@ -405,22 +405,26 @@ class LLM:
     # Generation.
 
     def _submit(self, text, token_ids, params: SamplingParams, streaming: bool,
-                cache_salt: Optional[str] = None) -> GenerationResult:
+                cache_salt: Optional[str] = None, group_id: Optional[int] = None) -> GenerationResult:
         if self._executor is None or self._executor.is_shutdown:
             raise RuntimeError("this LLM was shut down")
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise ValueError(f"cache_salt of type {type(cache_salt).__name__} is invalid: it must be a str")
         return self._executor.submit(token_ids, params, end_ids=self._end_ids, streaming=streaming,
-                                     prompt=text, tokenizer=self._tokenizer, cache_salt=cache_salt)
+                                     prompt=text, tokenizer=self._tokenizer, cache_salt=cache_salt,
+                                     group_id=group_id)
 
     def generate_async(self, inputs: PromptInput, sampling_params: Optional[SamplingParams] = None,
-                       streaming: bool = False, cache_salt: Optional[str] = None) -> GenerationResult:
+                       streaming: bool = False, cache_salt: Optional[str] = None,
+                       group_id: Optional[int] = None) -> GenerationResult:
         """Submits one prompt. The result is awaitable (final RequestOutput), async-iterable
         (partial RequestOutputs when streaming, then the final one) and has `.result()`.
-        Prompts with different `cache_salt`s never share cached KV blocks."""
+        Prompts with different `cache_salt`s never share cached KV blocks. Prompts given one
+        `group_id` (an int in [0, 2^63)) are scheduled as one client: the engine admits waiting
+        sequences of different groups in turn (none: each sample is a group of its own)."""
         text, token_ids = self._prompt_tokens(inputs)
         params = self._check_params(sampling_params, len(token_ids))
-        return self._submit(text, token_ids, params, streaming, cache_salt)
+        return self._submit(text, token_ids, params, streaming, cache_salt, group_id)
 
     def generate(self, inputs=None, sampling_params=None, use_tqdm: bool = True,
                  cache_salt: Optional[Union[str, Sequence[str]]] = None, *,

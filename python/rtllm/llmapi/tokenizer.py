@@ -103,7 +103,9 @@ class TokenizerWrapper:
     # Encode / decode.
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list:
-        ids = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode does not): a long prompt encoded in a
+        # server's worker thread then leaves its event loop running.
+        ids = self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens:
             # tokenizer.json's post-processor may already add them; tokenizer_config.json asks for them.
             bos, eos = self.bos_token_id, self.eos_token_id

@@ -2,12 +2,17 @@
 
 All requests share the LLM. Each runs as engine requests submitted with
 generate_async(streaming=True); the event loop only awaits their outputs, so generation (in C++)
-never blocks it. A request whose client goes away is aborted, which frees its KV blocks.
+never blocks it, and tokenizing or templating a prompt runs in a thread pool, after a length
+bound that needs no tokenizer. A request whose client goes away is aborted, which frees its KV
+blocks. Admission limits (AdmissionLimits) bound what one request and the waiting queue may hold;
+the engine admits the sequences of different requests in turn, so a large request cannot starve
+small ones. On shutdown the server drains (see drain()).
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import json
 import os
 import time
@@ -23,6 +28,7 @@ from starlette.requests import ClientDisconnect
 import rtllm
 from rtllm.llmapi.llm import render_chat
 from rtllm.serve import DEFAULT_MAX_BODY_BYTES
+from rtllm.serve.limits import MAX_CHARS_PER_TOKEN, AdmissionLimits
 from rtllm.serve.metrics import ServerMetrics
 from rtllm.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   TokenizeRequest, parse_request)
@@ -66,22 +72,42 @@ class _ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-async def read_json_object(request: Request, max_bytes: int) -> dict:
+async def read_json_object(request: Request, max_bytes: int, timeout_s: float = 30.0) -> dict:
     """The body as a JSON object. 413 past `max_bytes`, checked on the declared length and again
-    while reading (chunked bodies declare none); 400 for anything but a JSON object."""
+    while reading (chunked bodies declare none); 408 unless it all arrives within `timeout_s` (a
+    trickling client must not hold its connection); 400 for anything but a JSON object.
+
+    A body up to twice the limit is read to its end (and dropped) before the 413: closing a
+    connection with unread data resets it, and the client would see the reset, not the 413."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(413, f"the request body of {int(declared)} bytes exceeds the limit of "
-                            f"{max_bytes} bytes", code="request_too_large")
+    too_large = APIError(413, f"the request body of {int(declared)} bytes exceeds the limit of {max_bytes} bytes"
+                         if declared.isdigit() else f"the request body exceeds the limit of {max_bytes} bytes",
+                         code="request_too_large")
+    if declared.isdigit() and int(declared) > 2 * max_bytes:
+        raise too_large
     body = bytearray()
-    try:
+    num_read = 0
+
+    async def read():
+        nonlocal num_read
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_bytes:
-                raise APIError(413, f"the request body exceeds the limit of {max_bytes} bytes",
-                               code="request_too_large")
+            num_read += len(chunk)
+            if num_read > 2 * max_bytes:
+                return  # too much to drain: answer now
+            if num_read <= max_bytes:
+                body.extend(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
     except ClientDisconnect:  # nobody reads the answer; a 400 keeps it out of the error log
         raise APIError(400, "the client disconnected while sending the body") from None
+    except asyncio.TimeoutError:
+        if num_read > max_bytes:
+            raise too_large from None
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s "
+                            "(rtllm serve --body-timeout)", code="request_timeout") from None
+    if num_read > max_bytes:
+        raise too_large
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -102,21 +128,26 @@ def _param_of(error: ValueError, prompt_param: str) -> Optional[str]:
 class _Generation:
     """The engine requests behind one HTTP request: one per prompt, each with n sequences."""
 
-    def __init__(self, llm, prompts: list, params, metrics: ServerMetrics, prompt_param: str):
+    def __init__(self, llm, prompts: list, params, metrics: ServerMetrics, prompt_param: str,
+                 group_id: int, live: set):
         self.num_prompt_tokens = sum(len(p) for p in prompts)
         self._record = metrics.start_request([len(p) for p in prompts], params.n)
         self._results: list = []
         self._closed = False
+        self._live = live
         try:
+            # One fairness group for all the request's sequences: the engine admits them in turn
+            # with other requests' rather than all before the next request's.
             for token_ids in prompts:
                 self._results.append(llm.generate_async({"prompt_token_ids": token_ids}, params,
-                                                        streaming=True))
+                                                        streaming=True, group_id=group_id))
         except (ValueError, RuntimeError) as e:  # rejected before running: not counted
             self._closed = True
             self.abort()
             if isinstance(e, ValueError):
                 raise APIError(400, str(e), _param_of(e, prompt_param), "invalid_value") from None
             raise APIError(503 if llm.is_shutdown else 500, f"the engine refused the request: {e}") from None
+        live.add(self)
 
     async def outputs(self):
         """Yields (prompt index, RequestOutput) as the prompts' streams advance, until all end."""
@@ -176,6 +207,7 @@ class _Generation:
         """Aborts what still runs (the client went away) and counts the request, once."""
         if not self._closed:
             self._closed = True
+            self._live.discard(self)
             self.abort()
             self._record.finish(failed)
 
@@ -183,13 +215,65 @@ class _Generation:
 class _OpenAIServer:
     """The routes; state is the shared LLM and the metrics."""
 
-    def __init__(self, llm, model_name: str, max_body_bytes: int, chat_template: Optional[str] = None):
+    def __init__(self, llm, model_name: str, max_body_bytes: int, limits: AdmissionLimits,
+                 chat_template: Optional[str] = None):
         self.llm = llm
         self.model_name = model_name
         self.chat_template = chat_template  # None: the tokenizer's
         self.max_body_bytes = max_body_bytes
+        self.limits = limits
         self.metrics = ServerMetrics()
         self.created = int(time.time())
+        self._live: set = set()  # the _Generations running
+        self._group_ids = itertools.count(1)
+        self.draining = False
+
+    # Lifecycle and admission.
+
+    def drain(self, timeout_s: float) -> None:
+        """Refuses new generations (503) and aborts those still running after `timeout_s`: their
+        streams end with a final chunk (finish_reason "abort") and [DONE]. Called on shutdown."""
+        self.draining = True
+
+        def abort_left():
+            for generation in list(self._live):
+                generation.abort()
+
+        if self._live:
+            asyncio.get_running_loop().call_later(timeout_s, abort_left)
+
+    def _check_admission(self, num_seqs: int, n_param: str) -> None:
+        """Checks before any work: not draining, and prompts x n within max_seqs_per_request."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down")
+        limit = self.limits.max_seqs_per_request
+        if num_seqs > limit:
+            raise APIError(400, f"the request asks for {num_seqs} sequences (prompts x n): at most {limit} "
+                                "are allowed per request (rtllm serve --max-seqs-per-request)", n_param,
+                           "too_many_sequences")
+
+    def _check_queue(self, num_seqs: int) -> None:
+        """429 when the request's sequences would take the engine's waiting queue past its limit."""
+        num_waiting = self.llm.get_stats()["num_waiting_requests"]
+        limit = self.limits.max_waiting_seqs
+        if num_waiting + num_seqs > limit:
+            raise APIError(429, f"the server is busy: {num_waiting} sequences wait and this request adds "
+                                f"{num_seqs}, past the limit of {limit} (rtllm serve --max-waiting-seqs); "
+                                "retry later", code="rate_limit_exceeded")
+
+    def _check_chars(self, num_chars: int, prompt_param: str) -> None:
+        """Refuses, before tokenizing, text that cannot fit in max_input_len tokens."""
+        limit = self.llm.max_input_len * MAX_CHARS_PER_TOKEN
+        if num_chars > limit:
+            raise APIError(400, f"the prompt has {num_chars} characters, more than max_input_len="
+                                f"{self.llm.max_input_len} tokens can hold (at most {limit} characters)",
+                           prompt_param, "context_length_exceeded")
+
+    @staticmethod
+    async def _off_loop(fn, *args):
+        """fn(*args) in the loop's thread pool: tokenizing and templating (after _check_chars) never
+        pause the event loop, and the tokenizer releases the GIL while it works."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     # Plain routes.
 
@@ -261,11 +345,15 @@ class _OpenAIServer:
     # Generation routes.
 
     async def completions(self, request: Request):
-        req = parse_request(CompletionRequest, await read_json_object(request, self.max_body_bytes))
+        req = parse_request(CompletionRequest, await self._read_body(request))
         req.check_supported()
         self._check_model(req.model)
+        self._check_admission(len(req.prompt) * (req.n or 1), "n")
         req.check_logit_bias_ids(self.llm.vocab_size)
-        prompts = [self._encode(p) for p in req.prompt]
+        for p in req.prompt:
+            if isinstance(p, str):
+                self._check_chars(len(p), "prompt")
+        prompts = await self._off_loop(lambda: [self._encode(p) for p in req.prompt])
         for token_ids in prompts:
             self._check_length(len(token_ids), req.max_tokens, "prompt")
         # By default up to the context length (every entry point's rule); an explicit max_tokens
@@ -273,18 +361,21 @@ class _OpenAIServer:
         room = self.llm.max_seq_len - max(len(p) for p in prompts)
         max_tokens = req.max_tokens if req.max_tokens is not None else room
         params = req.completion_sampling_params(max_tokens)
+        echo_texts = await self._off_loop(lambda: [self._prompt_text(p) for p in req.prompt]) if req.echo else None
         formatter = CompletionFormatter(new_request_id("cmpl"), self.model_name, params.n, req.logprobs,
-                                        self.llm.tokenizer, req.include_usage,
-                                        echo_texts=[self._prompt_text(p) for p in req.prompt] if req.echo else None)
+                                        self.llm.tokenizer, req.include_usage, echo_texts=echo_texts)
         return await self._respond(request, prompts, params, formatter, bool(req.stream), "prompt")
 
     async def chat_completions(self, request: Request):
-        req = parse_request(ChatCompletionRequest, await read_json_object(request, self.max_body_bytes))
+        req = parse_request(ChatCompletionRequest, await self._read_body(request))
         req.check_supported()
         self._check_model(req.model)
+        self._check_admission(req.n or 1, "n")
         req.check_logit_bias_ids(self.llm.vocab_size)
-        token_ids = self._apply_chat_template(req.messages, req.add_generation_prompt,
-                                              req.continue_final_message)
+        messages = [m.model_dump() for m in req.messages]
+        self._check_chars(sum(len(json.dumps(m, ensure_ascii=False)) for m in messages), "messages")
+        token_ids = await self._off_loop(self._apply_chat_template, messages, req.add_generation_prompt,
+                                         req.continue_final_message)
         max_tokens = req.requested_max_tokens
         self._check_length(len(token_ids), max_tokens, "messages")
         if max_tokens is None:  # as OpenAI: up to the context length
@@ -294,6 +385,9 @@ class _OpenAIServer:
         formatter = ChatFormatter(new_request_id("chatcmpl"), self.model_name, params.n, num_logprobs,
                                   self.llm.tokenizer, req.include_usage)
         return await self._respond(request, [token_ids], params, formatter, bool(req.stream), "messages")
+
+    async def _read_body(self, request: Request) -> dict:
+        return await read_json_object(request, self.max_body_bytes, self.limits.body_timeout_s)
 
     def _check_model(self, model) -> None:
         if model is not None and model != self.model_name:
@@ -320,8 +414,8 @@ class _OpenAIServer:
             raise APIError(400, "this model has no chat template: use /v1/completions, or start the "
                                 "server with --chat-template", "messages")
         try:
-            return render_chat(tokenizer, [m.model_dump() for m in messages], add_generation_prompt,
-                               continue_final_message, self.chat_template)
+            return render_chat(tokenizer, [m.model_dump() if hasattr(m, "model_dump") else m for m in messages],
+                               add_generation_prompt, continue_final_message, self.chat_template)
         except (ValueError, jinja2.TemplateError) as e:  # e.g. a role the template rejects
             raise APIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
 
@@ -339,7 +433,11 @@ class _OpenAIServer:
 
     async def _respond(self, request: Request, prompts: list, params, formatter, stream: bool,
                        prompt_param: str):
-        generation = _Generation(self.llm, prompts, params, self.metrics, prompt_param)
+        if self.draining:  # it started before the drain: nothing runs it to the end
+            raise APIError(503, "the server is shutting down")
+        self._check_queue(len(prompts) * params.n)
+        generation = _Generation(self.llm, prompts, params, self.metrics, prompt_param, next(self._group_ids),
+                                 self._live)
         if not stream:
             return JSONResponse(formatter.response(await generation.collect(request)))
         # The background task counts the request even if the stream never starts (client gone).
@@ -369,16 +467,18 @@ class _OpenAIServer:
 
 
 def build_app(llm, model_name: str, api_key=None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              chat_template: Optional[str] = None) -> FastAPI:
+              limits: AdmissionLimits = AdmissionLimits(), chat_template: Optional[str] = None) -> FastAPI:
     """The server's ASGI app over `llm`, which it shares between requests and does not shut down.
-    `chat_template` (jinja2 text) replaces the tokenizer's for chat."""
+    `chat_template` (jinja2 text) replaces the tokenizer's for chat. `app.state.drain(timeout_s)` starts
+    draining it (serve/server.py calls it on shutdown)."""
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes={max_body_bytes!r} must be an int >= 1")
     if api_key is not None and not api_key:
         raise ValueError("api_key is empty: pass None for no key")
-    server = _OpenAIServer(llm, model_name, max_body_bytes, chat_template)
+    server = _OpenAIServer(llm, model_name, max_body_bytes, limits, chat_template)
     app = FastAPI(title="rtllm", version=rtllm.__version__, docs_url=None, redoc_url=None,
                   openapi_url=None)
+    app.state.drain = server.drain
     app.get("/v1/models")(server.models)
     app.get("/v1/models/{model_id:path}")(server.model)
     app.post("/tokenize")(server.tokenize)

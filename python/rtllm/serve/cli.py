@@ -15,6 +15,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 def add_serve_parser(subparsers) -> None:
     from rtllm.builder import DTYPES
+    from rtllm.serve.limits import AdmissionLimits, ConnectionLimits
 
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
@@ -38,6 +39,27 @@ def add_serve_parser(subparsers) -> None:
                    help="jinja2 chat template for /v1/chat/completions, a file or the template itself "
                         "(default: the tokenizer's)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="uvicorn's log level")
+    limits = p.add_argument_group("limits (against overload and clients that hold connections)")
+    conn, admission = ConnectionLimits(), AdmissionLimits()
+    limits.add_argument("--header-timeout", type=float, default=conn.header_timeout_s, metavar="S",
+                        help="close a connection whose request head has not arrived within S seconds "
+                             f"(default {conn.header_timeout_s:g})")
+    limits.add_argument("--body-timeout", type=float, default=admission.body_timeout_s, metavar="S",
+                        help=f"answer 408 to a body not received within S seconds (default {admission.body_timeout_s:g})")
+    limits.add_argument("--keep-alive-timeout", type=float, default=conn.keep_alive_timeout_s, metavar="S",
+                        help=f"close an idle kept-alive connection after S seconds (default {conn.keep_alive_timeout_s:g})")
+    limits.add_argument("--max-connections", type=int, default=None, metavar="N",
+                        help=f"open connections at most; more are closed at once (default {conn.max_connections}, "
+                             "lowered to fit the open-files limit)")
+    limits.add_argument("--max-seqs-per-request", type=int, default=admission.max_seqs_per_request, metavar="N",
+                        help="prompts x n one request may ask for; more: 400 "
+                             f"(default {admission.max_seqs_per_request})")
+    limits.add_argument("--max-waiting-seqs", type=int, default=admission.max_waiting_seqs, metavar="N",
+                        help="sequences that may wait for the engine; a request past it gets 429 "
+                             f"(default {admission.max_waiting_seqs})")
+    limits.add_argument("--drain-timeout", type=float, default=conn.drain_timeout_s, metavar="S",
+                        help="on SIGTERM or Ctrl+C, let running requests finish for S seconds, then "
+                             f"end them with a final chunk (default {conn.drain_timeout_s:g})")
     engine = p.add_argument_group("engine")
     engine.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     engine.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -104,20 +126,38 @@ def run_serve(args: argparse.Namespace) -> None:
         require_serve_extra()
     except ImportError as e:
         raise SystemExit(f"rtllm serve: error: {e}") from None
-    import uvicorn
-
     from rtllm.serve.app import build_app
+    from rtllm.serve.limits import AdmissionLimits, ConnectionLimits
+    from rtllm.serve.server import make_server, raise_fd_limit
 
     if args.max_body_bytes < 1:
         raise ValueError(f"--max-body-bytes={args.max_body_bytes} must be >= 1")
     if args.api_key == "":
         raise ValueError("--api-key is empty: give a key or leave the option out")
     chat_template = _chat_template(args.chat_template)
+    for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout),
+                        ("--keep-alive-timeout", args.keep_alive_timeout), ("--drain-timeout", args.drain_timeout)):
+        if not value > 0:
+            raise ValueError(f"{flag}={value:g} must be > 0 (seconds)")
+    for flag, value in (("--max-connections", args.max_connections),
+                        ("--max-seqs-per-request", args.max_seqs_per_request),
+                        ("--max-waiting-seqs", args.max_waiting_seqs)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}={value} must be >= 1")
+    # Connections beyond the open-files limit would fail at accept; keep room for the model's files.
+    fd_limit = raise_fd_limit()
+    max_connections = args.max_connections
+    if max_connections is None:
+        max_connections = max(1, min(ConnectionLimits.max_connections, fd_limit - 64))
+    conn_limits = ConnectionLimits(header_timeout_s=args.header_timeout, keep_alive_timeout_s=args.keep_alive_timeout,
+                                   max_connections=max_connections, drain_timeout_s=args.drain_timeout)
+    admission = AdmissionLimits(max_seqs_per_request=args.max_seqs_per_request,
+                                max_waiting_seqs=args.max_waiting_seqs, body_timeout_s=args.body_timeout)
     with _listen(args.host, args.port) as sock:
         llm, model_name = _load_llm(args)
         with llm:
             app = build_app(llm, model_name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                            chat_template=chat_template)
+                            limits=admission, chat_template=chat_template)
             port = sock.getsockname()[1]
             url_host = f"[{args.host}]" if ":" in args.host else args.host
             limits = ", ".join(f"{k} {v}" for k, v in llm.limits.items())
@@ -125,10 +165,10 @@ def run_serve(args: argparse.Namespace) -> None:
             if args.api_key is None and not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
                 print(f"rtllm serve: warning: listening on {args.host} without --api-key: anyone who "
                       "can reach this port can use the model", file=sys.stderr)
-            # Streams still open 5 s after Ctrl+C are cancelled, which aborts their requests.
-            config = uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level,
-                                    timeout_graceful_shutdown=5)
-            _run_until_signal(uvicorn.Server(config), sock)
+            # On Ctrl+C or SIGTERM, requests still running after --drain-timeout are aborted: their
+            # streams end with a final chunk.
+            server = make_server(app, conn_limits, host=args.host, port=port, log_level=args.log_level)
+            _run_until_signal(server, sock)
 
 
 def _run_until_signal(server, sock: socket.socket) -> None:
