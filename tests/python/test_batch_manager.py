@@ -220,6 +220,9 @@ def test_fair_admission_between_groups(engine_dir, cases):
         with pytest.raises(ValueError, match="group_id"):
             llm.generate_async({"prompt_token_ids": [1, 2]}, params, group_id=-1)
         order, outputs = asyncio.run(run(llm))
-    assert order.index("lone") <= 3, order
+    # In arrival order the lone request is admitted last and ends 12th or 13th. Admitted in turn it takes
+    # the first slot that frees after it arrives; the executor may already have finished a few of the
+    # fan-out by then (submission races the steps), hence a margin rather than an exact place.
+    assert order.index("lone") <= 8, order
     assert outputs["lone"] == expected[6]
     assert [outputs[i] for i in range(12)] == [expected[i % len(prompts)] for i in range(12)]
