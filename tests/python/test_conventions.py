@@ -75,8 +75,10 @@ def test_ctrl_c_in_generate_prints_one_line(checkpoint):
     """SIGINT while `rtllm generate --stream` prints: a one-line message, no traceback."""
     process = subprocess.Popen(
         [sys.executable, "-m", "rtllm.cli", "generate", "--model", checkpoint, "--stream", "--ignore-eos",
-         "--max-tokens", "100000", "--temperature", "0", "Hello"] + ["Hello world"] * 200,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+         "--max-tokens", "100000", "--temperature", "0", "Hello"] + ["Hello world"] * 2000,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # unbuffered, so the first byte arrives while it generates (not at exit, when it is too late to interrupt)
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         assert process.stdout.read(1), "rtllm generate printed nothing"
         process.send_signal(signal.SIGINT)
