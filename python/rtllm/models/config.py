@@ -55,7 +55,8 @@ class ModelConfig:
         return inv_freq.astype(np.float32)
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
+    """A JSON file's content; ValueError naming the file when it is not valid JSON."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -98,7 +99,7 @@ def _eos_ids(hf: dict, model_dir: str) -> list:
     eos = hf.get("eos_token_id")
     gen_path = os.path.join(model_dir, "generation_config.json")
     if os.path.exists(gen_path):
-        gen_eos = _read_json(gen_path).get("eos_token_id")
+        gen_eos = read_json(gen_path).get("eos_token_id")
         eos = gen_eos if gen_eos is not None else eos
     if eos is None:
         return []
@@ -110,7 +111,7 @@ def read_hf_config(model_dir: str) -> tuple:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"no config.json in {model_dir}: not a Hugging Face checkpoint directory")
-    return _read_json(path), path
+    return read_json(path), path
 
 
 def parse_llama_family(hf: dict, path: str, model_dir: str, architecture: str, *, attention_bias: bool,

@@ -24,7 +24,6 @@ Mapping onto the engine:
   `self_attn.k_proj.output_scale`) -> the attention node's k_scale / v_scale attrs.
 Every other variant is refused with a ValueError naming the value and what is supported.
 """
-import json
 import os
 from dataclasses import dataclass
 
@@ -53,14 +52,6 @@ class Fp8Scheme:
         return QuantAlgo.FP8 if self.activation_scaling == STATIC else QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-
-
 def scheme_of(model_dir: str) -> Fp8Scheme | None:
     """detect() for a checkpoint directory."""
     from ..models.config import read_hf_config
@@ -72,18 +63,20 @@ def scheme_of(model_dir: str) -> Fp8Scheme | None:
 def detect(hf: dict, path: str, model_dir: str) -> Fp8Scheme | None:
     """The FP8 scheme of a checkpoint directory (config.json parsed as `hf`, read from `path`), None when it
     is not quantized. Raises ValueError for any quantization rtllm cannot load."""
+    from ..models.config import read_json
+
     quantization = hf.get("quantization_config")
     modelopt_path = os.path.join(model_dir, "hf_quant_config.json")
     if quantization is None:
         if os.path.isfile(modelopt_path):
-            return _modelopt(_read_json(modelopt_path).get("quantization"), modelopt_path)
+            return _modelopt(read_json(modelopt_path).get("quantization"), modelopt_path)
         return None
     method = quantization.get("quant_method") if isinstance(quantization, dict) else None
     if method == "compressed-tensors":
         return _compressed_tensors(quantization, path)
     if method == "modelopt":
         if os.path.isfile(modelopt_path):
-            return _modelopt(_read_json(modelopt_path).get("quantization"), modelopt_path)
+            return _modelopt(read_json(modelopt_path).get("quantization"), modelopt_path)
         return _modelopt(quantization, path)
     raise ValueError(f"{path}: quantization method {method!r} (quantization_config) is not supported: rtllm "
                      f"cannot load pre-quantized checkpoints of that method; supported: {_SUPPORTED}; or use an "
