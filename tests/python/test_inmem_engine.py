@@ -23,9 +23,23 @@ PROMPTS = [[5, 6, 7, 8, 9], [40, 41]]
 TIMEOUT_S = 300
 
 # Greedy tokens and top-3 logprobs of PROMPTS on the model argv[1] (quantized as argv[2] when it is an
-# HF checkpoint), then every entry of $TMPDIR: printed as one JSON line.
+# HF checkpoint), the entries of $TMPDIR while the LLM runs, and every file or directory Python created
+# or opened for writing under $TMPDIR or the model directory (an audit hook sees them all, even those
+# deleted before the listing, such as a calibration engine's): printed as one JSON line.
 GENERATE = """
     import json, os, sys, tempfile
+    watched = (os.path.realpath(tempfile.gettempdir()), os.path.realpath(sys.argv[1]))
+    written = []
+    def audit(event, args):
+        if event == "open" and args[0] is not None and not isinstance(args[0], int):
+            mode, flags = args[1] or "", args[2] or 0
+            writes = any(c in mode for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        else:
+            writes = event in ("os.mkdir", "os.rename", "shutil.copyfile")
+        path = os.path.realpath(os.fsdecode(args[0])) if writes and isinstance(args[0], (str, bytes)) else ""
+        if path.startswith(watched):
+            written.append(path)
+    sys.addaudithook(audit)
     from rtllm import LLM, SamplingParams
     from rtllm.quantization import QuantAlgo, QuantConfig
     algo = sys.argv[2]
@@ -37,7 +51,7 @@ GENERATE = """
     print(json.dumps({"tokens": [o.outputs[0].token_ids for o in outs],
                       "logprobs": [[{str(k): v for k, v in step.items()} for step in o.outputs[0].logprobs]
                                    for o in outs],
-                      "tmp": during}))
+                      "tmp": during, "written": written}))
 """
 
 
@@ -64,7 +78,8 @@ def test_hf_checkpoint_builds_in_memory_as_the_saved_engine_runs(tiny_model, tmp
     temp_root = tmp_path / "tmp"
     temp_root.mkdir()
     in_memory = generate_in_subprocess(checkpoint, algo, temp_root)
-    assert in_memory["tmp"] == [] and os.listdir(temp_root) == []  # nothing written, during or after
+    assert in_memory["written"] == []  # no file written, not even one deleted before the listing
+    assert in_memory["tmp"] == [] and os.listdir(temp_root) == []
 
     loaded = generate_in_subprocess(engine_dir, "none", temp_root)
     assert in_memory["tokens"] == loaded["tokens"]
