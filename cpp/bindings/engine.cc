@@ -22,6 +22,57 @@ std::shared_ptr<Engine> load_engine(const std::string& dir, int32_t rank) {
   return std::const_pointer_cast<Engine>(Engine::load(dir, rank));
 }
 
+// The Python buffers an in-memory Engine points into, released with it. The Engine may die on a
+// thread without the GIL (an executor's), so the deleter takes it; after interpreter shutdown the
+// references are left alone (Python has freed everything already).
+struct BufferRefs {
+  std::vector<py::buffer_info> views;  // each holds its exporter (a numpy array) until released
+};
+
+std::shared_ptr<const void> hold_buffers(std::unique_ptr<BufferRefs> refs) {
+  return std::shared_ptr<const void>(refs.release(), [](const void* p) {
+    auto* refs = static_cast<BufferRefs*>(const_cast<void*>(p));
+    if (!Py_IsInitialized()) return;
+    py::gil_scoped_acquire gil;
+    delete refs;
+  });
+}
+
+// weights: [(name, dtype name, shape, buffer)]; each buffer C-contiguous with exactly the bytes of its
+// shape in that dtype (int4: packed, two values per byte). No byte is copied.
+std::shared_ptr<Engine> engine_from_memory(const std::string& config_json, const py::list& weights) {
+  auto refs = std::make_unique<BufferRefs>();
+  std::vector<Weight> ws;
+  for (const py::handle& item : weights) {
+    auto entry = item.cast<py::tuple>();
+    RTLLM_CHECK_ARG(entry.size() == 4, "in-memory engine: a weight must be (name, dtype, shape, buffer), got ",
+                    entry.size(), " items");
+    Weight w;
+    w.name = entry[0].cast<std::string>();
+    try {
+      w.dtype = parse_dtype(entry[1].cast<std::string>());
+    } catch (const Error& e) {
+      throw InvalidArgument(detail::concat("in-memory engine: weight \"", w.name, "\": ", e.what()));
+    }
+    w.shape = entry[2].cast<std::vector<int64_t>>();
+    py::buffer_info view = entry[3].cast<py::buffer>().request();
+    RTLLM_CHECK_ARG(view.itemsize > 0 && view.size >= 0, "in-memory engine: weight \"", w.name, "\": empty buffer");
+    ssize_t stride = view.itemsize;  // C-contiguous: strides fall from the last dim up
+    for (ssize_t d = view.ndim - 1; d >= 0; --d) {
+      RTLLM_CHECK_ARG(view.shape[d] <= 1 || view.strides[d] == stride, "in-memory engine: weight \"", w.name,
+                      "\" is not a C-contiguous buffer");
+      stride *= view.shape[d];
+    }
+    w.data = view.ptr;
+    w.num_bytes = static_cast<size_t>(view.size * view.itemsize);
+    ws.push_back(std::move(w));
+    refs->views.push_back(std::move(view));
+  }
+  std::shared_ptr<const void> storage = hold_buffers(std::move(refs));
+  py::gil_scoped_release release;  // parsing and checks touch no Python object
+  return std::const_pointer_cast<Engine>(Engine::from_memory(config_json, std::move(ws), std::move(storage)));
+}
+
 py::array_t<float> forward(ModelRunner& runner, const Int32Array& input_ids, std::vector<int32_t> num_new_tokens,
                            std::vector<int32_t> num_cached_tokens, const Int32Array& block_table,
                            std::optional<std::vector<int32_t>> logits_indices) {
@@ -69,6 +120,9 @@ void bind_engine(py::module_& m) {
 
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def_static("load", &load_engine, py::arg("dir"), py::arg("rank") = 0, py::call_guard<py::gil_scoped_release>())
+      // config_json: the config.json text; weights: [(name, dtype, shape, buffer)], kept alive (not
+      // copied) as long as the Engine and the runners built on it.
+      .def_static("from_memory", &engine_from_memory, py::arg("config_json"), py::arg("weights"))
       .def_property_readonly("dir", &Engine::dir)
       .def_property_readonly("config_json", [](const Engine& e) { return e.config().dump(2); })
       .def_property_readonly("architecture", [](const Engine& e) { return e.model_config().architecture; })

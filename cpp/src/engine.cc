@@ -1,4 +1,5 @@
 // Engine::load: config.json -> ModelConfig, EngineLimits, Graph; rank{N}.engine -> mapped weights.
+// Engine::from_memory: the same from config text and weights held by the caller.
 #include "rtllm/engine.h"
 
 #include <fstream>
@@ -17,8 +18,9 @@ struct Engine::Impl {
   EngineLimits limits;
   QuantSpec quant;
   Graph graph;
-  std::unique_ptr<SafetensorsFile> file;
-  std::unordered_map<std::string, size_t> weight_index;  // name -> index in file->tensors()
+  std::vector<Weight> weights;                           // in file (or caller's) order
+  std::shared_ptr<const void> storage;                   // owns the bytes weights point into
+  std::unordered_map<std::string, size_t> weight_index;  // name -> index in weights
 };
 
 int64_t Weight::numel() const {
@@ -151,7 +153,7 @@ Graph parse_graph(const Json& j) {
 }
 
 // Every name a node reads must be a graph input, an earlier node's output or a stored weight.
-void check_graph_names(const Graph& g, const Engine& engine, const std::string& weights_path) {
+void check_graph_names(const Graph& g, const Engine& engine, const std::string& weights_origin) {
   std::unordered_set<std::string> produced;
   for (const TensorSpec& t : g.inputs) produced.insert(t.name);
   for (size_t i = 0; i < g.nodes.size(); ++i) {
@@ -160,7 +162,7 @@ void check_graph_names(const Graph& g, const Engine& engine, const std::string& 
       if (produced.count(name) || engine.has_weight(name)) continue;
       throw Error(detail::concat("graph node ", i, " (", n.op, ") reads \"", name,
                                  "\", which is neither a graph input, an earlier output nor a weight in ",
-                                 weights_path));
+                                 weights_origin));
     }
     for (const std::string& name : n.outputs) produced.insert(name);
   }
@@ -173,32 +175,70 @@ void check_graph_names(const Graph& g, const Engine& engine, const std::string& 
 Engine::Engine() : impl_(std::make_unique<Impl>()) {}
 Engine::~Engine() = default;
 
-std::shared_ptr<const Engine> Engine::load(const std::string& dir, int32_t rank) {
-  std::shared_ptr<Engine> engine(new Engine());
-  Impl& im = *engine->impl_;
-  im.dir = dir;
-  const std::string config_path = dir + "/config.json";
-  std::string text = read_text_file(config_path);
+void Engine::parse_config(const std::string& text, const std::string& origin) {
+  Impl& im = *impl_;
   try {
     im.config = Json::parse(text);
     int64_t version = im.config.at("format_version").as_int();
     if (version < kMinFormatVersion || version > kFormatVersion)
       throw Error(detail::concat("engine format version ", version, " is not readable; this rtllm reads versions ",
-                                 kMinFormatVersion, " to ", kFormatVersion, " (", config_path, ")"));
+                                 kMinFormatVersion, " to ", kFormatVersion, " (", origin, ")"));
     im.model = parse_model_config(im.config.at("model_config"));
     im.limits = parse_limits(im.config.at("build_config"));
     im.quant = parse_quant(im.config);
     im.graph = parse_graph(im.config.at("graph"));
   } catch (const Error& e) {
-    if (std::string(e.what()).find(config_path) != std::string::npos) throw;
-    throw Error(detail::concat("invalid engine config ", config_path, ": ", e.what()));
+    if (std::string(e.what()).find(origin) != std::string::npos) throw;
+    throw Error(detail::concat("invalid engine config ", origin, ": ", e.what()));
   }
+}
+
+void Engine::set_weights(std::vector<Weight> weights, std::shared_ptr<const void> storage,
+                         const std::string& origin) {
+  Impl& im = *impl_;
+  im.weights = std::move(weights);
+  im.storage = std::move(storage);
+  for (size_t i = 0; i < im.weights.size(); ++i)
+    RTLLM_CHECK_ARG(im.weight_index.emplace(im.weights[i].name, i).second, origin, ": weight \"",
+                    im.weights[i].name, "\" is given twice");
+  check_graph_names(im.graph, *this, origin);
+}
+
+std::shared_ptr<const Engine> Engine::load(const std::string& dir, int32_t rank) {
+  std::shared_ptr<Engine> engine(new Engine());
+  engine->impl_->dir = dir;
+  const std::string config_path = dir + "/config.json";
+  engine->parse_config(read_text_file(config_path), config_path);
   RTLLM_CHECK_ARG(rank >= 0, "rank ", rank, " must be >= 0");
   const std::string weights_path = dir + "/rank" + std::to_string(rank) + ".engine";
-  im.file = std::make_unique<SafetensorsFile>(weights_path);
-  const auto& tensors = im.file->tensors();
-  for (size_t i = 0; i < tensors.size(); ++i) im.weight_index.emplace(tensors[i].name, i);
-  check_graph_names(im.graph, *engine, weights_path);
+  auto file = std::make_shared<const SafetensorsFile>(weights_path);
+  std::vector<Weight> weights = file->tensors();  // point into the mapping `file` keeps
+  engine->set_weights(std::move(weights), std::move(file), weights_path);
+  return engine;
+}
+
+std::shared_ptr<const Engine> Engine::from_memory(const std::string& config_json, std::vector<Weight> weights,
+                                                  std::shared_ptr<const void> storage) {
+  static const std::string kOrigin = "in-memory engine";
+  std::shared_ptr<Engine> engine(new Engine());
+  engine->parse_config(config_json, kOrigin);
+  // What SafetensorsFile checks of a file entry: a known dtype (the caller parsed it), a valid shape and
+  // exactly the bytes that shape holds in that dtype.
+  for (const Weight& w : weights) {
+    int64_t numel = 1;
+    for (int64_t dim : w.shape) {
+      RTLLM_CHECK_ARG(dim >= 0 && (dim == 0 || numel <= (int64_t{1} << 48) / dim), kOrigin, ": weight \"", w.name,
+                      "\" has an invalid dim ", dim);
+      numel *= dim;
+    }
+    RTLLM_CHECK_ARG(w.dtype != DataType::kInt4 || (!w.shape.empty() && w.shape.back() % 2 == 0), kOrigin,
+                    ": int4 weight \"", w.name, "\" needs an even last dim");
+    const uint64_t expected = dtype_num_bytes(w.dtype, numel);
+    RTLLM_CHECK_ARG(w.num_bytes == expected, kOrigin, ": weight \"", w.name, "\" holds ", w.num_bytes,
+                    " bytes, but its shape and dtype ", dtype_safetensors_name(w.dtype), " need ", expected);
+    RTLLM_CHECK_ARG(w.data != nullptr || expected == 0, kOrigin, ": weight \"", w.name, "\" has no data");
+  }
+  engine->set_weights(std::move(weights), std::move(storage), kOrigin);
   return engine;
 }
 
@@ -213,13 +253,14 @@ bool Engine::has_weight(const std::string& name) const { return impl_->weight_in
 
 const Weight& Engine::weight(const std::string& name) const {
   auto it = impl_->weight_index.find(name);
-  RTLLM_CHECK(it != impl_->weight_index.end(), "engine ", impl_->dir, " has no weight \"", name, "\"");
-  return impl_->file->tensors()[it->second];
+  RTLLM_CHECK(it != impl_->weight_index.end(), "engine ", impl_->dir.empty() ? "(in memory)" : impl_->dir,
+              " has no weight \"", name, "\"");
+  return impl_->weights[it->second];
 }
 
 std::vector<std::string> Engine::weight_names() const {
   std::vector<std::string> names;
-  for (const Weight& w : impl_->file->tensors()) names.push_back(w.name);
+  for (const Weight& w : impl_->weights) names.push_back(w.name);
   return names;
 }
 

@@ -3,7 +3,6 @@ and the HF tokenizer: generate, streaming, async, n > 1, stop strings and ids, a
 shutdown."""
 import asyncio
 import gc
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -343,19 +342,15 @@ def test_shutdown_and_with_block_give_the_runner_back(checkpoint):
     assert again.outputs[0].token_ids == out.outputs[0].token_ids
 
 
-def test_temporary_engine_removed_on_shutdown(checkpoint):
+def test_dropped_llm_stops_its_executor(checkpoint):
+    # An HF checkpoint is built in memory: there is no engine directory to delete.
     llm = LLM(checkpoint, kv_cache_config=KV, **LIMITS)
-    engine_dir = llm.engine_dir
-    assert os.path.isfile(os.path.join(engine_dir, "config.json"))
-    llm.shutdown()
-    assert not os.path.exists(engine_dir)
-    # A dropped LLM cleans up too: its executor thread stops and the temporary engine goes.
-    llm = LLM(checkpoint, kv_cache_config=KV, **LIMITS)
-    engine_dir, thread = llm.engine_dir, llm._executor._thread
+    assert llm.engine_dir is None
+    thread = llm._executor._thread
     llm.generate("x", SamplingParams(max_tokens=2), use_tqdm=False)
     del llm
     gc.collect()
-    assert not os.path.exists(engine_dir) and not thread.is_alive()
+    assert not thread.is_alive()
 
 
 def test_skip_tokenizer_init(checkpoint):

@@ -72,7 +72,9 @@ struct Graph {
   std::vector<GraphNode> nodes;      // in execution order
 };
 
-// A weight as stored in the engine file; `data` points into the memory-mapped file.
+// A weight as stored in the engine file; `data` points into the memory-mapped file (or, for an engine
+// built in memory, into the caller's buffer). An int4 weight has its logical shape [..., K]; its data
+// holds K / 2 bytes per row (two values per byte, the even index in the low nibble).
 struct Weight {
   std::string name;
   DataType dtype = DataType::kFloat32;
@@ -95,11 +97,18 @@ class RTLLM_API Engine {
   // naming the algorithm for a quantization this build cannot run.
   static std::shared_ptr<const Engine> load(const std::string& dir, int32_t rank = 0);
 
+  // An engine from memory: the config.json text and the weights, whose `data` stays owned by the
+  // caller; `storage` keeps it alive and is released with the Engine (and every runner holding it).
+  // Validated as load() validates a directory (config, graph, dtypes, byte counts); errors name the
+  // value and say "in-memory engine" where load() names the file.
+  static std::shared_ptr<const Engine> from_memory(const std::string& config_json, std::vector<Weight> weights,
+                                                   std::shared_ptr<const void> storage);
+
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  const std::string& dir() const;
+  const std::string& dir() const;  // empty for an engine built in memory
   const Json& config() const;  // the whole config.json
   const ModelConfig& model_config() const;
   const EngineLimits& limits() const;
@@ -111,6 +120,10 @@ class RTLLM_API Engine {
 
  private:
   Engine();
+  // Shared by load() and from_memory(): parses the config (`origin` names it in errors), then indexes
+  // the weights and checks that the graph reads only what exists.
+  void parse_config(const std::string& text, const std::string& origin);
+  void set_weights(std::vector<Weight> weights, std::shared_ptr<const void> storage, const std::string& origin);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 
 from ..quantization import QuantConfig, check_supported
-from .safetensors_io import SafetensorsFile, storage_type, write_safetensors
+from .safetensors_io import SafetensorsFile, stored_shape, storage_type, write_safetensors
 from .tensor import Parameter
 
 FORMAT_VERSION = 2  # 2: the graph input "logits_indices" [num_logits]; 1: "last_token_ids" [num_seqs]
@@ -84,6 +84,27 @@ class Engine:
                 shutil.copyfile(path, target)
             elif os.path.isfile(target):  # left by an engine saved there before: another tokenizer's
                 os.remove(target)
+
+    def materialize(self) -> list:
+        """[(name, dtype, shape, array)] with every weight read into its engine dtype (bf16 as uint16,
+        FP8 as uint8, int4 packed: uint8 [..., K / 2], shape the logical one), as save() writes them:
+        what rtllm._core.Engine.from_memory takes. The arrays are the only copy of the weights (a
+        weight the checkpoint stores as is may be a view of its mapped file)."""
+        weights = []
+        for w in self.weights.values():
+            array = np.asarray(w.load())
+            array = array if array.flags.c_contiguous else array.copy()  # (ascontiguousarray makes 0-d 1-d)
+            if array.dtype != storage_type(w.dtype) or tuple(array.shape) != stored_shape(w.dtype, w.shape):
+                raise ValueError(f"tensor {w.name!r} produced {array.dtype}{list(array.shape)}, "
+                                 f"declared {w.dtype}{list(w.shape)}")
+            weights.append((w.name, w.dtype, list(w.shape), array))
+        return weights
+
+    def to_core(self):
+        """The C++ engine (rtllm._core.Engine) built from memory: no file is written."""
+        from rtllm import _core
+
+        return _core.Engine.from_memory(json.dumps(self.config), self.materialize())
 
     @classmethod
     def load(cls, engine_dir: str, rank: int = 0) -> "Engine":

@@ -14,7 +14,6 @@ from tqdm import tqdm
 from rtllm.errors import InvalidArgumentError
 from rtllm.executor import GenerationExecutor, GenerationResult
 from rtllm.executor.outputs import RequestOutput
-from rtllm.llmapi import temp_engine
 from rtllm.llmapi.llm_args import KvCacheConfig, SchedulerConfig, resolve_vllm_aliases
 from rtllm.llmapi.tokenizer import TokenizerWrapper
 from rtllm.sampling_params import SamplingParams
@@ -105,11 +104,9 @@ def render_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _cleanup(executor: Optional[GenerationExecutor], temp_dir: Optional[str]) -> None:
+def _cleanup(executor: Optional[GenerationExecutor]) -> None:
     if executor is not None:
         executor.shutdown()
-    if temp_dir is not None:
-        temp_engine.remove(temp_dir)
 
 
 def _kv_stats_dict(kv) -> dict:
@@ -161,8 +158,7 @@ class LLM:
         kv_cache_config, scheduler_config = aliased["kv_cache_config"], aliased["scheduler_config"]
 
         self._executor = None
-        self._temp_dir = None
-        self._finalizer = weakref.finalize(self, _cleanup, None, None)
+        self._finalizer = weakref.finalize(self, _cleanup, None)
         model = os.fspath(model)
         limits = dict(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
                       max_seq_len=max_seq_len, max_input_len=max_input_len)
@@ -177,9 +173,10 @@ class LLM:
                 if value is not None:  # an engine is quantized (or not) when it is built
                     raise ValueError(f"{name} is given but model={model!r} is a built engine")
             self.engine_dir = model
+            self._engine = _core.Engine.load(model)
         else:
-            self.engine_dir = self._build(model, dtype, build_config, limits, quant_config)
-        self._engine = _core.Engine.load(self.engine_dir)
+            self.engine_dir = None  # built in memory: no engine directory exists
+            self._engine = self._build(model, dtype, build_config, limits, quant_config)
         self._model_config = json.loads(self._engine.config_json).get("model_config", {})
         self._set_limits(limits)
         self._tokenizer = None if skip_tokenizer_init else self._load_tokenizer(tokenizer, model)
@@ -194,7 +191,7 @@ class LLM:
                                       scheduler=self._scheduler_config.to_core(), seed=seed)
         self._executor = GenerationExecutor(_core.Executor(self._engine, config))
         self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _cleanup, self._executor, self._temp_dir)
+        self._finalizer = weakref.finalize(self, _cleanup, self._executor)
 
     # Rows of logits a CPU step computes beyond one per sequence, so prompt_logprobs works there by
     # default; on CUDA they cost device memory (rows x vocab floats, several times) and are opt-in.
@@ -248,7 +245,10 @@ class LLM:
             return f"raise it with {self._argument(name)}, up to the engine's {engine_limit}"
         return f"the engine was built with {name}={engine_limit}: {self._rebuild_hint(name)}"
 
-    def _build(self, hf_dir: str, dtype: str, build_config, limits: dict, quant_config) -> str:
+    def _build(self, hf_dir: str, dtype: str, build_config, limits: dict, quant_config):
+        """The C++ engine built from the checkpoint in memory: each weight is read once into a numpy
+        array in its engine dtype, which the engine (and the runner, which on the CPU may point into
+        it) keeps alive; no engine file is written. The tokenizer is read from the checkpoint."""
         from rtllm.builder import BuildConfig, build
         from rtllm.models import AutoModelForCausalLM
 
@@ -260,14 +260,7 @@ class LLM:
             for key, value in overrides.items():
                 setattr(build_config, key, value)
         model = AutoModelForCausalLM.from_hugging_face(hf_dir, dtype=dtype)
-        engine = build(model, build_config, quant_config)
-        # The engine lives only as long as this LLM; _cleanup deletes it (temp_engine: also when the
-        # process is terminated, or at the next start after a kill).
-        self._temp_dir = temp_engine.create()
-        self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _cleanup, None, self._temp_dir)
-        engine.save(self._temp_dir)
-        return self._temp_dir
+        return build(model, build_config, quant_config).to_core()
 
     @staticmethod
     def _load_tokenizer(tokenizer, model_dir: str) -> Optional[TokenizerWrapper]:
@@ -555,7 +548,7 @@ class LLM:
     # Lifetime.
 
     def shutdown(self) -> None:
-        """Stops the executor (unfinished requests end) and deletes a temporary engine. Idempotent."""
+        """Stops the executor (unfinished requests end). Idempotent."""
         self._finalizer()
 
     def __enter__(self) -> "LLM":

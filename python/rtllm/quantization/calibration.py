@@ -2,7 +2,7 @@
 unquantized model on rtllm's own runtime (a ModelRunner on the GPU when there is one, else on the CPU),
 prompt by prompt.
 
-The model is built unquantized into a temporary engine (same dtype and fusion as the real build) and
+The model is built unquantized into an engine in memory (same dtype and fusion as the real build) and
 each sample is prefilled once. The runner records the largest |x| at each quantizable linear's input
 (ModelRunner.observe_amax on the tensor the linear reads, keyed here by the linear's weight name) and,
 after each prompt, the largest |k| and |v| the KV cache holds for it in every layer (kv_cache_amax: k
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from importlib import resources
 
 CORPUS_FILE = "calib_corpus.txt"  # shipped with the package: original English prose, varied topics
@@ -175,19 +174,16 @@ def calibrate(model, build_config, quant_config, calib_data=None, linear_weights
         raise ValueError(f"the calibration engine has no linear reading {missing[0]!r}")
     num_layers = model.config.num_layers
     num_blocks = (max_len + TOKENS_PER_BLOCK - 1) // TOKENS_PER_BLOCK
-    with tempfile.TemporaryDirectory(prefix="rtllm-calib-") as tmp:
-        engine.save(tmp)
-        core_engine = _core.Engine.load(tmp)
-        runner = _core.ModelRunner(core_engine, calibration_runtime_config(num_blocks))
-        runner.observe_amax(sorted(set(inputs_of.values())))
-        kv_amax = np.zeros((num_layers, 2))  # np.maximum keeps a NaN: quantize_network refuses it
-        block_table = list(range(num_blocks))
-        for ids in samples:  # each prompt overwrites the blocks of the one before
-            runner.forward(np.asarray(ids, dtype=np.int32), [len(ids)], [0],
-                           np.asarray([block_table], dtype=np.int32))
-            kv_amax = np.maximum(kv_amax, np.array(runner.kv_cache_amax(block_table, len(ids))))
-        tensor_amax = runner.observed_amax()
-        del runner, core_engine  # unmaps the temporary engine before the directory goes
+    core_engine = engine.to_core()  # in memory: no engine file is written
+    runner = _core.ModelRunner(core_engine, calibration_runtime_config(num_blocks))
+    runner.observe_amax(sorted(set(inputs_of.values())))
+    kv_amax = np.zeros((num_layers, 2))  # np.maximum keeps a NaN: quantize_network refuses it
+    block_table = list(range(num_blocks))
+    for ids in samples:  # each prompt overwrites the blocks of the one before
+        runner.forward(np.asarray(ids, dtype=np.int32), [len(ids)], [0],
+                       np.asarray([block_table], dtype=np.int32))
+        kv_amax = np.maximum(kv_amax, np.array(runner.kv_cache_amax(block_table, len(ids))))
+    tensor_amax = runner.observed_amax()
     return Calibration(num_samples=len(samples), num_tokens=sum(map(len, samples)),
                        linear_amax={w: float(tensor_amax[t]) for w, t in inputs_of.items()},
                        kv_amax=[(float(k), float(v)) for k, v in kv_amax])

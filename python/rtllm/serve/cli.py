@@ -174,7 +174,7 @@ def run_serve(args: argparse.Namespace) -> None:
 def _run_until_signal(server, sock: socket.socket) -> None:
     """Runs uvicorn until Ctrl+C or SIGTERM. Uvicorn shuts down gracefully, then raises the signal
     again; as KeyboardInterrupt (SIGTERM included) it ends here, so the engine shuts down cleanly
-    and deletes a temporary engine rather than the process dying."""
+    rather than the process dying."""
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.run(sockets=[sock])
