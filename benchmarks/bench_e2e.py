@@ -139,13 +139,10 @@ def bench_rtllm(model_dir, workloads, args):
     return results
 
 
-def decode_floor(model_dir):
-    """Batch-1 decode floor on CUDA: every weight byte read once per token at the copy bandwidth
-    (bytes read + bytes written of a 2 GiB device-to-device copy, median of 20) measured now."""
+def copy_bandwidth_GBps():
+    """Bytes read + written per second by a 2 GiB device-to-device copy, median of 20 (GB/s)."""
     import torch
 
-    weight_bytes = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
-                       if f.endswith((".safetensors", ".engine")))
     src = torch.randn(2**29, device="cuda")  # 2 GiB of float32
     dst = torch.empty_like(src)
     times = []
@@ -160,8 +157,17 @@ def decode_floor(model_dir):
     bandwidth = 2 * src.numel() * src.element_size() / seconds
     del src, dst
     torch.cuda.empty_cache()
-    return {"weight_bytes": weight_bytes, "copy_bandwidth_GBps": bandwidth / 1e9,
-            "floor_ms": weight_bytes / bandwidth * 1e3}
+    return bandwidth / 1e9
+
+
+def decode_floor(model_dir):
+    """Batch-1 decode floor on CUDA: every weight byte read once per token at the copy bandwidth
+    measured now (copy_bandwidth_GBps)."""
+    weight_bytes = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
+                       if f.endswith((".safetensors", ".engine")))
+    bandwidth = copy_bandwidth_GBps()
+    return {"weight_bytes": weight_bytes, "copy_bandwidth_GBps": bandwidth,
+            "floor_ms": weight_bytes / (bandwidth * 1e9) * 1e3}
 
 
 def bench_hf(model_dir, workloads, args):

@@ -8,6 +8,7 @@ import argparse
 import json
 
 import torch
+from bench_e2e import copy_bandwidth_GBps  # the copy bandwidth as the end-to-end floor measures it
 
 from rtllm import _core
 
@@ -37,22 +38,6 @@ def median_ms(fn, warmup=3, repeats=25, calls=20):
         times.append(a.elapsed_time(b) / calls)
     times.sort()
     return times[len(times) // 2]
-
-
-def copy_bandwidth():
-    """Bytes read + written per second by a 2 GiB device-to-device copy, median of 20 (as bench_e2e.py)."""
-    src = torch.empty(2**31, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(21):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3)
-    times = sorted(times[1:])
-    return 2 * src.numel() / times[len(times) // 2] / 1e9
 
 
 L2_BYTES = 50 * 2**20  # the H200's L2: the weights cycled through must not stay in it
@@ -95,7 +80,7 @@ def main():
     parser.add_argument("--json")
     args = parser.parse_args()
     rows = []
-    bw = copy_bandwidth()
+    bw = copy_bandwidth_GBps()
     print(f"copy bandwidth (torch device-to-device, read + write): {bw:.0f} GB/s")
     for per_token in (True, False):
         mode = "per_token" if per_token else "static"
