@@ -1,17 +1,5 @@
-// FP8 (E4M3) linears: activation quantization, the small-M GEMV over FP8 weights, and the scale
-// epilogue of an unscaled cuBLASLt FP8 GEMM (docs/engine_format.md, fp8_linear).
-//
-// GEMV numerics: each product of two E4M3 values is exact in float32 and the products are summed in
-// float32 (per lane in k order, then a warp reduction), then scaled once: (acc · a_scale) · w_scale.
-// The weight bytes are widened to float with integer ops instead of cvt (the conversion would cost more
-// issue slots than the FMAs at m = 1): placing an E4M3 byte's exponent and mantissa bits at the top of a
-// float32's exponent/mantissa fields gives the value times 2^-120 (subnormal codes land on float
-// subnormals, also exact). The activation side is widened the same way and multiplied back by 2^120
-// (exact), so each product is the true product times 2^-120, and the sum is multiplied by 2^120 at the
-// end. This rounds exactly like summing the unscaled products: a partial sum of normal magnitude has the
-// same significand either way, and a smaller one is a multiple of 2^-18 · 2^-120 (every product is a
-// multiple of 2^-9 · 2^-9 before scaling), which the float subnormal grid (2^-149) holds exactly, as
-// float32 holds the unscaled one. This file is not built with fast math, so subnormals are not flushed.
+// FP8 (E4M3) linears: activation quantization, the small-M GEMV over FP8 weights (on tensor cores), and
+// the scale epilogue of an unscaled cuBLASLt FP8 GEMM (docs/engine_format.md, fp8_linear).
 #include <cfloat>
 
 #include "dispatch.cuh"
@@ -21,7 +9,6 @@ namespace rtllm::kernels {
 namespace {
 
 constexpr int kQuantThreads = 256;
-constexpr int kWarps = 4;  // GEMV warps per block
 
 __device__ __forceinline__ uint8_t to_e4m3(float v) {
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
@@ -68,16 +55,6 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_static_kernel(uint8_t*
     *reinterpret_cast<uint2*>(q + v * 8) = quantize8(load8(x + v * 8), scale);
 }
 
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
-// Byte i of `word` (an E4M3 code) as float32, times 2^-120 (see the top of the file).
-__device__ __forceinline__ float e4m3_times_2m120(uint32_t word, int i) {
-  const uint32_t t = __byte_perm(word, 0u, 0x0444u | (uint32_t(i) << 12));  // the byte at bits 24..31
-  return __uint_as_float(((t >> 4) & 0x07F00000u) | (t & 0x80000000u));
-}
-
 template <typename TY, typename TB>
 __device__ __forceinline__ TY scale_output(float acc, const float* a_scale, bool a_per_row, const float* w_scale,
                                            bool w_per_channel, const TB* bias, int64_t row, int64_t col) {
@@ -87,112 +64,154 @@ __device__ __forceinline__ TY scale_output(float acc, const float* a_scale, bool
   return from_float<TY>(v);
 }
 
-// Shape of one warp's work: R weight rows at once (each widened activation value then serves R rows:
-// at m = 1 its widening would otherwise cost as much as the weight's) and U 16-byte loads per row in
-// flight per lane (R · U in all; fewer where the M accumulators and activation vectors need the
-// registers).
-template <int M>
-__host__ __device__ constexpr int fp8_rows_per_warp() { return M <= 4 ? 4 : 2; }
-template <int M>
-__host__ __device__ constexpr int fp8_unroll() { return M <= 2 ? 4 : (M <= 8 ? 2 : 1); }
+// ---- GEMV on tensor cores ----
+//
+// mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 (sm_89+): D[16x8] += A[16x32] · B[32x8]. With
+// g = lane / 4 and t = lane % 4, the PTX ISA's fragment layouts ("Matrix Fragments for mma.m16n8k32",
+// 8-bit types; element i of a register is its byte i, from the low end) are:
+//   A regs a0..a3: a0 = A[g][4t..4t+3], a1 = A[g+8][4t..4t+3], a2 = A[g][16+4t..], a3 = A[g+8][16+4t..]
+//   B regs b0, b1: b0 = B[4t..4t+3][g],  b1 = B[16+4t..16+4t+3][g]
+//   D regs d0..d3: d0, d1 = D[g][2t], D[g][2t+1];  d2, d3 = D[g+8][2t], D[g+8][2t+1]
+// The 32 k slots of one MMA only need to hold the same k in A and B, so each lane feeds both from one
+// 16-byte load: lane (g, t) reads bytes [16t, 16t + 16) of a 64-byte step of activation row g (and g+8)
+// and of weight row g, and the step's two MMAs take words (x, y) and (z, w):
+//   MMA 0: a = {q[g].x, q[g+8].x, q[g].y, q[g+8].y}, b = {w[g].x, w[g].y}  (slot 4t+i <-> k = 16t+i,
+//                                                                            slot 16+4t+i <-> 16t+4+i)
+//   MMA 1: a = {q[g].z, q[g+8].z, q[g].w, q[g+8].w}, b = {w[g].z, w[g].w}  (the same, k + 8)
+// Together they cover the step's 64 k for 16 activation rows and 8 weight rows (weight row-major [N, K]
+// is B in the "col" layout: K contiguous), with plain coalesced 16-byte loads and no shuffles. Rows
+// m..15 of A are zeros (up to 8 rows: the g+8 registers are the constant 0).
+//
+// Work split: a CTA owns kGemvTiles · 8 output channels and its kGemvWarps warps split K, warp w taking
+// the 64-byte steps w, w + kGemvWarps, ...; a batch of kGemvUnroll steps is loaded (kGemvUnroll ·
+// kGemvTiles streaming weight loads of 16 bytes per lane in flight) before its MMAs run. The warps'
+// partial sums meet in shared memory and are added in warp order. Llama-3-8B's N = 4096 gives 256 CTAs
+// of 8 warps, about two per SM; at 126-128 registers two fit, with 8 KB of weight loads in flight each.
+//
+// Numerics: each product of two E4M3 values is exact; the tensor cores sum an MMA's 32 products with
+// fewer guard bits than a chain of float32 FMAs. sm_89 runs the instruction natively (Ada's FP8 MMAs,
+// like Hopper's wgmma, keep about 13 bits of the partial sum aligned to its largest term); for sm_90a
+// ptxas lowers it to exact E4M3 -> f16 conversions and two f16 MMAs with float32 accumulation, added to
+// the accumulator. Either way acc is within 2^-9 of Σ_k |q·w| of the exact sum, as cuBLASLt's FP8 GEMM
+// (tests/gpu/test_fp8_gpu.py). The summation order is fixed (steps in order within a warp, two
+// alternating accumulators, then warps in order): results are deterministic.
+constexpr int kGemvWarps = 8;
+constexpr int kGemvTiles = 2;  // 8-channel tiles per CTA: each activation fragment serves both
+constexpr int kGemvUnroll = 4;
 
-// M is the compile-time row capacity, m <= M the rows present.
-template <typename TB, typename TY, int M>
-__global__ void __launch_bounds__(kWarps * 32) fp8_gemv_kernel(TY* y, const uint8_t* q, const float* a_scale,
-                                                              bool a_per_row, const uint8_t* weight,
-                                                              const float* w_scale, bool w_per_channel,
-                                                              const TB* bias, int32_t m, int32_t n, int32_t k) {
-  constexpr int R = fp8_rows_per_warp<M>(), U = fp8_unroll<M>();
-  const int lane = threadIdx.x & 31;
-  const int32_t row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * R;
-  const int32_t num_vecs = k / 16;
-  uint4 wv[U][R];
-  auto load_weights = [&](int32_t base) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int32_t v = base + u * 32 + lane;
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (v < num_vecs && row0 + r < n)
-          wv[u][r] = __ldcs(reinterpret_cast<const uint4*>(weight + (int64_t)(row0 + r) * k + (int64_t)v * 16));
-    }
-  };
-  load_weights(0);  // constant data: read before waiting for the kernel that wrote q
-  pdl_begin();
-  if (row0 >= n) return;  // the whole warp
-  float acc[R][M];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int mi = 0; mi < M; ++mi) acc[r][mi] = 0.0f;
-
-  for (int32_t base = 0; base < num_vecs; base += 32 * U) {
-    if (base > 0) load_weights(base);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int32_t v = base + u * 32 + lane;
-      if (v >= num_vecs) continue;
-      uint4 qv[M];  // rows m..M-1 of the template's capacity: zeros, adding nothing
-#pragma unroll
-      for (int mi = 0; mi < M; ++mi)
-        qv[mi] = mi < m ? __ldg(reinterpret_cast<const uint4*>(q + (int64_t)mi * k + (int64_t)v * 16))
-                        : make_uint4(0, 0, 0, 0);
-      // One k at a time: each activation value is widened once for the R rows, each weight value once
-      // for the M rows; few registers live beyond the loads in flight.
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        float qf[M];
-#pragma unroll
-        for (int mi = 0; mi < M; ++mi) qf[mi] = e4m3_times_2m120(word_of(qv[mi], j / 4), j % 4) * 0x1p120f;  // exact
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const float wf = e4m3_times_2m120(word_of(wv[u][r], j / 4), j % 4);  // rows past n: unused
-#pragma unroll
-          for (int mi = 0; mi < M; ++mi) acc[r][mi] = fmaf(qf[mi], wf, acc[r][mi]);
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int mi = 0; mi < M; ++mi) acc[r][mi] = warp_sum(acc[r][mi]);
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (row0 + r >= n) break;
-#pragma unroll
-      for (int mi = 0; mi < M; ++mi) {
-        if (mi >= m) break;
-        y[(int64_t)mi * n + row0 + r] = scale_output<TY>(acc[r][mi] * 0x1p120f, a_scale, a_per_row, w_scale,
-                                                         w_per_channel, bias, mi, row0 + r);
-      }
-    }
-  }
+__device__ __forceinline__ void mma_e4m3_16x8x32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // E4M3 MMAs need compute capability 8.9; fp8_linear refuses older devices at load
+#endif
 }
 
-template <typename TB, typename TY, int M>
-void launch_gemv(void* y, const void* q, const float* a_scale, bool a_per_row, const void* weight,
-                 const float* w_scale, bool w_per_channel, const void* bias, int32_t m, int32_t n, int32_t k,
-                 cudaStream_t stream) {
-  const int64_t rows_per_block = (int64_t)kWarps * fp8_rows_per_warp<M>();
-  launch_pdl(fp8_gemv_kernel<TB, TY, M>, (unsigned)ceil_div(n, rows_per_block), kWarps * 32, 0, stream,
-             static_cast<TY*>(y), static_cast<const uint8_t*>(q), a_scale, a_per_row,
-             static_cast<const uint8_t*>(weight), w_scale, w_per_channel, static_cast<const TB*>(bias), m, n, k);
+// 16 weight bytes, read once: not kept in L1.
+__device__ __forceinline__ uint4 load_stream16(const uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+// MA: blocks of 8 activation rows, 1 for m <= 8 and 2 for m <= 16.
+template <typename TB, typename TY, int MA>
+__global__ void __launch_bounds__(kGemvWarps * 32, 2)
+    fp8_gemv_kernel(TY* y, const uint8_t* q, const float* a_scale, bool a_per_row, const uint8_t* weight,
+                    const float* w_scale, bool w_per_channel, const TB* bias, int32_t m, int32_t n, int32_t k) {
+  constexpr int T = kGemvTiles, U = kGemvUnroll, kCols = 8 * T;
+  __shared__ float partial[kGemvWarps][8 * MA][kCols];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int32_t n0 = blockIdx.x * kCols;
+  const int32_t num_vecs = k / 16, num_steps = (num_vecs + 3) / 4;  // 16-byte vectors; 64-byte steps
+  // Channels past n read row n - 1 (their sums are never stored); k past the end reads zeros.
+  const uint8_t* w_lane[T];
+#pragma unroll
+  for (int r = 0; r < T; ++r) w_lane[r] = weight + (int64_t)min(n0 + 8 * r + g, n - 1) * k + 16 * t;
+  const uint8_t* q_lane[MA];
+  bool q_row[MA];
+#pragma unroll
+  for (int i = 0; i < MA; ++i) {
+    q_row[i] = 8 * i + g < m;
+    q_lane[i] = q + (int64_t)(8 * i + g) * k + 16 * t;  // read only for rows < m
+  }
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  uint4 wv[U][T];
+  auto load_weights = [&](int32_t s0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int32_t s = s0 + u * kGemvWarps;
+      const bool in_k = 4 * s + t < num_vecs;
+#pragma unroll
+      for (int r = 0; r < T; ++r) wv[u][r] = in_k ? load_stream16(w_lane[r] + 64 * (int64_t)s) : zero;
+    }
+  };
+  load_weights(warp);  // constant data: read before waiting for the kernel that wrote q
+  pdl_begin();
+  float acc[T][2][4];  // [tile][even/odd MMA of a step][d0..d3]
+#pragma unroll
+  for (int r = 0; r < T; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[r][h][j] = 0.0f;
+
+  // The bounds are the same for the whole warp, as mma.sync requires.
+  for (int32_t s0 = warp; s0 < num_steps; s0 += U * kGemvWarps) {
+    if (s0 != warp) load_weights(s0);
+    uint4 av[U][MA];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int32_t s = s0 + u * kGemvWarps;
+      const bool in_k = 4 * s + t < num_vecs;
+#pragma unroll
+      for (int i = 0; i < MA; ++i)
+        av[u][i] = in_k && q_row[i] ? __ldg(reinterpret_cast<const uint4*>(q_lane[i] + 64 * (int64_t)s)) : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const uint4 lo = av[u][0], hi = MA == 2 ? av[u][MA - 1] : zero;
+#pragma unroll
+      for (int r = 0; r < T; ++r) {
+        mma_e4m3_16x8x32(acc[r][0], lo.x, hi.x, lo.y, hi.y, wv[u][r].x, wv[u][r].y);
+        mma_e4m3_16x8x32(acc[r][1], lo.z, hi.z, lo.w, hi.w, wv[u][r].z, wv[u][r].w);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < T; ++r)
+#pragma unroll
+    for (int i = 0; i < MA; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        partial[warp][8 * i + g][8 * r + 2 * t + j] = acc[r][0][2 * i + j] + acc[r][1][2 * i + j];
+  __syncthreads();
+  for (int e = threadIdx.x; e < 8 * MA * kCols; e += blockDim.x) {
+    const int row = e / kCols, col = e % kCols;
+    if (row >= m || n0 + col >= n) continue;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kGemvWarps; ++w) sum += partial[w][row][col];
+    y[(int64_t)row * n + n0 + col] =
+        scale_output<TY>(sum, a_scale, a_per_row, w_scale, w_per_channel, bias, row, n0 + col);
+  }
 }
 
 template <typename TB, typename TY>
-void gemv_for_m(void* y, const void* q, const float* a_scale, bool a_per_row, const void* weight,
-                const float* w_scale, bool w_per_channel, const void* bias, int32_t m, int32_t n, int32_t k,
-                cudaStream_t stream) {
-#define RTLLM_FP8_GEMV(M) \
-  launch_gemv<TB, TY, M>(y, q, a_scale, a_per_row, weight, w_scale, w_per_channel, bias, m, n, k, stream)
-  if (m <= 1) RTLLM_FP8_GEMV(1);
-  else if (m <= 2) RTLLM_FP8_GEMV(2);
-  else if (m <= 4) RTLLM_FP8_GEMV(4);
-  else if (m <= 8) RTLLM_FP8_GEMV(8);
-  else RTLLM_FP8_GEMV(16);
-#undef RTLLM_FP8_GEMV
+void launch_gemv(void* y, const void* q, const float* a_scale, bool a_per_row, const void* weight,
+                 const float* w_scale, bool w_per_channel, const void* bias, int32_t m, int32_t n, int32_t k,
+                 cudaStream_t stream) {
+  const unsigned grid = (unsigned)ceil_div(n, 8 * kGemvTiles);
+  auto* kernel = m <= 8 ? fp8_gemv_kernel<TB, TY, 1> : fp8_gemv_kernel<TB, TY, 2>;
+  launch_pdl(kernel, grid, kGemvWarps * 32, 0, stream, static_cast<TY*>(y), static_cast<const uint8_t*>(q), a_scale,
+             a_per_row, static_cast<const uint8_t*>(weight), w_scale, w_per_channel, static_cast<const TB*>(bias), m,
+             n, k);
 }
 
 template <typename TB, typename TY>
@@ -246,9 +265,9 @@ cudaError_t fp8_gemv(void* y, const void* q, const float* a_scale, bool a_per_ro
   if (n == 0) return cudaSuccess;
   RTLLM_DISPATCH_DTYPE(bias_dtype, TB, {
     if (y_dtype == DType::kFP32)
-      gemv_for_m<TB, float>(y, q, a_scale, a_per_row, weight, w_scale, w_per_channel, bias, m, n, k, stream);
+      launch_gemv<TB, float>(y, q, a_scale, a_per_row, weight, w_scale, w_per_channel, bias, m, n, k, stream);
     else
-      gemv_for_m<TB, TB>(y, q, a_scale, a_per_row, weight, w_scale, w_per_channel, bias, m, n, k, stream);
+      launch_gemv<TB, TB>(y, q, a_scale, a_per_row, weight, w_scale, w_per_channel, bias, m, n, k, stream);
   });
   return cudaGetLastError();
 }

@@ -31,11 +31,12 @@ RTLLM_API std::string fp8_linear_unsupported_reason(int major, int minor) {
 
 namespace {
 
-// Decode-sized linears would go to the FP8 GEMV, but on the H200 it streams only 10-50% of the copy
-// bandwidth, while cuBLASLt's FP8 GEMM takes 10-26 us at M = 4..16 for Llama-3-8B's shapes (2-3x faster
-// than the GEMV at every M measured): until the GEMV is rebuilt on tensor cores, every M goes to
-// cuBLASLt (the GEMV stays reachable through the test hook's path=1).
-constexpr int64_t kMaxGemvRows = 0;
+// Up to kMaxGemvRows rows go to the FP8 GEMV (tensor-core MMAs bound by reading the weight once, meant
+// to stream it at >= 85% of the copy bandwidth for M = 1..16), more to cuBLASLt's FP8 GEMM. The GEMV takes
+// up to kernels::kFp8GemvMaxM = 16 rows; 16 is the expected crossover with cuBLASLt (10-26 us at M = 4..16
+// on the H200 for Llama-3-8B's shapes), to be confirmed by benchmarks/bench_fp8_gemm.py's crossover rows.
+// (tests/gpu/test_fp8_gpu.py's gemv_taken follows this constant.)
+constexpr int64_t kMaxGemvRows = 16;
 constexpr size_t kAlign = 256;
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
