@@ -1,6 +1,6 @@
 """Where a decode step's time goes on CUDA: device time per kernel, per step, at several batch sizes.
 
-  python benchmarks/profile_decode.py --preset llama-3-8b --batch 1 --batch 64 --batch 256
+  python benchmarks/profile_decode.py --preset llama-3-8b --batch 1 --batch 64 --batch 256 --sampling topp
 
 For each batch size, the same requests run twice under torch's profiler (which records every kernel of
 the process, rtllm's included, also when replayed from a CUDA graph): once for the prompt only
@@ -23,6 +23,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_e2e import sampling_params  # noqa: E402
 from timing import now, report  # noqa: E402
 
 # Kernel names, as the profiler reports them, grouped into the ops of a Llama layer.
@@ -61,14 +62,12 @@ def busy_and_gaps(intervals, long_gap_us=20.0):
     return busy, long_gaps, num_long, where
 
 
-def kernel_times(llm, prompts, max_tokens):
+def kernel_times(llm, prompts, max_tokens, sampling):
     """(seconds of wall time, {group: [device µs, launches]}, (busy µs, long-gap µs, long gaps)) of one
     generate() under the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    from rtllm import SamplingParams
-
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    params = sampling_params(sampling, max_tokens)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         start = now()
         llm.generate(prompts, params, use_tqdm=False)
@@ -103,11 +102,14 @@ def main():
     source.add_argument("--preset", help="a named shape with random weights (rtllm.models.presets)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--batch", type=int, action="append", help="batch sizes (repeatable; default 1)")
+    parser.add_argument("--sampling", action="append", choices=["greedy", "topp", "topk"],
+                        help="sampling modes, as bench_e2e.py's (repeatable; default greedy)")
     parser.add_argument("--isl", type=int, default=128)
     parser.add_argument("--steps", type=int, default=64, help="decode steps profiled")
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
     batches = args.batch or [1]
+    modes = args.sampling or ["greedy"]
 
     from rtllm import LLM, BuildConfig
 
@@ -124,11 +126,11 @@ def main():
         with LLM(model=model_dir, build_config=build_config, skip_tokenizer_init=True, device="cuda") as llm:
             import torch
             results["gpu"] = torch.cuda.get_device_name()
-            for batch in batches:
+            for batch, mode in [(b, m) for b in batches for m in modes]:
                 prompts = [rng.integers(10, 1000, size=args.isl).tolist() for _ in range(batch)]
-                kernel_times(llm, prompts, args.steps + 1)  # warm-up: captures this batch's graph
-                prefill_s, prefill, prefill_busy, prefill_calls = kernel_times(llm, prompts, 1)
-                total_s, total, total_busy, total_calls = kernel_times(llm, prompts, args.steps + 1)
+                kernel_times(llm, prompts, args.steps + 1, mode)  # warm-up: captures this batch's graph
+                prefill_s, prefill, prefill_busy, prefill_calls = kernel_times(llm, prompts, 1, mode)
+                total_s, total, total_busy, total_calls = kernel_times(llm, prompts, args.steps + 1, mode)
                 busy_us, long_gap_us, num_long_gaps = ((t - p) / args.steps for t, p in zip(total_busy[:3], prefill_busy[:3]))
                 gap_sites = {f"{a} -> {b}": (us - prefill_busy[3].get((a, b), 0.0)) / args.steps
                              for (a, b), us in total_busy[3].items()}
@@ -139,29 +141,29 @@ def main():
                         for g in total}  # prefill is a defaultdict: groups only decode runs read as 0
                 device_us = sum(us for us, _ in step.values())
                 wall_us = (total_s - prefill_s) / args.steps * 1e6
-                entry = {"batch": batch, "wall_us_per_step": wall_us, "device_us_per_step": device_us,
+                entry = {"batch": batch, "sampling": mode, "wall_us_per_step": wall_us, "device_us_per_step": device_us,
                          "busy_us_per_step": busy_us, "idle_us_per_step": wall_us - busy_us,
                          "gaps_over_20us_per_step": [num_long_gaps, long_gap_us], "gap_sites_us_per_step": gap_sites,
                          "host_cuda_api": host_api,
                          "kernels": {g: {"us_per_step": us, "launches_per_step": n} for g, (us, n) in step.items()}}
                 results["batches"].append(entry)
                 for g, (us, n) in sorted(step.items(), key=lambda kv: -kv[1][0]):
-                    rows.append({"batch": batch, "op": g, "us/step": us, "launches/step": n,
+                    rows.append({"batch": batch, "sampling": mode, "op": g, "us/step": us, "launches/step": n,
                                  "share": f"{us / wall_us:.1%}"})
-                rows.append({"batch": batch, "op": "all kernels", "us/step": device_us,
+                rows.append({"batch": batch, "sampling": mode, "op": "all kernels", "us/step": device_us,
                              "share": f"{device_us / wall_us:.1%}"})
-                rows.append({"batch": batch, "op": "device busy (union)", "us/step": busy_us,
+                rows.append({"batch": batch, "sampling": mode, "op": "device busy (union)", "us/step": busy_us,
                              "share": f"{busy_us / wall_us:.1%}"})
-                rows.append({"batch": batch, "op": "idle gaps > 20 us", "us/step": long_gap_us,
+                rows.append({"batch": batch, "sampling": mode, "op": "idle gaps > 20 us", "us/step": long_gap_us,
                              "launches/step": num_long_gaps, "share": f"{long_gap_us / wall_us:.1%}"})
-                rows.append({"batch": batch, "op": "wall time", "us/step": wall_us, "share": "100%"})
+                rows.append({"batch": batch, "sampling": mode, "op": "wall time", "us/step": wall_us, "share": "100%"})
                 for site, us in sorted(gap_sites.items(), key=lambda kv: -kv[1])[:3]:
-                    rows.append({"batch": batch, "op": f"gap: {site}"[:60], "us/step": us,
+                    rows.append({"batch": batch, "sampling": mode, "op": f"gap: {site}"[:60], "us/step": us,
                                  "share": f"{us / wall_us:.1%}"})
                 for name, v in sorted(host_api.items(), key=lambda kv: -kv[1]["us_per_step"])[:6]:
-                    rows.append({"batch": batch, "op": f"host: {name}"[:60], "us/step": v["us_per_step"],
+                    rows.append({"batch": batch, "sampling": mode, "op": f"host: {name}"[:60], "us/step": v["us_per_step"],
                                  "launches/step": v["calls_per_step"], "share": f"{v['us_per_step'] / wall_us:.1%}"})
-    report(results, rows, ["batch", "op", "us/step", "launches/step", "share"], args.output)
+    report(results, rows, ["batch", "sampling", "op", "us/step", "launches/step", "share"], args.output)
 
 
 if __name__ == "__main__":
