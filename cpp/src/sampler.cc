@@ -4,6 +4,10 @@
 #include <cmath>
 #include <limits>
 
+// The probability and mass arithmetic shared with the CUDA sampler (header-only; the CPU build has no
+// kernels include path, hence the relative path).
+#include "../../kernels/include/rtllm/kernels/sampling_math.h"
+
 namespace rtllm {
 
 // Messages read "<field>=<value> is invalid: it must be <limit>", the form Python's checks of the
@@ -32,13 +36,6 @@ void SamplingConfig::validate() const {
 }
 
 namespace {
-
-// SplitMix64's output function: a bijective 64-bit mix.
-uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
 
 const std::vector<int32_t> kNoTokens;
 const std::vector<int32_t>& or_empty(const std::vector<int32_t>* ids) { return ids ? *ids : kNoTokens; }
@@ -70,7 +67,8 @@ void apply_presence_frequency(float* logits, float presence, float frequency,
   for (size_t i = 0; i < sorted.size();) {
     size_t j = i;
     while (j < sorted.size() && sorted[j] == sorted[i]) ++j;
-    logits[sorted[i]] -= presence + frequency * static_cast<float>(j - i);
+    // The product rounded on its own (an fma with 0 is never contracted with the sum), as the kernel.
+    logits[sorted[i]] -= presence + std::fma(frequency, static_cast<float>(j - i), 0.0f);
     i = j;
   }
 }
@@ -122,9 +120,7 @@ void fill_logprobs(const float* logits, int32_t vocab_size, int32_t num_top, Sam
 }  // namespace
 
 double sampling_uniform(uint64_t seed, int64_t step) {
-  // Counter-based: the SplitMix64 stream of mix64(seed), read at position `step`.
-  uint64_t h = mix64(mix64(seed) + static_cast<uint64_t>(step + 1) * 0x9e3779b97f4a7c15ULL);
-  return static_cast<double>(h >> 11) * 0x1.0p-53;
+  return static_cast<double>(sampling::uniform_bits(seed, step)) * 0x1.0p-53;
 }
 
 void Sampler::sample(const float* logits, int32_t vocab_size, const std::vector<SamplingInput>& inputs,
@@ -176,64 +172,76 @@ bool Sampler::try_sample(const float* raw_logits, int32_t vocab_size, const Samp
   } else {
     apply_temperature(vocab_size, config.temperature, logits[best]);
     filter_candidates(config);
-    out.token_id = draw_candidate(sampling_uniform(input.seed, input.step));
+    out.token_id = draw_candidate(sampling::uniform_bits(input.seed, input.step));
   }
   if (config.num_logprobs >= 0) fill_logprobs(raw_logits, vocab_size, config.num_logprobs, out);
   return true;
 }
 
-// Stage 3: unnormalized softmax of logits_ / temperature (the most likely token, max_logit, has
-// p = 1); the candidates are the tokens with p > 0, in id order.
-void Sampler::apply_temperature(int32_t vocab_size, float temperature, double max_logit) {
-  const double inv_temperature = 1.0 / temperature;
-  probs_.resize(vocab_size);
+// Stage 3: the integer mass of every token (sampling_math.h: floor(2^33 · exp((l - max) / T)) with
+// the shared float32 exp; the most likely token weighs 2^33); the candidates are the tokens of mass
+// > 0, in id order.
+void Sampler::apply_temperature(int32_t vocab_size, float temperature, float max_logit) {
+  const float inv_t = sampling::inverse_temperature(temperature);
+  masses_.resize(vocab_size);
   candidates_.clear();
   for (int32_t i = 0; i < vocab_size; ++i) {
-    probs_[i] = std::exp((logits_[i] - max_logit) * inv_temperature);
-    if (probs_[i] > 0.0) candidates_.push_back(i);
+    masses_[i] = sampling::logit_mass(logits_[i], max_logit, inv_t);
+    if (masses_[i] > 0) candidates_.push_back(i);
   }
 }
 
-// Stage 4: top-k, top-p, min-p. Candidates end ordered by probability (then id) whenever top-k or
-// top-p is active.
+// Stage 4, the rules of kernels/include/rtllm/kernels/sampling.cuh, in integers:
+//   order    the candidates by (adjusted logit desc, id asc) (-0 and +0 equal);
+//   top-k    when 0 < top_k < #candidates, keep the first top_k of that order;
+//   top-p    when top_p < 1, with total the mass kept so far and T = ceil(top_p · total) (exact),
+//            keep the shortest prefix of that order whose mass reaches T;
+//   min-p    drop the candidates of mass < ceil(min_p · 2^33) (the most likely token always stays).
+// Candidates end in id order (the draw's order).
 void Sampler::filter_candidates(const SamplingConfig& config) {
-  auto more_likely = [&](int32_t a, int32_t b) { return probs_[a] > probs_[b] || (probs_[a] == probs_[b] && a < b); };
+  const float* logits = logits_.data();
+  auto before = [logits](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);  // -0 == +0: id order
+  };
   const int64_t num_candidates = static_cast<int64_t>(candidates_.size());
-  if (config.top_k > 0 && config.top_k < num_candidates) {
-    std::partial_sort(candidates_.begin(), candidates_.begin() + config.top_k, candidates_.end(), more_likely);
+  const bool top_k = config.top_k > 0 && config.top_k < num_candidates;
+  const bool top_p = config.top_p < 1.0f;
+  if (top_k) {
+    std::partial_sort(candidates_.begin(), candidates_.begin() + config.top_k, candidates_.end(), before);
     candidates_.resize(config.top_k);
-  } else if (config.top_p < 1.0f) {
-    std::sort(candidates_.begin(), candidates_.end(), more_likely);
+  } else if (top_p) {
+    std::sort(candidates_.begin(), candidates_.end(), before);
   }
-  if (config.top_p < 1.0f) {
-    // Keep the smallest prefix whose mass reaches top_p of the mass left after top-k.
-    double total = 0.0;
-    for (int32_t id : candidates_) total += probs_[id];
-    double mass = 0.0;
+  if (top_p) {
+    uint64_t total = 0;
+    for (int32_t id : candidates_) total += masses_[id];
+    const uint64_t threshold = sampling::top_p_threshold(total, config.top_p);
+    uint64_t mass = 0;
     size_t num_keep = 0;
-    while (num_keep < candidates_.size() && mass < config.top_p * total) mass += probs_[candidates_[num_keep++]];
+    while (num_keep < candidates_.size() && mass < threshold) mass += masses_[candidates_[num_keep++]];
     candidates_.resize(std::max<size_t>(num_keep, 1));
   }
+  if (top_k || top_p) std::sort(candidates_.begin(), candidates_.end());
   if (config.min_p > 0.0f) {
-    // The most likely token (p = 1 unnormalized) always passes; the ratio is scale-free.
-    const double threshold = static_cast<double>(config.min_p);
+    const uint64_t least = sampling::min_p_threshold(config.min_p);
     candidates_.erase(std::remove_if(candidates_.begin(), candidates_.end(),
-                                     [&](int32_t id) { return probs_[id] < threshold; }),
+                                     [&](int32_t id) { return masses_[id] < least; }),
                       candidates_.end());
   }
 }
 
-// Stage 5: inverse CDF of the kept mass at the uniform number u, walking the candidates in order.
-int32_t Sampler::draw_candidate(double u) const {
-  double total = 0.0;
-  for (int32_t id : candidates_) total += probs_[id];
-  const double target = u * total;
-  double mass = 0.0;
+// Stage 5: with total the kept mass and target = floor(u · total) (u = bits · 2^-53, exact), the
+// first kept candidate in id order whose cumulative mass exceeds target.
+int32_t Sampler::draw_candidate(uint64_t uniform_bits) const {
+  uint64_t total = 0;
+  for (int32_t id : candidates_) total += masses_[id];
+  const uint64_t target = sampling::draw_target(total, uniform_bits);
+  uint64_t mass = 0;
   for (int32_t id : candidates_) {
-    mass += probs_[id];
+    mass += masses_[id];
     if (target < mass) return id;
   }
-  return candidates_.back();  // u * total rounded up to the full mass
+  return candidates_.back();  // not reached: target < total
 }
 
 }  // namespace rtllm

@@ -1,66 +1,201 @@
-// sample(): one CTA per sequence. See sampling.cuh for the semantics (those of cpp/src/sampler.cc).
+// sample(): see sampling.cuh for the semantics (those of cpp/src/sampler.cc) and sampling_math.h for
+// the shared probability and mass arithmetic.
 //
-// No sort: every "k-th element in (value desc, id asc) order" or "first element whose cumulative mass
-// in that order passes a target" is found by a radix select over the 32-bit order key of the float
-// value (4 passes of 8-bit digits, each a 256-bucket histogram of counts or masses over the elements
-// still in range), then a scan in id order among the elements tied at the selected key. Histograms
-// are per warp and summed in a fixed order, so results do not depend on scheduling.
+// Each row is split over a cluster of CTAs (several for small batches, so batch 1 uses several SMs;
+// one for large batches): CTA `rank` streams a contiguous slice of the row, and every row-wide result
+// (argmax, sums, histograms) is combined through distributed shared memory, in rank order. All the
+// decisions use integer masses, so they do not depend on the cluster size or the schedule.
+//   - thresholds (top-k by count, top-p by mass, top-N logprobs by count): a radix select over the
+//     32-bit order key in three passes of 11/11/10-bit digits, histograms of counts and masses with
+//     integer shared-memory atomics (warp-aggregated), then, when the cut falls inside a run of equal
+//     keys, the m-th of them in id order;
+//   - the draw: the first element in id order whose cumulative kept mass passes the target, found
+//     from per-warp chunk sums and one rescan of the chunk that holds it.
+// No sort, every pass a straight streaming pass over the row (16-byte loads where aligned).
+#include <cooperative_groups.h>
+
+#include <atomic>
 #include <cfloat>
+#include <type_traits>
 
 #include "dispatch.cuh"
 #include "rtllm/kernels/sampling.cuh"
+#include "rtllm/kernels/sampling_math.h"
 
 namespace rtllm::kernels {
 namespace {
 
+namespace cg = cooperative_groups;
+namespace sm = rtllm::sampling;
+
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kBuckets = 256;
+constexpr int kMaxClusterSize = 8;  // CTAs per row for small batches (the portable cluster size)
+constexpr int kBuckets = 2048;      // the widest digit (11 bits)
 // Per-token flags and count of one sequence (the workspace): masked, seen in prompt or output, has
 // a logit bias; the low bits count the token in the output.
 constexpr uint32_t kMasked = 1u << 31, kSeen = 1u << 30, kBiased = 1u << 29, kCountMask = kBiased - 1;
 
+using u64 = unsigned long long;
+
 struct Shared {
-  double warp_hist[kWarps][kBuckets];
-  double hist[kBuckets];
-  double scratch[32];
-  float fscratch[32];
-  int32_t iscratch[32];
-  double sel_before;
-  int32_t sel_digit, sel_warp, sel_id;
+  uint32_t count[kBuckets];
+  u64 mass[kBuckets];
+  u64 warp_u64[kWarps];
+  double warp_f64[kWarps];
+  float warp_f32[kWarps];
+  int32_t warp_i32[kWarps];
+  // This CTA's part of the latest cluster reduction, read by the other CTAs of the cluster.
+  u64 cta_u64;
+  double cta_f64;
+  float cta_f32;
+  int32_t cta_i32;
+  // Selection results, computed alike by every CTA (sel_id: written by the CTA that finds it).
+  int32_t sel_digit, sel_found, sel_id;
+  uint32_t sel_count;
+  u64 sel_before, sel_weight;
+  int32_t sel_warp;
+  u64 sel_warp_before;
+  // Top-N logprob candidates of this CTA's slice.
   int32_t num_top;
   int32_t top_ids[kMaxTopLogprobs];
   float top_vals[kMaxTopLogprobs];
 };
 
-// Larger float -> larger key; -0 and +0 share a key (they are equal logits).
-__device__ __forceinline__ uint32_t order_key(float a) {
-  if (a == 0.0f) a = 0.0f;
-  const uint32_t bits = __float_as_uint(a);
-  return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+// This CTA's slice of one row.
+struct Slice {
+  const float* raw;  // the row
+  int32_t begin, end;
+};
+
+// Calls f(i, raw[i], valid) for the slice's elements, warp-uniformly: every lane of a warp makes
+// the same calls (valid false past the end), so f may use warp collectives. 16-byte loads after an
+// unaligned head of at most 3 elements.
+template <typename F>
+__device__ __forceinline__ void stream_slice(const Slice& sl, F&& f) {
+  const int32_t len = sl.end - sl.begin;
+  const int32_t misaligned = (int32_t)((reinterpret_cast<uintptr_t>(sl.raw + sl.begin) >> 2) & 3);
+  const int32_t head = min(len, (4 - misaligned) & 3);
+  {
+    const int32_t i = sl.begin + (int32_t)threadIdx.x;
+    const bool valid = (int32_t)threadIdx.x < head;
+    f(i, valid ? sl.raw[i] : 0.0f, valid);
+  }
+  const int32_t start = sl.begin + head;
+  const int32_t num_vec = (len - head) / 4;
+  const float4* vec = reinterpret_cast<const float4*>(sl.raw + start);
+  for (int32_t base = 0; base < num_vec; base += kThreads) {
+    const int32_t j = base + (int32_t)threadIdx.x;
+    const bool valid = j < num_vec;
+    const float4 v = valid ? vec[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    f(start + 4 * j, v.x, valid);
+    f(start + 4 * j + 1, v.y, valid);
+    f(start + 4 * j + 2, v.z, valid);
+    f(start + 4 * j + 3, v.w, valid);
+  }
+  {
+    const int32_t tail_begin = start + 4 * num_vec;
+    const int32_t i = tail_begin + (int32_t)threadIdx.x;
+    const bool valid = i < sl.end;  // at most 3
+    f(i, valid ? sl.raw[i] : 0.0f, valid);
+  }
 }
 
-__device__ __forceinline__ uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
+__device__ __forceinline__ u64 warp_sum_u64(u64 v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
 }
 
-// Same as rtllm::sampling_uniform.
-__device__ __forceinline__ double uniform(uint64_t seed, int64_t step) {
-  const uint64_t h = mix64(mix64(seed) + static_cast<uint64_t>(step + 1) * 0x9e3779b97f4a7c15ULL);
-  return static_cast<double>(h >> 11) * 0x1.0p-53;
+// Sum of v over the cluster (u64 or double), combined in rank order; every thread gets it.
+template <typename V>
+__device__ V cluster_sum(Shared& sh, const cg::cluster_group& cluster, V v) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  V* warp_part;
+  V* cta_part;
+  if constexpr (std::is_same_v<V, u64>) {
+    v = warp_sum_u64(v);
+    warp_part = sh.warp_u64;
+    cta_part = &sh.cta_u64;
+  } else {
+    v = warp_sum(v);
+    warp_part = sh.warp_f64;
+    cta_part = &sh.cta_f64;
+  }
+  __syncthreads();
+  if (lane == 0) warp_part[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    V s = 0;
+    for (int w = 0; w < kWarps; ++w) s += warp_part[w];
+    *cta_part = s;
+  }
+  cluster.sync();
+  V s = 0;
+  for (unsigned r = 0; r < cluster.num_blocks(); ++r) s += *cluster.map_shared_rank(cta_part, r);
+  cluster.sync();  // cta_part may be rewritten by the next reduction
+  return s;
 }
 
-__device__ __forceinline__ bool passes(double cum, double target, bool strict) {
-  return strict ? target < cum : target <= cum;
+// Largest v over the cluster with the lowest id on ties (id INT32_MAX for none); every thread gets it.
+__device__ float cluster_argmax(Shared& sh, const cg::cluster_group& cluster, float best, int32_t best_id,
+                                int32_t* id_out) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  auto better = [](float v, int32_t i, float bv, int32_t bi) { return v > bv || (v == bv && i < bi); };
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+    const int32_t oi = __shfl_xor_sync(0xffffffffu, best_id, o);
+    if (better(ob, oi, best, best_id)) { best = ob; best_id = oi; }
+  }
+  __syncthreads();
+  if (lane == 0) { sh.warp_f32[warp] = best; sh.warp_i32[warp] = best_id; }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float b = -INFINITY;
+    int32_t bi = INT32_MAX;
+    for (int w = 0; w < kWarps; ++w)
+      if (better(sh.warp_f32[w], sh.warp_i32[w], b, bi)) { b = sh.warp_f32[w]; bi = sh.warp_i32[w]; }
+    sh.cta_f32 = b;
+    sh.cta_i32 = bi;
+  }
+  cluster.sync();
+  best = -INFINITY;
+  best_id = INT32_MAX;
+  for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
+    const Shared* other = cluster.map_shared_rank(&sh, r);
+    if (better(other->cta_f32, other->cta_i32, best, best_id)) { best = other->cta_f32; best_id = other->cta_i32; }
+  }
+  cluster.sync();
+  *id_out = best_id;
+  return best;
+}
+
+// Exclusive prefix sum of v over the block's threads in thread order; *total gets the block's sum.
+__device__ u64 block_exclusive_scan(Shared& sh, u64 v, u64* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  u64 incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const u64 up = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += up;
+  }
+  __syncthreads();
+  if (lane == 31) sh.warp_u64[warp] = incl;
+  __syncthreads();
+  u64 before = 0, all = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    before += w < warp ? sh.warp_u64[w] : 0;
+    all += sh.warp_u64[w];
+  }
+  *total = all;
+  return before + incl - v;
 }
 
 // One sequence's logits with stages 1 and 2 (penalties, then bias and mask) applied on the fly
 // (counts null: no penalty, bias or mask). The bias of a token flagged kBiased is found by binary
 // search in the sequence's bias list (ids ascending): lists are short, flagged tokens few.
 struct SeqLogits {
-  const float* raw;
   const uint32_t* counts;
   float repetition, presence, frequency;
   const int32_t* bias_ids;  // [num_biases] ascending
@@ -76,276 +211,272 @@ struct SeqLogits {
     return lo < num_biases && bias_ids[lo] == i ? bias_values[lo] : 0.0f;
   }
 
-  __device__ float adjusted(int32_t i) const {
-    float a = raw[i];
+  __device__ __forceinline__ float adjust(int32_t i, float a) const {
     if (!counts) return a;
     const uint32_t c = counts[i];
     if (c & kMasked) return -INFINITY;  // the mask wins over penalties and bias
-    if ((c & kSeen) && repetition != 1.0f) a = a > 0.0f ? a / repetition : a * repetition;
+    if ((c & kSeen) && repetition != 1.0f) a = a > 0.0f ? __fdiv_rn(a, repetition) : __fmul_rn(a, repetition);
     const uint32_t n = c & kCountMask;
     // Rounded like the CPU's `presence + frequency * count` (no fused multiply-add).
-    if (n && (presence != 0.0f || frequency != 0.0f)) a -= __fadd_rn(presence, __fmul_rn(frequency, (float)n));
+    if (n && (presence != 0.0f || frequency != 0.0f)) a = __fsub_rn(a, __fadd_rn(presence, __fmul_rn(frequency, (float)n)));
     if (c & kBiased) a = __fadd_rn(a, bias_of(i));
     return a;
   }
 };
 
-// A position in (key desc, id asc) order: elements up to it (inclusive) or before it (exclusive).
+// Everything kept up to and including (key, id) in (key desc, id asc) order; inactive: everything.
 struct Cut {
+  bool active;
   uint32_t key;
   int32_t id;
-  bool inclusive;
-  __device__ bool keeps(uint32_t k, int32_t i) const {
-    return k > key || (k == key && (inclusive ? i <= id : i < id));
+  __device__ __forceinline__ bool keeps(uint32_t k, int32_t i) const {
+    return !active || k > key || (k == key && i <= id);
   }
 };
-__device__ __forceinline__ Cut no_cut() { return Cut{0u, INT32_MAX, true}; }
 
-// Sum of w over the lanes of `peers` (all lanes with the same digit), in lane order.
-__device__ __forceinline__ double group_sum(unsigned peers, double w) {
-  double s = 0.0;
-  for (unsigned m = peers; m; m &= m - 1) s += __shfl_sync(peers, w, __ffs(m) - 1);
-  return s;
+// The element weights of the selects and of the draw, from the adjusted logit a of element i.
+struct Weights {
+  SeqLogits lg;
+  float max, inv_t;
+  Cut k_cut, p_cut;
+  uint64_t min_mass;
+  bool raw;  // order by the raw logits (top-N logprobs): every element weighs 1
+
+  __device__ __forceinline__ float value(int32_t i, float r) const { return raw ? r : lg.adjust(i, r); }
+  __device__ __forceinline__ uint64_t mass(float a) const { return sm::logit_mass(a, max, inv_t); }
+  // Top-k's weight: 1 for a candidate (mass > 0).
+  __device__ __forceinline__ uint64_t top_k_weight(float a) const { return raw ? 1 : (mass(a) > 0 ? 1 : 0); }
+  // Top-p's weight: the mass, within top-k's cut.
+  __device__ __forceinline__ uint64_t top_p_weight(int32_t i, float a, uint32_t key) const {
+    return k_cut.keeps(key, i) ? mass(a) : 0;
+  }
+  // The draw's weight: the mass of a kept element.
+  __device__ __forceinline__ uint64_t kept_weight(int32_t i, float a, uint32_t key) const {
+    if (!k_cut.keeps(key, i) || !p_cut.keeps(key, i)) return 0;
+    const uint64_t m = mass(a);
+    return m >= min_mass ? m : 0;
+  }
+};
+
+enum class Select { kTopN, kTopK, kTopP };
+
+template <Select kind>
+__device__ __forceinline__ uint64_t select_weight(const Weights& wt, int32_t i, float a, uint32_t key) {
+  if constexpr (kind == Select::kTopP) return wt.top_p_weight(i, a, key);
+  else return wt.top_k_weight(a);
 }
 
-// First element i in id order (among those with weight > 0) whose cumulative weight, added to
-// `before`, passes `target`; the last weighted element if none does (rounding); -1 if none has
-// weight. WeightFn: double(int32_t i). Every thread of the block calls it and gets the id.
-template <typename WeightFn>
-__device__ int32_t select_in_id_order(Shared& sh, int32_t n, WeightFn weight, double before, double target,
-                                      bool strict) {
+// Adds (count 1, weight w) to bucket `digit` (-1: nothing), aggregated over the lanes of the warp
+// with the same digit (one atomic per digit and warp: flat rows put most elements in few buckets).
+// Warp-uniform.
+__device__ __forceinline__ void hist_add(Shared& sh, int digit, uint64_t w, bool with_mass) {
+  if (!__any_sync(0xffffffffu, digit >= 0)) return;
+  const unsigned peers = __match_any_sync(0xffffffffu, digit);
+  if (digit < 0) return;
+  const int lane = threadIdx.x & 31;
+  const bool leader = lane == __ffs(peers) - 1;
+  if (with_mass) {
+    // w <= 2^33: 16-bit halves keep the 32-bit warp reductions exact.
+    const uint32_t lo = __reduce_add_sync(peers, (uint32_t)(w & 0xffffu));
+    const uint32_t hi = __reduce_add_sync(peers, (uint32_t)(w >> 16));
+    if (leader) atomicAdd(&sh.mass[digit], ((u64)hi << 16) + lo);
+  }
+  if (leader) atomicAdd(&sh.count[digit], (uint32_t)__popc(peers));
+}
+
+struct Selected {
+  bool found;
+  Cut cut;
+};
+
+// The first element (key desc, id asc) at which the cumulative weight reaches target(total) (total:
+// the weight of all elements); target 0 (or total 0) means no cut. Every thread of the cluster calls
+// it and gets the same cut.
+template <Select kind, typename TargetFn>
+__device__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const Weights& wt,
+                                 TargetFn target_of);
+
+// The first element in id order whose cumulative weight reaches target_of(total) (>= 1; 0: none),
+// -1 if none. WeightFn: uint64_t(int32_t i, float raw). Every thread of the cluster gets the id.
+template <typename WeightFn, typename TargetFn>
+__device__ int32_t find_in_id_order(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, WeightFn weight,
+                                    TargetFn target_of) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int32_t chunk = (int32_t)ceil_div(ceil_div(n, kWarps), 32) * 32;
-  const int32_t begin = warp * chunk, end = min(n, begin + chunk);
-  double s = 0.0;
-  for (int32_t i = begin + lane; i < end; i += 32) s += weight(i);
-  s = warp_sum(s);
-  __syncthreads();
-  if (lane == 0) sh.scratch[warp] = s;
+  const int32_t len = sl.end - sl.begin;
+  const int32_t chunk = ceil_div(ceil_div(max(len, 1), kWarps), 32) * 32;
+  const int32_t begin = sl.begin + warp * chunk, end = min(sl.end, begin + chunk);
+  __syncthreads();  // sel_id may still be read from the previous call
+  if (threadIdx.x == 0) sh.sel_id = -1;
+  u64 s = 0;
+#pragma unroll 4
+  for (int32_t i = begin + lane; i < end; i += 32) s += weight(i, sl.raw[i]);
+  s = warp_sum_u64(s);
+  if (lane == 0) sh.warp_u64[warp] = s;
   __syncthreads();
   if (threadIdx.x == 0) {
-    double acc = before;
-    int sel = -1, last = -1;
-    double acc_last = before;
-    for (int w = 0; w < kWarps; ++w) {
-      if (sh.scratch[w] > 0.0) {
-        if (passes(acc + sh.scratch[w], target, strict)) { sel = w; break; }
-        last = w;
-        acc_last = acc;
-      }
-      acc += sh.scratch[w];
-    }
-    if (sel < 0) { sel = last; acc = acc_last; }
-    sh.sel_warp = sel;
-    sh.sel_before = acc;
-    sh.sel_id = -1;
+    u64 t = 0;
+    for (int w = 0; w < kWarps; ++w) t += sh.warp_u64[w];
+    sh.cta_u64 = t;
   }
-  __syncthreads();
-  if (warp == sh.sel_warp) {
-    double acc = sh.sel_before;
-    int32_t last_nonzero = -1;
-    const int32_t w_begin = warp * chunk;
-    for (int32_t base = w_begin; base < end; base += 32) {
-      const int32_t i = base + lane;
-      const double w = i < end ? weight(i) : 0.0;
-      double incl = w;  // inclusive scan over the lanes, in lane order
+  cluster.sync();
+  u64 total = 0, before = 0;
+  const unsigned my_rank = cluster.block_rank();
+  for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
+    const u64 part = *cluster.map_shared_rank(&sh.cta_u64, r);
+    before += r < my_rank ? part : 0;
+    total += part;
+  }
+  const u64 target = total ? (u64)target_of((uint64_t)total) : 0;
+  const bool here = target > before && target <= before + sh.cta_u64;  // this CTA holds it
+  if (here) {
+    if (threadIdx.x == 0) {
+      u64 acc = before;
+      int w = 0;
+      for (; w < kWarps - 1 && acc + sh.warp_u64[w] < target; ++w) acc += sh.warp_u64[w];
+      sh.sel_warp = w;
+      sh.sel_warp_before = acc;
+    }
+    __syncthreads();
+    if (warp == sh.sel_warp) {
+      u64 acc = sh.sel_warp_before;
+      int32_t found = -1;
+      for (int32_t b = begin; b < end; b += 32) {
+        const int32_t i = b + lane;
+        const u64 w = i < end ? weight(i, sl.raw[i]) : 0;
+        u64 incl = w;
 #pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const double up = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += up;
+        for (int o = 1; o < 32; o <<= 1) {
+          const u64 up = __shfl_up_sync(0xffffffffu, incl, o);
+          if (lane >= o) incl += up;
+        }
+        const unsigned hit = __ballot_sync(0xffffffffu, w > 0 && acc + incl >= target);
+        if (hit) {
+          found = b + __ffs(hit) - 1;
+          break;
+        }
+        acc += __shfl_sync(0xffffffffu, incl, 31);
       }
-      const unsigned hit = __ballot_sync(0xffffffffu, w > 0.0 && passes(acc + incl, target, strict));
-      if (hit) {
-        last_nonzero = base + __ffs(hit) - 1;
-        break;
-      }
-      const unsigned nonzero = __ballot_sync(0xffffffffu, w > 0.0);
-      if (nonzero) last_nonzero = base + 31 - __clz(nonzero);
-      acc += __shfl_sync(0xffffffffu, incl, 31);
+      if (lane == 0)
+        for (unsigned r = 0; r < cluster.num_blocks(); ++r) cluster.map_shared_rank(&sh, r)->sel_id = found;
     }
-    if (lane == 0) sh.sel_id = last_nonzero;
   }
-  __syncthreads();
+  cluster.sync();  // sel_id written everywhere; cta_u64 read by everyone
   return sh.sel_id;
 }
 
-// The element of (key desc, id asc) order at which the cumulative weight passes `target`
-// (the last weighted element if it never does). Ops provides value(i) (the float whose order key
-// sorts the elements) and weight(i, value, key) (>= 0; 0 leaves the element out). Returns an
-// inclusive Cut at that element; id -1 if no element has weight. Every thread must call it.
-template <typename Ops>
-__device__ Cut select_in_sorted_order(Shared& sh, int32_t n, const Ops& ops, double target, bool strict) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+template <Select kind, typename TargetFn>
+__device__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const Weights& wt,
+                                 TargetFn target_of) {
+  constexpr bool kMass = kind == Select::kTopP;
+  const unsigned num_ranks = cluster.num_blocks();
   uint32_t prefix = 0, prefix_mask = 0;
-  double before = 0.0;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int b = threadIdx.x; b < kWarps * kBuckets; b += kThreads) (&sh.warp_hist[0][0])[b] = 0.0;
+  u64 before = 0, target = 0;
+  for (int pass = 0; pass < 3; ++pass) {
+    const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
+    const int num_buckets = pass == 2 ? 1024 : 2048;
+    const int per_thread = num_buckets / kThreads;
+    for (int b = threadIdx.x; b < num_buckets; b += kThreads) {
+      sh.count[b] = 0;
+      if (kMass) sh.mass[b] = 0;
+    }
     __syncthreads();
-    for (int32_t base = 0; base < n; base += kThreads) {
-      const int32_t i = base + threadIdx.x;
+    stream_slice(sl, [&](int32_t i, float r, bool valid) {
       int digit = -1;
-      double w = 0.0;
-      if (i < n) {
-        const float v = ops.value(i);
-        const uint32_t key = order_key(v);
+      uint64_t w = 0;
+      if (valid) {
+        const float a = wt.value(i, r);
+        const uint32_t key = sm::order_key(a);
         if ((key & prefix_mask) == prefix) {
-          w = ops.weight(i, v, key);
-          if (w > 0.0) digit = (key >> shift) & 0xff;
+          w = select_weight<kind>(wt, i, a, key);
+          if (w > 0) digit = (int)((key >> shift) & (uint32_t)(num_buckets - 1));
         }
       }
-      const unsigned peers = __match_any_sync(0xffffffffu, digit);
-      if (digit >= 0) {
-        const double s = group_sum(peers, w);
-        if (lane == __ffs(peers) - 1) sh.warp_hist[warp][digit] += s;
+      hist_add(sh, digit, w, kMass);
+    });
+    cluster.sync();  // every CTA's histogram complete
+    // Thread t sums buckets num_buckets - 1 - (t · per_thread + j) over the cluster (descending keys).
+    u64 w_own[4];
+    uint32_t c_own[4];
+    u64 own = 0;
+    for (int j = 0; j < per_thread; ++j) {
+      const int b = num_buckets - 1 - ((int)threadIdx.x * per_thread + j);
+      u64 c = 0, m = 0;
+      for (unsigned r = 0; r < num_ranks; ++r) {
+        const Shared* other = cluster.map_shared_rank(&sh, r);
+        c += other->count[b];
+        if (kMass) m += other->mass[b];
       }
-      __syncwarp();  // the next iteration's leader of this digit may be another lane
+      c_own[j] = (uint32_t)c;
+      w_own[j] = kMass ? m : c;
+      own += w_own[j];
     }
-    __syncthreads();
-    for (int b = threadIdx.x; b < kBuckets; b += kThreads) {
-      double s = 0.0;
-      for (int w = 0; w < kWarps; ++w) s += sh.warp_hist[w][b];
-      sh.hist[b] = s;
-    }
-    __syncthreads();
-    if (warp == 0) {
-      // Lane l owns buckets 255 - 8l down to 248 - 8l (descending key order).
-      double own = 0.0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) own += sh.hist[255 - 8 * lane - j];
-      double incl = own;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const double up = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += up;
+    u64 total;
+    const u64 excl = block_exclusive_scan(sh, own, &total);
+    if (pass == 0) {
+      target = total ? (u64)target_of((uint64_t)total) : 0;
+      if (target == 0) {
+        cluster.sync();
+        return Selected{false, Cut{false, 0u, 0}};
       }
-      double excl = __shfl_up_sync(0xffffffffu, incl, 1);
-      excl = before + (lane == 0 ? 0.0 : excl);
-      const unsigned hit = __ballot_sync(0xffffffffu, own > 0.0 && passes(excl + own, target, strict));
-      const unsigned nonempty = __ballot_sync(0xffffffffu, own > 0.0);
-      // The lane holding the crossing, else the lane holding the last weighted bucket.
-      const int sel = hit ? __ffs(hit) - 1 : (nonempty ? 31 - __clz(nonempty) : 31);
-      if (lane == sel) {
-        double acc = excl;
-        int digit = -1;
-        double acc_digit = acc;
-        for (int j = 0; j < 8; ++j) {
-          const int b = 255 - 8 * lane - j;
-          const double h = sh.hist[b];
-          if (h > 0.0) {
-            digit = b;
-            acc_digit = acc;
-            if (passes(acc + h, target, strict)) break;
-          }
-          acc += h;
+    }
+    const u64 need = target - before;  // in (0, weight in range]
+    if (own > 0 && excl < need && need <= excl + own) {
+      u64 acc = excl;
+      for (int j = 0; j < per_thread; ++j) {
+        if (w_own[j] > 0 && acc + w_own[j] >= need) {
+          sh.sel_digit = num_buckets - 1 - ((int)threadIdx.x * per_thread + j);
+          sh.sel_before = before + acc;
+          sh.sel_count = c_own[j];
+          sh.sel_weight = w_own[j];
+          break;
         }
-        sh.sel_digit = digit < 0 ? 0 : digit;
-        sh.sel_before = acc_digit;
-        sh.sel_id = digit;  // -1: no weighted element at all
+        acc += w_own[j];
       }
     }
-    __syncthreads();
-    if (sh.sel_id < 0) return Cut{0u, -1, true};
+    cluster.sync();  // the others have read this histogram; sel_* written
     prefix |= (uint32_t)sh.sel_digit << shift;
-    prefix_mask |= 0xffu << shift;
+    prefix_mask |= (uint32_t)(num_buckets - 1) << shift;
     before = sh.sel_before;
-    __syncthreads();  // sel_* are rewritten by the next pass
   }
-  // Tied elements at key == prefix, in id order.
-  const int32_t id = select_in_id_order(
-      sh, n,
-      [&](int32_t i) {
-        const float v = ops.value(i);
-        const uint32_t key = order_key(v);
-        return key == prefix ? ops.weight(i, v, key) : 0.0;
+  // Elements at key `prefix` all weigh the same (same adjusted logit): the cut keeps the first m.
+  const u64 count = sh.sel_count, each = sh.sel_weight / count;
+  const u64 m = (target - before + each - 1) / each;
+  __syncthreads();  // sel_* read before find_in_id_order's writes
+  if (m >= count) return Selected{true, Cut{true, prefix, INT32_MAX}};
+  const int32_t id = find_in_id_order(
+      sh, cluster, sl,
+      [&](int32_t i, float r) -> uint64_t {
+        const float a = wt.value(i, r);
+        const uint32_t key = sm::order_key(a);
+        return key == prefix && select_weight<kind>(wt, i, a, key) > 0 ? 1 : 0;
       },
-      before, target, strict);
-  return Cut{prefix, id, true};
+      [&](uint64_t) { return (uint64_t)m; });
+  return Selected{true, Cut{true, prefix, id}};
 }
 
-// Unit weight for every element: selects by rank.
-struct RankOps {
-  const float* values;
-  __device__ float value(int32_t i) const { return values[i]; }
-  __device__ double weight(int32_t, float, uint32_t) const { return 1.0; }
-};
-struct AdjustedRankOps {
-  SeqLogits lg;
-  __device__ float value(int32_t i) const { return lg.adjusted(i); }
-  __device__ double weight(int32_t, float, uint32_t) const { return 1.0; }
-};
-
-// Probability mass of the elements kept by `cut` (and by min_p when set).
-struct MassOps {
-  SeqLogits lg;
-  double max_logit, inv_temperature, min_p;
-  Cut cut;
-  __device__ double prob(float a) const { return exp(((double)a - max_logit) * inv_temperature); }
-  __device__ float value(int32_t i) const { return lg.adjusted(i); }
-  __device__ double weight(int32_t i, float a, uint32_t key) const {
-    if (!cut.keeps(key, i)) return 0.0;
-    const double p = prob(a);
-    return p >= min_p ? p : 0.0;  // p = 0 (not a candidate) weighs nothing either way
-  }
-};
-
-template <typename Ops>
-__device__ double total_weight(Shared& sh, int32_t n, const Ops& ops) {
-  double s = 0.0;
-  for (int32_t i = threadIdx.x; i < n; i += kThreads) {
-    const float v = ops.value(i);
-    s += ops.weight(i, v, order_key(v));
-  }
-  return block_sum(s, sh.scratch);
-}
-
-// Argmax with the lowest id on ties, over the block.
-__device__ int32_t block_argmax(Shared& sh, int32_t n, const SeqLogits& lg, float* max_out) {
-  float best = -INFINITY;
-  int32_t best_id = INT32_MAX;
-  for (int32_t i = threadIdx.x; i < n; i += kThreads) {
-    const float a = lg.adjusted(i);
-    if (a > best) { best = a; best_id = i; }  // ids grow along the loop: strict keeps the lowest
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-    const int32_t oi = __shfl_xor_sync(0xffffffffu, best_id, o);
-    if (ob > best || (ob == best && oi < best_id)) { best = ob; best_id = oi; }
-  }
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) { sh.fscratch[threadIdx.x >> 5] = best; sh.iscratch[threadIdx.x >> 5] = best_id; }
-  __syncthreads();
-  best = -INFINITY;
-  best_id = INT32_MAX;
-  for (int w = 0; w < kWarps; ++w)
-    if (sh.fscratch[w] > best || (sh.fscratch[w] == best && sh.iscratch[w] < best_id)) {
-      best = sh.fscratch[w];
-      best_id = sh.iscratch[w];
-    }
-  *max_out = best;
-  return best == -INFINITY ? -1 : best_id;
-}
-
-// Builds the per-token flags/counts of one sequence in `counts`: kMasked for the ids its bitmask row
-// (null: none) does not allow, then the lists' flags and counts.
-__device__ void build_counts(uint32_t* counts, int32_t n, int s, const int32_t* prompt_ids,
-                             const int32_t* prompt_offsets, const int32_t* output_ids, const int32_t* output_offsets,
-                             const int32_t* masked_ids, const int32_t* masked_offsets, const int32_t* bias_ids,
-                             const int32_t* bias_offsets, const uint32_t* allowed_row) {
-  for (int32_t i = threadIdx.x; i < n; i += kThreads)
+// Builds the per-token flags/counts of one sequence in `counts` (global memory), the cluster's CTAs
+// sharing the work: kMasked for the ids its bitmask row (null: none) does not allow, then the lists'
+// flags and counts. Ends with a cluster barrier (the counts are visible to the whole cluster).
+__device__ void build_counts(const cg::cluster_group& cluster, uint32_t* counts, int32_t n, const Slice& sl, int s,
+                             const int32_t* prompt_ids, const int32_t* prompt_offsets, const int32_t* output_ids,
+                             const int32_t* output_offsets, const int32_t* masked_ids, const int32_t* masked_offsets,
+                             const int32_t* bias_ids, const int32_t* bias_offsets, const uint32_t* allowed_row) {
+  for (int32_t i = sl.begin + threadIdx.x; i < sl.end; i += kThreads)
     counts[i] = !allowed_row || ((allowed_row[i >> 5] >> (i & 31)) & 1u) ? 0u : kMasked;
-  __syncthreads();
+  cluster.sync();
+  const int32_t first = (int32_t)(cluster.block_rank() * kThreads + threadIdx.x);
+  const int32_t stride = (int32_t)(cluster.num_blocks() * kThreads);
   // Sets `flag` on each id of sequence s's part of a CSR list.
   auto flag_list = [&](const int32_t* ids, const int32_t* offsets, uint32_t flag) {
     if (!offsets) return;
-    for (int32_t j = offsets[s] + threadIdx.x; j < offsets[s + 1]; j += kThreads) {
+    for (int32_t j = offsets[s] + first; j < offsets[s + 1]; j += stride) {
       const int32_t id = ids[j];
       if (id >= 0 && id < n) atomicOr(&counts[id], flag);
     }
   };
   flag_list(prompt_ids, prompt_offsets, kSeen);
   if (output_offsets)
-    for (int32_t j = output_offsets[s] + threadIdx.x; j < output_offsets[s + 1]; j += kThreads) {
+    for (int32_t j = output_offsets[s] + first; j < output_offsets[s + 1]; j += stride) {
       const int32_t id = output_ids[j];
       if (id >= 0 && id < n) {
         atomicAdd(&counts[id], 1u);  // the count stays below kBiased for any realistic output length
@@ -354,7 +485,66 @@ __device__ void build_counts(uint32_t* counts, int32_t n, int s, const int32_t* 
     }
   flag_list(masked_ids, masked_offsets, kMasked);
   flag_list(bias_ids, bias_offsets, kBiased);
+  __threadfence();
+  cluster.sync();
+}
+
+// Raw log-softmax normalizer and the top-N raw logprobs (rank 0 writes them).
+__device__ double raw_logprobs(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, int s, int32_t n,
+                               int32_t num_logprobs, int32_t max_top, float* out_logprobs, int32_t* out_top_ids) {
+  float m = -INFINITY;
+  stream_slice(sl, [&](int32_t, float r, bool valid) { if (valid) m = fmaxf(m, r); });
+  int32_t unused;
+  m = cluster_argmax(sh, cluster, m, INT32_MAX, &unused);
+  double sum = 0.0;
+  stream_slice(sl, [&](int32_t, float r, bool valid) { if (valid) sum += exp((double)r - (double)m); });
+  const double log_sum = (double)m + log(cluster_sum<double>(sh, cluster, sum));
+  const int32_t num_top = min(min(num_logprobs, max_top), n);
   __syncthreads();
+  if (threadIdx.x == 0) sh.num_top = 0;
+  __syncthreads();
+  if (num_top > 0) {
+    Weights wt{};
+    wt.raw = true;
+    const Selected sel = radix_select<Select::kTopN>(sh, cluster, sl, wt, [&](uint64_t) { return (uint64_t)num_top; });
+    for (int32_t i = sl.begin + threadIdx.x; i < sl.end; i += kThreads)
+      if (sel.cut.keeps(sm::order_key(sl.raw[i]), i)) {
+        const int slot = atomicAdd(&sh.num_top, 1);
+        if (slot < kMaxTopLogprobs) { sh.top_ids[slot] = i; sh.top_vals[slot] = sl.raw[i]; }
+      }
+  }
+  cluster.sync();  // every CTA's candidates are in place
+  if (cluster.block_rank() == 0 && (int)threadIdx.x < max_top) {
+    // Thread r places the r-th candidate of the cluster (rank order) at its rank among all of them.
+    const int r = threadIdx.x;
+    int32_t id = -1;
+    float v = -INFINITY;
+    int found = 0;
+    for (unsigned q = 0; q < cluster.num_blocks(); ++q) {
+      const Shared* other = cluster.map_shared_rank(&sh, q);
+      const int k = min(other->num_top, kMaxTopLogprobs);
+      if (r >= found && r < found + k) { id = other->top_ids[r - found]; v = other->top_vals[r - found]; }
+      found += k;
+    }
+    if (r < min(num_top, found)) {
+      int rank = 0;
+      for (unsigned q = 0; q < cluster.num_blocks(); ++q) {
+        const Shared* other = cluster.map_shared_rank(&sh, q);
+        for (int j = 0; j < min(other->num_top, kMaxTopLogprobs); ++j) {
+          const float ov = other->top_vals[j];
+          const int32_t oid = other->top_ids[j];
+          rank += ov > v || (ov == v && oid < id);
+        }
+      }
+      out_top_ids[(int64_t)s * max_top + rank] = id;
+      out_logprobs[(int64_t)s * (1 + max_top) + 1 + rank] = (float)((double)v - log_sum);
+    } else if (r >= num_top) {
+      out_top_ids[(int64_t)s * max_top + r] = -1;
+      out_logprobs[(int64_t)s * (1 + max_top) + 1 + r] = -INFINITY;
+    }
+  }
+  cluster.sync();  // rank 0 has read the others' candidates
+  return log_sum;
 }
 
 __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
@@ -365,51 +555,19 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
     const uint32_t* allowed_bitmask, int32_t n, int32_t max_top, uint32_t* workspace) {
   __shared__ Shared sh;
   pdl_begin();
-  const int s = blockIdx.x;
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int rank = (int)cluster.block_rank(), num_ranks = (int)cluster.num_blocks();
+  const int s = blockIdx.x / num_ranks;
   const SamplingParamsDevice p = params[s];
-  const float* raw = logits + (int64_t)s * n;
+  // Slices of a multiple of 4 elements, so every slice of an aligned row starts aligned.
+  const int32_t slice = ceil_div(ceil_div(n, num_ranks), 4) * 4;
+  const Slice sl{logits + (int64_t)s * n, min(n, rank * slice), min(n, (rank + 1) * slice)};
 
-  // Raw log-softmax and the top-N raw logprobs.
   double log_sum = 0.0;
-  if (p.num_logprobs >= 0) {
-    float m = -INFINITY;
-    for (int32_t i = threadIdx.x; i < n; i += kThreads) m = fmaxf(m, raw[i]);
-    m = block_max(m, sh.fscratch);
-    double sum = 0.0;
-    for (int32_t i = threadIdx.x; i < n; i += kThreads) sum += exp((double)raw[i] - (double)m);
-    log_sum = (double)m + log(block_sum(sum, sh.scratch));
-    const int32_t num_top = min(min(p.num_logprobs, max_top), n);
-    if (threadIdx.x == 0) sh.num_top = 0;
-    __syncthreads();
-    if (num_top > 0) {
-      const Cut cut = select_in_sorted_order(sh, n, RankOps{raw}, (double)num_top, false);
-      for (int32_t i = threadIdx.x; i < n; i += kThreads)
-        if (cut.keeps(order_key(raw[i]), i)) {
-          const int slot = atomicAdd(&sh.num_top, 1);
-          if (slot < kMaxTopLogprobs) { sh.top_ids[slot] = i; sh.top_vals[slot] = raw[i]; }
-        }
-      __syncthreads();
-    }
-    if (threadIdx.x < max_top) {
-      const int r = threadIdx.x;
-      int32_t id = -1;
-      float lp = -INFINITY;
-      if (r < min(num_top, sh.num_top)) {  // place element r at its rank
-        const float v = sh.top_vals[r];
-        const int32_t vid = sh.top_ids[r];
-        int rank = 0;
-        for (int j = 0; j < min(num_top, sh.num_top); ++j)
-          rank += sh.top_vals[j] > v || (sh.top_vals[j] == v && sh.top_ids[j] < vid);
-        out_top_ids[(int64_t)s * max_top + rank] = vid;
-        out_logprobs[(int64_t)s * (1 + max_top) + 1 + rank] = (float)((double)v - log_sum);
-      } else if (r >= num_top) {
-        out_top_ids[(int64_t)s * max_top + r] = id;
-        out_logprobs[(int64_t)s * (1 + max_top) + 1 + r] = lp;
-      }
-    }
-  }
+  if (p.num_logprobs >= 0)
+    log_sum = raw_logprobs(sh, cluster, sl, s, n, p.num_logprobs, max_top, out_logprobs, out_top_ids);
 
-  SeqLogits lg{raw, nullptr, p.repetition_penalty, p.presence_penalty, p.frequency_penalty, nullptr, nullptr, 0};
+  SeqLogits lg{nullptr, p.repetition_penalty, p.presence_penalty, p.frequency_penalty, nullptr, nullptr, 0};
   const uint32_t* allowed_row = allowed_bitmask ? allowed_bitmask + (int64_t)s * ((n + 31) >> 5) : nullptr;
   auto has_list = [&](const int32_t* offsets) { return offsets && offsets[s + 1] > offsets[s]; };
   if (bias_offsets) {
@@ -421,45 +579,80 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
                          lg.num_biases > 0 || allowed_row;
   if (has_lists && workspace) {
     uint32_t* counts = workspace + (int64_t)s * n;
-    build_counts(counts, n, s, prompt_ids, prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets,
-                 bias_ids, bias_offsets, allowed_row);
+    build_counts(cluster, counts, n, sl, s, prompt_ids, prompt_offsets, output_ids, output_offsets, masked_ids,
+                 masked_offsets, bias_ids, bias_offsets, allowed_row);
     lg.counts = counts;
   }
 
-  float max_logit;
-  int32_t token = block_argmax(sh, n, lg, &max_logit);
+  // Argmax of the adjusted logits (lowest id on ties).
+  float best = -INFINITY;
+  int32_t best_id = INT32_MAX;
+  stream_slice(sl, [&](int32_t i, float r, bool valid) {
+    if (!valid) return;
+    const float a = lg.adjust(i, r);
+    if (a > best || (a == best && i < best_id)) { best = a; best_id = i; }
+  });
+  const float max_logit = cluster_argmax(sh, cluster, best, best_id, &best_id);
+  int32_t token = max_logit == -INFINITY ? -1 : best_id;
+
   if (token >= 0 && p.temperature != 0.0f) {
-    MassOps mass{lg, (double)max_logit, 1.0 / (double)p.temperature, 0.0, no_cut()};
-    // Top-k is active when the (top_k + 1)-th most likely element is still a candidate (p > 0).
-    bool sorted = false;
+    Weights wt{lg, max_logit, sm::inverse_temperature(p.temperature), Cut{false, 0u, 0}, Cut{false, 0u, 0}, 0, false};
     if (p.top_k > 0 && p.top_k < n) {
-      Cut next = select_in_sorted_order(sh, n, AdjustedRankOps{lg}, (double)p.top_k + 1.0, false);
-      if (next.id >= 0 && mass.prob(lg.adjusted(next.id)) > 0.0) {
-        mass.cut = Cut{next.key, next.id, false};  // keep the elements before it
-        sorted = true;
-      }
+      // The top_k-th candidate, when there are more than top_k.
+      const int32_t top_k = p.top_k;
+      const Selected k = radix_select<Select::kTopK>(
+          sh, cluster, sl, wt, [&](uint64_t total) { return total > (uint64_t)top_k ? (uint64_t)top_k : 0; });
+      if (k.found) wt.k_cut = k.cut;
     }
     if (p.top_p < 1.0f) {
-      const double total = total_weight(sh, n, mass);
-      const Cut last = select_in_sorted_order(sh, n, mass, (double)p.top_p * total, false);
-      if (last.id >= 0) mass.cut = last;  // a prefix of the top-k prefix
-      sorted = true;
+      const float top_p = p.top_p;
+      const Selected c = radix_select<Select::kTopP>(
+          sh, cluster, sl, wt, [&](uint64_t total) { return sm::top_p_threshold(total, top_p); });
+      if (c.found) wt.p_cut = c.cut;
     }
-    mass.min_p = (double)p.min_p;
-    const double target = uniform(p.seed, p.step) * total_weight(sh, n, mass);
-    if (sorted) {
-      token = select_in_sorted_order(sh, n, mass, target, true).id;
-    } else {
-      token = select_in_id_order(
-          sh, n, [&](int32_t i) { const float a = lg.adjusted(i); return mass.weight(i, a, order_key(a)); }, 0.0,
-          target, true);
-    }
+    wt.min_mass = sm::min_p_threshold(p.min_p);
+    const uint64_t bits = sm::uniform_bits(p.seed, p.step);
+    token = find_in_id_order(
+        sh, cluster, sl,
+        [&](int32_t i, float r) -> uint64_t {
+          const float a = lg.adjust(i, r);
+          return wt.kept_weight(i, a, sm::order_key(a));
+        },
+        [&](uint64_t total) { return sm::draw_target(total, bits) + 1; });
   }
-  if (threadIdx.x == 0) {
+  if (rank == 0 && threadIdx.x == 0) {
     out_ids[s] = token;
     if (p.num_logprobs >= 0)
-      out_logprobs[(int64_t)s * (1 + max_top)] = token >= 0 ? (float)((double)raw[token] - log_sum) : -INFINITY;
+      out_logprobs[(int64_t)s * (1 + max_top)] = token >= 0 ? (float)((double)sl.raw[token] - log_sum) : -INFINITY;
   }
+}
+
+// The largest cluster size up to kMaxClusterSize the device can run sample_kernel with (a partitioned
+// GPU may run fewer), asked once per device.
+int max_cluster_size(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices];
+  if (device >= 0 && device < kMaxDevices && cached[device].load(std::memory_order_relaxed) > 0)
+    return cached[device].load(std::memory_order_relaxed);
+  int size = kMaxClusterSize;
+  for (; size > 1; size >>= 1) {
+    cudaLaunchAttribute attribute;
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = size;
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(size);
+    config.blockDim = dim3(kThreads);
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    int num_clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&num_clusters, sample_kernel, &config) == cudaSuccess && num_clusters > 0)
+      break;
+    (void)cudaGetLastError();  // a size the device cannot run is not an error of the caller
+  }
+  if (device >= 0 && device < kMaxDevices) cached[device].store(size, std::memory_order_relaxed);
+  return size;
 }
 
 }  // namespace
@@ -486,9 +679,34 @@ cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, 
   const bool has_lists = prompt_offsets || output_offsets || masked_offsets || bias_offsets || allowed_bitmask;
   RTLLM_KERNEL_CHECK(!has_lists || (workspace && (reinterpret_cast<uintptr_t>(workspace) & 3) == 0));
   if (num_seqs == 0) return cudaSuccess;
-  launch_pdl(sample_kernel, num_seqs, kThreads, 0, stream, out_ids, out_logprobs, out_top_ids, logits, params,
-             prompt_ids, prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets, bias_ids, bias_values,
-             bias_offsets, allowed_bitmask, vocab_size, max_top, static_cast<uint32_t*>(workspace));
+  // Small batches split each row over a cluster of CTAs so more SMs share the passes over the row;
+  // two CTAs fit on an SM.
+  cudaError_t err;
+  int device = 0, num_sms = 0;
+  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
+  int cluster = max_cluster_size(device);
+  while (cluster > 1 && (int64_t)num_seqs * cluster > num_sms) cluster >>= 1;
+
+  cudaLaunchAttribute attributes[2];
+  attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[0].val.programmaticStreamSerializationAllowed = programmatic_launch_enabled() ? 1 : 0;
+  attributes[1].id = cudaLaunchAttributeClusterDimension;
+  attributes[1].val.clusterDim.x = cluster;
+  attributes[1].val.clusterDim.y = 1;
+  attributes[1].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((unsigned)(num_seqs * cluster));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  config.attrs = attributes;
+  config.numAttrs = 2;
+  err = cudaLaunchKernelEx(&config, sample_kernel, out_ids, out_logprobs, out_top_ids, logits, params, prompt_ids,
+                           prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets, bias_ids,
+                           bias_values, bias_offsets, allowed_bitmask, vocab_size, max_top,
+                           static_cast<uint32_t*>(workspace));
+  if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
 

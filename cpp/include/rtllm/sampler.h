@@ -7,8 +7,10 @@
 //   2. bias and mask   logit_bias added; masked ids and ids outside the allowed-token bitmask (the
 //                      request's LogitsProcessor) set to -inf;
 //   3. temperature     0 skips to stage 5's argmax (lowest id on ties); else softmax(logits / T);
-//   4. filters         top-k -> top-p -> min-p;
-//   5. draw            inverse CDF of the renormalized kept mass, or the argmax when greedy.
+//   4. filters         top-k -> top-p -> min-p, over integer masses (exact rules in
+//                      kernels/include/rtllm/kernels/sampling.cuh);
+//   5. draw            inverse CDF of the kept mass walking the kept tokens in id order, or the
+//                      argmax when greedy.
 // The draw for step i uses one uniform number that depends only on the sequence's seed and i, so a
 // sequence samples the same tokens whatever else is in the batch.
 #pragma once
@@ -107,14 +109,15 @@ class RTLLM_API Sampler {
   // False when every token is masked or -inf (out untouched).
   bool try_sample(const float* logits, int32_t vocab_size, const SamplingInput& input, SampledToken& out);
   // Stages 3-5 over logits_, which stages 1-2 adjusted in place.
-  void apply_temperature(int32_t vocab_size, float temperature, double max_logit);
+  void apply_temperature(int32_t vocab_size, float temperature, float max_logit);
   void filter_candidates(const SamplingConfig& config);
-  int32_t draw_candidate(double u) const;
+  int32_t draw_candidate(uint64_t uniform_bits) const;
 
-  // Work buffers reused across calls: [vocab_size] adjusted logits, candidate ids and probabilities.
+  // Work buffers reused across calls: [vocab_size] adjusted logits, candidate ids and integer masses
+  // (floor(p · 2^33), kernels/include/rtllm/kernels/sampling_math.h).
   std::vector<float> logits_;
   std::vector<int32_t> candidates_;
-  std::vector<double> probs_;
+  std::vector<uint64_t> masses_;
 };
 
 }  // namespace rtllm
