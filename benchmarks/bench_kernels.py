@@ -189,13 +189,17 @@ def params_array(kernels, rows):
 
 @register
 def bench_sampling(ctx):
-    """Device sampling of a whole batch (one CTA per sequence); bytes = the float32 logits read once."""
+    """Device sampling of a whole batch (a cluster of CTAs per row for small batches, one CTA per row for
+    large ones); bytes = the float32 logits read once. Flat rows (randn · 0.05: a random-weight model,
+    the top-p set holds most of the vocabulary) and peaked ones (randn · 4)."""
     k_mod, rows = ctx.kernels, []
-    for num_seqs, vocab, settings in [(1, 128256, dict(temperature=0.0)), (1, 128256, dict(temperature=1.0)),
-                                      (1, 128256, dict(temperature=0.8, top_p=0.9)),
-                                      (64, 128256, dict(temperature=0.8, top_k=50, top_p=0.9)),
-                                      (64, 152064, dict(temperature=1.0, top_p=0.95, num_logprobs=5))]:
-        logits = rand(num_seqs, vocab, dtype=torch.float32, scale=3.0)
+    modes = [dict(temperature=0.0), dict(temperature=0.8, top_p=0.95), dict(temperature=0.8, top_k=50),
+             dict(temperature=0.8)]
+    cases = [(num_seqs, 128256, scale, mode) for num_seqs in (1, 64, 256, 512) for scale in (0.05, 4.0)
+             for mode in modes]
+    cases.append((64, 152064, 3.0, dict(temperature=1.0, top_p=0.95, num_logprobs=5)))
+    for num_seqs, vocab, scale, settings in cases:
+        logits = rand(num_seqs, vocab, dtype=torch.float32, scale=scale)
         params = params_array(k_mod, [dict(settings, seed=i) for i in range(num_seqs)])
         ids = torch.empty(num_seqs, dtype=torch.int32, device="cuda")
         lp = torch.empty(num_seqs, 9, device="cuda")
@@ -204,7 +208,8 @@ def bench_sampling(ctx):
                                                 params.data_ptr(), num_seqs=num_seqs, vocab_size=vocab, max_top=8,
                                                 stream=ctx.stream))
         name = ",".join(f"{k}={v}" for k, v in settings.items())
-        rows.append(ctx.row("sample", f"{num_seqs}x{vocab} {name}", ms, num_seqs * vocab * 4))
+        kind = "flat" if scale < 1 else "peaked"
+        rows.append(ctx.row("sample", f"{num_seqs}x{vocab} {kind} {name}", ms, num_seqs * vocab * 4))
     return rows
 
 

@@ -218,7 +218,8 @@ struct SeqLogits {
     if ((c & kSeen) && repetition != 1.0f) a = a > 0.0f ? __fdiv_rn(a, repetition) : __fmul_rn(a, repetition);
     const uint32_t n = c & kCountMask;
     // Rounded like the CPU's `presence + frequency * count` (no fused multiply-add).
-    if (n && (presence != 0.0f || frequency != 0.0f)) a = __fsub_rn(a, __fadd_rn(presence, __fmul_rn(frequency, (float)n)));
+    if (n && (presence != 0.0f || frequency != 0.0f))
+      a = __fsub_rn(a, __fadd_rn(presence, __fmul_rn(frequency, (float)n)));
     if (c & kBiased) a = __fadd_rn(a, bias_of(i));
     return a;
   }

@@ -1,9 +1,7 @@
-"""The device sampler against the CPU sampler (same seed and step -> same token) and float64 references.
-
-Identity with the CPU sampler is required except where the draw is ambiguous at float64 precision:
-draws whose target u·total lies within 1e-9 (relative to the total) of a cumulative boundary, or
-whose top-p cut lies within 1e-9 of the threshold, are computed by `ambiguous` below and excluded
-(the two samplers sum the same double probabilities in different orders, ~1e-13 apart).
+"""The device sampler against the CPU Sampler (same seed and step -> same token, always: both use the
+integer-mass rules of kernels/include/rtllm/kernels/sampling.cuh) and against independent references:
+the exact rules re-derived in numpy (tests/python/sampling_reference.py) and float64 distributions.
+Outputs are poisoned (NaN bytes) before every call, so a row the kernel skips shows.
 """
 import pathlib
 import sys
@@ -13,9 +11,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
-from test_sampling import reference_distribution  # noqa: E402
+from sampling_reference import float64_distribution, reference_token  # noqa: E402
 
-MARGIN = 1e-9
+POISON = 0x7FC00000  # the bytes of a float32 NaN, as an int32 id
 
 
 def params_array(kernels, rows):
@@ -47,9 +45,9 @@ def gpu_sample(kernels, logits, rows, prompt=None, output=None, masked=None, max
     uint32 numpy. Returns ids, logprobs [S, 1 + max_top], top ids [S, max_top] (numpy)."""
     num_seqs, vocab = logits.shape
     params = params_array(kernels, rows)
-    ids = torch.full((num_seqs,), -7, dtype=torch.int32, device="cuda")
-    logprobs = torch.full((num_seqs, 1 + max_top), float("nan"), device="cuda")
-    top_ids = torch.full((num_seqs, max(max_top, 1)), -7, dtype=torch.int32, device="cuda")
+    ids = torch.full((num_seqs,), POISON, dtype=torch.int32, device="cuda")
+    logprobs = torch.full((num_seqs, 1 + max_top), POISON, dtype=torch.int32, device="cuda").view(torch.float32)
+    top_ids = torch.full((num_seqs, max(max_top, 1)), POISON, dtype=torch.int32, device="cuda")
     lists, keep = {}, []
     for name, value in [("prompt", prompt), ("output", output), ("masked", masked)]:
         if value is not None:
@@ -73,75 +71,87 @@ def gpu_sample(kernels, logits, rows, prompt=None, output=None, masked=None, max
     return ids.cpu().numpy(), logprobs.cpu().numpy(), top_ids.cpu().numpy()
 
 
-def ambiguous(logits, u, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
-    """Whether the CPU sampler's draw (cpp/src/sampler.cc, in float64) is within MARGIN of a boundary."""
-    x = np.asarray(logits, np.float64)
-    p = np.exp((x - x.max()) * (1.0 / np.float64(np.float32(temperature))))
-    cand = np.nonzero(p > 0)[0]
-    order = cand[np.lexsort((cand, -p[cand]))]  # p desc, id asc
-    sorted_mode = False
-    if 0 < top_k < len(cand):
-        order, sorted_mode = order[:top_k], True
-    elif top_p < 1.0:
-        sorted_mode = True
-    if top_p < 1.0:
-        total = p[order].sum()
-        cum = np.cumsum(p[order])
-        thr = np.float64(np.float32(top_p)) * total
-        if np.min(np.abs(cum - thr)) < MARGIN * total:
-            return True
-        order = order[: max(int(np.searchsorted(cum, thr, side="left")) + 1, 1)]
-    seq = order if sorted_mode else cand
-    seq = seq[p[seq] >= np.float64(np.float32(min_p))]
-    if min_p > 0 and np.min(np.abs(p[cand] - np.float64(np.float32(min_p)))) < MARGIN:
-        return True
-    cum = np.cumsum(p[seq])
-    return bool(np.min(np.abs(cum - u * cum[-1])) < MARGIN * cum[-1])
+def cpu_token(kernels, logits, row, prompt=(), output=(), masked=(), logit_bias=None):
+    """The CPU Sampler's token for one row (settings as in `row`)."""
+    return kernels.cpu_sample(np.ascontiguousarray(logits, np.float32), row.get("temperature", 1.0),
+                              row.get("top_k", 0), row.get("top_p", 1.0), row.get("min_p", 0.0),
+                              row.get("repetition_penalty", 1.0), row.get("presence_penalty", 0.0),
+                              row.get("frequency_penalty", 0.0), int(row.get("seed", 0)), int(row.get("step", 0)),
+                              list(prompt), list(output), list(masked), -1, logit_bias=logit_bias or {})[0]
+
+
+def ref_token(logits, row):
+    """The numpy reference of the rules (no penalties, bias or mask)."""
+    return reference_token(logits, row.get("temperature", 1.0), int(row.get("seed", 0)), int(row.get("step", 0)),
+                           row.get("top_k", 0), row.get("top_p", 1.0), row.get("min_p", 0.0))
+
+
+def make_logits(rng, num, vocab, scale):
+    """[num, vocab] float32: randn · scale; "bf16" rows are randn · 0.05 rounded to bfloat16 (a model's
+    flat logits: long runs of equal values, so the top-k / top-p cuts fall inside ties)."""
+    x = torch.from_numpy(rng.standard_normal((num, vocab)).astype(np.float32))
+    if scale == "bf16":
+        return (x * 0.05).to(torch.bfloat16).to(torch.float32).numpy()
+    return (x * scale).numpy()
 
 
 SETTINGS = [dict(temperature=1.0), dict(temperature=0.6), dict(temperature=1.5, top_k=5),
             dict(temperature=1.0, top_p=0.7), dict(temperature=1.2, min_p=0.2),
             dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05), dict(temperature=0.7, top_k=1),
-            dict(temperature=2.0, top_p=0.95)]
+            dict(temperature=2.0, top_p=0.95), dict(temperature=0.8, top_p=0.95), dict(temperature=0.8, top_k=50),
+            dict(temperature=1.0, top_p=1e-6), dict(temperature=1.0, top_p=0.99999994),
+            dict(temperature=1.0, top_k=200000, top_p=0.5), dict(temperature=0.0)]
+SCALES = [1e-3, 0.05, "bf16", 1.0, 4.0]
 
 
-@pytest.mark.parametrize("vocab", [1000, 32000, 152064])
-@pytest.mark.parametrize("settings", SETTINGS)
-def test_same_token_as_cpu_sampler(kernels, vocab, settings):
-    rng = np.random.default_rng(vocab + len(str(settings)))
-    num = 32 if vocab > 100000 else 200
-    logits = (rng.standard_normal(vocab) * 3.0).astype(np.float32)
-    seeds = rng.integers(0, 2**63, size=num, dtype=np.uint64)
-    steps = rng.integers(0, 1000, size=num)
-    rows = [dict(settings, seed=int(s), step=int(t)) for s, t in zip(seeds, steps)]
-    ids, _, _ = gpu_sample(kernels, torch.from_numpy(np.tile(logits, (num, 1))).cuda(), rows)
-    excluded = 0
-    for i, (s, t) in enumerate(zip(seeds, steps)):
-        u = kernels.sampling_uniform(int(s), int(t))
-        if ambiguous(logits, u, **settings):
-            excluded += 1
-            continue
-        cpu = kernels.cpu_sample(logits, settings.get("temperature", 1.0), settings.get("top_k", 0),
-                                 settings.get("top_p", 1.0), settings.get("min_p", 0.0), 1.0, 0.0, 0.0, int(s), int(t),
-                                 [], [], [], -1)[0]
-        assert ids[i] == cpu, f"seed {s} step {t}: GPU {ids[i]} CPU {cpu}"
-    assert excluded <= 2
+@pytest.mark.parametrize("vocab", [1000, 32003, 128256])
+@pytest.mark.parametrize("scale", SCALES, ids=[str(s) for s in SCALES])
+@pytest.mark.parametrize("settings", SETTINGS, ids=[str(s) for s in SETTINGS])
+def test_same_token_as_cpu_sampler_and_reference(kernels, vocab, scale, settings):
+    rng = np.random.default_rng()
+    num = 8 if vocab > 100000 else 48
+    logits = make_logits(rng, num, vocab, scale)
+    rows = [dict(settings, seed=int(s), step=int(t))
+            for s, t in zip(rng.integers(0, 2**63, num, dtype=np.uint64), rng.integers(0, 1000, num))]
+    ids, _, _ = gpu_sample(kernels, torch.from_numpy(logits).cuda(), rows)
+    for i in range(num):
+        assert ids[i] == cpu_token(kernels, logits[i], rows[i]), (i, rows[i])
+    for i in range(2):  # the numpy reference is slow: a couple of rows
+        assert ids[i] == ref_token(logits[i], rows[i]), (i, rows[i])
+
+
+@pytest.mark.parametrize("num_seqs", [1, 3, 64, 257, 512])
+def test_batches_of_mixed_rows_match_cpu_sampler(kernels, num_seqs):
+    """Every batch size (cluster-split rows for small batches, one CTA per row for large ones), each row
+    its own logits (flat or peaked) and settings."""
+    rng = np.random.default_rng()
+    vocab = 128256
+    scales = [SCALES[i] for i in rng.integers(0, len(SCALES), num_seqs)]
+    logits = np.concatenate([make_logits(rng, 1, vocab, sc) for sc in scales])
+    rows = [dict(SETTINGS[int(rng.integers(len(SETTINGS)))], seed=int(rng.integers(2**63)), step=int(rng.integers(500)))
+            for _ in range(num_seqs)]
+    ids, _, _ = gpu_sample(kernels, torch.from_numpy(logits).cuda(), rows)
+    for i in range(num_seqs):
+        assert ids[i] == cpu_token(kernels, logits[i], rows[i]), (i, scales[i], rows[i])
+    assert ids[0] == ref_token(logits[0], rows[0]), (scales[0], rows[0])
 
 
 def test_tied_logits_follow_id_order(kernels):
-    """Equal logits: the CPU orders ties by id; top-p / top-k cuts then fall inside the tie."""
-    vocab, num = 5000, 100
+    """Equal logits: ties are ordered by id; top-p / top-k cuts then fall inside the tie, and the kept
+    ones are the lowest ids (checked from first principles, then against the CPU Sampler)."""
+    vocab, num = 5003, 200
     logits = np.zeros(vocab, np.float32)
     logits[::7] = 1.0  # 715 tied leaders, the rest tied below
-    for settings in [dict(top_p=0.5), dict(top_k=300), dict(top_k=800, top_p=0.9), dict()]:
+    for settings in [dict(top_p=0.5), dict(top_k=300), dict(top_k=800, top_p=0.9), dict(), dict(top_p=1e-6)]:
         rows = [dict(settings, seed=1000 + i, step=3) for i in range(num)]
         ids, _, _ = gpu_sample(kernels, torch.from_numpy(np.tile(logits, (num, 1))).cuda(), rows)
         for i in range(num):
-            if ambiguous(logits, kernels.sampling_uniform(1000 + i, 3), **settings):
-                continue
-            cpu = kernels.cpu_sample(logits, 1.0, settings.get("top_k", 0), settings.get("top_p", 1.0), 0.0, 1.0,
-                                     0.0, 0.0, 1000 + i, 3, [], [], [], -1)[0]
-            assert ids[i] == cpu, (settings, i)
+            assert ids[i] == cpu_token(kernels, logits, rows[i]), (settings, i)
+        if settings == dict(top_k=300):
+            assert set(ids.tolist()) <= set(range(0, 7 * 300, 7))
+        if settings == dict(top_p=1e-6):
+            assert set(ids.tolist()) == {0}
+    assert ids[0] == ref_token(logits, rows[0])
 
 
 def test_greedy_is_argmax_lowest_id_on_ties(kernels):
@@ -185,12 +195,8 @@ def test_penalties_and_masks(kernels):
                  seed=77 + s, step=s) for s in range(num)]
     ids, _, _ = gpu_sample(kernels, torch.from_numpy(logits).cuda(), rows, prompt, output, masked)
     for s in range(num):
-        adjusted = apply_penalties(logits[s], prompt[s], output[s], masked[s], 1.2, -0.4, 0.3).astype(np.float32)
-        if ambiguous(adjusted, kernels.sampling_uniform(77 + s, s), top_p=0.9):
-            continue
-        cpu = kernels.cpu_sample(logits[s], 1.0, 0, 0.9, 0.0, 1.2, -0.4, 0.3, 77 + s, s, prompt[s], output[s],
-                                 masked[s], -1)
-        assert ids[s] == cpu[0] and ids[s] not in masked[s]
+        assert ids[s] == cpu_token(kernels, logits[s], rows[s], prompt[s], output[s], masked[s]), s
+        assert ids[s] not in masked[s]
 
 
 def test_everything_masked_gives_minus_one(kernels):
@@ -200,18 +206,21 @@ def test_everything_masked_gives_minus_one(kernels):
     assert ids.tolist() == [-1, -1]
 
 
-def test_logprobs_of_raw_logits(kernels):
-    rng = np.random.default_rng(9)
-    num, vocab, max_top = 6, 32000, 8
+@pytest.mark.parametrize("num, vocab", [(6, 32000), (1, 128256), (3, 128256), (70, 128256), (300, 1003)])
+def test_logprobs_of_raw_logits(kernels, num, vocab):
+    rng = np.random.default_rng()
+    max_top = 8
     logits = (rng.standard_normal((num, vocab)) * 4).astype(np.float32)
     logits[0, 100] = logits[0, 50] = logits[0].max() + 1  # a tie among the top: lower id first
-    num_logprobs = [0, 1, 5, 8, 3, -1]
-    rows = [dict(temperature=0.9, seed=s, num_logprobs=n, repetition_penalty=2.0) for s, n in enumerate(num_logprobs)]
+    num_logprobs = [[0, 1, 5, 8, 3, -1][s % 6] for s in range(num)]
+    rows = [dict(temperature=[0.9, 0.0][s % 2], top_p=0.95, seed=s, num_logprobs=n, repetition_penalty=2.0)
+            for s, n in enumerate(num_logprobs)]
     ids, lp, top = gpu_sample(kernels, torch.from_numpy(logits).cuda(), rows, prompt=[[1, 2, 3]] * num, max_top=max_top)
     for s in range(num):
         ref = torch.log_softmax(torch.from_numpy(logits[s]).double(), 0).numpy()
+        assert ids[s] == cpu_token(kernels, logits[s], rows[s], prompt=[1, 2, 3]), s
         if num_logprobs[s] < 0:
-            assert np.isnan(lp[s]).all() and (top[s] == -7).all()  # row untouched
+            assert np.isnan(lp[s]).all() and (top[s] == POISON).all()  # row untouched
             continue
         assert abs(lp[s, 0] - ref[ids[s]]) <= 1e-5  # raw logprob, before the penalty
         order = np.lexsort((np.arange(vocab), -logits[s]))[: num_logprobs[s]]
@@ -228,7 +237,7 @@ def test_token_frequencies_match_reference(kernels, settings):
     rows = [dict(settings, seed=s, step=0) for s in range(num)]
     ids, _, _ = gpu_sample(kernels, torch.from_numpy(np.tile(logits, (num, 1))).cuda(), rows)
     counts = np.bincount(ids, minlength=vocab)
-    expected = reference_distribution(logits, **settings)
+    expected = float64_distribution(logits, **settings)
     assert counts[expected == 0].sum() == 0, "sampled a token the settings exclude"
     # Five standard deviations of a binomial frequency, plus slack for float32 rounding.
     bound = 5 * np.sqrt(expected * (1 - expected) / num) + 1e-3
@@ -246,7 +255,7 @@ def bitmask_of(allowed, vocab):
 def test_logit_bias_and_bitmask_match_float64_reference(kernels):
     """Fresh random logits, penalties, biases and bitmasks each run (the seed is in the message):
     greedy ids are the argmax of the float64 stages 1-2, sampled ids the CPU Sampler's, never a
-    disallowed token; outputs start as NaN / -7 so a row the kernel skips shows."""
+    disallowed token; outputs start poisoned so a row the kernel skips shows."""
     seed = int(np.random.SeedSequence().entropy % 2**32)
     rng = np.random.default_rng(seed)
     num, vocab = 32, 32003  # a partial last bitmask word
@@ -285,13 +294,9 @@ def test_logit_bias_and_bitmask_match_float64_reference(kernels):
                                bitmask=bitmask_of(allowed, vocab))
     for s in range(num):
         assert allowed[s, sampled[s]] and sampled[s] not in masked[s], f"seed {seed} sequence {s}"
-        if not allowed[s].all():
-            continue  # cpu_sample has no bitmask argument; the masked rows are checked above
-        adjusted = reference(s).astype(np.float32)
-        if ambiguous(adjusted, kernels.sampling_uniform(rows[s]["seed"], s), temperature=0.8, top_p=0.95):
-            continue
-        cpu = kernels.cpu_sample(logits[s], 0.8, 0, 0.95, 0.0, 1.3, 0.4, 0.2, rows[s]["seed"], s, prompt[s],
-                                 output[s], masked[s], -1, logit_bias=bias[s])[0]
+        # A disallowed id is a masked id for the CPU Sampler too (both -inf in stage 2).
+        disallowed = masked[s] + np.nonzero(~allowed[s])[0].tolist()
+        cpu = cpu_token(kernels, logits[s], rows[s], prompt[s], output[s], disallowed, logit_bias=bias[s])
         assert sampled[s] == cpu, f"seed {seed} sequence {s}"
 
 
@@ -306,7 +311,7 @@ def test_logit_bias_frequencies_match_reference(kernels):
     biased = logits.astype(np.float64)
     for t, b in bias.items():
         biased[t] = np.float32(logits[t]) + np.float32(b)
-    expected = reference_distribution(biased, **settings)
+    expected = float64_distribution(biased, **settings)
     counts = np.bincount(ids, minlength=vocab)
     assert counts[expected == 0].sum() == 0, "sampled a token the settings exclude"
     bound = 5 * np.sqrt(expected * (1 - expected) / num) + 1e-3

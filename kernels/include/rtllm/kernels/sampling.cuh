@@ -5,20 +5,23 @@
 //      presence/frequency penalties over output tokens (logit -= presence + frequency · count);
 //   2. logit bias added (float32, after the penalties), then masked ids and ids outside the
 //      allowed-token bitmask set to -inf;
-//   3-5. temperature 0 takes the argmax (lowest id on ties); otherwise
-//   p_i = exp((l_i − max) / temperature) (unnormalized, the max is 1), candidates p_i > 0;
-//   top-k (when 0 < top_k < #candidates) keeps the top_k most likely (ties: lower id first);
-//   top-p keeps the shortest prefix of the candidates ordered by (p desc, id asc) whose mass reaches
-//   top_p of the mass left; min-p drops p_i < min_p; the draw is the inverse CDF at u·total with
-//   u = sampling_uniform(seed, step), walking the kept candidates in (p desc, id asc) order when top-k
-//   or top-p is active and in id order otherwise.
-// Logprobs are log_softmax of the RAW logits (before penalties, bias, mask and temperature).
+//   3-5. temperature 0 takes the argmax (lowest id on ties); otherwise, exactly (sampling_math.h has
+//   the arithmetic, shared by both samplers, so their decisions are equal bit for bit):
+//     mass_i   = floor(2^33 · prob_exp(fl32(fl32(l_i − max) · fl32(1 / T))))   (uint64; 2^33 at the max)
+//     order    (adjusted logit desc, id asc) over the candidates (mass_i > 0); -0 == +0;
+//     top-k    when 0 < top_k < #candidates, keep the first top_k in that order;
+//     top-p    when top_p < 1: total = the mass kept so far, T = ceil(top_p · total) (exact, in
+//              integers), keep the shortest prefix in that order whose mass reaches T;
+//     min-p    drop the kept candidates with mass_i < ceil(min_p · 2^33);
+//     draw     u_bits = the 53 bits of sampling_uniform(seed, step) (u = u_bits · 2^-53),
+//              target = floor(u · kept_total) (exact), the token is the first kept candidate in ID
+//              ORDER whose cumulative mass exceeds target.
+//   The kept set is the one of the float64 rules up to float32 rounding; walking it in id order
+//   instead of probability order changes which token a given u maps to, not the distribution.
+// Logprobs are log_softmax of the RAW logits (before penalties, bias, mask and temperature), in double.
 //
-// Numerics: ordering uses the float32 adjusted logits (the CPU orders by the double probabilities,
-// which are a monotone function of them); probabilities are computed with a float32 exp2 of the
-// double-precision fractional exponent and scaled in double, so they differ from the CPU's by < 3e-7
-// relative and underflow to 0 exactly where the CPU's do. Masses are summed in double.
-// One CTA per sequence; graph-safe (params, CSR lists and seeds are read on the device).
+// Each row is split over a cluster of CTAs for small batches (one CTA per row for large ones);
+// graph-safe (params, CSR lists and seeds are read on the device).
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -8,7 +8,7 @@
 // prob_exp is a range reduction (x = k·ln2 + r, |r| <= ln2/2) and a degree-7 polynomial, all in float32
 // with explicit fused multiply-adds (std::fma on the host, __fmaf_rn on the device; IEEE fma is
 // correctly rounded, so both give the same bits); no other operation may be contracted, hence the
-// explicit __fmul_rn / __fsub_rn on the device. Its relative error against float64 exp is below 4e-7
+// explicit __fmul_rn / __fsub_rn on the device. Its relative error against float64 exp is below 2e-7
 // (tests/python/test_sampling_rules.py measures it). x < -24 gives p = 0 (its mass would be 0 anyway:
 // exp(-24) < 2^-34).
 //
