@@ -32,6 +32,7 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxClusterSize = 8;  // CTAs per row for small batches (the portable cluster size)
 constexpr int kBuckets = 2048;      // the widest digit (11 bits)
+constexpr int kStreamUnroll = 4;    // float4 loads in flight per thread in the streaming passes
 // Per-token flags and count of one sequence (the workspace): masked, seen in prompt or output, has
 // a logit bias; the low bits count the token in the output.
 constexpr uint32_t kMasked = 1u << 31, kSeen = 1u << 30, kBiased = 1u << 29, kCountMask = kBiased - 1;
@@ -84,14 +85,23 @@ __device__ __forceinline__ void stream_slice(const Slice& sl, F&& f) {
   const int32_t start = sl.begin + head;
   const int32_t num_vec = (len - head) / 4;
   const float4* vec = reinterpret_cast<const float4*>(sl.raw + start);
-  for (int32_t base = 0; base < num_vec; base += kThreads) {
-    const int32_t j = base + (int32_t)threadIdx.x;
-    const bool valid = j < num_vec;
-    const float4 v = valid ? vec[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    f(start + 4 * j, v.x, valid);
-    f(start + 4 * j + 1, v.y, valid);
-    f(start + 4 * j + 2, v.z, valid);
-    f(start + 4 * j + 3, v.w, valid);
+  // kStreamUnroll 16-byte loads in flight per thread before any of them is used.
+  for (int32_t base = 0; base < num_vec; base += kThreads * kStreamUnroll) {
+    float4 v[kStreamUnroll];
+#pragma unroll
+    for (int u = 0; u < kStreamUnroll; ++u) {
+      const int32_t j = base + u * kThreads + (int32_t)threadIdx.x;
+      v[u] = j < num_vec ? vec[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int u = 0; u < kStreamUnroll; ++u) {
+      const int32_t j = base + u * kThreads + (int32_t)threadIdx.x;
+      const bool valid = j < num_vec;
+      f(start + 4 * j, v[u].x, valid);
+      f(start + 4 * j + 1, v[u].y, valid);
+      f(start + 4 * j + 2, v[u].z, valid);
+      f(start + 4 * j + 3, v[u].w, valid);
+    }
   }
   {
     const int32_t tail_begin = start + 4 * num_vec;
@@ -246,7 +256,13 @@ struct Weights {
   __device__ __forceinline__ float value(int32_t i, float r) const { return raw ? r : lg.adjust(i, r); }
   __device__ __forceinline__ uint64_t mass(float a) const { return sm::logit_mass(a, max, inv_t); }
   // Top-k's weight: 1 for a candidate (mass > 0).
-  __device__ __forceinline__ uint64_t top_k_weight(float a) const { return raw ? 1 : (mass(a) > 0 ? 1 : 0); }
+  // x >= -22 always weighs >= 2 (exp(-22) · 2^33 > 2.3) and x < -24 nothing: exp only in between.
+  __device__ __forceinline__ uint64_t top_k_weight(float a) const {
+    if (raw) return 1;
+    const float x = sm::scaled_exponent(a, max, inv_t);
+    if (x >= -22.0f) return 1;
+    return sm::mass_of(sm::prob_exp(x)) > 0 ? 1 : 0;
+  }
   // Top-p's weight: the mass, within top-k's cut.
   __device__ __forceinline__ uint64_t top_p_weight(int32_t i, float a, uint32_t key) const {
     return k_cut.keeps(key, i) ? mass(a) : 0;
@@ -304,13 +320,35 @@ __device__ int32_t find_in_id_order(Shared& sh, const cg::cluster_group& cluster
                                     TargetFn target_of) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int32_t len = sl.end - sl.begin;
-  const int32_t chunk = ceil_div(ceil_div(max(len, 1), kWarps), 32) * 32;
+  // Warp chunks of a multiple of 128 elements: slices start at a multiple of 4, so the chunks of an
+  // aligned row are aligned too and a lane reads 4 consecutive elements at once.
+  const int32_t chunk = ceil_div(ceil_div(max(len, 1), kWarps), 128) * 128;
   const int32_t begin = sl.begin + warp * chunk, end = min(sl.end, begin + chunk);
+  const bool aligned = (reinterpret_cast<uintptr_t>(sl.raw) & 15) == 0;
   __syncthreads();  // sel_id may still be read from the previous call
   if (threadIdx.x == 0) sh.sel_id = -1;
   u64 s = 0;
-#pragma unroll 4
-  for (int32_t i = begin + lane; i < end; i += 32) s += weight(i, sl.raw[i]);
+  for (int32_t b0 = begin + 4 * lane; b0 < end; b0 += 128 * kStreamUnroll) {
+    float v[kStreamUnroll][4];
+#pragma unroll
+    for (int u = 0; u < kStreamUnroll; ++u) {
+      const int32_t b = b0 + 128 * u;
+      if (aligned && b + 3 < end) {
+        const float4 q = *reinterpret_cast<const float4*>(sl.raw + b);
+        v[u][0] = q.x, v[u][1] = q.y, v[u][2] = q.z, v[u][3] = q.w;
+      } else {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) v[u][k] = b + k < end ? sl.raw[b + k] : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kStreamUnroll; ++u)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int32_t i = b0 + 128 * u + k;
+        if (i < end) s += weight(i, v[u][k]);
+      }
+  }
   s = warp_sum_u64(s);
   if (lane == 0) sh.warp_u64[warp] = s;
   __syncthreads();
@@ -399,10 +437,17 @@ __device__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, c
     u64 w_own[4];
     uint32_t c_own[4];
     u64 own = 0;
-    for (int j = 0; j < per_thread; ++j) {
+    // Unrolled over the largest cluster, so the remote loads are all in flight at once.
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      c_own[j] = 0;
+      w_own[j] = 0;
+      if (j >= per_thread) continue;
       const int b = num_buckets - 1 - ((int)threadIdx.x * per_thread + j);
       u64 c = 0, m = 0;
-      for (unsigned r = 0; r < num_ranks; ++r) {
+#pragma unroll
+      for (unsigned r = 0; r < (unsigned)kMaxClusterSize; ++r) {
+        if (r >= num_ranks) break;
         const Shared* other = cluster.map_shared_rank(&sh, r);
         c += other->count[b];
         if (kMass) m += other->mass[b];

@@ -70,9 +70,9 @@ def masses(adjusted, temperature):
     """Integer masses (Python ints) of float32 adjusted logits: floor(prob_exp(x) · 2^33)."""
     a = np.asarray(adjusted, F32)
     m = a.max()
-    inv_t = F32(1.0) / F32(temperature)
-    with np.errstate(invalid="ignore"):
-        x = ((a - m).astype(F32) * inv_t).astype(F32)
+    with np.errstate(all="ignore"):  # 1 / a denormal temperature is inf; -inf logits give -inf
+        inv_t = F32(1.0) / F32(temperature)
+        x = np.where(a == m, F32(0.0), ((a - m).astype(F32) * inv_t).astype(F32)).astype(F32)
     p = prob_exp(np.where(np.isfinite(x), x, F32(-np.inf)))
     return [int(v) for v in np.floor(p.astype(np.float64) * 2.0 ** MASS_BITS)]
 

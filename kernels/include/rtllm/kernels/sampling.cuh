@@ -7,7 +7,8 @@
 //      allowed-token bitmask set to -inf;
 //   3-5. temperature 0 takes the argmax (lowest id on ties); otherwise, exactly (sampling_math.h has
 //   the arithmetic, shared by both samplers, so their decisions are equal bit for bit):
-//     mass_i   = floor(2^33 · prob_exp(fl32(fl32(l_i − max) · fl32(1 / T))))   (uint64; 2^33 at the max)
+//     mass_i   = floor(2^33 · prob_exp(fl32(fl32(l_i − max) · fl32(1 / T))))   (uint64; 2^33 at the max,
+//              whose exponent is exactly 0)
 //     order    (adjusted logit desc, id asc) over the candidates (mass_i > 0); -0 == +0;
 //     top-k    when 0 < top_k < #candidates, keep the first top_k in that order;
 //     top-p    when top_p < 1: total = the mass kept so far, T = ceil(top_p · total) (exact, in

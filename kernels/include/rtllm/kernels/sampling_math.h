@@ -2,7 +2,8 @@
 // share, written once so both make the same decisions bit for bit.
 //
 // Probabilities. For a temperature T > 0 and the row's largest adjusted logit `max`:
-//   x_i    = fl32(fl32(l_i − max) · inv_t),  inv_t = fl32(1 / T)    (two IEEE float32 operations)
+//   x_i    = fl32(fl32(l_i − max) · inv_t),  inv_t = fl32(1 / T)    (two IEEE float32 operations;
+//                                                                    x = 0 exactly where l_i == max)
 //   p_i    = prob_exp(x_i)                                          (exp(x_i), unnormalized: p = 1 at the max)
 //   mass_i = floor(p_i · 2^33)                                      (uint64, in [0, 2^33])
 // prob_exp is a range reduction (x = k·ln2 + r, |r| <= ln2/2) and a degree-7 polynomial, all in float32
@@ -84,8 +85,11 @@ RTLLM_SAMPLING_HD float inverse_temperature(float temperature) {
 #endif
 }
 
-// x_i of the header comment: the exponent of an adjusted logit l (may be -inf) against the row max.
-RTLLM_SAMPLING_HD float scaled_exponent(float l, float max, float inv_t) { return mul32(sub32(l, max), inv_t); }
+// x_i of the header comment: the exponent of an adjusted logit l (may be -inf) against the row max;
+// exactly 0 at the max, so the max weighs 2^33 even when inv_t or the max is infinite.
+RTLLM_SAMPLING_HD float scaled_exponent(float l, float max, float inv_t) {
+  return l == max ? 0.0f : mul32(sub32(l, max), inv_t);
+}
 
 // exp(x) for x <= 0 (0 for x < kMinExponent, -inf and NaN), in float32; exactly 1 at x = 0.
 RTLLM_SAMPLING_HD float prob_exp(float x) {
