@@ -106,6 +106,14 @@ def tokenizer_from_gguf(gguf_file: GGUFFile | str) -> tuple:
                 raise ValueError(f"{gguf_file.path}: tokenizer.ggml.{key}={token_id} is outside the vocabulary "
                                  f"of {len(tokens)} tokens")
             config[name] = tokens[int(token_id)]
+    # bos / eos added by the post-processor, as transformers and llama.cpp add them: always, even to a
+    # text that starts with the bos token
+    bos = [config["bos_token"]] if config["add_bos_token"] and "bos_token" in config else []
+    eos = [config["eos_token"]] if config["add_eos_token"] and "eos_token" in config else []
+    if bos or eos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=bos + ["$A"] + eos, pair=bos + ["$A"] + eos + bos + ["$B:1"] + eos,
+            special_tokens=[(t, tokenizer.token_to_id(t)) for t in dict.fromkeys(bos + eos)])
     template = gguf_file.field("tokenizer.chat_template")
     if template is not None:
         config["chat_template"] = template
