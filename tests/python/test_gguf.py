@@ -303,7 +303,7 @@ def test_unsupported_tensor_types_are_refused(tiny_model, tmp_path, capsys):
     reader.tensors[0].field.parts[4][0] = 200
     reader.data.flush()
     del reader
-    with pytest.raises(ValueError, match=r"cannot be read as a GGUF file: .*200.* is not a valid GGMLQuantizationType"):
+    with pytest.raises(ValueError, match="a tensor has type 200, which is no GGUF tensor type"):
         LLM(model=str(path))
     assert cli_main(["build", str(path), "-o", str(tmp_path / "engine")]) == 2
     assert "200" in capsys.readouterr().err

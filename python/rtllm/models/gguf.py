@@ -14,6 +14,7 @@ without going through float: W[n, k] = q[n, k] * scale[n, k // 32] + offset[n, k
 """
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -98,6 +99,11 @@ class GGUFFile:
         try:
             self.reader = gguf.GGUFReader(self.path)
         except (ValueError, KeyError, IndexError, OSError) as e:  # an unknown type enum, a truncated file
+            unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
+            if unknown:
+                raise ValueError(f"{self.path}: a tensor has type {unknown.group(1)}, which is no GGUF tensor type "
+                                 f"rtllm (or the gguf package) knows; supported: "
+                                 f"{', '.join(FLOAT_TYPES + QUANTIZED_TYPES)}") from e
             raise ValueError(f"{self.path} cannot be read as a GGUF file: {e}") from e
         self.architecture = self.field("general.architecture")
         if self.architecture not in ARCHITECTURES:
@@ -140,10 +146,9 @@ class GGUFFile:
         if rope_dim is not None and int(rope_dim) != head_dim:
             raise ValueError(f"{self.path}: rope.dimension_count={rope_dim} is not head_dim={head_dim}; partial "
                              f"rotary embeddings are not supported")
-        tokens = self.field("tokenizer.ggml.tokens")
-        vocab_size = self.arch_field("vocab_size") or (len(tokens) if tokens else None)
-        if vocab_size is None:
-            vocab_size = self.tensors["model.embed_tokens.weight"].shape[-1]
+        if "model.embed_tokens.weight" not in self.tensors:
+            raise ValueError(f"{self.path}: no token_embd.weight tensor")
+        vocab_size = self.shape("model.embed_tokens.weight")[0]  # the model's rows, padding included
         bos, eos = self.field("tokenizer.ggml.bos_token_id"), self.field("tokenizer.ggml.eos_token_id")
         hf = {
             "vocab_size": int(vocab_size),
