@@ -55,6 +55,23 @@ def gguf_name(hf: str) -> str:
             "lm_head.weight": "output.weight"}[hf]
 
 
+K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+
+def random_k_blocks(shape, qtype, seed) -> np.ndarray:
+    """Random k-quant blocks of a [N, K] tensor (K a multiple of 256) with small f16 super-block scales."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, gguf.quants.quant_shape_to_byte_shape(shape, qtype), dtype=np.uint8)
+    blocks = raw.reshape(-1, gguf.GGML_QUANT_SIZES[qtype][1])
+    # of either sign, so that rows differ in more than noise (unsigned codes give every row the same mean)
+    scales = (rng.choice([-1, 1], (len(blocks), 2)) * rng.uniform(0.0005, 0.003, (len(blocks), 2))).astype(np.float16)
+    if qtype == Q.Q6_K:  # ..., scales int8 [16], d f16 last
+        blocks[:, -2:] = scales[:, :1].view(np.uint8)
+    else:  # d, dmin f16 first
+        blocks[:, :4] = scales.view(np.uint8)
+    return raw
+
+
 def write_gguf(checkpoint, path, qtype=Q.F32, arch="llama", extra_tensor=None):
     """The HF checkpoint (and its tokenizer.json) as a GGUF file: 2-D weights stored as `qtype`, norms and
     biases as F32."""
@@ -100,7 +117,9 @@ def write_gguf(checkpoint, path, qtype=Q.F32, arch="llama", extra_tensor=None):
             array = llama_cpp_permute(array, config["num_attention_heads"])
         elif arch == "llama" and ".k_proj." in name:
             array = llama_cpp_permute(array, config["num_key_value_heads"])
-        if array.ndim == 2 and qtype != Q.F32:
+        if array.ndim == 2 and qtype in K_QUANTS:  # no numpy quantizer: random blocks
+            w.add_tensor(gguf_name(name), random_k_blocks(array.shape, qtype, len(name)), raw_dtype=qtype)
+        elif array.ndim == 2 and qtype != Q.F32:
             w.add_tensor(gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gguf_name(name), array)
@@ -167,6 +186,21 @@ def test_logits_and_greedy_match_transformers_on_the_same_file(gguf_files, arch,
         outputs = llm.generate(prompts, params, use_tqdm=False)
     for prompt, output in zip(prompts, outputs):
         assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 10)
+
+
+@pytest.mark.parametrize("qtype", K_QUANTS, ids=lambda q: q.name)
+def test_k_quants_are_dequantized_as_transformers_does(tiny_model, tmp_path, qtype):
+    # hidden and intermediate sizes of 256: one k-quant super-block per row
+    checkpoint = tiny_model("llama", hidden_size=256, intermediate_size=256, head_dim=64)
+    path = write_gguf(checkpoint, tmp_path / f"{qtype.name}.gguf", qtype)
+    hf = hf_from_gguf(path)
+    prompts = random_prompts(np.random.default_rng(4), PROMPT_LENGTHS)
+    engine = rtllm.build(AutoModelForCausalLM.from_hugging_face(str(path)),
+                         BuildConfig(max_batch_size=4, max_seq_len=128, max_num_tokens=256)).to_core()
+    for prompt, row in zip(prompts, runner_last_logits(engine, prompts)):
+        with torch.no_grad():
+            expected = hf(torch.tensor([prompt])).logits[0, -1].double().numpy()
+        assert relative_error(row, expected) < LOGITS_RTOL
 
 
 def test_tokenizer_matches_transformers_and_the_original(gguf_files, tiny_model):
