@@ -99,7 +99,6 @@ def _check_build_dirs(hf_dir: str, output: str, force: bool) -> None:
 def _run_build(args) -> None:
     from rtllm.builder import BuildConfig, build
     from rtllm.models import AutoModelForCausalLM
-
     from rtllm.models.gguf import resolve_gguf
 
     gguf_path = resolve_gguf(args.hf_dir)  # None: an HF checkpoint directory

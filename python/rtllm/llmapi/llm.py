@@ -40,9 +40,7 @@ def _check_args(model: str, limits: dict, seed, num_threads, device: str, schedu
     """Checks LLM's scalar arguments; returns the _core.DeviceKind for `device`."""
     from rtllm import _core
 
-    if not os.path.isdir(model) and not os.path.isfile(model):
-        raise ValueError(f"model={model!r} does not exist (an engine or HF checkpoint directory, or a .gguf file)")
-    if not os.path.isdir(model) and not model.lower().endswith(".gguf"):
+    if not os.path.isdir(model) and not (os.path.isfile(model) and model.lower().endswith(".gguf")):
         raise ValueError(f"model={model!r} is not a directory (an engine or an HF checkpoint) or a .gguf file")
     for name, value in limits.items():
         if value is not None and (not _is_int(value) or value < 1):
