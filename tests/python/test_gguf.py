@@ -219,6 +219,46 @@ def test_tokenizer_matches_transformers_and_the_original(gguf_files, tiny_model)
                                                                                 add_generation_prompt=True)
 
 
+def write_sentencepiece_gguf(path):
+    """A GGUF file holding only a SentencePiece-style vocabulary as llama.cpp writes Llama 2's: <unk> <s> </s>,
+    256 byte tokens, then pieces scored by merge rank, no merges (they follow from the scores)."""
+    from tokenizers import SentencePieceBPETokenizer
+    from tokenizer_fixture import CORPUS
+
+    trained = SentencePieceBPETokenizer()
+    trained.train_from_iterator(CORPUS, vocab_size=500, show_progress=False)
+    pieces = sorted(trained.get_vocab().items(), key=lambda item: item[1])
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + [p for p, _ in pieces]
+    types = [gguf.TokenType.UNKNOWN] + [gguf.TokenType.CONTROL] * 2 + [gguf.TokenType.BYTE] * 256 + \
+        [gguf.TokenType.NORMAL] * len(pieces)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
+    path = write_sentencepiece_gguf(tmp_path / "sp.gguf")
+    ours = load_gguf_tokenizer(str(path))
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="sp.gguf")
+    for text in TEXTS + ["  leading spaces", "ÿ rare bytes: \x01 ⅞ 𝔘"]:
+        ids = ours.encode(text)
+        assert ids == reference(text).input_ids
+        assert ids[0] == 1  # bos, llama.cpp's default for a SentencePiece vocabulary
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+    assert any(3 <= i < 259 for i in ours.encode("𝔘"))  # byte fallback
+
+
 def test_build_cli_writes_an_engine_with_the_tokenizer(gguf_files, tmp_path, capsys):
     path = gguf_files("llama", Q.Q8_0, False)
     engine_dir = tmp_path / "engine"

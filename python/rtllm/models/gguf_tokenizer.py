@@ -1,8 +1,9 @@
 """The tokenizer a GGUF file describes (tokenizer.ggml.* metadata) as a `tokenizers` Tokenizer plus the
 tokenizer_config.json of an HF checkpoint (special tokens, add_bos_token, chat_template).
 
-Supported: "gpt2" (byte-level BPE with merges: Llama 3, Qwen2, SmolLM, GPT-2 style vocabularies). Other
-tokenizer models ("llama": SentencePiece; "t5", ...) are refused, naming the model.
+Supported: "gpt2" (byte-level BPE with merges: Llama 3, Qwen2, SmolLM, GPT-2 style vocabularies) and
+"llama" (SentencePiece BPE with byte fallback: Llama 2, Mistral; merges from the file, else recovered from
+the scores). Other tokenizer models ("t5", ...) are refused, naming the model.
 """
 
 import json
@@ -26,7 +27,7 @@ PRE_TOKENIZER_SPLITS = {
     "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
     "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
 }
-SUPPORTED_MODELS = ("gpt2",)
+SUPPORTED_MODELS = ("gpt2", "llama")
 
 
 def bytes_to_unicode() -> dict:
@@ -79,6 +80,44 @@ def _byte_level(gguf_file: GGUFFile, tokens: list) -> Tokenizer:
     return tokenizer
 
 
+def _merges_from_scores(vocab: dict, scores: list) -> list:
+    """SentencePiece BPE merges implied by a vocabulary: every split of a token into two tokens, the
+    merged token's score first (higher merges earlier), as transformers' generate_merges."""
+    merges = []
+    for token, index in vocab.items():
+        local = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        local.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges += [(left, right, scores[index]) for left, right in local]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def _sentencepiece(gguf_file: GGUFFile, tokens: list) -> Tokenizer:
+    vocab = {}
+    for index, token in enumerate(tokens):
+        vocab.setdefault(token, index)
+    merges = gguf_file.field("tokenizer.ggml.merges")
+    if merges is not None:
+        merges = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        scores = gguf_file.field("tokenizer.ggml.scores")
+        if scores is None:
+            raise ValueError(f"{gguf_file.path}: a SentencePiece (llama) tokenizer with neither merges nor scores")
+        merges = _merges_from_scores(vocab, scores)
+    tokenizer = Tokenizer(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True))
+    prefix = bool(gguf_file.field("tokenizer.ggml.add_space_prefix", True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", split=False,
+                                                       prepend_scheme="first" if prefix else "never")
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(steps + [decoders.Strip(content=" ", left=1)] * prefix)
+    types = _token_types(gguf_file, tokens)
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                  for t, kind in zip(tokens, types) if kind == CONTROL])
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False)
+                          for t, kind in zip(tokens, types) if kind == USER_DEFINED])
+    return tokenizer
+
+
 def _token_types(gguf_file: GGUFFile, tokens: list) -> list:
     return gguf_file.field("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
 
@@ -94,9 +133,10 @@ def tokenizer_from_gguf(gguf_file: GGUFFile | str) -> tuple:
     if kind not in SUPPORTED_MODELS:
         raise ValueError(f"{gguf_file.path}: GGUF tokenizer model {kind!r} is not supported; supported: "
                          f"{', '.join(SUPPORTED_MODELS)}")
-    tokenizer = _byte_level(gguf_file, tokens)
+    tokenizer = _byte_level(gguf_file, tokens) if kind == "gpt2" else _sentencepiece(gguf_file, tokens)
+    # llama.cpp adds bos to a SentencePiece vocabulary whose file does not say otherwise
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              "add_bos_token": bool(gguf_file.field("tokenizer.ggml.add_bos_token", False)),
+              "add_bos_token": bool(gguf_file.field("tokenizer.ggml.add_bos_token", kind == "llama")),
               "add_eos_token": bool(gguf_file.field("tokenizer.ggml.add_eos_token", False))}
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                       ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
