@@ -111,7 +111,10 @@ def _run_build(args) -> None:
     engine.save(args.output)
     if gguf_path is not None:  # the tokenizer a GGUF file describes, as a checkpoint's files
         from rtllm.models.gguf_tokenizer import save_gguf_tokenizer
-        save_gguf_tokenizer(gguf_path, args.output)
+        try:
+            save_gguf_tokenizer(gguf_path, args.output)
+        except ValueError as e:  # the engine runs on token ids, or with a tokenizer given at load
+            print(f"rtllm build: warning: no tokenizer written: {e}", file=sys.stderr)
     if engine.quantization_report.quantized or engine.quantization_report.kept:
         print(engine.quantization_report.summary())
     print(f"engine written to {args.output}")

@@ -203,6 +203,43 @@ def test_k_quants_are_dequantized_as_transformers_does(tiny_model, tmp_path, qty
         assert relative_error(row, expected) < LOGITS_RTOL
 
 
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """convert_hf_to_gguf.py's rope_freqs for llama3 rope scaling: per-frequency divisors."""
+    rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
+    dim, base = config["head_dim"], rope.get("rope_theta", config.get("rope_theta"))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    factors = []
+    for freq in 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, np.float32)
+
+
+def test_llama3_rope_freqs_match_the_hf_checkpoint(tiny_model, tmp_path):
+    """llama.cpp keeps llama3 rope scaling as a rope_freqs tensor; rtllm on the GGUF file equals
+    transformers on the HF checkpoint it came from (which scales from its config)."""
+    checkpoint = tiny_model("llama3")
+    config = json.loads((checkpoint / "config.json").read_text())
+    factors = llama3_rope_factors(config)
+    assert factors.min() == 1.0 and factors.max() == 8.0  # all three bands occur
+    path = write_gguf(checkpoint, tmp_path / "llama3.gguf", Q.F32, extra_tensor=("rope_freqs.weight", factors))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    prompts = random_prompts(np.random.default_rng(5), [40, 90])
+    engine = rtllm.build(AutoModelForCausalLM.from_hugging_face(str(path)),
+                         BuildConfig(max_batch_size=4, max_seq_len=128, max_num_tokens=256)).to_core()
+    for prompt, row in zip(prompts, runner_last_logits(engine, prompts)):
+        with torch.no_grad():
+            expected = hf(torch.tensor([prompt])).logits[0, -1].double().numpy()
+        assert relative_error(row, expected) < LOGITS_RTOL
+
+
 def test_tokenizer_matches_transformers_and_the_original(gguf_files, tiny_model):
     path = gguf_files("llama", Q.F32, False)
     ours = load_gguf_tokenizer(str(path))
