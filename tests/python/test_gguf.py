@@ -72,7 +72,7 @@ def random_k_blocks(shape, qtype, seed) -> np.ndarray:
     return raw
 
 
-def write_gguf(checkpoint, path, qtype=Q.F32, arch="llama", extra_tensor=None):
+def write_gguf(checkpoint, path, qtype=Q.F32, arch="llama", extra_tensor=None, tokenizer_model="gpt2"):
     """The HF checkpoint (and its tokenizer.json) as a GGUF file: 2-D weights stored as `qtype`, norms and
     biases as F32."""
     config = json.loads((checkpoint / "config.json").read_text())
@@ -102,7 +102,7 @@ def write_gguf(checkpoint, path, qtype=Q.F32, arch="llama", extra_tensor=None):
                          config["rope_parameters"]["rope_theta"])
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_vocab_size(config["vocab_size"])
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_types(types)
@@ -418,6 +418,18 @@ def test_unsupported_tensor_types_are_refused(tiny_model, tmp_path, capsys):
         LLM(model=str(path))
     assert cli_main(["build", str(path), "-o", str(tmp_path / "engine")]) == 2
     assert "200" in capsys.readouterr().err
+
+
+def test_unsupported_tokenizer_is_refused(tiny_model, tmp_path, capsys):
+    path = write_gguf(tiny_model("llama"), tmp_path / "t5.gguf", tokenizer_model="t5")
+    with pytest.raises(ValueError, match="tokenizer model 't5' is not supported; supported: gpt2, llama"):
+        LLM(model=str(path))
+    with LLM(model=str(path), skip_tokenizer_init=True, max_seq_len=64) as llm:  # token ids still run
+        assert len(llm.generate([[5, 6]], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids) == 2
+    engine_dir = tmp_path / "engine"
+    assert cli_main(["build", str(path), "-o", str(engine_dir), "--max-seq-len", "64"]) == 0
+    assert "no tokenizer written: " in capsys.readouterr().err
+    assert "tokenizer.json" not in os.listdir(engine_dir)
 
 
 def test_missing_file_is_refused(tmp_path, capsys):
