@@ -110,6 +110,7 @@ class GGUFFile:
             raise ValueError(f"{self.path}: GGUF architecture {self.architecture!r} is not supported; "
                              f"supported: {', '.join(ARCHITECTURES)}")
         self.tensors = {}  # HF name -> ReaderTensor
+        self.rope_freqs = None  # llama3 rope scaling, as llama.cpp stores it
         for tensor in self.reader.tensors:
             type_name = tensor.tensor_type.name
             if type_name not in FLOAT_TYPES + QUANTIZED_TYPES:
@@ -118,7 +119,9 @@ class GGUFFile:
             name = hf_name(tensor.name)
             if name is not None:
                 self.tensors[name] = tensor
-            elif tensor.name != "rope_freqs.weight":
+            elif tensor.name == "rope_freqs.weight":
+                self.rope_freqs = tensor
+            else:
                 raise ValueError(f"{self.path}: tensor {tensor.name!r} has no place in a "
                                  f"{self.architecture} model")
         self._permuted = {}  # HF name -> number of heads whose rows llama.cpp permuted
@@ -151,6 +154,7 @@ class GGUFFile:
         vocab_size = self.shape("model.embed_tokens.weight")[0]  # the model's rows, padding included
         bos, eos = self.field("tokenizer.ggml.bos_token_id"), self.field("tokenizer.ggml.eos_token_id")
         hf = {
+            "architectures": [ARCHITECTURES[self.architecture][0]],
             "vocab_size": int(vocab_size),
             "hidden_size": hidden,
             "num_hidden_layers": int(self.require("block_count")),
@@ -176,9 +180,8 @@ class GGUFFile:
         (llama3's scaling, stored as a tensor by llama.cpp) and linear scaling (rope.scaling.factor)."""
         divisors = np.ones(head_dim // 2, np.float64)
         scaled = False
-        if "rope_freqs.weight" in {t.name for t in self.reader.tensors}:
-            tensor = next(t for t in self.reader.tensors if t.name == "rope_freqs.weight")
-            factors = np.asarray(self._dequantize(tensor), np.float64).reshape(-1)
+        if self.rope_freqs is not None:
+            factors = _dequantize(self.rope_freqs.data, self.rope_freqs.tensor_type).astype(np.float64).reshape(-1)
             if factors.size != head_dim // 2:
                 raise ValueError(f"{self.path}: rope_freqs has {factors.size} factors, head_dim / 2 is "
                                  f"{head_dim // 2}")
@@ -201,15 +204,10 @@ class GGUFFile:
             elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
                 self._permuted[name] = num_kv_heads
 
-    def _dequantize(self, tensor) -> np.ndarray:
-        gguf = import_gguf()
-        data = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
-        return np.asarray(data, np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
-
     def rows(self, name: str) -> np.ndarray:
         """Tensor `name`'s stored rows (raw blocks for a quantized type) in HF row order."""
         tensor = self.tensors[name]
-        data = tensor.data
+        data = tensor.data  # [rows, elements or block bytes], a view of the mapped file
         heads = self._permuted.get(name)
         return data if heads is None else data[unpermute_rows(data.shape[0], heads)]
 
@@ -218,10 +216,8 @@ class GGUFFile:
 
     def float32(self, name: str) -> np.ndarray:
         """Tensor `name` in float32, HF shape and row order."""
-        tensor = self.tensors[name]
-        gguf = import_gguf()
-        data = gguf.quants.dequantize(np.asarray(self.rows(name)), tensor.tensor_type)
-        return np.ascontiguousarray(np.asarray(data, np.float32).reshape(self.shape(name)))
+        data = _dequantize(self.rows(name), self.tensors[name].tensor_type)
+        return np.ascontiguousarray(data.reshape(self.shape(name)))
 
     def codes(self, name: str) -> tuple:
         """Tensor `name` (Q8_0, Q4_0 or Q4_1, HF row order) as (q, scale, offset): decode_blocks."""
@@ -238,15 +234,19 @@ class GGUFFile:
         return sorted({t.tensor_type.name for t in self.tensors.values()} & set(QUANTIZED_TYPES))
 
 
+def _dequantize(data: np.ndarray, tensor_type) -> np.ndarray:
+    return np.asarray(import_gguf().quants.dequantize(np.asarray(data), tensor_type), np.float32)
+
+
 def config_from_gguf(path: str) -> tuple:
     """(GGUFFile, model class, ModelConfig) of a GGUF file."""
-    from .registry import _MODEL_CLASSES
+    from .registry import model_class
 
     gguf_file = GGUFFile(path)
-    cls = _MODEL_CLASSES[ARCHITECTURES[gguf_file.architecture][0]]
+    hf = gguf_file.hf_config()
+    cls = model_class(hf, path)
     # model_dir is the file itself: no generation_config.json is read beside it
-    config = cls.config_from_hf(gguf_file.hf_config(), path, path)
-    return gguf_file, cls, config
+    return gguf_file, cls, cls.config_from_hf(hf, path, path)
 
 
 def model_from_gguf(path: str, dtype: str = "auto", mapping=None):
