@@ -71,8 +71,8 @@ def hf_name(gguf_name: str) -> str | None:
     """The HF checkpoint name of a GGUF tensor (blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight);
     None for one that has none (rope_freqs)."""
     base, _, leaf = gguf_name.rpartition(".")
-    if base.startswith("blk."):
-        _, layer, part = base.split(".", 2)
+    if base.startswith("blk.") and base.count(".") == 2:
+        _, layer, part = base.split(".")
         module = _LAYER_NAMES.get(part)
         return None if module is None else f"model.layers.{layer}.{module}.{leaf}"
     module = _TOP_NAMES.get(base)
@@ -84,6 +84,8 @@ def unpermute_rows(num_rows: int, num_heads: int) -> np.ndarray:
 
     llama.cpp stores head h's row (h, i, j) of HF's layout [heads, 2 halves, dim/2] at (h, j, i) of
     [heads, dim/2, 2] (convert_hf_to_gguf.py, LlamaModel.permute)."""
+    if num_rows % (2 * num_heads):
+        raise ValueError(f"{num_rows} q/k rows do not split into {num_heads} heads of an even size")
     half = num_rows // num_heads // 2
     return np.arange(num_rows).reshape(num_heads, half, 2).transpose(0, 2, 1).reshape(-1)
 
