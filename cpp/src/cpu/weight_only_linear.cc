@@ -1,0 +1,311 @@
+// weight_only_linear: y[T, N] = x[T, K] · W[N, K]ᵀ (+ bias[N]) with integer weights (W8A16, W4A16 and
+// imported GGUF-style formats), W[n, k] = q[n, k] · scale[n, k / G] + offset[n, k / G], G = group_size.
+// The codes stay in memory as stored (int8, or int4 two per byte): decode reads 4x / 8x fewer weight
+// bytes than the float32 linear.
+//
+// Association (docs/engine_format.md). Each group's codes are read in chunks of 16 (the last chunk of a
+// group of a size that is not a multiple of 16 padded with zeros); lane l of chunk c of group g holds
+// k = g·G + 16·c + l. Per output element, in float32 with one rounding per FMA:
+//   p_l   = sum over the chunks of the group, in order, of x[t, k] · q[n, k]   (FMA chain from 0)
+//   xs_l  = sum over the chunks of the group, in order, of x[t, k]            (only with an offset)
+//   acc_l = fma(scale[n, g], p_l, acc_l), then acc_l = fma(offset[n, g], xs_l, acc_l), groups in order
+//   y[t, n] = hsum16(acc) + bias[n]   (hsum16: lanes l + (l + 8), then ((0+4)+(2+6)) + ((1+5)+(3+7)))
+// so per group scale · Σ x·q + offset · Σ x. Every token takes this one path whatever T, the tile it
+// falls in or the thread count: a token's result does not depend on its batch.
+//
+// Work: a task decodes a block of kTaskRows weight rows to float (the codes are small integers, exact
+// in float32) into its thread's workspace once, then runs every token of its token block against them
+// in register tiles of up to kTileRows tokens x kTileCols weight rows. At T = 1 (decode) the task reads
+// each packed byte once; at larger T the decoded rows serve all tokens of the block.
+#include <algorithm>
+#include <cstring>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "op_registry.h"
+#include "thread_pool.h"
+
+namespace rtllm {
+namespace {
+
+constexpr int kChunk = 16;            // lanes of the accumulators (one AVX-512 vector, two AVX2 ones)
+constexpr int64_t kTaskRows = 8;      // weight rows decoded per task
+constexpr int64_t kTaskTokens = 64;   // tokens per task: the x block stays in L2
+constexpr int kTileTokens = 2;        // register tile: tokens ...
+constexpr int kTileCols = 4;          // ... x weight rows (2 · 4 · 2 accumulators + loads fit 32 zmm)
+
+typedef float v16 __attribute__((vector_size(kChunk * sizeof(float))));
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline v16 splat16(float x) { return v16{} + x; }
+
+// a * b + c with one rounding per lane, whatever the ISA.
+inline v16 fmadd16(v16 a, v16 b, v16 c) {
+#if defined(__AVX512F__)
+  return (v16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  __m256 a2[2], b2[2], c2[2];
+  std::memcpy(a2, &a, sizeof(a));
+  std::memcpy(b2, &b, sizeof(b));
+  std::memcpy(c2, &c, sizeof(c));
+  c2[0] = _mm256_fmadd_ps(a2[0], b2[0], c2[0]);
+  c2[1] = _mm256_fmadd_ps(a2[1], b2[1], c2[1]);
+  std::memcpy(&c, c2, sizeof(c));
+  return c;
+#else
+  v16 r;
+  for (int i = 0; i < kChunk; ++i) r[i] = std::fma(a[i], b[i], c[i]);
+  return r;
+#endif
+}
+
+inline float hsum16(v16 v) {
+  float h[8];
+  for (int i = 0; i < 8; ++i) h[i] = v[i] + v[i + 8];
+  return ((h[0] + h[4]) + (h[2] + h[6])) + ((h[1] + h[5]) + (h[3] + h[7]));
+}
+
+inline int int4_at(const uint8_t* packed, int64_t k) {
+  const int nibble = (packed[k >> 1] >> ((k & 1) * 4)) & 0xF;
+  return nibble >= 8 ? nibble - 16 : nibble;
+}
+
+// codes [K] (int8, or int4 packed two per byte, the even index in the low nibble) -> float [K], exact.
+void decode_row(const void* codes, bool int4, int64_t K, float* out) {
+  int64_t k = 0;
+  if (!int4) {
+    const int8_t* q = static_cast<const int8_t*>(codes);
+#if defined(__AVX512F__)
+    for (; k + 16 <= K; k += 16)
+      _mm512_storeu_ps(out + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + k)))));
+#elif defined(__AVX2__)
+    for (; k + 8 <= K; k += 8)
+      _mm256_storeu_ps(out + k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + k)))));
+#endif
+    for (; k < K; ++k) out[k] = q[k];
+    return;
+  }
+  const uint8_t* q = static_cast<const uint8_t*>(codes);
+#if defined(__AVX2__) || defined(__AVX512F__)
+  // 8 bytes -> 16 nibbles in order (low, high of each byte), sign-extended as (n ^ 8) - 8.
+  const __m128i low4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+  for (; k + 16 <= K; k += 16) {
+    const __m128i b = _mm_loadl_epi64((const __m128i*)(q + k / 2));
+    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+    const __m128i n = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), eight), eight);
+#if defined(__AVX512F__)
+    _mm512_storeu_ps(out + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(n)));
+#else
+    _mm256_storeu_ps(out + k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(n)));
+    _mm256_storeu_ps(out + k + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(n, 8))));
+#endif
+  }
+#endif
+  for (; k < K; ++k) out[k] = static_cast<float>(int4_at(q, k));
+}
+
+struct Problem {
+  const float* x;       // [T, K]
+  const float* w;       // decoded rows [kTaskRows, K] of the task (row 0 = weight row n0)
+  const float* scale;   // [N, num_groups]
+  const float* offset;  // [N, num_groups] or null
+  const float* bias;    // [N] or null
+  float* y;             // [T, N]
+  int64_t K, N, group_size, num_groups;
+};
+
+// y[t0.., n0..] for MR tokens x NR rows, in the association of the file comment.
+template <int MR, int NR>
+void tile(const Problem& p, int64_t t0, int64_t n0, int64_t w_row0) {
+  const int64_t K = p.K, G = p.group_size;
+  const float* x[MR];
+  const float* w[NR];
+  for (int i = 0; i < MR; ++i) x[i] = p.x + (t0 + i) * K;
+  for (int j = 0; j < NR; ++j) w[j] = p.w + (w_row0 + j) * K;
+  v16 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = v16{};
+  for (int64_t g = 0; g < p.num_groups; ++g) {
+    v16 part[MR][NR], xs[MR];
+    for (int i = 0; i < MR; ++i) {
+      xs[i] = v16{};
+      for (int j = 0; j < NR; ++j) part[i][j] = v16{};
+    }
+    for (int64_t c = 0; c < G; c += kChunk) {
+      const int64_t k = g * G + c;
+      v16 xv[MR];
+      if (c + kChunk <= G) {
+        for (int i = 0; i < MR; ++i) xv[i] = load16(x[i] + k);
+      } else {  // the padded last chunk of a group whose size is not a multiple of 16
+        for (int i = 0; i < MR; ++i) {
+          xv[i] = v16{};
+          for (int64_t l = 0; l < G - c; ++l) xv[i][l] = x[i][k + l];
+        }
+      }
+      for (int j = 0; j < NR; ++j) {
+        v16 wv;
+        if (c + kChunk <= G) {
+          wv = load16(w[j] + k);
+        } else {
+          wv = v16{};
+          for (int64_t l = 0; l < G - c; ++l) wv[l] = w[j][k + l];
+        }
+        for (int i = 0; i < MR; ++i) part[i][j] = fmadd16(xv[i], wv, part[i][j]);
+      }
+      if (p.offset)
+        for (int i = 0; i < MR; ++i) xs[i] += xv[i];
+    }
+    for (int j = 0; j < NR; ++j) {
+      const int64_t sg = (n0 + j) * p.num_groups + g;
+      const v16 s = splat16(p.scale[sg]);
+      for (int i = 0; i < MR; ++i) acc[i][j] = fmadd16(s, part[i][j], acc[i][j]);
+      if (p.offset) {
+        const v16 o = splat16(p.offset[sg]);
+        for (int i = 0; i < MR; ++i) acc[i][j] = fmadd16(o, xs[i], acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float v = hsum16(acc[i][j]);
+      if (p.bias) v += p.bias[n0 + j];
+      p.y[(t0 + i) * p.N + n0 + j] = v;
+    }
+}
+
+template <int MR>
+void tile_cols(int nr, const Problem& p, int64_t t0, int64_t n0, int64_t w_row0) {
+  switch (nr) {
+    case 4: return tile<MR, 4>(p, t0, n0, w_row0);
+    case 3: return tile<MR, 3>(p, t0, n0, w_row0);
+    case 2: return tile<MR, 2>(p, t0, n0, w_row0);
+    default: return tile<MR, 1>(p, t0, n0, w_row0);
+  }
+}
+static_assert(kTileTokens == 2 && kTileCols == 4, "tile_cols / the dispatch below cover these sizes");
+
+// x [T, K] float32; weight [N, K] I8 or I4 and, when has_offset, offset [N, K / G] F32 kept as stored;
+// scale [N, K / G] (F16, BF16 or F32) and the optional bias [N] converted to float32 at load.
+class WeightOnlyLinear final : public OpKind {
+ public:
+  explicit WeightOnlyLinear(const OpSpec& spec) : OpKind(spec) {
+    has_offset_ = spec.node->attrs.get_bool("has_offset", false);
+    const size_t num_fixed = has_offset_ ? 4 : 3;
+    spec.require_num_io(num_fixed, num_fixed + 1, 1);
+    spec.require_input_dtype(0, {DataType::kFloat32});
+    spec.require_input_dtype(1, {DataType::kInt8, DataType::kInt4});
+    spec.require_input_dtype(2, kWideFloatDtypes);
+    if (has_offset_) spec.require_input_dtype(3, {DataType::kFloat32});
+    has_bias_ = spec.inputs.size() == num_fixed + 1;
+    if (has_bias_) spec.require_input_dtype(num_fixed, kWideFloatDtypes);
+
+    const TensorSpec& w = spec.inputs[1];
+    RTLLM_CHECK(w.shape.size() == 2 && w.shape[0].kind == Dim::Kind::kFixed && w.shape[1].kind == Dim::Kind::kFixed,
+                "weight_only_linear: weight \"", w.name, "\" must be a fixed 2-d [N, K] tensor, it has ", w.shape.size(),
+                " dims");
+    num_rows_ = w.shape[0].value;
+    num_cols_ = w.shape[1].value;
+    int4_ = w.dtype == DataType::kInt4;
+    RTLLM_CHECK(!int4_ || num_cols_ % 2 == 0, "weight_only_linear: I4 weight \"", w.name, "\" has K = ", num_cols_,
+                " columns; packed int4 needs an even K");
+    RTLLM_CHECK(spec.node->attrs.contains("group_size"), "weight_only_linear: node of weight \"", w.name,
+                "\" has no group_size attr");
+    group_size_ = spec.node->attrs.get_int("group_size", 0);
+    RTLLM_CHECK(group_size_ > 0 && num_cols_ % group_size_ == 0, "weight_only_linear: group_size ", group_size_,
+                " of weight \"", w.name, "\" must be a positive divisor of K = ", num_cols_);
+    RTLLM_CHECK(!int4_ || group_size_ % 2 == 0, "weight_only_linear: group_size ", group_size_, " of I4 weight \"",
+                w.name, "\" must be even (two codes per byte)");
+    num_groups_ = num_cols_ / group_size_;
+    for (size_t i = 2; i < num_fixed; ++i) {
+      const TensorSpec& s = spec.inputs[i];
+      const bool ok = s.shape.size() == 2 && s.shape[0].kind == Dim::Kind::kFixed && s.shape[0].value == num_rows_ &&
+                      s.shape[1].kind == Dim::Kind::kFixed && s.shape[1].value == num_groups_;
+      RTLLM_CHECK(ok, "weight_only_linear: ", i == 2 ? "scale" : "offset", " \"", s.name, "\" has shape ",
+                  shape_string(s), ", expected [", num_rows_, ", ", num_groups_, "] (N, K / group_size = ", num_cols_,
+                  " / ", group_size_, ")");
+    }
+    if (has_bias_) {
+      const TensorSpec& b = spec.inputs[num_fixed];
+      int64_t n = 1;
+      for (const Dim& d : b.shape) n *= d.kind == Dim::Kind::kFixed ? d.value : -1;
+      RTLLM_CHECK(n == num_rows_, "weight_only_linear: bias \"", b.name, "\" has shape ", shape_string(b),
+                  ", expected [", num_rows_, "]");
+    }
+    const Dim rows = spec.inputs[0].shape.at(0);  // [num_tokens, K], or [num_logits, K] for an LM head
+    const BackendInfo& be = *spec.backend;
+    max_rows_ = rows.kind == Dim::Kind::kNumLogits ? be.max_num_logits
+                : rows.kind == Dim::Kind::kNumTokens ? be.max_num_tokens : rows.value;
+  }
+
+  WeightPlacement weight_placement(size_t input) const override {
+    if (input == 2 || (has_bias_ && input == spec_.inputs.size() - 1)) return {DataType::kFloat32, WeightLayout::kRowMajor};
+    return OpKind::weight_placement(input);  // codes and the float32 offset as stored
+  }
+
+  size_t workspace_bytes() const override {
+    return sizeof(float) * static_cast<size_t>(spec_.backend->num_threads) * kTaskRows * num_cols_;
+  }
+
+  void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
+    const TensorView &x = in[0], &w = in[1], &y = out[0];
+    const int64_t T = x.rows(), K = x.cols(), N = y.cols();
+    RTLLM_CHECK(y.rows() == T, "weight_only_linear: output has ", y.rows(), " rows, x has ", T);
+    RTLLM_CHECK(K == num_cols_ && N == num_rows_ && w.ndim == 2 && w.shape[0] == N && w.shape[1] == K,
+                "weight_only_linear: weight [", w.shape[0], ", ", w.shape[1], "] does not match x with ", K,
+                " columns and ", N, " outputs");
+    RTLLM_CHECK(T <= max_rows_, "weight_only_linear: x has ", T, " rows, more than the ", max_rows_,
+                " planned at load");
+    const size_t num_fixed = has_offset_ ? 4 : 3;
+    Problem p{x.f32(), nullptr, in[2].f32(), has_offset_ ? in[3].f32() : nullptr,
+              has_bias_ ? in[num_fixed].f32() : nullptr, y.f32(), K, N, group_size_, num_groups_};
+    const uint8_t* codes = static_cast<const uint8_t*>(w.data);
+    const int64_t row_bytes = int4_ ? K / 2 : K;
+    float* rows = static_cast<float*>(ctx.workspace);
+    const int64_t num_token_tasks = (T + kTaskTokens - 1) / kTaskTokens;
+    const int64_t num_row_tasks = (N + kTaskRows - 1) / kTaskRows;
+    ctx.pool->parallel_for(num_token_tasks * num_row_tasks, [&](int64_t task, int thread) {
+      const int64_t t0 = (task / num_row_tasks) * kTaskTokens, t1 = std::min(T, t0 + kTaskTokens);
+      const int64_t n0 = (task % num_row_tasks) * kTaskRows, n1 = std::min(N, n0 + kTaskRows);
+      Problem tp = p;
+      float* w_rows = rows + thread * kTaskRows * K;
+      tp.w = w_rows;
+      for (int64_t n = n0; n < n1; ++n) decode_row(codes + n * row_bytes, int4_, K, w_rows + (n - n0) * K);
+      for (int64_t n = n0; n < n1; n += kTileCols) {
+        const int nr = static_cast<int>(std::min<int64_t>(kTileCols, n1 - n));
+        int64_t t = t0;
+        for (; t + kTileTokens <= t1; t += kTileTokens) tile_cols<kTileTokens>(nr, tp, t, n, n - n0);
+        for (; t < t1; ++t) tile_cols<1>(nr, tp, t, n, n - n0);
+      }
+    }, std::min(T, kTaskTokens) * kTaskRows * K);
+  }
+
+ private:
+  static std::string shape_string(const TensorSpec& t) {
+    std::string s = "[";
+    for (size_t i = 0; i < t.shape.size(); ++i) {
+      const Dim& d = t.shape[i];
+      s += (i ? ", " : "") + (d.kind == Dim::Kind::kFixed ? std::to_string(d.value)
+                              : d.kind == Dim::Kind::kNumTokens ? std::string("num_tokens") : std::string("num_logits"));
+    }
+    return s + "]";
+  }
+
+  bool has_offset_ = false, has_bias_ = false, int4_ = false;
+  int64_t num_rows_ = 0, num_cols_ = 0;  // N, K
+  int64_t group_size_ = 0, num_groups_ = 0;
+  int64_t max_rows_ = 0;                 // of x, at the largest step
+};
+
+}  // namespace
+
+void register_cpu_weight_only_linear_ops() {
+  register_op("weight_only_linear", DeviceKind::kCpu, make_op<WeightOnlyLinear>);
+}
+
+}  // namespace rtllm
