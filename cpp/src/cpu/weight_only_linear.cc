@@ -13,10 +13,12 @@
 // so per group scale · Σ x·q + offset · Σ x. Every token takes this one path whatever T, the tile it
 // falls in or the thread count: a token's result does not depend on its batch.
 //
-// Work: a task decodes a block of kTaskRows weight rows to float (the codes are small integers, exact
-// in float32) into its thread's workspace once, then runs every token of its token block against them
-// in register tiles of up to kTileRows tokens x kTileCols weight rows. At T = 1 (decode) the task reads
-// each packed byte once; at larger T the decoded rows serve all tokens of the block.
+// Work: a task takes a block of up to kTaskRows weight rows and kTaskTokens tokens, and runs register
+// tiles of up to kTileTokens tokens x kTileCols weight rows. With one token (decode, bandwidth-bound on
+// the packed bytes) the tile converts the codes to float in registers as it streams them; with more, the
+// task first decodes its rows to float32 in its thread's workspace and every token of the block reuses
+// them. The codes are small integers, exact in float32, so both read the same values: the choice is
+// speed only.
 #include <algorithm>
 #include <cstring>
 
@@ -32,6 +34,7 @@ namespace {
 
 constexpr int kChunk = 16;            // lanes of the accumulators (one AVX-512 vector, two AVX2 ones)
 constexpr int64_t kTaskRows = 8;      // weight rows decoded per task
+constexpr int64_t kDecodeTaskRows = 32;  // weight rows per task for one token (nothing decoded ahead)
 constexpr int64_t kTaskTokens = 64;   // tokens per task: the x block stays in L2
 constexpr int kTileTokens = 2;        // register tile: tokens ...
 constexpr int kTileCols = 4;          // ... x weight rows (2 · 4 · 2 accumulators + loads fit 32 zmm)
@@ -110,9 +113,69 @@ void decode_row(const void* codes, bool int4, int64_t K, float* out) {
   for (; k < K; ++k) out[k] = static_cast<float>(int4_at(q, k));
 }
 
+// The n valid floats at p, zero-padded to a chunk (the last chunk of a group whose size is not a multiple
+// of 16). Through memory, so that callers' accumulator arrays stay in registers.
+inline v16 load16_padded(const float* p, int64_t n) {
+  float buf[kChunk] = {};
+  std::memcpy(buf, p, n * sizeof(float));
+  return load16(buf);
+}
+
+// Where a tile reads weight chunks from. Both give the same (exact) float values of the codes, so the
+// choice changes the speed only, never a result.
+// DecodedRows: rows decoded to float32 in the task's workspace (a block of tokens reuses them).
+struct DecodedRows {
+  const float* rows;  // [kTaskRows, K], row 0 = the task's first weight row
+  int64_t K;
+  v16 chunk(int64_t row, int64_t k) const { return load16(rows + row * K + k); }
+  v16 chunk_padded(int64_t row, int64_t k, int64_t n) const { return load16_padded(rows + row * K + k, n); }
+  void prefetch(int64_t, int64_t, int64_t) const {}
+};
+
+// CodeRows: the codes as stored, converted in registers (decode: each byte is read once anyway).
+template <bool kInt4>
+struct CodeRows {
+  const uint8_t* codes;  // row 0 = the task's first weight row
+  int64_t row_bytes;
+  int64_t num_rows;      // of the task
+  // While a tile of nr rows from `row` reads chunk k, it prefetches the same share of the next tile's
+  // bytes (contiguous: rows are [N, K] row-major): rows this short are too few lines for the hardware
+  // prefetcher to ramp up on, and decode would wait on memory latency rather than bandwidth.
+  void prefetch(int64_t row, int64_t k, int64_t nr) const {
+    if (row + 2 * nr > num_rows) return;
+#if defined(__AVX2__) || defined(__AVX512F__)
+    _mm_prefetch(reinterpret_cast<const char*>(codes + (row + nr) * row_bytes + (kInt4 ? k * nr / 2 : k * nr)),
+                 _MM_HINT_T0);
+#endif
+  }
+  v16 chunk(int64_t row, int64_t k) const {
+    const uint8_t* r = codes + row * row_bytes;
+#if defined(__AVX512F__)
+    if constexpr (!kInt4) {
+      return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k))));
+    } else {
+      const __m128i b = _mm_loadl_epi64((const __m128i*)(r + k / 2));
+      const __m128i low4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+      const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+      const __m128i n = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), eight), eight);
+      return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(n));
+    }
+#else
+    float buf[kChunk];
+    decode_row(kInt4 ? r + k / 2 : r + k, kInt4, kChunk, buf);  // k is even for int4 (even group sizes)
+    return load16(buf);
+#endif
+  }
+  v16 chunk_padded(int64_t row, int64_t k, int64_t n) const {
+    const uint8_t* r = codes + row * row_bytes;
+    float buf[kChunk] = {};
+    for (int64_t l = 0; l < n; ++l) buf[l] = kInt4 ? static_cast<float>(int4_at(r, k + l)) : static_cast<int8_t>(r[k + l]);
+    return load16(buf);
+  }
+};
+
 struct Problem {
   const float* x;       // [T, K]
-  const float* w;       // decoded rows [kTaskRows, K] of the task (row 0 = weight row n0)
   const float* scale;   // [N, num_groups]
   const float* offset;  // [N, num_groups] or null
   const float* bias;    // [N] or null
@@ -120,52 +183,48 @@ struct Problem {
   int64_t K, N, group_size, num_groups;
 };
 
-// y[t0.., n0..] for MR tokens x NR rows, in the association of the file comment.
-template <int MR, int NR>
-void tile(const Problem& p, int64_t t0, int64_t n0, int64_t w_row0) {
-  const int64_t K = p.K, G = p.group_size;
+// y[t0 .. t0 + MR, n0 .. n0 + NR] in the association of the file comment; weight row n0 + j is row
+// w_row0 + j of `w`.
+template <int MR, int NR, bool kOffset, typename Rows>
+void tile(const Problem& p, const Rows& w, int64_t t0, int64_t n0, int64_t w_row0) {
+  const int64_t G = p.group_size;
   const float* x[MR];
-  const float* w[NR];
-  for (int i = 0; i < MR; ++i) x[i] = p.x + (t0 + i) * K;
-  for (int j = 0; j < NR; ++j) w[j] = p.w + (w_row0 + j) * K;
+  for (int i = 0; i < MR; ++i) x[i] = p.x + (t0 + i) * p.K;
   v16 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = v16{};
-  for (int64_t g = 0; g < p.num_groups; ++g) {
+  const int64_t full = G / kChunk * kChunk;  // chunks of a group without padding
+  for (int64_t g = 0, k0 = 0; g < p.num_groups; ++g, k0 += G) {
     v16 part[MR][NR], xs[MR];
     for (int i = 0; i < MR; ++i) {
       xs[i] = v16{};
       for (int j = 0; j < NR; ++j) part[i][j] = v16{};
     }
-    for (int64_t c = 0; c < G; c += kChunk) {
-      const int64_t k = g * G + c;
-      v16 xv[MR];
-      if (c + kChunk <= G) {
-        for (int i = 0; i < MR; ++i) xv[i] = load16(x[i] + k);
-      } else {  // the padded last chunk of a group whose size is not a multiple of 16
-        for (int i = 0; i < MR; ++i) {
-          xv[i] = v16{};
-          for (int64_t l = 0; l < G - c; ++l) xv[i][l] = x[i][k + l];
-        }
-      }
-      for (int j = 0; j < NR; ++j) {
-        v16 wv;
-        if (c + kChunk <= G) {
-          wv = load16(w[j] + k);
-        } else {
-          wv = v16{};
-          for (int64_t l = 0; l < G - c; ++l) wv[l] = w[j][k + l];
-        }
-        for (int i = 0; i < MR; ++i) part[i][j] = fmadd16(xv[i], wv, part[i][j]);
-      }
-      if (p.offset)
+    auto step = [&](const v16* xv, const v16* wv) {
+      for (int j = 0; j < NR; ++j)
+        for (int i = 0; i < MR; ++i) part[i][j] = fmadd16(xv[i], wv[j], part[i][j]);
+      if constexpr (kOffset)
         for (int i = 0; i < MR; ++i) xs[i] += xv[i];
+    };
+    for (int64_t k = k0; k < k0 + full; k += kChunk) {
+      v16 xv[MR], wv[NR];
+      for (int i = 0; i < MR; ++i) xv[i] = load16(x[i] + k);
+      for (int j = 0; j < NR; ++j) wv[j] = w.chunk(w_row0 + j, k);
+      w.prefetch(w_row0, k, NR);
+      step(xv, wv);
+    }
+    if (full < G) {
+      const int64_t k = k0 + full, n = G - full;
+      v16 xv[MR], wv[NR];
+      for (int i = 0; i < MR; ++i) xv[i] = load16_padded(x[i] + k, n);
+      for (int j = 0; j < NR; ++j) wv[j] = w.chunk_padded(w_row0 + j, k, n);
+      step(xv, wv);
     }
     for (int j = 0; j < NR; ++j) {
       const int64_t sg = (n0 + j) * p.num_groups + g;
       const v16 s = splat16(p.scale[sg]);
       for (int i = 0; i < MR; ++i) acc[i][j] = fmadd16(s, part[i][j], acc[i][j]);
-      if (p.offset) {
+      if constexpr (kOffset) {
         const v16 o = splat16(p.offset[sg]);
         for (int i = 0; i < MR; ++i) acc[i][j] = fmadd16(o, xs[i], acc[i][j]);
       }
@@ -179,16 +238,27 @@ void tile(const Problem& p, int64_t t0, int64_t n0, int64_t w_row0) {
     }
 }
 
-template <int MR>
-void tile_cols(int nr, const Problem& p, int64_t t0, int64_t n0, int64_t w_row0) {
-  switch (nr) {
-    case 4: return tile<MR, 4>(p, t0, n0, w_row0);
-    case 3: return tile<MR, 3>(p, t0, n0, w_row0);
-    case 2: return tile<MR, 2>(p, t0, n0, w_row0);
-    default: return tile<MR, 1>(p, t0, n0, w_row0);
+// Tokens t0..t1 against weight rows n0..n1 (row n0 is row 0 of `w`), in register tiles.
+template <bool kOffset, typename Rows>
+void tiles(const Problem& p, const Rows& w, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += kTileCols) {
+    const int64_t nr = std::min<int64_t>(kTileCols, n1 - n);
+    int64_t t = t0;
+    for (; t + kTileTokens <= t1; t += kTileTokens) {
+      if (nr == kTileCols) tile<kTileTokens, kTileCols, kOffset>(p, w, t, n, n - n0);
+      else if (nr == 3) tile<kTileTokens, 3, kOffset>(p, w, t, n, n - n0);
+      else if (nr == 2) tile<kTileTokens, 2, kOffset>(p, w, t, n, n - n0);
+      else tile<kTileTokens, 1, kOffset>(p, w, t, n, n - n0);
+    }
+    for (; t < t1; ++t) {
+      if (nr == kTileCols) tile<1, kTileCols, kOffset>(p, w, t, n, n - n0);
+      else if (nr == 3) tile<1, 3, kOffset>(p, w, t, n, n - n0);
+      else if (nr == 2) tile<1, 2, kOffset>(p, w, t, n, n - n0);
+      else tile<1, 1, kOffset>(p, w, t, n, n - n0);
+    }
   }
 }
-static_assert(kTileTokens == 2 && kTileCols == 4, "tile_cols / the dispatch below cover these sizes");
+static_assert(kTileTokens == 2 && kTileCols == 4, "tiles() dispatches these sizes");
 
 // x [T, K] float32; weight [N, K] I8 or I4 and, when has_offset, offset [N, K / G] F32 kept as stored;
 // scale [N, K / G] (F16, BF16 or F32) and the optional bias [N] converted to float32 at load.
@@ -262,30 +332,35 @@ class WeightOnlyLinear final : public OpKind {
     RTLLM_CHECK(T <= max_rows_, "weight_only_linear: x has ", T, " rows, more than the ", max_rows_,
                 " planned at load");
     const size_t num_fixed = has_offset_ ? 4 : 3;
-    Problem p{x.f32(), nullptr, in[2].f32(), has_offset_ ? in[3].f32() : nullptr,
-              has_bias_ ? in[num_fixed].f32() : nullptr, y.f32(), K, N, group_size_, num_groups_};
+    Problem p{x.f32(), in[2].f32(), has_offset_ ? in[3].f32() : nullptr, has_bias_ ? in[num_fixed].f32() : nullptr,
+              y.f32(), K, N, group_size_, num_groups_};
     const uint8_t* codes = static_cast<const uint8_t*>(w.data);
     const int64_t row_bytes = int4_ ? K / 2 : K;
-    float* rows = static_cast<float*>(ctx.workspace);
+    float* workspace = static_cast<float*>(ctx.workspace);
     const int64_t num_token_tasks = (T + kTaskTokens - 1) / kTaskTokens;
-    const int64_t num_row_tasks = (N + kTaskRows - 1) / kTaskRows;
+    // One token: no decoded rows to keep, so larger tasks (longer runs of contiguous bytes to stream).
+    const int64_t task_rows = T < kTileTokens ? kDecodeTaskRows : kTaskRows;
+    const int64_t num_row_tasks = (N + task_rows - 1) / task_rows;
     ctx.pool->parallel_for(num_token_tasks * num_row_tasks, [&](int64_t task, int thread) {
       const int64_t t0 = (task / num_row_tasks) * kTaskTokens, t1 = std::min(T, t0 + kTaskTokens);
-      const int64_t n0 = (task % num_row_tasks) * kTaskRows, n1 = std::min(N, n0 + kTaskRows);
-      Problem tp = p;
-      float* w_rows = rows + thread * kTaskRows * K;
-      tp.w = w_rows;
-      for (int64_t n = n0; n < n1; ++n) decode_row(codes + n * row_bytes, int4_, K, w_rows + (n - n0) * K);
-      for (int64_t n = n0; n < n1; n += kTileCols) {
-        const int nr = static_cast<int>(std::min<int64_t>(kTileCols, n1 - n));
-        int64_t t = t0;
-        for (; t + kTileTokens <= t1; t += kTileTokens) tile_cols<kTileTokens>(nr, tp, t, n, n - n0);
-        for (; t < t1; ++t) tile_cols<1>(nr, tp, t, n, n - n0);
+      const int64_t n0 = (task % num_row_tasks) * task_rows, n1 = std::min(N, n0 + task_rows);
+      if (t1 - t0 < kTileTokens) {  // one token: convert the codes in registers as they stream in
+        if (int4_) return run_tiles(p, CodeRows<true>{codes + n0 * row_bytes, row_bytes, n1 - n0}, t0, t1, n0, n1);
+        return run_tiles(p, CodeRows<false>{codes + n0 * row_bytes, row_bytes, n1 - n0}, t0, t1, n0, n1);
       }
-    }, std::min(T, kTaskTokens) * kTaskRows * K);
+      float* rows = workspace + thread * kTaskRows * K;  // decoded once, used by every token of the block
+      for (int64_t n = n0; n < n1; ++n) decode_row(codes + n * row_bytes, int4_, K, rows + (n - n0) * K);
+      run_tiles(p, DecodedRows{rows, K}, t0, t1, n0, n1);
+    }, std::min(T, kTaskTokens) * task_rows * K);
   }
 
  private:
+  template <typename Rows>
+  void run_tiles(const Problem& p, const Rows& w, int64_t t0, int64_t t1, int64_t n0, int64_t n1) const {
+    if (has_offset_) return tiles<true>(p, w, t0, t1, n0, n1);
+    tiles<false>(p, w, t0, t1, n0, n1);
+  }
+
   static std::string shape_string(const TensorSpec& t) {
     std::string s = "[";
     for (size_t i = 0; i < t.shape.size(); ++i) {
