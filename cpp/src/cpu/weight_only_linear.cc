@@ -20,6 +20,7 @@
 // them. The codes are small integers, exact in float32, so both read the same values: the choice is
 // speed only.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -28,6 +29,10 @@
 
 #include "op_registry.h"
 #include "thread_pool.h"
+
+// 64-byte vectors pass between this file's inline helpers only (anonymous namespace): without AVX-512 GCC
+// warns that their ABI differs, which no caller outside the file can observe.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace rtllm {
 namespace {
@@ -146,6 +151,8 @@ struct CodeRows {
 #if defined(__AVX2__) || defined(__AVX512F__)
     _mm_prefetch(reinterpret_cast<const char*>(codes + (row + nr) * row_bytes + (kInt4 ? k * nr / 2 : k * nr)),
                  _MM_HINT_T0);
+#else
+    (void)k;
 #endif
   }
   v16 chunk(int64_t row, int64_t k) const {
