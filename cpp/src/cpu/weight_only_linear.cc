@@ -3,22 +3,20 @@
 // The codes stay in memory as stored (int8, or int4 two per byte): decode reads 4x / 8x fewer weight
 // bytes than the float32 linear.
 //
-// Association (docs/engine_format.md). Each group's codes are read in chunks of 16 (the last chunk of a
-// group of a size that is not a multiple of 16 padded with zeros); lane l of chunk c of group g holds
-// k = g·G + 16·c + l. Per output element, in float32 with one rounding per FMA:
-//   p_l   = sum over the chunks of the group, in order, of x[t, k] · q[n, k]   (FMA chain from 0)
-//   xs_l  = sum over the chunks of the group, in order, of x[t, k]            (only with an offset)
-//   acc_l = fma(scale[n, g], p_l, acc_l), then acc_l = fma(offset[n, g], xs_l, acc_l), groups in order
-//   y[t, n] = hsum16(acc) + bias[n]   (hsum16: lanes l + (l + 8), then ((0+4)+(2+6)) + ((1+5)+(3+7)))
-// so per group scale · Σ x·q + offset · Σ x. Every token takes this one path whatever T, the tile it
-// falls in or the thread count: a token's result does not depend on its batch.
+// Association (docs/engine_format.md), float32 throughout:
+//   W[n, k] = fma(float(q[n, k]), scale[n, g], offset[n, g])   (offset 0 when absent; one rounding, none
+//             at all when the scale is F16 or BF16: q · scale is then exact)
+//   k runs group by group in chunks of 16 (a group's last chunk zero-padded when 16 does not divide G);
+//   acc_l = FMA chain from 0 over the chunks in order of x[t, k] · W[n, k] for lane l of each chunk;
+//   y[t, n] = hsum16(acc) + bias[n]   (hsum16: lanes l + (l + 8), then ((0+4)+(2+6)) + ((1+5)+(3+7))).
+// Every token takes this one path whatever T, the tile it falls in or the thread count: a token's result
+// does not depend on its batch.
 //
 // Work: a task takes a block of up to kTaskRows weight rows and kTaskTokens tokens, and runs register
 // tiles of up to kTileTokens tokens x kTileCols weight rows. With one token (decode, bandwidth-bound on
-// the packed bytes) the tile converts the codes to float in registers as it streams them; with more, the
-// task first decodes its rows to float32 in its thread's workspace and every token of the block reuses
-// them. The codes are small integers, exact in float32, so both read the same values: the choice is
-// speed only.
+// the packed bytes) the tile dequantizes the codes in registers as it streams them; with more, the task
+// first dequantizes its rows to float32 in its thread's workspace (by the same function, so to the same
+// values) and every token of the block reuses them.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -41,8 +39,8 @@ constexpr int kChunk = 16;            // lanes of the accumulators (one AVX-512 
 constexpr int64_t kTaskRows = 8;      // weight rows decoded per task
 constexpr int64_t kDecodeTaskRows = 32;  // weight rows per task for one token (nothing decoded ahead)
 constexpr int64_t kTaskTokens = 64;   // tokens per task: the x block stays in L2
-constexpr int kTileTokens = 2;        // register tile: tokens ...
-constexpr int kTileCols = 4;          // ... x weight rows (2 · 4 · 2 accumulators + loads fit 32 zmm)
+constexpr int kTileTokens = 4;        // register tile: tokens ...
+constexpr int kTileCols = 4;          // ... x weight rows (16 accumulators + 4 x + 1 w of 32 zmm)
 
 typedef float v16 __attribute__((vector_size(kChunk * sizeof(float))));
 
@@ -84,40 +82,6 @@ inline int int4_at(const uint8_t* packed, int64_t k) {
   return nibble >= 8 ? nibble - 16 : nibble;
 }
 
-// codes [K] (int8, or int4 packed two per byte, the even index in the low nibble) -> float [K], exact.
-void decode_row(const void* codes, bool int4, int64_t K, float* out) {
-  int64_t k = 0;
-  if (!int4) {
-    const int8_t* q = static_cast<const int8_t*>(codes);
-#if defined(__AVX512F__)
-    for (; k + 16 <= K; k += 16)
-      _mm512_storeu_ps(out + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + k)))));
-#elif defined(__AVX2__)
-    for (; k + 8 <= K; k += 8)
-      _mm256_storeu_ps(out + k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + k)))));
-#endif
-    for (; k < K; ++k) out[k] = q[k];
-    return;
-  }
-  const uint8_t* q = static_cast<const uint8_t*>(codes);
-#if defined(__AVX2__) || defined(__AVX512F__)
-  // 8 bytes -> 16 nibbles in order (low, high of each byte), sign-extended as (n ^ 8) - 8.
-  const __m128i low4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-  for (; k + 16 <= K; k += 16) {
-    const __m128i b = _mm_loadl_epi64((const __m128i*)(q + k / 2));
-    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-    const __m128i n = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), eight), eight);
-#if defined(__AVX512F__)
-    _mm512_storeu_ps(out + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(n)));
-#else
-    _mm256_storeu_ps(out + k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(n)));
-    _mm256_storeu_ps(out + k + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(n, 8))));
-#endif
-  }
-#endif
-  for (; k < K; ++k) out[k] = static_cast<float>(int4_at(q, k));
-}
-
 // The n valid floats at p, zero-padded to a chunk (the last chunk of a group whose size is not a multiple
 // of 16). Through memory, so that callers' accumulator arrays stay in registers.
 inline v16 load16_padded(const float* p, int64_t n) {
@@ -126,59 +90,61 @@ inline v16 load16_padded(const float* p, int64_t n) {
   return load16(buf);
 }
 
-// Where a tile reads weight chunks from. Both give the same (exact) float values of the codes, so the
-// choice changes the speed only, never a result.
-// DecodedRows: rows decoded to float32 in the task's workspace (a block of tokens reuses them).
-struct DecodedRows {
-  const float* rows;  // [kTaskRows, K], row 0 = the task's first weight row
-  int64_t K;
-  v16 chunk(int64_t row, int64_t k) const { return load16(rows + row * K + k); }
-  v16 chunk_padded(int64_t row, int64_t k, int64_t n) const { return load16_padded(rows + row * K + k, n); }
-  void prefetch(int64_t, int64_t, int64_t) const {}
-};
-
-// CodeRows: the codes as stored, converted in registers (decode: each byte is read once anyway).
+// The codes as stored, dequantized in registers: chunk(row, k, s, o) = fma(q[row, k..k+15], s, o).
 template <bool kInt4>
 struct CodeRows {
+  static constexpr bool kDequantized = false;
   const uint8_t* codes;  // row 0 = the task's first weight row
   int64_t row_bytes;
   int64_t num_rows;      // of the task
-  // While a tile of nr rows from `row` reads chunk k, it prefetches the same share of the next tile's
-  // bytes (contiguous: rows are [N, K] row-major): rows this short are too few lines for the hardware
-  // prefetcher to ramp up on, and decode would wait on memory latency rather than bandwidth.
-  void prefetch(int64_t row, int64_t k, int64_t nr) const {
-    if (row + 2 * nr > num_rows) return;
-#if defined(__AVX2__) || defined(__AVX512F__)
-    _mm_prefetch(reinterpret_cast<const char*>(codes + (row + nr) * row_bytes + (kInt4 ? k * nr / 2 : k * nr)),
-                 _MM_HINT_T0);
-#else
-    (void)k;
-#endif
-  }
-  v16 chunk(int64_t row, int64_t k) const {
+
+  v16 chunk(int64_t row, int64_t k, v16 s, v16 o) const {
     const uint8_t* r = codes + row * row_bytes;
 #if defined(__AVX512F__)
+    __m512i q;
     if constexpr (!kInt4) {
-      return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k))));
-    } else {
+      q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k)));
+    } else {  // 8 bytes -> 16 nibbles in order (low, high of each byte), sign-extended as (n ^ 8) - 8
       const __m128i b = _mm_loadl_epi64((const __m128i*)(r + k / 2));
       const __m128i low4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
       const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-      const __m128i n = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), eight), eight);
-      return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(n));
+      q = _mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), eight), eight));
     }
+    return fmadd16((v16)_mm512_cvtepi32_ps(q), s, o);
 #else
-    float buf[kChunk];
-    decode_row(kInt4 ? r + k / 2 : r + k, kInt4, kChunk, buf);  // k is even for int4 (even group sizes)
-    return load16(buf);
+    v16 q;
+    for (int l = 0; l < kChunk; ++l) q[l] = code(r, k + l);
+    return fmadd16(q, s, o);
 #endif
   }
-  v16 chunk_padded(int64_t row, int64_t k, int64_t n) const {
+  // The n valid lanes dequantized (std::fma: the same single rounding), the others 0.
+  v16 chunk_padded(int64_t row, int64_t k, int64_t n, v16 s, v16 o) const {
     const uint8_t* r = codes + row * row_bytes;
-    float buf[kChunk] = {};
-    for (int64_t l = 0; l < n; ++l) buf[l] = kInt4 ? static_cast<float>(int4_at(r, k + l)) : static_cast<int8_t>(r[k + l]);
-    return load16(buf);
+    v16 w = v16{};
+    for (int64_t l = 0; l < n; ++l) w[l] = std::fma(code(r, k + l), s[0], o[0]);
+    return w;
   }
+  static float code(const uint8_t* r, int64_t k) {
+    return kInt4 ? static_cast<float>(int4_at(r, k)) : static_cast<float>(static_cast<int8_t>(r[k]));
+  }
+  // While a tile of nr rows from `row` reads chunk k, it prefetches the same share of the next tile's
+  // bytes (contiguous: rows are [N, K] row-major): rows this short are too few lines for the hardware
+  // prefetcher to ramp up on, and decode would wait on memory latency rather than bandwidth. Null past
+  // the task's rows (the next tile is another task's).
+  const void* prefetch_address(int64_t row, int64_t k, int64_t nr) const {
+    if (row + 2 * nr > num_rows) return nullptr;
+    return codes + (row + nr) * row_bytes + (kInt4 ? k * nr / 2 : k * nr);
+  }
+};
+
+// Rows already dequantized to float32 (by CodeRows, in the task's workspace): chunk() ignores s and o.
+struct DequantizedRows {
+  static constexpr bool kDequantized = true;
+  const float* rows;  // [kTaskRows, K], row 0 = the task's first weight row
+  int64_t K;
+  v16 chunk(int64_t row, int64_t k, v16, v16) const { return load16(rows + row * K + k); }
+  v16 chunk_padded(int64_t row, int64_t k, int64_t n, v16, v16) const { return load16_padded(rows + row * K + k, n); }
+  const void* prefetch_address(int64_t, int64_t, int64_t) const { return nullptr; }
 };
 
 struct Problem {
@@ -190,50 +156,68 @@ struct Problem {
   int64_t K, N, group_size, num_groups;
 };
 
+// Weight row n of the task's CodeRows (global row n0 + n) dequantized into out [K].
+template <bool kInt4>
+void dequantize_row(const Problem& p, const CodeRows<kInt4>& w, int64_t n0, int64_t n, float* out) {
+  const int64_t G = p.group_size, full = G / kChunk * kChunk;
+  for (int64_t g = 0, k0 = 0; g < p.num_groups; ++g, k0 += G) {
+    const int64_t sg = (n0 + n) * p.num_groups + g;
+    const v16 s = splat16(p.scale[sg]), o = splat16(p.offset ? p.offset[sg] : 0.0f);
+    for (int64_t k = k0; k < k0 + full; k += kChunk) {
+      const v16 v = w.chunk(n, k, s, o);
+      std::memcpy(out + k, &v, sizeof(v));
+    }
+    if (full < G) {
+      const v16 v = w.chunk_padded(n, k0 + full, G - full, s, o);
+      std::memcpy(out + k0 + full, &v, (G - full) * sizeof(float));
+    }
+  }
+}
+
 // y[t0 .. t0 + MR, n0 .. n0 + NR] in the association of the file comment; weight row n0 + j is row
 // w_row0 + j of `w`.
-template <int MR, int NR, bool kOffset, typename Rows>
+template <int MR, int NR, typename Rows>
 void tile(const Problem& p, const Rows& w, int64_t t0, int64_t n0, int64_t w_row0) {
-  const int64_t G = p.group_size;
+  // Dequantized rows need no scales: when 16 divides the group size (no padded chunks) the chunks of
+  // every group run as one loop over K, in the same order.
+  const bool one_run = Rows::kDequantized && p.group_size % kChunk == 0;
+  const int64_t G = one_run ? p.K : p.group_size, num_groups = one_run ? 1 : p.num_groups;
+  const int64_t full = G / kChunk * kChunk;
   const float* x[MR];
   for (int i = 0; i < MR; ++i) x[i] = p.x + (t0 + i) * p.K;
   v16 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = v16{};
-  const int64_t full = G / kChunk * kChunk;  // chunks of a group without padding
-  for (int64_t g = 0, k0 = 0; g < p.num_groups; ++g, k0 += G) {
-    v16 part[MR][NR], xs[MR];
-    for (int i = 0; i < MR; ++i) {
-      xs[i] = v16{};
-      for (int j = 0; j < NR; ++j) part[i][j] = v16{};
+  for (int64_t g = 0, k0 = 0; g < num_groups; ++g, k0 += G) {
+    v16 s[NR], o[NR];
+    for (int j = 0; j < NR; ++j) {
+      if constexpr (Rows::kDequantized) {
+        s[j] = o[j] = v16{};  // unused
+      } else {
+        const int64_t sg = (n0 + j) * p.num_groups + g;
+        s[j] = splat16(p.scale[sg]);
+        o[j] = splat16(p.offset ? p.offset[sg] : 0.0f);
+      }
     }
-    auto step = [&](const v16* xv, const v16* wv) {
-      for (int j = 0; j < NR; ++j)
-        for (int i = 0; i < MR; ++i) part[i][j] = fmadd16(xv[i], wv[j], part[i][j]);
-      if constexpr (kOffset)
-        for (int i = 0; i < MR; ++i) xs[i] += xv[i];
-    };
     for (int64_t k = k0; k < k0 + full; k += kChunk) {
-      v16 xv[MR], wv[NR];
+      v16 xv[MR];
       for (int i = 0; i < MR; ++i) xv[i] = load16(x[i] + k);
-      for (int j = 0; j < NR; ++j) wv[j] = w.chunk(w_row0 + j, k);
-      w.prefetch(w_row0, k, NR);
-      step(xv, wv);
+#if defined(__AVX2__) || defined(__AVX512F__)
+      // (the prefetch itself stays here: GCC drops a call whose only effect is a prefetch)
+      if (const void* a = w.prefetch_address(w_row0, k, NR)) _mm_prefetch(static_cast<const char*>(a), _MM_HINT_T0);
+#endif
+      for (int j = 0; j < NR; ++j) {
+        const v16 wv = w.chunk(w_row0 + j, k, s[j], o[j]);
+        for (int i = 0; i < MR; ++i) acc[i][j] = fmadd16(xv[i], wv, acc[i][j]);
+      }
     }
     if (full < G) {
       const int64_t k = k0 + full, n = G - full;
-      v16 xv[MR], wv[NR];
+      v16 xv[MR];
       for (int i = 0; i < MR; ++i) xv[i] = load16_padded(x[i] + k, n);
-      for (int j = 0; j < NR; ++j) wv[j] = w.chunk_padded(w_row0 + j, k, n);
-      step(xv, wv);
-    }
-    for (int j = 0; j < NR; ++j) {
-      const int64_t sg = (n0 + j) * p.num_groups + g;
-      const v16 s = splat16(p.scale[sg]);
-      for (int i = 0; i < MR; ++i) acc[i][j] = fmadd16(s, part[i][j], acc[i][j]);
-      if constexpr (kOffset) {
-        const v16 o = splat16(p.offset[sg]);
-        for (int i = 0; i < MR; ++i) acc[i][j] = fmadd16(o, xs[i], acc[i][j]);
+      for (int j = 0; j < NR; ++j) {
+        const v16 wv = w.chunk_padded(w_row0 + j, k, n, s[j], o[j]);
+        for (int i = 0; i < MR; ++i) acc[i][j] = fmadd16(xv[i], wv, acc[i][j]);
       }
     }
   }
@@ -245,27 +229,27 @@ void tile(const Problem& p, const Rows& w, int64_t t0, int64_t n0, int64_t w_row
     }
 }
 
+template <int MR, typename Rows>
+void tile_cols(int64_t nr, const Problem& p, const Rows& w, int64_t t, int64_t n, int64_t w_row0) {
+  switch (nr) {
+    case 4: return tile<MR, 4>(p, w, t, n, w_row0);
+    case 3: return tile<MR, 3>(p, w, t, n, w_row0);
+    case 2: return tile<MR, 2>(p, w, t, n, w_row0);
+    default: return tile<MR, 1>(p, w, t, n, w_row0);
+  }
+}
+
 // Tokens t0..t1 against weight rows n0..n1 (row n0 is row 0 of `w`), in register tiles.
-template <bool kOffset, typename Rows>
+template <typename Rows>
 void tiles(const Problem& p, const Rows& w, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n += kTileCols) {
     const int64_t nr = std::min<int64_t>(kTileCols, n1 - n);
     int64_t t = t0;
-    for (; t + kTileTokens <= t1; t += kTileTokens) {
-      if (nr == kTileCols) tile<kTileTokens, kTileCols, kOffset>(p, w, t, n, n - n0);
-      else if (nr == 3) tile<kTileTokens, 3, kOffset>(p, w, t, n, n - n0);
-      else if (nr == 2) tile<kTileTokens, 2, kOffset>(p, w, t, n, n - n0);
-      else tile<kTileTokens, 1, kOffset>(p, w, t, n, n - n0);
-    }
-    for (; t < t1; ++t) {
-      if (nr == kTileCols) tile<1, kTileCols, kOffset>(p, w, t, n, n - n0);
-      else if (nr == 3) tile<1, 3, kOffset>(p, w, t, n, n - n0);
-      else if (nr == 2) tile<1, 2, kOffset>(p, w, t, n, n - n0);
-      else tile<1, 1, kOffset>(p, w, t, n, n - n0);
-    }
+    for (; t + kTileTokens <= t1; t += kTileTokens) tile_cols<kTileTokens>(nr, p, w, t, n, n - n0);
+    for (; t < t1; ++t) tile_cols<1>(nr, p, w, t, n, n - n0);
   }
 }
-static_assert(kTileTokens == 2 && kTileCols == 4, "tiles() dispatches these sizes");
+static_assert(kTileCols == 4, "tile_cols() dispatches up to 4 rows");
 
 // x [T, K] float32; weight [N, K] I8 or I4 and, when has_offset, offset [N, K / G] F32 kept as stored;
 // scale [N, K / G] (F16, BF16 or F32) and the optional bias [N] converted to float32 at load.
@@ -343,29 +327,29 @@ class WeightOnlyLinear final : public OpKind {
               y.f32(), K, N, group_size_, num_groups_};
     const uint8_t* codes = static_cast<const uint8_t*>(w.data);
     const int64_t row_bytes = int4_ ? K / 2 : K;
-    float* workspace = static_cast<float*>(ctx.workspace);
+    workspace_ = static_cast<float*>(ctx.workspace);
     const int64_t num_token_tasks = (T + kTaskTokens - 1) / kTaskTokens;
     // One token: no decoded rows to keep, so larger tasks (longer runs of contiguous bytes to stream).
-    const int64_t task_rows = T < kTileTokens ? kDecodeTaskRows : kTaskRows;
+    const int64_t task_rows = T == 1 ? kDecodeTaskRows : kTaskRows;
     const int64_t num_row_tasks = (N + task_rows - 1) / task_rows;
     ctx.pool->parallel_for(num_token_tasks * num_row_tasks, [&](int64_t task, int thread) {
       const int64_t t0 = (task / num_row_tasks) * kTaskTokens, t1 = std::min(T, t0 + kTaskTokens);
       const int64_t n0 = (task % num_row_tasks) * task_rows, n1 = std::min(N, n0 + task_rows);
-      if (t1 - t0 < kTileTokens) {  // one token: convert the codes in registers as they stream in
-        if (int4_) return run_tiles(p, CodeRows<true>{codes + n0 * row_bytes, row_bytes, n1 - n0}, t0, t1, n0, n1);
-        return run_tiles(p, CodeRows<false>{codes + n0 * row_bytes, row_bytes, n1 - n0}, t0, t1, n0, n1);
-      }
-      float* rows = workspace + thread * kTaskRows * K;  // decoded once, used by every token of the block
-      for (int64_t n = n0; n < n1; ++n) decode_row(codes + n * row_bytes, int4_, K, rows + (n - n0) * K);
-      run_tiles(p, DecodedRows{rows, K}, t0, t1, n0, n1);
+      if (int4_) return run_task(p, CodeRows<true>{codes + n0 * row_bytes, row_bytes, n1 - n0}, t0, t1, n0, n1, thread);
+      run_task(p, CodeRows<false>{codes + n0 * row_bytes, row_bytes, n1 - n0}, t0, t1, n0, n1, thread);
     }, std::min(T, kTaskTokens) * task_rows * K);
   }
 
  private:
-  template <typename Rows>
-  void run_tiles(const Problem& p, const Rows& w, int64_t t0, int64_t t1, int64_t n0, int64_t n1) const {
-    if (has_offset_) return tiles<true>(p, w, t0, t1, n0, n1);
-    tiles<false>(p, w, t0, t1, n0, n1);
+  // One token: dequantize in registers as the codes stream in. More: dequantize the task's rows once into
+  // the thread's workspace and run every token of the block on them.
+  template <bool kInt4>
+  void run_task(const Problem& p, const CodeRows<kInt4>& w, int64_t t0, int64_t t1, int64_t n0, int64_t n1,
+                int thread) const {
+    if (t1 - t0 == 1) return tiles(p, w, t0, t1, n0, n1);
+    float* rows = workspace_ + thread * kTaskRows * p.K;
+    for (int64_t n = 0; n < n1 - n0; ++n) dequantize_row(p, w, n0, n, rows + n * p.K);
+    tiles(p, DequantizedRows{rows, p.K}, t0, t1, n0, n1);
   }
 
   static std::string shape_string(const TensorSpec& t) {
@@ -382,6 +366,7 @@ class WeightOnlyLinear final : public OpKind {
   int64_t num_rows_ = 0, num_cols_ = 0;  // N, K
   int64_t group_size_ = 0, num_groups_ = 0;
   int64_t max_rows_ = 0;                 // of x, at the largest step
+  float* workspace_ = nullptr;           // this step's (run() sets it)
 };
 
 }  // namespace
