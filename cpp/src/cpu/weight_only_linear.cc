@@ -101,16 +101,19 @@ struct CodeRows {
   v16 chunk(int64_t row, int64_t k, v16 s, v16 o) const {
     const uint8_t* r = codes + row * row_bytes;
 #if defined(__AVX512F__)
-    __m512i q;
     if constexpr (!kInt4) {
-      q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k)));
-    } else {  // 8 bytes -> 16 nibbles in order (low, high of each byte), sign-extended as (n ^ 8) - 8
+      const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k)));
+      return fmadd16((v16)_mm512_cvtepi32_ps(q), s, o);
+    } else {
+      // 8 bytes -> each byte in two 32-bit lanes, shifted so that lane 2i holds byte i's low nibble and
+      // lane 2i + 1 its high one in bits 0..3; vpermps reads only those bits: a 16-entry table lookup
+      // of the signed value as a float.
+      const __m512i shifts = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+      const __m512 values = _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0);
       const __m128i b = _mm_loadl_epi64((const __m128i*)(r + k / 2));
-      const __m128i low4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-      const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-      q = _mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), eight), eight));
+      const __m512i nibbles = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)), shifts);
+      return fmadd16((v16)_mm512_permutexvar_ps(nibbles, values), s, o);
     }
-    return fmadd16((v16)_mm512_cvtepi32_ps(q), s, o);
 #else
     v16 q;
     for (int l = 0; l < kChunk; ++l) q[l] = code(r, k + l);
