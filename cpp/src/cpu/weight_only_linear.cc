@@ -36,8 +36,8 @@ namespace rtllm {
 namespace {
 
 constexpr int kChunk = 16;            // lanes of the accumulators (one AVX-512 vector, two AVX2 ones)
-constexpr int64_t kTaskRows = 8;      // weight rows decoded per task
-constexpr int64_t kDecodeTaskRows = 32;  // weight rows per task for one token (nothing decoded ahead)
+constexpr int64_t kTaskRows = 8;      // weight rows dequantized per task (several tokens)
+constexpr int64_t kDecodeTaskRows = 32;  // weight rows per task for one token (nothing dequantized ahead)
 constexpr int64_t kTaskTokens = 64;   // tokens per task: the x block stays in L2
 constexpr int kTileTokens = 4;        // register tile: tokens ...
 constexpr int kTileCols = 4;          // ... x weight rows (16 accumulators + 4 x + 1 w of 32 zmm)
