@@ -39,8 +39,14 @@ constexpr int kChunk = 16;            // lanes of the accumulators (one AVX-512 
 constexpr int64_t kTaskRows = 8;      // weight rows dequantized per task (several tokens)
 constexpr int64_t kDecodeTaskRows = 32;  // weight rows per task for one token (nothing dequantized ahead)
 constexpr int64_t kTaskTokens = 64;   // tokens per task: the x block stays in L2
-constexpr int kTileTokens = 4;        // register tile: tokens ...
-constexpr int kTileCols = 4;          // ... x weight rows (16 accumulators + 4 x + 1 w of 32 zmm)
+// Register tile: tokens x weight rows. AVX-512: 16 accumulators + 4 x + 1 w of 32 zmm; AVX2 (a 16-lane
+// vector is two of its 16 ymm): 4 accumulators + x + w.
+#if defined(__AVX512F__)
+constexpr int kTileTokens = 4;
+#else
+constexpr int kTileTokens = 1;
+#endif
+constexpr int kTileCols = 4;
 
 typedef float v16 __attribute__((vector_size(kChunk * sizeof(float))));
 
@@ -114,6 +120,22 @@ struct CodeRows {
       const __m512i nibbles = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)), shifts);
       return fmadd16((v16)_mm512_permutexvar_ps(nibbles, values), s, o);
     }
+#elif defined(__AVX2__)
+    __m128i lo8, hi8;  // the chunk's 16 codes as int8: lanes 0..7, 8..15
+    if constexpr (!kInt4) {
+      lo8 = _mm_loadl_epi64((const __m128i*)(r + k));
+      hi8 = _mm_loadl_epi64((const __m128i*)(r + k + 8));
+    } else {  // 8 bytes -> 16 nibbles in order (low, high of each byte), sign-extended as (n ^ 8) - 8
+      const __m128i b = _mm_loadl_epi64((const __m128i*)(r + k / 2));
+      const __m128i low4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+      const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+      lo8 = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), eight), eight);
+      hi8 = _mm_srli_si128(lo8, 8);
+    }
+    const __m256 q[2] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo8)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi8))};
+    v16 qv;
+    std::memcpy(&qv, q, sizeof(qv));
+    return fmadd16(qv, s, o);
 #else
     v16 q;
     for (int l = 0; l < kChunk; ++l) q[l] = code(r, k + l);
