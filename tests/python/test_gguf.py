@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 import rtllm
-from rtllm import LLM, BuildConfig, SamplingParams, _core
+from rtllm import LLM, BuildConfig, QuantConfig, SamplingParams, _core
 from rtllm.cli import main as cli_main
 from rtllm.models import AutoModelForCausalLM
 from rtllm.models.gguf import GGUFFile, decode_blocks, decode_q4_0, decode_q4_1, decode_q8_0
@@ -164,9 +164,11 @@ def gguf_files(tiny_model, tmp_path_factory):
     return make
 
 
-# Untied llama in F32 and Q8_0 (its q/k rows permuted), tied llama, qwen2 (q/k/v biases, not permuted)
+# Untied llama in F32 and Q8_0 (its q/k rows permuted), tied llama, qwen2 (q/k/v biases, not permuted);
+# Q8_0, Q4_0 and Q4_1 linears run as weight_only_linear on the file's own blocks (gguf_quant.py)
 VARIANTS = [("llama", Q.F32, False), ("llama", Q.Q8_0, False), ("llama", Q.Q8_0, True),
-            ("qwen2", Q.F32, True), ("qwen2", Q.Q8_0, False)]
+            ("qwen2", Q.F32, True), ("qwen2", Q.Q8_0, False), ("llama", Q.Q4_0, False), ("llama", Q.Q4_1, True),
+            ("qwen2", Q.Q4_1, False)]
 
 
 @pytest.mark.parametrize("arch,qtype,tie", VARIANTS, ids=lambda v: getattr(v, "name", str(v)))
@@ -186,6 +188,47 @@ def test_logits_and_greedy_match_transformers_on_the_same_file(gguf_files, arch,
         outputs = llm.generate(prompts, params, use_tqdm=False)
     for prompt, output in zip(prompts, outputs):
         assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 10)
+
+
+@pytest.mark.parametrize("qtype,tie", [(Q.Q8_0, False), (Q.Q8_0, True), (Q.Q4_0, True), (Q.Q4_1, False)],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_q8_0_q4_0_q4_1_linears_keep_the_files_blocks(gguf_files, qtype, tie):
+    path = gguf_files("llama", qtype, tie)
+    engine = rtllm.build(AutoModelForCausalLM.from_hugging_face(str(path)),
+                         BuildConfig(max_batch_size=4, max_seq_len=128, max_num_tokens=256))
+    quant = engine.config["quantization"]
+    assert quant["quant_algo"] == ("W8A16" if qtype == Q.Q8_0 else "W4A16") and quant["group_size"] == 32
+    assert quant["has_zero_point"] == (qtype == Q.Q4_1)
+    nodes = [n for n in engine.graph["nodes"] if n["op"] in ("linear", "weight_only_linear")]
+    assert nodes and all(n["op"] == "weight_only_linear" for n in nodes)  # the LM head too, tied or not
+    assert all(n["attrs"]["group_size"] == 32 and n["attrs"]["has_offset"] == (qtype == Q.Q4_1) for n in nodes)
+    # the fused q/k/v codes are the file's blocks of q, k and v, rows back in HF order
+    reference = GGUFFile(str(path))
+    model = AutoModelForCausalLM.from_hugging_face(str(path))
+    reference.permute_qk(model.config.num_heads, model.config.num_kv_heads)
+    qkv = next(n for n in nodes if "qkv_proj" in n["inputs"][1])
+    parts = [reference.codes(f"model.layers.0.self_attn.{p}_proj.weight") for p in "qkv"]
+    codes = np.concatenate([q for q, _, _ in parts])
+    stored = engine.weights[qkv["inputs"][1]].load()
+    if qtype == Q.Q8_0:
+        np.testing.assert_array_equal(stored, codes)
+    else:
+        from rtllm.builder.safetensors_io import unpack_int4
+        np.testing.assert_array_equal(unpack_int4(stored), codes)
+    np.testing.assert_array_equal(engine.weights[qkv["inputs"][2]].load(), np.concatenate([s for _, s, _ in parts]))
+    head = next(n for n in nodes if n["inputs"][1].startswith("lm_head"))
+    assert engine.weights[head["inputs"][1]].shape == (model.config.vocab_size, model.config.hidden_size)
+
+
+def test_no_quant_builds_the_dequantized_model(gguf_files):
+    path = gguf_files("llama", Q.Q4_1, False)
+    engine = rtllm.build(AutoModelForCausalLM.from_hugging_face(str(path)),
+                         BuildConfig(max_batch_size=4, max_seq_len=128, max_num_tokens=256),
+                         QuantConfig(quant_algo="NO_QUANT"))
+    assert {n["op"] for n in engine.graph["nodes"]} & {"linear", "weight_only_linear"} == {"linear"}
+    with pytest.raises(ValueError, match="keeps its own Q4_1 weights"):
+        rtllm.build(AutoModelForCausalLM.from_hugging_face(str(path)), BuildConfig(max_seq_len=128),
+                    QuantConfig(quant_algo="FP8"))
 
 
 @pytest.mark.parametrize("qtype", K_QUANTS, ids=lambda q: q.name)
@@ -322,9 +365,8 @@ CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."
 
 @pytest.fixture(scope="module")
 def smollm2_gguf():
-    from smollm2 import _gguf_path, cache_dir
-    os.makedirs(cache_dir(), exist_ok=True)
-    return _gguf_path(cache_dir())
+    from smollm2 import gguf_path
+    return gguf_path()
 
 
 def test_smollm2_q4_1_chat_matches_transformers(smollm2_gguf):

@@ -1,5 +1,6 @@
 """GGUF files (llama.cpp's single-file format) as models: the config from the file's metadata, the weights
-under their Hugging Face names, dequantized to float32 when read, and the tokenizer (gguf_tokenizer.py).
+under their Hugging Face names (the linears of Q8_0, Q4_0 and Q4_1 blocks kept quantized: gguf_quant.py;
+every other tensor dequantized to float32 when read), and the tokenizer (gguf_tokenizer.py).
 
     model = AutoModelForCausalLM.from_hugging_face("model.gguf")   # or LLM(model="model.gguf")
 
@@ -25,7 +26,7 @@ from .checkpoint import load_weights
 # general.architecture -> (rtllm architecture, q/k rows permuted by llama.cpp's converter)
 ARCHITECTURES = {"llama": ("LlamaForCausalLM", True), "qwen2": ("Qwen2ForCausalLM", False)}
 FLOAT_TYPES = ("F32", "F16", "BF16")
-QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")  # dequantized to float32 on load
+QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")  # readable; see gguf_quant.py for kept ones
 BLOCK = 32  # elements of one Q8_0 / Q4_0 / Q4_1 block
 
 # GGUF tensor name (after "blk.N.") -> HF module of layer N
@@ -252,8 +253,9 @@ def config_from_gguf(path: str) -> tuple:
 
 
 def model_from_gguf(path: str, dtype: str = "auto", mapping=None):
-    """The rtllm model of a GGUF file, every weight a lazy float32 read (dequantized when loaded). dtype
-    "auto" keeps float32; float16 / bfloat16 convert on load."""
+    """The rtllm model of a GGUF file, every weight a lazy float32 read (dequantized when loaded), and its
+    Q8_0 / Q4_0 / Q4_1 linears marked to keep their blocks (model.prequantized: gguf_quant.py). dtype "auto"
+    keeps float32; float16 / bfloat16 convert on load."""
     from ..builder.build import DTYPES
 
     if dtype not in DTYPES:
@@ -272,9 +274,13 @@ def model_from_gguf(path: str, dtype: str = "auto", mapping=None):
         base = 1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
         model.rope.inv_freq.loader = lambda: (base / divisors).astype(np.float32)
     model.process_weights_after_loading()
-    quantized = gguf_file.quantized_types()
-    if quantized:
-        print(f"note: {os.path.basename(gguf_file.path)}: {', '.join(quantized)} weights are dequantized to "
+    from .gguf_quant import keep_quantized
+
+    model.prequantized = keep_quantized(model, gguf_file)
+    kept = set(model.prequantized.types()) if model.prequantized else set()
+    dequantized = [t for t in gguf_file.quantized_types() if t not in kept]
+    if dequantized:
+        print(f"note: {os.path.basename(gguf_file.path)}: {', '.join(dequantized)} weights are dequantized to "
               f"float32", file=sys.stderr)
     return model
 
