@@ -122,8 +122,9 @@ def bench_llamacpp(path, ids, args):
 def bench_rtllm(path, ids, args):
     from rtllm import LLM, SamplingParams
 
+    # no prefix caching: each repetition prefills the prompt again, as llama.cpp's reset() makes it do
     with LLM(model=path, device="cpu", num_threads=args.threads, max_seq_len=len(ids) + args.tokens + 1,
-             max_batch_size=1) as llm:
+             max_batch_size=1, enable_prefix_caching=False) as llm:
         one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         many = SamplingParams(max_tokens=args.tokens + 1, temperature=0.0, ignore_eos=True)
         llm.generate({"prompt_token_ids": ids}, one, use_tqdm=False)  # warm-up
