@@ -7,8 +7,10 @@ llama-30m (hidden 512, intermediate 1408, vocab 8192) at decode (M = 1, 32) and 
 The rowmajor rows run rtllm's linear on a W that the embedding reads too (as with tied embeddings),
 which the runner leaves row-major [N, K] for the inner-product kernel instead of packing it.
 Each row gives the median over --reps calls, the spread (p10..p90) and GFLOP/s (2 M N K / time).
+--dtype bfloat16 / float16 stores W 16-bit (rtllm keeps it so and widens it as it reads; numpy and torch
+multiply the same widened values in float32), and adds the weight bytes streamed per second at the median.
 
-Usage: python benchmarks/bench_cpu_gemm.py [--threads 2] [--reps 20] [--output results.json]
+Usage: python benchmarks/bench_cpu_gemm.py [--threads 2] [--reps 20] [--dtype float32] [--output results.json]
 """
 import argparse
 import os
@@ -22,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "python"))
 from timing import report, time_calls  # noqa: E402
+from engine_fixture import bf16_bits_to_float, float_to_bf16_bits  # noqa: E402
 from test_cpu_linear import LinearRunner, write_linear_engine  # noqa: E402
 
 SHAPES = [("qkv", 512, 1024), ("o_proj", 512, 512), ("gate_up", 512, 2816), ("down", 1408, 512),
@@ -29,11 +32,20 @@ SHAPES = [("qkv", 512, 1024), ("o_proj", 512, 512), ("gate_up", 512, 2816), ("do
 ROWS = [1, 32, 512, 4096]
 
 
+def as_dtype(w, dtype):
+    """w rounded to dtype's values (nearest even), as float32."""
+    if dtype == "bfloat16":
+        return bf16_bits_to_float(float_to_bf16_bits(w))
+    return w.astype(np.float16).astype(np.float32) if dtype == "float16" else w
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--rows", type=int, nargs="*", default=ROWS)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the stored dtype of W")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--output")
     args = parser.parse_args()
@@ -43,16 +55,18 @@ def main():
         torch.set_num_threads(args.threads)
 
     rng = np.random.default_rng(0)
-    results, rows = {"threads": args.threads, "reps": args.reps, "rows": []}, []
+    results, rows = {"threads": args.threads, "reps": args.reps, "dtype": args.dtype, "rows": []}, []
+    weight_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
     max_rows = max(args.rows)
     with tempfile.TemporaryDirectory() as tmp:
         for name, K, N in SHAPES:
             table = rng.standard_normal((N, K)).astype(np.float32)
-            weight = (rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32)
-            path = write_linear_engine(Path(tmp) / name, table, weight, max_rows=max_rows)
+            weight = as_dtype((rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32), args.dtype)
+            path = write_linear_engine(Path(tmp) / name, table, weight, max_rows=max_rows, weight_dtype=args.dtype)
             runner = LinearRunner(path, num_threads=args.threads, max_rows=max_rows)
             # W doubling as the embedding table stays row-major: the inner-product kernel for such weights
-            tied = write_linear_engine(Path(tmp) / (name + "_tied"), weight, weight, max_rows=max_rows)
+            tied = write_linear_engine(Path(tmp) / (name + "_tied"), weight, weight, max_rows=max_rows,
+                                       weight_dtype=args.dtype)
             rowmajor = LinearRunner(tied, num_threads=args.threads, max_rows=max_rows)
             for M in args.rows:
                 ids = rng.integers(0, N, M)
@@ -69,9 +83,12 @@ def main():
                     row[f"{engine}_ms"] = p50 * 1e3
                     row[f"{engine}_spread_ms"] = f"{p10 * 1e3:.3g}..{p90 * 1e3:.3g}"
                     row[f"{engine}_gflops"] = flop / p50 / 1e9
+                    if engine in ("rtllm", "rowmajor"):
+                        row[f"{engine}_weight_GBps"] = N * K * weight_bytes / p50 / 1e9
                 results["rows"].append(row)
                 rows.append(row)
-    columns = ["shape", "M", "K", "N", "rtllm_ms", "rtllm_gflops", "rowmajor_gflops", "numpy_gflops"]
+    columns = ["shape", "M", "K", "N", "rtllm_ms", "rtllm_gflops", "rowmajor_gflops", "rtllm_weight_GBps",
+               "rowmajor_weight_GBps", "numpy_gflops"]
     if torch is not None:
         columns.append("torch_gflops")
     columns += ["rtllm_spread_ms"]
