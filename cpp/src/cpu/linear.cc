@@ -41,58 +41,6 @@ using cpu::v8;
 // in-register widening costs more than the FMAs it feeds save on memory traffic).
 constexpr int64_t kGemvMaxRows = 4;
 
-template <typename W, int MR, int NR>
-void linear_tile(const float* x, const W* w, const float* bias, float* y, int64_t K, int64_t N) {
-  v8 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = cpu::splat8(0.0f);
-  int64_t k = 0;
-  for (; k + cpu::kLanes <= K; k += cpu::kLanes) {
-    v8 xv[MR], wv[NR];
-    for (int i = 0; i < MR; ++i) xv[i] = cpu::load8(x + i * K + k);
-    for (int j = 0; j < NR; ++j) wv[j] = cpu::load8(w + j * K + k);
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) acc[i][j] = cpu::fmadd8(xv[i], wv[j], acc[i][j]);
-  }
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR; ++j) {
-      float s = cpu::hsum8(acc[i][j]);
-      for (int64_t kk = k; kk < K; ++kk) s = std::fma(x[i * K + kk], cpu::widen(w[j * K + kk]), s);
-      if (bias) s += bias[j];
-      y[i * N + j] = s;
-    }
-  }
-}
-
-// Tile with nr (1..4) columns of W; MR fixed.
-template <typename W, int MR>
-void linear_tile_cols(int nr, const float* x, const W* w, const float* bias, float* y, int64_t K, int64_t N) {
-  switch (nr) {
-    case 4: return linear_tile<W, MR, 4>(x, w, bias, y, K, N);
-    case 3: return linear_tile<W, MR, 3>(x, w, bias, y, K, N);
-    case 2: return linear_tile<W, MR, 2>(x, w, bias, y, K, N);
-    default: return linear_tile<W, MR, 1>(x, w, bias, y, K, N);
-  }
-}
-
-template <typename W>
-void linear_tile_any(int mr, int nr, const float* x, const W* w, const float* bias, float* y, int64_t K,
-                     int64_t N) {
-  switch (mr) {
-    case 4: return linear_tile_cols<W, 4>(nr, x, w, bias, y, K, N);
-    case 3: return linear_tile_cols<W, 3>(nr, x, w, bias, y, K, N);
-    case 2: return linear_tile_cols<W, 2>(nr, x, w, bias, y, K, N);
-    default: return linear_tile_cols<W, 1>(nr, x, w, bias, y, K, N);
-  }
-}
-
-constexpr int64_t kTileRows = 4;    // rows of x per register tile
-constexpr int64_t kTileCols = 4;    // rows of W per register tile
-constexpr int64_t kTaskRows = 32;   // rows of x per task: their x block stays in L2
-constexpr int64_t kTaskCols = 16;   // rows of W per task
-
-// ---------------------------------------------------------------- packed weights
-
 using cpu::kGemmLanes;
 using cpu::kPanelCols;
 typedef float vec __attribute__((vector_size(kGemmLanes * sizeof(float))));
@@ -139,6 +87,69 @@ inline vec vfmadd(vec a, vec b, vec c) {  // a * b + c, one rounding
   return r;
 #endif
 }
+
+// Sum of the lanes in one fixed order: the upper half folded onto the lower one down to 8 lanes, then
+// cpu::hsum8's pairwise order.
+inline float vhsum(vec v) {
+  v8 h;
+  std::memcpy(&h, &v, sizeof(h));  // lanes 0..7
+  for (int i = 8; i < kGemmLanes; ++i) h[i - 8] += v[i];
+  return cpu::hsum8(h);
+}
+
+// ---------------------------------------------------------------- row-major weights
+
+template <typename W, int MR, int NR>
+void linear_tile(const float* x, const W* w, const float* bias, float* y, int64_t K, int64_t N) {
+  vec acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = vec{};
+  int64_t k = 0;
+  for (; k + kGemmLanes <= K; k += kGemmLanes) {
+    vec xv[MR], wv[NR];
+    for (int i = 0; i < MR; ++i) xv[i] = vload(x + i * K + k);
+    for (int j = 0; j < NR; ++j) wv[j] = vload(w + j * K + k);
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] = vfmadd(xv[i], wv[j], acc[i][j]);
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      float s = vhsum(acc[i][j]);
+      for (int64_t kk = k; kk < K; ++kk) s = std::fma(x[i * K + kk], cpu::widen(w[j * K + kk]), s);
+      if (bias) s += bias[j];
+      y[i * N + j] = s;
+    }
+  }
+}
+
+// Tile with nr (1..4) columns of W; MR fixed.
+template <typename W, int MR>
+void linear_tile_cols(int nr, const float* x, const W* w, const float* bias, float* y, int64_t K, int64_t N) {
+  switch (nr) {
+    case 4: return linear_tile<W, MR, 4>(x, w, bias, y, K, N);
+    case 3: return linear_tile<W, MR, 3>(x, w, bias, y, K, N);
+    case 2: return linear_tile<W, MR, 2>(x, w, bias, y, K, N);
+    default: return linear_tile<W, MR, 1>(x, w, bias, y, K, N);
+  }
+}
+
+template <typename W>
+void linear_tile_any(int mr, int nr, const float* x, const W* w, const float* bias, float* y, int64_t K,
+                     int64_t N) {
+  switch (mr) {
+    case 4: return linear_tile_cols<W, 4>(nr, x, w, bias, y, K, N);
+    case 3: return linear_tile_cols<W, 3>(nr, x, w, bias, y, K, N);
+    case 2: return linear_tile_cols<W, 2>(nr, x, w, bias, y, K, N);
+    default: return linear_tile_cols<W, 1>(nr, x, w, bias, y, K, N);
+  }
+}
+
+constexpr int64_t kTileRows = 4;    // rows of x per register tile
+constexpr int64_t kTileCols = 4;    // rows of W per register tile
+constexpr int64_t kTaskRows = 32;   // rows of x per task: their x block stays in L2
+constexpr int64_t kTaskCols = 16;   // rows of W per task
+
+// ---------------------------------------------------------------- packed weights
 
 constexpr int kMaxTileRows = 8;  // MR: 2 * MR accumulators + 2 panel registers + 1 broadcast
 constexpr int kMaxPairRows = 4;  // up to this many rows, a tile spans two panels (see linear_packed)
