@@ -110,6 +110,9 @@ void linear_tile(const float* x, const W* w, const float* bias, float* y, int64_
     vec xv[MR], wv[NR];
     for (int i = 0; i < MR; ++i) xv[i] = vload(x + i * K + k);
     for (int j = 0; j < NR; ++j) wv[j] = vload(w + j * K + k);
+    // Few rows of x (decode) stream W from memory: fetch the next tile's rows of W while this one runs.
+    if constexpr (MR == 1)
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(w + (NR + j) * K + k);
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NR; ++j) acc[i][j] = vfmadd(xv[i], wv[j], acc[i][j]);
   }
