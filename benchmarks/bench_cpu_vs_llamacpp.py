@@ -5,7 +5,7 @@
 --gguf is a llama.cpp GGUF file (default: SmolLM2-135M-Instruct Q4_1, the file tests/python/smollm2.py
 fetches). From it the script derives, once, into the same directory, an F16 and a Q8_0 file holding the
 same (dequantized) weights with the same metadata, so every format below has the same model:
-  F16   llama.cpp F16    against rtllm loading the same file (16-bit weights)
+  F16   llama.cpp F16    against rtllm loading the same file with dtype="float16" (16-bit weights)
   Q8_0  llama.cpp Q8_0   against rtllm loading it (W8A16: int8 codes, one scale per 32 weights)
   Q4_1  llama.cpp Q4_1   against rtllm loading it (W4A16: int4 codes, scale and offset per 32 weights)
 For each: the prefill of --prompt-len tokens (ms; best of --reps) and batch-1 greedy decode (ms per token
@@ -119,11 +119,11 @@ def bench_llamacpp(path, ids, args):
     return min(prefill) * 1e3, min(decode) * 1e3
 
 
-def bench_rtllm(path, ids, args):
+def bench_rtllm(path, ids, args, dtype="auto"):
     from rtllm import LLM, SamplingParams
 
     # no prefix caching: each repetition prefills the prompt again, as llama.cpp's reset() makes it do
-    with LLM(model=path, device="cpu", num_threads=args.threads, max_seq_len=len(ids) + args.tokens + 1,
+    with LLM(model=path, dtype=dtype, device="cpu", num_threads=args.threads, max_seq_len=len(ids) + args.tokens + 1,
              max_batch_size=1, enable_prefix_caching=False) as llm:
         one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         many = SamplingParams(max_tokens=args.tokens + 1, temperature=0.0, ignore_eos=True)
@@ -170,7 +170,10 @@ def main():
     for fmt in args.formats:
         path = derive_gguf(source, fmt)
         entry = {}
-        engines = [("rtllm", bench_rtllm)] + ([("llama.cpp", bench_llamacpp)] if have_llamacpp else [])
+        # F16: rtllm's float16 engine (its norms in float16 too; llama.cpp keeps those in float32)
+        dtype = "float16" if fmt == "F16" else "auto"
+        engines = [("rtllm", lambda *a: bench_rtllm(*a, dtype=dtype))] + \
+            ([("llama.cpp", bench_llamacpp)] if have_llamacpp else [])
         for engine, bench in engines:
             prefill_ms, decode_ms = bench(path, ids, args)
             entry[engine] = {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms}
