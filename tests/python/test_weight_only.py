@@ -3,7 +3,6 @@ independent numpy statement of its formulas, the CPU weight_only_linear op again
 its semantics (docs/engine_format.md), whole quantized models against HF transformers running the
 dequantized weights, the engine round trip, batch invariance and the refusals."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_fixture import RunnerSession
+from engine_fixture import RunnerSession, write_one_op_engine
 from hf_reference import STACKED_PROJECTIONS, hf_greedy, hf_last_logits, load_hf_model, random_prompts, relative_error
 from rtllm import LLM, RtllmError, SamplingParams, _core
 from rtllm.builder import BuildConfig, Engine, build
@@ -88,37 +87,23 @@ def test_int4_groups_with_zero_point():
 # ---------------------------------------------------------------- the CPU op against float64
 
 def _op_engine(path, llama_dir, x_rows, codes, int4, scale, scale_dtype, offset, bias, group_size):
-    """embedding -> weight_only_linear -> gather_rows: token i's activation is x_rows[i]."""
-    V, K = x_rows.shape
-    N = codes.shape[0]
-    model = AutoModelForCausalLM.from_hugging_face(llama_dir)
-    config = build(model, BuildConfig(max_seq_len=128, max_batch_size=64)).config
-    config["model_config"].update(vocab_size=N, hidden_size=K)
+    """embedding -> weight_only_linear -> gather_rows (write_one_op_engine): token i's activation is x_rows[i]."""
+    N, K = codes.shape
     const = lambda a: (lambda: a)  # noqa: E731
     stored_scale = {"float32": scale.astype(np.float32), "float16": scale.astype(np.float16),
                     "bfloat16": float32_to_bf16(scale.astype(np.float32))}[scale_dtype]
-    weights = {"table": Parameter((V, K), "float32", const(x_rows), "table"),
-               "w.weight": Parameter((N, K), "int4" if int4 else "int8",
+    weights = {"w.weight": Parameter((N, K), "int4" if int4 else "int8",
                                      const(pack_int4(codes) if int4 else codes.astype(np.int8)), "w.weight"),
                "w.weight_scale": Parameter(scale.shape, scale_dtype, const(stored_scale), "w.weight_scale")}
-    inputs = ["t0", "w.weight", "w.weight_scale"]
+    inputs = ["w.weight", "w.weight_scale"]
     if offset is not None:
         weights["w.weight_offset"] = Parameter(offset.shape, "float32", const(offset), "w.weight_offset")
         inputs.append("w.weight_offset")
     if bias is not None:
         weights["w.bias"] = Parameter((N,), "float32", const(bias), "w.bias")
         inputs.append("w.bias")
-    spec = lambda name, *shape: {"name": name, "dtype": "float32", "shape": list(shape)}  # noqa: E731
-    graph = config["graph"]
-    graph["tensors"] = [spec("t0", "num_tokens", K), spec("t1", "num_tokens", N)]
-    graph["outputs"] = [spec("logits", "num_logits", N)]
-    graph["nodes"] = [
-        {"op": "embedding", "inputs": ["input_ids", "table"], "outputs": ["t0"], "attrs": {}},
-        {"op": "weight_only_linear", "inputs": inputs, "outputs": ["t1"],
-         "attrs": {"group_size": group_size, "has_offset": offset is not None}},
-        {"op": "gather_rows", "inputs": ["t1", "logits_indices"], "outputs": ["logits"], "attrs": {}},
-    ]
-    Engine(config, weights).save(path)
+    write_one_op_engine(path, llama_dir, x_rows, N, "weight_only_linear", inputs, weights,
+                        {"group_size": group_size, "has_offset": offset is not None}, max_batch_size=64)
     return {"float32": scale.astype(np.float64), "float16": stored_scale.astype(np.float64),
             "bfloat16": ((stored_scale.astype(np.uint32) << 16).view(np.float32)).astype(np.float64)}[scale_dtype]
 
