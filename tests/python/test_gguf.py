@@ -149,6 +149,16 @@ def runner_last_logits(engine, prompts, tokens_per_block=16):
     return runner.forward(input_ids, [len(p) for p in prompts], [0] * len(prompts), block_ids)
 
 
+def assert_last_logits_match(path, hf, prompts):
+    """rtllm's engine built from the GGUF file gives the HF model's last-token logits for each prompt."""
+    engine = rtllm.build(AutoModelForCausalLM.from_hugging_face(str(path)),
+                         BuildConfig(max_batch_size=4, max_seq_len=128, max_num_tokens=256)).to_core()
+    for prompt, row in zip(prompts, runner_last_logits(engine, prompts)):
+        with torch.no_grad():
+            expected = hf(torch.tensor([prompt])).logits[0, -1].double().numpy()
+        assert relative_error(row, expected) < LOGITS_RTOL
+
+
 @pytest.fixture(scope="module")
 def gguf_files(tiny_model, tmp_path_factory):
     """(arch, type name, tied) -> a GGUF file of a tiny random model."""
@@ -178,11 +188,7 @@ def test_logits_and_greedy_match_transformers_on_the_same_file(gguf_files, arch,
     prompts = random_prompts(np.random.default_rng(3), PROMPT_LENGTHS)
     model = AutoModelForCausalLM.from_hugging_face(str(path))
     assert model.config.tie_word_embeddings == tie and model.config.dtype == "float32"
-    engine = rtllm.build(model, BuildConfig(max_batch_size=4, max_seq_len=128, max_num_tokens=256)).to_core()
-    for prompt, row in zip(prompts, runner_last_logits(engine, prompts)):
-        with torch.no_grad():
-            expected = hf(torch.tensor([prompt])).logits[0, -1].double().numpy()
-        assert relative_error(row, expected) < LOGITS_RTOL
+    assert_last_logits_match(path, hf, prompts)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     with LLM(model=str(path), max_seq_len=128, max_batch_size=4) as llm:
         outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -238,12 +244,7 @@ def test_k_quants_are_dequantized_as_transformers_does(tiny_model, tmp_path, qty
     path = write_gguf(checkpoint, tmp_path / f"{qtype.name}.gguf", qtype)
     hf = hf_from_gguf(path)
     prompts = random_prompts(np.random.default_rng(4), PROMPT_LENGTHS)
-    engine = rtllm.build(AutoModelForCausalLM.from_hugging_face(str(path)),
-                         BuildConfig(max_batch_size=4, max_seq_len=128, max_num_tokens=256)).to_core()
-    for prompt, row in zip(prompts, runner_last_logits(engine, prompts)):
-        with torch.no_grad():
-            expected = hf(torch.tensor([prompt])).logits[0, -1].double().numpy()
-        assert relative_error(row, expected) < LOGITS_RTOL
+    assert_last_logits_match(path, hf, prompts)
 
 
 def llama3_rope_factors(config: dict) -> np.ndarray:
@@ -275,12 +276,7 @@ def test_llama3_rope_freqs_match_the_hf_checkpoint(tiny_model, tmp_path):
     path = write_gguf(checkpoint, tmp_path / "llama3.gguf", Q.F32, extra_tensor=("rope_freqs.weight", factors))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
     prompts = random_prompts(np.random.default_rng(5), [40, 90])
-    engine = rtllm.build(AutoModelForCausalLM.from_hugging_face(str(path)),
-                         BuildConfig(max_batch_size=4, max_seq_len=128, max_num_tokens=256)).to_core()
-    for prompt, row in zip(prompts, runner_last_logits(engine, prompts)):
-        with torch.no_grad():
-            expected = hf(torch.tensor([prompt])).logits[0, -1].double().numpy()
-        assert relative_error(row, expected) < LOGITS_RTOL
+    assert_last_logits_match(path, hf, prompts)
 
 
 def test_tokenizer_matches_transformers_and_the_original(gguf_files, tiny_model):

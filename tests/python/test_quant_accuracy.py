@@ -91,13 +91,19 @@ def test_fp8_per_channel_per_token_is_as_accurate_as_fp8_allows(smollm2, windows
     assert float(np.mean(np.abs(ours.logprobs - simulated.logprobs))) < 0.2
 
 
-@pytest.mark.parametrize("name", list(BOUNDS))
-def test_quantized_perplexity_and_agreement(scores, name):
-    max_increase, min_agreement = BOUNDS[name]
+def perplexity_within(scores, name, max_increase):
+    """(unquantized scores, `name`'s scores, relative perplexity increase), the increase at most max_increase."""
     base, ours = scores("none"), scores(name)
     increase = ours.perplexity / base.perplexity - 1
     assert increase <= max_increase, f"{name}: perplexity {ours.perplexity:.3f} is {100 * increase:.2f}% above " \
                                      f"the unquantized {base.perplexity:.3f}"
+    return base, ours, increase
+
+
+@pytest.mark.parametrize("name", list(BOUNDS))
+def test_quantized_perplexity_and_agreement(scores, name):
+    max_increase, min_agreement = BOUNDS[name]
+    base, ours, increase = perplexity_within(scores, name, max_increase)
     assert increase > 0.001, "no measurable change: the engine is not quantized"
     assert ours.agreement(base) >= min_agreement, f"{name}: top-1 agreement {ours.agreement(base):.4f}"
 
@@ -105,9 +111,6 @@ def test_quantized_perplexity_and_agreement(scores, name):
 @pytest.mark.parametrize("name", list(WEIGHT_ONLY_BOUNDS))
 def test_weight_only_perplexity_and_agreement(scores, name):
     max_increase, min_agreement = WEIGHT_ONLY_BOUNDS[name]
-    base, ours = scores("none"), scores(name)
-    increase = ours.perplexity / base.perplexity - 1
-    assert increase <= max_increase, f"{name}: perplexity {ours.perplexity:.3f} is {100 * increase:.2f}% above " \
-                                     f"the unquantized {base.perplexity:.3f}"
+    base, ours, _ = perplexity_within(scores, name, max_increase)
     agreement = ours.agreement(base)
     assert min_agreement <= agreement < 0.99, f"{name}: top-1 agreement {agreement:.4f} (above 0.99: not quantized)"
