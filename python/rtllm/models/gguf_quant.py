@@ -20,7 +20,7 @@ from ..builder.safetensors_io import pack_int4
 from ..builder.tensor import Parameter
 from ..quantization.mode import QuantAlgo
 from ..quantization.quant_config import QuantConfig
-from ..quantization.quantize import QuantizationReport
+from ..quantization.quantize import QuantizationReport, shared_result
 from .gguf import BLOCK, BLOCK_DECODERS
 
 TIED_HEAD = "lm_head"  # the name of a tied LM head's own quantized weight
@@ -81,8 +81,12 @@ class GGUFWeightOnly:
         kind = parts[0][1]
         names = [name for name, _ in parts]
 
-        def decoded(index):
-            return np.concatenate([self.gguf_file.codes(name)[index] for name in names], axis=0)
+        def decode():
+            parts = [self.gguf_file.codes(name) for name in names]
+            return [None if p[0] is None else np.concatenate(p, axis=0) for p in zip(*parts)]
+
+        def decoded(index):  # codes, scale and offset from one decoding of the blocks
+            return shared_result((self, module, "blocks"), decode)[index]
 
         if kind == "Q8_0":
             codes = Parameter((n, k), "int8", lambda: decoded(0), f"{module}.weight")

@@ -187,8 +187,10 @@ def fp8_per_tensor_parameters(weight, input_scale: float):
         raise ValueError(f"weight {weight.name!r} {list(weight.shape)}: FP8 quantization needs a 2-d "
                          f"[out_features, in_features] weight")
     module = weight.name.rsplit(".", 1)[0]
-    fp8 = Parameter(weight.shape, "float8_e4m3", lambda: quantize_tensor(_float32(weight))[0], weight.name)
-    scale = Parameter((1,), "float32", lambda: quantize_tensor(_float32(weight))[1], f"{module}.weight_scale")
+    quantized = lambda: shared_result((weight, "fp8 tensor"),  # noqa: E731
+                                      lambda: quantize_tensor(_float32(weight)))
+    fp8 = Parameter(weight.shape, "float8_e4m3", lambda: quantized()[0], weight.name)
+    scale = Parameter((1,), "float32", lambda: quantized()[1], f"{module}.weight_scale")
     in_scale = Parameter((1,), "float32", lambda: np.array([input_scale], dtype=np.float32),
                          f"{module}.input_scale")
     fp8.keep_dtype = scale.keep_dtype = in_scale.keep_dtype = True
@@ -211,10 +213,27 @@ def fp8_per_channel_parameters(weight):
         raise ValueError(f"weight {weight.name!r} {list(weight.shape)}: FP8 per-channel quantization needs a "
                          f"2-d [out_features, in_features] weight")
     module = weight.name.rsplit(".", 1)[0]
-    fp8 = Parameter(weight.shape, "float8_e4m3", lambda: quantize_rows(_float32(weight))[0], weight.name)
-    scale = Parameter(weight.shape[:1], "float32", lambda: row_scales(_float32(weight)), f"{module}.weight_scale")
+    quantized = lambda: shared_result((weight, "fp8 rows"),  # noqa: E731
+                                      lambda: quantize_rows(_float32(weight)))
+    fp8 = Parameter(weight.shape, "float8_e4m3", lambda: quantized()[0], weight.name)
+    scale = Parameter(weight.shape[:1], "float32", lambda: quantized()[1], f"{module}.weight_scale")
     fp8.keep_dtype = scale.keep_dtype = True
     return fp8, scale
+
+
+_last_shared = [None, None]  # (key, result) of the latest shared_result computation
+
+
+def shared_result(key: tuple, compute):
+    """compute(), done once for calls in a row with the same key, whose first element is the weight object
+    (compared by identity, and kept alive with the result). A quantized weight's codes, scales and offsets
+    are separate lazy parameters that the engine writes one after another: their loaders share one
+    quantization this way, and only the latest result is held."""
+    if _last_shared[0] is None or len(_last_shared[0]) != len(key) or \
+            any(a is not b and a != b for a, b in zip(_last_shared[0], key)):
+        _last_shared[:] = [None, None]  # release the previous result before computing the next
+        _last_shared[:] = [key, compute()]
+    return _last_shared[1]
 
 
 def _float32(weight) -> np.ndarray:
@@ -287,8 +306,10 @@ def weight_only_int8_parameters(weight) -> list:
 
     N, K = weight.shape
     module = weight.name.rsplit(".", 1)[0]
-    codes = Parameter((N, K), "int8", lambda: quantize_int8_rows(_float32(weight))[0], weight.name)
-    scale = Parameter((N, 1), "float32", lambda: quantize_int8_rows(_float32(weight))[1], f"{module}.weight_scale")
+    quantized = lambda: shared_result((weight, "int8 rows"),  # noqa: E731
+                                      lambda: quantize_int8_rows(_float32(weight)))
+    codes = Parameter((N, K), "int8", lambda: quantized()[0], weight.name)
+    scale = Parameter((N, 1), "float32", lambda: quantized()[1], f"{module}.weight_scale")
     codes.keep_dtype = scale.keep_dtype = True
     return [codes, scale]
 
@@ -302,7 +323,9 @@ def weight_only_int4_parameters(weight, group_size: int, has_zero_point: bool) -
 
     N, K = weight.shape
     module = weight.name.rsplit(".", 1)[0]
-    quantize_groups = lambda: quantize_int4_groups(_float32(weight), group_size, has_zero_point)  # noqa: E731
+    quantize_groups = lambda: shared_result(  # noqa: E731
+        (weight, "int4 groups", group_size, has_zero_point),
+        lambda: quantize_int4_groups(_float32(weight), group_size, has_zero_point))
     params = [Parameter((N, K), "int4", lambda: pack_int4(quantize_groups()[0]), weight.name),
               Parameter((N, K // group_size), "float16", lambda: quantize_groups()[1], f"{module}.weight_scale")]
     if has_zero_point:
