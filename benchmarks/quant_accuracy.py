@@ -11,7 +11,8 @@ unquantized rtllm engine should be within a fraction of a percent of it).
     python benchmarks/quant_accuracy.py CHECKPOINT_DIR --algos none FP8_PER_CHANNEL_PER_TOKEN \
         FP8_PER_CHANNEL_PER_TOKEN+FP8KV FP8+FP8KV --num-tokens 2560 --window 512 --hf
 
-An algorithm name is a QuantAlgo name ("none" for unquantized); "+FP8KV" adds kv_cache_quant_algo FP8.
+An algorithm name is a QuantAlgo name ("none" for unquantized), with ":N" for group_size N and ":zp" for
+has_zero_point (W4A16:64:zp); "+FP8KV" adds kv_cache_quant_algo FP8.
 """
 import argparse
 import math
@@ -28,14 +29,18 @@ KV_SUFFIX = "+FP8KV"
 
 
 def quant_config_of(name: str):
-    """'none' | QuantAlgo name, optionally with '+FP8KV' -> QuantConfig (None: unquantized)."""
+    """'none' | QuantAlgo name[:GROUP_SIZE][:zp], optionally with '+FP8KV' -> QuantConfig (None: unquantized);
+    e.g. 'W4A16:64:zp' is W4A16 with group_size 64 and has_zero_point."""
     from rtllm.quantization import QuantConfig
 
     algo, kv = (name[:-len(KV_SUFFIX)], "FP8") if name.endswith(KV_SUFFIX) else (name, None)
+    algo, *options = algo.split(":")
     algo = None if algo.lower() == "none" else algo
     if algo is None and kv is None:
         return None
-    return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv)
+    fields = {"has_zero_point": True} if "zp" in options else {}
+    fields.update({"group_size": int(o) for o in options if o != "zp"})
+    return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, **fields)
 
 
 def heldout_windows(checkpoint_dir: str, num_tokens: int, window: int, text_path: str = HELDOUT) -> list:

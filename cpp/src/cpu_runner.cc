@@ -119,20 +119,32 @@ TensorSlot CpuBackend::place_weight(const Weight& w, const WeightPlacement& plac
     slot.data = const_cast<void*>(w.data);
     return slot;
   }
-  HostBuffer buf(dtype_num_bytes(placement.dtype, n));
-  if (w.dtype == placement.dtype) {
-    std::memcpy(buf.data(), w.data, w.num_bytes);
-  } else {
-    convert_floats(w.data, w.dtype, buf.data(), placement.dtype, n);  // throws for non-float pairs
+  HostBuffer buf;
+  const void* src = w.data;  // the weight in the placement's dtype
+  if (w.dtype != placement.dtype || !pack || !aligned) {
+    buf = HostBuffer(dtype_num_bytes(placement.dtype, n));
+    if (w.dtype == placement.dtype) {
+      std::memcpy(buf.data(), w.data, w.num_bytes);
+    } else {
+      convert_floats(w.data, w.dtype, buf.data(), placement.dtype, n);  // throws for non-float pairs
+    }
+    src = buf.data();
   }
   size_t num_bytes = dtype_num_bytes(placement.dtype, n);
   if (pack) {
-    RTLLM_CHECK(placement.dtype == DataType::kFloat32 && w.shape.size() == 2, "weight \"", w.name,
-                "\": GEMM panels hold 2-d float32 weights");
+    // Float32 panels, or BF16 / F16 panels as stored (the linear op widens them as it reads).
+    const bool wide = placement.dtype == DataType::kFloat32;
+    RTLLM_CHECK((wide || dtype_size(placement.dtype) == 2) && dtype_is_float(placement.dtype) &&
+                    w.shape.size() == 2,
+                "weight \"", w.name, "\": GEMM panels hold 2-d float32, BF16 or F16 weights");
     const int64_t N = w.shape[0], K = w.shape[1], num_panels = cpu::num_panels(N);
-    num_bytes = num_panels * K * cpu::kPanelCols * sizeof(float);
+    num_bytes = dtype_num_bytes(placement.dtype, num_panels * K * cpu::kPanelCols);
     HostBuffer panels(num_bytes);
-    cpu::pack_linear_weight(static_cast<const float*>(buf.data()), N, K, static_cast<float*>(panels.data()));
+    if (wide) {
+      cpu::pack_linear_weight(static_cast<const float*>(src), N, K, static_cast<float*>(panels.data()));
+    } else {
+      cpu::pack_linear_weight(static_cast<const uint16_t*>(src), N, K, static_cast<uint16_t*>(panels.data()));
+    }
     buf = std::move(panels);
     slot.dims = {Dim{Dim::Kind::kFixed, num_panels}, Dim{Dim::Kind::kFixed, K},
                  Dim{Dim::Kind::kFixed, cpu::kPanelCols}};

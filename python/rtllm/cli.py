@@ -12,9 +12,10 @@ from rtllm.serve.cli import add_serve_parser
 
 
 def _add_build_parser(subparsers) -> None:
-    p = subparsers.add_parser("build", help="build an engine from a Hugging Face checkpoint",
-                              description="Build an rtllm engine directory from an HF checkpoint.")
-    p.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint directory (config.json, *.safetensors)")
+    p = subparsers.add_parser("build", help="build an engine from a Hugging Face checkpoint or a GGUF file",
+                              description="Build an rtllm engine directory from an HF checkpoint or a GGUF file.")
+    p.add_argument("hf_dir", metavar="HF_DIR",
+                   help="checkpoint directory (config.json, *.safetensors), or a .gguf file")
     p.add_argument("-o", "--output", metavar="ENGINE_DIR", required=True,
                    help="engine directory to write: new, empty or an rtllm engine (replaced)")
     p.add_argument("--force", action="store_true",
@@ -98,7 +99,9 @@ def _check_build_dirs(hf_dir: str, output: str, force: bool) -> None:
 def _run_build(args) -> None:
     from rtllm.builder import BuildConfig, build
     from rtllm.models import AutoModelForCausalLM
+    from rtllm.models.gguf import resolve_gguf
 
+    gguf_path = resolve_gguf(args.hf_dir)  # None: an HF checkpoint directory
     _check_build_dirs(args.hf_dir, args.output, args.force)
     config = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                          max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
@@ -106,6 +109,12 @@ def _run_build(args) -> None:
     model = AutoModelForCausalLM.from_hugging_face(args.hf_dir, dtype=args.dtype)
     engine = build(model, config, quant_config_of(args))
     engine.save(args.output)
+    if gguf_path is not None:  # the tokenizer a GGUF file describes, as a checkpoint's files
+        from rtllm.models.gguf_tokenizer import save_gguf_tokenizer
+        try:
+            save_gguf_tokenizer(gguf_path, args.output)
+        except ValueError as e:  # the engine runs on token ids, or with a tokenizer given at load
+            print(f"rtllm build: warning: no tokenizer written: {e}", file=sys.stderr)
     if engine.quantization_report.quantized or engine.quantization_report.kept:
         print(engine.quantization_report.summary())
     print(f"engine written to {args.output}")

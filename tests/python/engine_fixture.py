@@ -351,3 +351,30 @@ def build_engine_dirs(checkpoint, tmp_path_factory, variants):
         build(model, BuildConfig(max_seq_len=128), quant).save(path)
         dirs.append(path)
     return dirs
+
+
+def write_one_op_engine(path, llama_dir, x_rows, num_outputs, op, inputs, weights, attrs, quant_config=None,
+                        **limits):
+    """An engine whose graph is embedding -> `op` -> gather_rows, so that token i's activation is x_rows[i]
+    (the embedding table) and each single-token sequence feeds one chosen row to the op. The op's inputs
+    are the activation, then `inputs` (names of `weights`: {name: Parameter}); it has num_outputs columns.
+    The rest of the config is that of the model in llama_dir built with quant_config and `limits`."""
+    from rtllm.builder import BuildConfig, Engine, build
+    from rtllm.builder.tensor import Parameter
+    from rtllm.models import AutoModelForCausalLM
+
+    num_rows, hidden = x_rows.shape
+    model = AutoModelForCausalLM.from_hugging_face(llama_dir)  # its config, with the graph replaced
+    config = build(model, BuildConfig(**{"max_seq_len": 128, **limits}), quant_config).config
+    config["model_config"].update(vocab_size=num_outputs, hidden_size=hidden)
+    weights = {"table": Parameter((num_rows, hidden), "float32", lambda: x_rows, "table"), **weights}
+    spec = lambda name, *shape: {"name": name, "dtype": "float32", "shape": list(shape)}  # noqa: E731
+    graph = config["graph"]
+    graph["tensors"] = [spec("t0", "num_tokens", hidden), spec("t1", "num_tokens", num_outputs)]
+    graph["outputs"] = [spec("logits", "num_logits", num_outputs)]
+    graph["nodes"] = [
+        {"op": "embedding", "inputs": ["input_ids", "table"], "outputs": ["t0"], "attrs": {}},
+        {"op": op, "inputs": ["t0", *inputs], "outputs": ["t1"], "attrs": attrs},
+        {"op": "gather_rows", "inputs": ["t1", "logits_indices"], "outputs": ["logits"], "attrs": {}},
+    ]
+    Engine(config, weights).save(path)

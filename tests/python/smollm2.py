@@ -71,6 +71,15 @@ def _convert(gguf_path: str, out_dir: str) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def gguf_path() -> str:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF file, fetched into the cache directory if needed."""
+    root = cache_dir()
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, GGUF_NAME + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _gguf_path(root)
+
+
 def checkpoint_dir() -> str:
     """The float32 HF checkpoint directory of SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF),
     produced once per cache directory."""

@@ -9,15 +9,16 @@ import json
 import numpy as np
 import pytest
 
-from engine_fixture import engine_config, write_safetensors
+from engine_fixture import _stored, engine_config, write_safetensors
 from rtllm import _core
 
 MAX_ROWS = 80
 
 
-def write_linear_engine(path, table, weight, bias=None, max_rows=MAX_ROWS):
+def write_linear_engine(path, table, weight, bias=None, max_rows=MAX_ROWS, weight_dtype="float32"):
     """table [V, K] embedding rows (the x values), weight [N, K], bias [N]; vocab is N.
-    With `table is weight` the embedding reads W too, so the runner keeps W row-major (unpacked)."""
+    With `table is weight` the embedding reads W too, so the runner keeps W row-major (unpacked).
+    W is stored as weight_dtype (float32, bfloat16 or float16: pass values it holds exactly)."""
     (V, K), N = table.shape, weight.shape[0]
     assert V == N, "token ids are < vocab = N, so the table has N rows"
     inputs = ["x", "W"] + (["b"] if bias is not None else [])
@@ -40,7 +41,7 @@ def write_linear_engine(path, table, weight, bias=None, max_rows=MAX_ROWS):
     (path / "config.json").write_text(json.dumps(config))
     stored = {"W": weight, **({"E": table} if table is not weight else {}), **({"b": bias} if bias is not None else {})}
     write_safetensors(path / "rank0.engine",
-                      {k: ("F32", v.shape, v.astype(np.float32).tobytes()) for k, v in stored.items()})
+                      {k: _stored(v, weight_dtype if k == "W" else "float32") for k, v in stored.items()})
     return path
 
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from engine_fixture import RunnerSession, build_engine_dirs
+from engine_fixture import RunnerSession, build_engine_dirs, write_one_op_engine
 from graph_reference import e4m3, e4m3_decode, fp8_linear, run_graph
 from hf_reference import hf_last_logits, load_hf_model, random_prompts, relative_error
 from rtllm import LLM, SamplingParams, _core
@@ -37,29 +37,15 @@ def test_quantize_rows_matches_an_independent_e4m3():
 
 
 def _op_engine(path, llama_dir, x_rows, w, bias):
-    """An engine whose graph is embedding -> fp8_linear -> gather_rows: token i's activation is x_rows[i]
-    (the embedding table), so each single-token sequence feeds one chosen row to the op."""
-    V, K = x_rows.shape
+    """embedding -> fp8_linear -> gather_rows (write_one_op_engine): token i's activation is x_rows[i]."""
     N = w.shape[0]
-    model = AutoModelForCausalLM.from_hugging_face(llama_dir)  # its config, with the graph replaced
-    config = build(model, BuildConfig(max_seq_len=128), FP8_PCPT).config
-    config["model_config"].update(vocab_size=N, hidden_size=K)
     const = lambda a: (lambda: a)  # noqa: E731
-    table = Parameter((V, K), "float32", const(x_rows), "table")
-    weights = {"table": table, "w.bias": Parameter((N,), "float32", const(bias), "w.bias")}
     codes, scale = quantize_rows(w)
-    weights["w.weight"] = Parameter((N, K), "float8_e4m3", const(codes), "w.weight")
-    weights["w.weight_scale"] = Parameter((N,), "float32", const(scale), "w.weight_scale")
-    spec = lambda name, *shape: {"name": name, "dtype": "float32", "shape": list(shape)}  # noqa: E731
-    graph = config["graph"]
-    graph["tensors"] = [spec("t0", "num_tokens", K), spec("t1", "num_tokens", N)]
-    graph["outputs"] = [spec("logits", "num_logits", N)]
-    graph["nodes"] = [
-        {"op": "embedding", "inputs": ["input_ids", "table"], "outputs": ["t0"], "attrs": {}},
-        {"op": "fp8_linear", "inputs": ["t0", "w.weight", "w.weight_scale", "w.bias"], "outputs": ["t1"], "attrs": {}},
-        {"op": "gather_rows", "inputs": ["t1", "logits_indices"], "outputs": ["logits"], "attrs": {}},
-    ]
-    Engine(config, weights).save(path)
+    weights = {"w.weight": Parameter(w.shape, "float8_e4m3", const(codes), "w.weight"),
+               "w.weight_scale": Parameter((N,), "float32", const(scale), "w.weight_scale"),
+               "w.bias": Parameter((N,), "float32", const(bias), "w.bias")}
+    write_one_op_engine(path, llama_dir, x_rows, N, "fp8_linear", ["w.weight", "w.weight_scale", "w.bias"], weights,
+                        {}, FP8_PCPT)
     return codes, scale
 
 
@@ -188,7 +174,7 @@ def test_quantize_save_load_in_a_fresh_process(llama_dir, engines):
 
 @pytest.mark.parametrize("config, message", [
     (QuantConfig(quant_algo=QuantAlgo.W4A16_AWQ), "quant_algo W4A16_AWQ is not implemented yet: rtllm builds FP8, "
-                                                  "FP8_PER_CHANNEL_PER_TOKEN and unquantized engines only"),
+                                                  "FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16 and unquantized engines only"),
     (QuantConfig(quant_algo=QuantAlgo.W8A8_SQ_PER_CHANNEL), "quant_algo W8A8_SQ_PER_CHANNEL is not implemented"),
     (QuantConfig(quant_algo=QuantAlgo.FP8_BLOCK_SCALES), "quant_algo FP8_BLOCK_SCALES is not implemented"),
     (QuantConfig(quant_algo=QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, kv_cache_quant_algo=QuantAlgo.INT8),

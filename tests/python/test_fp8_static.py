@@ -13,10 +13,11 @@ import torch
 
 import rtllm
 import rtllm.cli
-from engine_fixture import RunnerSession, TinyModel, random_tokens, reference_logits, write_engine
+from engine_fixture import (RunnerSession, TinyModel, random_tokens, reference_logits, write_engine,
+                            write_one_op_engine)
 from hf_reference import load_hf_model, random_prompts, relative_error
 from rtllm import LLM, SamplingParams, _core
-from rtllm.builder import BuildConfig, Engine, build
+from rtllm.builder import BuildConfig, Engine
 from rtllm.builder.tensor import Parameter
 from rtllm.models import AutoModelForCausalLM
 from rtllm.quantization import QuantAlgo, QuantConfig
@@ -90,34 +91,20 @@ def llama_dir(tiny_model):
 
 
 def _static_op_engine(path, llama_dir, x_rows, w_codes, weight_scale, input_scale, bias, attrs=None):
-    """embedding -> fp8_linear (static) -> gather_rows: token i's activation is x_rows[i]."""
-    V, K = x_rows.shape
+    """embedding -> fp8_linear (static) -> gather_rows (write_one_op_engine): token i's activation is x_rows[i]."""
     N = w_codes.shape[0]
-    model = AutoModelForCausalLM.from_hugging_face(llama_dir)
-    config = build(model, BuildConfig(max_seq_len=128)).config  # its config, with the graph replaced
-    config["model_config"].update(vocab_size=N, hidden_size=K)
     const = lambda a: (lambda: a)  # noqa: E731
     weights = {
-        "table": Parameter((V, K), "float32", const(x_rows), "table"),
-        "w.weight": Parameter((N, K), "float8_e4m3", const(w_codes), "w.weight"),
+        "w.weight": Parameter(w_codes.shape, "float8_e4m3", const(w_codes), "w.weight"),
         "w.weight_scale": Parameter((1,), "float32", const(np.array([weight_scale], np.float32)), "w.weight_scale"),
         "w.input_scale": Parameter((1,), "float32", const(np.array([input_scale], np.float32)), "w.input_scale"),
     }
-    inputs = ["t0", "w.weight", "w.weight_scale", "w.input_scale"]
+    inputs = ["w.weight", "w.weight_scale", "w.input_scale"]
     if bias is not None:
         weights["w.bias"] = Parameter((N,), "float32", const(bias), "w.bias")
         inputs.append("w.bias")
-    spec = lambda name, *shape: {"name": name, "dtype": "float32", "shape": list(shape)}  # noqa: E731
-    graph = config["graph"]
-    graph["tensors"] = [spec("t0", "num_tokens", K), spec("t1", "num_tokens", N)]
-    graph["outputs"] = [spec("logits", "num_logits", N)]
-    graph["nodes"] = [
-        {"op": "embedding", "inputs": ["input_ids", "table"], "outputs": ["t0"], "attrs": {}},
-        {"op": "fp8_linear", "inputs": inputs, "outputs": ["t1"],
-         "attrs": {"activation_scaling": "static"} if attrs is None else attrs},
-        {"op": "gather_rows", "inputs": ["t1", "logits_indices"], "outputs": ["logits"], "attrs": {}},
-    ]
-    Engine(config, weights).save(path)
+    write_one_op_engine(path, llama_dir, x_rows, N, "fp8_linear", inputs, weights,
+                        {"activation_scaling": "static"} if attrs is None else attrs)
 
 
 @pytest.mark.parametrize("K, N, with_bias", [(64, 48, True), (37, 50, False)])  # 37, 50: the SIMD tails

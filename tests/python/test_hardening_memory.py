@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import httpx
 import numpy as np
@@ -31,6 +30,7 @@ from rtllm.errors import InvalidArgumentError
 
 from checkpoints import make_hf_checkpoint
 from hf_reference import BOS_ID, EOS_ID, VOCAB_SIZE
+from serve_process import stop, wait_until_healthy
 from tokenizer_fixture import CHAT_TEMPLATE, make_tokenizer
 
 TIMEOUT_S = 120
@@ -299,22 +299,10 @@ def served_engine(jinja_engine, tmp_path_factory):
         match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
         assert match, line + log_path.read_text()
         url = match.group(1)
-        deadline = time.monotonic() + TIMEOUT_S
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_until_healthy(url, process, log_path, TIMEOUT_S)
         yield url, line
     finally:
-        process.terminate()
-        try:
-            process.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
+        stop(process, TIMEOUT_S)
 
 
 def test_server_shows_every_limit_and_names_the_flag(served_engine, jinja_engine):

@@ -3,25 +3,19 @@ status and an OpenAI-format error, and the server keeps serving after every one 
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
 
 from rtllm.cli import build_parser
+from serve_process import free_port, stop, wait_until_healthy
 
 API_KEY = "test-key-123"
 MAX_SEQ_LEN = 128
 MAX_BODY_BYTES = 16 * 1024
 TIMEOUT_S = 60
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:  # the tiny race with another process is acceptable in tests
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rtllm(*args, **kwargs):
@@ -39,23 +33,10 @@ def base_url(tiny_model, tmp_path_factory):
                         str(MAX_BODY_BYTES), "--log-level", "warning", stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"rtllm serve exited:\n{log_path.read_text()}"
-            assert time.monotonic() < deadline, f"rtllm serve did not start:\n{log_path.read_text()}"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_until_healthy(url, process, log_path, TIMEOUT_S)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, TIMEOUT_S)
 
 
 def assert_error(response, status, param=None, fragments=()):

@@ -15,13 +15,9 @@ import time
 import httpx
 import pytest
 
+from serve_process import free_port, stop, wait_until_healthy
+
 TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -35,24 +31,10 @@ def rtllm_serve(tmp_path, *flags, preexec_fn=None):
                                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"rtllm serve exited:\n{log_path.read_text()}"
-            assert time.monotonic() < deadline, f"rtllm serve did not start:\n{log_path.read_text()}"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_until_healthy(url, process, log_path, TIMEOUT_S)
         yield url, process, log_path
     finally:
-        if process.poll() is None:
-            process.terminate()
-        try:
-            process.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, TIMEOUT_S)
 
 
 def connect(url) -> socket.socket:

@@ -89,10 +89,17 @@ class Gather final : public OpKind {
     spec.require_input_dtype(index_, {DataType::kInt32});
     spec.require_input_dtype(table_, kWideFloatDtypes);
   }
-  WeightPlacement weight_placement(size_t) const override { return in_activation_dtype(); }
+  // A BF16 / F16 table stays 16-bit (it may also be the LM head's weight, which linear keeps 16-bit);
+  // its rows are widened as they are gathered.
+  WeightPlacement weight_placement(size_t input) const override {
+    const DataType d = spec_.inputs[input].dtype;
+    if (d == DataType::kBFloat16 || d == DataType::kFloat16) return {d, WeightLayout::kRowMajor};
+    return in_activation_dtype();
+  }
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
     const TensorView &src = in[table_], &index = in[index_], &dst = out[0];
+    const size_t row_bytes = dtype_size(src.dtype) * src.cols();
     const int64_t num_src_rows = src.rows(), H = src.cols(), R = index.numel();
     RTLLM_CHECK(dst.rows() == R && dst.cols() == H, spec_.op(), ": output [", dst.rows(), ", ", dst.cols(),
                 "], expected [", R, ", ", H, "]");
@@ -100,7 +107,12 @@ class Gather final : public OpKind {
     ctx.pool->parallel_for(R, [&](int64_t r, int) {
       const int32_t i = idx[r];
       RTLLM_CHECK(i >= 0 && i < num_src_rows, spec_.op(), ": index ", i, " outside [0, ", num_src_rows, ")");
-      std::memcpy(dst.f32() + r * H, src.f32() + i * H, H * sizeof(float));
+      const void* row = static_cast<const uint8_t*>(src.data) + i * row_bytes;
+      if (src.dtype == DataType::kFloat32) {
+        std::memcpy(dst.f32() + r * H, row, H * sizeof(float));
+      } else {
+        convert_floats(row, src.dtype, dst.f32() + r * H, DataType::kFloat32, H);
+      }
     }, H);
   }
 

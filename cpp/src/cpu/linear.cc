@@ -7,9 +7,18 @@
 // it, the number of rows or threads: a token's result does not depend on the batch it is in.
 //
 // Unpacked weights [N, K] (e.g. an embedding table tied to the LM head): an inner-product register
-// tile with one 8-lane accumulator per output element, summed in one fixed order by every tile shape
-// (8-lane FMA chunks over k, a fixed horizontal sum, then the k tail).
+// tile with one kGemmLanes-wide accumulator per output element, summed in one fixed order by every
+// tile shape (kGemmLanes-wide FMA chunks over k, a fixed horizontal sum, then the k tail).
+//
+// BF16 and F16 weights stay 16-bit in memory, in either layout, and are widened to float32 (exactly:
+// bf16 by a 16-bit shift, fp16 by F16C's vcvtph2ps) on the way to the FMAs: with few rows of x (decode,
+// up to kGemvMaxRows) the kernels load 16-bit values and widen them in registers, so a step streams
+// half the bytes of float32 weights; with more rows the FMAs dominate, and a task first widens its
+// panel (or its rows of W) into its thread's workspace, then runs the float32 kernel on it. Both run the same kernel code on the same float32
+// values in the same order, so the result is that of float32 weights holding the widened values,
+// bit for bit, and still independent of the batch.
 #include <algorithm>
+#include <type_traits>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -23,58 +32,15 @@
 namespace rtllm {
 namespace {
 
+using cpu::bf16_t;
+using cpu::fp16_t;
 using cpu::v8;
 
-template <int MR, int NR>
-void linear_tile(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N) {
-  v8 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = cpu::splat8(0.0f);
-  int64_t k = 0;
-  for (; k + cpu::kLanes <= K; k += cpu::kLanes) {
-    v8 xv[MR], wv[NR];
-    for (int i = 0; i < MR; ++i) xv[i] = cpu::load8(x + i * K + k);
-    for (int j = 0; j < NR; ++j) wv[j] = cpu::load8(w + j * K + k);
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) acc[i][j] = cpu::fmadd8(xv[i], wv[j], acc[i][j]);
-  }
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR; ++j) {
-      float s = cpu::hsum8(acc[i][j]);
-      for (int64_t kk = k; kk < K; ++kk) s = std::fma(x[i * K + kk], w[j * K + kk], s);
-      if (bias) s += bias[j];
-      y[i * N + j] = s;
-    }
-  }
-}
-
-// Tile with nr (1..4) columns of W; MR fixed.
-template <int MR>
-void linear_tile_cols(int nr, const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N) {
-  switch (nr) {
-    case 4: return linear_tile<MR, 4>(x, w, bias, y, K, N);
-    case 3: return linear_tile<MR, 3>(x, w, bias, y, K, N);
-    case 2: return linear_tile<MR, 2>(x, w, bias, y, K, N);
-    default: return linear_tile<MR, 1>(x, w, bias, y, K, N);
-  }
-}
-
-void linear_tile_any(int mr, int nr, const float* x, const float* w, const float* bias, float* y, int64_t K,
-                     int64_t N) {
-  switch (mr) {
-    case 4: return linear_tile_cols<4>(nr, x, w, bias, y, K, N);
-    case 3: return linear_tile_cols<3>(nr, x, w, bias, y, K, N);
-    case 2: return linear_tile_cols<2>(nr, x, w, bias, y, K, N);
-    default: return linear_tile_cols<1>(nr, x, w, bias, y, K, N);
-  }
-}
-
-constexpr int64_t kTileRows = 4;    // rows of x per register tile
-constexpr int64_t kTileCols = 4;    // rows of W per register tile
-constexpr int64_t kTaskRows = 32;   // rows of x per task: their x block stays in L2
-constexpr int64_t kTaskCols = 16;   // rows of W per task
-
-// ---------------------------------------------------------------- packed weights
+// Up to this many rows of x, 16-bit weights are widened in registers; past it, per task into the
+// workspace. Measured (benchmarks/bench_cpu_gemm.py --dtype bfloat16, AVX-512, 2 threads): widening
+// in registers is ahead up to 16 rows (0.16 vs 0.23 ms at 8 rows of a [3072, 576] W), even at 32, and
+// behind at prefill sizes, most on row-major W (4.5 vs 6.6 ms at 128 rows).
+constexpr int64_t kGemvMaxRows = 16;
 
 using cpu::kGemmLanes;
 using cpu::kPanelCols;
@@ -85,7 +51,31 @@ inline vec vload(const float* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+// kGemmLanes consecutive 16-bit values widened in registers (cpu::widen, lane by lane).
+inline vec vload(const bf16_t* p) {
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (vec)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#else
+  return cpu::load8(p);  // kGemmLanes == cpu::kLanes
+#endif
+}
+inline vec vload(const fp16_t* p) {
+#if defined(__AVX512F__)
+  return (vec)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  return cpu::load8(p);
+#endif
+}
 inline void vstore(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+
+// dst[0:n] = src[0:n] widened to float32; n a multiple of kGemmLanes (a whole panel), or any n.
+template <typename W>
+void widen_into(const W* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + kGemmLanes <= n; i += kGemmLanes) vstore(dst + i, vload(src + i));
+  for (; i < n; ++i) dst[i] = cpu::widen(src[i]);
+}
 inline vec vsplat(float x) { return vec{} + x; }
 inline vec vfmadd(vec a, vec b, vec c) {  // a * b + c, one rounding
 #if defined(__AVX512F__)
@@ -99,13 +89,79 @@ inline vec vfmadd(vec a, vec b, vec c) {  // a * b + c, one rounding
 #endif
 }
 
+// Sum of the lanes in one fixed order: the upper half folded onto the lower one down to 8 lanes, then
+// cpu::hsum8's pairwise order.
+inline float vhsum(vec v) {
+  v8 h;
+  std::memcpy(&h, &v, sizeof(h));  // lanes 0..7
+  for (int i = 8; i < kGemmLanes; ++i) h[i - 8] += v[i];
+  return cpu::hsum8(h);
+}
+
+// ---------------------------------------------------------------- row-major weights
+
+template <typename W, int MR, int NR>
+void linear_tile(const float* x, const W* w, const float* bias, float* y, int64_t K, int64_t N) {
+  vec acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = vec{};
+  int64_t k = 0;
+  for (; k + kGemmLanes <= K; k += kGemmLanes) {
+    vec xv[MR], wv[NR];
+    for (int i = 0; i < MR; ++i) xv[i] = vload(x + i * K + k);
+    for (int j = 0; j < NR; ++j) wv[j] = vload(w + j * K + k);
+    // Few rows of x (decode) stream W from memory: fetch the next tile's rows of W while this one runs.
+    if constexpr (MR == 1)
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(w + (NR + j) * K + k);
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] = vfmadd(xv[i], wv[j], acc[i][j]);
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      float s = vhsum(acc[i][j]);
+      for (int64_t kk = k; kk < K; ++kk) s = std::fma(x[i * K + kk], cpu::widen(w[j * K + kk]), s);
+      if (bias) s += bias[j];
+      y[i * N + j] = s;
+    }
+  }
+}
+
+// Tile with nr (1..4) columns of W; MR fixed.
+template <typename W, int MR>
+void linear_tile_cols(int nr, const float* x, const W* w, const float* bias, float* y, int64_t K, int64_t N) {
+  switch (nr) {
+    case 4: return linear_tile<W, MR, 4>(x, w, bias, y, K, N);
+    case 3: return linear_tile<W, MR, 3>(x, w, bias, y, K, N);
+    case 2: return linear_tile<W, MR, 2>(x, w, bias, y, K, N);
+    default: return linear_tile<W, MR, 1>(x, w, bias, y, K, N);
+  }
+}
+
+template <typename W>
+void linear_tile_any(int mr, int nr, const float* x, const W* w, const float* bias, float* y, int64_t K,
+                     int64_t N) {
+  switch (mr) {
+    case 4: return linear_tile_cols<W, 4>(nr, x, w, bias, y, K, N);
+    case 3: return linear_tile_cols<W, 3>(nr, x, w, bias, y, K, N);
+    case 2: return linear_tile_cols<W, 2>(nr, x, w, bias, y, K, N);
+    default: return linear_tile_cols<W, 1>(nr, x, w, bias, y, K, N);
+  }
+}
+
+constexpr int64_t kTileRows = 4;    // rows of x per register tile
+constexpr int64_t kTileCols = 4;    // rows of W per register tile
+constexpr int64_t kTaskRows = 32;   // rows of x per task: their x block stays in L2
+constexpr int64_t kTaskCols = 16;   // rows of W per task
+
+// ---------------------------------------------------------------- packed weights
+
 constexpr int kMaxTileRows = 8;  // MR: 2 * MR accumulators + 2 panel registers + 1 broadcast
 constexpr int kMaxPairRows = 4;  // up to this many rows, a tile spans two panels (see linear_packed)
 
 // y[MR, num_cols] (row stride ldy) = x[MR, K] (row stride K) · NP panels [NP][K, NR] (+ bias), where
 // num_cols <= NP * NR; the last panel's columns past num_cols are its zero padding.
-template <int MR, int NP>
-void panel_tile(const float* x, const float* panel, const float* bias, float* y, int64_t K, int64_t ldy,
+template <typename W, int MR, int NP>
+void panel_tile(const float* x, const W* panel, const float* bias, float* y, int64_t K, int64_t ldy,
                 int64_t num_cols) {
   constexpr int NV = 2 * NP;  // vectors per row of the tile
   vec acc[MR][NV];
@@ -137,39 +193,83 @@ void panel_tile(const float* x, const float* panel, const float* bias, float* y,
   }
 }
 
-using PanelTileFn = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t);
-constexpr PanelTileFn kPanelTiles[kMaxTileRows + 1] = {
-    nullptr,          panel_tile<1, 1>, panel_tile<2, 1>, panel_tile<3, 1>, panel_tile<4, 1>,
-    panel_tile<5, 1>, panel_tile<6, 1>, panel_tile<7, 1>, panel_tile<8, 1>};
-constexpr PanelTileFn kPairTiles[kMaxPairRows + 1] = {nullptr, panel_tile<1, 2>, panel_tile<2, 2>,
-                                                      panel_tile<3, 2>, panel_tile<4, 2>};
+template <typename W>
+struct PanelTiles {
+  using Fn = void (*)(const float*, const W*, const float*, float*, int64_t, int64_t, int64_t);
+  static constexpr Fn one[kMaxTileRows + 1] = {
+      nullptr,             panel_tile<W, 1, 1>, panel_tile<W, 2, 1>, panel_tile<W, 3, 1>, panel_tile<W, 4, 1>,
+      panel_tile<W, 5, 1>, panel_tile<W, 6, 1>, panel_tile<W, 7, 1>, panel_tile<W, 8, 1>};
+  static constexpr Fn pair[kMaxPairRows + 1] = {nullptr, panel_tile<W, 1, 2>, panel_tile<W, 2, 2>,
+                                                panel_tile<W, 3, 2>, panel_tile<W, 4, 2>};
+};
+static_assert(kGemvMaxRows >= kMaxPairRows, "two-panel tiles read 16-bit weights in place");
 
 constexpr int64_t kBlockRows = 64;  // rows of x per task: the x block [64, K] stays in L2 across panels
 
 // Task = (row block, panel); consecutive tasks share the row block, so x stays cached. Up to
 // kMaxPairRows rows (decode) the kernel streams W from memory with few FMA chains per panel, so a task
-// takes two panels to keep more loads and FMAs in flight.
-void linear_packed(ThreadPool& pool, const float* x, const float* panels, const float* bias, float* y, int64_t T,
-                   int64_t K, int64_t N) {
+// takes two panels to keep more loads and FMAs in flight. 16-bit panels past kGemvMaxRows rows are
+// widened into the thread's `wide` buffer [num_threads][K * kPanelCols] first.
+template <typename W>
+void linear_packed(ThreadPool& pool, const float* x, const W* panels, const float* bias, float* y, int64_t T,
+                   int64_t K, int64_t N, float* wide) {
   const int64_t num_p = cpu::num_panels(N), panels_per_task = T <= kMaxPairRows ? 2 : 1;
   const int64_t num_row_blocks = (T + kBlockRows - 1) / kBlockRows;
   const int64_t num_col_tasks = (num_p + panels_per_task - 1) / panels_per_task;
-  pool.parallel_for(num_row_blocks * num_col_tasks, [&](int64_t task, int) {
+  const bool widen_first = !std::is_same_v<W, float> && T > kGemvMaxRows;
+  pool.parallel_for(num_row_blocks * num_col_tasks, [&](int64_t task, int thread) {
     const int64_t t0 = (task / num_col_tasks) * kBlockRows, t1 = std::min(T, t0 + kBlockRows);
     const int64_t p = (task % num_col_tasks) * panels_per_task, n0 = p * kPanelCols;
     const int64_t num_cols = std::min(panels_per_task * kPanelCols, N - n0);
-    const float* panel = panels + p * K * kPanelCols;
+    const W* panel = panels + p * K * kPanelCols;
     const float* b = bias ? bias + n0 : nullptr;
-    if (num_cols > kPanelCols) return kPairTiles[T](x, panel, b, y + n0, K, N, num_cols);
+    if (num_cols > kPanelCols) return PanelTiles<W>::pair[T](x, panel, b, y + n0, K, N, num_cols);
+    if (widen_first) {
+      float* w32 = wide + thread * K * kPanelCols;
+      widen_into(panel, K * kPanelCols, w32);
+      for (int64_t t = t0; t < t1; t += kMaxTileRows) {
+        const int64_t mr = std::min<int64_t>(kMaxTileRows, t1 - t);
+        PanelTiles<float>::one[mr](x + t * K, w32, b, y + t * N + n0, K, N, num_cols);
+      }
+      return;
+    }
     for (int64_t t = t0; t < t1; t += kMaxTileRows) {
       const int64_t mr = std::min<int64_t>(kMaxTileRows, t1 - t);
-      kPanelTiles[mr](x + t * K, panel, b, y + t * N + n0, K, N, num_cols);
+      PanelTiles<W>::one[mr](x + t * K, panel, b, y + t * N + n0, K, N, num_cols);
     }
   }, std::min(T, kBlockRows) * K * kPanelCols * panels_per_task);
 }
 
-// x [T, K] float32; weight [N, K] and optional bias [N] in float32 (converted at load). The weight is
-// placed as packed panels unless another op reads it too (an embedding table tied to the LM head).
+// Row-major W: task = (row block of x, kTaskCols rows of W). 16-bit rows of W past kGemvMaxRows rows
+// of x are widened into the thread's `wide` buffer [num_threads][kTaskCols * K] first.
+template <typename W>
+void linear_rows(ThreadPool& pool, const float* xp, const W* wp, const float* bias, float* yp, int64_t T,
+                 int64_t K, int64_t N, float* wide) {
+  const int64_t num_row_tasks = (T + kTaskRows - 1) / kTaskRows;
+  const int64_t num_col_tasks = (N + kTaskCols - 1) / kTaskCols;
+  const bool widen_first = !std::is_same_v<W, float> && T > kGemvMaxRows;
+  pool.parallel_for(num_row_tasks * num_col_tasks, [&](int64_t task, int thread) {
+    const int64_t t0 = (task / num_col_tasks) * kTaskRows, t1 = std::min(T, t0 + kTaskRows);
+    const int64_t n0 = (task % num_col_tasks) * kTaskCols, n1 = std::min(N, n0 + kTaskCols);
+    auto tiles = [&](const auto* w) {  // w: rows n0..n1 of W
+      for (int64_t n = n0; n < n1; n += kTileCols) {
+        const int nr = static_cast<int>(std::min(kTileCols, n1 - n));
+        for (int64_t t = t0; t < t1; t += kTileRows) {
+          const int mr = static_cast<int>(std::min(kTileRows, t1 - t));
+          linear_tile_any(mr, nr, xp + t * K, w + (n - n0) * K, bias ? bias + n : nullptr, yp + t * N + n, K, N);
+        }
+      }
+    };
+    if (!widen_first) return tiles(wp + n0 * K);
+    float* w32 = wide + thread * kTaskCols * K;
+    widen_into(wp + n0 * K, (n1 - n0) * K, w32);
+    tiles(static_cast<const float*>(w32));
+  }, std::min(T, kTaskRows) * std::min(N, kTaskCols) * K);
+}
+
+// x [T, K] float32; weight [N, K] in float32, BF16 or F16 (a 16-bit weight stays 16-bit, others are
+// converted to float32 at load); optional bias [N] in float32. The weight is placed as packed panels
+// unless another op reads it too (an embedding table tied to the LM head).
 class Linear final : public OpKind {
  public:
   explicit Linear(const OpSpec& spec) : OpKind(spec) {
@@ -179,7 +279,15 @@ class Linear final : public OpKind {
   }
   WeightPlacement weight_placement(size_t input) const override {
     const bool matrix = input == 1 && spec_.inputs[1].shape.size() == 2;
-    return {DataType::kFloat32, matrix ? WeightLayout::kCpuGemmPanels : WeightLayout::kRowMajor};
+    if (!matrix) return {DataType::kFloat32, WeightLayout::kRowMajor};
+    return {weight_dtype(), WeightLayout::kCpuGemmPanels};
+  }
+  // Per thread, a panel [K, kPanelCols] or kTaskCols rows [kTaskCols, K] of a 16-bit W in float32.
+  size_t workspace_bytes() const override {
+    if (weight_dtype() == DataType::kFloat32 || spec_.inputs[1].shape.size() != 2) return 0;
+    const size_t K = static_cast<size_t>(spec_.inputs[1].shape[1].value);
+    return sizeof(float) * static_cast<size_t>(spec_.backend->num_threads) * K *
+           static_cast<size_t>(std::max<int64_t>(kPanelCols, kTaskCols));
   }
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
@@ -200,26 +308,29 @@ class Linear final : public OpKind {
       RTLLM_CHECK(in[2].numel() == N, "linear: bias has ", in[2].numel(), " values, expected ", N);
       bias = in[2].f32();
     }
-    if (packed) return linear_packed(*ctx.pool, x.f32(), w.f32(), bias, y.f32(), T, K, N);
-    linear_rows(*ctx.pool, x.f32(), w.f32(), bias, y.f32(), T, K, N);
+    float* wide = static_cast<float*>(ctx.workspace);
+    switch (w.dtype) {
+      case DataType::kBFloat16: return run_as(*ctx.pool, packed, x.f32(), static_cast<const bf16_t*>(w.data), bias,
+                                              y.f32(), T, K, N, wide);
+      case DataType::kFloat16: return run_as(*ctx.pool, packed, x.f32(), static_cast<const fp16_t*>(w.data), bias,
+                                             y.f32(), T, K, N, wide);
+      default:
+        RTLLM_CHECK(w.dtype == DataType::kFloat32, "linear: weight placed as ", dtype_safetensors_name(w.dtype));
+        return run_as(*ctx.pool, packed, x.f32(), w.f32(), bias, y.f32(), T, K, N, wide);
+    }
   }
 
  private:
-  static void linear_rows(ThreadPool& pool, const float* xp, const float* wp, const float* bias, float* yp, int64_t T,
-                          int64_t K, int64_t N) {
-    const int64_t num_row_tasks = (T + kTaskRows - 1) / kTaskRows;
-    const int64_t num_col_tasks = (N + kTaskCols - 1) / kTaskCols;
-    pool.parallel_for(num_row_tasks * num_col_tasks, [&](int64_t task, int) {
-      const int64_t t0 = (task / num_col_tasks) * kTaskRows, t1 = std::min(T, t0 + kTaskRows);
-      const int64_t n0 = (task % num_col_tasks) * kTaskCols, n1 = std::min(N, n0 + kTaskCols);
-      for (int64_t n = n0; n < n1; n += kTileCols) {
-        const int nr = static_cast<int>(std::min(kTileCols, n1 - n));
-        for (int64_t t = t0; t < t1; t += kTileRows) {
-          const int mr = static_cast<int>(std::min(kTileRows, t1 - t));
-          linear_tile_any(mr, nr, xp + t * K, wp + n * K, bias ? bias + n : nullptr, yp + t * N + n, K, N);
-        }
-      }
-    }, std::min(T, kTaskRows) * std::min(N, kTaskCols) * K);
+  // BF16 and F16 matrices stay as stored; float32 ones (and anything else linear accepts) in float32.
+  DataType weight_dtype() const {
+    const DataType d = spec_.inputs[1].dtype;
+    return d == DataType::kBFloat16 || d == DataType::kFloat16 ? d : DataType::kFloat32;
+  }
+  template <typename W>
+  static void run_as(ThreadPool& pool, bool packed, const float* x, const W* w, const float* bias, float* y,
+                     int64_t T, int64_t K, int64_t N, float* wide) {
+    if (packed) return linear_packed(pool, x, w, bias, y, T, K, N, wide);
+    linear_rows(pool, x, w, bias, y, T, K, N, wide);
   }
 };
 

@@ -7,9 +7,11 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__FMA__)
+#if defined(__FMA__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
+
+#include "rtllm/dtype.h"
 
 namespace rtllm::cpu {
 
@@ -49,6 +51,41 @@ inline float dot(const float* a, const float* b, int64_t n) {
   float s = hsum8(acc);
   for (; i < n; ++i) s = std::fma(a[i], b[i], s);
   return s;
+}
+
+// 16-bit float weights as stored (their bits), as distinct types so that kernels template on them.
+struct bf16_t {
+  uint16_t bits;
+};
+struct fp16_t {
+  uint16_t bits;
+};
+
+// One value widened to float32: exact for both (every bf16 and fp16 value is a float32 value).
+inline float widen(float v) { return v; }
+inline float widen(bf16_t v) { return bf16_to_float(v.bits); }
+inline float widen(fp16_t v) { return fp16_to_float(v.bits); }
+
+// 8 consecutive values widened to float32 in registers: bf16 is the high half of a float32 (a 16-bit
+// shift), fp16 goes through F16C's vcvtph2ps. Same values as widen(), lane by lane.
+inline v8 load8(const bf16_t* p) {
+#if defined(__AVX2__)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (v8)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#else
+  v8 v;
+  for (int i = 0; i < kLanes; ++i) v[i] = widen(p[i]);
+  return v;
+#endif
+}
+inline v8 load8(const fp16_t* p) {
+#if defined(__F16C__)
+  return (v8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  v8 v;
+  for (int i = 0; i < kLanes; ++i) v[i] = widen(p[i]);
+  return v;
+#endif
 }
 
 }  // namespace rtllm::cpu

@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from .safetensors_io import cast, storage_type
+from .safetensors_io import cast, storage_type, stored_shape
 
 DYNAMIC_DIMS = ("num_tokens", "num_logits")
 
@@ -28,7 +28,8 @@ class Tensor:
 class Parameter:
     """A lazy weight: shape and dtype are known up front, data comes from `loader()` when needed.
 
-    The loader returns a numpy array in the parameter's storage type (bf16 as uint16 bits). `name` is
+    The loader returns a numpy array in the parameter's storage type (bf16 as uint16 bits, int4 packed as
+    uint8 [..., K / 2] while `shape` is the logical one). `name` is
     set when the parameter is registered (Module.named_parameters names it by the module tree).
     `weight_loader(param, loaded, ...)`, when a layer sets one, is how checkpoint loading gives it a
     checkpoint tensor (rtllm.nn.linear: the layer keeps its shard; None: the whole tensor).
@@ -49,7 +50,7 @@ class Parameter:
         if self.loader is None:
             raise ValueError(f"weight {self.name!r} {list(self.shape)} has no data (was the checkpoint loaded?)")
         array = np.asarray(self.loader())
-        if tuple(array.shape) != self.shape or array.dtype != storage_type(self.dtype):
+        if tuple(array.shape) != stored_shape(self.dtype, self.shape) or array.dtype != storage_type(self.dtype):
             raise ValueError(f"weight {self.name!r}: loader produced {array.dtype}{list(array.shape)}, "
                              f"expected {self.dtype}{list(self.shape)}")
         return array

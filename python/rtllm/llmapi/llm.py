@@ -40,8 +40,8 @@ def _check_args(model: str, limits: dict, seed, num_threads, device: str, schedu
     """Checks LLM's scalar arguments; returns the _core.DeviceKind for `device`."""
     from rtllm import _core
 
-    if not os.path.isdir(model):
-        raise ValueError(f"model={model!r} is not a directory (an engine or an HF checkpoint)")
+    if not os.path.isdir(model) and not (os.path.isfile(model) and model.lower().endswith(".gguf")):
+        raise ValueError(f"model={model!r} is not a directory (an engine or an HF checkpoint) or a .gguf file")
     for name, value in limits.items():
         if value is not None and (not _is_int(value) or value < 1):
             raise ValueError(f"{name}={value!r} must be None or an int >= 1")
@@ -119,7 +119,8 @@ def _kv_stats_dict(kv) -> dict:
 
 
 class LLM:
-    """`LLM(model)` with `model` an engine directory or an HF checkpoint directory (built on load).
+    """`LLM(model)` with `model` an engine directory, an HF checkpoint directory or a GGUF file (built on
+    load; rtllm.models.gguf).
 
     max_batch_size / max_num_tokens / max_seq_len / max_input_len go into the build of an HF
     checkpoint (max_seq_len defaults to the model's max_position_embeddings, max_input_len to
@@ -160,6 +161,8 @@ class LLM:
         self._executor = None
         self._finalizer = weakref.finalize(self, _cleanup, None)
         model = os.fspath(model)
+        from rtllm.models.gguf import resolve_gguf
+        model = resolve_gguf(model) or model  # a .gguf file, or a directory holding only one
         limits = dict(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
                       max_seq_len=max_seq_len, max_input_len=max_input_len)
         device_kind = _check_args(model, limits, seed, num_threads, device, scheduler_config)
@@ -268,6 +271,9 @@ class LLM:
             return tokenizer
         if tokenizer is not None:
             return TokenizerWrapper.from_pretrained(os.fspath(tokenizer))
+        if os.path.isfile(model_dir):  # a GGUF file: the tokenizer its metadata describes
+            from rtllm.models.gguf_tokenizer import load_gguf_tokenizer
+            return load_gguf_tokenizer(model_dir)
         if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
             return TokenizerWrapper.from_pretrained(model_dir)
         return None  # token-id prompts only; outputs carry no text

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 
 def add_quant_args(p) -> None:
-    """--quant-algo, --kv-cache-quant-algo, --exclude-modules, --calib-data and --calib-size, as
+    """--quant-algo, --group-size, --has-zero-point, --kv-cache-quant-algo, --exclude-modules, --calib-data
+    and --calib-size, as
     QuantConfig's fields and quantize()'s calib_data (rtllm build, rtllm bench, benchmarks)."""
     from rtllm.quantization import QuantAlgo
 
     names = [a.value for a in QuantAlgo]
     g = p.add_argument_group("quantization")
     g.add_argument("--quant-algo", choices=names, default=None, metavar="ALGO",
-                   help="quantize the weights (implemented: FP8, FP8_PER_CHANNEL_PER_TOKEN; default: none)")
+                   help="quantize the weights (implemented: FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16; "
+                        "default: none)")
+    g.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="W4A16: input channels per scale, 32, 64 or 128 (QuantConfig.group_size, default 128)")
+    g.add_argument("--has-zero-point", action="store_true", default=None,
+                   help="W4A16: asymmetric groups, with an offset per group (QuantConfig.has_zero_point)")
     g.add_argument("--kv-cache-quant-algo", choices=names, default=None, metavar="ALGO",
                    help="quantize the KV cache (implemented: FP8, an E4M3 cache with calibrated scales; "
                         "default: none)")
@@ -30,11 +36,17 @@ def quant_config_of(args):
         if args.calib_data is not None or args.calib_size is not None:
             raise ValueError("--calib-data and --calib-size calibrate a quantization: add --quant-algo FP8 or "
                              "--kv-cache-quant-algo FP8")
+        if args.group_size is not None or args.has_zero_point:
+            raise ValueError("--group-size and --has-zero-point shape a W4A16 quantization: add --quant-algo W4A16")
         return None
     from rtllm.quantization import QuantAlgo, QuantConfig
 
     fields = dict(quant_algo=args.quant_algo and QuantAlgo(args.quant_algo),
                   kv_cache_quant_algo=args.kv_cache_quant_algo and QuantAlgo(args.kv_cache_quant_algo))
+    if args.group_size is not None:
+        fields["group_size"] = args.group_size
+    if args.has_zero_point:
+        fields["has_zero_point"] = True
     if args.exclude_modules is not None:
         fields["exclude_modules"] = list(args.exclude_modules)
     # The calibration file travels as QuantConfig.calib_dataset (recorded in the engine's config.json).

@@ -283,7 +283,7 @@ class PrequantizedModel:
         return report
 
 
-def _parts(model, module_name: str) -> list:
+def checkpoint_parts(model, module_name: str) -> list:
     """[(checkpoint module name, shard id)] that a model's linear is loaded from (as load_weights does)."""
     prefix = model.checkpoint_name(f"{module_name}.weight").rsplit(".", 1)[0]
     parent, _, leaf = prefix.rpartition(".")
@@ -309,7 +309,7 @@ def load_prequantized(model, checkpoint, scheme: Fp8Scheme) -> PrequantizedModel
         if module.weight is table:  # tied embeddings: the table stays unquantized
             state.kept[name] = "tied to the embedding"
             continue
-        parts = _parts(model, name)
+        parts = checkpoint_parts(model, name)
         has_scale = [f"{ckpt}.weight_scale" in checkpoint.files for ckpt, _ in parts]
         if not any(has_scale):
             state.kept[name] = "unquantized in the checkpoint"

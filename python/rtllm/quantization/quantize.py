@@ -6,7 +6,10 @@ float32 scale per output channel; the op quantizes its input per token at run ti
 needed); FP8 (a static `fp8_linear`: one float32 scale over the whole, possibly fused, weight and one
 input scale from the largest activation calibration saw at that linear's input); and kv_cache_quant_algo
 FP8 (an E4M3 KV cache, chosen by the runtime from config.json, with each attention node's k_scale and
-v_scale calibrated). check_supported refuses every other config up front so that nothing is ever built
+v_scale calibrated); W8A16 and W4A16 (weight-only round to nearest: each linear becomes a
+`weight_only_linear` with int8 codes and one float32 scale per output channel, or packed int4 codes with one
+float16 scale per group of group_size input channels, and with has_zero_point a float32 offset per group;
+the activations stay in the engine's float dtype). check_supported refuses every other config up front so that nothing is ever built
 (or loaded) silently unquantized.
 """
 import dataclasses
@@ -18,7 +21,11 @@ from .mode import QuantAlgo
 from .quant_config import QuantConfig
 
 FP8_E4M3_MAX = 448.0  # the largest finite E4M3 magnitude
-SUPPORTED_QUANT_ALGOS = (QuantAlgo.NO_QUANT, QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN)
+SUPPORTED_QUANT_ALGOS = (QuantAlgo.NO_QUANT, QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, QuantAlgo.W8A16,
+                         QuantAlgo.W4A16)
+WEIGHT_ONLY_QUANT_ALGOS = (QuantAlgo.W8A16, QuantAlgo.W4A16)
+INT8_MAX, INT4_MAX, UINT4_MAX = 127, 7, 15
+FP16_MAX = 65504.0
 # FP8: the runtime keeps the KV pool as E4M3 values (the engine's config.json records the algorithm and the
 # runtime picks the pool dtype from it); the attention nodes carry the calibrated k_scale / v_scale.
 SUPPORTED_KV_CACHE_QUANT_ALGOS = (QuantAlgo.NO_QUANT, QuantAlgo.FP8)
@@ -29,8 +36,8 @@ def check_supported(quant_config: QuantConfig) -> None:
     algo = quant_config.quant_algo
     if algo is not None and algo not in SUPPORTED_QUANT_ALGOS:
         raise ValueError(f"quant_algo {algo.value} is not implemented yet: rtllm builds FP8, "
-                         f"{QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN.value} and unquantized engines only "
-                         f"(quant_algo None, NO_QUANT, FP8 or FP8_PER_CHANNEL_PER_TOKEN)")
+                         f"{QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN.value}, W8A16, W4A16 and unquantized engines only "
+                         f"(quant_algo None, NO_QUANT, FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16 or W4A16)")
     kv_algo = quant_config.kv_cache_quant_algo
     if kv_algo is not None and kv_algo not in SUPPORTED_KV_CACHE_QUANT_ALGOS:
         raise ValueError(f"kv_cache_quant_algo {kv_algo.value} is not implemented yet: rtllm stores the KV cache "
@@ -135,6 +142,8 @@ def quantize_network(network, quant_config: QuantConfig, calibration=None) -> Qu
             if node.op == "attention":
                 k_scale, v_scale = report.kv_scales[node.attrs["layer_idx"]]
                 node.attrs["k_scale"], node.attrs["v_scale"] = k_scale, v_scale
+    if algo in WEIGHT_ONLY_QUANT_ALGOS:
+        return _weight_only(network, quant_config, report)
     if algo not in (QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN):
         return report
     for node in selected_linears(network, quant_config, report):
@@ -178,8 +187,10 @@ def fp8_per_tensor_parameters(weight, input_scale: float):
         raise ValueError(f"weight {weight.name!r} {list(weight.shape)}: FP8 quantization needs a 2-d "
                          f"[out_features, in_features] weight")
     module = weight.name.rsplit(".", 1)[0]
-    fp8 = Parameter(weight.shape, "float8_e4m3", lambda: quantize_tensor(_float32(weight))[0], weight.name)
-    scale = Parameter((1,), "float32", lambda: quantize_tensor(_float32(weight))[1], f"{module}.weight_scale")
+    quantized = lambda: shared_result((weight, "fp8 tensor"),  # noqa: E731
+                                      lambda: quantize_tensor(_float32(weight)))
+    fp8 = Parameter(weight.shape, "float8_e4m3", lambda: quantized()[0], weight.name)
+    scale = Parameter((1,), "float32", lambda: quantized()[1], f"{module}.weight_scale")
     in_scale = Parameter((1,), "float32", lambda: np.array([input_scale], dtype=np.float32),
                          f"{module}.input_scale")
     fp8.keep_dtype = scale.keep_dtype = in_scale.keep_dtype = True
@@ -202,10 +213,27 @@ def fp8_per_channel_parameters(weight):
         raise ValueError(f"weight {weight.name!r} {list(weight.shape)}: FP8 per-channel quantization needs a "
                          f"2-d [out_features, in_features] weight")
     module = weight.name.rsplit(".", 1)[0]
-    fp8 = Parameter(weight.shape, "float8_e4m3", lambda: quantize_rows(_float32(weight))[0], weight.name)
-    scale = Parameter(weight.shape[:1], "float32", lambda: row_scales(_float32(weight)), f"{module}.weight_scale")
+    quantized = lambda: shared_result((weight, "fp8 rows"),  # noqa: E731
+                                      lambda: quantize_rows(_float32(weight)))
+    fp8 = Parameter(weight.shape, "float8_e4m3", lambda: quantized()[0], weight.name)
+    scale = Parameter(weight.shape[:1], "float32", lambda: quantized()[1], f"{module}.weight_scale")
     fp8.keep_dtype = scale.keep_dtype = True
     return fp8, scale
+
+
+_last_shared = [None, None]  # (key, result) of the latest shared_result computation
+
+
+def shared_result(key: tuple, compute):
+    """compute(), done once for calls in a row with the same key, whose first element is the weight object
+    (compared by identity, and kept alive with the result). A quantized weight's codes, scales and offsets
+    are separate lazy parameters that the engine writes one after another: their loaders share one
+    quantization this way, and only the latest result is held."""
+    if _last_shared[0] is None or len(_last_shared[0]) != len(key) or \
+            any(a is not b and a != b for a, b in zip(_last_shared[0], key)):
+        _last_shared[:] = [None, None]  # release the previous result before computing the next
+        _last_shared[:] = [key, compute()]
+    return _last_shared[1]
 
 
 def _float32(weight) -> np.ndarray:
@@ -234,3 +262,118 @@ def _e4m3_codes(x: np.ndarray) -> np.ndarray:
 
     codes = _core.convert_floats(np.ascontiguousarray(x, dtype=np.float32).view(np.uint8).ravel(), "F32", "F8_E4M3")
     return np.asarray(codes, dtype=np.uint8).reshape(x.shape)
+
+
+# ---------------------------------------------------------------- weight-only (W8A16, W4A16)
+
+def _weight_only(network, quant_config: QuantConfig, report: QuantizationReport) -> QuantizationReport:
+    """Each selected linear -> weight_only_linear (docs/engine_format.md): W8A16 per output channel,
+    W4A16 per group of quant_config.group_size input channels (with has_zero_point: asymmetric)."""
+    int4 = quant_config.quant_algo == QuantAlgo.W4A16
+    selected = selected_linears(network, quant_config, report)
+    for node in selected:  # refuse before rewriting anything
+        weight = network.weights[node.inputs[1]]
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight {weight.name!r} {list(weight.shape)}: weight-only quantization needs a 2-d "
+                             f"[out_features, in_features] weight")
+        K = weight.shape[1]
+        if int4 and K % quant_config.group_size:
+            raise ValueError(f"W4A16: linear {weight.name.rsplit('.', 1)[0]!r} has K={K} input features, not a "
+                             f"multiple of group_size={quant_config.group_size}; choose a group size dividing "
+                             f"{K} or exclude the module (exclude_modules)")
+    for node in selected:
+        name = node.inputs[1]
+        report.quantized.append(name)
+        weight = network.weights[name]
+        if int4:
+            params = weight_only_int4_parameters(weight, quant_config.group_size, quant_config.has_zero_point)
+        else:
+            params = weight_only_int8_parameters(weight)
+        for p in params:
+            network.weights[p.name] = p
+        group_size = quant_config.group_size if int4 else weight.shape[1]
+        node.op = "weight_only_linear"
+        node.attrs["group_size"] = group_size
+        node.attrs["has_offset"] = len(params) == 3
+        node.inputs = [node.inputs[0], *(p.name for p in params), *node.inputs[2:]]
+    return report
+
+
+def weight_only_int8_parameters(weight) -> list:
+    """A [N, K] weight -> [int8 codes [N, K] named as the weight, weight_scale [N, 1] float32], lazy and
+    exempt from the engine-dtype cast."""
+    from ..builder.tensor import Parameter
+
+    N, K = weight.shape
+    module = weight.name.rsplit(".", 1)[0]
+    quantized = lambda: shared_result((weight, "int8 rows"),  # noqa: E731
+                                      lambda: quantize_int8_rows(_float32(weight)))
+    codes = Parameter((N, K), "int8", lambda: quantized()[0], weight.name)
+    scale = Parameter((N, 1), "float32", lambda: quantized()[1], f"{module}.weight_scale")
+    codes.keep_dtype = scale.keep_dtype = True
+    return [codes, scale]
+
+
+def weight_only_int4_parameters(weight, group_size: int, has_zero_point: bool) -> list:
+    """A [N, K] weight -> [int4 codes [N, K] (packed) named as the weight, weight_scale [N, K / group_size]
+    float16, and with has_zero_point weight_offset [N, K / group_size] float32], lazy and exempt from the
+    engine-dtype cast."""
+    from ..builder.safetensors_io import pack_int4
+    from ..builder.tensor import Parameter
+
+    N, K = weight.shape
+    module = weight.name.rsplit(".", 1)[0]
+    quantize_groups = lambda: shared_result(  # noqa: E731
+        (weight, "int4 groups", group_size, has_zero_point),
+        lambda: quantize_int4_groups(_float32(weight), group_size, has_zero_point))
+    params = [Parameter((N, K), "int4", lambda: pack_int4(quantize_groups()[0]), weight.name),
+              Parameter((N, K // group_size), "float16", lambda: quantize_groups()[1], f"{module}.weight_scale")]
+    if has_zero_point:
+        params.append(Parameter((N, K // group_size), "float32", lambda: quantize_groups()[2],
+                                f"{module}.weight_offset"))
+    for p in params:
+        p.keep_dtype = True
+    return params
+
+
+def quantize_int8_rows(w: np.ndarray) -> tuple:
+    """float32 [N, K] -> (int8 codes [N, K], scales float32 [N, 1]): scale = amax_k |w[n, k]| / 127 (1 for a
+    row of zeros), codes = clamp(round_half_even(w / scale), -127, 127), the division in float32."""
+    amax = np.max(np.abs(w), axis=1, keepdims=True).astype(np.float32)
+    scale = np.where(amax > 0, amax / np.float32(INT8_MAX), np.float32(1.0)).astype(np.float32)
+    codes = np.clip(np.rint(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return codes, scale
+
+
+def _fp16_scale(x: np.ndarray) -> np.ndarray:
+    """float32 scales -> the float16 scales stored: rounded to nearest, at most float16's max, and at least
+    its smallest subnormal (a scale of 0 would make the codes meaningless); 1 where x is 0 (a group of
+    zeros: every code reproduces it)."""
+    s = np.minimum(x, np.float32(FP16_MAX)).astype(np.float16)
+    s = np.where(s > 0, s, np.float16(2.0 ** -24))
+    return np.where(x > 0, s, np.float16(1.0)).astype(np.float16)
+
+
+def quantize_int4_groups(w: np.ndarray, group_size: int, has_zero_point: bool) -> tuple:
+    """float32 [N, K] -> (int4 codes int8 [N, K] in [-8, 7], scales float16 [N, G], offsets float32 [N, G]
+    or None), G = K / group_size; round to nearest even, the codes computed with the stored (float16) scale
+    in float32.
+
+    Symmetric: scale = amax |w| / 7 per group, q = clamp(round(w / scale), -8, 7); w ≈ q · scale.
+    has_zero_point: the group's range [min(w, 0), max(w, 0)] (so that 0 is exact) in 15 steps,
+    scale = (max - min) / 15, integer zero point z = clamp(round(-min / scale), 0, 15),
+    u = clamp(round(w / scale) + z, 0, 15), stored q = u - 8 and offset = (8 - z) · scale (exact in
+    float32); w ≈ q · scale + offset = (u - z) · scale."""
+    N, K = w.shape
+    g = w.reshape(N, K // group_size, group_size)
+    if not has_zero_point:
+        scale = _fp16_scale(np.max(np.abs(g), axis=2) / np.float32(INT4_MAX))
+        q = np.rint(g / scale.astype(np.float32)[..., None])
+        return np.clip(q, -8, INT4_MAX).astype(np.int8).reshape(N, K), scale, None
+    lo, hi = np.minimum(g.min(axis=2), 0), np.maximum(g.max(axis=2), 0)
+    scale = _fp16_scale((hi - lo) / np.float32(UINT4_MAX))
+    s32 = scale.astype(np.float32)
+    zero = np.clip(np.rint(-lo / s32), 0, UINT4_MAX)
+    u = np.clip(np.rint(g / s32[..., None]) + zero[..., None], 0, UINT4_MAX)
+    offset = ((8 - zero) * s32).astype(np.float32)
+    return (u - 8).astype(np.int8).reshape(N, K), scale, offset

@@ -1,0 +1,403 @@
+// weight_only_linear: y[T, N] = x[T, K] · W[N, K]ᵀ (+ bias[N]) with integer weights (W8A16, W4A16 and
+// imported GGUF-style formats), W[n, k] = q[n, k] · scale[n, k / G] + offset[n, k / G], G = group_size.
+// The codes stay in memory as stored (int8, or int4 two per byte): decode reads 4x / 8x fewer weight
+// bytes than the float32 linear.
+//
+// Association (docs/engine_format.md), float32 throughout:
+//   W[n, k] = fma(float(q[n, k]), scale[n, g], offset[n, g])   (offset 0 when absent; one rounding, none
+//             at all when the scale is F16 or BF16: q · scale is then exact)
+//   k runs group by group in chunks of 16 (a group's last chunk zero-padded when 16 does not divide G);
+//   acc_l = FMA chain from 0 over the chunks in order of x[t, k] · W[n, k] for lane l of each chunk;
+//   y[t, n] = hsum16(acc) + bias[n]   (hsum16: lanes l + (l + 8), then ((0+4)+(2+6)) + ((1+5)+(3+7))).
+// Every token takes this one path whatever T, the tile it falls in or the thread count: a token's result
+// does not depend on its batch.
+//
+// Work: a task takes a block of up to kTaskRows weight rows and kTaskTokens tokens, and runs register
+// tiles of up to kTileTokens tokens x kTileCols weight rows. With one token (decode, bandwidth-bound on
+// the packed bytes) the tile dequantizes the codes in registers as it streams them; with more, the task
+// first dequantizes its rows to float32 in its thread's workspace (by the same function, so to the same
+// values) and every token of the block reuses them.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "op_registry.h"
+#include "thread_pool.h"
+
+// 64-byte vectors pass between this file's inline helpers only (anonymous namespace): without AVX-512 GCC
+// warns that their ABI differs, which no caller outside the file can observe.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace rtllm {
+namespace {
+
+constexpr int kChunk = 16;            // lanes of the accumulators (one AVX-512 vector, two AVX2 ones)
+constexpr int64_t kTaskRows = 8;      // weight rows dequantized per task (several tokens)
+constexpr int64_t kDecodeTaskRows = 32;  // weight rows per task for one token (nothing dequantized ahead)
+constexpr int64_t kTaskTokens = 64;   // tokens per task: the x block stays in L2
+// Register tile: tokens x weight rows. AVX-512: 16 accumulators + 4 x + 1 w of 32 zmm; AVX2 (a 16-lane
+// vector is two of its 16 ymm): 4 accumulators + x + w.
+#if defined(__AVX512F__)
+constexpr int kTileTokens = 4;
+#else
+constexpr int kTileTokens = 1;
+#endif
+constexpr int kTileCols = 4;
+
+typedef float v16 __attribute__((vector_size(kChunk * sizeof(float))));
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline v16 splat16(float x) { return v16{} + x; }
+
+// a * b + c with one rounding per lane, whatever the ISA.
+inline v16 fmadd16(v16 a, v16 b, v16 c) {
+#if defined(__AVX512F__)
+  return (v16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  __m256 a2[2], b2[2], c2[2];
+  std::memcpy(a2, &a, sizeof(a));
+  std::memcpy(b2, &b, sizeof(b));
+  std::memcpy(c2, &c, sizeof(c));
+  c2[0] = _mm256_fmadd_ps(a2[0], b2[0], c2[0]);
+  c2[1] = _mm256_fmadd_ps(a2[1], b2[1], c2[1]);
+  std::memcpy(&c, c2, sizeof(c));
+  return c;
+#else
+  v16 r;
+  for (int i = 0; i < kChunk; ++i) r[i] = std::fma(a[i], b[i], c[i]);
+  return r;
+#endif
+}
+
+inline float hsum16(v16 v) {
+  float h[8];
+  for (int i = 0; i < 8; ++i) h[i] = v[i] + v[i + 8];
+  return ((h[0] + h[4]) + (h[2] + h[6])) + ((h[1] + h[5]) + (h[3] + h[7]));
+}
+
+inline int int4_at(const uint8_t* packed, int64_t k) {
+  const int nibble = (packed[k >> 1] >> ((k & 1) * 4)) & 0xF;
+  return nibble >= 8 ? nibble - 16 : nibble;
+}
+
+// The n valid floats at p, zero-padded to a chunk (the last chunk of a group whose size is not a multiple
+// of 16). Through memory, so that callers' accumulator arrays stay in registers.
+inline v16 load16_padded(const float* p, int64_t n) {
+  float buf[kChunk] = {};
+  std::memcpy(buf, p, n * sizeof(float));
+  return load16(buf);
+}
+
+// The codes as stored, dequantized in registers: chunk(row, k, s, o) = fma(q[row, k..k+15], s, o).
+template <bool kInt4>
+struct CodeRows {
+  static constexpr bool kDequantized = false;
+  const uint8_t* codes;  // row 0 = the task's first weight row
+  int64_t row_bytes;
+  int64_t num_rows;      // of the task
+
+  v16 chunk(int64_t row, int64_t k, v16 s, v16 o) const {
+    const uint8_t* r = codes + row * row_bytes;
+#if defined(__AVX512F__)
+    if constexpr (!kInt4) {
+      const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k)));
+      return fmadd16((v16)_mm512_cvtepi32_ps(q), s, o);
+    } else {
+      // 8 bytes -> each byte in two 32-bit lanes, shifted so that lane 2i holds byte i's low nibble and
+      // lane 2i + 1 its high one in bits 0..3; vpermps reads only those bits: a 16-entry table lookup
+      // of the signed value as a float.
+      const __m512i shifts = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+      const __m512 values = _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0);
+      const __m128i b = _mm_loadl_epi64((const __m128i*)(r + k / 2));
+      const __m512i nibbles = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)), shifts);
+      return fmadd16((v16)_mm512_permutexvar_ps(nibbles, values), s, o);
+    }
+#elif defined(__AVX2__)
+    __m128i lo8, hi8;  // the chunk's 16 codes as int8: lanes 0..7, 8..15
+    if constexpr (!kInt4) {
+      lo8 = _mm_loadl_epi64((const __m128i*)(r + k));
+      hi8 = _mm_loadl_epi64((const __m128i*)(r + k + 8));
+    } else {  // 8 bytes -> 16 nibbles in order (low, high of each byte), sign-extended as (n ^ 8) - 8
+      const __m128i b = _mm_loadl_epi64((const __m128i*)(r + k / 2));
+      const __m128i low4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+      const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+      lo8 = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), eight), eight);
+      hi8 = _mm_srli_si128(lo8, 8);
+    }
+    const __m256 q[2] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo8)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi8))};
+    v16 qv;
+    std::memcpy(&qv, q, sizeof(qv));
+    return fmadd16(qv, s, o);
+#else
+    v16 q;
+    for (int l = 0; l < kChunk; ++l) q[l] = code(r, k + l);
+    return fmadd16(q, s, o);
+#endif
+  }
+  // The n valid lanes dequantized (std::fma: the same single rounding), the others 0.
+  v16 chunk_padded(int64_t row, int64_t k, int64_t n, v16 s, v16 o) const {
+    const uint8_t* r = codes + row * row_bytes;
+    v16 w = v16{};
+    for (int64_t l = 0; l < n; ++l) w[l] = std::fma(code(r, k + l), s[0], o[0]);
+    return w;
+  }
+  static float code(const uint8_t* r, int64_t k) {
+    return kInt4 ? static_cast<float>(int4_at(r, k)) : static_cast<float>(static_cast<int8_t>(r[k]));
+  }
+  // While a tile of nr rows from `row` reads chunk k, it prefetches the same share of the next tile's
+  // bytes (contiguous: rows are [N, K] row-major): rows this short are too few lines for the hardware
+  // prefetcher to ramp up on, and decode would wait on memory latency rather than bandwidth. Null past
+  // the task's rows (the next tile is another task's).
+  const void* prefetch_address(int64_t row, int64_t k, int64_t nr) const {
+    if (row + 2 * nr > num_rows) return nullptr;
+    return codes + (row + nr) * row_bytes + (kInt4 ? k * nr / 2 : k * nr);
+  }
+};
+
+// Rows already dequantized to float32 (by CodeRows, in the task's workspace): chunk() ignores s and o.
+struct DequantizedRows {
+  static constexpr bool kDequantized = true;
+  const float* rows;  // [kTaskRows, K], row 0 = the task's first weight row
+  int64_t K;
+  v16 chunk(int64_t row, int64_t k, v16, v16) const { return load16(rows + row * K + k); }
+  v16 chunk_padded(int64_t row, int64_t k, int64_t n, v16, v16) const { return load16_padded(rows + row * K + k, n); }
+  const void* prefetch_address(int64_t, int64_t, int64_t) const { return nullptr; }
+};
+
+struct Problem {
+  const float* x;       // [T, K]
+  const float* scale;   // [N, num_groups]
+  const float* offset;  // [N, num_groups] or null
+  const float* bias;    // [N] or null
+  float* y;             // [T, N]
+  int64_t K, N, group_size, num_groups;
+};
+
+// Weight row n of the task's CodeRows (global row n0 + n) dequantized into out [K].
+template <bool kInt4>
+void dequantize_row(const Problem& p, const CodeRows<kInt4>& w, int64_t n0, int64_t n, float* out) {
+  const int64_t G = p.group_size, full = G / kChunk * kChunk;
+  for (int64_t g = 0, k0 = 0; g < p.num_groups; ++g, k0 += G) {
+    const int64_t sg = (n0 + n) * p.num_groups + g;
+    const v16 s = splat16(p.scale[sg]), o = splat16(p.offset ? p.offset[sg] : 0.0f);
+    for (int64_t k = k0; k < k0 + full; k += kChunk) {
+      const v16 v = w.chunk(n, k, s, o);
+      std::memcpy(out + k, &v, sizeof(v));
+    }
+    if (full < G) {
+      const v16 v = w.chunk_padded(n, k0 + full, G - full, s, o);
+      std::memcpy(out + k0 + full, &v, (G - full) * sizeof(float));
+    }
+  }
+}
+
+// y[t0 .. t0 + MR, n0 .. n0 + NR] in the association of the file comment; weight row n0 + j is row
+// w_row0 + j of `w`.
+template <int MR, int NR, typename Rows>
+void tile(const Problem& p, const Rows& w, int64_t t0, int64_t n0, int64_t w_row0) {
+  // Dequantized rows need no scales: when 16 divides the group size (no padded chunks) the chunks of
+  // every group run as one loop over K, in the same order.
+  const bool one_run = Rows::kDequantized && p.group_size % kChunk == 0;
+  const int64_t G = one_run ? p.K : p.group_size, num_groups = one_run ? 1 : p.num_groups;
+  const int64_t full = G / kChunk * kChunk;
+  const float* x[MR];
+  for (int i = 0; i < MR; ++i) x[i] = p.x + (t0 + i) * p.K;
+  v16 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = v16{};
+  for (int64_t g = 0, k0 = 0; g < num_groups; ++g, k0 += G) {
+    v16 s[NR], o[NR];
+    for (int j = 0; j < NR; ++j) {
+      if constexpr (Rows::kDequantized) {
+        s[j] = o[j] = v16{};  // unused
+      } else {
+        const int64_t sg = (n0 + j) * p.num_groups + g;
+        s[j] = splat16(p.scale[sg]);
+        o[j] = splat16(p.offset ? p.offset[sg] : 0.0f);
+      }
+    }
+    for (int64_t k = k0; k < k0 + full; k += kChunk) {
+      v16 xv[MR];
+      for (int i = 0; i < MR; ++i) xv[i] = load16(x[i] + k);
+#if defined(__AVX2__) || defined(__AVX512F__)
+      // (the prefetch itself stays here: GCC drops a call whose only effect is a prefetch)
+      if (const void* a = w.prefetch_address(w_row0, k, NR)) _mm_prefetch(static_cast<const char*>(a), _MM_HINT_T0);
+#endif
+      for (int j = 0; j < NR; ++j) {
+        const v16 wv = w.chunk(w_row0 + j, k, s[j], o[j]);
+        for (int i = 0; i < MR; ++i) acc[i][j] = fmadd16(xv[i], wv, acc[i][j]);
+      }
+    }
+    if (full < G) {
+      const int64_t k = k0 + full, n = G - full;
+      v16 xv[MR];
+      for (int i = 0; i < MR; ++i) xv[i] = load16_padded(x[i] + k, n);
+      for (int j = 0; j < NR; ++j) {
+        const v16 wv = w.chunk_padded(w_row0 + j, k, n, s[j], o[j]);
+        for (int i = 0; i < MR; ++i) acc[i][j] = fmadd16(xv[i], wv, acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float v = hsum16(acc[i][j]);
+      if (p.bias) v += p.bias[n0 + j];
+      p.y[(t0 + i) * p.N + n0 + j] = v;
+    }
+}
+
+template <int MR, typename Rows>
+void tile_cols(int64_t nr, const Problem& p, const Rows& w, int64_t t, int64_t n, int64_t w_row0) {
+  switch (nr) {
+    case 4: return tile<MR, 4>(p, w, t, n, w_row0);
+    case 3: return tile<MR, 3>(p, w, t, n, w_row0);
+    case 2: return tile<MR, 2>(p, w, t, n, w_row0);
+    default: return tile<MR, 1>(p, w, t, n, w_row0);
+  }
+}
+
+// Tokens t0..t1 against weight rows n0..n1 (row n0 is row 0 of `w`), in register tiles.
+template <typename Rows>
+void tiles(const Problem& p, const Rows& w, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += kTileCols) {
+    const int64_t nr = std::min<int64_t>(kTileCols, n1 - n);
+    int64_t t = t0;
+    for (; t + kTileTokens <= t1; t += kTileTokens) tile_cols<kTileTokens>(nr, p, w, t, n, n - n0);
+    for (; t < t1; ++t) tile_cols<1>(nr, p, w, t, n, n - n0);
+  }
+}
+static_assert(kTileCols == 4, "tile_cols() dispatches up to 4 rows");
+
+// x [T, K] float32; weight [N, K] I8 or I4 and, when has_offset, offset [N, K / G] F32 kept as stored;
+// scale [N, K / G] (F16, BF16 or F32) and the optional bias [N] converted to float32 at load.
+class WeightOnlyLinear final : public OpKind {
+ public:
+  explicit WeightOnlyLinear(const OpSpec& spec) : OpKind(spec) {
+    has_offset_ = spec.node->attrs.get_bool("has_offset", false);
+    const size_t num_fixed = has_offset_ ? 4 : 3;
+    spec.require_num_io(num_fixed, num_fixed + 1, 1);
+    spec.require_input_dtype(0, {DataType::kFloat32});
+    spec.require_input_dtype(1, {DataType::kInt8, DataType::kInt4});
+    spec.require_input_dtype(2, kWideFloatDtypes);
+    if (has_offset_) spec.require_input_dtype(3, {DataType::kFloat32});
+    has_bias_ = spec.inputs.size() == num_fixed + 1;
+    if (has_bias_) spec.require_input_dtype(num_fixed, kWideFloatDtypes);
+
+    const TensorSpec& w = spec.inputs[1];
+    RTLLM_CHECK(w.shape.size() == 2 && w.shape[0].kind == Dim::Kind::kFixed && w.shape[1].kind == Dim::Kind::kFixed,
+                "weight_only_linear: weight \"", w.name, "\" must be a fixed 2-d [N, K] tensor, it has ", w.shape.size(),
+                " dims");
+    num_rows_ = w.shape[0].value;
+    num_cols_ = w.shape[1].value;
+    int4_ = w.dtype == DataType::kInt4;
+    RTLLM_CHECK(!int4_ || num_cols_ % 2 == 0, "weight_only_linear: I4 weight \"", w.name, "\" has K = ", num_cols_,
+                " columns; packed int4 needs an even K");
+    RTLLM_CHECK(spec.node->attrs.contains("group_size"), "weight_only_linear: node of weight \"", w.name,
+                "\" has no group_size attr");
+    group_size_ = spec.node->attrs.get_int("group_size", 0);
+    RTLLM_CHECK(group_size_ > 0 && num_cols_ % group_size_ == 0, "weight_only_linear: group_size ", group_size_,
+                " of weight \"", w.name, "\" must be a positive divisor of K = ", num_cols_);
+    RTLLM_CHECK(!int4_ || group_size_ % 2 == 0, "weight_only_linear: group_size ", group_size_, " of I4 weight \"",
+                w.name, "\" must be even (two codes per byte)");
+    num_groups_ = num_cols_ / group_size_;
+    for (size_t i = 2; i < num_fixed; ++i) {
+      const TensorSpec& s = spec.inputs[i];
+      const bool ok = s.shape.size() == 2 && s.shape[0].kind == Dim::Kind::kFixed && s.shape[0].value == num_rows_ &&
+                      s.shape[1].kind == Dim::Kind::kFixed && s.shape[1].value == num_groups_;
+      RTLLM_CHECK(ok, "weight_only_linear: ", i == 2 ? "scale" : "offset", " \"", s.name, "\" has shape ",
+                  shape_string(s), ", expected [", num_rows_, ", ", num_groups_, "] (N, K / group_size = ", num_cols_,
+                  " / ", group_size_, ")");
+    }
+    if (has_bias_) {
+      const TensorSpec& b = spec.inputs[num_fixed];
+      int64_t n = 1;
+      for (const Dim& d : b.shape) n *= d.kind == Dim::Kind::kFixed ? d.value : -1;
+      RTLLM_CHECK(n == num_rows_, "weight_only_linear: bias \"", b.name, "\" has shape ", shape_string(b),
+                  ", expected [", num_rows_, "]");
+    }
+    const Dim rows = spec.inputs[0].shape.at(0);  // [num_tokens, K], or [num_logits, K] for an LM head
+    const BackendInfo& be = *spec.backend;
+    max_rows_ = rows.kind == Dim::Kind::kNumLogits ? be.max_num_logits
+                : rows.kind == Dim::Kind::kNumTokens ? be.max_num_tokens : rows.value;
+  }
+
+  WeightPlacement weight_placement(size_t input) const override {
+    if (input == 2 || (has_bias_ && input == spec_.inputs.size() - 1)) return {DataType::kFloat32, WeightLayout::kRowMajor};
+    return OpKind::weight_placement(input);  // codes and the float32 offset as stored
+  }
+
+  size_t workspace_bytes() const override {
+    return sizeof(float) * static_cast<size_t>(spec_.backend->num_threads) * kTaskRows * num_cols_;
+  }
+
+  void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
+    const TensorView &x = in[0], &w = in[1], &y = out[0];
+    const int64_t T = x.rows(), K = x.cols(), N = y.cols();
+    RTLLM_CHECK(y.rows() == T, "weight_only_linear: output has ", y.rows(), " rows, x has ", T);
+    RTLLM_CHECK(K == num_cols_ && N == num_rows_ && w.ndim == 2 && w.shape[0] == N && w.shape[1] == K,
+                "weight_only_linear: weight [", w.shape[0], ", ", w.shape[1], "] does not match x with ", K,
+                " columns and ", N, " outputs");
+    RTLLM_CHECK(T <= max_rows_, "weight_only_linear: x has ", T, " rows, more than the ", max_rows_,
+                " planned at load");
+    const size_t num_fixed = has_offset_ ? 4 : 3;
+    Problem p{x.f32(), in[2].f32(), has_offset_ ? in[3].f32() : nullptr, has_bias_ ? in[num_fixed].f32() : nullptr,
+              y.f32(), K, N, group_size_, num_groups_};
+    const uint8_t* codes = static_cast<const uint8_t*>(w.data);
+    const int64_t row_bytes = int4_ ? K / 2 : K;
+    workspace_ = static_cast<float*>(ctx.workspace);
+    const int64_t num_token_tasks = (T + kTaskTokens - 1) / kTaskTokens;
+    // One token: no decoded rows to keep, so larger tasks (longer runs of contiguous bytes to stream).
+    const int64_t task_rows = T == 1 ? kDecodeTaskRows : kTaskRows;
+    const int64_t num_row_tasks = (N + task_rows - 1) / task_rows;
+    ctx.pool->parallel_for(num_token_tasks * num_row_tasks, [&](int64_t task, int thread) {
+      const int64_t t0 = (task / num_row_tasks) * kTaskTokens, t1 = std::min(T, t0 + kTaskTokens);
+      const int64_t n0 = (task % num_row_tasks) * task_rows, n1 = std::min(N, n0 + task_rows);
+      if (int4_) return run_task(p, CodeRows<true>{codes + n0 * row_bytes, row_bytes, n1 - n0}, t0, t1, n0, n1, thread);
+      run_task(p, CodeRows<false>{codes + n0 * row_bytes, row_bytes, n1 - n0}, t0, t1, n0, n1, thread);
+    }, std::min(T, kTaskTokens) * task_rows * K);
+  }
+
+ private:
+  // One token: dequantize in registers as the codes stream in. More: dequantize the task's rows once into
+  // the thread's workspace and run every token of the block on them.
+  template <bool kInt4>
+  void run_task(const Problem& p, const CodeRows<kInt4>& w, int64_t t0, int64_t t1, int64_t n0, int64_t n1,
+                int thread) const {
+    if (t1 - t0 == 1) return tiles(p, w, t0, t1, n0, n1);
+    float* rows = workspace_ + thread * kTaskRows * p.K;
+    for (int64_t n = 0; n < n1 - n0; ++n) dequantize_row(p, w, n0, n, rows + n * p.K);
+    tiles(p, DequantizedRows{rows, p.K}, t0, t1, n0, n1);
+  }
+
+  static std::string shape_string(const TensorSpec& t) {
+    std::string s = "[";
+    for (size_t i = 0; i < t.shape.size(); ++i) {
+      const Dim& d = t.shape[i];
+      s += (i ? ", " : "") + (d.kind == Dim::Kind::kFixed ? std::to_string(d.value)
+                              : d.kind == Dim::Kind::kNumTokens ? std::string("num_tokens") : std::string("num_logits"));
+    }
+    return s + "]";
+  }
+
+  bool has_offset_ = false, has_bias_ = false, int4_ = false;
+  int64_t num_rows_ = 0, num_cols_ = 0;  // N, K
+  int64_t group_size_ = 0, num_groups_ = 0;
+  int64_t max_rows_ = 0;                 // of x, at the largest step
+  float* workspace_ = nullptr;           // this step's (run() sets it)
+};
+
+}  // namespace
+
+void register_cpu_weight_only_linear_ops() {
+  register_op("weight_only_linear", DeviceKind::kCpu, make_op<WeightOnlyLinear>);
+}
+
+}  // namespace rtllm
