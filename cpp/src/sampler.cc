@@ -4,9 +4,8 @@
 #include <cmath>
 #include <limits>
 
-// The probability and mass arithmetic shared with the CUDA sampler (header-only; the CPU build has no
-// kernels include path, hence the relative path).
-#include "../../kernels/include/rtllm/kernels/sampling_math.h"
+// The probability and mass arithmetic shared with the CUDA sampler (header-only).
+#include "rtllm/kernels/sampling_math.h"
 
 namespace rtllm {
 
