@@ -10,7 +10,7 @@
 # Environment: STEPS (default "build tests kernels e2e serving"), CUDA_ARCHS (default 90a),
 # E2E_ARGS (bench_e2e.py arguments replacing the default workloads), PYTHON (default python3).
 #
-# STEPS may also name fp8_kernels, fp8_prepare and fp8_e2e (below).
+# STEPS may also name fp8_kernels, fp8_prepare, fp8_e2e, woq_prepare and woq_e2e (below).
 #
 # Same-machine A/B against another rtllm source tree (e.g. the previous main, `git archive` into a
 # folder): STEPS="build ab_prepare ab" AB_BASE=DIR. ab_prepare builds DIR into AB_WORK/base (default
@@ -127,6 +127,34 @@ wants fp8_kernels && run_step fp8_kernels 200 fp8_kernels.log "$PYTHON" benchmar
   --json "$OUT_DIR/fp8_kernels.json"
 wants fp8_prepare && run_step fp8_prepare 540 fp8_prepare.log bash -c fp8_prepare
 wants fp8_e2e && run_step fp8_e2e 580 fp8_e2e.log bash -c fp8_run
+
+# Weight-only INT4 next to bf16 on the same random checkpoint as the FP8 steps: WOQ_ALGO (default W4A16,
+# round to nearest, group WOQ_GROUP_SIZE 128) needs no calibration, so its engine builds in seconds; the
+# kernels are those AWQ and GPTQ engines run. WOQ_ARGS: the workloads (batch-1 TPOT is always measured).
+WOQ_ARGS=${WOQ_ARGS:---workload 128x128x5000 --workload 128x128x1000:topp}
+woq_prepare() {
+  mkdir -p "$AB_WORK" || return
+  [ -f "$AB_WORK/hf/config.json" ] || "$PYTHON" -c \
+    "from rtllm.models.presets import write_random_checkpoint as w; w('$AB_WORK/hf', '${FP8_PRESET:-llama-3-8b}', dtype='bfloat16')" ||
+    return
+  local limits="--max-batch-size 512 --max-input-len 2048 --max-seq-len 4096 --max-num-tokens 8192"
+  # shellcheck disable=SC2086
+  [ -f "$AB_WORK/woq/rank0.engine" ] || "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/woq" $limits \
+    --quant-algo "${WOQ_ALGO:-W4A16}" --group-size "${WOQ_GROUP_SIZE:-128}" || return
+  # shellcheck disable=SC2086
+  [ -f "$AB_WORK/bf16/rank0.engine" ] || "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/bf16" $limits
+}
+woq_run() {
+  # shellcheck disable=SC2086
+  "$PYTHON" benchmarks/bench_e2e.py --model "$AB_WORK/bf16" --device cuda --skip-hf --output "$OUT_DIR/e2e_bf16.json" \
+    $WOQ_ARGS &&
+  "$PYTHON" benchmarks/bench_e2e.py --model "$AB_WORK/woq" --device cuda --skip-hf --output "$OUT_DIR/e2e_woq.json" \
+    $WOQ_ARGS
+}
+export -f woq_prepare woq_run
+export WOQ_ARGS
+wants woq_prepare && run_step woq_prepare 540 woq_prepare.log bash -c woq_prepare
+wants woq_e2e && run_step woq_e2e 580 woq_e2e.log bash -c woq_run
 
 echo
 echo "== summary ($(cat "$OUT_DIR/device.txt" | head -n 1))"
