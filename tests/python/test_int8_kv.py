@@ -425,6 +425,20 @@ def test_prefix_reuse_with_an_int8_pool(engines):
     assert shared == alone
 
 
+def test_cli_build_int8_kv(llama_dir, tmp_path):
+    """rtllm build --kv-cache-quant-algo int8 (lower case, as TensorRT-LLM's CLI takes it) writes an INT8-KV
+    engine with calibrated scales that runs on an I8 pool."""
+    import rtllm.cli
+
+    out = tmp_path / "engine"
+    assert rtllm.cli.main(["build", str(llama_dir), "-o", str(out), "--max-seq-len", "128",
+                           "--kv-cache-quant-algo", "int8", "--calib-size", "2"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["kv_cache_quant_algo"] == "INT8" and config["quantization"]["quant_algo"] is None
+    assert all(0 < n["attrs"]["k_scale"] < 1 for n in config["graph"]["nodes"] if n["op"] == "attention")
+    assert RunnerSession(out).runner.config.kv_cache_dtype == "I8"
+
+
 def test_int8_kv_with_weight_only_weights(llama_dir, tmp_path):
     """kv_cache_quant_algo INT8 goes with any weight algorithm: W8A16 weights build, save, load and run on
     an I8 pool, close to the W8A16 engine with an unquantized cache (measured: 0.62% relative L2)."""
