@@ -12,7 +12,8 @@ unquantized rtllm engine should be within a fraction of a percent of it).
         FP8_PER_CHANNEL_PER_TOKEN+FP8KV FP8+FP8KV --num-tokens 2560 --window 512 --hf
 
 An algorithm name is a QuantAlgo name ("none" for unquantized), with ":N" for group_size N and ":zp" for
-has_zero_point (W4A16:64:zp); "+FP8KV" adds kv_cache_quant_algo FP8.
+has_zero_point (W4A16:64:zp); "+FP8KV" / "+INT8KV" add kv_cache_quant_algo FP8 / INT8 ("none+INT8KV": the KV
+cache alone).
 """
 import argparse
 import math
@@ -26,6 +27,7 @@ import numpy as np
 
 HELDOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "heldout_en.txt")
 KV_SUFFIX = "+FP8KV"
+INT8_KV_SUFFIX = "+INT8KV"
 
 
 def quant_config_of(name: str):
@@ -34,6 +36,8 @@ def quant_config_of(name: str):
     from rtllm.quantization import QuantConfig
 
     algo, kv = (name[:-len(KV_SUFFIX)], "FP8") if name.endswith(KV_SUFFIX) else (name, None)
+    if name.endswith(INT8_KV_SUFFIX):
+        algo, kv = name[:-len(INT8_KV_SUFFIX)], "INT8"
     algo, *options = algo.split(":")
     algo = None if algo.lower() == "none" else algo
     if algo is None and kv is None:

@@ -77,6 +77,7 @@ void bind_kernels(py::module_& parent) {
   m.attr("FP16") = static_cast<int>(DType::kFP16);
   m.attr("FP8_E4M3") = static_cast<int>(DType::kFP8E4M3);
   m.attr("FP8_E5M2") = static_cast<int>(DType::kFP8E5M2);
+  m.attr("INT8") = static_cast<int>(DType::kINT8);
   m.attr("FP32") = static_cast<int>(DType::kFP32);
   const auto s0 = py::arg("stream") = uintptr_t{0};
 

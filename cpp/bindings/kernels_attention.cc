@@ -38,13 +38,13 @@ StepMetaDevice make_meta(uintptr_t token_seq, uintptr_t positions, uintptr_t seq
                         ptr<const int32_t*>(seq_len), num_tokens, num_seqs};
 }
 
-// kv_dtype -1: the pool in the activation dtype; else FP8_E4M3 (3) with k_scale / v_scale.
+// kv_dtype -1: the pool in the activation dtype; else FP8_E4M3 (3) or INT8 (5) with k_scale / v_scale.
 PagedKv make_kv(uintptr_t data, int32_t num_blocks, int32_t num_kv_heads, int32_t tokens_per_block,
                 int32_t head_dim, uintptr_t block_table, int32_t max_blocks_per_seq, DType dtype, int32_t kv_dtype,
                 float k_scale, float v_scale) {
   RTLLM_CHECK_ARG(kv_dtype == -1 || kv_dtype == static_cast<int32_t>(DType::kFP8E4M3) ||
-                      kv_dtype == static_cast<int32_t>(dtype),
-                  "attention: kv_dtype ", kv_dtype, " is not -1 (the activation dtype) or FP8_E4M3 (3)");
+                      kv_dtype == static_cast<int32_t>(DType::kINT8) || kv_dtype == static_cast<int32_t>(dtype),
+                  "attention: kv_dtype ", kv_dtype, " is not -1 (the activation dtype), FP8_E4M3 (3) or INT8 (5)");
   return PagedKv{ptr<void*>(data), num_blocks, num_kv_heads, tokens_per_block, head_dim,
                  ptr<const int32_t*>(block_table), max_blocks_per_seq,
                  kv_dtype < 0 ? dtype : static_cast<DType>(kv_dtype), k_scale, v_scale};

@@ -17,8 +17,9 @@ struct AttentionAttrs {
   float scale;
   bool fused_qkv, rope, qk_norm;
   float qk_norm_eps;
-  // An F8_E4M3 KV cache stores e4m3(k / k_scale) and e4m3(v / v_scale) and reads value * scale
-  // (calibrated per layer; 1 when absent). Finite and > 0.
+  // An F8_E4M3 KV cache stores e4m3(k / k_scale) and e4m3(v / v_scale), an I8 one
+  // clamp(round_half_even(k / k_scale), -127, 127) and likewise v; both read code * scale (calibrated per
+  // layer; 1 when absent). Finite and > 0.
   float k_scale, v_scale;
 
   // Input positions: [qkv] or [q, k, v], then [positions, inv_freq] with rope, then

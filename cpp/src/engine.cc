@@ -90,7 +90,7 @@ EngineLimits parse_limits(const Json& j) {
 
 // Accepts the quantizations whose op kinds exist: FP8 and FP8_PER_CHANNEL_PER_TOKEN weights (fp8_linear; the
 // graph names the quantized ops, so nothing else here depends on the algorithm) and an unquantized or
-// FP8 KV cache (ModelRunner then runs an F8_E4M3 pool). Anything else is refused naming it.
+// FP8 or INT8 KV cache (ModelRunner then runs an F8_E4M3 or I8 pool). Anything else is refused naming it.
 QuantSpec parse_quant(const Json& config) {
   QuantSpec q;
   if (!config.contains("quantization") || config.at("quantization").is_null()) return q;
@@ -106,9 +106,10 @@ QuantSpec parse_quant(const Json& config) {
               "quant_algo ", q.quant_algo, " is not supported: this rtllm runs FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16, "
               "W4A16 and unquantized engines only (quant_algo null, NO_QUANT, FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16 "
               "or W4A16)");
-  RTLLM_CHECK(q.kv_cache_quant_algo == "NO_QUANT" || q.kv_cache_quant_algo == "FP8", "kv_cache_quant_algo ",
-              q.kv_cache_quant_algo, " is not supported: this rtllm stores the KV cache unquantized or as FP8 "
-              "(kv_cache_quant_algo null, NO_QUANT or FP8)");
+  RTLLM_CHECK(q.kv_cache_quant_algo == "NO_QUANT" || q.kv_cache_quant_algo == "FP8" ||
+                  q.kv_cache_quant_algo == "INT8",
+              "kv_cache_quant_algo ", q.kv_cache_quant_algo, " is not supported: this rtllm stores the KV cache "
+              "unquantized, as FP8 or as INT8 (kv_cache_quant_algo null, NO_QUANT, FP8 or INT8)");
   return q;
 }
 

@@ -87,12 +87,18 @@ void ModelRunner::Impl::resolve_config(const RuntimeConfig& requested) {
   // An engine built with a quantized KV cache (kv_cache_quant_algo) fixes the pool's dtype; a request
   // for another one is refused rather than silently running a different numeric format.
   const std::string& kv_algo = engine->quant().kv_cache_quant_algo;
-  if (kv_algo == "FP8") {
-    RTLLM_CHECK_ARG(!config.kv_cache_dtype || *config.kv_cache_dtype == DataType::kFloat8E4M3, "kv_cache_dtype ",
+  if (kv_algo == "FP8" || kv_algo == "INT8") {
+    const DataType stored = kv_algo == "FP8" ? DataType::kFloat8E4M3 : DataType::kInt8;
+    RTLLM_CHECK_ARG(!config.kv_cache_dtype || *config.kv_cache_dtype == stored, "kv_cache_dtype ",
                     dtype_safetensors_name(*config.kv_cache_dtype), " contradicts the engine's kv_cache_quant_algo ",
-                    kv_algo, ", which stores the KV cache as F8_E4M3");
-    config.kv_cache_dtype = DataType::kFloat8E4M3;
+                    kv_algo, ", which stores the KV cache as ", dtype_safetensors_name(stored));
+    config.kv_cache_dtype = stored;
   }
+  // An I8 cache rounds k / k_scale to integers: without the calibrated scales of an INT8 engine (1.0 when
+  // absent) it would keep little of k and v, so it is not offered on other engines.
+  RTLLM_CHECK_ARG(!config.kv_cache_dtype || *config.kv_cache_dtype != DataType::kInt8 || kv_algo == "INT8",
+                  "kv_cache_dtype I8 needs an engine built with kv_cache_quant_algo INT8 (its attention nodes carry "
+                  "the calibrated k_scale / v_scale); this engine's kv_cache_quant_algo is ", kv_algo);
 }
 
 // One op kind per node, created from the node and the specs of its tensors as the graph declares them

@@ -112,6 +112,34 @@ __device__ __forceinline__ uint4 e4m3x8_to(const uint2& raw) {
   return make_uint4(r[0], r[1], r[2], r[3]);
 }
 
+// INT8 codes to floats without an I2F per code: byte j of `biased` (a word of codes xor 0x80808080, i.e.
+// code + 128 as an unsigned byte) becomes the low mantissa byte of 2^23 (one prmt), and 2^23 + 128 comes
+// off (one FADD). Exact: both operands and the result are integers below 2^24.
+__device__ __forceinline__ float biased_i8_to_float(uint32_t biased, int j) {
+  return __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7440u + j)) - 8388736.0f;
+}
+
+// 16 int8 codes (16 bytes) to floats, exactly.
+__device__ __forceinline__ void unpack16_i8(const uint4& raw, float* f) {
+  const uint32_t w[4] = {raw.x ^ 0x80808080u, raw.y ^ 0x80808080u, raw.z ^ 0x80808080u, raw.w ^ 0x80808080u};
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) f[4 * i + j] = biased_i8_to_float(w[i], j);
+}
+
+// 8 int8 codes (8 bytes) to 8 elements of T (16 bytes), exactly: every integer in [-128, 127] is a bf16 and
+// a half.
+template <typename T>
+__device__ __forceinline__ uint4 i8x8_to(const uint2& raw) {
+  const uint32_t w[2] = {raw.x ^ 0x80808080u, raw.y ^ 0x80808080u};
+  uint32_t r[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    r[i] = pack2<T>(biased_i8_to_float(w[i / 2], 2 * (i % 2)), biased_i8_to_float(w[i / 2], 2 * (i % 2) + 1));
+  return make_uint4(r[0], r[1], r[2], r[3]);
+}
+
 // 16-byte read-only global load that does not allocate in L1 (streamed KV).
 __device__ __forceinline__ uint4 load_stream_16(const void* p) {
   uint4 v;

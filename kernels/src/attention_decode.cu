@@ -19,7 +19,9 @@
 // An FP8 (e4m3) pool: each lane still loads 16 bytes of a key and of a value, i.e. 16 dims instead of 8,
 // so half as many lanes share a key and a CTA serves at most 4 query heads (the same registers as 8 heads
 // of a 16-bit pool). Codes convert with the hardware e4m3x2 -> f16x2 instruction; k_scale is folded into the
-// softmax scale and v_scale into the output, so the inner loop is the 16-bit one on codes.
+// softmax scale and v_scale into the output, so the inner loop is the 16-bit one on codes. An INT8 pool
+// goes the same way (16 codes per 16-byte load, as many heads per CTA as FP8); its codes convert to float
+// with a byte permute and a subtraction each (attention_common.cuh).
 //
 // The splits merge in a second kernel rather than through a thread-block cluster's distributed shared
 // memory, and the RoPE angles come from shared memory rather than sincosf per head inside the unrolled
@@ -69,29 +71,34 @@ struct DecodeArgs {
   StepMetaDevice meta;
   PagedKv kv;
   int num_heads, group, num_head_chunks, num_splits;
-  float scale_log2;    // softmax scale · log2(e), times kv.k_scale with an FP8 pool
+  float scale_log2;    // softmax scale · log2(e), times kv.k_scale with an FP8 or INT8 pool
   float* partial_o;    // num_splits > 1: [num_seqs, num_heads, num_splits, head_dim]
   float* partial_lse;  // [num_seqs, num_heads, num_splits]
 };
 
 // Dims per lane: one 16-byte load of a key (and of a value) from a pool of element type KV, 8 for a 16-bit
-// pool and 16 for an FP8 one. An FP8 lane thus holds twice the q and accumulator state of a 16-bit one.
+// pool and 16 for an FP8 or INT8 one. Such a lane thus holds twice the q and accumulator state of a 16-bit one.
 template <typename KV>
 constexpr int dims_per_lane() { return 16 / (int)sizeof(KV); }
 
-// 16 bytes of the pool to kDims floats (FP8: the codes; the scales are folded in elsewhere).
+// 16 bytes of the pool to kDims floats (FP8, INT8: the codes; the scales are folded in elsewhere).
 template <typename T, typename KV>
 __device__ __forceinline__ void unpack_kv(const uint4& raw, float* f) {
   if constexpr (is_fp8_kv<KV>()) unpack16_e4m3(raw, f);
+  else if constexpr (is_int8_kv<KV>()) unpack16_i8(raw, f);
   else unpack8<T>(raw, f);
 }
 
-// 16 floats to 16 e4m3 codes of f / scale (encode_kv), packed low byte first.
-__device__ __forceinline__ uint4 encode16_e4m3(const float* f, float scale) {
+// One code's byte.
+__device__ __forceinline__ uint32_t code_byte(__nv_fp8_e4m3 c) { return c.__x; }
+__device__ __forceinline__ uint32_t code_byte(int8_t c) { return static_cast<uint8_t>(c); }
+
+// 16 floats to 16 codes (e4m3 or int8) of f / scale (encode_kv), packed low byte first.
+template <typename KV>
+__device__ __forceinline__ uint4 encode16(const float* f, float scale) {
   uint32_t w[4] = {0, 0, 0, 0};
 #pragma unroll
-  for (int i = 0; i < 16; ++i)
-    w[i / 4] |= static_cast<uint32_t>(encode_kv<__nv_fp8_e4m3>(f[i], scale).__x) << (8 * (i % 4));
+  for (int i = 0; i < 16; ++i) w[i / 4] |= code_byte(encode_kv<KV>(f[i], scale)) << (8 * (i % 4));
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
@@ -148,11 +155,11 @@ __device__ __forceinline__ void prepare_head(float (&x)[DIMS], int dim0, const T
 template <int STATE>
 constexpr int min_ctas_per_sm() { return STATE <= 2 ? 6 : STATE == 4 ? 4 : 1; }
 
-// PREPARE: attention_decode_qkv's kernel (a.k_new, a.v_new set). KV: the pool's element type (T or e4m3).
+// PREPARE: attention_decode_qkv's kernel (a.k_new, a.v_new set). KV: the pool's element type (T, e4m3 or int8).
 template <typename T, typename KV, int HEAD_DIM, int MAX_GROUP, bool PREPARE>
 __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per_lane<KV>() / 8>())
     decode_split_kernel(DecodeArgs<T> a) {
-  constexpr bool kFp8 = is_fp8_kv<KV>();
+  constexpr bool kCodes = is_quantized_kv<KV>();  // FP8 or INT8
   constexpr int kDims = dims_per_lane<KV>();
   constexpr int kQVecs = kDims / 8;  // 16-byte loads of a head's kDims T values (q, new k / v)
   constexpr int kLanesPerKey = HEAD_DIM / kDims;
@@ -229,16 +236,16 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
     float kf[kDims];
 #pragma unroll
     for (int v = 0; v < kQVecs; ++v) unpack8<T>(k_new_raw[v], kf + 8 * v);
-    // An FP8 pool encodes the float32 key, as qkv_prepare does (no rounding to T on the way).
-    prepare_head<T, HEAD_DIM, kDims>(kf, dim0, a.k_norm, a.norm_eps, rope, rope_cos, rope_sin, !kFp8);
+    // An FP8 or INT8 pool encodes the float32 key, as qkv_prepare does (no rounding to T on the way).
+    prepare_head<T, HEAD_DIM, kDims>(kf, dim0, a.k_norm, a.norm_eps, rope, rope_cos, rope_sin, !kCodes);
     if (warp == 0 && key_slot == 0) {
       uint4 k_stored, v_stored;
-      if constexpr (kFp8) {
+      if constexpr (kCodes) {
         float vf[kDims];
 #pragma unroll
         for (int v = 0; v < kQVecs; ++v) unpack8<T>(v_new_raw[v], vf + 8 * v);
-        k_stored = encode16_e4m3(kf, a.kv.k_scale);
-        v_stored = encode16_e4m3(vf, a.kv.v_scale);
+        k_stored = encode16<KV>(kf, a.kv.k_scale);
+        v_stored = encode16<KV>(vf, a.kv.v_scale);
       } else {
         k_stored = make_uint4(pack2<T>(kf[0], kf[1]), pack2<T>(kf[2], kf[3]), pack2<T>(kf[4], kf[5]),
                               pack2<T>(kf[6], kf[7]));
@@ -379,7 +386,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
       a_all += red_acc[w][g][d] * c;
     }
     float o = l_all > 0.0f ? a_all / l_all : 0.0f;
-    if constexpr (kFp8) o *= a.kv.v_scale;  // the values were accumulated as codes
+    if constexpr (kCodes) o *= a.kv.v_scale;  // the values were accumulated as codes
     const int64_t head = (int64_t)s * a.num_heads + h0 + g;
     if (a.num_splits == 1) {
       a.out[head * HEAD_DIM + d] = from_float<T>(o);
@@ -412,8 +419,9 @@ __global__ void decode_merge_kernel(T* __restrict__ out, const float* __restrict
   out[head * head_dim + d] = from_float<T>(w_sum > 0.0f ? o / w_sum : 0.0f);
 }
 
-// Query heads per CTA over an FP8 pool: 4 holds the registers of a 16-bit CTA of 8 heads (about 200, two
-// CTAs per SM), 2 those of 4 heads (128, four CTAs per SM) but reads each K/V byte once per pair of heads.
+// Query heads per CTA over an FP8 (or INT8) pool: 4 holds the registers of a 16-bit CTA of 8 heads (about
+// 200, two CTAs per SM), 2 those of 4 heads (128, four CTAs per SM) but reads each K/V byte once per pair of
+// heads.
 #ifndef RTLLM_DECODE_FP8_MAX_GROUP
 #define RTLLM_DECODE_FP8_MAX_GROUP 4
 #endif
@@ -421,8 +429,8 @@ static_assert(RTLLM_DECODE_FP8_MAX_GROUP == 2 || RTLLM_DECODE_FP8_MAX_GROUP == 4
 
 template <typename T, typename KV, int HEAD_DIM, bool PREPARE>
 cudaError_t launch_decode(DecodeArgs<T> a, int num_kv_heads, float* workspace, cudaStream_t stream) {
-  // An FP8 lane holds twice a 16-bit lane's dims, so its CTAs serve fewer heads.
-  constexpr int kMaxGroupKv = is_fp8_kv<KV>() ? RTLLM_DECODE_FP8_MAX_GROUP : kMaxGroup;
+  // An FP8 or INT8 lane holds twice a 16-bit lane's dims, so its CTAs serve fewer heads.
+  constexpr int kMaxGroupKv = is_quantized_kv<KV>() ? RTLLM_DECODE_FP8_MAX_GROUP : kMaxGroup;
   a.group = a.num_heads / num_kv_heads;
   a.partial_o = workspace;
   a.partial_lse = workspace + (int64_t)a.meta.num_seqs * a.num_heads * a.num_splits * HEAD_DIM;
@@ -461,11 +469,10 @@ cudaError_t decode(DecodeArgs<T> a, void* out, const StepMetaDevice& meta, const
   a.kv = kv;
   a.num_heads = num_heads;
   a.num_splits = num_splits;
-  const bool fp8 = kv.dtype == DType::kFP8E4M3;
-  if (fp8 && !(kv.k_scale > 0.0f && kv.v_scale > 0.0f && std::isfinite(kv.k_scale) && std::isfinite(kv.v_scale)))
-    return cudaErrorInvalidValue;
-  // An FP8 pool's keys are read as codes: k_scale joins the softmax scale (v_scale scales the output).
-  a.scale_log2 = scale * attn::kLog2e * (fp8 ? kv.k_scale : 1.0f);
+  const bool codes = kv.dtype == DType::kFP8E4M3 || kv.dtype == DType::kINT8;
+  if (!kv_scales_valid(kv.dtype, kv.k_scale, kv.v_scale)) return cudaErrorInvalidValue;
+  // An FP8 or INT8 pool's keys are read as codes: k_scale joins the softmax scale (v_scale scales the output).
+  a.scale_log2 = scale * attn::kLog2e * (codes ? kv.k_scale : 1.0f);
   RTLLM_DISPATCH_KV(kv.dtype, T, KV, {
     if (a.k_new) {
       RTLLM_DISPATCH_HEAD_DIM(head_dim, HEAD_DIM,

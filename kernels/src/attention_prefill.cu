@@ -7,7 +7,7 @@
 // (scale·log2e folded into one fma), then O += P·V. K/V tiles are gathered from the pool block by block with
 // 16-byte cp.async; V of tile j loads while S_j is computed, K of tile j+1 while P_j·V_j is. Only tiles
 // that cross the diagonal are masked. Other head_dims take a simple warp-per-(token, head) path.
-// An FP8 (e4m3) pool is read as codes converted exactly to T on their way into shared memory (through
+// An FP8 (e4m3) or INT8 pool is read as codes converted exactly to T on their way into shared memory (through
 // registers rather than cp.async); k_scale is folded into the softmax scale and v_scale into the output.
 #include <cmath>
 
@@ -48,10 +48,10 @@ __device__ __forceinline__ void load_kv_tile(uint4* tile, const T* pool, const P
   }
 }
 
-// An FP8 pool's tile goes through registers instead: fetch_kv_tile_fp8 issues the loads of a thread's 8-byte
-// chunks (8 codes) where load_kv_tile would start its cp.async, store_kv_tile_fp8 converts them to T (exact)
-// into the same swizzled layout where the cp.async would be waited for, so the loads stay in flight over the
-// same work.
+// An FP8 or INT8 pool's tile goes through registers instead: fetch_kv_tile_codes issues the loads of a
+// thread's 8-byte chunks (8 codes) where load_kv_tile would start its cp.async, store_kv_tile_codes converts
+// them to T (exact) into the same swizzled layout where the cp.async would be waited for, so the loads stay in
+// flight over the same work.
 template <int HEAD_DIM>
 struct Fp8TileRegs {
   static constexpr int kChunks = HEAD_DIM / 8;
@@ -59,12 +59,13 @@ struct Fp8TileRegs {
   uint2 r[kBlockN / kRowsPerPass];
 };
 
-template <int HEAD_DIM>
-__device__ __forceinline__ void fetch_kv_tile_fp8(Fp8TileRegs<HEAD_DIM>& regs, const __nv_fp8_e4m3* pool,
-                                                  const PagedKvIndex& index, bool v, int n0, int seq_len) {
+template <typename KV, int HEAD_DIM>
+__device__ __forceinline__ void fetch_kv_tile_codes(Fp8TileRegs<HEAD_DIM>& regs, const KV* pool,
+                                                    const PagedKvIndex& index, bool v, int n0, int seq_len) {
+  static_assert(sizeof(KV) == 1, "a pool of 8-bit codes");
   using R = Fp8TileRegs<HEAD_DIM>;
   const int chunk = threadIdx.x % R::kChunks, row0 = threadIdx.x / R::kChunks;
-  const __nv_fp8_e4m3* base = pool + (v ? index.v_offset : 0) + chunk * 8;
+  const KV* base = pool + (v ? index.v_offset : 0) + chunk * 8;
 #pragma unroll
   for (int i = 0; i < kBlockN / R::kRowsPerPass; ++i) {
     const int t = n0 + row0 + i * R::kRowsPerPass;
@@ -72,25 +73,29 @@ __device__ __forceinline__ void fetch_kv_tile_fp8(Fp8TileRegs<HEAD_DIM>& regs, c
   }
 }
 
-template <typename T, int HEAD_DIM>
-__device__ __forceinline__ void store_kv_tile_fp8(uint4* tile, const Fp8TileRegs<HEAD_DIM>& regs) {
+template <typename T, typename KV, int HEAD_DIM>
+__device__ __forceinline__ void store_kv_tile_codes(uint4* tile, const Fp8TileRegs<HEAD_DIM>& regs) {
   using R = Fp8TileRegs<HEAD_DIM>;
   const int chunk = threadIdx.x % R::kChunks, row0 = threadIdx.x / R::kChunks;
 #pragma unroll
-  for (int i = 0; i < kBlockN / R::kRowsPerPass; ++i)
-    tile[swizzle<HEAD_DIM>(row0 + i * R::kRowsPerPass, chunk)] = e4m3x8_to<T>(regs.r[i]);
+  for (int i = 0; i < kBlockN / R::kRowsPerPass; ++i) {
+    uint4 converted;
+    if constexpr (is_int8_kv<KV>()) converted = i8x8_to<T>(regs.r[i]);
+    else converted = e4m3x8_to<T>(regs.r[i]);
+    tile[swizzle<HEAD_DIM>(row0 + i * R::kRowsPerPass, chunk)] = converted;
+  }
 }
 
 // ROW_GROUPS bands of 64 rows per CTA: warp w owns rows rg * 64 + w * 16 .. + 15 of each band rg, so every K/V
 // fragment read from shared memory feeds ROW_GROUPS mma instructions. With one band Q stays in registers;
 // with two it is re-read from shared memory per k-step (registers hold the two output accumulators).
-// KV: the pool's element type, T or e4m3 (read as codes: kv.k_scale is in scale_log2, kv.v_scale applied to
-// the output).
+// KV: the pool's element type, T, e4m3 or int8 (the last two read as codes: kv.k_scale is in scale_log2,
+// kv.v_scale applied to the output).
 template <typename T, typename KV, int HEAD_DIM, int ROW_GROUPS>
 __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(T* __restrict__ out, const T* __restrict__ q,
                                                                StepMetaDevice meta, PagedKv kv, int num_heads,
                                                                int group, float scale_log2) {
-  constexpr bool kFp8 = is_fp8_kv<KV>();
+  constexpr bool kCodes = is_quantized_kv<KV>();  // FP8 or INT8
   constexpr int RG = ROW_GROUPS;
   constexpr int kRows = kBlockM * RG;
   constexpr int kChunks = HEAD_DIM / 8;
@@ -121,10 +126,10 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(T* __restrict__ o
   }
   const KV* pool = static_cast<const KV*>(kv.data);
   const PagedKvIndex kv_index(kv, s, kv_head);
-  [[maybe_unused]] Fp8TileRegs<HEAD_DIM> fp8_regs;  // K or V in flight (FP8 pool)
-  if constexpr (kFp8) {
-    fetch_kv_tile_fp8<HEAD_DIM>(fp8_regs, pool, kv_index, false, 0, seq_len);
-    store_kv_tile_fp8<T, HEAD_DIM>(k_s, fp8_regs);
+  [[maybe_unused]] Fp8TileRegs<HEAD_DIM> fp8_regs;  // K or V in flight (FP8 or INT8 pool)
+  if constexpr (kCodes) {
+    fetch_kv_tile_codes<KV, HEAD_DIM>(fp8_regs, pool, kv_index, false, 0, seq_len);
+    store_kv_tile_codes<T, KV, HEAD_DIM>(k_s, fp8_regs);
   } else {
     load_kv_tile<T, HEAD_DIM>(k_s, pool, kv_index, false, 0, seq_len);
   }
@@ -163,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(T* __restrict__ o
         for (int kk = 0; kk < kKSteps; ++kk) ldmatrix_x4(q_frag[kk], &q_s[swizzle<HEAD_DIM>(q_row(0), kk * 2 + lane / 16)]);
       }
     }
-    if constexpr (kFp8) fetch_kv_tile_fp8<HEAD_DIM>(fp8_regs, pool, kv_index, true, n0, seq_len);
+    if constexpr (kCodes) fetch_kv_tile_codes<KV, HEAD_DIM>(fp8_regs, pool, kv_index, true, n0, seq_len);
     else load_kv_tile<T, HEAD_DIM>(v_s, pool, kv_index, true, n0, seq_len);
     cp_async_commit();
 
@@ -244,11 +249,11 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(T* __restrict__ o
     }
 
     // Every warp finished V_{j-1} before the barrier at the top of this iteration: v_s is free.
-    if constexpr (kFp8) store_kv_tile_fp8<T, HEAD_DIM>(v_s, fp8_regs);
+    if constexpr (kCodes) store_kv_tile_codes<T, KV, HEAD_DIM>(v_s, fp8_regs);
     cp_async_wait<0>();
     __syncthreads();  // V_j landed; every warp is done with K_j
     if (j + 1 < num_key_tiles) {
-      if constexpr (kFp8) fetch_kv_tile_fp8<HEAD_DIM>(fp8_regs, pool, kv_index, false, n0 + kBlockN, seq_len);
+      if constexpr (kCodes) fetch_kv_tile_codes<KV, HEAD_DIM>(fp8_regs, pool, kv_index, false, n0 + kBlockN, seq_len);
       else load_kv_tile<T, HEAD_DIM>(k_s, pool, kv_index, false, n0 + kBlockN, seq_len);
     }
     cp_async_commit();
@@ -267,8 +272,8 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(T* __restrict__ o
       }
     }
     // Every warp finished K_j at the barrier above: k_s is free for K_{j+1}.
-    if constexpr (kFp8) {
-      if (j + 1 < num_key_tiles) store_kv_tile_fp8<T, HEAD_DIM>(k_s, fp8_regs);
+    if constexpr (kCodes) {
+      if (j + 1 < num_key_tiles) store_kv_tile_codes<T, KV, HEAD_DIM>(k_s, fp8_regs);
     }
   }
 
@@ -282,7 +287,7 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(T* __restrict__ o
       const int row = m0 + rg * kBlockM + warp * 16 + lane / 4 + 8 * r;
       if (row >= num_rows) continue;
       float inv_l = 1.0f / l;
-      if constexpr (kFp8) inv_l *= kv.v_scale;  // the values were accumulated as codes
+      if constexpr (kCodes) inv_l *= kv.v_scale;  // the values were accumulated as codes
       T* dst = out + row_offset(row) + 2 * (lane % 4);
 #pragma unroll
       for (int i = 0; i < kDimTiles; ++i)
@@ -343,7 +348,7 @@ __global__ void __launch_bounds__(kThreads) prefill_simple_kernel(T* __restrict_
   }
   for (int off = 16; off > 0; off /= 2) l_lane += __shfl_xor_sync(0xffffffffu, l_lane, off);
   float inv_l = 1.0f / l_lane;
-  if constexpr (is_fp8_kv<KV>()) inv_l *= kv.v_scale;  // the values were accumulated as codes
+  if constexpr (is_quantized_kv<KV>()) inv_l *= kv.v_scale;  // the values were accumulated as codes
 #pragma unroll
   for (int r = 0; r < kDimsPerLane; ++r)
     if (lane + 32 * r < head_dim) out[q_offset + lane + 32 * r] = from_float<T>(acc[r] * inv_l);
@@ -381,8 +386,9 @@ cudaError_t launch_prefill(void* out, const void* q, const StepMetaDevice& meta,
     const int64_t max_rows = (int64_t)max_new_tokens * group;
     if (head_dim == 64)
       return launch_mma<T, KV, 64, kPrefillRowGroups>(o, qt, meta, kv, max_rows, num_heads, group, scale_log2, stream);
-    // FP8 at head_dim 128: two bands' accumulators plus the tile in flight in registers spill; one band does not.
-    constexpr int kRowGroups128 = is_fp8_kv<KV>() ? 1 : kPrefillRowGroups;
+    // FP8 / INT8 at head_dim 128: two bands' accumulators plus the tile in flight in registers spill; one band
+    // does not.
+    constexpr int kRowGroups128 = is_quantized_kv<KV>() ? 1 : kPrefillRowGroups;
     return launch_mma<T, KV, 128, kRowGroups128>(o, qt, meta, kv, max_rows, num_heads, group, scale_log2, stream);
   } else {
     const int64_t num_tasks = (int64_t)meta.num_tokens * num_heads;
@@ -398,17 +404,16 @@ cudaError_t launch_prefill(void* out, const void* q, const StepMetaDevice& meta,
 cudaError_t attention_prefill(void* out, const void* q, StepMetaDevice meta, PagedKv kv, int32_t max_new_tokens,
                               int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, float scale, DType dtype,
                               cudaStream_t stream) {
-  const bool fp8 = kv.dtype == DType::kFP8E4M3;
-  if (fp8 && !(kv.k_scale > 0.0f && kv.v_scale > 0.0f && std::isfinite(kv.k_scale) && std::isfinite(kv.v_scale)))
-    return cudaErrorInvalidValue;
+  const bool codes = kv.dtype == DType::kFP8E4M3 || kv.dtype == DType::kINT8;
+  if (!kv_scales_valid(kv.dtype, kv.k_scale, kv.v_scale)) return cudaErrorInvalidValue;
   if (num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || head_dim <= 0 ||
       head_dim % 8 != 0 || head_dim > kSimpleMaxHeadDim || kv.head_dim != head_dim ||
       kv.num_kv_heads != num_kv_heads || !attn::paged_kv_supported(kv) || meta.num_seqs > 65535 || num_heads > 65535 || max_new_tokens < 0)
     return cudaErrorInvalidValue;
   if (meta.num_seqs == 0 || meta.num_tokens == 0 || max_new_tokens == 0) return cudaSuccess;
   const int32_t group = num_heads / num_kv_heads;
-  // An FP8 pool's keys are read as codes: k_scale joins the softmax scale (v_scale scales the output).
-  const float scale_log2 = scale * attn::kLog2e * (fp8 ? kv.k_scale : 1.0f);
+  // An FP8 or INT8 pool's keys are read as codes: k_scale joins the softmax scale (v_scale scales the output).
+  const float scale_log2 = scale * attn::kLog2e * (codes ? kv.k_scale : 1.0f);
   RTLLM_DISPATCH_DTYPE(dtype, T, {
     RTLLM_DISPATCH_KV(kv.dtype, T, KV, {
       return launch_prefill<T, KV>(out, q, meta, kv, max_new_tokens, num_heads, group, head_dim, scale_log2, stream);

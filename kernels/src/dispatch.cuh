@@ -7,6 +7,7 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -46,11 +47,15 @@
     default: RTLLM_DISPATCH_DTYPE(dtype, T, __VA_ARGS__);    \
   }
 
-// Binds `KV` to the element type of a KV pool of dtype kv_dtype holding activations of type T: T itself
-// or an FP8 (E4M3) pool; any other pool dtype makes the enclosing launcher return cudaErrorInvalidValue.
+// Binds `KV` to the element type of a KV pool of dtype kv_dtype holding activations of type T: T itself,
+// an FP8 (E4M3) or an INT8 pool; any other pool dtype makes the enclosing launcher return
+// cudaErrorInvalidValue.
 #define RTLLM_DISPATCH_KV(kv_dtype, T, KV, ...)                                                     \
   if ((kv_dtype) == ::rtllm::kernels::DType::kFP8E4M3) {                                            \
     using KV = __nv_fp8_e4m3;                                                                       \
+    __VA_ARGS__;                                                                                    \
+  } else if ((kv_dtype) == ::rtllm::kernels::DType::kINT8) {                                        \
+    using KV = int8_t;                                                                              \
     __VA_ARGS__;                                                                                    \
   } else if ((kv_dtype) == ::rtllm::kernels::dtype_of<T>()) {                                       \
     using KV = T;                                                                                   \
@@ -119,6 +124,18 @@ constexpr DType dtype_of<__half>() { return DType::kFP16; }
 
 template <typename KV>
 constexpr bool is_fp8_kv() { return std::is_same_v<KV, __nv_fp8_e4m3>; }
+template <typename KV>
+constexpr bool is_int8_kv() { return std::is_same_v<KV, int8_t>; }
+// A pool of codes (FP8 or INT8): it holds code(x / scale) and is read as code · scale, with k_scale folded
+// into the softmax scale and v_scale into the output.
+template <typename KV>
+constexpr bool is_quantized_kv() { return is_fp8_kv<KV>() || is_int8_kv<KV>(); }
+
+// The launchers' check of a pool's scales: finite and > 0 for a quantized pool (ignored otherwise).
+inline bool kv_scales_valid(DType kv_dtype, float k_scale, float v_scale) {
+  const bool quantized = kv_dtype == DType::kFP8E4M3 || kv_dtype == DType::kINT8;
+  return !quantized || (k_scale > 0.0f && v_scale > 0.0f && std::isfinite(k_scale) && std::isfinite(v_scale));
+}
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -135,6 +152,8 @@ template <>
 __device__ __forceinline__ float to_float(__nv_fp8_e4m3 x) { return static_cast<float>(x); }
 template <>
 __device__ __forceinline__ float to_float(__nv_fp8_e5m2 x) { return static_cast<float>(x); }
+template <>
+__device__ __forceinline__ float to_float(int8_t x) { return static_cast<float>(x); }  // an INT8 pool's code
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
@@ -150,11 +169,13 @@ __device__ __forceinline__ __nv_fp8_e4m3 from_float(float x) { return __nv_fp8_e
 template <>
 __device__ __forceinline__ __nv_fp8_e5m2 from_float(float x) { return __nv_fp8_e5m2(x); }
 
-// A key or value element as the pool of element type KV stores it: an FP8 pool holds e4m3(x / scale)
-// (float32 division, docs/engine_format.md "KV cache layout"); a 16-bit pool holds x rounded to KV.
+// A key or value element as the pool of element type KV stores it: an FP8 pool holds e4m3(x / scale), an
+// INT8 pool clamp(round_half_even(x / scale), -127, 127) (float32 division, docs/engine_format.md "KV cache
+// layout"; cvt.rni.s32.f32 turns NaN into 0 and saturates infinities); a 16-bit pool holds x rounded to KV.
 template <typename KV>
 __device__ __forceinline__ KV encode_kv(float x, float scale) {
   if constexpr (is_fp8_kv<KV>()) return from_float<KV>(x / scale);
+  else if constexpr (is_int8_kv<KV>()) return static_cast<int8_t>(min(127, max(-127, __float2int_rn(x / scale))));
   else return from_float<KV>(x);
 }
 

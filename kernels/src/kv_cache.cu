@@ -1,6 +1,6 @@
 // qkv_prepare: per (token, head) one warp loads the head's values of the packed qkv row, applies
 // qk-norm (q and k heads) and rotate-half RoPE (q and k heads) in float32 and writes q to q_out and
-// k, v into the paged pool (of element type KV: T, or e4m3 codes of k / k_scale, v / v_scale). Lane l holds
+// k, v into the paged pool (of element type KV: T, or e4m3 / int8 codes of k / k_scale, v / v_scale). Lane l holds
 // the pairs (i, i + hd/2) for i = l, l + 32, ...
 #include <cmath>
 
@@ -114,8 +114,7 @@ cudaError_t qkv_prepare(void* q_out, const void* qkv, int64_t qkv_row_stride, in
   RTLLM_KERNEL_CHECK(kv.head_dim == head_dim && kv.num_kv_heads == num_kv_heads && kv.tokens_per_block > 0 &&
                      kv.max_blocks_per_seq > 0 && kv.num_blocks > 0);
   RTLLM_KERNEL_CHECK((q_norm_weight == nullptr) == (k_norm_weight == nullptr));
-  RTLLM_KERNEL_CHECK(kv.dtype != DType::kFP8E4M3 || (kv.k_scale > 0.0f && kv.v_scale > 0.0f &&
-                                                    std::isfinite(kv.k_scale) && std::isfinite(kv.v_scale)));
+  RTLLM_KERNEL_CHECK(kv_scales_valid(kv.dtype, kv.k_scale, kv.v_scale));
   RTLLM_KERNEL_CHECK(q_col >= 0 && k_col >= 0 && v_col >= 0);
   const int64_t width = (int64_t)num_heads * head_dim, kv_width = (int64_t)num_kv_heads * head_dim;
   RTLLM_KERNEL_CHECK(q_col + width <= qkv_row_stride && k_col + kv_width <= qkv_row_stride &&

@@ -177,8 +177,8 @@ def test_quantize_save_load_in_a_fresh_process(llama_dir, engines):
                                                   "FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16 and unquantized engines only"),
     (QuantConfig(quant_algo=QuantAlgo.W8A8_SQ_PER_CHANNEL), "quant_algo W8A8_SQ_PER_CHANNEL is not implemented"),
     (QuantConfig(quant_algo=QuantAlgo.FP8_BLOCK_SCALES), "quant_algo FP8_BLOCK_SCALES is not implemented"),
-    (QuantConfig(quant_algo=QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, kv_cache_quant_algo=QuantAlgo.INT8),
-     "kv_cache_quant_algo INT8 is not implemented"),
+    (QuantConfig(quant_algo=QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, kv_cache_quant_algo=QuantAlgo.NVFP4),
+     "kv_cache_quant_algo NVFP4 is not implemented"),
 ])
 def test_refusals(llama_dir, config, message):
     model = AutoModelForCausalLM.from_hugging_face(llama_dir)

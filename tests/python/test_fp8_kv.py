@@ -202,7 +202,6 @@ def test_prefix_reuse_with_an_fp8_pool(engines):
 
 
 @pytest.mark.parametrize("config, message", [
-    (QuantConfig(kv_cache_quant_algo=QuantAlgo.INT8), "kv_cache_quant_algo INT8 is not implemented yet"),
     (QuantConfig(kv_cache_quant_algo=QuantAlgo.NVFP4), "kv_cache_quant_algo NVFP4 is not implemented yet"),
     (QuantConfig(quant_algo=QuantAlgo.FP8_BLOCK_SCALES, kv_cache_quant_algo=QuantAlgo.FP8),
      "quant_algo FP8_BLOCK_SCALES is not implemented"),
@@ -225,11 +224,11 @@ def test_fp8_kv_with_fp8_weights(llama_dir, tmp_path):
     assert np.isfinite(session.step({0: [5, 6, 7]})[0]).all()
 
 
-def test_c_reader_refuses_int8_kv(engines, tmp_path):
+def test_c_reader_refuses_nvfp4_kv(engines, tmp_path):
     config = json.loads((engines[0] / "config.json").read_text())
-    config["quantization"]["kv_cache_quant_algo"] = "INT8"
+    config["quantization"]["kv_cache_quant_algo"] = "NVFP4"
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "rank0.engine").symlink_to(engines[0] / "rank0.engine")
-    with pytest.raises(rtllm.RtllmError, match="kv_cache_quant_algo INT8 is not supported: this rtllm stores the KV "
-                                                "cache unquantized or as FP8"):
+    with pytest.raises(rtllm.RtllmError, match="kv_cache_quant_algo NVFP4 is not supported: this rtllm stores the KV "
+                                                "cache unquantized, as FP8 or as INT8"):
         _core.Engine.load(str(tmp_path))

@@ -77,7 +77,7 @@ def test_build_writes_the_quantization_section(llama, tmp_path):
 @pytest.mark.parametrize("config, message", [
     (QuantConfig(quant_algo=QuantAlgo.FP8_BLOCK_SCALES), "quant_algo FP8_BLOCK_SCALES is not implemented yet"),
     (QuantConfig(quant_algo=QuantAlgo.W4A16_AWQ), "quant_algo W4A16_AWQ is not implemented yet"),
-    (QuantConfig(kv_cache_quant_algo=QuantAlgo.INT8), "kv_cache_quant_algo INT8 is not implemented yet"),
+    (QuantConfig(kv_cache_quant_algo=QuantAlgo.NVFP4), "kv_cache_quant_algo NVFP4 is not implemented yet"),
 ])
 def test_build_refuses_quantization(llama, config, message):
     with pytest.raises(ValueError, match=message):
@@ -105,7 +105,6 @@ def _with_quantization(engine_dir, tmp_path, section):
 @pytest.mark.parametrize("section, message", [
     ({"quant_algo": "FP8_BLOCK_SCALES"}, "quant_algo FP8_BLOCK_SCALES is not"),
     ({"quant_algo": "W8A8_SQ_PER_CHANNEL", "kv_cache_quant_algo": None}, "quant_algo W8A8_SQ_PER_CHANNEL is not"),
-    ({"quant_algo": None, "kv_cache_quant_algo": "INT8"}, "kv_cache_quant_algo INT8 is not"),
     ({"quant_algo": None, "kv_cache_quant_algo": "NVFP4"}, "kv_cache_quant_algo NVFP4 is not"),
 ])
 def test_engine_readers_refuse_quantized_engines(engine_dir, tmp_path, section, message):

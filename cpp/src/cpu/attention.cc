@@ -7,15 +7,16 @@
 // tile (cpu/attention_kernel.h). A token's result depends only on its own q and its sequence's K/V,
 // never on the other sequences of the step, the tiling or the thread that computes it.
 //
-// KV cache dtype F32 or F8_E4M3. An F8_E4M3 pool stores e4m3(k / k_scale) and e4m3(v / v_scale) (k after
-// qk_norm and RoPE; float32 division, round to nearest even, saturated to +-448; the scales are the
-// node's calibrated attrs, 1 when absent). Phase 2 decodes each key block's K and V rows exactly, times
-// the scale in float32, into a per-thread float32 scratch (the op's workspace) and runs the same kernel
-// on them, so an FP8 cache computes what an F32 cache holding e4m3(k / k_scale) · k_scale would, bit for
-// bit.
+// KV cache dtype F32, F8_E4M3 or I8. An F8_E4M3 pool stores e4m3(k / k_scale) and e4m3(v / v_scale) (k
+// after qk_norm and RoPE; float32 division, round to nearest even, saturated to +-448; the scales are the
+// node's calibrated attrs, 1 when absent); an I8 pool stores clamp(round_half_even(k / k_scale), -127, 127)
+// and likewise v. Phase 2 decodes each key block's K and V rows exactly, times the scale in float32, into a
+// per-thread float32 scratch (the op's workspace) and runs the same kernel on them, so a quantized cache
+// computes what an F32 cache holding code · k_scale would, bit for bit.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "attention_attrs.h"
@@ -46,35 +47,46 @@ class Attention final : public OpKind {
  public:
   explicit Attention(const OpSpec& spec) : OpKind(spec), p(spec) {
     const DataType kv_dtype = spec.backend->kv_cache_dtype;
-    RTLLM_CHECK(kv_dtype == DataType::kFloat32 || kv_dtype == DataType::kFloat8E4M3,
+    RTLLM_CHECK(kv_dtype == DataType::kFloat32 || kv_dtype == DataType::kFloat8E4M3 || kv_dtype == DataType::kInt8,
                 "op \"attention\" on the CPU backend does not support KV cache dtype ",
-                dtype_safetensors_name(kv_dtype), "; supported: F32, F8_E4M3");
+                dtype_safetensors_name(kv_dtype), "; supported: F32, F8_E4M3, I8");
     RTLLM_CHECK(p.head_dim % 2 == 0 && p.head_dim <= cpu::kMaxHeadDim, "attention: head_dim ", p.head_dim,
                 " must be even and <= ", cpu::kMaxHeadDim);
-    fp8_ = kv_dtype == DataType::kFloat8E4M3;
-    if (fp8_) cpu::e4m3_table();
+    kv_dtype_ = kv_dtype;
+    if (kv_dtype_ == DataType::kFloat8E4M3) cpu::e4m3_table();
   }
   // q/k norm weights are computed with in float32; inv_freq stays float32 as stored.
   WeightPlacement weight_placement(size_t input) const override {
     return p.is_norm_weight(input) ? in_activation_dtype() : OpKind::weight_placement(input);
   }
-  // An F8_E4M3 cache: one decoded key block (K rows, then V rows, [2, kKeyBlock, head_dim] float32) per
-  // thread.
+  // A quantized (F8_E4M3 or I8) cache: one decoded key block (K rows, then V rows, [2, kKeyBlock, head_dim]
+  // float32) per thread.
   size_t workspace_bytes() const override {
-    return fp8_ ? static_cast<size_t>(spec_.backend->num_threads) * decoded_block_floats() * sizeof(float) : 0;
+    return quantized() ? static_cast<size_t>(spec_.backend->num_threads) * decoded_block_floats() * sizeof(float)
+                       : 0;
   }
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override;
 
  private:
   int64_t decoded_block_floats() const { return 2 * cpu::kKeyBlock * p.head_dim; }
+  bool quantized() const { return kv_dtype_ != DataType::kFloat32; }
 
   const AttentionAttrs p;
-  bool fp8_ = false;  // the pool holds F8_E4M3 (else F32)
+  DataType kv_dtype_ = DataType::kFloat32;  // the pool's: F32, F8_E4M3 or I8
 };
 
 // Stores hd floats divided by scale as E4M3 codes (float32 division, round to nearest even, saturate).
 void quantize_row(const float* src, float scale, uint8_t* dst, int64_t hd) {
   for (int64_t d = 0; d < hd; ++d) dst[d] = float_to_fp8_e4m3(src[d] / scale);
+}
+
+// Stores hd floats divided by scale as int8 codes: float32 division, round half to even (nearbyint in the
+// default rounding mode), clamped to [-127, 127]; NaN stores 0, as CUDA's float-to-int conversion does.
+void quantize_row(const float* src, float scale, int8_t* dst, int64_t hd) {
+  for (int64_t d = 0; d < hd; ++d) {
+    const float r = std::nearbyint(src[d] / scale);
+    dst[d] = static_cast<int8_t>(std::isnan(r) ? 0.0f : std::min(127.0f, std::max(-127.0f, r)));
+  }
 }
 
 void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out) {
@@ -84,8 +96,9 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
   const int64_t nh = p.num_heads, nkv = p.num_kv_heads, hd = p.head_dim, T = step.num_tokens;
   RTLLM_CHECK(kv.num_kv_heads == nkv && kv.head_dim == hd, "attention: the KV pool has ", kv.num_kv_heads,
               " heads of ", kv.head_dim, ", the node ", nkv, " of ", hd);
-  RTLLM_CHECK(kv.dtype == (fp8_ ? DataType::kFloat8E4M3 : DataType::kFloat32), "attention: the KV pool has dtype ",
-              dtype_safetensors_name(kv.dtype), ", the op was created for ", fp8_ ? "F8_E4M3" : "F32");
+  RTLLM_CHECK(kv.dtype == kv_dtype_, "attention: the KV pool has dtype ", dtype_safetensors_name(kv.dtype),
+              ", the op was created for ", dtype_safetensors_name(kv_dtype_));
+  const bool fp8 = kv_dtype_ == DataType::kFloat8E4M3;
 
   HeadSource q, k, v;
   if (p.fused_qkv) {
@@ -122,9 +135,10 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
   float* o = out[0].f32();
   RTLLM_CHECK(out[0].rows() == T && out[0].cols() == nh * hd, "attention: output [", out[0].rows(), ", ",
               out[0].cols(), "], expected [", T, ", ", nh * hd, "]");
-  // One of the two is used: the layer's pool as float32 or as E4M3 codes.
+  // One of the three is used: the layer's pool as float32, E4M3 or int8 codes.
   float* layer = static_cast<float*>(kv.layers[p.layer_idx]);
   uint8_t* layer8 = static_cast<uint8_t*>(kv.layers[p.layer_idx]);
+  int8_t* layer_i8 = static_cast<int8_t*>(kv.layers[p.layer_idx]);
   const int64_t tpb = kv.tokens_per_block;
   const int64_t half = hd / 2;
 
@@ -153,12 +167,18 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
     }
     const int64_t block = token_block(s, pos), slot = pos % tpb;
     for (int64_t kh = 0; kh < nkv; ++kh) {
-      if (fp8_) {  // transformed in float32, then quantized
+      if (quantized()) {  // transformed in float32, then quantized
         float k_row[cpu::kMaxHeadDim];
         std::memcpy(k_row, k.head(t, kh, hd), hd * sizeof(float));
         transform(k_row, k_norm);
-        quantize_row(k_row, p.k_scale, layer8 + kv_offset(block, 0, kh, slot), hd);
-        quantize_row(v.head(t, kh, hd), p.v_scale, layer8 + kv_offset(block, 1, kh, slot), hd);
+        const int64_t k_at = kv_offset(block, 0, kh, slot), v_at = kv_offset(block, 1, kh, slot);
+        if (fp8) {
+          quantize_row(k_row, p.k_scale, layer8 + k_at, hd);
+          quantize_row(v.head(t, kh, hd), p.v_scale, layer8 + v_at, hd);
+        } else {
+          quantize_row(k_row, p.k_scale, layer_i8 + k_at, hd);
+          quantize_row(v.head(t, kh, hd), p.v_scale, layer_i8 + v_at, hd);
+        }
         continue;
       }
       float* k_dst = layer + kv_offset(block, 0, kh, slot);
@@ -227,36 +247,49 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
       }
     };
     alignas(32) float acc[cpu::kMaxTileRows * cpu::kMaxHeadDim];  // [num_rows, hd]
-    if (!fp8_) {
+    if (!quantized()) {
       auto kv_rows = [&](int64_t start, int64_t end, const float** key_rows, const float** value_rows) {
         pool_rows(layer, start, end, key_rows, value_rows);
       };
       cpu::attend_tile(q_rows, out_rows, num_keys, num_rows, hd, p.scale, kv_rows, acc);
       return;
     }
-    // E4M3: decode the block's valid rows (exact) times the scales into this thread's scratch; the rows
-    // past end - 1 point at the last decoded ones, as the kernel expects.
+    // E4M3 or int8: decode the block's valid rows (exact) times the scales into this thread's scratch; the
+    // rows past end - 1 point at the last decoded ones, as the kernel expects. `decode_row` turns hd codes
+    // of type Code into floats times a scale.
     float* decoded = static_cast<float*>(ctx.workspace) + thread * decoded_block_floats();
-    auto kv_rows = [&](int64_t start, int64_t end, const float** key_rows, const float** value_rows) {
-      const uint8_t* codes_k[cpu::kKeyBlock];
-      const uint8_t* codes_v[cpu::kKeyBlock];
-      pool_rows(static_cast<const uint8_t*>(layer8), start, end, codes_k, codes_v);
-      const int64_t count = std::min(cpu::kKeyBlock, end - start);
-      for (int64_t j = 0; j < cpu::kKeyBlock; ++j) {
-        if (j >= count) {
-          key_rows[j] = key_rows[count - 1];
-          value_rows[j] = value_rows[count - 1];
-          continue;
+    auto attend_codes = [&](const auto* codes, auto decode_row) {
+      using Code = std::remove_cv_t<std::remove_pointer_t<decltype(codes)>>;
+      auto kv_rows = [&](int64_t start, int64_t end, const float** key_rows, const float** value_rows) {
+        const Code* codes_k[cpu::kKeyBlock];
+        const Code* codes_v[cpu::kKeyBlock];
+        pool_rows(codes, start, end, codes_k, codes_v);
+        const int64_t count = std::min(cpu::kKeyBlock, end - start);
+        for (int64_t j = 0; j < cpu::kKeyBlock; ++j) {
+          if (j >= count) {
+            key_rows[j] = key_rows[count - 1];
+            value_rows[j] = value_rows[count - 1];
+            continue;
+          }
+          float* k_row = decoded + j * hd;
+          float* v_row = decoded + (cpu::kKeyBlock + j) * hd;
+          decode_row(codes_k[j], k_scale, k_row);
+          decode_row(codes_v[j], v_scale, v_row);
+          key_rows[j] = k_row;
+          value_rows[j] = v_row;
         }
-        float* k_row = decoded + j * hd;
-        float* v_row = decoded + (cpu::kKeyBlock + j) * hd;
-        for (int64_t d = 0; d < hd; ++d) k_row[d] = e4m3[codes_k[j][d]] * k_scale;
-        for (int64_t d = 0; d < hd; ++d) v_row[d] = e4m3[codes_v[j][d]] * v_scale;
-        key_rows[j] = k_row;
-        value_rows[j] = v_row;
-      }
+      };
+      cpu::attend_tile(q_rows, out_rows, num_keys, num_rows, hd, p.scale, kv_rows, acc);
     };
-    cpu::attend_tile(q_rows, out_rows, num_keys, num_rows, hd, p.scale, kv_rows, acc);
+    if (fp8) {
+      attend_codes(static_cast<const uint8_t*>(layer8), [&](const uint8_t* c, float scale, float* f) {
+        for (int64_t d = 0; d < hd; ++d) f[d] = e4m3[c[d]] * scale;
+      });
+    } else {
+      attend_codes(static_cast<const int8_t*>(layer_i8), [&](const int8_t* c, float scale, float* f) {
+        for (int64_t d = 0; d < hd; ++d) f[d] = static_cast<float>(c[d]) * scale;
+      });
+    }
   }, work_per_task);
 }
 

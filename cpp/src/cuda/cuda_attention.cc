@@ -27,10 +27,11 @@ class Attention final : public OpKind {
  public:
   explicit Attention(const OpSpec& spec) : OpKind(spec), p(spec), dtype_(spec.backend->activation_dtype) {
     const BackendInfo& b = *spec.backend;
-    RTLLM_CHECK(b.kv_cache_dtype == dtype_ || b.kv_cache_dtype == DataType::kFloat8E4M3,
+    RTLLM_CHECK(b.kv_cache_dtype == dtype_ || b.kv_cache_dtype == DataType::kFloat8E4M3 ||
+                    b.kv_cache_dtype == DataType::kInt8,
                 "op \"attention\" on the CUDA backend does not support KV cache dtype ",
                 dtype_safetensors_name(b.kv_cache_dtype), " with ", dtype_safetensors_name(dtype_),
-                " activations; supported: ", dtype_safetensors_name(dtype_), ", F8_E4M3");
+                " activations; supported: ", dtype_safetensors_name(dtype_), ", F8_E4M3, I8");
     // The decode kernels split a head over lanes in powers of two (kernels/src/dispatch.cuh).
     RTLLM_CHECK(p.head_dim == 16 || p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256,
                 "op \"attention\" on the CUDA backend does not support head_dim ", p.head_dim,
@@ -116,7 +117,7 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
   kv.block_table = st.block_table;
   kv.max_blocks_per_seq = st.max_blocks_per_seq;
   kv.dtype = kernel_dtype(st.kv_cache_dtype);
-  kv.k_scale = p.k_scale;  // read by the kernels only for an F8_E4M3 pool
+  kv.k_scale = p.k_scale;  // read by the kernels only for an F8_E4M3 or I8 pool
   kv.v_scale = p.v_scale;
   const kernels::DType kd = kernel_dtype(dtype);
   // Small decode batches (split-KV: latency-bound) fold the preparation into the attention kernel and save a

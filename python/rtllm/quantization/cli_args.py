@@ -18,13 +18,13 @@ def add_quant_args(p) -> None:
                    help="W4A16: input channels per scale, 32, 64 or 128 (QuantConfig.group_size, default 128)")
     g.add_argument("--has-zero-point", action="store_true", default=None,
                    help="W4A16: asymmetric groups, with an offset per group (QuantConfig.has_zero_point)")
-    g.add_argument("--kv-cache-quant-algo", choices=names, default=None, metavar="ALGO",
-                   help="quantize the KV cache (implemented: FP8, an E4M3 cache with calibrated scales; "
-                        "default: none)")
+    g.add_argument("--kv-cache-quant-algo", choices=names, default=None, metavar="ALGO", type=str.upper,
+                   help="quantize the KV cache (implemented: FP8 and INT8, E4M3 or int8 codes with calibrated "
+                        "scales; default: none)")
     g.add_argument("--exclude-modules", nargs="+", default=None, metavar="GLOB",
                    help="modules left unquantized (default: lm_head)")
     g.add_argument("--calib-data", default=None, metavar="FILE",
-                   help="calibration texts for FP8 and an FP8 KV cache: a .txt file (paragraphs separated by "
+                   help="calibration texts for FP8 and an FP8 or INT8 KV cache: a .txt file (paragraphs separated by "
                         "blank lines) or a .jsonl file ({\"text\": ...} a line); default: rtllm's own corpus")
     g.add_argument("--calib-size", type=int, default=None, metavar="N",
                    help="calibration samples to run (QuantConfig.calib_size, default 512)")

@@ -5,8 +5,8 @@ Implemented: FP8_PER_CHANNEL_PER_TOKEN (each `linear` becomes an `fp8_linear`: E
 float32 scale per output channel; the op quantizes its input per token at run time, so no calibration is
 needed); FP8 (a static `fp8_linear`: one float32 scale over the whole, possibly fused, weight and one
 input scale from the largest activation calibration saw at that linear's input); and kv_cache_quant_algo
-FP8 (an E4M3 KV cache, chosen by the runtime from config.json, with each attention node's k_scale and
-v_scale calibrated); W8A16 and W4A16 (weight-only round to nearest: each linear becomes a
+FP8 or INT8 (an E4M3 or int8 KV cache, chosen by the runtime from config.json, with each attention node's
+k_scale and v_scale calibrated); W8A16 and W4A16 (weight-only round to nearest: each linear becomes a
 `weight_only_linear` with int8 codes and one float32 scale per output channel, or packed int4 codes with one
 float16 scale per group of group_size input channels, and with has_zero_point a float32 offset per group;
 the activations stay in the engine's float dtype). check_supported refuses every other config up front so that nothing is ever built
@@ -26,9 +26,11 @@ SUPPORTED_QUANT_ALGOS = (QuantAlgo.NO_QUANT, QuantAlgo.FP8, QuantAlgo.FP8_PER_CH
 WEIGHT_ONLY_QUANT_ALGOS = (QuantAlgo.W8A16, QuantAlgo.W4A16)
 INT8_MAX, INT4_MAX, UINT4_MAX = 127, 7, 15
 FP16_MAX = 65504.0
-# FP8: the runtime keeps the KV pool as E4M3 values (the engine's config.json records the algorithm and the
-# runtime picks the pool dtype from it); the attention nodes carry the calibrated k_scale / v_scale.
-SUPPORTED_KV_CACHE_QUANT_ALGOS = (QuantAlgo.NO_QUANT, QuantAlgo.FP8)
+# FP8 / INT8: the runtime keeps the KV pool as E4M3 / int8 codes (the engine's config.json records the
+# algorithm and the runtime picks the pool dtype from it); the attention nodes carry the calibrated
+# k_scale / v_scale, amax over the largest code (448 or 127).
+SUPPORTED_KV_CACHE_QUANT_ALGOS = (QuantAlgo.NO_QUANT, QuantAlgo.FP8, QuantAlgo.INT8)
+KV_CODE_MAX = {QuantAlgo.FP8: FP8_E4M3_MAX, QuantAlgo.INT8: float(INT8_MAX)}
 
 
 def check_supported(quant_config: QuantConfig) -> None:
@@ -41,12 +43,12 @@ def check_supported(quant_config: QuantConfig) -> None:
     kv_algo = quant_config.kv_cache_quant_algo
     if kv_algo is not None and kv_algo not in SUPPORTED_KV_CACHE_QUANT_ALGOS:
         raise ValueError(f"kv_cache_quant_algo {kv_algo.value} is not implemented yet: rtllm stores the KV cache "
-                         f"unquantized or as FP8 E4M3 (kv_cache_quant_algo None, NO_QUANT or FP8)")
+                         f"unquantized, as FP8 E4M3 or as INT8 (kv_cache_quant_algo None, NO_QUANT, FP8 or INT8)")
 
 
 def needs_calibration(quant_config: QuantConfig) -> bool:
-    """FP8's static input scales and an FP8 KV cache's k/v scales come from activations."""
-    return quant_config.quant_algo == QuantAlgo.FP8 or quant_config.kv_cache_quant_algo == QuantAlgo.FP8
+    """FP8's static input scales and an FP8 or INT8 KV cache's k/v scales come from activations."""
+    return quant_config.quant_algo == QuantAlgo.FP8 or quant_config.kv_cache_quant_algo in KV_CODE_MAX
 
 
 @dataclasses.dataclass
@@ -61,6 +63,7 @@ class QuantizationReport:
     calib_tokens: int = 0    # their tokens in all
     input_scales: dict = dataclasses.field(default_factory=dict)  # weight name -> FP8 static input_scale
     kv_scales: list = dataclasses.field(default_factory=list)     # per layer (k_scale, v_scale)
+    kv_cache_quant_algo: str = ""  # of kv_scales
 
     def summary(self) -> str:
         parts = []
@@ -74,7 +77,8 @@ class QuantizationReport:
         if self.kv_scales:
             k = [k for k, _ in self.kv_scales]
             v = [v for _, v in self.kv_scales]
-            parts.append(f"FP8 KV cache scales: k {min(k):.4g}..{max(k):.4g}, v {min(v):.4g}..{max(v):.4g}")
+            parts.append(f"{self.kv_cache_quant_algo} KV cache scales: k {min(k):.4g}..{max(k):.4g}, "
+                         f"v {min(v):.4g}..{max(v):.4g}")
         return "; ".join(parts) or "no quantization"
 
 
@@ -136,8 +140,11 @@ def quantize_network(network, quant_config: QuantConfig, calibration=None) -> Qu
             raise ValueError(f"quant_algo {algo.value} with kv_cache_quant_algo {quant_config.kv_cache_quant_algo} "
                              f"needs calibration data (rtllm.quantization.quantize(model, quant_config, calib_data))")
         report.calib_samples, report.calib_tokens = calibration.num_samples, calibration.num_tokens
-    if quant_config.kv_cache_quant_algo == QuantAlgo.FP8:
-        report.kv_scales = [(amax_scale(k), amax_scale(v)) for k, v in calibration.kv_amax]
+    kv_algo = quant_config.kv_cache_quant_algo
+    if kv_algo in KV_CODE_MAX:
+        report.kv_cache_quant_algo = kv_algo.value
+        report.kv_scales = [(amax_scale(k, KV_CODE_MAX[kv_algo]), amax_scale(v, KV_CODE_MAX[kv_algo]))
+                            for k, v in calibration.kv_amax]
         for node in network.nodes:
             if node.op == "attention":
                 k_scale, v_scale = report.kv_scales[node.attrs["layer_idx"]]
@@ -169,13 +176,14 @@ def quantize_network(network, quant_config: QuantConfig, calibration=None) -> Qu
     return report
 
 
-def amax_scale(amax: float) -> float:
-    """The float32 scale mapping amax to E4M3's largest magnitude (amax / 448); 1 for an amax of 0 (any
-    scale reproduces zeros). A non-finite amax (a broken calibration run) is refused."""
+def amax_scale(amax: float, code_max: float = FP8_E4M3_MAX) -> float:
+    """The float32 scale mapping amax to the largest code magnitude (E4M3's 448 by default, 127 for int8):
+    amax / code_max; 1 for an amax of 0 (any scale reproduces zeros). A non-finite amax (a broken
+    calibration run) is refused."""
     amax = float(amax)
     if not np.isfinite(amax) or amax < 0:
         raise ValueError(f"calibration saw an activation range of {amax}; the model's activations are not finite")
-    return float(np.float32(amax) / np.float32(FP8_E4M3_MAX)) if amax > 0 else 1.0
+    return float(np.float32(amax) / np.float32(code_max)) if amax > 0 else 1.0
 
 
 def fp8_per_tensor_parameters(weight, input_scale: float):

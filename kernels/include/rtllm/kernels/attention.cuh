@@ -9,10 +9,10 @@
 //              block kv.block_table[s * max_blocks_per_seq + t / tokens_per_block], slot t % tokens_per_block.
 //   query head h reads KV head h / (nh / num_kv_heads); tokens_per_block is a power of two.
 //   q and out rows 16-byte aligned.
-// KV pool: kv.dtype == dtype, or kFP8E4M3 with kv.k_scale / kv.v_scale (kv_cache.cuh): keys and values are
-//   read as code · scale (the scales are folded into the softmax scale and the output) in float32 math.
-//   FP8 decode loads 16 codes (16 bytes) per lane; FP8 prefill converts the codes to T (exact) on their way
-//   into shared memory.
+// KV pool: kv.dtype == dtype, or kFP8E4M3 / kINT8 with kv.k_scale / kv.v_scale (kv_cache.cuh): keys and
+//   values are read as code · scale (the scales are folded into the softmax scale and the output) in float32
+//   math. FP8 and INT8 decode load 16 codes (16 bytes) per lane; FP8 and INT8 prefill convert the codes to T
+//   (exact) on their way into shared memory.
 // Return: cudaErrorInvalidValue for an unsupported dtype/head_dim/shape, else cudaGetLastError() after launch.
 #pragma once
 

@@ -20,10 +20,11 @@ struct PagedKv {
   int32_t max_blocks_per_seq;
   // The pool's element type, separate from the activations'. The kernels read and write it; each
   // launcher lists the (activation, KV) pairs it supports and returns cudaErrorInvalidValue for others:
-  // the activation dtype itself, or kFP8E4M3 (docs/engine_format.md, "KV cache layout").
+  // the activation dtype itself, kFP8E4M3 or kINT8 (docs/engine_format.md, "KV cache layout").
   DType dtype;
-  // kFP8E4M3 only (ignored otherwise; finite, > 0): the pool holds e4m3(k / k_scale) and e4m3(v / v_scale)
-  // (float32 division, round to nearest even, saturated to ±448); readers decode code · scale.
+  // kFP8E4M3 and kINT8 only (ignored otherwise; finite, > 0): the pool holds e4m3(k / k_scale) and
+  // e4m3(v / v_scale) (float32 division, round to nearest even, saturated to ±448), or int8
+  // clamp(round_half_even(k / k_scale), -127, 127) and likewise v; readers decode code · scale.
   float k_scale = 1.0f, v_scale = 1.0f;
 };
 
@@ -42,10 +43,11 @@ struct StepMetaDevice {
 //   with q_norm_weight/k_norm_weight [hd] (both or neither): each head rms-normalized (float32, eps);
 //   with inv_freq [hd / 2] float32: rotate-half RoPE at meta.positions[t] (as in rope.cuh);
 //   q -> q_out [num_tokens, nh·hd] contiguous; k, v -> the pool at (block_table[seq][pos / tpb], pos % tpb)
-//   with seq = meta.token_seq[t], pos = meta.positions[t]; with an FP8 pool (kv.dtype kFP8E4M3) the float32
-//   k / kv.k_scale and v / kv.v_scale are stored as e4m3 codes (not rounded to T first).
-// Reads meta.token_seq, meta.positions (the other meta arrays may be null). T = bf16 or fp16, kv.dtype T or
-// kFP8E4M3; head_dim 16, 32, 64, 128 or 256; the row stride and column offsets multiples of 8 (16-byte loads).
+//   with seq = meta.token_seq[t], pos = meta.positions[t]; with an FP8 or INT8 pool (kv.dtype kFP8E4M3,
+//   kINT8) the float32 k / kv.k_scale and v / kv.v_scale are stored as e4m3 or int8 codes (not rounded to T
+//   first).
+// Reads meta.token_seq, meta.positions (the other meta arrays may be null). T = bf16 or fp16, kv.dtype T,
+// kFP8E4M3 or kINT8; head_dim 16, 32, 64, 128 or 256; the row stride and column offsets multiples of 8 (16-byte loads).
 // Graph-safe: every size is a launch argument; positions and block ids are read on the device.
 RTLLM_API cudaError_t qkv_prepare(void* q_out, const void* qkv, int64_t qkv_row_stride, int64_t q_col,
                                   int64_t k_col, int64_t v_col, const float* inv_freq, const void* q_norm_weight,
