@@ -67,6 +67,14 @@ __device__ __forceinline__ __half2 int8_pair<__half>(uint32_t u, int b) {
   return __hsub2(as_t2<__half2>(m), as_t2<__half2>(Pair<__half>::kInt8Bias));
 }
 
+// (lo, hi) as a pair; a pair of its low / high half twice.
+__device__ __forceinline__ __nv_bfloat162 pair_of(__nv_bfloat16 lo, __nv_bfloat16 hi) { return __halves2bfloat162(lo, hi); }
+__device__ __forceinline__ __half2 pair_of(__half lo, __half hi) { return __halves2half2(lo, hi); }
+__device__ __forceinline__ __nv_bfloat162 low_twice(__nv_bfloat162 v) { return __low2bfloat162(v); }
+__device__ __forceinline__ __half2 low_twice(__half2 v) { return __low2half2(v); }
+__device__ __forceinline__ __nv_bfloat162 high_twice(__nv_bfloat162 v) { return __high2bfloat162(v); }
+__device__ __forceinline__ __half2 high_twice(__half2 v) { return __high2half2(v); }
+
 template <typename T2>
 __device__ __forceinline__ T2 dequant2(T2 q, T2 s, T2 o) {
   return __hfma2(q, s, o);
@@ -94,13 +102,14 @@ __device__ __forceinline__ T2 dequant2(T2 q, T2 s, T2 o) {
 // A lane's codes lie in one quantization group (the group size is a multiple of kCodes), so it dequantizes
 // them with one scale and offset: W = fma(q, s, o) in T, two weights per instruction.
 //
-// Work split (as the FP8 GEMV, kernels/src/fp8.cu): a CTA owns kTiles · 8 weight rows and up to 16
-// activation rows (blockIdx.y); its kWarps warps split K, warp w taking the steps w, w + kWarps, ...; a
-// batch of kUnroll steps of weight loads (kUnroll · kTiles 16-byte streaming loads per lane) is in flight
-// before its MMAs run. Partial sums meet in shared memory and are added in warp order: deterministic.
+// Work split (as the FP8 GEMV, kernels/src/fp8.cu): a CTA owns NT · 8 weight rows and up to 16 activation
+// rows (blockIdx.y); its kWarps warps split K, warp w taking the steps w, w + kWarps, ...; a batch of
+// kLoadsInFlight / NT steps of code loads (kLoadsInFlight 16-byte streaming loads per lane, with their
+// scales and offsets) is in flight before its MMAs run. Partial sums meet in shared memory and are added
+// in warp order: the result does not depend on timing (deterministic), only on the call's m (which picks
+// NT; the sum per output is the same for every NT: the tiles never split K differently).
 constexpr int kWarps = 8;
-constexpr int kTiles = 2;
-constexpr int kUnroll = 4;
+constexpr int kLoadsInFlight = 8;  // 16-byte code loads per lane per batch (steps x tiles)
 
 template <typename T>
 __device__ __forceinline__ void mma_16x8x16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -167,13 +176,14 @@ __device__ __forceinline__ void step_mmas(float (&acc)[2][4], const uint4& wv, t
   }
 }
 
-// MA: blocks of 8 activation rows, 1 when m <= 8, else 2 (16 rows per grid row).
-template <typename T, typename TY, bool kInt4, int MA>
+// MA: blocks of 8 activation rows, 1 when m <= 8, else 2 (16 rows per grid row). NT: 8-row weight tiles
+// per CTA (see launch_gemv).
+template <typename T, typename TY, bool kInt4, int MA, int NT>
 __global__ void __launch_bounds__(kWarps * 32, 2)
     woq_gemv_kernel(TY* y, const T* x, const uint8_t* codes, const T* scale, const T* offset, const T* bias,
                     int32_t m, int32_t n, int32_t k, int32_t group_size) {
   using T2 = typename Pair<T>::T2;
-  constexpr int NT = kTiles, U = kUnroll, kCols = 8 * NT;
+  constexpr int U = kLoadsInFlight / NT, kCols = 8 * NT;
   constexpr int kCodes = kInt4 ? 32 : 16;  // codes in a lane's 16-byte load
   constexpr int kXVecs = kCodes / 8;       // 16-byte activation vectors covering them
   __shared__ float partial[kWarps][8 * MA][kCols];
@@ -188,12 +198,14 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   const int32_t num_groups = k / group_size;
   // Weight rows past n read row n - 1 (their sums are never stored); k past the end reads zeros.
   const uint8_t* w_lane[NT];
-  int64_t sg_row[NT];  // first scale of the lane's weight row
+  const T* s_lane[NT];  // scales of the lane's weight row
+  const T* o_lane[NT];
 #pragma unroll
   for (int r = 0; r < NT; ++r) {
     const int64_t row = min(n0 + 8 * r + g, n - 1);
     w_lane[r] = codes + row * row_bytes + 16 * t;
-    sg_row[r] = row * num_groups;
+    s_lane[r] = scale + row * num_groups;
+    o_lane[r] = offset ? offset + row * num_groups : nullptr;
   }
   const T* x_lane[MA];
   bool x_row[MA];
@@ -203,14 +215,21 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
     x_lane[i] = x + (int64_t)(8 * i + g) * k + t * kCodes;  // read only for rows < m_blk
   }
   const uint4 zero = make_uint4(0, 0, 0, 0);
+  const T zero_t = from_float<T>(0.0f);
   uint4 wv[U][NT];
+  T2 so[U][NT];  // (scale, offset) of the lane's group: one group per 16-byte load
   auto load_weights = [&](int32_t s0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int32_t s = s0 + u * kWarps;
-      const bool in_k = 4 * s + t < num_vecs;
+      const int32_t s = s0 + u * kWarps, v = 4 * s + t;  // v: the lane's 16-byte vector of its rows
+      const bool in_k = v < num_vecs;
+      const int32_t grp = in_k ? (int32_t)((int64_t)v * kCodes / group_size) : 0;
 #pragma unroll
-      for (int r = 0; r < NT; ++r) wv[u][r] = in_k ? load_stream16(w_lane[r] + 64 * (int64_t)s) : zero;
+      for (int r = 0; r < NT; ++r) {
+        wv[u][r] = in_k ? load_stream16(w_lane[r] + 64 * (int64_t)s) : zero;
+        // Past K the codes and x are zeros; s = o = 0 there keeps the product 0.
+        so[u][r] = pair_of(in_k ? s_lane[r][grp] : zero_t, in_k && o_lane[r] ? o_lane[r][grp] : zero_t);
+      }
     }
   };
   load_weights(warp);  // constant data: read before waiting for the kernel that wrote x
@@ -229,33 +248,23 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int32_t s = s0 + u * kWarps;
-      const int32_t v = 4 * s + t;  // the lane's 16-byte vector of its rows
-      const bool in_k = v < num_vecs;
-      const int64_t k0 = (int64_t)v * kCodes;
-      uint32_t xw[MA][kCodes / 2];
+      const bool in_k = 4 * s + t < num_vecs;
+      uint32_t xw[2][kCodes / 2];  // activation words of token rows g and g + 8 (zeros when MA == 1)
 #pragma unroll
-      for (int i = 0; i < MA; ++i)
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int j = 0; j < kXVecs; ++j) {
-          const uint4 a = in_k && x_row[i] ? __ldg(reinterpret_cast<const uint4*>(x_lane[i] + 4 * (int64_t)s * kCodes + 8 * j))
-                                           : zero;
+          const uint4 a = i < MA && in_k && x_row[i]
+                              ? __ldg(reinterpret_cast<const uint4*>(x_lane[i] + 4 * (int64_t)s * kCodes + 8 * j))
+                              : zero;
           xw[i][4 * j] = a.x;
           xw[i][4 * j + 1] = a.y;
           xw[i][4 * j + 2] = a.z;
           xw[i][4 * j + 3] = a.w;
         }
-      uint32_t zeros[kCodes / 2];
-#pragma unroll
-      for (int j = 0; j < kCodes / 2; ++j) zeros[j] = 0u;
-      const uint32_t* xh = MA == 2 ? xw[MA - 1] : zeros;
-      const int64_t grp = in_k ? k0 / group_size : 0;
 #pragma unroll
       for (int r = 0; r < NT; ++r) {
-        // Past K the codes and x are zeros; s = o = 0 there also keeps the group index in bounds.
-        const T sv = in_k ? scale[sg_row[r] + grp] : T(0.0f);
-        const T ov = in_k && offset ? offset[sg_row[r] + grp] : T(0.0f);
-        const T2 s2 = {sv, sv}, o2 = {ov, ov};
-        step_mmas<T, kInt4>(acc[r], wv[u][r], s2, o2, xw[0], xh);
+        step_mmas<T, kInt4>(acc[r], wv[u][r], low_twice(so[u][r]), high_twice(so[u][r]), xw[0], xw[1]);
       }
     }
   }
@@ -278,14 +287,25 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   }
 }
 
-template <typename T, typename TY, bool kInt4>
-void launch_gemv(void* y, const void* x, const void* codes, const void* scale, const void* offset, const void* bias,
-                 int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
-  const dim3 grid((unsigned)ceil_div(n, 8 * kTiles), (unsigned)ceil_div(m, kWoqGemvRowsPerBlock));
-  auto* kernel = m <= 8 ? woq_gemv_kernel<T, TY, kInt4, 1> : woq_gemv_kernel<T, TY, kInt4, 2>;
+// Tiles per CTA: every CTA reads the activations of its 16-row block once (from L2), T · K · 2 bytes, against
+// NT · 8 weight rows of K / 2 (int4) or K bytes. With more than two tokens the activations would outweigh
+// the codes at two tiles, so such calls take four (32 weight rows per CTA, fewer CTAs: 128 for N = 4096).
+template <typename T, typename TY, bool kInt4, int MA>
+void launch_tiles(void* y, const void* x, const void* codes, const void* scale, const void* offset, const void* bias,
+                  int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
+  const int nt = m <= 2 ? 2 : 4;
+  const dim3 grid((unsigned)ceil_div(n, 8 * nt), (unsigned)ceil_div(m, kWoqGemvRowsPerBlock));
+  auto* kernel = nt == 2 ? woq_gemv_kernel<T, TY, kInt4, MA, 2> : woq_gemv_kernel<T, TY, kInt4, MA, 4>;
   launch_pdl(kernel, grid, kWarps * 32, 0, stream, static_cast<TY*>(y), static_cast<const T*>(x),
              static_cast<const uint8_t*>(codes), static_cast<const T*>(scale), static_cast<const T*>(offset),
              static_cast<const T*>(bias), m, n, k, group_size);
+}
+
+template <typename T, typename TY, bool kInt4>
+void launch_gemv(void* y, const void* x, const void* codes, const void* scale, const void* offset, const void* bias,
+                 int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
+  if (m <= 8) launch_tiles<T, TY, kInt4, 1>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+  else launch_tiles<T, TY, kInt4, 2>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
 }
 
 template <typename T, typename TY>
@@ -309,7 +329,7 @@ __global__ void woq_dequantize_kernel(T* w, const uint8_t* codes, const T* scale
     const int64_t row = i / row_bytes, kk = kInt4 ? 2 * (i % row_bytes) : i % row_bytes;
     const int64_t sg = row * num_groups + kk / group_size;
     const T sv = scale[sg], ov = offset ? offset[sg] : T(0.0f);
-    const T2 s2 = {sv, sv}, o2 = {ov, ov};
+    const T2 s2 = pair_of(sv, sv), o2 = pair_of(ov, ov);
     const uint32_t byte = codes[i];
     if constexpr (kInt4) {
       // byte ^ 0x88 in nibbles 0 (k) and 4 (k + 1) of a word: int4_pair's (j = 0) pair
