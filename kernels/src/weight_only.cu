@@ -287,13 +287,17 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   }
 }
 
-// Tiles per CTA: every CTA reads the activations of its 16-row block once (from L2), T · K · 2 bytes, against
-// NT · 8 weight rows of K / 2 (int4) or K bytes. With more than two tokens the activations would outweigh
-// the codes at two tiles, so such calls take four (32 weight rows per CTA, fewer CTAs: 128 for N = 4096).
+// Tiles per CTA: every CTA reads the activations of its 16-row block, T · K · 2 bytes, against NT · 8 weight
+// rows of K / 2 (int4) or K bytes. The activations mostly come from L1 (the codes bypass it, and the CTAs an
+// SM runs read the same x), but with many tokens and many CTAs per SM four tiles halve those reads. Two
+// tiles keep two CTAs per SM (132 SMs) down to N = 4096 (256 CTAs); four only where N leaves as many.
+// (To be tuned with benchmarks/bench_weight_only.py.)
+constexpr int32_t kFourTilesMinN = 16384;
+
 template <typename T, typename TY, bool kInt4, int MA>
 void launch_tiles(void* y, const void* x, const void* codes, const void* scale, const void* offset, const void* bias,
                   int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
-  const int nt = m <= 2 ? 2 : 4;
+  const int nt = m > 2 && n >= kFourTilesMinN ? 4 : 2;
   const dim3 grid((unsigned)ceil_div(n, 8 * nt), (unsigned)ceil_div(m, kWoqGemvRowsPerBlock));
   auto* kernel = nt == 2 ? woq_gemv_kernel<T, TY, kInt4, MA, 2> : woq_gemv_kernel<T, TY, kInt4, MA, 4>;
   launch_pdl(kernel, grid, kWarps * 32, 0, stream, static_cast<TY*>(y), static_cast<const T*>(x),
