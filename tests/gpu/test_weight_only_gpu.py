@@ -49,12 +49,16 @@ def to_dtype_f64(a, name):
 
 
 def round_weights(codes, s_t, o_t, x_dtype):
-    """W16 = fma(q, s_T, o_T) rounded once to T. q·s_T + o_T is exact in float64 (at most 8 + 11 significant
-    bits per product), and exact again in float32 for these test ranges, so one float64 -> T rounding
-    through float32 is the single rounding."""
+    """W16 = fma(q, s_T, o_T) rounded once to T: q·s_T + o_T is exact in float64 (a few dozen significant bits
+    at most here), then rounded to nearest even at T's precision (8 significant bits for bf16, 11 for fp16,
+    fp16's subnormal step 2^-24) by numpy alone."""
     w = codes.astype(np.float64) * s_t + o_t
-    assert np.array_equal(w.astype(np.float32).astype(np.float64), w), "the test's weights must be exact in float32"
-    return to_dtype_f64(w, x_dtype)
+    bits = {"BF16": 8, "F16": 11}[x_dtype]
+    _, e = np.frexp(w)  # |w| = m · 2^e, 0.5 <= m < 1: the last kept bit is 2^(e - bits)
+    step = e - bits
+    if x_dtype == "F16":
+        step = np.maximum(step, -24)
+    return np.ldexp(np.round(np.ldexp(w, -step)), step)  # np.round: half to even
 
 
 def random_case(rng, T, N, K, G, int4, has_offset, has_bias, x_dtype, scale_dtype):

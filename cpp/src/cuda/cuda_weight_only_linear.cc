@@ -86,22 +86,23 @@ class CudaWeightOnlyLinear final : public OpKind {
  public:
   explicit CudaWeightOnlyLinear(const OpSpec& spec) : OpKind(spec) {
     const GraphNode& node = *spec.node;
-    const TensorSpec& w = spec.inputs.at(1);
+    const std::string w_name = spec.inputs.size() > 1 ? spec.inputs[1].name : std::string("?");
     // Attrs this kind knows; any other (e.g. a future has_g_idx: act-order permutations) changes the
     // semantics, so it is refused rather than ignored.
     if (node.attrs.is_object()) {
       for (const auto& [key, value] : node.attrs.as_object()) {
-        RTLLM_CHECK(key == "group_size" || key == "has_offset", "weight_only_linear: node of weight \"", w.name,
+        RTLLM_CHECK(key == "group_size" || key == "has_offset", "weight_only_linear: node of weight \"", w_name,
                     "\" has attr \"", key, "\" (", value.dump(), "), which the CUDA backend does not support "
                     "(it knows group_size and has_offset)");
       }
     }
-    RTLLM_CHECK(node.attrs.contains("has_offset") == false || node.attrs.at("has_offset").is_bool(),
-                "weight_only_linear: attr has_offset of weight \"", w.name, "\" is ",
+    RTLLM_CHECK(!node.attrs.contains("has_offset") || node.attrs.at("has_offset").is_bool(),
+                "weight_only_linear: attr has_offset of weight \"", w_name, "\" is ",
                 node.attrs.at("has_offset").dump(), ", expected true or false");
     has_offset_ = node.attrs.get_bool("has_offset", false);
     const size_t num_fixed = has_offset_ ? 4 : 3;
     spec.require_num_io(num_fixed, num_fixed + 1, 1);
+    const TensorSpec& w = spec.inputs[1];
     spec.require_input_dtype(0, {DataType::kFloat32});
     spec.require_input_dtype(1, {DataType::kInt8, DataType::kInt4});
     spec.require_input_dtype(2, kWideFloatDtypes);
