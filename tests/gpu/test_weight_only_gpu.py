@@ -346,11 +346,7 @@ def quantized_engines(hf_dirs, tmp_path_factory):
     return dirs
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_quantized_engine_cuda_matches_cpu(quantized_engines, variant):
-    path = quantized_engines[variant]
-    config = json.loads((path / "config.json").read_text())
-    assert any(n["op"] == "weight_only_linear" for n in config["graph"]["nodes"])
+def compare_cuda_with_cpu(path):
     cpu = RunnerSession(path, device=_core.DeviceKind.CPU)
     gpu = RunnerSession(path, device=_core.DeviceKind.CUDA)
     rng = np.random.default_rng(11)
@@ -373,3 +369,41 @@ def test_quantized_engine_cuda_matches_cpu(quantized_engines, variant):
             nxt[s] = [tok]
         lc, lg = cpu.step(nxt), gpu.step(nxt)
     assert exact >= 0.8 * total, f"{exact}/{total} greedy tokens equal the CPU's argmax"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_quantized_engine_cuda_matches_cpu(quantized_engines, variant):
+    path = quantized_engines[variant]
+    config = json.loads((path / "config.json").read_text())
+    assert any(n["op"] == "weight_only_linear" for n in config["graph"]["nodes"])
+    compare_cuda_with_cpu(path)
+
+
+# GGUF Q8_0 / Q4_0 / Q4_1 files keep their blocks as weight_only_linear codes (group 32; Q4_1 with offsets),
+# the LM head included (float32 logits out of the op): written here from a tiny checkpoint as
+# tests/python/test_gguf.py writes them.
+@pytest.fixture(scope="module")
+def gguf_engines(tmp_path_factory):
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import write_gguf
+    from tokenizer_fixture import make_tokenizer
+
+    hf = tmp_path_factory.mktemp("hf-gguf")
+    make_hf_checkpoint(hf, arch="llama", vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    make_tokenizer(hf, vocab_size=VOCAB_SIZE)
+    dirs = {}
+    for qtype in ("Q8_0", "Q4_0", "Q4_1"):
+        d = tmp_path_factory.mktemp(f"gguf-{qtype}")
+        path = write_gguf(hf, d / "model.gguf", getattr(gguf.GGMLQuantizationType, qtype))
+        model = AutoModelForCausalLM.from_hugging_face(str(path))
+        build(model, BuildConfig(max_seq_len=128, max_batch_size=4, max_num_tokens=256)).save(d / "engine")
+        dirs[qtype] = d / "engine"
+    return dirs
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_engine_cuda_matches_cpu(gguf_engines, qtype):
+    path = gguf_engines[qtype]
+    nodes = json.loads((path / "config.json").read_text())["graph"]["nodes"]
+    assert any(n["op"] == "weight_only_linear" and n["inputs"][1].startswith("lm_head") for n in nodes)
+    compare_cuda_with_cpu(path)
