@@ -307,7 +307,8 @@ def test_engine_op_places_scales_offsets_and_bias(hf_dirs, tmp_path, model_dtype
 
 @pytest.mark.parametrize("attrs, message", [
     ({"group_size": 32, "has_offset": False, "has_g_idx": True}, "has_g_idx"),
-    ({"group_size": 32, "has_offset": False, "has_g_idx": False}, "has_g_idx"),
+    ({"group_size": 32, "has_offset": False, "has_g_idx": "yes"}, "has_g_idx"),
+    ({"group_size": 32, "has_offset": False, "bits": 4}, "bits"),
     ({"group_size": 32, "has_offset": 1}, "has_offset"),
     ({"group_size": 48}, "group_size 48"),  # does not divide K = 128
     ({"has_offset": False}, "no group_size"),
@@ -320,6 +321,19 @@ def test_engine_op_refuses_unknown_attrs_at_load(hf_dirs, tmp_path, attrs, messa
             32, attrs=attrs)
     with pytest.raises(_core.RtllmError, match=message):
         RunnerSession(tmp_path, device=_core.DeviceKind.CUDA)
+
+
+def test_engine_op_takes_has_g_idx_false(hf_dirs, tmp_path):
+    rng = np.random.default_rng(6)
+    codes = rng.integers(-8, 8, (16, 128)).astype(np.int8)
+    x = rng.standard_normal((8, 128)).astype(np.float32)
+    _engine(tmp_path, hf_dirs["float32"], x, codes, True, np.full((16, 4), 0.125, np.float32), "float16", None, None,
+            32, attrs={"group_size": 32, "has_offset": False, "has_g_idx": False})
+    out = np.asarray(RunnerSession(tmp_path, device=_core.DeviceKind.CUDA).step({0: [3]})[0], np.float64)
+    xb = to_dtype_f64(x[3], "BF16")  # the table as CUDA places it
+    w = codes * 0.125  # exact in bf16
+    ref, mag = xb @ w.T, np.abs(xb) @ np.abs(w).T
+    assert np.all(np.abs(out - ref) <= SUM_TOL * mag + U_OUT["F32"] * np.abs(ref)), np.abs(out - ref).max()
 
 
 # ---- end to end: W8A16 / W4A16 engines, CUDA against the CPU ----

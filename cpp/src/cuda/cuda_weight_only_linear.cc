@@ -87,13 +87,19 @@ class CudaWeightOnlyLinear final : public OpKind {
   explicit CudaWeightOnlyLinear(const OpSpec& spec) : OpKind(spec) {
     const GraphNode& node = *spec.node;
     const std::string w_name = spec.inputs.size() > 1 ? spec.inputs[1].name : std::string("?");
-    // Attrs this kind knows; any other (e.g. a future has_g_idx: act-order permutations) changes the
-    // semantics, so it is refused rather than ignored.
+    // Attrs this kind knows; any other changes the semantics in a way it does not implement, so it is
+    // refused rather than ignored. has_g_idx (act-order: a permutation of K's groups) is taken only as false.
     if (node.attrs.is_object()) {
       for (const auto& [key, value] : node.attrs.as_object()) {
+        if (key == "has_g_idx") {
+          RTLLM_CHECK(value.is_bool() && !value.as_bool(), "weight_only_linear: node of weight \"", w_name,
+                      "\" has has_g_idx ", value.dump(), "; the CUDA backend takes only has_g_idx false (no g_idx "
+                      "permutation of the groups)");
+          continue;
+        }
         RTLLM_CHECK(key == "group_size" || key == "has_offset", "weight_only_linear: node of weight \"", w_name,
                     "\" has attr \"", key, "\" (", value.dump(), "), which the CUDA backend does not support "
-                    "(it knows group_size and has_offset)");
+                    "(it knows group_size, has_offset and has_g_idx false)");
       }
     }
     RTLLM_CHECK(!node.attrs.contains("has_offset") || node.attrs.at("has_offset").is_bool(),
