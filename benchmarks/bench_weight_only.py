@@ -1,5 +1,5 @@
 """Weight-only linears on CUDA (W4A16 g128 with and without offsets, W8A16 per channel): rtllm's
-weight_only_linear (rtllm._core.kernels.weight_only_linear, the op's code path: the GEMV up to 16 tokens,
+weight_only_linear (rtllm._core.kernels.weight_only_linear, the op's code path: the GEMV up to 64 tokens,
 dequantize + cuBLASLt above) on Llama-3-8B's shapes, beside torch.matmul in bf16 on the dequantized weight
 (the peer) and the device's copy bandwidth (the roofline of a call bound by reading its weight once).
 CUDA graphs of back-to-back calls, CUDA events, median of repeats (bench_fp8_gemm.median_ms); successive
@@ -105,7 +105,7 @@ def main():
     # where the op should switch from the GEMV to the dequantized GEMM (kMaxGemvRows in
     # cuda_weight_only_linear.cc)
     for N, Kd in SHAPES:
-        for M in (8, 16, 24, 32, 48, 64):
+        for M in (16, 32, 48, 64, 96, 128):
             gemv, gemm = (median_ms(rtllm_call(M, N, Kd, True, 128, False, path)[0]) * 1e3 for path in (1, 2))
             rows.append(dict(kind="crossover", variant="w4a16_g128", M=M, N=N, K=Kd, gemv_us=gemv, gemm_us=gemm))
             print(f"crossover w4a16_g128 M={M:2d} N={N:5d} K={Kd:5d}: GEMV {gemv:8.2f} us, GEMM {gemm:8.2f} us")

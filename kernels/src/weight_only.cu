@@ -103,7 +103,8 @@ __device__ __forceinline__ T2 dequant2(T2 q, T2 s, T2 o) {
 // them with one scale and offset: W = fma(q, s, o) in T, two weights per instruction.
 //
 // Work split (as the FP8 GEMV, kernels/src/fp8.cu): a CTA owns NT · 8 weight rows and up to 16 activation
-// rows (blockIdx.y); its kWarps warps split K, warp w taking the steps w, w + kWarps, ...; a batch of
+// rows (blockIdx.y: weight tiles, blockIdx.x: 16-token blocks, so that the CTAs rereading a tile for
+// more tokens run next to each other and find it in L2); its kWarps warps split K, warp w taking the steps w, w + kWarps, ...; a batch of
 // kLoadsInFlight / NT steps of code loads (kLoadsInFlight 16-byte streaming loads per lane, with their
 // scales and offsets) is in flight before its MMAs run. Partial sums meet in shared memory and are added
 // in warp order: the result does not depend on timing (deterministic), only on the call's m (which picks
@@ -176,7 +177,7 @@ __device__ __forceinline__ void step_mmas(float (&acc)[2][4], const uint4& wv, t
   }
 }
 
-// MA: blocks of 8 activation rows, 1 when m <= 8, else 2 (16 rows per grid row). NT: 8-row weight tiles
+// MA: blocks of 8 activation rows, 1 when m <= 8, else 2 (16 rows per CTA). NT: 8-row weight tiles
 // per CTA (see launch_gemv).
 template <typename T, typename TY, bool kInt4, int MA, int NT>
 __global__ void __launch_bounds__(kWarps * 32, 2)
@@ -188,8 +189,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   constexpr int kXVecs = kCodes / 8;       // 16-byte activation vectors covering them
   __shared__ float partial[kWarps][8 * MA][kCols];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int32_t n0 = blockIdx.x * kCols;
-  const int32_t row0 = blockIdx.y * kWoqGemvRowsPerBlock;
+  const int32_t n0 = blockIdx.y * kCols;
+  const int32_t row0 = blockIdx.x * kWoqGemvRowsPerBlock;
   const int32_t m_blk = min(m - row0, (int32_t)kWoqGemvRowsPerBlock);
   x += (int64_t)row0 * k;
   y += (int64_t)row0 * n;
@@ -298,7 +299,7 @@ template <typename T, typename TY, bool kInt4, int MA>
 void launch_tiles(void* y, const void* x, const void* codes, const void* scale, const void* offset, const void* bias,
                   int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
   const int nt = m > 2 && n >= kFourTilesMinN ? 4 : 2;
-  const dim3 grid((unsigned)ceil_div(n, 8 * nt), (unsigned)ceil_div(m, kWoqGemvRowsPerBlock));
+  const dim3 grid((unsigned)ceil_div(m, kWoqGemvRowsPerBlock), (unsigned)ceil_div(n, 8 * nt));
   auto* kernel = nt == 2 ? woq_gemv_kernel<T, TY, kInt4, MA, 2> : woq_gemv_kernel<T, TY, kInt4, MA, 4>;
   launch_pdl(kernel, grid, kWarps * 32, 0, stream, static_cast<TY*>(y), static_cast<const T*>(x),
              static_cast<const uint8_t*>(codes), static_cast<const T*>(scale), static_cast<const T*>(offset),
@@ -364,7 +365,7 @@ cudaError_t woq_gemv(void* y, const void* x, const void* codes, const void* scal
   RTLLM_KERNEL_CHECK(y && x && codes && scale && m >= 0 && n >= 0 && woq_gemv_supported(k, group_size, int4));
   RTLLM_KERNEL_CHECK(aligned16(x) && aligned16(codes));  // rows of x and codes are whole 16-byte vectors
   RTLLM_KERNEL_CHECK(y_dtype == dtype || y_dtype == DType::kFP32);
-  RTLLM_KERNEL_CHECK(ceil_div(m, kWoqGemvRowsPerBlock) <= 65535);
+  RTLLM_KERNEL_CHECK(ceil_div(n, 16) <= 65535);  // grid rows of 16 or 32 weight rows
   if (m == 0 || n == 0) return cudaSuccess;
   RTLLM_DISPATCH_DTYPE(dtype, T, {
     if (y_dtype == DType::kFP32)

@@ -123,10 +123,6 @@ def check(y, host, x_dtype, y_dtype):
         assert (err <= bound).all(), f"at {worst}: got {y[worst]}, expected {ref[worst]} (bound {bound[worst]})"
 
 
-def gemv_taken(kernels, T, K, G, int4, path):
-    return path == 1 or (path == 0 and T <= 16 and kernels.weight_only_gemv_supported(K, G, int4))
-
-
 TS = [1, 2, 7, 16, 17, 64, 300]
 # (N, K, G, int4, has_offset, has_bias, x_dtype, y_dtype, scale_dtype)
 CASES = [
@@ -168,10 +164,10 @@ def test_weight_only_linear_matches_reference(kernels, T, case):
         np.testing.assert_array_equal(y[1], host["bias16"])
 
 
-@pytest.mark.parametrize("T", [1, 5, 16, 33])
+@pytest.mark.parametrize("T", [1, 5, 16, 33, 100])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_both_paths(kernels, T, case):
-    """The GEMV (any T: grid rows of 16 tokens) and dequantize + GEMM both within the bounds."""
+    """The GEMV (any T: CTAs of 16 tokens) and dequantize + GEMM both within the bounds."""
     N, K, G, int4, has_offset, has_bias, x_dtype, y_dtype, scale_dtype = case
     rng = np.random.default_rng([T, N, K, 7])
     dev, host = random_case(rng, T, N, K, G, int4, has_offset, has_bias, x_dtype, scale_dtype)
@@ -296,7 +292,7 @@ def test_engine_op_places_scales_offsets_and_bias(hf_dirs, tmp_path, model_dtype
     tol = (SUM_TOL + 3 * U_T[xd]) * mag + U_T[xd] * np.abs(b_exact) + U_OUT["F32"] * np.abs(ref)
     session = RunnerSession(tmp_path, tokens_per_block=4, num_kv_blocks=256, device=_core.DeviceKind.CUDA)
     seq = 0
-    for M in (1, 3, 17, 64):  # decode-sized steps take the GEMV (where the shape allows), larger the GEMM
+    for M in (1, 3, 17, 64):  # the GEMV where the shape allows (up to 64 rows), else dequantize + GEMM
         tokens = [int(t) for t in rng.permutation(64)[:M]]
         out = session.step({seq + i: [t] for i, t in enumerate(tokens)})
         got = np.stack([np.asarray(out[seq + i], np.float64) for i in range(M)])
@@ -364,8 +360,9 @@ def compare_cuda_with_cpu(path):
     cpu = RunnerSession(path, device=_core.DeviceKind.CPU)
     gpu = RunnerSession(path, device=_core.DeviceKind.CUDA)
     rng = np.random.default_rng(11)
-    prompts = {s: [int(t) for t in rng.integers(3, VOCAB_SIZE, n)] for s, n in enumerate([13, 5, 40, 1])}
-    # prefill (59 rows) through the dequantized GEMM, then greedy decode of all four (4 rows) through the GEMV
+    prompts = {s: [int(t) for t in rng.integers(3, VOCAB_SIZE, n)] for s, n in enumerate([13, 5, 60, 1])}
+    # prefill (79 rows: more than the op's 64 GEMV rows) through the dequantized GEMM (the LM head's 4 rows
+    # through the GEMV), then greedy decode of all four (4 rows) through the GEMV
     lc, lg = cpu.step(prompts), gpu.step(prompts)
     exact = total = 0
     for _ in range(8):

@@ -4,7 +4,7 @@
 // The codes are uploaded as stored (row-major [N, K], int4 two per byte); scale, offset and bias are placed
 // in the compute dtype (bf16, or fp16 for fp16 engines), and the weight is used as W = fma(q, scale,
 // offset) rounded once to that dtype (kernels/include/rtllm/kernels/weight_only.cuh).
-//   T <= kMaxGemvRows (decode): the tensor-core GEMV over the codes (kernels/src/weight_only.cu), bound by
+//   T <= kMaxGemvRows (decode batches): the tensor-core GEMV over the codes (kernels/src/weight_only.cu), bound by
 //     reading the packed bytes once;
 //   larger T (prefill), or a shape the GEMV does not take (K or the group size not a multiple of a lane's
 //     16-byte load: 16 int8 or 32 int4 codes): the weight dequantized into the workspace (sized at load:
@@ -21,10 +21,13 @@
 namespace rtllm {
 namespace {
 
-// Up to kMaxGemvRows rows go to the GEMV (it reads the codes once per 16 rows), more to the dequantized
-// GEMM; to be confirmed against benchmarks/bench_weight_only.py's crossover rows.
-constexpr int64_t kMaxGemvRows = 16;
+// Up to kMaxGemvRows rows go to the GEMV, more to the dequantized GEMM. The GEMV reads a weight tile once
+// per 16 rows (the rereads mostly from L2); the GEMM path moves about 9x a GEMV pass's bytes for int4
+// (codes read, bf16 weight written and read again) before its own time, so the GEMV should stay ahead up
+// to a few passes. To be confirmed against benchmarks/bench_weight_only.py's crossover rows.
+constexpr int64_t kMaxGemvRows = 64;
 constexpr size_t kAlign = 256;
+constexpr int64_t kMaxRows = 16 * 65535;  // N: the GEMV's grid rows of 16 weight rows
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -125,9 +128,9 @@ class CudaWeightOnlyLinear final : public OpKind {
     num_rows_ = w.shape[0].value;
     num_cols_ = w.shape[1].value;
     int4_ = w.dtype == DataType::kInt4;
-    RTLLM_CHECK(num_rows_ > 0 && num_rows_ <= INT32_MAX && num_cols_ > 0 && num_cols_ <= INT32_MAX,
+    RTLLM_CHECK(num_rows_ > 0 && num_rows_ <= kMaxRows && num_cols_ > 0 && num_cols_ <= INT32_MAX,
                 "weight_only_linear: weight \"", w.name, "\" has shape [", num_rows_, ", ", num_cols_,
-                "]; the CUDA backend takes 1 .. 2^31 - 1 rows and columns");
+                "]; the CUDA backend takes 1 .. ", kMaxRows, " rows and 1 .. 2^31 - 1 columns");
     RTLLM_CHECK(!int4_ || num_cols_ % 2 == 0, "weight_only_linear: I4 weight \"", w.name, "\" has K = ", num_cols_,
                 " columns; packed int4 needs an even K");
     RTLLM_CHECK(node.attrs.contains("group_size"), "weight_only_linear: node of weight \"", w.name,
@@ -226,8 +229,9 @@ RTLLM_API void weight_only_linear_for_tests(void* y, const void* x, const void* 
                                             int64_t group_size, bool int4, DataType x_dtype, DataType y_dtype,
                                             int path, void* workspace, void* stream) {
   RTLLM_CHECK_ARG(path >= 0 && path <= 2, "weight_only_linear: path ", path, " is not 0, 1 or 2");
-  RTLLM_CHECK_ARG(T >= 0 && N > 0 && N <= INT32_MAX && K > 0 && K <= INT32_MAX, "weight_only_linear: T = ", T,
-                  ", N = ", N, ", K = ", K, " out of range (N, K in 1 .. 2^31 - 1)");
+  RTLLM_CHECK_ARG(T >= 0 && T <= INT32_MAX && N > 0 && N <= kMaxRows && K > 0 && K <= INT32_MAX,
+                  "weight_only_linear: T = ", T, ", N = ", N, ", K = ", K, " out of range (N in 1 .. ", kMaxRows,
+                  ", K in 1 .. 2^31 - 1)");
   RTLLM_CHECK_ARG(group_size > 0 && K % group_size == 0, "weight_only_linear: group_size ", group_size,
                   " is not a positive divisor of K = ", K);
   RTLLM_CHECK_ARG(!int4 || group_size % 2 == 0, "weight_only_linear: I4 needs an even group_size, got ", group_size);

@@ -15,8 +15,8 @@
 
 namespace rtllm::kernels {
 
-// Activation rows one CTA row of the GEMV grid takes; more rows take more grid rows (each rereads the
-// weight, so the op sends large batches to the dequantize + GEMM path instead).
+// Activation rows one CTA of the GEMV takes; more rows take more CTAs per weight tile (each rereads the
+// tile, mostly from L2; the op sends large batches to the dequantize + GEMM path instead).
 constexpr int32_t kWoqGemvRowsPerBlock = 16;
 
 // Whether the GEMV takes this shape: rows of codes a whole number of 16-byte vectors (k % 16 == 0 for
@@ -25,7 +25,7 @@ RTLLM_API bool woq_gemv_supported(int64_t k, int64_t group_size, bool int4);
 
 // y [m, n] (dtype, or kFP32) = x [m, k] (dtype) · Wᵀ + bias [n] (dtype, may be null). codes: [n, k] int8 or
 // [n, k / 2] packed int4 bytes, 16-byte aligned; scale, offset (may be null): [n, k / group_size] in
-// dtype. Any m >= 1 (grid rows of kWoqGemvRowsPerBlock); fp32 accumulation on tensor cores (mma.sync
+// dtype; n <= 1048560. Any m (CTAs of kWoqGemvRowsPerBlock tokens); fp32 accumulation on tensor cores (mma.sync
 // m16n8k16), a fixed summation order: deterministic.
 RTLLM_API cudaError_t woq_gemv(void* y, const void* x, const void* codes, const void* scale, const void* offset,
                                const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size, bool int4,
