@@ -322,8 +322,8 @@ void launch_gemv_codes(bool int4, void* y, const void* x, const void* codes, con
 
 // ---- the whole weight, dequantized ----
 //
-// One thread per code byte: two int4 codes (k, k + 1: even k, an even group size keeps them in one group)
-// or one int8 code. Through dequant2(), as the GEMV.
+// Any layout: one thread per code byte, two int4 codes (k, k + 1: even k, an even group size keeps them in
+// one group) or one int8 code. Through dequant2(), as the GEMV.
 template <typename T, bool kInt4>
 __global__ void woq_dequantize_kernel(T* w, const uint8_t* codes, const T* scale, const T* offset, int64_t n,
                                       int64_t k, int64_t group_size) {
@@ -344,6 +344,46 @@ __global__ void woq_dequantize_kernel(T* w, const uint8_t* codes, const T* scale
     } else {
       const T2 wk = dequant2(int8_pair<T>((byte ^ 0x80u) * 0x01010101u, 0), s2, o2);
       w[row * k + kk] = wk.x;
+    }
+  }
+}
+
+// The GEMV's layouts (rows of whole 16-byte vectors, one group per vector): one thread per 16 code bytes,
+// converted as the GEMV converts them and stored in k order as 16-byte vectors.
+__device__ __forceinline__ __nv_bfloat162 lows(__nv_bfloat162 a, __nv_bfloat162 b) { return __lows2bfloat162(a, b); }
+__device__ __forceinline__ __half2 lows(__half2 a, __half2 b) { return __lows2half2(a, b); }
+__device__ __forceinline__ __nv_bfloat162 highs(__nv_bfloat162 a, __nv_bfloat162 b) { return __highs2bfloat162(a, b); }
+__device__ __forceinline__ __half2 highs(__half2 a, __half2 b) { return __highs2half2(a, b); }
+
+template <typename T, bool kInt4>
+__global__ void woq_dequantize_vec_kernel(T* w, const uint8_t* codes, const T* scale, const T* offset, int64_t n,
+                                          int64_t k, int64_t group_size) {
+  constexpr int kCodes = kInt4 ? 32 : 16;
+  pdl_begin();
+  const int64_t vecs_per_row = k / kCodes, total = n * vecs_per_row, num_groups = k / group_size;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t row = i / vecs_per_row, k0 = (i % vecs_per_row) * kCodes;
+    const int64_t sg = row * num_groups + k0 / group_size;
+    const T sv = scale[sg], ov = offset ? offset[sg] : from_float<T>(0.0f);
+    const auto s2 = pair_of(sv, sv), o2 = pair_of(ov, ov);
+    const uint4 wv = load_stream16(codes + i * 16);
+    T* out = w + row * k + k0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (kInt4) {
+        // pairs (c, c + 4) of the word's codes 8j .. 8j+7 -> (c, c + 1) in k order
+        const uint32_t u = word(wv, j) ^ 0x88888888u;
+        const auto p0 = dequant2(int4_pair<T>(u, 0), s2, o2), p1 = dequant2(int4_pair<T>(u, 1), s2, o2);
+        const auto p2 = dequant2(int4_pair<T>(u, 2), s2, o2), p3 = dequant2(int4_pair<T>(u, 3), s2, o2);
+        const uint4 v = make_uint4(as_u32(lows(p0, p1)), as_u32(lows(p2, p3)), as_u32(highs(p0, p1)),
+                                   as_u32(highs(p2, p3)));
+        *reinterpret_cast<uint4*>(out + 8 * j) = v;
+      } else {
+        const uint32_t u = word(wv, j) ^ 0x80808080u;
+        const uint2 v = make_uint2(as_u32(dequant2(int8_pair<T>(u, 0), s2, o2)),
+                                   as_u32(dequant2(int8_pair<T>(u, 2), s2, o2)));
+        *reinterpret_cast<uint2*>(out + 4 * j) = v;
+      }
     }
   }
 }
@@ -382,6 +422,20 @@ cudaError_t woq_dequantize(void* w, const void* codes, const void* scale, const 
   RTLLM_KERNEL_CHECK(!int4 || (k % 2 == 0 && group_size % 2 == 0));
   RTLLM_KERNEL_CHECK(!int4 || (reinterpret_cast<uintptr_t>(w) & 3) == 0);
   if (n == 0) return cudaSuccess;
+  if (woq_gemv_supported(k, group_size, int4) && aligned16(w) && aligned16(codes)) {
+    const unsigned grid = grid_for((int64_t)n * (k / (int4 ? 32 : 16)), 256);
+    RTLLM_DISPATCH_DTYPE(dtype, T, {
+      if (int4)
+        launch_pdl(woq_dequantize_vec_kernel<T, true>, grid, 256, 0, stream, static_cast<T*>(w),
+                   static_cast<const uint8_t*>(codes), static_cast<const T*>(scale), static_cast<const T*>(offset),
+                   (int64_t)n, (int64_t)k, (int64_t)group_size);
+      else
+        launch_pdl(woq_dequantize_vec_kernel<T, false>, grid, 256, 0, stream, static_cast<T*>(w),
+                   static_cast<const uint8_t*>(codes), static_cast<const T*>(scale), static_cast<const T*>(offset),
+                   (int64_t)n, (int64_t)k, (int64_t)group_size);
+    });
+    return cudaGetLastError();
+  }
   const int64_t total = (int64_t)n * (int4 ? k / 2 : k);
   const unsigned grid = grid_for(total, 256);
   RTLLM_DISPATCH_DTYPE(dtype, T, {
