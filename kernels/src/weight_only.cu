@@ -178,7 +178,7 @@ __device__ __forceinline__ void step_mmas(float (&acc)[2][4], const uint4& wv, t
 }
 
 // MA: blocks of 8 activation rows, 1 when m <= 8, else 2 (16 rows per CTA). NT: 8-row weight tiles
-// per CTA (see launch_gemv).
+// per CTA (see launch_tiles).
 template <typename T, typename TY, bool kInt4, int MA, int NT>
 __global__ void __launch_bounds__(kWarps * 32, 2)
     woq_gemv_kernel(TY* y, const T* x, const uint8_t* codes, const T* scale, const T* offset, const T* bias,
