@@ -117,7 +117,8 @@ RTLLM_API void int8_linear_for_tests(void* y, const void* x, const void* w, cons
                                      DataType x_dtype, DataType y_dtype, void* workspace, void* stream) {
   RTLLM_CHECK_ARG(T >= 0 && N > 0 && K > 0 && K <= kInt8LinearMaxK, "int8_linear: T = ", T, ", N = ", N, ", K = ", K,
                   " (need T >= 0, N > 0, 0 < K <= ", kInt8LinearMaxK, ")");
-  require_k("(test)", K);
+  RTLLM_CHECK_ARG(K % 16 == 0, "int8_linear: K = ", K, " columns; the CUDA backend needs a multiple of 16 "
+                  "(cuBLASLt's int8 GEMM)");
   RTLLM_CHECK_ARG(x_dtype == DataType::kBFloat16 || x_dtype == DataType::kFloat16, "int8_linear: x dtype ",
                   dtype_safetensors_name(x_dtype), " is not BF16 or F16");
   RTLLM_CHECK_ARG(y_dtype == x_dtype || y_dtype == DataType::kFloat32, "int8_linear: y dtype ",
