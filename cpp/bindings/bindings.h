@@ -12,4 +12,5 @@ void bind_kernels(pybind11::module_& m);   // rtllm._core.kernels: CUDA launcher
 #endif
 void bind_attention_kernels(pybind11::module_& kernels_module);  // rtllm._core.kernels attention (CUDA builds)
 void bind_fp8_kernels(pybind11::module_& kernels_module);  // rtllm._core.kernels fp8_linear (CUDA builds)
+void bind_int8_kernels(pybind11::module_& kernels_module);  // rtllm._core.kernels int8_linear (CUDA builds)
 }  // namespace rtllm::bindings

@@ -208,6 +208,20 @@ void bind_engine(py::module_& m) {
              for (const auto& [name, amax] : r.observed_amax()) d[py::str(name)] = amax;
              return d;
            })
+      // observe_channel_amax([tensor names]) and observed_channel_amax() -> {name: float32 [columns]}: the
+      // same per column (CPU only).
+      .def("observe_channel_amax", &ModelRunner::observe_channel_amax, py::arg("tensor_names"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("observed_channel_amax",
+           [](const ModelRunner& r) {
+             py::dict d;
+             for (const auto& [name, amax] : r.observed_channel_amax()) {
+               py::array_t<float> a(static_cast<py::ssize_t>(amax.size()));
+               std::copy(amax.begin(), amax.end(), a.mutable_data());
+               d[py::str(name)] = a;
+             }
+             return d;
+           })
       .def(
           "kv_cache_amax",
           [](ModelRunner& r, std::vector<int32_t> block_table, int32_t num_tokens) {

@@ -202,6 +202,7 @@ void bind_kernels(py::module_& parent) {
   m.def("sampling_uniform", &sampling_uniform, py::arg("seed"), py::arg("step"));
   bind_attention_kernels(m);  // cpp/bindings/kernels_attention.cc
   bind_fp8_kernels(m);        // cpp/bindings/kernels_fp8.cc
+  bind_int8_kernels(m);       // cpp/bindings/kernels_int8.cc
 }
 
 }  // namespace rtllm::bindings

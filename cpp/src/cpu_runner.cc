@@ -30,6 +30,18 @@ void observe(const TensorView& t, float& amax) {
   for (int64_t i = 0, n = t.numel(); i < n; ++i) raise_amax(std::fabs(x[i]), amax);
 }
 
+// amax |value| of each column over the rows of a float32 activation [rows, amax.size()].
+void observe_channels(const TensorView& t, std::vector<float>& amax) {
+  RTLLM_CHECK(t.dtype == DataType::kFloat32, "observe_channel_amax reads float32 activations, got ",
+              dtype_safetensors_name(t.dtype));
+  const int64_t cols = t.cols();
+  RTLLM_CHECK(cols == static_cast<int64_t>(amax.size()), "observe_channel_amax: ", cols, " columns, expected ",
+              amax.size());
+  const float* x = t.f32();
+  for (int64_t r = 0, rows = t.rows(); r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) raise_amax(std::fabs(x[r * cols + c]), amax[c]);
+}
+
 size_t physical_memory_bytes() {
   long pages = sysconf(_SC_PHYS_PAGES), page_size = sysconf(_SC_PAGE_SIZE);
   return pages > 0 && page_size > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page_size) : SIZE_MAX;
@@ -90,6 +102,7 @@ class CpuBackend final : public RunnerBackend {
   const float* forward(const HostStep& step, std::vector<PlannedNode>& nodes, const TensorSlot& logits) override;
   void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& copies) override;
   bool can_observe() const override { return true; }
+  bool can_observe_channels() const override { return true; }
   void kv_cache_amax(const int32_t* block_table, int32_t num_tokens, std::array<float, 2>* out) const override;
 
  private:
@@ -222,6 +235,7 @@ const float* CpuBackend::forward(const HostStep& st, std::vector<PlannedNode>& n
   for (PlannedNode& node : nodes) {
     node.run(ctx, st.num_tokens, st.num_logits);
     for (auto& [o, amax] : node.observed) observe(node.output_views[o], amax);
+    for (auto& [o, amax] : node.observed_channels) observe_channels(node.output_views[o], amax);
   }
   return static_cast<const float*>(logits.data);
 }

@@ -88,7 +88,8 @@ EngineLimits parse_limits(const Json& j) {
   return l;
 }
 
-// Accepts the quantizations whose op kinds exist: FP8 and FP8_PER_CHANNEL_PER_TOKEN weights (fp8_linear; the
+// Accepts the quantizations whose op kinds exist: FP8 and FP8_PER_CHANNEL_PER_TOKEN weights (fp8_linear;
+// W8A16 / W4A16: weight_only_linear; W8A8_SQ_PER_CHANNEL: int8_linear; the
 // graph names the quantized ops, so nothing else here depends on the algorithm) and an unquantized or
 // FP8 or INT8 KV cache (ModelRunner then runs an F8_E4M3 or I8 pool). Anything else is refused naming it.
 QuantSpec parse_quant(const Json& config) {
@@ -102,10 +103,10 @@ QuantSpec parse_quant(const Json& config) {
   q.quant_algo = algo("quant_algo");
   q.kv_cache_quant_algo = algo("kv_cache_quant_algo");
   RTLLM_CHECK(q.quant_algo == "NO_QUANT" || q.quant_algo == "FP8" || q.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN" ||
-                  q.quant_algo == "W8A16" || q.quant_algo == "W4A16",
+                  q.quant_algo == "W8A16" || q.quant_algo == "W4A16" || q.quant_algo == "W8A8_SQ_PER_CHANNEL",
               "quant_algo ", q.quant_algo, " is not supported: this rtllm runs FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16, "
-              "W4A16 and unquantized engines only (quant_algo null, NO_QUANT, FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16 "
-              "or W4A16)");
+              "W4A16, W8A8_SQ_PER_CHANNEL and unquantized engines only (quant_algo null, NO_QUANT, FP8, "
+              "FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16 or W8A8_SQ_PER_CHANNEL)");
   RTLLM_CHECK(q.kv_cache_quant_algo == "NO_QUANT" || q.kv_cache_quant_algo == "FP8" ||
                   q.kv_cache_quant_algo == "INT8",
               "kv_cache_quant_algo ", q.kv_cache_quant_algo, " is not supported: this rtllm stores the KV cache "

@@ -414,6 +414,39 @@ std::vector<std::pair<std::string, float>> ModelRunner::observed_amax() const {
   return out;
 }
 
+void ModelRunner::observe_channel_amax(const std::vector<std::string>& tensor_names) {
+  Impl& im = *impl_;
+  RTLLM_CHECK_ARG(im.backend->can_observe_channels() || tensor_names.empty(), "observe_channel_amax is not "
+                  "implemented on the ", device_name(im.config.device), " backend (available on the CPU)");
+  const Graph& g = im.engine->graph();
+  std::lock_guard<std::mutex> lock(im.forward_mutex);
+  for (PlannedNode& node : im.nodes) node.observed_channels.clear();
+  for (const std::string& name : tensor_names) {
+    bool found = false;
+    for (size_t n = 0; n < g.nodes.size() && !found; ++n)
+      for (size_t o = 0; o < g.nodes[n].outputs.size() && !found; ++o)
+        if (g.nodes[n].outputs[o] == name) {
+          const std::vector<Dim>& dims = im.nodes[n].outputs[o]->dims;
+          RTLLM_CHECK_ARG(dims.size() == 2 && dims[1].kind == Dim::Kind::kFixed, "observe_channel_amax: \"", name,
+                          "\" is not a [rows, columns] tensor");
+          auto& obs = im.nodes[n].observed_channels;
+          if (std::none_of(obs.begin(), obs.end(), [&](const auto& p) { return p.first == o; }))
+            obs.emplace_back(o, std::vector<float>(dims[1].value, 0.0f));
+          found = true;
+        }
+    RTLLM_CHECK_ARG(found, "observe_channel_amax: \"", name, "\" is not the output of a node of the graph");
+  }
+}
+
+std::vector<std::pair<std::string, std::vector<float>>> ModelRunner::observed_channel_amax() const {
+  const Impl& im = *impl_;
+  const Graph& g = im.engine->graph();
+  std::vector<std::pair<std::string, std::vector<float>>> out;
+  for (size_t n = 0; n < im.nodes.size(); ++n)
+    for (const auto& [o, amax] : im.nodes[n].observed_channels) out.emplace_back(g.nodes[n].outputs[o], amax);
+  return out;
+}
+
 std::vector<std::array<float, 2>> ModelRunner::kv_cache_amax(const std::vector<int32_t>& block_table,
                                                              int32_t num_tokens) {
   Impl& im = *impl_;

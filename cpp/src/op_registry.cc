@@ -42,6 +42,7 @@ void register_cpu_ops() {
     register_cpu_linear_ops();
     register_cpu_fp8_linear_ops();
     register_cpu_weight_only_linear_ops();
+    register_cpu_int8_linear_ops();
     register_cpu_norm_ops();
     register_cpu_elementwise_ops();
     register_cpu_rope_ops();

@@ -155,6 +155,7 @@ void register_cpu_ops();
 void register_cpu_linear_ops();
 void register_cpu_fp8_linear_ops();
 void register_cpu_weight_only_linear_ops();
+void register_cpu_int8_linear_ops();
 void register_cpu_norm_ops();
 void register_cpu_elementwise_ops();
 void register_cpu_rope_ops();

@@ -42,6 +42,9 @@ struct PlannedNode {
   // (output index, running amax |value|) of the outputs ModelRunner::observe_amax asked for; the
   // backend updates them after each run.
   std::vector<std::pair<size_t, float>> observed;
+  // (output index, running amax |value| of each column) of the outputs ModelRunner::observe_channel_amax
+  // asked for (SmoothQuant's per-input-channel ranges); the backend updates them after each run.
+  std::vector<std::pair<size_t, std::vector<float>>> observed_channels;
 
   // Binds the views to a step of num_tokens tokens and num_logits rows of logits and runs the op.
   void run(const OpContext& ctx, int64_t num_tokens, int64_t num_logits) {
@@ -112,6 +115,8 @@ class RunnerBackend {
   // Calibration: whether forward updates PlannedNode::observed, and the per-layer {amax |K|, amax |V|}
   // of a sequence's first num_tokens pool slots (validated block ids) into out[num_layers][2].
   virtual bool can_observe() const { return false; }
+  // Whether forward updates PlannedNode::observed_channels.
+  virtual bool can_observe_channels() const { return false; }
   virtual void kv_cache_amax(const int32_t* block_table, int32_t num_tokens, std::array<float, 2>* out) const {
     (void)block_table, (void)num_tokens, (void)out;
     RTLLM_CHECK_ARG(false, "kv_cache_amax is not implemented on this backend yet (available on the CPU)");

@@ -104,7 +104,8 @@ def _with_quantization(engine_dir, tmp_path, section):
 
 @pytest.mark.parametrize("section, message", [
     ({"quant_algo": "FP8_BLOCK_SCALES"}, "quant_algo FP8_BLOCK_SCALES is not"),
-    ({"quant_algo": "W8A8_SQ_PER_CHANNEL", "kv_cache_quant_algo": None}, "quant_algo W8A8_SQ_PER_CHANNEL is not"),
+    ({"quant_algo": "W8A8_SQ_PER_TENSOR_PLUGIN", "kv_cache_quant_algo": None},
+     "quant_algo W8A8_SQ_PER_TENSOR_PLUGIN is not"),
     ({"quant_algo": None, "kv_cache_quant_algo": "NVFP4"}, "kv_cache_quant_algo NVFP4 is not"),
 ])
 def test_engine_readers_refuse_quantized_engines(engine_dir, tmp_path, section, message):

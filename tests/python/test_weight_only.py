@@ -306,7 +306,8 @@ def test_group_size_not_dividing_k_is_refused(llama_dir):
 def test_awq_and_gptq_stay_refused(llama_dir, algo):
     model = AutoModelForCausalLM.from_hugging_face(llama_dir)
     with pytest.raises(ValueError, match=f"quant_algo {algo} is not implemented yet: rtllm builds FP8, "
-                                         f"FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16 and unquantized engines only"):
+                                         f"FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16, W8A8_SQ_PER_CHANNEL and unquantized "
+                                         f"engines only"):
         build(model, BuildConfig(max_seq_len=128), QuantConfig(quant_algo=algo, group_size=64))
 
 

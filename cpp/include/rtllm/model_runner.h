@@ -105,6 +105,12 @@ class RTLLM_API ModelRunner {
   // cannot observe (CUDA so far).
   void observe_amax(const std::vector<std::string>& tensor_names);
   std::vector<std::pair<std::string, float>> observed_amax() const;
+  // The same per column (the last dim) of each named 2-d node output: SmoothQuant's per-input-channel
+  // ranges. Separate from observe_amax (each call replaces only its own list). Throws InvalidArgument for
+  // a name that is no node's output, an output that is not [rows, fixed columns], and on a backend that
+  // cannot observe per channel (CUDA: calibrate on the CPU).
+  void observe_channel_amax(const std::vector<std::string>& tensor_names);
+  std::vector<std::pair<std::string, std::vector<float>>> observed_channel_amax() const;
   // Per layer {amax |K|, amax |V|} of one sequence's first num_tokens tokens as the KV pool holds them
   // (K after qk_norm and RoPE), block_table listing its blocks in order. Reads a float32 pool; throws
   // InvalidArgument for another dtype, a block id outside the pool or a table too short.

@@ -114,6 +114,7 @@ CublasLtGemm::CublasLtGemm(size_t workspace_bytes) : workspace_bytes_(workspace_
 CublasLtGemm::~CublasLtGemm() {
   plans_.clear();
   fp8_plans_.clear();
+  int8_plans_.clear();
   if (workspace_) cudaFree(workspace_);
   if (handle_) cublasLtDestroy(handle_);
 }
@@ -188,6 +189,34 @@ void CublasLtGemm::fp8_linear(void* y, const void* q, const void* w, const float
   }
   const float alpha = 1.0f, beta = 0.0f;
   RTLLM_CUBLAS_CHECK(cublasLtMatmul(handle_, p.desc, &alpha, w, p.a, q, p.b, &beta, y, p.d, y, p.d, &p.algo,
+                                    workspace_, workspace_bytes_, stream));
+}
+
+void CublasLtGemm::int8_gemm(int32_t* acc, const int8_t* q, const int8_t* w, int64_t T, int64_t N, int64_t K,
+                             cudaStream_t stream) {
+  for (const void* ptr : {static_cast<const void*>(acc), static_cast<const void*>(q), static_cast<const void*>(w)})
+    RTLLM_CHECK(reinterpret_cast<uintptr_t>(ptr) % kMinAlignment == 0, "cuBLASLt int8_gemm: operand ", ptr,
+                " is not ", kMinAlignment, "-byte aligned");
+  RTLLM_CHECK(K % 16 == 0, "cuBLASLt int8_gemm: K = ", K, " is not a multiple of 16");
+  const Int8Key key{T, N, K};
+  auto it = int8_plans_.find(key);
+  if (it == int8_plans_.end()) {
+    auto p = std::make_unique<Plan>();
+    // Integer compute and scale types: the int32 sums are exact (K is bounded by the op), alpha 1, beta 0.
+    RTLLM_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32I, CUDA_R_32I));
+    // The "TN" form, like FP8: both operands with K contiguous (see the layout note above).
+    set_attr(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T);
+    set_attr(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N);
+    RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_8I, K, N, K));
+    RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_8I, K, T, K));
+    RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->d, CUDA_R_32I, N, T, N));
+    RTLLM_CHECK(find_algo(handle_, *p, workspace_bytes_), "cuBLASLt has no int8 algorithm for int8_linear x [", T,
+                ", ", K, "] · W [", N, ", ", K, "]ᵀ with int32 output");
+    it = int8_plans_.emplace(key, std::move(p)).first;
+  }
+  Plan& p = *it->second;
+  const int32_t alpha = 1, beta = 0;
+  RTLLM_CUBLAS_CHECK(cublasLtMatmul(handle_, p.desc, &alpha, w, p.a, q, p.b, &beta, acc, p.d, acc, p.d, &p.algo,
                                     workspace_, workspace_bytes_, stream));
 }
 

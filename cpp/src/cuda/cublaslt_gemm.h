@@ -1,7 +1,8 @@
 // Dense linear layers through cuBLASLt: y[T, N] = x[T, K] · W[N, K]ᵀ (+ bias[N]), bf16/fp16 operands,
 // float32 accumulation, y in the operand dtype or float32. One handle and one workspace allocated at
 // load; the plan (descriptors + heuristic algorithm) of each distinct shape is built once and cached.
-// FP8 linears (fp8_linear): E4M3 operands, float32 accumulation, scales applied by cuBLASLt.
+// FP8 linears (fp8_linear): E4M3 operands, float32 accumulation, scales applied by cuBLASLt. INT8 linears
+// (int8_linear): int8 operands, exact int32 accumulators.
 #pragma once
 
 #include <cublasLt.h>
@@ -42,6 +43,11 @@ class CublasLtGemm {
                   Fp8Scaling scaling, const void* bias, int64_t T, int64_t N, int64_t K, DataType bias_dtype,
                   DataType y_dtype, cudaStream_t stream);
 
+  // acc [T, N] int32 = q [T, K] · w [N, K]ᵀ, int8 operands summed exactly in int32 (int8_linear; the
+  // caller applies the scales). K % 16 == 0, operands 16-byte aligned. Throws Error on a cuBLASLt failure
+  // or when no algorithm supports the shape.
+  void int8_gemm(int32_t* acc, const int8_t* q, const int8_t* w, int64_t T, int64_t N, int64_t K, cudaStream_t stream);
+
   // Whether cuBLASLt on the current device has an FP8 GEMM that applies `scaling` itself, for output
   // y_dtype and a bias of bias_dtype (has_bias false: none). Asked once per combination, with a
   // temporary handle, at load.
@@ -54,6 +60,8 @@ class CublasLtGemm {
   using Fp8Key = std::tuple<int64_t, int64_t, int64_t, int, int, int>;
   Plan& fp8_plan(const Fp8Key& key);
   std::map<Fp8Key, std::unique_ptr<Plan>> fp8_plans_;
+  using Int8Key = std::tuple<int64_t, int64_t, int64_t>;  // T, N, K
+  std::map<Int8Key, std::unique_ptr<Plan>> int8_plans_;
 
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;

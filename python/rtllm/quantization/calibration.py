@@ -4,7 +4,8 @@ prompt by prompt.
 
 The model is built unquantized into an engine in memory (same dtype and fusion as the real build) and
 each sample is prefilled once. The runner records the largest |x| at each quantizable linear's input
-(ModelRunner.observe_amax on the tensor the linear reads, keyed here by the linear's weight name) and,
+(ModelRunner.observe_amax on the tensor the linear reads, keyed here by the linear's weight name; for
+SmoothQuant, per input channel with ModelRunner.observe_channel_amax, on the CPU) and,
 after each prompt, the largest |k| and |v| the KV cache holds for it in every layer (kv_cache_amax: k
 after qk_norm and RoPE, as stored).
 """
@@ -22,11 +23,13 @@ TOKENS_PER_BLOCK = 32
 
 @dataclasses.dataclass
 class Calibration:
-    """What the calibration run saw: per linear weight name, amax |input|; per layer, (amax |k|, amax |v|)."""
+    """What the calibration run saw: per linear weight name, amax |input|; per layer, (amax |k|, amax |v|);
+    for SmoothQuant, per linear weight name, amax |input| of each input channel (float32 [K])."""
     num_samples: int
     num_tokens: int
     linear_amax: dict
     kv_amax: list
+    channel_amax: dict = dataclasses.field(default_factory=dict)
 
 
 def default_corpus_path() -> str:
@@ -128,12 +131,13 @@ def random_samples(model, num_samples: int, max_tokens: int) -> list:
     return [rng.integers(0, model.config.vocab_size, max_tokens).tolist() for _ in range(num_samples)]
 
 
-def calibration_runtime_config(num_blocks: int):
+def calibration_runtime_config(num_blocks: int, per_channel: bool = False):
     """Calibration runs on the GPU when rtllm has one (an 8B model calibrates in seconds there), else on
-    the CPU with a float32 KV cache. RTLLM_CALIB_DEVICE=cpu forces the CPU."""
+    the CPU with a float32 KV cache. RTLLM_CALIB_DEVICE=cpu forces the CPU; per-channel ranges
+    (SmoothQuant) are measured on the CPU only."""
     from .. import _core
 
-    if os.environ.get("RTLLM_CALIB_DEVICE", "").lower() != "cpu" and _core.cuda_available():
+    if os.environ.get("RTLLM_CALIB_DEVICE", "").lower() != "cpu" and _core.cuda_available() and not per_channel:
         return _core.RuntimeConfig(device=_core.DeviceKind.CUDA, num_kv_blocks=num_blocks,
                                    tokens_per_block=TOKENS_PER_BLOCK, enable_cuda_graphs=False,
                                    device_sampling=False)
@@ -149,7 +153,9 @@ def calibrate(model, build_config, quant_config, calib_data=None, linear_weights
 
     from .. import _core
     from ..builder.build import BuildConfig, build
+    from .mode import QuantAlgo
     from .quant_config import QuantConfig
+    from .quantize import is_excluded
 
     if calib_data is None and quant_config.calib_dataset != DEFAULT_DATASET:
         calib_data = quant_config.calib_dataset  # a file named on the command line (--calib-data)
@@ -166,17 +172,23 @@ def calibrate(model, build_config, quant_config, calib_data=None, linear_weights
     graph_nodes = engine.graph["nodes"]
     wanted = set(linear_weights)
     inputs_of = {}  # weight name -> input tensor name in the calibration engine
+    channel_inputs_of = {}  # SmoothQuant: every linear the pass may quantize -> its input tensor
+    smooth = quant_config.quant_algo == QuantAlgo.W8A8_SQ_PER_CHANNEL
     for node in graph_nodes:
         if node["op"] == "linear" and node["inputs"][1] in wanted:
             inputs_of[node["inputs"][1]] = node["inputs"][0]
+        if smooth and node["op"] == "linear" and not is_excluded(node["inputs"][1], quant_config.exclude_modules):
+            channel_inputs_of[node["inputs"][1]] = node["inputs"][0]
     missing = sorted(wanted - set(inputs_of))
     if missing:
         raise ValueError(f"the calibration engine has no linear reading {missing[0]!r}")
     num_layers = model.config.num_layers
     num_blocks = (max_len + TOKENS_PER_BLOCK - 1) // TOKENS_PER_BLOCK
     core_engine = engine.to_core()  # in memory: no engine file is written
-    runner = _core.ModelRunner(core_engine, calibration_runtime_config(num_blocks))
+    runner = _core.ModelRunner(core_engine, calibration_runtime_config(num_blocks, bool(channel_inputs_of)))
     runner.observe_amax(sorted(set(inputs_of.values())))
+    if channel_inputs_of:
+        runner.observe_channel_amax(sorted(set(channel_inputs_of.values())))
     kv_amax = np.zeros((num_layers, 2))  # np.maximum keeps a NaN: quantize_network refuses it
     block_table = list(range(num_blocks))
     for ids in samples:  # each prompt overwrites the blocks of the one before
@@ -184,7 +196,10 @@ def calibrate(model, build_config, quant_config, calib_data=None, linear_weights
                        np.asarray([block_table], dtype=np.int32))
         kv_amax = np.maximum(kv_amax, np.array(runner.kv_cache_amax(block_table, len(ids))))
     tensor_amax = runner.observed_amax()
+    channel_amax = runner.observed_channel_amax() if channel_inputs_of else {}
     return Calibration(num_samples=len(samples), num_tokens=sum(map(len, samples)),
                        linear_amax={w: float(tensor_amax[t]) for w, t in inputs_of.items()},
-                       kv_amax=[(float(k), float(v)) for k, v in kv_amax])
+                       kv_amax=[(float(k), float(v)) for k, v in kv_amax],
+                       channel_amax={w: np.asarray(channel_amax[t], dtype=np.float32)
+                                     for w, t in channel_inputs_of.items()})
 

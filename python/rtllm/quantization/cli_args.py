@@ -4,16 +4,19 @@ from __future__ import annotations
 
 
 def add_quant_args(p) -> None:
-    """--quant-algo, --group-size, --has-zero-point, --kv-cache-quant-algo, --exclude-modules, --calib-data
-    and --calib-size, as
+    """--quant-algo, --group-size, --has-zero-point, --smoothquant-val, --kv-cache-quant-algo,
+    --exclude-modules, --calib-data and --calib-size, as
     QuantConfig's fields and quantize()'s calib_data (rtllm build, rtllm bench, benchmarks)."""
     from rtllm.quantization import QuantAlgo
 
     names = [a.value for a in QuantAlgo]
     g = p.add_argument_group("quantization")
-    g.add_argument("--quant-algo", choices=names, default=None, metavar="ALGO",
-                   help="quantize the weights (implemented: FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16; "
-                        "default: none)")
+    g.add_argument("--quant-algo", choices=names, default=None, metavar="ALGO", type=str.upper,
+                   help="quantize the weights (implemented: FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16, "
+                        "W8A8_SQ_PER_CHANNEL; any case; default: none)")
+    g.add_argument("--smoothquant-val", type=float, default=None, metavar="ALPHA",
+                   help="W8A8_SQ_PER_CHANNEL: SmoothQuant's migration strength alpha in [0, 1] "
+                        "(QuantConfig.smoothquant_val, default 0.5)")
     g.add_argument("--group-size", type=int, default=None, metavar="N",
                    help="W4A16: input channels per scale, 32, 64 or 128 (QuantConfig.group_size, default 128)")
     g.add_argument("--has-zero-point", action="store_true", default=None,
@@ -36,6 +39,9 @@ def quant_config_of(args):
         if args.calib_data is not None or args.calib_size is not None:
             raise ValueError("--calib-data and --calib-size calibrate a quantization: add --quant-algo FP8 or "
                              "--kv-cache-quant-algo FP8")
+        if getattr(args, "smoothquant_val", None) is not None:
+            raise ValueError("--smoothquant-val shapes a SmoothQuant quantization: add --quant-algo "
+                             "W8A8_SQ_PER_CHANNEL")
         if args.group_size is not None or args.has_zero_point:
             raise ValueError("--group-size and --has-zero-point shape a W4A16 quantization: add --quant-algo W4A16")
         return None
@@ -47,6 +53,8 @@ def quant_config_of(args):
         fields["group_size"] = args.group_size
     if args.has_zero_point:
         fields["has_zero_point"] = True
+    if getattr(args, "smoothquant_val", None) is not None:
+        fields["smoothquant_val"] = args.smoothquant_val
     if args.exclude_modules is not None:
         fields["exclude_modules"] = list(args.exclude_modules)
     # The calibration file travels as QuantConfig.calib_dataset (recorded in the engine's config.json).

@@ -9,7 +9,8 @@ FP8 or INT8 (an E4M3 or int8 KV cache, chosen by the runtime from config.json, w
 k_scale and v_scale calibrated); W8A16 and W4A16 (weight-only round to nearest: each linear becomes a
 `weight_only_linear` with int8 codes and one float32 scale per output channel, or packed int4 codes with one
 float16 scale per group of group_size input channels, and with has_zero_point a float32 offset per group;
-the activations stay in the engine's float dtype). check_supported refuses every other config up front so that nothing is ever built
+the activations stay in the engine's float dtype); W8A8_SQ_PER_CHANNEL (SmoothQuant, calibrated:
+rtllm.quantization.smoothquant; each linear becomes an `int8_linear`). check_supported refuses every other config up front so that nothing is ever built
 (or loaded) silently unquantized.
 """
 import dataclasses
@@ -22,7 +23,7 @@ from .quant_config import QuantConfig
 
 FP8_E4M3_MAX = 448.0  # the largest finite E4M3 magnitude
 SUPPORTED_QUANT_ALGOS = (QuantAlgo.NO_QUANT, QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, QuantAlgo.W8A16,
-                         QuantAlgo.W4A16)
+                         QuantAlgo.W4A16, QuantAlgo.W8A8_SQ_PER_CHANNEL)
 WEIGHT_ONLY_QUANT_ALGOS = (QuantAlgo.W8A16, QuantAlgo.W4A16)
 INT8_MAX, INT4_MAX, UINT4_MAX = 127, 7, 15
 FP16_MAX = 65504.0
@@ -38,8 +39,9 @@ def check_supported(quant_config: QuantConfig) -> None:
     algo = quant_config.quant_algo
     if algo is not None and algo not in SUPPORTED_QUANT_ALGOS:
         raise ValueError(f"quant_algo {algo.value} is not implemented yet: rtllm builds FP8, "
-                         f"{QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN.value}, W8A16, W4A16 and unquantized engines only "
-                         f"(quant_algo None, NO_QUANT, FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16 or W4A16)")
+                         f"{QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN.value}, W8A16, W4A16, W8A8_SQ_PER_CHANNEL and "
+                         f"unquantized engines only (quant_algo None, NO_QUANT, FP8, FP8_PER_CHANNEL_PER_TOKEN, "
+                         f"W8A16, W4A16 or W8A8_SQ_PER_CHANNEL)")
     kv_algo = quant_config.kv_cache_quant_algo
     if kv_algo is not None and kv_algo not in SUPPORTED_KV_CACHE_QUANT_ALGOS:
         raise ValueError(f"kv_cache_quant_algo {kv_algo.value} is not implemented yet: rtllm stores the KV cache "
@@ -47,8 +49,10 @@ def check_supported(quant_config: QuantConfig) -> None:
 
 
 def needs_calibration(quant_config: QuantConfig) -> bool:
-    """FP8's static input scales and an FP8 or INT8 KV cache's k/v scales come from activations."""
-    return quant_config.quant_algo == QuantAlgo.FP8 or quant_config.kv_cache_quant_algo in KV_CODE_MAX
+    """FP8's static input scales, SmoothQuant's per-channel ranges and an FP8 or INT8 KV cache's k/v
+    scales come from activations."""
+    return quant_config.quant_algo in (QuantAlgo.FP8, QuantAlgo.W8A8_SQ_PER_CHANNEL) or \
+        quant_config.kv_cache_quant_algo in KV_CODE_MAX
 
 
 @dataclasses.dataclass
@@ -64,6 +68,9 @@ class QuantizationReport:
     input_scales: dict = dataclasses.field(default_factory=dict)  # weight name -> FP8 static input_scale
     kv_scales: list = dataclasses.field(default_factory=list)     # per layer (k_scale, v_scale)
     kv_cache_quant_algo: str = ""  # of kv_scales
+    # W8A8_SQ_PER_CHANNEL: per group of linears reading one tensor, {"linears", "s", "fold", "target", "rows"}
+    # (rtllm.quantization.smoothquant)
+    smoothing: list = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         parts = []
@@ -151,6 +158,11 @@ def quantize_network(network, quant_config: QuantConfig, calibration=None) -> Qu
                 node.attrs["k_scale"], node.attrs["v_scale"] = k_scale, v_scale
     if algo in WEIGHT_ONLY_QUANT_ALGOS:
         return _weight_only(network, quant_config, report)
+    if algo == QuantAlgo.W8A8_SQ_PER_CHANNEL:
+        from .smoothquant import smooth_quant
+
+        smooth_quant(network, quant_config, calibration, report, selected_linears(network, quant_config, report))
+        return report
     if algo not in (QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN):
         return report
     for node in selected_linears(network, quant_config, report):
