@@ -30,6 +30,15 @@ void observe(const TensorView& t, float& amax) {
   for (int64_t i = 0, n = t.numel(); i < n; ++i) raise_amax(std::fabs(x[i]), amax);
 }
 
+// A copy of a float32 activation's values as bound for the step (calibration: the buffer grows to the
+// largest step seen, outside the serving path).
+void capture(const TensorView& t, PlannedNode::Captured& c) {
+  RTLLM_CHECK(t.dtype == DataType::kFloat32, "capture_outputs reads float32 activations, got ",
+              dtype_safetensors_name(t.dtype));
+  c.cols = t.ndim > 1 ? t.shape[t.ndim - 1] : 1;
+  c.values.assign(t.f32(), t.f32() + t.numel());
+}
+
 size_t physical_memory_bytes() {
   long pages = sysconf(_SC_PHYS_PAGES), page_size = sysconf(_SC_PAGE_SIZE);
   return pages > 0 && page_size > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page_size) : SIZE_MAX;
@@ -222,6 +231,7 @@ const float* CpuBackend::forward(const HostStep& st, std::vector<PlannedNode>& n
   for (PlannedNode& node : nodes) {
     node.run(ctx, st.num_tokens, st.num_logits);
     for (auto& [o, amax] : node.observed) observe(node.output_views[o], amax);
+    for (auto& c : node.captured) capture(node.output_views[c.output], c);
   }
   return static_cast<const float*>(logits.data);
 }
