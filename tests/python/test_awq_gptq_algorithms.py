@@ -28,7 +28,7 @@ from rtllm.builder.safetensors_io import unpack_int4
 from rtllm.models import AutoModelForCausalLM
 from rtllm.quantization import QuantConfig
 from rtllm.quantization.calibration import calibrate, load_calib_texts, tokenize_samples
-from rtllm.quantization.gptq import gptq_quantize
+from rtllm.quantization.gptq import gptq_quantize, upper_cholesky_of_inverse
 
 CALIB = dict(calib_size=12, calib_max_seq_length=64)
 
@@ -78,6 +78,15 @@ def test_gptq_beats_round_to_nearest(bits, group, sym, desc_act):
         w_hat += np.repeat(offset.astype(np.float64), group, axis=1)
     ours, base = out_err(x, w, w_hat), out_err(x, w, rtn(w, bits, group, sym))
     assert ours < 0.8 * base, (ours, base)
+
+
+def test_upper_cholesky_of_inverse():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 70))
+    h = x.T @ x
+    u = upper_cholesky_of_inverse(h)
+    assert np.all(np.tril(u, -1) == 0) and np.all(np.diag(u) > 0)
+    np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), rtol=0, atol=1e-12 * np.abs(np.linalg.inv(h)).max() * 70)
 
 
 def test_gptq_refuses_bad_shapes():

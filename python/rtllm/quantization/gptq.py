@@ -63,6 +63,13 @@ class _Grid:
         return (q - self.zero) * self.scale if self.zero is not None else q * self.scale
 
 
+def upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
+    """Upper triangular U with Uᵀ U = h⁻¹, from one Cholesky factorization: with P the order reversal and
+    P h P = L Lᵀ, h⁻¹ = (P L⁻ᵀ P)(P L⁻¹ P) and P L⁻¹ P is upper triangular."""
+    L = np.linalg.cholesky(h[::-1, ::-1])
+    return np.ascontiguousarray(np.linalg.inv(L)[::-1, ::-1])
+
+
 def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, group_size: int, sym: bool, desc_act: bool = False,
                   block: int = BLOCK, damp: float = DAMP) -> tuple:
     """w [N, K] (float), h [K, K] = Σ xᵀx over calibration rows (any positive multiple of it) ->
@@ -90,10 +97,7 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, group_size: int, sym:
     W = W[:, perm]
     H = H[perm][:, perm]
     H[np.diag_indices(K)] += damp * np.mean(np.diag(H))
-    # U: upper Cholesky factor of H⁻¹ (H⁻¹ = Uᵀ U).
-    L = np.linalg.cholesky(H)
-    L_inv = np.linalg.solve(L, np.eye(K))
-    U = np.linalg.cholesky(L_inv.T @ L_inv).T
+    U = upper_cholesky_of_inverse(H)
     Q = np.zeros((N, K))
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
