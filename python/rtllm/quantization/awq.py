@@ -82,7 +82,8 @@ def search_clip(w: np.ndarray, h: np.ndarray, group_size: int, has_zero_point: b
         bound = amax * (1 - i / CLIP_GRID)
         wc = np.clip(g, -bound[..., None], bound[..., None]).reshape(N, K)
         d = (w - _fake_quant(wc, group_size, has_zero_point)).reshape(N, ng, group_size).astype(np.float32)
-        err = np.einsum("ngi,gij,ngj->ng", d, blocks, d)
+        dg = d.transpose(1, 0, 2)  # [ng, N, G]: one batched product per group
+        err = np.sum(np.matmul(dg, blocks) * dg, axis=2).T
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best = np.where(better, bound, best)
