@@ -37,7 +37,6 @@ def _fake_quant(w: np.ndarray, group_size: int, has_zero_point: bool) -> np.ndar
     from .quantize import quantize_int4_groups
 
     codes, scale, offset = quantize_int4_groups(np.ascontiguousarray(w, np.float32), group_size, has_zero_point)
-    N, K = w.shape
     r = np.repeat(scale.astype(np.float32), group_size, axis=1) * codes.astype(np.float32)
     if offset is not None:
         r += np.repeat(offset, group_size, axis=1)
@@ -109,7 +108,6 @@ class _Transform:
             w = w * self.cols[None, :]
         w = w / self.rows[:, None]
         if self.clip is not None:
-            N, K = w.shape
             b = np.repeat(self.clip, self.group_size, axis=1)
             w = np.clip(w, -b, b)
         return np.ascontiguousarray(w, np.float32)

@@ -27,8 +27,8 @@ def add_quant_args(p) -> None:
     g.add_argument("--exclude-modules", nargs="+", default=None, metavar="GLOB",
                    help="modules left unquantized (default: lm_head)")
     g.add_argument("--calib-data", default=None, metavar="FILE",
-                   help="calibration texts for FP8, AWQ, GPTQ and an FP8 KV cache: a .txt file (paragraphs separated by "
-                        "blank lines) or a .jsonl file ({\"text\": ...} a line); default: rtllm's own corpus")
+                   help="calibration texts for FP8, AWQ, GPTQ and an FP8 KV cache: a .txt file (paragraphs separated "
+                        "by blank lines) or a .jsonl file ({\"text\": ...} a line); default: rtllm's own corpus")
     g.add_argument("--calib-size", type=int, default=None, metavar="N",
                    help="calibration samples to run (QuantConfig.calib_size, default 512)")
 

@@ -670,7 +670,8 @@ def load_weight_only(model, checkpoint, scheme: WeightOnlyScheme) -> WeightOnlyP
     mid = 1 << (scheme.bits - 1)
     for _, parts in state.linears:
         for p in parts:
-            z = _unpack_awq(p.qzeros.load()) if scheme.method == "awq" else _unpack_words(p.qzeros.load(), scheme.bits, 1)
+            words = p.qzeros.load()
+            z = _unpack_awq(words) if scheme.method == "awq" else _unpack_words(words, scheme.bits, 1)
             if scheme.zeros_minus_one:
                 z = z + 1
             if np.any(z != mid):

@@ -33,7 +33,9 @@ class QuantConfig:
     that stay unquantized. The calib_* fields drive calibration of algorithms that need activations (FP8,
     an FP8 KV cache): calib_size samples of at most calib_max_seq_length tokens from calib_dataset, a .txt
     or .jsonl file (rtllm.quantization.calibration.load_calib_texts); rtllm downloads no dataset, and the
-    default name "cnn_dailymail" calibrates on the English corpus shipped with rtllm."""
+    default name "cnn_dailymail" calibrates on the English corpus shipped with rtllm. W4A16_AWQ, W4A16_GPTQ and
+    W8A16_GPTQ calibrate too (per-linear input statistics); GPTQ also takes group_size -1 (per output channel)
+    and desc_act (columns by decreasing Hessian diagonal, groups kept in column order)."""
     quant_algo: QuantAlgo | None = None
     kv_cache_quant_algo: QuantAlgo | None = None
     group_size: int = 128
