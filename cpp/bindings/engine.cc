@@ -222,6 +222,19 @@ void bind_engine(py::module_& m) {
              }
              return d;
            })
+      // capture_outputs([tensor names]) keeps a copy of each node output after every step; captured(name)
+      // -> float32 array [rows, cols] of the latest step (AWQ / GPTQ calibration).
+      .def("capture_outputs", &ModelRunner::capture_outputs, py::arg("tensor_names"),
+           py::call_guard<py::gil_scoped_release>())
+      .def(
+          "captured",
+          [](const ModelRunner& r, const std::string& name) {
+            auto [rows, cols, values] = r.captured(name);
+            py::array_t<float> out({rows, cols});
+            std::copy(values.begin(), values.end(), out.mutable_data());
+            return out;
+          },
+          py::arg("tensor_name"))
       .def(
           "kv_cache_amax",
           [](ModelRunner& r, std::vector<int32_t> block_table, int32_t num_tokens) {

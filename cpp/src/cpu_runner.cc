@@ -42,6 +42,15 @@ void observe_channels(const TensorView& t, std::vector<float>& amax) {
     for (int64_t c = 0; c < cols; ++c) raise_amax(std::fabs(x[r * cols + c]), amax[c]);
 }
 
+// A copy of a float32 activation's values as bound for the step (calibration: the buffer grows to the
+// largest step seen, outside the serving path).
+void capture(const TensorView& t, PlannedNode::Captured& c) {
+  RTLLM_CHECK(t.dtype == DataType::kFloat32, "capture_outputs reads float32 activations, got ",
+              dtype_safetensors_name(t.dtype));
+  c.cols = t.ndim > 1 ? t.shape[t.ndim - 1] : 1;
+  c.values.assign(t.f32(), t.f32() + t.numel());
+}
+
 size_t physical_memory_bytes() {
   long pages = sysconf(_SC_PHYS_PAGES), page_size = sysconf(_SC_PAGE_SIZE);
   return pages > 0 && page_size > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page_size) : SIZE_MAX;
@@ -236,6 +245,7 @@ const float* CpuBackend::forward(const HostStep& st, std::vector<PlannedNode>& n
     node.run(ctx, st.num_tokens, st.num_logits);
     for (auto& [o, amax] : node.observed) observe(node.output_views[o], amax);
     for (auto& [o, amax] : node.observed_channels) observe_channels(node.output_views[o], amax);
+    for (auto& c : node.captured) capture(node.output_views[c.output], c);
   }
   return static_cast<const float*>(logits.data);
 }

@@ -103,10 +103,12 @@ QuantSpec parse_quant(const Json& config) {
   q.quant_algo = algo("quant_algo");
   q.kv_cache_quant_algo = algo("kv_cache_quant_algo");
   RTLLM_CHECK(q.quant_algo == "NO_QUANT" || q.quant_algo == "FP8" || q.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN" ||
-                  q.quant_algo == "W8A16" || q.quant_algo == "W4A16" || q.quant_algo == "W8A8_SQ_PER_CHANNEL",
+                  q.quant_algo == "W8A16" || q.quant_algo == "W4A16" || q.quant_algo == "W4A16_AWQ" ||
+                  q.quant_algo == "W4A16_GPTQ" || q.quant_algo == "W8A16_GPTQ" || q.quant_algo == "W8A8_SQ_PER_CHANNEL",
               "quant_algo ", q.quant_algo, " is not supported: this rtllm runs FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16, "
-              "W4A16, W8A8_SQ_PER_CHANNEL and unquantized engines only (quant_algo null, NO_QUANT, FP8, "
-              "FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16 or W8A8_SQ_PER_CHANNEL)");
+              "W4A16 (also as W4A16_AWQ, W4A16_GPTQ, W8A16_GPTQ), W8A8_SQ_PER_CHANNEL and unquantized engines only "
+              "(quant_algo null, NO_QUANT, FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16, W4A16_AWQ, W4A16_GPTQ, "
+              "W8A16_GPTQ or W8A8_SQ_PER_CHANNEL)");
   RTLLM_CHECK(q.kv_cache_quant_algo == "NO_QUANT" || q.kv_cache_quant_algo == "FP8" ||
                   q.kv_cache_quant_algo == "INT8",
               "kv_cache_quant_algo ", q.kv_cache_quant_algo, " is not supported: this rtllm stores the KV cache "

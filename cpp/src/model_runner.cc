@@ -447,6 +447,40 @@ std::vector<std::pair<std::string, std::vector<float>>> ModelRunner::observed_ch
   return out;
 }
 
+void ModelRunner::capture_outputs(const std::vector<std::string>& tensor_names) {
+  Impl& im = *impl_;
+  RTLLM_CHECK_ARG(im.backend->can_observe() || tensor_names.empty(), "capture_outputs is not implemented on the ",
+                  device_name(im.config.device), " backend yet (available on the CPU: RTLLM_CALIB_DEVICE=cpu)");
+  const Graph& g = im.engine->graph();
+  std::lock_guard<std::mutex> lock(im.forward_mutex);
+  for (PlannedNode& node : im.nodes) node.captured.clear();
+  for (const std::string& name : tensor_names) {
+    bool found = false;
+    for (size_t n = 0; n < g.nodes.size() && !found; ++n)
+      for (size_t o = 0; o < g.nodes[n].outputs.size() && !found; ++o)
+        if (g.nodes[n].outputs[o] == name) {
+          auto& cap = im.nodes[n].captured;
+          if (std::none_of(cap.begin(), cap.end(), [&](const auto& c) { return c.output == o; }))
+            cap.push_back(PlannedNode::Captured{o, 0, {}});
+          found = true;
+        }
+    RTLLM_CHECK_ARG(found, "capture_outputs: \"", name, "\" is not the output of a node of the graph");
+  }
+}
+
+std::tuple<int64_t, int64_t, std::vector<float>> ModelRunner::captured(const std::string& tensor_name) const {
+  const Impl& im = *impl_;
+  const Graph& g = im.engine->graph();
+  for (size_t n = 0; n < im.nodes.size(); ++n)
+    for (const auto& c : im.nodes[n].captured)
+      if (g.nodes[n].outputs[c.output] == tensor_name) {
+        const int64_t rows = c.cols > 0 ? static_cast<int64_t>(c.values.size()) / c.cols : 0;
+        return {rows, c.cols, c.values};
+      }
+  RTLLM_CHECK_ARG(false, "captured: \"", tensor_name, "\" is not captured (capture_outputs)");
+  return {};
+}
+
 std::vector<std::array<float, 2>> ModelRunner::kv_cache_amax(const std::vector<int32_t>& block_table,
                                                              int32_t num_tokens) {
   Impl& im = *impl_;

@@ -45,6 +45,14 @@ struct PlannedNode {
   // (output index, running amax |value| of each column) of the outputs ModelRunner::observe_channel_amax
   // asked for (SmoothQuant's per-input-channel ranges); the backend updates them after each run.
   std::vector<std::pair<size_t, std::vector<float>>> observed_channels;
+  // The outputs ModelRunner::capture_outputs asked for: the backend copies each one's values (float32,
+  // [rows, cols]) after each run, replacing the previous step's (calibration only).
+  struct Captured {
+    size_t output = 0;
+    int64_t cols = 0;
+    std::vector<float> values;
+  };
+  std::vector<Captured> captured;
 
   // Binds the views to a step of num_tokens tokens and num_logits rows of logits and runs the op.
   void run(const OpContext& ctx, int64_t num_tokens, int64_t num_logits) {

@@ -104,6 +104,6 @@ def test_build_quantizes_with_quant_algo_and_refuses_the_unimplemented(tiny_mode
     generated = run_cli("generate", "--model", str(engine_dir), "--temperature", "0", "--max-tokens", "4",
                         "Hello").stdout
     assert generated.strip() != ""
-    refused = run_cli("build", checkpoint, "-o", str(tmp_path / "w4"), "--quant-algo", "W4A16_AWQ", check=False)
-    assert refused.returncode == 2 and "quant_algo W4A16_AWQ is not implemented yet" in refused.stderr
+    refused = run_cli("build", checkpoint, "-o", str(tmp_path / "w4"), "--quant-algo", "W4A8_AWQ", check=False)
+    assert refused.returncode == 2 and "quant_algo W4A8_AWQ is not implemented yet" in refused.stderr
     assert not (tmp_path / "w4" / "config.json").exists()

@@ -51,7 +51,7 @@ def test_unknown_model_type(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("quantization_config, method", [
-    ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True}, "'awq'"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes'"),
     ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "'fp8'"),
     ({"bits": 4}, "None"),
 ])

@@ -353,8 +353,8 @@ def _ct(weights=None, acts=None, **extra):
 
 
 @pytest.mark.parametrize("quantization_config, hf_quant, message", [
-    ({"quant_method": "awq", "bits": 4}, None, "quantization method 'awq' \\(quantization_config\\) is not supported"),
-    ({"quant_method": "gptq", "bits": 4}, None, "quantization method 'gptq'"),
+    ({"quant_method": "awq", "bits": 4}, None, "AWQ group_size=None is not supported; supported: 32, 64, 128"),
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128}, None, "GPTQ bits=3 is not supported; supported: 4, 8"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, None, "quantization method 'bitsandbytes'"),
     (_ct(weights={"type": "int"}), None, "weights type 'int' with num_bits 8 is not supported"),
     (_ct(weights={"num_bits": 4}), None, "weights type 'float' with num_bits 4 is not supported"),

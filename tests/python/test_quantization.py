@@ -76,7 +76,7 @@ def test_build_writes_the_quantization_section(llama, tmp_path):
 
 @pytest.mark.parametrize("config, message", [
     (QuantConfig(quant_algo=QuantAlgo.FP8_BLOCK_SCALES), "quant_algo FP8_BLOCK_SCALES is not implemented yet"),
-    (QuantConfig(quant_algo=QuantAlgo.W4A16_AWQ), "quant_algo W4A16_AWQ is not implemented yet"),
+    (QuantConfig(quant_algo=QuantAlgo.W4A8_AWQ), "quant_algo W4A8_AWQ is not implemented yet"),
     (QuantConfig(kv_cache_quant_algo=QuantAlgo.NVFP4), "kv_cache_quant_algo NVFP4 is not implemented yet"),
 ])
 def test_build_refuses_quantization(llama, config, message):

@@ -8,6 +8,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -111,6 +112,12 @@ class RTLLM_API ModelRunner {
   // cannot observe per channel (CUDA: calibrate on the CPU).
   void observe_channel_amax(const std::vector<std::string>& tensor_names);
   std::vector<std::pair<std::string, std::vector<float>>> observed_channel_amax() const;
+  // Calibration of AWQ / GPTQ: capture_outputs starts keeping, for each named node output, a float32 copy
+  // of the values it holds after each step (replaced by the next step; an empty list stops). captured
+  // returns (rows, cols, values) of the latest step. Same errors as observe_amax; captured throws for a
+  // name that is not captured.
+  void capture_outputs(const std::vector<std::string>& tensor_names);
+  std::tuple<int64_t, int64_t, std::vector<float>> captured(const std::string& tensor_name) const;
   // Per layer {amax |K|, amax |V|} of one sequence's first num_tokens tokens as the KV pool holds them
   // (K after qk_norm and RoPE), block_table listing its blocks in order. Reads a float32 pool; throws
   // InvalidArgument for another dtype, a block id outside the pool or a table too short.

@@ -8,6 +8,13 @@ each sample is prefilled once. The runner records the largest |x| at each quanti
 SmoothQuant, per input channel with ModelRunner.observe_channel_amax, on the CPU) and,
 after each prompt, the largest |k| and |v| the KV cache holds for it in every layer (kv_cache_amax: k
 after qk_norm and RoPE, as stored).
+
+AWQ and GPTQ need more than ranges: per linear input, Σ |x| per channel and XᵀX over every calibration
+token (float64; the float32 product of each prompt's rows is added in float64). The runner keeps a copy
+of each linear's input after every prompt (ModelRunner.capture_outputs, on the CPU runtime only, so these
+algorithms always calibrate on the CPU) and the sums are taken here with numpy. All statistics come from
+one pass of the unquantized model: the inputs of later layers are not those of the partly quantized model
+(GPTQ's and AWQ's reference implementations run layer by layer on quantized predecessors).
 """
 from __future__ import annotations
 
@@ -16,20 +23,42 @@ import json
 import os
 from importlib import resources
 
+import numpy as np
+
 CORPUS_FILE = "calib_corpus.txt"  # shipped with the package: original English prose, varied topics
 DEFAULT_DATASET = "cnn_dailymail"  # QuantConfig.calib_dataset's default: the shipped corpus stands for it
 TOKENS_PER_BLOCK = 32
 
 
 @dataclasses.dataclass
+class InputStats:
+    """Statistics of one linear input over the calibration tokens: rows seen, Σ |x| per channel [K] and
+    XᵀX [K, K], both float64."""
+    rows: int
+    abs_sum: np.ndarray
+    xtx: np.ndarray
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.abs_sum / max(self.rows, 1)
+
+    def add(self, x: np.ndarray) -> None:
+        self.rows += x.shape[0]
+        self.abs_sum += np.abs(x).sum(axis=0, dtype=np.float64)
+        self.xtx += (x.T @ x).astype(np.float64)
+
+
+@dataclasses.dataclass
 class Calibration:
     """What the calibration run saw: per linear weight name, amax |input|; per layer, (amax |k|, amax |v|);
-    for SmoothQuant, per linear weight name, amax |input| of each input channel (float32 [K])."""
+    for SmoothQuant, per linear weight name, amax |input| of each input channel (float32 [K]);
+    for AWQ / GPTQ, per linear weight name, its input's InputStats (linears reading one tensor share it)."""
     num_samples: int
     num_tokens: int
     linear_amax: dict
     kv_amax: list
     channel_amax: dict = dataclasses.field(default_factory=dict)
+    input_stats: dict = dataclasses.field(default_factory=dict)
 
 
 def default_corpus_path() -> str:
@@ -131,13 +160,13 @@ def random_samples(model, num_samples: int, max_tokens: int) -> list:
     return [rng.integers(0, model.config.vocab_size, max_tokens).tolist() for _ in range(num_samples)]
 
 
-def calibration_runtime_config(num_blocks: int, per_channel: bool = False):
+def calibration_runtime_config(num_blocks: int, cpu_only: bool = False):
     """Calibration runs on the GPU when rtllm has one (an 8B model calibrates in seconds there), else on
-    the CPU with a float32 KV cache. RTLLM_CALIB_DEVICE=cpu forces the CPU; per-channel ranges
-    (SmoothQuant) are measured on the CPU only."""
+    the CPU with a float32 KV cache. RTLLM_CALIB_DEVICE=cpu forces the CPU; so does `cpu_only`: the
+    per-channel ranges of SmoothQuant and the inputs AWQ / GPTQ need are measured by the CPU runtime only."""
     from .. import _core
 
-    if os.environ.get("RTLLM_CALIB_DEVICE", "").lower() != "cpu" and _core.cuda_available() and not per_channel:
+    if not cpu_only and os.environ.get("RTLLM_CALIB_DEVICE", "").lower() != "cpu" and _core.cuda_available():
         return _core.RuntimeConfig(device=_core.DeviceKind.CUDA, num_kv_blocks=num_blocks,
                                    tokens_per_block=TOKENS_PER_BLOCK, enable_cuda_graphs=False,
                                    device_sampling=False)
@@ -149,13 +178,11 @@ def calibrate(model, build_config, quant_config, calib_data=None, linear_weights
     """Runs the unquantized `model` over the calibration samples on rtllm's runtime and returns the ranges
     quantize_network needs: the input amax of each linear of linear_weights (weight names), and per layer
     the K/V amax as the KV cache stores them."""
-    import numpy as np
-
     from .. import _core
     from ..builder.build import BuildConfig, build
     from .mode import QuantAlgo
     from .quant_config import QuantConfig
-    from .quantize import is_excluded
+    from .quantize import is_excluded, needs_input_stats
 
     if calib_data is None and quant_config.calib_dataset != DEFAULT_DATASET:
         calib_data = quant_config.calib_dataset  # a file named on the command line (--calib-data)
@@ -182,24 +209,35 @@ def calibrate(model, build_config, quant_config, calib_data=None, linear_weights
     missing = sorted(wanted - set(inputs_of))
     if missing:
         raise ValueError(f"the calibration engine has no linear reading {missing[0]!r}")
+    # AWQ / GPTQ: the input of every linear (the pass picks the ones it quantizes)
+    capture = needs_input_stats(quant_config)
+    stats_inputs = {n["inputs"][1]: n["inputs"][0] for n in graph_nodes if n["op"] == "linear"} if capture else {}
+    stats = {t: InputStats(0, None, None) for t in set(stats_inputs.values())}
     num_layers = model.config.num_layers
     num_blocks = (max_len + TOKENS_PER_BLOCK - 1) // TOKENS_PER_BLOCK
     core_engine = engine.to_core()  # in memory: no engine file is written
-    runner = _core.ModelRunner(core_engine, calibration_runtime_config(num_blocks, bool(channel_inputs_of)))
+    runner = _core.ModelRunner(core_engine, calibration_runtime_config(num_blocks, bool(channel_inputs_of) or capture))
     runner.observe_amax(sorted(set(inputs_of.values())))
     if channel_inputs_of:
         runner.observe_channel_amax(sorted(set(channel_inputs_of.values())))
+    runner.capture_outputs(sorted(stats))
     kv_amax = np.zeros((num_layers, 2))  # np.maximum keeps a NaN: quantize_network refuses it
     block_table = list(range(num_blocks))
     for ids in samples:  # each prompt overwrites the blocks of the one before
         runner.forward(np.asarray(ids, dtype=np.int32), [len(ids)], [0],
                        np.asarray([block_table], dtype=np.int32))
         kv_amax = np.maximum(kv_amax, np.array(runner.kv_cache_amax(block_table, len(ids))))
+        for name, st in stats.items():
+            x = runner.captured(name)
+            if st.abs_sum is None:
+                st.abs_sum, st.xtx = np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1]))
+            st.add(x)
     tensor_amax = runner.observed_amax()
     channel_amax = runner.observed_channel_amax() if channel_inputs_of else {}
     return Calibration(num_samples=len(samples), num_tokens=sum(map(len, samples)),
                        linear_amax={w: float(tensor_amax[t]) for w, t in inputs_of.items()},
                        kv_amax=[(float(k), float(v)) for k, v in kv_amax],
                        channel_amax={w: np.asarray(channel_amax[t], dtype=np.float32)
-                                     for w, t in channel_inputs_of.items()})
+                                     for w, t in channel_inputs_of.items()},
+                       input_stats={w: stats[t] for w, t in stats_inputs.items()})
 

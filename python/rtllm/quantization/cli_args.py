@@ -13,22 +13,26 @@ def add_quant_args(p) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--quant-algo", choices=names, default=None, metavar="ALGO", type=str.upper,
                    help="quantize the weights (implemented: FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16, "
-                        "W8A8_SQ_PER_CHANNEL; any case; default: none)")
+                        "W8A8_SQ_PER_CHANNEL, W4A16_AWQ, W4A16_GPTQ, W8A16_GPTQ; any case; default: none)")
     g.add_argument("--smoothquant-val", type=float, default=None, metavar="ALPHA",
                    help="W8A8_SQ_PER_CHANNEL: SmoothQuant's migration strength alpha in [0, 1] "
                         "(QuantConfig.smoothquant_val, default 0.5)")
     g.add_argument("--group-size", type=int, default=None, metavar="N",
-                   help="W4A16: input channels per scale, 32, 64 or 128 (QuantConfig.group_size, default 128)")
+                   help="W4A16, AWQ, GPTQ: input channels per scale, 32, 64 or 128 (GPTQ also -1: per channel; "
+                        "QuantConfig.group_size, default 128)")
     g.add_argument("--has-zero-point", action="store_true", default=None,
-                   help="W4A16: asymmetric groups, with an offset per group (QuantConfig.has_zero_point)")
+                   help="W4A16, AWQ, GPTQ: asymmetric groups, with an offset per group (QuantConfig.has_zero_point)")
+    g.add_argument("--desc-act", action="store_true", default=None,
+                   help="GPTQ: quantize columns in decreasing order of activation energy (QuantConfig.desc_act)")
     g.add_argument("--kv-cache-quant-algo", choices=names, default=None, metavar="ALGO", type=str.upper,
                    help="quantize the KV cache (implemented: FP8 and INT8, E4M3 or int8 codes with calibrated "
                         "scales; default: none)")
     g.add_argument("--exclude-modules", nargs="+", default=None, metavar="GLOB",
                    help="modules left unquantized (default: lm_head)")
     g.add_argument("--calib-data", default=None, metavar="FILE",
-                   help="calibration texts for FP8 and an FP8 or INT8 KV cache: a .txt file (paragraphs separated by "
-                        "blank lines) or a .jsonl file ({\"text\": ...} a line); default: rtllm's own corpus")
+                   help="calibration texts for FP8, SmoothQuant, AWQ, GPTQ and an FP8 or INT8 KV cache: a .txt "
+                        "file (paragraphs separated by blank lines) or a .jsonl file ({\"text\": ...} a line); "
+                        "default: rtllm's own corpus")
     g.add_argument("--calib-size", type=int, default=None, metavar="N",
                    help="calibration samples to run (QuantConfig.calib_size, default 512)")
 
@@ -42,8 +46,9 @@ def quant_config_of(args):
         if getattr(args, "smoothquant_val", None) is not None:
             raise ValueError("--smoothquant-val shapes a SmoothQuant quantization: add --quant-algo "
                              "W8A8_SQ_PER_CHANNEL")
-        if args.group_size is not None or args.has_zero_point:
-            raise ValueError("--group-size and --has-zero-point shape a W4A16 quantization: add --quant-algo W4A16")
+        if args.group_size is not None or args.has_zero_point or getattr(args, "desc_act", None):
+            raise ValueError("--group-size, --has-zero-point and --desc-act shape a weight-only quantization: add "
+                             "--quant-algo W4A16, W4A16_AWQ or W4A16_GPTQ")
         return None
     from rtllm.quantization import QuantAlgo, QuantConfig
 
@@ -55,6 +60,8 @@ def quant_config_of(args):
         fields["has_zero_point"] = True
     if getattr(args, "smoothquant_val", None) is not None:
         fields["smoothquant_val"] = args.smoothquant_val
+    if getattr(args, "desc_act", None):
+        fields["desc_act"] = True
     if args.exclude_modules is not None:
         fields["exclude_modules"] = list(args.exclude_modules)
     # The calibration file travels as QuantConfig.calib_dataset (recorded in the engine's config.json).

@@ -23,6 +23,9 @@ Mapping onto the engine:
 - k_scale / v_scale (`self_attn.k_scale`, `self_attn.k_proj.k_scale` or the older
   `self_attn.k_proj.output_scale`) -> the attention node's k_scale / v_scale attrs.
 Every other variant is refused with a ValueError naming the value and what is supported.
+
+Pre-quantized integer weight-only checkpoints (AutoAWQ, AutoGPTQ / GPTQModel) are read by the second half
+of this file (WeightOnlyScheme, load_weight_only) and map onto weight_only_linear.
 """
 import os
 from dataclasses import dataclass
@@ -36,7 +39,8 @@ from .quantize import QuantizationReport
 FP8 = "float8_e4m3"
 PER_TOKEN, STATIC = "per_token", "static"
 _SUPPORTED = ("compressed-tensors FP8 (float8 weights, strategy tensor or channel; input activations dynamic "
-              "per token or static per tensor) and ModelOpt FP8 / FP8_PER_CHANNEL_PER_TOKEN")
+              "per token or static per tensor), ModelOpt FP8 / FP8_PER_CHANNEL_PER_TOKEN, AutoAWQ (awq: 4 bits, "
+              "GEMM layout) and GPTQ (gptq: 4 or 8 bits, as AutoGPTQ / GPTQModel write it)")
 
 
 @dataclass
@@ -52,7 +56,7 @@ class Fp8Scheme:
         return QuantAlgo.FP8 if self.activation_scaling == STATIC else QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN
 
 
-def scheme_of(model_dir: str) -> Fp8Scheme | None:
+def scheme_of(model_dir: str):
     """detect() for a checkpoint directory."""
     from ..models.config import read_hf_config
 
@@ -60,9 +64,10 @@ def scheme_of(model_dir: str) -> Fp8Scheme | None:
     return detect(hf, path, str(model_dir))
 
 
-def detect(hf: dict, path: str, model_dir: str) -> Fp8Scheme | None:
-    """The FP8 scheme of a checkpoint directory (config.json parsed as `hf`, read from `path`), None when it
-    is not quantized. Raises ValueError for any quantization rtllm cannot load."""
+def detect(hf: dict, path: str, model_dir: str):
+    """The scheme of a checkpoint directory (config.json parsed as `hf`, read from `path`): an Fp8Scheme,
+    a WeightOnlyScheme (AWQ / GPTQ), or None when it is not quantized. Raises ValueError for any
+    quantization rtllm cannot load."""
     from ..models.config import read_json
 
     quantization = hf.get("quantization_config")
@@ -74,6 +79,8 @@ def detect(hf: dict, path: str, model_dir: str) -> Fp8Scheme | None:
     method = quantization.get("quant_method") if isinstance(quantization, dict) else None
     if method == "compressed-tensors":
         return _compressed_tensors(quantization, path)
+    if method in ("awq", "gptq"):
+        return weight_only_scheme(quantization, path)
     if method == "modelopt":
         if os.path.isfile(modelopt_path):
             return _modelopt(read_json(modelopt_path).get("quantization"), modelopt_path)
@@ -292,12 +299,15 @@ def checkpoint_parts(model, module_name: str) -> list:
     return parts or [(prefix, None)]
 
 
-def load_prequantized(model, checkpoint, scheme: Fp8Scheme) -> PrequantizedModel:
-    """Gives every linear the checkpoint stores in FP8 its codes and scales (lazily; before load_weights,
-    which then loads the remaining parameters, biases included, as usual)."""
+def load_prequantized(model, checkpoint, scheme):
+    """Gives every linear the checkpoint stores in FP8 (or, for a WeightOnlyScheme, as AWQ / GPTQ integers)
+    its codes and scales (lazily; before load_weights, which then loads the remaining parameters, biases
+    included, as usual)."""
     from ..builder.tensor import Parameter
     from ..nn.linear import Linear, StackedColumnLinear
 
+    if isinstance(scheme, WeightOnlyScheme):
+        return load_weight_only(model, checkpoint, scheme)
     if _changes_weights(model):
         raise ValueError(f"{model.architecture} folds constants into its weights after loading, which pre-quantized "
                          f"FP8 weights cannot take; pre-quantized checkpoints of it are not supported")
@@ -398,3 +408,272 @@ def _attach(module, checkpoint, loaded: list, mode: str, Parameter) -> None:
     if mode == STATIC:
         module.input_scale = Parameter((1,), "float32", input_scale)
         module.input_scale.keep_dtype = True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AutoAWQ and GPTQ: integer weight-only checkpoints
+#
+# Both store, per quantized linear m, m.qweight / m.qzeros (int32 words of packed unsigned codes) and m.scales
+# ([K / G, N], float16), with W[n, k] = (u[k, n] - z[g, n]) · s[g, n], g the group of input k:
+# - AutoAWQ GEMM (quant_method "awq", bits 4, version "gemm"): qweight [K, N / 8] packs 8 output columns per
+#   word in the nibble order [0, 2, 4, 6, 1, 3, 5, 7] (nibble i, bits 4i..4i+3, holds column order[i]);
+#   qzeros [K / G, N / 8] likewise; g = k // G.
+# - GPTQ (quant_method "gptq", bits 4 or 8): qweight [K · bits / 32, N] packs 32 / bits consecutive input
+#   rows per word, the first in the lowest bits; qzeros [K / G, N · bits / 32] packs consecutive output
+#   columns the same way; g_idx [K] gives each input's group. AutoGPTQ's format (checkpoint_format "gptq",
+#   the default) stores z - 1, GPTQModel's "gptq_v2" stores z. group_size -1 is one group over K.
+#   Only g_idx[k] == k // G is supported: checkpoints quantized with desc_act (act-order) whose g_idx
+#   permutes the groups are refused, naming the module.
+# Mapping onto weight_only_linear (exact): bits 4 -> I4 codes q = u - 8, bits 8 -> I8 codes q = u - 128;
+# scale as stored; offset (mid - z) · s in float32 (mid = 8 or 128), omitted when every z of the linear is
+# mid (symmetric). A fused linear (q/k/v, gate/up) stacks its parts' rows; the offset is kept for all of
+# them when any part needs it.
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column AWQ_ORDER[i] of its 8
+_WO_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass
+class WeightOnlyScheme:
+    method: str           # "awq" or "gptq"
+    bits: int
+    group_size: int       # -1: one group over K (GPTQ)
+    zeros_minus_one: bool  # AutoGPTQ's checkpoint_format "gptq": qzeros store z - 1
+    source: str
+    modules_to_not_convert: tuple = ()
+
+    @property
+    def quant_algo(self) -> QuantAlgo:
+        if self.method == "awq":
+            return QuantAlgo.W4A16_AWQ
+        return QuantAlgo.W4A16_GPTQ if self.bits == 4 else QuantAlgo.W8A16_GPTQ
+
+
+def weight_only_scheme(q: dict, path: str) -> WeightOnlyScheme:
+    """The scheme of an AutoAWQ / GPTQ quantization_config; ValueError naming what rtllm does not load."""
+    method = q["quant_method"]
+    bits = q.get("bits", q.get("w_bit"))
+    group_size = q.get("group_size", q.get("q_group_size"))
+    if method == "awq":
+        if bits != 4:
+            raise ValueError(f"{path}: AWQ bits={bits!r} is not supported; supported: 4")
+        version = str(q.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ValueError(f"{path}: AWQ version {version!r} is not supported; supported: gemm (AutoAWQ's GEMM "
+                             f"layout)")
+        if group_size not in _WO_GROUP_SIZES:
+            raise ValueError(f"{path}: AWQ group_size={group_size!r} is not supported; supported: "
+                             f"{', '.join(map(str, _WO_GROUP_SIZES))}")
+        return WeightOnlyScheme("awq", 4, group_size, False, path, tuple(q.get("modules_to_not_convert") or ()))
+    if bits not in (4, 8):
+        raise ValueError(f"{path}: GPTQ bits={bits!r} is not supported; supported: 4, 8")
+    if group_size not in _WO_GROUP_SIZES + (-1,):
+        raise ValueError(f"{path}: GPTQ group_size={group_size!r} is not supported; supported: "
+                         f"{', '.join(map(str, _WO_GROUP_SIZES))} or -1 (per channel)")
+    fmt = q.get("checkpoint_format", q.get("format", "gptq"))
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ValueError(f"{path}: GPTQ checkpoint_format {fmt!r} is not supported; supported: gptq (AutoGPTQ), "
+                         f"gptq_v2 (GPTQModel)")
+    return WeightOnlyScheme("gptq", bits, group_size, fmt == "gptq", path,
+                            tuple(q.get("modules_to_not_convert") or ()))
+
+
+def _int_tensor(checkpoint, name: str, shape: tuple):
+    t = checkpoint.tensor(name)
+    if t.dtype not in ("int32", "uint32"):
+        raise ValueError(f"{name} is {t.dtype}: packed AWQ / GPTQ codes are int32 words")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {list(t.shape)}, expected {list(shape)} for this module's "
+                         f"[out_features, in_features] and the checkpoint's bits and group_size")
+    return t
+
+
+def _unpack_words(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """int32 words -> unsigned codes (int64), the 32 / bits codes of a word consecutive along `axis`, the
+    first in the lowest bits."""
+    w = np.ascontiguousarray(words).view(np.uint32).astype(np.int64)
+    per = 32 // bits
+    codes = np.stack([(w >> (bits * i)) & ((1 << bits) - 1) for i in range(per)], axis=axis + 1)
+    shape = list(w.shape)
+    shape[axis] *= per
+    return codes.reshape(shape)
+
+
+def _unpack_awq(words: np.ndarray) -> np.ndarray:
+    """AWQ [R, C / 8] int32 -> [R, C] nibbles in column order."""
+    nibbles = _unpack_words(words, 4, 1).reshape(words.shape[0], -1, 8)
+    out = np.empty_like(nibbles)
+    out[..., list(AWQ_ORDER)] = nibbles
+    return out.reshape(words.shape[0], -1)
+
+
+class WeightOnlyPart:
+    """One checkpoint module's packed tensors (shapes checked at load, data read when saved)."""
+
+    def __init__(self, checkpoint, scheme: WeightOnlyScheme, module: str, n: int, k: int):
+        from ..builder.safetensors_io import to_float32
+
+        self.scheme, self.module, self.n, self.k = scheme, module, n, k
+        bits = scheme.bits
+        g = k if scheme.group_size == -1 else scheme.group_size
+        if k % g:
+            raise ValueError(f"{module}: K={k} input features is not a multiple of the checkpoint's group_size={g}")
+        self.group_size, groups, per = g, k // g, 32 // bits
+        if scheme.method == "awq":
+            if n % 8:
+                raise ValueError(f"{module}: N={n} output features is not a multiple of 8 (AWQ packing)")
+            self.qweight = _int_tensor(checkpoint, f"{module}.qweight", (k, n // 8))
+            self.qzeros = _int_tensor(checkpoint, f"{module}.qzeros", (groups, n // 8))
+        else:
+            if k % per or n % per:
+                raise ValueError(f"{module}: K={k} and N={n} must be multiples of {per} (GPTQ {bits}-bit packing)")
+            self.qweight = _int_tensor(checkpoint, f"{module}.qweight", (k // per, n))
+            self.qzeros = _int_tensor(checkpoint, f"{module}.qzeros", (groups, n // per))
+            self.g_idx = None
+            if f"{module}.g_idx" in checkpoint.files:
+                self.g_idx = checkpoint.tensor(f"{module}.g_idx")
+                if tuple(self.g_idx.shape) != (k,):
+                    raise ValueError(f"{module}.g_idx has shape {list(self.g_idx.shape)}, expected [{k}]")
+        self.scales = checkpoint.tensor(f"{module}.scales")
+        if tuple(self.scales.shape) != (groups, n):
+            raise ValueError(f"{module}.scales has shape {list(self.scales.shape)}, expected [{groups}, {n}]")
+        if self.scales.dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"{module}.scales is {self.scales.dtype}; supported: float16, bfloat16, float32")
+        self._to_float32 = to_float32
+
+    def decode(self) -> tuple:
+        """(u [N, K] unsigned codes, z [N, K / G] zero points, s [N, K / G] float32), exactly as stored."""
+        bits = self.scheme.bits
+        if self.scheme.method == "awq":
+            u = _unpack_awq(self.qweight.load()).T
+            z = _unpack_awq(self.qzeros.load()).T
+        else:
+            if self.g_idx is not None:
+                g_idx = np.asarray(self.g_idx.load()).astype(np.int64)
+                if not np.array_equal(g_idx, np.arange(self.k) // self.group_size):
+                    raise ValueError(f"{self.module}.g_idx is not k // group_size: the checkpoint was quantized with "
+                                     f"desc_act (act-order) and its groups are permuted, which rtllm does not load "
+                                     f"yet; use a checkpoint quantized with desc_act=False (or static_groups)")
+            u = _unpack_words(self.qweight.load(), bits, 0).T
+            z = _unpack_words(self.qzeros.load(), bits, 1).T
+            if self.scheme.zeros_minus_one:
+                z = z + 1
+        s = self._to_float32(self.scales.load(), self.scales.dtype).T
+        if not np.all(np.isfinite(s)):
+            raise ValueError(f"{self.module}.scales holds non-finite values")
+        return u, z, np.ascontiguousarray(s, np.float32)
+
+
+class WeightOnlyPrequantized:
+    """The AWQ / GPTQ linears of one model (model.prequantized, as GGUF's weight-only linears)."""
+
+    def __init__(self, scheme: WeightOnlyScheme):
+        self.scheme = scheme
+        self.linears = []   # (Linear module, [WeightOnlyPart])
+        self.kept = {}      # module name -> why it stays a plain linear
+        self.has_offset = False
+
+    def quant_config(self, requested: QuantConfig | None) -> QuantConfig:
+        algo = self.scheme.quant_algo
+        if requested is not None and (requested.quant_algo not in (None, algo) or requested.quantizes_kv_cache):
+            raise ValueError(f"quant_config {requested.quant_algo and requested.quant_algo.value} was requested, but "
+                             f"the checkpoint is pre-quantized as {algo.value} ({self.scheme.source}); leave "
+                             f"quant_config unset")
+        return QuantConfig(quant_algo=algo, group_size=self.scheme.group_size, has_zero_point=self.has_offset,
+                           exclude_modules=sorted(self.kept))
+
+    def apply(self, network) -> QuantizationReport:
+        from .quantize import weight_only_parameters
+
+        report = QuantizationReport(self.scheme.quant_algo.value, kept=dict(self.kept))
+        by_weight = {linear.weight.name: (linear, parts) for linear, parts in self.linears}
+        bits = self.scheme.bits
+        for node in network.nodes:
+            if node.op != "linear" or node.inputs[1] not in by_weight:
+                continue
+            linear, parts = by_weight.pop(node.inputs[1])
+            weight = network.weights[node.inputs[1]]
+            fp16 = all(p.scales.dtype == "float16" for p in parts)  # else float32: bf16 widens exactly
+            params = weight_only_parameters(weight, bits, parts[0].group_size, self.has_offset,
+                                            lambda parts=parts: _codes(parts, bits, self.has_offset),
+                                            "float16" if fp16 else "float32")
+            for p in params:
+                network.weights[p.name] = p
+            node.op = "weight_only_linear"
+            node.attrs["group_size"] = parts[0].group_size
+            node.attrs["has_offset"] = self.has_offset
+            node.inputs = [node.inputs[0], *(p.name for p in params), *node.inputs[2:]]
+            report.quantized.append(weight.name)
+        if by_weight:
+            raise ValueError(f"pre-quantized linears {sorted(by_weight)} are not in the traced network")
+        return report
+
+
+def _codes(parts: list, bits: int, has_offset: bool) -> tuple:
+    """(codes int8 [N, K], scale [N, K / G] (float16 when every part's is, else float32), offset float32 or
+    None) of a linear's parts, rows stacked."""
+    mid = 1 << (bits - 1)
+    decoded = [p.decode() for p in parts]
+    u = np.concatenate([d[0] for d in decoded], axis=0)
+    z = np.concatenate([d[1] for d in decoded], axis=0)
+    s = np.concatenate([d[2] for d in decoded], axis=0)
+    scale_dtype = np.float16 if all(p.scales.dtype == "float16" for p in parts) else np.float32  # exact
+    offset = ((mid - z) * s.astype(np.float64)).astype(np.float32) if has_offset else None
+    if not has_offset and np.any(z != mid):
+        raise ValueError(f"{parts[0].module}: zero points other than {mid} in a linear loaded without offsets")
+    return (u - mid).astype(np.int8), s.astype(scale_dtype), offset
+
+
+def _dequantized(parts: list) -> np.ndarray:
+    """float32 W = (u - z) · s of a linear's parts (the float weight, for builds that do not keep the codes)."""
+    rows = []
+    for p in parts:
+        u, z, s = p.decode()
+        g = p.group_size
+        rows.append(((u - np.repeat(z, g, axis=1)) * np.repeat(s.astype(np.float64), g, axis=1)).astype(np.float32))
+    return np.concatenate(rows, axis=0)
+
+
+def load_weight_only(model, checkpoint, scheme: WeightOnlyScheme) -> WeightOnlyPrequantized:
+    """Marks every linear the checkpoint stores as AWQ / GPTQ codes (its weight loads the dequantized float
+    weight until apply() replaces it with the codes); the rest load as usual."""
+    from ..nn.linear import Linear, StackedColumnLinear
+
+    if _changes_weights(model):
+        raise ValueError(f"{model.architecture} folds constants into its weights after loading, which pre-quantized "
+                         f"integer weights cannot take; pre-quantized checkpoints of it are not supported")
+    state = WeightOnlyPrequantized(scheme)
+    table = model.model.embed_tokens.weight
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        if module.weight is table:
+            state.kept[name] = "tied to the embedding"
+            continue
+        parts = checkpoint_parts(model, name)
+        packed = [f"{ckpt}.qweight" in checkpoint.files for ckpt, _ in parts]
+        if not any(packed):
+            state.kept[name] = "unquantized in the checkpoint"
+            continue
+        if not all(packed):
+            raise ValueError(f"{name} fuses {[c for c, _ in parts]}, but only some of them have a qweight in the "
+                             f"checkpoint: rtllm needs all of them quantized or none")
+        sizes = module.part_sizes if isinstance(module, StackedColumnLinear) else {None: module.weight.shape[0]}
+        k = module.weight.shape[1]
+        loaded = [WeightOnlyPart(checkpoint, scheme, ckpt, sizes[shard], k) for ckpt, shard in parts]
+        module.weight.dtype, module.weight.loader = "float32", (lambda loaded=loaded: _dequantized(loaded))
+        state.linears.append((module, loaded))
+    if not state.linears:
+        raise ValueError(f"{scheme.source} declares {scheme.method} quantization, but no linear of the checkpoint "
+                         f"has a qweight")
+    # offsets unless every zero point is the symmetric one (read now: qzeros are small)
+    mid = 1 << (scheme.bits - 1)
+    for _, parts in state.linears:
+        for p in parts:
+            words = p.qzeros.load()
+            z = _unpack_awq(words) if scheme.method == "awq" else _unpack_words(words, scheme.bits, 1)
+            if scheme.zeros_minus_one:
+                z = z + 1
+            if np.any(z != mid):
+                state.has_offset = True
+    return state

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from .mode import GROUPWISE_QUANT_ALGOS, KV_CACHE_QUANT_ALGO_LIST, QuantAlgo
 
 _GROUP_SIZES = (32, 64, 128)
+# GPTQ also quantizes per output channel: group_size -1 (one group over all K input channels).
+_GPTQ_ALGOS = (QuantAlgo.W4A16_GPTQ, QuantAlgo.W8A16_GPTQ)
+PER_CHANNEL = -1
 
 
 def _algo(name: str, value) -> QuantAlgo | None:
@@ -30,7 +33,9 @@ class QuantConfig:
     that stay unquantized. The calib_* fields drive calibration of algorithms that need activations (FP8,
     an FP8 KV cache): calib_size samples of at most calib_max_seq_length tokens from calib_dataset, a .txt
     or .jsonl file (rtllm.quantization.calibration.load_calib_texts); rtllm downloads no dataset, and the
-    default name "cnn_dailymail" calibrates on the English corpus shipped with rtllm."""
+    default name "cnn_dailymail" calibrates on the English corpus shipped with rtllm. W4A16_AWQ, W4A16_GPTQ and
+    W8A16_GPTQ calibrate too (per-linear input statistics); GPTQ also takes group_size -1 (per output channel)
+    and desc_act (columns by decreasing Hessian diagonal, groups kept in column order)."""
     quant_algo: QuantAlgo | None = None
     kv_cache_quant_algo: QuantAlgo | None = None
     group_size: int = 128
@@ -41,6 +46,7 @@ class QuantConfig:
     calib_size: int = 512
     calib_max_seq_length: int = 512
     calib_dataset: str = "cnn_dailymail"
+    desc_act: bool = False  # GPTQ: columns in decreasing order of the Hessian diagonal (groups stay static)
 
     def __post_init__(self):
         self.quant_algo = _algo("quant_algo", self.quant_algo)
@@ -48,15 +54,18 @@ class QuantConfig:
         if self.kv_cache_quant_algo not in (None, QuantAlgo.NO_QUANT, *KV_CACHE_QUANT_ALGO_LIST):
             raise ValueError(f"QuantConfig.kv_cache_quant_algo={self.kv_cache_quant_algo.value} cannot store a KV "
                              f"cache; use one of {', '.join(a.value for a in KV_CACHE_QUANT_ALGO_LIST)}")
+        gptq = self.quant_algo in _GPTQ_ALGOS
         for name in ("group_size", "calib_size", "calib_max_seq_length"):
-            _positive_int(name, getattr(self, name))
-        if self.quant_algo in GROUPWISE_QUANT_ALGOS and self.group_size not in _GROUP_SIZES:
+            if not (name == "group_size" and gptq and self.group_size == PER_CHANNEL):
+                _positive_int(name, getattr(self, name))
+        if self.quant_algo in GROUPWISE_QUANT_ALGOS and self.group_size not in _GROUP_SIZES + (PER_CHANNEL,) * gptq:
             raise ValueError(f"QuantConfig.group_size={self.group_size} is not one of "
-                             f"{', '.join(map(str, _GROUP_SIZES))} (needed by {self.quant_algo.value})")
+                             f"{', '.join(map(str, _GROUP_SIZES + (PER_CHANNEL,) * gptq))} (needed by "
+                             f"{self.quant_algo.value}{'; -1 is per channel' if gptq else ''})")
         if isinstance(self.smoothquant_val, bool) or not isinstance(self.smoothquant_val, (int, float)) \
                 or not 0.0 <= self.smoothquant_val <= 1.0:
             raise ValueError(f"QuantConfig.smoothquant_val={self.smoothquant_val!r} must be in [0, 1]")
-        for name in ("has_zero_point", "pre_quant_scale"):
+        for name in ("has_zero_point", "pre_quant_scale", "desc_act"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"QuantConfig.{name}={getattr(self, name)!r} must be a bool")
         if not isinstance(self.exclude_modules, (list, tuple)) or \
@@ -64,6 +73,9 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.exclude_modules={self.exclude_modules!r} must be a list of module "
                              f"name globs")
         self.exclude_modules = list(self.exclude_modules)
+        if self.desc_act and not gptq:
+            raise ValueError(f"QuantConfig.desc_act=True orders GPTQ's columns; quant_algo "
+                             f"{self.quant_algo and self.quant_algo.value} is not W4A16_GPTQ or W8A16_GPTQ")
         if not isinstance(self.calib_dataset, str) or not self.calib_dataset:
             raise ValueError(f"QuantConfig.calib_dataset={self.calib_dataset!r} must be a dataset name")
 

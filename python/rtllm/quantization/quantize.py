@@ -23,8 +23,11 @@ from .quant_config import QuantConfig
 
 FP8_E4M3_MAX = 448.0  # the largest finite E4M3 magnitude
 SUPPORTED_QUANT_ALGOS = (QuantAlgo.NO_QUANT, QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, QuantAlgo.W8A16,
-                         QuantAlgo.W4A16, QuantAlgo.W8A8_SQ_PER_CHANNEL)
-WEIGHT_ONLY_QUANT_ALGOS = (QuantAlgo.W8A16, QuantAlgo.W4A16)
+                         QuantAlgo.W4A16, QuantAlgo.W4A16_AWQ, QuantAlgo.W4A16_GPTQ, QuantAlgo.W8A16_GPTQ,
+                         QuantAlgo.W8A8_SQ_PER_CHANNEL)
+# AWQ and GPTQ calibrate (per-linear input statistics), then write the same weight_only_linear.
+CALIBRATED_WEIGHT_ONLY_ALGOS = (QuantAlgo.W4A16_AWQ, QuantAlgo.W4A16_GPTQ, QuantAlgo.W8A16_GPTQ)
+WEIGHT_ONLY_QUANT_ALGOS = (QuantAlgo.W8A16, QuantAlgo.W4A16) + CALIBRATED_WEIGHT_ONLY_ALGOS
 INT8_MAX, INT4_MAX, UINT4_MAX = 127, 7, 15
 FP16_MAX = 65504.0
 # FP8 / INT8: the runtime keeps the KV pool as E4M3 / int8 codes (the engine's config.json records the
@@ -39,9 +42,9 @@ def check_supported(quant_config: QuantConfig) -> None:
     algo = quant_config.quant_algo
     if algo is not None and algo not in SUPPORTED_QUANT_ALGOS:
         raise ValueError(f"quant_algo {algo.value} is not implemented yet: rtllm builds FP8, "
-                         f"{QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN.value}, W8A16, W4A16, W8A8_SQ_PER_CHANNEL and "
-                         f"unquantized engines only (quant_algo None, NO_QUANT, FP8, FP8_PER_CHANNEL_PER_TOKEN, "
-                         f"W8A16, W4A16 or W8A8_SQ_PER_CHANNEL)")
+                         f"{QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN.value}, W8A16, W4A16, W4A16_AWQ, W4A16_GPTQ, "
+                         f"W8A16_GPTQ, W8A8_SQ_PER_CHANNEL and unquantized engines only (quant_algo None, NO_QUANT "
+                         f"or one of those)")
     kv_algo = quant_config.kv_cache_quant_algo
     if kv_algo is not None and kv_algo not in SUPPORTED_KV_CACHE_QUANT_ALGOS:
         raise ValueError(f"kv_cache_quant_algo {kv_algo.value} is not implemented yet: rtllm stores the KV cache "
@@ -49,10 +52,15 @@ def check_supported(quant_config: QuantConfig) -> None:
 
 
 def needs_calibration(quant_config: QuantConfig) -> bool:
-    """FP8's static input scales, SmoothQuant's per-channel ranges and an FP8 or INT8 KV cache's k/v
-    scales come from activations."""
+    """FP8's static input scales, SmoothQuant's per-channel ranges, AWQ's and GPTQ's input statistics and an
+    FP8 or INT8 KV cache's k/v scales come from activations."""
     return quant_config.quant_algo in (QuantAlgo.FP8, QuantAlgo.W8A8_SQ_PER_CHANNEL) or \
-        quant_config.kv_cache_quant_algo in KV_CODE_MAX
+        quant_config.kv_cache_quant_algo in KV_CODE_MAX or needs_input_stats(quant_config)
+
+
+def needs_input_stats(quant_config: QuantConfig) -> bool:
+    """AWQ's scale search and GPTQ's Hessians read per-linear input statistics (calibration.InputStats)."""
+    return quant_config.quant_algo in CALIBRATED_WEIGHT_ONLY_ALGOS
 
 
 @dataclasses.dataclass
@@ -157,7 +165,7 @@ def quantize_network(network, quant_config: QuantConfig, calibration=None) -> Qu
                 k_scale, v_scale = report.kv_scales[node.attrs["layer_idx"]]
                 node.attrs["k_scale"], node.attrs["v_scale"] = k_scale, v_scale
     if algo in WEIGHT_ONLY_QUANT_ALGOS:
-        return _weight_only(network, quant_config, report)
+        return _weight_only(network, quant_config, report, calibration)
     if algo == QuantAlgo.W8A8_SQ_PER_CHANNEL:
         from .smoothquant import smooth_quant
 
@@ -286,10 +294,16 @@ def _e4m3_codes(x: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- weight-only (W8A16, W4A16)
 
-def _weight_only(network, quant_config: QuantConfig, report: QuantizationReport) -> QuantizationReport:
+def _weight_only(network, quant_config: QuantConfig, report: QuantizationReport,
+                 calibration=None) -> QuantizationReport:
     """Each selected linear -> weight_only_linear (docs/engine_format.md): W8A16 per output channel,
-    W4A16 per group of quant_config.group_size input channels (with has_zero_point: asymmetric)."""
-    int4 = quant_config.quant_algo == QuantAlgo.W4A16
+    W4A16 per group of quant_config.group_size input channels (with has_zero_point: asymmetric); W4A16_AWQ
+    as W4A16 after AWQ's scaling (awq.py); W4A16_GPTQ / W8A16_GPTQ from GPTQ (gptq.py; group_size -1: per
+    output channel)."""
+    algo = quant_config.quant_algo
+    int4 = algo in (QuantAlgo.W4A16, QuantAlgo.W4A16_AWQ, QuantAlgo.W4A16_GPTQ)
+    gptq = algo in (QuantAlgo.W4A16_GPTQ, QuantAlgo.W8A16_GPTQ)
+    grouped = algo != QuantAlgo.W8A16
     selected = selected_linears(network, quant_config, report)
     for node in selected:  # refuse before rewriting anything
         weight = network.weights[node.inputs[1]]
@@ -297,26 +311,74 @@ def _weight_only(network, quant_config: QuantConfig, report: QuantizationReport)
             raise ValueError(f"weight {weight.name!r} {list(weight.shape)}: weight-only quantization needs a 2-d "
                              f"[out_features, in_features] weight")
         K = weight.shape[1]
-        if int4 and K % quant_config.group_size:
-            raise ValueError(f"W4A16: linear {weight.name.rsplit('.', 1)[0]!r} has K={K} input features, not a "
-                             f"multiple of group_size={quant_config.group_size}; choose a group size dividing "
+        if grouped and quant_config.group_size > 0 and K % quant_config.group_size:
+            raise ValueError(f"{algo.value}: linear {weight.name.rsplit('.', 1)[0]!r} has K={K} input features, not "
+                             f"a multiple of group_size={quant_config.group_size}; choose a group size dividing "
                              f"{K} or exclude the module (exclude_modules)")
+    if algo in CALIBRATED_WEIGHT_ONLY_ALGOS:
+        if calibration is None or not calibration.input_stats:
+            raise ValueError(f"quant_algo {algo.value} needs calibration data (rtllm.quantization.quantize(model, "
+                             f"quant_config, calib_data))")
+        report.calib_samples, report.calib_tokens = calibration.num_samples, calibration.num_tokens
+    if algo == QuantAlgo.W4A16_AWQ:
+        from .awq import apply_awq
+
+        apply_awq(network, selected, quant_config, calibration, report)
     for node in selected:
         name = node.inputs[1]
         report.quantized.append(name)
         weight = network.weights[name]
-        if int4:
+        group_size = quant_config.group_size if grouped and quant_config.group_size > 0 else weight.shape[1]
+        if gptq:
+            stats = calibration.input_stats.get(name)
+            if stats is None:
+                raise ValueError(f"calibration has no input statistics for linear {name!r}")
+            params = gptq_parameters(weight, stats, 4 if int4 else 8, group_size, quant_config.has_zero_point,
+                                     quant_config.desc_act)
+        elif int4:
             params = weight_only_int4_parameters(weight, quant_config.group_size, quant_config.has_zero_point)
         else:
             params = weight_only_int8_parameters(weight)
         for p in params:
             network.weights[p.name] = p
-        group_size = quant_config.group_size if int4 else weight.shape[1]
         node.op = "weight_only_linear"
         node.attrs["group_size"] = group_size
         node.attrs["has_offset"] = len(params) == 3
         node.inputs = [node.inputs[0], *(p.name for p in params), *node.inputs[2:]]
     return report
+
+
+def weight_only_parameters(weight, bits: int, group_size: int, has_offset: bool, compute,
+                           scale_dtype: str | None = None) -> list:
+    """[codes [N, K] (int8, or int4 packed) named as the weight, weight_scale [N, K / group_size] (scale_dtype;
+    by default float16 for 4 bits, float32 for 8), and with has_offset weight_offset (float32)], lazy, from one
+    call of compute() -> (codes int8 [N, K], scale, offset or None) shared between them; exempt from the
+    engine-dtype cast."""
+    from ..builder.safetensors_io import pack_int4
+    from ..builder.tensor import Parameter
+
+    N, K = weight.shape
+    module = weight.name.rsplit(".", 1)[0]
+    result = lambda: shared_result((weight, "weight only", bits, group_size, has_offset), compute)  # noqa: E731
+    codes = Parameter((N, K), "int4", lambda: pack_int4(result()[0]), weight.name) if bits == 4 else \
+        Parameter((N, K), "int8", lambda: result()[0], weight.name)
+    scale_dtype = scale_dtype or ("float16" if bits == 4 else "float32")
+    params = [codes, Parameter((N, K // group_size), scale_dtype, lambda: result()[1],
+                               f"{module}.weight_scale")]
+    if has_offset:
+        params.append(Parameter((N, K // group_size), "float32", lambda: result()[2], f"{module}.weight_offset"))
+    for p in params:
+        p.keep_dtype = True
+    return params
+
+
+def gptq_parameters(weight, stats, bits: int, group_size: int, has_zero_point: bool, desc_act: bool) -> list:
+    """weight_only_parameters of GPTQ (gptq.gptq_quantize) with the input statistics of the linear."""
+    from .gptq import gptq_quantize
+
+    return weight_only_parameters(weight, bits, group_size, has_zero_point,
+                                  lambda: gptq_quantize(_float32(weight), stats.xtx, bits, group_size,
+                                                        sym=not has_zero_point, desc_act=desc_act))
 
 
 def weight_only_int8_parameters(weight) -> list:
