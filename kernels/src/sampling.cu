@@ -8,11 +8,7 @@
 //   - thresholds (top-k by count, top-p by mass, top-N logprobs by count): a radix select over the
 //     32-bit order key in three passes of 11/11/10-bit digits, histograms of counts and masses with
 //     integer shared-memory atomics (warp-aggregated), then, when the cut falls inside a run of equal
-//     keys, the m-th of them in id order. Top-k and top-p first bucket the elements by their scaled
-//     exponent x (2,048 equal steps of [-24, 0], monotone in the key): logits of one row mostly share
-//     their float exponent, so the key's leading digits would put nearly all of them in one bucket and
-//     every pass would cost as much as the first; after the exponent pass the key passes only count the
-//     few elements of the chosen bucket;
+//     keys, the m-th of them in id order;
 //   - the draw: the first element in id order whose cumulative kept mass passes the target, found
 //     from per-warp chunk sums and one rescan of the chunk that holds it.
 // No sort, every pass a straight streaming pass over the row (16-byte loads where aligned).
@@ -267,12 +263,6 @@ struct Weights {
     if (x >= -22.0f) return 1;
     return sm::mass_of(sm::prob_exp(x)) > 0 ? 1 : 0;
   }
-  // The exponent bucket of a weighing element (x in [-24, 0]): 0 for the max, larger for smaller
-  // logits, so it never increases as the order key grows. Elements that weigh nothing may land anywhere.
-  __device__ __forceinline__ int exponent_bucket(float a) const {
-    const float x = sm::scaled_exponent(a, max, inv_t);
-    return (int)fminf(__fmul_rn(-x, kBuckets / 24.0f), (float)(kBuckets - 1));
-  }
   // Top-p's weight: the mass, within top-k's cut.
   __device__ __forceinline__ uint64_t top_p_weight(int32_t i, float a, uint32_t key) const {
     return k_cut.keeps(key, i) ? mass(a) : 0;
@@ -417,17 +407,12 @@ template <Select kind, typename TargetFn>
 __device__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const Weights& wt,
                                  TargetFn target_of) {
   constexpr bool kMass = kind == Select::kTopP;
-  // Pass 0 (top-k, top-p): exponent buckets, digit kBuckets - 1 - bucket (larger digits, larger keys);
-  // passes 1 to 3: the key's 11/11/10-bit digits, among the elements of the chosen exponent bucket.
-  constexpr bool kExponentPass = kind != Select::kTopN;
-  constexpr int kFirstPass = kExponentPass ? 0 : 1;
   const unsigned num_ranks = cluster.num_blocks();
   uint32_t prefix = 0, prefix_mask = 0;
-  int chosen_bucket = -1;
   u64 before = 0, target = 0;
-  for (int pass = kFirstPass; pass < 4; ++pass) {
-    const int shift = pass == 1 ? 21 : pass == 2 ? 10 : 0;
-    const int num_buckets = pass == 3 ? 1024 : 2048;
+  for (int pass = 0; pass < 3; ++pass) {
+    const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
+    const int num_buckets = pass == 2 ? 1024 : 2048;
     const int per_thread = num_buckets / kThreads;
     for (int b = threadIdx.x; b < num_buckets; b += kThreads) {
       sh.count[b] = 0;
@@ -440,10 +425,7 @@ __device__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, c
       if (valid) {
         const float a = wt.value(i, r);
         const uint32_t key = sm::order_key(a);
-        if (pass == 0) {
-          w = select_weight<kind>(wt, i, a, key);
-          if (w > 0) digit = kBuckets - 1 - wt.exponent_bucket(a);
-        } else if ((key & prefix_mask) == prefix && (!kExponentPass || wt.exponent_bucket(a) == chosen_bucket)) {
+        if ((key & prefix_mask) == prefix) {
           w = select_weight<kind>(wt, i, a, key);
           if (w > 0) digit = (int)((key >> shift) & (uint32_t)(num_buckets - 1));
         }
@@ -476,7 +458,7 @@ __device__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, c
     }
     u64 total;
     const u64 excl = block_exclusive_scan(sh, own, &total);
-    if (pass == kFirstPass) {
+    if (pass == 0) {
       target = total ? (u64)target_of((uint64_t)total) : 0;
       if (target == 0) {
         cluster.sync();
@@ -498,12 +480,8 @@ __device__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, c
       }
     }
     cluster.sync();  // the others have read this histogram; sel_* written
-    if (pass == 0) {
-      chosen_bucket = kBuckets - 1 - sh.sel_digit;
-    } else {
-      prefix |= (uint32_t)sh.sel_digit << shift;
-      prefix_mask |= (uint32_t)(num_buckets - 1) << shift;
-    }
+    prefix |= (uint32_t)sh.sel_digit << shift;
+    prefix_mask |= (uint32_t)(num_buckets - 1) << shift;
     before = sh.sel_before;
   }
   // Elements at key `prefix` all weigh the same (same adjusted logit): the cut keeps the first m.
