@@ -176,6 +176,18 @@ def test_both_paths(kernels, T, case):
               f"path {path}: ")
 
 
+@pytest.mark.parametrize("x_dtype, y_dtype", [("BF16", "BF16"), ("F16", "F16"), ("BF16", "F32")])
+def test_gemm_bias_over_row_chunks(kernels, x_dtype, y_dtype):
+    """Dequantize + GEMM with a bias over more rows than one float32 chunk of the op's scratch (1024 rows):
+    every chunk's rows get their product and bias, rounded once."""
+    T, N, K, G = 2100, 72, 256, 64
+    rng = np.random.default_rng([T, N, K, len(y_dtype)])
+    dev, host = random_case(rng, T, N, K, G, False, True, True, x_dtype, "F32")
+    y = run_op(kernels, dev, T, N, K, G, False, x_dtype, y_dtype, path=2)
+    check(y, host, x_dtype, y_dtype)
+    np.testing.assert_array_equal(y[1], host["bias16"])
+
+
 @pytest.mark.parametrize("int4", [True, False], ids=["I4", "I8"])
 def test_gemv_deterministic_and_batch_invariant(kernels, int4):
     """The GEMV's summation order is fixed and per token: the same bits on every run, and a token's row does
