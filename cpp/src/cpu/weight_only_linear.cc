@@ -77,10 +77,14 @@ inline v16 fmadd16(v16 a, v16 b, v16 c) {
 #endif
 }
 
+// ((0+4)+(2+6)) + ((1+5)+(3+7)) of h = lanes l + (l + 8), as halving vector adds.
 inline float hsum16(v16 v) {
-  float h[8];
-  for (int i = 0; i < 8; ++i) h[i] = v[i] + v[i + 8];
-  return ((h[0] + h[4]) + (h[2] + h[6])) + ((h[1] + h[5]) + (h[3] + h[7]));
+  typedef float v8f __attribute__((vector_size(8 * sizeof(float))));
+  typedef float v4f __attribute__((vector_size(4 * sizeof(float))));
+  const v8f h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4f q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
 inline int int4_at(const uint8_t* packed, int64_t k) {
@@ -114,10 +118,20 @@ struct CodeRows {
       // 8 bytes -> each byte in two 32-bit lanes, shifted so that lane 2i holds byte i's low nibble and
       // lane 2i + 1 its high one in bits 0..3; vpermps reads only those bits: a 16-entry table lookup
       // of the signed value as a float.
-      const __m512i shifts = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
       const __m512 values = _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0);
+#if defined(__AVX512VBMI__)
+      // The 8 bytes in every 64-bit lane; vpmultishiftqb copies to byte 0 of 32-bit lane j the 8 bits
+      // from bit 4j of them (nibble j = byte j / 2's low or high half): two instructions per chunk.
+      int64_t bytes;
+      std::memcpy(&bytes, r + k / 2, sizeof(bytes));
+      const __m512i shifts = _mm512_set_epi64(0x3C00000038LL, 0x3400000030LL, 0x2C00000028LL, 0x2400000020LL,
+                                              0x1C00000018LL, 0x1400000010LL, 0x0C00000008LL, 0x0400000000LL);
+      const __m512i nibbles = _mm512_multishift_epi64_epi8(shifts, _mm512_set1_epi64(bytes));
+#else
+      const __m512i shifts = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
       const __m128i b = _mm_loadl_epi64((const __m128i*)(r + k / 2));
       const __m512i nibbles = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)), shifts);
+#endif
       return fmadd16((v16)_mm512_permutexvar_ps(nibbles, values), s, o);
     }
 #elif defined(__AVX2__)
