@@ -299,12 +299,36 @@ def checkpoint_parts(model, module_name: str) -> list:
     return parts or [(prefix, None)]
 
 
+def quantized_linears(model, checkpoint, kept: dict, marker: str, what: str):
+    """Yields (module, [(checkpoint module, shard, rows)], K) for every linear whose checkpoint parts
+    all hold `{part}.{marker}` (the quantized ones); records the others in `kept` with the reason (tied to
+    the embedding, unquantized in the checkpoint). A fused linear whose parts disagree is refused."""
+    from ..nn.linear import Linear, StackedColumnLinear
+
+    table = model.model.embed_tokens.weight
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        if module.weight is table:  # tied embeddings: the table stays unquantized
+            kept[name] = "tied to the embedding"
+            continue
+        parts = checkpoint_parts(model, name)
+        present = [f"{ckpt}.{marker}" in checkpoint.files for ckpt, _ in parts]
+        if not any(present):
+            kept[name] = "unquantized in the checkpoint"
+            continue
+        if not all(present):
+            raise ValueError(f"{name} fuses {[c for c, _ in parts]}, but only some of them have a {marker} in the "
+                             f"checkpoint: rtllm needs all of them {what} or none")
+        sizes = module.part_sizes if isinstance(module, StackedColumnLinear) else {None: module.weight.shape[0]}
+        yield module, [(ckpt, shard, sizes[shard]) for ckpt, shard in parts], module.weight.shape[1]
+
+
 def load_prequantized(model, checkpoint, scheme):
     """Gives every linear the checkpoint stores in FP8 (or, for a WeightOnlyScheme, as AWQ / GPTQ integers)
     its codes and scales (lazily; before load_weights, which then loads the remaining parameters, biases
     included, as usual)."""
     from ..builder.tensor import Parameter
-    from ..nn.linear import Linear, StackedColumnLinear
 
     if isinstance(scheme, WeightOnlyScheme):
         return load_weight_only(model, checkpoint, scheme)
@@ -312,25 +336,8 @@ def load_prequantized(model, checkpoint, scheme):
         raise ValueError(f"{model.architecture} folds constants into its weights after loading, which pre-quantized "
                          f"FP8 weights cannot take; pre-quantized checkpoints of it are not supported")
     state = PrequantizedModel(scheme)
-    table = model.model.embed_tokens.weight
-    for name, module in model.named_modules():
-        if not isinstance(module, Linear):
-            continue
-        if module.weight is table:  # tied embeddings: the table stays unquantized
-            state.kept[name] = "tied to the embedding"
-            continue
-        parts = checkpoint_parts(model, name)
-        has_scale = [f"{ckpt}.weight_scale" in checkpoint.files for ckpt, _ in parts]
-        if not any(has_scale):
-            state.kept[name] = "unquantized in the checkpoint"
-            continue
-        if not all(has_scale):
-            raise ValueError(f"{name} fuses {[c for c, _ in parts]}, but only some of them have a weight_scale in "
-                             f"the checkpoint: rtllm needs all of them in FP8 or none")
-        sizes = module.part_sizes if isinstance(module, StackedColumnLinear) else {None: module.weight.shape[0]}
-        k = module.weight.shape[1]
-        loaded = [(ckpt, _fp8_weight(checkpoint, f"{ckpt}.weight", (sizes[shard], k)), sizes[shard])
-                  for ckpt, shard in parts]
+    for module, parts, k in quantized_linears(model, checkpoint, state.kept, "weight_scale", "in FP8"):
+        loaded = [(ckpt, _fp8_weight(checkpoint, f"{ckpt}.weight", (rows, k)), rows) for ckpt, _, rows in parts]
         for ckpt, _, rows in loaded:  # shapes now, so that a bad checkpoint fails here, not when it is saved
             _check_scale_shapes(checkpoint, ckpt, rows, scheme.activation_scaling)
         _attach(module, checkpoint, loaded, scheme.activation_scaling, Parameter)
@@ -637,30 +644,12 @@ def _dequantized(parts: list) -> np.ndarray:
 def load_weight_only(model, checkpoint, scheme: WeightOnlyScheme) -> WeightOnlyPrequantized:
     """Marks every linear the checkpoint stores as AWQ / GPTQ codes (its weight loads the dequantized float
     weight until apply() replaces it with the codes); the rest load as usual."""
-    from ..nn.linear import Linear, StackedColumnLinear
-
     if _changes_weights(model):
         raise ValueError(f"{model.architecture} folds constants into its weights after loading, which pre-quantized "
                          f"integer weights cannot take; pre-quantized checkpoints of it are not supported")
     state = WeightOnlyPrequantized(scheme)
-    table = model.model.embed_tokens.weight
-    for name, module in model.named_modules():
-        if not isinstance(module, Linear):
-            continue
-        if module.weight is table:
-            state.kept[name] = "tied to the embedding"
-            continue
-        parts = checkpoint_parts(model, name)
-        packed = [f"{ckpt}.qweight" in checkpoint.files for ckpt, _ in parts]
-        if not any(packed):
-            state.kept[name] = "unquantized in the checkpoint"
-            continue
-        if not all(packed):
-            raise ValueError(f"{name} fuses {[c for c, _ in parts]}, but only some of them have a qweight in the "
-                             f"checkpoint: rtllm needs all of them quantized or none")
-        sizes = module.part_sizes if isinstance(module, StackedColumnLinear) else {None: module.weight.shape[0]}
-        k = module.weight.shape[1]
-        loaded = [WeightOnlyPart(checkpoint, scheme, ckpt, sizes[shard], k) for ckpt, shard in parts]
+    for module, parts, k in quantized_linears(model, checkpoint, state.kept, "qweight", "quantized"):
+        loaded = [WeightOnlyPart(checkpoint, scheme, ckpt, rows, k) for ckpt, _, rows in parts]
         module.weight.dtype, module.weight.loader = "float32", (lambda loaded=loaded: _dequantized(loaded))
         state.linears.append((module, loaded))
     if not state.linears:
