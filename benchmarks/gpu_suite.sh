@@ -10,7 +10,7 @@
 # Environment: STEPS (default "build tests kernels e2e serving"), CUDA_ARCHS (default 90a),
 # E2E_ARGS (bench_e2e.py arguments replacing the default workloads), PYTHON (default python3).
 #
-# STEPS may also name fp8_kernels, fp8_prepare, fp8_e2e, woq_prepare and woq_e2e (below).
+# STEPS may also name fp8_kernels, fp8_prepare, fp8_e2e, woq_kernels, woq_prepare and woq_e2e (below).
 #
 # Same-machine A/B against another rtllm source tree (e.g. the previous main, `git archive` into a
 # folder): STEPS="build ab_prepare ab" AB_BASE=DIR. ab_prepare builds DIR into AB_WORK/base (default
@@ -125,6 +125,9 @@ export -f fp8_prepare fp8_run
 export FP8_ARGS
 wants fp8_kernels && run_step fp8_kernels 200 fp8_kernels.log "$PYTHON" benchmarks/bench_fp8_gemm.py \
   --json "$OUT_DIR/fp8_kernels.json"
+# weight-only W4A16 / W8A16 linears (GEMV and dequantized GEMM) against torch bf16 and the copy bandwidth
+wants woq_kernels && run_step woq_kernels 300 woq_kernels.log "$PYTHON" benchmarks/bench_weight_only.py \
+  --json "$OUT_DIR/woq_kernels.json"
 wants fp8_prepare && run_step fp8_prepare 540 fp8_prepare.log bash -c fp8_prepare
 wants fp8_e2e && run_step fp8_e2e 580 fp8_e2e.log bash -c fp8_run
 

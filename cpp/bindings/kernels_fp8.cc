@@ -1,4 +1,5 @@
-// rtllm._core.kernels FP8 entries: the fp8_linear op's code paths on device pointers (tests, benchmarks).
+// rtllm._core.kernels FP8 and weight-only entries: the fp8_linear and weight_only_linear ops' code paths on device
+// pointers (tests, benchmarks).
 #ifdef RTLLM_WITH_CUDA
 
 #include <pybind11/pybind11.h>
@@ -21,6 +22,13 @@ RTLLM_API void fp8_linear_for_tests(void* y, const void* x, const void* w, const
                                     DataType y_dtype, bool per_token, int path, bool scaled_gemm, void* workspace,
                                     void* stream);
 RTLLM_API bool fp8_scaled_gemm_supported(bool per_token, DataType y_dtype, bool has_bias, DataType bias_dtype);
+// cpp/src/cuda/cuda_weight_only_linear.cc
+RTLLM_API size_t weight_only_linear_workspace_bytes(int64_t N, int64_t K);
+RTLLM_API bool weight_only_gemv_supported(int64_t K, int64_t group_size, bool int4);
+RTLLM_API void weight_only_linear_for_tests(void* y, const void* x, const void* codes, const void* scale,
+                                            const void* offset, const void* bias, int64_t T, int64_t N, int64_t K,
+                                            int64_t group_size, bool int4, DataType x_dtype, DataType y_dtype,
+                                            int path, void* workspace, void* stream);
 }  // namespace rtllm
 
 namespace rtllm::bindings {
@@ -48,6 +56,21 @@ void bind_fp8_kernels(py::module_& m) {
      py::arg("num_rows"), py::arg("n"), py::arg("k"), py::arg("x_dtype"), py::arg("y_dtype"), py::arg("per_token"),
      py::arg("workspace"), py::arg("stream") = uintptr_t{0}, py::kw_only(), py::arg("path") = 0,
      py::arg("scaled_gemm") = true);
+
+  // weight_only_linear: codes [N, K] int8 or [N, K / 2] packed int4 bytes; scale, offset (0: none) and
+  // bias (0: none) in x_dtype, as the op places them. path 0: as the op, 1: GEMV, 2: dequantize + GEMM.
+  m.def("weight_only_linear_workspace_bytes", &weight_only_linear_workspace_bytes, py::arg("n"), py::arg("k"));
+  m.def("weight_only_gemv_supported", &weight_only_gemv_supported, py::arg("k"), py::arg("group_size"),
+        py::arg("int4"));
+  m.def("weight_only_linear", [p, dtype](uintptr_t y, uintptr_t x, uintptr_t codes, uintptr_t scale, uintptr_t offset,
+                                         uintptr_t bias, int64_t T, int64_t N, int64_t K, int64_t group_size, bool int4,
+                                         const std::string& x_dtype, const std::string& y_dtype, uintptr_t workspace,
+                                         uintptr_t stream, int path) {
+    weight_only_linear_for_tests(p(y), p(x), p(codes), p(scale), p(offset), p(bias), T, N, K, group_size, int4,
+                                 dtype(x_dtype), dtype(y_dtype), path, p(workspace), p(stream));
+  }, py::arg("y"), py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("offset"), py::arg("bias"),
+     py::arg("num_rows"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("int4"), py::arg("x_dtype"),
+     py::arg("y_dtype"), py::arg("workspace"), py::arg("stream") = uintptr_t{0}, py::kw_only(), py::arg("path") = 0);
 }
 
 }  // namespace rtllm::bindings

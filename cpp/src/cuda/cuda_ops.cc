@@ -208,6 +208,7 @@ class Rope final : public ComputeOp {
 
 void register_cuda_attention_op();  // cuda_attention.cc
 void register_cuda_fp8_linear_op();  // cuda_fp8_linear.cc
+void register_cuda_weight_only_linear_op();  // cuda_weight_only_linear.cc
 void register_cuda_int8_linear_op();  // cuda_int8_linear.cc
 
 void register_cuda_ops() {
@@ -215,6 +216,7 @@ void register_cuda_ops() {
   std::call_once(once, [] {
     register_op("linear", DeviceKind::kCuda, make_op<Linear>);
     register_cuda_fp8_linear_op();
+    register_cuda_weight_only_linear_op();
     register_cuda_int8_linear_op();
     register_op("rms_norm", DeviceKind::kCuda, make_op<RmsNorm>);
     register_op("add_rms_norm", DeviceKind::kCuda, make_op<AddRmsNorm>);

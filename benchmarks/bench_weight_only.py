@@ -1,0 +1,118 @@
+"""Weight-only linears on CUDA (W4A16 g128 with and without offsets, W8A16 per channel): rtllm's
+weight_only_linear (rtllm._core.kernels.weight_only_linear, the op's code path: the GEMV up to 64 tokens,
+dequantize + cuBLASLt above) on Llama-3-8B's shapes, beside torch.matmul in bf16 on the dequantized weight
+(the peer) and the device's copy bandwidth (the roofline of a call bound by reading its weight once).
+CUDA graphs of back-to-back calls, CUDA events, median of repeats (bench_fp8_gemm.median_ms); successive
+calls read different copies of the weight, more bytes than the L2 holds, as a model's layers do.
+
+    python benchmarks/bench_weight_only.py [--json OUT] [--tokens 1,2,4,8,16,64,512]
+
+GB/s counts the bytes a call must move: the packed codes, scales (and offsets) in bf16, x and y.
+"""
+import argparse
+import json
+
+import torch
+from bench_e2e import copy_bandwidth_GBps  # the copy bandwidth as the end-to-end floor measures it
+from bench_fp8_gemm import L2_BYTES, median_ms
+
+from rtllm import _core
+
+K = _core.kernels
+SHAPES = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]  # (N, K): o_proj, fused qkv, gate_up, down
+VARIANTS = {  # name: (int4, group_size or None for per channel, has_offset)
+    "w4a16_g128": (True, 128, False),
+    "w4a16_g128_offset": (True, 128, True),
+    "w8a16_per_channel": (False, None, False),
+}
+
+
+def make_weights(N, Kd, int4, G, has_offset):
+    """Enough copies of one random weight (codes, bf16 scales and offsets) to stream each call from HBM."""
+    code_bytes = N * Kd // 2 if int4 else N * Kd
+    copies = max(1, -(-4 * L2_BYTES // code_bytes))
+    out = []
+    for _ in range(copies):
+        codes = torch.randint(0, 256, (N, code_bytes // N), dtype=torch.uint8, device="cuda")
+        scale = (torch.rand(N, Kd // G, device="cuda") * 1e-2 + 1e-3).to(torch.bfloat16)
+        offset = (torch.randn(N, Kd // G, device="cuda") * 1e-3).to(torch.bfloat16) if has_offset else None
+        out.append((codes, scale, offset))
+    moved = code_bytes + 2 * N * (Kd // G) * (2 if has_offset else 1)
+    return out, moved
+
+
+def rtllm_call(M, N, Kd, int4, G, has_offset, path=0):
+    weights, moved = make_weights(N, Kd, int4, G, has_offset)
+    x = torch.randn(M, Kd, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    workspace = torch.empty(K.weight_only_linear_workspace_bytes(N, Kd), dtype=torch.uint8, device="cuda")
+    turn = [0]
+
+    def call():
+        codes, scale, offset = weights[turn[0] % len(weights)]
+        turn[0] += 1
+        K.weight_only_linear(y.data_ptr(), x.data_ptr(), codes.data_ptr(), scale.data_ptr(),
+                             0 if offset is None else offset.data_ptr(), 0, M, N, Kd, G, int4, "BF16", "BF16",
+                             workspace.data_ptr(), torch.cuda.current_stream().cuda_stream, path=path)
+    return call, moved + 2 * M * (Kd + N)
+
+
+def torch_matmul(M, N, Kd):
+    """The peer: x · Wᵀ in bf16 on an already dequantized weight (cuBLAS), copies past the L2 as above."""
+    copies = max(1, -(-4 * L2_BYTES // (2 * N * Kd)))
+    ws = [torch.randn(N, Kd, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    x = torch.randn(M, Kd, device="cuda", dtype=torch.bfloat16)
+    turn = [0]
+
+    def call():
+        w = ws[turn[0] % copies]
+        turn[0] += 1
+        return torch.matmul(x, w.t())
+    return call
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    parser.add_argument("--tokens", default="1,2,4,8,16,64,512")
+    args = parser.parse_args()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    bw = copy_bandwidth_GBps()
+    print(f"copy bandwidth (torch device-to-device, read + write): {bw:.0f} GB/s")
+    rows = []
+    peer = {}
+    for N, Kd in SHAPES:
+        for M in tokens:
+            calls = 20 if M <= 64 else 3
+            ms = median_ms(torch_matmul(M, N, Kd), calls=calls)
+            peer[(M, N, Kd)] = ms
+            gbs = 2 * (N * Kd + M * Kd + M * N) / (ms * 1e-3) / 1e9
+            rows.append(dict(kind="torch_bf16", M=M, N=N, K=Kd, us=ms * 1e3, GBps=gbs, frac=gbs / bw))
+            print(f"torch bf16        M={M:4d} N={N:5d} K={Kd:5d}: {ms * 1e3:8.2f} us {gbs:6.0f} GB/s {gbs / bw:5.1%}")
+    for name, (int4, group, has_offset) in VARIANTS.items():
+        for N, Kd in SHAPES:
+            G = group or Kd
+            for M in tokens:
+                calls = 20 if M <= 64 else 3
+                call, moved = rtllm_call(M, N, Kd, int4, G, has_offset)
+                ms = median_ms(call, calls=calls)
+                gbs = moved / (ms * 1e-3) / 1e9
+                speedup = peer[(M, N, Kd)] / ms
+                rows.append(dict(kind="rtllm", variant=name, M=M, N=N, K=Kd, us=ms * 1e3, GBps=gbs, frac=gbs / bw,
+                                 torch_bf16_us=peer[(M, N, Kd)] * 1e3, speedup_vs_torch=speedup))
+                print(f"{name:18s} M={M:4d} N={N:5d} K={Kd:5d}: {ms * 1e3:8.2f} us {gbs:6.0f} GB/s {gbs / bw:5.1%} "
+                      f"x{speedup:.2f} vs torch bf16")
+    # where the op should switch from the GEMV to the dequantized GEMM (kMaxGemvRows in
+    # cuda_weight_only_linear.cc)
+    for N, Kd in SHAPES:
+        for M in (16, 32, 48, 64, 96, 128):
+            gemv, gemm = (median_ms(rtllm_call(M, N, Kd, True, 128, False, path)[0]) * 1e3 for path in (1, 2))
+            rows.append(dict(kind="crossover", variant="w4a16_g128", M=M, N=N, K=Kd, gemv_us=gemv, gemm_us=gemm))
+            print(f"crossover w4a16_g128 M={M:2d} N={N:5d} K={Kd:5d}: GEMV {gemv:8.2f} us, GEMM {gemm:8.2f} us")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(copy_GBps=bw, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+// weight_only_linear on CUDA (docs/engine_format.md): y[T, N] = x[T, K] · W[N, K]ᵀ (+ bias[N]) with int8 or
+// packed int4 codes, W = q · scale[n, k / G] + offset[n, k / G].
+//
+// The codes are uploaded as stored (row-major [N, K], int4 two per byte); scale, offset and bias are placed
+// in the compute dtype (bf16, or fp16 for fp16 engines), and the weight is used as W = fma(q, scale,
+// offset) rounded once to that dtype (kernels/include/rtllm/kernels/weight_only.cuh).
+//   T <= kMaxGemvRows (decode batches): the tensor-core GEMV over the codes (kernels/src/weight_only.cu), bound by
+//     reading the packed bytes once;
+//   larger T (prefill), or a shape the GEMV does not take (K or the group size not a multiple of a lane's
+//     16-byte load: 16 int8 or 32 int4 codes): the weight dequantized into the workspace (sized at load:
+//     N · K values of the compute dtype), then cuBLASLt's GEMM. Both paths use the same W values.
+// Everything a step does is kernel launches on the runner's stream over fixed buffers: capturable in a
+// CUDA graph.
+#include <string>
+
+#include "cuda/cublaslt_gemm.h"
+#include "cuda/cuda_context.h"
+#include "op_registry.h"
+#include "rtllm/kernels/weight_only.cuh"
+
+namespace rtllm {
+namespace {
+
+// Up to kMaxGemvRows rows go to the GEMV, more to the dequantized GEMM. The GEMV reads a weight tile once
+// per 16 rows (the rereads mostly from L2); the GEMM path moves about 9x a GEMV pass's bytes for int4
+// (codes read, bf16 weight written and read again) before its own time, so the GEMV should stay ahead up
+// to a few passes. To be confirmed against benchmarks/bench_weight_only.py's crossover rows.
+constexpr int64_t kMaxGemvRows = 64;
+constexpr size_t kAlign = 256;
+constexpr int64_t kMaxRows = 16 * 65535;  // N: the GEMV's grid rows of 16 weight rows
+
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+enum class WoqPath { kAuto = 0, kGemv = 1, kGemm = 2 };
+
+// The dequantized weight [N, K] in the compute dtype (16-bit).
+size_t woq_workspace_bytes(int64_t N, int64_t K) { return align_up(sizeof(uint16_t) * static_cast<size_t>(N) * K); }
+
+void check_launch(cudaError_t err) {
+  RTLLM_CHECK(err == cudaSuccess, "op weight_only_linear: kernel launch failed: ", cudaGetErrorName(err), " (",
+              cudaGetErrorString(err), ")");
+}
+
+// One weight_only_linear call on device pointers; shared by the op kind and the test hook below. scale,
+// offset (may be null) and bias (may be null) in x_dtype.
+struct WoqCall {
+  void* y = nullptr;
+  const void* x = nullptr;
+  const void* codes = nullptr;
+  const void* scale = nullptr;
+  const void* offset = nullptr;
+  const void* bias = nullptr;
+  int64_t T = 0, N = 0, K = 0, group_size = 0;
+  bool int4 = false;
+  DataType x_dtype = DataType::kBFloat16;
+  DataType y_dtype = DataType::kBFloat16;
+};
+
+void run_woq_linear(const WoqCall& c, CublasLtGemm& gemm, void* workspace, WoqPath path, cudaStream_t stream) {
+  if (c.T == 0) return;
+  const kernels::DType x_kind = kernel_dtype(c.x_dtype), y_kind = kernel_dtype(c.y_dtype);
+  const bool gemv_ok = kernels::woq_gemv_supported(c.K, c.group_size, c.int4);
+  const bool gemv = path == WoqPath::kGemv || (path == WoqPath::kAuto && gemv_ok && c.T <= kMaxGemvRows);
+  const auto n = static_cast<int32_t>(c.N), k = static_cast<int32_t>(c.K), g = static_cast<int32_t>(c.group_size);
+  if (gemv) {
+    RTLLM_CHECK(gemv_ok, "weight_only_linear: the GEMV does not take K = ", c.K, " with group_size ", c.group_size,
+                " (", c.int4 ? "I4" : "I8", "; both must be multiples of ", c.int4 ? 32 : 16, ")");
+    check_launch(kernels::woq_gemv(c.y, c.x, c.codes, c.scale, c.offset, c.bias, static_cast<int32_t>(c.T), n, k, g,
+                                   c.int4, x_kind, y_kind, stream));
+    return;
+  }
+  check_launch(kernels::woq_dequantize(workspace, c.codes, c.scale, c.offset, n, k, g, c.int4, x_kind, stream));
+  gemm.linear(c.y, c.x, workspace, c.bias, c.T, c.N, c.K, c.x_dtype, c.y_dtype, stream);
+}
+
+std::string dims_string(const TensorSpec& t) {
+  std::string s = "[";
+  for (size_t i = 0; i < t.shape.size(); ++i) {
+    const Dim& d = t.shape[i];
+    s += (i ? ", " : "") + (d.kind == Dim::Kind::kFixed ? std::to_string(d.value)
+                            : d.kind == Dim::Kind::kNumTokens ? std::string("num_tokens") : std::string("num_logits"));
+  }
+  return s + "]";
+}
+
+// Inputs: x [T, K] (compute dtype), weight [N, K] I8 or I4 (as stored), scale [N, K / G] and, with
+// has_offset, offset [N, K / G], then the optional bias [N]: these three placed in the compute dtype.
+class CudaWeightOnlyLinear final : public OpKind {
+ public:
+  explicit CudaWeightOnlyLinear(const OpSpec& spec) : OpKind(spec) {
+    const GraphNode& node = *spec.node;
+    const std::string w_name = spec.inputs.size() > 1 ? spec.inputs[1].name : std::string("?");
+    // Attrs this kind knows; any other changes the semantics in a way it does not implement, so it is
+    // refused rather than ignored. has_g_idx (act-order: a permutation of K's groups) is taken only as false.
+    if (node.attrs.is_object()) {
+      for (const auto& [key, value] : node.attrs.as_object()) {
+        if (key == "has_g_idx") {
+          RTLLM_CHECK(value.is_bool() && !value.as_bool(), "weight_only_linear: node of weight \"", w_name,
+                      "\" has has_g_idx ", value.dump(), "; the CUDA backend takes only has_g_idx false (no g_idx "
+                      "permutation of the groups)");
+          continue;
+        }
+        RTLLM_CHECK(key == "group_size" || key == "has_offset", "weight_only_linear: node of weight \"", w_name,
+                    "\" has attr \"", key, "\" (", value.dump(), "), which the CUDA backend does not support "
+                    "(it knows group_size, has_offset and has_g_idx false)");
+      }
+    }
+    RTLLM_CHECK(!node.attrs.contains("has_offset") || node.attrs.at("has_offset").is_bool(),
+                "weight_only_linear: attr has_offset of weight \"", w_name, "\" is ",
+                node.attrs.at("has_offset").dump(), ", expected true or false");
+    has_offset_ = node.attrs.get_bool("has_offset", false);
+    const size_t num_fixed = has_offset_ ? 4 : 3;
+    spec.require_num_io(num_fixed, num_fixed + 1, 1);
+    const TensorSpec& w = spec.inputs[1];
+    spec.require_input_dtype(0, {DataType::kFloat32});
+    spec.require_input_dtype(1, {DataType::kInt8, DataType::kInt4});
+    spec.require_input_dtype(2, kWideFloatDtypes);
+    if (has_offset_) spec.require_input_dtype(3, {DataType::kFloat32});
+    has_bias_ = spec.inputs.size() == num_fixed + 1;
+    if (has_bias_) spec.require_input_dtype(num_fixed, kWideFloatDtypes);
+    for (size_t i = 1; i < spec.inputs.size(); ++i)
+      RTLLM_CHECK(spec.input_is_weight[i], "weight_only_linear: input ", i, " (\"", spec.inputs[i].name,
+                  "\") must be a weight, it is an activation");
+
+    RTLLM_CHECK(w.shape.size() == 2 && w.shape[0].kind == Dim::Kind::kFixed && w.shape[1].kind == Dim::Kind::kFixed,
+                "weight_only_linear: weight \"", w.name, "\" must be a fixed 2-d [N, K] tensor, it has shape ",
+                dims_string(w));
+    num_rows_ = w.shape[0].value;
+    num_cols_ = w.shape[1].value;
+    int4_ = w.dtype == DataType::kInt4;
+    RTLLM_CHECK(num_rows_ > 0 && num_rows_ <= kMaxRows && num_cols_ > 0 && num_cols_ <= INT32_MAX,
+                "weight_only_linear: weight \"", w.name, "\" has shape [", num_rows_, ", ", num_cols_,
+                "]; the CUDA backend takes 1 .. ", kMaxRows, " rows and 1 .. 2^31 - 1 columns");
+    RTLLM_CHECK(!int4_ || num_cols_ % 2 == 0, "weight_only_linear: I4 weight \"", w.name, "\" has K = ", num_cols_,
+                " columns; packed int4 needs an even K");
+    RTLLM_CHECK(node.attrs.contains("group_size"), "weight_only_linear: node of weight \"", w.name,
+                "\" has no group_size attr");
+    group_size_ = node.attrs.get_int("group_size", 0);
+    RTLLM_CHECK(group_size_ > 0 && num_cols_ % group_size_ == 0, "weight_only_linear: group_size ", group_size_,
+                " of weight \"", w.name, "\" must be a positive divisor of K = ", num_cols_);
+    RTLLM_CHECK(!int4_ || group_size_ % 2 == 0, "weight_only_linear: group_size ", group_size_, " of I4 weight \"",
+                w.name, "\" must be even (two codes per byte)");
+    const int64_t num_groups = num_cols_ / group_size_;
+    for (size_t i = 2; i < num_fixed; ++i) {
+      const TensorSpec& s = spec.inputs[i];
+      const bool ok = s.shape.size() == 2 && s.shape[0].kind == Dim::Kind::kFixed && s.shape[0].value == num_rows_ &&
+                      s.shape[1].kind == Dim::Kind::kFixed && s.shape[1].value == num_groups;
+      RTLLM_CHECK(ok, "weight_only_linear: ", i == 2 ? "scale" : "offset", " \"", s.name, "\" has shape ",
+                  dims_string(s), ", expected [", num_rows_, ", ", num_groups, "] (N, K / group_size = ", num_cols_,
+                  " / ", group_size_, ")");
+    }
+    if (has_bias_) {
+      const TensorSpec& b = spec.inputs[num_fixed];
+      int64_t n = 1;
+      for (const Dim& d : b.shape) n *= d.kind == Dim::Kind::kFixed ? d.value : -1;
+      RTLLM_CHECK(n == num_rows_, "weight_only_linear: bias \"", b.name, "\" has shape ", dims_string(b),
+                  ", expected [", num_rows_, "]");
+    }
+    const Dim rows = spec.inputs[0].shape.at(0);  // [num_tokens, K], or [num_logits, K] for an LM head
+    const BackendInfo& be = *spec.backend;
+    max_rows_ = rows.kind == Dim::Kind::kNumLogits ? be.max_num_logits
+                : rows.kind == Dim::Kind::kNumTokens ? be.max_num_tokens : rows.value;
+    // The dequantized weight is needed when some step takes the GEMM.
+    const bool gemv_ok = kernels::woq_gemv_supported(num_cols_, group_size_, int4_);
+    needs_dequantized_ = !gemv_ok || max_rows_ > kMaxGemvRows;
+  }
+
+  WeightPlacement weight_placement(size_t input) const override {
+    if (input >= 2) return in_activation_dtype();  // scale, offset, bias
+    return OpKind::weight_placement(input);        // the codes as stored
+  }
+
+  size_t workspace_bytes() const override {
+    return needs_dequantized_ ? woq_workspace_bytes(num_rows_, num_cols_) : 0;
+  }
+
+  void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
+    const TensorView &x = in[0], &w = in[1], &y = out[0];
+    WoqCall c;
+    c.T = x.rows();
+    c.K = x.cols();
+    c.N = y.cols();
+    RTLLM_CHECK(y.rows() == c.T, "weight_only_linear: output has ", y.rows(), " rows, x has ", c.T);
+    RTLLM_CHECK(c.K == num_cols_ && c.N == num_rows_ && w.ndim == 2 && w.shape[0] == c.N && w.shape[1] == c.K,
+                "weight_only_linear: weight [", w.shape[0], ", ", w.shape[1], "] does not match x with ", c.K,
+                " columns and ", c.N, " outputs");
+    RTLLM_CHECK(c.T <= max_rows_, "weight_only_linear: x has ", c.T, " rows, more than the ", max_rows_,
+                " planned at load");
+    const size_t num_fixed = has_offset_ ? 4 : 3;
+    c.y = y.data;
+    c.x = x.data;
+    c.codes = w.data;
+    c.scale = in[2].data;
+    c.offset = has_offset_ ? in[3].data : nullptr;
+    c.bias = has_bias_ ? in[num_fixed].data : nullptr;
+    c.group_size = group_size_;
+    c.int4 = int4_;
+    c.x_dtype = x.dtype;
+    c.y_dtype = y.dtype;
+    const CudaStep& step = *static_cast<const CudaStep*>(ctx.device_step);
+    run_woq_linear(c, *step.gemm, ctx.workspace, WoqPath::kAuto, static_cast<cudaStream_t>(ctx.stream));
+  }
+
+ private:
+  bool has_offset_ = false, has_bias_ = false, int4_ = false, needs_dequantized_ = false;
+  int64_t num_rows_ = 0, num_cols_ = 0;  // N, K
+  int64_t group_size_ = 0;
+  int64_t max_rows_ = 0;  // of x, at the largest step
+};
+
+}  // namespace
+
+void register_cuda_weight_only_linear_op() {
+  register_op("weight_only_linear", DeviceKind::kCuda, make_op<CudaWeightOnlyLinear>);
+}
+
+// Test and benchmark hooks (rtllm._core.kernels.weight_only_linear): one weight_only_linear on device
+// pointers through the op's code paths, with its own cuBLASLt instance. scale, offset and bias in x_dtype
+// (as the op places them). path: 0 as the op chooses, 1 the GEMV, 2 dequantize + GEMM; workspace of
+// weight_only_linear_workspace_bytes() (needed by path 2, and by path 0 when it takes the GEMM).
+RTLLM_API size_t weight_only_linear_workspace_bytes(int64_t N, int64_t K) { return woq_workspace_bytes(N, K); }
+
+RTLLM_API bool weight_only_gemv_supported(int64_t K, int64_t group_size, bool int4) {
+  return kernels::woq_gemv_supported(K, group_size, int4);
+}
+
+RTLLM_API void weight_only_linear_for_tests(void* y, const void* x, const void* codes, const void* scale,
+                                            const void* offset, const void* bias, int64_t T, int64_t N, int64_t K,
+                                            int64_t group_size, bool int4, DataType x_dtype, DataType y_dtype,
+                                            int path, void* workspace, void* stream) {
+  RTLLM_CHECK_ARG(path >= 0 && path <= 2, "weight_only_linear: path ", path, " is not 0, 1 or 2");
+  RTLLM_CHECK_ARG(T >= 0 && T <= INT32_MAX && N > 0 && N <= kMaxRows && K > 0 && K <= INT32_MAX,
+                  "weight_only_linear: T = ", T, ", N = ", N, ", K = ", K, " out of range (N in 1 .. ", kMaxRows,
+                  ", K in 1 .. 2^31 - 1)");
+  RTLLM_CHECK_ARG(group_size > 0 && K % group_size == 0, "weight_only_linear: group_size ", group_size,
+                  " is not a positive divisor of K = ", K);
+  RTLLM_CHECK_ARG(!int4 || group_size % 2 == 0, "weight_only_linear: I4 needs an even group_size, got ", group_size);
+  RTLLM_CHECK_ARG(path != static_cast<int>(WoqPath::kGemv) || kernels::woq_gemv_supported(K, group_size, int4),
+                  "weight_only_linear: the GEMV does not take K = ", K, " with group_size ", group_size);
+  // Kept for the process (never destroyed: the CUDA context may be gone at exit).
+  static CublasLtGemm* gemm = new CublasLtGemm(32u << 20);
+  WoqCall c;
+  c.y = y;
+  c.x = x;
+  c.codes = codes;
+  c.scale = scale;
+  c.offset = offset;
+  c.bias = bias;
+  c.T = T;
+  c.N = N;
+  c.K = K;
+  c.group_size = group_size;
+  c.int4 = int4;
+  c.x_dtype = x_dtype;
+  c.y_dtype = y_dtype;
+  run_woq_linear(c, *gemm, workspace, static_cast<WoqPath>(path), static_cast<cudaStream_t>(stream));
+}
+
+}  // namespace rtllm

@@ -1,0 +1,39 @@
+// Weight-only integer linears (docs/engine_format.md, weight_only_linear): y[m, n] = x[m, k] · W[n, k]ᵀ
+// (+ bias[n]) with W[n, k] = q[n, k] · scale[n, k / G] + offset[n, k / G], the codes q int8 or packed
+// signed int4 (two per byte, the even k in the low nibble) in the engine's row-major [n, k] layout.
+//
+// On CUDA the weight is used in the activation dtype T (bf16 or fp16): scale and offset arrive in T (the
+// op places them so), and each weight is W = fma(q, scale, offset) rounded once to T (q is exact in T).
+// The two kernels below compute that same W, so both paths of the op multiply the same weights.
+//
+// Codes stay as stored (no load-time repack): a lane's 16-byte load of a row already holds whole MMA
+// operands, because an MMA only needs A and B to agree on which k each slot holds; the GEMV permutes
+// its (small, reused) activation fragments to the codes' order instead (kernels/src/weight_only.cu).
+#pragma once
+
+#include "rtllm/kernels/common.cuh"
+
+namespace rtllm::kernels {
+
+// Activation rows one CTA of the GEMV takes; more rows take more CTAs per weight tile (each rereads the
+// tile, mostly from L2; the op sends large batches to the dequantize + GEMM path instead).
+constexpr int32_t kWoqGemvRowsPerBlock = 16;
+
+// Whether the GEMV takes this shape: rows of codes a whole number of 16-byte vectors (k % 16 == 0 for
+// int8, k % 32 == 0 for int4) and groups a whole number of a lane's codes (16 int8 or 32 int4 codes).
+RTLLM_API bool woq_gemv_supported(int64_t k, int64_t group_size, bool int4);
+
+// y [m, n] (dtype, or kFP32) = x [m, k] (dtype) · Wᵀ + bias [n] (dtype, may be null). codes: [n, k] int8 or
+// [n, k / 2] packed int4 bytes, 16-byte aligned; scale, offset (may be null): [n, k / group_size] in
+// dtype; n <= 1048560. Any m (CTAs of kWoqGemvRowsPerBlock tokens); fp32 accumulation on tensor cores (mma.sync
+// m16n8k16), a fixed summation order: deterministic.
+RTLLM_API cudaError_t woq_gemv(void* y, const void* x, const void* codes, const void* scale, const void* offset,
+                               const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size, bool int4,
+                               DType dtype, DType y_dtype, cudaStream_t stream);
+
+// w [n, k] (dtype) = the dequantized weight, the same values the GEMV multiplies; any k and group_size
+// (even k and group_size for int4), for cuBLASLt's GEMM on larger batches.
+RTLLM_API cudaError_t woq_dequantize(void* w, const void* codes, const void* scale, const void* offset, int32_t n,
+                                     int32_t k, int32_t group_size, bool int4, DType dtype, cudaStream_t stream);
+
+}  // namespace rtllm::kernels

@@ -1,0 +1,454 @@
+// Weight-only integer linears (docs/engine_format.md, weight_only_linear): the tensor-core GEMV over the
+// stored codes, and the dequantization of a whole weight for cuBLASLt's GEMM on larger batches.
+#include "dispatch.cuh"
+#include "rtllm/kernels/weight_only.cuh"
+
+namespace rtllm::kernels {
+namespace {
+
+// ---- the dequantized weight, in the activation dtype T ----
+//
+// W = fma(q, scale, offset) with one rounding to T (fma.rn.bf16x2 / fma.rn.f16x2; q is an exact T, so
+// without an offset W is q · scale rounded once). Both kernels go through dequant2(), so they multiply
+// the same weights.
+template <typename T>
+struct Pair;
+template <>
+struct Pair<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  // int4 codes to exact bf16: (nibble ^ 8) in the low mantissa bits of 128.0 is 128 + q + 8.
+  static constexpr uint32_t kInt4Magic = 0x43004300u;  // bf16x2 {128, 128}
+  static constexpr uint32_t kInt4Bias = 0x43084308u;   // bf16x2 {136, 136}
+};
+template <>
+struct Pair<__half> {
+  using T2 = __half2;
+  static constexpr uint32_t kInt4Magic = 0x64006400u;  // f16x2 {1024, 1024}
+  static constexpr uint32_t kInt4Bias = 0x64086408u;   // f16x2 {1032, 1032}
+  static constexpr uint32_t kInt8Magic = 0x64646464u;  // high bytes of f16 1024 + u, u in 0..255
+  static constexpr uint32_t kInt8Bias = 0x64806480u;   // f16x2 {1152, 1152}: 1024 + 128
+};
+
+template <typename T2>
+__device__ __forceinline__ uint32_t as_u32(T2 v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <typename T2>
+__device__ __forceinline__ T2 as_t2(uint32_t v) {
+  return *reinterpret_cast<T2*>(&v);
+}
+
+// Nibbles j and j + 4 of the packed word w (codes 8i + j and 8i + j + 4 of its 8) as exact T values,
+// (low half, high half). `u` is w ^ 0x88888888: each nibble q + 8 in 0..15.
+template <typename T>
+__device__ __forceinline__ typename Pair<T>::T2 int4_pair(uint32_t u, int j) {
+  using P = Pair<T>;
+  const uint32_t m = ((u >> (4 * j)) & 0x000F000Fu) | P::kInt4Magic;
+  return __hsub2(as_t2<typename P::T2>(m), as_t2<typename P::T2>(P::kInt4Bias));
+}
+
+// Bytes b and b + 1 of the int8 word w (codes 4i + b, 4i + b + 1) as exact T values. `u` is
+// w ^ 0x80808080: each byte q + 128 in 0..255.
+template <typename T>
+__device__ __forceinline__ typename Pair<T>::T2 int8_pair(uint32_t u, int b);
+template <>
+__device__ __forceinline__ __nv_bfloat162 int8_pair<__nv_bfloat16>(uint32_t u, int b) {
+  // bf16 keeps 8 significant bits, too few for 128 + u with a magic exponent: go through float32's
+  // 2^23 + u (exact), then two exact conversions.
+  const float f0 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540u | b)) - 8388736.0f;  // 2^23 + 128
+  const float f1 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540u | (b + 1))) - 8388736.0f;
+  return __floats2bfloat162_rn(f0, f1);
+}
+template <>
+__device__ __forceinline__ __half2 int8_pair<__half>(uint32_t u, int b) {
+  // Halves 0x64uu: 1024 + u (f16 keeps 11 significant bits).
+  const uint32_t sel = 0x4040u | b | ((b + 1) << 8);
+  const uint32_t m = __byte_perm(u, Pair<__half>::kInt8Magic, sel);
+  return __hsub2(as_t2<__half2>(m), as_t2<__half2>(Pair<__half>::kInt8Bias));
+}
+
+// (lo, hi) as a pair; a pair of its low / high half twice.
+__device__ __forceinline__ __nv_bfloat162 pair_of(__nv_bfloat16 lo, __nv_bfloat16 hi) { return __halves2bfloat162(lo, hi); }
+__device__ __forceinline__ __half2 pair_of(__half lo, __half hi) { return __halves2half2(lo, hi); }
+__device__ __forceinline__ __nv_bfloat162 low_twice(__nv_bfloat162 v) { return __low2bfloat162(v); }
+__device__ __forceinline__ __half2 low_twice(__half2 v) { return __low2half2(v); }
+__device__ __forceinline__ __nv_bfloat162 high_twice(__nv_bfloat162 v) { return __high2bfloat162(v); }
+__device__ __forceinline__ __half2 high_twice(__half2 v) { return __high2half2(v); }
+
+template <typename T2>
+__device__ __forceinline__ T2 dequant2(T2 q, T2 s, T2 o) {
+  return __hfma2(q, s, o);
+}
+
+// ---- GEMV on tensor cores ----
+//
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} (sm_80+): D[16x8] += A[16x16] · B[16x8]. With
+// g = lane / 4 and t = lane % 4 (PTX ISA, "Matrix Fragments for mma.m16n8k16", 16-bit types; the low
+// half of a register is the lower index):
+//   A: a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9], a3 = A[g+8][2t+8, 2t+9]
+//   B: b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g]
+//   D: d0, d1 = D[g][2t, 2t+1]; d2, d3 = D[g+8][2t, 2t+1]
+// A's rows are tokens, B's columns weight rows. The 16 k slots only need to hold the same k in A and B,
+// so lane (g, t) feeds its B slots from one 16-byte load of weight row g: bytes [16t, 16t + 16) of a
+// 64-byte step of the row (the engine's row-major codes, kept as stored), i.e. its kCodes consecutive
+// codes from k0 = (4·step + t)·kCodes, and its A slots from the activations at the same k:
+//   int8 (kCodes 16, 4 MMAs a step): word i of the load = codes 4i .. 4i+3 in order;
+//     MMA i: b0 = (4i, 4i+1), b1 = (4i+2, 4i+3); a0 / a2 = x words (4i, 4i+1) / (4i+2, 4i+3), as loaded.
+//   int4 (kCodes 32, 8 MMAs a step): word i = codes 8i .. 8i+7, nibble j = code 8i + j; the magic-number
+//     conversion yields the pairs (j, j + 4) (one AND/OR per pair, no shifts across halves), so
+//     MMA (i, h): b0 = (8i+2h, 8i+2h+4), b1 = (8i+2h+1, 8i+2h+5), and the activations are permuted to
+//     match: a0 = the low halves of X[h], X[h+2], a2 = their high halves (one prmt each; X[j] = the x
+//     word of codes (8i+2j, 8i+2j+1)).
+// A lane's codes lie in one quantization group (the group size is a multiple of kCodes), so it dequantizes
+// them with one scale and offset: W = fma(q, s, o) in T, two weights per instruction.
+//
+// Work split (as the FP8 GEMV, kernels/src/fp8.cu): a CTA owns NT · 8 weight rows and up to 16 activation
+// rows (blockIdx.y: weight tiles, blockIdx.x: 16-token blocks, so that the CTAs rereading a tile for
+// more tokens run next to each other and find it in L2); its kWarps warps split K, warp w taking the steps w, w + kWarps, ...; a batch of
+// kLoadsInFlight / NT steps of code loads (kLoadsInFlight 16-byte streaming loads per lane, with their
+// scales and offsets) is in flight before its MMAs run. Partial sums meet in shared memory and are added
+// in warp order: the result does not depend on timing (deterministic), only on the call's m (which picks
+// NT; the sum per output is the same for every NT: the tiles never split K differently).
+constexpr int kWarps = 8;
+constexpr int kLoadsInFlight = 8;  // 16-byte code loads per lane per batch (steps x tiles)
+
+template <typename T>
+__device__ __forceinline__ void mma_16x8x16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                            uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16x8x16<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                           uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16x8x16<__half>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                    uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 16 code bytes, read once: not kept in L1.
+__device__ __forceinline__ uint4 load_stream16(const uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// The MMAs of one step for one 8-row weight tile: `wv` the lane's 16 code bytes, `s2` / `o2` its group's
+// scale and offset (both halves equal), xg / xh the lane's activation words (kCodes / 2 each) of token
+// rows g and g + 8 (xh zeros when MA == 1). Even and odd MMAs alternate between two accumulators.
+template <typename T, bool kInt4>
+__device__ __forceinline__ void step_mmas(float (&acc)[2][4], const uint4& wv, typename Pair<T>::T2 s2,
+                                          typename Pair<T>::T2 o2, const uint32_t* xg, const uint32_t* xh) {
+  using T2 = typename Pair<T>::T2;
+  if constexpr (kInt4) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t u = word(wv, i) ^ 0x88888888u;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t b0 = as_u32(dequant2(int4_pair<T>(u, 2 * h), s2, o2));
+        const uint32_t b1 = as_u32(dequant2(int4_pair<T>(u, 2 * h + 1), s2, o2));
+        const uint32_t lo_g = xg[4 * i + h], hi_g = xg[4 * i + h + 2];  // x (8i+2h, +1), (8i+2h+4, +5)
+        const uint32_t lo_h = xh[4 * i + h], hi_h = xh[4 * i + h + 2];
+        mma_16x8x16<T>(acc[h], __byte_perm(lo_g, hi_g, 0x5410u), __byte_perm(lo_h, hi_h, 0x5410u),
+                       __byte_perm(lo_g, hi_g, 0x7632u), __byte_perm(lo_h, hi_h, 0x7632u), b0, b1);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t u = word(wv, i) ^ 0x80808080u;
+      const uint32_t b0 = as_u32(dequant2(int8_pair<T>(u, 0), s2, o2));
+      const uint32_t b1 = as_u32(dequant2(int8_pair<T>(u, 2), s2, o2));
+      mma_16x8x16<T>(acc[i & 1], xg[2 * i], xh[2 * i], xg[2 * i + 1], xh[2 * i + 1], b0, b1);
+    }
+  }
+}
+
+// MA: blocks of 8 activation rows, 1 when m <= 8, else 2 (16 rows per CTA). NT: 8-row weight tiles
+// per CTA (see launch_tiles).
+template <typename T, typename TY, bool kInt4, int MA, int NT>
+__global__ void __launch_bounds__(kWarps * 32, 2)
+    woq_gemv_kernel(TY* y, const T* x, const uint8_t* codes, const T* scale, const T* offset, const T* bias,
+                    int32_t m, int32_t n, int32_t k, int32_t group_size) {
+  using T2 = typename Pair<T>::T2;
+  constexpr int U = kLoadsInFlight / NT, kCols = 8 * NT;
+  constexpr int kCodes = kInt4 ? 32 : 16;  // codes in a lane's 16-byte load
+  constexpr int kXVecs = kCodes / 8;       // 16-byte activation vectors covering them
+  __shared__ float partial[kWarps][8 * MA][kCols];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int32_t n0 = blockIdx.y * kCols;
+  const int32_t row0 = blockIdx.x * kWoqGemvRowsPerBlock;
+  const int32_t m_blk = min(m - row0, (int32_t)kWoqGemvRowsPerBlock);
+  x += (int64_t)row0 * k;
+  y += (int64_t)row0 * n;
+  const int64_t row_bytes = kInt4 ? k / 2 : k;
+  const int32_t num_vecs = (int32_t)(row_bytes / 16), num_steps = (num_vecs + 3) / 4;
+  const int32_t num_groups = k / group_size;
+  // Weight rows past n read row n - 1 (their sums are never stored); k past the end reads zeros.
+  const uint8_t* w_lane[NT];
+  const T* s_lane[NT];  // scales of the lane's weight row
+  const T* o_lane[NT];
+#pragma unroll
+  for (int r = 0; r < NT; ++r) {
+    const int64_t row = min(n0 + 8 * r + g, n - 1);
+    w_lane[r] = codes + row * row_bytes + 16 * t;
+    s_lane[r] = scale + row * num_groups;
+    o_lane[r] = offset ? offset + row * num_groups : nullptr;
+  }
+  const T* x_lane[MA];
+  bool x_row[MA];
+#pragma unroll
+  for (int i = 0; i < MA; ++i) {
+    x_row[i] = 8 * i + g < m_blk;
+    x_lane[i] = x + (int64_t)(8 * i + g) * k + t * kCodes;  // read only for rows < m_blk
+  }
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  const T zero_t = from_float<T>(0.0f);
+  uint4 wv[U][NT];
+  T2 so[U][NT];  // (scale, offset) of the lane's group: one group per 16-byte load
+  auto load_weights = [&](int32_t s0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int32_t s = s0 + u * kWarps, v = 4 * s + t;  // v: the lane's 16-byte vector of its rows
+      const bool in_k = v < num_vecs;
+      const int32_t grp = in_k ? (int32_t)((int64_t)v * kCodes / group_size) : 0;
+#pragma unroll
+      for (int r = 0; r < NT; ++r) {
+        wv[u][r] = in_k ? load_stream16(w_lane[r] + 64 * (int64_t)s) : zero;
+        // Past K the codes and x are zeros; s = o = 0 there keeps the product 0.
+        so[u][r] = pair_of(in_k ? s_lane[r][grp] : zero_t, in_k && o_lane[r] ? o_lane[r][grp] : zero_t);
+      }
+    }
+  };
+  load_weights(warp);  // constant data: read before waiting for the kernel that wrote x
+  pdl_begin();
+  float acc[NT][2][4];
+#pragma unroll
+  for (int r = 0; r < NT; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[r][h][j] = 0.0f;
+
+  // The loop bounds are the same for the whole warp, as mma.sync requires; lanes past K feed zeros.
+  for (int32_t s0 = warp; s0 < num_steps; s0 += U * kWarps) {
+    if (s0 != warp) load_weights(s0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int32_t s = s0 + u * kWarps;
+      const bool in_k = 4 * s + t < num_vecs;
+      uint32_t xw[2][kCodes / 2];  // activation words of token rows g and g + 8 (zeros when MA == 1)
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < kXVecs; ++j) {
+          const uint4 a = i < MA && in_k && x_row[i]
+                              ? __ldg(reinterpret_cast<const uint4*>(x_lane[i] + 4 * (int64_t)s * kCodes + 8 * j))
+                              : zero;
+          xw[i][4 * j] = a.x;
+          xw[i][4 * j + 1] = a.y;
+          xw[i][4 * j + 2] = a.z;
+          xw[i][4 * j + 3] = a.w;
+        }
+#pragma unroll
+      for (int r = 0; r < NT; ++r) {
+        step_mmas<T, kInt4>(acc[r], wv[u][r], low_twice(so[u][r]), high_twice(so[u][r]), xw[0], xw[1]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < NT; ++r)
+#pragma unroll
+    for (int i = 0; i < MA; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        partial[warp][8 * i + g][8 * r + 2 * t + j] = acc[r][0][2 * i + j] + acc[r][1][2 * i + j];
+  __syncthreads();
+  for (int e = threadIdx.x; e < 8 * MA * kCols; e += blockDim.x) {
+    const int row = e / kCols, col = e % kCols;
+    if (row >= m_blk || n0 + col >= n) continue;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += partial[w][row][col];
+    if (bias) sum += to_float(bias[n0 + col]);
+    y[(int64_t)row * n + n0 + col] = from_float<TY>(sum);
+  }
+}
+
+// Tiles per CTA: every CTA reads the activations of its 16-row block, T · K · 2 bytes, against NT · 8 weight
+// rows of K / 2 (int4) or K bytes. The activations mostly come from L1 (the codes bypass it, and the CTAs an
+// SM runs read the same x), but with many tokens and many CTAs per SM four tiles halve those reads. Two
+// tiles keep two CTAs per SM (132 SMs) down to N = 4096 (256 CTAs); four only where N leaves as many.
+// (To be tuned with benchmarks/bench_weight_only.py.)
+constexpr int32_t kFourTilesMinN = 16384;
+
+template <typename T, typename TY, bool kInt4, int MA>
+void launch_tiles(void* y, const void* x, const void* codes, const void* scale, const void* offset, const void* bias,
+                  int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
+  const int nt = m > 2 && n >= kFourTilesMinN ? 4 : 2;
+  const dim3 grid((unsigned)ceil_div(m, kWoqGemvRowsPerBlock), (unsigned)ceil_div(n, 8 * nt));
+  auto* kernel = nt == 2 ? woq_gemv_kernel<T, TY, kInt4, MA, 2> : woq_gemv_kernel<T, TY, kInt4, MA, 4>;
+  launch_pdl(kernel, grid, kWarps * 32, 0, stream, static_cast<TY*>(y), static_cast<const T*>(x),
+             static_cast<const uint8_t*>(codes), static_cast<const T*>(scale), static_cast<const T*>(offset),
+             static_cast<const T*>(bias), m, n, k, group_size);
+}
+
+template <typename T, typename TY, bool kInt4>
+void launch_gemv(void* y, const void* x, const void* codes, const void* scale, const void* offset, const void* bias,
+                 int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
+  if (m <= 8) launch_tiles<T, TY, kInt4, 1>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+  else launch_tiles<T, TY, kInt4, 2>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+}
+
+template <typename T, typename TY>
+void launch_gemv_codes(bool int4, void* y, const void* x, const void* codes, const void* scale, const void* offset,
+                       const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
+  if (int4) launch_gemv<T, TY, true>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+  else launch_gemv<T, TY, false>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+}
+
+// ---- the whole weight, dequantized ----
+//
+// Any layout: one thread per code byte, two int4 codes (k, k + 1: even k, an even group size keeps them in
+// one group) or one int8 code. Through dequant2(), as the GEMV.
+template <typename T, bool kInt4>
+__global__ void woq_dequantize_kernel(T* w, const uint8_t* codes, const T* scale, const T* offset, int64_t n,
+                                      int64_t k, int64_t group_size) {
+  using T2 = typename Pair<T>::T2;
+  pdl_begin();
+  const int64_t row_bytes = kInt4 ? k / 2 : k, total = n * row_bytes, num_groups = k / group_size;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t row = i / row_bytes, kk = kInt4 ? 2 * (i % row_bytes) : i % row_bytes;
+    const int64_t sg = row * num_groups + kk / group_size;
+    const T sv = scale[sg], ov = offset ? offset[sg] : T(0.0f);
+    const T2 s2 = pair_of(sv, sv), o2 = pair_of(ov, ov);
+    const uint32_t byte = codes[i];
+    if constexpr (kInt4) {
+      // byte ^ 0x88 in nibbles 0 (k) and 4 (k + 1) of a word: int4_pair's (j = 0) pair
+      const uint32_t u = ((byte & 0xFu) | ((byte & 0xF0u) << 12)) ^ 0x00080008u;
+      const T2 wk = dequant2(int4_pair<T>(u, 0), s2, o2);
+      *reinterpret_cast<T2*>(w + row * k + kk) = wk;  // k even: 4-byte aligned
+    } else {
+      const T2 wk = dequant2(int8_pair<T>((byte ^ 0x80u) * 0x01010101u, 0), s2, o2);
+      w[row * k + kk] = wk.x;
+    }
+  }
+}
+
+// The GEMV's layouts (rows of whole 16-byte vectors, one group per vector): one thread per 16 code bytes,
+// converted as the GEMV converts them and stored in k order as 16-byte vectors.
+__device__ __forceinline__ __nv_bfloat162 lows(__nv_bfloat162 a, __nv_bfloat162 b) { return __lows2bfloat162(a, b); }
+__device__ __forceinline__ __half2 lows(__half2 a, __half2 b) { return __lows2half2(a, b); }
+__device__ __forceinline__ __nv_bfloat162 highs(__nv_bfloat162 a, __nv_bfloat162 b) { return __highs2bfloat162(a, b); }
+__device__ __forceinline__ __half2 highs(__half2 a, __half2 b) { return __highs2half2(a, b); }
+
+template <typename T, bool kInt4>
+__global__ void woq_dequantize_vec_kernel(T* w, const uint8_t* codes, const T* scale, const T* offset, int64_t n,
+                                          int64_t k, int64_t group_size) {
+  constexpr int kCodes = kInt4 ? 32 : 16;
+  pdl_begin();
+  const int64_t vecs_per_row = k / kCodes, total = n * vecs_per_row, num_groups = k / group_size;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t row = i / vecs_per_row, k0 = (i % vecs_per_row) * kCodes;
+    const int64_t sg = row * num_groups + k0 / group_size;
+    const T sv = scale[sg], ov = offset ? offset[sg] : from_float<T>(0.0f);
+    const auto s2 = pair_of(sv, sv), o2 = pair_of(ov, ov);
+    const uint4 wv = load_stream16(codes + i * 16);
+    T* out = w + row * k + k0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (kInt4) {
+        // pairs (c, c + 4) of the word's codes 8j .. 8j+7 -> (c, c + 1) in k order
+        const uint32_t u = word(wv, j) ^ 0x88888888u;
+        const auto p0 = dequant2(int4_pair<T>(u, 0), s2, o2), p1 = dequant2(int4_pair<T>(u, 1), s2, o2);
+        const auto p2 = dequant2(int4_pair<T>(u, 2), s2, o2), p3 = dequant2(int4_pair<T>(u, 3), s2, o2);
+        const uint4 v = make_uint4(as_u32(lows(p0, p1)), as_u32(lows(p2, p3)), as_u32(highs(p0, p1)),
+                                   as_u32(highs(p2, p3)));
+        *reinterpret_cast<uint4*>(out + 8 * j) = v;
+      } else {
+        const uint32_t u = word(wv, j) ^ 0x80808080u;
+        const uint2 v = make_uint2(as_u32(dequant2(int8_pair<T>(u, 0), s2, o2)),
+                                   as_u32(dequant2(int8_pair<T>(u, 2), s2, o2)));
+        *reinterpret_cast<uint2*>(out + 4 * j) = v;
+      }
+    }
+  }
+}
+
+unsigned grid_for(int64_t items, int threads) {
+  return (unsigned)std::min<int64_t>(std::max<int64_t>(ceil_div(items, threads), 1), 65535 * 4);
+}
+
+}  // namespace
+
+bool woq_gemv_supported(int64_t k, int64_t group_size, bool int4) {
+  const int64_t codes_per_vec = int4 ? 32 : 16;
+  return k > 0 && group_size > 0 && k % group_size == 0 && k % codes_per_vec == 0 && group_size % codes_per_vec == 0;
+}
+
+cudaError_t woq_gemv(void* y, const void* x, const void* codes, const void* scale, const void* offset,
+                     const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size, bool int4, DType dtype,
+                     DType y_dtype, cudaStream_t stream) {
+  RTLLM_KERNEL_CHECK(y && x && codes && scale && m >= 0 && n >= 0 && woq_gemv_supported(k, group_size, int4));
+  RTLLM_KERNEL_CHECK(aligned16(x) && aligned16(codes));  // rows of x and codes are whole 16-byte vectors
+  RTLLM_KERNEL_CHECK(y_dtype == dtype || y_dtype == DType::kFP32);
+  RTLLM_KERNEL_CHECK(ceil_div(n, 16) <= 65535);  // grid rows of 16 or 32 weight rows
+  if (m == 0 || n == 0) return cudaSuccess;
+  RTLLM_DISPATCH_DTYPE(dtype, T, {
+    if (y_dtype == DType::kFP32)
+      launch_gemv_codes<T, float>(int4, y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+    else
+      launch_gemv_codes<T, T>(int4, y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t woq_dequantize(void* w, const void* codes, const void* scale, const void* offset, int32_t n, int32_t k,
+                           int32_t group_size, bool int4, DType dtype, cudaStream_t stream) {
+  RTLLM_KERNEL_CHECK(w && codes && scale && n >= 0 && k > 0 && group_size > 0 && k % group_size == 0);
+  RTLLM_KERNEL_CHECK(!int4 || (k % 2 == 0 && group_size % 2 == 0));
+  RTLLM_KERNEL_CHECK(!int4 || (reinterpret_cast<uintptr_t>(w) & 3) == 0);
+  if (n == 0) return cudaSuccess;
+  if (woq_gemv_supported(k, group_size, int4) && aligned16(w) && aligned16(codes)) {
+    const unsigned grid = grid_for((int64_t)n * (k / (int4 ? 32 : 16)), 256);
+    RTLLM_DISPATCH_DTYPE(dtype, T, {
+      if (int4)
+        launch_pdl(woq_dequantize_vec_kernel<T, true>, grid, 256, 0, stream, static_cast<T*>(w),
+                   static_cast<const uint8_t*>(codes), static_cast<const T*>(scale), static_cast<const T*>(offset),
+                   (int64_t)n, (int64_t)k, (int64_t)group_size);
+      else
+        launch_pdl(woq_dequantize_vec_kernel<T, false>, grid, 256, 0, stream, static_cast<T*>(w),
+                   static_cast<const uint8_t*>(codes), static_cast<const T*>(scale), static_cast<const T*>(offset),
+                   (int64_t)n, (int64_t)k, (int64_t)group_size);
+    });
+    return cudaGetLastError();
+  }
+  const int64_t total = (int64_t)n * (int4 ? k / 2 : k);
+  const unsigned grid = grid_for(total, 256);
+  RTLLM_DISPATCH_DTYPE(dtype, T, {
+    if (int4)
+      launch_pdl(woq_dequantize_kernel<T, true>, grid, 256, 0, stream, static_cast<T*>(w),
+                 static_cast<const uint8_t*>(codes), static_cast<const T*>(scale), static_cast<const T*>(offset),
+                 (int64_t)n, (int64_t)k, (int64_t)group_size);
+    else
+      launch_pdl(woq_dequantize_kernel<T, false>, grid, 256, 0, stream, static_cast<T*>(w),
+                 static_cast<const uint8_t*>(codes), static_cast<const T*>(scale), static_cast<const T*>(offset),
+                 (int64_t)n, (int64_t)k, (int64_t)group_size);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace rtllm::kernels
