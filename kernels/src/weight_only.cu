@@ -388,6 +388,15 @@ __global__ void woq_dequantize_vec_kernel(T* w, const uint8_t* codes, const T* s
   }
 }
 
+// y [m, n] (TY) = acc [m, n] (float32) + bias[n] (T), rounded once: the bias of the dequantize + GEMM path,
+// added to cuBLASLt's float32 result as the GEMV adds it (acc may be y itself when TY is float32).
+template <typename T, typename TY>
+__global__ void woq_add_bias_kernel(TY* y, const float* acc, const T* bias, int64_t m, int64_t n) {
+  pdl_begin();
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < m * n; i += (int64_t)gridDim.x * blockDim.x)
+    y[i] = from_float<TY>(acc[i] + to_float(bias[i % n]));
+}
+
 unsigned grid_for(int64_t items, int threads) {
   return (unsigned)std::min<int64_t>(std::max<int64_t>(ceil_div(items, threads), 1), 65535 * 4);
 }
@@ -447,6 +456,22 @@ cudaError_t woq_dequantize(void* w, const void* codes, const void* scale, const 
       launch_pdl(woq_dequantize_kernel<T, false>, grid, 256, 0, stream, static_cast<T*>(w),
                  static_cast<const uint8_t*>(codes), static_cast<const T*>(scale), static_cast<const T*>(offset),
                  (int64_t)n, (int64_t)k, (int64_t)group_size);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t woq_add_bias(void* y, const float* acc, const void* bias, int32_t m, int32_t n, DType dtype,
+                         DType y_dtype, cudaStream_t stream) {
+  RTLLM_KERNEL_CHECK(y && acc && bias && m >= 0 && n >= 0 && (y_dtype == dtype || y_dtype == DType::kFP32));
+  if (m == 0 || n == 0) return cudaSuccess;
+  const unsigned grid = grid_for((int64_t)m * n, 256);
+  RTLLM_DISPATCH_DTYPE(dtype, T, {
+    if (y_dtype == DType::kFP32)
+      launch_pdl(woq_add_bias_kernel<T, float>, grid, 256, 0, stream, static_cast<float*>(y), acc,
+                 static_cast<const T*>(bias), (int64_t)m, (int64_t)n);
+    else
+      launch_pdl(woq_add_bias_kernel<T, T>, grid, 256, 0, stream, static_cast<T*>(y), acc, static_cast<const T*>(bias),
+                 (int64_t)m, (int64_t)n);
   });
   return cudaGetLastError();
 }

@@ -8,9 +8,11 @@
 //     reading the packed bytes once;
 //   larger T (prefill), or a shape the GEMV does not take (K or the group size not a multiple of a lane's
 //     16-byte load: 16 int8 or 32 int4 codes): the weight dequantized into the workspace (sized at load:
-//     N · K values of the compute dtype), then cuBLASLt's GEMM. Both paths use the same W values.
+//     N · K values of the compute dtype, and float32 rows for a bias), then cuBLASLt's GEMM. Both paths use
+//     the same W values and round y once from float32 (the bias added in float32).
 // Everything a step does is kernel launches on the runner's stream over fixed buffers: capturable in a
 // CUDA graph.
+#include <algorithm>
 #include <string>
 
 #include "cuda/cublaslt_gemm.h"
@@ -33,8 +35,21 @@ size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 enum class WoqPath { kAuto = 0, kGemv = 1, kGemm = 2 };
 
-// The dequantized weight [N, K] in the compute dtype (16-bit).
-size_t woq_workspace_bytes(int64_t N, int64_t K) { return align_up(sizeof(uint16_t) * static_cast<size_t>(N) * K); }
+// With a bias, the GEMM path has cuBLASLt write float32 accumulators and adds the bias itself, rounding once
+// as the GEMV does: cuBLASLt's bias epilogue takes only a bias of the output type (so not the placed 16-bit
+// bias with float32 logits), and with a 16-bit output some of its kernels round the product to that type
+// before adding the bias (an error of the product's size when bias and product cancel). 16-bit outputs go
+// through a float32 scratch of up to kBiasChunkRows rows, one GEMM per chunk (each reads the dequantized
+// weight again: 8 passes for 8192 tokens).
+constexpr int64_t kBiasChunkRows = 1024;
+
+size_t dequantized_bytes(int64_t N, int64_t K) { return align_up(sizeof(uint16_t) * static_cast<size_t>(N) * K); }
+
+// The dequantized weight [N, K] in the compute dtype (16-bit), then float32 accumulators for scratch_rows
+// rows (0 without a bias; at most kBiasChunkRows).
+size_t woq_workspace_bytes(int64_t N, int64_t K, int64_t scratch_rows) {
+  return dequantized_bytes(N, K) + align_up(sizeof(float) * static_cast<size_t>(N) * scratch_rows);
+}
 
 void check_launch(cudaError_t err) {
   RTLLM_CHECK(err == cudaSuccess, "op weight_only_linear: kernel launch failed: ", cudaGetErrorName(err), " (",
@@ -62,6 +77,9 @@ void run_woq_linear(const WoqCall& c, CublasLtGemm& gemm, void* workspace, WoqPa
   const bool gemv_ok = kernels::woq_gemv_supported(c.K, c.group_size, c.int4);
   const bool gemv = path == WoqPath::kGemv || (path == WoqPath::kAuto && gemv_ok && c.T <= kMaxGemvRows);
   const auto n = static_cast<int32_t>(c.N), k = static_cast<int32_t>(c.K), g = static_cast<int32_t>(c.group_size);
+  RTLLM_CHECK(c.y_dtype == c.x_dtype || c.y_dtype == DataType::kFloat32, "weight_only_linear: output dtype ",
+              dtype_safetensors_name(c.y_dtype), " with activations in ", dtype_safetensors_name(c.x_dtype),
+              "; the output must be in the activations' dtype or F32");
   if (gemv) {
     RTLLM_CHECK(gemv_ok, "weight_only_linear: the GEMV does not take K = ", c.K, " with group_size ", c.group_size,
                 " (", c.int4 ? "I4" : "I8", "; both must be multiples of ", c.int4 ? 32 : 16, ")");
@@ -70,7 +88,26 @@ void run_woq_linear(const WoqCall& c, CublasLtGemm& gemm, void* workspace, WoqPa
     return;
   }
   check_launch(kernels::woq_dequantize(workspace, c.codes, c.scale, c.offset, n, k, g, c.int4, x_kind, stream));
-  gemm.linear(c.y, c.x, workspace, c.bias, c.T, c.N, c.K, c.x_dtype, c.y_dtype, stream);
+  if (!c.bias) {
+    gemm.linear(c.y, c.x, workspace, nullptr, c.T, c.N, c.K, c.x_dtype, c.y_dtype, stream);
+    return;
+  }
+  // The bias after the GEMM, on its float32 result (see kBiasChunkRows).
+  if (c.y_dtype == DataType::kFloat32) {
+    gemm.linear(c.y, c.x, workspace, nullptr, c.T, c.N, c.K, c.x_dtype, DataType::kFloat32, stream);
+    check_launch(kernels::woq_add_bias(c.y, static_cast<const float*>(c.y), c.bias, static_cast<int32_t>(c.T), n,
+                                       x_kind, y_kind, stream));
+    return;
+  }
+  float* acc = reinterpret_cast<float*>(static_cast<char*>(workspace) + dequantized_bytes(c.N, c.K));
+  const size_t elt = dtype_size(c.x_dtype);  // x and y: 16-bit
+  for (int64_t r0 = 0; r0 < c.T; r0 += kBiasChunkRows) {
+    const int64_t rows = std::min(kBiasChunkRows, c.T - r0);
+    gemm.linear(acc, static_cast<const char*>(c.x) + r0 * c.K * elt, workspace, nullptr, rows, c.N, c.K, c.x_dtype,
+                DataType::kFloat32, stream);
+    check_launch(kernels::woq_add_bias(static_cast<char*>(c.y) + r0 * c.N * elt, acc, c.bias,
+                                       static_cast<int32_t>(rows), n, x_kind, y_kind, stream));
+  }
 }
 
 std::string dims_string(const TensorSpec& t) {
@@ -171,7 +208,8 @@ class CudaWeightOnlyLinear final : public OpKind {
   }
 
   size_t workspace_bytes() const override {
-    return needs_dequantized_ ? woq_workspace_bytes(num_rows_, num_cols_) : 0;
+    if (!needs_dequantized_) return 0;
+    return woq_workspace_bytes(num_rows_, num_cols_, has_bias_ ? std::min(max_rows_, kBiasChunkRows) : 0);
   }
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
@@ -218,7 +256,7 @@ void register_cuda_weight_only_linear_op() {
 // pointers through the op's code paths, with its own cuBLASLt instance. scale, offset and bias in x_dtype
 // (as the op places them). path: 0 as the op chooses, 1 the GEMV, 2 dequantize + GEMM; workspace of
 // weight_only_linear_workspace_bytes() (needed by path 2, and by path 0 when it takes the GEMM).
-RTLLM_API size_t weight_only_linear_workspace_bytes(int64_t N, int64_t K) { return woq_workspace_bytes(N, K); }
+RTLLM_API size_t weight_only_linear_workspace_bytes(int64_t N, int64_t K) { return woq_workspace_bytes(N, K, kBiasChunkRows); }
 
 RTLLM_API bool weight_only_gemv_supported(int64_t K, int64_t group_size, bool int4) {
   return kernels::woq_gemv_supported(K, group_size, int4);

@@ -36,4 +36,10 @@ RTLLM_API cudaError_t woq_gemv(void* y, const void* x, const void* codes, const 
 RTLLM_API cudaError_t woq_dequantize(void* w, const void* codes, const void* scale, const void* offset, int32_t n,
                                      int32_t k, int32_t group_size, bool int4, DType dtype, cudaStream_t stream);
 
+// y [m, n] (dtype, or kFP32) = acc [m, n] (float32) + bias [n] (dtype), rounded once; acc may be y when y is
+// float32. The bias of the GEMM path: cuBLASLt's bias epilogue takes the bias only in the output type, and
+// for 16-bit outputs it may round the product to the output type before adding the bias.
+RTLLM_API cudaError_t woq_add_bias(void* y, const float* acc, const void* bias, int32_t m, int32_t n, DType dtype,
+                                   DType y_dtype, cudaStream_t stream);
+
 }  // namespace rtllm::kernels
