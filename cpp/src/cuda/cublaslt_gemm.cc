@@ -64,13 +64,6 @@ bool find_algo(cublasLtHandle_t handle, CublasLtGemm::Plan& p, size_t workspace_
     if (status != CUBLAS_STATUS_SUCCESS) break;
     status = cublasLtMatmulPreferenceSetAttribute(pref, attr, &kMinAlignment, sizeof(kMinAlignment));
   }
-  // Split-K only with its partial sums kept in the float32 compute type: the in-place and output-type
-  // reductions round every partial sum to a bf16 / fp16 output (an error of the partials' size, not the
-  // result's: seen as 2^-9 of partials that cancel, far outside one rounding of y).
-  const uint32_t reduction_mask = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
-  if (status == CUBLAS_STATUS_SUCCESS)
-    status = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reduction_mask,
-                                                  sizeof(reduction_mask));
   if (status == CUBLAS_STATUS_SUCCESS)
     status = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.a, p.b, p.d, p.d, pref, 1, &result, &num_results);
   cublasLtMatmulPreferenceDestroy(pref);
