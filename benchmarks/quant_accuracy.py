@@ -12,7 +12,7 @@ unquantized rtllm engine should be within a fraction of a percent of it).
         FP8_PER_CHANNEL_PER_TOKEN+FP8KV FP8+FP8KV --num-tokens 2560 --window 512 --hf
 
 An algorithm name is a QuantAlgo name ("none" for unquantized), with ":N" for group_size N and ":zp" for
-has_zero_point (W4A16:64:zp); "+FP8KV" / "+INT8KV" add kv_cache_quant_algo FP8 / INT8 ("none+INT8KV": the KV
+has_zero_point (W4A16:64:zp), ":desc_act" for GPTQ's desc_act; "+FP8KV" / "+INT8KV" add kv_cache_quant_algo FP8 / INT8 ("none+INT8KV": the KV
 cache alone).
 """
 import argparse
@@ -31,8 +31,8 @@ INT8_KV_SUFFIX = "+INT8KV"
 
 
 def quant_config_of(name: str):
-    """'none' | QuantAlgo name[:GROUP_SIZE][:zp], optionally with '+FP8KV' -> QuantConfig (None: unquantized);
-    e.g. 'W4A16:64:zp' is W4A16 with group_size 64 and has_zero_point."""
+    """'none' | QuantAlgo name[:GROUP_SIZE][:zp][:desc_act], optionally with '+FP8KV' -> QuantConfig (None:
+    unquantized); e.g. 'W4A16:64:zp' is W4A16 with group_size 64 and has_zero_point."""
     from rtllm.quantization import QuantConfig
 
     algo, kv = (name[:-len(KV_SUFFIX)], "FP8") if name.endswith(KV_SUFFIX) else (name, None)
@@ -43,7 +43,9 @@ def quant_config_of(name: str):
     if algo is None and kv is None:
         return None
     fields = {"has_zero_point": True} if "zp" in options else {}
-    fields.update({"group_size": int(o) for o in options if o != "zp"})
+    if "desc_act" in options:
+        fields["desc_act"] = True
+    fields.update({"group_size": int(o) for o in options if o not in ("zp", "desc_act")})
     return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, **fields)
 
 
