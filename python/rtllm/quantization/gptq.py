@@ -17,6 +17,7 @@ The grid is rtllm's own weight-only one (quantize.py): 4 bits symmetric q in [-8
 8 bits symmetric q in [-127, 127] with scale amax / 127; asymmetric u in [0, 2^bits - 1] with the range
 [min(w, 0), max(w, 0)], integer zero point z, stored q = u - 2^(bits-1) and offset (2^(bits-1) - z) · scale.
 Scales are rounded to the stored dtype (float16 for 4 bits, float32 for 8 bits) before they are used.
+Each group's range is searched, not taken from its extremes: see SHRINK_STEPS.
 """
 import numpy as np
 
@@ -34,8 +35,19 @@ def _stored_scale(x: np.ndarray, bits: int) -> np.ndarray:
     return np.where(s > 0, s, np.float32(1.0)).astype(np.float64)
 
 
+# The grid's range search: each row's range [lo, hi] is shrunk by the factors 1, 1 - 1/SHRINK_STEPS, ...,
+# down to 1 - MAX_SHRINK, and the one with the least Σ |w - ŵ|^ERROR_NORM over the group is kept (the
+# reference implementation's `mse` option, with its norm 2.4: between the squared error and the maximum).
+# A clipped outlier costs its own error once, a wide grid costs every other weight of the group a coarser
+# step: on 4-bit groups of 32 to 128 the search usually clips a little.
+SHRINK_STEPS = 100
+MAX_SHRINK = 0.2
+ERROR_NORM = 2.4
+
+
 class _Grid:
-    """One group's quantization grid for every output row: scale [N], zero [N] (asymmetric) or None."""
+    """One group's quantization grid for every output row: scale [N], zero [N] (asymmetric) or None,
+    with the range of each row that quantizes the group's weights `w` [N, G] best (see SHRINK_STEPS)."""
 
     def __init__(self, w: np.ndarray, bits: int, sym: bool):
         self.bits, self.sym = bits, sym
@@ -44,13 +56,38 @@ class _Grid:
             self.lo, self.hi = -self.mid, self.mid - 1
             if bits == 8:
                 self.lo = -self.hi  # [-127, 127], as rtllm's W8A16
-            self.scale = _stored_scale(np.max(np.abs(w), axis=1) / self.hi, bits)
-            self.zero = None
         else:
             self.lo, self.hi = 0, 2 ** bits - 1
-            lo, hi = np.minimum(w.min(axis=1), 0), np.maximum(w.max(axis=1), 0)
-            self.scale = _stored_scale((hi - lo) / self.hi, bits)
+        amax = np.max(np.abs(w), axis=1)
+        w_lo, w_hi = np.minimum(w.min(axis=1), 0), np.maximum(w.max(axis=1), 0)
+        best = None
+        for step in range(int(MAX_SHRINK * SHRINK_STEPS) + 1):
+            p = 1.0 - step / SHRINK_STEPS
+            self._set_range(p * amax, p * w_lo, p * w_hi)
+            err = np.sum(np.abs(self.dequant(self.codes_of(w)) - w) ** ERROR_NORM, axis=1)
+            if best is None:
+                best, scale, zero = err, self.scale, self.zero
+                continue
+            better = err < best
+            best = np.where(better, err, best)
+            scale = np.where(better, self.scale, scale)
+            zero = None if sym else np.where(better, self.zero, zero)
+        self.scale, self.zero = scale, zero
+
+    def _set_range(self, amax: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+        if self.sym:
+            self.scale = _stored_scale(amax / self.hi, self.bits)
+            self.zero = None
+        else:
+            self.scale = _stored_scale((hi - lo) / self.hi, self.bits)
             self.zero = np.clip(np.rint(-lo / self.scale), 0, self.hi)
+
+    def codes_of(self, w: np.ndarray) -> np.ndarray:
+        """codes() of every column of w [N, G]."""
+        q = np.rint(w / self.scale[:, None])
+        if self.zero is not None:
+            q = q + self.zero[:, None]
+        return np.clip(q, self.lo, self.hi)
 
     def codes(self, col: np.ndarray) -> np.ndarray:
         """Integer codes of a column (float64 [N]): q (symmetric) or u (asymmetric)."""
@@ -60,7 +97,11 @@ class _Grid:
         return np.clip(q, self.lo, self.hi)
 
     def dequant(self, q: np.ndarray) -> np.ndarray:
-        return (q - self.zero) * self.scale if self.zero is not None else q * self.scale
+        """Codes -> weights; q [N] (one column) or [N, G] (columns)."""
+        s = self.scale if q.ndim == 1 else self.scale[:, None]
+        if self.zero is None:
+            return q * s
+        return (q - (self.zero if q.ndim == 1 else self.zero[:, None])) * s
 
 
 def upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
