@@ -26,13 +26,13 @@ RTN = {  # the same format by round to nearest (measured in test_quant_accuracy.
     "zp": QuantConfig(quant_algo="W4A16", group_size=64, has_zero_point=True),
 }
 # name -> (QuantConfig, RTN key, largest perplexity increase over the unquantized engine). Measured (1,022
-# scored tokens, 64 calibration samples): RTN group 64 +53.5%; GPTQ group 64 +28.6%, with desc_act +13.6%;
+# scored tokens, 64 calibration samples): RTN group 64 +53.5%; GPTQ group 64 +23.4%, with desc_act +8.7%;
 # AWQ group 64 +19.0%.
 # The target (at most 8% above, group 128) is not met on this checkpoint: see docs/quantization.md.
 CONFIGS = {
-    "W4A16_GPTQ:64": (QuantConfig(quant_algo="W4A16_GPTQ", group_size=64, calib_size=CALIB_SIZE), "sym", 0.32),
+    "W4A16_GPTQ:64": (QuantConfig(quant_algo="W4A16_GPTQ", group_size=64, calib_size=CALIB_SIZE), "sym", 0.27),
     "W4A16_GPTQ:64:desc_act": (QuantConfig(quant_algo="W4A16_GPTQ", group_size=64, desc_act=True,
-                                           calib_size=CALIB_SIZE), "sym", 0.16),
+                                           calib_size=CALIB_SIZE), "sym", 0.11),
     "W4A16_AWQ:64": (QuantConfig(quant_algo="W4A16_AWQ", group_size=64, calib_size=CALIB_SIZE), "sym", 0.22),
 }
 
