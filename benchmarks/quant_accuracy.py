@@ -11,9 +11,9 @@ unquantized rtllm engine should be within a fraction of a percent of it).
     python benchmarks/quant_accuracy.py CHECKPOINT_DIR --algos none FP8_PER_CHANNEL_PER_TOKEN \
         FP8_PER_CHANNEL_PER_TOKEN+FP8KV FP8+FP8KV --num-tokens 2560 --window 512 --hf
 
-An algorithm name is a QuantAlgo name ("none" for unquantized), with ":N" for group_size N and ":zp" for
-has_zero_point (W4A16:64:zp), ":desc_act" for GPTQ's desc_act; "+FP8KV" / "+INT8KV" add kv_cache_quant_algo FP8 / INT8 ("none+INT8KV": the KV
-cache alone).
+An algorithm name is a QuantAlgo name ("none" for unquantized), with ":N" for group_size N, ":zp" for
+has_zero_point (W4A16:64:zp) and ":desc_act" for GPTQ's desc_act; "+FP8KV" / "+INT8KV" add kv_cache_quant_algo
+FP8 / INT8 ("none+INT8KV": the KV cache alone).
 """
 import argparse
 import math
