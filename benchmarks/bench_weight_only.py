@@ -20,6 +20,7 @@ from rtllm import _core
 
 K = _core.kernels
 SHAPES = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)]  # (N, K): o_proj, fused qkv, gate_up, down
+LM_HEAD = (128256, 4096)
 VARIANTS = {  # name: (int4, group_size or None for per channel, has_offset)
     "w4a16_g128": (True, 128, False),
     "w4a16_g128_offset": (True, 128, True),
@@ -41,7 +42,7 @@ def make_weights(N, Kd, int4, G, has_offset):
     return out, moved
 
 
-def rtllm_call(M, N, Kd, int4, G, has_offset, path=0):
+def rtllm_call(M, N, Kd, int4, G, has_offset, path=0, k_splits=0):
     weights, moved = make_weights(N, Kd, int4, G, has_offset)
     x = torch.randn(M, Kd, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
@@ -53,7 +54,8 @@ def rtllm_call(M, N, Kd, int4, G, has_offset, path=0):
         turn[0] += 1
         K.weight_only_linear(y.data_ptr(), x.data_ptr(), codes.data_ptr(), scale.data_ptr(),
                              0 if offset is None else offset.data_ptr(), 0, M, N, Kd, G, int4, "BF16", "BF16",
-                             workspace.data_ptr(), torch.cuda.current_stream().cuda_stream, path=path)
+                             workspace.data_ptr(), torch.cuda.current_stream().cuda_stream, path=path,
+                             gemv_k_splits=k_splits)
     return call, moved + 2 * M * (Kd + N)
 
 
@@ -102,6 +104,17 @@ def main():
                                  torch_bf16_us=peer[(M, N, Kd)] * 1e3, speedup_vs_torch=speedup))
                 print(f"{name:18s} M={M:4d} N={N:5d} K={Kd:5d}: {ms * 1e3:8.2f} us {gbs:6.0f} GB/s {gbs / bw:5.1%} "
                       f"x{speedup:.2f} vs torch bf16")
+    # the GEMV's split of K between warps (weight_only_gemv_k_splits picks one from N and K)
+    for N, Kd in SHAPES + [LM_HEAD]:
+        own = K.weight_only_gemv_k_splits(N, Kd)
+        for M in (1, 4, 8, 16):
+            times = {ks: median_ms(rtllm_call(M, N, Kd, True, 128, False, 1, ks)[0], calls=20) * 1e3
+                     for ks in (1, 2, 4, 8)}
+            moved = N * Kd // 2 + 2 * N * (Kd // 128) + 2 * M * (Kd + N)
+            rows.append(dict(kind="k_splits", variant="w4a16_g128", M=M, N=N, K=Kd, own=own,
+                             us={str(ks): us for ks, us in times.items()}))
+            print(f"k_splits w4a16_g128 M={M:2d} N={N:6d} K={Kd:5d} (own {own}): " + ", ".join(
+                f"{ks}: {us:7.2f} us {moved / (us * 1e-6) / 1e9 / bw:5.1%}" for ks, us in times.items()))
     # where the op should switch from the GEMV to the dequantized GEMM (kMaxGemvRows in
     # cuda_weight_only_linear.cc)
     for N, Kd in SHAPES:

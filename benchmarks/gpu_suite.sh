@@ -8,7 +8,8 @@
 # The serving step needs the serve extra (fastapi, uvicorn) importable; on a machine without network, put
 # their wheels on PYTHONPATH first.
 # Environment: STEPS (default "build tests kernels e2e serving"), CUDA_ARCHS (default 90a),
-# E2E_ARGS (bench_e2e.py arguments replacing the default workloads), PYTHON (default python3).
+# E2E_ARGS (bench_e2e.py arguments replacing the default workloads), TESTS_GPU (the test files or nodes the
+# tests step runs; default all of tests/gpu), PYTHON (default python3).
 #
 # STEPS may also name fp8_kernels, fp8_prepare, fp8_e2e, woq_kernels, woq_prepare and woq_e2e (below).
 #
@@ -49,7 +50,8 @@ run_step() {
 wants build && CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90a} -DRTLLM_CUDA=ON" \
   run_step build 300 build.log "$PYTHON" -m pip install --no-build-isolation --no-deps -v .
 
-wants tests && run_step tests_gpu 300 tests_gpu.log "$PYTHON" -m pytest tests/gpu -q -p no:cacheprovider \
+# shellcheck disable=SC2086
+wants tests && run_step tests_gpu 300 tests_gpu.log "$PYTHON" -m pytest ${TESTS_GPU:-tests/gpu} -q -p no:cacheprovider \
   --junitxml="$OUT_DIR/tests_gpu.xml"
 
 wants kernels && run_step bench_kernels 150 bench_kernels.log "$PYTHON" benchmarks/bench_kernels.py \

@@ -28,7 +28,8 @@ RTLLM_API bool weight_only_gemv_supported(int64_t K, int64_t group_size, bool in
 RTLLM_API void weight_only_linear_for_tests(void* y, const void* x, const void* codes, const void* scale,
                                             const void* offset, const void* bias, int64_t T, int64_t N, int64_t K,
                                             int64_t group_size, bool int4, DataType x_dtype, DataType y_dtype,
-                                            int path, void* workspace, void* stream);
+                                            int path, int gemv_k_splits, void* workspace, void* stream);
+RTLLM_API int32_t weight_only_gemv_k_splits(int64_t N, int64_t K);
 }  // namespace rtllm
 
 namespace rtllm::bindings {
@@ -58,19 +59,22 @@ void bind_fp8_kernels(py::module_& m) {
      py::arg("scaled_gemm") = true);
 
   // weight_only_linear: codes [N, K] int8 or [N, K / 2] packed int4 bytes; scale, offset (0: none) and
-  // bias (0: none) in x_dtype, as the op places them. path 0: as the op, 1: GEMV, 2: dequantize + GEMM.
+  // bias (0: none) in x_dtype, as the op places them. path 0: as the op, 1: GEMV, 2: dequantize + GEMM;
+  // gemv_k_splits: the GEMV's warps splitting K (0: its own choice, weight_only_gemv_k_splits).
   m.def("weight_only_linear_workspace_bytes", &weight_only_linear_workspace_bytes, py::arg("n"), py::arg("k"));
   m.def("weight_only_gemv_supported", &weight_only_gemv_supported, py::arg("k"), py::arg("group_size"),
         py::arg("int4"));
+  m.def("weight_only_gemv_k_splits", &weight_only_gemv_k_splits, py::arg("n"), py::arg("k"));
   m.def("weight_only_linear", [p, dtype](uintptr_t y, uintptr_t x, uintptr_t codes, uintptr_t scale, uintptr_t offset,
                                          uintptr_t bias, int64_t T, int64_t N, int64_t K, int64_t group_size, bool int4,
                                          const std::string& x_dtype, const std::string& y_dtype, uintptr_t workspace,
-                                         uintptr_t stream, int path) {
+                                         uintptr_t stream, int path, int gemv_k_splits) {
     weight_only_linear_for_tests(p(y), p(x), p(codes), p(scale), p(offset), p(bias), T, N, K, group_size, int4,
-                                 dtype(x_dtype), dtype(y_dtype), path, p(workspace), p(stream));
+                                 dtype(x_dtype), dtype(y_dtype), path, gemv_k_splits, p(workspace), p(stream));
   }, py::arg("y"), py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("offset"), py::arg("bias"),
      py::arg("num_rows"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("int4"), py::arg("x_dtype"),
-     py::arg("y_dtype"), py::arg("workspace"), py::arg("stream") = uintptr_t{0}, py::kw_only(), py::arg("path") = 0);
+     py::arg("y_dtype"), py::arg("workspace"), py::arg("stream") = uintptr_t{0}, py::kw_only(), py::arg("path") = 0,
+     py::arg("gemv_k_splits") = 0);
 }
 
 }  // namespace rtllm::bindings

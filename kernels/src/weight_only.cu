@@ -102,13 +102,16 @@ __device__ __forceinline__ T2 dequant2(T2 q, T2 s, T2 o) {
 // A lane's codes lie in one quantization group (the group size is a multiple of kCodes), so it dequantizes
 // them with one scale and offset: W = fma(q, s, o) in T, two weights per instruction.
 //
-// Work split (as the FP8 GEMV, kernels/src/fp8.cu): a CTA owns NT · 8 weight rows and up to 16 activation
-// rows (blockIdx.y: weight tiles, blockIdx.x: 16-token blocks, so that the CTAs rereading a tile for
-// more tokens run next to each other and find it in L2); its kWarps warps split K, warp w taking the steps w, w + kWarps, ...; a batch of
-// kLoadsInFlight / NT steps of code loads (kLoadsInFlight 16-byte streaming loads per lane, with their
-// scales and offsets) is in flight before its MMAs run. Partial sums meet in shared memory and are added
-// in warp order: the result does not depend on timing (deterministic), only on the call's m (which picks
-// NT; the sum per output is the same for every NT: the tiles never split K differently).
+// Work split: a CTA's kWarps warps form kWarps / KS row groups of KS warps. A row group owns NT · 8 weight
+// rows and the CTA's up to 16 activation rows (blockIdx.y: weight rows, blockIdx.x: 16-token blocks, so
+// that the CTAs rereading a tile for more tokens run next to each other and find it in L2); its KS warps
+// split K, warp w taking the steps w, w + KS, ... Each warp keeps kLoadsInFlight 16-byte code loads per
+// lane in flight (U = kLoadsInFlight / NT steps of its NT tiles, with their scales and offsets): the slot of
+// a step is refilled with the step U · KS further on as soon as that step's MMAs have read it, so the loads
+// of a long run of steps overlap the MMAs of the earlier ones. Partial sums of the KS warps meet in shared
+// memory and are added in warp order: the result does not depend on timing (deterministic), only on KS (a
+// function of N and K, see gemv_k_splits) and not on the call's m (which picks MA and may pick NT; the sum
+// per output is the same for every NT: the tiles never split K differently).
 constexpr int kWarps = 8;
 constexpr int kLoadsInFlight = 8;  // 16-byte code loads per lane per batch (steps x tiles)
 
@@ -132,10 +135,11 @@ __device__ __forceinline__ void mma_16x8x16<__half>(float (&d)[4], uint32_t a0, 
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// 16 code bytes, read once: not kept in L1.
+// 16 code bytes, read once: not kept in L1; the L2 fetches the 256 bytes around them (the rest of the row's
+// run is read by the next steps). Volatile: issued where written, ahead of the MMAs that wait for it.
 __device__ __forceinline__ uint4 load_stream16(const uint8_t* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
@@ -178,18 +182,20 @@ __device__ __forceinline__ void step_mmas(float (&acc)[2][4], const uint4& wv, t
 }
 
 // MA: blocks of 8 activation rows, 1 when m <= 8, else 2 (16 rows per CTA). NT: 8-row weight tiles
-// per CTA (see launch_tiles).
-template <typename T, typename TY, bool kInt4, int MA, int NT>
+// per row group; KS: warps splitting K (see launch_tiles).
+template <typename T, typename TY, bool kInt4, int MA, int NT, int KS>
 __global__ void __launch_bounds__(kWarps * 32, 2)
     woq_gemv_kernel(TY* y, const T* x, const uint8_t* codes, const T* scale, const T* offset, const T* bias,
                     int32_t m, int32_t n, int32_t k, int32_t group_size) {
   using T2 = typename Pair<T>::T2;
-  constexpr int U = kLoadsInFlight / NT, kCols = 8 * NT;
+  static_assert(kWarps % KS == 0, "the row groups take whole warps");
+  constexpr int U = kLoadsInFlight / NT, kCols = 8 * NT, kGroups = kWarps / KS;
   constexpr int kCodes = kInt4 ? 32 : 16;  // codes in a lane's 16-byte load
   constexpr int kXVecs = kCodes / 8;       // 16-byte activation vectors covering them
   __shared__ float partial[kWarps][8 * MA][kCols];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int32_t n0 = blockIdx.y * kCols;
+  const int group = warp / KS, split = warp % KS;
+  const int32_t n0 = (blockIdx.y * kGroups + group) * kCols;
   const int32_t row0 = blockIdx.x * kWoqGemvRowsPerBlock;
   const int32_t m_blk = min(m - row0, (int32_t)kWoqGemvRowsPerBlock);
   x += (int64_t)row0 * k;
@@ -219,21 +225,19 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   const T zero_t = from_float<T>(0.0f);
   uint4 wv[U][NT];
   T2 so[U][NT];  // (scale, offset) of the lane's group: one group per 16-byte load
-  auto load_weights = [&](int32_t s0) {
+  // Slot u takes step s of the NT tiles; steps past K take no load (zeros: s = o = 0 keeps the product 0).
+  auto load_step = [&](int u, int32_t s) {
+    const int32_t v = 4 * s + t;  // v: the lane's 16-byte vector of its rows
+    const bool in_k = v < num_vecs;
+    const int32_t grp = in_k ? (int32_t)((int64_t)v * kCodes / group_size) : 0;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int32_t s = s0 + u * kWarps, v = 4 * s + t;  // v: the lane's 16-byte vector of its rows
-      const bool in_k = v < num_vecs;
-      const int32_t grp = in_k ? (int32_t)((int64_t)v * kCodes / group_size) : 0;
-#pragma unroll
-      for (int r = 0; r < NT; ++r) {
-        wv[u][r] = in_k ? load_stream16(w_lane[r] + 64 * (int64_t)s) : zero;
-        // Past K the codes and x are zeros; s = o = 0 there keeps the product 0.
-        so[u][r] = pair_of(in_k ? s_lane[r][grp] : zero_t, in_k && o_lane[r] ? o_lane[r][grp] : zero_t);
-      }
+    for (int r = 0; r < NT; ++r) {
+      wv[u][r] = in_k ? load_stream16(w_lane[r] + 64 * (int64_t)s) : zero;
+      so[u][r] = pair_of(in_k ? s_lane[r][grp] : zero_t, in_k && o_lane[r] ? o_lane[r][grp] : zero_t);
     }
   };
-  load_weights(warp);  // constant data: read before waiting for the kernel that wrote x
+#pragma unroll
+  for (int u = 0; u < U; ++u) load_step(u, split + u * KS);  // constant data: before waiting for x's writer
   pdl_begin();
   float acc[NT][2][4];
 #pragma unroll
@@ -244,11 +248,10 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
       for (int j = 0; j < 4; ++j) acc[r][h][j] = 0.0f;
 
   // The loop bounds are the same for the whole warp, as mma.sync requires; lanes past K feed zeros.
-  for (int32_t s0 = warp; s0 < num_steps; s0 += U * kWarps) {
-    if (s0 != warp) load_weights(s0);
+  for (int32_t s0 = split; s0 < num_steps; s0 += U * KS) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int32_t s = s0 + u * kWarps;
+      const int32_t s = s0 + u * KS;
       const bool in_k = 4 * s + t < num_vecs;
       uint32_t xw[2][kCodes / 2];  // activation words of token rows g and g + 8 (zeros when MA == 1)
 #pragma unroll
@@ -267,6 +270,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
       for (int r = 0; r < NT; ++r) {
         step_mmas<T, kInt4>(acc[r], wv[u][r], low_twice(so[u][r]), high_twice(so[u][r]), xw[0], xw[1]);
       }
+      load_step(u, s + U * KS);  // the slot's next step, in flight while the other slots' MMAs run
     }
   }
 #pragma unroll
@@ -277,47 +281,68 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
       for (int j = 0; j < 2; ++j)
         partial[warp][8 * i + g][8 * r + 2 * t + j] = acc[r][0][2 * i + j] + acc[r][1][2 * i + j];
   __syncthreads();
-  for (int e = threadIdx.x; e < 8 * MA * kCols; e += blockDim.x) {
-    const int row = e / kCols, col = e % kCols;
-    if (row >= m_blk || n0 + col >= n) continue;
+  for (int e = threadIdx.x; e < kGroups * 8 * MA * kCols; e += blockDim.x) {
+    const int grp = e / (8 * MA * kCols), row = e / kCols % (8 * MA), col = e % kCols;
+    const int32_t out_col = (blockIdx.y * kGroups + grp) * kCols + col;
+    if (row >= m_blk || out_col >= n) continue;
     float sum = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += partial[w][row][col];
-    if (bias) sum += to_float(bias[n0 + col]);
-    y[(int64_t)row * n + n0 + col] = from_float<TY>(sum);
+    for (int w = 0; w < KS; ++w) sum += partial[grp * KS + w][row][col];
+    if (bias) sum += to_float(bias[out_col]);
+    y[(int64_t)row * n + out_col] = from_float<TY>(sum);
   }
 }
 
-// Tiles per CTA: every CTA reads the activations of its 16-row block, T · K · 2 bytes, against NT · 8 weight
-// rows of K / 2 (int4) or K bytes. The activations mostly come from L1 (the codes bypass it, and the CTAs an
-// SM runs read the same x), but with many tokens and many CTAs per SM four tiles halve those reads. Two
-// tiles keep two CTAs per SM (132 SMs) down to N = 4096 (256 CTAs); four only where N leaves as many.
-// (To be tuned with benchmarks/bench_weight_only.py.)
-constexpr int32_t kFourTilesMinN = 16384;
+// The GEMV's launch shape. KS (warps splitting K): fewer splits give each warp a longer run of steps, whose
+// loads then overlap its MMAs, but make a CTA cover more weight rows (kWarps / KS groups of NT · 8); take
+// the fewest that still give kMinCtas CTAs (two per SM on the H200's 132 SMs, less a margin for the tail).
+// NT (tiles per row group): every row group reads the activations of its 16-row block, T · K · 2 bytes,
+// against NT · 8 weight rows; with more than 2 tokens four tiles halve those (L1) reads where N still
+// leaves kMinCtas CTAs. KS depends on N and K only, so a token's sums do not depend on the call's m.
+constexpr int32_t kMinCtas = 200;
 
-template <typename T, typename TY, bool kInt4, int MA>
-void launch_tiles(void* y, const void* x, const void* codes, const void* scale, const void* offset, const void* bias,
-                  int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
-  const int nt = m > 2 && n >= kFourTilesMinN ? 4 : 2;
-  const dim3 grid((unsigned)ceil_div(m, kWoqGemvRowsPerBlock), (unsigned)ceil_div(n, 8 * nt));
-  auto* kernel = nt == 2 ? woq_gemv_kernel<T, TY, kInt4, MA, 2> : woq_gemv_kernel<T, TY, kInt4, MA, 4>;
+int32_t gemv_k_splits(int32_t n) {
+  for (int32_t ks : {1, 2, 4})
+    if (ceil_div(n, kWarps / ks * 16) >= kMinCtas) return ks;
+  return kWarps;
+}
+
+template <typename T, typename TY, bool kInt4, int MA, int KS>
+void launch_splits(void* y, const void* x, const void* codes, const void* scale, const void* offset,
+                   const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
+  const int nt = m > 2 && ceil_div(n, kWarps / KS * 32) >= kMinCtas ? 4 : 2;
+  const dim3 grid((unsigned)ceil_div(m, kWoqGemvRowsPerBlock), (unsigned)ceil_div(n, kWarps / KS * 8 * nt));
+  auto* kernel = nt == 2 ? woq_gemv_kernel<T, TY, kInt4, MA, 2, KS> : woq_gemv_kernel<T, TY, kInt4, MA, 4, KS>;
   launch_pdl(kernel, grid, kWarps * 32, 0, stream, static_cast<TY*>(y), static_cast<const T*>(x),
              static_cast<const uint8_t*>(codes), static_cast<const T*>(scale), static_cast<const T*>(offset),
              static_cast<const T*>(bias), m, n, k, group_size);
 }
 
+template <typename T, typename TY, bool kInt4, int MA>
+void launch_tiles(int32_t k_splits, void* y, const void* x, const void* codes, const void* scale,
+                  const void* offset, const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size,
+                  cudaStream_t stream) {
+  switch (k_splits) {
+    case 1: return launch_splits<T, TY, kInt4, MA, 1>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+    case 2: return launch_splits<T, TY, kInt4, MA, 2>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+    case 4: return launch_splits<T, TY, kInt4, MA, 4>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+    default: return launch_splits<T, TY, kInt4, MA, 8>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+  }
+}
+
 template <typename T, typename TY, bool kInt4>
-void launch_gemv(void* y, const void* x, const void* codes, const void* scale, const void* offset, const void* bias,
-                 int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
-  if (m <= 8) launch_tiles<T, TY, kInt4, 1>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
-  else launch_tiles<T, TY, kInt4, 2>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+void launch_gemv(int32_t k_splits, void* y, const void* x, const void* codes, const void* scale, const void* offset,
+                 const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
+  if (m <= 8) launch_tiles<T, TY, kInt4, 1>(k_splits, y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+  else launch_tiles<T, TY, kInt4, 2>(k_splits, y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
 }
 
 template <typename T, typename TY>
-void launch_gemv_codes(bool int4, void* y, const void* x, const void* codes, const void* scale, const void* offset,
-                       const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
-  if (int4) launch_gemv<T, TY, true>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
-  else launch_gemv<T, TY, false>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+void launch_gemv_codes(bool int4, int32_t k_splits, void* y, const void* x, const void* codes, const void* scale,
+                       const void* offset, const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size,
+                       cudaStream_t stream) {
+  if (int4) launch_gemv<T, TY, true>(k_splits, y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+  else launch_gemv<T, TY, false>(k_splits, y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
 }
 
 // ---- the whole weight, dequantized ----
@@ -408,19 +433,26 @@ bool woq_gemv_supported(int64_t k, int64_t group_size, bool int4) {
   return k > 0 && group_size > 0 && k % group_size == 0 && k % codes_per_vec == 0 && group_size % codes_per_vec == 0;
 }
 
+int32_t woq_gemv_k_splits(int32_t n, int32_t k) {
+  (void)k;
+  return gemv_k_splits(n);
+}
+
 cudaError_t woq_gemv(void* y, const void* x, const void* codes, const void* scale, const void* offset,
                      const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size, bool int4, DType dtype,
-                     DType y_dtype, cudaStream_t stream) {
+                     DType y_dtype, cudaStream_t stream, int32_t k_splits) {
   RTLLM_KERNEL_CHECK(y && x && codes && scale && m >= 0 && n >= 0 && woq_gemv_supported(k, group_size, int4));
   RTLLM_KERNEL_CHECK(aligned16(x) && aligned16(codes));  // rows of x and codes are whole 16-byte vectors
   RTLLM_KERNEL_CHECK(y_dtype == dtype || y_dtype == DType::kFP32);
-  RTLLM_KERNEL_CHECK(ceil_div(n, 16) <= 65535);  // grid rows of 16 or 32 weight rows
+  RTLLM_KERNEL_CHECK(ceil_div(n, 16) <= 65535);  // grid rows of at least 16 weight rows
+  RTLLM_KERNEL_CHECK(k_splits == 0 || k_splits == 1 || k_splits == 2 || k_splits == 4 || k_splits == 8);
   if (m == 0 || n == 0) return cudaSuccess;
+  if (k_splits == 0) k_splits = woq_gemv_k_splits(n, k);
   RTLLM_DISPATCH_DTYPE(dtype, T, {
     if (y_dtype == DType::kFP32)
-      launch_gemv_codes<T, float>(int4, y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+      launch_gemv_codes<T, float>(int4, k_splits, y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
     else
-      launch_gemv_codes<T, T>(int4, y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+      launch_gemv_codes<T, T>(int4, k_splits, y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
   });
   return cudaGetLastError();
 }

@@ -101,7 +101,7 @@ def random_case(rng, T, N, K, G, int4, has_offset, has_bias, x_dtype, scale_dtyp
     return dev, host
 
 
-def run_op(kernels, dev, T, N, K, G, int4, x_dtype, y_dtype, path=0):
+def run_op(kernels, dev, T, N, K, G, int4, x_dtype, y_dtype, path=0, k_splits=0):
     ws = torch.empty(kernels.weight_only_linear_workspace_bytes(N, K), dtype=torch.uint8, device="cuda")
     ws.fill_(0xFF)
     y = torch.empty((T, N), dtype=TORCH[y_dtype], device="cuda")
@@ -109,7 +109,8 @@ def run_op(kernels, dev, T, N, K, G, int4, x_dtype, y_dtype, path=0):
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     kernels.weight_only_linear(y.data_ptr(), dev["x"].data_ptr(), dev["codes"].data_ptr(), dev["scale"].data_ptr(),
                                ptr(dev["offset"]), ptr(dev["bias"]), T, N, K, G, int4, x_dtype, y_dtype,
-                               ws.data_ptr(), torch.cuda.current_stream().cuda_stream, path=path)
+                               ws.data_ptr(), torch.cuda.current_stream().cuda_stream, path=path,
+                               gemv_k_splits=k_splits)
     torch.cuda.synchronize()
     return y.double().cpu().numpy()
 
@@ -191,9 +192,9 @@ def test_gemm_bias_over_row_chunks(kernels, x_dtype, y_dtype):
 @pytest.mark.parametrize("int4", [True, False], ids=["I4", "I8"])
 def test_gemv_deterministic_and_batch_invariant(kernels, int4):
     """The GEMV's summation order is fixed and per token: the same bits on every run, and a token's row does
-    not depend on the other tokens of the call (1, 3 or 16 of them: 2 or 4 weight tiles per CTA with
-    N >= 16384, 8 or 16 activation rows per MMA)."""
-    N, K, G = 16400, 256, 64
+    not depend on the other tokens of the call (1, 3 or 16 of them: 2 or 4 weight tiles per row group at
+    this N, 8 or 16 activation rows per MMA)."""
+    N, K, G = 51300, 256, 64
     rng = np.random.default_rng([int4, 99])
     dev, host = random_case(rng, 16, N, K, G, int4, True, True, "BF16", "F16")
     full = run_op(kernels, dev, 16, N, K, G, int4, "BF16", "F32", path=1)
@@ -202,6 +203,44 @@ def test_gemv_deterministic_and_batch_invariant(kernels, int4):
     for T in (1, 3):
         sub = dict(dev, x=dev["x"][:T].contiguous())
         np.testing.assert_array_equal(run_op(kernels, sub, T, N, K, G, int4, "BF16", "F32", path=1), full[:T])
+
+
+@pytest.mark.parametrize("k_splits", [1, 2, 4, 8])
+@pytest.mark.parametrize("case", CASES[:3] + CASES[5:8], ids=case_id)
+def test_gemv_every_k_split(kernels, case, k_splits):
+    """Every split of K between a row group's warps (1 to 8 warps; 8 to 1 row groups a CTA, so N ends inside
+    a CTA's rows) within the bounds at 1 to 33 tokens, each run twice with the same bits, and a token's row
+    the same whatever the other tokens of the call."""
+    N, K, G, int4, has_offset, has_bias, x_dtype, y_dtype, scale_dtype = case
+    rng = np.random.default_rng([N, K, G, k_splits])
+    dev, host = random_case(rng, 33, N, K, G, int4, has_offset, has_bias, x_dtype, scale_dtype)
+    full = run_op(kernels, dev, 33, N, K, G, int4, x_dtype, y_dtype, path=1, k_splits=k_splits)
+    check(full, host, x_dtype, y_dtype, f"k_splits {k_splits}: ")
+    again = run_op(kernels, dev, 33, N, K, G, int4, x_dtype, y_dtype, path=1, k_splits=k_splits)
+    np.testing.assert_array_equal(full, again)
+    for T in (1, 3, 9, 16):
+        sub = dict(dev, x=dev["x"][:T].contiguous())
+        np.testing.assert_array_equal(
+            run_op(kernels, sub, T, N, K, G, int4, x_dtype, y_dtype, path=1, k_splits=k_splits), full[:T],
+            err_msg=f"k_splits {k_splits}, {T} tokens")
+
+
+@pytest.mark.parametrize("N, K", [(96, 512), (4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336),
+                                  (51300, 1024)])
+def test_gemv_own_k_split(kernels, N, K):
+    """The op's GEMV uses weight_only_gemv_k_splits(N, K): the same bits as that split asked for explicitly."""
+    ks = kernels.weight_only_gemv_k_splits(N, K)
+    assert ks in (1, 2, 4, 8)
+    rng = np.random.default_rng([N, K])
+    dev, host = random_case(rng, 4, N, K, 128, True, True, False, "BF16", "BF16")
+    auto = run_op(kernels, dev, 4, N, K, 128, True, "BF16", "BF16")
+    check(auto, host, "BF16", "BF16")
+    np.testing.assert_array_equal(auto, run_op(kernels, dev, 4, N, K, 128, True, "BF16", "BF16", path=1, k_splits=ks))
+
+
+def test_gemv_refuses_bad_k_split(kernels):
+    with pytest.raises(_core.InvalidArgumentError, match="gemv_k_splits 3"):
+        kernels.weight_only_linear(0, 0, 0, 0, 0, 0, 1, 16, 64, 32, True, "BF16", "BF16", 0, path=1, gemv_k_splits=3)
 
 
 @pytest.mark.parametrize("T", [1, 8, 16])

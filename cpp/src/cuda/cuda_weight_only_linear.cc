@@ -69,6 +69,7 @@ struct WoqCall {
   bool int4 = false;
   DataType x_dtype = DataType::kBFloat16;
   DataType y_dtype = DataType::kBFloat16;
+  int32_t gemv_k_splits = 0;  // 0: the GEMV's own choice (tests and benchmarks try the others)
 };
 
 void run_woq_linear(const WoqCall& c, CublasLtGemm& gemm, void* workspace, WoqPath path, cudaStream_t stream) {
@@ -84,7 +85,7 @@ void run_woq_linear(const WoqCall& c, CublasLtGemm& gemm, void* workspace, WoqPa
     RTLLM_CHECK(gemv_ok, "weight_only_linear: the GEMV does not take K = ", c.K, " with group_size ", c.group_size,
                 " (", c.int4 ? "I4" : "I8", "; both must be multiples of ", c.int4 ? 32 : 16, ")");
     check_launch(kernels::woq_gemv(c.y, c.x, c.codes, c.scale, c.offset, c.bias, static_cast<int32_t>(c.T), n, k, g,
-                                   c.int4, x_kind, y_kind, stream));
+                                   c.int4, x_kind, y_kind, stream, c.gemv_k_splits));
     return;
   }
   check_launch(kernels::woq_dequantize(workspace, c.codes, c.scale, c.offset, n, k, g, c.int4, x_kind, stream));
@@ -262,11 +263,18 @@ RTLLM_API bool weight_only_gemv_supported(int64_t K, int64_t group_size, bool in
   return kernels::woq_gemv_supported(K, group_size, int4);
 }
 
+RTLLM_API int32_t weight_only_gemv_k_splits(int64_t N, int64_t K) {
+  return kernels::woq_gemv_k_splits(static_cast<int32_t>(N), static_cast<int32_t>(K));
+}
+
 RTLLM_API void weight_only_linear_for_tests(void* y, const void* x, const void* codes, const void* scale,
                                             const void* offset, const void* bias, int64_t T, int64_t N, int64_t K,
                                             int64_t group_size, bool int4, DataType x_dtype, DataType y_dtype,
-                                            int path, void* workspace, void* stream) {
+                                            int path, int gemv_k_splits, void* workspace, void* stream) {
   RTLLM_CHECK_ARG(path >= 0 && path <= 2, "weight_only_linear: path ", path, " is not 0, 1 or 2");
+  RTLLM_CHECK_ARG(gemv_k_splits == 0 || gemv_k_splits == 1 || gemv_k_splits == 2 || gemv_k_splits == 4 ||
+                      gemv_k_splits == 8,
+                  "weight_only_linear: gemv_k_splits ", gemv_k_splits, " is not 0 (auto), 1, 2, 4 or 8");
   RTLLM_CHECK_ARG(T >= 0 && T <= INT32_MAX && N > 0 && N <= kMaxRows && K > 0 && K <= INT32_MAX,
                   "weight_only_linear: T = ", T, ", N = ", N, ", K = ", K, " out of range (N in 1 .. ", kMaxRows,
                   ", K in 1 .. 2^31 - 1)");
@@ -291,6 +299,7 @@ RTLLM_API void weight_only_linear_for_tests(void* y, const void* x, const void* 
   c.int4 = int4;
   c.x_dtype = x_dtype;
   c.y_dtype = y_dtype;
+  c.gemv_k_splits = gemv_k_splits;
   run_woq_linear(c, *gemm, workspace, static_cast<WoqPath>(path), static_cast<cudaStream_t>(stream));
 }
 

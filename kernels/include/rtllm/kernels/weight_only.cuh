@@ -26,10 +26,15 @@ RTLLM_API bool woq_gemv_supported(int64_t k, int64_t group_size, bool int4);
 // y [m, n] (dtype, or kFP32) = x [m, k] (dtype) · Wᵀ + bias [n] (dtype, may be null). codes: [n, k] int8 or
 // [n, k / 2] packed int4 bytes, 16-byte aligned; scale, offset (may be null): [n, k / group_size] in
 // dtype; n <= 1048560. Any m (CTAs of kWoqGemvRowsPerBlock tokens); fp32 accumulation on tensor cores (mma.sync
-// m16n8k16), a fixed summation order: deterministic.
+// m16n8k16), a fixed summation order: deterministic. k_splits: the warps that split K (1, 2, 4 or 8; the
+// order of the sums, and so the result's last bits, depends on it), 0 for woq_gemv_k_splits(n, k).
 RTLLM_API cudaError_t woq_gemv(void* y, const void* x, const void* codes, const void* scale, const void* offset,
                                const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size, bool int4,
-                               DType dtype, DType y_dtype, cudaStream_t stream);
+                               DType dtype, DType y_dtype, cudaStream_t stream, int32_t k_splits = 0);
+
+// The GEMV's own choice of k_splits for an [n, k] weight: a function of the shape alone, so a token's
+// result does not depend on the other tokens of the call.
+RTLLM_API int32_t woq_gemv_k_splits(int32_t n, int32_t k);
 
 // w [n, k] (dtype) = the dequantized weight, the same values the GEMV multiplies; any k and group_size
 // (even k and group_size for int4), for cuBLASLt's GEMM on larger batches.
