@@ -4,6 +4,8 @@
 // KV head (the GQA group, so each K/V byte is read once per group) over one split of the keys.
 // Thread layout: HEAD_DIM / 8 lanes share one key, each holding 8 dims (one 16-byte load of K and of V);
 // a warp covers 32 / (HEAD_DIM / 8) consecutive keys per load, so a warp's loads are contiguous in a block.
+// A head of 80 or 96 dims takes the lanes of a 128-dim one (the shuffle reductions need a power of two);
+// the lanes past HEAD_DIM load nothing, hold zeros (adding nothing to scores and norms) and store nothing.
 // Each thread keeps its own online-softmax state (max, sum, 8 accumulators per head) over the keys it
 // visits; the states merge across lanes, then warps, at the end.
 //
@@ -102,30 +104,52 @@ __device__ __forceinline__ uint4 encode16(const float* f, float scale) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// qkv_prepare's transform of one head held as DIMS dims per lane by HEAD_DIM / DIMS consecutive lanes (dims
-// dim0 .. dim0 + DIMS - 1): rms-normalization with `norm_weight` (if any), then rotate-half RoPE with the
-// angles' cos / sin [HEAD_DIM / 2] (if rope), in float32, then (round_to_t) rounded to T like the stored
-// values. Every lane of the warp must call it.
+// qkv_prepare's transform of one head held as DIMS dims per lane by head_dim_layout<HEAD_DIM>() / DIMS
+// consecutive lanes (dims dim0 .. dim0 + DIMS - 1; the lanes with dim0 >= HEAD_DIM idle, their x zero):
+// rms-normalization with `norm_weight` (if any), then rotate-half RoPE with the angles' cos / sin
+// [HEAD_DIM / 2] (if rope), in float32, then (round_to_t) rounded to T like the stored values. Every lane of
+// the warp must call it.
 template <typename T, int HEAD_DIM, int DIMS>
 __device__ __forceinline__ void prepare_head(float (&x)[DIMS], int dim0, const T* norm_weight, float eps, bool rope,
                                              const float* rope_cos, const float* rope_sin, bool round_to_t) {
-  constexpr int kLanesPerKey = HEAD_DIM / DIMS, kHalf = HEAD_DIM / 2;
+  constexpr int kLayout = head_dim_layout<HEAD_DIM>();
+  constexpr int kLanesPerKey = kLayout / DIMS, kHalf = HEAD_DIM / 2;
+  const bool active = dim0 < HEAD_DIM;
   if (norm_weight) {
-    float ss = 0.0f;
+    float ss = 0.0f;  // the idle lanes add their zeros
 #pragma unroll
     for (int i = 0; i < DIMS; ++i) ss += x[i] * x[i];
 #pragma unroll
     for (int off = kLanesPerKey / 2; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
     const float inv_rms = 1.0f / sqrtf(ss / (float)HEAD_DIM + eps);
-    float w[DIMS];
+    float w[DIMS] = {};
+    if (active) {
 #pragma unroll
-    for (int v = 0; v < DIMS / 8; ++v)
-      unpack8<T>(*reinterpret_cast<const uint4*>(norm_weight + dim0 + 8 * v), w + 8 * v);
+      for (int v = 0; v < DIMS / 8; ++v)
+        unpack8<T>(*reinterpret_cast<const uint4*>(norm_weight + dim0 + 8 * v), w + 8 * v);
+    }
 #pragma unroll
     for (int i = 0; i < DIMS; ++i) x[i] = w[i] * (x[i] * inv_rms);
   }
   if (rope) {
-    if constexpr (kLanesPerKey >= 2) {
+    if constexpr (kLayout != HEAD_DIM) {
+      // The partner of dim d is p = d ± HEAD_DIM / 2 (not ± kLayout / 2): dim p % DIMS of lane p / DIMS of the
+      // key's lanes. HEAD_DIM / 2 is a multiple of 8, so p % DIMS is (i + HEAD_DIM / 2) % DIMS for every lane;
+      // the lane differs per i where HEAD_DIM / 2 is not a multiple of DIMS (80 over 16-dim lanes). An idle
+      // lane's p stays inside the key's lanes; it rotates nothing.
+      float y[DIMS];
+#pragma unroll
+      for (int i = 0; i < DIMS; ++i) y[i] = x[i];
+#pragma unroll
+      for (int i = 0; i < DIMS; ++i) {
+        const int d = dim0 + i, p = d < kHalf ? d + kHalf : d - kHalf;
+        const float partner = __shfl_sync(0xffffffffu, y[(i + kHalf) % DIMS], p / DIMS, kLanesPerKey);
+        if (active) {
+          const float cs = rope_cos[d % kHalf], sn = rope_sin[d % kHalf];
+          x[i] = d < kHalf ? y[i] * cs - partner * sn : y[i] * cs + partner * sn;
+        }
+      }
+    } else if constexpr (kLanesPerKey >= 2) {
       // The partner of dim d is d ± HEAD_DIM / 2, held by the lane kLanesPerKey / 2 away.
       const bool first_half = dim0 < kHalf;
 #pragma unroll
@@ -162,7 +186,9 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
   constexpr bool kCodes = is_quantized_kv<KV>();  // FP8 or INT8
   constexpr int kDims = dims_per_lane<KV>();
   constexpr int kQVecs = kDims / 8;  // 16-byte loads of a head's kDims T values (q, new k / v)
-  constexpr int kLanesPerKey = HEAD_DIM / kDims;
+  // A head of 80 or 96 dims takes the lanes of 128; those past HEAD_DIM load zeros and store nothing.
+  constexpr int kLanesPerKey = head_dim_layout<HEAD_DIM>() / kDims;
+  static_assert(HEAD_DIM % kDims == 0, "a lane holds only real dims or only idle ones");
   constexpr int kKeysPerWarp = 32 / kLanesPerKey;
   constexpr int kState = MAX_GROUP * kQVecs;
   constexpr int kUnroll = kState >= 8 ? 2 : 4;  // keys per thread per step: loads in flight vs registers
@@ -180,6 +206,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
   const int num_h = min(MAX_GROUP, a.group - chunk * MAX_GROUP);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int dim0 = (lane % kLanesPerKey) * kDims, key_slot = lane / kLanesPerKey;
+  const bool active = dim0 < HEAD_DIM;
 
   // Everything the CTA starts from that does not depend on the sequence's length is fetched together with
   // the length, so that the preparation and the first keys cost no extra round trips to memory: q, the
@@ -192,15 +219,16 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
   for (int g = 0; g < MAX_GROUP; ++g)
 #pragma unroll
     for (int v = 0; v < kQVecs; ++v)
-      q_raw[g][v] = g < num_h ? *reinterpret_cast<const uint4*>(a.q + s * a.row_stride + (int64_t)(h0 + g) * HEAD_DIM +
-                                                                dim0 + 8 * v)
-                              : make_uint4(0, 0, 0, 0);
+      q_raw[g][v] = g < num_h && active ? *reinterpret_cast<const uint4*>(a.q + s * a.row_stride +
+                                                                          (int64_t)(h0 + g) * HEAD_DIM + dim0 + 8 * v)
+                                        : make_uint4(0, 0, 0, 0);
   const int64_t new_col = s * a.row_stride + (int64_t)kv_head * HEAD_DIM + dim0;
+  const bool load_new = PREPARE && active;
   uint4 k_new_raw[kQVecs], v_new_raw[kQVecs];
 #pragma unroll
   for (int v = 0; v < kQVecs; ++v) {
-    k_new_raw[v] = PREPARE ? *reinterpret_cast<const uint4*>(a.k_new + new_col + 8 * v) : make_uint4(0, 0, 0, 0);
-    v_new_raw[v] = PREPARE ? *reinterpret_cast<const uint4*>(a.v_new + new_col + 8 * v) : make_uint4(0, 0, 0, 0);
+    k_new_raw[v] = load_new ? *reinterpret_cast<const uint4*>(a.k_new + new_col + 8 * v) : make_uint4(0, 0, 0, 0);
+    v_new_raw[v] = load_new ? *reinterpret_cast<const uint4*>(a.v_new + new_col + 8 * v) : make_uint4(0, 0, 0, 0);
   }
   const PagedKvIndex kv_index(a.kv, s, kv_head);
   {
@@ -256,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
       // Stored by the first head chunk. A block id outside the table/pool is a runtime bug: skip the write
       // rather than corrupt another sequence's blocks (as qkv_prepare does).
       const int32_t block_index = pos / a.kv.tokens_per_block;
-      if (chunk == 0 && block_index < a.kv.max_blocks_per_seq) {
+      if (chunk == 0 && active && block_index < a.kv.max_blocks_per_seq) {
         const int32_t block = kv_index.table[block_index];
         if (block >= 0 && block < a.kv.num_blocks) {
           KV* k_dst = static_cast<KV*>(a.kv.data) + kv_index.key_offset(pos) + dim0;
@@ -287,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
       if (PREPARE && key == new_key) {
         k_raw[u] = new_kv[0][dim0 / kDims];
         v_raw[u] = new_kv[1][dim0 / kDims];
-      } else if (valid[u]) {
+      } else if (valid[u] && active) {
         const KV* k = pool + kv_index.key_offset(key) + dim0;
         k_raw[u] = load_stream_16(k);
         v_raw[u] = load_stream_16(k + kv_index.v_offset);
@@ -362,7 +390,8 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
 #pragma unroll
     for (int g = 0; g < MAX_GROUP; ++g) {
 #pragma unroll
-      for (int i = 0; i < kDims; ++i) red_acc[warp][g][dim0 + i] = acc[g][i];
+      for (int i = 0; i < kDims; ++i)
+        if (active) red_acc[warp][g][dim0 + i] = acc[g][i];
       if (lane == 0) {
         red_m[warp][g] = m_run[g];
         red_l[warp][g] = l_run[g];

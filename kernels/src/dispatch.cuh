@@ -64,12 +64,16 @@
     return cudaErrorInvalidValue;                                                                   \
   }
 
-// Binds the compile-time constant HEAD_DIM to hd for the head sizes the kernels are built for.
+// Binds the compile-time constant HEAD_DIM to hd for the head sizes the kernels are built for. 80 and 96 run
+// in the lane layout of 128 with the lanes past HEAD_DIM idle where a kernel splits a head over lanes
+// (head_dim_layout).
 #define RTLLM_DISPATCH_HEAD_DIM(hd, HEAD_DIM, ...)               \
   switch (hd) {                                                  \
     case 16: { constexpr int HEAD_DIM = 16; __VA_ARGS__; } break;   \
     case 32: { constexpr int HEAD_DIM = 32; __VA_ARGS__; } break;   \
     case 64: { constexpr int HEAD_DIM = 64; __VA_ARGS__; } break;   \
+    case 80: { constexpr int HEAD_DIM = 80; __VA_ARGS__; } break;   \
+    case 96: { constexpr int HEAD_DIM = 96; __VA_ARGS__; } break;   \
     case 128: { constexpr int HEAD_DIM = 128; __VA_ARGS__; } break; \
     case 256: { constexpr int HEAD_DIM = 256; __VA_ARGS__; } break; \
     default: return cudaErrorInvalidValue;                       \
@@ -135,6 +139,15 @@ constexpr bool is_quantized_kv() { return is_fp8_kv<KV>() || is_int8_kv<KV>(); }
 inline bool kv_scales_valid(DType kv_dtype, float k_scale, float v_scale) {
   const bool quantized = kv_dtype == DType::kFP8E4M3 || kv_dtype == DType::kINT8;
   return !quantized || (k_scale > 0.0f && v_scale > 0.0f && std::isfinite(k_scale) && std::isfinite(v_scale));
+}
+
+// The power of two a head of HEAD_DIM dims is laid out as where a kernel splits it over lanes (or shared-memory
+// chunks): HEAD_DIM itself, 128 for 80 and 96.
+template <int HEAD_DIM>
+constexpr int head_dim_layout() {
+  int layout = 1;
+  while (layout < HEAD_DIM) layout *= 2;
+  return layout;
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }

@@ -164,6 +164,15 @@ def test_prefill_mixed_step(kernels, head_dim):
     check_close(run_prefill(kernels, case, max_new_tokens=400), case.reference(), case.num_heads, head_dim)
 
 
+# 80 and 96: the decode kernel runs them in the lanes of 128 (the rest idle), prefill on its simple path.
+@pytest.mark.parametrize("head_dim", [80, 96])
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4)])
+@pytest.mark.parametrize("tpb", [16, 64])
+def test_prefill_head_dims_80_96(kernels, head_dim, heads, tpb):
+    case = PagedCase([0, 32, 100, 7, 0], [1, 64, 7, 129, 200], *heads, head_dim, tpb, seed=3 * tpb + head_dim)
+    check_close(run_prefill(kernels, case), case.reference(), case.num_heads, head_dim)
+
+
 def test_prefill_fp16_long(kernels):
     case = PagedCase([1000, 0], [1100, 777], 8, 2, 128, 32, dtype=torch.float16, seed=11)
     check_close(run_prefill(kernels, case), case.reference(), case.num_heads, 128)
@@ -181,6 +190,25 @@ def test_decode(kernels, head_dim, heads, tpb, num_splits):
     case = PagedCase([c - 1 for c in contexts], [1] * len(contexts), *heads, head_dim, tpb,
                      seed=head_dim + tpb + num_splits)
     check_close(run_decode(kernels, case, num_splits), case.reference(), case.num_heads, head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [80, 96])
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("tpb", [16, 64])
+@pytest.mark.parametrize("num_splits", [1, 16])
+def test_decode_head_dims_80_96(kernels, head_dim, heads, tpb, num_splits):
+    contexts = DECODE_CONTEXTS
+    case = PagedCase([c - 1 for c in contexts], [1] * len(contexts), *heads, head_dim, tpb,
+                     seed=head_dim + tpb + num_splits)
+    check_close(run_decode(kernels, case, num_splits), case.reference(), case.num_heads, head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [80, 96])
+def test_decode_head_dims_80_96_fp16(kernels, head_dim):
+    contexts = [5, 700, 4096]
+    case = PagedCase([c - 1 for c in contexts], [1] * len(contexts), 32, 8, head_dim, 16, dtype=torch.float16,
+                     seed=head_dim)
+    check_close(run_decode(kernels, case, 8), case.reference(), case.num_heads, head_dim)
 
 
 def test_decode_cuts_splits_to_each_length(kernels):
@@ -260,6 +288,9 @@ def test_rejects_unsupported_arguments(kernels):
     with pytest.raises(ValueError):
         run_prefill(kernels, case)
     case.tpb = 16
+    case.head_dim = 72  # a multiple of 8 the decode kernels are not built for
+    with pytest.raises(ValueError):
+        launch_decode(kernels, case, d, out, decode_workspace(kernels, case, 1), 1)
     case.head_dim = 100  # not a multiple of 8 (16-byte rows)
     with pytest.raises(ValueError):
         run_prefill(kernels, case)

@@ -41,6 +41,19 @@ def run_decode_qkv(kernels, case, qkv, q_col, k_col, v_col, inv_freq, q_norm, k_
 @pytest.mark.parametrize("num_splits", [1, 5, 16, 64])
 @pytest.mark.parametrize("rope,qk_norm", [(True, False), (True, True), (False, False)])
 def test_decode_qkv(kernels, dtype, head_dim, heads, num_splits, rope, qk_norm):
+    check_decode_qkv(kernels, dtype, head_dim, heads, num_splits, rope, qk_norm)
+
+
+# 80 and 96 run in the lanes of 128 with the rest idle; RoPE pairs dim d with d ± head_dim / 2.
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("head_dim,heads", [(80, (8, 2)), (96, (12, 4)), (80, (4, 4))])  # GQA 4, 3, 1
+@pytest.mark.parametrize("num_splits", [1, 16])
+@pytest.mark.parametrize("rope,qk_norm", [(True, False), (True, True), (False, False)])
+def test_decode_qkv_head_dims_80_96(kernels, dtype, head_dim, heads, num_splits, rope, qk_norm):
+    check_decode_qkv(kernels, dtype, head_dim, heads, num_splits, rope, qk_norm)
+
+
+def check_decode_qkv(kernels, dtype, head_dim, heads, num_splits, rope, qk_norm):
     num_heads, num_kv_heads = heads
     seed = head_dim + num_heads + num_splits + 2 * rope + qk_norm
     gen = torch.Generator().manual_seed(seed)

@@ -160,7 +160,8 @@ def decode_lengths(batch, seed):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("batch", [1, 7, 64])
 @pytest.mark.parametrize("head_dim,heads", [(128, (32, 8)), (128, (8, 8)), (64, (8, 2)), (128, (16, 2)),
-                                            (64, (12, 2)), (256, (4, 1)), (16, (4, 2))])  # GQA 4, 1, 4, 8, 6, 4, 2
+                                            (64, (12, 2)), (256, (4, 1)), (16, (4, 2)),
+                                            (80, (8, 2)), (96, (12, 4))])  # GQA 4, 1, 4, 8, 6, 4, 2, 4, 3
 @pytest.mark.parametrize("num_splits", [1, 37])  # one CTA per (sequence, KV head), or the workspace merge
 def test_decode_reads_fp8_pool(kernels, dtype, batch, head_dim, heads, num_splits):
     num_heads, num_kv_heads = heads
@@ -174,7 +175,8 @@ def test_decode_reads_fp8_pool(kernels, dtype, batch, head_dim, heads, num_split
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("head_dim,heads", [(128, (32, 8)), (64, (8, 2)), (128, (8, 8)), (32, (8, 2))])
+@pytest.mark.parametrize("head_dim,heads", [(128, (32, 8)), (64, (8, 2)), (128, (8, 8)), (32, (8, 2)),
+                                            (80, (8, 2)), (96, (8, 8))])
 @pytest.mark.parametrize("tpb", [16, 64])
 def test_prefill_reads_fp8_pool_with_cached_prefix(kernels, dtype, head_dim, heads, tpb):
     """Sequences with and without a cached prefix, new-token counts across key tiles (64) and blocks; head_dim
@@ -235,7 +237,8 @@ def check_stored_v(got_codes, v_in, v_scale):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(128, 32, 8), (64, 8, 2), (16, 4, 4)])
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(128, 32, 8), (64, 8, 2), (16, 4, 4), (80, 8, 2),
+                                                             (96, 4, 4)])
 @pytest.mark.parametrize("rope,qk_norm", [(True, False), (True, True), (False, False)])
 def test_qkv_prepare_writes_fp8_codes(kernels, dtype, head_dim, num_heads, num_kv_heads, rope, qk_norm):
     gen = torch.Generator().manual_seed(head_dim + 2 * rope + qk_norm)
@@ -281,7 +284,8 @@ def test_qkv_prepare_writes_fp8_codes(kernels, dtype, head_dim, num_heads, num_k
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("head_dim,heads", [(128, (32, 8)), (64, (8, 2)), (128, (16, 2)), (16, (4, 4))])
+@pytest.mark.parametrize("head_dim,heads", [(128, (32, 8)), (64, (8, 2)), (128, (16, 2)), (16, (4, 4)),
+                                            (80, (8, 2)), (96, (12, 4))])
 @pytest.mark.parametrize("num_splits", [1, 16])
 @pytest.mark.parametrize("rope,qk_norm", [(True, True), (False, False)])
 def test_decode_qkv_writes_and_reads_fp8(kernels, dtype, head_dim, heads, num_splits, rope, qk_norm):
@@ -370,10 +374,10 @@ def test_fp8_pool_holds_twice_the_blocks(tmp_path):
     assert abs(ratio - 2.0) <= 0.02, f"F8_E4M3 pool {sizes['F8_E4M3']} blocks, BF16 {sizes['BF16']}: ratio {ratio:.4f}"
 
 
-def test_head_dim_80_is_refused_at_load(tmp_path):
-    m = TinyModel(dtype="bfloat16", head_dim=80)
+def test_head_dim_72_is_refused_at_load(tmp_path):
+    m = TinyModel(dtype="bfloat16", head_dim=72)
     path = write_engine(tmp_path / "e", m)
-    with pytest.raises(_core.RtllmError, match="head_dim 80"):
+    with pytest.raises(_core.RtllmError, match="head_dim 72.*supported: 16, 32, 64, 80, 96, 128, 256"):
         _core.ModelRunner(_core.Engine.load(str(path)),
                           _core.RuntimeConfig(device=_core.DeviceKind.CUDA, tokens_per_block=16, num_kv_blocks=64))
 
@@ -404,7 +408,7 @@ def _last_logits(runner, seqs):
                                      [len(p) for p in seqs], [0] * len(seqs), np.ascontiguousarray(blocks)))
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 80])  # 80: a RoPE pair straddles 16-dim FP8 decode lanes
 def test_fp8_kv_engine_cuda_matches_cpu(tmp_path, head_dim):
     hf = make_hf_checkpoint(tmp_path / "hf", arch="llama", dtype="bfloat16", head_dim=head_dim,
                             vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID)

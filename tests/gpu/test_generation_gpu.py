@@ -121,15 +121,37 @@ def test_greedy_on_both_decode_attention_paths(checkpoint, arch, dtype, tie, max
     # Decode steps that split the keys (max_seq_len 256 allows 8 splits) run attention_decode_qkv, which
     # applies RoPE / qk-norm and writes the new key and value itself; with max_seq_len 48 (one split) they
     # run qkv_prepare and attention_decode. Both must follow HF.
-    path = checkpoint(arch, dtype, tie)
-    prompts = random_prompts(np.random.default_rng(3), [1, 5, 17, 30])
+    check_greedy_short_prompts(checkpoint(arch, dtype, tie), np.random.default_rng(3), max_seq_len)
+
+
+# head_dim 80 and 96 (the decode kernels run them in the lanes of 128, the rest idle; prefill on its simple
+# path) and 256, each on both decode attention paths as above; qwen3 adds qk-norm. hidden_size is
+# num_heads · head_dim and head_dim is explicit in the HF config.
+@pytest.mark.parametrize("arch,head_dim", [("llama", 80), ("llama", 96), ("llama", 256), ("qwen3", 80),
+                                           ("qwen3", 96)])
+@pytest.mark.parametrize("max_seq_len", [48, 256])
+def test_greedy_matches_hf_at_head_dim(tmp_path, arch, head_dim, max_seq_len):
+    path = make_hf_checkpoint(tmp_path / "hf", arch=arch, dtype="bfloat16", vocab_size=VOCAB_SIZE,
+                              bos_token_id=BOS_ID, eos_token_id=EOS_ID, hidden_size=2 * head_dim,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim)
+    make_tokenizer(path, vocab_size=VOCAB_SIZE)
+    assert load_hf_model(path).config.head_dim == head_dim
+    check_greedy_short_prompts(path, np.random.default_rng(head_dim + max_seq_len), max_seq_len)
+
+
+def check_greedy_short_prompts(path, rng, max_seq_len):
+    """Greedy tokens on CUDA for four short prompts, teacher-forced against HF (hf_check)."""
+    prompts = random_prompts(rng, [1, 5, 17, 30])
     params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, ignore_eos=True)
     build = dict(BUILD, max_input_len=32, max_seq_len=max_seq_len)
     with LLM(model=str(path), build_config=BuildConfig(**build), device="cuda",
              kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.02)) as llm:
         outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     hf = load_hf_model(path)
-    num_exact = sum(hf_check(hf, prompt, tokens) for prompt, tokens in zip(prompts, outputs))
+    num_exact = 0
+    for prompt, tokens in zip(prompts, outputs):
+        assert len(tokens) == MAX_NEW_TOKENS
+        num_exact += hf_check(hf, prompt, tokens)
     assert num_exact >= 0.9 * len(prompts) * MAX_NEW_TOKENS, f"only {num_exact} GPU tokens are HF's argmax"
 
 

@@ -125,7 +125,8 @@ def run_decode_int8(kernels, case, num_splits):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("batch", [1, 7, 64])
 @pytest.mark.parametrize("head_dim,heads", [(128, (32, 8)), (128, (8, 8)), (64, (8, 2)), (128, (16, 2)),
-                                            (64, (12, 2)), (256, (4, 1)), (16, (4, 2))])  # GQA 4, 1, 4, 8, 6, 4, 2
+                                            (64, (12, 2)), (256, (4, 1)), (16, (4, 2)),
+                                            (80, (8, 2)), (96, (12, 4))])  # GQA 4, 1, 4, 8, 6, 4, 2, 4, 3
 @pytest.mark.parametrize("num_splits", [1, 37])  # one CTA per (sequence, KV head), or the workspace merge
 def test_decode_reads_int8_pool(kernels, dtype, batch, head_dim, heads, num_splits):
     num_heads, num_kv_heads = heads
@@ -139,7 +140,8 @@ def test_decode_reads_int8_pool(kernels, dtype, batch, head_dim, heads, num_spli
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("head_dim,heads", [(128, (32, 8)), (64, (8, 2)), (128, (8, 8)), (32, (8, 2))])
+@pytest.mark.parametrize("head_dim,heads", [(128, (32, 8)), (64, (8, 2)), (128, (8, 8)), (32, (8, 2)),
+                                            (80, (8, 2)), (96, (8, 8))])
 @pytest.mark.parametrize("tpb", [16, 64])
 def test_prefill_reads_int8_pool_with_cached_prefix(kernels, dtype, head_dim, heads, tpb):
     """Sequences with and without a cached prefix, new-token counts across key tiles (64) and blocks; head_dim
@@ -217,7 +219,8 @@ def with_ties(x, scale, gen):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(128, 32, 8), (64, 8, 2), (16, 4, 4)])
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(128, 32, 8), (64, 8, 2), (16, 4, 4), (80, 8, 2),
+                                                             (96, 4, 4)])
 @pytest.mark.parametrize("rope,qk_norm", [(True, False), (True, True), (False, False)])
 def test_qkv_prepare_writes_int8_codes(kernels, dtype, head_dim, num_heads, num_kv_heads, rope, qk_norm):
     gen = torch.Generator().manual_seed(head_dim + 2 * rope + qk_norm + 100)
@@ -265,7 +268,8 @@ def test_qkv_prepare_writes_int8_codes(kernels, dtype, head_dim, num_heads, num_
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("head_dim,heads", [(128, (32, 8)), (64, (8, 2)), (128, (16, 2)), (16, (4, 4))])
+@pytest.mark.parametrize("head_dim,heads", [(128, (32, 8)), (64, (8, 2)), (128, (16, 2)), (16, (4, 4)),
+                                            (80, (8, 2)), (96, (12, 4))])
 @pytest.mark.parametrize("num_splits", [1, 16])
 @pytest.mark.parametrize("rope,qk_norm", [(True, True), (False, False)])
 def test_decode_qkv_writes_and_reads_int8(kernels, dtype, head_dim, heads, num_splits, rope, qk_norm):
@@ -368,7 +372,7 @@ def test_int8_pool_holds_twice_the_blocks(tmp_path):
 LOGITS_RTOL = 4e-2
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 96])
 def test_int8_kv_engine_cuda_matches_cpu(tmp_path, head_dim):
     hf = make_hf_checkpoint(tmp_path / "hf", arch="llama", dtype="bfloat16", head_dim=head_dim,
                             vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID)

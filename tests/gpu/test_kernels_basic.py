@@ -141,7 +141,7 @@ def inv_freq_for(head_dim, theta=10000.0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim,num_heads", [(16, 3), (64, 8), (128, 32)])
+@pytest.mark.parametrize("head_dim,num_heads", [(16, 3), (64, 8), (128, 32), (80, 5), (96, 3)])
 def test_rope(kernels, stream, dtype, head_dim, num_heads):
     tokens = 23
     x = rand(tokens, num_heads * head_dim, dtype=dtype)
@@ -157,7 +157,8 @@ def test_rope(kernels, stream, dtype, head_dim, num_heads):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,num_heads,num_kv_heads,tpb", [
-    (16, 4, 4, 16), (64, 8, 2, 32), (128, 32, 8, 64), (128, 32, 4, 16), (64, 4, 1, 64)])
+    (16, 4, 4, 16), (64, 8, 2, 32), (128, 32, 8, 64), (128, 32, 4, 16), (64, 4, 1, 64), (80, 8, 2, 16),
+    (96, 12, 4, 32)])
 @pytest.mark.parametrize("rope,qk_norm", [(True, False), (True, True), (False, False)])
 def test_qkv_prepare(kernels, stream, dtype, head_dim, num_heads, num_kv_heads, tpb, rope, qk_norm):
     gen = torch.Generator().manual_seed(head_dim * 1000 + num_heads * 10 + tpb)

@@ -32,10 +32,12 @@ class Attention final : public OpKind {
                 "op \"attention\" on the CUDA backend does not support KV cache dtype ",
                 dtype_safetensors_name(b.kv_cache_dtype), " with ", dtype_safetensors_name(dtype_),
                 " activations; supported: ", dtype_safetensors_name(dtype_), ", F8_E4M3, I8");
-    // The decode kernels split a head over lanes in powers of two (kernels/src/dispatch.cuh).
-    RTLLM_CHECK(p.head_dim == 16 || p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256,
+    // The decode and preparation kernels are built per head_dim (RTLLM_DISPATCH_HEAD_DIM in
+    // kernels/src/dispatch.cuh); refuse any other at load rather than at the first step.
+    RTLLM_CHECK(p.head_dim == 16 || p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 80 || p.head_dim == 96 ||
+                    p.head_dim == 128 || p.head_dim == 256,
                 "op \"attention\" on the CUDA backend does not support head_dim ", p.head_dim,
-                "; supported: 16, 32, 64, 128, 256");
+                "; supported: 16, 32, 64, 80, 96, 128, 256");
     const size_t elem = dtype_size(dtype_);
     const int64_t max_tokens = b.max_num_tokens, nh = p.num_heads, nkv = p.num_kv_heads, hd = p.head_dim;
     int32_t max_splits = 1;

@@ -41,7 +41,8 @@ RTLLM_API cudaError_t attention_prefill(void* out, const void* q, StepMetaDevice
 // consecutive keys and serves all query heads of that KV head (the CTAs past the sequence's end exit at
 // once); with num_splits > 1 the partial results go to `workspace`
 // (attention_decode_workspace_bytes(num_seqs, ...) bytes, float) and a second kernel merges them.
-// head_dim: 16, 32, 64, 128, 256. num_splits in [1, kMaxDecodeSplits].
+// head_dim: 16, 32, 64, 80, 96, 128, 256 (80 and 96 in the lanes of 128, the rest idle). num_splits in
+// [1, kMaxDecodeSplits].
 constexpr int32_t kMaxDecodeSplits = 128;
 RTLLM_API cudaError_t attention_decode(void* out, const void* q, StepMetaDevice meta, PagedKv kv,
                                        int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, float scale,

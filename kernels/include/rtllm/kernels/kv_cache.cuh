@@ -47,7 +47,7 @@ struct StepMetaDevice {
 //   kINT8) the float32 k / kv.k_scale and v / kv.v_scale are stored as e4m3 or int8 codes (not rounded to T
 //   first).
 // Reads meta.token_seq, meta.positions (the other meta arrays may be null). T = bf16 or fp16, kv.dtype T,
-// kFP8E4M3 or kINT8; head_dim 16, 32, 64, 128 or 256; the row stride and column offsets multiples of 8 (16-byte loads).
+// kFP8E4M3 or kINT8; head_dim 16, 32, 64, 80, 96, 128 or 256; the row stride and column offsets multiples of 8 (16-byte loads).
 // Graph-safe: every size is a launch argument; positions and block ids are read on the device.
 RTLLM_API cudaError_t qkv_prepare(void* q_out, const void* qkv, int64_t qkv_row_stride, int64_t q_col,
                                   int64_t k_col, int64_t v_col, const float* inv_freq, const void* q_norm_weight,
