@@ -279,11 +279,12 @@ void tile(const Problem& p, const Rows& w, int64_t t0, int64_t n0, int64_t w_row
     }
 }
 
-// One token against NR weight rows when 16 divides the group size: tile<1, NR>'s loop, in the same order
+// Token t against NR weight rows when 16 divides the group size: tile<1, NR>'s loop, in the same order
 // and association, without its padded-chunk path; everything stays in registers across the groups
 // (decode runs many short groups: G = 32 is two chunks).
 template <int NR, bool kInt4>
-void decode_tile(const Problem& p, const CodeRows<kInt4>& w, int64_t n0, int64_t w_row0) {
+void decode_tile(const Problem& p, const CodeRows<kInt4>& w, int64_t t, int64_t n0, int64_t w_row0) {
+  const float* x = p.x + t * p.K;
   const int64_t G = p.group_size, num_groups = p.num_groups;
   const float* scale = p.scale + n0 * num_groups;
   const float* offset = p.offset ? p.offset + n0 * num_groups : nullptr;
@@ -296,7 +297,7 @@ void decode_tile(const Problem& p, const CodeRows<kInt4>& w, int64_t n0, int64_t
       o[j] = offset ? broadcast16(offset + j * num_groups + g) : v16{};
     }
     for (int64_t k = k0; k < k0 + G; k += kChunk) {
-      const v16 xv = load16(p.x + k);
+      const v16 xv = load16(x + k);
 #if defined(__AVX2__) || defined(__AVX512F__)
       if (const void* a = w.prefetch_address(w_row0, k, NR)) _mm_prefetch(static_cast<const char*>(a), _MM_HINT_T0);
 #endif
@@ -306,7 +307,7 @@ void decode_tile(const Problem& p, const CodeRows<kInt4>& w, int64_t n0, int64_t
   for (int j = 0; j < NR; ++j) {
     float v = hsum16(acc[j]);
     if (p.bias) v += p.bias[n0 + j];
-    p.y[n0 + j] = v;
+    p.y[t * p.N + n0 + j] = v;
   }
 }
 
@@ -427,11 +428,11 @@ class WeightOnlyLinear final : public OpKind {
   template <bool kInt4>
   void run_task(const Problem& p, const CodeRows<kInt4>& w, int64_t t0, int64_t t1, int64_t n0, int64_t n1,
                 int thread) const {
-    if (t1 - t0 == 1) {
+    if (t1 - t0 == 1) {  // decode, or the last token of a prefill of 64 m + 1
       if (p.group_size % kChunk != 0) return tiles(p, w, t0, t1, n0, n1);
       int64_t n = n0;
-      for (; n + kTileCols <= n1; n += kTileCols) decode_tile<kTileCols>(p, w, n, n - n0);
-      for (; n < n1; ++n) decode_tile<1>(p, w, n, n - n0);
+      for (; n + kTileCols <= n1; n += kTileCols) decode_tile<kTileCols>(p, w, t0, n, n - n0);
+      for (; n < n1; ++n) decode_tile<1>(p, w, t0, n, n - n0);
       return;
     }
     float* rows = workspace_ + thread * kTaskRows * p.K;
