@@ -14,7 +14,9 @@
 //
 // Work: a task takes a block of up to kTaskRows weight rows and kTaskTokens tokens, and runs register
 // tiles of up to kTileTokens tokens x kTileCols weight rows. With one token (decode, bandwidth-bound on
-// the packed bytes) the tile dequantizes the codes in registers as it streams them; with more, the task
+// the packed bytes) a task takes kDecodeTaskRows rows, one contiguous run of codes that its tiles
+// (decode_tile, accumulators kept in registers across groups) stream with a software prefetch
+// kPrefetchBytes ahead, and dequantize in registers; with more, the task
 // first dequantizes its rows to float32 in its thread's workspace (by the same function, so to the same
 // values) and every token of the block reuses them.
 #include <algorithm>
@@ -37,7 +39,8 @@ namespace {
 
 constexpr int kChunk = 16;            // lanes of the accumulators (one AVX-512 vector, two AVX2 ones)
 constexpr int64_t kTaskRows = 8;      // weight rows dequantized per task (several tokens)
-constexpr int64_t kDecodeTaskRows = 32;  // weight rows per task for one token (nothing dequantized ahead)
+constexpr int64_t kDecodeTaskRows = 128;  // weight rows per task for one token: long contiguous streams
+constexpr int64_t kPrefetchBytes = 4096;  // how far ahead one token's stream of codes is prefetched
 constexpr int64_t kTaskTokens = 64;   // tokens per task: the x block stays in L2
 // Register tile: tokens x weight rows. AVX-512: 16 accumulators + 4 x + 1 w of 32 zmm; AVX2 (a 16-lane
 // vector is two of its 16 ymm): 4 accumulators + x + w.
@@ -56,6 +59,14 @@ inline v16 load16(const float* p) {
   return v;
 }
 inline v16 splat16(float x) { return v16{} + x; }
+// *p in every lane, read by the broadcast itself (one load, no shuffle).
+inline v16 broadcast16(const float* p) {
+#if defined(__AVX512F__)
+  return (v16)_mm512_set1_ps(*p);
+#else
+  return splat16(*p);
+#endif
+}
 
 // a * b + c with one rounding per lane, whatever the ISA.
 inline v16 fmadd16(v16 a, v16 b, v16 c) {
@@ -166,13 +177,13 @@ struct CodeRows {
   static float code(const uint8_t* r, int64_t k) {
     return kInt4 ? static_cast<float>(int4_at(r, k)) : static_cast<float>(static_cast<int8_t>(r[k]));
   }
-  // While a tile of nr rows from `row` reads chunk k, it prefetches the same share of the next tile's
-  // bytes (contiguous: rows are [N, K] row-major): rows this short are too few lines for the hardware
-  // prefetcher to ramp up on, and decode would wait on memory latency rather than bandwidth. Null past
-  // the task's rows (the next tile is another task's).
+  // One token streams the codes once, tile after tile (a tile's nr rows are contiguous, [N, K] row-major),
+  // and a task's tiles are contiguous too: while a tile of nr rows from `row` reads chunk k, it prefetches
+  // the line kPrefetchBytes past the bytes it reads. Rows this short are too few lines for the hardware
+  // prefetcher to ramp up on; without this, decode waits on memory latency rather than bandwidth. The
+  // address may lie past the task or the weight: a prefetch never faults.
   const void* prefetch_address(int64_t row, int64_t k, int64_t nr) const {
-    if (row + 2 * nr > num_rows) return nullptr;
-    return codes + (row + nr) * row_bytes + (kInt4 ? k * nr / 2 : k * nr);
+    return codes + row * row_bytes + (kInt4 ? k * nr / 2 : k * nr) + kPrefetchBytes;
   }
 };
 
@@ -266,6 +277,38 @@ void tile(const Problem& p, const Rows& w, int64_t t0, int64_t n0, int64_t w_row
       if (p.bias) v += p.bias[n0 + j];
       p.y[(t0 + i) * p.N + n0 + j] = v;
     }
+}
+
+// Token t against NR weight rows when 16 divides the group size: tile<1, NR>'s loop, in the same order
+// and association, without its padded-chunk path; everything stays in registers across the groups
+// (decode runs many short groups: G = 32 is two chunks).
+template <int NR, bool kInt4>
+void decode_tile(const Problem& p, const CodeRows<kInt4>& w, int64_t t, int64_t n0, int64_t w_row0) {
+  const float* x = p.x + t * p.K;
+  const int64_t G = p.group_size, num_groups = p.num_groups;
+  const float* scale = p.scale + n0 * num_groups;
+  const float* offset = p.offset ? p.offset + n0 * num_groups : nullptr;
+  v16 acc[NR];
+  for (int j = 0; j < NR; ++j) acc[j] = v16{};
+  for (int64_t g = 0, k0 = 0; g < num_groups; ++g, k0 += G) {
+    v16 s[NR], o[NR];
+    for (int j = 0; j < NR; ++j) {
+      s[j] = broadcast16(scale + j * num_groups + g);
+      o[j] = offset ? broadcast16(offset + j * num_groups + g) : v16{};
+    }
+    for (int64_t k = k0; k < k0 + G; k += kChunk) {
+      const v16 xv = load16(x + k);
+#if defined(__AVX2__) || defined(__AVX512F__)
+      if (const void* a = w.prefetch_address(w_row0, k, NR)) _mm_prefetch(static_cast<const char*>(a), _MM_HINT_T0);
+#endif
+      for (int j = 0; j < NR; ++j) acc[j] = fmadd16(xv, w.chunk(w_row0 + j, k, s[j], o[j]), acc[j]);
+    }
+  }
+  for (int j = 0; j < NR; ++j) {
+    float v = hsum16(acc[j]);
+    if (p.bias) v += p.bias[n0 + j];
+    p.y[t * p.N + n0 + j] = v;
+  }
 }
 
 template <int MR, typename Rows>
@@ -385,7 +428,13 @@ class WeightOnlyLinear final : public OpKind {
   template <bool kInt4>
   void run_task(const Problem& p, const CodeRows<kInt4>& w, int64_t t0, int64_t t1, int64_t n0, int64_t n1,
                 int thread) const {
-    if (t1 - t0 == 1) return tiles(p, w, t0, t1, n0, n1);
+    if (t1 - t0 == 1) {  // decode, or the last token of a prefill of 64 m + 1
+      if (p.group_size % kChunk != 0) return tiles(p, w, t0, t1, n0, n1);
+      int64_t n = n0;
+      for (; n + kTileCols <= n1; n += kTileCols) decode_tile<kTileCols>(p, w, t0, n, n - n0);
+      for (; n < n1; ++n) decode_tile<1>(p, w, t0, n, n - n0);
+      return;
+    }
     float* rows = workspace_ + thread * kTaskRows * p.K;
     for (int64_t n = 0; n < n1 - n0; ++n) dequantize_row(p, w, n0, n, rows + n * p.K);
     tiles(p, DequantizedRows{rows, p.K}, t0, t1, n0, n1);
