@@ -285,13 +285,13 @@ struct Weights {
   }
   // Top-p's weight: the mass, within top-k's cut.
   __device__ __forceinline__ uint64_t top_p_weight(int32_t i, float a, uint32_t key) const {
-    return k_cut.keeps(key, i) ? mass(a) : 0;
+    const uint64_t m = mass(a);
+    return k_cut.keeps(key, i) ? m : 0;
   }
   // The draw's weight: the mass of a kept element.
   __device__ __forceinline__ uint64_t kept_weight(int32_t i, float a, uint32_t key) const {
-    if (!k_cut.keeps(key, i) || !p_cut.keeps(key, i)) return 0;
-    const uint64_t m = mass(a);
-    return m >= min_mass ? m : 0;
+    const uint64_t m = mass(a);  // computed either way: no branch around the polynomial
+    return k_cut.keeps(key, i) && p_cut.keeps(key, i) && m >= min_mass ? m : 0;
   }
 };
 
@@ -366,7 +366,8 @@ __device__ int32_t find_in_id_order(Shared& sh, const cg::cluster_group& cluster
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int32_t i = b0 + 128 * u + k;
-        if (i < end) s += weight(i, v[u][k]);
+        const uint64_t w = weight(min(i, end - 1), v[u][k]);  // weighed either way: no branch
+        s += i < end ? w : 0;
       }
   }
   s = warp_sum_u64(s);
@@ -604,15 +605,13 @@ __device__ bool grid_select(Shared& sh, const cg::cluster_group& cluster, const 
     const int copy = threadIdx.x & (kGridCopies - 1);
     uint32_t key_min = 0xffffffffu, key_max = 0;
     stream_slice(sl, [&](int32_t i, float r, bool valid) {
-      if (!valid) return;
-      const float a = wt.value(i, r);
+      // Everything up to the atomics without a branch, so the elements' polynomials interleave.
+      const float a = valid ? wt.value(i, r) : -INFINITY;  // (i may lie past the row when !valid)
       const float x = sm::scaled_exponent(a, wt.max, wt.inv_t);
-      if (!(x >= sm::kMinExponent)) return;  // weighs nothing
       const uint32_t key = sm::order_key(a);
       const int b = path.next_bucket(x, key);
-      if (b < 0) return;
       const uint64_t w = select_weight<kind>(wt, i, a, key);
-      if (w == 0) return;
+      if (!valid || b < 0 || w == 0) return;  // (w == 0 below x = kMinExponent)
       key_min = min(key_min, key);
       key_max = max(key_max, key);
       const int slot = b * kGridCopies + copy;
