@@ -253,6 +253,14 @@ struct SeqLogits {
     if (c & kBiased) a = __fadd_rn(a, bias_of(i));
     return a;
   }
+  // adjust() where the row has lists (counts set), the raw logit where it has none: the passes are
+  // compiled for each case, so a row without lists runs straight-line code (no branch per element that
+  // keeps the elements' polynomials from interleaving).
+  template <bool kLists>
+  __device__ __forceinline__ float adjusted(int32_t i, float a) const {
+    if constexpr (kLists) return adjust(i, a);
+    else return a;
+  }
 };
 
 // Everything kept up to and including (key, id) in (key desc, id asc) order; inactive: everything.
@@ -266,6 +274,7 @@ struct Cut {
 };
 
 // The element weights of the selects and of the draw, from the adjusted logit a of element i.
+template <bool kLists>
 struct Weights {
   SeqLogits lg;
   float max, inv_t;
@@ -273,15 +282,14 @@ struct Weights {
   uint64_t min_mass;
   bool raw;  // order by the raw logits (top-N logprobs): every element weighs 1
 
-  __device__ __forceinline__ float value(int32_t i, float r) const { return raw ? r : lg.adjust(i, r); }
+  __device__ __forceinline__ float value(int32_t i, float r) const { return raw ? r : lg.adjusted<kLists>(i, r); }
   __device__ __forceinline__ uint64_t mass(float a) const { return sm::logit_mass(a, max, inv_t); }
-  // Top-k's weight: 1 for a candidate (mass > 0).
-  // x >= -22 always weighs >= 2 (exp(-22) · 2^33 > 2.3) and x < -24 nothing: exp only in between.
+  // Top-k's weight: 1 for a candidate (mass > 0). x >= -22 always weighs >= 2 (exp(-22) · 2^33 > 2.3),
+  // x < -24 nothing; straight-line code (the polynomial of x clamped at -22).
   __device__ __forceinline__ uint64_t top_k_weight(float a) const {
-    if (raw) return 1;
     const float x = sm::scaled_exponent(a, max, inv_t);
-    if (x >= -22.0f) return 1;
-    return sm::mass_of(sm::prob_exp(x)) > 0 ? 1 : 0;
+    const bool surely = x >= -22.0f;
+    return surely || sm::mass_of(sm::prob_exp(surely ? -22.0f : x)) > 0 ? 1 : 0;
   }
   // Top-p's weight: the mass, within top-k's cut.
   __device__ __forceinline__ uint64_t top_p_weight(int32_t i, float a, uint32_t key) const {
@@ -297,10 +305,11 @@ struct Weights {
 
 enum class Select { kTopN, kTopK, kTopP };
 
-template <Select kind>
-__device__ __forceinline__ uint64_t select_weight(const Weights& wt, int32_t i, float a, uint32_t key) {
+template <Select kind, typename W>
+__device__ __forceinline__ uint64_t select_weight(const W& wt, int32_t i, float a, uint32_t key) {
   if constexpr (kind == Select::kTopP) return wt.top_p_weight(i, a, key);
-  else return wt.top_k_weight(a);
+  else if constexpr (kind == Select::kTopK) return wt.top_k_weight(a);
+  else return 1;  // top-N by the raw logits: every element
 }
 
 // Adds (count 1, weight w) to bucket `digit` (-1: nothing), aggregated over the lanes of the warp
@@ -329,14 +338,14 @@ struct Selected {
 // The first element (key desc, id asc) at which the cumulative weight reaches target(total) (total:
 // the weight of all elements); target 0 (or total 0) means no cut. Every thread of the cluster calls
 // it and gets the same cut.
-template <Select kind, typename TargetFn>
-__device__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const Weights& wt,
+template <Select kind, typename W, typename TargetFn>
+__device__ __forceinline__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const W& wt,
                                  TargetFn target_of);
 
 // The first element in id order whose cumulative weight reaches target_of(total) (>= 1; 0: none),
 // -1 if none. WeightFn: uint64_t(int32_t i, float raw). Every thread of the cluster gets the id.
 template <typename WeightFn, typename TargetFn>
-__device__ int32_t find_in_id_order(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, WeightFn weight,
+__device__ __forceinline__ int32_t find_in_id_order(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, WeightFn weight,
                                     TargetFn target_of) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int32_t len = sl.end - sl.begin;
@@ -424,8 +433,8 @@ __device__ int32_t find_in_id_order(Shared& sh, const cg::cluster_group& cluster
   return sh.sel_id;
 }
 
-template <Select kind, typename TargetFn>
-__device__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const Weights& wt,
+template <Select kind, typename W, typename TargetFn>
+__device__ __forceinline__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const W& wt,
                                  TargetFn target_of) {
   constexpr bool kMass = kind == Select::kTopP;
   const unsigned num_ranks = cluster.num_blocks();
@@ -581,8 +590,8 @@ __device__ void bitonic_sort_descending(u64* v, int size) {
 //      gathers all of them, sorts them (key desc, id asc) and finds the cut with a prefix sum.
 // Returns false, having decided nothing, where the grid cannot separate the elements (the caller then
 // runs radix_select): keys whose x round to the same float in runs longer than kMaxCandidates.
-template <Select kind, typename TargetFn>
-__device__ bool grid_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const Weights& wt,
+template <Select kind, typename W, typename TargetFn>
+__device__ __forceinline__ bool grid_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const W& wt,
                             float x_lo, TargetFn target_of, Selected* out) {
   constexpr bool kMass = kind == Select::kTopP;
   const unsigned num_ranks = cluster.num_blocks();
@@ -848,7 +857,7 @@ __device__ double raw_logprobs(Shared& sh, const cg::cluster_group& cluster, con
   if (threadIdx.x == 0) sh.num_top = 0;
   __syncthreads();
   if (num_top > 0) {
-    Weights wt{};
+    Weights<false> wt{};
     wt.raw = true;
     const Selected sel = radix_select<Select::kTopN>(sh, cluster, sl, wt, [&](uint64_t) { return (uint64_t)num_top; });
     for (int32_t i = sl.begin + threadIdx.x; i < sl.end; i += kThreads)
@@ -891,6 +900,64 @@ __device__ double raw_logprobs(Shared& sh, const cg::cluster_group& cluster, con
   return log_sum;
 }
 
+// The token of one row (-1: everything masked): argmax, then for a temperature the top-k and top-p
+// cuts and the draw. kLists: the row has penalties, a bias or a mask (lg.counts set).
+template <bool kLists>
+__device__ __forceinline__ int32_t sample_row(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const SeqLogits& lg,
+                              const SamplingParamsDevice& p, int32_t n, int32_t slice) {
+  // Argmax of the adjusted logits (lowest id on ties), and the least finite one (the grid's range).
+  float best = -INFINITY, least = INFINITY;
+  int32_t best_id = INT32_MAX;
+  stream_slice(sl, [&](int32_t i, float r, bool valid) {
+    if (!valid) return;
+    const float a = lg.adjusted<kLists>(i, r);
+    if (a > best || (a == best && i < best_id)) { best = a; best_id = i; }
+    if (a > -INFINITY) least = fminf(least, a);
+  });
+  const float max_logit = cluster_argmax(sh, cluster, best, best_id, &best_id);
+  int32_t token = max_logit == -INFINITY ? -1 : best_id;
+
+  if (token >= 0 && p.temperature != 0.0f) {
+    Weights<kLists> wt{lg, max_logit, sm::inverse_temperature(p.temperature), Cut{false, 0u, 0}, Cut{false, 0u, 0}, 0, false};
+    const bool top_k_cuts = p.top_k > 0 && p.top_k < n, top_p_cuts = p.top_p < 1.0f;
+    float x_lo = sm::kMinExponent;  // the grid's lower end: the least x of the row, at least kMinExponent
+    const bool use_grid = slice <= kMaxGridSlice && (top_k_cuts || top_p_cuts);
+    if (use_grid) {
+      int32_t unused;
+      const float min_logit = -cluster_argmax(sh, cluster, -least, INT32_MAX, &unused);
+      const float x = sm::scaled_exponent(min_logit, max_logit, wt.inv_t);
+      if (x > x_lo) x_lo = fminf(x, 0.0f);
+    }
+    if (top_k_cuts) {
+      // The top_k-th candidate, when there are more than top_k.
+      const int32_t top_k = p.top_k;
+      auto target = [&](uint64_t total) { return total > (uint64_t)top_k ? (uint64_t)top_k : 0; };
+      Selected k;
+      if (!use_grid || !grid_select<Select::kTopK>(sh, cluster, sl, wt, x_lo, target, &k))
+        k = radix_select<Select::kTopK>(sh, cluster, sl, wt, target);
+      if (k.found) wt.k_cut = k.cut;
+    }
+    if (top_p_cuts) {
+      const float top_p = p.top_p;
+      auto target = [&](uint64_t total) { return sm::top_p_threshold(total, top_p); };
+      Selected c;
+      if (!use_grid || !grid_select<Select::kTopP>(sh, cluster, sl, wt, x_lo, target, &c))
+        c = radix_select<Select::kTopP>(sh, cluster, sl, wt, target);
+      if (c.found) wt.p_cut = c.cut;
+    }
+    wt.min_mass = sm::min_p_threshold(p.min_p);
+    const uint64_t bits = sm::uniform_bits(p.seed, p.step);
+    token = find_in_id_order(
+        sh, cluster, sl,
+        [&](int32_t i, float r) -> uint64_t {
+          const float a = lg.adjusted<kLists>(i, r);
+          return wt.kept_weight(i, a, sm::order_key(a));
+        },
+        [&](uint64_t total) { return sm::draw_target(total, bits) + 1; });
+  }
+  return token;
+}
+
 __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
     int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, const float* logits,
     const SamplingParamsDevice* params, const int32_t* prompt_ids, const int32_t* prompt_offsets,
@@ -928,56 +995,8 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
     lg.counts = counts;
   }
 
-  // Argmax of the adjusted logits (lowest id on ties), and the least finite one (the grid's range).
-  float best = -INFINITY, least = INFINITY;
-  int32_t best_id = INT32_MAX;
-  stream_slice(sl, [&](int32_t i, float r, bool valid) {
-    if (!valid) return;
-    const float a = lg.adjust(i, r);
-    if (a > best || (a == best && i < best_id)) { best = a; best_id = i; }
-    if (a > -INFINITY) least = fminf(least, a);
-  });
-  const float max_logit = cluster_argmax(sh, cluster, best, best_id, &best_id);
-  int32_t token = max_logit == -INFINITY ? -1 : best_id;
-
-  if (token >= 0 && p.temperature != 0.0f) {
-    Weights wt{lg, max_logit, sm::inverse_temperature(p.temperature), Cut{false, 0u, 0}, Cut{false, 0u, 0}, 0, false};
-    const bool top_k_cuts = p.top_k > 0 && p.top_k < n, top_p_cuts = p.top_p < 1.0f;
-    float x_lo = sm::kMinExponent;  // the grid's lower end: the least x of the row, at least kMinExponent
-    const bool use_grid = slice <= kMaxGridSlice && (top_k_cuts || top_p_cuts);
-    if (use_grid) {
-      int32_t unused;
-      const float min_logit = -cluster_argmax(sh, cluster, -least, INT32_MAX, &unused);
-      const float x = sm::scaled_exponent(min_logit, max_logit, wt.inv_t);
-      if (x > x_lo) x_lo = fminf(x, 0.0f);
-    }
-    if (top_k_cuts) {
-      // The top_k-th candidate, when there are more than top_k.
-      const int32_t top_k = p.top_k;
-      auto target = [&](uint64_t total) { return total > (uint64_t)top_k ? (uint64_t)top_k : 0; };
-      Selected k;
-      if (!use_grid || !grid_select<Select::kTopK>(sh, cluster, sl, wt, x_lo, target, &k))
-        k = radix_select<Select::kTopK>(sh, cluster, sl, wt, target);
-      if (k.found) wt.k_cut = k.cut;
-    }
-    if (top_p_cuts) {
-      const float top_p = p.top_p;
-      auto target = [&](uint64_t total) { return sm::top_p_threshold(total, top_p); };
-      Selected c;
-      if (!use_grid || !grid_select<Select::kTopP>(sh, cluster, sl, wt, x_lo, target, &c))
-        c = radix_select<Select::kTopP>(sh, cluster, sl, wt, target);
-      if (c.found) wt.p_cut = c.cut;
-    }
-    wt.min_mass = sm::min_p_threshold(p.min_p);
-    const uint64_t bits = sm::uniform_bits(p.seed, p.step);
-    token = find_in_id_order(
-        sh, cluster, sl,
-        [&](int32_t i, float r) -> uint64_t {
-          const float a = lg.adjust(i, r);
-          return wt.kept_weight(i, a, sm::order_key(a));
-        },
-        [&](uint64_t total) { return sm::draw_target(total, bits) + 1; });
-  }
+  const int32_t token = lg.counts ? sample_row<true>(sh, cluster, sl, lg, p, n, slice)
+                                  : sample_row<false>(sh, cluster, sl, lg, p, n, slice);
   if (rank == 0 && threadIdx.x == 0) {
     out_ids[s] = token;
     if (p.num_logprobs >= 0)
