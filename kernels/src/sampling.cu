@@ -5,7 +5,10 @@
 // one for large batches): CTA `rank` streams a contiguous slice of the row, and every row-wide result
 // (argmax, sums, histograms) is combined through distributed shared memory, in rank order. All the
 // decisions use integer masses, so they do not depend on the cluster size or the schedule.
-//   - thresholds (top-k by count, top-p by mass, top-N logprobs by count): a radix select over the
+//   - top-k (by count) and top-p (by mass) cuts: a grid select (grid_select) over buckets of the
+//     scaled exponent x, whose cut bucket is sorted in shared memory, with the radix select below as
+//     its fallback;
+//   - top-N logprobs (by count of the raw logits), and the grid's fallback: a radix select over the
 //     32-bit order key in three passes of 11/11/10-bit digits, histograms of counts and masses with
 //     integer shared-memory atomics (warp-aggregated), then, when the cut falls inside a run of equal
 //     keys, the m-th of them in id order;
