@@ -191,15 +191,19 @@ def params_array(kernels, rows):
 def bench_sampling(ctx):
     """Device sampling of a whole batch (a cluster of CTAs per row for small batches, one CTA per row for
     large ones); bytes = the float32 logits read once. Flat rows (randn · 0.05: a random-weight model,
-    the top-p set holds most of the vocabulary) and peaked ones (randn · 4)."""
+    the top-p set holds most of the vocabulary), the same rounded to bfloat16 (a bf16 LM head's output:
+    long runs of tied logits) and peaked ones (randn · 4)."""
     k_mod, rows = ctx.kernels, []
     modes = [dict(temperature=0.0), dict(temperature=0.8, top_p=0.95), dict(temperature=0.8, top_k=50),
              dict(temperature=0.8)]
-    cases = [(num_seqs, 128256, scale, mode) for num_seqs in (1, 64, 256, 512) for scale in (0.05, 4.0)
-             for mode in modes]
+    cases = [(num_seqs, 128256, scale, mode) for num_seqs in (1, 64, 256, 512) for scale in (0.05, "bf16", 4.0)
+             for mode in modes if scale != "bf16" or mode.get("temperature")]
     cases.append((64, 152064, 3.0, dict(temperature=1.0, top_p=0.95, num_logprobs=5)))
     for num_seqs, vocab, scale, settings in cases:
-        logits = rand(num_seqs, vocab, dtype=torch.float32, scale=scale)
+        if scale == "bf16":
+            logits = rand(num_seqs, vocab, dtype=torch.bfloat16, scale=0.05).float()
+        else:
+            logits = rand(num_seqs, vocab, dtype=torch.float32, scale=scale)
         params = params_array(k_mod, [dict(settings, seed=i) for i in range(num_seqs)])
         ids = torch.empty(num_seqs, dtype=torch.int32, device="cuda")
         lp = torch.empty(num_seqs, 9, device="cuda")
@@ -208,7 +212,7 @@ def bench_sampling(ctx):
                                                 params.data_ptr(), num_seqs=num_seqs, vocab_size=vocab, max_top=8,
                                                 stream=ctx.stream))
         name = ",".join(f"{k}={v}" for k, v in settings.items())
-        kind = "flat" if scale < 1 else "peaked"
+        kind = "bf16-flat" if scale == "bf16" else "flat" if scale < 1 else "peaked"
         rows.append(ctx.row("sample", f"{num_seqs}x{vocab} {kind} {name}", ms, num_seqs * vocab * 4))
     return rows
 

@@ -8,7 +8,8 @@
 # The serving step needs the serve extra (fastapi, uvicorn) importable; on a machine without network, put
 # their wheels on PYTHONPATH first.
 # Environment: STEPS (default "build tests kernels e2e serving"), CUDA_ARCHS (default 90a),
-# E2E_ARGS (bench_e2e.py arguments replacing the default workloads), TESTS_GPU (the test files or nodes the
+# E2E_ARGS (bench_e2e.py arguments replacing the default workloads), KERNELS_ARGS (bench_kernels.py
+# arguments, e.g. --only sampling), TESTS_GPU (the test files or nodes the
 # tests step runs; default all of tests/gpu), PYTHON (default python3).
 #
 # STEPS may also name fp8_kernels, fp8_prepare, fp8_e2e, woq_kernels, woq_prepare and woq_e2e (below).
@@ -54,8 +55,9 @@ wants build && CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90a} -DRTLLM
 wants tests && run_step tests_gpu 300 tests_gpu.log "$PYTHON" -m pytest ${TESTS_GPU:-tests/gpu} -q -p no:cacheprovider \
   --junitxml="$OUT_DIR/tests_gpu.xml"
 
+# shellcheck disable=SC2086
 wants kernels && run_step bench_kernels 150 bench_kernels.log "$PYTHON" benchmarks/bench_kernels.py \
-  --output "$OUT_DIR/kernels.json"
+  --output "$OUT_DIR/kernels.json" ${KERNELS_ARGS:-}
 
 # Default workloads: 1,000 requests at 128/128, and 200 at 2048/2048 (the KV pool holds ~100 such requests;
 # 1,000 of them take ~500 s on an H100: E2E_ARGS="--workload 2048x2048x1000 ..." runs that alone).

@@ -5,7 +5,10 @@
 // one for large batches): CTA `rank` streams a contiguous slice of the row, and every row-wide result
 // (argmax, sums, histograms) is combined through distributed shared memory, in rank order. All the
 // decisions use integer masses, so they do not depend on the cluster size or the schedule.
-//   - thresholds (top-k by count, top-p by mass, top-N logprobs by count): a radix select over the
+//   - top-k (by count) and top-p (by mass) cuts: a grid select (grid_select) over buckets of the
+//     scaled exponent x, whose cut bucket is sorted in shared memory, with the radix select below as
+//     its fallback;
+//   - top-N logprobs (by count of the raw logits), and the grid's fallback: a radix select over the
 //     32-bit order key in three passes of 11/11/10-bit digits, histograms of counts and masses with
 //     integer shared-memory atomics (warp-aggregated), then, when the cut falls inside a run of equal
 //     keys, the m-th of them in id order;
@@ -39,6 +42,17 @@ constexpr uint32_t kMasked = 1u << 31, kSeen = 1u << 30, kBiased = 1u << 29, kCo
 
 using u64 = unsigned long long;
 
+// Grid select (the fast path of the top-k and top-p selects; see grid_select).
+constexpr int kGridBuckets = 128;     // buckets of x per grid level
+constexpr int kGridCopies = 16;       // copies of each bucket's counters, one per lane & 15 (no bank conflicts
+                                      // between the lanes of a warp, few atomics on one address)
+constexpr int kGridLevels = 4;        // refinements before falling back to the radix select
+constexpr int kMaxCandidates = 2048;  // elements of the cut's bucket sorted in shared memory
+constexpr int kMassLowBits = 17;      // masses (<= 2^33) go into the grid counters as 17 + 16 bit halves
+// Slices up to 2^18 elements: one copy counts at most 2^14 + 192 elements, so its 32-bit sums of the
+// mass halves cannot overflow.
+constexpr int32_t kMaxGridSlice = 1 << 18;
+
 struct Shared {
   uint32_t count[kBuckets];
   u64 mass[kBuckets];
@@ -61,6 +75,15 @@ struct Shared {
   int32_t num_top;
   int32_t top_ids[kMaxTopLogprobs];
   float top_vals[kMaxTopLogprobs];
+  // Grid select (see grid_select): this CTA's bucket totals and member key range, read by the cluster;
+  // its candidates (in `mass`) and the cluster's, gathered for the sort.
+  uint32_t grid_count[kGridBuckets];
+  u64 grid_mass[kGridBuckets];
+  uint32_t warp_key_min[kWarps], warp_key_max[kWarps];
+  uint32_t cta_key_min, cta_key_max;
+  int32_t num_candidates;
+  uint32_t sel_key;
+  u64 gathered[kMaxCandidates];
 };
 
 // This CTA's slice of one row.
@@ -233,6 +256,14 @@ struct SeqLogits {
     if (c & kBiased) a = __fadd_rn(a, bias_of(i));
     return a;
   }
+  // adjust() where the row has lists (counts set), the raw logit where it has none: the passes are
+  // compiled for each case, so a row without lists runs straight-line code (no branch per element that
+  // keeps the elements' polynomials from interleaving).
+  template <bool kLists>
+  __device__ __forceinline__ float adjusted(int32_t i, float a) const {
+    if constexpr (kLists) return adjust(i, a);
+    else return a;
+  }
 };
 
 // Everything kept up to and including (key, id) in (key desc, id asc) order; inactive: everything.
@@ -246,6 +277,7 @@ struct Cut {
 };
 
 // The element weights of the selects and of the draw, from the adjusted logit a of element i.
+template <bool kLists>
 struct Weights {
   SeqLogits lg;
   float max, inv_t;
@@ -253,34 +285,34 @@ struct Weights {
   uint64_t min_mass;
   bool raw;  // order by the raw logits (top-N logprobs): every element weighs 1
 
-  __device__ __forceinline__ float value(int32_t i, float r) const { return raw ? r : lg.adjust(i, r); }
+  __device__ __forceinline__ float value(int32_t i, float r) const { return raw ? r : lg.adjusted<kLists>(i, r); }
   __device__ __forceinline__ uint64_t mass(float a) const { return sm::logit_mass(a, max, inv_t); }
-  // Top-k's weight: 1 for a candidate (mass > 0).
-  // x >= -22 always weighs >= 2 (exp(-22) · 2^33 > 2.3) and x < -24 nothing: exp only in between.
+  // Top-k's weight: 1 for a candidate (mass > 0). x >= -22 always weighs >= 2 (exp(-22) · 2^33 > 2.3),
+  // x < -24 nothing; straight-line code (the polynomial of x clamped at -22).
   __device__ __forceinline__ uint64_t top_k_weight(float a) const {
-    if (raw) return 1;
     const float x = sm::scaled_exponent(a, max, inv_t);
-    if (x >= -22.0f) return 1;
-    return sm::mass_of(sm::prob_exp(x)) > 0 ? 1 : 0;
+    const bool surely = x >= -22.0f;
+    return surely || sm::mass_of(sm::prob_exp(surely ? -22.0f : x)) > 0 ? 1 : 0;
   }
   // Top-p's weight: the mass, within top-k's cut.
   __device__ __forceinline__ uint64_t top_p_weight(int32_t i, float a, uint32_t key) const {
-    return k_cut.keeps(key, i) ? mass(a) : 0;
+    const uint64_t m = mass(a);
+    return k_cut.keeps(key, i) ? m : 0;
   }
   // The draw's weight: the mass of a kept element.
   __device__ __forceinline__ uint64_t kept_weight(int32_t i, float a, uint32_t key) const {
-    if (!k_cut.keeps(key, i) || !p_cut.keeps(key, i)) return 0;
-    const uint64_t m = mass(a);
-    return m >= min_mass ? m : 0;
+    const uint64_t m = mass(a);  // computed either way: no branch around the polynomial
+    return k_cut.keeps(key, i) && p_cut.keeps(key, i) && m >= min_mass ? m : 0;
   }
 };
 
 enum class Select { kTopN, kTopK, kTopP };
 
-template <Select kind>
-__device__ __forceinline__ uint64_t select_weight(const Weights& wt, int32_t i, float a, uint32_t key) {
+template <Select kind, typename W>
+__device__ __forceinline__ uint64_t select_weight(const W& wt, int32_t i, float a, uint32_t key) {
   if constexpr (kind == Select::kTopP) return wt.top_p_weight(i, a, key);
-  else return wt.top_k_weight(a);
+  else if constexpr (kind == Select::kTopK) return wt.top_k_weight(a);
+  else return 1;  // top-N by the raw logits: every element
 }
 
 // Adds (count 1, weight w) to bucket `digit` (-1: nothing), aggregated over the lanes of the warp
@@ -309,14 +341,14 @@ struct Selected {
 // The first element (key desc, id asc) at which the cumulative weight reaches target(total) (total:
 // the weight of all elements); target 0 (or total 0) means no cut. Every thread of the cluster calls
 // it and gets the same cut.
-template <Select kind, typename TargetFn>
-__device__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const Weights& wt,
+template <Select kind, typename W, typename TargetFn>
+__device__ __forceinline__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const W& wt,
                                  TargetFn target_of);
 
 // The first element in id order whose cumulative weight reaches target_of(total) (>= 1; 0: none),
 // -1 if none. WeightFn: uint64_t(int32_t i, float raw). Every thread of the cluster gets the id.
 template <typename WeightFn, typename TargetFn>
-__device__ int32_t find_in_id_order(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, WeightFn weight,
+__device__ __forceinline__ int32_t find_in_id_order(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, WeightFn weight,
                                     TargetFn target_of) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int32_t len = sl.end - sl.begin;
@@ -346,7 +378,8 @@ __device__ int32_t find_in_id_order(Shared& sh, const cg::cluster_group& cluster
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int32_t i = b0 + 128 * u + k;
-        if (i < end) s += weight(i, v[u][k]);
+        const uint64_t w = weight(min(i, end - 1), v[u][k]);  // weighed either way: no branch
+        s += i < end ? w : 0;
       }
   }
   s = warp_sum_u64(s);
@@ -403,8 +436,8 @@ __device__ int32_t find_in_id_order(Shared& sh, const cg::cluster_group& cluster
   return sh.sel_id;
 }
 
-template <Select kind, typename TargetFn>
-__device__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const Weights& wt,
+template <Select kind, typename W, typename TargetFn>
+__device__ __forceinline__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const W& wt,
                                  TargetFn target_of) {
   constexpr bool kMass = kind == Select::kTopP;
   const unsigned num_ranks = cluster.num_blocks();
@@ -500,6 +533,283 @@ __device__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, c
   return Selected{true, Cut{true, prefix, id}};
 }
 
+// The float whose order key is `key` (+0 for the key of ±0).
+__device__ __forceinline__ float key_value(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? key & 0x7fffffffu : ~key);
+}
+
+// The bucket of x in a grid of kGridBuckets over [lo, lo + kGridBuckets / scale]; monotone in x (one
+// rounded subtraction and multiplication), clamped at both ends.
+__device__ __forceinline__ int grid_bucket(float x, float lo, float scale) {
+  const int b = (int)__fmul_rn(__fsub_rn(x, lo), scale);  // NaN converts to 0
+  return min(max(b, 0), kGridBuckets - 1);
+}
+
+// Which elements a grid pass counts, and into which bucket. The members of a path of fixed buckets are
+// a run of consecutive keys (each level's bucket is a monotone function of x, x of the key), so a path of
+// any depth is its members' key range (exact: measured by the pass that counted them) and the last
+// fixed bucket.
+struct GridPath {
+  uint32_t key_min = 0, key_max = 0xffffffffu;
+  bool has_fixed = false;  // fixed_*: the last fixed bucket and its level's grid
+  float fixed_lo = 0.0f, fixed_scale = 0.0f;
+  int fixed_bucket = 0;
+  float lo, scale;  // the grid of the next level
+
+  __device__ __forceinline__ bool member(float x, uint32_t key) const {
+    return key >= key_min && key <= key_max && (!has_fixed || grid_bucket(x, fixed_lo, fixed_scale) == fixed_bucket);
+  }
+  // The member's bucket at the next level, else -1.
+  __device__ __forceinline__ int next_bucket(float x, uint32_t key) const {
+    return member(x, key) ? grid_bucket(x, lo, scale) : -1;
+  }
+};
+
+// Sorts v[0, size) descending (size a power of two, at most kMaxCandidates); the whole block.
+__device__ void bitonic_sort_descending(u64* v, int size) {
+  for (int k = 2; k <= size; k <<= 1)
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int t = threadIdx.x; t < size / 2; t += kThreads) {
+        const int i = 2 * t - (t & (j - 1)), partner = i + j;  // i: bit j clear
+        const u64 a = v[i], b = v[partner];
+        if ((i & k) == 0 ? a < b : a > b) {
+          v[i] = b;
+          v[partner] = a;
+        }
+      }
+      __syncthreads();
+    }
+}
+
+// The fast path of radix_select (the same cut, bit for bit), for the top-k and top-p selects: buckets
+// of x = scaled_exponent(a) instead of key digits.
+//   1. One pass histograms the weighted elements over kGridBuckets buckets of x in [x_lo, 0] (counts
+//      and masses in lane-private copies: no warp-level aggregation per element, which is what costs
+//      in the radix passes), and picks the bucket where the cumulative weight (key descending) reaches
+//      the target.
+//   2. If that bucket holds more than kMaxCandidates elements, the next pass splits it again (up to
+//      kGridLevels levels); a bucket of one key (a run of tied logits) is cut in id order.
+//   3. One pass copies the bucket's elements (key, id) to shared memory; every CTA of the cluster
+//      gathers all of them, sorts them (key desc, id asc) and finds the cut with a prefix sum.
+// Returns false, having decided nothing, where the grid cannot separate the elements (the caller then
+// runs radix_select): keys whose x round to the same float in runs longer than kMaxCandidates.
+template <Select kind, typename W, typename TargetFn>
+__device__ __forceinline__ bool grid_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const W& wt,
+                            float x_lo, TargetFn target_of, Selected* out) {
+  constexpr bool kMass = kind == Select::kTopP;
+  const unsigned num_ranks = cluster.num_blocks();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint32_t* counts = sh.count;  // [kGridBuckets][kGridCopies]
+  uint32_t* mass_lo = reinterpret_cast<uint32_t*>(sh.mass);
+  uint32_t* mass_hi = mass_lo + kGridBuckets * kGridCopies;
+  GridPath path;
+  path.lo = x_lo;
+  path.scale = x_lo < 0.0f ? (float)kGridBuckets / -x_lo : 0.0f;
+  u64 before = 0, target = 0;         // weight before the parent bucket (key descending); the target
+  u64 parent_weight = 0, parent_count = 0;
+  for (int level = 0;; ++level) {
+    __syncthreads();  // the counters may still be read (previous level or caller)
+    for (int j = threadIdx.x; j < kGridBuckets * kGridCopies; j += kThreads) {
+      counts[j] = 0;
+      if (kMass) mass_lo[j] = mass_hi[j] = 0;
+    }
+    __syncthreads();
+    const int copy = threadIdx.x & (kGridCopies - 1);
+    uint32_t key_min = 0xffffffffu, key_max = 0;
+    stream_slice(sl, [&](int32_t i, float r, bool valid) {
+      // Everything up to the atomics without a branch, so the elements' polynomials interleave.
+      const float a = valid ? wt.value(i, r) : -INFINITY;  // (i may lie past the row when !valid)
+      const float x = sm::scaled_exponent(a, wt.max, wt.inv_t);
+      const uint32_t key = sm::order_key(a);
+      const int b = path.next_bucket(x, key);
+      const uint64_t w = select_weight<kind>(wt, i, a, key);
+      if (!valid || b < 0 || w == 0) return;  // (w == 0 below x = kMinExponent)
+      key_min = min(key_min, key);
+      key_max = max(key_max, key);
+      const int slot = b * kGridCopies + copy;
+      atomicAdd(&counts[slot], 1u);
+      if (kMass) {
+        atomicAdd(&mass_lo[slot], (uint32_t)(w & ((1u << kMassLowBits) - 1)));
+        atomicAdd(&mass_hi[slot], (uint32_t)(w >> kMassLowBits));
+      }
+    });
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      key_min = min(key_min, __shfl_xor_sync(0xffffffffu, key_min, o));
+      key_max = max(key_max, __shfl_xor_sync(0xffffffffu, key_max, o));
+    }
+    if (lane == 0) {
+      sh.warp_key_min[warp] = key_min;
+      sh.warp_key_max[warp] = key_max;
+    }
+    __syncthreads();
+    for (int b = threadIdx.x; b < kGridBuckets; b += kThreads) {
+      uint32_t c = 0;
+      u64 m = 0;
+#pragma unroll
+      for (int k = 0; k < kGridCopies; ++k) {
+        c += counts[b * kGridCopies + k];
+        if (kMass) m += mass_lo[b * kGridCopies + k] + ((u64)mass_hi[b * kGridCopies + k] << kMassLowBits);
+      }
+      sh.grid_count[b] = c;
+      sh.grid_mass[b] = kMass ? m : c;
+    }
+    if (threadIdx.x == 0) {
+      uint32_t lo = 0xffffffffu, hi = 0;
+      for (int w = 0; w < kWarps; ++w) {
+        lo = min(lo, sh.warp_key_min[w]);
+        hi = max(hi, sh.warp_key_max[w]);
+      }
+      sh.cta_key_min = lo;
+      sh.cta_key_max = hi;
+    }
+    cluster.sync();  // every CTA's totals complete
+    // Thread t < kGridBuckets sums bucket kGridBuckets - 1 - t over the cluster (keys descending).
+    u64 own = 0, own_count = 0;
+    uint32_t all_key_min = 0xffffffffu, all_key_max = 0;
+    for (unsigned r = 0; r < num_ranks; ++r) {
+      const Shared* other = cluster.map_shared_rank(&sh, r);
+      if ((int)threadIdx.x < kGridBuckets) {
+        own += other->grid_mass[kGridBuckets - 1 - threadIdx.x];
+        own_count += other->grid_count[kGridBuckets - 1 - threadIdx.x];
+      }
+      all_key_min = min(all_key_min, other->cta_key_min);
+      all_key_max = max(all_key_max, other->cta_key_max);
+    }
+    u64 total, total_count;
+    const u64 excl = block_exclusive_scan(sh, own, &total);
+    block_exclusive_scan(sh, own_count, &total_count);
+    if (level == 0) {
+      target = total ? (u64)target_of((uint64_t)total) : 0;
+      parent_weight = total;
+      parent_count = total_count;
+    }
+    if (target == 0) {
+      cluster.sync();
+      *out = Selected{false, Cut{false, 0u, 0}};
+      return true;
+    }
+    const u64 need = target - before;  // in (0, parent_weight]
+    if (all_key_min == all_key_max) {
+      // The parent bucket is one key: its elements weigh the same, and the cut keeps the first m in
+      // id order (as radix_select does for a run of equal keys).
+      cluster.sync();  // the others have read this CTA's totals
+      const uint32_t key = all_key_min;
+      const u64 each = parent_weight / parent_count, m = (need + each - 1) / each;
+      if (m >= parent_count) {
+        *out = Selected{true, Cut{true, key, INT32_MAX}};
+        return true;
+      }
+      const int32_t id = find_in_id_order(
+          sh, cluster, sl,
+          [&](int32_t i, float r) -> uint64_t {
+            const float a = wt.value(i, r);
+            const uint32_t k = sm::order_key(a);
+            return k == key && select_weight<kind>(wt, i, a, k) > 0 ? 1 : 0;
+          },
+          [&](uint64_t) { return (uint64_t)m; });
+      *out = Selected{true, Cut{true, key, id}};
+      return true;
+    }
+    if (own > 0 && excl < need && need <= excl + own) {
+      sh.sel_digit = kGridBuckets - 1 - (int)threadIdx.x;
+      sh.sel_before = before + excl;
+      sh.sel_count = (uint32_t)own_count;
+      sh.sel_weight = own;
+    }
+    cluster.sync();  // the others have read this CTA's totals; sel_* written
+    const int b = sh.sel_digit;
+    before = sh.sel_before;
+    parent_count = sh.sel_count;
+    parent_weight = sh.sel_weight;
+    path.key_min = all_key_min;
+    path.key_max = all_key_max;
+    path.has_fixed = true;
+    path.fixed_lo = path.lo;
+    path.fixed_scale = path.scale;
+    path.fixed_bucket = b;
+    if (parent_count <= (u64)kMaxCandidates) break;
+    // Split the bucket again over its nominal x range; give up where the grid stops resolving.
+    const float next_lo = path.lo + (float)b / path.scale, next_scale = path.scale * (float)kGridBuckets;
+    if (level + 1 == kGridLevels || !(path.scale > 0.0f) || !isfinite(next_lo) || !isfinite(next_scale)) return false;
+    path.lo = next_lo;
+    path.scale = next_scale;
+  }
+
+  // The bucket's elements, this CTA's into `mass` (its counters are no longer needed), then everyone's
+  // into `gathered`.
+  __syncthreads();
+  if (threadIdx.x == 0) sh.num_candidates = 0;
+  __syncthreads();
+  u64* local = reinterpret_cast<u64*>(sh.mass);
+  stream_slice(sl, [&](int32_t i, float r, bool valid) {
+    bool in = false;
+    uint32_t key = 0;
+    if (valid) {
+      const float a = wt.value(i, r);
+      const float x = sm::scaled_exponent(a, wt.max, wt.inv_t);
+      key = sm::order_key(a);
+      in = x >= sm::kMinExponent && path.member(x, key) && select_weight<kind>(wt, i, a, key) > 0;
+    }
+    const unsigned ballot = __ballot_sync(0xffffffffu, in);
+    if (!ballot) return;
+    int base = 0;
+    if (lane == 0) base = atomicAdd(&sh.num_candidates, __popc(ballot));
+    base = __shfl_sync(0xffffffffu, base, 0);
+    // (key desc, id asc) is the descending order of key · 2^32 + ~id.
+    if (in) local[base + __popc(ballot & ((1u << lane) - 1))] = ((u64)key << 32) | (uint32_t)~(uint32_t)i;
+  });
+  cluster.sync();  // every CTA's list complete
+  int32_t n = 0;
+  for (unsigned r = 0; r < num_ranks; ++r) {
+    const Shared* other = cluster.map_shared_rank(&sh, r);
+    const int32_t cnt = min(other->num_candidates, kMaxCandidates - n);  // the histogram bounds the sum
+    const u64* src = reinterpret_cast<const u64*>(other->mass);
+    for (int32_t j = threadIdx.x; j < cnt; j += kThreads) sh.gathered[n + j] = src[j];
+    n += cnt;
+  }
+  int32_t size = 1;
+  while (size < n) size <<= 1;
+  for (int32_t j = n + threadIdx.x; j < size; j += kThreads) sh.gathered[j] = 0;
+  cluster.sync();  // the others have read this CTA's list
+  bitonic_sort_descending(sh.gathered, size);
+  // Thread t weighs sorted elements [t · per, (t + 1) · per); the cut is where the weight reaches need.
+  constexpr int kPerThread = kMaxCandidates / kThreads;
+  const int per = ceil_div(n, kThreads);
+  u64 w[kPerThread];
+  u64 own = 0;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int j = (int)threadIdx.x * per + k;
+    w[k] = 0;
+    if (k < per && j < n) {
+      const u64 v = sh.gathered[j];
+      const uint32_t key = (uint32_t)(v >> 32);
+      w[k] = select_weight<kind>(wt, (int32_t)~(uint32_t)v, key_value(key), key);
+    }
+    own += w[k];
+  }
+  u64 total;
+  const u64 excl = block_exclusive_scan(sh, own, &total);
+  const u64 need = target - before;
+  if (own > 0 && excl < need && need <= excl + own) {
+    u64 acc = excl;
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      if (w[k] > 0 && acc + w[k] >= need) {
+        const u64 v = sh.gathered[(int)threadIdx.x * per + k];
+        sh.sel_key = (uint32_t)(v >> 32);
+        sh.sel_id = (int32_t)~(uint32_t)v;
+        break;
+      }
+      acc += w[k];
+    }
+  }
+  __syncthreads();
+  *out = Selected{true, Cut{true, sh.sel_key, sh.sel_id}};
+  return true;
+}
+
 // Builds the per-token flags/counts of one sequence in `counts` (global memory), the cluster's CTAs
 // sharing the work: kMasked for the ids its bitmask row (null: none) does not allow, then the lists'
 // flags and counts. Ends with a cluster barrier (the counts are visible to the whole cluster).
@@ -550,7 +860,7 @@ __device__ double raw_logprobs(Shared& sh, const cg::cluster_group& cluster, con
   if (threadIdx.x == 0) sh.num_top = 0;
   __syncthreads();
   if (num_top > 0) {
-    Weights wt{};
+    Weights<false> wt{};
     wt.raw = true;
     const Selected sel = radix_select<Select::kTopN>(sh, cluster, sl, wt, [&](uint64_t) { return (uint64_t)num_top; });
     for (int32_t i = sl.begin + threadIdx.x; i < sl.end; i += kThreads)
@@ -593,6 +903,64 @@ __device__ double raw_logprobs(Shared& sh, const cg::cluster_group& cluster, con
   return log_sum;
 }
 
+// The token of one row (-1: everything masked): argmax, then for a temperature the top-k and top-p
+// cuts and the draw. kLists: the row has penalties, a bias or a mask (lg.counts set).
+template <bool kLists>
+__device__ __forceinline__ int32_t sample_row(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const SeqLogits& lg,
+                              const SamplingParamsDevice& p, int32_t n, int32_t slice) {
+  // Argmax of the adjusted logits (lowest id on ties), and the least finite one (the grid's range).
+  float best = -INFINITY, least = INFINITY;
+  int32_t best_id = INT32_MAX;
+  stream_slice(sl, [&](int32_t i, float r, bool valid) {
+    if (!valid) return;
+    const float a = lg.adjusted<kLists>(i, r);
+    if (a > best || (a == best && i < best_id)) { best = a; best_id = i; }
+    if (a > -INFINITY) least = fminf(least, a);
+  });
+  const float max_logit = cluster_argmax(sh, cluster, best, best_id, &best_id);
+  int32_t token = max_logit == -INFINITY ? -1 : best_id;
+
+  if (token >= 0 && p.temperature != 0.0f) {
+    Weights<kLists> wt{lg, max_logit, sm::inverse_temperature(p.temperature), Cut{false, 0u, 0}, Cut{false, 0u, 0}, 0, false};
+    const bool top_k_cuts = p.top_k > 0 && p.top_k < n, top_p_cuts = p.top_p < 1.0f;
+    float x_lo = sm::kMinExponent;  // the grid's lower end: the least x of the row, at least kMinExponent
+    const bool use_grid = slice <= kMaxGridSlice && (top_k_cuts || top_p_cuts);
+    if (use_grid) {
+      int32_t unused;
+      const float min_logit = -cluster_argmax(sh, cluster, -least, INT32_MAX, &unused);
+      const float x = sm::scaled_exponent(min_logit, max_logit, wt.inv_t);
+      if (x > x_lo) x_lo = fminf(x, 0.0f);
+    }
+    if (top_k_cuts) {
+      // The top_k-th candidate, when there are more than top_k.
+      const int32_t top_k = p.top_k;
+      auto target = [&](uint64_t total) { return total > (uint64_t)top_k ? (uint64_t)top_k : 0; };
+      Selected k;
+      if (!use_grid || !grid_select<Select::kTopK>(sh, cluster, sl, wt, x_lo, target, &k))
+        k = radix_select<Select::kTopK>(sh, cluster, sl, wt, target);
+      if (k.found) wt.k_cut = k.cut;
+    }
+    if (top_p_cuts) {
+      const float top_p = p.top_p;
+      auto target = [&](uint64_t total) { return sm::top_p_threshold(total, top_p); };
+      Selected c;
+      if (!use_grid || !grid_select<Select::kTopP>(sh, cluster, sl, wt, x_lo, target, &c))
+        c = radix_select<Select::kTopP>(sh, cluster, sl, wt, target);
+      if (c.found) wt.p_cut = c.cut;
+    }
+    wt.min_mass = sm::min_p_threshold(p.min_p);
+    const uint64_t bits = sm::uniform_bits(p.seed, p.step);
+    token = find_in_id_order(
+        sh, cluster, sl,
+        [&](int32_t i, float r) -> uint64_t {
+          const float a = lg.adjusted<kLists>(i, r);
+          return wt.kept_weight(i, a, sm::order_key(a));
+        },
+        [&](uint64_t total) { return sm::draw_target(total, bits) + 1; });
+  }
+  return token;
+}
+
 __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
     int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, const float* logits,
     const SamplingParamsDevice* params, const int32_t* prompt_ids, const int32_t* prompt_offsets,
@@ -630,42 +998,8 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
     lg.counts = counts;
   }
 
-  // Argmax of the adjusted logits (lowest id on ties).
-  float best = -INFINITY;
-  int32_t best_id = INT32_MAX;
-  stream_slice(sl, [&](int32_t i, float r, bool valid) {
-    if (!valid) return;
-    const float a = lg.adjust(i, r);
-    if (a > best || (a == best && i < best_id)) { best = a; best_id = i; }
-  });
-  const float max_logit = cluster_argmax(sh, cluster, best, best_id, &best_id);
-  int32_t token = max_logit == -INFINITY ? -1 : best_id;
-
-  if (token >= 0 && p.temperature != 0.0f) {
-    Weights wt{lg, max_logit, sm::inverse_temperature(p.temperature), Cut{false, 0u, 0}, Cut{false, 0u, 0}, 0, false};
-    if (p.top_k > 0 && p.top_k < n) {
-      // The top_k-th candidate, when there are more than top_k.
-      const int32_t top_k = p.top_k;
-      const Selected k = radix_select<Select::kTopK>(
-          sh, cluster, sl, wt, [&](uint64_t total) { return total > (uint64_t)top_k ? (uint64_t)top_k : 0; });
-      if (k.found) wt.k_cut = k.cut;
-    }
-    if (p.top_p < 1.0f) {
-      const float top_p = p.top_p;
-      const Selected c = radix_select<Select::kTopP>(
-          sh, cluster, sl, wt, [&](uint64_t total) { return sm::top_p_threshold(total, top_p); });
-      if (c.found) wt.p_cut = c.cut;
-    }
-    wt.min_mass = sm::min_p_threshold(p.min_p);
-    const uint64_t bits = sm::uniform_bits(p.seed, p.step);
-    token = find_in_id_order(
-        sh, cluster, sl,
-        [&](int32_t i, float r) -> uint64_t {
-          const float a = lg.adjust(i, r);
-          return wt.kept_weight(i, a, sm::order_key(a));
-        },
-        [&](uint64_t total) { return sm::draw_target(total, bits) + 1; });
-  }
+  const int32_t token = lg.counts ? sample_row<true>(sh, cluster, sl, lg, p, n, slice)
+                                  : sample_row<false>(sh, cluster, sl, lg, p, n, slice);
   if (rank == 0 && threadIdx.x == 0) {
     out_ids[s] = token;
     if (p.num_logprobs >= 0)

@@ -136,6 +136,50 @@ def test_batches_of_mixed_rows_match_cpu_sampler(kernels, num_seqs):
     assert ids[0] == ref_token(logits[0], rows[0]), (scales[0], rows[0])
 
 
+def grid_stress_logits(rng, kind, vocab):
+    """One row (and its temperature) that drives the top-k / top-p selects down each path of the
+    kernel's grid select: "dense" puts 100k logits within 0.008 of each other while two outliers
+    stretch the row over x in [-23, 0] (the cut's bucket must be split twice before its elements fit in
+    shared memory); "tied" is a run of 60k equal logits where the cut falls; "same_x" gives 100k
+    distinct logits one x (a - max rounds to the same float), which no grid separates (the radix select
+    takes over)."""
+    logits = np.full(vocab, -1e4, np.float32)
+    if kind == "dense":
+        logits[:] = (rng.standard_normal(vocab) * 1e-3 - 5.0).astype(np.float32)
+        logits[rng.choice(vocab, 2, replace=False)] = [0.0, -23.0]
+        return logits, 1.0
+    if kind == "tied":
+        logits[:] = (rng.standard_normal(vocab) - 8.0).astype(np.float32)
+        logits[rng.choice(vocab, 60000, replace=False)] = -3.0
+        logits[rng.integers(vocab)] = 0.0
+        return logits, 1.0
+    assert kind == "same_x"
+    logits[:] = (rng.standard_normal(vocab) * 1e-2).astype(np.float32)
+    logits[rng.integers(vocab)] = 1e6
+    return logits, 1e5  # x = -1e6 / 1e5 = -10 for every small logit
+
+
+@pytest.mark.parametrize("kind", ["dense", "tied", "same_x"])
+@pytest.mark.parametrize("num", [1, 140])
+def test_grid_select_paths_match_cpu_sampler(kernels, kind, num):
+    """Rows whose cuts need the grid's refinements, its tie rule or its fallback, one row per batch
+    (clusters of CTAs) and 140 rows (a CTA per row): the same token as the CPU Sampler."""
+    rng = np.random.default_rng()
+    vocab = 128256
+    settings = [dict(top_p=0.5), dict(top_k=5000), dict(top_k=70000, top_p=0.3), dict(top_p=0.999), dict(top_k=3)]
+    rows, logits = [], []
+    for s in range(num):
+        row, temperature = grid_stress_logits(rng, kind, vocab)
+        logits.append(row)
+        rows.append(dict(settings[s % len(settings)], temperature=temperature, seed=int(rng.integers(2**63)),
+                         step=int(rng.integers(500))))
+    logits = np.stack(logits)
+    ids, _, _ = gpu_sample(kernels, torch.from_numpy(logits).cuda(), rows)
+    for s in range(num):
+        assert ids[s] == cpu_token(kernels, logits[s], rows[s]), (s, rows[s])
+    assert ids[0] == ref_token(logits[0], rows[0]), rows[0]
+
+
 def test_tied_logits_follow_id_order(kernels):
     """Equal logits: ties are ordered by id; top-p / top-k cuts then fall inside the tie, and the kept
     ones are the lowest ids (checked from first principles, then against the CPU Sampler)."""

@@ -103,7 +103,7 @@ def _op_engine(path, llama_dir, x_rows, codes, int4, scale, scale_dtype, offset,
         weights["w.bias"] = Parameter((N,), "float32", const(bias), "w.bias")
         inputs.append("w.bias")
     write_one_op_engine(path, llama_dir, x_rows, N, "weight_only_linear", inputs, weights,
-                        {"group_size": group_size, "has_offset": offset is not None}, max_batch_size=64)
+                        {"group_size": group_size, "has_offset": offset is not None}, max_batch_size=65)
     return {"float32": scale.astype(np.float64), "float16": stored_scale.astype(np.float64),
             "bfloat16": ((stored_scale.astype(np.uint32) << 16).view(np.float32)).astype(np.float64)}[scale_dtype]
 
@@ -145,10 +145,11 @@ def test_cpu_weight_only_linear_against_float64(llama_dir, tmp_path, int4, K, gr
     session = RunnerSession(tmp_path, tokens_per_block=4, num_kv_blocks=256)
     seq = 0
     results = {}
-    for M in (1, 3, 17, 64):
+    # 65: a full 64-token block, then one token alone in its block, which takes the one-token (decode) path
+    for M in (1, 3, 17, 64, 65):
         tokens = [int(t) for t in rng.permutation(64)[:M]]
-        if M == 64:
-            tokens = [int(t) for t in rng.permutation(64)]
+        if M >= 64:
+            tokens = [int(t) for t in rng.permutation(64)] + [int(t) for t in rng.integers(0, 64, M - 64)]
         out = session.step({seq + i: [t] for i, t in enumerate(tokens)})
         got = np.stack([out[seq + i] for i in range(M)])
         seq += M

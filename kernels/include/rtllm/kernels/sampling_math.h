@@ -92,8 +92,10 @@ RTLLM_SAMPLING_HD float scaled_exponent(float l, float max, float inv_t) {
 }
 
 // exp(x) for x <= 0 (0 for x < kMinExponent, -inf and NaN), in float32; exactly 1 at x = 0.
+// Branch-free (a select at the end), so the device interleaves the polynomials of many elements.
 RTLLM_SAMPLING_HD float prob_exp(float x) {
-  if (!(x >= kMinExponent)) return 0.0f;
+  const bool in_range = x >= kMinExponent;  // false for NaN
+  x = in_range ? x : 0.0f;
   constexpr float kLog2e = 1.44269502162933349609375f;
   constexpr float kLn2Hi = 0.693147182464599609375f;       // float(ln 2)
   constexpr float kLn2Lo = -1.904654323148236e-09f;        // ln 2 - kLn2Hi
@@ -111,7 +113,8 @@ RTLLM_SAMPLING_HD float prob_exp(float x) {
   q = fma32(q, r, 1.0f);
   q = fma32(q, r, 1.0f);
   const int32_t ki = static_cast<int32_t>(k);
-  return mul32(q, bits_float(static_cast<uint32_t>(ki + 127) << 23));  // · 2^k, exact (normal range)
+  const float p = mul32(q, bits_float(static_cast<uint32_t>(ki + 127) << 23));  // · 2^k, exact (normal range)
+  return in_range ? p : 0.0f;
 }
 
 // floor(p · 2^33) of a probability p in [0, 1].
