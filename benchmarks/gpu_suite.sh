@@ -12,7 +12,8 @@
 # arguments, e.g. --only sampling), TESTS_GPU (the test files or nodes the
 # tests step runs; default all of tests/gpu), PYTHON (default python3).
 #
-# STEPS may also name fp8_kernels, fp8_prepare, fp8_e2e, woq_kernels, woq_prepare and woq_e2e (below).
+# STEPS may also name kernel_profile, fp8_kernels, fp8_prepare, fp8_e2e, woq_kernels, woq_prepare and woq_e2e
+# (below).
 #
 # Same-machine A/B against another rtllm source tree (e.g. the previous main, `git archive` into a
 # folder): STEPS="build ab_prepare ab" AB_BASE=DIR. ab_prepare builds DIR into AB_WORK/base (default
@@ -58,6 +59,21 @@ wants tests && run_step tests_gpu 300 tests_gpu.log "$PYTHON" -m pytest ${TESTS_
 # shellcheck disable=SC2086
 wants kernels && run_step bench_kernels 150 bench_kernels.log "$PYTHON" benchmarks/bench_kernels.py \
   --output "$OUT_DIR/kernels.json" ${KERNELS_ARGS:-}
+
+# One kernel under Nsight Compute: NCU_PROGRAM (a Python script and its arguments; default the sampler at batch
+# 256, top-p 0.95) runs, and launch NCU_SKIP (default 2) of the kernels matching NCU_KERNEL (a regex) is
+# profiled with the full counter set and the source view; kernel_profile.ncu-rep opens in Nsight Compute,
+# kernel_profile.txt holds its details page.
+NCU_PROGRAM=${NCU_PROGRAM:-benchmarks/profile_sampling.py --batch 256 --temperature 0.8 --top-p 0.95}
+kernel_profile() {
+  # shellcheck disable=SC2086
+  ncu --kernel-name "regex:${NCU_KERNEL:-sample_kernel}" --launch-skip "${NCU_SKIP:-2}" --launch-count 1 \
+    --set full --import-source yes -f -o "$OUT_DIR/kernel_profile" "$PYTHON" $NCU_PROGRAM &&
+    ncu --import "$OUT_DIR/kernel_profile.ncu-rep" --page details >"$OUT_DIR/kernel_profile.txt"
+}
+export -f kernel_profile
+export NCU_PROGRAM NCU_KERNEL NCU_SKIP PYTHON OUT_DIR
+wants kernel_profile && run_step kernel_profile 300 kernel_profile.log bash -c kernel_profile
 
 # Default workloads: 1,000 requests at 128/128, and 200 at 2048/2048 (the KV pool holds ~100 such requests;
 # 1,000 of them take ~500 s on an H100: E2E_ARGS="--workload 2048x2048x1000 ..." runs that alone).

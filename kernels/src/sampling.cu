@@ -436,6 +436,25 @@ __device__ __forceinline__ int32_t find_in_id_order(Shared& sh, const cg::cluste
   return sh.sel_id;
 }
 
+// The cut inside a run of `count` elements of one key (the same adjusted logit, so each weighs
+// weight / count) where `need` more weight reaches the target: it keeps the first m of them in id order.
+// Every thread of the cluster calls it and gets the same cut.
+template <Select kind, typename W>
+__device__ __forceinline__ Selected cut_in_run(Shared& sh, const cg::cluster_group& cluster, const Slice& sl,
+                                               const W& wt, uint32_t key, u64 count, u64 weight, u64 need) {
+  const u64 each = weight / count, m = (need + each - 1) / each;
+  if (m >= count) return Selected{true, Cut{true, key, INT32_MAX}};
+  const int32_t id = find_in_id_order(
+      sh, cluster, sl,
+      [&](int32_t i, float r) -> uint64_t {
+        const float a = wt.value(i, r);
+        const uint32_t k = sm::order_key(a);
+        return k == key && select_weight<kind>(wt, i, a, k) > 0 ? 1 : 0;
+      },
+      [&](uint64_t) { return (uint64_t)m; });
+  return Selected{true, Cut{true, key, id}};
+}
+
 template <Select kind, typename W, typename TargetFn>
 __device__ __forceinline__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const W& wt,
                                  TargetFn target_of) {
@@ -517,20 +536,9 @@ __device__ __forceinline__ Selected radix_select(Shared& sh, const cg::cluster_g
     prefix_mask |= (uint32_t)(num_buckets - 1) << shift;
     before = sh.sel_before;
   }
-  // Elements at key `prefix` all weigh the same (same adjusted logit): the cut keeps the first m.
-  const u64 count = sh.sel_count, each = sh.sel_weight / count;
-  const u64 m = (target - before + each - 1) / each;
+  const u64 count = sh.sel_count, weight = sh.sel_weight;
   __syncthreads();  // sel_* read before find_in_id_order's writes
-  if (m >= count) return Selected{true, Cut{true, prefix, INT32_MAX}};
-  const int32_t id = find_in_id_order(
-      sh, cluster, sl,
-      [&](int32_t i, float r) -> uint64_t {
-        const float a = wt.value(i, r);
-        const uint32_t key = sm::order_key(a);
-        return key == prefix && select_weight<kind>(wt, i, a, key) > 0 ? 1 : 0;
-      },
-      [&](uint64_t) { return (uint64_t)m; });
-  return Selected{true, Cut{true, prefix, id}};
+  return cut_in_run<kind>(sh, cluster, sl, wt, prefix, count, weight, target - before);
 }
 
 // The float whose order key is `key` (+0 for the key of ±0).
@@ -694,21 +702,7 @@ __device__ __forceinline__ bool grid_select(Shared& sh, const cg::cluster_group&
       // The parent bucket is one key: its elements weigh the same, and the cut keeps the first m in
       // id order (as radix_select does for a run of equal keys).
       cluster.sync();  // the others have read this CTA's totals
-      const uint32_t key = all_key_min;
-      const u64 each = parent_weight / parent_count, m = (need + each - 1) / each;
-      if (m >= parent_count) {
-        *out = Selected{true, Cut{true, key, INT32_MAX}};
-        return true;
-      }
-      const int32_t id = find_in_id_order(
-          sh, cluster, sl,
-          [&](int32_t i, float r) -> uint64_t {
-            const float a = wt.value(i, r);
-            const uint32_t k = sm::order_key(a);
-            return k == key && select_weight<kind>(wt, i, a, k) > 0 ? 1 : 0;
-          },
-          [&](uint64_t) { return (uint64_t)m; });
-      *out = Selected{true, Cut{true, key, id}};
+      *out = cut_in_run<kind>(sh, cluster, sl, wt, all_key_min, parent_count, parent_weight, need);
       return true;
     }
     if (own > 0 && excl < need && need <= excl + own) {

@@ -3,8 +3,10 @@ activations are scaled up before round-to-nearest int4 quantization, and the inv
 the op that produces the input, so the float function is unchanged and the salient weights lose less.
 
 Per group of linears reading one tensor X (q/k/v fused, gate/up fused, o_proj, down_proj), with the
-calibration statistics of X (rtllm.quantization.calibration.InputStats): s = mean|x|^α (clamped to 1e-4,
-normalized by sqrt(max s · min s)), α on the grid 0, 1/20, ..., 19/20, chosen to minimize the output error
+calibration statistics of X (rtllm.quantization.calibration.InputStats): s = mean|x|^α, or
+mean|x|^α / w^(1 − α) with w a channel's mean |weight| relative to its group's largest (the form
+AutoAWQ's search uses by default), clamped to 1e-4 and normalized by sqrt(max s · min s), α on the grid 0,
+1/20, ..., 19/20, the candidate chosen to minimize the output error
 ‖X Wᵀ − X Ŵᵀ‖² = Σ (D H) ⊙ D with D = W − Q(W·diag(s))·diag(1/s) and H = XᵀX (the same objective as the
 paper's, on every calibration token instead of a sample of them). α = 0 is plain round to nearest, so the
 chosen scales never do worse than it on the calibration data. Q is rtllm's own W4A16 quantization
@@ -49,20 +51,34 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
     return float(np.sum((d @ h.astype(np.float32)) * d, dtype=np.float64))
 
 
+def weight_means(w: np.ndarray, group_size: int) -> np.ndarray:
+    """Per input channel, the mean over output rows of |w| relative to its group's largest |w| ([K])."""
+    N, K = w.shape
+    g = np.abs(w.astype(np.float64)).reshape(N, K // group_size, group_size)
+    return (g / (g.max(axis=2, keepdims=True) + 1e-6)).reshape(N, K).mean(axis=0)
+
+
 def search_scale(w: np.ndarray, mean_abs: np.ndarray, h: np.ndarray, group_size: int, has_zero_point: bool) -> tuple:
-    """(s [K] float32, α, error at α, error at α = 0) for the weights w [N, K] of a group reading X."""
+    """(s [K] float32, label of the chosen candidate, error, error at α = 0) for the weights w [N, K] of a
+    group reading X. Two families of candidates, α on the grid: s = x^α, and s = x^α / w^(1 − α) with w
+    the channel's weight_means (large activations and small relative weights both ask for a larger s)."""
     x = np.maximum(mean_abs.astype(np.float64), 0.0)
+    wm = weight_means(w, group_size)
     best = None
     base = None
-    for i in range(GRID):
-        alpha = i / GRID
-        s = np.maximum(x ** alpha, 1e-4)
-        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        err = output_error(w, _fake_quant(w * s, group_size, has_zero_point) / s, h)
-        if i == 0:
-            base = err
-        if best is None or err < best[2]:
-            best = (s, alpha, err)
+    for duo in (False, True):
+        for i in range(GRID):
+            alpha = i / GRID
+            s = x ** alpha
+            if duo:
+                s = s / (wm ** (1 - alpha) + 1e-4)
+            s = np.maximum(s, 1e-4)
+            s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+            err = output_error(w, _fake_quant(w * s, group_size, has_zero_point) / s, h)
+            if base is None:
+                base = err
+            if best is None or err < best[2]:
+                best = (s, f"alpha {alpha:.2f}" + (" over weight means" if duo else ""), err)
     return (*best, base)
 
 
@@ -140,8 +156,8 @@ def apply_awq(network, selected: list, quant_config, calibration, report) -> Non
             report.awq[names[0]] = "kept s = 1 (the producer cannot take the scale)"
             continue
         w = np.concatenate([_float32(network.weights[name]) for name in names], axis=0)
-        s, alpha, err, base = search_scale(w, stats[0].mean_abs, stats[0].xtx / max(stats[0].rows, 1), G, zp)
-        report.awq[names[0]] = f"alpha {alpha:.2f}: output error {err:.4g} (round to nearest {base:.4g})"
+        s, label, err, base = search_scale(w, stats[0].mean_abs, stats[0].xtx / max(stats[0].rows, 1), G, zp)
+        report.awq[names[0]] = f"{label}: output error {err:.4g} (round to nearest {base:.4g})"
         for name in names:
             transforms[name].cols = s
         kind, name, rows = target
