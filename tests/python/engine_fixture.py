@@ -378,3 +378,32 @@ def write_one_op_engine(path, llama_dir, x_rows, num_outputs, op, inputs, weight
         {"op": "gather_rows", "inputs": ["t1", "logits_indices"], "outputs": ["logits"], "attrs": {}},
     ]
     Engine(config, weights).save(path)
+
+
+def assert_prefix_reuse_reproduces(engine_dir):
+    """A request run alone and the same request sharing a cached 43-token prefix (5 full blocks of 8
+    shared, 3 tokens of the sixth copied) give the same tokens and the same logprobs: the reused K/V are
+    the bytes the request would have written itself (whatever the pool's element type)."""
+    from hf_reference import random_prompts
+    from rtllm import LLM, KvCacheConfig, SamplingParams
+
+    rng = np.random.default_rng(7)
+    system = random_prompts(rng, [43])[0]
+    first, second = (system + tail for tail in random_prompts(rng, [6, 11]))
+    params = SamplingParams(max_tokens=6, logprobs=1, temperature=0.0, ignore_eos=True)
+    kv = KvCacheConfig(max_tokens=1024, tokens_per_block=8)
+
+    def run(llm, prompt):
+        o = llm.generate(prompt, params, use_tqdm=False).outputs[0]
+        return o.token_ids, [lp[t] for lp, t in zip(o.logprobs, o.token_ids)]
+
+    with LLM(str(engine_dir), kv_cache_config=kv) as llm:
+        alone = run(llm, second)
+    with LLM(str(engine_dir), kv_cache_config=kv) as llm:
+        run(llm, first)
+        before = llm.get_stats()["kv_cache"]
+        shared = run(llm, second)
+        after = llm.get_stats()["kv_cache"]
+    assert after["num_reused_tokens"] - before["num_reused_tokens"] == 43
+    assert after["num_partial_reused_blocks"] - before["num_partial_reused_blocks"] == 1
+    assert shared == alone

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import rtllm
-from engine_fixture import (RunnerSession, TinyModel, build_engine_dirs, random_tokens, reference_logits,
-                            write_engine)
+from engine_fixture import (RunnerSession, TinyModel, assert_prefix_reuse_reproduces, build_engine_dirs,
+                            random_tokens, reference_logits, write_engine)
 from graph_reference import e4m3
 from hf_reference import random_prompts, relative_error
-from rtllm import LLM, BuildConfig, KvCacheConfig, SamplingParams, _core
+from rtllm import LLM, BuildConfig, SamplingParams, _core
 from rtllm.builder import build
 from rtllm.models import AutoModelForCausalLM
 from rtllm.quantization import QuantAlgo, QuantConfig
@@ -176,29 +176,8 @@ def test_llm_generate_and_save_load_round_trip(llama_dir, engines):
 
 
 def test_prefix_reuse_with_an_fp8_pool(engines):
-    """A request run alone and the same request sharing a cached 43-token prefix (5 full blocks of 8
-    shared, 3 tokens of the sixth copied) give the same tokens and the same logprobs: the reused E4M3
-    K/V are the bytes the request would have written itself."""
-    rng = np.random.default_rng(7)
-    system = random_prompts(rng, [43])[0]
-    first, second = (system + tail for tail in random_prompts(rng, [6, 11]))
-    params = SamplingParams(max_tokens=6, logprobs=1, **GREEDY)
-    kv = KvCacheConfig(max_tokens=1024, tokens_per_block=8)
-
-    def run(llm, prompt):
-        o = llm.generate(prompt, params, use_tqdm=False).outputs[0]
-        return o.token_ids, [lp[t] for lp, t in zip(o.logprobs, o.token_ids)]
-
-    with LLM(str(engines[1]), kv_cache_config=kv) as llm:
-        alone = run(llm, second)
-    with LLM(str(engines[1]), kv_cache_config=kv) as llm:
-        run(llm, first)
-        before = llm.get_stats()["kv_cache"]
-        shared = run(llm, second)
-        after = llm.get_stats()["kv_cache"]
-    assert after["num_reused_tokens"] - before["num_reused_tokens"] == 43
-    assert after["num_partial_reused_blocks"] - before["num_partial_reused_blocks"] == 1
-    assert shared == alone
+    """Prefix reuse on an FP8 (E4M3) pool reproduces the request run alone (engine_fixture)."""
+    assert_prefix_reuse_reproduces(engines[1])
 
 
 @pytest.mark.parametrize("config, message", [
