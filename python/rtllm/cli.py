@@ -27,6 +27,9 @@ def _add_build_parser(subparsers) -> None:
                    help="longest prompt + output (default: the model's max_position_embeddings)")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="most tokens per step (default 8192)")
     p.add_argument("--no-fuse", action="store_true", help="skip the fusion passes")
+    p.add_argument("--tp-size", type=int, default=1,
+                   help="tensor-parallel ranks: writes rank0.engine ... rank{N-1}.engine, each with its shard of "
+                        "the weights (default 1)")
     add_quant_args(p)
     p.set_defaults(func=_run_build)
 
@@ -97,7 +100,8 @@ def _check_build_dirs(hf_dir: str, output: str, force: bool) -> None:
 
 
 def _run_build(args) -> None:
-    from rtllm.builder import BuildConfig, build
+    from rtllm.builder import BuildConfig, build_and_save
+    from rtllm.mapping import Mapping
     from rtllm.models import AutoModelForCausalLM
     from rtllm.models.gguf import resolve_gguf
 
@@ -106,9 +110,10 @@ def _run_build(args) -> None:
     config = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                          max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
                          fuse=not args.no_fuse)
-    model = AutoModelForCausalLM.from_hugging_face(args.hf_dir, dtype=args.dtype)
-    engine = build(model, config, quant_config_of(args))
-    engine.save(args.output)
+    Mapping(args.tp_size, args.tp_size)  # a bad --tp-size is refused before any work
+    engine = build_and_save(lambda mapping: AutoModelForCausalLM.from_hugging_face(args.hf_dir, dtype=args.dtype,
+                                                                                  mapping=mapping),
+                            args.output, config, quant_config_of(args), tp_size=args.tp_size)
     if gguf_path is not None:  # the tokenizer a GGUF file describes, as a checkpoint's files
         from rtllm.models.gguf_tokenizer import save_gguf_tokenizer
         try:

@@ -8,7 +8,7 @@ import rtllm
 from rtllm.builder.tensor import Parameter
 from rtllm.mapping import Mapping
 from rtllm.models import LlamaForCausalLM, ModelConfig
-from rtllm.nn import ColumnLinear, MergedColumnLinear, QKVColumnLinear, RowLinear, tp_shard
+from rtllm.nn import ColumnLinear, Embedding, MergedColumnLinear, QKVColumnLinear, RowLinear, tp_shard
 
 TP = 3
 
@@ -55,16 +55,17 @@ def test_column_linear_shards_outputs(rng):
     np.testing.assert_allclose(np.concatenate(outputs, axis=1), x @ w.T + b, rtol=1e-12)
 
 
-def test_row_linear_shards_inputs_and_keeps_bias_whole(rng):
+def test_row_linear_shards_inputs_and_adds_bias_once(rng):
     w, b, x = rng.standard_normal((5, 12)), rng.standard_normal(5), rng.standard_normal((4, 12))
     partial = []
     for mapping, x_part in zip(ranks(), np.split(x, TP, axis=1)):  # each rank sees its slice of the input
         layer = RowLinear(12, 5, bias=True, mapping=mapping)
         assert layer.weight.shape == (5, 4) and layer.bias.shape == (5,)
         loaded(layer, w, b)
-        np.testing.assert_array_equal(layer.bias.load(), b)
-        partial.append(x_part @ layer.weight.load().T)
-    np.testing.assert_allclose(sum(partial) + b, x @ w.T + b, rtol=1e-12)  # all-reduce, then the bias once
+        # every rank runs the same graph: rank 0 adds the bias, the others zeros
+        np.testing.assert_array_equal(layer.bias.load(), b if mapping.tp_rank == 0 else np.zeros(5))
+        partial.append(x_part @ layer.weight.load().T + layer.bias.load())
+    np.testing.assert_allclose(sum(partial), x @ w.T + b, rtol=1e-12)  # the all-reduce's sum
 
 
 def test_qkv_linear_gives_each_rank_its_heads(rng):
@@ -82,6 +83,43 @@ def test_qkv_linear_gives_each_rank_its_heads(rng):
         np.testing.assert_allclose(q, whole["q"][:, r * 4:(r + 1) * 4], rtol=1e-12)  # heads 2r, 2r + 1
         np.testing.assert_allclose(k, whole["k"][:, r * 2:(r + 1) * 2], rtol=1e-12)  # kv head r
         np.testing.assert_allclose(v, whole["v"][:, r * 2:(r + 1) * 2], rtol=1e-12)
+
+
+@pytest.mark.parametrize("tp_size, nkv", [(2, 1), (4, 2), (4, 1)])
+def test_qkv_linear_replicates_kv_heads_fewer_than_ranks(rng, tp_size, nkv):
+    hidden, nh, hd = 8, 4, 2
+    parts = {"q": rng.standard_normal((nh * hd, hidden)), "k": rng.standard_normal((nkv * hd, hidden)),
+             "v": rng.standard_normal((nkv * hd, hidden))}
+    x = rng.standard_normal((2, hidden))
+    whole = {s: x @ w.T for s, w in parts.items()}
+    q_heads = nh // tp_size
+    for mapping in ranks(tp_size):
+        layer = QKVColumnLinear(hidden, nh, nkv, hd, mapping=mapping)
+        for shard_id, w in parts.items():
+            loaded(layer, w, shard_id=shard_id)
+        assert layer.weight.shape == ((q_heads + 2) * hd, hidden)  # one KV head per rank
+        q, k, v = np.split(x @ layer.weight.load().T, [q_heads * hd, (q_heads + 1) * hd], axis=1)
+        r = mapping.tp_rank
+        kv_head = r * q_heads * nkv // nh  # the KV head this rank's query heads read (GQA groups)
+        np.testing.assert_allclose(q, whole["q"][:, r * q_heads * hd:(r + 1) * q_heads * hd], rtol=1e-12)
+        np.testing.assert_allclose(k, whole["k"][:, kv_head * hd:(kv_head + 1) * hd], rtol=1e-12)
+        np.testing.assert_allclose(v, whole["v"][:, kv_head * hd:(kv_head + 1) * hd], rtol=1e-12)
+
+
+def test_vocab_parallel_embedding_rows_sum_to_the_lookup(rng):
+    """Each rank holds a slice of the vocabulary and gives zero rows outside it: the all-reduce's sum of the
+    ranks' lookups is the whole table's."""
+    table, ids = rng.standard_normal((12, 3)), np.array([0, 5, 11, 4, 8])
+    total = np.zeros((len(ids), 3))
+    for mapping in ranks():
+        layer = Embedding(12, 3, mapping=mapping)
+        assert layer.weight.shape == (4, 3)
+        layer.weight.weight_loader(layer.weight, checkpoint_tensor("e", table))
+        shard, start = layer.weight.load(), 4 * mapping.tp_rank
+        local = ids - start
+        inside = (local >= 0) & (local < 4)
+        total += np.where(inside[:, None], shard[np.clip(local, 0, 3)], 0.0)
+    np.testing.assert_array_equal(total, table[ids])
 
 
 def test_merged_linear_stacks_parts_in_order(rng):
@@ -102,10 +140,14 @@ def test_loader_refusals(rng):
     with pytest.raises(ValueError, match="tensor 'w' from the checkpoint has shape \\[5, 3\\], but config.json "
                                          "implies \\[4, 3\\]"):
         loaded(layer, rng.standard_normal((5, 3)), shard_id=0)
-    with pytest.raises(ValueError, match="out_features=10 is not divisible by tp_size=3"):
+    with pytest.raises(ValueError, match="out_features=10 does not split into 3 equal pieces"):
         ColumnLinear(4, 10, mapping=ranks()[0])
-    with pytest.raises(ValueError, match="cannot split 10 features \\(dim 1\\) over tp_size=3"):
+    with pytest.raises(ValueError, match="cannot split 10 features \\(dim 1\\) into 3 pieces \\(tp_size=3\\)"):
         tp_shard(np.zeros((2, 10)), 1, ranks()[0])
+    with pytest.raises(ValueError, match="num_kv_heads=3 must divide tp_size=4 when it is smaller"):
+        QKVColumnLinear(8, 4, 3, 2, mapping=ranks(4)[0])
+    with pytest.raises(ValueError, match="vocab_size=10 does not split into 3 equal pieces"):
+        Embedding(10, 4, mapping=ranks()[0])
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -120,12 +162,14 @@ def test_bad_mapping(kwargs, message):
         Mapping(**kwargs)
 
 
-def test_models_refuse_tensor_parallelism():
+def test_model_shards_heads_and_vocabulary():
     config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=4, num_layers=1, num_heads=2,
-                         num_kv_heads=2, head_dim=2, intermediate_size=4, max_position_embeddings=16,
-                         rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None, tie_word_embeddings=False,
+                         num_kv_heads=1, head_dim=2, intermediate_size=4, max_position_embeddings=16,
+                         rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None, tie_word_embeddings=True,
                          attention_bias=False, o_bias=False, qk_norm=False, dtype="float32", bos_token_id=-1,
                          eos_token_id=[])
-    with pytest.raises(ValueError, match="tensor parallelism is not implemented yet: Mapping.tp_size=2"):
-        LlamaForCausalLM(config, rtllm.Mapping(world_size=2, tp_size=2))
-    assert LlamaForCausalLM(config, rtllm.Mapping()).mapping.tp_size == 1
+    model = LlamaForCausalLM(config, rtllm.Mapping(world_size=2, tp_size=2, rank=1))
+    attn = model.model.layers[0].self_attn
+    assert (attn.num_heads, attn.num_kv_heads) == (1, 1)  # the single KV head replicated on both ranks
+    assert model.model.embed_tokens.weight.shape == (4, 4) and model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.layers[0].mlp.down_proj.weight.shape == (4, 2)

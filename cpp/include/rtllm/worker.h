@@ -99,4 +99,30 @@ class RTLLM_API LocalWorker final : public Worker {
   std::unique_ptr<Impl> impl_;
 };
 
+// Rank 0 of a tensor-parallel group (config.communicator, of the engine's tp_size ranks; the engine is
+// rank 0's shard): each step it broadcasts the block copies and StepInputs to the followers, then runs
+// its own shard and draws (only rank 0 samples). A collective that fails or times out loses the group:
+// that step and every later one throw, naming the first error. shutdown() stops the followers.
+class RTLLM_API TensorParallelWorker final : public Worker {
+ public:
+  TensorParallelWorker(std::shared_ptr<const Engine> engine, const RuntimeConfig& config);
+  ~TensorParallelWorker() override;
+
+  void execute_step(const WorkerStep& step, std::vector<SampledToken>* out) override;
+  void shutdown() noexcept override;
+  std::shared_ptr<const Engine> engine() const override;
+  const RuntimeConfig& config() const override;
+  int32_t vocab_size() const override;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// A follower rank (config.communicator's rank > 0; engine: that rank's shard, config: the same limits and
+// KV pool as rank 0's): loads the runner, then runs each step rank 0 broadcasts until rank 0 stops the
+// group. Waits for the next step as long as rank 0's process lives; throws when rank 0 is gone or a
+// collective fails.
+RTLLM_API void run_tensor_parallel_follower(std::shared_ptr<const Engine> engine, const RuntimeConfig& config);
+
 }  // namespace rtllm

@@ -98,6 +98,8 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
         quant_config = quant_config or QuantConfig()
         check_supported(quant_config)  # before any work
     mapping = getattr(model, "mapping", None) or Mapping()
+    if mapping.tp_size > 1:
+        check_tensor_parallel_build(quant_config, prequantized is not None, mapping)
     model_config = dataclasses.replace(model.config)
     if build_config.dtype != "auto":
         model_config.dtype = build_config.dtype
@@ -140,9 +142,38 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
         "model_config": model_config.to_json(),
         "build_config": build_config.to_json(),
         "quantization": quant_config.to_dict(),
-        "mapping": {"tp_size": mapping.tp_size, "tp_rank": mapping.tp_rank},
+        # every rank's graph is the same (rank-dependent data lives in its weights), so one config.json
+        # serves all the rank{N}.engine files
+        "mapping": {"world_size": mapping.world_size, "tp_size": mapping.tp_size},
         "graph": network.to_json(),
     }
-    engine = Engine(config, weights, source_dir=getattr(model, "source_dir", None))
+    engine = Engine(config, weights, source_dir=getattr(model, "source_dir", None), rank=mapping.rank)
     engine.quantization_report = quantization_report
     return engine
+
+
+def check_tensor_parallel_build(quant_config: QuantConfig, prequantized: bool, mapping: Mapping) -> None:
+    """What a sharded build cannot do yet, refused before any work."""
+    if prequantized:
+        raise ValueError(f"pre-quantized checkpoints do not build with tensor parallelism yet "
+                         f"(tp_size={mapping.tp_size}); build with tp_size=1")
+    if needs_calibration(quant_config):
+        raise ValueError(f"quant_algo={quant_config.quant_algo} calibrates on the whole model, which a sharded build "
+                         f"(tp_size={mapping.tp_size}) does not hold yet; build with tp_size=1 or an algorithm "
+                         f"without calibration")
+
+
+def build_and_save(load_model, output: str, build_config: BuildConfig | None = None,
+                   quant_config: QuantConfig | None = None, tp_size: int = 1, calib_data=None) -> Engine:
+    """Builds and saves the engine of every tensor-parallel rank into `output`: load_model(mapping) returns the
+    model holding that rank's shards (e.g. AutoModelForCausalLM.from_hugging_face(dir, mapping=mapping)).
+    Ranks are built one after the other, so the host holds one rank's weights at a time. Returns rank 0's
+    engine (its config and quantization report)."""
+    first = None
+    for rank in range(tp_size):
+        engine = build(load_model(Mapping(tp_size, tp_size, rank)), build_config, quant_config, calib_data)
+        if first is not None and engine.config != first.config:  # one config.json serves every rank
+            raise RuntimeError(f"rank {rank} built a different graph from rank 0's")
+        engine.save(output)
+        first = first or engine
+    return first

@@ -32,6 +32,19 @@ def engine_file_name(rank: int) -> str:
     return f"rank{rank}.engine"
 
 
+def tp_size_of(config: dict) -> int:
+    """The number of tensor-parallel ranks (rank{N}.engine files) of an engine config."""
+    return int((config.get("mapping") or {}).get("tp_size", 1))
+
+
+def remove_stale_rank_files(engine_dir: str, tp_size: int) -> None:
+    """Drops rank files beyond tp_size, left by an engine of more ranks saved there before."""
+    rank = tp_size
+    while os.path.isfile(os.path.join(engine_dir, engine_file_name(rank))):
+        os.remove(os.path.join(engine_dir, engine_file_name(rank)))
+        rank += 1
+
+
 def format_config(config: dict) -> str:
     """Pretty JSON, except that each graph entry (tensor spec or node) stays on one line."""
     def dump(key, value):
@@ -47,8 +60,9 @@ class Engine:
     """An engine in memory. `weights` maps each weight the graph names to a lazy Parameter, so saving
     streams one tensor at a time; `source_dir` is where tokenizer files come from (checkpoint or engine)."""
 
-    def __init__(self, config: dict, weights: dict, source_dir: str | None = None):
+    def __init__(self, config: dict, weights: dict, source_dir: str | None = None, rank: int = 0):
         self.config = config
+        self.rank = rank  # the tensor-parallel rank whose weights these are (rank{rank}.engine)
         self.weights = weights
         self.source_dir = source_dir
         self.quantization_report = None  # what build()'s quantize pass did (None for a loaded engine)
@@ -75,9 +89,11 @@ class Engine:
             f.write(format_config(self.config))
         # Wider dtypes first: every tensor then starts at a multiple of its element size.
         order = sorted(self.weights.values(), key=lambda w: -np.dtype(storage_type(w.dtype)).itemsize)
-        write_safetensors(os.path.join(engine_dir, engine_file_name(self.config["mapping"]["tp_rank"])),
+        write_safetensors(os.path.join(engine_dir, engine_file_name(self.rank)),
                           [(w.name, w.dtype, w.shape, w.load) for w in order],
                           metadata={"format": "rtllm", "format_version": FORMAT_VERSION})
+        if self.rank == tp_size_of(self.config) - 1:  # the last rank: drop those of an earlier, larger engine
+            remove_stale_rank_files(engine_dir, tp_size_of(self.config))
         for name in TOKENIZER_FILES:
             path, target = os.path.join(self.source_dir or "", name), os.path.join(engine_dir, name)
             if self.source_dir and os.path.isfile(path):
@@ -126,6 +142,8 @@ class Engine:
             check_supported(QuantConfig.from_dict(config.get("quantization") or {}))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
+        if not 0 <= rank < tp_size_of(config):
+            raise ValueError(f"{path}: rank {rank} is outside the engine's tp_size={tp_size_of(config)} ranks")
         st = SafetensorsFile(os.path.join(engine_dir, engine_file_name(rank)))
         weights = {name: Parameter(st.shape(name), st.dtype(name), lambda name=name: st.get(name), name)
                    for name in st.keys()}
@@ -134,4 +152,4 @@ class Engine:
         missing = sorted({i for n in graph["nodes"] for i in n["inputs"]} - activations - weights.keys())
         if missing:
             raise ValueError(f"{st.path} lacks weights the graph reads: {', '.join(missing[:5])}")
-        return cls(config, weights, source_dir=engine_dir)
+        return cls(config, weights, source_dir=engine_dir, rank=rank)

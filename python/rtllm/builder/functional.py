@@ -22,10 +22,13 @@ def _node(op, inputs, out_specs, attrs=None):
     return network.add_node(op, inputs, out_specs, attrs)
 
 
-def embedding(ids: Tensor, table: Parameter) -> Tensor:
-    """[T] int32, [V, H] -> [T, H]"""
+def embedding(ids: Tensor, table: Parameter, vocab_parallel: bool = False) -> Tensor:
+    """[T] int32, [V, H] -> [T, H]. vocab_parallel: the table is this tensor-parallel rank's slice of the
+    vocabulary (rows [rank V, (rank + 1) V) of the whole), and ids outside it give zero rows, so that an
+    all_reduce over the ranks completes the lookup."""
     _check(len(table.shape) == 2, f"embedding table {table.name} must be 2-D, got {list(table.shape)}")
-    return _node("embedding", [ids, table], [(ACT, (*ids.shape, table.shape[1]))])[0]
+    attrs = {"vocab_parallel": True} if vocab_parallel else None
+    return _node("embedding", [ids, table], [(ACT, (*ids.shape, table.shape[1]))], attrs)[0]
 
 
 def linear(x: Tensor, weight: Parameter, bias: Parameter | None = None) -> Tensor:
@@ -86,6 +89,19 @@ def attention(qkv: Tensor, positions: Tensor, inv_freq: Parameter, qk_norm: tupl
         inputs += [q_norm, k_norm]
         attrs["qk_norm_eps"] = float(eps)
     return _node("attention", inputs, [(ACT, (*qkv.shape[:-1], num_heads * head_dim))], attrs)[0]
+
+
+def all_reduce(x: Tensor) -> Tensor:
+    """The sum of x over the tensor-parallel ranks (each holds a partial result of the same shape)."""
+    return _node("all_reduce", [x], [(ACT, x.shape)])[0]
+
+
+def gather(x: Tensor, tp_size: int, root: int = 0) -> Tensor:
+    """[R, C] on each of tp_size ranks -> [R, tp_size C] on the root, rank r's columns at [r C, (r + 1) C)
+    (the vocabulary-parallel LM head's logits; the other ranks' result is not written: only the root
+    samples)."""
+    _check(len(x.shape) == 2, f"gather: input must be 2-D, got {list(x.shape)}")
+    return _node("gather", [x], [(ACT, (x.shape[0], x.shape[1] * tp_size))], {"root": int(root)})[0]
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import numbers
 import os
+import shutil
+import sys
 import weakref
 from typing import Optional, Sequence, Union
 
@@ -104,9 +106,11 @@ def render_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _cleanup(executor: Optional[GenerationExecutor]) -> None:
+def _cleanup(executor: Optional[GenerationExecutor], temporary_dir: Optional[str] = None) -> None:
     if executor is not None:
-        executor.shutdown()
+        executor.shutdown()  # a tensor-parallel group's followers stop here
+    if temporary_dir is not None:
+        shutil.rmtree(temporary_dir, ignore_errors=True)
 
 
 def _kv_stats_dict(kv) -> dict:
@@ -145,7 +149,7 @@ class LLM:
                  gpu_memory_utilization: Optional[float] = None,
                  enable_prefix_caching: Optional[bool] = None,
                  enable_chunked_prefill: Optional[bool] = None, trust_remote_code: bool = False,
-                 revision: Optional[str] = None):
+                 revision: Optional[str] = None, tensor_parallel_size: int = 1):
         from rtllm import _core
 
         aliased = resolve_vllm_aliases(
@@ -160,6 +164,9 @@ class LLM:
 
         self._executor = None
         self._finalizer = weakref.finalize(self, _cleanup, None)
+        if not _is_int(tensor_parallel_size) or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size!r} must be an int >= 1")
+        self.tensor_parallel_size = tensor_parallel_size
         model = os.fspath(model)
         from rtllm.models.gguf import resolve_gguf
         model = resolve_gguf(model) or model  # a .gguf file, or a directory holding only one
@@ -175,6 +182,12 @@ class LLM:
             for name, value in (("build_config", build_config), ("quant_config", quant_config)):
                 if value is not None:  # an engine is quantized (or not) when it is built
                     raise ValueError(f"{name} is given but model={model!r} is a built engine")
+        group, temporary_dir = None, None
+        if tensor_parallel_size > 1:
+            group, temporary_dir = self._start_tensor_parallel(model, dtype, build_config, limits, quant_config)
+            self.engine_dir = None if temporary_dir else model
+            self._engine = _core.Engine.load(temporary_dir or model, 0)
+        elif not self._built_here:
             self.engine_dir = model
             self._engine = _core.Engine.load(model)
         else:
@@ -185,16 +198,21 @@ class LLM:
         self._tokenizer = None if skip_tokenizer_init else self._load_tokenizer(tokenizer, model)
         self._end_ids = self._resolve_end_ids()
 
+        if group is not None and num_threads == 0 and device == "cpu":  # the ranks share the host's cores
+            num_threads = max(1, (os.cpu_count() or 1) // tensor_parallel_size)
         runtime = _core.RuntimeConfig(device=device_kind, max_num_tokens=max_num_tokens or 0,
                                       max_batch_size=max_batch_size or 0,
                                       tokens_per_block=kv_cache_config.tokens_per_block,
                                       num_threads=num_threads)
         runtime.max_num_logits = self._max_num_logits(max_num_logits, max_batch_size, device)
+        runtime.communicator = group
         config = _core.ExecutorConfig(runtime=runtime, kv_cache=kv_cache_config.to_core(),
                                       scheduler=self._scheduler_config.to_core(), seed=seed)
-        self._executor = GenerationExecutor(_core.Executor(self._engine, config))
-        self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _cleanup, self._executor)
+        try:
+            self._executor = GenerationExecutor(_core.Executor(self._engine, config))
+        finally:
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _cleanup, self._executor, temporary_dir)
 
     # Rows of logits a CPU step computes beyond one per sequence, so prompt_logprobs works there by
     # default; on CUDA they cost device memory (rows x vocab floats, several times) and are opt-in.
@@ -248,22 +266,57 @@ class LLM:
             return f"raise it with {self._argument(name)}, up to the engine's {engine_limit}"
         return f"the engine was built with {name}={engine_limit}: {self._rebuild_hint(name)}"
 
-    def _build(self, hf_dir: str, dtype: str, build_config, limits: dict, quant_config):
-        """The C++ engine built from the checkpoint in memory: each weight is read once into a numpy
-        array in its engine dtype, which the engine (and the runner, which on the CPU may point into
-        it) keeps alive; no engine file is written. The tokenizer is read from the checkpoint."""
-        from rtllm.builder import BuildConfig, build
-        from rtllm.models import AutoModelForCausalLM
+    @staticmethod
+    def _build_config_with(build_config, limits: dict):
+        """build_config (default BuildConfig()) with the limits given to LLM."""
+        from rtllm.builder import BuildConfig
 
         build_config = build_config or BuildConfig()
         overrides = {k: v for k, v in limits.items() if v is not None}
         if dataclasses.is_dataclass(build_config):
-            build_config = dataclasses.replace(build_config, **overrides)
-        else:
-            for key, value in overrides.items():
-                setattr(build_config, key, value)
+            return dataclasses.replace(build_config, **overrides)
+        for key, value in overrides.items():
+            setattr(build_config, key, value)
+        return build_config
+
+    def _build(self, hf_dir: str, dtype: str, build_config, limits: dict, quant_config):
+        """The C++ engine built from the checkpoint in memory: each weight is read once into a numpy
+        array in its engine dtype, which the engine (and the runner, which on the CPU may point into
+        it) keeps alive; no engine file is written. The tokenizer is read from the checkpoint."""
+        from rtllm.builder import build
+        from rtllm.models import AutoModelForCausalLM
+
         model = AutoModelForCausalLM.from_hugging_face(hf_dir, dtype=dtype)
-        return build(model, build_config, quant_config).to_core()
+        return build(model, self._build_config_with(build_config, limits), quant_config).to_core()
+
+    def _start_tensor_parallel(self, model: str, dtype: str, build_config, limits: dict, quant_config):
+        """Starts the group of tensor_parallel_size ranks (rtllm.executor.tensor_parallel) and gives the
+        followers the engine: model itself when it is an engine built for that many ranks, else a
+        temporary engine directory built here one rank at a time. Returns (rank 0's communicator, the
+        temporary directory or None)."""
+        from rtllm.builder import build_and_save
+        from rtllm.executor import tensor_parallel
+        from rtllm.models import AutoModelForCausalLM
+
+        tp_size = self.tensor_parallel_size
+        world = tensor_parallel.world_or_none()
+        if world is not None and world.rank != 0:  # a follower of an mpirun launch: serve, then end
+            tensor_parallel.follow(world)
+            sys.exit(0)
+
+        def build_ranks(output: str) -> None:
+            build_and_save(lambda mapping: AutoModelForCausalLM.from_hugging_face(model, dtype=dtype,
+                                                                                   mapping=mapping),
+                           output, self._build_config_with(build_config, limits), quant_config, tp_size)
+
+        group = tensor_parallel.start_group(tp_size)
+        try:
+            engine_dir, temporary = tensor_parallel.prepare_engine_dir(model, tp_size, build_ranks)
+        except BaseException as e:
+            tensor_parallel.send_abort(group, str(e))
+            raise
+        tensor_parallel.send_setup(group, engine_dir)
+        return group, engine_dir if temporary else None
 
     @staticmethod
     def _load_tokenizer(tokenizer, model_dir: str) -> Optional[TokenizerWrapper]:

@@ -14,7 +14,7 @@ from .registry import register_model
 
 class LlamaModel(Module):
     def __init__(self, config: ModelConfig, mapping: Mapping, attention_scale: float | None):
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, config.dtype)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, config.dtype, mapping)
         self.layers = ModuleList(DecoderLayer(config, i, mapping, attention_scale) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
 
@@ -45,9 +45,6 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, config: ModelConfig, mapping: Mapping | None = None, attention_scale: float | None = None):
         mapping = mapping or Mapping()
-        if mapping.tp_size > 1:  # the layers load their shards, but no all-reduce op exists yet
-            raise ValueError(f"tensor parallelism is not implemented yet: Mapping.tp_size={mapping.tp_size}; "
-                             f"only tp_size=1 builds")
         self.config = config
         self.mapping = mapping
         self.source_dir = None
@@ -63,4 +60,6 @@ class LlamaForCausalLM(CausalLM):
         for layer in m.layers:
             h = layer(h, positions, self.rope.inv_freq)
         h = F.gather_rows(m.norm(h), logits_indices)  # [R, H]: the rows whose logits are wanted
-        return self.lm_head(h)  # [R, V]
+        logits = self.lm_head(h)  # [R, V] (under tensor parallelism [R, V / tp_size]: this rank's vocabulary)
+        tp_size = self.mapping.tp_size
+        return F.gather(logits, tp_size) if tp_size > 1 else logits

@@ -4,7 +4,7 @@ applied inside the op) -> output projection."""
 from ..builder import functional as F
 from ..builder.tensor import Parameter, Tensor
 from ..mapping import Mapping
-from .linear import QKVColumnLinear, RowLinear
+from .linear import QKVColumnLinear, RowLinear, tp_divide, kv_head_replicas
 from .module import Module
 from .normalization import RMSNorm
 
@@ -16,7 +16,11 @@ class Attention(Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int, *,
                  qkv_bias: bool = False, o_bias: bool = False, qk_norm_eps: float | None = None,
                  scale: float | None = None, dtype: str = "float32", mapping: Mapping | None = None):
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        mapping = mapping or Mapping()
+        # this rank's heads: its share of the query heads, and the KV heads they read
+        self.num_heads = tp_divide(num_heads, mapping.tp_size, "num_heads")
+        self.num_kv_heads = num_kv_heads * kv_head_replicas(num_kv_heads, mapping) // mapping.tp_size
+        self.head_dim = head_dim
         self.layer_idx = layer_idx
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.qk_norm_eps = qk_norm_eps

@@ -1,0 +1,119 @@
+"""Tensor-parallel process groups for LLM(tensor_parallel_size=N): one process per rank, MPI between them.
+
+Two ways to start one:
+- from a single process: rank 0 (the caller) spawns N - 1 follower processes running this module
+  (`MPI_Comm_spawn`, through rtllm._core);
+- inside `mpirun -n N python app.py`: every process runs the application; rank 0's LLM serves it, and the
+  other ranks' LLM(...) calls become followers and end their process when rank 0 shuts down.
+
+Rank 0 then broadcasts where the engine is (an HF checkpoint is first built into a temporary engine
+directory, one rank at a time), every rank loads its own rank{N}.engine, and the followers run each step
+rank 0's executor broadcasts (rtllm._core.run_tensor_parallel_follower) until it stops the group.
+"""
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+FOLLOWER_COMMAND = [sys.executable, "-m", "rtllm.executor.tensor_parallel"]
+
+
+def world_or_none():
+    """The communicator of an `mpirun` launch of more than one process, else None (without initialising MPI
+    when no launcher started this process)."""
+    from rtllm import _core
+
+    if not _core.mpi_available() or not launched_by_mpirun():
+        return None
+    world = _core.mpi_world_communicator()
+    return world if world.size > 1 else None
+
+
+def launched_by_mpirun() -> bool:
+    return any(name in os.environ for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+
+
+def start_group(tp_size: int):
+    """Rank 0's communicator of a group of tp_size ranks: the mpirun launch's when it has tp_size processes,
+    else N - 1 spawned followers. ValueError when this build has no MPI or the launch has another size."""
+    from rtllm import _core
+
+    if not _core.mpi_available():
+        raise ValueError(f"tensor_parallel_size={tp_size} needs MPI, and this rtllm was built without it "
+                         "(install OpenMPI's development files, e.g. libopenmpi-dev, and reinstall rtllm)")
+    world = world_or_none()
+    if world is not None:
+        if world.size != tp_size:
+            raise ValueError(f"tensor_parallel_size={tp_size}, but mpirun started {world.size} processes")
+        return world
+    return _core.mpi_spawn_followers(tp_size - 1, FOLLOWER_COMMAND)
+
+
+def prepare_engine_dir(model: str, tp_size: int, build) -> tuple:
+    """(engine_dir, temporary): an engine directory of tp_size ranks for `model`. An engine must have been
+    built for tp_size ranks; anything else is built by build(output_dir) into a temporary directory, which
+    the caller removes at shutdown."""
+    from rtllm.builder.engine import CONFIG_FILE, tp_size_of
+    from rtllm.llmapi.llm import is_engine_dir
+
+    if is_engine_dir(model):
+        with open(os.path.join(model, CONFIG_FILE)) as f:
+            built_for = tp_size_of(json.load(f))
+        if built_for != tp_size:
+            raise ValueError(f"the engine {model} was built for tp_size={built_for}, not "
+                             f"tensor_parallel_size={tp_size}: rebuild it with rtllm build --tp-size {tp_size}")
+        return model, False
+    engine_dir = tempfile.mkdtemp(prefix="rtllm-tp-engine-")
+    try:
+        build(engine_dir)
+    except BaseException:
+        shutil.rmtree(engine_dir, ignore_errors=True)
+        raise
+    return engine_dir, True
+
+
+def send_setup(group, engine_dir: str) -> None:
+    """Rank 0: tells the followers which engine to load."""
+    group.broadcast(json.dumps({"engine_dir": os.path.abspath(engine_dir)}).encode(), 0)
+
+
+def send_abort(group, reason: str) -> None:
+    """Rank 0, when it cannot start: the followers end instead of waiting for an engine."""
+    try:
+        group.broadcast(json.dumps({"abort": reason}).encode(), 0)
+    except Exception:  # a follower that is gone has nothing to end
+        pass
+
+
+def follow(group) -> None:
+    """A follower rank: waits for rank 0's setup (as long as rank 0 lives), loads its shard and runs the steps
+    until rank 0 stops the group."""
+    from rtllm import _core
+
+    setup = json.loads(group.broadcast_wait(b"", 0).decode())
+    if "abort" in setup:
+        return
+    engine = _core.Engine.load(setup["engine_dir"], group.rank)
+    runtime = _core.RuntimeConfig()  # the limits and KV pool come from rank 0 with the first message
+    runtime.communicator = group
+    _core.run_tensor_parallel_follower(engine, runtime)
+
+
+def main() -> None:
+    """The process rank 0 spawns."""
+    from rtllm import _core
+
+    group = _core.mpi_parent_communicator()
+    if group is None:
+        sys.exit("rtllm.executor.tensor_parallel runs as a follower that LLM(tensor_parallel_size=N) spawns")
+    try:
+        follow(group)
+    except Exception as e:  # rank 0 reports the lost group on its side; say why here too
+        print(f"rtllm tensor-parallel rank {group.rank}: {e}", file=sys.stderr)
+        os._exit(1)
+    os._exit(0)  # MPI_Finalize would wait for the other ranks of a group that may be gone
+
+
+if __name__ == "__main__":
+    main()
