@@ -5,6 +5,7 @@
 
 namespace rtllm::bindings {
 void bind_errors(pybind11::module_& m);
+void bind_communicator(pybind11::module_& m);  // Communicator, mpi_world_communicator
 void bind_engine(pybind11::module_& m);    // Engine, RuntimeConfig, ModelRunner
 void bind_executor(pybind11::module_& m);  // configs, Request, Response, Executor
 #ifdef RTLLM_WITH_CUDA

@@ -40,7 +40,7 @@ std::shared_ptr<const void> hold_buffers(std::unique_ptr<BufferRefs> refs) {
 
 // weights: [(name, dtype name, shape, buffer)]; each buffer C-contiguous with exactly the bytes of its
 // shape in that dtype (int4: packed, two values per byte). No byte is copied.
-std::shared_ptr<Engine> engine_from_memory(const std::string& config_json, const py::list& weights) {
+std::shared_ptr<Engine> engine_from_memory(const std::string& config_json, const py::list& weights, int32_t rank) {
   auto refs = std::make_unique<BufferRefs>();
   std::vector<Weight> ws;
   for (const py::handle& item : weights) {
@@ -70,7 +70,7 @@ std::shared_ptr<Engine> engine_from_memory(const std::string& config_json, const
   }
   std::shared_ptr<const void> storage = hold_buffers(std::move(refs));
   py::gil_scoped_release release;  // parsing and checks touch no Python object
-  return std::const_pointer_cast<Engine>(Engine::from_memory(config_json, std::move(ws), std::move(storage)));
+  return std::const_pointer_cast<Engine>(Engine::from_memory(config_json, std::move(ws), std::move(storage), rank));
 }
 
 py::array_t<float> forward(ModelRunner& runner, const Int32Array& input_ids, std::vector<int32_t> num_new_tokens,
@@ -122,7 +122,7 @@ void bind_engine(py::module_& m) {
       .def_static("load", &load_engine, py::arg("dir"), py::arg("rank") = 0, py::call_guard<py::gil_scoped_release>())
       // config_json: the config.json text; weights: [(name, dtype, shape, buffer)], kept alive (not
       // copied) as long as the Engine and the runners built on it.
-      .def_static("from_memory", &engine_from_memory, py::arg("config_json"), py::arg("weights"))
+      .def_static("from_memory", &engine_from_memory, py::arg("config_json"), py::arg("weights"), py::arg("rank") = 0)
       .def_property_readonly("dir", &Engine::dir)
       .def_property_readonly("config_json", [](const Engine& e) { return e.config().dump(2); })
       .def_property_readonly("architecture", [](const Engine& e) { return e.model_config().architecture; })
@@ -138,6 +138,8 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("max_input_len", [](const Engine& e) { return e.limits().max_input_len; })
       .def_property_readonly("max_seq_len", [](const Engine& e) { return e.limits().max_seq_len; })
       .def_property_readonly("max_num_tokens", [](const Engine& e) { return e.limits().max_num_tokens; })
+      .def_property_readonly("tp_size", &Engine::tp_size)
+      .def_property_readonly("rank", &Engine::rank)
       .def("weight_names", &Engine::weight_names);
 
   py::class_<RuntimeConfig>(m, "RuntimeConfig")
@@ -167,6 +169,8 @@ void bind_engine(py::module_& m) {
       .def_readwrite("kv_free_memory_fraction", &RuntimeConfig::kv_free_memory_fraction)
       .def_readwrite("device_sampling", &RuntimeConfig::device_sampling)
       .def_readwrite("max_num_logits", &RuntimeConfig::max_num_logits)
+      // A Communicator (mpi_world_communicator()) for a tensor-parallel engine; None: one rank.
+      .def_readwrite("communicator", &RuntimeConfig::communicator)
       // A dtype name ("bfloat16", "F8_E4M3", ...) or None for the backend's default; reads back the
       // safetensors name.
       .def_property(

@@ -17,6 +17,8 @@ struct Engine::Impl {
   ModelConfig model;
   EngineLimits limits;
   QuantSpec quant;
+  int32_t tp_size = 1;
+  int32_t rank = 0;
   Graph graph;
   std::vector<Weight> weights;                           // in file (or caller's) order
   std::shared_ptr<const void> storage;                   // owns the bytes weights point into
@@ -141,6 +143,20 @@ TensorSpec parse_tensor_spec(const Json& j) {
   return t;
 }
 
+// config.json's "mapping": {"world_size": N, "tp_size": N}. Engines from before tensor parallelism have
+// {"tp_size": 1, "tp_rank": 0} (tp_rank is per process, not per engine: ignored) or no mapping.
+int32_t parse_tp_size(const Json& config) {
+  if (!config.contains("mapping") || config.at("mapping").is_null()) return 1;
+  const Json& m = config.at("mapping");
+  RTLLM_CHECK(m.is_object(), "\"mapping\" must be an object");
+  const int64_t tp = m.get_int("tp_size", 1);
+  RTLLM_CHECK(tp >= 1 && tp <= 4096, "mapping.tp_size ", tp, " outside [1, 4096]");
+  const int64_t world = m.get_int("world_size", tp);
+  RTLLM_CHECK(world == tp, "mapping.world_size ", world, " differs from mapping.tp_size ", tp,
+              ": this rtllm runs tensor parallelism only (world_size == tp_size)");
+  return static_cast<int32_t>(tp);
+}
+
 Graph parse_graph(const Json& j) {
   Graph g;
   for (const Json& t : j.at("inputs").as_array()) g.inputs.push_back(parse_tensor_spec(t));
@@ -192,6 +208,7 @@ void Engine::parse_config(const std::string& text, const std::string& origin) {
     im.model = parse_model_config(im.config.at("model_config"));
     im.limits = parse_limits(im.config.at("build_config"));
     im.quant = parse_quant(im.config);
+    im.tp_size = parse_tp_size(im.config);
     im.graph = parse_graph(im.config.at("graph"));
   } catch (const Error& e) {
     if (std::string(e.what()).find(origin) != std::string::npos) throw;
@@ -215,7 +232,10 @@ std::shared_ptr<const Engine> Engine::load(const std::string& dir, int32_t rank)
   engine->impl_->dir = dir;
   const std::string config_path = dir + "/config.json";
   engine->parse_config(read_text_file(config_path), config_path);
-  RTLLM_CHECK_ARG(rank >= 0, "rank ", rank, " must be >= 0");
+  const int32_t tp_size = engine->impl_->tp_size;
+  RTLLM_CHECK_ARG(rank >= 0 && rank < tp_size, "rank ", rank, " outside [0, tp_size ", tp_size, ") of the engine in ",
+                  dir);
+  engine->impl_->rank = rank;
   const std::string weights_path = dir + "/rank" + std::to_string(rank) + ".engine";
   auto file = std::make_shared<const SafetensorsFile>(weights_path);
   std::vector<Weight> weights = file->tensors();  // point into the mapping `file` keeps
@@ -224,10 +244,13 @@ std::shared_ptr<const Engine> Engine::load(const std::string& dir, int32_t rank)
 }
 
 std::shared_ptr<const Engine> Engine::from_memory(const std::string& config_json, std::vector<Weight> weights,
-                                                  std::shared_ptr<const void> storage) {
+                                                  std::shared_ptr<const void> storage, int32_t rank) {
   static const std::string kOrigin = "in-memory engine";
   std::shared_ptr<Engine> engine(new Engine());
   engine->parse_config(config_json, kOrigin);
+  const int32_t tp_size = engine->impl_->tp_size;
+  RTLLM_CHECK_ARG(rank >= 0 && rank < tp_size, "rank ", rank, " outside [0, tp_size ", tp_size, ") of the ", kOrigin);
+  engine->impl_->rank = rank;
   // What SafetensorsFile checks of a file entry: a known dtype (the caller parsed it), a valid shape and
   // exactly the bytes that shape holds in that dtype.
   for (const Weight& w : weights) {
@@ -254,6 +277,8 @@ const ModelConfig& Engine::model_config() const { return impl_->model; }
 const EngineLimits& Engine::limits() const { return impl_->limits; }
 const QuantSpec& Engine::quant() const { return impl_->quant; }
 const Graph& Engine::graph() const { return impl_->graph; }
+int32_t Engine::tp_size() const { return impl_->tp_size; }
+int32_t Engine::rank() const { return impl_->rank; }
 
 bool Engine::has_weight(const std::string& name) const { return impl_->weight_index.count(name) > 0; }
 

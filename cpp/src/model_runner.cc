@@ -44,6 +44,7 @@ struct ModelRunner::Impl {
   HostStep step;  // reused across steps
 
   void resolve_config(const RuntimeConfig& requested);
+  void check_tensor_parallel() const;
   void create_op_kinds();
   void plan_weights();
   void plan_workspace();
@@ -99,6 +100,29 @@ void ModelRunner::Impl::resolve_config(const RuntimeConfig& requested) {
   RTLLM_CHECK_ARG(!config.kv_cache_dtype || *config.kv_cache_dtype != DataType::kInt8 || kv_algo == "INT8",
                   "kv_cache_dtype I8 needs an engine built with kv_cache_quant_algo INT8 (its attention nodes carry "
                   "the calibrated k_scale / v_scale); this engine's kv_cache_quant_algo is ", kv_algo);
+}
+
+// A tensor-parallel engine runs only with the ranks it was split for: this process's communicator must
+// have tp_size ranks and this process the engine's rank, or the collectives would combine wrong shards
+// (or wait forever for ranks that do not exist).
+void ModelRunner::Impl::check_tensor_parallel() const {
+  const int32_t tp_size = engine->tp_size(), rank = engine->rank();
+  const Communicator* comm = config.communicator.get();
+  if (tp_size == 1) {
+    RTLLM_CHECK_ARG(comm == nullptr || comm->size() == 1, "the engine has tp_size 1 but the communicator has ",
+                    comm ? comm->size() : 0, " ranks; run it without a communicator (or with one of size 1)");
+    return;
+  }
+  RTLLM_CHECK_ARG(config.device == DeviceKind::kCpu, "the engine has tp_size ", tp_size, ": tensor parallelism on ",
+                  device_name(config.device), " needs the NCCL communicator, which this rtllm does not have yet "
+                  "(run it on the CPU)");
+  RTLLM_CHECK_ARG(comm != nullptr, "the engine has tp_size ", tp_size, " (rank ", rank,
+                  "): RuntimeConfig.communicator must connect its ", tp_size, " ranks (mpi_world_communicator() "
+                  "under mpirun -n ", tp_size, ")");
+  RTLLM_CHECK_ARG(comm->size() == tp_size, "the engine has tp_size ", tp_size, " but the communicator has ",
+                  comm->size(), " ranks");
+  RTLLM_CHECK_ARG(comm->rank() == rank, "the engine was loaded for rank ", rank, " but this process is rank ",
+                  comm->rank(), " of the communicator");
 }
 
 // One op kind per node, created from the node and the specs of its tensors as the graph declares them
@@ -242,6 +266,7 @@ ModelRunner::ModelRunner(std::shared_ptr<const Engine> engine, const RuntimeConf
   Impl& im = *impl_;
   im.engine = std::move(engine);
   im.resolve_config(config);
+  im.check_tensor_parallel();
 #ifdef RTLLM_WITH_CUDA
   if (im.config.device == DeviceKind::kCuda) im.backend = make_cuda_backend(*im.engine, im.config);
 #endif
@@ -253,6 +278,9 @@ ModelRunner::ModelRunner(std::shared_ptr<const Engine> engine, const RuntimeConf
   im.info.max_seq_len = im.engine->limits().max_seq_len;
   im.info.tokens_per_block = im.config.tokens_per_block;
   im.info.num_layers = im.engine->model_config().num_layers;
+  im.info.tp_rank = im.engine->rank();
+  im.info.tp_size = im.engine->tp_size();
+  im.info.communicator = im.engine->tp_size() > 1 ? im.config.communicator.get() : nullptr;
   if (im.config.kv_cache_dtype) im.info.kv_cache_dtype = *im.config.kv_cache_dtype;
   im.config.kv_cache_dtype = im.info.kv_cache_dtype;
   im.create_op_kinds();

@@ -47,6 +47,7 @@ void register_cpu_ops() {
     register_cpu_elementwise_ops();
     register_cpu_rope_ops();
     register_cpu_attention_ops();
+    register_cpu_collective_ops();
   });
 }
 

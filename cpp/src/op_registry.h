@@ -83,6 +83,9 @@ struct BackendInfo {
   int32_t max_num_logits = 0;  // rows of the graph's num_logits dim
   int32_t tokens_per_block = 0;
   int32_t num_layers = 0;    // of the KV pool
+  // Tensor parallelism: this rank of tp_size; communicator is null with one rank (RuntimeConfig's).
+  int32_t tp_rank = 0, tp_size = 1;
+  Communicator* communicator = nullptr;
 };
 
 // Weights a kind converts to its compute dtype when it places them.
@@ -160,6 +163,7 @@ void register_cpu_norm_ops();
 void register_cpu_elementwise_ops();
 void register_cpu_rope_ops();
 void register_cpu_attention_ops();
+void register_cpu_collective_ops();
 // Registers every CUDA op once (cuda/cuda_ops.cc; only in builds with the CUDA backend).
 void register_cuda_ops();
 

@@ -100,9 +100,10 @@ class RTLLM_API Engine {
   // An engine from memory: the config.json text and the weights, whose `data` stays owned by the
   // caller; `storage` keeps it alive and is released with the Engine (and every runner holding it).
   // Validated as load() validates a directory (config, graph, dtypes, byte counts); errors name the
-  // value and say "in-memory engine" where load() names the file.
+  // value and say "in-memory engine" where load() names the file. rank: the shard the weights are,
+  // of a tensor-parallel config (as load()'s).
   static std::shared_ptr<const Engine> from_memory(const std::string& config_json, std::vector<Weight> weights,
-                                                   std::shared_ptr<const void> storage);
+                                                   std::shared_ptr<const void> storage, int32_t rank = 0);
 
   ~Engine();
   Engine(const Engine&) = delete;
@@ -113,6 +114,10 @@ class RTLLM_API Engine {
   const ModelConfig& model_config() const;
   const EngineLimits& limits() const;
   const QuantSpec& quant() const;
+  // Tensor parallelism: the ranks the weights are split over (config.json "mapping": {"tp_size": N};
+  // 1 without it) and the rank whose shard this Engine holds (rank{rank}.engine; 0 in memory).
+  int32_t tp_size() const;
+  int32_t rank() const;
   const Graph& graph() const;
   bool has_weight(const std::string& name) const;
   const Weight& weight(const std::string& name) const;  // throws Error naming the missing weight

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "rtllm/common.h"
+#include "rtllm/communicator.h"
 #include "rtllm/engine.h"
 #include "rtllm/sampler.h"
 
@@ -44,6 +45,9 @@ struct RuntimeConfig {
   // sequence). Prompt log-probabilities need more: one per scored prompt token. The logits workspace,
   // the host logits and the device sampler are sized for it.
   int32_t max_num_logits = 0;
+  // The ranks running a tensor-parallel engine (Engine::tp_size() > 1) together, this process being
+  // Engine::rank(); its size and rank must match the engine's. Null: one rank.
+  std::shared_ptr<Communicator> communicator;
 };
 
 // True when this build has the CUDA backend and a CUDA device is present.

@@ -80,14 +80,19 @@ class SiluMul final : public ActivationOp {
 };
 
 // Copies rows `index[r]` of a table [num_src_rows, H] into dst [R, H]. embedding: (ids, table);
-// gather_rows: (x, index).
+// gather_rows: (x, index). A vocab-parallel embedding's table is this rank's rows [tp_rank * V_shard,
+// (tp_rank + 1) * V_shard) of the vocabulary: another rank's id gives a zero row, and the all_reduce
+// that follows sums the ranks into the full embedding.
 class Gather final : public OpKind {
  public:
   explicit Gather(const OpSpec& spec)
-      : OpKind(spec), table_(spec.op() == "embedding" ? 1 : 0), index_(1 - table_) {
+      : OpKind(spec), table_(spec.op() == "embedding" ? 1 : 0), index_(1 - table_),
+        vocab_parallel_(spec.node->attrs.get_bool("vocab_parallel", false)) {
     spec.require_num_io(2, 2, 1);
     spec.require_input_dtype(index_, {DataType::kInt32});
     spec.require_input_dtype(table_, kWideFloatDtypes);
+    RTLLM_CHECK(!vocab_parallel_ || spec.op() == "embedding", spec.op(), ": vocab_parallel is an attribute of "
+                "embedding only");
   }
   // A BF16 / F16 table stays 16-bit (it may also be the LM head's weight, which linear keeps 16-bit);
   // its rows are widened as they are gathered.
@@ -104,9 +109,17 @@ class Gather final : public OpKind {
     RTLLM_CHECK(dst.rows() == R && dst.cols() == H, spec_.op(), ": output [", dst.rows(), ", ", dst.cols(),
                 "], expected [", R, ", ", H, "]");
     const int32_t* idx = index.i32();
+    // Ids index the whole vocabulary; this rank holds rows [first, first + num_src_rows) of it.
+    const int64_t first = vocab_parallel_ ? spec_.backend->tp_rank * num_src_rows : 0;
+    const int64_t num_ids = vocab_parallel_ ? spec_.backend->tp_size * num_src_rows : num_src_rows;
     ctx.pool->parallel_for(R, [&](int64_t r, int) {
-      const int32_t i = idx[r];
-      RTLLM_CHECK(i >= 0 && i < num_src_rows, spec_.op(), ": index ", i, " outside [0, ", num_src_rows, ")");
+      const int64_t id = idx[r];
+      RTLLM_CHECK(id >= 0 && id < num_ids, spec_.op(), ": index ", id, " outside [0, ", num_ids, ")");
+      const int64_t i = id - first;
+      if (i < 0 || i >= num_src_rows) {  // another rank's row
+        std::memset(dst.f32() + r * H, 0, H * sizeof(float));
+        return;
+      }
       const void* row = static_cast<const uint8_t*>(src.data) + i * row_bytes;
       if (src.dtype == DataType::kFloat32) {
         std::memcpy(dst.f32() + r * H, row, H * sizeof(float));
@@ -118,6 +131,7 @@ class Gather final : public OpKind {
 
  private:
   const size_t table_, index_;  // input positions
+  const bool vocab_parallel_;
 };
 
 }  // namespace

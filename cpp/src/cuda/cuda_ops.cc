@@ -161,7 +161,10 @@ class Gather final : public ComputeOp {
  public:
   explicit Gather(const OpSpec& spec)
       : ComputeOp(spec, 2, 2, 1, {spec.op() == "embedding" ? size_t{0} : size_t{1}}),
-        embedding_(spec.op() == "embedding") {}
+        embedding_(spec.op() == "embedding") {
+    RTLLM_CHECK(!spec.node->attrs.get_bool("vocab_parallel", false), spec.op(), ": vocab_parallel (tensor "
+                "parallelism) is not supported on the CUDA backend yet (it needs the NCCL communicator)");
+  }
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
     const TensorView &src = in[embedding_ ? 1 : 0], &index = in[embedding_ ? 0 : 1], &dst = out[0];
