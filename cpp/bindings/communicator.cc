@@ -1,5 +1,7 @@
 // Bindings for the tensor-parallel Communicator: mpi_available, mpi_world_communicator and the
 // collectives on numpy arrays (tests, and a Python driver that shares step inputs between ranks).
+#include <chrono>
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -43,8 +45,9 @@ py::object gather(Communicator& comm, py::array_t<float, py::array::c_style | py
   return std::move(out);
 }
 
-// root's bytes on every rank (the argument is read on the root only).
-py::bytes broadcast(Communicator& comm, const py::object& data, int32_t root) {
+// root's bytes on every rank (the argument is read on the root only). idle: broadcast_wait (no timeout
+// while the root lives).
+py::bytes broadcast(Communicator& comm, const py::object& data, int32_t root, bool idle) {
   std::vector<uint8_t> bytes;
   if (comm.rank() == root) {
     RTLLM_CHECK_ARG(!data.is_none(), "broadcast: the root (rank ", root, ") must pass the bytes to send");
@@ -53,7 +56,11 @@ py::bytes broadcast(Communicator& comm, const py::object& data, int32_t root) {
   }
   {
     py::gil_scoped_release release;
-    comm.broadcast(&bytes, root);
+    if (idle) {
+      comm.broadcast_wait(&bytes, root);
+    } else {
+      comm.broadcast(&bytes, root);
+    }
   }
   return py::bytes(reinterpret_cast<const char*>(bytes.data()), bytes.size());
 }
@@ -65,14 +72,32 @@ void bind_communicator(py::module_& m) {
   m.def("mpi_world_communicator", &mpi_world_communicator, py::call_guard<py::gil_scoped_release>(),
         "The Communicator over MPI_COMM_WORLD (initialises MPI on the first call); RtllmError in a build "
         "without MPI");
+  m.def("mpi_spawn", &mpi_spawn, py::arg("count"), py::arg("argv"), py::call_guard<py::gil_scoped_release>(),
+        "Starts count processes running argv through MPI_Comm_spawn; returns the group's Communicator, this "
+        "process rank 0");
+  m.def("mpi_parent_communicator", &mpi_parent_communicator, py::call_guard<py::gil_scoped_release>(),
+        "In a process mpi_spawn started: the group's Communicator (the parent is rank 0); else None");
   py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
       .def_property_readonly("rank", &Communicator::rank)
       .def_property_readonly("size", &Communicator::size)
       .def("all_reduce_sum", &all_reduce_sum, py::arg("array"), "Sums a float32 array over the ranks, in place")
       .def("gather", &gather, py::arg("array"), py::arg("root") = 0,
            "Every rank's array stacked [size, *shape] on the root; None elsewhere")
-      .def("broadcast", &broadcast, py::arg("data"), py::arg("root") = 0,
-           "root's bytes on every rank (data is read on the root only)")
+      .def(
+          "broadcast", [](Communicator& c, const py::object& data, int32_t root) { return broadcast(c, data, root, false); },
+          py::arg("data"), py::arg("root") = 0, "root's bytes on every rank (data is read on the root only)")
+      .def(
+          "broadcast_wait",
+          [](Communicator& c, const py::object& data, int32_t root) { return broadcast(c, data, root, true); },
+          py::arg("data"), py::arg("root") = 0,
+          "broadcast without a timeout as long as the root lives (a receiver that waits idle)")
+      .def_property(
+          "timeout_s", [](const Communicator& c) { return c.timeout().count() / 1000.0; },
+          [](Communicator& c, double seconds) {
+            RTLLM_CHECK_ARG(seconds > 0 && seconds < 1e7, "timeout_s must be in (0, 1e7), got ", seconds);
+            c.set_timeout(std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0)));
+          },
+          "How long a collective may wait for the other ranks before the group is declared lost")
       .def("barrier", &Communicator::barrier, py::call_guard<py::gil_scoped_release>())
       .def("__repr__", [](const Communicator& c) {
         return detail::concat("Communicator(rank=", c.rank(), ", size=", c.size(), ")");

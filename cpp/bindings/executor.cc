@@ -9,6 +9,7 @@
 
 #include "bindings.h"
 #include "rtllm/executor.h"
+#include "rtllm/worker.h"
 
 namespace py = pybind11;
 
@@ -297,6 +298,11 @@ void bind_executor(py::module_& m) {
   bind_kv_cache_manager(m);
 
   using Release = py::call_guard<py::gil_scoped_release>;
+  // A tensor-parallel follower rank: runs the steps rank 0's executor broadcasts until it stops the group.
+  m.def("run_tensor_parallel_follower", &run_tensor_parallel_follower, py::arg("engine"), py::arg("runtime_config"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("stop_tensor_parallel_followers", &stop_tensor_parallel_followers, py::arg("group"),
+        py::call_guard<py::gil_scoped_release>());
   py::class_<Executor>(m, "Executor")
       .def(py::init([](std::shared_ptr<Engine> engine, const ExecutorConfig& config) {
              return std::make_unique<Executor>(std::move(engine), config);

@@ -212,7 +212,9 @@ void CpuBackend::size_kv_pool(RuntimeConfig& config, size_t block_bytes) {
   const size_t pending = mapped_weight_bytes_ + workspace_bytes_ + op_workspace_bytes_;
   const size_t free_bytes = available > pending ? available - pending : 0;
   const double budget = static_cast<double>(free_bytes) * static_cast<double>(config.kv_free_memory_fraction);
-  const int64_t blocks = std::min<int64_t>(static_cast<int64_t>(budget / static_cast<double>(block_bytes)), max_blocks);
+  int64_t blocks = std::min<int64_t>(static_cast<int64_t>(budget / static_cast<double>(block_bytes)), max_blocks);
+  // Every rank of a tensor-parallel group holds the same blocks: the least any of them can.
+  if (config.communicator && config.communicator->size() > 1) blocks = config.communicator->all_reduce_min(blocks);
   RTLLM_CHECK(blocks >= blocks_per_seq, "the KV pool of ", blocks, " blocks (", blocks * config.tokens_per_block,
               " tokens in ", config.kv_free_memory_fraction, " of the ", free_bytes, " bytes of host memory "
               "available after ", pending, " bytes of mapped weights and workspace) cannot hold one sequence of "

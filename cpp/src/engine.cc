@@ -2,6 +2,7 @@
 // Engine::from_memory: the same from config text and weights held by the caller.
 #include "rtllm/engine.h"
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 #include <unordered_map>
@@ -157,6 +158,17 @@ int32_t parse_tp_size(const Json& config) {
   return static_cast<int32_t>(tp);
 }
 
+// An engine rank runs num_heads / tp_size query heads and the KV heads they read: its share of them, or
+// one when the ranks outnumber the KV heads (each rank holds a copy of the head its queries use).
+void shard_attention_heads(ModelConfig* m, int32_t tp_size) {
+  if (tp_size == 1) return;
+  RTLLM_CHECK(m->num_heads % tp_size == 0, "num_heads ", m->num_heads, " does not split over tp_size ", tp_size);
+  RTLLM_CHECK(m->num_kv_heads % tp_size == 0 || tp_size % m->num_kv_heads == 0, "num_kv_heads ", m->num_kv_heads,
+              " neither splits over nor divides tp_size ", tp_size);
+  m->num_heads /= tp_size;
+  m->num_kv_heads = std::max(1, m->num_kv_heads / tp_size);
+}
+
 Graph parse_graph(const Json& j) {
   Graph g;
   for (const Json& t : j.at("inputs").as_array()) g.inputs.push_back(parse_tensor_spec(t));
@@ -209,6 +221,7 @@ void Engine::parse_config(const std::string& text, const std::string& origin) {
     im.limits = parse_limits(im.config.at("build_config"));
     im.quant = parse_quant(im.config);
     im.tp_size = parse_tp_size(im.config);
+    shard_attention_heads(&im.model, im.tp_size);
     im.graph = parse_graph(im.config.at("graph"));
   } catch (const Error& e) {
     if (std::string(e.what()).find(origin) != std::string::npos) throw;

@@ -568,7 +568,7 @@ void Executor::Impl::flush() {
 // ---------------------------------------------------------------- Executor
 
 Executor::Executor(std::shared_ptr<const Engine> engine, const ExecutorConfig& config)
-    : Executor(make_local_worker(std::move(engine), config), config) {}
+    : Executor(make_worker(std::move(engine), config), config) {}
 
 Executor::Executor(std::unique_ptr<Worker> worker, const ExecutorConfig& config)
     : impl_(std::make_unique<Impl>(checked_worker(std::move(worker), config), config)) {}
@@ -589,9 +589,11 @@ bool Executor::is_shutdown() const {
   return impl_->stopping;
 }
 const Engine& Executor::engine() const { return *impl_->engine; }
-std::unique_ptr<Worker> Executor::make_local_worker(std::shared_ptr<const Engine> engine,
+std::unique_ptr<Worker> Executor::make_worker(std::shared_ptr<const Engine> engine,
                                                    const ExecutorConfig& config) {
   RuntimeConfig runtime = resolve_runtime_config(engine.get(), config);
+  if (runtime.communicator && runtime.communicator->size() > 1)  // rank 0 of a tensor-parallel group
+    return std::make_unique<TensorParallelWorker>(std::move(engine), runtime);
   return std::make_unique<LocalWorker>(std::move(engine), runtime);
 }
 

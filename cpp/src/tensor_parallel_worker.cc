@@ -19,7 +19,7 @@ namespace rtllm {
 
 namespace {
 
-enum class Message : int32_t { kStep = 1, kStop = 2 };
+enum class Message : int32_t { kStep = 1, kStop = 2, kSetup = 3 };
 
 // Appends int32 values to a byte buffer whose capacity is kept from step to step.
 class MessageWriter {
@@ -86,6 +86,51 @@ void encode_step(const BlockCopies& copies, const StepInputs& in, std::vector<ui
 
 void encode_stop(std::vector<uint8_t>* out) { MessageWriter(out).value(static_cast<int32_t>(Message::kStop)); }
 
+// Rank 0's RuntimeConfig as it asked for it (0 fields unresolved): every rank resolves it the same way and
+// so plans the same limits; the KV pool, where memory decides, agrees on the least (all_reduce_min).
+void encode_setup(const RuntimeConfig& c, std::vector<uint8_t>* out) {
+  MessageWriter w(out);
+  float fraction = c.kv_free_memory_fraction;
+  int32_t fraction_bits;
+  std::memcpy(&fraction_bits, &fraction, sizeof(fraction));
+  for (int32_t v : {static_cast<int32_t>(Message::kSetup), static_cast<int32_t>(c.device), c.max_num_tokens,
+                    c.max_batch_size, c.num_kv_blocks, c.tokens_per_block, c.num_threads,
+                    static_cast<int32_t>(c.enable_cuda_graphs), fraction_bits, static_cast<int32_t>(c.device_sampling),
+                    static_cast<int32_t>(c.kv_cache_dtype.has_value()),
+                    static_cast<int32_t>(c.kv_cache_dtype.value_or(DataType::kFloat32)), c.max_num_logits})
+    w.value(v);
+}
+
+// The follower's config: rank 0's, with this rank's communicator.
+RuntimeConfig decode_setup(const std::vector<uint8_t>& bytes, std::shared_ptr<Communicator> communicator) {
+  MessageReader r(bytes);
+  RTLLM_CHECK(r.value() == static_cast<int32_t>(Message::kSetup), "tensor-parallel group: expected the setup message");
+  RuntimeConfig c;
+  c.device = static_cast<DeviceKind>(r.value());
+  c.max_num_tokens = r.value();
+  c.max_batch_size = r.value();
+  c.num_kv_blocks = r.value();
+  c.tokens_per_block = r.value();
+  c.num_threads = r.value();
+  c.enable_cuda_graphs = r.value() != 0;
+  const int32_t fraction_bits = r.value();
+  std::memcpy(&c.kv_free_memory_fraction, &fraction_bits, sizeof(fraction_bits));
+  c.device_sampling = r.value() != 0;
+  const bool has_kv_dtype = r.value() != 0;
+  const auto kv_dtype = static_cast<DataType>(r.value());
+  if (has_kv_dtype) c.kv_cache_dtype = kv_dtype;
+  c.max_num_logits = r.value();
+  RTLLM_CHECK(r.done(), "tensor-parallel setup message has trailing bytes");
+  c.communicator = std::move(communicator);
+  return c;
+}
+
+bool is_stop(const std::vector<uint8_t>& bytes) {
+  int32_t kind = 0;
+  if (bytes.size() >= sizeof(kind)) std::memcpy(&kind, bytes.data(), sizeof(kind));
+  return kind == static_cast<int32_t>(Message::kStop);
+}
+
 // Returns the message's kind; for a step, fills copies and inputs.
 Message decode(const std::vector<uint8_t>& bytes, BlockCopies* copies, StepInputs* in) {
   MessageReader r(bytes);
@@ -128,9 +173,21 @@ struct TensorParallelWorker::Impl {
   bool stopped = false;
 };
 
+// The followers wait in run_tensor_parallel_follower for this setup; then every rank loads its runner.
 TensorParallelWorker::TensorParallelWorker(std::shared_ptr<const Engine> engine, const RuntimeConfig& config) {
-  group_of(config, /*leader=*/true);
-  impl_.reset(new Impl{config.communicator, LocalWorker(std::move(engine), config), {}, {}, false});
+  Communicator& group = group_of(config, /*leader=*/true);
+  std::vector<uint8_t> setup;
+  encode_setup(config, &setup);
+  group.broadcast(&setup, 0);
+  try {
+    impl_.reset(new Impl{config.communicator, LocalWorker(std::move(engine), config), std::move(setup), {}, false});
+  } catch (...) {
+    try {  // the followers would wait for steps that never come
+      stop_tensor_parallel_followers(group);
+    } catch (const std::exception&) {
+    }
+    throw;
+  }
 }
 
 TensorParallelWorker::~TensorParallelWorker() { shutdown(); }
@@ -155,8 +212,7 @@ void TensorParallelWorker::shutdown() noexcept {
   s.stopped = true;
   if (s.lost.empty()) {
     try {  // the followers leave their loops; a lost group has nobody left to tell
-      encode_stop(&s.message);
-      s.communicator->broadcast(&s.message, 0);
+      stop_tensor_parallel_followers(*s.communicator);
     } catch (const std::exception&) {
     }
   }
@@ -167,15 +223,27 @@ std::shared_ptr<const Engine> TensorParallelWorker::engine() const { return impl
 const RuntimeConfig& TensorParallelWorker::config() const { return impl_->local.config(); }
 int32_t TensorParallelWorker::vocab_size() const { return impl_->local.vocab_size(); }
 
+// The barrier after the stop: a broadcast's root may finish before anyone received it, the barrier
+// returns once every follower has (or throws for one that is gone, which marks the group lost and keeps
+// MPI_Finalize from waiting for it at exit).
+void stop_tensor_parallel_followers(Communicator& group) {
+  std::vector<uint8_t> message;
+  encode_stop(&message);
+  group.broadcast(&message, 0);
+  group.barrier();
+}
+
 void run_tensor_parallel_follower(std::shared_ptr<const Engine> engine, const RuntimeConfig& config) {
   Communicator& group = group_of(config, /*leader=*/false);
-  ModelRunner runner(std::move(engine), config);
   std::vector<uint8_t> message;
+  group.broadcast_wait(&message, 0);  // rank 0 may still be loading its weights
+  if (is_stop(message)) return group.barrier();
+  ModelRunner runner(std::move(engine), decode_setup(message, config.communicator));
   BlockCopies copies;
   StepInputs inputs;
   for (;;) {
     group.broadcast_wait(&message, 0);  // idle between requests: waits as long as rank 0 lives
-    if (decode(message, &copies, &inputs) == Message::kStop) return;
+    if (decode(message, &copies, &inputs) == Message::kStop) return group.barrier();
     try {
       if (!copies.empty()) runner.copy_blocks(copies);
       runner.forward(inputs);

@@ -2,14 +2,31 @@
 // ids, print the generated ids on one line.
 //
 //   ./generate ENGINE_DIR MAX_TOKENS TOKEN_ID [TOKEN_ID ...]
+//
+// A tensor-parallel engine (rtllm build --tp-size N) runs under `mpirun -n N ./generate ...`: every
+// process loads its rank's shard, rank 0 runs the executor and prints, the others follow its steps.
 #include <chrono>
 #include <cstdlib>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "rtllm/communicator.h"
 #include "rtllm/engine.h"
 #include "rtllm/executor.h"
+#include "rtllm/worker.h"
+
+namespace {
+
+// The processes of an mpirun launch, or null when this process runs alone.
+std::shared_ptr<rtllm::Communicator> launch_group() {
+  if (!std::getenv("OMPI_COMM_WORLD_SIZE") && !std::getenv("PMI_SIZE")) return nullptr;
+  auto world = rtllm::mpi_world_communicator();
+  return world->size() > 1 ? world : nullptr;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 4) {
@@ -17,7 +34,15 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    auto engine = rtllm::Engine::load(argv[1]);
+    const std::shared_ptr<rtllm::Communicator> group = launch_group();
+    const int32_t rank = group ? group->rank() : 0;
+    auto engine = rtllm::Engine::load(argv[1], rank);
+    if (rank != 0) {  // a follower: runs rank 0's steps until it stops
+      rtllm::RuntimeConfig runtime;
+      runtime.communicator = group;
+      rtllm::run_tensor_parallel_follower(engine, runtime);
+      return 0;
+    }
 
     rtllm::Request request;
     request.stop.max_tokens = std::atoi(argv[2]);
@@ -27,6 +52,7 @@ int main(int argc, char** argv) {
 
     rtllm::ExecutorConfig config;
     config.kv_cache.max_tokens = engine->limits().max_seq_len;
+    config.runtime.communicator = group;
     rtllm::Executor executor(engine, config);
     rtllm::RequestId id = executor.enqueue(request);
 

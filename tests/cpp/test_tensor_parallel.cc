@@ -35,6 +35,10 @@ class FakeCommunicator final : public Communicator {
       for (int64_t i = 0; i < count; ++i) recv[r * count + i] = r == rank_ ? send[i] : 1000.0f + i;
   }
   void broadcast(std::vector<uint8_t>*, int32_t) override {}
+  void broadcast_wait(std::vector<uint8_t>*, int32_t) override {}
+  int64_t all_reduce_min(int64_t value) override { return value; }
+  void set_timeout(std::chrono::milliseconds) override {}
+  std::chrono::milliseconds timeout() const override { return std::chrono::milliseconds(1000); }
   void barrier() override {}
 
   std::vector<int64_t> reduced_counts, gathered_counts;
@@ -47,7 +51,7 @@ std::string config_json(int32_t root) {
   const std::string V = std::to_string(kVShard * kTp), Vs = std::to_string(kVShard), H = std::to_string(kH);
   return R"({"format_version": 2, "architecture": "LlamaForCausalLM",
     "model_config": {"architecture": "LlamaForCausalLM", "vocab_size": )" + V + R"(, "hidden_size": )" + H +
-         R"(, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "head_dim": )" + H + R"(},
+         R"(, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": )" + H + R"(},
     "build_config": {"max_batch_size": 2, "max_input_len": 8, "max_seq_len": 8, "max_num_tokens": 8},
     "mapping": {"world_size": 2, "tp_size": 2},
     "graph": {

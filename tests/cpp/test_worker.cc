@@ -143,7 +143,7 @@ class WorkerSeam : public ::testing::Test {
   void SetUp() override {
     engine = test_engine();
     if (!engine) GTEST_SKIP() << "RTLLM_TEST_ENGINE_DIR is not set (test_cpp_suite.py sets it)";
-    auto worker = std::make_unique<RecordingWorker>(Executor::make_local_worker(engine, config));
+    auto worker = std::make_unique<RecordingWorker>(Executor::make_worker(engine, config));
     recorder = worker.get();
     executor = std::make_unique<Executor>(std::move(worker), config);
   }
@@ -236,7 +236,7 @@ TEST_F(WorkerSeam, ShutdownShutsTheWorkerDownOnceTheLoopHasEnded) {
 }
 
 TEST_F(WorkerSeam, ALocalWorkerRefusesStepsAfterShutdownAndKeepsItsConfig) {
-  std::unique_ptr<Worker> worker = Executor::make_local_worker(engine, config);
+  std::unique_ptr<Worker> worker = Executor::make_worker(engine, config);
   const int64_t live = LocalWorker::num_live_runners();
   const int32_t num_kv_blocks = worker->config().num_kv_blocks;
   EXPECT_GT(num_kv_blocks, 0);
@@ -269,7 +269,7 @@ TEST_F(WorkerSeam, TheExecutorRefusesANullWorkerOrAnotherBlockSize) {
   expect_refused(nullptr, config, "worker must not be null");
   ExecutorConfig other = config;
   other.kv_cache.tokens_per_block = 16;
-  expect_refused(Executor::make_local_worker(engine, config), other,
+  expect_refused(Executor::make_worker(engine, config), other,
                  "kv_cache tokens_per_block 16 differs from the worker's 32");
 }
 

@@ -4,9 +4,11 @@ import shutil
 import subprocess
 
 import numpy as np
+import pytest
 
 import rtllm
 from rtllm import LLM, BuildConfig, SamplingParams
+from rtllm.builder import build_and_save
 from rtllm.models import AutoModelForCausalLM
 
 from hf_reference import random_prompts
@@ -39,19 +41,27 @@ def test_cpp_unit_tests(tiny_model, tmp_path):
     assert "SKIPPED" not in result.stdout, result.stdout[-8000:]
 
 
-def test_cpp_example_matches_python(tiny_model, tmp_path):
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_cpp_example_matches_python(tiny_model, tmp_path, tp_size):
+    """The example on an engine, and on its two-rank build under `mpirun -n 2` (rank 0 prints)."""
+    if tp_size > 1 and (not rtllm._core.mpi_available() or shutil.which("mpirun") is None):
+        pytest.skip("rtllm was built without MPI" if not rtllm._core.mpi_available() else "mpirun is not installed")
     checkpoint = tiny_model("llama")
     engine_dir = tmp_path / "engine"
-    model = AutoModelForCausalLM.from_hugging_face(str(checkpoint))
-    rtllm.build(model, BuildConfig(max_batch_size=4, max_input_len=64, max_seq_len=128)).save(str(engine_dir))
+    build_and_save(lambda mapping: AutoModelForCausalLM.from_hugging_face(str(checkpoint), mapping=mapping),
+                   str(engine_dir), BuildConfig(max_batch_size=4, max_input_len=64, max_seq_len=128), tp_size=tp_size)
     cmake_build(os.path.join(REPO, "examples", "cpp"), tmp_path / "example")
 
     prompt = random_prompts(np.random.default_rng(7), [11])[0]
-    result = subprocess.run([str(tmp_path / "example" / "generate"), str(engine_dir), "10"]
-                            + [str(t) for t in prompt], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    command = [str(tmp_path / "example" / "generate"), str(engine_dir), "10"] + [str(t) for t in prompt]
+    env = dict(os.environ)
+    if tp_size > 1:
+        command = [shutil.which("mpirun"), "--oversubscribe", "-n", str(tp_size)] + command
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     cpp_ids = [int(t) for t in result.stdout.split()]
 
-    with LLM(model=str(engine_dir)) as llm:
+    with LLM(model=str(checkpoint), max_batch_size=4, max_input_len=64, max_seq_len=128) as llm:
         output = llm.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0), use_tqdm=False)
     assert cpp_ids == output.outputs[0].token_ids

@@ -4,20 +4,36 @@
 // the public headers name no MPI type.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "rtllm/common.h"
 
 namespace rtllm {
 
+// A collective that failed or did not complete: a rank died, is stuck, or the transport broke. The
+// communicator is unusable afterwards (every later call throws the same), and so is the group.
+class RTLLM_API CommunicatorError : public Error {
+ public:
+  using Error::Error;
+};
+
+// Collectives wait for every rank. They throw CommunicatorError when a rank's process is gone (checked
+// while waiting, for ranks on this host) or when they do not complete within timeout().
 class RTLLM_API Communicator {
  public:
   virtual ~Communicator() = default;
 
   virtual int32_t rank() const = 0;
   virtual int32_t size() const = 0;
+
+  // How long a collective may wait for the other ranks (default 30 s; steps take far less, loading a
+  // rank's weights may take longer: see broadcast_wait).
+  virtual void set_timeout(std::chrono::milliseconds timeout) = 0;
+  virtual std::chrono::milliseconds timeout() const = 0;
 
   // data[0, count) becomes the sum over the ranks of each rank's data[0, count), on every rank.
   virtual void all_reduce_sum(float* data, int64_t count) = 0;
@@ -26,6 +42,11 @@ class RTLLM_API Communicator {
   virtual void gather(const float* send, float* recv, int64_t count, int32_t root) = 0;
   // root's bytes to every rank; the other ranks' vector is resized to root's size.
   virtual void broadcast(std::vector<uint8_t>* bytes, int32_t root) = 0;
+  // broadcast() for a receiver that may wait idle for long (a follower between requests, or while rank 0
+  // builds the engine): no timeout, as long as the root's process lives.
+  virtual void broadcast_wait(std::vector<uint8_t>* bytes, int32_t root) = 0;
+  // The least of every rank's value, on every rank (e.g. the KV blocks every rank can hold).
+  virtual int64_t all_reduce_min(int64_t value) = 0;
   // Returns once every rank has called it.
   virtual void barrier() = 0;
 };
@@ -39,5 +60,14 @@ RTLLM_API bool mpi_available();
 // give the thread support the runtime needs (steps run on an executor's loop thread, not the thread
 // that initialised MPI).
 RTLLM_API std::shared_ptr<Communicator> mpi_world_communicator();
+
+// Starts `count` processes running argv (argv[0] the program; found on PATH) through MPI_Comm_spawn,
+// and returns the communicator of this process (rank 0) and them (ranks 1 .. count), in which they
+// call mpi_parent_communicator(). Initialises MPI as mpi_world_communicator() does.
+RTLLM_API std::shared_ptr<Communicator> mpi_spawn(int32_t count, const std::vector<std::string>& argv);
+
+// In a process started by mpi_spawn: the communicator it shares with its parent and siblings (the
+// parent is rank 0). Null in a process that was not spawned.
+RTLLM_API std::shared_ptr<Communicator> mpi_parent_communicator();
 
 }  // namespace rtllm

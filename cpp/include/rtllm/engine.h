@@ -19,6 +19,8 @@ struct ModelConfig {
   int32_t vocab_size = 0;
   int32_t hidden_size = 0;
   int32_t num_layers = 0;
+  // Attention heads of this engine rank: under tensor parallelism its num_heads / tp_size query heads and
+  // the KV heads they read (replicated when fewer than the ranks); config.json holds the model's.
   int32_t num_heads = 0;
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;

@@ -117,7 +117,7 @@ struct IterationStats {
 
 class RTLLM_API Executor {
  public:
-  // Runs on make_local_worker(engine, config).
+  // Runs on make_worker(engine, config).
   Executor(std::shared_ptr<const Engine> engine, const ExecutorConfig& config);
   // Runs on `worker` (e.g. a tensor-parallel group, or a test's), which it owns from now on: its
   // loop thread calls execute_step, shutdown() calls the worker's shutdown(). The worker's resolved
@@ -154,10 +154,10 @@ class RTLLM_API Executor {
   // The worker Executor(engine, config) runs on: a LocalWorker on config.runtime.device with the KV
   // pool sized from config.kv_cache (max_tokens; else free_memory_fraction of the memory left after
   // weights and workspace: device memory on CUDA, available host memory on the CPU, there at most
-  // room for max_batch_size sequences of max_seq_len).
+  // room for max_batch_size sequences of max_seq_len), or with config.runtime.communicator of more
+  // than one rank, the TensorParallelWorker of rank 0 (the pool: the least every rank can hold).
   // Throws InvalidArgument for a bad KV-cache config, Error when the pool cannot hold one sequence.
-  static std::unique_ptr<Worker> make_local_worker(std::shared_ptr<const Engine> engine,
-                                                   const ExecutorConfig& config);
+  static std::unique_ptr<Worker> make_worker(std::shared_ptr<const Engine> engine, const ExecutorConfig& config);
 
   // Model runners alive in this process (LocalWorker::num_live_runners): an executor's worker
   // holds one from construction until shutdown(). Lets tests see that shutdown gave its memory back.

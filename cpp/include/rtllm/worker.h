@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "rtllm/common.h"
+#include "rtllm/communicator.h"
 #include "rtllm/engine.h"
 #include "rtllm/kv_cache.h"
 #include "rtllm/model_runner.h"
@@ -119,10 +120,14 @@ class RTLLM_API TensorParallelWorker final : public Worker {
   std::unique_ptr<Impl> impl_;
 };
 
-// A follower rank (config.communicator's rank > 0; engine: that rank's shard, config: the same limits and
-// KV pool as rank 0's): loads the runner, then runs each step rank 0 broadcasts until rank 0 stops the
+// A follower rank (config.communicator's rank > 0; engine: that rank's shard): takes rank 0's runtime
+// config, loads the runner, then runs each step rank 0 broadcasts until rank 0 stops the
 // group. Waits for the next step as long as rank 0's process lives; throws when rank 0 is gone or a
 // collective fails.
+// config: the communicator (the other fields come from rank 0, as its TensorParallelWorker starts).
 RTLLM_API void run_tensor_parallel_follower(std::shared_ptr<const Engine> engine, const RuntimeConfig& config);
+
+// Rank 0, when it cannot start its TensorParallelWorker after all: ends the followers' wait.
+RTLLM_API void stop_tensor_parallel_followers(Communicator& group);
 
 }  // namespace rtllm

@@ -44,6 +44,8 @@ def _add_engine_args(p) -> None:
                    help="default for an HF checkpoint: the workload's longest prompt")
     p.add_argument("--max-seq-len", type=_positive_int, default=None,
                    help="default for an HF checkpoint: the workload's longest prompt + output")
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=_positive_int, default=1,
+                   help="tensor-parallel ranks, one process each (default 1)")
     add_quant_args(p)
 
 
@@ -163,7 +165,8 @@ def _run_offline(args) -> None:
     requests = tokenize_prompts(_load_requests(args, tokenizer_dir), tokenizer_dir)
     limits = engine_limits(args.model, requests, args.max_input_len, args.max_seq_len, args.max_num_tokens)
     with LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-             max_batch_size=args.max_batch_size, quant_config=quant_config_of(args), **limits) as llm:
+             max_batch_size=args.max_batch_size, quant_config=quant_config_of(args), tensor_parallel_size=args.tp,
+             **limits) as llm:
         send = llm_sender(llm, _sampling(args))
         records, duration_s = asyncio.run(_benchmark(send, requests, args))
     _report(args, f"rtllm bench {args.bench_mode}", args.model, records, duration_s)

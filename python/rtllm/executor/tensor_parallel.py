@@ -19,6 +19,10 @@ import tempfile
 FOLLOWER_COMMAND = [sys.executable, "-m", "rtllm.executor.tensor_parallel"]
 
 
+def launched_by_mpirun() -> bool:
+    return any(name in os.environ for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+
+
 def world_or_none():
     """The communicator of an `mpirun` launch of more than one process, else None (without initialising MPI
     when no launcher started this process)."""
@@ -30,24 +34,26 @@ def world_or_none():
     return world if world.size > 1 else None
 
 
-def launched_by_mpirun() -> bool:
-    return any(name in os.environ for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
-
-
 def start_group(tp_size: int):
-    """Rank 0's communicator of a group of tp_size ranks: the mpirun launch's when it has tp_size processes,
-    else N - 1 spawned followers. ValueError when this build has no MPI or the launch has another size."""
+    """Rank 0's communicator of a group of tp_size ranks, spawning N - 1 followers (outside an mpirun
+    launch). ValueError when this build has no MPI."""
     from rtllm import _core
 
     if not _core.mpi_available():
         raise ValueError(f"tensor_parallel_size={tp_size} needs MPI, and this rtllm was built without it "
                          "(install OpenMPI's development files, e.g. libopenmpi-dev, and reinstall rtllm)")
-    world = world_or_none()
-    if world is not None:
-        if world.size != tp_size:
-            raise ValueError(f"tensor_parallel_size={tp_size}, but mpirun started {world.size} processes")
-        return world
-    return _core.mpi_spawn_followers(tp_size - 1, FOLLOWER_COMMAND)
+    allow_spawning()
+    return _core.mpi_spawn(tp_size - 1, FOLLOWER_COMMAND)
+
+
+def allow_spawning() -> None:
+    """Open MPI's launcher, which MPI_Comm_spawn starts, refuses to run as root (containers, CI) unless
+    told, and refuses more processes than cores: the followers are idle while rank 0 builds, and share the
+    cores with it (num_threads splits them). Set before MPI starts; the user's own settings win."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    os.environ.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
 
 
 def prepare_engine_dir(model: str, tp_size: int, build) -> tuple:
@@ -111,8 +117,7 @@ def main() -> None:
         follow(group)
     except Exception as e:  # rank 0 reports the lost group on its side; say why here too
         print(f"rtllm tensor-parallel rank {group.rank}: {e}", file=sys.stderr)
-        os._exit(1)
-    os._exit(0)  # MPI_Finalize would wait for the other ranks of a group that may be gone
+        sys.exit(1)  # (rtllm skips MPI_Finalize at exit once a group is lost: it would wait for the gone)
 
 
 if __name__ == "__main__":

@@ -186,10 +186,17 @@ class LLM:
         if tensor_parallel_size > 1:
             group, temporary_dir = self._start_tensor_parallel(model, dtype, build_config, limits, quant_config)
             self.engine_dir = None if temporary_dir else model
-            self._engine = _core.Engine.load(temporary_dir or model, 0)
+            try:
+                self._engine = _core.Engine.load(temporary_dir or model, 0)
+            except BaseException:
+                _core.stop_tensor_parallel_followers(group)
+                raise
         elif not self._built_here:
             self.engine_dir = model
             self._engine = _core.Engine.load(model)
+            if self._engine.tp_size != 1:
+                raise ValueError(f"the engine {model} was built for tp_size={self._engine.tp_size}, not "
+                                 f"tensor_parallel_size=1: pass tensor_parallel_size={self._engine.tp_size}")
         else:
             self.engine_dir = None  # built in memory: no engine directory exists
             self._engine = self._build(model, dtype, build_config, limits, quant_config)
@@ -300,6 +307,8 @@ class LLM:
 
         tp_size = self.tensor_parallel_size
         world = tensor_parallel.world_or_none()
+        if world is not None and world.size != tp_size:
+            raise ValueError(f"tensor_parallel_size={tp_size}, but mpirun started {world.size} processes")
         if world is not None and world.rank != 0:  # a follower of an mpirun launch: serve, then end
             tensor_parallel.follow(world)
             sys.exit(0)
@@ -309,13 +318,19 @@ class LLM:
                                                                                    mapping=mapping),
                            output, self._build_config_with(build_config, limits), quant_config, tp_size)
 
-        group = tensor_parallel.start_group(tp_size)
-        try:
+        try:  # the engine first: a model that does not split is refused before any process starts
             engine_dir, temporary = tensor_parallel.prepare_engine_dir(model, tp_size, build_ranks)
         except BaseException as e:
-            tensor_parallel.send_abort(group, str(e))
+            if world is not None:  # the launch's followers wait for it
+                tensor_parallel.send_abort(world, str(e))
             raise
-        tensor_parallel.send_setup(group, engine_dir)
+        try:
+            group = world or tensor_parallel.start_group(tp_size)
+            tensor_parallel.send_setup(group, engine_dir)
+        except BaseException:
+            if temporary:
+                shutil.rmtree(engine_dir, ignore_errors=True)
+            raise
         return group, engine_dir if temporary else None
 
     @staticmethod

@@ -81,6 +81,8 @@ def add_serve_parser(subparsers) -> None:
                         help="split long prompts into chunks that share steps with generation")
     engine.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
     engine.add_argument("--num-threads", type=int, default=0, help="CPU threads (0: all cores)")
+    engine.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
+                        help="tensor-parallel ranks, one process each (docs/parallelism.md; default 1)")
     p.set_defaults(func=run_serve)
 
 
@@ -106,7 +108,7 @@ def _load_llm(args: argparse.Namespace):
               scheduler_config=SchedulerConfig(enable_chunked_prefill=args.enable_chunked_prefill),
               max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
               max_input_len=args.max_input_len, max_num_tokens=args.max_num_tokens, seed=args.seed,
-              num_threads=args.num_threads)
+              num_threads=args.num_threads, tensor_parallel_size=args.tp)
     llm._entry_point = "rtllm serve"  # limit errors name this command's flags
     return llm, args.served_model_name or os.path.basename(os.path.normpath(model))
 

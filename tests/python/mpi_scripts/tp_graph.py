@@ -33,7 +33,7 @@ def engine_config(tp_size):
     return {
         "format_version": 2, "rtllm_version": "0.1.0", "architecture": "LlamaForCausalLM",
         "model_config": {"architecture": "LlamaForCausalLM", "vocab_size": V, "hidden_size": H, "num_layers": 1,
-                         "num_heads": 1, "num_kv_heads": 1, "head_dim": H, "dtype": "float32"},
+                         "num_heads": tp_size, "num_kv_heads": 1, "head_dim": H, "dtype": "float32"},
         "build_config": LIMITS, "quantization": {"quant_algo": None},
         "mapping": {"world_size": tp_size, "tp_size": tp_size},
         "graph": {

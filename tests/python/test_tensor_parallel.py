@@ -1,0 +1,169 @@
+"""Tensor parallelism end to end on the CPU: LLM(tensor_parallel_size=2) against the same checkpoint on one
+rank (greedy tokens equal, every architecture), the engine files of a sharded build, an `mpirun -n 2`
+launch, a follower killed mid-generation, and the refusals.
+
+The ranks' partial sums are added in another order than one rank's dot products, so logits differ by
+float32 rounding (~1e-6 relative on these models); greedy tokens are equal unless two candidates are that
+close, which the seeds here avoid (the comparison is exact, not a tolerance on tokens).
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from rtllm import LLM, RtllmError, SamplingParams, _core
+from rtllm.builder import BuildConfig, build_and_save
+from rtllm.builder.safetensors_io import SafetensorsFile
+from rtllm.models import AutoModelForCausalLM
+
+pytestmark = pytest.mark.skipif(not _core.mpi_available() or shutil.which("mpirun") is None,
+                                reason="rtllm was built without MPI" if not _core.mpi_available()
+                                else "mpirun is not installed (Debian: openmpi-bin)")
+
+PROMPTS = [[5, 17, 42, 7, 99, 3, 64], [11, 250, 8], [77, 31, 2, 190, 6, 140, 21, 9, 33]]
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+LIMITS = dict(max_seq_len=128, max_batch_size=4)
+
+# (arch, dtype, tied embeddings, config overrides): qwen2 has q/k/v biases, qwen3 q/k norms, granite its
+# multipliers folded into the weights; num_key_value_heads=1 is MQA (the KV head replicated on both ranks).
+VARIANTS = [
+    ("llama", "float32", False, {}),
+    ("llama", "bfloat16", True, {}),
+    ("llama3", "float32", False, {}),
+    ("mistral", "float32", False, {}),
+    ("qwen2", "float32", False, {}),
+    ("qwen3", "float32", True, {}),
+    ("granite", "float32", True, {}),
+    ("llama", "float32", False, {"num_key_value_heads": 1}),
+]
+
+
+def greedy_tokens(llm):
+    return [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("arch,dtype,tie,overrides", VARIANTS,
+                         ids=[f"{a}-{d}-{'tied' if t else 'untied'}{'-mqa' if o else ''}" for a, d, t, o in VARIANTS])
+def test_two_ranks_give_the_tokens_of_one(tiny_model, arch, dtype, tie, overrides):
+    checkpoint = str(tiny_model(arch, dtype, tie, **overrides))
+    with LLM(checkpoint, **LIMITS) as llm:
+        expected = greedy_tokens(llm)
+    with LLM(checkpoint, tensor_parallel_size=2, **LIMITS) as llm:
+        assert llm.tensor_parallel_size == 2
+        assert greedy_tokens(llm) == expected
+
+
+def test_rank_files_hold_their_shards(tiny_model, tmp_path):
+    """Each rank's file holds 1/2 of every split weight (and whole copies of the norms and the RoPE table);
+    the shards put back together are the one-rank engine's weights."""
+    checkpoint = str(tiny_model("llama"))
+
+    def load(mapping):
+        return AutoModelForCausalLM.from_hugging_face(checkpoint, mapping=mapping)
+
+    build_and_save(load, tmp_path / "one", BuildConfig(**LIMITS))
+    build_and_save(load, tmp_path / "two", BuildConfig(**LIMITS), tp_size=2)
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["mapping"] == {"world_size": 2, "tp_size": 2}
+    one = SafetensorsFile(str(tmp_path / "one" / "rank0.engine"))
+    ranks = [SafetensorsFile(str(tmp_path / "two" / f"rank{r}.engine")) for r in range(2)]
+    assert sorted(one.keys()) == sorted(ranks[0].keys()) == sorted(ranks[1].keys())
+    whole_bytes = shard_bytes = 0
+    for name in one.keys():
+        full, parts = one.get(name), [r.get(name) for r in ranks]
+        whole_bytes += full.nbytes
+        shard_bytes += parts[0].nbytes
+        if name.endswith(("norm.weight", "inv_freq")):
+            for part in parts:
+                np.testing.assert_array_equal(part, full)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):  # row-parallel: input features split
+            np.testing.assert_array_equal(np.concatenate(parts, axis=1), full)
+        elif name.endswith("qkv_proj.weight"):  # each rank: its q heads, then its k and v heads
+            q, kv = 32, 16  # rows of q and of k (or v) on one rank: tiny_model has 4 heads, 2 KV heads of 16
+            for part_rows in ((0, q), (q, q + kv), (q + kv, q + 2 * kv)):
+                pieces = [p[slice(*part_rows)] for p in parts]
+                start = part_rows[0] * 2
+                np.testing.assert_array_equal(np.concatenate(pieces), full[start:start + 2 * (part_rows[1] - part_rows[0])])
+        elif name.endswith("gate_up_proj.weight"):  # gate rows then up rows on each rank
+            halves = [np.split(p, 2) for p in parts]
+            np.testing.assert_array_equal(np.concatenate([h[0] for h in halves] + [h[1] for h in halves]), full)
+        else:  # the embedding and the LM head: vocabulary rows split
+            np.testing.assert_array_equal(np.concatenate(parts), full)
+    norms = sum(one.get(n).nbytes for n in one.keys() if n.endswith(("norm.weight", "inv_freq")))
+    assert shard_bytes == (whole_bytes - norms) // 2 + norms
+
+
+def follower_pids():
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"rtllm.executor.tensor_parallel" in f.read():
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def test_a_killed_follower_fails_the_requests_and_the_parent_lives_on(tiny_model):
+    llm = LLM(str(tiny_model("llama")), tensor_parallel_size=2, max_seq_len=512, max_batch_size=4)
+    followers = follower_pids()
+    assert len(followers) == 1
+    killed_at = []
+
+    def kill():
+        time.sleep(0.3)
+        os.kill(followers[0], signal.SIGKILL)
+        killed_at.append(time.monotonic())
+
+    many = [[5, 17, 42, i] for i in range(64)]  # far longer than 0.3 s
+    threading.Thread(target=kill).start()
+    with pytest.raises(RtllmError, match=r"rank 1 \(process \d+\) has exited; the group of 2 ranks is lost"):
+        llm.generate(many, SamplingParams(max_tokens=480, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert killed_at and time.monotonic() - killed_at[0] < 30
+    with pytest.raises(RtllmError, match="the tensor-parallel group is lost"):  # and so is every later request
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
+    llm.shutdown()
+
+
+def test_mpirun_launch_serves_on_rank_0(tiny_model, tmp_path):
+    """`mpirun -n 2 python app.py`: both processes run the application; rank 0's LLM serves it, rank 1's
+    LLM(...) call becomes the follower and ends its process."""
+    checkpoint = str(tiny_model("qwen2"))
+    app = tmp_path / "app.py"
+    app.write_text(
+        "import json, sys\n"
+        "from rtllm import LLM, SamplingParams\n"
+        f"llm = LLM({checkpoint!r}, tensor_parallel_size=2, max_seq_len=128, max_batch_size=4)\n"
+        "out = llm.generate(json.loads(sys.argv[1]), SamplingParams(max_tokens=16, temperature=0.0, "
+        "ignore_eos=True), use_tqdm=False)\n"
+        "print('tokens', json.dumps([list(o.outputs[0].token_ids) for o in out]), flush=True)\n"
+        "llm.shutdown()\n")
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    result = subprocess.run([shutil.which("mpirun"), "--oversubscribe", "-n", "2", sys.executable, str(app),
+                             json.dumps(PROMPTS)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("tokens ")]
+    assert len(lines) == 1, result.stdout  # rank 1 never reached the application's generate
+    with LLM(checkpoint, **LIMITS) as llm:
+        assert json.loads(lines[0][len("tokens "):]) == greedy_tokens(llm)
+
+
+def test_refusals(tiny_model, tmp_path):
+    checkpoint = str(tiny_model("llama"))
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match=f"tensor_parallel_size={bad!r} must be an int >= 1"):
+            LLM(checkpoint, tensor_parallel_size=bad)
+    build_and_save(lambda m: AutoModelForCausalLM.from_hugging_face(checkpoint, mapping=m), tmp_path / "two",
+                   BuildConfig(**LIMITS), tp_size=2)
+    with pytest.raises(ValueError, match="built for tp_size=2, not tensor_parallel_size=1"):
+        LLM(str(tmp_path / "two"))
+    with pytest.raises(ValueError, match="does not split into 3 equal pieces"):
+        LLM(checkpoint, tensor_parallel_size=3, **LIMITS)
+    assert follower_pids() == []  # the refused group's followers ended
