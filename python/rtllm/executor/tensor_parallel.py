@@ -56,14 +56,13 @@ def allow_spawning() -> None:
     os.environ.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
 
 
-def prepare_engine_dir(model: str, tp_size: int, build) -> tuple:
-    """(engine_dir, temporary): an engine directory of tp_size ranks for `model`. An engine must have been
-    built for tp_size ranks; anything else is built by build(output_dir) into a temporary directory, which
-    the caller removes at shutdown."""
+def prepare_engine_dir(model: str, is_engine: bool, tp_size: int, build) -> tuple:
+    """(engine_dir, temporary): an engine directory of tp_size ranks for `model`. An engine (is_engine) must
+    have been built for tp_size ranks; anything else is built by build(output_dir) into a temporary
+    directory, which the caller removes at shutdown."""
     from rtllm.builder.engine import CONFIG_FILE, tp_size_of
-    from rtllm.llmapi.llm import is_engine_dir
 
-    if is_engine_dir(model):
+    if is_engine:
         with open(os.path.join(model, CONFIG_FILE)) as f:
             built_for = tp_size_of(json.load(f))
         if built_for != tp_size:

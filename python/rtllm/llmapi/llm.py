@@ -319,7 +319,8 @@ class LLM:
                            output, self._build_config_with(build_config, limits), quant_config, tp_size)
 
         try:  # the engine first: a model that does not split is refused before any process starts
-            engine_dir, temporary = tensor_parallel.prepare_engine_dir(model, tp_size, build_ranks)
+            engine_dir, temporary = tensor_parallel.prepare_engine_dir(model, not self._built_here, tp_size,
+                                                                     build_ranks)
         except BaseException as e:
             if world is not None:  # the launch's followers wait for it
                 tensor_parallel.send_abort(world, str(e))
