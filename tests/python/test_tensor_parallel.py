@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from rtllm import LLM, RtllmError, SamplingParams, _core
+from rtllm import LLM, QuantAlgo, QuantConfig, RtllmError, SamplingParams, _core
 from rtllm.builder import BuildConfig, build_and_save
 from rtllm.builder.safetensors_io import SafetensorsFile
 from rtllm.models import AutoModelForCausalLM
@@ -57,6 +57,18 @@ def test_two_ranks_give_the_tokens_of_one(tiny_model, arch, dtype, tie, override
         expected = greedy_tokens(llm)
     with LLM(checkpoint, tensor_parallel_size=2, **LIMITS) as llm:
         assert llm.tensor_parallel_size == 2
+        assert greedy_tokens(llm) == expected
+
+
+def test_group_quantized_weights_split_whole(tiny_model):
+    """W4A16's groups run along the input features, and each rank's half of a row-parallel weight holds whole
+    groups (64 / 2 is a multiple of 32): the two ranks' codes and scales are one rank's, split, and so are
+    the tokens."""
+    checkpoint = str(tiny_model("llama"))
+    quant = QuantConfig(quant_algo=QuantAlgo.W4A16, group_size=32)
+    with LLM(checkpoint, quant_config=quant, **LIMITS) as llm:
+        expected = greedy_tokens(llm)
+    with LLM(checkpoint, tensor_parallel_size=2, quant_config=quant, **LIMITS) as llm:
         assert greedy_tokens(llm) == expected
 
 
