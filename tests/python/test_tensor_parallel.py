@@ -172,6 +172,8 @@ def test_refusals(tiny_model, tmp_path):
     for bad in (0, -1, 1.5, "2", True):
         with pytest.raises(ValueError, match=f"tensor_parallel_size={bad!r} must be an int >= 1"):
             LLM(checkpoint, tensor_parallel_size=bad)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 runs on the CPU only for now"):
+        LLM(checkpoint, tensor_parallel_size=2, device="cuda")
     build_and_save(lambda m: AutoModelForCausalLM.from_hugging_face(checkpoint, mapping=m), tmp_path / "two",
                    BuildConfig(**LIMITS), tp_size=2)
     with pytest.raises(ValueError, match="built for tp_size=2, not tensor_parallel_size=1"):

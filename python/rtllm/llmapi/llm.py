@@ -166,6 +166,9 @@ class LLM:
         self._finalizer = weakref.finalize(self, _cleanup, None)
         if not _is_int(tensor_parallel_size) or tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size!r} must be an int >= 1")
+        if tensor_parallel_size > 1 and device != "cpu":
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} runs on the CPU only for now (device="
+                             f"{device!r}): the CUDA backend's NCCL communicator is not written yet")
         self.tensor_parallel_size = tensor_parallel_size
         model = os.fspath(model)
         from rtllm.models.gguf import resolve_gguf
