@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "op_registry.h"
+#include "runner_backend.h"
 #include "thread_pool.h"
 
 namespace rtllm {
@@ -13,11 +14,7 @@ namespace {
 // Rows of a tensor spec at the largest step: every dim but the last at its maximum.
 int64_t max_rows(const TensorSpec& t, const BackendInfo& b) {
   int64_t rows = 1;
-  for (size_t i = 0; i + 1 < t.shape.size(); ++i) {
-    const Dim& d = t.shape[i];
-    rows *= d.kind == Dim::Kind::kNumTokens ? b.max_num_tokens : d.kind == Dim::Kind::kNumLogits ? b.max_num_logits
-                                                                                                   : d.value;
-  }
+  for (size_t i = 0; i + 1 < t.shape.size(); ++i) rows *= dim_size(t.shape[i], b.max_num_tokens, b.max_num_logits);
   return rows;
 }
 
