@@ -6,8 +6,10 @@ HF checkpoint by packing known integer codes in numpy (independently of rtllm's 
 - an AWQ checkpoint whose codes are rtllm's own W4A16 zero-point grid equals rtllm's own quantization of
   the same weights (codes, scales, offsets, logits);
 - the engine's logits match HF transformers running the dequantized float weights; greedy tokens agree;
+- act-order (desc_act) GPTQ checkpoints, whose g_idx permutes the groups over K, load as the same codes with
+  the columns ordered by group and a gather_columns node ordering x alike (the op against numpy), and match HF;
 - bad inputs are refused naming the value: group size not dividing K, corrupt qweight shapes, bits 3, an
-  unknown quant_method, a permuted (desc_act) g_idx.
+  unknown quant_method, a g_idx with uneven groups, fused parts with different act orders.
 """
 import json
 import os
@@ -18,11 +20,12 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from engine_fixture import RunnerSession
-from hf_reference import load_hf_model, random_prompts, relative_error
-from rtllm import LLM, SamplingParams
+from engine_fixture import RunnerSession, write_one_op_engine
+from hf_reference import hf_greedy, load_hf_model, random_prompts, relative_error
+from rtllm import LLM, RtllmError, SamplingParams
 from rtllm.builder import BuildConfig, build
 from rtllm.builder.safetensors_io import unpack_int4
+from rtllm.builder.tensor import Parameter
 from rtllm.models import AutoModelForCausalLM
 from rtllm.quantization import QuantConfig
 
@@ -78,7 +81,9 @@ def dequant(u, z, s, group):
 
 def write_checkpoint(src, dst, method, bits=4, group=32, sym=False, fmt=None, g_idx=None, config_extra=None):
     """Copies `src` to `dst` with every decoder linear packed as `method` ("awq" or "gptq"); returns
-    {module: float64 dequantized weight [N, K]} and writes the dequantized float checkpoint to dst/../ref."""
+    {module: float64 dequantized weight [N, K]} and writes the dequantized float checkpoint to dst/../ref.
+    g_idx(module, K, G), when given, assigns GPTQ inputs to groups (act-order); each group is quantized over
+    its own inputs."""
     shutil.copytree(src, dst)
     tensors = load_file(os.path.join(src, "model.safetensors"))
     ref_tensors = dict(tensors)
@@ -90,8 +95,13 @@ def write_checkpoint(src, dst, method, bits=4, group=32, sym=False, fmt=None, g_
         w = tensors.pop(name)
         N, K = w.shape
         G = K if group == -1 else group
-        u, z, s = grid(w, bits, G, sym)
-        deq[module] = dequant(u, z, s, G)
+        groups = np.arange(K) // G if g_idx is None else np.asarray(g_idx(module, K, G))
+        order = np.argsort(groups, kind="stable")  # act-order: each group's inputs, quantized together
+        u_sorted, z, s = grid(np.ascontiguousarray(w[:, order]), bits, G, sym)
+        u = np.empty_like(u_sorted)
+        u[:, order] = u_sorted
+        deq[module] = np.empty((N, K))
+        deq[module][:, order] = dequant(u_sorted, z, s, G)
         ref_tensors[name] = deq[module].astype(np.float32)
         if method == "awq":
             tensors[f"{module}.qweight"] = pack_awq(np.ascontiguousarray(u.T))
@@ -100,7 +110,7 @@ def write_checkpoint(src, dst, method, bits=4, group=32, sym=False, fmt=None, g_
             stored = z - 1 if fmt in (None, "gptq") else z  # AutoGPTQ stores z - 1
             tensors[f"{module}.qweight"] = pack_gptq_rows(np.ascontiguousarray(u.T), bits)
             tensors[f"{module}.qzeros"] = pack_gptq_cols(np.ascontiguousarray(stored.T) & (2 ** bits - 1), bits)
-            tensors[f"{module}.g_idx"] = (np.arange(K) // G if g_idx is None else g_idx(K, G)).astype(np.int32)
+            tensors[f"{module}.g_idx"] = groups.astype(np.int32)
         tensors[f"{module}.scales"] = np.ascontiguousarray(s.T)
     save_file(tensors, os.path.join(dst, "model.safetensors"))
     with open(os.path.join(dst, "config.json")) as f:
@@ -153,6 +163,23 @@ def expected_fused(deq: dict) -> dict:
     return out
 
 
+def assert_matches_hf(engine, tmp_path, ref, seed):
+    """The engine's last-token logits match HF transformers on the dequantized checkpoint `ref`; LLM's greedy
+    tokens from the checkpoint at tmp_path / "ckpt" equal HF's."""
+    engine.save(tmp_path / "engine")
+    hf = load_hf_model(ref)
+    prompts = random_prompts(np.random.default_rng(seed), [4, 21])
+    for prompt in prompts:
+        ours = RunnerSession(tmp_path / "engine").step({0: prompt})[0]
+        with torch.no_grad():
+            expected = hf(torch.tensor([prompt])).logits[0, -1].numpy()
+        assert relative_error(ours, expected) < 1e-4
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    with LLM(str(tmp_path / "ckpt"), skip_tokenizer_init=True, max_seq_len=128) as llm:
+        tokens = llm.generate([prompts[0]], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert tokens == hf_greedy(hf, prompts[0], 8)
+
+
 @pytest.fixture(scope="module")
 def llama_dir(tiny_model):
     return tiny_model("llama")
@@ -184,18 +211,7 @@ def test_checkpoint_loads_to_the_dequantized_weights_and_matches_hf(llama_dir, t
     got = decoded_weights(engine)
     for module, w in expected_fused(deq).items():
         np.testing.assert_array_equal(got[module], w, err_msg=module)  # exact: q·s + (mid - z)·s = (u - z)·s
-    engine.save(tmp_path / "engine")
-    hf = load_hf_model(ref)
-    for prompt in random_prompts(np.random.default_rng(3), [4, 21]):
-        ours = RunnerSession(tmp_path / "engine").step({0: prompt})[0]
-        with torch.no_grad():
-            expected = hf(torch.tensor([prompt])).logits[0, -1].numpy()
-        assert relative_error(ours, expected) < 1e-4
-    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    with LLM(str(tmp_path / "ckpt"), skip_tokenizer_init=True, max_seq_len=128) as llm:
-        tokens = [o.outputs[0].token_ids for o in llm.generate([[5, 6, 7]], greedy, use_tqdm=False)]
-    from hf_reference import hf_greedy
-    assert tokens[0] == hf_greedy(hf, [5, 6, 7], 8)
+    assert_matches_hf(engine, tmp_path, ref, seed=3)
 
 
 def test_awq_checkpoint_equals_rtllm_own_w4a16(llama_dir, tmp_path):
@@ -252,10 +268,69 @@ def test_corrupt_qweight_shape_is_refused(llama_dir, tmp_path):
              method="awq", mutate=cut)
 
 
-def test_desc_act_g_idx_is_refused(llama_dir, tmp_path):
-    rng = np.random.default_rng(0)
-    _refused(tmp_path, llama_dir, r"model.layers.0.self_attn.q_proj.g_idx is not k // group_size.*desc_act",
-             method="gptq", g_idx=lambda K, G: rng.permutation(np.arange(K) // G))
+def act_order(module, K, G):
+    """GPTQ's desc_act g_idx: the inputs in a (here random) order of decreasing Hessian diagonal, cut into groups
+    of G. One order per K and layer, as the parts of a fused linear share their input's Hessian."""
+    layer = int(module.split(".")[2])
+    perm = np.random.default_rng(1000 * layer + K).permutation(K)
+    g_idx = np.empty(K, np.int64)
+    g_idx[perm] = np.arange(K) // G
+    return g_idx
+
+
+@pytest.mark.parametrize("bits, group, sym", [(4, 32, False), (8, 32, True)])
+def test_act_order_checkpoint_matches_hf(llama_dir, tmp_path, bits, group, sym):
+    deq, ref = write_checkpoint(llama_dir, str(tmp_path / "ckpt"), "gptq", bits, group, sym, "gptq",
+                                g_idx=act_order, config_extra={"desc_act": True})
+    engine = engine_of(tmp_path / "ckpt")
+    nodes = engine.graph["nodes"]
+    producers = {o: n for n in nodes for o in n["outputs"]}
+    got = decoded_weights(engine)
+    for node in (n for n in nodes if n["op"] == "weight_only_linear"):
+        gather = producers[node["inputs"][0]]  # every quantized linear reads its input through the order
+        assert gather["op"] == "gather_columns", node
+        order = engine.weights[gather["inputs"][1]].load()
+        module = node["inputs"][1].rsplit(".", 1)[0]
+        expected = expected_fused(deq)[module]
+        # the engine's codes are the checkpoint's, columns in the input order: exact
+        np.testing.assert_array_equal(got[module], expected[:, order], err_msg=module)
+    assert_matches_hf(engine, tmp_path, ref, seed=4)
+
+
+def test_gather_columns_op(llama_dir, tmp_path):
+    """gather_columns against numpy on the CPU runner, then an index outside [0, K) refused at run time."""
+    rng = np.random.default_rng(5)
+    K, C = 40, 56
+    x = rng.normal(size=(48, K)).astype(np.float32)  # token ids must stay below C, the op's vocab_size
+    index = rng.integers(0, K, C).astype(np.int32)  # repeats allowed: any column choice
+    weights = {"index": Parameter((C,), "int32", lambda: index, "index")}
+    write_one_op_engine(tmp_path / "ok", llama_dir, x, C, "gather_columns", ["index"], weights, {})
+    session = RunnerSession(tmp_path / "ok")
+    tokens = [3, 0, 47, 17, 3]
+    out = session.step({i: [t] for i, t in enumerate(tokens)})
+    np.testing.assert_array_equal(np.stack([out[i] for i in range(len(tokens))]), x[tokens][:, index])
+    bad = index.copy()
+    bad[7] = K
+    weights = {"index": Parameter((C,), "int32", lambda: bad, "index")}
+    write_one_op_engine(tmp_path / "bad", llama_dir, x, C, "gather_columns", ["index"], weights, {})
+    with pytest.raises(RtllmError, match=rf"gather_columns: index {K} \(at 7\) outside \[0, {K}\)"):
+        RunnerSession(tmp_path / "bad").step({0: [1]})
+
+
+def test_uneven_act_order_groups_are_refused(llama_dir, tmp_path):
+    def uneven(module, K, G):
+        g_idx = act_order(module, K, G)
+        g_idx[g_idx == 1] = 0  # group 0 takes group 1's inputs
+        return g_idx
+    _refused(tmp_path, llama_dir, r"model.layers.0.self_attn.q_proj.g_idx assigns its 64 inputs to 2 groups unevenly "
+             r"\(group sizes \[0, 64\]\)", method="gptq", g_idx=uneven)
+
+
+def test_fused_parts_with_different_act_orders_are_refused(llama_dir, tmp_path):
+    def per_module(module, K, G):  # k_proj ordered unlike q_proj, though both read one input
+        return act_order(module, K, G) if not module.endswith("k_proj") else act_order(module, K, G)[::-1].copy()
+    _refused(tmp_path, llama_dir, r"model.layers.0.self_attn.k_proj.g_idx orders the inputs unlike "
+             r"model.layers.0.self_attn.q_proj.g_idx", method="gptq", g_idx=per_module)
 
 
 def test_a_conflicting_quant_config_is_refused(llama_dir, tmp_path):

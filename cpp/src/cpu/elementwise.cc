@@ -1,4 +1,5 @@
-// Row-wise ops without reductions: add, mul, silu, silu_mul, embedding, gather_rows. Tasks are rows.
+// Row-wise ops without reductions: add, mul, silu, silu_mul, embedding, gather_rows, gather_columns.
+// Tasks are rows.
 #include <cmath>
 #include <cstring>
 
@@ -134,6 +135,35 @@ class Gather final : public OpKind {
   const bool vocab_parallel_;
 };
 
+// gather_columns: (x [T, K], index [C] int32) -> [T, C] = x[:, index]. The input order of a linear whose
+// weight columns the builder reordered (GPTQ act-order checkpoints: each quantization group's columns made
+// contiguous); the index is a weight, checked whole each run (C values against a GEMM of T x C x N).
+class GatherColumns final : public OpKind {
+ public:
+  explicit GatherColumns(const OpSpec& spec) : OpKind(spec) {
+    spec.require_num_io(2, 2, 1);
+    spec.require_input_dtype(0, {DataType::kFloat32});
+    spec.require_input_dtype(1, {DataType::kInt32});
+  }
+
+  void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
+    const TensorView &x = in[0], &index = in[1], &dst = out[0];
+    const int64_t T = x.rows(), K = x.cols(), C = index.numel();
+    RTLLM_CHECK(dst.rows() == T && dst.cols() == C, "gather_columns: output [", dst.rows(), ", ", dst.cols(),
+                "], expected [", T, ", ", C, "]");
+    const int32_t* idx = index.i32();
+    for (int64_t c = 0; c < C; ++c) {
+      RTLLM_CHECK(idx[c] >= 0 && idx[c] < K, "gather_columns: index ", idx[c], " (at ", c, ") outside [0, ", K,
+                  ")");
+    }
+    ctx.pool->parallel_for(T, [&](int64_t t, int) {
+      const float* src = x.f32() + t * K;
+      float* row = dst.f32() + t * C;
+      for (int64_t c = 0; c < C; ++c) row[c] = src[idx[c]];
+    }, C);
+  }
+};
+
 }  // namespace
 
 void register_cpu_elementwise_ops() {
@@ -143,6 +173,7 @@ void register_cpu_elementwise_ops() {
   register_op("silu_mul", DeviceKind::kCpu, make_op<SiluMul>);
   register_op("embedding", DeviceKind::kCpu, make_op<Gather>);
   register_op("gather_rows", DeviceKind::kCpu, make_op<Gather>);
+  register_op("gather_columns", DeviceKind::kCpu, make_op<GatherColumns>);
 }
 
 }  // namespace rtllm

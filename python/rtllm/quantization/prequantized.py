@@ -429,8 +429,11 @@ def _attach(module, checkpoint, loaded: list, mode: str, Parameter) -> None:
 #   rows per word, the first in the lowest bits; qzeros [K / G, N · bits / 32] packs consecutive output
 #   columns the same way; g_idx [K] gives each input's group. AutoGPTQ's format (checkpoint_format "gptq",
 #   the default) stores z - 1, GPTQModel's "gptq_v2" stores z. group_size -1 is one group over K.
-#   Only g_idx[k] == k // G is supported: checkpoints quantized with desc_act (act-order) whose g_idx
-#   permutes the groups are refused, naming the module.
+#   Act-order (desc_act) checkpoints: g_idx is not k // G but still gives every group G inputs. The loader
+#   then orders K by group (a stable sort of g_idx, `input_order`), so each group's columns are contiguous
+#   as weight_only_linear wants, and a gather_columns node feeds the linear x[:, input_order]: the same sum,
+#   exactly the checkpoint's codes. The parts of a fused linear (q/k/v, gate/up) read one input and must
+#   share one order (GPTQ orders by the Hessian of that input, so they do); otherwise they are refused.
 # Mapping onto weight_only_linear (exact): bits 4 -> I4 codes q = u - 8, bits 8 -> I8 codes q = u - 128;
 # scale as stored; offset (mid - z) · s in float32 (mid = 8 or 128), omitted when every z of the linear is
 # mid (symmetric). A fused linear (q/k/v, gate/up) stacks its parts' rows; the offset is kept for all of
@@ -521,6 +524,7 @@ class WeightOnlyPart:
         from ..builder.safetensors_io import to_float32
 
         self.scheme, self.module, self.n, self.k = scheme, module, n, k
+        self.input_order = None  # [K] int64 when the checkpoint's groups are permuted (act-order)
         bits = scheme.bits
         g = k if scheme.group_size == -1 else scheme.group_size
         if k % g:
@@ -536,11 +540,7 @@ class WeightOnlyPart:
                 raise ValueError(f"{module}: K={k} and N={n} must be multiples of {per} (GPTQ {bits}-bit packing)")
             self.qweight = _int_tensor(checkpoint, f"{module}.qweight", (k // per, n))
             self.qzeros = _int_tensor(checkpoint, f"{module}.qzeros", (groups, n // per))
-            self.g_idx = None
-            if f"{module}.g_idx" in checkpoint.files:
-                self.g_idx = checkpoint.tensor(f"{module}.g_idx")
-                if tuple(self.g_idx.shape) != (k,):
-                    raise ValueError(f"{module}.g_idx has shape {list(self.g_idx.shape)}, expected [{k}]")
+            self.input_order = _input_order(checkpoint, module, k, g)
         self.scales = checkpoint.tensor(f"{module}.scales")
         if tuple(self.scales.shape) != (groups, n):
             raise ValueError(f"{module}.scales has shape {list(self.scales.shape)}, expected [{groups}, {n}]")
@@ -549,19 +549,16 @@ class WeightOnlyPart:
         self._to_float32 = to_float32
 
     def decode(self) -> tuple:
-        """(u [N, K] unsigned codes, z [N, K / G] zero points, s [N, K / G] float32), exactly as stored."""
+        """(u [N, K] unsigned codes, z [N, K / G] zero points, s [N, K / G] float32), exactly as stored; with an
+        input_order, u's columns are in that order (column j is input input_order[j], of group j // G)."""
         bits = self.scheme.bits
         if self.scheme.method == "awq":
             u = _unpack_awq(self.qweight.load()).T
             z = _unpack_awq(self.qzeros.load()).T
         else:
-            if self.g_idx is not None:
-                g_idx = np.asarray(self.g_idx.load()).astype(np.int64)
-                if not np.array_equal(g_idx, np.arange(self.k) // self.group_size):
-                    raise ValueError(f"{self.module}.g_idx is not k // group_size: the checkpoint was quantized with "
-                                     f"desc_act (act-order) and its groups are permuted, which rtllm does not load "
-                                     f"yet; use a checkpoint quantized with desc_act=False (or static_groups)")
             u = _unpack_words(self.qweight.load(), bits, 0).T
+            if self.input_order is not None:
+                u = u[:, self.input_order]
             z = _unpack_words(self.qzeros.load(), bits, 1).T
             if self.scheme.zeros_minus_one:
                 z = z + 1
@@ -569,6 +566,28 @@ class WeightOnlyPart:
         if not np.all(np.isfinite(s)):
             raise ValueError(f"{self.module}.scales holds non-finite values")
         return u, z, np.ascontiguousarray(s, np.float32)
+
+
+def _input_order(checkpoint, module: str, k: int, group_size: int):
+    """None when the module's g_idx is absent or k // G; else the stable order of K by group (act-order), after
+    checking that every group holds group_size inputs."""
+    name = f"{module}.g_idx"
+    if name not in checkpoint.files:
+        return None
+    t = checkpoint.tensor(name)
+    if tuple(t.shape) != (k,):
+        raise ValueError(f"{name} has shape {list(t.shape)}, expected [{k}]")
+    g_idx = np.asarray(t.load()).astype(np.int64)
+    if np.array_equal(g_idx, np.arange(k) // group_size):
+        return None
+    groups = k // group_size
+    counts = np.bincount(g_idx, minlength=groups) if g_idx.min() >= 0 else None
+    if counts is None or len(counts) != groups or np.any(counts != group_size):
+        found = "values outside [0, groups)" if counts is None or len(counts) != groups else \
+            f"group sizes {sorted(set(counts.tolist()))}"
+        raise ValueError(f"{name} assigns its {k} inputs to {groups} groups unevenly ({found}); every group must "
+                         f"hold group_size={group_size} inputs")
+    return np.argsort(g_idx, kind="stable")
 
 
 class WeightOnlyPrequantized:
@@ -600,6 +619,8 @@ class WeightOnlyPrequantized:
                 continue
             linear, parts = by_weight.pop(node.inputs[1])
             weight = network.weights[node.inputs[1]]
+            if parts[0].input_order is not None:
+                _gather_input(network, node, weight.name, parts)
             fp16 = all(p.scales.dtype == "float16" for p in parts)  # else float32: bf16 widens exactly
             params = weight_only_parameters(weight, bits, parts[0].group_size, self.has_offset,
                                             lambda parts=parts: _codes(parts, bits, self.has_offset),
@@ -614,6 +635,25 @@ class WeightOnlyPrequantized:
         if by_weight:
             raise ValueError(f"pre-quantized linears {sorted(by_weight)} are not in the traced network")
         return report
+
+
+def _gather_input(network, node, weight_name: str, parts: list) -> None:
+    """Feeds `node` x[:, input_order] through a gather_columns node (act-order; see the layout notes)."""
+    from ..builder.tensor import Parameter
+
+    order = parts[0].input_order
+    for p in parts[1:]:
+        if p.input_order is None or not np.array_equal(p.input_order, order):
+            raise ValueError(f"{p.module}.g_idx orders the inputs unlike {parts[0].module}.g_idx, but the two are "
+                             f"one fused linear reading one input: they must share one act-order permutation")
+    index = Parameter((len(order),), "int32", lambda: order.astype(np.int32),
+                      weight_name.rsplit(".", 1)[0] + ".input_order")
+    index.keep_dtype = True
+    network.add_weight(index)
+    x = node.inputs[0]
+    gathered, = network.add_node("gather_columns", [x, index], [("float32", network.shape_of(x))],
+                                 index=network.nodes.index(node))
+    node.inputs[0] = gathered.name
 
 
 def _codes(parts: list, bits: int, has_offset: bool) -> tuple:
@@ -637,7 +677,10 @@ def _dequantized(parts: list) -> np.ndarray:
     for p in parts:
         u, z, s = p.decode()
         g = p.group_size
-        rows.append(((u - np.repeat(z, g, axis=1)) * np.repeat(s.astype(np.float64), g, axis=1)).astype(np.float32))
+        w = ((u - np.repeat(z, g, axis=1)) * np.repeat(s.astype(np.float64), g, axis=1)).astype(np.float32)
+        if p.input_order is not None:  # back to the checkpoint's input order
+            w[:, p.input_order] = w.copy()
+        rows.append(w)
     return np.concatenate(rows, axis=0)
 
 
