@@ -99,6 +99,9 @@ void bind_communicator(py::module_& m) {
           },
           "How long a collective may wait for the other ranks before the group is declared lost")
       .def("barrier", &Communicator::barrier, py::call_guard<py::gil_scoped_release>())
+      .def("disconnect", &Communicator::disconnect, py::call_guard<py::gil_scoped_release>(),
+           "Ends the group (every rank calls it): a barrier, then the processes are no longer connected, so "
+           "that each finalises MPI on its own at exit; later calls raise")
       .def("__repr__", [](const Communicator& c) {
         return detail::concat("Communicator(rank=", c.rank(), ", size=", c.size(), ")");
       });

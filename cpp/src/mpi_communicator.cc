@@ -79,9 +79,11 @@ bool process_alive(int64_t pid) { return kill(static_cast<pid_t>(pid), 0) == 0 |
 class MpiCommunicator final : public Communicator {
  public:
   // comm: this object's own communicator (a duplicate of MPI_COMM_WORLD, or the merged spawn group), so
-  // that these collectives never match the application's messages nor change its error handler. A
+  // that these collectives never match the application's messages nor change its error handler;
+  // spawn_inter: the intercommunicator the merged group came from, which also connects the processes. A
   // collective itself: every rank constructs its communicator at once.
-  explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+  explicit MpiCommunicator(MPI_Comm comm, MPI_Comm spawn_inter = MPI_COMM_NULL)
+      : comm_(comm), spawn_inter_(spawn_inter) {
     // Errors return to the caller (and become an Error naming the call) instead of aborting every rank
     // with MPI's default MPI_ERRORS_ARE_FATAL.
     check_mpi(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
@@ -143,10 +145,21 @@ class MpiCommunicator final : public Communicator {
 
   void barrier() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    require_usable("MPI_Ibarrier");
-    MPI_Request request;
-    issue(MPI_Ibarrier(comm_, &request), "MPI_Ibarrier");
-    wait(&request, "MPI_Ibarrier", -1);
+    barrier_locked();
+  }
+
+  // The barrier first (polled, with the liveness checks and the timeout): MPI_Comm_disconnect blocks
+  // without either, so it runs only once every rank is known to be there. The merged group is freed
+  // (nothing is pending after the barrier) and only the spawn's intercommunicator disconnected: Open MPI's
+  // MPI_Comm_disconnect of the intracommunicator MPI_Intercomm_merge made does not return.
+  void disconnect() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (disconnected_) return;
+    barrier_locked();
+    disconnected_ = true;
+    check_mpi(MPI_Comm_free(&comm_), "MPI_Comm_free");
+    if (spawn_inter_ != MPI_COMM_NULL) check_mpi(MPI_Comm_disconnect(&spawn_inter_), "MPI_Comm_disconnect");
+    broken_ = "the communicator is disconnected: its group has ended";
   }
 
  private:
@@ -167,6 +180,13 @@ class MpiCommunicator final : public Communicator {
       issue(MPI_Ibcast(bytes->data() + done, n, MPI_BYTE, root, comm_, &request), "MPI_Ibcast");
       wait(&request, "MPI_Ibcast", -1);
     }
+  }
+
+  void barrier_locked() {
+    require_usable("MPI_Ibarrier");
+    MPI_Request request;
+    issue(MPI_Ibarrier(comm_, &request), "MPI_Ibarrier");
+    wait(&request, "MPI_Ibarrier", -1);
   }
 
   void require_usable(const char* call) {
@@ -219,6 +239,8 @@ class MpiCommunicator final : public Communicator {
   }
 
   MPI_Comm comm_;
+  MPI_Comm spawn_inter_;
+  bool disconnected_ = false;
   int rank_ = 0, size_ = 1;
   std::vector<Peer> peers_;  // [size]
   std::chrono::milliseconds timeout_{30000};
@@ -290,7 +312,7 @@ std::shared_ptr<Communicator> mpi_spawn(int32_t count, const std::vector<std::st
             "MPI_Comm_spawn");
   for (int32_t i = 0; i < count; ++i) check_mpi(codes[i], "MPI_Comm_spawn (a spawned process)");
   check_mpi(MPI_Intercomm_merge(inter, /*high=*/0, &group), "MPI_Intercomm_merge");  // this process first
-  return std::make_shared<MpiCommunicator>(group);
+  return std::make_shared<MpiCommunicator>(group, inter);
 }
 
 std::shared_ptr<Communicator> mpi_parent_communicator() {
@@ -299,7 +321,7 @@ std::shared_ptr<Communicator> mpi_parent_communicator() {
   check_mpi(MPI_Comm_get_parent(&parent), "MPI_Comm_get_parent");
   if (parent == MPI_COMM_NULL) return nullptr;
   check_mpi(MPI_Intercomm_merge(parent, /*high=*/1, &group), "MPI_Intercomm_merge");  // after the parent
-  return std::make_shared<MpiCommunicator>(group);
+  return std::make_shared<MpiCommunicator>(group, parent);
 }
 
 }  // namespace rtllm

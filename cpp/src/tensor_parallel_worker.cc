@@ -223,27 +223,27 @@ std::shared_ptr<const Engine> TensorParallelWorker::engine() const { return impl
 const RuntimeConfig& TensorParallelWorker::config() const { return impl_->local.config(); }
 int32_t TensorParallelWorker::vocab_size() const { return impl_->local.vocab_size(); }
 
-// The barrier after the stop: a broadcast's root may finish before anyone received it, the barrier
-// returns once every follower has (or throws for one that is gone, which marks the group lost and keeps
-// MPI_Finalize from waiting for it at exit).
+// The disconnect after the stop: a broadcast's root may finish before anyone received it, the
+// disconnect's barrier returns once every follower has (or throws for one that is gone, which marks the
+// group lost and keeps MPI_Finalize from waiting for it at exit); then the processes are independent.
 void stop_tensor_parallel_followers(Communicator& group) {
   std::vector<uint8_t> message;
   encode_stop(&message);
   group.broadcast(&message, 0);
-  group.barrier();
+  group.disconnect();
 }
 
 void run_tensor_parallel_follower(std::shared_ptr<const Engine> engine, const RuntimeConfig& config) {
   Communicator& group = group_of(config, /*leader=*/false);
   std::vector<uint8_t> message;
   group.broadcast_wait(&message, 0);  // rank 0 may still be loading its weights
-  if (is_stop(message)) return group.barrier();
+  if (is_stop(message)) return group.disconnect();
   ModelRunner runner(std::move(engine), decode_setup(message, config.communicator));
   BlockCopies copies;
   StepInputs inputs;
   for (;;) {
     group.broadcast_wait(&message, 0);  // idle between requests: waits as long as rank 0 lives
-    if (decode(message, &copies, &inputs) == Message::kStop) return group.barrier();
+    if (decode(message, &copies, &inputs) == Message::kStop) return group.disconnect();
     try {
       if (!copies.empty()) runner.copy_blocks(copies);
       runner.forward(inputs);

@@ -40,6 +40,7 @@ class FakeCommunicator final : public Communicator {
   void set_timeout(std::chrono::milliseconds) override {}
   std::chrono::milliseconds timeout() const override { return std::chrono::milliseconds(1000); }
   void barrier() override {}
+  void disconnect() override {}
 
   std::vector<int64_t> reduced_counts, gathered_counts;
 

@@ -72,6 +72,26 @@ def test_group_quantized_weights_split_whole(tiny_model):
         assert greedy_tokens(llm) == expected
 
 
+_USE_AND_EXIT = """
+import sys
+from rtllm import LLM, SamplingParams
+with LLM(sys.argv[1], tensor_parallel_size=2, max_seq_len=128, max_batch_size=4) as llm:
+    print(llm.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False).outputs[0].token_ids)
+"""
+
+
+def test_a_process_that_ran_two_ranks_exits(tiny_model):
+    """After shutdown the spawned ranks are disconnected: the process finalises MPI on its own at exit instead
+    of waiting for followers that have gone."""
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _USE_AND_EXIT, str(tiny_model("llama"))], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith("["), done.stdout
+    assert time.monotonic() - start < 60
+    assert follower_pids() == []
+
+
 def test_rank_files_hold_their_shards(tiny_model, tmp_path):
     """Each rank's file holds 1/2 of every split weight (and whole copies of the norms and the RoPE table);
     the shards put back together are the one-rank engine's weights."""

@@ -49,6 +49,11 @@ class RTLLM_API Communicator {
   virtual int64_t all_reduce_min(int64_t value) = 0;
   // Returns once every rank has called it.
   virtual void barrier() = 0;
+  // Ends the group, once every rank is done with it: a barrier, then the ranks stop being connected (with
+  // MPI, processes started by mpi_spawn would otherwise finalise together at exit, each waiting for the
+  // others, and for the ones that have already gone forever). Every later call throws; a second
+  // disconnect does nothing.
+  virtual void disconnect() = 0;
 };
 
 // True when this build has the MPI communicator.

@@ -87,6 +87,7 @@ def send_abort(group, reason: str) -> None:
     """Rank 0, when it cannot start: the followers end instead of waiting for an engine."""
     try:
         group.broadcast(json.dumps({"abort": reason}).encode(), 0)
+        group.disconnect()
     except Exception:  # a follower that is gone has nothing to end
         pass
 
@@ -98,6 +99,7 @@ def follow(group) -> None:
 
     setup = json.loads(group.broadcast_wait(b"", 0).decode())
     if "abort" in setup:
+        group.disconnect()
         return
     engine = _core.Engine.load(setup["engine_dir"], group.rank)
     runtime = _core.RuntimeConfig()  # the limits and KV pool come from rank 0 with the first message
