@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from rtllm import LLM, QuantAlgo, QuantConfig, RtllmError, SamplingParams, _core
-from rtllm.builder import BuildConfig, build_and_save
+from rtllm.builder import BuildConfig, build, build_and_save
 from rtllm.builder.safetensors_io import SafetensorsFile
+from rtllm.mapping import Mapping
 from rtllm.models import AutoModelForCausalLM
 
 pytestmark = pytest.mark.skipif(not _core.mpi_available() or shutil.which("mpirun") is None,
@@ -92,45 +93,147 @@ def test_a_process_that_ran_two_ranks_exits(tiny_model):
     assert follower_pids() == []
 
 
-def test_rank_files_hold_their_shards(tiny_model, tmp_path):
-    """Each rank's file holds 1/2 of every split weight (and whole copies of the norms and the RoPE table);
-    the shards put back together are the one-rank engine's weights."""
-    checkpoint = str(tiny_model("llama"))
-
+def build_one_and_two(checkpoint, path, quant=None) -> tuple:
+    """The engine files of `checkpoint` built for one rank and for two: (one, [rank0, rank1])."""
     def load(mapping):
         return AutoModelForCausalLM.from_hugging_face(checkpoint, mapping=mapping)
 
-    build_and_save(load, tmp_path / "one", BuildConfig(**LIMITS))
-    build_and_save(load, tmp_path / "two", BuildConfig(**LIMITS), tp_size=2)
+    build_and_save(load, path / "one", BuildConfig(**LIMITS), quant)
+    build_and_save(load, path / "two", BuildConfig(**LIMITS), quant, tp_size=2)
+    return (SafetensorsFile(str(path / "one" / "rank0.engine")),
+            [SafetensorsFile(str(path / "two" / f"rank{r}.engine")) for r in range(2)])
+
+
+def assert_split(name: str, full: np.ndarray, parts: list) -> None:
+    """parts are the two ranks' shards of the one-rank tensor `full` (tiny_model's llama: 4 heads, 2 KV heads
+    of 16), by the sharding of the weight they belong to (codes and per-row scales split as their weight)."""
+    if name.endswith(("norm.weight", "inv_freq", "input_scale")) or full.shape == (1,):
+        for part in parts:  # whole on every rank
+            np.testing.assert_array_equal(part, full, err_msg=name)
+    elif ".o_proj." in name or ".down_proj." in name:  # row-parallel: input features split
+        np.testing.assert_array_equal(np.concatenate(parts, axis=1), full, err_msg=name)
+    elif ".qkv_proj." in name:  # each rank: its q heads, then its k and v heads
+        q, kv = 32, 16  # rows of q and of k (or v) on one rank
+        for part_rows in ((0, q), (q, q + kv), (q + kv, q + 2 * kv)):
+            pieces = [p[slice(*part_rows)] for p in parts]
+            start = part_rows[0] * 2
+            np.testing.assert_array_equal(np.concatenate(pieces), full[start:start + 2 * (part_rows[1] - part_rows[0])],
+                                          err_msg=name)
+    elif ".gate_up_proj." in name:  # gate rows then up rows on each rank
+        halves = [np.split(p, 2) for p in parts]
+        np.testing.assert_array_equal(np.concatenate([h[0] for h in halves] + [h[1] for h in halves]), full,
+                                      err_msg=name)
+    else:  # the embedding and the LM head: vocabulary rows split
+        np.testing.assert_array_equal(np.concatenate(parts), full, err_msg=name)
+
+
+def test_rank_files_hold_their_shards(tiny_model, tmp_path):
+    """Each rank's file holds 1/2 of every split weight (and whole copies of the norms and the RoPE table);
+    the shards put back together are the one-rank engine's weights."""
+    one, ranks = build_one_and_two(str(tiny_model("llama")), tmp_path)
     assert json.loads((tmp_path / "two" / "config.json").read_text())["mapping"] == {"world_size": 2, "tp_size": 2}
-    one = SafetensorsFile(str(tmp_path / "one" / "rank0.engine"))
-    ranks = [SafetensorsFile(str(tmp_path / "two" / f"rank{r}.engine")) for r in range(2)]
     assert sorted(one.keys()) == sorted(ranks[0].keys()) == sorted(ranks[1].keys())
     whole_bytes = shard_bytes = 0
     for name in one.keys():
         full, parts = one.get(name), [r.get(name) for r in ranks]
         whole_bytes += full.nbytes
         shard_bytes += parts[0].nbytes
-        if name.endswith(("norm.weight", "inv_freq")):
-            for part in parts:
-                np.testing.assert_array_equal(part, full)
-        elif name.endswith(("o_proj.weight", "down_proj.weight")):  # row-parallel: input features split
-            np.testing.assert_array_equal(np.concatenate(parts, axis=1), full)
-        elif name.endswith("qkv_proj.weight"):  # each rank: its q heads, then its k and v heads
-            q, kv = 32, 16  # rows of q and of k (or v) on one rank: tiny_model has 4 heads, 2 KV heads of 16
-            for part_rows in ((0, q), (q, q + kv), (q + kv, q + 2 * kv)):
-                pieces = [p[slice(*part_rows)] for p in parts]
-                start = part_rows[0] * 2
-                np.testing.assert_array_equal(np.concatenate(pieces), full[start:start + 2 * (part_rows[1] - part_rows[0])])
-        elif name.endswith("gate_up_proj.weight"):  # gate rows then up rows on each rank
-            halves = [np.split(p, 2) for p in parts]
-            np.testing.assert_array_equal(np.concatenate([h[0] for h in halves] + [h[1] for h in halves]), full)
-        else:  # the embedding and the LM head: vocabulary rows split
-            np.testing.assert_array_equal(np.concatenate(parts), full)
+        assert_split(name, full, parts)
     norms = sum(one.get(n).nbytes for n in one.keys() if n.endswith(("norm.weight", "inv_freq")))
     assert shard_bytes == (whole_bytes - norms) // 2 + norms
 
 
+# Calibrated quantization: build_and_save runs the whole model over the calibration data once, and every
+# rank quantizes its shard with what it saw (per-channel statistics of a row-parallel input cut to the rank's
+# channels).
+CALIB = dict(calib_size=8, calib_max_seq_length=64)
+FP8_STATIC = QuantConfig(quant_algo=QuantAlgo.FP8, kv_cache_quant_algo=QuantAlgo.FP8, **CALIB)
+
+
+@pytest.mark.parametrize("quant", [FP8_STATIC, QuantConfig(kv_cache_quant_algo=QuantAlgo.INT8, **CALIB)],
+                         ids=["fp8-static-fp8-kv", "int8-kv"])
+def test_calibrated_quantization_gives_the_tokens_of_one_rank(tiny_model, quant):
+    checkpoint = str(tiny_model("llama"))
+    with LLM(checkpoint, quant_config=quant, **LIMITS) as llm:
+        expected = greedy_tokens(llm)
+    with LLM(checkpoint, tensor_parallel_size=2, quant_config=quant, **LIMITS) as llm:
+        assert greedy_tokens(llm) == expected
+
+
+def test_fp8_static_shards_are_the_whole_model_quantized(tiny_model, tmp_path):
+    """Static FP8 on two ranks: each rank's E4M3 codes are one rank's, split, because its per-tensor weight
+    scale is that of the whole weight and its input scale that of the whole model's activations; the K/V
+    scales are one rank's too."""
+    one, ranks = build_one_and_two(str(tiny_model("llama")), tmp_path, FP8_STATIC)
+    assert sorted(one.keys()) == sorted(ranks[0].keys())
+    scales = [n for n in one.keys() if n.endswith(("weight_scale", "input_scale"))]
+    assert len(scales) == 2 * 4 * 2  # 2 layers x 4 linears x (weight, input)
+    for name in one.keys():
+        assert_split(name, one.get(name), [r.get(name) for r in ranks])
+    configs = [json.loads((tmp_path / d / "config.json").read_text())["graph"]["nodes"] for d in ("one", "two")]
+    kv = [[(n["attrs"]["k_scale"], n["attrs"]["v_scale"]) for n in c if n["op"] == "attention"] for c in configs]
+    assert kv[0] == kv[1] and len(kv[0]) == 2
+
+
+def test_gptq_column_parallel_shards_are_one_ranks_rows(tiny_model, tmp_path):
+    """GPTQ quantizes each output row on its own given its input's Hessian, which comes from the whole model:
+    the column-parallel linears' codes and scales on each rank are one rank's rows. (A row-parallel shard
+    sees only its channels' block of the Hessian, so its codes may differ from one rank's.) Two ranks then
+    generate."""
+    checkpoint = str(tiny_model("llama"))
+    quant = QuantConfig(quant_algo=QuantAlgo.W4A16_GPTQ, group_size=32, **CALIB)
+    one, ranks = build_one_and_two(checkpoint, tmp_path, quant)
+    column_parallel = [n for n in one.keys() if ".qkv_proj." in n or ".gate_up_proj." in n]
+    assert len(column_parallel) == 2 * 2 * 2  # 2 layers x 2 linears x (codes, scales)
+    for name in column_parallel:
+        assert_split(name, one.get(name), [r.get(name) for r in ranks])
+    with LLM(str(tmp_path / "two"), tensor_parallel_size=2) as llm:
+        assert [len(t) for t in greedy_tokens(llm)] == [16] * len(PROMPTS)
+
+
+@pytest.mark.parametrize("algo", [QuantAlgo.W4A16_AWQ, QuantAlgo.W8A8_SQ_PER_CHANNEL])
+def test_awq_and_smoothquant_build_and_run_on_two_ranks(tiny_model, algo):
+    """Each rank searches (AWQ) or balances (SmoothQuant) its own shard against the whole model's statistics:
+    its scales fold into its own copy of the norm and producer rows, so the engine runs; its codes may differ
+    from one rank's."""
+    quant = QuantConfig(quant_algo=algo, group_size=32, **CALIB) if algo == QuantAlgo.W4A16_AWQ else \
+        QuantConfig(quant_algo=algo, **CALIB)
+    with LLM(str(tiny_model("llama")), tensor_parallel_size=2, quant_config=quant, **LIMITS) as llm:
+        assert [len(t) for t in greedy_tokens(llm)] == [16] * len(PROMPTS)
+
+
+def test_calibration_for_a_rank_cuts_row_parallel_statistics(tiny_model):
+    """Calibration.for_rank: the per-channel statistics of o_proj / down_proj (row-parallel) are the rank's
+    slice of the whole model's; those of qkv / gate_up (column-parallel, whole input) are kept; linears that
+    read one input keep sharing one InputStats."""
+    from rtllm.builder.build import trace
+    from rtllm.mapping import Mapping
+    from rtllm.quantization.calibration import Calibration, InputStats
+
+    checkpoint = str(tiny_model("llama"))
+    rng = np.random.default_rng(0)
+    whole = trace(AutoModelForCausalLM.from_hugging_face(checkpoint))
+    stats, channel_amax = {}, {}
+    for node in whole.nodes:
+        if node.op == "linear":
+            k = whole.shape_of(node.inputs[1])[1]
+            x = rng.normal(size=(5, k))
+            stats[node.inputs[1]] = InputStats(5, np.abs(x).sum(axis=0), x.T @ x)
+            channel_amax[node.inputs[1]] = np.abs(x).max(axis=0).astype(np.float32)
+    calibration = Calibration(1, 5, {}, [], channel_amax, stats)
+    for rank in range(2):
+        mapping = Mapping(2, 2, rank)
+        network = trace(AutoModelForCausalLM.from_hugging_face(checkpoint, mapping=mapping))
+        mine = calibration.for_rank(network, mapping)
+        for name, st in stats.items():
+            if ".o_proj." in name or ".down_proj." in name:
+                half = slice(rank * st.xtx.shape[0] // 2, (rank + 1) * st.xtx.shape[0] // 2)
+                np.testing.assert_array_equal(mine.input_stats[name].xtx, st.xtx[half, half])
+                np.testing.assert_array_equal(mine.input_stats[name].abs_sum, st.abs_sum[half])
+                np.testing.assert_array_equal(mine.channel_amax[name], channel_amax[name][half])
+            else:
+                assert mine.input_stats[name] is st
+                assert mine.channel_amax[name] is channel_amax[name]
 def follower_pids():
     pids = []
     for entry in os.listdir("/proc"):
@@ -200,4 +303,7 @@ def test_refusals(tiny_model, tmp_path):
         LLM(str(tmp_path / "two"))
     with pytest.raises(ValueError, match="does not split into 3 equal pieces"):
         LLM(checkpoint, tensor_parallel_size=3, **LIMITS)
+    rank_model = AutoModelForCausalLM.from_hugging_face(checkpoint, mapping=Mapping(2, 2, 0))
+    with pytest.raises(ValueError, match="calibrates on the whole model, which one rank .* does not hold"):
+        build(rank_model, BuildConfig(**LIMITS), FP8_STATIC)  # build_and_save calibrates it first
     assert follower_pids() == []  # the refused group's followers ended

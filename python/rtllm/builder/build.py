@@ -4,6 +4,8 @@ weights."""
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..mapping import Mapping
 from ..quantization import QuantConfig, check_supported
 from ..quantization.quantize import needs_calibration, quantize_network, selected_linears
@@ -84,12 +86,14 @@ def fusion_passes(build_config: BuildConfig) -> list:
 
 
 def build(model, build_config: BuildConfig | None = None, quant_config: QuantConfig | None = None,
-          calib_data=None) -> Engine:
+          calib_data=None, calibration=None) -> Engine:
     """Traces `model` (a module with .config and forward(input_ids, positions, logits_indices)) into an
     engine: the graph after the passes, and lazy weights in the engine dtype. Reads no weight data;
     Engine.save streams it (quantizing each weight as it is written). quant_config None builds unquantized.
-    FP8 weights and an FP8 KV cache are calibrated first on calib_data (rtllm.quantization.quantize
-    describes it; None: the corpus shipped with rtllm), which runs the unquantized model on the CPU."""
+    Algorithms that need activation statistics calibrate first on calib_data (rtllm.quantization.quantize
+    describes it; None: the corpus shipped with rtllm), which runs the unquantized model. A rank of a
+    sharded model takes `calibration` instead: that of the whole model (calibrate_whole_model), which
+    build_and_save measures once for every rank."""
     build_config = (build_config or BuildConfig()).resolved(model.config.max_position_embeddings)
     prequantized = getattr(model, "prequantized", None)
     if prequantized is not None:  # a pre-quantized checkpoint: its own algorithms, nothing left to quantize
@@ -99,7 +103,7 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
         check_supported(quant_config)  # before any work
     mapping = getattr(model, "mapping", None) or Mapping()
     if mapping.tp_size > 1:
-        check_tensor_parallel_build(quant_config, prequantized is not None, mapping)
+        check_tensor_parallel_build(quant_config, prequantized is not None, mapping, calibration is not None)
     model_config = dataclasses.replace(model.config)
     if build_config.dtype != "auto":
         model_config.dtype = build_config.dtype
@@ -115,15 +119,12 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
         quantization_report = prequantized.apply(network)
     else:
         # Then quantization: calibration first when the algorithms need activation ranges.
-        calibration = None
         if needs_calibration(quant_config):
-            from ..quantization import QuantAlgo
-            from ..quantization.calibration import calibrate
-
-            # FP8's static input scales: the linears the pass will quantize, as it selects them
-            static = quant_config.quant_algo == QuantAlgo.FP8
-            linears = [n.inputs[1] for n in selected_linears(network, quant_config)] if static else []
-            calibration = calibrate(model, build_config, quant_config, calib_data, linears)
+            if calibration is None:
+                calibration = _calibrate(model, network, build_config, quant_config, calib_data)
+            calibration = calibration.for_rank(network, mapping)
+        else:
+            calibration = None
         quantization_report = quantize_network(network, quant_config, calibration)
     network.prune()
     network.renumber()
@@ -152,26 +153,61 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
     return engine
 
 
-def check_tensor_parallel_build(quant_config: QuantConfig, prequantized: bool, mapping: Mapping) -> None:
-    """What a sharded build cannot do yet, refused before any work."""
+def _calibrate(model, network, build_config: BuildConfig, quant_config: QuantConfig, calib_data,
+               whole_weight_amax: bool = False):
+    """Runs the calibration quant_config needs on the unquantized `model` (traced into `network`, the passes
+    applied). whole_weight_amax: also the amax of each FP8 weight, for the ranks of a sharded build, whose
+    per-tensor weight scales must be those of the whole weights."""
+    from ..quantization import QuantAlgo
+    from ..quantization.calibration import calibrate
+    from ..quantization.quantize import _float32
+
+    # FP8's static input scales: the linears the pass will quantize, as it selects them
+    static = quant_config.quant_algo == QuantAlgo.FP8
+    linears = [n.inputs[1] for n in selected_linears(network, quant_config)] if static else []
+    calibration = calibrate(model, build_config, quant_config, calib_data, linears)
+    if whole_weight_amax:  # one weight in memory at a time
+        calibration.weight_amax = {name: float(np.max(np.abs(_float32(network.weights[name])))) for name in linears}
+    return calibration
+
+
+def calibrate_whole_model(model, build_config: BuildConfig | None, quant_config: QuantConfig, calib_data=None):
+    """The calibration of the unsharded `model` that every rank of a sharded build quantizes with
+    (build(..., calibration=)): activation statistics of the whole model, and its FP8 weights' ranges."""
+    build_config = (build_config or BuildConfig()).resolved(model.config.max_position_embeddings)
+    network = trace(model)
+    for rewrite in fusion_passes(build_config):
+        rewrite(network)
+    return _calibrate(model, network, build_config, quant_config, calib_data, whole_weight_amax=True)
+
+
+def check_tensor_parallel_build(quant_config: QuantConfig, prequantized: bool, mapping: Mapping,
+                                calibrated: bool = False) -> None:
+    """What a sharded build cannot do (yet), refused before any work."""
     if prequantized:
         raise ValueError(f"pre-quantized checkpoints do not build with tensor parallelism yet "
                          f"(tp_size={mapping.tp_size}); build with tp_size=1")
-    if needs_calibration(quant_config):
-        raise ValueError(f"quant_algo={quant_config.quant_algo} calibrates on the whole model, which a sharded build "
-                         f"(tp_size={mapping.tp_size}) does not hold yet; build with tp_size=1 or an algorithm "
-                         f"without calibration")
+    if needs_calibration(quant_config) and not calibrated:
+        raise ValueError(f"quant_algo={quant_config.quant_algo} calibrates on the whole model, which one rank "
+                         f"(tp_size={mapping.tp_size}) does not hold: build the ranks with build_and_save (or "
+                         f"`rtllm build --tp-size`), which calibrates the whole model once, or pass build() the "
+                         f"calibration of calibrate_whole_model()")
 
 
 def build_and_save(load_model, output: str, build_config: BuildConfig | None = None,
                    quant_config: QuantConfig | None = None, tp_size: int = 1, calib_data=None) -> Engine:
     """Builds and saves the engine of every tensor-parallel rank into `output`: load_model(mapping) returns the
     model holding that rank's shards (e.g. AutoModelForCausalLM.from_hugging_face(dir, mapping=mapping)).
-    Ranks are built one after the other, so the host holds one rank's weights at a time. Returns rank 0's
-    engine (its config and quantization report)."""
+    Ranks are built one after the other, so the host holds one rank's weights at a time; algorithms that
+    calibrate run the whole model (load_model(Mapping())) once first, and every rank quantizes with what it
+    saw. Returns rank 0's engine (its config and quantization report)."""
+    calibration = None
+    if tp_size > 1 and quant_config is not None and needs_calibration(quant_config):
+        calibration = calibrate_whole_model(load_model(Mapping()), build_config, quant_config, calib_data)
     first = None
     for rank in range(tp_size):
-        engine = build(load_model(Mapping(tp_size, tp_size, rank)), build_config, quant_config, calib_data)
+        engine = build(load_model(Mapping(tp_size, tp_size, rank)), build_config, quant_config, calib_data,
+                       calibration)
         if first is not None and engine.config != first.config:  # one config.json serves every rank
             raise RuntimeError(f"rank {rank} built a different graph from rank 0's")
         engine.save(output)

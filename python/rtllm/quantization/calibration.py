@@ -52,13 +52,53 @@ class InputStats:
 class Calibration:
     """What the calibration run saw: per linear weight name, amax |input|; per layer, (amax |k|, amax |v|);
     for SmoothQuant, per linear weight name, amax |input| of each input channel (float32 [K]);
-    for AWQ / GPTQ, per linear weight name, its input's InputStats (linears reading one tensor share it)."""
+    for AWQ / GPTQ, per linear weight name, its input's InputStats (linears reading one tensor share it);
+    for the ranks of a sharded build, per FP8 linear weight name, amax |W| of the whole weight."""
     num_samples: int
     num_tokens: int
     linear_amax: dict
     kv_amax: list
     channel_amax: dict = dataclasses.field(default_factory=dict)
     input_stats: dict = dataclasses.field(default_factory=dict)
+    weight_amax: dict = dataclasses.field(default_factory=dict)
+
+    def for_rank(self, network, mapping) -> "Calibration":
+        """This calibration of the whole model as one rank of a sharded build sees it. A row-parallel linear
+        of the rank's `network` reads tp_rank's contiguous slice of its input's K channels (its weight has
+        K / tp_size columns): its per-channel statistics are cut to that slice. Column-parallel linears read
+        the whole input, and ranges (amax of a tensor, K/V) hold for every slice."""
+        if mapping.tp_size == 1:
+            return self
+
+        def cut(name: str, k_whole: int):
+            k = network.shape_of(name)[1]
+            if k == k_whole:
+                return None
+            if k * mapping.tp_size != k_whole:
+                raise ValueError(f"calibration saw {k_whole} input channels at {name!r}, which holds {k} on one of "
+                                 f"{mapping.tp_size} ranks")
+            return slice(mapping.tp_rank * k, (mapping.tp_rank + 1) * k)
+
+        present = [name for name in network.weights]
+        channel_amax = {}
+        for name in present:
+            if name in self.channel_amax:
+                amax = self.channel_amax[name]
+                part = cut(name, amax.shape[0])
+                channel_amax[name] = amax if part is None else amax[part]
+        input_stats, sliced = {}, {}  # linears that shared one input's statistics share the slice too
+        for name in present:
+            if name in self.input_stats:
+                st = self.input_stats[name]
+                part = cut(name, st.abs_sum.shape[0])
+                if part is None:
+                    input_stats[name] = st
+                else:
+                    key = (id(st), part.start)
+                    if key not in sliced:
+                        sliced[key] = InputStats(st.rows, st.abs_sum[part].copy(), st.xtx[part, part].copy())
+                    input_stats[name] = sliced[key]
+        return dataclasses.replace(self, channel_amax=channel_amax, input_stats=input_stats)
 
 
 def default_corpus_path() -> str:

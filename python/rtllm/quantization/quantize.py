@@ -185,7 +185,8 @@ def quantize_network(network, quant_config: QuantConfig, calibration=None) -> Qu
                 raise ValueError(f"calibration has no activation range for linear {name!r}")
             input_scale = amax_scale(calibration.linear_amax[name])
             report.input_scales[name] = input_scale
-            fp8, scale, in_scale = fp8_per_tensor_parameters(weight, input_scale)
+            # a rank of a sharded build scales its shard as the whole weight is scaled
+            fp8, scale, in_scale = fp8_per_tensor_parameters(weight, input_scale, calibration.weight_amax.get(name))
             scales = [scale, in_scale]
             node.attrs["activation_scaling"] = "static"
         network.weights[name] = fp8
@@ -206,9 +207,10 @@ def amax_scale(amax: float, code_max: float = FP8_E4M3_MAX) -> float:
     return float(np.float32(amax) / np.float32(code_max)) if amax > 0 else 1.0
 
 
-def fp8_per_tensor_parameters(weight, input_scale: float):
+def fp8_per_tensor_parameters(weight, input_scale: float, weight_amax: float | None = None):
     """A [N, K] weight -> (E4M3 codes [N, K] named as the weight, weight_scale [1], input_scale [1]), the
-    first two lazy; all exempt from the engine-dtype cast."""
+    first two lazy; all exempt from the engine-dtype cast. weight_amax: the range the scale covers (None:
+    the weight's own amax; a shard gets its whole weight's)."""
     from ..builder.tensor import Parameter
 
     if len(weight.shape) != 2:
@@ -216,7 +218,7 @@ def fp8_per_tensor_parameters(weight, input_scale: float):
                          f"[out_features, in_features] weight")
     module = weight.name.rsplit(".", 1)[0]
     quantized = lambda: shared_result((weight, "fp8 tensor"),  # noqa: E731
-                                      lambda: quantize_tensor(_float32(weight)))
+                                      lambda: quantize_tensor(_float32(weight), weight_amax))
     fp8 = Parameter(weight.shape, "float8_e4m3", lambda: quantized()[0], weight.name)
     scale = Parameter((1,), "float32", lambda: quantized()[1], f"{module}.weight_scale")
     in_scale = Parameter((1,), "float32", lambda: np.array([input_scale], dtype=np.float32),
@@ -225,10 +227,13 @@ def fp8_per_tensor_parameters(weight, input_scale: float):
     return fp8, scale, in_scale
 
 
-def quantize_tensor(w: np.ndarray) -> tuple:
+def quantize_tensor(w: np.ndarray, amax: float | None = None) -> tuple:
     """float32 [N, K] -> (E4M3 codes uint8 [N, K], weight_scale float32 [1]): one scale, amax |w| / 448 over
-    the whole tensor (1 for zeros), codes = e4m3(w / scale) in float32."""
-    scale = row_scales(w.reshape(1, -1))
+    the whole tensor (1 for zeros), codes = e4m3(w / scale) in float32. `amax` (>= that of w) replaces w's:
+    a shard quantized as its whole tensor is."""
+    if amax is not None and not amax >= (own := float(np.max(np.abs(w), initial=0.0))):
+        raise ValueError(f"weight range {amax} is below the shard's own {own}")
+    scale = row_scales(w.reshape(1, -1) if amax is None else np.array([[amax]], dtype=np.float32))
     return _e4m3_codes(np.ascontiguousarray(w / scale[0], dtype=np.float32)), scale
 
 
