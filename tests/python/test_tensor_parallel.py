@@ -107,10 +107,12 @@ def build_one_and_two(checkpoint, path, quant=None) -> tuple:
 def assert_split(name: str, full: np.ndarray, parts: list) -> None:
     """parts are the two ranks' shards of the one-rank tensor `full` (tiny_model's llama: 4 heads, 2 KV heads
     of 16), by the sharding of the weight they belong to (codes and per-row scales split as their weight)."""
-    if name.endswith(("norm.weight", "inv_freq", "input_scale")) or full.shape == (1,):
+    row_parallel = ".o_proj." in name or ".down_proj." in name
+    if name.endswith(("norm.weight", "inv_freq", "input_scale")) or full.shape == (1,) or \
+            (row_parallel and full.ndim == 1):  # (per-output-channel scales of a row-parallel weight)
         for part in parts:  # whole on every rank
             np.testing.assert_array_equal(part, full, err_msg=name)
-    elif ".o_proj." in name or ".down_proj." in name:  # row-parallel: input features split
+    elif row_parallel:  # input features split
         np.testing.assert_array_equal(np.concatenate(parts, axis=1), full, err_msg=name)
     elif ".qkv_proj." in name:  # each rank: its q heads, then its k and v heads
         q, kv = 32, 16  # rows of q and of k (or v) on one rank
@@ -200,6 +202,29 @@ def test_awq_and_smoothquant_build_and_run_on_two_ranks(tiny_model, algo):
         QuantConfig(quant_algo=algo, **CALIB)
     with LLM(str(tiny_model("llama")), tensor_parallel_size=2, quant_config=quant, **LIMITS) as llm:
         assert [len(t) for t in greedy_tokens(llm)] == [16] * len(PROMPTS)
+
+
+@pytest.mark.parametrize("layout, weights, acts", [("compressed-tensors", "tensor", "tensor"),
+                                                   ("modelopt", "channel", "token")])
+def test_prequantized_fp8_checkpoint_splits(tiny_model, tmp_path, layout, weights, acts):
+    """A pre-quantized FP8 checkpoint on two ranks: each rank holds its slice of the checkpoint's codes (the
+    fused parts' per-tensor scales unified over the whole parts first) and of its per-channel scales, and the
+    whole per-tensor, input and K/V scales. With static activations the tokens are one rank's; with per-token
+    ones a row-parallel rank scales its slice of each token, and the tokens may differ."""
+    from test_prequantized import write_prequantized
+
+    checkpoint = tmp_path / "fp8"
+    write_prequantized(str(tiny_model("llama")), str(checkpoint), layout, weights, acts, kv=True)
+    one, ranks = build_one_and_two(str(checkpoint), tmp_path)
+    assert sorted(one.keys()) == sorted(ranks[0].keys())
+    assert sum(n.endswith("weight_scale") for n in one.keys()) == 8
+    for name in one.keys():
+        assert_split(name, one.get(name), [r.get(name) for r in ranks])
+    if acts == "tensor":
+        with LLM(str(tmp_path / "one")) as llm:
+            expected = greedy_tokens(llm)
+        with LLM(str(tmp_path / "two"), tensor_parallel_size=2) as llm:
+            assert greedy_tokens(llm) == expected
 
 
 def test_calibration_for_a_rank_cuts_row_parallel_statistics(tiny_model):
@@ -303,6 +328,12 @@ def test_refusals(tiny_model, tmp_path):
         LLM(str(tmp_path / "two"))
     with pytest.raises(ValueError, match="does not split into 3 equal pieces"):
         LLM(checkpoint, tensor_parallel_size=3, **LIMITS)
+    from test_gptq_awq_checkpoints import write_checkpoint
+
+    write_checkpoint(checkpoint, str(tmp_path / "awq"), "awq")
+    with pytest.raises(ValueError, match=r"pre-quantized integer checkpoints \(AWQ, GPTQ, GGUF\) do not build with "
+                                         r"tensor parallelism yet \(tp_size=2\)"):
+        LLM(str(tmp_path / "awq"), tensor_parallel_size=2, **LIMITS)
     rank_model = AutoModelForCausalLM.from_hugging_face(checkpoint, mapping=Mapping(2, 2, 0))
     with pytest.raises(ValueError, match="calibrates on the whole model, which one rank .* does not hold"):
         build(rank_model, BuildConfig(**LIMITS), FP8_STATIC)  # build_and_save calibrates it first

@@ -103,7 +103,7 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
         check_supported(quant_config)  # before any work
     mapping = getattr(model, "mapping", None) or Mapping()
     if mapping.tp_size > 1:
-        check_tensor_parallel_build(quant_config, prequantized is not None, mapping, calibration is not None)
+        check_tensor_parallel_build(quant_config, prequantized, mapping, calibration is not None)
     model_config = dataclasses.replace(model.config)
     if build_config.dtype != "auto":
         model_config.dtype = build_config.dtype
@@ -181,13 +181,16 @@ def calibrate_whole_model(model, build_config: BuildConfig | None, quant_config:
     return _calibrate(model, network, build_config, quant_config, calib_data, whole_weight_amax=True)
 
 
-def check_tensor_parallel_build(quant_config: QuantConfig, prequantized: bool, mapping: Mapping,
+def check_tensor_parallel_build(quant_config: QuantConfig, prequantized, mapping: Mapping,
                                 calibrated: bool = False) -> None:
-    """What a sharded build cannot do (yet), refused before any work."""
-    if prequantized:
-        raise ValueError(f"pre-quantized checkpoints do not build with tensor parallelism yet "
-                         f"(tp_size={mapping.tp_size}); build with tp_size=1")
-    if needs_calibration(quant_config) and not calibrated:
+    """What a sharded build cannot do (yet), refused before any work. prequantized: the model's
+    pre-quantized state (None for a float checkpoint)."""
+    from ..quantization.prequantized import PrequantizedModel
+
+    if prequantized is not None and not isinstance(prequantized, PrequantizedModel):  # FP8 ones do
+        raise ValueError(f"pre-quantized integer checkpoints (AWQ, GPTQ, GGUF) do not build with tensor "
+                         f"parallelism yet (tp_size={mapping.tp_size}); build with tp_size=1")
+    if prequantized is None and needs_calibration(quant_config) and not calibrated:
         raise ValueError(f"quant_algo={quant_config.quant_algo} calibrates on the whole model, which one rank "
                          f"(tp_size={mapping.tp_size}) does not hold: build the ranks with build_and_save (or "
                          f"`rtllm build --tp-size`), which calibrates the whole model once, or pass build() the "
@@ -203,7 +206,10 @@ def build_and_save(load_model, output: str, build_config: BuildConfig | None = N
     saw. Returns rank 0's engine (its config and quantization report)."""
     calibration = None
     if tp_size > 1 and quant_config is not None and needs_calibration(quant_config):
-        calibration = calibrate_whole_model(load_model(Mapping()), build_config, quant_config, calib_data)
+        whole = load_model(Mapping())
+        if getattr(whole, "prequantized", None) is None:  # a pre-quantized checkpoint has its scales
+            calibration = calibrate_whole_model(whole, build_config, quant_config, calib_data)
+        del whole
     first = None
     for rank in range(tp_size):
         engine = build(load_model(Mapping(tp_size, tp_size, rank)), build_config, quant_config, calib_data,

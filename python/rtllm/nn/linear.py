@@ -74,6 +74,22 @@ class Linear(Module):
         cast = loaded.cast(param.dtype)
         param.loader = lambda: tp_shard(cast.load(), dim, self.mapping)
 
+    @property
+    def whole_shape(self) -> tuple:
+        """[out_features, in_features] of the whole weight, as the checkpoint holds it."""
+        rows, cols = self.weight.shape
+        tp = self.mapping.tp_size
+        return rows * (tp if self.tp_dim == 0 else 1), cols * (tp if self.tp_dim == 1 else 1)
+
+    def shard_rows(self, array: np.ndarray, shard_id=None) -> np.ndarray:
+        """This rank's rows of `array`, an array over the whole weight's output features along dim 0 (of part
+        shard_id in a stacked linear): codes [N, K] or per-channel scales [N] of a pre-quantized weight."""
+        return tp_shard(array, 0, self.mapping) if self.tp_dim == 0 else array
+
+    def shard_cols(self, array: np.ndarray) -> np.ndarray:
+        """This rank's columns of `array` [N, K], an array over the whole weight's input features."""
+        return tp_shard(array, 1, self.mapping) if self.tp_dim == 1 else array
+
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
 
@@ -132,6 +148,9 @@ class StackedColumnLinear(ColumnLinear):
     def _rows_on_rank(self, out_features: int) -> int:
         return self.rows_on_rank
 
+    def shard_rows(self, array: np.ndarray, shard_id=None) -> np.ndarray:
+        return tp_shard(array, 0, self.mapping, self.part_replicas[shard_id])
+
     def weight_loader(self, param: Parameter, loaded: Parameter, shard_id=None) -> None:
         if shard_id not in self.part_sizes:
             raise ValueError(f"{param.name}: unknown part {shard_id!r}; parts: {list(self.part_sizes)}")
@@ -139,9 +158,7 @@ class StackedColumnLinear(ColumnLinear):
         if not isinstance(param.loader, _StackedLoader):
             param.loader = _StackedLoader(param, self.part_sizes)
         cast = loaded.cast(param.dtype)
-        replicas = self.part_replicas[shard_id]
-        param.loader.add(shard_id, self.part_offsets[shard_id],
-                         lambda: tp_shard(cast.load(), 0, self.mapping, replicas))
+        param.loader.add(shard_id, self.part_offsets[shard_id], lambda: self.shard_rows(cast.load(), shard_id))
 
 
 def kv_head_replicas(num_kv_heads: int, mapping: Mapping) -> int:

@@ -320,8 +320,9 @@ def quantized_linears(model, checkpoint, kept: dict, marker: str, what: str):
         if not all(present):
             raise ValueError(f"{name} fuses {[c for c, _ in parts]}, but only some of them have a {marker} in the "
                              f"checkpoint: rtllm needs all of them {what} or none")
-        sizes = module.part_sizes if isinstance(module, StackedColumnLinear) else {None: module.weight.shape[0]}
-        yield module, [(ckpt, shard, sizes[shard]) for ckpt, shard in parts], module.weight.shape[1]
+        rows, k = module.whole_shape  # the checkpoint's sizes (a rank of a sharded model keeps its slice)
+        sizes = module.part_sizes if isinstance(module, StackedColumnLinear) else {None: rows}
+        yield module, [(ckpt, shard, sizes[shard]) for ckpt, shard in parts], k
 
 
 def load_prequantized(model, checkpoint, scheme):
@@ -337,8 +338,9 @@ def load_prequantized(model, checkpoint, scheme):
                          f"FP8 weights cannot take; pre-quantized checkpoints of it are not supported")
     state = PrequantizedModel(scheme)
     for module, parts, k in quantized_linears(model, checkpoint, state.kept, "weight_scale", "in FP8"):
-        loaded = [(ckpt, _fp8_weight(checkpoint, f"{ckpt}.weight", (rows, k)), rows) for ckpt, _, rows in parts]
-        for ckpt, _, rows in loaded:  # shapes now, so that a bad checkpoint fails here, not when it is saved
+        loaded = [(ckpt, _fp8_weight(checkpoint, f"{ckpt}.weight", (rows, k)), rows, shard)
+                  for ckpt, shard, rows in parts]
+        for ckpt, _, rows, _ in loaded:  # shapes now, so that a bad checkpoint fails here, not when it is saved
             _check_scale_shapes(checkpoint, ckpt, rows, scheme.activation_scaling)
         _attach(module, checkpoint, loaded, scheme.activation_scaling, Parameter)
         state.linears.append(module)
@@ -382,30 +384,39 @@ def _kv_scale_name(checkpoint, attn: str, kv: str) -> str:
 
 
 def _attach(module, checkpoint, loaded: list, mode: str, Parameter) -> None:
-    """Makes module.weight load the fused E4M3 codes and adds module.weight_scale (and input_scale)."""
+    """Makes module.weight load the fused E4M3 codes and adds module.weight_scale (and input_scale). A rank of
+    a sharded model keeps its slice of each part's codes (and per-channel scales); per-tensor scales are
+    those of the whole parts, so its codes are the whole weight's."""
     rows = module.weight.shape[0]
+
+    def shard(codes, part):
+        return module.shard_cols(module.shard_rows(codes, part))
+
     if mode == PER_TOKEN:
         def codes():
-            return np.concatenate([t.load() for _, t, _ in loaded], axis=0)
+            return np.concatenate([shard(t.load(), part) for _, t, _, part in loaded], axis=0)
 
         def weight_scale():
-            return np.concatenate([_row_scales(checkpoint, f"{ckpt}.weight_scale", n) for ckpt, _, n in loaded])
+            return np.concatenate([module.shard_rows(_row_scales(checkpoint, f"{ckpt}.weight_scale", n), part)
+                                   for ckpt, _, n, part in loaded])
 
         scale_shape = (rows,)
     else:
         def part_scales():
-            return [_scalar(checkpoint, f"{ckpt}.weight_scale") for ckpt, _, _ in loaded]
+            return [_scalar(checkpoint, f"{ckpt}.weight_scale") for ckpt, _, _, _ in loaded]
 
         def codes():
             scales = part_scales()
             top = max(scales)
-            return np.concatenate([requantize(t.load(), s, top) for (_, t, _), s in zip(loaded, scales)], axis=0)
+            return np.concatenate([shard(requantize(t.load(), s, top), part)
+                                   for (_, t, _, part), s in zip(loaded, scales)], axis=0)
 
         def weight_scale():
             return np.array([max(part_scales())], np.float32)
 
         def input_scale():
-            return np.array([max(_scalar(checkpoint, f"{ckpt}.input_scale") for ckpt, _, _ in loaded)], np.float32)
+            return np.array([max(_scalar(checkpoint, f"{ckpt}.input_scale") for ckpt, _, _, _ in loaded)],
+                            np.float32)
 
         scale_shape = (1,)
     weight = module.weight
