@@ -109,7 +109,7 @@ def assert_split(name: str, full: np.ndarray, parts: list) -> None:
     of 16), by the sharding of the weight they belong to (codes and per-row scales split as their weight)."""
     row_parallel = ".o_proj." in name or ".down_proj." in name
     if name.endswith(("norm.weight", "inv_freq", "input_scale")) or full.shape == (1,) or \
-            (row_parallel and full.ndim == 1):  # (per-output-channel scales of a row-parallel weight)
+            (row_parallel and (full.ndim == 1 or full.shape[1] == 1)):  # (per-output-channel scales)
         for part in parts:  # whole on every rank
             np.testing.assert_array_equal(part, full, err_msg=name)
     elif row_parallel:  # input features split
@@ -227,6 +227,27 @@ def test_prequantized_fp8_checkpoint_splits(tiny_model, tmp_path, layout, weight
             assert greedy_tokens(llm) == expected
 
 
+@pytest.mark.parametrize("method, bits, group, sym, fmt", [("awq", 4, 32, False, None), ("gptq", 4, 32, True, None),
+                                                          ("gptq", 8, -1, False, "gptq_v2")],
+                         ids=["awq-g32", "gptq4-g32", "gptq8-per-channel"])
+def test_prequantized_integer_checkpoint_splits(tiny_model, tmp_path, method, bits, group, sym, fmt):
+    """AutoAWQ / GPTQ checkpoints on two ranks: each rank's codes, scales and offsets are one rank's, split
+    (a row-parallel rank holds whole groups of its inputs; per channel, every rank the row's scale), so the
+    tokens are one rank's."""
+    from test_gptq_awq_checkpoints import write_checkpoint
+
+    checkpoint = tmp_path / "ckpt"
+    write_checkpoint(str(tiny_model("llama")), str(checkpoint), method, bits, group, sym, fmt)
+    one, ranks = build_one_and_two(str(checkpoint), tmp_path)
+    assert sorted(one.keys()) == sorted(ranks[0].keys())
+    for name in one.keys():
+        assert_split(name, one.get(name), [r.get(name) for r in ranks])
+    with LLM(str(tmp_path / "one")) as llm:
+        expected = greedy_tokens(llm)
+    with LLM(str(tmp_path / "two"), tensor_parallel_size=2) as llm:
+        assert greedy_tokens(llm) == expected
+
+
 def test_calibration_for_a_rank_cuts_row_parallel_statistics(tiny_model):
     """Calibration.for_rank: the per-channel statistics of o_proj / down_proj (row-parallel) are the rank's
     slice of the whole model's; those of qkv / gate_up (column-parallel, whole input) are kept; linears that
@@ -330,10 +351,12 @@ def test_refusals(tiny_model, tmp_path):
         LLM(checkpoint, tensor_parallel_size=3, **LIMITS)
     from test_gptq_awq_checkpoints import write_checkpoint
 
-    write_checkpoint(checkpoint, str(tmp_path / "awq"), "awq")
-    with pytest.raises(ValueError, match=r"pre-quantized integer checkpoints \(AWQ, GPTQ, GGUF\) do not build with "
-                                         r"tensor parallelism yet \(tp_size=2\)"):
-        LLM(str(tmp_path / "awq"), tensor_parallel_size=2, **LIMITS)
+    from test_gptq_awq_checkpoints import act_order
+
+    write_checkpoint(checkpoint, str(tmp_path / "act-order"), "gptq", g_idx=act_order)
+    with pytest.raises(ValueError, match=r"o_proj: an act-order \(desc_act\) g_idx spreads each group over every "
+                                         r"rank's inputs of a row-parallel linear"):
+        LLM(str(tmp_path / "act-order"), tensor_parallel_size=2, **LIMITS)
     rank_model = AutoModelForCausalLM.from_hugging_face(checkpoint, mapping=Mapping(2, 2, 0))
     with pytest.raises(ValueError, match="calibrates on the whole model, which one rank .* does not hold"):
         build(rank_model, BuildConfig(**LIMITS), FP8_STATIC)  # build_and_save calibrates it first

@@ -185,11 +185,11 @@ def check_tensor_parallel_build(quant_config: QuantConfig, prequantized, mapping
                                 calibrated: bool = False) -> None:
     """What a sharded build cannot do (yet), refused before any work. prequantized: the model's
     pre-quantized state (None for a float checkpoint)."""
-    from ..quantization.prequantized import PrequantizedModel
+    from ..quantization.prequantized import PrequantizedModel, WeightOnlyPrequantized
 
-    if prequantized is not None and not isinstance(prequantized, PrequantizedModel):  # FP8 ones do
-        raise ValueError(f"pre-quantized integer checkpoints (AWQ, GPTQ, GGUF) do not build with tensor "
-                         f"parallelism yet (tp_size={mapping.tp_size}); build with tp_size=1")
+    if prequantized is not None and not isinstance(prequantized, (PrequantizedModel, WeightOnlyPrequantized)):
+        raise ValueError(f"GGUF files do not build with tensor parallelism yet (tp_size={mapping.tp_size}); build "
+                         f"with tp_size=1")
     if prequantized is None and needs_calibration(quant_config) and not calibrated:
         raise ValueError(f"quant_algo={quant_config.quant_algo} calibrates on the whole model, which one rank "
                          f"(tp_size={mapping.tp_size}) does not hold: build the ranks with build_and_save (or "

@@ -531,10 +531,12 @@ def _unpack_awq(words: np.ndarray) -> np.ndarray:
 class WeightOnlyPart:
     """One checkpoint module's packed tensors (shapes checked at load, data read when saved)."""
 
-    def __init__(self, checkpoint, scheme: WeightOnlyScheme, module: str, n: int, k: int):
+    def __init__(self, checkpoint, scheme: WeightOnlyScheme, module: str, n: int, k: int, linear=None,
+                 shard_id=None):
         from ..builder.safetensors_io import to_float32
 
         self.scheme, self.module, self.n, self.k = scheme, module, n, k
+        self.linear, self.shard_id = linear, shard_id  # the rtllm Linear (and its part) that loads this one
         self.input_order = None  # [K] int64 when the checkpoint's groups are permuted (act-order)
         bits = scheme.bits
         g = k if scheme.group_size == -1 else scheme.group_size
@@ -558,6 +560,29 @@ class WeightOnlyPart:
         if self.scales.dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"{module}.scales is {self.scales.dtype}; supported: float16, bfloat16, float32")
         self._to_float32 = to_float32
+        tp = linear.mapping.tp_size if linear is not None else 1
+        if tp > 1 and linear.tp_dim == 1:  # a row-parallel shard: whole groups of its own inputs
+            if g == k:  # per channel: the rank's inputs share the row's scale
+                self.group_size = k // tp
+            elif (k // tp) % g:
+                raise ValueError(f"{module}: the {k // tp} input features of each of {tp} ranks do not hold whole "
+                                 f"groups of the checkpoint's group_size={g}")
+            if self.input_order is not None:
+                raise ValueError(f"{module}: an act-order (desc_act) g_idx spreads each group over every rank's "
+                                 f"inputs of a row-parallel linear; such checkpoints do not build with tensor "
+                                 f"parallelism (tp_size={tp})")
+
+    def rank_decode(self) -> tuple:
+        """decode() cut to the rank's slice of the linear (rows of a column-parallel one, input features and
+        their groups of a row-parallel one); decode() itself on one rank."""
+        u, z, s = self.decode()
+        if self.linear is None:
+            return u, z, s
+        u, z, s = (self.linear.shard_rows(a, self.shard_id) for a in (u, z, s))
+        u = self.linear.shard_cols(u)
+        if z.shape[1] > 1:  # groups along K (one group per row: every rank keeps it)
+            z, s = self.linear.shard_cols(z), self.linear.shard_cols(s)
+        return u, z, s
 
     def decode(self) -> tuple:
         """(u [N, K] unsigned codes, z [N, K / G] zero points, s [N, K / G] float32), exactly as stored; with an
@@ -671,7 +696,7 @@ def _codes(parts: list, bits: int, has_offset: bool) -> tuple:
     """(codes int8 [N, K], scale [N, K / G] (float16 when every part's is, else float32), offset float32 or
     None) of a linear's parts, rows stacked."""
     mid = 1 << (bits - 1)
-    decoded = [p.decode() for p in parts]
+    decoded = [p.rank_decode() for p in parts]
     u = np.concatenate([d[0] for d in decoded], axis=0)
     z = np.concatenate([d[1] for d in decoded], axis=0)
     s = np.concatenate([d[2] for d in decoded], axis=0)
@@ -686,7 +711,7 @@ def _dequantized(parts: list) -> np.ndarray:
     """float32 W = (u - z) · s of a linear's parts (the float weight, for builds that do not keep the codes)."""
     rows = []
     for p in parts:
-        u, z, s = p.decode()
+        u, z, s = p.rank_decode()
         g = p.group_size
         w = ((u - np.repeat(z, g, axis=1)) * np.repeat(s.astype(np.float64), g, axis=1)).astype(np.float32)
         if p.input_order is not None:  # back to the checkpoint's input order
@@ -703,7 +728,7 @@ def load_weight_only(model, checkpoint, scheme: WeightOnlyScheme) -> WeightOnlyP
                          f"integer weights cannot take; pre-quantized checkpoints of it are not supported")
     state = WeightOnlyPrequantized(scheme)
     for module, parts, k in quantized_linears(model, checkpoint, state.kept, "qweight", "quantized"):
-        loaded = [WeightOnlyPart(checkpoint, scheme, ckpt, rows, k) for ckpt, _, rows in parts]
+        loaded = [WeightOnlyPart(checkpoint, scheme, ckpt, rows, k, module, shard) for ckpt, shard, rows in parts]
         module.weight.dtype, module.weight.loader = "float32", (lambda loaded=loaded: _dequantized(loaded))
         state.linears.append((module, loaded))
     if not state.linears:
