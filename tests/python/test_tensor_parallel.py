@@ -61,6 +61,26 @@ def test_two_ranks_give_the_tokens_of_one(tiny_model, arch, dtype, tie, override
         assert greedy_tokens(llm) == expected
 
 
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_a_vocabulary_that_does_not_split_is_padded(tmp_path, tie):
+    """A vocabulary of 301 ids on two ranks: each holds 151 rows (the last rank one row of zeros past the
+    vocabulary), and rank 0 drops the padding column after the gather: the logits and tokens are one
+    rank's."""
+    from checkpoints import make_hf_checkpoint
+    from hf_reference import BOS_ID, EOS_ID
+
+    make_hf_checkpoint(tmp_path, arch="llama", tie_word_embeddings=tie, vocab_size=301, bos_token_id=BOS_ID,
+                       eos_token_id=EOS_ID)
+    with LLM(str(tmp_path), skip_tokenizer_init=True, **LIMITS) as llm:
+        expected = greedy_tokens(llm)
+    with LLM(str(tmp_path), skip_tokenizer_init=True, tensor_parallel_size=2, **LIMITS) as llm:
+        assert greedy_tokens(llm) == expected
+    rank0 = AutoModelForCausalLM.from_hugging_face(str(tmp_path), mapping=Mapping(2, 2, 0))
+    assert rank0.model.embed_tokens.weight.shape[0] == 151 and rank0.lm_head.weight.shape[0] == 151
+    last = AutoModelForCausalLM.from_hugging_face(str(tmp_path), mapping=Mapping(2, 2, 1)).model.embed_tokens
+    assert not last.weight.load()[-1].any()  # the padding row
+
+
 def test_group_quantized_weights_split_whole(tiny_model):
     """W4A16's groups run along the input features, and each rank's half of a row-parallel weight holds whole
     groups (64 / 2 is a multiple of 32): the two ranks' codes and scales are one rank's, split, and so are

@@ -104,6 +104,13 @@ def gather(x: Tensor, tp_size: int, root: int = 0) -> Tensor:
     return _node("gather", [x], [(ACT, (x.shape[0], x.shape[1] * tp_size))], {"root": int(root)})[0]
 
 
+def gather_columns(x: Tensor, index: Parameter) -> Tensor:
+    """[T, K], index [C] int32 (a weight) -> [T, C] = x[:, index]"""
+    _check(len(x.shape) == 2 and len(index.shape) == 1, f"gather_columns: x {list(x.shape)}, index "
+           f"{list(index.shape)}: need 2-D x and a 1-D index")
+    return _node("gather_columns", [x, index], [(ACT, (x.shape[0], index.shape[0]))])[0]
+
+
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """[T, H], [R] int32 -> [R, H]"""
     return _node("gather_rows", [x, index], [(ACT, (*index.shape, x.shape[-1]))])[0]

@@ -12,7 +12,7 @@ import numpy as np
 from ..builder.safetensors_io import cast, to_float32
 from ..builder.tensor import Parameter
 from ..mapping import Mapping
-from ..nn import ColumnLinear
+from ..nn import ParallelLMHead
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
 from .registry import register_model
@@ -47,7 +47,7 @@ class GraniteForCausalLM(LlamaForCausalLM):
     def __init__(self, config: GraniteConfig, mapping: Mapping | None = None):
         super().__init__(config, mapping, attention_scale=config.attention_multiplier)
         if config.tie_word_embeddings:  # the head is scaled differently from the table
-            self.lm_head = ColumnLinear(config.hidden_size, config.vocab_size, False, config.dtype, self.mapping)
+            self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, config.dtype, self.mapping)
 
     def checkpoint_name(self, name: str) -> str:
         if name == "lm_head.weight" and self.config.tie_word_embeddings:

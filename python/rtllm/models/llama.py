@@ -6,7 +6,7 @@ forward() is the only definition of the network; the build pass fuses residual a
 from ..builder import functional as F
 from ..builder.tensor import Parameter, Tensor
 from ..mapping import Mapping
-from ..nn import ColumnLinear, DecoderLayer, Embedding, Module, ModuleList, RMSNorm
+from ..nn import DecoderLayer, Embedding, Module, ModuleList, ParallelLMHead, RMSNorm
 from .base import CausalLM
 from .config import ModelConfig, parse_llama_family
 from .registry import register_model
@@ -50,7 +50,7 @@ class LlamaForCausalLM(CausalLM):
         self.source_dir = None
         self.model = LlamaModel(config, mapping, attention_scale)
         self.rope = RotaryEmbedding(config)
-        self.lm_head = ColumnLinear(config.hidden_size, config.vocab_size, False, config.dtype, mapping)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, config.dtype, mapping)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -60,6 +60,4 @@ class LlamaForCausalLM(CausalLM):
         for layer in m.layers:
             h = layer(h, positions, self.rope.inv_freq)
         h = F.gather_rows(m.norm(h), logits_indices)  # [R, H]: the rows whose logits are wanted
-        logits = self.lm_head(h)  # [R, V] (under tensor parallelism [R, V / tp_size]: this rank's vocabulary)
-        tp_size = self.mapping.tp_size
-        return F.gather(logits, tp_size) if tp_size > 1 else logits
+        return self.lm_head(h)  # [R, V] (under tensor parallelism on rank 0; see ParallelLMHead)

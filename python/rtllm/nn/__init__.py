@@ -4,12 +4,12 @@ Linears load their own tensor-parallel shard (linear.py)."""
 from ..builder.tensor import Parameter
 from .attention import Attention
 from .decoder_layer import DecoderLayer
-from .embedding import Embedding
+from .embedding import Embedding, ParallelLMHead
 from .linear import ColumnLinear, Linear, MergedColumnLinear, QKVColumnLinear, RowLinear, tp_shard
 from .mlp import GatedMLP
 from .module import Module, ModuleList, default_weight_loader
 from .normalization import RMSNorm
 
 __all__ = ["Attention", "ColumnLinear", "DecoderLayer", "Embedding", "GatedMLP", "Linear", "MergedColumnLinear",
-           "Module", "ModuleList", "Parameter", "QKVColumnLinear", "RMSNorm", "RowLinear", "default_weight_loader",
+           "Module", "ModuleList", "ParallelLMHead", "Parameter", "QKVColumnLinear", "RMSNorm", "RowLinear", "default_weight_loader",
            "tp_shard"]
