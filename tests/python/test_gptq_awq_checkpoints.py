@@ -214,10 +214,11 @@ def test_checkpoint_loads_to_the_dequantized_weights_and_matches_hf(llama_dir, t
     assert_matches_hf(engine, tmp_path, ref, seed=3)
 
 
-def test_awq_checkpoint_equals_rtllm_own_w4a16(llama_dir, tmp_path):
+@pytest.mark.parametrize("method, fmt", [("awq", None), ("gptq", "gptq"), ("gptq", "gptq_v2")])
+def test_checkpoint_equals_rtllm_own_w4a16(llama_dir, tmp_path, method, fmt):
     """The test's zero-point grid is rtllm's W4A16 one, so quantizing the float weights with rtllm gives the
-    same engine weights as loading the packed AWQ checkpoint."""
-    write_checkpoint(llama_dir, str(tmp_path / "ckpt"), "awq", 4, 32, sym=False)
+    same engine weights as loading the packed AWQ or GPTQ (AutoGPTQ's z - 1, GPTQModel's z) checkpoint."""
+    write_checkpoint(llama_dir, str(tmp_path / "ckpt"), method, 4, 32, sym=False, fmt=fmt)
     loaded = engine_of(tmp_path / "ckpt")
     own = engine_of(llama_dir, QuantConfig(quant_algo="W4A16", group_size=32, has_zero_point=True))
     assert [(n["op"], n["inputs"], n["attrs"]) for n in loaded.graph["nodes"]] == \
