@@ -146,8 +146,17 @@ def test_loader_refusals(rng):
         tp_shard(np.zeros((2, 10)), 1, ranks()[0])
     with pytest.raises(ValueError, match="num_kv_heads=3 must divide tp_size=4 when it is smaller"):
         QKVColumnLinear(8, 4, 3, 2, mapping=ranks(4)[0])
-    with pytest.raises(ValueError, match="vocab_size=10 does not split into 3 equal pieces"):
-        Embedding(10, 4, mapping=ranks()[0])
+    # a vocabulary that does not split is padded instead (zero rows up to a multiple of tp_size)
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    shards = []
+    for mapping in ranks():
+        emb = Embedding(10, 4, mapping=mapping)
+        emb.weight_loader(emb.weight, Parameter((10, 4), "float32", lambda: table, "t"))
+        assert emb.weight.shape == (4, 4)
+        shards.append(emb.weight.load())
+    np.testing.assert_array_equal(np.concatenate(shards), np.concatenate([table, np.zeros((2, 4), np.float32)]))
+    with pytest.raises(ValueError, match=r"has shape \[12, 4\]"):  # the checkpoint holds the unpadded table
+        emb.weight_loader(emb.weight, Parameter((12, 4), "float32", lambda: np.zeros((12, 4), np.float32), "t"))
 
 
 @pytest.mark.parametrize("kwargs, message", [
