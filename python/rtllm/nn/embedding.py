@@ -60,9 +60,10 @@ class ParallelLMHead(ColumnLinear):
     def __init__(self, hidden_size: int, vocab_size: int, dtype: str = "float32", mapping: Mapping | None = None):
         mapping = mapping or Mapping()
         self.vocab_size = vocab_size
-        super().__init__(hidden_size, padded_vocab_size(vocab_size, mapping), False, dtype, mapping)
+        padded = padded_vocab_size(vocab_size, mapping)
+        super().__init__(hidden_size, padded, False, dtype, mapping)
         self.vocab_index = None  # the columns kept after the gather, when the vocabulary was padded
-        if padded_vocab_size(vocab_size, mapping) != vocab_size:
+        if padded != vocab_size:
             self.vocab_index = Parameter((vocab_size,), "int32", lambda: np.arange(vocab_size, dtype=np.int32))
             self.vocab_index.keep_dtype = True
 
@@ -70,7 +71,7 @@ class ParallelLMHead(ColumnLinear):
         _vocab_shard_loader(param, loaded, self.vocab_size, self.mapping)
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = F.linear(x, self.weight)  # [R, V / tp_size]: this rank's slice of the vocabulary
+        logits = super().forward(x)  # [R, V / tp_size]: this rank's slice of the vocabulary
         if self.mapping.tp_size == 1:
             return logits
         logits = F.gather(logits, self.mapping.tp_size)

@@ -69,35 +69,26 @@ class Calibration:
         the whole input, and ranges (amax of a tensor, K/V) hold for every slice."""
         if mapping.tp_size == 1:
             return self
+        from ..nn.linear import tp_shard
 
-        def cut(name: str, k_whole: int):
-            k = network.shape_of(name)[1]
-            if k == k_whole:
-                return None
-            if k * mapping.tp_size != k_whole:
-                raise ValueError(f"calibration saw {k_whole} input channels at {name!r}, which holds {k} on one of "
-                                 f"{mapping.tp_size} ranks")
-            return slice(mapping.tp_rank * k, (mapping.tp_rank + 1) * k)
+        def row_parallel(name: str, k_whole: int) -> bool:
+            return network.shape_of(name)[1] != k_whole
 
-        present = [name for name in network.weights]
         channel_amax = {}
-        for name in present:
-            if name in self.channel_amax:
-                amax = self.channel_amax[name]
-                part = cut(name, amax.shape[0])
-                channel_amax[name] = amax if part is None else amax[part]
         input_stats, sliced = {}, {}  # linears that shared one input's statistics share the slice too
-        for name in present:
-            if name in self.input_stats:
-                st = self.input_stats[name]
-                part = cut(name, st.abs_sum.shape[0])
-                if part is None:
+        for name in network.weights:
+            amax = self.channel_amax.get(name)
+            if amax is not None:
+                channel_amax[name] = tp_shard(amax, 0, mapping) if row_parallel(name, amax.shape[0]) else amax
+            st = self.input_stats.get(name)
+            if st is not None:
+                if not row_parallel(name, st.abs_sum.shape[0]):
                     input_stats[name] = st
-                else:
-                    key = (id(st), part.start)
-                    if key not in sliced:
-                        sliced[key] = InputStats(st.rows, st.abs_sum[part].copy(), st.xtx[part, part].copy())
-                    input_stats[name] = sliced[key]
+                    continue
+                if id(st) not in sliced:
+                    sliced[id(st)] = InputStats(st.rows, tp_shard(st.abs_sum, 0, mapping).copy(),
+                                                tp_shard(tp_shard(st.xtx, 0, mapping), 1, mapping).copy())
+                input_stats[name] = sliced[id(st)]
         return dataclasses.replace(self, channel_amax=channel_amax, input_stats=input_stats)
 
 
