@@ -27,6 +27,7 @@ def _load_script(name):
 
 
 tp_graph = _load_script("tp_graph")  # its engine config also serves the one-process tests
+tp_fused_norm = _load_script("tp_fused_norm")
 
 needs_mpi = pytest.mark.skipif(not _core.mpi_available() or shutil.which("mpirun") is None,
                                reason="rtllm was built without MPI" if not _core.mpi_available()
@@ -60,6 +61,13 @@ def test_collectives_match_numpy(num_ranks):
 @pytest.mark.parametrize("num_ranks", [2, 3])
 def test_tensor_parallel_graph_matches_unsplit_reference(num_ranks):
     out = mpirun("tp_graph.py", num_ranks)
+    assert ok_lines(out) == [f"ok rank {r} of {num_ranks}" for r in range(num_ranks)], out
+
+
+@needs_mpi
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_all_reduce_add_rms_norm_matches_unsplit_reference(num_ranks):
+    out = mpirun("tp_fused_norm.py", num_ranks)
     assert ok_lines(out) == [f"ok rank {r} of {num_ranks}" for r in range(num_ranks)], out
 
 
@@ -118,4 +126,14 @@ def test_one_rank_engine_runs_without_communicator():
     ids = np.array([3, 0, 5, 1], np.int32)
     logits = runner.forward(ids, [4], [0], np.array([[0]], np.int32), [0, 2, 3])
     expected = table.astype(np.float64)[ids[[0, 2, 3]]] @ head.astype(np.float64).T
+    assert np.max(np.abs(logits - expected)) <= 1e-5 * np.max(np.abs(expected))
+
+
+def test_one_rank_all_reduce_add_rms_norm_is_add_rms_norm():
+    """tp_size 1: the fused op sums nothing; the add and the norm remain (float64 numpy reference)."""
+    engine = _core.Engine.from_memory(json.dumps(tp_fused_norm.engine_config(1)), tp_fused_norm.rank_weights(1, 0))
+    runner = _core.ModelRunner(engine, _core.RuntimeConfig(num_kv_blocks=4, tokens_per_block=16))
+    ids = np.array([3, 0, 4, 1, 2], np.int32)
+    logits = runner.forward(ids, [5], [0], np.array([[0]], np.int32), [4, 0, 2])
+    expected = tp_fused_norm.expected_logits(1, ids, [4, 0, 2])
     assert np.max(np.abs(logits - expected)) <= 1e-5 * np.max(np.abs(expected))

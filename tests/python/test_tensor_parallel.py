@@ -6,6 +6,7 @@ The ranks' partial sums are added in another order than one rank's dot products,
 float32 rounding (~1e-6 relative on these models); greedy tokens are equal unless two candidates are that
 close, which the seeds here avoid (the comparison is exact, not a tolerance on tokens).
 """
+import collections
 import json
 import os
 import shutil
@@ -163,6 +164,19 @@ def test_rank_files_hold_their_shards(tiny_model, tmp_path):
         assert_split(name, full, parts)
     norms = sum(one.get(n).nbytes for n in one.keys() if n.endswith(("norm.weight", "inv_freq")))
     assert shard_bytes == (whole_bytes - norms) // 2 + norms
+
+
+def test_row_parallel_all_reduces_fuse_with_the_next_norm(tiny_model, tmp_path):
+    """Each row-parallel output's all-reduce (o_proj, down_proj) becomes one all_reduce_add_rms_norm with the
+    residual add and norm after it, where the one-rank graph has an add_rms_norm; the embedding's all-reduce
+    (a plain rms_norm follows) stays. Token equality with one rank is test_two_ranks_give_the_tokens_of_one."""
+    build_one_and_two(str(tiny_model("llama")), tmp_path)
+    ops = [collections.Counter(n["op"] for n in json.loads((tmp_path / d / "config.json").read_text())["graph"]["nodes"])
+           for d in ("one", "two")]
+    num_layers = 2
+    assert ops[0]["add_rms_norm"] == 2 * num_layers and ops[0]["all_reduce"] == 0
+    assert ops[1]["all_reduce_add_rms_norm"] == 2 * num_layers and ops[1]["add_rms_norm"] == 0
+    assert ops[1]["all_reduce"] == 1
 
 
 # Calibrated quantization: build_and_save runs the whole model over the calibration data once, and every

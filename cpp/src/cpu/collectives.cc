@@ -1,9 +1,11 @@
 // Tensor-parallel collectives on the CPU: all_reduce (the sum of the ranks' partial activations, after a
-// row-parallel linear or a vocab-parallel embedding) and gather (a column-parallel output's shards, side
-// by side, on one rank: the LM head's logits). They run on the step's thread through the runner's
-// Communicator; with one rank they are copies.
+// row-parallel linear or a vocab-parallel embedding), all_reduce_add_rms_norm (that sum, the residual add
+// and the RMSNorm after it in one op) and gather (a column-parallel output's shards, side by side, on one
+// rank: the LM head's logits). They run on the step's thread through the runner's Communicator; with one
+// rank they are copies.
 #include <cstring>
 
+#include "cpu/row_ops.h"
 #include "op_registry.h"
 #include "runner_backend.h"
 #include "thread_pool.h"
@@ -20,8 +22,9 @@ int64_t max_rows(const TensorSpec& t, const BackendInfo& b) {
 
 class CollectiveOp : public OpKind {
  protected:
-  explicit CollectiveOp(const OpSpec& spec) : OpKind(spec) {
-    spec.require_num_io(1, 1, 1);
+  // num_inputs / num_outputs: x first, then the op's other inputs; the outputs.
+  explicit CollectiveOp(const OpSpec& spec, size_t num_inputs = 1, size_t num_outputs = 1) : OpKind(spec) {
+    spec.require_num_io(num_inputs, num_inputs, num_outputs);
     spec.require_input_dtype(0, {DataType::kFloat32});
     const BackendInfo& b = *spec.backend;
     RTLLM_CHECK(b.activation_dtype == DataType::kFloat32, spec.op(), ": float32 activations only, the backend's are ",
@@ -45,6 +48,39 @@ class AllReduce final : public CollectiveOp {
     if (out[0].data != in[0].data) std::memcpy(out[0].data, in[0].data, n * sizeof(float));
     if (tp_size() > 1) comm()->all_reduce_sum(out[0].f32(), n);
   }
+};
+
+// Outputs [normed, sum]: sum = (the sum over the ranks of x) + residual, normed = rms_norm(sum) · weight; the
+// ops all_reduce then add_rms_norm in one, in the same float32 order (so the same bits). The sum is
+// reduced in place in its output; a GPU fuses the norm into the all-reduce kernel itself.
+class AllReduceAddRmsNorm final : public CollectiveOp {
+ public:
+  explicit AllReduceAddRmsNorm(const OpSpec& spec)
+      : CollectiveOp(spec, 3, 2), eps_(static_cast<float>(spec.node->attrs.get_double("eps", 1e-6))) {
+    spec.require_input_dtype(1, {DataType::kFloat32});
+    spec.require_input_dtype(2, kWideFloatDtypes);
+  }
+  WeightPlacement weight_placement(size_t) const override { return in_activation_dtype(); }
+
+  void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
+    const TensorView &x = in[0], &res = in[1], &w = in[2];
+    const int64_t T = x.rows(), D = x.cols(), n = x.numel();
+    RTLLM_CHECK(res.numel() == n && w.numel() == D && out[0].numel() == n && out[1].numel() == n,
+                "all_reduce_add_rms_norm: shapes do not match rows of ", D, " values");
+    float *normed = out[0].f32(), *sum = out[1].f32();
+    std::memcpy(sum, x.data, n * sizeof(float));
+    if (tp_size() > 1) comm()->all_reduce_sum(sum, n);
+    const float *rp = res.f32(), *wp = w.f32();
+    const float eps = eps_;
+    ctx.pool->parallel_for(T, [&](int64_t t, int) {
+      float* s = sum + t * D;
+      for (int64_t i = 0; i < D; ++i) s[i] += rp[t * D + i];
+      cpu::rms_norm_row(normed + t * D, s, wp, D, eps);
+    }, D * 3);
+  }
+
+ private:
+  const float eps_;
 };
 
 // x [R, C] on each rank -> y [R, C * tp_size] on the root, rank r's x in columns [r * C, (r + 1) * C).
@@ -97,6 +133,7 @@ class Gather final : public CollectiveOp {
 
 void register_cpu_collective_ops() {
   register_op("all_reduce", DeviceKind::kCpu, make_op<AllReduce>);
+  register_op("all_reduce_add_rms_norm", DeviceKind::kCpu, make_op<AllReduceAddRmsNorm>);
   register_op("gather", DeviceKind::kCpu, make_op<Gather>);
 }
 

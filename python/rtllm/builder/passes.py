@@ -3,7 +3,8 @@ docs/engine_format.md, keeping the semantics; a pattern that does not match exac
 Run prune() afterwards to drop the dead weights and tensors.
 
 Layers already emit the fused forms they own (rtllm.nn: qkv and gate/up as one linear, RoPE and q/k norm
-inside attention, silu_mul); what remains spans layers: a residual add and the norm of the next block.
+inside attention, silu_mul); what remains spans layers: a residual add and the norm of the next block, and
+with tensor parallelism the all-reduce of a row-parallel output before them.
 """
 
 from .tensor import Network, Node
@@ -33,4 +34,22 @@ def fuse_add_rms_norm(net: Network) -> None:
         _remove(net, [norm])
 
 
-ALL_PASSES = (fuse_add_rms_norm,)
+def fuse_all_reduce_add_rms_norm(net: Network) -> None:
+    """y = all_reduce(x); [n, s] = add_rms_norm(y, residual) -> [n, s] = all_reduce_add_rms_norm(x, residual),
+    when the add_rms_norm is y's only reader (a row-parallel linear's output and the residual stream)."""
+    producers, consumers = net.producers(), net.consumers()
+    for norm in [n for n in net.nodes if n.op == "add_rms_norm"]:
+        reduce = _producer(producers, norm.inputs[0], "all_reduce")
+        if reduce is None or len(consumers.get(reduce.outputs[0], [])) != 1:
+            continue
+        fused = Node("all_reduce_add_rms_norm", [reduce.inputs[0], *norm.inputs[1:]], list(norm.outputs),
+                     dict(norm.attrs))
+        net.nodes[net.nodes.index(norm)] = fused
+        _remove(net, [reduce])
+
+
+# The ops whose first output is an RMSNorm of a row, with the norm's weight as their last input: where a
+# quantization pass folds a per-channel scale of that output into the weight.
+NORM_OPS = ("rms_norm", "add_rms_norm", "all_reduce_add_rms_norm")
+
+ALL_PASSES = (fuse_add_rms_norm, fuse_all_reduce_add_rms_norm)

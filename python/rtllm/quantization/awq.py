@@ -25,6 +25,8 @@ softmax (as AutoAWQ does). The result is float weights that the ordinary W4A16 p
 """
 import numpy as np
 
+from ..builder.passes import NORM_OPS
+
 GRID = 20
 CLIP_GRID = 20
 MAX_SHRINK = 0.5
@@ -207,10 +209,8 @@ def _fold_target(network, producer, tensor: str, transforms: dict):
     into, or None."""
     if producer is None:
         return None
-    if producer.op == "rms_norm" and producer.outputs[0] == tensor:
-        return "norm", producer.inputs[1], None
-    if producer.op == "add_rms_norm" and producer.outputs[0] == tensor:
-        return "norm", producer.inputs[2], None
+    if producer.op in NORM_OPS and producer.outputs[0] == tensor:
+        return "norm", producer.inputs[-1], None
     producers = _producers(network)
     if producer.op == "silu_mul":
         up = producers.get(producer.inputs[0])

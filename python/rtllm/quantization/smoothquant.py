@@ -26,6 +26,8 @@ import dataclasses
 
 import numpy as np
 
+from ..builder.passes import NORM_OPS
+
 S_MIN, S_MAX = 1e-5, 1e5  # a smoothing factor outside this range only moves float32 rounding around
 
 
@@ -67,7 +69,7 @@ def smoothing_groups(network, selected: list, smooth_v: bool) -> list:
         p = producers.get(x)
         if p is None:
             continue
-        if p.op in ("rms_norm", "add_rms_norm") and p.outputs[0] == x:
+        if p.op in NORM_OPS and p.outputs[0] == x:
             g = p.inputs[-1]
             if g in network.weights and network.weights[g].shape == (K,) and _only_reader(consumers, g, p):
                 group.fold, group.target = "norm", g
