@@ -10,21 +10,21 @@ rms_norm(table[ids] + residual[ids]) · norm · lm_headᵀ. Prints one "ok rank 
 non-zero on a mismatch.
 """
 import json
+import os
+import sys
 
 import numpy as np
 
 from rtllm import _core
 
-V_SHARD, H, EPS = 5, 16, 1e-5
-LIMITS = {"max_batch_size": 4, "max_input_len": 16, "max_seq_len": 16, "max_num_tokens": 16}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tp_graph, beside this script
+
+from tp_graph import H, graph_engine_config, spec  # noqa: E402 (this folder is on the path: see above)
+
+V_SHARD, EPS = 5, 1e-5
 
 
 def engine_config(tp_size):
-    V = V_SHARD * tp_size
-
-    def spec(name, *shape, dtype="float32"):
-        return {"name": name, "dtype": dtype, "shape": list(shape)}
-
     nodes = [
         {"op": "embedding", "inputs": ["input_ids", "table"], "outputs": ["e"], "attrs": {"vocab_parallel": True}},
         {"op": "embedding", "inputs": ["input_ids", "residual"], "outputs": ["r"], "attrs": {}},
@@ -33,21 +33,9 @@ def engine_config(tp_size):
         {"op": "gather_rows", "inputs": ["normed", "logits_indices"], "outputs": ["last"], "attrs": {}},
         {"op": "linear", "inputs": ["last", "lm_head"], "outputs": ["logits"], "attrs": {}},
     ]
-    return {
-        "format_version": 2, "rtllm_version": "0.1.0", "architecture": "LlamaForCausalLM",
-        "model_config": {"architecture": "LlamaForCausalLM", "vocab_size": V, "hidden_size": H, "num_layers": 1,
-                         "num_heads": tp_size, "num_kv_heads": 1, "head_dim": H, "dtype": "float32"},
-        "build_config": LIMITS, "quantization": {"quant_algo": None},
-        "mapping": {"world_size": tp_size, "tp_size": tp_size},
-        "graph": {
-            "inputs": [spec("input_ids", "num_tokens", dtype="int32"), spec("positions", "num_tokens", dtype="int32"),
-                       spec("logits_indices", "num_logits", dtype="int32")],
-            "outputs": [spec("logits", "num_logits", V)],
-            "tensors": [spec("e", "num_tokens", H), spec("r", "num_tokens", H), spec("normed", "num_tokens", H),
-                        spec("sum", "num_tokens", H), spec("last", "num_logits", H)],
-            "nodes": nodes,
-        },
-    }
+    tensors = [spec("e", "num_tokens", H), spec("r", "num_tokens", H), spec("normed", "num_tokens", H),
+               spec("sum", "num_tokens", H), spec("last", "num_logits", H)]
+    return graph_engine_config(tp_size, V_SHARD * tp_size, nodes, tensors)
 
 
 def whole_weights(tp_size):

@@ -17,12 +17,30 @@ V_SHARD, H = 6, 8
 LIMITS = {"max_batch_size": 4, "max_input_len": 16, "max_seq_len": 16, "max_num_tokens": 16}
 
 
+def spec(name, *shape, dtype="float32"):
+    return {"name": name, "dtype": dtype, "shape": list(shape)}
+
+
+def graph_engine_config(tp_size, vocab, nodes, tensors):
+    """An engine config.json of one hidden size H around `nodes` (and their `tensors`), split over tp_size ranks,
+    with logits [num_logits, vocab]."""
+    return {
+        "format_version": 2, "rtllm_version": "0.1.0", "architecture": "LlamaForCausalLM",
+        "model_config": {"architecture": "LlamaForCausalLM", "vocab_size": vocab, "hidden_size": H, "num_layers": 1,
+                         "num_heads": tp_size, "num_kv_heads": 1, "head_dim": H, "dtype": "float32"},
+        "build_config": LIMITS, "quantization": {"quant_algo": None},
+        "mapping": {"world_size": tp_size, "tp_size": tp_size},
+        "graph": {
+            "inputs": [spec("input_ids", "num_tokens", dtype="int32"), spec("positions", "num_tokens", dtype="int32"),
+                       spec("logits_indices", "num_logits", dtype="int32")],
+            "outputs": [spec("logits", "num_logits", vocab)],
+            "tensors": tensors,
+            "nodes": nodes,
+        },
+    }
+
+
 def engine_config(tp_size):
-    V = V_SHARD * tp_size
-
-    def spec(name, *shape, dtype="float32"):
-        return {"name": name, "dtype": dtype, "shape": list(shape)}
-
     nodes = [
         {"op": "embedding", "inputs": ["input_ids", "embed"], "outputs": ["e"], "attrs": {"vocab_parallel": True}},
         {"op": "all_reduce", "inputs": ["e"], "outputs": ["h"], "attrs": {}},
@@ -30,21 +48,9 @@ def engine_config(tp_size):
         {"op": "linear", "inputs": ["last", "lm_head"], "outputs": ["part"], "attrs": {}},
         {"op": "gather", "inputs": ["part"], "outputs": ["logits"], "attrs": {"root": 0}},
     ]
-    return {
-        "format_version": 2, "rtllm_version": "0.1.0", "architecture": "LlamaForCausalLM",
-        "model_config": {"architecture": "LlamaForCausalLM", "vocab_size": V, "hidden_size": H, "num_layers": 1,
-                         "num_heads": tp_size, "num_kv_heads": 1, "head_dim": H, "dtype": "float32"},
-        "build_config": LIMITS, "quantization": {"quant_algo": None},
-        "mapping": {"world_size": tp_size, "tp_size": tp_size},
-        "graph": {
-            "inputs": [spec("input_ids", "num_tokens", dtype="int32"), spec("positions", "num_tokens", dtype="int32"),
-                       spec("logits_indices", "num_logits", dtype="int32")],
-            "outputs": [spec("logits", "num_logits", V)],
-            "tensors": [spec("e", "num_tokens", H), spec("h", "num_tokens", H), spec("last", "num_logits", H),
-                        spec("part", "num_logits", V_SHARD)],
-            "nodes": nodes,
-        },
-    }
+    tensors = [spec("e", "num_tokens", H), spec("h", "num_tokens", H), spec("last", "num_logits", H),
+               spec("part", "num_logits", V_SHARD)]
+    return graph_engine_config(tp_size, V_SHARD * tp_size, nodes, tensors)
 
 
 def main():
