@@ -73,9 +73,7 @@ class AllReduceAddRmsNorm final : public CollectiveOp {
     const float *rp = res.f32(), *wp = w.f32();
     const float eps = eps_;
     ctx.pool->parallel_for(T, [&](int64_t t, int) {
-      float* s = sum + t * D;
-      for (int64_t i = 0; i < D; ++i) s[i] += rp[t * D + i];
-      cpu::rms_norm_row(normed + t * D, s, wp, D, eps);
+      cpu::add_rms_norm_row(normed + t * D, sum + t * D, sum + t * D, rp + t * D, wp, D, eps);
     }, D * 3);
   }
 

@@ -56,9 +56,7 @@ class AddRmsNorm final : public OpKind {
     float *normed = out[0].f32(), *sum = out[1].f32();
     const float eps = eps_;
     ctx.pool->parallel_for(T, [&](int64_t t, int) {
-      float* s = sum + t * D;
-      for (int64_t i = 0; i < D; ++i) s[i] = xp[t * D + i] + rp[t * D + i];
-      cpu::rms_norm_row(normed + t * D, s, wp, D, eps);
+      cpu::add_rms_norm_row(normed + t * D, sum + t * D, xp + t * D, rp + t * D, wp, D, eps);
     }, D * 3);
   }
 

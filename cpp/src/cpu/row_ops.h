@@ -1,4 +1,5 @@
-// Per-row kernels shared by the CPU ops (rms_norm, rope, and attention's fused qk_norm + RoPE).
+// Per-row kernels shared by the CPU ops (rms_norm, add_rms_norm and its all-reduce form, rope, and attention's
+// fused qk_norm + RoPE).
 #pragma once
 
 #include <cmath>
@@ -13,6 +14,14 @@ inline void rms_norm_row(float* y, const float* x, const float* weight, int64_t 
   const float mean_sq = dot(x, x, d) / static_cast<float>(d);
   const float inv_rms = 1.0f / std::sqrt(mean_sq + eps);
   for (int64_t i = 0; i < d; ++i) y[i] = weight[i] * (x[i] * inv_rms);
+}
+
+// sum[0:d] = x + residual, normed = rms_norm_row(sum): add_rms_norm's row (sum may be x, after an all-reduce
+// into it).
+inline void add_rms_norm_row(float* normed, float* sum, const float* x, const float* residual, const float* weight,
+                             int64_t d, float eps) {
+  for (int64_t i = 0; i < d; ++i) sum[i] = x[i] + residual[i];
+  rms_norm_row(normed, sum, weight, d, eps);
 }
 
 // cos/sin of float32(pos) · inv_freq[i] for i < half = head_dim / 2 (the product rounded to float32).
