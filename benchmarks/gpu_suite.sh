@@ -16,9 +16,10 @@
 # (below).
 #
 # Same-machine A/B against another rtllm source tree (e.g. the previous main, `git archive` into a
-# folder): STEPS="build ab_prepare ab" AB_BASE=DIR. ab_prepare builds DIR into AB_WORK/base (default
-# AB_WORK=/tmp/rtllm-ab) and writes one Llama-3-8B-shaped engine with random bf16 weights; ab runs
-# bench_e2e.py on that engine under the base build, then this one (AB_ARGS: its workloads).
+# folder): STEPS="build ab_prepare ab" AB_BASE=DIR. ab_build builds DIR into AB_WORK/base (default
+# AB_WORK=/tmp/rtllm-ab); ab_prepare also writes one Llama-3-8B-shaped engine with random bf16 weights; ab
+# runs bench_e2e.py on that engine under the base build, then this one (AB_ARGS: its workloads);
+# ab_kernels runs bench_kernels.py (KERNELS_ARGS) under the base build into kernels_base.json.
 set -u
 OUT_DIR=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
 mkdir -p "$OUT_DIR"
@@ -94,11 +95,13 @@ wants serving && run_step bench_serving_c256 420 bench_serving_c256.log "$PYTHON
 AB_WORK=${AB_WORK:-/tmp/rtllm-ab}
 AB_ARGS=${AB_ARGS:---workload 128x128x1000 --workload 128x128x1000 --workload 128x128x1000:topp \
   --workload 128x128x5000 --workload 2048x2048x200}
-ab_prepare() {  # each part skipped when its output exists (a machine kept between calls)
+ab_build() {  # skipped when the base is built (a machine kept between calls)
   mkdir -p "$AB_WORK" || return
   [ -d "$AB_WORK/base/rtllm" ] || CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCHS -DRTLLM_CUDA=ON" \
-    "$PYTHON" -m pip install --no-build-isolation --no-deps --target "$AB_WORK/base" "${AB_BASE:?AB_BASE is unset}" ||
-    return
+    "$PYTHON" -m pip install --no-build-isolation --no-deps --target "$AB_WORK/base" "${AB_BASE:?AB_BASE is unset}"
+}
+ab_prepare() {  # each part skipped when its output exists
+  ab_build || return
   [ -f "$AB_WORK/engine/rank0.engine" ] && return
   # The base's builder writes the engine: a newer build reads older engine formats, not the reverse.
   PYTHONPATH="$AB_WORK/base${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
@@ -112,10 +115,18 @@ ab_run() {
     --device cuda --output "$OUT_DIR/ab_base.json" $AB_ARGS &&
   "$PYTHON" benchmarks/bench_e2e.py --model "$AB_WORK/engine" --device cuda --output "$OUT_DIR/ab_new.json" $AB_ARGS
 }
-export -f ab_prepare ab_run
-export AB_WORK AB_ARGS PYTHON OUT_DIR
+# The kernel benchmarks (KERNELS_ARGS) under the base build: their rows beside this build's kernels step.
+ab_kernels() {
+  # shellcheck disable=SC2086
+  ab_build && PYTHONPATH="$AB_WORK/base${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/bench_kernels.py \
+    --output "$OUT_DIR/kernels_base.json" ${KERNELS_ARGS:-}
+}
+export -f ab_build ab_prepare ab_run ab_kernels
+export AB_WORK AB_ARGS PYTHON OUT_DIR KERNELS_ARGS
 export AB_BASE="${AB_BASE:-}" CUDA_ARCHS="${CUDA_ARCHS:-90a}"
+wants ab_build && run_step ab_build 540 ab_build.log bash -c ab_build
 wants ab_prepare && run_step ab_prepare 540 ab_prepare.log bash -c ab_prepare
+wants ab_kernels && run_step ab_kernels 300 ab_kernels.log bash -c ab_kernels
 wants ab && run_step ab 580 ab.log bash -c ab_run
 
 # FP8 next to bf16 on one random Llama-3-8B-shaped checkpoint: the FP8 GEMM/GEMV kernel benchmark against

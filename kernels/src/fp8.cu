@@ -2,7 +2,7 @@
 // the scale epilogue of an unscaled cuBLASLt FP8 GEMM (docs/engine_format.md, fp8_linear).
 #include <cfloat>
 
-#include "dispatch.cuh"
+#include "mma_gemv.cuh"
 #include "rtllm/kernels/fp8.cuh"
 
 namespace rtllm::kernels {
@@ -64,154 +64,63 @@ __device__ __forceinline__ TY scale_output(float acc, const float* a_scale, bool
   return from_float<TY>(v);
 }
 
-// ---- GEMV on tensor cores ----
+// ---- GEMV on tensor cores (mma_gemv.cuh) ----
 //
-// mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 (sm_89+): D[16x8] += A[16x32] · B[32x8]. With
-// g = lane / 4 and t = lane % 4, the PTX ISA's fragment layouts ("Matrix Fragments for mma.m16n8k32",
-// 8-bit types; element i of a register is its byte i, from the low end) are:
-//   A regs a0..a3: a0 = A[g][4t..4t+3], a1 = A[g+8][4t..4t+3], a2 = A[g][16+4t..], a3 = A[g+8][16+4t..]
-//   B regs b0, b1: b0 = B[4t..4t+3][g],  b1 = B[16+4t..16+4t+3][g]
-//   D regs d0..d3: d0, d1 = D[g][2t], D[g][2t+1];  d2, d3 = D[g+8][2t], D[g+8][2t+1]
-// The 32 k slots of one MMA only need to hold the same k in A and B, so each lane feeds both from one
-// 16-byte load: lane (g, t) reads bytes [16t, 16t + 16) of a 64-byte step of activation row g (and g+8)
-// and of weight row g, and the step's two MMAs take words (x, y) and (z, w):
-//   MMA 0: a = {q[g].x, q[g+8].x, q[g].y, q[g+8].y}, b = {w[g].x, w[g].y}  (slot 4t+i <-> k = 16t+i,
-//                                                                            slot 16+4t+i <-> 16t+4+i)
-//   MMA 1: a = {q[g].z, q[g+8].z, q[g].w, q[g+8].w}, b = {w[g].z, w[g].w}  (the same, k + 8)
-// Together they cover the step's 64 k for 16 activation rows and 8 weight rows (weight row-major [N, K]
-// is B in the "col" layout: K contiguous), with plain coalesced 16-byte loads and no shuffles. Rows
-// m..15 of A are zeros (up to 8 rows: the g+8 registers are the constant 0).
+// A lane's 16-byte load of weight row g holds the 16 codes k0 + 16t .. k0 + 16t + 15 of a 64-code step, and
+// its activation load of token g the same k. Both are converted to f16 pairs (cvt.rn.f16x2.e4m3x2: every
+// E4M3 value is exact in f16) and fed to four f16 MMAs, MMA i taking word i (codes 4i .. 4i+3):
+//   b0 = W[g][4i, 4i+1], b1 = W[g][4i+2, 4i+3]  (slots 2t, 2t+1 and 2t+8, 2t+9), a0 / a2 likewise of x.
+// (ptxas lowers the E4M3 MMA, m16n8k32, for sm_90a to such conversions and f16 MMAs too; in this kernel
+// that version spilled 76 to 160 bytes per thread at the 128 registers two CTAs of 256 threads leave.)
 //
-// Work split: a CTA owns kGemvTiles · 8 output channels and its kGemvWarps warps split K, warp w taking
-// the 64-byte steps w, w + kGemvWarps, ...; a batch of kGemvUnroll steps is loaded (kGemvUnroll ·
-// kGemvTiles streaming weight loads of 16 bytes per lane in flight) before its MMAs run. The warps'
-// partial sums meet in shared memory and are added in warp order. Llama-3-8B's N = 4096 gives 256 CTAs
-// of 8 warps, about two per SM; at 126-128 registers two fit, with 8 KB of weight loads in flight each.
-//
-// Numerics: each product of two E4M3 values is exact; the tensor cores sum an MMA's 32 products with
-// fewer guard bits than a chain of float32 FMAs. sm_89 runs the instruction natively (Ada's FP8 MMAs,
-// like Hopper's wgmma, keep about 13 bits of the partial sum aligned to its largest term); for sm_90a
-// ptxas lowers it to exact E4M3 -> f16 conversions and two f16 MMAs with float32 accumulation, added to
-// the accumulator. Either way acc is within 2^-9 of Σ_k |q·w| of the exact sum, as cuBLASLt's FP8 GEMM
-// (tests/gpu/test_fp8_gpu.py). The summation order is fixed (steps in order within a warp, two
-// alternating accumulators, then warps in order): results are deterministic.
-constexpr int kGemvWarps = 8;
-constexpr int kGemvTiles = 2;  // 8-channel tiles per CTA: each activation fragment serves both
-constexpr int kGemvUnroll = 4;
-
-__device__ __forceinline__ void mma_e4m3_16x8x32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                 uint32_t b0, uint32_t b1) {
+// Numerics: each product of two E4M3 values is exact in the f16 MMA, whose float32 sums keep fewer guard
+// bits than a chain of float32 FMAs; acc is within 2^-9 of Σ_k |q·w| of the exact sum, as cuBLASLt's FP8
+// GEMM (tests/gpu/test_fp8_gpu.py). The summation order is fixed: results are deterministic.
+__device__ __forceinline__ uint32_t e4m3x2_to_half2(uint32_t pair) {
+  uint32_t h2 = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-  asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(static_cast<uint16_t>(pair)));
 #else
-  __trap();  // E4M3 MMAs need compute capability 8.9; fp8_linear refuses older devices at load
+  __trap();  // E4M3 conversions need compute capability 8.9; fp8_linear refuses older devices at load
 #endif
+  return h2;
 }
 
-// 16 weight bytes, read once: not kept in L1.
-__device__ __forceinline__ uint4 load_stream16(const uint8_t* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
+struct E4m3Codes : NoSideData {
+  using Act = uint8_t;
+  static constexpr int kCodes = 16;
+  static __device__ __forceinline__ void mmas(float (&acc)[2][4], const uint4& wv, Side, const uint32_t* xg,
+                                              const uint32_t* xh) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t w = word(wv, i);
+      mma_16x8x16<__half>(acc[i & 1], e4m3x2_to_half2(xg[i]), e4m3x2_to_half2(xh[i]), e4m3x2_to_half2(xg[i] >> 16),
+                          e4m3x2_to_half2(xh[i] >> 16), e4m3x2_to_half2(w), e4m3x2_to_half2(w >> 16));
+    }
+  }
+};
 
-// MA: blocks of 8 activation rows, 1 for m <= 8 and 2 for m <= 16.
-template <typename TB, typename TY, int MA>
-__global__ void __launch_bounds__(kGemvWarps * 32, 2)
-    fp8_gemv_kernel(TY* y, const uint8_t* q, const float* a_scale, bool a_per_row, const uint8_t* weight,
-                    const float* w_scale, bool w_per_channel, const TB* bias, int32_t m, int32_t n, int32_t k) {
-  constexpr int T = kGemvTiles, U = kGemvUnroll, kCols = 8 * T;
-  __shared__ float partial[kGemvWarps][8 * MA][kCols];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int32_t n0 = blockIdx.x * kCols;
-  const int32_t num_vecs = k / 16, num_steps = (num_vecs + 3) / 4;  // 16-byte vectors; 64-byte steps
-  // Channels past n read row n - 1 (their sums are never stored); k past the end reads zeros.
-  const uint8_t* w_lane[T];
-#pragma unroll
-  for (int r = 0; r < T; ++r) w_lane[r] = weight + (int64_t)min(n0 + 8 * r + g, n - 1) * k + 16 * t;
-  const uint8_t* q_lane[MA];
-  bool q_row[MA];
-#pragma unroll
-  for (int i = 0; i < MA; ++i) {
-    q_row[i] = 8 * i + g < m;
-    q_lane[i] = q + (int64_t)(8 * i + g) * k + 16 * t;  // read only for rows < m
+template <typename TB, typename TY>
+struct Fp8Output {
+  TY* y;
+  const float* a_scale;
+  bool a_per_row;
+  const float* w_scale;
+  bool w_per_channel;
+  const TB* bias;
+  int32_t n;
+  __device__ __forceinline__ void operator()(float sum, int32_t row, int32_t col) const {
+    y[(int64_t)row * n + col] = scale_output<TY>(sum, a_scale, a_per_row, w_scale, w_per_channel, bias, row, col);
   }
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  uint4 wv[U][T];
-  auto load_weights = [&](int32_t s0) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int32_t s = s0 + u * kGemvWarps;
-      const bool in_k = 4 * s + t < num_vecs;
-#pragma unroll
-      for (int r = 0; r < T; ++r) wv[u][r] = in_k ? load_stream16(w_lane[r] + 64 * (int64_t)s) : zero;
-    }
-  };
-  load_weights(warp);  // constant data: read before waiting for the kernel that wrote q
-  pdl_begin();
-  float acc[T][2][4];  // [tile][even/odd MMA of a step][d0..d3]
-#pragma unroll
-  for (int r = 0; r < T; ++r)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[r][h][j] = 0.0f;
-
-  // The bounds are the same for the whole warp, as mma.sync requires.
-  for (int32_t s0 = warp; s0 < num_steps; s0 += U * kGemvWarps) {
-    if (s0 != warp) load_weights(s0);
-    uint4 av[U][MA];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int32_t s = s0 + u * kGemvWarps;
-      const bool in_k = 4 * s + t < num_vecs;
-#pragma unroll
-      for (int i = 0; i < MA; ++i)
-        av[u][i] = in_k && q_row[i] ? __ldg(reinterpret_cast<const uint4*>(q_lane[i] + 64 * (int64_t)s)) : zero;
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const uint4 lo = av[u][0], hi = MA == 2 ? av[u][MA - 1] : zero;
-#pragma unroll
-      for (int r = 0; r < T; ++r) {
-        mma_e4m3_16x8x32(acc[r][0], lo.x, hi.x, lo.y, hi.y, wv[u][r].x, wv[u][r].y);
-        mma_e4m3_16x8x32(acc[r][1], lo.z, hi.z, lo.w, hi.w, wv[u][r].z, wv[u][r].w);
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < T; ++r)
-#pragma unroll
-    for (int i = 0; i < MA; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        partial[warp][8 * i + g][8 * r + 2 * t + j] = acc[r][0][2 * i + j] + acc[r][1][2 * i + j];
-  __syncthreads();
-  for (int e = threadIdx.x; e < 8 * MA * kCols; e += blockDim.x) {
-    const int row = e / kCols, col = e % kCols;
-    if (row >= m || n0 + col >= n) continue;
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kGemvWarps; ++w) sum += partial[w][row][col];
-    y[(int64_t)row * n + n0 + col] =
-        scale_output<TY>(sum, a_scale, a_per_row, w_scale, w_per_channel, bias, row, n0 + col);
-  }
-}
+};
 
 template <typename TB, typename TY>
 void launch_gemv(void* y, const void* q, const float* a_scale, bool a_per_row, const void* weight,
                  const float* w_scale, bool w_per_channel, const void* bias, int32_t m, int32_t n, int32_t k,
                  cudaStream_t stream) {
-  const unsigned grid = (unsigned)ceil_div(n, 8 * kGemvTiles);
-  auto* kernel = m <= 8 ? fp8_gemv_kernel<TB, TY, 1> : fp8_gemv_kernel<TB, TY, 2>;
-  launch_pdl(kernel, grid, kGemvWarps * 32, 0, stream, static_cast<TY*>(y), static_cast<const uint8_t*>(q), a_scale,
-             a_per_row, static_cast<const uint8_t*>(weight), w_scale, w_per_channel, static_cast<const TB*>(bias), m,
-             n, k);
+  const Fp8Output<TB, TY> out{static_cast<TY*>(y), a_scale, a_per_row, w_scale, w_per_channel,
+                              static_cast<const TB*>(bias), n};
+  launch_mma_gemv<E4m3Codes>(mma_gemv_k_splits(n), out, q, weight, {}, m, n, k, stream);
 }
 
 template <typename TB, typename TY>
@@ -260,6 +169,7 @@ cudaError_t fp8_gemv(void* y, const void* q, const float* a_scale, bool a_per_ro
                      const float* w_scale, bool w_per_channel, const void* bias, int32_t m, int32_t n, int32_t k,
                      DType bias_dtype, DType y_dtype, cudaStream_t stream) {
   RTLLM_KERNEL_CHECK(y && q && a_scale && weight && w_scale && n >= 0 && fp8_gemv_supported(m, k));
+  RTLLM_KERNEL_CHECK(mma_gemv_rows_ok(n));
   RTLLM_KERNEL_CHECK(aligned16(q) && aligned16(weight));
   RTLLM_KERNEL_CHECK(y_dtype == bias_dtype || y_dtype == DType::kFP32);
   if (n == 0) return cudaSuccess;

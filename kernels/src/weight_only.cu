@@ -1,6 +1,6 @@
 // Weight-only integer linears (docs/engine_format.md, weight_only_linear): the tensor-core GEMV over the
 // stored codes, and the dequantization of a whole weight for cuBLASLt's GEMM on larger batches.
-#include "dispatch.cuh"
+#include "mma_gemv.cuh"
 #include "rtllm/kernels/weight_only.cuh"
 
 namespace rtllm::kernels {
@@ -80,18 +80,11 @@ __device__ __forceinline__ T2 dequant2(T2 q, T2 s, T2 o) {
   return __hfma2(q, s, o);
 }
 
-// ---- GEMV on tensor cores ----
+// ---- GEMV on tensor cores (mma_gemv.cuh) ----
 //
-// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} (sm_80+): D[16x8] += A[16x16] · B[16x8]. With
-// g = lane / 4 and t = lane % 4 (PTX ISA, "Matrix Fragments for mma.m16n8k16", 16-bit types; the low
-// half of a register is the lower index):
-//   A: a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9], a3 = A[g+8][2t+8, 2t+9]
-//   B: b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g]
-//   D: d0, d1 = D[g][2t, 2t+1]; d2, d3 = D[g+8][2t, 2t+1]
-// A's rows are tokens, B's columns weight rows. The 16 k slots only need to hold the same k in A and B,
-// so lane (g, t) feeds its B slots from one 16-byte load of weight row g: bytes [16t, 16t + 16) of a
-// 64-byte step of the row (the engine's row-major codes, kept as stored), i.e. its kCodes consecutive
-// codes from k0 = (4·step + t)·kCodes, and its A slots from the activations at the same k:
+// Each lane's 16-byte load of a weight row holds kCodes consecutive codes of one quantization group (the
+// group size is a multiple of kCodes), so it dequantizes them with one scale and offset: W = fma(q, s, o)
+// in T, two weights per instruction, and feeds them as the MMAs' B operand:
 //   int8 (kCodes 16, 4 MMAs a step): word i of the load = codes 4i .. 4i+3 in order;
 //     MMA i: b0 = (4i, 4i+1), b1 = (4i+2, 4i+3); a0 / a2 = x words (4i, 4i+1) / (4i+2, 4i+3), as loaded.
 //   int4 (kCodes 32, 8 MMAs a step): word i = codes 8i .. 8i+7, nibble j = code 8i + j; the magic-number
@@ -99,56 +92,6 @@ __device__ __forceinline__ T2 dequant2(T2 q, T2 s, T2 o) {
 //     MMA (i, h): b0 = (8i+2h, 8i+2h+4), b1 = (8i+2h+1, 8i+2h+5), and the activations are permuted to
 //     match: a0 = the low halves of X[h], X[h+2], a2 = their high halves (one prmt each; X[j] = the x
 //     word of codes (8i+2j, 8i+2j+1)).
-// A lane's codes lie in one quantization group (the group size is a multiple of kCodes), so it dequantizes
-// them with one scale and offset: W = fma(q, s, o) in T, two weights per instruction.
-//
-// Work split: a CTA's kWarps warps form kWarps / KS row groups of KS warps. A row group owns NT · 8 weight
-// rows and the CTA's up to 16 activation rows (blockIdx.y: weight rows, blockIdx.x: 16-token blocks, so
-// that the CTAs rereading a tile for more tokens run next to each other and find it in L2); its KS warps
-// split K, warp w taking the steps w, w + KS, ... Each warp keeps kLoadsInFlight 16-byte code loads per
-// lane in flight (U = kLoadsInFlight / NT steps of its NT tiles, with their scales and offsets): the slot of
-// a step is refilled with the step U · KS further on as soon as that step's MMAs have read it, so the loads
-// of a long run of steps overlap the MMAs of the earlier ones. Partial sums of the KS warps meet in shared
-// memory and are added in warp order: the result does not depend on timing (deterministic), only on KS (a
-// function of N and K, see gemv_k_splits) and not on the call's m (which picks MA and may pick NT; the sum
-// per output is the same for every NT: the tiles never split K differently).
-constexpr int kWarps = 8;
-constexpr int kLoadsInFlight = 8;  // 16-byte code loads per lane per batch (steps x tiles)
-
-template <typename T>
-__device__ __forceinline__ void mma_16x8x16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                            uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16x8x16<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                                           uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16x8x16<__half>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                    uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// 16 code bytes, read once: not kept in L1; the L2 fetches the 256 bytes around them (the rest of the row's
-// run is read by the next steps). Volatile: issued where written, ahead of the MMAs that wait for it.
-__device__ __forceinline__ uint4 load_stream16(const uint8_t* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
 // The MMAs of one step for one 8-row weight tile: `wv` the lane's 16 code bytes, `s2` / `o2` its group's
 // scale and offset (both halves equal), xg / xh the lane's activation words (kCodes / 2 each) of token
 // rows g and g + 8 (xh zeros when MA == 1). Even and odd MMAs alternate between two accumulators.
@@ -181,160 +124,50 @@ __device__ __forceinline__ void step_mmas(float (&acc)[2][4], const uint4& wv, t
   }
 }
 
-// MA: blocks of 8 activation rows, 1 when m <= 8, else 2 (16 rows per CTA). NT: 8-row weight tiles
-// per row group; KS: warps splitting K (see launch_tiles).
-template <typename T, typename TY, bool kInt4, int MA, int NT, int KS>
-__global__ void __launch_bounds__(kWarps * 32, 2)
-    woq_gemv_kernel(TY* y, const T* x, const uint8_t* codes, const T* scale, const T* offset, const T* bias,
-                    int32_t m, int32_t n, int32_t k, int32_t group_size) {
-  using T2 = typename Pair<T>::T2;
-  static_assert(kWarps % KS == 0, "the row groups take whole warps");
-  constexpr int U = kLoadsInFlight / NT, kCols = 8 * NT, kGroups = kWarps / KS;
-  constexpr int kCodes = kInt4 ? 32 : 16;  // codes in a lane's 16-byte load
-  constexpr int kXVecs = kCodes / 8;       // 16-byte activation vectors covering them
-  __shared__ float partial[kWarps][8 * MA][kCols];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int group = warp / KS, split = warp % KS;
-  const int32_t n0 = (blockIdx.y * kGroups + group) * kCols;
-  const int32_t row0 = blockIdx.x * kWoqGemvRowsPerBlock;
-  const int32_t m_blk = min(m - row0, (int32_t)kWoqGemvRowsPerBlock);
-  x += (int64_t)row0 * k;
-  y += (int64_t)row0 * n;
-  const int64_t row_bytes = kInt4 ? k / 2 : k;
-  const int32_t num_vecs = (int32_t)(row_bytes / 16), num_steps = (num_vecs + 3) / 4;
-  const int32_t num_groups = k / group_size;
-  // Weight rows past n read row n - 1 (their sums are never stored); k past the end reads zeros.
-  const uint8_t* w_lane[NT];
-  const T* s_lane[NT];  // scales of the lane's weight row
-  const T* o_lane[NT];
-#pragma unroll
-  for (int r = 0; r < NT; ++r) {
-    const int64_t row = min(n0 + 8 * r + g, n - 1);
-    w_lane[r] = codes + row * row_bytes + 16 * t;
-    s_lane[r] = scale + row * num_groups;
-    o_lane[r] = offset ? offset + row * num_groups : nullptr;
-  }
-  const T* x_lane[MA];
-  bool x_row[MA];
-#pragma unroll
-  for (int i = 0; i < MA; ++i) {
-    x_row[i] = 8 * i + g < m_blk;
-    x_lane[i] = x + (int64_t)(8 * i + g) * k + t * kCodes;  // read only for rows < m_blk
-  }
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  const T zero_t = from_float<T>(0.0f);
-  uint4 wv[U][NT];
-  T2 so[U][NT];  // (scale, offset) of the lane's group: one group per 16-byte load
-  // Slot u takes step s of the NT tiles; steps past K take no load (zeros: s = o = 0 keeps the product 0).
-  auto load_step = [&](int u, int32_t s) {
-    const int32_t v = 4 * s + t;  // v: the lane's 16-byte vector of its rows
-    const bool in_k = v < num_vecs;
-    const int32_t grp = in_k ? (int32_t)((int64_t)v * kCodes / group_size) : 0;
-#pragma unroll
-    for (int r = 0; r < NT; ++r) {
-      wv[u][r] = in_k ? load_stream16(w_lane[r] + 64 * (int64_t)s) : zero;
-      so[u][r] = pair_of(in_k ? s_lane[r][grp] : zero_t, in_k && o_lane[r] ? o_lane[r][grp] : zero_t);
-    }
+// The Codec of mma_gemv_kernel for int8 / int4 codes with per-group scales and offsets in T.
+template <typename T, bool kInt4>
+struct IntCodes {
+  using Act = T;
+  using Side = typename Pair<T>::T2;  // (scale, offset) of the lane's group: one group per 16-byte load
+  static constexpr int kCodes = kInt4 ? 32 : 16;
+  struct Args {
+    const T* scale;
+    const T* offset;  // may be null
+    int32_t vecs_per_group, num_groups;
   };
-#pragma unroll
-  for (int u = 0; u < U; ++u) load_step(u, split + u * KS);  // constant data: before waiting for x's writer
-  pdl_begin();
-  float acc[NT][2][4];
-#pragma unroll
-  for (int r = 0; r < NT; ++r)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[r][h][j] = 0.0f;
-
-  // The loop bounds are the same for the whole warp, as mma.sync requires; lanes past K feed zeros.
-  for (int32_t s0 = split; s0 < num_steps; s0 += U * KS) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int32_t s = s0 + u * KS;
-      const bool in_k = 4 * s + t < num_vecs;
-      uint32_t xw[2][kCodes / 2];  // activation words of token rows g and g + 8 (zeros when MA == 1)
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < kXVecs; ++j) {
-          const uint4 a = i < MA && in_k && x_row[i]
-                              ? __ldg(reinterpret_cast<const uint4*>(x_lane[i] + 4 * (int64_t)s * kCodes + 8 * j))
-                              : zero;
-          xw[i][4 * j] = a.x;
-          xw[i][4 * j + 1] = a.y;
-          xw[i][4 * j + 2] = a.z;
-          xw[i][4 * j + 3] = a.w;
-        }
-#pragma unroll
-      for (int r = 0; r < NT; ++r) {
-        step_mmas<T, kInt4>(acc[r], wv[u][r], low_twice(so[u][r]), high_twice(so[u][r]), xw[0], xw[1]);
-      }
-      load_step(u, s + U * KS);  // the slot's next step, in flight while the other slots' MMAs run
-    }
+  struct Row {
+    const T* scale;  // the row's groups
+    const T* offset;
+  };
+  struct Step {
+    int32_t group;  // of the lane's vectors (the same in every row)
+    bool in_k;
+  };
+  static __device__ __forceinline__ Row row(const Args& a, int64_t r) {
+    return {a.scale + r * a.num_groups, a.offset ? a.offset + r * a.num_groups : nullptr};
   }
-#pragma unroll
-  for (int r = 0; r < NT; ++r)
-#pragma unroll
-    for (int i = 0; i < MA; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        partial[warp][8 * i + g][8 * r + 2 * t + j] = acc[r][0][2 * i + j] + acc[r][1][2 * i + j];
-  __syncthreads();
-  for (int e = threadIdx.x; e < kGroups * 8 * MA * kCols; e += blockDim.x) {
-    const int grp = e / (8 * MA * kCols), row = e / kCols % (8 * MA), col = e % kCols;
-    const int32_t out_col = (blockIdx.y * kGroups + grp) * kCols + col;
-    if (row >= m_blk || out_col >= n) continue;
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < KS; ++w) sum += partial[grp * KS + w][row][col];
-    if (bias) sum += to_float(bias[out_col]);
-    y[(int64_t)row * n + out_col] = from_float<TY>(sum);
+  static __device__ __forceinline__ Step step(const Args& a, int32_t vec, bool in_k) {
+    return {in_k ? vec / a.vecs_per_group : 0, in_k};  // one 32-bit division per step, for all tiles
   }
-}
-
-// The GEMV's launch shape. KS (warps splitting K): fewer splits give each warp a longer run of steps, whose
-// loads then overlap its MMAs, but make a CTA cover more weight rows (kWarps / KS groups of NT · 8); take
-// the fewest that still give kMinCtas CTAs (two per SM on the H200's 132 SMs, less a margin for the tail).
-// NT (tiles per row group): every row group reads the activations of its 16-row block, T · K · 2 bytes,
-// against NT · 8 weight rows; with more than 2 tokens four tiles halve those (L1) reads where N still
-// leaves kMinCtas CTAs. KS depends on N and K only, so a token's sums do not depend on the call's m.
-constexpr int32_t kMinCtas = 200;
-
-int32_t gemv_k_splits(int32_t n) {
-  for (int32_t ks : {1, 2, 4})
-    if (ceil_div(n, kWarps / ks * 16) >= kMinCtas) return ks;
-  return kWarps;
-}
-
-template <typename T, typename TY, bool kInt4, int MA, int KS>
-void launch_splits(void* y, const void* x, const void* codes, const void* scale, const void* offset,
-                   const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
-  const int nt = m > 2 && ceil_div(n, kWarps / KS * 32) >= kMinCtas ? 4 : 2;
-  const dim3 grid((unsigned)ceil_div(m, kWoqGemvRowsPerBlock), (unsigned)ceil_div(n, kWarps / KS * 8 * nt));
-  auto* kernel = nt == 2 ? woq_gemv_kernel<T, TY, kInt4, MA, 2, KS> : woq_gemv_kernel<T, TY, kInt4, MA, 4, KS>;
-  launch_pdl(kernel, grid, kWarps * 32, 0, stream, static_cast<TY*>(y), static_cast<const T*>(x),
-             static_cast<const uint8_t*>(codes), static_cast<const T*>(scale), static_cast<const T*>(offset),
-             static_cast<const T*>(bias), m, n, k, group_size);
-}
-
-template <typename T, typename TY, bool kInt4, int MA>
-void launch_tiles(int32_t k_splits, void* y, const void* x, const void* codes, const void* scale,
-                  const void* offset, const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size,
-                  cudaStream_t stream) {
-  switch (k_splits) {
-    case 1: return launch_splits<T, TY, kInt4, MA, 1>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
-    case 2: return launch_splits<T, TY, kInt4, MA, 2>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
-    case 4: return launch_splits<T, TY, kInt4, MA, 4>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
-    default: return launch_splits<T, TY, kInt4, MA, 8>(y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+  // Past K: s = o = 0 keeps the product 0.
+  static __device__ __forceinline__ Side side(const Row& r, const Step& st) {
+    const T zero = from_float<T>(0.0f);
+    return pair_of(st.in_k ? r.scale[st.group] : zero, st.in_k && r.offset ? r.offset[st.group] : zero);
   }
-}
+  static __device__ __forceinline__ void mmas(float (&acc)[2][4], const uint4& wv, Side so, const uint32_t* xg,
+                                              const uint32_t* xh) {
+    step_mmas<T, kInt4>(acc, wv, low_twice(so), high_twice(so), xg, xh);
+  }
+};
 
 template <typename T, typename TY, bool kInt4>
 void launch_gemv(int32_t k_splits, void* y, const void* x, const void* codes, const void* scale, const void* offset,
                  const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
-  if (m <= 8) launch_tiles<T, TY, kInt4, 1>(k_splits, y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
-  else launch_tiles<T, TY, kInt4, 2>(k_splits, y, x, codes, scale, offset, bias, m, n, k, group_size, stream);
+  using Codec = IntCodes<T, kInt4>;
+  const typename Codec::Args args{static_cast<const T*>(scale), static_cast<const T*>(offset),
+                                  group_size / Codec::kCodes, k / group_size};
+  launch_mma_gemv<Codec>(k_splits, BiasOutput<T, TY>{static_cast<TY*>(y), static_cast<const T*>(bias), n}, x, codes,
+                         args, m, n, k, stream);
 }
 
 template <typename T, typename TY>
@@ -435,7 +268,7 @@ bool woq_gemv_supported(int64_t k, int64_t group_size, bool int4) {
 
 int32_t woq_gemv_k_splits(int32_t n, int32_t k) {
   (void)k;
-  return gemv_k_splits(n);
+  return mma_gemv_k_splits(n);
 }
 
 cudaError_t woq_gemv(void* y, const void* x, const void* codes, const void* scale, const void* offset,
@@ -444,7 +277,7 @@ cudaError_t woq_gemv(void* y, const void* x, const void* codes, const void* scal
   RTLLM_KERNEL_CHECK(y && x && codes && scale && m >= 0 && n >= 0 && woq_gemv_supported(k, group_size, int4));
   RTLLM_KERNEL_CHECK(aligned16(x) && aligned16(codes));  // rows of x and codes are whole 16-byte vectors
   RTLLM_KERNEL_CHECK(y_dtype == dtype || y_dtype == DType::kFP32);
-  RTLLM_KERNEL_CHECK(ceil_div(n, 16) <= 65535);  // grid rows of at least 16 weight rows
+  RTLLM_KERNEL_CHECK(mma_gemv_rows_ok(n));
   RTLLM_KERNEL_CHECK(k_splits == 0 || k_splits == 1 || k_splits == 2 || k_splits == 4 || k_splits == 8);
   if (m == 0 || n == 0) return cudaSuccess;
   if (k_splits == 0) k_splits = woq_gemv_k_splits(n, k);

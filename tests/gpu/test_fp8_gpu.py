@@ -131,8 +131,8 @@ def gemv_taken(M, path):
 def check(y, ref, mag):
     assert np.isfinite(y).all(), "non-finite outputs (poison left unwritten?)"
     err = np.abs(y - ref)
-    # Both paths sum the exact E4M3 products on tensor cores: the FP8 GEMV with mma.sync (m16n8k32), the
-    # GEMM through cuBLASLt. Hopper's FP8 tensor cores add each MMA's products with about 13 bits kept,
+    # Both paths sum the exact E4M3 products on tensor cores: the FP8 GEMV with f16 mma.sync (m16n8k16) on
+    # the codes converted exactly, the GEMM through cuBLASLt. Hopper's FP8 tensor cores add each MMA's products with about 13 bits kept,
     # aligned to the largest term, before the float32 accumulator: 2^-9 of the magnitude sum (cuBLASLt's
     # measured errors reach 2^-11.5 of it on random data).
     bound = 2.0 ** -8 * np.abs(ref) + 2.0 ** -9 * mag + 1e-30
@@ -195,11 +195,12 @@ def test_gemv_any_n(kernels, M):
 
 
 @pytest.mark.parametrize("M", [1, 8, 9, 16])
-@pytest.mark.parametrize("N,K", [(264, 14336), (40, 4112), (24, 48)])
+@pytest.mark.parametrize("N,K", [(264, 14336), (40, 4112), (24, 48), (7000, 272), (26000, 64)])
 def test_gemv_long_k_and_tails(kernels, M, N, K):
     """The GEMV's split of K: many batches per warp (K = 14336, Llama-3-8B's down projection), a last
     64-byte step only a quarter full (K = 4112 = 64·64 + 16), fewer steps than warps (K = 48); N past the
-    last 16-channel tile; M on both sides of the kernel's 8-row activation blocks."""
+    last 16-channel tile; N large enough for 4 and 1 warps per K split (7,000, 26,000); M on both sides of
+    the kernel's 8-row activation blocks."""
     rng = np.random.default_rng([M, N, K])
     dev, host = random_case(rng, M, N, K, True, True, "BF16")
     ref, mag = reference(*host, True)

@@ -213,7 +213,12 @@ def test_qkv_prepare(kernels, stream, dtype, head_dim, num_heads, num_kv_heads, 
 @pytest.mark.parametrize("m,n,k,bias,float_out", [
     (1, 4096, 4096, False, False), (1, 1000, 14336, True, False), (3, 777, 520, True, False),
     (8, 512, 4096, False, False), (5, 64, 8, True, False), (2, 3000, 2048, False, False),
-    (1, 5003, 4096, False, True), (4, 300, 1024, True, True)])  # float32 out: an LM head's logits
+    (1, 5003, 4096, False, True), (4, 300, 1024, True, True),  # float32 out: an LM head's logits
+    # 9 to 64 tokens: two 8-token halves of a 16-token block, several blocks, a last block part full
+    (9, 200, 264, True, False), (16, 1000, 1024, False, False), (33, 129, 4104, True, True),
+    (64, 2048, 512, False, False),
+    # N large enough for fewer warps per weight row group to split K (8, 4, 2, 1 by N), and K tails
+    (1, 7000, 264, True, False), (12, 13000, 256, False, True), (40, 26000, 136, True, False)])
 def test_gemv(kernels, stream, dtype, m, n, k, bias, float_out):
     x, w = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype, scale=0.05)
     b = rand(n, dtype=dtype) if bias else None
@@ -224,6 +229,27 @@ def test_gemv(kernels, stream, dtype, m, n, k, bias, float_out):
     ref = x.double() @ w.double().T + (b.double() if bias else 0.0)
     # float32 output skips the final rounding to bf16/fp16: only the float32 accumulation error remains
     assert rel_err(y, ref) <= (1e-5 if float_out else TOL[dtype])
+
+
+@pytest.mark.parametrize("n", [4096, 51300])  # 8 warps splitting K; 1, with 4 weight tiles from 3 tokens
+def test_gemv_deterministic_and_batch_invariant(kernels, stream, n):
+    """The GEMV's summation order depends on n and k alone: the same bits on every run, and a token's row
+    does not depend on the other tokens of the call (1 to 64 of them: 8 or 16 tokens per MMA, 2 or 4 weight
+    tiles per row group, one or several 16-token blocks)."""
+    k = 512
+    x, w = rand(64, k), rand(n, k, scale=0.05)
+
+    def run(m):
+        y = poisoned(m, n, dtype=torch.float32)
+        kernels.gemv(d(y), d(x), d(w), 0, m, n, k, kernels.BF16, stream, y_dtype=kernels.FP32)
+        torch.cuda.synchronize()
+        return y
+
+    full = run(64)
+    assert rel_err(full, x.double() @ w.double().T) <= 1e-5
+    assert torch.equal(full, run(64))
+    for m in (1, 3, 9, 17):
+        assert torch.equal(run(m), full[:m]), f"{m} tokens"
 
 
 def test_bad_arguments_are_refused(kernels, stream):
@@ -240,6 +266,6 @@ def test_bad_arguments_are_refused(kernels, stream):
     with pytest.raises(RuntimeError, match="invalid argument"):
         kernels.add(0, d(x), d(x), 256, bf16, stream)  # null output
     with pytest.raises(RuntimeError, match="invalid argument"):
-        kernels.gemv(d(out), d(x), d(w), 0, 9, 1, 64, bf16, stream)  # m above the limit
-    assert not kernels.gemv_supported(1, 100) and not kernels.gemv_supported(9, 64)
+        kernels.gemv(d(out), d(x), d(w), 0, 65, 1, 64, bf16, stream)  # m above the limit
+    assert not kernels.gemv_supported(1, 100) and not kernels.gemv_supported(65, 64)
     assert torch.isnan(out.float()).all()  # no refused launch wrote anything

@@ -19,7 +19,7 @@
 namespace rtllm {
 namespace {
 
-constexpr int32_t kMaxGemvRows = 8;  // decode-sized linears go to the GEMV kernel
+constexpr int32_t kMaxGemvRows = 16;  // decode-sized linears go to the GEMV kernel
 
 const CudaStep& step_of(const OpContext& ctx) { return *static_cast<const CudaStep*>(ctx.device_step); }
 cudaStream_t stream_of(const OpContext& ctx) { return static_cast<cudaStream_t>(ctx.stream); }

@@ -32,7 +32,7 @@ RTLLM_API cudaError_t fp8_quantize_static(void* q, const void* x, const float* i
 // y [m, n] from q [m, k] and weight [n, k] (E4M3 bytes, row-major), bias [n] of bias_dtype (bf16/fp16)
 // or null; y of y_dtype (bf16, fp16 or fp32). 1 <= m <= kFp8GemvMaxM, k % 16 == 0, q and weight 16-byte
 // aligned. Bound by streaming the weight once: E4M3 tensor-core MMAs (compute capability 8.9+) on 16-byte
-// loads, K split across the warps of a CTA of 16 output channels. acc is the tensor cores' float32 sum:
+// loads (kernels/src/mma_gemv.cuh), K split across the warps of a CTA. acc is the tensor cores' float32 sum:
 // within 2^-9 of Σ_k |q·w| of the exact one, as cuBLASLt's FP8 GEMM.
 RTLLM_API cudaError_t fp8_gemv(void* y, const void* q, const float* a_scale, bool a_per_row, const void* weight,
                                const float* w_scale, bool w_per_channel, const void* bias, int32_t m, int32_t n,

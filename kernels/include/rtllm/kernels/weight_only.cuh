@@ -15,18 +15,14 @@
 
 namespace rtllm::kernels {
 
-// Activation rows one CTA of the GEMV takes; more rows take more CTAs per weight tile (each rereads the
-// tile, mostly from L2; the op sends large batches to the dequantize + GEMM path instead).
-constexpr int32_t kWoqGemvRowsPerBlock = 16;
-
 // Whether the GEMV takes this shape: rows of codes a whole number of 16-byte vectors (k % 16 == 0 for
 // int8, k % 32 == 0 for int4) and groups a whole number of a lane's codes (16 int8 or 32 int4 codes).
 RTLLM_API bool woq_gemv_supported(int64_t k, int64_t group_size, bool int4);
 
 // y [m, n] (dtype, or kFP32) = x [m, k] (dtype) · Wᵀ + bias [n] (dtype, may be null). codes: [n, k] int8 or
 // [n, k / 2] packed int4 bytes, 16-byte aligned; scale, offset (may be null): [n, k / group_size] in
-// dtype; n <= 1048560. Any m (CTAs of kWoqGemvRowsPerBlock tokens); fp32 accumulation on tensor cores (mma.sync
-// m16n8k16), a fixed summation order: deterministic. k_splits: the warps that split K (1, 2, 4 or 8; the
+// dtype; n <= 1048560. Any m (CTAs of 16 tokens, each rereading the weight tile, mostly from L2); fp32
+// accumulation on tensor cores (mma.sync m16n8k16), a fixed summation order: deterministic. k_splits: the warps that split K (1, 2, 4 or 8; the
 // order of the sums, and so the result's last bits, depends on it), 0 for woq_gemv_k_splits(n, k).
 RTLLM_API cudaError_t woq_gemv(void* y, const void* x, const void* codes, const void* scale, const void* offset,
                                const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size, bool int4,
