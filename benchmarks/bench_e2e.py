@@ -135,7 +135,8 @@ def bench_rtllm(model_dir, workloads, args):
             a = arrivals[0]
             results[key] = {"ttft_ms": (a[0] - start) * 1e3, "tpot_ms": (a[-1] - a[0]) / (len(a) - 1) * 1e3,
                             "output_tokens_per_s": (len(a) - 1) / (a[-1] - a[0])}
-            print(f"rtllm batch 1 {mode}: TPOT {results[key]['tpot_ms']:.3f} ms", flush=True)
+            print(f"rtllm batch 1 {mode}: TTFT {results[key]['ttft_ms']:.2f} ms ({len(first[0])}-token prompt), "
+                  f"TPOT {results[key]['tpot_ms']:.3f} ms", flush=True)
     return results
 
 

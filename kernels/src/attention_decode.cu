@@ -42,8 +42,8 @@ using namespace attn;
 constexpr int kNumWarps = 4;
 constexpr int kThreads = kNumWarps * 32;
 constexpr int kMaxGroup = 8;  // query heads per CTA; larger groups are split into chunks of heads
-// A split shorter than one step of a CTA's key loop (4 warps x 2 keys x 4 unrolled = 32 keys at head_dim
-// 128 and groups <= 4) leaves lanes idle.
+// A split shorter than two steps of a CTA's key loop (4 warps x 2 keys x 2 unrolled = 16 keys at head_dim
+// 128) leaves the ring of loads in flight mostly empty.
 constexpr int32_t kMinKeysPerSplit = 32;
 
 // The keys each split of a sequence of seq_len keys covers, and the splits that leaves: splits of
@@ -173,6 +173,38 @@ __device__ __forceinline__ void prepare_head(float (&x)[DIMS], int dim0, const T
   }
 }
 
+// The end of a split's CTA, after its warps stored their states (running max and sum per head, unnormalized
+// output per head and dim) in shared memory: merge the warps, one thread per (head, dim), and write the
+// output (one split) or the split's normalized output and log2-sum-exp for decode_merge_kernel.
+template <typename T, int HEAD_DIM, int MAX_GROUP, bool kCodes>
+__device__ __forceinline__ void write_split(const DecodeArgs<T>& a, const float (*red_acc)[MAX_GROUP][HEAD_DIM],
+                                            const float (*red_m)[MAX_GROUP], const float (*red_l)[MAX_GROUP], int s,
+                                            int h0, int num_h, int split) {
+  for (int idx = threadIdx.x; idx < num_h * HEAD_DIM; idx += kThreads) {
+    const int g = idx / HEAD_DIM, d = idx % HEAD_DIM;
+    float m_all = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kNumWarps; ++w) m_all = fmaxf(m_all, red_m[w][g]);
+    const float m_use = safe_max(m_all);
+    float l_all = 0.0f, a_all = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kNumWarps; ++w) {
+      const float c = exp2f(red_m[w][g] - m_use);
+      l_all += red_l[w][g] * c;
+      a_all += red_acc[w][g][d] * c;
+    }
+    float o = l_all > 0.0f ? a_all / l_all : 0.0f;
+    if constexpr (kCodes) o *= a.kv.v_scale;  // the values were accumulated as codes
+    const int64_t head = (int64_t)s * a.num_heads + h0 + g;
+    if (a.num_splits == 1) {
+      a.out[head * HEAD_DIM + d] = from_float<T>(o);
+    } else {
+      a.partial_o[(head * a.num_splits + split) * HEAD_DIM + d] = o;
+      if (d == 0) a.partial_lse[head * a.num_splits + split] = l_all > 0.0f ? m_use + log2f(l_all) : -INFINITY;
+    }
+  }
+}
+
 // CTAs per SM the register budget keeps: groups of 4 fit 128 registers (attention_decode_num_splits plans
 // on 4 CTAs per SM), groups of 1 and 2 fit 80. STATE counts a lane's per-head state in 8-dim units times
 // the heads: an FP8 lane of a group of 2 holds as much as a 16-bit lane of a group of 4.
@@ -190,10 +222,17 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
   constexpr int kLanesPerKey = head_dim_layout<HEAD_DIM>() / kDims;
   static_assert(HEAD_DIM % kDims == 0, "a lane holds only real dims or only idle ones");
   constexpr int kKeysPerWarp = 32 / kLanesPerKey;
-  constexpr int kState = MAX_GROUP * kQVecs;
-  constexpr int kUnroll = kState >= 8 ? 2 : 4;  // keys per thread per step: loads in flight vs registers
+  // Keys per thread per step, and steps whose loads are in flight (kStages - 1 while one computes): each
+  // thread copies its own 16-byte K and V chunks into a private ring of shared memory with cp.async, so the
+  // loads run ahead of the arithmetic without holding registers.
+  constexpr int kUnroll = 2, kStages = 4;
   constexpr int kKeysPerStep = kNumWarps * kKeysPerWarp * kUnroll;
-  __shared__ float red_acc[kNumWarps][MAX_GROUP][HEAD_DIM];
+  constexpr int kRingBytes = kStages * kUnroll * 2 * kThreads * 16;
+  constexpr int kReduceBytes = kNumWarps * MAX_GROUP * HEAD_DIM * 4;
+  // The ring and the warps' reduction never live at once: they share the bytes.
+  __shared__ __align__(16) unsigned char smem_raw[kRingBytes > kReduceBytes ? kRingBytes : kReduceBytes];
+  auto ring = reinterpret_cast<uint4(*)[kUnroll][2][kThreads]>(smem_raw);
+  auto red_acc = reinterpret_cast<float(*)[MAX_GROUP][HEAD_DIM]>(smem_raw);
   __shared__ float red_m[kNumWarps][MAX_GROUP], red_l[kNumWarps][MAX_GROUP];
   __shared__ float rope_cos[PREPARE ? HEAD_DIM / 2 : 1], rope_sin[PREPARE ? HEAD_DIM / 2 : 1];
   __shared__ uint4 new_kv[2][PREPARE ? kLanesPerKey : 1];  // the prepared new key and value, as stored
@@ -243,6 +282,27 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
   // With PREPARE, the CTA whose split holds the new position prepares its key and value.
   const int new_key = PREPARE && pos == seq_len - 1 && pos >= k_begin && pos < k_end ? pos : -1;
   const KV* pool = static_cast<const KV*>(a.kv.data);
+
+  // Step i's keys: base + (u * kNumWarps + warp) * kKeysPerWarp + key_slot, base = k_begin + i * kKeysPerStep.
+  // Its loads go to ring slot i % kStages, one cp.async group per step (empty past the last step); a key
+  // outside the split, an idle lane and the new key (taken from new_kv) zero-fill instead of reading. The
+  // first kStages - 1 steps are issued here, ahead of the query's preparation.
+  const int num_steps = (k_end - k_begin + kKeysPerStep - 1) / kKeysPerStep;
+  auto issue_step = [&](int i) {
+    if (i < num_steps) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int key = k_begin + i * kKeysPerStep + (u * kNumWarps + warp) * kKeysPerWarp + key_slot;
+        const bool load = active && key < k_end && key != new_key;
+        const KV* k = load ? pool + kv_index.key_offset(key) + dim0 : pool;
+        cp_async_16(&ring[i % kStages][u][0][threadIdx.x], k, load);
+        cp_async_16(&ring[i % kStages][u][1][threadIdx.x], load ? k + kv_index.v_offset : pool, load);
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) issue_step(i);
 
   const bool rope = PREPARE && a.inv_freq != nullptr;
   if (rope) {  // the angles of the new position, once per CTA
@@ -305,25 +365,21 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
     for (int i = 0; i < kDims; ++i) acc[g][i] = 0.0f;
   }
 
-  for (int base = k_begin; base < k_end; base += kKeysPerStep) {
+  for (int i = 0; i < num_steps; ++i) {
+    cp_async_wait<kStages - 2>();  // step i's group has landed (each thread reads only its own copies)
+    const int base = k_begin + i * kKeysPerStep;
     uint4 k_raw[kUnroll], v_raw[kUnroll];
     bool valid[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int key = base + (u * kNumWarps + warp) * kKeysPerWarp + key_slot;
       valid[u] = key < k_end;
-      if (PREPARE && key == new_key) {
-        k_raw[u] = new_kv[0][dim0 / kDims];
-        v_raw[u] = new_kv[1][dim0 / kDims];
-      } else if (valid[u] && active) {
-        const KV* k = pool + kv_index.key_offset(key) + dim0;
-        k_raw[u] = load_stream_16(k);
-        v_raw[u] = load_stream_16(k + kv_index.v_offset);
-      } else {
-        k_raw[u] = make_uint4(0, 0, 0, 0);
-        v_raw[u] = make_uint4(0, 0, 0, 0);
-      }
+      const bool from_new = PREPARE && key == new_key;
+      k_raw[u] = from_new ? new_kv[0][dim0 / kDims] : ring[i % kStages][u][0][threadIdx.x];
+      v_raw[u] = from_new ? new_kv[1][dim0 / kDims] : ring[i % kStages][u][1][threadIdx.x];
     }
+    // Into the slot step i - 1 used: its values were consumed by that step's arithmetic.
+    issue_step(i + kStages - 1);
     float score[kUnroll][MAX_GROUP];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -368,6 +424,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
     }
   }
 
+  __syncthreads();  // the reduction below reuses the ring's bytes
   // Merge the states of lanes holding the same dims (different keys) within the warp.
 #pragma unroll
   for (int off = kLanesPerKey; off < 32; off *= 2) {
@@ -400,52 +457,49 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
   }
   __syncthreads();
 
-  // Merge the warps: one thread per (head, dim).
-  for (int idx = threadIdx.x; idx < num_h * HEAD_DIM; idx += kThreads) {
-    const int g = idx / HEAD_DIM, d = idx % HEAD_DIM;
-    float m_all = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kNumWarps; ++w) m_all = fmaxf(m_all, red_m[w][g]);
-    const float m_use = safe_max(m_all);
-    float l_all = 0.0f, a_all = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kNumWarps; ++w) {
-      const float c = exp2f(red_m[w][g] - m_use);
-      l_all += red_l[w][g] * c;
-      a_all += red_acc[w][g][d] * c;
-    }
-    float o = l_all > 0.0f ? a_all / l_all : 0.0f;
-    if constexpr (kCodes) o *= a.kv.v_scale;  // the values were accumulated as codes
-    const int64_t head = (int64_t)s * a.num_heads + h0 + g;
-    if (a.num_splits == 1) {
-      a.out[head * HEAD_DIM + d] = from_float<T>(o);
-    } else {
-      a.partial_o[(head * a.num_splits + split) * HEAD_DIM + d] = o;
-      if (d == 0) a.partial_lse[head * a.num_splits + split] = l_all > 0.0f ? m_use + log2f(l_all) : -INFINITY;
-    }
-  }
+  write_split<T, HEAD_DIM, MAX_GROUP, kCodes>(a, red_acc, red_m, red_l, s, h0, num_h, split);
 }
 
-// One CTA of head_dim threads per (sequence, query head): out = Σ_i w_i · o_i / Σ_i w_i, w_i = 2^(lse_i - max).
+// One CTA of max(head_dim, 32) threads per (sequence, query head):
+// out = Σ_i w_i · o_i / Σ_i w_i, w_i = 2^(lse_i - max).
+// The weights are computed once into shared memory (the splits' lse loads in parallel across the threads), so
+// that each thread's loop over the splits holds only independent loads of its partial outputs.
 template <typename T>
 __global__ void decode_merge_kernel(T* __restrict__ out, const float* __restrict__ partial_o,
                                     const float* __restrict__ partial_lse, const int32_t* __restrict__ seq_lens,
                                     int num_heads, int head_dim, int num_splits) {
+  __shared__ float weight[kMaxDecodeSplits];
+  __shared__ float weight_sum;
   pdl_begin();
   const int64_t head = (int64_t)blockIdx.x * num_heads + blockIdx.y;
   const int d = threadIdx.x;
   const int used_splits = splits_used(num_splits, seq_lens[blockIdx.x]);
   const float* lse = partial_lse + head * num_splits;
-  float m = -INFINITY;
-  for (int i = 0; i < used_splits; ++i) m = fmaxf(m, lse[i]);
-  const float m_use = safe_max(m);
-  float w_sum = 0.0f, o = 0.0f;
-  for (int i = 0; i < used_splits; ++i) {
-    const float w = exp2f(lse[i] - m_use);
-    w_sum += w;
-    o += w * partial_o[(head * num_splits + i) * head_dim + d];
+  for (int i = d; i < used_splits; i += blockDim.x) weight[i] = lse[i];
+  __syncthreads();
+  if (d < 32) {  // the first warp (whole: the CTA has at least 32 threads): the max, the weights, their sum
+    float m = -INFINITY;
+    for (int i = d; i < used_splits; i += 32) m = fmaxf(m, weight[i]);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    const float m_use = safe_max(m);
+    float sum = 0.0f;
+    for (int i = d; i < used_splits; i += 32) {
+      const float w = exp2f(weight[i] - m_use);
+      weight[i] = w;
+      sum += w;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (d == 0) weight_sum = sum;
   }
-  out[head * head_dim + d] = from_float<T>(w_sum > 0.0f ? o / w_sum : 0.0f);
+  __syncthreads();
+  if (d >= head_dim) return;
+  const float* po = partial_o + head * num_splits * head_dim + d;
+  float o = 0.0f;
+#pragma unroll 8
+  for (int i = 0; i < used_splits; ++i) o += weight[i] * po[(int64_t)i * head_dim];
+  out[head * head_dim + d] = from_float<T>(weight_sum > 0.0f ? o / weight_sum : 0.0f);
 }
 
 // Query heads per CTA over an FP8 (or INT8) pool: 4 holds the registers of a 16-bit CTA of 8 heads (about
@@ -455,6 +509,19 @@ __global__ void decode_merge_kernel(T* __restrict__ out, const float* __restrict
 #define RTLLM_DECODE_FP8_MAX_GROUP 4
 #endif
 static_assert(RTLLM_DECODE_FP8_MAX_GROUP == 2 || RTLLM_DECODE_FP8_MAX_GROUP == 4, "FP8 decode groups: 2 or 4");
+
+// After the split kernel's launch: checks it, and merges the splits if there are several.
+template <typename T, int HEAD_DIM>
+cudaError_t launch_merge(const DecodeArgs<T>& a, cudaStream_t stream) {
+  if (a.num_splits > 1) {
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    const int merge_threads = std::max(HEAD_DIM, 32);
+    launch_pdl(decode_merge_kernel<T>, dim3(a.meta.num_seqs, a.num_heads), merge_threads, 0, stream, a.out,
+               a.partial_o, a.partial_lse, a.meta.seq_len, a.num_heads, HEAD_DIM, a.num_splits);
+  }
+  return cudaGetLastError();
+}
 
 template <typename T, typename KV, int HEAD_DIM, bool PREPARE>
 cudaError_t launch_decode(DecodeArgs<T> a, int num_kv_heads, float* workspace, cudaStream_t stream) {
@@ -473,13 +540,7 @@ cudaError_t launch_decode(DecodeArgs<T> a, int num_kv_heads, float* workspace, c
   else if (a.group == 2 || kMaxGroupKv == 2) launch(std::integral_constant<int, 2>{});
   else if (a.group <= 4) launch(std::integral_constant<int, 4>{});
   else launch(std::integral_constant<int, kMaxGroupKv>{});
-  if (a.num_splits > 1) {
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    launch_pdl(decode_merge_kernel<T>, dim3(a.meta.num_seqs, a.num_heads), HEAD_DIM, 0, stream, a.out,
-               a.partial_o, a.partial_lse, a.meta.seq_len, a.num_heads, HEAD_DIM, a.num_splits);
-  }
-  return cudaGetLastError();
+  return launch_merge<T, HEAD_DIM>(a, stream);
 }
 
 // The launch shared by attention_decode and attention_decode_qkv: `a` holds the q (and, for the latter,
