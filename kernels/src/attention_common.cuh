@@ -177,6 +177,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
                : "r"(smem_addr(p)));
 }
 
+// The 8x8 matrix of 16-bit elements held as an mma fragment (lane l: row l / 4, columns 2(l % 4), +1),
+// transposed across the warp in registers (sm_75+).
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
+}
+
 // d += a (16x16, row) * b (16x8, col), fp32 accumulators.
 template <typename T>
 __device__ __forceinline__ void mma_16816(float* d, const uint32_t* a, const uint32_t* b);

@@ -25,11 +25,16 @@
 // goes the same way (16 codes per 16-byte load, as many heads per CTA as FP8); its codes convert to float
 // with a byte permute and a subtraction each (attention_common.cuh).
 //
+// A 16-bit pool at head_dim 64 or 128 without the fused preparation runs decode_mma_kernel instead: the
+// same grid and split protocol, with the products on tensor cores (see its comment).
+//
 // The splits merge in a second kernel rather than through a thread-block cluster's distributed shared
 // memory, and the RoPE angles come from shared memory rather than sincosf per head inside the unrolled
 // loads: both alternatives decode slower (docs/performance.md, "Design decisions and their measurements").
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "attention_common.cuh"
@@ -460,6 +465,161 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
   write_split<T, HEAD_DIM, MAX_GROUP, kCodes>(a, red_acc, red_m, red_l, s, h0, num_h, split);
 }
 
+// Tensor-core decode for a 16-bit pool at head_dim 64 or 128 (attention_decode, no preparation). The
+// products run transposed, keys as the MMA's rows and the CTA's (up to 8) query heads as its columns, so that
+// a GQA group of 8 fills an m16n8k16 tile: Sᵀ (16 keys x 8 heads) = K (16 x head_dim) · Qᵀ, then
+// Oᵀ (head_dim x 8 heads) += Vᵀ (head_dim x 16 keys) · Pᵀ. K and Vᵀ come from shared memory by ldmatrix
+// (.trans for V), Qᵀ stays in registers as B fragments, and Pᵀ becomes a B fragment by an in-register 8x8
+// transpose (movmatrix) of the score accumulators: a key costs a few instructions per head instead of the
+// CUDA-core kernel's multiply-adds and shuffle reductions per dim. Each warp runs its own 16-key subtiles
+// (w, w + 4, ... of the split) with its own K and V buffers, refilled by cp.async as soon as read: K of
+// subtile j + 4 loads while j's softmax and P·V run, V of j + 4 while j + 4's scores do. The warps' states
+// merge as in decode_split_kernel (write_split).
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(kThreads, 4) decode_mma_kernel(DecodeArgs<T> a) {
+  constexpr int kGroup = 8;                  // query heads per CTA: the MMA's n
+  constexpr int kSub = 16;                   // keys per subtile: the MMA's m (Sᵀ) and k (Oᵀ)
+  constexpr int kChunks = HEAD_DIM / 8;      // 16-byte chunks of a key
+  constexpr int kKSteps = HEAD_DIM / 16;     // k-steps of K·Qᵀ, m-tiles of Vᵀ·Pᵀ
+  constexpr int kRowStep = 32 / kChunks;     // a lane copies chunk lane % kChunks of keys lane / kChunks + i·kRowStep
+  constexpr int kBufChunks = kSub * kChunks;
+  static_assert(kNumWarps * 2 * kBufChunks * 16 >= kNumWarps * kGroup * HEAD_DIM * 4, "the reduction fits");
+  __shared__ __align__(16) uint4 bufs[kNumWarps][2][kBufChunks];  // per warp: K, V; then the warps' outputs
+  __shared__ float red_m[kNumWarps][kGroup], red_l[kNumWarps][kGroup];
+  // Chunk c of key r of a buffer, XOR-swizzled so that an ldmatrix of 8 keys at one chunk hits 8 bank groups.
+  auto at = [](int r, int c) { return r * kChunks + (c ^ (r & 7)); };
+  pdl_begin();
+
+  const int s = blockIdx.x;
+  const int kv_head = blockIdx.y / a.num_head_chunks, chunk = blockIdx.y % a.num_head_chunks;
+  const int split = blockIdx.z;
+  const int h0 = kv_head * a.group + chunk * kGroup;
+  const int num_h = min(kGroup, a.group - chunk * kGroup);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int seq_len = a.meta.seq_len[s];
+  const int used_splits = splits_used(a.num_splits, seq_len);
+  if (split >= used_splits) return;  // the whole CTA: nothing merges its (unwritten) partials
+  const int split_keys = keys_per_split(a.num_splits, seq_len);
+  const int k_begin = split * split_keys, k_end = min(seq_len, k_begin + split_keys);
+  const int num_sub = (k_end - k_begin + kSub - 1) / kSub;
+  const PagedKvIndex kv_index(a.kv, s, kv_head);
+  const T* pool = static_cast<const T*>(a.kv.data);
+  uint4* k_buf = bufs[warp][0];
+  uint4* v_buf = bufs[warp][1];
+  // One cp.async group: the K (or V) chunks of subtile `sub` (none past the split: an empty group).
+  auto issue = [&](uint4* buf, int sub, bool v) {
+    if (sub < num_sub) {
+      const int c = lane % kChunks;
+#pragma unroll
+      for (int r = lane / kChunks; r < kSub; r += kRowStep) {
+        const int key = k_begin + sub * kSub + r;
+        const bool valid = key < k_end;
+        const T* src = valid ? pool + kv_index.key_offset(key) + (v ? kv_index.v_offset : 0) + 8 * c : pool;
+        cp_async_16(&buf[at(r, c)], src, valid);
+      }
+    }
+    cp_async_commit();
+  };
+  issue(k_buf, warp, false);
+  issue(v_buf, warp, true);
+
+  // Qᵀ as B fragments: b0 = Q[head g][16kk + 2t, +1], b1 = Q[head g][16kk + 2t + 8, +9]; heads past the CTA's
+  // are zero (their scores are 0, their outputs never stored).
+  uint32_t qb[kKSteps][2];
+  const T* q_head = a.q + s * a.row_stride + (int64_t)(h0 + g) * HEAD_DIM + 2 * t;
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk) {
+    qb[kk][0] = g < num_h ? *reinterpret_cast<const uint32_t*>(q_head + 16 * kk) : 0u;
+    qb[kk][1] = g < num_h ? *reinterpret_cast<const uint32_t*>(q_head + 16 * kk + 8) : 0u;
+  }
+  // Lane (g, t) holds heads 2t and 2t + 1: their running max (the same in every lane of that t), their sum
+  // over the lane's keys g and g + 8, and Oᵀ's accumulators: acc[i] = O[2t][16i + g], O[2t + 1][16i + g],
+  // O[2t][16i + g + 8], O[2t + 1][16i + g + 8].
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+  float acc[kKSteps][4];
+#pragma unroll
+  for (int i = 0; i < kKSteps; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+  // ldmatrix row addresses: K as A (keys 0-7 / 8-15 by lane bit 3, chunk 2kk / 2kk + 1 by bit 4), V as Aᵀ
+  // (keys by lane bit 4, chunk by bit 3).
+  const int k_row = (lane & 7) + ((lane >> 3) & 1) * 8, k_chunk = lane >> 4;
+  const int v_row = (lane & 7) + (lane >> 4) * 8, v_chunk = (lane >> 3) & 1;
+
+  for (int sub = warp; sub < num_sub; sub += kNumWarps) {
+    cp_async_wait<1>();  // K of `sub` has landed (its V may not have)
+    __syncwarp();
+    float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // Sᵀ: keys g / g + 8 (by index / 2) x heads 2t / 2t + 1
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      uint32_t ka[4];
+      ldmatrix_x4(ka, &k_buf[at(k_row, 2 * kk + k_chunk)]);
+      mma_16816<T>(sc, ka, qb[kk]);
+    }
+    __syncwarp();  // every lane has read K
+    issue(k_buf, sub + kNumWarps, false);
+    const int key0 = k_begin + sub * kSub;
+    float p[4], corr[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float s0 = key0 + g < k_end ? sc[j] * a.scale_log2 : -INFINITY;
+      const float s1 = key0 + g + 8 < k_end ? sc[j + 2] * a.scale_log2 : -INFINITY;
+      float mx = fmaxf(s0, s1);
+#pragma unroll
+      for (int off = 4; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_new = fmaxf(m_run[j], mx), m_use = safe_max(m_new);
+      corr[j] = exp2f(m_run[j] - m_use);
+      m_run[j] = m_new;
+      p[j] = exp2f(s0 - m_use);
+      p[j + 2] = exp2f(s1 - m_use);
+      l_run[j] = l_run[j] * corr[j] + p[j] + p[j + 2];
+    }
+#pragma unroll
+    for (int i = 0; i < kKSteps; ++i) {
+      acc[i][0] *= corr[0];
+      acc[i][1] *= corr[1];
+      acc[i][2] *= corr[0];
+      acc[i][3] *= corr[1];
+    }
+    // Pᵀ as B fragments: b0 = P[head g][keys 2t, 2t + 1], b1 = keys 2t + 8, 2t + 9.
+    const uint32_t pb[2] = {movmatrix_trans(pack2<T>(p[0], p[1])), movmatrix_trans(pack2<T>(p[2], p[3]))};
+    cp_async_wait<1>();  // V of `sub` has landed (the next K may not have)
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < kKSteps; ++i) {
+      uint32_t va[4];
+      ldmatrix_x4_trans(va, &v_buf[at(v_row, 2 * i + v_chunk)]);
+      mma_16816<T>(acc[i], va, pb);
+    }
+    __syncwarp();  // every lane has read V
+    issue(v_buf, sub + kNumWarps, true);
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int off = 4; off < 32; off *= 2) l_run[j] += __shfl_xor_sync(0xffffffffu, l_run[j], off);
+
+  cp_async_wait<0>();
+  __syncthreads();  // the buffers become the warps' outputs
+  auto red_acc = reinterpret_cast<float(*)[kGroup][HEAD_DIM]>(&bufs[0][0][0]);
+#pragma unroll
+  for (int i = 0; i < kKSteps; ++i) {
+    red_acc[warp][2 * t][16 * i + g] = acc[i][0];
+    red_acc[warp][2 * t + 1][16 * i + g] = acc[i][1];
+    red_acc[warp][2 * t][16 * i + g + 8] = acc[i][2];
+    red_acc[warp][2 * t + 1][16 * i + g + 8] = acc[i][3];
+  }
+  if (g == 0) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      red_m[warp][2 * t + j] = m_run[j];
+      red_l[warp][2 * t + j] = l_run[j];
+    }
+  }
+  __syncthreads();
+  write_split<T, HEAD_DIM, kGroup, false>(a, red_acc, red_m, red_l, s, h0, num_h, split);
+}
+
 // One CTA of max(head_dim, 32) threads per (sequence, query head):
 // out = Σ_i w_i · o_i / Σ_i w_i, w_i = 2^(lse_i - max).
 // The weights are computed once into shared memory (the splits' lse loads in parallel across the threads), so
@@ -523,6 +683,16 @@ cudaError_t launch_merge(const DecodeArgs<T>& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// The tensor-core decode kernel (16-bit pools at head_dim 64 / 128) unless RTLLM_DECODE_MMA=0 selects the
+// CUDA-core one for every shape (a same-build comparison).
+inline bool decode_mma_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("RTLLM_DECODE_MMA");
+    return !(env && std::string(env) == "0");
+  }();
+  return enabled;
+}
+
 template <typename T, typename KV, int HEAD_DIM, bool PREPARE>
 cudaError_t launch_decode(DecodeArgs<T> a, int num_kv_heads, float* workspace, cudaStream_t stream) {
   // An FP8 or INT8 lane holds twice a 16-bit lane's dims, so its CTAs serve fewer heads.
@@ -530,6 +700,14 @@ cudaError_t launch_decode(DecodeArgs<T> a, int num_kv_heads, float* workspace, c
   a.group = a.num_heads / num_kv_heads;
   a.partial_o = workspace;
   a.partial_lse = workspace + (int64_t)a.meta.num_seqs * a.num_heads * a.num_splits * HEAD_DIM;
+  if constexpr (!PREPARE && std::is_same_v<KV, T> && (HEAD_DIM == 64 || HEAD_DIM == 128)) {
+    if (decode_mma_enabled()) {
+      a.num_head_chunks = (a.group + 7) / 8;
+      const dim3 grid(a.meta.num_seqs, num_kv_heads * a.num_head_chunks, a.num_splits);
+      launch_pdl(decode_mma_kernel<T, HEAD_DIM>, grid, kThreads, 0, stream, a);
+      return launch_merge<T, HEAD_DIM>(a, stream);
+    }
+  }
   auto launch = [&](auto max_group_tag) {
     constexpr int kGroup = decltype(max_group_tag)::value;
     a.num_head_chunks = (a.group + kGroup - 1) / kGroup;
