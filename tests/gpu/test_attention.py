@@ -7,6 +7,9 @@ probabilities and output rounded to 16 bits -> 1e-2 on the whole output, 2e-2 on
 The `kernels` fixture (rtllm._core.kernels) comes from conftest.py.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -194,6 +197,17 @@ def test_decode(kernels, head_dim, heads, tpb, num_splits):
     case = PagedCase([c - 1 for c in contexts], [1] * len(contexts), *heads, head_dim, tpb,
                      seed=head_dim + tpb + num_splits)
     check_close(run_decode(kernels, case, num_splits), case.reference(), case.num_heads, head_dim)
+
+
+def test_decode_cuda_core_kernel_where_tensor_cores_serve():
+    """A 16-bit pool at head_dim 64 / 128 runs the tensor-core decode kernel unless RTLLM_DECODE_MMA=0 (read
+    once per process) selects the CUDA-core one: the decode cases again, under that setting, in a child."""
+    env = dict(os.environ, RTLLM_DECODE_MMA="0")
+    child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
+                            "test_decode and not cuda_core"],
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    assert " passed" in child.stdout and " failed" not in child.stdout, child.stdout[-2000:]
 
 
 @pytest.mark.parametrize("head_dim", [80, 96])
