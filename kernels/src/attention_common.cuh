@@ -140,15 +140,6 @@ __device__ __forceinline__ uint4 i8x8_to(const uint2& raw) {
   return make_uint4(r[0], r[1], r[2], r[3]);
 }
 
-// 16-byte read-only global load that does not allocate in L1 (streamed KV).
-__device__ __forceinline__ uint4 load_stream_16(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 // Starts fetching the line holding p into L1 (a hint: no fault, no result).
 __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 
