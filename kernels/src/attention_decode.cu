@@ -83,6 +83,18 @@ struct DecodeArgs {
   float* partial_lse;  // [num_seqs, num_heads, num_splits]
 };
 
+// A CTA's place in decode's grid: sequence s, KV head, chunk of that head's query heads (max_group a chunk),
+// split; the chunk's first query head h0 and its num_h heads.
+struct DecodeCta {
+  int s, kv_head, chunk, split, h0, num_h;
+};
+template <typename T>
+__device__ __forceinline__ DecodeCta decode_cta(const DecodeArgs<T>& a, int max_group) {
+  const int kv_head = blockIdx.y / a.num_head_chunks, chunk = blockIdx.y % a.num_head_chunks;
+  return {(int)blockIdx.x, kv_head, chunk, (int)blockIdx.z, kv_head * a.group + chunk * max_group,
+          min(max_group, a.group - chunk * max_group)};
+}
+
 // Dims per lane: one 16-byte load of a key (and of a value) from a pool of element type KV, 8 for a 16-bit
 // pool and 16 for an FP8 or INT8 one. Such a lane thus holds twice the q and accumulator state of a 16-bit one.
 template <typename KV>
@@ -243,11 +255,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
   __shared__ uint4 new_kv[2][PREPARE ? kLanesPerKey : 1];  // the prepared new key and value, as stored
   pdl_begin();
 
-  const int s = blockIdx.x;
-  const int kv_head = blockIdx.y / a.num_head_chunks, chunk = blockIdx.y % a.num_head_chunks;
-  const int split = blockIdx.z;
-  const int h0 = kv_head * a.group + chunk * MAX_GROUP;
-  const int num_h = min(MAX_GROUP, a.group - chunk * MAX_GROUP);
+  const auto [s, kv_head, chunk, split, h0, num_h] = decode_cta(a, MAX_GROUP);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int dim0 = (lane % kLanesPerKey) * kDims, key_slot = lane / kLanesPerKey;
   const bool active = dim0 < HEAD_DIM;
@@ -490,11 +498,7 @@ __global__ void __launch_bounds__(kThreads, 4) decode_mma_kernel(DecodeArgs<T> a
   auto at = [](int r, int c) { return r * kChunks + (c ^ (r & 7)); };
   pdl_begin();
 
-  const int s = blockIdx.x;
-  const int kv_head = blockIdx.y / a.num_head_chunks, chunk = blockIdx.y % a.num_head_chunks;
-  const int split = blockIdx.z;
-  const int h0 = kv_head * a.group + chunk * kGroup;
-  const int num_h = min(kGroup, a.group - chunk * kGroup);
+  const auto [s, kv_head, chunk, split, h0, num_h] = decode_cta(a, kGroup);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int seq_len = a.meta.seq_len[s];
   const int used_splits = splits_used(a.num_splits, seq_len);
@@ -700,25 +704,20 @@ cudaError_t launch_decode(DecodeArgs<T> a, int num_kv_heads, float* workspace, c
   a.group = a.num_heads / num_kv_heads;
   a.partial_o = workspace;
   a.partial_lse = workspace + (int64_t)a.meta.num_seqs * a.num_heads * a.num_splits * HEAD_DIM;
-  if constexpr (!PREPARE && std::is_same_v<KV, T> && (HEAD_DIM == 64 || HEAD_DIM == 128)) {
-    if (decode_mma_enabled()) {
-      a.num_head_chunks = (a.group + 7) / 8;
-      const dim3 grid(a.meta.num_seqs, num_kv_heads * a.num_head_chunks, a.num_splits);
-      launch_pdl(decode_mma_kernel<T, HEAD_DIM>, grid, kThreads, 0, stream, a);
-      return launch_merge<T, HEAD_DIM>(a, stream);
-    }
-  }
-  auto launch = [&](auto max_group_tag) {
-    constexpr int kGroup = decltype(max_group_tag)::value;
-    a.num_head_chunks = (a.group + kGroup - 1) / kGroup;
+  // A kernel whose CTAs serve chunks of max_group query heads (decode_cta), then the merge.
+  auto launch = [&](auto* kernel, int max_group) {
+    a.num_head_chunks = (a.group + max_group - 1) / max_group;
     const dim3 grid(a.meta.num_seqs, num_kv_heads * a.num_head_chunks, a.num_splits);
-    launch_pdl(decode_split_kernel<T, KV, HEAD_DIM, kGroup, PREPARE>, grid, kThreads, 0, stream, a);
+    launch_pdl(kernel, grid, kThreads, 0, stream, a);
+    return launch_merge<T, HEAD_DIM>(a, stream);
   };
-  if (a.group == 1) launch(std::integral_constant<int, 1>{});
-  else if (a.group == 2 || kMaxGroupKv == 2) launch(std::integral_constant<int, 2>{});
-  else if (a.group <= 4) launch(std::integral_constant<int, 4>{});
-  else launch(std::integral_constant<int, kMaxGroupKv>{});
-  return launch_merge<T, HEAD_DIM>(a, stream);
+  if constexpr (!PREPARE && std::is_same_v<KV, T> && (HEAD_DIM == 64 || HEAD_DIM == 128)) {
+    if (decode_mma_enabled()) return launch(decode_mma_kernel<T, HEAD_DIM>, 8);
+  }
+  if (a.group == 1) return launch(decode_split_kernel<T, KV, HEAD_DIM, 1, PREPARE>, 1);
+  if (a.group == 2 || kMaxGroupKv == 2) return launch(decode_split_kernel<T, KV, HEAD_DIM, 2, PREPARE>, 2);
+  if (a.group <= 4) return launch(decode_split_kernel<T, KV, HEAD_DIM, 4, PREPARE>, 4);
+  return launch(decode_split_kernel<T, KV, HEAD_DIM, kMaxGroupKv, PREPARE>, kMaxGroupKv);
 }
 
 // The launch shared by attention_decode and attention_decode_qkv: `a` holds the q (and, for the latter,
