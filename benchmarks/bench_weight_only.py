@@ -1,4 +1,4 @@
-"""Weight-only linears on CUDA (W4A16 g128 with and without offsets, W8A16 per channel): rtllm's
+"""Weight-only linears on CUDA (W4A16 g128 with and without offsets, g32 with offsets, W8A16 per channel): rtllm's
 weight_only_linear (rtllm._core.kernels.weight_only_linear, the op's code path: the GEMV up to 64 tokens,
 dequantize + cuBLASLt above) on Llama-3-8B's shapes, beside torch.matmul in bf16 on the dequantized weight
 (the peer) and the device's copy bandwidth (the roofline of a call bound by reading its weight once).
@@ -24,6 +24,7 @@ LM_HEAD = (128256, 4096)
 VARIANTS = {  # name: (int4, group_size or None for per channel, has_offset)
     "w4a16_g128": (True, 128, False),
     "w4a16_g128_offset": (True, 128, True),
+    "w4a16_g32_offset": (True, 32, True),  # GGUF Q4_1's blocks
     "w8a16_per_channel": (False, None, False),
 }
 

@@ -30,6 +30,7 @@ RTLLM_API void weight_only_linear_for_tests(void* y, const void* x, const void* 
                                             int64_t group_size, bool int4, DataType x_dtype, DataType y_dtype,
                                             int path, int gemv_k_splits, void* workspace, void* stream);
 RTLLM_API int32_t weight_only_gemv_k_splits(int64_t N, int64_t K);
+RTLLM_API void weight_only_pack_int4(void* codes, int64_t num_bytes, void* stream);
 }  // namespace rtllm
 
 namespace rtllm::bindings {
@@ -58,13 +59,17 @@ void bind_fp8_kernels(py::module_& m) {
      py::arg("workspace"), py::arg("stream") = uintptr_t{0}, py::kw_only(), py::arg("path") = 0,
      py::arg("scaled_gemm") = true);
 
-  // weight_only_linear: codes [N, K] int8 or [N, K / 2] packed int4 bytes; scale, offset (0: none) and
-  // bias (0: none) in x_dtype, as the op places them. path 0: as the op, 1: GEMV, 2: dequantize + GEMM;
+  // weight_only_linear: codes [N, K] int8 or [N, K / 2] packed int4 bytes, int4 codes of the GEMV's shapes
+  // (weight_only_gemv_supported) in the MMA layout (weight_only_pack_int4, in place); scale, offset (0: none)
+  // and bias (0: none) in x_dtype: as the op places them. path 0: as the op, 1: GEMV, 2: dequantize + GEMM;
   // gemv_k_splits: the GEMV's warps splitting K (0: its own choice, weight_only_gemv_k_splits).
   m.def("weight_only_linear_workspace_bytes", &weight_only_linear_workspace_bytes, py::arg("n"), py::arg("k"));
   m.def("weight_only_gemv_supported", &weight_only_gemv_supported, py::arg("k"), py::arg("group_size"),
         py::arg("int4"));
   m.def("weight_only_gemv_k_splits", &weight_only_gemv_k_splits, py::arg("n"), py::arg("k"));
+  m.def("weight_only_pack_int4", [p](uintptr_t codes, int64_t num_bytes, uintptr_t stream) {
+    weight_only_pack_int4(p(codes), num_bytes, p(stream));
+  }, py::arg("codes"), py::arg("num_bytes"), py::arg("stream") = uintptr_t{0});
   m.def("weight_only_linear", [p, dtype](uintptr_t y, uintptr_t x, uintptr_t codes, uintptr_t scale, uintptr_t offset,
                                          uintptr_t bias, int64_t T, int64_t N, int64_t K, int64_t group_size, bool int4,
                                          const std::string& x_dtype, const std::string& y_dtype, uintptr_t workspace,

@@ -172,7 +172,7 @@ void ModelRunner::Impl::create_op_kinds() {
 
 // Each weight is placed once, as its readers ask. Readers must agree on the dtype; when they ask for
 // different layouts (an embedding table that is also the LM head's weight) it stays row-major, which
-// every kind accepts.
+// every kind accepts but the CUDA weight-only GEMV's int4 codes, which are never shared.
 void ModelRunner::Impl::plan_weights() {
   const Graph& g = engine->graph();
   std::unordered_map<std::string, WeightPlacement> placements;
@@ -192,7 +192,11 @@ void ModelRunner::Impl::plan_weights() {
                   dtype_safetensors_name(it->second.dtype), " by op \"", first_reader[name], "\" and as ",
                   dtype_safetensors_name(want.dtype), " by op \"", node.op, "\" on the ",
                   device_name(config.device), " backend");
-      if (it->second.layout != want.layout) it->second.layout = WeightLayout::kRowMajor;
+      if (it->second.layout == want.layout) continue;
+      RTLLM_CHECK(it->second.layout != WeightLayout::kCudaInt4Mma && want.layout != WeightLayout::kCudaInt4Mma,
+                  "weight \"", name, "\" is read by op \"", first_reader[name], "\" and by op \"", node.op,
+                  "\", and one of them needs its int4 codes in the CUDA GEMV's own layout");
+      it->second.layout = WeightLayout::kRowMajor;
     }
   }
   for (const auto& [name, placement] : placements) slots.emplace(name, backend->place_weight(engine->weight(name), placement));

@@ -38,13 +38,19 @@ __device__ __forceinline__ T2 as_t2(uint32_t v) {
   return *reinterpret_cast<T2*>(&v);
 }
 
-// Nibbles j and j + 4 of the packed word w (codes 8i + j and 8i + j + 4 of its 8) as exact T values,
-// (low half, high half). `u` is w ^ 0x88888888: each nibble q + 8 in 0..15.
+// Nibbles j and j + 4 of the word u as T values 128 + u_j, 128 + u_{j+4} (bf16; 1024 + for fp16): one AND/OR,
+// no shifts across halves. In the MMA layout (woq_pack_int4) u holds codes q + 8 with nibbles j, j + 4 the
+// codes 2j, 2j + 1 of its 8, so pair j is the codes (2j, 2j + 1) in k order.
+template <typename T>
+__device__ __forceinline__ uint32_t int4_magic_pair(uint32_t u, int j) {
+  return ((u >> (4 * j)) & 0x000F000Fu) | Pair<T>::kInt4Magic;
+}
+
+// The same pair as exact values u_j - 8 (the codes q when u holds q + 8).
 template <typename T>
 __device__ __forceinline__ typename Pair<T>::T2 int4_pair(uint32_t u, int j) {
   using P = Pair<T>;
-  const uint32_t m = ((u >> (4 * j)) & 0x000F000Fu) | P::kInt4Magic;
-  return __hsub2(as_t2<typename P::T2>(m), as_t2<typename P::T2>(P::kInt4Bias));
+  return __hsub2(as_t2<typename P::T2>(int4_magic_pair<T>(u, j)), as_t2<typename P::T2>(P::kInt4Bias));
 }
 
 // Bytes b and b + 1 of the int8 word w (codes 4i + b, 4i + b + 1) as exact T values. `u` is
@@ -87,11 +93,9 @@ __device__ __forceinline__ T2 dequant2(T2 q, T2 s, T2 o) {
 // in T, two weights per instruction, and feeds them as the MMAs' B operand:
 //   int8 (kCodes 16, 4 MMAs a step): word i of the load = codes 4i .. 4i+3 in order;
 //     MMA i: b0 = (4i, 4i+1), b1 = (4i+2, 4i+3); a0 / a2 = x words (4i, 4i+1) / (4i+2, 4i+3), as loaded.
-//   int4 (kCodes 32, 8 MMAs a step): word i = codes 8i .. 8i+7, nibble j = code 8i + j; the magic-number
-//     conversion yields the pairs (j, j + 4) (one AND/OR per pair, no shifts across halves), so
-//     MMA (i, h): b0 = (8i+2h, 8i+2h+4), b1 = (8i+2h+1, 8i+2h+5), and the activations are permuted to
-//     match: a0 = the low halves of X[h], X[h+2], a2 = their high halves (one prmt each; X[j] = the x
-//     word of codes (8i+2j, 8i+2j+1)).
+//   int4 (kCodes 32, 8 MMAs a step), in the MMA layout: word i = codes 8i .. 8i+7, its pairs j = (8i+2j,
+//     8i+2j+1), so MMA (i, h): b0 = pair 2h, b1 = pair 2h+1, a0 / a2 = the x words of the same codes, as
+//     loaded (X[j] = x (8i+2j, 8i+2j+1) = xg[4i + j]).
 // The MMAs of one step for one 8-row weight tile: `wv` the lane's 16 code bytes, `s2` / `o2` its group's
 // scale and offset (both halves equal), xg / xh the lane's activation words (kCodes / 2 each) of token
 // rows g and g + 8 (xh zeros when MA == 1). Even and odd MMAs alternate between two accumulators.
@@ -102,15 +106,13 @@ __device__ __forceinline__ void step_mmas(float (&acc)[2][4], const uint4& wv, t
   if constexpr (kInt4) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const uint32_t u = word(wv, i) ^ 0x88888888u;
+      const uint32_t u = word(wv, i);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const uint32_t b0 = as_u32(dequant2(int4_pair<T>(u, 2 * h), s2, o2));
         const uint32_t b1 = as_u32(dequant2(int4_pair<T>(u, 2 * h + 1), s2, o2));
-        const uint32_t lo_g = xg[4 * i + h], hi_g = xg[4 * i + h + 2];  // x (8i+2h, +1), (8i+2h+4, +5)
-        const uint32_t lo_h = xh[4 * i + h], hi_h = xh[4 * i + h + 2];
-        mma_16x8x16<T>(acc[h], __byte_perm(lo_g, hi_g, 0x5410u), __byte_perm(lo_h, hi_h, 0x5410u),
-                       __byte_perm(lo_g, hi_g, 0x7632u), __byte_perm(lo_h, hi_h, 0x7632u), b0, b1);
+        const int j = 4 * i + 2 * h;
+        mma_16x8x16<T>(acc[h], xg[j], xh[j], xg[j + 1], xh[j + 1], b0, b1);
       }
     }
   } else {
@@ -160,14 +162,204 @@ struct IntCodes {
   }
 };
 
+// ---- int4 GEMV with the scales applied after the MMAs: groups of whole 128-code steps ----
+//
+// When a quantization group spans whole steps of a row (group_size a multiple of 128, per channel
+// included), a step's 8 MMAs all sum codes of one group, so the codes enter the MMAs unscaled and the
+// scale is applied to the step's sums: each pair of codes costs one AND/OR (int4_magic_pair) and no
+// half-precision arithmetic. The magic-number value of a code is 128 + (q + 8) (bf16; 1024 + for fp16),
+// so for one row and token a step sums
+//   D = Σ x · (q + B) and S = Σ x (B = 136 bf16, 1032 fp16; exact products, float32 sums),
+// and adds s · D + (o - B · s) · S = Σ x · (q · s + o) to its float32 accumulator: the weight q · s + o is
+// never rounded to T. S comes from MMAs of the same activation fragments with all-ones weights.
+//
+// The weights are the MMAs' A operand (16 weight rows: g and g + 8), the activations its B operand (8
+// tokens), so up to 8 tokens fill an MMA: lane (g, t) loads 16 code bytes of rows g and g + 8 at the
+// same 32 codes (k = 128·step + 32t ..), and 32 activations of token g there (4 16-byte loads per block of
+// 8 tokens). MMA (i, h) of word i: a0 / a2 = pairs 2h / 2h+1 of row g, a1 / a3 those of row g + 8,
+// b0 / b1 = the x words of the same codes; d0, d1 = rows g, tokens 2t, 2t + 1; d2, d3 = row g + 8.
+//
+// Work split as mma_gemv_kernel (kMmaGemvWarps warps, KS of them splitting K, row groups of 16 weight
+// rows, CTAs of up to 16 tokens, kMmaGemvLoadsInFlight 16-byte loads per lane in flight, partial sums
+// added in warp order: deterministic, and a token's row does not depend on the other tokens).
+template <typename T>
+struct Int4Sums;
+template <>
+struct Int4Sums<__nv_bfloat16> {
+  static constexpr float kBias = 136.0f;          // 128 + 8
+  static constexpr uint32_t kOnes = 0x3F803F80u;  // bf16x2 {1, 1}
+};
+template <>
+struct Int4Sums<__half> {
+  static constexpr float kBias = 1032.0f;         // 1024 + 8
+  static constexpr uint32_t kOnes = 0x3C003C00u;  // f16x2 {1, 1}
+};
+
+// d = A · B with a zero accumulator in.
+template <typename T>
+__device__ __forceinline__ void mma_16x8x16_fresh(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                  uint32_t b0, uint32_t b1) {
+  d[0] = d[1] = d[2] = d[3] = 0.0f;
+  mma_16x8x16<T>(d, a0, a1, a2, a3, b0, b1);
+}
+
+// MB: blocks of 8 tokens (1 when m <= 8, else 2); KS: warps splitting K. group_mul = ceil(2^32 / steps per
+// group): the group of step s is (s · group_mul) >> 32, exact for s and steps per group below 2^16.
+template <typename T, class Output, int MB, int KS>
+__global__ void __launch_bounds__(kMmaGemvWarps * 32, 2)
+    int4_step_gemv_kernel(Output out, const T* x, const uint8_t* codes, const T* scale, const T* offset,
+                          uint64_t group_mul, int32_t num_groups, int32_t m, int32_t n, int32_t k) {
+  static_assert(kMmaGemvWarps % KS == 0, "the row groups take whole warps");
+  constexpr int U = kMmaGemvLoadsInFlight / 2, kGroups = kMmaGemvWarps / KS, kTokens = 8 * MB;
+  __shared__ float partial[kMmaGemvWarps][16][kTokens];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int group = warp / KS, split = warp % KS;
+  const int32_t n0 = (blockIdx.y * kGroups + group) * 16;
+  const int32_t tok0 = blockIdx.x * kMmaGemvTokensPerBlock;
+  const int32_t m_blk = min(m - tok0, kMmaGemvTokensPerBlock);
+  const int32_t num_steps = k / 128;
+  const int64_t row_bytes = k / 2;
+  // Rows past n read row n - 1 and tokens past the block's read its last token: their sums are never stored.
+  const int64_t rows[2] = {min(n0 + g, n - 1), min(n0 + g + 8, n - 1)};
+  const uint8_t* w_lane[2];
+  const T* s_row[2];
+  const T* o_row[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    w_lane[r] = codes + rows[r] * row_bytes + 16 * t;
+    s_row[r] = scale + rows[r] * num_groups;
+    o_row[r] = offset ? offset + rows[r] * num_groups : nullptr;
+  }
+  const T* x_lane[MB];
+#pragma unroll
+  for (int i = 0; i < MB; ++i) x_lane[i] = x + (int64_t)(tok0 + min(8 * i + g, m_blk - 1)) * k + 32 * t;
+
+  uint4 wv[U][2];
+  T sv[U][2], ov[U][2];
+  auto load_step = [&](int u, int32_t s) {  // s is the same in the whole warp
+    if (s >= num_steps) return;
+    const int32_t grp = (int32_t)(((uint64_t)s * group_mul) >> 32);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      wv[u][r] = load_stream16(w_lane[r] + 64 * (int64_t)s);
+      sv[u][r] = s_row[r][grp];
+      ov[u][r] = o_row[r] ? o_row[r][grp] : from_float<T>(0.0f);
+    }
+  };
+#pragma unroll
+  for (int u = 0; u < U; ++u) load_step(u, split + u * KS);  // constant data: before waiting for x's writer
+  pdl_begin();
+  float acc[MB][4];
+#pragma unroll
+  for (int i = 0; i < MB; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+
+  for (int32_t s0 = split; s0 < num_steps; s0 += U * KS) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int32_t s = s0 + u * KS;
+      if (s < num_steps) {
+        uint4 xv[MB][4];  // token g (+ 8i): x at the lane's 32 codes, 8 per word i of the codes
+#pragma unroll
+        for (int i = 0; i < MB; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) xv[i][j] = __ldg(reinterpret_cast<const uint4*>(x_lane[i] + 128 * (int64_t)s + 8 * j));
+        float d[MB][2][4], sx[MB][2][4];  // [token block][even / odd h]: the step's sums, two chains each
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const uint32_t lo = word(wv[u][0], w), hi = word(wv[u][1], w);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t a0 = int4_magic_pair<T>(lo, 2 * h), a1 = int4_magic_pair<T>(hi, 2 * h);
+            const uint32_t a2 = int4_magic_pair<T>(lo, 2 * h + 1), a3 = int4_magic_pair<T>(hi, 2 * h + 1);
+            constexpr uint32_t ones = Int4Sums<T>::kOnes;
+#pragma unroll
+            for (int i = 0; i < MB; ++i) {
+              const uint32_t b0 = word(xv[i][w], 2 * h), b1 = word(xv[i][w], 2 * h + 1);
+              if (w == 0) {
+                mma_16x8x16_fresh<T>(d[i][h], a0, a1, a2, a3, b0, b1);
+                mma_16x8x16_fresh<T>(sx[i][h], ones, ones, ones, ones, b0, b1);
+              } else {
+                mma_16x8x16<T>(d[i][h], a0, a1, a2, a3, b0, b1);
+                mma_16x8x16<T>(sx[i][h], ones, ones, ones, ones, b0, b1);
+              }
+            }
+          }
+        }
+        float sc[2], oc[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          sc[r] = to_float(sv[u][r]);
+          oc[r] = fmaf(-Int4Sums<T>::kBias, sc[r], to_float(ov[u][r]));
+        }
+#pragma unroll
+        for (int i = 0; i < MB; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int r = j >> 1;  // d0, d1: row g; d2, d3: row g + 8 (the same tokens 2t, 2t + 1)
+            const float dj = d[i][0][j] + d[i][1][j], sj = sx[i][0][j & 1] + sx[i][1][j & 1];
+            acc[i][j] = fmaf(oc[r], sj, fmaf(sc[r], dj, acc[i][j]));
+          }
+      }
+      load_step(u, s + U * KS);  // the slot's next step, in flight while the other slots' MMAs run
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < MB; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) partial[warp][g + 8 * (j >> 1)][8 * i + 2 * t + (j & 1)] = acc[i][j];
+  __syncthreads();
+  for (int e = threadIdx.x; e < kGroups * 16 * kTokens; e += blockDim.x) {
+    const int grp = e / (16 * kTokens), row = e / kTokens % 16, tok = e % kTokens;
+    const int32_t col = (blockIdx.y * kGroups + grp) * 16 + row;
+    if (tok >= m_blk || col >= n) continue;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < KS; ++w) sum += partial[grp * KS + w][row][tok];
+    out(sum, tok0 + tok, col);
+  }
+}
+
+// Whether int4_step_gemv_kernel takes the shape: groups of whole steps, and steps (and so steps per
+// group) below 2^16 for its group index.
+bool int4_step_gemv_takes(int32_t k, int32_t group_size) { return group_size % 128 == 0 && k / 128 < (1 << 16); }
+
+template <typename T, class Output>
+void launch_int4_step_gemv(int32_t k_splits, const Output& out, const T* x, const uint8_t* codes, const T* scale,
+                           const T* offset, int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
+  const uint64_t steps_per_group = (uint64_t)group_size / 128;
+  const uint64_t group_mul = ((uint64_t{1} << 32) + steps_per_group - 1) / steps_per_group;
+  auto launch = [&](auto mb, auto ks) {
+    constexpr int MB = decltype(mb)::value, KS = decltype(ks)::value;
+    const dim3 grid((unsigned)ceil_div(m, kMmaGemvTokensPerBlock), (unsigned)ceil_div(n, kMmaGemvWarps / KS * 16));
+    launch_pdl(int4_step_gemv_kernel<T, Output, MB, KS>, grid, kMmaGemvWarps * 32, 0, stream, out, x, codes, scale,
+               offset, group_mul, k / group_size, m, n, k);
+  };
+  auto with_splits = [&](auto mb) {
+    switch (k_splits) {
+      case 1: return launch(mb, std::integral_constant<int, 1>{});
+      case 2: return launch(mb, std::integral_constant<int, 2>{});
+      case 4: return launch(mb, std::integral_constant<int, 4>{});
+      default: return launch(mb, std::integral_constant<int, 8>{});
+    }
+  };
+  if (m <= 8) with_splits(std::integral_constant<int, 1>{});
+  else with_splits(std::integral_constant<int, 2>{});
+}
+
 template <typename T, typename TY, bool kInt4>
 void launch_gemv(int32_t k_splits, void* y, const void* x, const void* codes, const void* scale, const void* offset,
                  const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
+  const BiasOutput<T, TY> out{static_cast<TY*>(y), static_cast<const T*>(bias), n};
+  if (kInt4 && int4_step_gemv_takes(k, group_size))
+    return launch_int4_step_gemv<T>(k_splits, out, static_cast<const T*>(x), static_cast<const uint8_t*>(codes),
+                                    static_cast<const T*>(scale), static_cast<const T*>(offset), m, n, k, group_size,
+                                    stream);
   using Codec = IntCodes<T, kInt4>;
   const typename Codec::Args args{static_cast<const T*>(scale), static_cast<const T*>(offset),
                                   group_size / Codec::kCodes, k / group_size};
-  launch_mma_gemv<Codec>(k_splits, BiasOutput<T, TY>{static_cast<TY*>(y), static_cast<const T*>(bias), n}, x, codes,
-                         args, m, n, k, stream);
+  launch_mma_gemv<Codec>(k_splits, out, x, codes, args, m, n, k, stream);
 }
 
 template <typename T, typename TY>
@@ -206,13 +398,8 @@ __global__ void woq_dequantize_kernel(T* w, const uint8_t* codes, const T* scale
   }
 }
 
-// The GEMV's layouts (rows of whole 16-byte vectors, one group per vector): one thread per 16 code bytes,
-// converted as the GEMV converts them and stored in k order as 16-byte vectors.
-__device__ __forceinline__ __nv_bfloat162 lows(__nv_bfloat162 a, __nv_bfloat162 b) { return __lows2bfloat162(a, b); }
-__device__ __forceinline__ __half2 lows(__half2 a, __half2 b) { return __lows2half2(a, b); }
-__device__ __forceinline__ __nv_bfloat162 highs(__nv_bfloat162 a, __nv_bfloat162 b) { return __highs2bfloat162(a, b); }
-__device__ __forceinline__ __half2 highs(__half2 a, __half2 b) { return __highs2half2(a, b); }
-
+// The GEMV's layouts (rows of whole 16-byte vectors, one group per vector; int4 in the MMA layout): one
+// thread per 16 code bytes, converted as the GEMV converts them and stored in k order as 16-byte vectors.
 template <typename T, bool kInt4>
 __global__ void woq_dequantize_vec_kernel(T* w, const uint8_t* codes, const T* scale, const T* offset, int64_t n,
                                           int64_t k, int64_t group_size) {
@@ -229,12 +416,12 @@ __global__ void woq_dequantize_vec_kernel(T* w, const uint8_t* codes, const T* s
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       if constexpr (kInt4) {
-        // pairs (c, c + 4) of the word's codes 8j .. 8j+7 -> (c, c + 1) in k order
-        const uint32_t u = word(wv, j) ^ 0x88888888u;
-        const auto p0 = dequant2(int4_pair<T>(u, 0), s2, o2), p1 = dequant2(int4_pair<T>(u, 1), s2, o2);
-        const auto p2 = dequant2(int4_pair<T>(u, 2), s2, o2), p3 = dequant2(int4_pair<T>(u, 3), s2, o2);
-        const uint4 v = make_uint4(as_u32(lows(p0, p1)), as_u32(lows(p2, p3)), as_u32(highs(p0, p1)),
-                                   as_u32(highs(p2, p3)));
+        // pairs 0 .. 3 of word j: its codes 8j .. 8j+7 in k order
+        const uint32_t u = word(wv, j);
+        const uint4 v = make_uint4(as_u32(dequant2(int4_pair<T>(u, 0), s2, o2)),
+                                   as_u32(dequant2(int4_pair<T>(u, 1), s2, o2)),
+                                   as_u32(dequant2(int4_pair<T>(u, 2), s2, o2)),
+                                   as_u32(dequant2(int4_pair<T>(u, 3), s2, o2)));
         *reinterpret_cast<uint4*>(out + 8 * j) = v;
       } else {
         const uint32_t u = word(wv, j) ^ 0x80808080u;
@@ -255,6 +442,19 @@ __global__ void woq_add_bias_kernel(TY* y, const float* acc, const T* bias, int6
     y[i] = from_float<TY>(acc[i] + to_float(bias[i % n]));
 }
 
+// The MMA layout, in place: each 32-bit word's codes c0 .. c7 (nibble i = c_i) become the nibbles
+// c0+8, c2+8, c4+8, c6+8, c1+8, c3+8, c5+8, c7+8 (int4_magic_pair's pair j = codes 2j, 2j + 1).
+__global__ void woq_pack_int4_kernel(uint32_t* words, int64_t num_words) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < num_words; i += (int64_t)gridDim.x * blockDim.x) {
+    const uint32_t u = words[i] ^ 0x88888888u;
+    uint32_t packed = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      packed |= ((u >> (8 * j)) & 0xFu) << (4 * j) | ((u >> (8 * j + 4)) & 0xFu) << (4 * j + 16);
+    words[i] = packed;
+  }
+}
+
 unsigned grid_for(int64_t items, int threads) {
   return (unsigned)std::min<int64_t>(std::max<int64_t>(ceil_div(items, threads), 1), 65535 * 4);
 }
@@ -269,6 +469,14 @@ bool woq_gemv_supported(int64_t k, int64_t group_size, bool int4) {
 int32_t woq_gemv_k_splits(int32_t n, int32_t k) {
   (void)k;
   return mma_gemv_k_splits(n);
+}
+
+cudaError_t woq_pack_int4(void* codes, int64_t num_bytes, cudaStream_t stream) {
+  RTLLM_KERNEL_CHECK(codes && num_bytes >= 0 && num_bytes % 4 == 0 && (reinterpret_cast<uintptr_t>(codes) & 3) == 0);
+  if (num_bytes == 0) return cudaSuccess;
+  const int64_t num_words = num_bytes / 4;
+  woq_pack_int4_kernel<<<grid_for(num_words, 256), 256, 0, stream>>>(static_cast<uint32_t*>(codes), num_words);
+  return cudaGetLastError();
 }
 
 cudaError_t woq_gemv(void* y, const void* x, const void* codes, const void* scale, const void* offset,
@@ -296,6 +504,8 @@ cudaError_t woq_dequantize(void* w, const void* codes, const void* scale, const 
   RTLLM_KERNEL_CHECK(!int4 || (k % 2 == 0 && group_size % 2 == 0));
   RTLLM_KERNEL_CHECK(!int4 || (reinterpret_cast<uintptr_t>(w) & 3) == 0);
   if (n == 0) return cudaSuccess;
+  // int4 codes of the GEMV's shapes are in the MMA layout, which only the vector kernel reads.
+  RTLLM_KERNEL_CHECK(!(int4 && woq_gemv_supported(k, group_size, int4)) || (aligned16(w) && aligned16(codes)));
   if (woq_gemv_supported(k, group_size, int4) && aligned16(w) && aligned16(codes)) {
     const unsigned grid = grid_for((int64_t)n * (k / (int4 ? 32 : 16)), 256);
     RTLLM_DISPATCH_DTYPE(dtype, T, {

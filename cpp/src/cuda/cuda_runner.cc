@@ -20,6 +20,7 @@
 #include "cuda/cuda_sampler.h"
 #include "rtllm/kernels/attention.cuh"
 #include "rtllm/kernels/elementwise.cuh"
+#include "rtllm/kernels/weight_only.cuh"
 #include "runner_backend.h"
 #include "workspace.h"
 
@@ -181,10 +182,14 @@ CudaBackend::~CudaBackend() {
   }
 }
 
-// Converted on the host when the placement asks for another float dtype, then uploaded once.
+// Converted on the host when the placement asks for another float dtype, then uploaded once; int4 codes
+// for the GEMV's MMAs are re-laid on the device once uploaded.
 TensorSlot CudaBackend::place_weight(const Weight& w, const WeightPlacement& placement) {
-  RTLLM_CHECK(placement.layout == WeightLayout::kRowMajor, "weight \"", w.name,
-              "\": the CUDA backend keeps weights row-major");
+  const bool int4_mma = placement.layout == WeightLayout::kCudaInt4Mma;
+  RTLLM_CHECK(placement.layout == WeightLayout::kRowMajor || int4_mma, "weight \"", w.name,
+              "\": the CUDA backend keeps weights row-major, or int4 codes in the GEMV's MMA layout");
+  RTLLM_CHECK(!int4_mma || (w.dtype == DataType::kInt4 && placement.dtype == DataType::kInt4), "weight \"", w.name,
+              "\": only I4 codes take the MMA layout");
   TensorSlot slot;
   for (int64_t d : w.shape) slot.dims.push_back(Dim{Dim::Kind::kFixed, d});
   slot.dtype = placement.dtype;
@@ -199,6 +204,10 @@ TensorSlot CudaBackend::place_weight(const Weight& w, const WeightPlacement& pla
   const size_t num_bytes = dtype_num_bytes(slot.dtype, n);
   DeviceBuffer buf(num_bytes);
   RTLLM_CUDA_CHECK(cudaMemcpy(buf.data, src, num_bytes, cudaMemcpyHostToDevice));
+  if (int4_mma) {
+    RTLLM_CUDA_CHECK(kernels::woq_pack_int4(buf.data, static_cast<int64_t>(num_bytes), nullptr));
+    RTLLM_CUDA_CHECK(cudaDeviceSynchronize());
+  }
   weight_bytes_ += round_up(num_bytes, kAlign);
   slot.data = buf.data;
   weights_.push_back(std::move(buf));

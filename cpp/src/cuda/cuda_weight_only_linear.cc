@@ -1,15 +1,17 @@
 // weight_only_linear on CUDA (docs/engine_format.md): y[T, N] = x[T, K] · W[N, K]ᵀ (+ bias[N]) with int8 or
 // packed int4 codes, W = q · scale[n, k / G] + offset[n, k / G].
 //
-// The codes are uploaded as stored (row-major [N, K], int4 two per byte); scale, offset and bias are placed
-// in the compute dtype (bf16, or fp16 for fp16 engines), and the weight is used as W = fma(q, scale,
-// offset) rounded once to that dtype (kernels/include/rtllm/kernels/weight_only.cuh).
+// The codes are uploaded as stored (row-major [N, K], int4 two per byte), int4 codes of the GEMV's shapes
+// then re-laid for its MMAs (WeightLayout::kCudaInt4Mma); scale, offset and bias are placed in the compute
+// dtype (bf16, or fp16 for fp16 engines). The weight is used as W = fma(q, scale, offset) rounded once to
+// that dtype, except by the int4 GEMV for groups of whole 128-code steps, which scales float32 sums of the
+// codes (kernels/include/rtllm/kernels/weight_only.cuh).
 //   T <= kMaxGemvRows (decode batches): the tensor-core GEMV over the codes (kernels/src/weight_only.cu), bound by
 //     reading the packed bytes once;
 //   larger T (prefill), or a shape the GEMV does not take (K or the group size not a multiple of a lane's
 //     16-byte load: 16 int8 or 32 int4 codes): the weight dequantized into the workspace (sized at load:
-//     N · K values of the compute dtype, and float32 rows for a bias), then cuBLASLt's GEMM. Both paths use
-//     the same W values and round y once from float32 (the bias added in float32).
+//     N · K values of the compute dtype, and float32 rows for a bias), then cuBLASLt's GEMM. Both paths
+//     round y once from float32 (the bias added in float32).
 // Everything a step does is kernel launches on the runner's stream over fixed buffers: capturable in a
 // CUDA graph.
 #include <algorithm>
@@ -205,7 +207,9 @@ class CudaWeightOnlyLinear final : public OpKind {
 
   WeightPlacement weight_placement(size_t input) const override {
     if (input >= 2) return in_activation_dtype();  // scale, offset, bias
-    return OpKind::weight_placement(input);        // the codes as stored
+    if (input == 1 && int4_ && kernels::woq_gemv_supported(num_cols_, group_size_, true))
+      return {DataType::kInt4, WeightLayout::kCudaInt4Mma};
+    return OpKind::weight_placement(input);  // the codes as stored
   }
 
   size_t workspace_bytes() const override {
@@ -254,13 +258,21 @@ void register_cuda_weight_only_linear_op() {
 }
 
 // Test and benchmark hooks (rtllm._core.kernels.weight_only_linear): one weight_only_linear on device
-// pointers through the op's code paths, with its own cuBLASLt instance. scale, offset and bias in x_dtype
-// (as the op places them). path: 0 as the op chooses, 1 the GEMV, 2 dequantize + GEMM; workspace of
+// pointers through the op's code paths, with its own cuBLASLt instance. codes, scale, offset and bias as
+// the op places them: int4 codes of the GEMV's shapes in the MMA layout (weight_only_pack_int4), the
+// others in x_dtype. path: 0 as the op chooses, 1 the GEMV, 2 dequantize + GEMM; workspace of
 // weight_only_linear_workspace_bytes() (needed by path 2, and by path 0 when it takes the GEMM).
 RTLLM_API size_t weight_only_linear_workspace_bytes(int64_t N, int64_t K) { return woq_workspace_bytes(N, K, kBiasChunkRows); }
 
 RTLLM_API bool weight_only_gemv_supported(int64_t K, int64_t group_size, bool int4) {
   return kernels::woq_gemv_supported(K, group_size, int4);
+}
+
+// The engine's int4 codes -> the MMA layout in place, as the op's placement does (num_bytes a multiple of 4).
+RTLLM_API void weight_only_pack_int4(void* codes, int64_t num_bytes, void* stream) {
+  RTLLM_CHECK_ARG(num_bytes >= 0 && num_bytes % 4 == 0, "weight_only_pack_int4: num_bytes ", num_bytes,
+                  " is not a multiple of 4");
+  check_launch(kernels::woq_pack_int4(codes, num_bytes, static_cast<cudaStream_t>(stream)));
 }
 
 RTLLM_API int32_t weight_only_gemv_k_splits(int64_t N, int64_t K) {

@@ -2,13 +2,17 @@
 // (+ bias[n]) with W[n, k] = q[n, k] · scale[n, k / G] + offset[n, k / G], the codes q int8 or packed
 // signed int4 (two per byte, the even k in the low nibble) in the engine's row-major [n, k] layout.
 //
-// On CUDA the weight is used in the activation dtype T (bf16 or fp16): scale and offset arrive in T (the
-// op places them so), and each weight is W = fma(q, scale, offset) rounded once to T (q is exact in T).
-// The two kernels below compute that same W, so both paths of the op multiply the same weights.
+// On CUDA scale and offset arrive in the activation dtype T (bf16 or fp16: the op places them so). The
+// dequantize + GEMM path and the GEMV for groups smaller than 128 use each weight as W = fma(q, scale,
+// offset) rounded once to T (q is exact in T), the same W in both. The int4 GEMV for groups of a multiple
+// of 128 codes (per channel included) applies scale and offset to float32 sums of the codes instead: its
+// weights are q · scale + offset unrounded (kernels/src/weight_only.cu, int4_step_gemv_kernel).
 //
-// Codes stay as stored (no load-time repack): a lane's 16-byte load of a row already holds whole MMA
-// operands, because an MMA only needs A and B to agree on which k each slot holds; the GEMV permutes
-// its (small, reused) activation fragments to the codes' order instead (kernels/src/weight_only.cu).
+// int4 codes of the shapes the GEMV takes (woq_gemv_supported) are kept in the MMA layout, made once at load
+// by woq_pack_int4: in each 32-bit word of a row (codes 8i .. 8i+7), the nibbles hold q + 8 (0 .. 15) of
+// the codes 8i, 8i+2, 8i+4, 8i+6, 8i+1, 8i+3, 8i+5, 8i+7, so that one AND/OR yields codes (2j, 2j+1) as a
+// pair of T values in k order, the order of the activations. int8 codes and int4 codes of other shapes stay
+// as stored.
 #pragma once
 
 #include "rtllm/kernels/common.cuh"
@@ -19,8 +23,13 @@ namespace rtllm::kernels {
 // int8, k % 32 == 0 for int4) and groups a whole number of a lane's codes (16 int8 or 32 int4 codes).
 RTLLM_API bool woq_gemv_supported(int64_t k, int64_t group_size, bool int4);
 
+// The engine's packed int4 codes (two per byte, the even k in the low nibble) -> the MMA layout, in place:
+// num_bytes a multiple of 4, codes 4-byte aligned. Rows of the GEMV's shapes are whole 16-byte vectors, so
+// a whole weight is packed at once.
+RTLLM_API cudaError_t woq_pack_int4(void* codes, int64_t num_bytes, cudaStream_t stream);
+
 // y [m, n] (dtype, or kFP32) = x [m, k] (dtype) · Wᵀ + bias [n] (dtype, may be null). codes: [n, k] int8 or
-// [n, k / 2] packed int4 bytes, 16-byte aligned; scale, offset (may be null): [n, k / group_size] in
+// [n, k / 2] int4 bytes in the MMA layout, 16-byte aligned; scale, offset (may be null): [n, k / group_size] in
 // dtype; n <= 1048560. Any m (CTAs of 16 tokens, each rereading the weight tile, mostly from L2); fp32
 // accumulation on tensor cores (mma.sync m16n8k16), a fixed summation order: deterministic. k_splits: the warps that split K (1, 2, 4 or 8; the
 // order of the sums, and so the result's last bits, depends on it), 0 for woq_gemv_k_splits(n, k).
@@ -32,8 +41,9 @@ RTLLM_API cudaError_t woq_gemv(void* y, const void* x, const void* codes, const 
 // result does not depend on the other tokens of the call.
 RTLLM_API int32_t woq_gemv_k_splits(int32_t n, int32_t k);
 
-// w [n, k] (dtype) = the dequantized weight, the same values the GEMV multiplies; any k and group_size
-// (even k and group_size for int4), for cuBLASLt's GEMM on larger batches.
+// w [n, k] (dtype) = the dequantized weight W = fma(q, scale, offset) rounded to dtype; any k and group_size
+// (even k and group_size for int4; int4 codes of the GEMV's shapes in the MMA layout, w and codes then
+// 16-byte aligned), for cuBLASLt's GEMM on larger batches.
 RTLLM_API cudaError_t woq_dequantize(void* w, const void* codes, const void* scale, const void* offset, int32_t n,
                                      int32_t k, int32_t group_size, bool int4, DType dtype, cudaStream_t stream);
 
