@@ -2,7 +2,7 @@
 W8A16 / W4A16 engines on CUDA against the same engines on the CPU.
 
 Op level, through rtllm._core.kernels.weight_only_linear (the op kind's own code paths: the tensor-core GEMV
-over the stored codes, or the weight dequantized into the workspace and cuBLASLt's GEMM). The op places
+over the codes, or the weight dequantized into the workspace and cuBLASLt's GEMM). The op places
 scale, offset and bias in the activation dtype T and uses each weight as W16 = fma(q, scale_T, offset_T)
 rounded once to T; the tests give the hook scales as the placement would (the stored F16 / BF16 / F32 values
 rounded to T by torch) and check two things per output, with mag = Σ_k |x|·|W| + |bias|:
