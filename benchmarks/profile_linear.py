@@ -1,7 +1,7 @@
 """One quantized linear (the op's own code path at that batch size), launched a few times for a kernel
 profiler to read; bench_weight_only.py and bench_fp8_gemm.py run every configuration, this runs one:
 
-  ncu --kernel-name regex:woq_gemv --launch-skip 3 --launch-count 1 --set full --import-source yes \
+  ncu --kernel-name "regex:gemv_kernel" --launch-skip 3 --launch-count 1 --set full --import-source yes \
       -o woq python benchmarks/profile_linear.py --kind w4a16 --m 1 --n 28672 --k 4096
 
 Successive calls read different copies of the weight (more bytes than the L2 holds), as a model's layers

@@ -177,7 +177,7 @@ struct IntCodes {
 // tokens), so up to 8 tokens fill an MMA: lane (g, t) loads 16 code bytes of rows g and g + 8 at the
 // same 32 codes (k = 128·step + 32t ..), and 32 activations of token g there (4 16-byte loads per block of
 // 8 tokens). MMA (i, h) of word i: a0 / a2 = pairs 2h / 2h+1 of row g, a1 / a3 those of row g + 8,
-// b0 / b1 = the x words of the same codes; d0, d1 = rows g, tokens 2t, 2t + 1; d2, d3 = row g + 8.
+// b0 / b1 = the x words of the same codes; d0, d1 = row g, tokens 2t, 2t + 1; d2, d3 = row g + 8.
 //
 // Work split as mma_gemv_kernel (kMmaGemvWarps warps, KS of them splitting K, row groups of 16 weight
 // rows, CTAs of up to 16 tokens, kMmaGemvLoadsInFlight 16-byte loads per lane in flight, partial sums
