@@ -19,7 +19,8 @@
 # folder): STEPS="build ab_prepare ab" AB_BASE=DIR. ab_build builds DIR into AB_WORK/base (default
 # AB_WORK=/tmp/rtllm-ab); ab_prepare also writes one Llama-3-8B-shaped engine with random bf16 weights; ab
 # runs bench_e2e.py on that engine under the base build, then this one (AB_ARGS: its workloads);
-# ab_kernels runs bench_kernels.py (KERNELS_ARGS) under the base build into kernels_base.json.
+# ab_kernels runs bench_kernels.py (KERNELS_ARGS) under the base build into kernels_base.json; ab_woq runs
+# bench_weight_only.py (WOQ_KERNELS_ARGS) under the base build and then this one (woq_base.json, woq_new.json).
 set -u
 OUT_DIR=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
 mkdir -p "$OUT_DIR"
@@ -54,7 +55,7 @@ wants build && CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90a} -DRTLLM
   run_step build 300 build.log "$PYTHON" -m pip install --no-build-isolation --no-deps -v .
 
 # shellcheck disable=SC2086
-wants tests && run_step tests_gpu 300 tests_gpu.log "$PYTHON" -m pytest ${TESTS_GPU:-tests/gpu} -q -p no:cacheprovider \
+wants tests && run_step tests_gpu 480 tests_gpu.log "$PYTHON" -m pytest ${TESTS_GPU:-tests/gpu} -q -p no:cacheprovider \
   --junitxml="$OUT_DIR/tests_gpu.xml"
 
 # shellcheck disable=SC2086
@@ -121,12 +122,20 @@ ab_kernels() {
   ab_build && PYTHONPATH="$AB_WORK/base${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/bench_kernels.py \
     --output "$OUT_DIR/kernels_base.json" ${KERNELS_ARGS:-}
 }
-export -f ab_build ab_prepare ab_run ab_kernels
-export AB_WORK AB_ARGS PYTHON OUT_DIR KERNELS_ARGS
+# The weight-only benchmark (WOQ_KERNELS_ARGS, e.g. --tokens 1,8) under the base build, then this build's.
+ab_woq() {
+  # shellcheck disable=SC2086
+  ab_build && PYTHONPATH="$AB_WORK/base${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/bench_weight_only.py \
+    --json "$OUT_DIR/woq_base.json" ${WOQ_KERNELS_ARGS:-} &&
+    "$PYTHON" benchmarks/bench_weight_only.py --json "$OUT_DIR/woq_new.json" ${WOQ_KERNELS_ARGS:-}
+}
+export -f ab_build ab_prepare ab_run ab_kernels ab_woq
+export AB_WORK AB_ARGS PYTHON OUT_DIR KERNELS_ARGS WOQ_KERNELS_ARGS
 export AB_BASE="${AB_BASE:-}" CUDA_ARCHS="${CUDA_ARCHS:-90a}"
 wants ab_build && run_step ab_build 540 ab_build.log bash -c ab_build
 wants ab_prepare && run_step ab_prepare 540 ab_prepare.log bash -c ab_prepare
 wants ab_kernels && run_step ab_kernels 300 ab_kernels.log bash -c ab_kernels
+wants ab_woq && run_step ab_woq 400 ab_woq.log bash -c ab_woq
 wants ab && run_step ab 580 ab.log bash -c ab_run
 
 # FP8 next to bf16 on one random Llama-3-8B-shaped checkpoint: the FP8 GEMM/GEMV kernel benchmark against
