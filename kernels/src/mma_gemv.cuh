@@ -230,22 +230,32 @@ void launch_mma_gemv_splits(const Output& out, const void* x, const void* weight
              static_cast<const uint8_t*>(weight), args, m, n, k);
 }
 
+// Calls launch(ma, ks) with the GEMV's compile-time shape as std::integral_constant values: MA (blocks of
+// 8 tokens: 1 when m <= 8, else 2) and KS (k_splits: 1, 2, 4 or 8). Shared by the GEMV kernels over
+// kMmaGemvTokensPerBlock-token CTAs.
+template <class Launch>
+void dispatch_mma_gemv_shape(int32_t m, int32_t k_splits, Launch&& launch) {
+  auto with_splits = [&](auto ma) {
+    switch (k_splits) {
+      case 1: return launch(ma, std::integral_constant<int, 1>{});
+      case 2: return launch(ma, std::integral_constant<int, 2>{});
+      case 4: return launch(ma, std::integral_constant<int, 4>{});
+      default: return launch(ma, std::integral_constant<int, 8>{});
+    }
+  };
+  if (m <= 8) with_splits(std::integral_constant<int, 1>{});
+  else with_splits(std::integral_constant<int, 2>{});
+}
+
 // Launches the GEMV over m >= 1 tokens and n <= 65535 · 16 weight rows (mma_gemv_rows_ok); k_splits is 1, 2,
 // 4 or 8 (mma_gemv_k_splits(n) unless a caller picks its own).
 template <class Codec, class Output>
 void launch_mma_gemv(int32_t k_splits, const Output& out, const void* x, const void* weight,
                      const typename Codec::Args& args, int32_t m, int32_t n, int32_t k, cudaStream_t stream) {
-  auto launch = [&](auto ma) {
-    constexpr int MA = decltype(ma)::value;
-    switch (k_splits) {
-      case 1: return launch_mma_gemv_splits<Codec, Output, MA, 1>(out, x, weight, args, m, n, k, stream);
-      case 2: return launch_mma_gemv_splits<Codec, Output, MA, 2>(out, x, weight, args, m, n, k, stream);
-      case 4: return launch_mma_gemv_splits<Codec, Output, MA, 4>(out, x, weight, args, m, n, k, stream);
-      default: return launch_mma_gemv_splits<Codec, Output, MA, 8>(out, x, weight, args, m, n, k, stream);
-    }
-  };
-  if (m <= 8) launch(std::integral_constant<int, 1>{});
-  else launch(std::integral_constant<int, 2>{});
+  dispatch_mma_gemv_shape(m, k_splits, [&](auto ma, auto ks) {
+    launch_mma_gemv_splits<Codec, Output, decltype(ma)::value, decltype(ks)::value>(out, x, weight, args, m, n, k,
+                                                                                   stream);
+  });
 }
 
 }  // namespace rtllm::kernels

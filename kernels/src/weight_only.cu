@@ -330,22 +330,12 @@ void launch_int4_step_gemv(int32_t k_splits, const Output& out, const T* x, cons
                            const T* offset, int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
   const uint64_t steps_per_group = (uint64_t)group_size / 128;
   const uint64_t group_mul = ((uint64_t{1} << 32) + steps_per_group - 1) / steps_per_group;
-  auto launch = [&](auto mb, auto ks) {
+  dispatch_mma_gemv_shape(m, k_splits, [&](auto mb, auto ks) {
     constexpr int MB = decltype(mb)::value, KS = decltype(ks)::value;
     const dim3 grid((unsigned)ceil_div(m, kMmaGemvTokensPerBlock), (unsigned)ceil_div(n, kMmaGemvWarps / KS * 16));
     launch_pdl(int4_step_gemv_kernel<T, Output, MB, KS>, grid, kMmaGemvWarps * 32, 0, stream, out, x, codes, scale,
                offset, group_mul, k / group_size, m, n, k);
-  };
-  auto with_splits = [&](auto mb) {
-    switch (k_splits) {
-      case 1: return launch(mb, std::integral_constant<int, 1>{});
-      case 2: return launch(mb, std::integral_constant<int, 2>{});
-      case 4: return launch(mb, std::integral_constant<int, 4>{});
-      default: return launch(mb, std::integral_constant<int, 8>{});
-    }
-  };
-  if (m <= 8) with_splits(std::integral_constant<int, 1>{});
-  else with_splits(std::integral_constant<int, 2>{});
+  });
 }
 
 template <typename T, typename TY, bool kInt4>

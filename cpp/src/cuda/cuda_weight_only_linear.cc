@@ -201,14 +201,13 @@ class CudaWeightOnlyLinear final : public OpKind {
     max_rows_ = rows.kind == Dim::Kind::kNumLogits ? be.max_num_logits
                 : rows.kind == Dim::Kind::kNumTokens ? be.max_num_tokens : rows.value;
     // The dequantized weight is needed when some step takes the GEMM.
-    const bool gemv_ok = kernels::woq_gemv_supported(num_cols_, group_size_, int4_);
-    needs_dequantized_ = !gemv_ok || max_rows_ > kMaxGemvRows;
+    gemv_ok_ = kernels::woq_gemv_supported(num_cols_, group_size_, int4_);
+    needs_dequantized_ = !gemv_ok_ || max_rows_ > kMaxGemvRows;
   }
 
   WeightPlacement weight_placement(size_t input) const override {
     if (input >= 2) return in_activation_dtype();  // scale, offset, bias
-    if (input == 1 && int4_ && kernels::woq_gemv_supported(num_cols_, group_size_, true))
-      return {DataType::kInt4, WeightLayout::kCudaInt4Mma};
+    if (input == 1 && int4_ && gemv_ok_) return {DataType::kInt4, WeightLayout::kCudaInt4Mma};
     return OpKind::weight_placement(input);  // the codes as stored
   }
 
@@ -246,6 +245,7 @@ class CudaWeightOnlyLinear final : public OpKind {
 
  private:
   bool has_offset_ = false, has_bias_ = false, int4_ = false, needs_dequantized_ = false;
+  bool gemv_ok_ = false;  // the GEMV takes the weight's shape (and int4 codes are then in the MMA layout)
   int64_t num_rows_ = 0, num_cols_ = 0;  // N, K
   int64_t group_size_ = 0;
   int64_t max_rows_ = 0;  // of x, at the largest step
