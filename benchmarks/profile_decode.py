@@ -98,7 +98,7 @@ def kernel_times(llm, prompts, max_tokens, sampling):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="an HF checkpoint directory")
+    source.add_argument("--model", help="an HF checkpoint or engine directory")
     source.add_argument("--preset", help="a named shape with random weights (rtllm.models.presets)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--batch", type=int, action="append", help="batch sizes (repeatable; default 1)")
@@ -118,8 +118,11 @@ def main():
         if args.preset:
             from rtllm.models.presets import write_random_checkpoint
             model_dir = write_random_checkpoint(os.path.join(tmp, args.preset), args.preset, dtype=args.dtype)
-        build_config = BuildConfig(max_batch_size=max(batches), max_input_len=args.isl,
-                                   max_seq_len=args.isl + args.steps + 1, dtype=args.dtype)
+        # A built engine (rank0.engine) keeps its own limits; a checkpoint is built for these.
+        is_engine = os.path.exists(os.path.join(model_dir, "rank0.engine"))
+        build_config = None if is_engine else BuildConfig(
+            max_batch_size=max(batches), max_input_len=args.isl, max_seq_len=args.isl + args.steps + 1,
+            dtype=args.dtype)
         rng = np.random.default_rng(0)
         results = {"model": args.model or args.preset, "isl": args.isl, "steps": args.steps, "batches": []}
         rows = []

@@ -86,52 +86,20 @@ __device__ __forceinline__ T2 dequant2(T2 q, T2 s, T2 o) {
   return __hfma2(q, s, o);
 }
 
-// ---- GEMV on tensor cores (mma_gemv.cuh) ----
+// ---- the int8 GEMV on tensor cores (mma_gemv.cuh) ----
 //
-// Each lane's 16-byte load of a weight row holds kCodes consecutive codes of one quantization group (the
-// group size is a multiple of kCodes), so it dequantizes them with one scale and offset: W = fma(q, s, o)
-// in T, two weights per instruction, and feeds them as the MMAs' B operand:
-//   int8 (kCodes 16, 4 MMAs a step): word i of the load = codes 4i .. 4i+3 in order;
-//     MMA i: b0 = (4i, 4i+1), b1 = (4i+2, 4i+3); a0 / a2 = x words (4i, 4i+1) / (4i+2, 4i+3), as loaded.
-//   int4 (kCodes 32, 8 MMAs a step), in the MMA layout: word i = codes 8i .. 8i+7, its pairs j = (8i+2j,
-//     8i+2j+1), so MMA (i, h): b0 = pair 2h, b1 = pair 2h+1, a0 / a2 = the x words of the same codes, as
-//     loaded (X[j] = x (8i+2j, 8i+2j+1) = xg[4i + j]).
-// The MMAs of one step for one 8-row weight tile: `wv` the lane's 16 code bytes, `s2` / `o2` its group's
-// scale and offset (both halves equal), xg / xh the lane's activation words (kCodes / 2 each) of token
-// rows g and g + 8 (xh zeros when MA == 1). Even and odd MMAs alternate between two accumulators.
-template <typename T, bool kInt4>
-__device__ __forceinline__ void step_mmas(float (&acc)[2][4], const uint4& wv, typename Pair<T>::T2 s2,
-                                          typename Pair<T>::T2 o2, const uint32_t* xg, const uint32_t* xh) {
-  using T2 = typename Pair<T>::T2;
-  if constexpr (kInt4) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t u = word(wv, i);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t b0 = as_u32(dequant2(int4_pair<T>(u, 2 * h), s2, o2));
-        const uint32_t b1 = as_u32(dequant2(int4_pair<T>(u, 2 * h + 1), s2, o2));
-        const int j = 4 * i + 2 * h;
-        mma_16x8x16<T>(acc[h], xg[j], xh[j], xg[j + 1], xh[j + 1], b0, b1);
-      }
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t u = word(wv, i) ^ 0x80808080u;
-      const uint32_t b0 = as_u32(dequant2(int8_pair<T>(u, 0), s2, o2));
-      const uint32_t b1 = as_u32(dequant2(int8_pair<T>(u, 2), s2, o2));
-      mma_16x8x16<T>(acc[i & 1], xg[2 * i], xh[2 * i], xg[2 * i + 1], xh[2 * i + 1], b0, b1);
-    }
-  }
-}
-
-// The Codec of mma_gemv_kernel for int8 / int4 codes with per-group scales and offsets in T.
-template <typename T, bool kInt4>
-struct IntCodes {
+// Each lane's 16-byte load of a weight row holds 16 consecutive codes of one quantization group (the group
+// size is a multiple of 16), so it dequantizes them with one scale and offset: W = fma(q, s, o) in T, two
+// weights per instruction, and feeds them as the MMAs' B operand: word i of the load = codes 4i .. 4i+3 in
+// order; MMA i: b0 = (4i, 4i+1), b1 = (4i+2, 4i+3); a0 / a2 = x words (4i, 4i+1) / (4i+2, 4i+3), as loaded.
+// The Codec of mma_gemv_kernel; `so` is the lane's group's (scale, offset), xg / xh the lane's activation
+// words of token rows g and g + 8 (xh zeros when MA == 1). Even and odd MMAs alternate between two
+// accumulators.
+template <typename T>
+struct Int8Codes {
   using Act = T;
   using Side = typename Pair<T>::T2;  // (scale, offset) of the lane's group: one group per 16-byte load
-  static constexpr int kCodes = kInt4 ? 32 : 16;
+  static constexpr int kCodes = 16;
   struct Args {
     const T* scale;
     const T* offset;  // may be null
@@ -158,30 +126,44 @@ struct IntCodes {
   }
   static __device__ __forceinline__ void mmas(float (&acc)[2][4], const uint4& wv, Side so, const uint32_t* xg,
                                               const uint32_t* xh) {
-    step_mmas<T, kInt4>(acc, wv, low_twice(so), high_twice(so), xg, xh);
+    const auto s2 = low_twice(so), o2 = high_twice(so);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t u = word(wv, i) ^ 0x80808080u;
+      const uint32_t b0 = as_u32(dequant2(int8_pair<T>(u, 0), s2, o2));
+      const uint32_t b1 = as_u32(dequant2(int8_pair<T>(u, 2), s2, o2));
+      mma_16x8x16<T>(acc[i & 1], xg[2 * i], xh[2 * i], xg[2 * i + 1], xh[2 * i + 1], b0, b1);
+    }
   }
 };
 
-// ---- int4 GEMV with the scales applied after the MMAs: groups of whole 128-code steps ----
+// ---- the int4 GEMV: weights as the MMAs' A operand ----
 //
-// When a quantization group spans whole steps of a row (group_size a multiple of 128, per channel
-// included), a step's 8 MMAs all sum codes of one group, so the codes enter the MMAs unscaled and the
-// scale is applied to the step's sums: each pair of codes costs one AND/OR (int4_magic_pair) and no
-// half-precision arithmetic. The magic-number value of a code is 128 + (q + 8) (bf16; 1024 + for fp16),
-// so for one row and token a step sums
+// The weights are the MMAs' A operand (16 weight rows: g and g + 8), the activations its B operand (8
+// tokens), so up to 8 tokens fill an MMA: lane (g, t) takes 16 code bytes of rows g and g + 8 at the same
+// 32 codes (vector 4·step + t of the rows: k = 128·step + 32t ..), and 32 activations of token g there (4
+// 16-byte loads per block of 8 tokens). MMA (i, h) of word i: a0 / a2 = pairs 2h / 2h+1 of row g, a1 / a3
+// those of row g + 8, b0 / b1 = the x words of the same codes; d0, d1 = row g, tokens 2t, 2t + 1; d2, d3 =
+// row g + 8.
+//
+// kScaleSums (group_size a multiple of 128, per channel included): a quantization group spans whole
+// steps, so a step's 8 MMAs all sum codes of one group; the codes enter the MMAs unscaled and the scale is
+// applied to the step's sums: each pair of codes costs one AND/OR (int4_magic_pair) and no half-precision
+// arithmetic. The magic-number value of a code is 128 + (q + 8) (bf16; 1024 + for fp16), so for one row and
+// token a step sums
 //   D = Σ x · (q + B) and S = Σ x (B = 136 bf16, 1032 fp16; exact products, float32 sums),
 // and adds s · D + (o - B · s) · S = Σ x · (q · s + o) to its float32 accumulator: the weight q · s + o is
 // never rounded to T. S comes from MMAs of the same activation fragments with all-ones weights.
-//
-// The weights are the MMAs' A operand (16 weight rows: g and g + 8), the activations its B operand (8
-// tokens), so up to 8 tokens fill an MMA: lane (g, t) loads 16 code bytes of rows g and g + 8 at the
-// same 32 codes (k = 128·step + 32t ..), and 32 activations of token g there (4 16-byte loads per block of
-// 8 tokens). MMA (i, h) of word i: a0 / a2 = pairs 2h / 2h+1 of row g, a1 / a3 those of row g + 8,
-// b0 / b1 = the x words of the same codes; d0, d1 = row g, tokens 2t, 2t + 1; d2, d3 = row g + 8.
+// Otherwise (groups of 32 or 64 codes: each lane's 32 codes are one group, but a step's MMAs sum several)
+// each pair is dequantized before its MMA, W = fma(q, s, o) rounded to T as the dequantize kernels do, and
+// a last step that K fills only in part feeds zeros past K.
 //
 // Work split as mma_gemv_kernel (kMmaGemvWarps warps, KS of them splitting K, row groups of 16 weight
 // rows, CTAs of up to 16 tokens, kMmaGemvLoadsInFlight 16-byte loads per lane in flight, partial sums
-// added in warp order: deterministic, and a token's row does not depend on the other tokens).
+// added in warp order: deterministic, and a token's row does not depend on the other tokens). Weights,
+// scales and offsets load U steps ahead into registers; the activations load at their step. (Streaming the
+// weights through a cp.async ring in shared memory and loading the next step's activations one step early
+// measured 1-8% slower on the H100 at Llama-3-8B's shapes, groups of 128.)
 template <typename T>
 struct Int4Sums;
 template <>
@@ -203,12 +185,14 @@ __device__ __forceinline__ void mma_16x8x16_fresh(float (&d)[4], uint32_t a0, ui
   mma_16x8x16<T>(d, a0, a1, a2, a3, b0, b1);
 }
 
-// MB: blocks of 8 tokens (1 when m <= 8, else 2); KS: warps splitting K. group_mul = ceil(2^32 / steps per
-// group): the group of step s is (s · group_mul) >> 32, exact for s and steps per group below 2^16.
-template <typename T, class Output, int MB, int KS>
+// MB: blocks of 8 tokens (1 when m <= 8, else 2); KS: warps splitting K. The group of a lane's codes is
+// (unit · group_mul) >> 32 with unit = the step (kScaleSums) or the lane's vector, group_mul = ceil(2^32 /
+// units per group): exact for units and units per group below 2^16.
+template <typename T, class Output, int MB, int KS, bool kScaleSums>
 __global__ void __launch_bounds__(kMmaGemvWarps * 32, 2)
-    int4_step_gemv_kernel(Output out, const T* x, const uint8_t* codes, const T* scale, const T* offset,
-                          uint64_t group_mul, int32_t num_groups, int32_t m, int32_t n, int32_t k) {
+    int4_gemv_kernel(Output out, const T* x, const uint8_t* codes, const T* scale, const T* offset,
+                     uint64_t group_mul, int32_t num_groups, int32_t m, int32_t n, int32_t k) {
+  using T2 = typename Pair<T>::T2;
   static_assert(kMmaGemvWarps % KS == 0, "the row groups take whole warps");
   constexpr int U = kMmaGemvLoadsInFlight / 2, kGroups = kMmaGemvWarps / KS, kTokens = 8 * MB;
   __shared__ float partial[kMmaGemvWarps][16][kTokens];
@@ -217,7 +201,7 @@ __global__ void __launch_bounds__(kMmaGemvWarps * 32, 2)
   const int32_t n0 = (blockIdx.y * kGroups + group) * 16;
   const int32_t tok0 = blockIdx.x * kMmaGemvTokensPerBlock;
   const int32_t m_blk = min(m - tok0, kMmaGemvTokensPerBlock);
-  const int32_t num_steps = k / 128;
+  const int32_t num_vecs = k / 32, num_steps = (num_vecs + 3) / 4;
   const int64_t row_bytes = k / 2;
   // Rows past n read row n - 1 and tokens past the block's read its last token: their sums are never stored.
   const int64_t rows[2] = {min(n0 + g, n - 1), min(n0 + g + 8, n - 1)};
@@ -233,74 +217,101 @@ __global__ void __launch_bounds__(kMmaGemvWarps * 32, 2)
   const T* x_lane[MB];
 #pragma unroll
   for (int i = 0; i < MB; ++i) x_lane[i] = x + (int64_t)(tok0 + min(8 * i + g, m_blk - 1)) * k + 32 * t;
+  // Whether the lane's vector of step s is inside K (always with kScaleSums: K is whole steps then).
+  auto in_k = [&](int32_t s) { return kScaleSums || 4 * s + t < num_vecs; };
 
   uint4 wv[U][2];
-  T sv[U][2], ov[U][2];
+  T2 so[U][2];  // (scale, offset) of the rows' group; zeros past K, so that the step adds nothing there
   auto load_step = [&](int u, int32_t s) {  // s is the same in the whole warp
     if (s >= num_steps) return;
-    const int32_t grp = (int32_t)(((uint64_t)s * group_mul) >> 32);
+    const bool inside = in_k(s);
+    const int32_t unit = kScaleSums ? s : 4 * s + t;
+    const int32_t grp = inside ? (int32_t)(((uint64_t)unit * group_mul) >> 32) : 0;
+    const T zero = from_float<T>(0.0f);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      wv[u][r] = load_stream16(w_lane[r] + 64 * (int64_t)s);
-      sv[u][r] = s_row[r][grp];
-      ov[u][r] = o_row[r] ? o_row[r][grp] : from_float<T>(0.0f);
+      wv[u][r] = inside ? load_stream16(w_lane[r] + 64 * (int64_t)s) : make_uint4(0, 0, 0, 0);
+      so[u][r] = pair_of(inside ? s_row[r][grp] : zero, inside && o_row[r] ? o_row[r][grp] : zero);
     }
   };
 #pragma unroll
   for (int u = 0; u < U; ++u) load_step(u, split + u * KS);  // constant data: before waiting for x's writer
   pdl_begin();
-  float acc[MB][4];
+  float acc[MB][2][4];  // two chains per token block (kScaleSums: the scaled sums in chain 0)
 #pragma unroll
   for (int i = 0; i < MB; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
-
+    for (int c = 0; c < 2; ++c)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][c][j] = 0.0f;
   for (int32_t s0 = split; s0 < num_steps; s0 += U * KS) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int32_t s = s0 + u * KS;
       if (s < num_steps) {
-        uint4 xv[MB][4];  // token g (+ 8i): x at the lane's 32 codes, 8 per word i of the codes
+        const bool inside = in_k(s);
+        uint4 xc[MB][4];  // token g (+ 8i): x at the lane's 32 codes, 8 per word i of the codes; zeros past K
 #pragma unroll
         for (int i = 0; i < MB; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) xv[i][j] = __ldg(reinterpret_cast<const uint4*>(x_lane[i] + 128 * (int64_t)s + 8 * j));
-        float d[MB][2][4], sx[MB][2][4];  // [token block][even / odd h]: the step's sums, two chains each
+          for (int j = 0; j < 4; ++j)
+            xc[i][j] = inside ? __ldg(reinterpret_cast<const uint4*>(x_lane[i] + 128 * (int64_t)s + 8 * j))
+                              : make_uint4(0, 0, 0, 0);
+        if constexpr (kScaleSums) {
+          float d[MB][2][4], sx[MB][2][4];  // [token block][even / odd h]: the step's sums, two chains each
 #pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          const uint32_t lo = word(wv[u][0], w), hi = word(wv[u][1], w);
+          for (int w = 0; w < 4; ++w) {
+            const uint32_t lo = word(wv[u][0], w), hi = word(wv[u][1], w);
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint32_t a0 = int4_magic_pair<T>(lo, 2 * h), a1 = int4_magic_pair<T>(hi, 2 * h);
-            const uint32_t a2 = int4_magic_pair<T>(lo, 2 * h + 1), a3 = int4_magic_pair<T>(hi, 2 * h + 1);
-            constexpr uint32_t ones = Int4Sums<T>::kOnes;
+            for (int h = 0; h < 2; ++h) {
+              const uint32_t a0 = int4_magic_pair<T>(lo, 2 * h), a1 = int4_magic_pair<T>(hi, 2 * h);
+              const uint32_t a2 = int4_magic_pair<T>(lo, 2 * h + 1), a3 = int4_magic_pair<T>(hi, 2 * h + 1);
+              constexpr uint32_t ones = Int4Sums<T>::kOnes;
 #pragma unroll
-            for (int i = 0; i < MB; ++i) {
-              const uint32_t b0 = word(xv[i][w], 2 * h), b1 = word(xv[i][w], 2 * h + 1);
-              if (w == 0) {
-                mma_16x8x16_fresh<T>(d[i][h], a0, a1, a2, a3, b0, b1);
-                mma_16x8x16_fresh<T>(sx[i][h], ones, ones, ones, ones, b0, b1);
-              } else {
-                mma_16x8x16<T>(d[i][h], a0, a1, a2, a3, b0, b1);
-                mma_16x8x16<T>(sx[i][h], ones, ones, ones, ones, b0, b1);
+              for (int i = 0; i < MB; ++i) {
+                const uint32_t b0 = word(xc[i][w], 2 * h), b1 = word(xc[i][w], 2 * h + 1);
+                if (w == 0) {
+                  mma_16x8x16_fresh<T>(d[i][h], a0, a1, a2, a3, b0, b1);
+                  mma_16x8x16_fresh<T>(sx[i][h], ones, ones, ones, ones, b0, b1);
+                } else {
+                  mma_16x8x16<T>(d[i][h], a0, a1, a2, a3, b0, b1);
+                  mma_16x8x16<T>(sx[i][h], ones, ones, ones, ones, b0, b1);
+                }
               }
             }
           }
-        }
-        float sc[2], oc[2];
+          float sc[2], oc[2];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          sc[r] = to_float(sv[u][r]);
-          oc[r] = fmaf(-Int4Sums<T>::kBias, sc[r], to_float(ov[u][r]));
-        }
-#pragma unroll
-        for (int i = 0; i < MB; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const int r = j >> 1;  // d0, d1: row g; d2, d3: row g + 8 (the same tokens 2t, 2t + 1)
-            const float dj = d[i][0][j] + d[i][1][j], sj = sx[i][0][j & 1] + sx[i][1][j & 1];
-            acc[i][j] = fmaf(oc[r], sj, fmaf(sc[r], dj, acc[i][j]));
+          for (int r = 0; r < 2; ++r) {
+            sc[r] = to_float(so[u][r].x);
+            oc[r] = fmaf(-Int4Sums<T>::kBias, sc[r], to_float(so[u][r].y));
           }
+#pragma unroll
+          for (int i = 0; i < MB; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const int r = j >> 1;  // d0, d1: row g; d2, d3: row g + 8 (the same tokens 2t, 2t + 1)
+              const float dj = d[i][0][j] + d[i][1][j], sj = sx[i][0][j & 1] + sx[i][1][j & 1];
+              acc[i][0][j] = fmaf(oc[r], sj, fmaf(sc[r], dj, acc[i][0][j]));
+            }
+        } else {
+          const T2 s_lo = low_twice(so[u][0]), o_lo = high_twice(so[u][0]);
+          const T2 s_hi = low_twice(so[u][1]), o_hi = high_twice(so[u][1]);
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            const uint32_t lo = word(wv[u][0], w), hi = word(wv[u][1], w);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const uint32_t a0 = as_u32(dequant2(int4_pair<T>(lo, 2 * h), s_lo, o_lo));
+              const uint32_t a1 = as_u32(dequant2(int4_pair<T>(hi, 2 * h), s_hi, o_hi));
+              const uint32_t a2 = as_u32(dequant2(int4_pair<T>(lo, 2 * h + 1), s_lo, o_lo));
+              const uint32_t a3 = as_u32(dequant2(int4_pair<T>(hi, 2 * h + 1), s_hi, o_hi));
+#pragma unroll
+              for (int i = 0; i < MB; ++i)
+                mma_16x8x16<T>(acc[i][h], a0, a1, a2, a3, word(xc[i][w], 2 * h), word(xc[i][w], 2 * h + 1));
+            }
+          }
+        }
       }
       load_step(u, s + U * KS);  // the slot's next step, in flight while the other slots' MMAs run
     }
@@ -308,7 +319,8 @@ __global__ void __launch_bounds__(kMmaGemvWarps * 32, 2)
 #pragma unroll
   for (int i = 0; i < MB; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) partial[warp][g + 8 * (j >> 1)][8 * i + 2 * t + (j & 1)] = acc[i][j];
+    for (int j = 0; j < 4; ++j)
+      partial[warp][g + 8 * (j >> 1)][8 * i + 2 * t + (j & 1)] = acc[i][0][j] + acc[i][1][j];
   __syncthreads();
   for (int e = threadIdx.x; e < kGroups * 16 * kTokens; e += blockDim.x) {
     const int grp = e / (16 * kTokens), row = e / kTokens % 16, tok = e % kTokens;
@@ -321,35 +333,39 @@ __global__ void __launch_bounds__(kMmaGemvWarps * 32, 2)
   }
 }
 
-// Whether int4_step_gemv_kernel takes the shape: groups of whole steps, and steps (and so steps per
-// group) below 2^16 for its group index.
-bool int4_step_gemv_takes(int32_t k, int32_t group_size) { return group_size % 128 == 0 && k / 128 < (1 << 16); }
+// Vectors of 32 codes (and so vectors per group, and steps) below 2^16, for the kernels' group index.
+constexpr int32_t kMaxInt4GemvVecs = 1 << 16;
 
 template <typename T, class Output>
-void launch_int4_step_gemv(int32_t k_splits, const Output& out, const T* x, const uint8_t* codes, const T* scale,
-                           const T* offset, int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
-  const uint64_t steps_per_group = (uint64_t)group_size / 128;
-  const uint64_t group_mul = ((uint64_t{1} << 32) + steps_per_group - 1) / steps_per_group;
-  dispatch_mma_gemv_shape(m, k_splits, [&](auto mb, auto ks) {
-    constexpr int MB = decltype(mb)::value, KS = decltype(ks)::value;
-    const dim3 grid((unsigned)ceil_div(m, kMmaGemvTokensPerBlock), (unsigned)ceil_div(n, kMmaGemvWarps / KS * 16));
-    launch_pdl(int4_step_gemv_kernel<T, Output, MB, KS>, grid, kMmaGemvWarps * 32, 0, stream, out, x, codes, scale,
-               offset, group_mul, k / group_size, m, n, k);
-  });
+void launch_int4_gemv(int32_t k_splits, const Output& out, const T* x, const uint8_t* codes, const T* scale,
+                      const T* offset, int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
+  const bool scale_sums = group_size % 128 == 0;
+  const uint64_t units_per_group = (uint64_t)group_size / (scale_sums ? 128 : 32);
+  const uint64_t group_mul = ((uint64_t{1} << 32) + units_per_group - 1) / units_per_group;
+  auto with_shape = [&](auto sums) {
+    dispatch_mma_gemv_shape(m, k_splits, [&](auto mb, auto ks) {
+      constexpr int MB = decltype(mb)::value, KS = decltype(ks)::value;
+      const dim3 grid((unsigned)ceil_div(m, kMmaGemvTokensPerBlock), (unsigned)ceil_div(n, kMmaGemvWarps / KS * 16));
+      launch_pdl(int4_gemv_kernel<T, Output, MB, KS, decltype(sums)::value>, grid, kMmaGemvWarps * 32, 0, stream, out,
+                 x, codes, scale, offset, group_mul, k / group_size, m, n, k);
+    });
+  };
+  if (scale_sums) with_shape(std::true_type{});
+  else with_shape(std::false_type{});
 }
 
 template <typename T, typename TY, bool kInt4>
 void launch_gemv(int32_t k_splits, void* y, const void* x, const void* codes, const void* scale, const void* offset,
                  const void* bias, int32_t m, int32_t n, int32_t k, int32_t group_size, cudaStream_t stream) {
   const BiasOutput<T, TY> out{static_cast<TY*>(y), static_cast<const T*>(bias), n};
-  if (kInt4 && int4_step_gemv_takes(k, group_size))
-    return launch_int4_step_gemv<T>(k_splits, out, static_cast<const T*>(x), static_cast<const uint8_t*>(codes),
-                                    static_cast<const T*>(scale), static_cast<const T*>(offset), m, n, k, group_size,
-                                    stream);
-  using Codec = IntCodes<T, kInt4>;
-  const typename Codec::Args args{static_cast<const T*>(scale), static_cast<const T*>(offset),
-                                  group_size / Codec::kCodes, k / group_size};
-  launch_mma_gemv<Codec>(k_splits, out, x, codes, args, m, n, k, stream);
+  if constexpr (kInt4) {
+    launch_int4_gemv<T>(k_splits, out, static_cast<const T*>(x), static_cast<const uint8_t*>(codes),
+                        static_cast<const T*>(scale), static_cast<const T*>(offset), m, n, k, group_size, stream);
+  } else {
+    const typename Int8Codes<T>::Args args{static_cast<const T*>(scale), static_cast<const T*>(offset),
+                                           group_size / 16, k / group_size};
+    launch_mma_gemv<Int8Codes<T>>(k_splits, out, x, codes, args, m, n, k, stream);
+  }
 }
 
 template <typename T, typename TY>
@@ -453,7 +469,8 @@ unsigned grid_for(int64_t items, int threads) {
 
 bool woq_gemv_supported(int64_t k, int64_t group_size, bool int4) {
   const int64_t codes_per_vec = int4 ? 32 : 16;
-  return k > 0 && group_size > 0 && k % group_size == 0 && k % codes_per_vec == 0 && group_size % codes_per_vec == 0;
+  return k > 0 && group_size > 0 && k % group_size == 0 && k % codes_per_vec == 0 && group_size % codes_per_vec == 0 &&
+         (!int4 || k / 32 < kMaxInt4GemvVecs);
 }
 
 int32_t woq_gemv_k_splits(int32_t n, int32_t k) {

@@ -6,7 +6,7 @@
 // dequantize + GEMM path and the GEMV for groups smaller than 128 use each weight as W = fma(q, scale,
 // offset) rounded once to T (q is exact in T), the same W in both. The int4 GEMV for groups of a multiple
 // of 128 codes (per channel included) applies scale and offset to float32 sums of the codes instead: its
-// weights are q · scale + offset unrounded (kernels/src/weight_only.cu, int4_step_gemv_kernel).
+// weights are q · scale + offset unrounded (kernels/src/weight_only.cu, int4_gemv_kernel).
 //
 // int4 codes of the shapes the GEMV takes (woq_gemv_supported) are kept in the MMA layout, made once at load
 // by woq_pack_int4: in each 32-bit word of a row (codes 8i .. 8i+7), the nibbles hold q + 8 (0 .. 15) of
@@ -20,7 +20,8 @@
 namespace rtllm::kernels {
 
 // Whether the GEMV takes this shape: rows of codes a whole number of 16-byte vectors (k % 16 == 0 for
-// int8, k % 32 == 0 for int4) and groups a whole number of a lane's codes (16 int8 or 32 int4 codes).
+// int8, k % 32 == 0 for int4) and groups a whole number of a lane's codes (16 int8 or 32 int4 codes); int4
+// rows below 2^21 codes.
 RTLLM_API bool woq_gemv_supported(int64_t k, int64_t group_size, bool int4);
 
 // The engine's packed int4 codes (two per byte, the even k in the low nibble) -> the MMA layout, in place:
