@@ -8,6 +8,12 @@ the fraction of scored positions whose argmax token equals the unquantized engin
 --hf adds a row computed by HF transformers on the same windows, which validates the harness (the
 unquantized rtllm engine should be within a fraction of a percent of it).
 
+CHECKPOINT may also be a GGUF file (a machine without the derived HF checkpoint: the file is 98 MB where the
+float32 checkpoint is 538 MB): the text is tokenized by the tokenizer the file describes
+(rtllm.models.gguf_tokenizer) and every engine, "none" included, starts from the file's weights dequantized
+to float32 (its Q4_1 blocks are not kept as they are), the weights the derived HF checkpoint holds. --hf
+needs an HF checkpoint.
+
     python benchmarks/quant_accuracy.py CHECKPOINT_DIR --algos none FP8_PER_CHANNEL_PER_TOKEN \
         FP8_PER_CHANNEL_PER_TOKEN+FP8KV FP8+FP8KV --num-tokens 2560 --window 512 --hf
 
@@ -49,14 +55,27 @@ def quant_config_of(name: str):
     return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, **fields)
 
 
+def gguf_path_of(checkpoint: str):
+    """The GGUF file `checkpoint` names (rtllm.models.gguf.resolve_gguf), or None for an HF checkpoint."""
+    from rtllm.models.gguf import resolve_gguf
+
+    return resolve_gguf(checkpoint)
+
+
 def heldout_windows(checkpoint_dir: str, num_tokens: int, window: int, text_path: str = HELDOUT) -> list:
     """The held-out text tokenized by the checkpoint's tokenizer (no special tokens), cut into
     non-overlapping windows of `window` tokens covering the first `num_tokens` (the last may be short)."""
-    from transformers import AutoTokenizer
-
     with open(text_path, encoding="utf-8") as f:
         text = f.read()
-    ids = AutoTokenizer.from_pretrained(checkpoint_dir)(text, add_special_tokens=False)["input_ids"]
+    gguf_path = gguf_path_of(checkpoint_dir)
+    if gguf_path is not None:
+        from rtllm.models.gguf_tokenizer import tokenizer_from_gguf
+
+        ids = tokenizer_from_gguf(gguf_path)[0].encode(text, add_special_tokens=False).ids
+    else:
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(checkpoint_dir)(text, add_special_tokens=False)["input_ids"]
     if len(ids) < num_tokens:
         raise ValueError(f"{text_path} has {len(ids)} tokens, fewer than --num-tokens {num_tokens}")
     ids = ids[:num_tokens]
@@ -84,6 +103,8 @@ def build_engine(checkpoint_dir: str, quant_config, engine_dir: str, max_seq_len
     from rtllm.models import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_hugging_face(checkpoint_dir)
+    if gguf_path_of(checkpoint_dir) is not None:
+        model.prequantized = None  # not the file's blocks: float32 weights for every config, as its HF checkpoint
     # a window is a whole prompt, and generate() wants room for one generated token after it
     build(model, BuildConfig(max_batch_size=4, max_seq_len=max_seq_len + 1, max_input_len=max_seq_len,
                              max_num_tokens=max(max_seq_len, 2048)), quant_config).save(engine_dir)
@@ -194,8 +215,8 @@ def markdown_table(results: dict, reference: str = "none") -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", nargs="?", help="HF checkpoint dir (default: SmolLM2-135M-Instruct from "
-                                                 "tests/python/smollm2.py)")
+    p.add_argument("checkpoint", nargs="?", help="HF checkpoint dir or GGUF file (default: SmolLM2-135M-Instruct "
+                                                 "from tests/python/smollm2.py)")
     p.add_argument("--algos", nargs="+", default=["none", "FP8_PER_CHANNEL_PER_TOKEN",
                                                   "FP8_PER_CHANNEL_PER_TOKEN" + KV_SUFFIX])
     p.add_argument("--num-tokens", type=int, default=2560)
@@ -205,6 +226,8 @@ def main(argv=None) -> int:
                    "unquantized and with FP8_PER_CHANNEL_PER_TOKEN simulated in torch")
     args = p.parse_args(argv)
     checkpoint = args.checkpoint
+    if args.hf and checkpoint is not None and gguf_path_of(checkpoint) is not None:
+        p.error(f"--hf needs an HF checkpoint directory, not the GGUF file {checkpoint!r}")
     if checkpoint is None:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
         from smollm2 import checkpoint_dir

@@ -36,7 +36,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
 from quant_accuracy import build_engine, heldout_windows, hf_scores, quant_config_of, rtllm_scores  # noqa: E402
-from smollm2 import checkpoint_dir  # noqa: E402
+from smollm2 import checkpoint_dir, gguf_path  # noqa: E402
 
 NUM_TOKENS, WINDOW = 1024, 512  # two windows: about a minute on two cores for every check below
 # name -> (largest perplexity increase over the unquantized engine, smallest top-1 agreement)
@@ -91,6 +91,19 @@ def test_unquantized_perplexity_matches_hf(smollm2, windows, scores):
     assert abs(ours.perplexity / hf.perplexity - 1) < 0.01, (ours.perplexity, hf.perplexity)
     assert ours.agreement(hf) > 0.99
     assert 5 < ours.perplexity < 100  # a trained model on English prose (random weights: ~vocab size 49152)
+
+
+def test_gguf_file_scores_as_its_hf_checkpoint(smollm2, windows, scores, tmp_path):
+    """The harness given the GGUF file itself (a machine without room for the derived float32 checkpoint):
+    its tokenizer cuts the same windows, and its engine, built from the file's weights dequantized to
+    float32, scores them as the HF checkpoint's engine does."""
+    gguf = gguf_path()
+    gguf_windows = heldout_windows(gguf, NUM_TOKENS, WINDOW)
+    assert gguf_windows == windows
+    build_engine(gguf, quant_config_of("none"), str(tmp_path / "engine"), max_seq_len=WINDOW)
+    ours = rtllm_scores(str(tmp_path / "engine"), windows)
+    np.testing.assert_allclose(ours.logprobs, scores("none").logprobs, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(ours.argmax, scores("none").argmax)
 
 
 def test_fp8_per_channel_per_token_is_as_accurate_as_fp8_allows(smollm2, windows, scores):
