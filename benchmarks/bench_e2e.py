@@ -89,7 +89,10 @@ def sampling_params(mode, max_tokens):
 
 
 def is_engine_dir(path):
-    return os.path.exists(os.path.join(path, "config.json")) and os.path.exists(os.path.join(path, "rank0.engine"))
+    """Whether `path` is a built engine, as LLM decides it (rtllm.llmapi.llm.is_engine_dir)."""
+    from rtllm.llmapi.llm import is_engine_dir as rtllm_is_engine_dir
+
+    return rtllm_is_engine_dir(path)
 
 
 def bench_rtllm(model_dir, workloads, args):

@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_e2e import sampling_params  # noqa: E402
+from bench_e2e import is_engine_dir, sampling_params  # noqa: E402
 from timing import now, report  # noqa: E402
 
 # Kernel names, as the profiler reports them, grouped into the ops of a Llama layer.
@@ -118,9 +118,8 @@ def main():
         if args.preset:
             from rtllm.models.presets import write_random_checkpoint
             model_dir = write_random_checkpoint(os.path.join(tmp, args.preset), args.preset, dtype=args.dtype)
-        # A built engine (rank0.engine) keeps its own limits; a checkpoint is built for these.
-        is_engine = os.path.exists(os.path.join(model_dir, "rank0.engine"))
-        build_config = None if is_engine else BuildConfig(
+        # A built engine keeps its own limits (LLM refuses a build_config for it); a checkpoint is built for these.
+        build_config = None if is_engine_dir(model_dir) else BuildConfig(
             max_batch_size=max(batches), max_input_len=args.isl, max_seq_len=args.isl + args.steps + 1,
             dtype=args.dtype)
         rng = np.random.default_rng(0)
