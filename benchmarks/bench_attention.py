@@ -8,7 +8,7 @@ Llama-3-8B heads: 32 query heads, 8 KV heads, head_dim 128, bf16, 16 tokens per 
 
 Rows come from `bench_attention(ctx)` with the Context of bench_kernels.py (its timing helper: CUDA graph
 replays rotating over input sets larger than the L2); bench_kernels.py registers it.
-Standalone: python benchmarks/bench_attention.py [--output results.json]
+Standalone: python benchmarks/bench_attention.py [--output results.json] [--only decode|prefill]
 """
 import argparse
 import math
@@ -105,11 +105,14 @@ def bench_prefill(ctx, num_tokens):
                    **{"TFLOP/s": flops / ms / 1e9, "torch_TFLOP/s": flops / torch_ms / 1e9})
 
 
-def bench_attention(ctx) -> list[dict]:
+def bench_attention(ctx, parts=("decode", "prefill")) -> list[dict]:
     """Decode rows (GB/s against copy bandwidth and SDPA) then prefill rows (TFLOP/s against SDPA)."""
-    rows = [bench_decode(ctx, b, c) for b in DECODE_BATCHES for c in DECODE_CONTEXTS]
-    rows += [bench_decode(ctx, b, c, fp8_kv=True) for b, c in FP8_KV_DECODE]
-    rows += [bench_prefill(ctx, n) for n in PREFILL_TOKENS]
+    rows = []
+    if "decode" in parts:
+        rows += [bench_decode(ctx, b, c) for b in DECODE_BATCHES for c in DECODE_CONTEXTS]
+        rows += [bench_decode(ctx, b, c, fp8_kv=True) for b, c in FP8_KV_DECODE]
+    if "prefill" in parts:
+        rows += [bench_prefill(ctx, n) for n in PREFILL_TOKENS]
     return rows
 
 
@@ -117,9 +120,10 @@ def main():
     from bench_kernels import Context, bench_ceilings, load_kernels
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", help="write the JSON results here")
+    parser.add_argument("--only", choices=("decode", "prefill"), help="only the decode or the prefill rows")
     args = parser.parse_args()
     ctx = Context(load_kernels())
-    rows = bench_ceilings(ctx) + bench_attention(ctx)
+    rows = bench_ceilings(ctx) + bench_attention(ctx, (args.only,) if args.only else ("decode", "prefill"))
     results = {"device": ctx.props.name, "copy_GBps": ctx.copy_gbps, "rows": rows}
     report(results, rows, ["kernel", "shape", "us", "GB/s", "of_copy", "torch_us", "vs_torch", "TFLOP/s",
                            "torch_TFLOP/s"], args.output)

@@ -2,7 +2,11 @@
 quantization included; torch._scaled_mm gets pre-quantized operands) against the device's copy bandwidth at decode sizes and torch._scaled_mm at
 prefill sizes. CUDA events, warmup, median of repeats.
 
-    python benchmarks/bench_fp8_gemm.py [--json OUT]
+    python benchmarks/bench_fp8_gemm.py [--json OUT] [--only gemv|gemm]
+
+On compute capability 9.0 the GEMM rows also give rtllm's Hopper FP8 GEMM (path 3) and cuBLASLt's (path 2)
+separately, with per-token rows from M = 64, the measurements behind the op's choice between them
+(kHopperGemmMinTiles / kHopperGemmMaxTiles in cuda_fp8_linear.cc).
 """
 import argparse
 import json
@@ -78,11 +82,13 @@ def torch_scaled_mm(M, N, Kd, rowwise):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
+    parser.add_argument("--only", choices=["gemv", "gemm"], help="only the GEMV (M <= 16) or the GEMM rows")
     args = parser.parse_args()
+    hopper = torch.cuda.get_device_capability() == (9, 0)
     rows = []
     bw = copy_bandwidth_GBps()
     print(f"copy bandwidth (torch device-to-device, read + write): {bw:.0f} GB/s")
-    for per_token in (True, False):
+    for per_token in (True, False) if args.only != "gemm" else ():
         mode = "per_token" if per_token else "static"
         for N, Kd in SHAPES:
             for M in range(1, 9):
@@ -91,22 +97,28 @@ def main():
                 rows.append(dict(kind="gemv", mode=mode, M=M, N=N, K=Kd, us=ms * 1e3, GBps=gbs, frac=gbs / bw))
                 print(f"gemv {mode:9s} M={M} N={N:5d} K={Kd:5d}: {ms * 1e3:7.2f} us {gbs:6.0f} GB/s {gbs / bw:5.1%}")
     # where the op should switch from the GEMV to cuBLASLt (kMaxGemvRows in cuda_fp8_linear.cc)
-    for N, Kd in SHAPES:
+    for N, Kd in SHAPES if args.only != "gemm" else ():
         for M in (4, 8, 12, 16):
             gemv, gemm = (median_ms(rtllm_call(M, N, Kd, True, path)) * 1e3 for path in (1, 2))
             rows.append(dict(kind="crossover", M=M, N=N, K=Kd, gemv_us=gemv, gemm_us=gemm))
             print(f"crossover per_token M={M:2d} N={N:5d} K={Kd:5d}: GEMV {gemv:7.2f} us, GEMM {gemm:7.2f} us")
-    for per_token in (False, True):
+    # the op's choice, then (Hopper) each of its two GEMMs, beside torch._scaled_mm on the same shape
+    paths = [("op", 0)] + ([("cublaslt", 2), ("hopper", 3)] if hopper else [])
+    for per_token in (False, True) if args.only != "gemv" else ():
         mode = "per_token" if per_token else "static"
         for N, Kd in SHAPES:
-            for M in (1024, 2048, 4096, 8192):
+            sizes = ((64, 128, 256, 512) if per_token and hopper else ()) + (1024, 2048, 4096, 8192)
+            for M in sizes:
                 flop = 2.0 * M * N * Kd
-                ms = median_ms(rtllm_call(M, N, Kd, per_token), repeats=10, calls=3)
                 ms_t = median_ms(torch_scaled_mm(M, N, Kd, per_token), repeats=10, calls=3)
-                t, tt = flop / (ms * 1e-3) / 1e12, flop / (ms_t * 1e-3) / 1e12
-                rows.append(dict(kind="gemm", mode=mode, M=M, N=N, K=Kd, TFLOPs=t, torch_TFLOPs=tt, ratio=t / tt))
-                print(f"gemm {mode:9s} M={M:5d} N={N:5d} K={Kd:5d}: rtllm {t:6.0f} TFLOP/s "
-                      f"torch._scaled_mm {tt:6.0f} TFLOP/s ratio {t / tt:.2f}")
+                tt = flop / (ms_t * 1e-3) / 1e12
+                for name, path in paths:
+                    ms = median_ms(rtllm_call(M, N, Kd, per_token, path), repeats=10, calls=3)
+                    t = flop / (ms * 1e-3) / 1e12
+                    rows.append(dict(kind="gemm", mode=mode, path=name, M=M, N=N, K=Kd, TFLOPs=t, torch_TFLOPs=tt,
+                                     ratio=t / tt))
+                    print(f"gemm {mode:9s} {name:8s} M={M:5d} N={N:5d} K={Kd:5d}: rtllm {t:6.0f} TFLOP/s "
+                          f"torch._scaled_mm {tt:6.0f} TFLOP/s ratio {t / tt:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(copy_GBps=bw, rows=rows), f, indent=1)

@@ -1,11 +1,12 @@
 """Weight-only linears on CUDA (W4A16 g128 with and without offsets, g32 with offsets, W8A16 per channel): rtllm's
 weight_only_linear (rtllm._core.kernels.weight_only_linear, the op's code path: the GEMV up to 64 tokens,
-dequantize + cuBLASLt above) on Llama-3-8B's shapes, beside torch.matmul in bf16 on the dequantized weight
-(the peer) and the device's copy bandwidth (the roofline of a call bound by reading its weight once).
+then up to 512 rtllm's Hopper int4 GEMM on compute capability 9.0, else dequantize + cuBLASLt) on Llama-3-8B's
+shapes, beside torch.matmul in bf16 on the dequantized weight (the peer) and the device's copy bandwidth (the
+roofline of a call bound by reading its weight once).
 CUDA graphs of back-to-back calls, CUDA events, median of repeats (bench_fp8_gemm.median_ms); successive
 calls read different copies of the weight, more bytes than the L2 holds, as a model's layers do.
 
-    python benchmarks/bench_weight_only.py [--json OUT] [--tokens 1,2,4,8,16,64,512]
+    python benchmarks/bench_weight_only.py [--json OUT] [--tokens 1,2,4,8,16,64,512] [--only gemv|gemm]
 
 GB/s counts the bytes a call must move: the packed codes, scales (and offsets) in bf16, x and y.
 """
@@ -47,7 +48,7 @@ def rtllm_call(M, N, Kd, int4, G, has_offset, path=0, k_splits=0):
     weights, moved = make_weights(N, Kd, int4, G, has_offset)
     x = torch.randn(M, Kd, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    workspace = torch.empty(K.weight_only_linear_workspace_bytes(N, Kd), dtype=torch.uint8, device="cuda")
+    workspace = torch.empty(K.weight_only_linear_workspace_bytes(N, Kd, M), dtype=torch.uint8, device="cuda")
     turn = [0]
 
     def call():
@@ -74,16 +75,43 @@ def torch_matmul(M, N, Kd):
     return call
 
 
+def gemm_rows(rows):
+    """Prefill and large decode batches, W4A16 g128 with zero points: the op's dequantize + cuBLASLt (path 2)
+    and, on compute capability 9.0, rtllm's Hopper int4 GEMM (path 3), beside torch bf16 on a dequantized
+    weight (TFLOP/s)."""
+    paths = [("dequant_gemm", 2)] + ([("hopper_gemm", 3)] if torch.cuda.get_device_capability() == (9, 0) else [])
+    for N, Kd in SHAPES:
+        for M in (128, 256, 512, 1024, 4096):
+            flop = 2.0 * M * N * Kd
+            peer_ms = median_ms(torch_matmul(M, N, Kd), calls=3)
+            row = dict(kind="gemm", variant="w4a16_g128_offset", M=M, N=N, K=Kd, torch_bf16_TFLOPs=flop / peer_ms / 1e9)
+            for name, path in paths:
+                ms = median_ms(rtllm_call(M, N, Kd, True, 128, True, path)[0], calls=3)
+                row[name + "_TFLOPs"] = flop / ms / 1e9
+            rows.append(row)
+            print(f"gemm w4a16_g128_offset M={M:4d} N={N:5d} K={Kd:5d}: " +
+                  ", ".join(f"{k[:-7]} {v:6.0f} TFLOP/s" for k, v in row.items() if k.endswith("_TFLOPs")))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     parser.add_argument("--tokens", default="1,2,4,8,16,64,512")
+    parser.add_argument("--only", choices=["gemv", "gemm"],
+                        help="gemv: all but the large-batch rows; gemm: only those (dequantize + cuBLASLt, the "
+                        "Hopper GEMM, torch bf16)")
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     bw = copy_bandwidth_GBps()
     print(f"copy bandwidth (torch device-to-device, read + write): {bw:.0f} GB/s")
     rows = []
     peer = {}
+    if args.only == "gemm":
+        gemm_rows(rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(copy_GBps=bw, rows=rows), f, indent=1)
+        return
     for N, Kd in SHAPES:
         for M in tokens:
             calls = 20 if M <= 64 else 3
@@ -123,6 +151,8 @@ def main():
             gemv, gemm = (median_ms(rtllm_call(M, N, Kd, True, 128, False, path)[0]) * 1e3 for path in (1, 2))
             rows.append(dict(kind="crossover", variant="w4a16_g128", M=M, N=N, K=Kd, gemv_us=gemv, gemm_us=gemm))
             print(f"crossover w4a16_g128 M={M:2d} N={N:5d} K={Kd:5d}: GEMV {gemv:8.2f} us, GEMM {gemm:8.2f} us")
+    if args.only != "gemv":
+        gemm_rows(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(copy_GBps=bw, rows=rows), f, indent=1)

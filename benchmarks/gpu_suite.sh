@@ -9,7 +9,7 @@
 # their wheels on PYTHONPATH first.
 # Environment: STEPS (default "build tests kernels e2e serving"), CUDA_ARCHS (default 90a),
 # E2E_ARGS (bench_e2e.py arguments replacing the default workloads), KERNELS_ARGS (bench_kernels.py
-# arguments, e.g. --only sampling), TESTS_GPU (the test files or nodes the
+# arguments, e.g. --only sampling), FP8_KERNELS_ARGS (bench_fp8_gemm.py arguments, e.g. --only gemm), TESTS_GPU (the test files or nodes the
 # tests step runs; default all of tests/gpu), PYTHON (default python3).
 #
 # STEPS may also name kernel_profile, fp8_kernels, fp8_prepare, fp8_e2e, woq_kernels, woq_prepare and woq_e2e
@@ -163,8 +163,9 @@ fp8_run() {
 }
 export -f fp8_prepare fp8_run
 export FP8_ARGS
-wants fp8_kernels && run_step fp8_kernels 200 fp8_kernels.log "$PYTHON" benchmarks/bench_fp8_gemm.py \
-  --json "$OUT_DIR/fp8_kernels.json"
+# shellcheck disable=SC2086
+wants fp8_kernels && run_step fp8_kernels 300 fp8_kernels.log "$PYTHON" benchmarks/bench_fp8_gemm.py \
+  --json "$OUT_DIR/fp8_kernels.json" ${FP8_KERNELS_ARGS:-}
 # weight-only W4A16 / W8A16 linears (GEMV and dequantized GEMM) against torch bf16 and the copy bandwidth
 wants woq_kernels && run_step woq_kernels 300 woq_kernels.log "$PYTHON" benchmarks/bench_weight_only.py \
   --json "$OUT_DIR/woq_kernels.json"

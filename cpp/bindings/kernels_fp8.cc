@@ -23,7 +23,7 @@ RTLLM_API void fp8_linear_for_tests(void* y, const void* x, const void* w, const
                                     void* stream);
 RTLLM_API bool fp8_scaled_gemm_supported(bool per_token, DataType y_dtype, bool has_bias, DataType bias_dtype);
 // cpp/src/cuda/cuda_weight_only_linear.cc
-RTLLM_API size_t weight_only_linear_workspace_bytes(int64_t N, int64_t K);
+RTLLM_API size_t weight_only_linear_workspace_bytes(int64_t N, int64_t K, int64_t T);
 RTLLM_API bool weight_only_gemv_supported(int64_t K, int64_t group_size, bool int4);
 RTLLM_API void weight_only_linear_for_tests(void* y, const void* x, const void* codes, const void* scale,
                                             const void* offset, const void* bias, int64_t T, int64_t N, int64_t K,
@@ -46,8 +46,8 @@ void bind_fp8_kernels(py::module_& m) {
     return fp8_scaled_gemm_supported(per_token, dtype(y_dtype), !bias_dtype.empty(),
                                      bias_dtype.empty() ? DataType::kBFloat16 : dtype(bias_dtype));
   }, py::arg("per_token"), py::arg("y_dtype"), py::arg("bias_dtype") = "");
-  // Dtypes by safetensors name ("BF16", "F16", "F32"); path 0: as the op, 1: GEMV, 2: cuBLASLt GEMM;
-  // scaled_gemm false: the unscaled GEMM + scale kernel fallback.
+  // Dtypes by safetensors name ("BF16", "F16", "F32"); path 0: as the op, 1: GEMV, 2: cuBLASLt GEMM, 3: rtllm's
+  // Hopper GEMM (compute capability 9.0); scaled_gemm false: the unscaled GEMM + scale kernel fallback.
   m.def("fp8_linear", [p, dtype](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t w_scale, uintptr_t input_scale,
                                  uintptr_t bias, int64_t T, int64_t N, int64_t K, const std::string& x_dtype,
                                  const std::string& y_dtype, bool per_token, uintptr_t workspace, uintptr_t stream,
@@ -61,9 +61,11 @@ void bind_fp8_kernels(py::module_& m) {
 
   // weight_only_linear: codes [N, K] int8 or [N, K / 2] packed int4 bytes, int4 codes of the GEMV's shapes
   // (weight_only_gemv_supported) in the MMA layout (weight_only_pack_int4, in place); scale, offset (0: none)
-  // and bias (0: none) in x_dtype: as the op places them. path 0: as the op, 1: GEMV, 2: dequantize + GEMM;
+  // and bias (0: none) in x_dtype: as the op places them. path 0: as the op, 1: GEMV, 2: dequantize + GEMM, 3: the
+  // Hopper int4 GEMM (workspace for num_rows rows);
   // gemv_k_splits: the GEMV's warps splitting K (0: its own choice, weight_only_gemv_k_splits).
-  m.def("weight_only_linear_workspace_bytes", &weight_only_linear_workspace_bytes, py::arg("n"), py::arg("k"));
+  m.def("weight_only_linear_workspace_bytes", &weight_only_linear_workspace_bytes, py::arg("n"), py::arg("k"),
+        py::arg("num_rows") = 0);
   m.def("weight_only_gemv_supported", &weight_only_gemv_supported, py::arg("k"), py::arg("group_size"),
         py::arg("int4"));
   m.def("weight_only_gemv_k_splits", &weight_only_gemv_k_splits, py::arg("n"), py::arg("k"));

@@ -6,12 +6,16 @@
 // Per 64-key tile: S = Q·Kᵀ with mma.sync m16n8k16 (fp32 accumulators), online softmax in fp32 with exp2
 // (scale·log2e folded into one fma), then O += P·V. K/V tiles are gathered from the pool block by block with
 // 16-byte cp.async; V of tile j loads while S_j is computed, K of tile j+1 while P_j·V_j is. Only tiles
-// that cross the diagonal are masked. Other head_dims take a simple warp-per-(token, head) path.
+// that cross the diagonal are masked. Other head_dims take a simple warp-per-(token, head) path. On Hopper a
+// 16-bit pool at head_dim 128 runs prefill_sm90 (attention_prefill_sm90.cu: wgmma, TMA) instead.
 // An FP8 (e4m3) or INT8 pool is read as codes converted exactly to T on their way into shared memory (through
 // registers rather than cp.async); k_scale is folded into the softmax scale and v_scale into the output.
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "attention_common.cuh"
+#include "attention_prefill_sm90.cuh"
 
 namespace rtllm::kernels {
 namespace {
@@ -376,6 +380,16 @@ cudaError_t launch_mma(T* out, const T* q, const StepMetaDevice& meta, const Pag
   return cudaGetLastError();
 }
 
+// The Hopper kernel where it applies, unless RTLLM_PREFILL_SM90=0 selects the FlashAttention-2 one (a
+// same-build comparison).
+inline bool prefill_sm90_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("RTLLM_PREFILL_SM90");
+    return !(env && std::string(env) == "0");
+  }();
+  return enabled;
+}
+
 template <typename T, typename KV>
 cudaError_t launch_prefill(void* out, const void* q, const StepMetaDevice& meta, const PagedKv& kv,
                            int32_t max_new_tokens, int32_t num_heads, int32_t group, int32_t head_dim,
@@ -386,6 +400,10 @@ cudaError_t launch_prefill(void* out, const void* q, const StepMetaDevice& meta,
     const int64_t max_rows = (int64_t)max_new_tokens * group;
     if (head_dim == 64)
       return launch_mma<T, KV, 64, kPrefillRowGroups>(o, qt, meta, kv, max_rows, num_heads, group, scale_log2, stream);
+    if constexpr (std::is_same_v<KV, T>) {  // Hopper: wgmma (attention_prefill_sm90.cu) unless RTLLM_PREFILL_SM90=0
+      if (prefill_sm90_enabled() && prefill_sm90_supported(kv, dtype_of<T>(), 128, group))
+        return prefill_sm90(out, q, meta, kv, max_new_tokens, num_heads, group, scale_log2, dtype_of<T>(), stream);
+    }
     // FP8 / INT8 at head_dim 128: two bands' accumulators plus the tile in flight in registers spill; one band
     // does not.
     constexpr int kRowGroups128 = is_quantized_kv<KV>() ? 1 : kPrefillRowGroups;

@@ -212,6 +212,52 @@ def test_k_not_multiple_of_16_is_refused(kernels):
         kernels.fp8_linear(0, 0, 0, 0, 0, 0, 1, 16, 40, "BF16", "BF16", True, 0)
 
 
+# ---- rtllm's Hopper FP8 GEMM (path 3; kernels/src/fp8_gemm.cu): TMA + wgmma, scales in its epilogue ----
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="rtllm's Hopper FP8 GEMM runs on compute capability 9.0 only")
+
+
+def hopper_taken(M, N, per_token):
+    """Whether the op's own choice (path 0) is the Hopper GEMM: kHopperGemmMinTiles in cuda_fp8_linear.cc, of
+    kFp8GemmTileM x kFp8GemmTileN (128 x 256) output tiles."""
+    return HOPPER and per_token and M > 16 and -(-M // 128) * -(-N // 256) >= 66
+
+
+@needs_hopper
+@pytest.mark.parametrize("M", [1, 17, 128, 300, 1100])
+@pytest.mark.parametrize("N,K", [(128, 128), (300, 48), (2100, 4112), (136, 14336)])
+@pytest.mark.parametrize("per_token", [True, False], ids=["per_token", "static"])
+def test_hopper_gemm_matches_reference(kernels, M, N, K, per_token):
+    """Tiles cut by M and N (1, 17, 300, 1,100 rows; 128, 136, 300 and 2,100 columns: TMA's zero fill past
+    the edges, a tile's second half of columns empty or partial), K not a multiple of the 128-code block (48, 4112) and long K (Llama-3-8B's down
+    projection: the promotion of each block's MMA sums keeps the error within the bound)."""
+    rng = np.random.default_rng([M, N, K, per_token, 3])
+    dev, host = random_case(rng, M, N, K, per_token, M % 2 == 1, "BF16")
+    ref, mag = reference(*host, per_token)
+    y = run_op(kernels, dev, M, N, K, per_token, "BF16", "BF16", path=3)
+    check(y, ref, mag)
+    if hopper_taken(M, N, per_token):  # the op's choice: the same kernel, the same bits
+        np.testing.assert_array_equal(y, run_op(kernels, dev, M, N, K, per_token, "BF16", "BF16"))
+
+
+@needs_hopper
+@pytest.mark.parametrize("x_dtype,y_dtype", [("F16", "F16"), ("BF16", "F32"), ("F16", "F32")])
+def test_hopper_gemm_dtypes(kernels, x_dtype, y_dtype):
+    M, N, K = 200, 301, 512  # odd N: the pairs of a row start at odd flat indices, stored one by one
+    rng = np.random.default_rng([M, len(x_dtype), len(y_dtype)])
+    dev, host = random_case(rng, M, N, K, True, True, x_dtype)
+    ref, mag = reference(*host, True)
+    check(run_op(kernels, dev, M, N, K, True, x_dtype, y_dtype, path=3), ref, mag)
+
+
+def test_hopper_gemm_refused_elsewhere(kernels):
+    if HOPPER:
+        pytest.skip("this device runs the Hopper GEMM")
+    with pytest.raises(_core.InvalidArgumentError, match="compute capability 9.0"):
+        run_op(kernels, random_case(np.random.default_rng(0), 32, 64, 64, True, False, "BF16")[0], 32, 64, 64, True,
+               "BF16", "BF16", path=3)
+
+
 def test_capability_requirement():
     assert kernels_reason(8, 9) == "" and kernels_reason(9, 0) == "" and kernels_reason(10, 0) == ""
     for major, minor in [(8, 0), (8, 6), (7, 5)]:

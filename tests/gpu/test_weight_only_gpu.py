@@ -120,7 +120,7 @@ def random_case(rng, T, N, K, G, int4, has_offset, has_bias, x_dtype, scale_dtyp
 
 
 def run_op(kernels, dev, T, N, K, G, int4, x_dtype, y_dtype, path=0, k_splits=0):
-    ws = torch.empty(kernels.weight_only_linear_workspace_bytes(N, K), dtype=torch.uint8, device="cuda")
+    ws = torch.empty(kernels.weight_only_linear_workspace_bytes(N, K, T), dtype=torch.uint8, device="cuda")
     ws.fill_(0xFF)
     y = torch.empty((T, N), dtype=TORCH[y_dtype], device="cuda")
     y.view(torch.uint8).fill_(0xFF)  # NaN in every float dtype
@@ -301,6 +301,46 @@ def test_llama_shapes_g128(kernels, T):
         rng = np.random.default_rng([T, N, K])
         dev, host = random_case(rng, T, N, K, 128, True, True, False, "BF16", "F16")
         check(run_op(kernels, dev, T, N, K, 128, True, "BF16", "BF16"), host, "BF16", "BF16", exact=True)
+
+
+# ---- the int4 GEMM on Hopper (path 3; kernels/src/weight_only_gemm.cu): weights rounded to T, as path 2 ----
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="rtllm's Hopper int4 GEMM runs on compute capability 9.0 only")
+HOPPER_CASES = [c for c in CASES if c[3] and c[1] % 128 == 0]  # I4, K a multiple of 128
+
+
+@needs_hopper
+@pytest.mark.parametrize("T", [1, 17, 128, 129, 300])
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=case_id)
+def test_hopper_gemm(kernels, T, case):
+    """Tiles cut by T (1, 17, 129, 300 tokens: TMA's zero fill) and N (257, 130, 272 rows: a tile of 128
+    weight rows partly past N), groups of 32, 64 and 128 codes, offsets, bias, float32 and 16-bit outputs.
+    From 65 tokens on the op's own choice is this kernel: the same bits."""
+    N, K, G, int4, has_offset, has_bias, x_dtype, y_dtype, scale_dtype = case
+    rng = np.random.default_rng([T, N, K, G, 3])
+    dev, host = random_case(rng, T, N, K, G, int4, has_offset, has_bias, x_dtype, scale_dtype)
+    y = run_op(kernels, dev, T, N, K, G, int4, x_dtype, y_dtype, path=3)
+    check(y, host, x_dtype, y_dtype, "path 3: ")
+    if T > 2:
+        np.testing.assert_array_equal(y[1], host["bias16"])
+    if T > 64:
+        np.testing.assert_array_equal(y, run_op(kernels, dev, T, N, K, G, int4, x_dtype, y_dtype))
+
+
+@needs_hopper
+@pytest.mark.parametrize("N, K, G", [(4100, 4096, 128), (136, 14336, 128), (1000, 4096, 4096)])
+def test_hopper_gemm_long_k(kernels, N, K, G):
+    """Llama-3-8B's K (4,096 and the down projection's 14,336) with N past a whole number of tiles; per channel."""
+    rng = np.random.default_rng([N, K, G])
+    dev, host = random_case(rng, 300, N, K, G, True, True, True, "BF16", "F16")
+    check(run_op(kernels, dev, 300, N, K, G, True, "BF16", "BF16", path=3), host, "BF16", "BF16", "path 3: ")
+
+
+def test_hopper_gemm_refuses_what_it_cannot_take(kernels):
+    with pytest.raises(_core.InvalidArgumentError, match="Hopper int4 GEMM"):  # int8 codes
+        kernels.weight_only_linear(0, 0, 0, 0, 0, 0, 100, 16, 256, 128, False, "BF16", "BF16", 0, path=3)
+    with pytest.raises(_core.InvalidArgumentError, match="K = 160"):  # K not a multiple of 128
+        kernels.weight_only_linear(0, 0, 0, 0, 0, 0, 100, 16, 160, 32, True, "BF16", "BF16", 0, path=3)
 
 
 def test_gemv_refuses_shapes_it_cannot_take(kernels):

@@ -237,6 +237,25 @@ def test_no_quant_builds_the_dequantized_model(gguf_files):
                     QuantConfig(quant_algo="FP8"))
 
 
+def test_fp8_calibration_reads_text_through_the_files_tokenizer(gguf_files, tiny_model, recwarn):
+    """FP8 of a GGUF file calibrates on the corpus tokenized by the tokenizer the file describes (not on
+    random ids): the same static scales as the HF checkpoint it was written from, with its tokenizer.json."""
+    config = BuildConfig(max_batch_size=4, max_seq_len=128, max_num_tokens=256)
+    quant = QuantConfig(quant_algo="FP8", kv_cache_quant_algo="FP8", calib_size=4, calib_max_seq_length=64)
+    from_file = rtllm.build(AutoModelForCausalLM.from_hugging_face(str(gguf_files("llama", Q.F32, False))),
+                            config, quant)
+    assert not [w for w in recwarn if "random token ids" in str(w.message)]
+    from_checkpoint = rtllm.build(AutoModelForCausalLM.from_hugging_face(str(tiny_model("llama"))), config, quant)
+
+    def scales(engine):
+        inputs = {k: float(v.load()[0]) for k, v in engine.weights.items() if k.endswith("input_scale")}
+        kv = [(n["attrs"]["k_scale"], n["attrs"]["v_scale"]) for n in engine.graph["nodes"] if "k_scale" in n["attrs"]]
+        return inputs, kv
+
+    inputs, kv = scales(from_file)
+    assert inputs and kv and (inputs, kv) == scales(from_checkpoint)
+
+
 @pytest.mark.parametrize("qtype", K_QUANTS, ids=lambda q: q.name)
 def test_k_quants_are_dequantized_as_transformers_does(tiny_model, tmp_path, qtype):
     # hidden and intermediate sizes of 256: one k-quant super-block per row

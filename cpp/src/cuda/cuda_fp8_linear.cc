@@ -2,8 +2,10 @@
 //   per_token (FP8_PER_CHANNEL_PER_TOKEN): weight_scale [N]; each token quantized with its own scale
 //     s_t = max(amax |x[t]| / 448, FLT_MIN) by a small kernel into the workspace;
 //   static (FP8): weight_scale [1], input_scale [1]; q = e4m3(x / input_scale).
-// Then T <= kMaxGemvRows: the FP8 GEMV (kernels/src/fp8.cu), bound by reading the weight once; larger T:
-// cuBLASLt's FP8 GEMM with the scales applied in its epilogue (per-tensor scale pointers, or the outer-
+// Then T <= kMaxGemvRows: the FP8 GEMV (kernels/src/fp8.cu), bound by reading the weight once; larger T,
+// per token on compute capability 9.0 where it measured ahead (fp8_gemm_preferred): rtllm's
+// Hopper FP8 GEMM (kernels/src/fp8_gemm.cu), the scales applied in its epilogue; otherwise cuBLASLt's FP8
+// GEMM with the scales applied in its epilogue (per-tensor scale pointers, or the outer-
 // vector mode for per-token x per-channel: CUDA 12.9+). Where cuBLASLt has no such algorithm for the
 // op's output and bias dtypes (asked at load), the GEMM writes unscaled float32 accumulators into the
 // workspace and a kernel applies the scales and the bias in the contract's order: the same result up to
@@ -41,7 +43,20 @@ constexpr size_t kAlign = 256;
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
-enum class Fp8Path { kAuto = 0, kGemv = 1, kGemm = 2 };
+enum class Fp8Path { kAuto = 0, kGemv = 1, kGemm = 2, kHopperGemm = 3 };
+
+// rtllm's Hopper FP8 GEMM computes one output tile (kernels::kFp8GemmTileM x kFp8GemmTileN) per CTA. Per
+// token on an H100 (benchmarks/bench_fp8_gemm.py --only gemm, Llama-3-8B shapes) it ran 0.99-1.18x the
+// cuBLASLt path (GEMM, then the scales in a second pass over float32 accumulators) from 256 to 1,023 tiles;
+// below that too few tiles keep the SMs busy (0.3-0.9x under 128 tiles), and above it cuBLASLt's larger
+// tiles pull ahead (0.83-1.0x). Per tensor, cuBLASLt applies the scales itself and stays faster (0.7-0.9x).
+constexpr int64_t kHopperGemmMinTiles = 256, kHopperGemmMaxTiles = 1023;
+
+bool fp8_gemm_preferred(int64_t T, int64_t N) {
+  const int64_t tiles = ((T + kernels::kFp8GemmTileM - 1) / kernels::kFp8GemmTileM) *
+                        ((N + kernels::kFp8GemmTileN - 1) / kernels::kFp8GemmTileN);
+  return tiles >= kHopperGemmMinTiles && tiles <= kHopperGemmMaxTiles;
+}
 
 // One fp8_linear call on device pointers; shared by the op kind and the test hook below.
 struct Fp8LinearCall {
@@ -56,6 +71,7 @@ struct Fp8LinearCall {
   DataType y_dtype = DataType::kBFloat16;
   bool per_token = true;
   bool scaled_gemm = true;  // cuBLASLt applies the scales (and bias) itself
+  bool hopper_gemm = false;  // the device runs rtllm's Hopper FP8 GEMM (kernels::fp8_gemm_supported)
 };
 
 // Workspace: q [T, K] E4M3, token scales [T], and for the unscaled GEMM fallback accumulators [T, N].
@@ -95,6 +111,13 @@ void run_fp8_linear(const Fp8LinearCall& c, CublasLtGemm& gemm, void* workspace,
                                    x_kind, y_kind, stream));
     return;
   }
+  const bool hopper = path == Fp8Path::kHopperGemm ||
+                      (path == Fp8Path::kAuto && c.hopper_gemm && c.per_token && fp8_gemm_preferred(c.T, c.N));
+  if (hopper) {
+    check_launch(kernels::fp8_gemm(c.y, q, x_scale, c.per_token, c.w, c.w_scale, c.per_token, c.bias, c.T, c.N, c.K,
+                                   x_kind, y_kind, stream));
+    return;
+  }
   if (c.scaled_gemm) {
     gemm.fp8_linear(c.y, q, c.w, x_scale, c.w_scale, gemm_scaling(c.per_token), c.bias, c.T, c.N, c.K, c.x_dtype,
                     c.y_dtype, stream);
@@ -106,13 +129,19 @@ void run_fp8_linear(const Fp8LinearCall& c, CublasLtGemm& gemm, void* workspace,
                                            x_kind, y_kind, stream));
 }
 
-void require_fp8_device() {
+struct ComputeCapability {
   int device = 0, major = 0, minor = 0;
-  RTLLM_CUDA_CHECK(cudaGetDevice(&device));
-  RTLLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  RTLLM_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  const std::string why = fp8_linear_unsupported_reason(major, minor);
-  RTLLM_CHECK_ARG(why.empty(), why, " (CUDA device ", device, ")");
+};
+
+// The current device's, refused when it cannot run FP8 linears.
+ComputeCapability require_fp8_device() {
+  ComputeCapability cc;
+  RTLLM_CUDA_CHECK(cudaGetDevice(&cc.device));
+  RTLLM_CUDA_CHECK(cudaDeviceGetAttribute(&cc.major, cudaDevAttrComputeCapabilityMajor, cc.device));
+  RTLLM_CUDA_CHECK(cudaDeviceGetAttribute(&cc.minor, cudaDevAttrComputeCapabilityMinor, cc.device));
+  const std::string why = fp8_linear_unsupported_reason(cc.major, cc.minor);
+  RTLLM_CHECK_ARG(why.empty(), why, " (CUDA device ", cc.device, ")");
+  return cc;
 }
 
 // Inputs: x [T, K] (compute dtype), weight [N, K] F8_E4M3, weight_scale F32 ([N] per_token, [1] static),
@@ -143,7 +172,8 @@ class CudaFp8Linear final : public OpKind {
     const BackendInfo& b = *spec.backend;
     max_rows_ = rows.kind == Dim::Kind::kNumLogits ? b.max_num_logits
                 : rows.kind == Dim::Kind::kNumTokens ? b.max_num_tokens : rows.value;
-    require_fp8_device();
+    const ComputeCapability cc = require_fp8_device();
+    hopper_gemm_ = kernels::fp8_gemm_supported(cc.major, cc.minor, 1, num_outputs_, num_cols_);
     // Decided at load so that workspace_bytes() covers the fallback's accumulators when it is taken. The
     // output is in the compute dtype, or float32 for the logits: both must have the scaled GEMM.
     const CublasLtGemm::Fp8Scaling gemm_scales = gemm_scaling(per_token_);
@@ -191,12 +221,13 @@ class CudaFp8Linear final : public OpKind {
     c.y_dtype = y.dtype;
     c.per_token = per_token_;
     c.scaled_gemm = scaled_gemm_;
+    c.hopper_gemm = hopper_gemm_;
     const CudaStep& step = *static_cast<const CudaStep*>(ctx.device_step);
     run_fp8_linear(c, *step.gemm, ctx.workspace, Fp8Path::kAuto, static_cast<cudaStream_t>(ctx.stream));
   }
 
  private:
-  bool per_token_ = true, has_bias_ = false, scaled_gemm_ = true;
+  bool per_token_ = true, has_bias_ = false, scaled_gemm_ = true, hopper_gemm_ = false;
   int64_t num_outputs_ = 0, num_cols_ = 0;  // N, K
   int64_t max_rows_ = 0;  // of x, at the largest step
 };
@@ -206,8 +237,8 @@ class CudaFp8Linear final : public OpKind {
 void register_cuda_fp8_linear_op() { register_op("fp8_linear", DeviceKind::kCuda, make_op<CudaFp8Linear>); }
 
 // Test and benchmark hooks (rtllm._core.kernels.fp8_linear): one fp8_linear on device pointers through
-// the op's code paths, with its own cuBLASLt instance. path: 0 as the op chooses, 1 the GEMV, 2 the GEMM;
-// scaled_gemm false takes the unscaled-GEMM fallback. workspace of fp8_linear_workspace_bytes().
+// the op's code paths, with its own cuBLASLt instance. path: 0 as the op chooses, 1 the GEMV, 2 cuBLASLt's
+// GEMM, 3 rtllm's Hopper GEMM; scaled_gemm false takes the unscaled-GEMM fallback. workspace of fp8_linear_workspace_bytes().
 RTLLM_API size_t fp8_linear_workspace_bytes(int64_t T, int64_t N, int64_t K, bool scaled_gemm) {
   return fp8_workspace_bytes(T, N, K, scaled_gemm);
 }
@@ -221,9 +252,14 @@ RTLLM_API void fp8_linear_for_tests(void* y, const void* x, const void* w, const
                                     DataType x_dtype, DataType y_dtype, bool per_token, int path, bool scaled_gemm,
                                     void* workspace, void* stream) {
   RTLLM_CHECK_ARG(K > 0 && K % 16 == 0, "fp8_linear: K = ", K, " is not a positive multiple of 16");
-  RTLLM_CHECK_ARG(path >= 0 && path <= 2, "fp8_linear: path ", path, " is not 0, 1 or 2");
-  require_fp8_device();
+  RTLLM_CHECK_ARG(path >= 0 && path <= 3, "fp8_linear: path ", path, " is not 0, 1, 2 or 3");
+  const ComputeCapability cc = require_fp8_device();
+  const bool hopper_gemm = kernels::fp8_gemm_supported(cc.major, cc.minor, T, N, K);
+  RTLLM_CHECK_ARG(hopper_gemm || path != static_cast<int>(Fp8Path::kHopperGemm),
+                  "fp8_linear: rtllm's Hopper FP8 GEMM needs compute capability 9.0 (this device has ", cc.major, ".",
+                  cc.minor, ")");
   RTLLM_CHECK_ARG(!scaled_gemm || path == static_cast<int>(Fp8Path::kGemv) ||
+                      path == static_cast<int>(Fp8Path::kHopperGemm) ||
                       fp8_scaled_gemm_supported(per_token, y_dtype, bias != nullptr, x_dtype),
                   "fp8_linear: cuBLASLt has no FP8 GEMM applying these scales here");
   // Kept for the process (never destroyed: the CUDA context may be gone at exit); its plans are cached
@@ -243,6 +279,7 @@ RTLLM_API void fp8_linear_for_tests(void* y, const void* x, const void* w, const
   c.y_dtype = y_dtype;
   c.per_token = per_token;
   c.scaled_gemm = scaled_gemm;
+  c.hopper_gemm = hopper_gemm;
   run_fp8_linear(c, *gemm, workspace, static_cast<Fp8Path>(path), static_cast<cudaStream_t>(stream));
 }
 

@@ -8,7 +8,11 @@
 // codes (kernels/include/rtllm/kernels/weight_only.cuh).
 //   T <= kMaxGemvRows (decode batches): the tensor-core GEMV over the codes (kernels/src/weight_only.cu), bound by
 //     reading the packed bytes once;
-//   larger T (prefill), or a shape the GEMV does not take (K or the group size not a multiple of a lane's
+//   up to kMaxHopperGemmRows with int4 codes on compute capability 9.0 (K a multiple of 128, groups of whole
+//     32-code vectors): rtllm's Hopper GEMM (kernels/src/weight_only_gemm.cu), the codes dequantized in registers
+//     as the A operand of wgmma, with the same weights as below; its workspace holds the activations
+//     re-ordered for the MMAs (T · K values), and no dequantized weight;
+//   otherwise for larger T (prefill), or a shape the GEMV does not take (K or the group size not a multiple of a lane's
 //     16-byte load: 16 int8 or 32 int4 codes): the weight dequantized into the workspace (sized at load:
 //     N · K values of the compute dtype, and float32 rows for a bias), then cuBLASLt's GEMM. Both paths
 //     round y once from float32 (the bias added in float32).
@@ -30,12 +34,17 @@ namespace {
 // (codes read, bf16 weight written and read again) before its own time, so the GEMV should stay ahead up
 // to a few passes. To be confirmed against benchmarks/bench_weight_only.py's crossover rows.
 constexpr int64_t kMaxGemvRows = 64;
+// Above the GEMV, up to this many rows go to rtllm's Hopper int4 GEMM, more to dequantize + cuBLASLt: on an
+// H100 (benchmarks/bench_weight_only.py --only gemm, Llama-3-8B shapes, g128) the Hopper GEMM ran 1.1-3.9x the
+// dequantize + cuBLASLt path at 128-512 rows, even at 1,024 and 0.56-0.70x at 4,096, where cuBLASLt's bf16
+// GEMM amortizes the dequantization.
+constexpr int64_t kMaxHopperGemmRows = 512;
 constexpr size_t kAlign = 256;
 constexpr int64_t kMaxRows = 16 * 65535;  // N: the GEMV's grid rows of 16 weight rows
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
-enum class WoqPath { kAuto = 0, kGemv = 1, kGemm = 2 };
+enum class WoqPath { kAuto = 0, kGemv = 1, kGemm = 2, kHopperGemm = 3 };
 
 // With a bias, the GEMM path has cuBLASLt write float32 accumulators and adds the bias itself, rounding once
 // as the GEMV does: cuBLASLt's bias epilogue takes only a bias of the output type (so not the placed 16-bit
@@ -72,7 +81,17 @@ struct WoqCall {
   DataType x_dtype = DataType::kBFloat16;
   DataType y_dtype = DataType::kBFloat16;
   int32_t gemv_k_splits = 0;  // 0: the GEMV's own choice (tests and benchmarks try the others)
+  bool hopper_gemm = false;   // the device and shape take rtllm's Hopper int4 GEMM (kernels::woq_gemm_int4_supported)
 };
+
+// Whether the current device is of compute capability 9.0 and the int4 GEMM takes [*, K] with this group size.
+bool hopper_gemm_supported(int64_t K, int64_t group_size) {
+  int device = 0, major = 0, minor = 0;
+  RTLLM_CUDA_CHECK(cudaGetDevice(&device));
+  RTLLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  RTLLM_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return kernels::woq_gemm_int4_supported(major, minor, K, group_size);
+}
 
 void run_woq_linear(const WoqCall& c, CublasLtGemm& gemm, void* workspace, WoqPath path, cudaStream_t stream) {
   if (c.T == 0) return;
@@ -88,6 +107,15 @@ void run_woq_linear(const WoqCall& c, CublasLtGemm& gemm, void* workspace, WoqPa
                 " (", c.int4 ? "I4" : "I8", "; both must be multiples of ", c.int4 ? 32 : 16, ")");
     check_launch(kernels::woq_gemv(c.y, c.x, c.codes, c.scale, c.offset, c.bias, static_cast<int32_t>(c.T), n, k, g,
                                    c.int4, x_kind, y_kind, stream, c.gemv_k_splits));
+    return;
+  }
+  if (path == WoqPath::kHopperGemm ||
+      (path == WoqPath::kAuto && c.int4 && c.hopper_gemm && c.T <= kMaxHopperGemmRows)) {
+    RTLLM_CHECK(c.int4 && c.hopper_gemm, "weight_only_linear: the Hopper GEMM does not take this weight (I4 codes, K ",
+                "a multiple of 128 and groups of a multiple of 32 codes on compute capability 9.0; K = ", c.K,
+                ", group_size ", c.group_size, ")");
+    check_launch(kernels::woq_gemm_int4(c.y, c.x, workspace, c.codes, c.scale, c.offset, c.bias,
+                                        static_cast<int32_t>(c.T), n, k, g, x_kind, y_kind, stream));
     return;
   }
   check_launch(kernels::woq_dequantize(workspace, c.codes, c.scale, c.offset, n, k, g, c.int4, x_kind, stream));
@@ -200,9 +228,12 @@ class CudaWeightOnlyLinear final : public OpKind {
     const BackendInfo& be = *spec.backend;
     max_rows_ = rows.kind == Dim::Kind::kNumLogits ? be.max_num_logits
                 : rows.kind == Dim::Kind::kNumTokens ? be.max_num_tokens : rows.value;
-    // The dequantized weight is needed when some step takes the GEMM.
+    // The dequantized weight is needed when some step takes the dequantize + GEMM path; the Hopper int4
+    // GEMM needs only the re-ordered activations.
     gemv_ok_ = kernels::woq_gemv_supported(num_cols_, group_size_, int4_);
-    needs_dequantized_ = !gemv_ok_ || max_rows_ > kMaxGemvRows;
+    hopper_gemm_ = int4_ && hopper_gemm_supported(num_cols_, group_size_);
+    const int64_t max_gemv_rows = gemv_ok_ ? kMaxGemvRows : 0;
+    needs_dequantized_ = max_rows_ > (hopper_gemm_ ? kMaxHopperGemmRows : max_gemv_rows);
   }
 
   WeightPlacement weight_placement(size_t input) const override {
@@ -212,8 +243,11 @@ class CudaWeightOnlyLinear final : public OpKind {
   }
 
   size_t workspace_bytes() const override {
-    if (!needs_dequantized_) return 0;
-    return woq_workspace_bytes(num_rows_, num_cols_, has_bias_ ? std::min(max_rows_, kBiasChunkRows) : 0);
+    const size_t hopper = hopper_gemm_ && max_rows_ > kMaxGemvRows
+                              ? kernels::woq_gemm_int4_workspace_bytes(std::min(max_rows_, kMaxHopperGemmRows), num_cols_)
+                              : 0;
+    if (!needs_dequantized_) return hopper;
+    return std::max(hopper, woq_workspace_bytes(num_rows_, num_cols_, has_bias_ ? std::min(max_rows_, kBiasChunkRows) : 0));
   }
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
@@ -239,12 +273,13 @@ class CudaWeightOnlyLinear final : public OpKind {
     c.int4 = int4_;
     c.x_dtype = x.dtype;
     c.y_dtype = y.dtype;
+    c.hopper_gemm = hopper_gemm_;
     const CudaStep& step = *static_cast<const CudaStep*>(ctx.device_step);
     run_woq_linear(c, *step.gemm, ctx.workspace, WoqPath::kAuto, static_cast<cudaStream_t>(ctx.stream));
   }
 
  private:
-  bool has_offset_ = false, has_bias_ = false, int4_ = false, needs_dequantized_ = false;
+  bool has_offset_ = false, has_bias_ = false, int4_ = false, needs_dequantized_ = false, hopper_gemm_ = false;
   bool gemv_ok_ = false;  // the GEMV takes the weight's shape (and int4 codes are then in the MMA layout)
   int64_t num_rows_ = 0, num_cols_ = 0;  // N, K
   int64_t group_size_ = 0;
@@ -260,9 +295,12 @@ void register_cuda_weight_only_linear_op() {
 // Test and benchmark hooks (rtllm._core.kernels.weight_only_linear): one weight_only_linear on device
 // pointers through the op's code paths, with its own cuBLASLt instance. codes, scale, offset and bias as
 // the op places them: int4 codes of the GEMV's shapes in the MMA layout (weight_only_pack_int4), the
-// others in x_dtype. path: 0 as the op chooses, 1 the GEMV, 2 dequantize + GEMM; workspace of
-// weight_only_linear_workspace_bytes() (needed by path 2, and by path 0 when it takes the GEMM).
-RTLLM_API size_t weight_only_linear_workspace_bytes(int64_t N, int64_t K) { return woq_workspace_bytes(N, K, kBiasChunkRows); }
+// others in x_dtype. path: 0 as the op chooses, 1 the GEMV, 2 dequantize + GEMM, 3 the Hopper int4 GEMM;
+// workspace of weight_only_linear_workspace_bytes() for T rows (needed by paths 2 and 3, and by path 0 when it
+// takes either).
+RTLLM_API size_t weight_only_linear_workspace_bytes(int64_t N, int64_t K, int64_t T) {
+  return std::max(woq_workspace_bytes(N, K, kBiasChunkRows), kernels::woq_gemm_int4_workspace_bytes(T, K));
+}
 
 RTLLM_API bool weight_only_gemv_supported(int64_t K, int64_t group_size, bool int4) {
   return kernels::woq_gemv_supported(K, group_size, int4);
@@ -283,7 +321,7 @@ RTLLM_API void weight_only_linear_for_tests(void* y, const void* x, const void* 
                                             const void* offset, const void* bias, int64_t T, int64_t N, int64_t K,
                                             int64_t group_size, bool int4, DataType x_dtype, DataType y_dtype,
                                             int path, int gemv_k_splits, void* workspace, void* stream) {
-  RTLLM_CHECK_ARG(path >= 0 && path <= 2, "weight_only_linear: path ", path, " is not 0, 1 or 2");
+  RTLLM_CHECK_ARG(path >= 0 && path <= 3, "weight_only_linear: path ", path, " is not 0, 1, 2 or 3");
   RTLLM_CHECK_ARG(gemv_k_splits == 0 || gemv_k_splits == 1 || gemv_k_splits == 2 || gemv_k_splits == 4 ||
                       gemv_k_splits == 8,
                   "weight_only_linear: gemv_k_splits ", gemv_k_splits, " is not 0 (auto), 1, 2, 4 or 8");
@@ -312,6 +350,11 @@ RTLLM_API void weight_only_linear_for_tests(void* y, const void* x, const void* 
   c.x_dtype = x_dtype;
   c.y_dtype = y_dtype;
   c.gemv_k_splits = gemv_k_splits;
+  c.hopper_gemm = int4 && hopper_gemm_supported(K, group_size);
+  RTLLM_CHECK_ARG(c.hopper_gemm || path != static_cast<int>(WoqPath::kHopperGemm),
+                  "weight_only_linear: the Hopper int4 GEMM does not take K = ", K, " with group_size ", group_size,
+                  (int4 ? "" : " (I8 codes)"), " on this device (it needs I4 codes, K a multiple of 128, groups of a "
+                  "multiple of 32 codes and compute capability 9.0)");
   run_woq_linear(c, *gemm, workspace, static_cast<WoqPath>(path), static_cast<cudaStream_t>(stream));
 }
 

@@ -153,16 +153,29 @@ def load_calib_texts(calib_data) -> list:
     return texts
 
 
-def tokenize_samples(model, texts: list, num_samples: int, max_tokens: int) -> list:
-    """The first num_samples texts as token-id lists of at most max_tokens, with the model's tokenizer
-    (tokenizer.json of the checkpoint directory) and its special tokens, as a prompt would be."""
+def model_tokenizer(model):
+    """The tokenizer a prompt to `model` would use: tokenizer.json of its checkpoint directory, or the one a
+    GGUF file describes in its metadata; None when it has neither (random-weight benchmark models)."""
     from ..llmapi.tokenizer import TokenizerWrapper
 
     source = getattr(model, "source_dir", None)
-    if not source or not os.path.isfile(os.path.join(source, "tokenizer.json")):
-        raise ValueError(f"calibration tokenizes its texts with the checkpoint's tokenizer.json, which "
-                         f"{source!r} does not have")
-    tokenizer = TokenizerWrapper.from_pretrained(source)
+    if source and os.path.isfile(os.path.join(source, "tokenizer.json")):
+        return TokenizerWrapper.from_pretrained(source)
+    gguf_path = getattr(model, "gguf_path", None)
+    if gguf_path:
+        from ..models.gguf_tokenizer import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(gguf_path)
+    return None
+
+
+def tokenize_samples(model, texts: list, num_samples: int, max_tokens: int) -> list:
+    """The first num_samples texts as token-id lists of at most max_tokens, with the model's tokenizer
+    (model_tokenizer) and its special tokens, as a prompt would be."""
+    tokenizer = model_tokenizer(model)
+    if tokenizer is None:
+        raise ValueError(f"calibration tokenizes its texts with the checkpoint's tokenizer.json (or a GGUF file's "
+                         f"tokenizer), which {getattr(model, 'source_dir', None)!r} does not have")
     samples = []
     for text in texts[:num_samples]:
         ids = tokenizer.encode(text)[:max_tokens]
@@ -175,7 +188,8 @@ def tokenize_samples(model, texts: list, num_samples: int, max_tokens: int) -> l
 
 def has_tokenizer(model) -> bool:
     source = getattr(model, "source_dir", None)
-    return bool(source) and os.path.isfile(os.path.join(source, "tokenizer.json"))
+    return (bool(source) and os.path.isfile(os.path.join(source, "tokenizer.json"))) or \
+        bool(getattr(model, "gguf_path", None))
 
 
 def random_samples(model, num_samples: int, max_tokens: int) -> list:

@@ -17,6 +17,8 @@
 namespace rtllm::kernels {
 
 constexpr int32_t kFp8GemvMaxM = 16;
+// fp8_gemm's output tile per CTA: rows (tokens) x columns (output channels).
+constexpr int32_t kFp8GemmTileM = 128, kFp8GemmTileN = 256;
 constexpr float kFp8E4M3Max = 448.0f;
 
 // Per token: s[i] = max(amax_k |x[i, k]| / 448, FLT_MIN), q[i, k] = e4m3(x[i, k] / s[i]) (float32
@@ -40,6 +42,16 @@ RTLLM_API cudaError_t fp8_gemv(void* y, const void* q, const float* a_scale, boo
 
 // Whether fp8_gemv takes this shape.
 RTLLM_API bool fp8_gemv_supported(int32_t m, int32_t k);
+
+// y [m, n] from q [m, k] and weight [n, k] (E4M3 bytes, row-major) with the scales and bias above: the
+// Hopper GEMM (wgmma fed by TMA, the scales applied to the float32 accumulators in its epilogue). Needs
+// compute capability 9.0 (an sm_90a build), k % 16 == 0, q and weight 16-byte aligned (fp8_gemm_supported).
+RTLLM_API cudaError_t fp8_gemm(void* y, const void* q, const float* a_scale, bool a_per_row, const void* weight,
+                               const float* w_scale, bool w_per_channel, const void* bias, int64_t m, int64_t n,
+                               int64_t k, DType bias_dtype, DType y_dtype, cudaStream_t stream);
+
+// Whether fp8_gemm runs on a device of this compute capability and takes this shape.
+RTLLM_API bool fp8_gemm_supported(int cc_major, int cc_minor, int64_t m, int64_t n, int64_t k);
 
 // y [m, n] from the float32 accumulators acc [m, n] of an unscaled FP8 GEMM, with the scales and bias above.
 RTLLM_API cudaError_t fp8_scale_epilogue(void* y, const float* acc, const float* a_scale, bool a_per_row,

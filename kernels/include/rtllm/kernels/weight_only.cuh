@@ -48,6 +48,17 @@ RTLLM_API int32_t woq_gemv_k_splits(int32_t n, int32_t k);
 RTLLM_API cudaError_t woq_dequantize(void* w, const void* codes, const void* scale, const void* offset, int32_t n,
                                      int32_t k, int32_t group_size, bool int4, DType dtype, cudaStream_t stream);
 
+// The int4 GEMM on Hopper (kernels/src/weight_only_gemm.cu): y [m, n] (dtype, or kFP32) = x [m, k] (dtype) ·
+// Wᵀ + bias [n] (dtype, may be null), W = fma(q, scale, offset) rounded to dtype as woq_dequantize's, float32
+// sums rounded once. codes in the MMA layout (woq_pack_int4); x_perm: woq_gemm_int4_workspace_bytes(m, k) of
+// workspace (the activations re-ordered for the MMAs). Needs compute capability 9.0 (an sm_90a build),
+// k % 128 == 0 and group_size a multiple of 32 dividing k (woq_gemm_int4_supported).
+RTLLM_API cudaError_t woq_gemm_int4(void* y, const void* x, void* x_perm, const void* codes, const void* scale,
+                                    const void* offset, const void* bias, int32_t m, int32_t n, int32_t k,
+                                    int32_t group_size, DType dtype, DType y_dtype, cudaStream_t stream);
+RTLLM_API bool woq_gemm_int4_supported(int cc_major, int cc_minor, int64_t k, int64_t group_size);
+RTLLM_API size_t woq_gemm_int4_workspace_bytes(int64_t m, int64_t k);
+
 // y [m, n] (dtype, or kFP32) = acc [m, n] (float32) + bias [n] (dtype), rounded once; acc may be y when y is
 // float32. The bias of the GEMM path: cuBLASLt's bias epilogue takes the bias only in the output type, and
 // for 16-bit outputs it may round the product to the output type before adding the bias.
