@@ -3,7 +3,8 @@
 decode: GB/s of K+V read (every sequence's whole context) against the copy bandwidth of the same run and
 against torch SDPA (GQA) on the same shapes with contiguous K/V; rows "attention_decode_fp8kv" read an FP8
 (E4M3) pool instead (half the bytes; compare their us with the bf16 row of the same shape).
-prefill: causal TFLOP/s (4 * heads * head_dim * query-key pairs) against torch SDPA causal (flash backend).
+prefill: causal TFLOP/s (4 * heads * head_dim * query-key pairs) against torch SDPA causal (flash backend)
+and against the bf16 matmul rate of the same run (of_matmul).
 Llama-3-8B heads: 32 query heads, 8 KV heads, head_dim 128, bf16, 16 tokens per block, blocks shuffled.
 
 Rows come from `bench_attention(ctx)` with the Context of bench_kernels.py (its timing helper: CUDA graph
@@ -26,7 +27,7 @@ DECODE_BATCHES = (1, 8, 32, 64)
 DECODE_CONTEXTS = (1024, 4096, 8192, 16384)
 FP8_KV_DECODE = ((1, 4096), (1, 16384), (8, 4096), (32, 4096), (64, 4096))  # (batch, context)
 FP8_E4M3 = 3
-PREFILL_TOKENS = (1024, 2048, 4096, 8192)
+PREFILL_TOKENS = (1024, 2048, 4096, 8192, 16384)
 
 
 def _rand(*shape):
@@ -101,8 +102,10 @@ def bench_prefill(ctx, num_tokens):
         torch_ms = ctx.time_ms(lambda i: sdpa(q4, k4, v4, is_causal=True))
     flops = 4 * NUM_HEADS * HEAD_DIM * num_tokens * (num_tokens + 1) / 2
     bytes_moved = (2 * q.numel() + 2 * num_tokens * NUM_KV_HEADS * HEAD_DIM) * 2
+    tflops = flops / ms / 1e9
+    of_matmul = tflops / ctx.matmul_tflops if ctx.matmul_tflops else None  # the bf16 matmul ceiling, same run
     return ctx.row("attention_prefill", f"tokens={num_tokens} causal", ms, bytes_moved, torch_ms,
-                   **{"TFLOP/s": flops / ms / 1e9, "torch_TFLOP/s": flops / torch_ms / 1e9})
+                   **{"TFLOP/s": tflops, "torch_TFLOP/s": flops / torch_ms / 1e9, "of_matmul": of_matmul})
 
 
 def bench_attention(ctx, parts=("decode", "prefill")) -> list[dict]:
@@ -124,9 +127,10 @@ def main():
     args = parser.parse_args()
     ctx = Context(load_kernels())
     rows = bench_ceilings(ctx) + bench_attention(ctx, (args.only,) if args.only else ("decode", "prefill"))
-    results = {"device": ctx.props.name, "copy_GBps": ctx.copy_gbps, "rows": rows}
+    results = {"device": ctx.props.name, "copy_GBps": ctx.copy_gbps, "matmul_bf16_TFLOPs": ctx.matmul_tflops,
+               "rows": rows}
     report(results, rows, ["kernel", "shape", "us", "GB/s", "of_copy", "torch_us", "vs_torch", "TFLOP/s",
-                           "torch_TFLOP/s"], args.output)
+                           "torch_TFLOP/s", "of_matmul"], args.output)
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ def main():
         torch.cuda.empty_cache()
     results = {"device": ctx.props.name, "copy_GBps": ctx.copy_gbps, "matmul_bf16_TFLOPs": ctx.matmul_tflops,
                "rows": rows}
-    report(results, rows, ["kernel", "shape", "us", "GB/s", "of_copy", "torch_us", "vs_torch", "TFLOP/s"],
+    report(results, rows, ["kernel", "shape", "us", "GB/s", "of_copy", "torch_us", "vs_torch", "TFLOP/s", "of_matmul"],
            args.output)
 
 
