@@ -35,9 +35,9 @@ namespace {
 // to a few passes. To be confirmed against benchmarks/bench_weight_only.py's crossover rows.
 constexpr int64_t kMaxGemvRows = 64;
 // Above the GEMV, up to this many rows go to rtllm's Hopper int4 GEMM, more to dequantize + cuBLASLt: on an
-// H100 (benchmarks/bench_weight_only.py --only gemm, Llama-3-8B shapes, g128) the Hopper GEMM ran 1.1-3.9x the
-// dequantize + cuBLASLt path at 128-512 rows, even at 1,024 and 0.56-0.70x at 4,096, where cuBLASLt's bf16
-// GEMM amortizes the dequantization.
+// H100 (benchmarks/bench_weight_only.py --only gemm, Llama-3-8B shapes, g128) the Hopper GEMM ran 1.07-3.9x
+// the dequantize + cuBLASLt path at 128-512 rows, 0.84-1.02x at 1,024 and 0.56-0.72x at 4,096, where
+// cuBLASLt's bf16 GEMM amortizes the dequantization.
 constexpr int64_t kMaxHopperGemmRows = 512;
 constexpr size_t kAlign = 256;
 constexpr int64_t kMaxRows = 16 * 65535;  // N: the GEMV's grid rows of 16 weight rows
