@@ -77,6 +77,28 @@ void bind_communicator(py::module_& m) {
         "process rank 0");
   m.def("mpi_parent_communicator", &mpi_parent_communicator, py::call_guard<py::gil_scoped_release>(),
         "In a process mpi_spawn started: the group's Communicator (the parent is rank 0); else None");
+  m.def(
+      "socket_listen",
+      [] {
+        int32_t port = 0;
+        const int fd = socket_listen(&port);
+        return py::make_tuple(fd, port);
+      },
+      "Rank 0 of a group over local TCP sockets (hosts without MPI): (listening socket, port)");
+  m.def(
+      "socket_accept",
+      [](int fd, int32_t size, double timeout_s) {
+        return socket_accept(fd, size, std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000.0)));
+      },
+      py::arg("listen_fd"), py::arg("size"), py::arg("timeout_s") = 60.0, py::call_guard<py::gil_scoped_release>(),
+      "Rank 0: waits for the size - 1 other ranks to connect; the group's Communicator");
+  m.def(
+      "socket_connect",
+      [](int32_t port, int32_t rank, int32_t size, double timeout_s) {
+        return socket_connect(port, rank, size, std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000.0)));
+      },
+      py::arg("port"), py::arg("rank"), py::arg("size"), py::arg("timeout_s") = 60.0,
+      py::call_guard<py::gil_scoped_release>(), "Rank 1 .. size - 1: joins rank 0's group; the group's Communicator");
   py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
       .def_property_readonly("rank", &Communicator::rank)
       .def_property_readonly("size", &Communicator::size)

@@ -10,20 +10,19 @@ import collections
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 
-from rtllm import LLM, QuantAlgo, QuantConfig, RtllmError, SamplingParams, _core
+from rtllm import LLM, QuantAlgo, QuantConfig, SamplingParams, _core
 from rtllm.builder import BuildConfig, build, build_and_save
 from rtllm.builder.safetensors_io import SafetensorsFile
 from rtllm.mapping import Mapping
 from rtllm.models import AutoModelForCausalLM
+from tensor_parallel_helpers import check_a_killed_follower_fails_the_requests, follower_pids
 
 pytestmark = pytest.mark.skipif(not _core.mpi_available() or shutil.which("mpirun") is None,
                                 reason="rtllm was built without MPI" if not _core.mpi_available()
@@ -314,37 +313,11 @@ def test_calibration_for_a_rank_cuts_row_parallel_statistics(tiny_model):
             else:
                 assert mine.input_stats[name] is st
                 assert mine.channel_amax[name] is channel_amax[name]
-def follower_pids():
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"rtllm.executor.tensor_parallel" in f.read():
-                    pids.append(int(entry))
-        except (OSError, ValueError):
-            continue
-    return pids
 
 
 def test_a_killed_follower_fails_the_requests_and_the_parent_lives_on(tiny_model):
     llm = LLM(str(tiny_model("llama")), tensor_parallel_size=2, max_seq_len=512, max_batch_size=4)
-    followers = follower_pids()
-    assert len(followers) == 1
-    killed_at = []
-
-    def kill():
-        time.sleep(0.3)
-        os.kill(followers[0], signal.SIGKILL)
-        killed_at.append(time.monotonic())
-
-    many = [[5, 17, 42, i] for i in range(64)]  # far longer than 0.3 s
-    threading.Thread(target=kill).start()
-    with pytest.raises(RtllmError, match=r"rank 1 \(process \d+\) has exited; the group of 2 ranks is lost"):
-        llm.generate(many, SamplingParams(max_tokens=480, temperature=0.0, ignore_eos=True), use_tqdm=False)
-    assert killed_at and time.monotonic() - killed_at[0] < 30
-    with pytest.raises(RtllmError, match="the tensor-parallel group is lost"):  # and so is every later request
-        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
-    llm.shutdown()
+    check_a_killed_follower_fails_the_requests(llm, r"rank 1 \(process \d+\) has exited; the group of 2 ranks is lost")
 
 
 def test_mpirun_launch_serves_on_rank_0(tiny_model, tmp_path):

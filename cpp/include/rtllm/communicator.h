@@ -75,4 +75,13 @@ RTLLM_API std::shared_ptr<Communicator> mpi_spawn(int32_t count, const std::vect
 // parent is rank 0). Null in a process that was not spawned.
 RTLLM_API std::shared_ptr<Communicator> mpi_parent_communicator();
 
+// A group over local TCP sockets, for a host without MPI (one host: every collective goes through rank 0).
+// Rank 0 calls socket_listen, hands the port to the other ranks' processes, and waits in socket_accept for
+// the size - 1 of them, each of which calls socket_connect(port, rank, size). Both throw CommunicatorError
+// when the group does not form within `timeout`. The communicators' collective timeout starts at 30 s.
+RTLLM_API int socket_listen(int32_t* port);  // the listening socket; *port receives its port
+RTLLM_API std::shared_ptr<Communicator> socket_accept(int listen_fd, int32_t size, std::chrono::milliseconds timeout);
+RTLLM_API std::shared_ptr<Communicator> socket_connect(int32_t port, int32_t rank, int32_t size,
+                                                       std::chrono::milliseconds timeout);
+
 }  // namespace rtllm

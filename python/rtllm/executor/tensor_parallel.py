@@ -2,7 +2,8 @@
 
 Two ways to start one:
 - from a single process: rank 0 (the caller) spawns N - 1 follower processes running this module
-  (`MPI_Comm_spawn`, through rtllm._core);
+  (`MPI_Comm_spawn`, through rtllm._core; on a host without MPI, or with RTLLM_TP_TRANSPORT=socket, plain
+  child processes joined over local TCP sockets);
 - inside `mpirun -n N python app.py`: every process runs the application; rank 0's LLM serves it, and the
   other ranks' LLM(...) calls become followers and end their process when rank 0 shuts down.
 
@@ -10,13 +11,17 @@ Rank 0 then broadcasts where the engine is (an HF checkpoint is first built into
 directory, one rank at a time), every rank loads its own rank{N}.engine, and the followers run each step
 rank 0's executor broadcasts (rtllm._core.run_tensor_parallel_follower) until it stops the group.
 """
+import atexit
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
 FOLLOWER_COMMAND = [sys.executable, "-m", "rtllm.executor.tensor_parallel"]
+# Followers started over sockets, reaped at exit (each ends when rank 0 stops its group, or loses it).
+_SOCKET_FOLLOWERS: list = []
 
 
 def launched_by_mpirun() -> bool:
@@ -34,16 +39,52 @@ def world_or_none():
     return world if world.size > 1 else None
 
 
-def start_group(tp_size: int):
-    """Rank 0's communicator of a group of tp_size ranks, spawning N - 1 followers (outside an mpirun
-    launch). ValueError when this build has no MPI."""
+def transport() -> str:
+    """"mpi" or "socket": RTLLM_TP_TRANSPORT when set, else MPI where this build has it."""
     from rtllm import _core
 
-    if not _core.mpi_available():
-        raise ValueError(f"tensor_parallel_size={tp_size} needs MPI, and this rtllm was built without it "
-                         "(install OpenMPI's development files, e.g. libopenmpi-dev, and reinstall rtllm)")
-    allow_spawning()
-    return _core.mpi_spawn(tp_size - 1, FOLLOWER_COMMAND)
+    chosen = os.environ.get("RTLLM_TP_TRANSPORT", "")
+    if chosen not in ("", "mpi", "socket"):
+        raise ValueError(f"RTLLM_TP_TRANSPORT={chosen!r} must be 'mpi' or 'socket'")
+    if chosen == "mpi" and not _core.mpi_available():
+        raise ValueError("RTLLM_TP_TRANSPORT=mpi, and this rtllm was built without MPI (install OpenMPI's "
+                         "development files, e.g. libopenmpi-dev, and reinstall rtllm)")
+    return chosen or ("mpi" if _core.mpi_available() else "socket")
+
+
+def start_group(tp_size: int):
+    """Rank 0's communicator of a group of tp_size ranks, spawning N - 1 followers (outside an mpirun
+    launch): through MPI_Comm_spawn, or as child processes joined over local sockets (transport())."""
+    from rtllm import _core
+
+    if transport() == "mpi":
+        allow_spawning()
+        return _core.mpi_spawn(tp_size - 1, FOLLOWER_COMMAND)
+    listen_fd, port = _core.socket_listen()
+    followers = []
+    try:
+        for rank in range(1, tp_size):
+            env = dict(os.environ, RTLLM_TP_PORT=str(port), RTLLM_TP_RANK=str(rank), RTLLM_TP_SIZE=str(tp_size))
+            followers.append(subprocess.Popen(FOLLOWER_COMMAND, env=env))
+        group = _core.socket_accept(listen_fd, tp_size)
+    except BaseException:
+        for process in followers:
+            process.kill()
+            process.wait()
+        raise
+    if not _SOCKET_FOLLOWERS:
+        atexit.register(_reap_followers)
+    _SOCKET_FOLLOWERS.extend(followers)
+    return group
+
+
+def _reap_followers() -> None:
+    for process in _SOCKET_FOLLOWERS:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def allow_spawning() -> None:
@@ -111,7 +152,11 @@ def main() -> None:
     """The process rank 0 spawns."""
     from rtllm import _core
 
-    group = _core.mpi_parent_communicator()
+    if "RTLLM_TP_PORT" in os.environ:  # started by start_group over sockets
+        group = _core.socket_connect(int(os.environ["RTLLM_TP_PORT"]), int(os.environ["RTLLM_TP_RANK"]),
+                                     int(os.environ["RTLLM_TP_SIZE"]))
+    else:
+        group = _core.mpi_parent_communicator()
     if group is None:
         sys.exit("rtllm.executor.tensor_parallel runs as a follower that LLM(tensor_parallel_size=N) spawns")
     try:
