@@ -34,7 +34,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <string>
 #include <type_traits>
 
 #include "attention_common.cuh"
@@ -690,10 +689,7 @@ cudaError_t launch_merge(const DecodeArgs<T>& a, cudaStream_t stream) {
 // The tensor-core decode kernel (16-bit pools at head_dim 64 / 128) unless RTLLM_DECODE_MMA=0 selects the
 // CUDA-core one for every shape (a same-build comparison).
 inline bool decode_mma_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("RTLLM_DECODE_MMA");
-    return !(env && std::string(env) == "0");
-  }();
+  static const bool enabled = !env_is("RTLLM_DECODE_MMA", "0");
   return enabled;
 }
 

@@ -11,8 +11,6 @@
 // An FP8 (e4m3) or INT8 pool is read as codes converted exactly to T on their way into shared memory (through
 // registers rather than cp.async); k_scale is folded into the softmax scale and v_scale into the output.
 #include <cmath>
-#include <cstdlib>
-#include <string>
 
 #include "attention_common.cuh"
 #include "attention_prefill_sm90.cuh"
@@ -383,10 +381,7 @@ cudaError_t launch_mma(T* out, const T* q, const StepMetaDevice& meta, const Pag
 // The Hopper kernel where it applies, unless RTLLM_PREFILL_SM90=0 selects the FlashAttention-2 one (a
 // same-build comparison).
 inline bool prefill_sm90_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("RTLLM_PREFILL_SM90");
-    return !(env && std::string(env) == "0");
-  }();
+  static const bool enabled = !env_is("RTLLM_PREFILL_SM90", "0");
   return enabled;
 }
 

@@ -9,6 +9,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "rtllm/kernels/common.cuh"
@@ -86,6 +88,14 @@
   } while (0)
 
 namespace rtllm::kernels {
+
+// Whether the environment variable `name` is set to exactly `value`: the launchers' switches for same-build
+// comparisons (RTLLM_DECODE_MMA=0, RTLLM_PREFILL_SM90=0, RTLLM_HOPPER_GEMM=0, RTLLM_PDL=0, ...), each read
+// once into a static by its caller.
+inline bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env && std::strcmp(env, value) == 0;
+}
 
 // Programmatic dependent launch (sm_90 and later). A kernel started by launch_pdl may begin while the
 // kernel before it in the stream is still running, which hides the launch and ramp-up gap between the

@@ -2,7 +2,6 @@
 // sizes are multiples of 8 elements, scalar grid-stride loops otherwise.
 #include <algorithm>
 #include <cstdlib>
-#include <string>
 
 #include "dispatch.cuh"
 #include "rtllm/kernels/elementwise.cuh"
@@ -167,8 +166,7 @@ const char* error_string(cudaError_t err) { return cudaGetErrorString(err); }
 
 bool programmatic_launch_enabled() {
   static const bool enabled = [] {
-    const char* env = std::getenv("RTLLM_PDL");
-    if (env && std::string(env) == "0") return false;
+    if (env_is("RTLLM_PDL", "0")) return false;
     int device = 0, major = 0;
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {

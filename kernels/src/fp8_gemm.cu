@@ -212,10 +212,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }  // consumers
-  if constexpr (kCluster > 1) {
-    __syncwarp();   // the producer warp's lanes reconverge for the cluster barrier
-    cluster_sync();  // the peer has no more bytes or arrivals for this CTA
-  }
+  cluster_exit<kCluster>();
 #else
   __trap();  // built only for sm_90a; fp8_gemm refuses other devices before launching
 #endif
@@ -226,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // half the single CTAs' rate (409-512 against 720-1159 TFLOP/s, M = 1,024..8,192, per token); why is not
 // settled, and the weight-only GEMM's clusters show the same.
 inline int fp8_gemm_cluster(int32_t m) {
-  static const bool pairs = hopper::env_requests_cluster_pairs("RTLLM_FP8_GEMM_CLUSTER");
+  static const bool pairs = env_is("RTLLM_FP8_GEMM_CLUSTER", "2");
   return pairs && m > kTileM ? 2 : 1;
 }
 

@@ -12,7 +12,6 @@
 #include <cudaTypedefs.h>
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "dispatch.cuh"
 
@@ -79,6 +78,16 @@ __device__ __forceinline__ uint32_t cluster_rank() {
 }
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// The end of a kernel run by clusters of kCluster CTAs: no CTA exits while its peer may still write into its
+// shared memory or arrive on its barriers.
+template <int kCluster>
+__device__ __forceinline__ void cluster_exit() {
+  if constexpr (kCluster > 1) {
+    __syncwarp();    // a producer warp's lanes reconverge for the cluster barrier
+    cluster_sync();
+  }
 }
 // Arrives on the mbarrier at the same shared-memory offset in CTA `cta` of the cluster.
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
@@ -177,17 +186,8 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // rtllm's Hopper GEMMs (FP8, int4 weight-only) unless RTLLM_HOPPER_GEMM=0 sends their shapes back to the
 // cuBLASLt paths (a same-build comparison).
 inline bool hopper_gemm_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("RTLLM_HOPPER_GEMM");
-    return !(env && env[0] == '0' && env[1] == '\0');
-  }();
+  static const bool enabled = !env_is("RTLLM_HOPPER_GEMM", "0");
   return enabled;
-}
-
-// Whether the environment variable `name` is "2": a benchmark's request for clusters of two CTAs.
-inline bool env_requests_cluster_pairs(const char* name) {
-  const char* env = std::getenv(name);
-  return env && env[0] == '2' && env[1] == '\0';
 }
 
 // A row-major [rows, cols] matrix of `type` (elements of elem_bytes), read in boxes of box_rows rows x 128

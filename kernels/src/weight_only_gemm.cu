@@ -209,10 +209,7 @@ __global__ void __maxnreg__(224)
       }
     }
   }  // consumers
-  if constexpr (kCluster > 1) {
-    __syncwarp();   // the producer warp's lanes reconverge for the cluster barrier
-    cluster_sync();  // the peer has no more bytes or arrivals for this CTA
-  }
+  cluster_exit<kCluster>();
 #else
   __trap();  // built only for sm_90a; woq_gemm_int4 refuses other devices before launching
 #endif
@@ -223,7 +220,7 @@ __global__ void __maxnreg__(224)
 // ran at about half the single CTAs' rate (244-266 against 421-491 TFLOP/s, M = 512..4096, random
 // Llama-3-8B shapes); why is not settled, and the FP8 GEMM's clusters show the same.
 inline int woq_gemm_cluster(int32_t n) {
-  static const bool pairs = hopper::env_requests_cluster_pairs("RTLLM_WOQ_GEMM_CLUSTER");
+  static const bool pairs = env_is("RTLLM_WOQ_GEMM_CLUSTER", "2");
   return pairs && n > kTileRows ? 2 : 1;
 }
 

@@ -38,6 +38,19 @@ inline kernels::DType kernel_dtype(DataType dtype) {
   }
 }
 
+struct ComputeCapability {
+  int device = 0, major = 0, minor = 0;
+};
+
+// The current device and its compute capability.
+inline ComputeCapability current_compute_capability() {
+  ComputeCapability cc;
+  RTLLM_CUDA_CHECK(cudaGetDevice(&cc.device));
+  RTLLM_CUDA_CHECK(cudaDeviceGetAttribute(&cc.major, cudaDevAttrComputeCapabilityMajor, cc.device));
+  RTLLM_CUDA_CHECK(cudaDeviceGetAttribute(&cc.minor, cudaDevAttrComputeCapabilityMinor, cc.device));
+  return cc;
+}
+
 // What the CUDA ops need beyond their tensors and workspace, for the current step (valid during
 // forward()).
 struct CudaStep {

@@ -129,16 +129,9 @@ void run_fp8_linear(const Fp8LinearCall& c, CublasLtGemm& gemm, void* workspace,
                                            x_kind, y_kind, stream));
 }
 
-struct ComputeCapability {
-  int device = 0, major = 0, minor = 0;
-};
-
-// The current device's, refused when it cannot run FP8 linears.
+// The current device's compute capability, refused when it cannot run FP8 linears.
 ComputeCapability require_fp8_device() {
-  ComputeCapability cc;
-  RTLLM_CUDA_CHECK(cudaGetDevice(&cc.device));
-  RTLLM_CUDA_CHECK(cudaDeviceGetAttribute(&cc.major, cudaDevAttrComputeCapabilityMajor, cc.device));
-  RTLLM_CUDA_CHECK(cudaDeviceGetAttribute(&cc.minor, cudaDevAttrComputeCapabilityMinor, cc.device));
+  const ComputeCapability cc = current_compute_capability();
   const std::string why = fp8_linear_unsupported_reason(cc.major, cc.minor);
   RTLLM_CHECK_ARG(why.empty(), why, " (CUDA device ", cc.device, ")");
   return cc;

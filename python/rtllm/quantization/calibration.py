@@ -153,20 +153,25 @@ def load_calib_texts(calib_data) -> list:
     return texts
 
 
-def model_tokenizer(model):
-    """The tokenizer a prompt to `model` would use: tokenizer.json of its checkpoint directory, or the one a
-    GGUF file describes in its metadata; None when it has neither (random-weight benchmark models)."""
-    from ..llmapi.tokenizer import TokenizerWrapper
-
+def tokenizer_source(model):
+    """Where the tokenizer a prompt to `model` would use comes from: its checkpoint directory (holding
+    tokenizer.json), or the GGUF file whose metadata describes it; None without either (random-weight
+    benchmark models)."""
     source = getattr(model, "source_dir", None)
     if source and os.path.isfile(os.path.join(source, "tokenizer.json")):
-        return TokenizerWrapper.from_pretrained(source)
-    gguf_path = getattr(model, "gguf_path", None)
-    if gguf_path:
-        from ..models.gguf_tokenizer import load_gguf_tokenizer
+        return source
+    return getattr(model, "gguf_path", None) or None
 
-        return load_gguf_tokenizer(gguf_path)
-    return None
+
+def model_tokenizer(model):
+    """The tokenizer from tokenizer_source(model), or None."""
+    from ..llmapi.tokenizer import TokenizerWrapper
+    from ..models.gguf_tokenizer import load_gguf_tokenizer
+
+    source = tokenizer_source(model)
+    if source is None:
+        return None
+    return TokenizerWrapper.from_pretrained(source) if os.path.isdir(source) else load_gguf_tokenizer(source)
 
 
 def tokenize_samples(model, texts: list, num_samples: int, max_tokens: int) -> list:
@@ -184,12 +189,6 @@ def tokenize_samples(model, texts: list, num_samples: int, max_tokens: int) -> l
     if not samples:
         raise ValueError("calibration texts tokenize to no tokens")
     return samples
-
-
-def has_tokenizer(model) -> bool:
-    source = getattr(model, "source_dir", None)
-    return (bool(source) and os.path.isfile(os.path.join(source, "tokenizer.json"))) or \
-        bool(getattr(model, "gguf_path", None))
 
 
 def random_samples(model, num_samples: int, max_tokens: int) -> list:
@@ -232,7 +231,7 @@ def calibrate(model, build_config, quant_config, calib_data=None, linear_weights
     if calib_data is None and quant_config.calib_dataset != DEFAULT_DATASET:
         calib_data = quant_config.calib_dataset  # a file named on the command line (--calib-data)
     max_len = min(quant_config.calib_max_seq_length, model.config.max_position_embeddings)
-    if calib_data is None and not has_tokenizer(model):
+    if calib_data is None and tokenizer_source(model) is None:
         samples = random_samples(model, quant_config.calib_size, max_len)
     else:
         samples = tokenize_samples(model, load_calib_texts(calib_data), quant_config.calib_size, max_len)
