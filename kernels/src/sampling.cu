@@ -409,27 +409,39 @@ __device__ __forceinline__ int32_t find_in_id_order(Shared& sh, const cg::cluste
       sh.sel_warp_before = acc;
     }
     __syncthreads();
-    if (warp == sh.sel_warp) {
-      u64 acc = sh.sel_warp_before;
-      int32_t found = -1;
-      for (int32_t b = begin; b < end; b += 32) {
-        const int32_t i = b + lane;
-        const u64 w = i < end ? weight(i, sl.raw[i]) : 0;
-        u64 incl = w;
+    // The whole CTA rescans the selected warp's chunk: thread t weighs `per` consecutive elements (its
+    // loads all in flight at once), a block scan orders the threads' sums (id order), and the one thread
+    // whose range reaches the target finds the element in it. (A single warp stepping through the chunk
+    // 32 elements at a time waited for a load and a scan per step: ~250 steps for a 128k-row CTA.)
+    const int32_t chunk_begin = sl.begin + sh.sel_warp * chunk, chunk_end = min(sl.end, chunk_begin + chunk);
+    const int32_t per = ceil_div(max(chunk_end - chunk_begin, 0), kThreads);
+    const int32_t own_begin = min(chunk_end, chunk_begin + (int32_t)threadIdx.x * per);
+    const int32_t own_end = min(chunk_end, own_begin + per);
+    u64 own = 0;
+    for (int32_t i0 = own_begin; i0 < own_end; i0 += 8) {
+      float v[8];  // the group's loads issued before any weight needs them
 #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const u64 up = __shfl_up_sync(0xffffffffu, incl, o);
-          if (lane >= o) incl += up;
-        }
-        const unsigned hit = __ballot_sync(0xffffffffu, w > 0 && acc + incl >= target);
-        if (hit) {
-          found = b + __ffs(hit) - 1;
+      for (int k = 0; k < 8; ++k) v[k] = i0 + k < own_end ? sl.raw[i0 + k] : 0.0f;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const u64 w = weight(min(i0 + k, own_end - 1), v[k]);  // weighed either way: no branch
+        own += i0 + k < own_end ? w : 0;
+      }
+    }
+    u64 chunk_total;
+    const u64 acc0 = sh.sel_warp_before + block_exclusive_scan(sh, own, &chunk_total);
+    if (own > 0 && acc0 < target && target <= acc0 + own) {
+      u64 acc = acc0;
+      int32_t found = -1;
+      for (int32_t i = own_begin; i < own_end; ++i) {  // the loads above left these elements in L1
+        const u64 w = weight(i, sl.raw[i]);
+        acc += w;
+        if (w > 0 && acc >= target) {
+          found = i;
           break;
         }
-        acc += __shfl_sync(0xffffffffu, incl, 31);
       }
-      if (lane == 0)
-        for (unsigned r = 0; r < cluster.num_blocks(); ++r) cluster.map_shared_rank(&sh, r)->sel_id = found;
+      for (unsigned r = 0; r < cluster.num_blocks(); ++r) cluster.map_shared_rank(&sh, r)->sel_id = found;
     }
   }
   cluster.sync();  // sel_id written everywhere; cta_u64 read by everyone
