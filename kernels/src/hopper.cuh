@@ -12,6 +12,9 @@
 #include <cudaTypedefs.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "dispatch.cuh"
 
@@ -206,17 +209,66 @@ inline bool encode_sw128_rows(CUtensorMap* map, const void* data, CUtensorMapDat
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// How many clusters of the launch shape fit on the device at once, per (kernel, device, cluster, threads,
+// shared memory): the shared-memory opt-in and the occupancy query cost microseconds of host time, which
+// every eager launch of a linear would pay again. Cached for the process once they succeed.
+struct PersistentShape {
+  const void* kernel;
+  int device, cluster, threads;
+  size_t smem_bytes;
+  bool operator<(const PersistentShape& o) const {
+    return std::tie(kernel, device, cluster, threads, smem_bytes) <
+           std::tie(o.kernel, o.device, o.cluster, o.threads, o.smem_bytes);
+  }
+};
+
+// Clusters of `cluster` CTAs of `kernel` that fit on `device` (0 when none), from the cache or asked now.
+template <typename... KernelArgs>
+cudaError_t persistent_fit(void (*kernel)(KernelArgs...), int device, int cluster, int threads, size_t smem_bytes,
+                           int* fit) {
+  static std::mutex mutex;
+  static std::map<PersistentShape, int> known;
+  const PersistentShape shape{reinterpret_cast<const void*>(kernel), device, cluster, threads, smem_bytes};
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto it = known.find(shape);
+  if (it != known.end()) {
+    *fit = it->second;
+    return cudaSuccess;
+  }
+  // A host-side attribute, safe during graph capture, and per device.
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes);
+  int sms = 0;
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute cluster_shape;  // the occupancy query takes the cluster shape only
+  cluster_shape.id = cudaLaunchAttributeClusterDimension;
+  cluster_shape.val.clusterDim.x = cluster;
+  cluster_shape.val.clusterDim.y = 1;
+  cluster_shape.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((unsigned)(sms / cluster * cluster));
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem_bytes;
+  config.attrs = &cluster_shape;
+  config.numAttrs = 1;
+  err = cudaOccupancyMaxActiveClusters(fit, kernel, &config);
+  if (err == cudaSuccess) known.emplace(shape, *fit);
+  return err;
+}
+
 // Launches a persistent kernel: as many clusters of `cluster` CTAs (1 or 2) as fit on the current device at
 // once (one CTA per SM; clusters are placed within a GPC, so pairs may leave an SM out), at most num_tiles,
-// each cluster taking every (gridDim / cluster)-th tile; with smem_bytes of dynamic shared memory (opted in
-// on every launch: a host-side attribute, safe during graph capture, and per device) and programmatic
-// dependent launch when enabled. A cluster that could not start with the others would run its tiles after
-// them: the grid never holds more clusters than fit.
+// each cluster taking every (gridDim / cluster)-th tile; with smem_bytes of dynamic shared memory and
+// programmatic dependent launch when enabled. A cluster that could not start with the others would run its
+// tiles after them: the grid never holds more clusters than fit.
 template <typename... KernelArgs, typename... Args>
 cudaError_t launch_persistent(void (*kernel)(KernelArgs...), int64_t num_tiles, int cluster, int threads,
                               size_t smem_bytes, cudaStream_t stream, Args... args) {
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes);
+  int device = 0, fit = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = persistent_fit(kernel, device, cluster, threads, smem_bytes, &fit);
   if (err != cudaSuccess) return err;
+  if (fit < 1) return cudaErrorInvalidConfiguration;
   cudaLaunchAttribute attributes[2];
   attributes[0].id = cudaLaunchAttributeClusterDimension;
   attributes[0].val.clusterDim.x = cluster;
@@ -229,14 +281,6 @@ cudaError_t launch_persistent(void (*kernel)(KernelArgs...), int64_t num_tiles, 
   config.dynamicSmemBytes = smem_bytes;
   config.stream = stream;
   config.attrs = attributes;
-  config.numAttrs = 1;  // the occupancy query below takes the cluster shape only
-  int device = 0, sms = 0, fit = 0;
-  err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  config.gridDim = dim3((unsigned)(sms / cluster * cluster));
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveClusters(&fit, kernel, &config);
-  if (err != cudaSuccess) return err;
-  if (fit < 1) return cudaErrorInvalidConfiguration;
   const int64_t clusters = num_tiles < fit ? num_tiles : fit;
   config.gridDim = dim3((unsigned)(clusters * cluster));
   config.numAttrs = 2;
