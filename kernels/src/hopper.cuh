@@ -209,6 +209,16 @@ inline bool encode_sw128_rows(CUtensorMap* map, const void* data, CUtensorMapDat
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The launch attribute of clusters of `cluster` CTAs along x.
+inline cudaLaunchAttribute cluster_dimension(int cluster) {
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = cluster;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  return attribute;
+}
+
 // How many clusters of the launch shape fit on the device at once, per (kernel, device, cluster, threads,
 // shared memory): the shared-memory opt-in and the occupancy query cost microseconds of host time, which
 // every eager launch of a linear would pay again. Cached for the process once they succeed.
@@ -240,11 +250,7 @@ cudaError_t persistent_fit(void (*kernel)(KernelArgs...), int device, int cluste
   int sms = 0;
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
-  cudaLaunchAttribute cluster_shape;  // the occupancy query takes the cluster shape only
-  cluster_shape.id = cudaLaunchAttributeClusterDimension;
-  cluster_shape.val.clusterDim.x = cluster;
-  cluster_shape.val.clusterDim.y = 1;
-  cluster_shape.val.clusterDim.z = 1;
+  cudaLaunchAttribute cluster_shape = cluster_dimension(cluster);  // the occupancy query takes only this
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((unsigned)(sms / cluster * cluster));
   config.blockDim = dim3(threads);
@@ -270,10 +276,7 @@ cudaError_t launch_persistent(void (*kernel)(KernelArgs...), int64_t num_tiles, 
   if (err != cudaSuccess) return err;
   if (fit < 1) return cudaErrorInvalidConfiguration;
   cudaLaunchAttribute attributes[2];
-  attributes[0].id = cudaLaunchAttributeClusterDimension;
-  attributes[0].val.clusterDim.x = cluster;
-  attributes[0].val.clusterDim.y = 1;
-  attributes[0].val.clusterDim.z = 1;
+  attributes[0] = cluster_dimension(cluster);
   attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attributes[1].val.programmaticStreamSerializationAllowed = programmatic_launch_enabled() ? 1 : 0;
   cudaLaunchConfig_t config = {};
