@@ -2,6 +2,7 @@
 model and one workload, every request submitted at once in both: the two should agree on token counts
 and come close on throughput and latency, the server adding HTTP, JSON and detokenization per streamed
 chunk (--max-concurrency caps the server's in-flight requests instead, as a closed-loop client would).
+Each sampling mode of --sampling (default: greedy, top-p and top-k) runs through both.
 
   python benchmarks/bench_serving.py --preset llama-3-8b --device cuda --num-requests 1000 \\
       --input-len 128 --output-len 128 --max-batch-size 256
@@ -19,9 +20,16 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_e2e import SAMPLING  # noqa: E402
 from timing import report  # noqa: E402
 
 METRICS = ("ttft", "tpot", "itl", "e2e")
+
+
+def sampling_flags(mode: str) -> list:
+    """`rtllm bench` flags of one of bench_e2e.py's sampling modes (its seed is the benchmark's own)."""
+    flags = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k"}
+    return [arg for key, value in SAMPLING[mode].items() if key in flags for arg in (flags[key], str(value))]
 
 
 def wait_for_server(url: str, server: subprocess.Popen, timeout_s: float) -> None:
@@ -51,6 +59,9 @@ def main():
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-concurrency", type=int, default=None,
                         help="most requests in flight at the server (default: all at once, as offline)")
+    parser.add_argument("--sampling", nargs="+", choices=sorted(SAMPLING), default=["greedy", "topp", "topk"],
+                        help="sampling modes, each run through both paths (bench_e2e.py's: greedy; temperature 0.8 "
+                             "with top-p 0.95; temperature 0.8 with top-k 50)")
     parser.add_argument("--port", type=int, default=8431)
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
@@ -66,36 +77,40 @@ def main():
         workload = ["--num-requests", str(args.num_requests), "--input-len", str(args.input_len),
                     "--output-len", str(args.output_len), "--no-progress"]
         rtllm = [sys.executable, "-m", "rtllm.cli"]
-        offline_json, serve_json = os.path.join(tmp, "offline.json"), os.path.join(tmp, "serve.json")
-        subprocess.run(rtllm + ["bench", "throughput", model, *engine, *workload, "--output-json", offline_json],
-                       check=True)
         url = f"http://127.0.0.1:{args.port}"
+        concurrency = ["--max-concurrency", str(args.max_concurrency)] if args.max_concurrency else []
+        offline, serve = {}, {}
+        for mode in args.sampling:
+            offline_json = os.path.join(tmp, f"offline_{mode}.json")
+            subprocess.run(rtllm + ["bench", "throughput", model, *engine, *workload, *sampling_flags(mode),
+                                    "--output-json", offline_json], check=True)
+            with open(offline_json) as f:
+                offline[mode] = json.load(f)
         server = subprocess.Popen(rtllm + ["serve", model, "--port", str(args.port), "--log-level", "warning",
                                            *engine])
         try:
             wait_for_server(url, server, timeout_s=600)
-            concurrency = ["--max-concurrency", str(args.max_concurrency)] if args.max_concurrency else []
-            subprocess.run(rtllm + ["bench", "serve", "--base-url", url, "--tokenizer", model, *workload,
-                                    *concurrency, "--output-json", serve_json], check=True)
+            for mode in args.sampling:
+                serve_json = os.path.join(tmp, f"serve_{mode}.json")
+                subprocess.run(rtllm + ["bench", "serve", "--base-url", url, "--tokenizer", model, *workload,
+                                        *concurrency, *sampling_flags(mode), "--output-json", serve_json], check=True)
+                with open(serve_json) as f:
+                    serve[mode] = json.load(f)
         finally:
             server.terminate()
             server.wait(timeout=60)
-        with open(offline_json) as f:
-            offline = json.load(f)
-        with open(serve_json) as f:
-            serve = json.load(f)
 
     results = {"model": args.model or args.preset, "device": args.device, "throughput": offline, "serve": serve}
     rows = []
-    for name, r in (("bench throughput", offline), ("bench serve", serve)):
-        row = {"mode": name, "requests": r["num_completed"], "output tokens": r["total_output_tokens"],
-               "output tok/s": r["output_token_throughput"]}
-        for key in METRICS:
-            row[f"{key} p50 ms"] = r[key].get("p50_ms")
-        rows.append(row)
-    report(results, rows, ["mode", "requests", "output tokens", "output tok/s"] + [f"{k} p50 ms" for k in METRICS],
-           args.output)
-
+    for mode in args.sampling:
+        for name, r in (("bench throughput", offline[mode]), ("bench serve", serve[mode])):
+            row = {"mode": name, "sampling": mode, "requests": r["num_completed"],
+                   "output tokens": r["total_output_tokens"], "output tok/s": r["output_token_throughput"]}
+            for key in METRICS:
+                row[f"{key} p50 ms"] = r[key].get("p50_ms")
+            rows.append(row)
+    report(results, rows, ["mode", "sampling", "requests", "output tokens", "output tok/s"] +
+           [f"{k} p50 ms" for k in METRICS], args.output)
 
 if __name__ == "__main__":
     main()
