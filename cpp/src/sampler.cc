@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 
 // The probability and mass arithmetic shared with the CUDA sampler (header-only).
@@ -190,57 +191,122 @@ void Sampler::apply_temperature(int32_t vocab_size, float temperature, float max
   }
 }
 
+namespace {
+
+// A candidate's place in the (adjusted logit desc, id asc) order as one integer, larger first: the logit's
+// order key over the complement of the id. The selections below compare these instead of logits and ids.
+uint64_t rank_key(float logit, int32_t id) {
+  return (static_cast<uint64_t>(sampling::order_key(logit)) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(id));
+}
+
+int32_t id_of(uint64_t key) { return static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key)); }
+
+using KeyIt = std::vector<uint64_t>::iterator;
+
+uint64_t mass_sum(KeyIt begin, KeyIt end, const uint64_t* masses) {
+  uint64_t total = 0;
+  for (auto it = begin; it != end; ++it) total += masses[id_of(*it)];
+  return total;
+}
+
+// Permutes [begin, end) (rank keys) so that the keys of the shortest prefix of the rank order whose mass
+// reaches `threshold` come first, the last of them at the returned position (begin when threshold is 0).
+// A quickselect on mass: each round partitions the range around its middle element (std::nth_element)
+// and keeps the half that holds the cut, so the expected work is linear in the number of keys, where a
+// sort was n log n.
+KeyIt first_reaching(KeyIt begin, KeyIt end, const uint64_t* masses, uint64_t threshold) {
+  constexpr std::ptrdiff_t kSortBelow = 32;  // a short range is sorted and walked
+  const std::greater<uint64_t> first;
+  auto lo = begin, hi = end;
+  uint64_t need = threshold;  // still to reach from lo on; the mass of [lo, hi) is at least this
+  while (hi - lo > kSortBelow) {
+    const auto mid = lo + (hi - lo) / 2;
+    std::nth_element(lo, mid, hi, first);
+    const uint64_t through_mid = mass_sum(lo, mid + 1, masses);
+    if (through_mid >= need) {
+      hi = mid + 1;
+    } else {
+      need -= through_mid;
+      lo = mid + 1;
+    }
+  }
+  std::sort(lo, hi, first);
+  for (auto it = lo; it != hi; ++it) {
+    if (masses[id_of(*it)] >= need) return it;
+    need -= masses[id_of(*it)];
+  }
+  return hi - 1;  // not reached: threshold <= the total mass
+}
+
+}  // namespace
+
 // Stage 4, the rules of kernels/include/rtllm/kernels/sampling.cuh, in integers:
 //   order    the candidates by (adjusted logit desc, id asc) (-0 and +0 equal);
 //   top-k    when 0 < top_k < #candidates, keep the first top_k of that order;
 //   top-p    when top_p < 1, with total the mass kept so far and T = ceil(top_p · total) (exact),
 //            keep the shortest prefix of that order whose mass reaches T;
 //   min-p    drop the candidates of mass < ceil(min_p · 2^33) (the most likely token always stays).
-// Candidates end in id order (the draw's order).
+// Top-k and top-p each keep a prefix of the order, found by selection over the candidates' rank keys (no
+// sort of the vocabulary). A short prefix replaces the candidates (in id order, the draw's order);
+// otherwise the draw tests each candidate where it is: rank key at least cut_, mass at least least_.
 void Sampler::filter_candidates(const SamplingConfig& config) {
-  const float* logits = logits_.data();
-  auto before = [logits](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);  // -0 == +0: id order
+  const int64_t n = static_cast<int64_t>(candidates_.size()), k = config.top_k;
+  const bool top_k = k > 0 && k < n, top_p = config.top_p < 1.0f;
+  least_ = config.min_p > 0.0f ? sampling::min_p_threshold(config.min_p) : 0;
+  cut_ = 0;  // below every rank key
+  if (!top_k && !top_p) return;
+  auto rank_keys = [&](std::vector<uint64_t>& keys) {
+    keys.resize(candidates_.size());
+    for (size_t i = 0; i < candidates_.size(); ++i) keys[i] = rank_key(logits_[candidates_[i]], candidates_[i]);
   };
-  const int64_t num_candidates = static_cast<int64_t>(candidates_.size());
-  const bool top_k = config.top_k > 0 && config.top_k < num_candidates;
-  const bool top_p = config.top_p < 1.0f;
-  if (top_k) {
-    std::partial_sort(candidates_.begin(), candidates_.begin() + config.top_k, candidates_.end(), before);
-    candidates_.resize(config.top_k);
-  } else if (top_p) {
-    std::sort(candidates_.begin(), candidates_.end(), before);
+  bool list_kept = false;  // whether the kept candidates are listed whatever their number
+  if (top_k && k <= n / 8) {
+    // A heap of k over the ids themselves (one comparison for most of them); only the k kept get keys.
+    const float* logits = logits_.data();
+    std::partial_sort(candidates_.begin(), candidates_.begin() + k, candidates_.end(), [logits](int32_t a, int32_t b) {
+      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);  // -0 == +0: id order
+    });
+    candidates_.resize(k);
+    rank_keys(order_);
+    list_kept = true;
+  } else {
+    rank_keys(order_);
+    if (top_k) std::nth_element(order_.begin(), order_.begin() + (k - 1), order_.end(), std::greater<uint64_t>());
   }
+  auto kept_end = order_.begin() + (top_k ? k : n);  // the keys kept so far are those before it
   if (top_p) {
-    uint64_t total = 0;
-    for (int32_t id : candidates_) total += masses_[id];
-    const uint64_t threshold = sampling::top_p_threshold(total, config.top_p);
-    uint64_t mass = 0;
-    size_t num_keep = 0;
-    while (num_keep < candidates_.size() && mass < threshold) mass += masses_[candidates_[num_keep++]];
-    candidates_.resize(std::max<size_t>(num_keep, 1));
+    const uint64_t total = mass_sum(order_.begin(), kept_end, masses_.data());
+    kept_end = first_reaching(order_.begin(), kept_end, masses_.data(),
+                              sampling::top_p_threshold(total, config.top_p)) + 1;
   }
-  if (top_k || top_p) std::sort(candidates_.begin(), candidates_.end());
-  if (config.min_p > 0.0f) {
-    const uint64_t least = sampling::min_p_threshold(config.min_p);
-    candidates_.erase(std::remove_if(candidates_.begin(), candidates_.end(),
-                                     [&](int32_t id) { return masses_[id] < least; }),
-                      candidates_.end());
+  const int64_t num_kept = kept_end - order_.begin();
+  if (list_kept || num_kept * 16 <= n) {  // listing costs less than testing every candidate twice in the draw
+    candidates_.resize(num_kept);
+    for (int64_t i = 0; i < num_kept; ++i) candidates_[i] = id_of(order_[i]);
+    std::sort(candidates_.begin(), candidates_.end());
+    return;
   }
+  cut_ = *(kept_end - 1);
+  rank_keys(keys_);
 }
 
 // Stage 5: with total the kept mass and target = floor(u · total) (u = bits · 2^-53, exact), the
 // first kept candidate in id order whose cumulative mass exceeds target.
 int32_t Sampler::draw_candidate(uint64_t uniform_bits) const {
+  const bool cut = cut_ != 0;
+  auto kept_mass = [&](size_t i) {
+    const uint64_t m = masses_[candidates_[i]];
+    return (!cut || keys_[i] >= cut_) && m >= least_ ? m : 0;
+  };
   uint64_t total = 0;
-  for (int32_t id : candidates_) total += masses_[id];
+  for (size_t i = 0; i < candidates_.size(); ++i) total += kept_mass(i);
   const uint64_t target = sampling::draw_target(total, uniform_bits);
   uint64_t mass = 0;
-  for (int32_t id : candidates_) {
-    mass += masses_[id];
-    if (target < mass) return id;
+  for (size_t i = 0; i < candidates_.size(); ++i) {
+    mass += kept_mass(i);
+    if (target < mass) return candidates_[i];
   }
-  return candidates_.back();  // not reached: target < total
+  return candidates_.front();  // not reached: target < total, and the most likely candidate is kept
 }
 
 }  // namespace rtllm

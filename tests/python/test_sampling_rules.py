@@ -137,7 +137,8 @@ def test_prob_exp_matches_float64_exp_and_the_reference_emulation(harness):
 CONFIGS = [(1.0, 0, 1.0, 0.0), (0.7, 0, 1.0, 0.0), (1.3, 5, 1.0, 0.0), (1.0, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.1),
            (0.7, 5, 0.8, 0.0), (1.3, 0, 0.9, 0.1), (1.3, 8, 0.95, 0.05), (1.0, 1, 1.0, 0.0),
            (1.0, 0, 1e-6, 0.0), (1.0, 0, 0.99999994, 0.0), (1.0, 10**6, 0.5, 0.0), (0.5, 0, 1.0, 1.0),
-           (2.0, 3, 1e-6, 0.9), (1e-40, 0, 1.0, 0.0), (1e30, 0, 0.9, 0.0)]
+           (2.0, 3, 1e-6, 0.9), (1e-40, 0, 1.0, 0.0), (1e30, 0, 0.9, 0.0),
+           (1.0, 100, 1.0, 0.0), (0.7, 150, 0.9, 0.05)]  # top-k past an eighth of the vocabulary: a linear select
 
 
 @pytest.mark.parametrize("scale", [0.05, 1.0, 4.0], ids=["flat", "normal", "peaked"])
@@ -169,8 +170,11 @@ def test_ties_top_p_extremes_and_all_masked(harness):
     masked = np.full(vocab, -np.inf, F32)
     one = masked.copy()
     one[17] = -5.0
+    pair = masked.copy()
+    pair[[7, 40]] = 0.5  # two equal masses: top_p 0.5's threshold is exactly the first one's
     cases = [(tied, dict(top_k=5)), (tied, dict(top_p=0.3)), (tied, dict(top_k=30, top_p=0.9)),
-             (tied, dict(top_p=1e-6)), (tied, dict(top_k=1000)), (one, dict(top_p=0.5)), (one, dict())]
+             (tied, dict(top_p=1e-6)), (tied, dict(top_k=1000)), (one, dict(top_p=0.5)), (one, dict()),
+             (pair, dict(top_p=0.5))]
     for logits, settings in cases:
         rows = [dict(settings, seed=s, step=3) for s in range(60)]
         got = cpp_sample(harness, np.tile(logits, (60, 1)), rows)
@@ -182,6 +186,9 @@ def test_ties_top_p_extremes_and_all_masked(harness):
     assert set(got.tolist()) == {0, 3, 6, 9, 12}
     got = cpp_sample(harness, np.tile(tied, (100, 1)), [dict(top_p=1e-6, seed=s) for s in range(100)])
     assert set(got.tolist()) == {0}
+    # A prefix whose mass equals the threshold reaches it: the first of the pair alone is kept.
+    got = cpp_sample(harness, np.tile(pair, (100, 1)), [dict(top_p=0.5, seed=s) for s in range(100)])
+    assert set(got.tolist()) == {7}
     assert cpp_sample(harness, masked[None], [dict()]).tolist() == [-1]
     assert cpp_sample(harness, one[None], [dict(top_k=3, top_p=0.1, min_p=0.9)]).tolist() == [17]
 

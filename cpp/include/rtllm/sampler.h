@@ -118,6 +118,11 @@ class RTLLM_API Sampler {
   std::vector<float> logits_;
   std::vector<int32_t> candidates_;
   std::vector<uint64_t> masses_;
+  // The rank keys of the candidates permuted by the top-k / top-p selections (order_), and in id order
+  // (keys_, when cut_ != 0). The draw keeps the candidates of key >= cut_ (0: every one) and mass >= least_
+  // (min-p).
+  std::vector<uint64_t> keys_, order_;
+  uint64_t cut_ = 0, least_ = 0;
 };
 
 }  // namespace rtllm
