@@ -77,21 +77,24 @@ export -f kernel_profile
 export NCU_PROGRAM NCU_KERNEL NCU_SKIP PYTHON OUT_DIR
 wants kernel_profile && run_step kernel_profile 300 kernel_profile.log bash -c kernel_profile
 
-# Default workloads: 1,000 requests at 128/128, and 200 at 2048/2048 (the KV pool holds ~100 such requests;
-# 1,000 of them take ~500 s on an H100: E2E_ARGS="--workload 2048x2048x1000 ..." runs that alone).
-E2E_ARGS=${E2E_ARGS:---workload 128x128x1000 --workload 2048x2048x200 --max-batch-size 512 \
+# Default workloads: 1,000 requests at 128/128, greedy, then sampled with top-p and with top-k, and 200 at
+# 2048/2048 (the KV pool holds ~100 such requests; 1,000 of them take ~500 s on an H100:
+# E2E_ARGS="--workload 2048x2048x1000 ..." runs that alone).
+E2E_ARGS=${E2E_ARGS:---workload 128x128x1000 --workload 128x128x1000:topp --workload 128x128x1000:topk \
+  --workload 2048x2048x200 --max-batch-size 512 \
   --hf-requests 64 --hf-max-osl 128}
 # shellcheck disable=SC2086
 wants e2e && run_step bench_e2e 480 bench_e2e.log "$PYTHON" benchmarks/bench_e2e.py --preset llama-3-8b \
   --dtype bfloat16 --device cuda --output "$OUT_DIR/e2e.json" $E2E_ARGS
 
-# rtllm bench throughput next to rtllm bench serve against rtllm serve, same model and workload.
-wants serving && run_step bench_serving 420 bench_serving.log "$PYTHON" benchmarks/bench_serving.py \
+# rtllm bench throughput next to rtllm bench serve against rtllm serve, same model and workload, greedy
+# and top-p.
+wants serving && run_step bench_serving 600 bench_serving.log "$PYTHON" benchmarks/bench_serving.py \
   --preset llama-3-8b --dtype bfloat16 --device cuda --num-requests 1000 --input-len 128 --output-len 128 \
-  --max-batch-size 256 --output "$OUT_DIR/serving.json"
-wants serving && run_step bench_serving_c256 420 bench_serving_c256.log "$PYTHON" benchmarks/bench_serving.py \
+  --max-batch-size 256 --sampling greedy topp --output "$OUT_DIR/serving.json"
+wants serving && run_step bench_serving_c256 600 bench_serving_c256.log "$PYTHON" benchmarks/bench_serving.py \
   --preset llama-3-8b --dtype bfloat16 --device cuda --num-requests 1000 --input-len 128 --output-len 128 \
-  --max-batch-size 256 --max-concurrency 256 --output "$OUT_DIR/serving_c256.json"
+  --max-batch-size 256 --max-concurrency 256 --sampling greedy topp --output "$OUT_DIR/serving_c256.json"
 
 AB_WORK=${AB_WORK:-/tmp/rtllm-ab}
 AB_ARGS=${AB_ARGS:---workload 128x128x1000 --workload 128x128x1000 --workload 128x128x1000:topp \
