@@ -99,6 +99,56 @@ int32_t argmax(const float* logits, int32_t vocab_size) {
   return best;
 }
 
+// The (logit desc, id asc) order of token ids over `logits` (-0 == +0: id order), as a comparator.
+auto ranks_before(const float* logits) {
+  return [logits](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
+}
+
+// A token's place in that order as one integer, larger first: the logit's order key over the complement
+// of the id. The top-k / top-p selections compare these instead of logits and ids.
+uint64_t rank_key(float logit, int32_t id) {
+  return (static_cast<uint64_t>(sampling::order_key(logit)) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(id));
+}
+
+int32_t id_of(uint64_t key) { return static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key)); }
+
+using KeyIt = std::vector<uint64_t>::iterator;
+
+uint64_t mass_sum(KeyIt begin, KeyIt end, const uint64_t* masses) {
+  uint64_t total = 0;
+  for (auto it = begin; it != end; ++it) total += masses[id_of(*it)];
+  return total;
+}
+
+// Permutes [begin, end) (rank keys) so that the keys of the shortest prefix of the rank order whose mass
+// reaches `threshold` come first, the last of them at the returned position (begin when threshold is 0).
+// A quickselect on mass: each round partitions the range around its middle element (std::nth_element)
+// and keeps the half that holds the cut, so the expected work is linear in the number of keys, where a
+// sort was n log n.
+KeyIt first_reaching(KeyIt begin, KeyIt end, const uint64_t* masses, uint64_t threshold) {
+  constexpr std::ptrdiff_t kSortBelow = 32;  // a short range is sorted and walked
+  const std::greater<uint64_t> first;
+  auto lo = begin, hi = end;
+  uint64_t need = threshold;  // still to reach from lo on; the mass of [lo, hi) is at least this
+  while (hi - lo > kSortBelow) {
+    const auto mid = lo + (hi - lo) / 2;
+    std::nth_element(lo, mid, hi, first);
+    const uint64_t through_mid = mass_sum(lo, mid + 1, masses);
+    if (through_mid >= need) {
+      hi = mid + 1;
+    } else {
+      need -= through_mid;
+      lo = mid + 1;
+    }
+  }
+  std::sort(lo, hi, first);
+  for (auto it = lo; it != hi; ++it) {
+    if (masses[id_of(*it)] >= need) return it;
+    need -= masses[id_of(*it)];
+  }
+  return hi - 1;  // not reached: threshold <= the total mass
+}
+
 // log_softmax of the raw logits at `token_id`, and the top `num_top` (id, logprob) pairs.
 void fill_logprobs(const float* logits, int32_t vocab_size, int32_t num_top, SampledToken& out) {
   double max_logit = logits[argmax(logits, vocab_size)];
@@ -110,9 +160,7 @@ void fill_logprobs(const float* logits, int32_t vocab_size, int32_t num_top, Sam
   std::vector<int32_t> ids(vocab_size);
   for (int32_t i = 0; i < vocab_size; ++i) ids[i] = i;
   int32_t n = std::min(num_top, vocab_size);
-  std::partial_sort(ids.begin(), ids.begin() + n, ids.end(), [&](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  });
+  std::partial_sort(ids.begin(), ids.begin() + n, ids.end(), ranks_before(logits));
   for (int32_t k = 0; k < n; ++k)
     out.top_logprobs.push_back({ids[k], static_cast<float>(logits[ids[k]] - log_sum)});
 }
@@ -191,54 +239,6 @@ void Sampler::apply_temperature(int32_t vocab_size, float temperature, float max
   }
 }
 
-namespace {
-
-// A candidate's place in the (adjusted logit desc, id asc) order as one integer, larger first: the logit's
-// order key over the complement of the id. The selections below compare these instead of logits and ids.
-uint64_t rank_key(float logit, int32_t id) {
-  return (static_cast<uint64_t>(sampling::order_key(logit)) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(id));
-}
-
-int32_t id_of(uint64_t key) { return static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key)); }
-
-using KeyIt = std::vector<uint64_t>::iterator;
-
-uint64_t mass_sum(KeyIt begin, KeyIt end, const uint64_t* masses) {
-  uint64_t total = 0;
-  for (auto it = begin; it != end; ++it) total += masses[id_of(*it)];
-  return total;
-}
-
-// Permutes [begin, end) (rank keys) so that the keys of the shortest prefix of the rank order whose mass
-// reaches `threshold` come first, the last of them at the returned position (begin when threshold is 0).
-// A quickselect on mass: each round partitions the range around its middle element (std::nth_element)
-// and keeps the half that holds the cut, so the expected work is linear in the number of keys, where a
-// sort was n log n.
-KeyIt first_reaching(KeyIt begin, KeyIt end, const uint64_t* masses, uint64_t threshold) {
-  constexpr std::ptrdiff_t kSortBelow = 32;  // a short range is sorted and walked
-  const std::greater<uint64_t> first;
-  auto lo = begin, hi = end;
-  uint64_t need = threshold;  // still to reach from lo on; the mass of [lo, hi) is at least this
-  while (hi - lo > kSortBelow) {
-    const auto mid = lo + (hi - lo) / 2;
-    std::nth_element(lo, mid, hi, first);
-    const uint64_t through_mid = mass_sum(lo, mid + 1, masses);
-    if (through_mid >= need) {
-      hi = mid + 1;
-    } else {
-      need -= through_mid;
-      lo = mid + 1;
-    }
-  }
-  std::sort(lo, hi, first);
-  for (auto it = lo; it != hi; ++it) {
-    if (masses[id_of(*it)] >= need) return it;
-    need -= masses[id_of(*it)];
-  }
-  return hi - 1;  // not reached: threshold <= the total mass
-}
-
-}  // namespace
 
 // Stage 4, the rules of kernels/include/rtllm/kernels/sampling.cuh, in integers:
 //   order    the candidates by (adjusted logit desc, id asc) (-0 and +0 equal);
@@ -262,10 +262,7 @@ void Sampler::filter_candidates(const SamplingConfig& config) {
   bool list_kept = false;  // whether the kept candidates are listed whatever their number
   if (top_k && k <= n / 8) {
     // A heap of k over the ids themselves (one comparison for most of them); only the k kept get keys.
-    const float* logits = logits_.data();
-    std::partial_sort(candidates_.begin(), candidates_.begin() + k, candidates_.end(), [logits](int32_t a, int32_t b) {
-      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);  // -0 == +0: id order
-    });
+    std::partial_sort(candidates_.begin(), candidates_.begin() + k, candidates_.end(), ranks_before(logits_.data()));
     candidates_.resize(k);
     rank_keys(order_);
     list_kept = true;
