@@ -217,26 +217,32 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="rtllm's Hopper FP8 GEMM runs on compute capability 9.0 only")
 
 
-def hopper_taken(M, N, per_token):
-    """Whether the op's own choice (path 0) is the Hopper GEMM: kHopperGemmMinTiles in cuda_fp8_linear.cc, of
-    kFp8GemmTileM x kFp8GemmTileN (128 x 256) output tiles."""
-    return HOPPER and per_token and M > 16 and -(-M // 128) * -(-N // 256) >= 66
+def hopper_taken(kernels, M, N, per_token, has_bias):
+    """Whether the op's own choice (path 0) is the Hopper GEMM: per token, where cuBLASLt cannot apply the
+    per-token scales itself, from kHopperGemmMinTiles to kHopperGemmMaxTiles (cuda_fp8_linear.cc) output
+    tiles of kFp8GemmTileM x kFp8GemmTileN (128 x 256)."""
+    if not (HOPPER and per_token and M > 16):
+        return False
+    if kernels.fp8_scaled_gemm_supported(True, "BF16", "BF16" if has_bias else ""):
+        return False
+    return 256 <= -(-M // 128) * -(-N // 256) <= 1023
 
 
 @needs_hopper
 @pytest.mark.parametrize("M", [1, 17, 128, 300, 1100])
-@pytest.mark.parametrize("N,K", [(128, 128), (300, 48), (2100, 4112), (136, 14336)])
+@pytest.mark.parametrize("N,K", [(128, 128), (300, 48), (2100, 4112), (136, 14336), (8192, 48)])
 @pytest.mark.parametrize("per_token", [True, False], ids=["per_token", "static"])
 def test_hopper_gemm_matches_reference(kernels, M, N, K, per_token):
-    """Tiles cut by M and N (1, 17, 300, 1,100 rows; 128, 136, 300 and 2,100 columns: TMA's zero fill past
-    the edges, a tile's second half of columns empty or partial), K not a multiple of the 128-code block (48, 4112) and long K (Llama-3-8B's down
+    """Tiles cut by M and N (1, 17, 300, 1,100 rows; 128, 136, 300, 2,100 and 8,192 columns: TMA's zero fill
+    past the edges, a tile's second half of columns empty or partial; 1,100 x 8,192 is 288 tiles, where the
+    op itself takes this GEMM unless cuBLASLt scales per token), K not a multiple of the 128-code block (48, 4112) and long K (Llama-3-8B's down
     projection: the promotion of each block's MMA sums keeps the error within the bound)."""
     rng = np.random.default_rng([M, N, K, per_token, 3])
     dev, host = random_case(rng, M, N, K, per_token, M % 2 == 1, "BF16")
     ref, mag = reference(*host, per_token)
     y = run_op(kernels, dev, M, N, K, per_token, "BF16", "BF16", path=3)
     check(y, ref, mag)
-    if hopper_taken(M, N, per_token):  # the op's choice: the same kernel, the same bits
+    if hopper_taken(kernels, M, N, per_token, M % 2 == 1):  # the op's choice: the same kernel, the same bits
         np.testing.assert_array_equal(y, run_op(kernels, dev, M, N, K, per_token, "BF16", "BF16"))
 
 

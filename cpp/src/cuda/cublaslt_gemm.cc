@@ -81,9 +81,11 @@ void set_attr(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, co
 }
 
 // Descriptors of an FP8 plan: A = w (transposed), B = q, D of y_dtype; scale modes, bias epilogue. The
-// scale pointers are set per call.
+// scale pointers are set again on every call; they are set here too because cuBLASLt's heuristic refuses
+// the outer-vector mode (CUBLAS_STATUS_INVALID_VALUE) while the descriptor has no scale pointers, and
+// then answers with its vector-scaled kernels (measured on an H200 with cuBLASLt 13.1).
 void describe_fp8(CublasLtGemm::Plan& p, int64_t T, int64_t N, int64_t K, DataType y_dtype, int bias_dtype,
-                  CublasLtGemm::Fp8Scaling scaling) {
+                  CublasLtGemm::Fp8Scaling scaling, const float* x_scale, const float* w_scale) {
   RTLLM_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   // FP8 GEMMs take only the "TN" form: both operands with K contiguous, which row-major w [N, K] and
   // q [T, K] are (see the layout note above).
@@ -94,6 +96,10 @@ void describe_fp8(CublasLtGemm::Plan& p, int64_t T, int64_t N, int64_t K, DataTy
     const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
     set_attr(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, mode);
     set_attr(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, mode);
+  }
+  if (scaling != CublasLtGemm::Fp8Scaling::kNone) {
+    set_attr(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, w_scale);
+    set_attr(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, x_scale);
   }
   if (bias_dtype >= 0) {
     set_attr(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, CUBLASLT_EPILOGUE_BIAS);
@@ -159,12 +165,13 @@ void CublasLtGemm::linear(void* y, const void* x, const void* w, const void* bia
                                     workspace_, workspace_bytes_, stream));
 }
 
-CublasLtGemm::Plan& CublasLtGemm::fp8_plan(const Fp8Key& key) {
+CublasLtGemm::Plan& CublasLtGemm::fp8_plan(const Fp8Key& key, const float* x_scale, const float* w_scale) {
   auto it = fp8_plans_.find(key);
   if (it != fp8_plans_.end()) return *it->second;
   const auto [T, N, K, y_int, bias_int, scaling_int] = key;
   auto p = std::make_unique<Plan>();
-  describe_fp8(*p, T, N, K, static_cast<DataType>(y_int), bias_int, static_cast<Fp8Scaling>(scaling_int));
+  describe_fp8(*p, T, N, K, static_cast<DataType>(y_int), bias_int, static_cast<Fp8Scaling>(scaling_int), x_scale,
+               w_scale);
   RTLLM_CHECK(find_algo(handle_, *p, workspace_bytes_), "cuBLASLt has no FP8 algorithm for fp8_linear x [", T, ", ",
               K, "] · W [", N, ", ", K, "]ᵀ with output ", dtype_safetensors_name(static_cast<DataType>(y_int)),
               bias_int >= 0 ? " and a bias" : "", " (scaling ", scaling_int, ")");
@@ -181,7 +188,8 @@ void CublasLtGemm::fp8_linear(void* y, const void* q, const void* w, const float
   RTLLM_CHECK(scaling != Fp8Scaling::kNone || y_dtype == DataType::kFloat32,
               "cuBLASLt fp8_linear: unscaled output must be float32");
   Plan& p = fp8_plan(Fp8Key{T, N, K, static_cast<int>(y_dtype), bias ? static_cast<int>(bias_dtype) : -1,
-                            static_cast<int>(scaling)});
+                            static_cast<int>(scaling)},
+                     x_scale, w_scale);
   if (bias) set_attr(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
   if (scaling != Fp8Scaling::kNone) {
     set_attr(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, w_scale);
@@ -229,16 +237,21 @@ bool CublasLtGemm::fp8_scaled_gemm_supported(Fp8Scaling scaling, DataType y_dtyp
   std::lock_guard<std::mutex> lock(mutex);
   auto it = known.find(key);
   if (it != known.end()) return it->second;
+  constexpr int64_t kProbeSize = 256;  // T = N = K of the probe shape
   cublasLtHandle_t handle = nullptr;
   RTLLM_CUBLAS_CHECK(cublasLtCreate(&handle));
+  float* scales = nullptr;  // x_scale then w_scale, as long as the probe's outer-vector mode reads them
   bool supported = false;
   try {
+    RTLLM_CUDA_CHECK(cudaMalloc(&scales, 2 * kProbeSize * sizeof(float)));
     Plan p;
-    describe_fp8(p, 256, 256, 256, y_dtype, std::get<2>(key), scaling);
+    describe_fp8(p, kProbeSize, kProbeSize, kProbeSize, y_dtype, std::get<2>(key), scaling, scales,
+                 scales + kProbeSize);
     supported = find_algo(handle, p, kProbeWorkspaceBytes);
   } catch (const Error&) {
     supported = false;  // e.g. a scale mode this cuBLASLt does not know
   }
+  if (scales) cudaFree(scales);
   cublasLtDestroy(handle);
   return known[key] = supported;
 }

@@ -58,7 +58,7 @@ class CublasLtGemm {
   Plan& plan(const Key& key);
   // T, N, K, y dtype, bias dtype (-1: none), scaling
   using Fp8Key = std::tuple<int64_t, int64_t, int64_t, int, int, int>;
-  Plan& fp8_plan(const Fp8Key& key);
+  Plan& fp8_plan(const Fp8Key& key, const float* x_scale, const float* w_scale);
   std::map<Fp8Key, std::unique_ptr<Plan>> fp8_plans_;
   using Int8Key = std::tuple<int64_t, int64_t, int64_t>;  // T, N, K
   std::map<Int8Key, std::unique_ptr<Plan>> int8_plans_;

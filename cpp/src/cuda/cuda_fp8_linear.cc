@@ -3,8 +3,9 @@
 //     s_t = max(amax |x[t]| / 448, FLT_MIN) by a small kernel into the workspace;
 //   static (FP8): weight_scale [1], input_scale [1]; q = e4m3(x / input_scale).
 // Then T <= kMaxGemvRows: the FP8 GEMV (kernels/src/fp8.cu), bound by reading the weight once; larger T,
-// per token on compute capability 9.0 where it measured ahead (fp8_gemm_preferred): rtllm's
-// Hopper FP8 GEMM (kernels/src/fp8_gemm.cu), the scales applied in its epilogue; otherwise cuBLASLt's FP8
+// per token on compute capability 9.0 where cuBLASLt cannot apply per-token scales and rtllm's GEMM
+// measured ahead (fp8_gemm_preferred): rtllm's Hopper FP8 GEMM (kernels/src/fp8_gemm.cu), the scales
+// applied in its epilogue; otherwise cuBLASLt's FP8
 // GEMM with the scales applied in its epilogue (per-tensor scale pointers, or the outer-
 // vector mode for per-token x per-channel: CUDA 12.9+). Where cuBLASLt has no such algorithm for the
 // op's output and bias dtypes (asked at load), the GEMM writes unscaled float32 accumulators into the
@@ -111,8 +112,10 @@ void run_fp8_linear(const Fp8LinearCall& c, CublasLtGemm& gemm, void* workspace,
                                    x_kind, y_kind, stream));
     return;
   }
-  const bool hopper = path == Fp8Path::kHopperGemm ||
-                      (path == Fp8Path::kAuto && c.hopper_gemm && c.per_token && fp8_gemm_preferred(c.T, c.N));
+  // rtllm's Hopper GEMM only stands in for cuBLASLt's unscaled GEMM + scale pass: where cuBLASLt applies
+  // the per-token scales itself (outer-vector mode) its GEMM runs at the per-tensor rate.
+  const bool hopper = path == Fp8Path::kHopperGemm || (path == Fp8Path::kAuto && c.hopper_gemm && c.per_token &&
+                                                       !c.scaled_gemm && fp8_gemm_preferred(c.T, c.N));
   if (hopper) {
     check_launch(kernels::fp8_gemm(c.y, q, x_scale, c.per_token, c.w, c.w_scale, c.per_token, c.bias, c.T, c.N, c.K,
                                    x_kind, y_kind, stream));
