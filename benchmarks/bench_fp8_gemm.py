@@ -1,6 +1,6 @@
 """FP8 linears on CUDA: rtllm's fp8_linear (rtllm._core.kernels.fp8_linear, the op's code path: activation
-quantization included; torch._scaled_mm gets pre-quantized operands) against the device's copy bandwidth at decode sizes and torch._scaled_mm at
-prefill sizes. CUDA events, warmup, median of repeats.
+quantization included) against the device's copy bandwidth at decode sizes and torch._scaled_mm at prefill
+sizes, on pre-quantized operands (the GEMM alone) and on bf16 x that torch quantizes first (the whole op). CUDA events, warmup, median of repeats.
 
     python benchmarks/bench_fp8_gemm.py [--json OUT] [--only gemv|gemm]
 
@@ -69,14 +69,25 @@ def rtllm_call(M, N, Kd, per_token, path=0):
     return call
 
 
-def torch_scaled_mm(M, N, Kd, rowwise):
-    a = torch.randn(M, Kd, device="cuda").to(torch.float8_e4m3fn)
+def torch_scaled_mm(M, N, Kd, rowwise, quantize=False):
+    """torch._scaled_mm on pre-quantized operands, or (quantize) on bf16 x that torch quantizes first, per
+    token (amax / 448) or by a static scale, as an FP8 linear written in torch does: the peer of rtllm's
+    whole op."""
     b = torch.randn(N, Kd, device="cuda").to(torch.float8_e4m3fn).t()  # column-major [K, N]
     if rowwise:
         sa, sb = torch.rand(M, 1, device="cuda"), torch.rand(1, N, device="cuda")
     else:
         sa, sb = torch.tensor(1.0, device="cuda"), torch.tensor(1.0, device="cuda")
-    return lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+    if not quantize:
+        a = torch.randn(M, Kd, device="cuda").to(torch.float8_e4m3fn)
+        return lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+    x = torch.randn(M, Kd, device="cuda", dtype=torch.bfloat16)
+
+    def call():
+        s = x.abs().amax(dim=1, keepdim=True).float() / 448 if rowwise else sa
+        q = (x.float() / s).to(torch.float8_e4m3fn)
+        return torch._scaled_mm(q, b, scale_a=s, scale_b=sb, out_dtype=torch.bfloat16)
+    return call
 
 
 def main():
@@ -112,13 +123,16 @@ def main():
                 flop = 2.0 * M * N * Kd
                 ms_t = median_ms(torch_scaled_mm(M, N, Kd, per_token), repeats=10, calls=3)
                 tt = flop / (ms_t * 1e-3) / 1e12
+                ms_q = median_ms(torch_scaled_mm(M, N, Kd, per_token, quantize=True), repeats=10, calls=3)
+                tq = flop / (ms_q * 1e-3) / 1e12
                 for name, path in paths:
                     ms = median_ms(rtllm_call(M, N, Kd, per_token, path), repeats=10, calls=3)
                     t = flop / (ms * 1e-3) / 1e12
                     rows.append(dict(kind="gemm", mode=mode, path=name, M=M, N=N, K=Kd, TFLOPs=t, torch_TFLOPs=tt,
-                                     ratio=t / tt))
+                                     ratio=t / tt, torch_quantizing_TFLOPs=tq, ratio_quantizing=t / tq))
                     print(f"gemm {mode:9s} {name:8s} M={M:5d} N={N:5d} K={Kd:5d}: rtllm {t:6.0f} TFLOP/s "
-                          f"torch._scaled_mm {tt:6.0f} TFLOP/s ratio {t / tt:.2f}")
+                          f"torch._scaled_mm {tt:6.0f} TFLOP/s ratio {t / tt:.2f}; torch quantizing x too "
+                          f"{tq:6.0f} ratio {t / tq:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(copy_GBps=bw, rows=rows), f, indent=1)
