@@ -243,7 +243,7 @@ bool CublasLtGemm::fp8_scaled_gemm_supported(Fp8Scaling scaling, DataType y_dtyp
   float* scales = nullptr;  // x_scale then w_scale, as long as the probe's outer-vector mode reads them
   bool supported = false;
   try {
-    RTLLM_CUDA_CHECK(cudaMalloc(&scales, 2 * kProbeSize * sizeof(float)));
+    RTLLM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&scales), 2 * kProbeSize * sizeof(float)));
     Plan p;
     describe_fp8(p, kProbeSize, kProbeSize, kProbeSize, y_dtype, std::get<2>(key), scaling, scales,
                  scales + kProbeSize);
