@@ -25,7 +25,9 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, TOKENS_PER_BLOCK = 32, 8, 128, 16
 BF16 = 0
 DECODE_BATCHES = (1, 8, 32, 64)
 DECODE_CONTEXTS = (1024, 4096, 8192, 16384)
-FP8_KV_DECODE = ((1, 4096), (1, 16384), (8, 4096), (32, 4096), (64, 4096))  # (batch, context)
+# A batch-256 decode step of 128/128 serving: short contexts, one CTA per (sequence, KV head), no split.
+SERVING_DECODE = ((256, 256),)  # (batch, context)
+FP8_KV_DECODE = ((1, 4096), (1, 16384), (8, 4096), (32, 4096), (64, 4096), (256, 256))
 FP8_E4M3 = 3
 PREFILL_TOKENS = (1024, 2048, 4096, 8192, 16384)
 
@@ -113,6 +115,7 @@ def bench_attention(ctx, parts=("decode", "prefill")) -> list[dict]:
     rows = []
     if "decode" in parts:
         rows += [bench_decode(ctx, b, c) for b in DECODE_BATCHES for c in DECODE_CONTEXTS]
+        rows += [bench_decode(ctx, b, c) for b, c in SERVING_DECODE]
         rows += [bench_decode(ctx, b, c, fp8_kv=True) for b, c in FP8_KV_DECODE]
     if "prefill" in parts:
         rows += [bench_prefill(ctx, n) for n in PREFILL_TOKENS]

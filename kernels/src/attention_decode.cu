@@ -25,8 +25,9 @@
 // goes the same way (16 codes per 16-byte load, as many heads per CTA as FP8); its codes convert to float
 // with a byte permute and a subtraction each (attention_common.cuh).
 //
-// A 16-bit pool at head_dim 64 or 128 without the fused preparation runs decode_mma_kernel instead: the
-// same grid and split protocol, with the products on tensor cores (see its comment).
+// A 16-bit pool at head_dim 64 or 128 without the fused preparation runs decode_mma_kernel instead, and an
+// FP8 pool decode_mma_fp8_kernel: the same grid and split protocol, with the products on tensor cores (see
+// their comments).
 //
 // The splits merge in a second kernel rather than through a thread-block cluster's distributed shared
 // memory, and the RoPE angles come from shared memory rather than sincosf per head inside the unrolled
@@ -472,6 +473,77 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
   write_split<T, HEAD_DIM, MAX_GROUP, kCodes>(a, red_acc, red_m, red_l, s, h0, num_h, split);
 }
 
+// One 16-key subtile's online-softmax step of the tensor-core decode kernels. sc: Sᵀ's accumulators (keys g,
+// g + 8 of the subtile starting at key0, by index / 2, x heads 2t, 2t + 1, by index % 2), raw products that
+// scale_log2 turns into log2-domain scores; keys at or past k_end are masked. Updates the lane's running max
+// and sum of heads 2t, 2t + 1, rescales the Oᵀ accumulators (acc[i]: O[2t][·], O[2t + 1][·] twice) and
+// returns Pᵀ as the B fragments of the P·V products in M (b0 = P[head g][keys 2t, 2t + 1], b1 = keys 2t + 8,
+// 2t + 9), by an in-register transpose of the probabilities.
+template <typename M, int N>
+__device__ __forceinline__ void subtile_softmax(const float (&sc)[4], float scale_log2, int key0, int k_end, int g,
+                                                float (&m_run)[2], float (&l_run)[2], float (&acc)[N][4],
+                                                uint32_t (&pb)[2]) {
+  float p[4], corr[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const float s0 = key0 + g < k_end ? sc[j] * scale_log2 : -INFINITY;
+    const float s1 = key0 + g + 8 < k_end ? sc[j + 2] * scale_log2 : -INFINITY;
+    float mx = fmaxf(s0, s1);
+#pragma unroll
+    for (int off = 4; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float m_new = fmaxf(m_run[j], mx), m_use = safe_max(m_new);
+    corr[j] = exp2f(m_run[j] - m_use);
+    m_run[j] = m_new;
+    p[j] = exp2f(s0 - m_use);
+    p[j + 2] = exp2f(s1 - m_use);
+    l_run[j] = l_run[j] * corr[j] + p[j] + p[j + 2];
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    acc[i][0] *= corr[0];
+    acc[i][1] *= corr[1];
+    acc[i][2] *= corr[0];
+    acc[i][3] *= corr[1];
+  }
+  pb[0] = movmatrix_trans(pack2<M>(p[0], p[1]));
+  pb[1] = movmatrix_trans(pack2<M>(p[2], p[3]));
+}
+
+// The tensor-core decode kernels' end: each lane's sums reduced over the warp's keys, the warps' states into
+// shared memory (`smem`: the K/V buffers, free once every copy has landed and been read), then write_split.
+// dim(i, hi) is the head dim that row g (hi = 0) or g + 8 (hi = 1) of the lane's m-tile i of Oᵀ holds.
+template <typename T, int HEAD_DIM, bool kCodes, int N, typename DimOf>
+__device__ __forceinline__ void finish_mma_decode(const DecodeArgs<T>& a, void* smem, float (&red_m)[kNumWarps][8],
+                                                  float (&red_l)[kNumWarps][8], const float (&acc)[N][4],
+                                                  const float (&m_run)[2], float (&l_run)[2], DimOf dim, int s,
+                                                  int h0, int num_h, int split) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int off = 4; off < 32; off *= 2) l_run[j] += __shfl_xor_sync(0xffffffffu, l_run[j], off);
+  cp_async_wait<0>();
+  __syncthreads();  // the buffers become the warps' outputs
+  auto red_acc = reinterpret_cast<float(*)[8][HEAD_DIM]>(smem);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      red_acc[warp][2 * t][dim(i, hi)] = acc[i][2 * hi];
+      red_acc[warp][2 * t + 1][dim(i, hi)] = acc[i][2 * hi + 1];
+    }
+  }
+  if (g == 0) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      red_m[warp][2 * t + j] = m_run[j];
+      red_l[warp][2 * t + j] = l_run[j];
+    }
+  }
+  __syncthreads();
+  write_split<T, HEAD_DIM, 8, kCodes>(a, red_acc, red_m, red_l, s, h0, num_h, split);
+}
+
 // Tensor-core decode for a 16-bit pool at head_dim 64 or 128 (attention_decode, no preparation). The
 // products run transposed, keys as the MMA's rows and the CTA's (up to 8) query heads as its columns, so that
 // a GQA group of 8 fills an m16n8k16 tile: Sᵀ (16 keys x 8 heads) = K (16 x head_dim) · Qᵀ, then
@@ -561,31 +633,8 @@ __global__ void __launch_bounds__(kThreads, 4) decode_mma_kernel(DecodeArgs<T> a
     }
     __syncwarp();  // every lane has read K
     issue(k_buf, sub + kNumWarps, false);
-    const int key0 = k_begin + sub * kSub;
-    float p[4], corr[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const float s0 = key0 + g < k_end ? sc[j] * a.scale_log2 : -INFINITY;
-      const float s1 = key0 + g + 8 < k_end ? sc[j + 2] * a.scale_log2 : -INFINITY;
-      float mx = fmaxf(s0, s1);
-#pragma unroll
-      for (int off = 4; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      const float m_new = fmaxf(m_run[j], mx), m_use = safe_max(m_new);
-      corr[j] = exp2f(m_run[j] - m_use);
-      m_run[j] = m_new;
-      p[j] = exp2f(s0 - m_use);
-      p[j + 2] = exp2f(s1 - m_use);
-      l_run[j] = l_run[j] * corr[j] + p[j] + p[j + 2];
-    }
-#pragma unroll
-    for (int i = 0; i < kKSteps; ++i) {
-      acc[i][0] *= corr[0];
-      acc[i][1] *= corr[1];
-      acc[i][2] *= corr[0];
-      acc[i][3] *= corr[1];
-    }
-    // Pᵀ as B fragments: b0 = P[head g][keys 2t, 2t + 1], b1 = keys 2t + 8, 2t + 9.
-    const uint32_t pb[2] = {movmatrix_trans(pack2<T>(p[0], p[1])), movmatrix_trans(pack2<T>(p[2], p[3]))};
+    uint32_t pb[2];
+    subtile_softmax<T>(sc, a.scale_log2, k_begin + sub * kSub, k_end, g, m_run, l_run, acc, pb);
     cp_async_wait<1>();  // V of `sub` has landed (the next K may not have)
     __syncwarp();
 #pragma unroll
@@ -597,30 +646,158 @@ __global__ void __launch_bounds__(kThreads, 4) decode_mma_kernel(DecodeArgs<T> a
     __syncwarp();  // every lane has read V
     issue(v_buf, sub + kNumWarps, true);
   }
-#pragma unroll
-  for (int j = 0; j < 2; ++j)
-#pragma unroll
-    for (int off = 4; off < 32; off *= 2) l_run[j] += __shfl_xor_sync(0xffffffffu, l_run[j], off);
+  // Oᵀ's row g (+ 8) of m-tile i is dim 16i + g (+ 8).
+  finish_mma_decode<T, HEAD_DIM, false>(a, &bufs[0][0][0], red_m, red_l, acc, m_run, l_run,
+                                        [g](int i, int hi) { return 16 * i + g + 8 * hi; }, s, h0, num_h, split);
+}
 
-  cp_async_wait<0>();
-  __syncthreads();  // the buffers become the warps' outputs
-  auto red_acc = reinterpret_cast<float(*)[kGroup][HEAD_DIM]>(&bufs[0][0][0]);
+// Two e4m3 codes, the low and high bytes of `codes`, to an f16x2 register (exact: every e4m3 value is a half).
+__device__ __forceinline__ uint32_t e4m3x2_bits(uint32_t codes) {
+  uint32_t r;
+  asm("{\n .reg .b16 c;\n cvt.u16.u32 c, %1;\n cvt.rn.f16x2.e4m3x2 %0, c;\n}" : "=r"(r) : "r"(codes));
+  return r;
+}
+
+// Tensor-core decode for an FP8 (e4m3) pool at head_dim 64 or 128: decode_mma_kernel's products and online
+// softmax, in f16, with the codes converted in registers instead of loaded by ldmatrix (which moves 16-bit
+// elements). The codes land in each warp's K and V buffers by cp.async, two subtiles deep (the bytes of one
+// 16-bit subtile), and a lane reads them with 16-byte loads in an order that makes each 32-bit word of codes
+// an MMA fragment after a conversion, by permuting the dims (the sums over them do not care):
+// - K (A of Sᵀ = K·Qᵀ): lane (g, t) reads bytes 16t + 64h .. + 15 of keys g and g + 8; word w of them is
+//   k-step kk = 4h + w, its low two codes the fragment's dims 2t, 2t + 1 and its high two dims 2t + 8, 2t + 9.
+//   Qᵀ's B fragments take the same dims.
+// - V (Aᵀ of Oᵀ += Vᵀ·Pᵀ): lane (g, t) reads bytes D·g .. D·g + D - 1 (D = head_dim / 8) of keys 2t, 2t + 1,
+//   2t + 8, 2t + 9, and a byte permute pairs each dim's codes of two keys, which one conversion makes a
+//   fragment register: Oᵀ's row g of m-tile i is dim D·g + 2i, row g + 8 dim D·g + 2i + 1.
+// Q goes to f16 as q · 2^-8 (a power of two: exact but below 2^-6, no overflow below 2^24), 2^8 rejoining
+// the softmax scale; P is f16; k_scale is in a.scale_log2 and v_scale scales the output (write_split).
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(kThreads, 4) decode_mma_fp8_kernel(DecodeArgs<T> a) {
+  constexpr int kGroup = 8;                  // query heads per CTA: the MMA's n
+  constexpr int kSub = 16;                   // keys per subtile: the MMA's m (Sᵀ) and k (Oᵀ)
+  constexpr int kStages = 2;                 // subtiles of each warp in its buffers
+  constexpr int kChunks = HEAD_DIM / 16;     // 16-byte chunks of a key's codes
+  constexpr int kKSteps = HEAD_DIM / 16;     // k-steps of K·Qᵀ, m-tiles of Vᵀ·Pᵀ
+  constexpr int kRowStep = 32 / kChunks;     // a lane copies chunk lane % kChunks of keys lane / kChunks + i·kRowStep
+  constexpr int kBufChunks = kSub * kChunks;
+  constexpr int kVBytes = HEAD_DIM / 8;      // a lane's bytes of a value: 16 or 8
+  constexpr float kQScale = 1.0f / 256.0f;
+  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "head_dim 64 or 128");
+  static_assert(kNumWarps * kStages * 2 * kBufChunks * 16 >= kNumWarps * kGroup * HEAD_DIM * 4, "the reduction fits");
+  __shared__ __align__(16) uint4 bufs[kNumWarps][kStages][2][kBufChunks];  // per warp and stage: K, V
+  __shared__ float red_m[kNumWarps][kGroup], red_l[kNumWarps][kGroup];
+  // Chunk c of key r. K: the eight lanes of one 16-byte load phase read two keys at four chunks (at head_dim
+  // 128, odd keys swap the halves of the row); V: four keys 2 apart at two chunks (XOR by the key).
+  auto k_at = [](int r, int c) { return r * kChunks + (kChunks == 8 ? c ^ ((r & 1) << 2) : c); };
+  auto v_at = [](int r, int c) { return r * kChunks + (c ^ ((kChunks == 8 ? r : r >> 1) & (kChunks - 1))); };
+  pdl_begin();
+
+  const auto [s, kv_head, chunk, split, h0, num_h] = decode_cta(a, kGroup);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int seq_len = a.meta.seq_len[s];
+  const int used_splits = splits_used(a.num_splits, seq_len);
+  if (split >= used_splits) return;  // the whole CTA: nothing merges its (unwritten) partials
+  const int split_keys = keys_per_split(a.num_splits, seq_len);
+  const int k_begin = split * split_keys, k_end = min(seq_len, k_begin + split_keys);
+  const int num_sub = (k_end - k_begin + kSub - 1) / kSub;
+  const PagedKvIndex kv_index(a.kv, s, kv_head);
+  const uint8_t* pool = static_cast<const uint8_t*>(a.kv.data);
+  // One cp.async group: the K (or V) codes of the warp's subtile `sub` (none past the split: an empty group)
+  // into the buffers of its stage.
+  auto issue = [&](int sub, bool v) {
+    if (sub < num_sub) {
+      uint4* buf = bufs[warp][(sub / kNumWarps) % kStages][v];
+      const int c = lane % kChunks;
 #pragma unroll
-  for (int i = 0; i < kKSteps; ++i) {
-    red_acc[warp][2 * t][16 * i + g] = acc[i][0];
-    red_acc[warp][2 * t + 1][16 * i + g] = acc[i][1];
-    red_acc[warp][2 * t][16 * i + g + 8] = acc[i][2];
-    red_acc[warp][2 * t + 1][16 * i + g + 8] = acc[i][3];
+      for (int r = lane / kChunks; r < kSub; r += kRowStep) {
+        const int key = k_begin + sub * kSub + r;
+        const bool valid = key < k_end;
+        const uint8_t* src = valid ? pool + kv_index.key_offset(key) + (v ? kv_index.v_offset : 0) + 16 * c : pool;
+        cp_async_16(&buf[v ? v_at(r, c) : k_at(r, c)], src, valid);
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int j = 0; j < kStages; ++j) {
+    issue(warp + j * kNumWarps, false);
+    issue(warp + j * kNumWarps, true);
   }
-  if (g == 0) {
+
+  // Qᵀ as B fragments in the permuted dims: k-step 4h + w takes dims 64h + 16t + 4w + 0, 1 (b0) and + 2, 3
+  // (b1) of head g; heads past the CTA's are zero (their scores are 0, their outputs never stored).
+  uint32_t qb[kKSteps][2];
+  {
+    const T* q_head = a.q + s * a.row_stride + (int64_t)(h0 + g) * HEAD_DIM + 16 * t;
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      red_m[warp][2 * t + j] = m_run[j];
-      red_l[warp][2 * t + j] = l_run[j];
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      const T* q4 = q_head + 64 * (kk / 4) + 4 * (kk % 4);
+      if (g < num_h) {
+        qb[kk][0] = pack2<__half>(to_float(q4[0]) * kQScale, to_float(q4[1]) * kQScale);
+        qb[kk][1] = pack2<__half>(to_float(q4[2]) * kQScale, to_float(q4[3]) * kQScale);
+      } else {
+        qb[kk][0] = qb[kk][1] = 0u;
+      }
     }
   }
-  __syncthreads();
-  write_split<T, HEAD_DIM, kGroup, false>(a, red_acc, red_m, red_l, s, h0, num_h, split);
+  const float scale_log2 = a.scale_log2 / kQScale;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+  float acc[kKSteps][4];
+#pragma unroll
+  for (int i = 0; i < kKSteps; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+
+  for (int sub = warp; sub < num_sub; sub += kNumWarps) {
+    const int stage = (sub / kNumWarps) % kStages;
+    const uint4* k_buf = bufs[warp][stage][0];
+    const uint4* v_buf = bufs[warp][stage][1];
+    cp_async_wait<2 * kStages - 1>();  // K of `sub` has landed (its V and the next stage's may not have)
+    __syncwarp();
+    float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int h = 0; h < HEAD_DIM / 64; ++h) {
+      const uint4 lo = k_buf[k_at(g, t + 4 * h)], hi = k_buf[k_at(g + 8, t + 4 * h)];
+      const uint32_t wl[4] = {lo.x, lo.y, lo.z, lo.w}, wh[4] = {hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const uint32_t ka[4] = {e4m3x2_bits(wl[w]), e4m3x2_bits(wh[w]), e4m3x2_bits(wl[w] >> 16),
+                                e4m3x2_bits(wh[w] >> 16)};
+        mma_16816<__half>(sc, ka, qb[4 * h + w]);
+      }
+    }
+    __syncwarp();  // every lane has read K
+    issue(sub + kStages * kNumWarps, false);
+    uint32_t pb[2];
+    subtile_softmax<__half>(sc, scale_log2, k_begin + sub * kSub, k_end, g, m_run, l_run, acc, pb);
+    cp_async_wait<2 * kStages - 1>();  // V of `sub` has landed
+    __syncwarp();
+    // Keys 2t, 2t + 1 (x) and 2t + 8, 2t + 9 (y), the lane's kVBytes codes of each.
+    uint32_t x0[kVBytes / 4], x1[kVBytes / 4], y0[kVBytes / 4], y1[kVBytes / 4];
+    const int v_chunk = g * kVBytes / 16, v_word = (g * kVBytes % 16) / 4;
+    auto words = [&](uint32_t (&dst)[kVBytes / 4], int r) {
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(&v_buf[v_at(r, v_chunk)]) + v_word;
+#pragma unroll
+      for (int i = 0; i < kVBytes / 4; ++i) dst[i] = src[i];
+    };
+    words(x0, 2 * t);
+    words(x1, 2 * t + 1);
+    words(y0, 2 * t + 8);
+    words(y1, 2 * t + 9);
+#pragma unroll
+    for (int i = 0; i < kKSteps; ++i) {
+      // Dims D·g + 2i, + 1: bytes 0, 1 (i even) or 2, 3 (i odd) of word i / 2, paired across the two keys.
+      const uint32_t sel = i % 2 ? 0x7362u : 0x5140u;
+      const uint32_t px = __byte_perm(x0[i / 2], x1[i / 2], sel), py = __byte_perm(y0[i / 2], y1[i / 2], sel);
+      const uint32_t va[4] = {e4m3x2_bits(px), e4m3x2_bits(px >> 16), e4m3x2_bits(py), e4m3x2_bits(py >> 16)};
+      mma_16816<__half>(acc[i], va, pb);
+    }
+    __syncwarp();  // every lane has read V
+    issue(sub + kStages * kNumWarps, true);
+  }
+  finish_mma_decode<T, HEAD_DIM, true>(a, &bufs[0][0][0][0], red_m, red_l, acc, m_run, l_run,
+                                       [g](int i, int hi) { return kVBytes * g + 2 * i + hi; }, s, h0, num_h,
+                                       split);
 }
 
 // One CTA of max(head_dim, 32) threads per (sequence, query head):
@@ -686,8 +863,8 @@ cudaError_t launch_merge(const DecodeArgs<T>& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The tensor-core decode kernel (16-bit pools at head_dim 64 / 128) unless RTLLM_DECODE_MMA=0 selects the
-// CUDA-core one for every shape (a same-build comparison).
+// The tensor-core decode kernels (16-bit and FP8 pools at head_dim 64 / 128) unless RTLLM_DECODE_MMA=0 selects
+// the CUDA-core one for every shape (a same-build comparison).
 inline bool decode_mma_enabled() {
   static const bool enabled = !env_is("RTLLM_DECODE_MMA", "0");
   return enabled;
@@ -707,8 +884,12 @@ cudaError_t launch_decode(DecodeArgs<T> a, int num_kv_heads, float* workspace, c
     launch_pdl(kernel, grid, kThreads, 0, stream, a);
     return launch_merge<T, HEAD_DIM>(a, stream);
   };
-  if constexpr (!PREPARE && std::is_same_v<KV, T> && (HEAD_DIM == 64 || HEAD_DIM == 128)) {
-    if (decode_mma_enabled()) return launch(decode_mma_kernel<T, HEAD_DIM>, 8);
+  if constexpr (!PREPARE && (HEAD_DIM == 64 || HEAD_DIM == 128)) {
+    if constexpr (std::is_same_v<KV, T>) {
+      if (decode_mma_enabled()) return launch(decode_mma_kernel<T, HEAD_DIM>, 8);
+    } else if constexpr (is_fp8_kv<KV>()) {
+      if (decode_mma_enabled()) return launch(decode_mma_fp8_kernel<T, HEAD_DIM>, 8);
+    }
   }
   if (a.group == 1) return launch(decode_split_kernel<T, KV, HEAD_DIM, 1, PREPARE>, 1);
   if (a.group == 2 || kMaxGroupKv == 2) return launch(decode_split_kernel<T, KV, HEAD_DIM, 2, PREPARE>, 2);
