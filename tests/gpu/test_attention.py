@@ -199,15 +199,22 @@ def test_decode(kernels, head_dim, heads, tpb, num_splits):
     check_close(run_decode(kernels, case, num_splits), case.reference(), case.num_heads, head_dim)
 
 
-def test_decode_cuda_core_kernel_where_tensor_cores_serve():
-    """A 16-bit pool at head_dim 64 / 128 runs the tensor-core decode kernel unless RTLLM_DECODE_MMA=0 (read
-    once per process) selects the CUDA-core one: the decode cases again, under that setting, in a child."""
+def rerun_without_decode_mma(test_file, selection):
+    """Runs the tests of test_file that `selection` (pytest -k) picks in a child with RTLLM_DECODE_MMA=0, which
+    the kernels read once per process, and requires them to pass: the CUDA-core decode kernel on the cases
+    that the tensor-core ones take by default."""
     env = dict(os.environ, RTLLM_DECODE_MMA="0")
-    child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
-                            "test_decode and not cuda_core"],
+    child = subprocess.run([sys.executable, "-m", "pytest", str(test_file), "-q", "-p", "no:cacheprovider", "-k",
+                            selection],
                            env=env, capture_output=True, text=True, timeout=900)
     assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
     assert " passed" in child.stdout and " failed" not in child.stdout, child.stdout[-2000:]
+
+
+def test_decode_cuda_core_kernel_where_tensor_cores_serve():
+    """A 16-bit pool at head_dim 64 / 128 runs the tensor-core decode kernel unless RTLLM_DECODE_MMA=0 selects
+    the CUDA-core one: the decode cases again, under that setting, in a child."""
+    rerun_without_decode_mma(__file__, "test_decode and not cuda_core")
 
 
 @pytest.mark.parametrize("head_dim", [80, 96])

@@ -15,16 +15,14 @@ Runner: an F8_E4M3 pool is half a BF16 pool per block, so the same memory fracti
 an engine built with kv_cache_quant_algo FP8 runs on CUDA close to the CPU backend (bound below).
 """
 import gc
-import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from test_attention import DTYPES, PagedCase, check_close, decode_workspace
+from test_attention import DTYPES, PagedCase, check_close, decode_workspace, rerun_without_decode_mma
 from test_kernels_basic import inv_freq_for, prepare_ref
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python"))
@@ -179,12 +177,7 @@ def test_decode_reads_fp8_pool(kernels, dtype, batch, head_dim, heads, num_split
 def test_decode_cuda_core_kernel_reads_fp8_pool():
     """At head_dim 64 / 128 an FP8 pool decodes on tensor cores unless RTLLM_DECODE_MMA=0 (read once per
     process) selects the CUDA-core kernel: the FP8 decode read cases again, under that setting, in a child."""
-    env = dict(os.environ, RTLLM_DECODE_MMA="0")
-    child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
-                            "test_decode_reads_fp8_pool"],
-                           env=env, capture_output=True, text=True, timeout=900)
-    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
-    assert " passed" in child.stdout and " failed" not in child.stdout, child.stdout[-2000:]
+    rerun_without_decode_mma(__file__, "test_decode_reads_fp8_pool")
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
