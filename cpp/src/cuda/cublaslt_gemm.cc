@@ -83,7 +83,7 @@ void set_attr(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, co
 // Descriptors of an FP8 plan: A = w (transposed), B = q, D of y_dtype; scale modes, bias epilogue. The
 // scale pointers are set again on every call; they are set here too because cuBLASLt's heuristic refuses
 // the outer-vector mode (CUBLAS_STATUS_INVALID_VALUE) while the descriptor has no scale pointers, and
-// then answers with its vector-scaled kernels (measured on an H200 with cuBLASLt 13.1).
+// offers its vector-scaled algorithms once they are set (cuBLASLt 13.1, probed on an H100).
 void describe_fp8(CublasLtGemm::Plan& p, int64_t T, int64_t N, int64_t K, DataType y_dtype, int bias_dtype,
                   CublasLtGemm::Fp8Scaling scaling, const float* x_scale, const float* w_scale) {
   RTLLM_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
