@@ -81,18 +81,21 @@ void bind_kernels(py::module_& parent) {
   m.attr("FP32") = static_cast<int>(DType::kFP32);
   const auto s0 = py::arg("stream") = uintptr_t{0};
 
+  // fp8_out_scale > 0: the (normed) output is E4M3 codes (docs/engine_format.md, "FP8 outputs")
+  const auto fp8_out = py::arg("fp8_out_scale") = 0.0f;
   m.def("rms_norm", [](uintptr_t out, uintptr_t x, uintptr_t w, int64_t rows, int64_t row_size, int64_t group,
-                       float eps, int dtype, uintptr_t stream) {
-    check(kernels::rms_norm(ptr(out), ptr(x), ptr(w), rows, row_size, group, eps, as_dtype(dtype), as_stream(stream)),
+                       float eps, int dtype, uintptr_t stream, float fp8_out_scale) {
+    check(kernels::rms_norm(ptr(out), ptr(x), ptr(w), rows, row_size, group, eps, as_dtype(dtype), as_stream(stream),
+                            fp8_out_scale),
           "rms_norm");
   }, py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("num_rows"), py::arg("row_size"),
-     py::arg("group_size"), py::arg("eps"), py::arg("dtype"), s0);
+     py::arg("group_size"), py::arg("eps"), py::arg("dtype"), s0, fp8_out);
   m.def("add_rms_norm", [](uintptr_t normed, uintptr_t sum, uintptr_t x, uintptr_t res, uintptr_t w, int64_t rows,
-                           int64_t row_size, float eps, int dtype, uintptr_t stream) {
+                           int64_t row_size, float eps, int dtype, uintptr_t stream, float fp8_out_scale) {
     check(kernels::add_rms_norm(ptr(normed), ptr(sum), ptr(x), ptr(res), ptr(w), rows, row_size, eps,
-                                as_dtype(dtype), as_stream(stream)), "add_rms_norm");
+                                as_dtype(dtype), as_stream(stream), fp8_out_scale), "add_rms_norm");
   }, py::arg("normed"), py::arg("sum"), py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("num_rows"),
-     py::arg("row_size"), py::arg("eps"), py::arg("dtype"), s0);
+     py::arg("row_size"), py::arg("eps"), py::arg("dtype"), s0, fp8_out);
   m.def("embedding", [](uintptr_t out, uintptr_t ids, uintptr_t table, int64_t num_tokens, int64_t hidden,
                         int64_t num_table_rows, int dtype, uintptr_t stream) {
     check(kernels::embedding(ptr(out), ptr<const int32_t>(ids), ptr(table), num_tokens, hidden, num_table_rows,
@@ -114,9 +117,11 @@ void bind_kernels(py::module_& parent) {
   m.def("silu", [](uintptr_t out, uintptr_t x, int64_t n, int dtype, uintptr_t stream) {
     check(kernels::silu(ptr(out), ptr(x), n, as_dtype(dtype), as_stream(stream)), "silu");
   }, py::arg("out"), py::arg("x"), py::arg("n"), py::arg("dtype"), s0);
-  m.def("silu_mul", [](uintptr_t out, uintptr_t x, int64_t rows, int64_t inter, int dtype, uintptr_t stream) {
-    check(kernels::silu_mul(ptr(out), ptr(x), rows, inter, as_dtype(dtype), as_stream(stream)), "silu_mul");
-  }, py::arg("out"), py::arg("x"), py::arg("num_rows"), py::arg("inter"), py::arg("dtype"), s0);
+  m.def("silu_mul", [](uintptr_t out, uintptr_t x, int64_t rows, int64_t inter, int dtype, uintptr_t stream,
+                       float fp8_out_scale) {
+    check(kernels::silu_mul(ptr(out), ptr(x), rows, inter, as_dtype(dtype), as_stream(stream), fp8_out_scale),
+          "silu_mul");
+  }, py::arg("out"), py::arg("x"), py::arg("num_rows"), py::arg("inter"), py::arg("dtype"), s0, fp8_out);
   m.def("convert", [](uintptr_t out, int out_dtype, uintptr_t x, int x_dtype, int64_t n, uintptr_t stream) {
     check(kernels::convert(ptr(out), as_dtype(out_dtype), ptr(x), as_dtype(x_dtype), n, as_stream(stream)),
           "convert");

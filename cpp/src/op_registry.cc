@@ -1,5 +1,6 @@
 #include "op_registry.h"
 
+#include <cmath>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -71,6 +72,14 @@ void OpSpec::require_num_io(size_t min_inputs, size_t max_inputs, size_t num_out
               "..", max_inputs, " inputs, the node has ", inputs.size());
   RTLLM_CHECK(outputs.size() == num_outputs, "op \"", op(), "\" has ", num_outputs, " outputs, the node has ",
               outputs.size());
+}
+
+float fp8_output_scale(const OpSpec& spec) {
+  if (spec.outputs.empty() || spec.outputs[0].dtype != DataType::kFloat8E4M3) return 0.0f;
+  const float scale = static_cast<float>(spec.node->attrs.get_double("output_scale", 0.0));
+  RTLLM_CHECK(std::isfinite(scale) && scale > 0.0f, "op \"", spec.op(), "\": output \"", spec.outputs[0].name,
+              "\" is F8_E4M3, and attr output_scale (", scale, ") must be finite and > 0");
+  return scale;
 }
 
 WeightPlacement OpKind::weight_placement(size_t input) const {

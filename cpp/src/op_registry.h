@@ -110,6 +110,11 @@ struct OpSpec {
   void require_num_io(size_t min_inputs, size_t max_inputs, size_t num_outputs) const;
 };
 
+// The attr output_scale of a node whose first output the graph declares F8_E4M3 (docs/engine_format.md,
+// "FP8 outputs": the op writes e4m3(y / output_scale)), checked finite and > 0 (Error naming it); 0 when
+// that output is a float.
+float fp8_output_scale(const OpSpec& spec);
+
 // Per-step state every op reads.
 struct OpContext {
   ThreadPool* pool = nullptr;

@@ -242,6 +242,37 @@ __device__ __forceinline__ Vec8<T> from_float8(const float* f) {
   return r;
 }
 
+__device__ __forceinline__ uint8_t to_e4m3(float v) {
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+}
+
+// Eight activations, divided by `scale` (float32 division), as eight E4M3 bytes: fp8_linear's static and
+// per-token quantization (docs/engine_format.md).
+template <typename T>
+__device__ __forceinline__ uint2 quantize8(const Vec8<T>& xv, float scale) {
+  uint32_t packed[2] = {0, 0};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) packed[i / 4] |= uint32_t(to_e4m3(__fdiv_rn(to_float(xv.v[i]), scale))) << (8 * (i % 4));
+  return make_uint2(packed[0], packed[1]);
+}
+
+// The output rows of a norm or silu_mul: elements of T, or, with fp8_scale > 0, the E4M3 codes of those T
+// values divided by fp8_scale (docs/engine_format.md, "FP8 outputs": the quantization of the static
+// fp8_linear that reads them, done where they are produced). Element offsets are multiples of 8.
+template <typename T>
+struct RowOut {
+  void* data;
+  float fp8_scale;  // 0: T elements
+
+  __device__ __forceinline__ void store8(int64_t i, const Vec8<T>& v) const {
+    if (fp8_scale > 0.0f) {
+      *reinterpret_cast<uint2*>(static_cast<uint8_t*>(data) + i) = quantize8(v, fp8_scale);
+    } else {
+      kernels::store8(static_cast<T*>(data) + i, v);
+    }
+  }
+};
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -1,6 +1,7 @@
 // Elementwise and row-gather ops. 16-byte vector paths when every pointer is 16-byte aligned and the
 // sizes are multiples of 8 elements, scalar grid-stride loops otherwise.
 #include <algorithm>
+#include <cfloat>
 #include <cstdlib>
 
 #include "dispatch.cuh"
@@ -63,7 +64,7 @@ __global__ void silu_kernel(T* out, const T* x, int64_t n, bool vec) {
 
 // out [rows, inter] = silu(x[:, :inter]) · x[:, inter:], x [rows, 2·inter].
 template <typename T>
-__global__ void silu_mul_kernel(T* out, const T* x, int64_t num_rows, int64_t inter, bool vec) {
+__global__ void silu_mul_kernel(RowOut<T> out, const T* x, int64_t num_rows, int64_t inter, bool vec) {
   pdl_begin();
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   if (vec) {
@@ -75,12 +76,13 @@ __global__ void silu_mul_kernel(T* out, const T* x, int64_t num_rows, int64_t in
       to_float8(load8(x + r * 2 * inter + inter + c), u);
 #pragma unroll
       for (int i = 0; i < 8; ++i) g[i] = silu_f(g[i]) * u[i];
-      store8(out + r * inter + c, from_float8<T>(g));
+      out.store8(r * inter + c, from_float8<T>(g));
     }
   } else {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < num_rows * inter; i += stride) {
       const int64_t r = i / inter, c = i % inter;
-      out[i] = from_float<T>(silu_f(to_float(x[r * 2 * inter + c])) * to_float(x[r * 2 * inter + inter + c]));
+      static_cast<T*>(out.data)[i] =  // a T output (E4M3 codes take the vector path)
+          from_float<T>(silu_f(to_float(x[r * 2 * inter + c])) * to_float(x[r * 2 * inter + inter + c]));
     }
   }
 }
@@ -207,13 +209,15 @@ cudaError_t silu(void* out, const void* x, int64_t n, DType dtype, cudaStream_t 
   return cudaGetLastError();
 }
 
-cudaError_t silu_mul(void* out, const void* x, int64_t num_rows, int64_t inter, DType dtype, cudaStream_t stream) {
+cudaError_t silu_mul(void* out, const void* x, int64_t num_rows, int64_t inter, DType dtype, cudaStream_t stream,
+                     float fp8_out_scale) {
   RTLLM_KERNEL_CHECK(out && x && num_rows >= 0 && inter > 0);
-  if (num_rows == 0) return cudaSuccess;
   const bool vec = inter % 8 == 0 && aligned16(out) && aligned16(x);
+  RTLLM_KERNEL_CHECK(fp8_out_scale >= 0.0f && fp8_out_scale <= FLT_MAX && (fp8_out_scale == 0.0f || vec));
+  if (num_rows == 0) return cudaSuccess;
   RTLLM_DISPATCH_DTYPE(dtype, T, {
     launch_pdl(silu_mul_kernel<T>, grid_for(num_rows * inter / (vec ? 8 : 1)), kThreads, 0, stream,
-        static_cast<T*>(out), static_cast<const T*>(x), num_rows, inter, vec);
+        RowOut<T>{out, fp8_out_scale}, static_cast<const T*>(x), num_rows, inter, vec);
   });
   return cudaGetLastError();
 }

@@ -10,19 +10,6 @@ namespace {
 
 constexpr int kQuantThreads = 256;
 
-__device__ __forceinline__ uint8_t to_e4m3(float v) {
-  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
-}
-
-// Eight activations, divided by `scale` (float32 division), as eight E4M3 bytes.
-template <typename T>
-__device__ __forceinline__ uint2 quantize8(const Vec8<T>& xv, float scale) {
-  uint32_t packed[2] = {0, 0};
-#pragma unroll
-  for (int i = 0; i < 8; ++i) packed[i / 4] |= uint32_t(to_e4m3(__fdiv_rn(to_float(xv.v[i]), scale))) << (8 * (i % 4));
-  return make_uint2(packed[0], packed[1]);
-}
-
 // One block per row: amax, then the row's codes.
 template <typename T>
 __global__ void __launch_bounds__(kQuantThreads) quantize_per_token_kernel(uint8_t* q, float* s, const T* x,

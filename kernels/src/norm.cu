@@ -1,6 +1,8 @@
 // rms_norm and add_rms_norm. Rows are read with 16-byte vectors; each thread re-reads only the
-// vectors it read (or wrote) itself in the first pass, so out may alias x without a barrier.
+// vectors it read (or wrote) itself in the first pass, so out may alias x without a barrier (a T output;
+// E4M3 codes, RowOut, never alias).
 #include <algorithm>
+#include <cfloat>
 
 #include "dispatch.cuh"
 #include "rtllm/kernels/norm.cuh"
@@ -22,12 +24,12 @@ __device__ __forceinline__ Vec8<T> scale_vec(const Vec8<T>& x, const Vec8<T>& w,
   return from_float8<T>(xf);
 }
 
-// y[0:d] = w · (x · inv_rms) for the 8-vectors v = first, first + stride, ... of one group.
+// y[base:base + d] = w · (x · inv_rms) for the 8-vectors v = first, first + stride, ... of one group.
 template <typename T>
-__device__ __forceinline__ void scale_group(T* y, const T* x, const T* w, int64_t num_vecs, int64_t first,
-                                            int64_t stride, float inv_rms) {
+__device__ __forceinline__ void scale_group(const RowOut<T>& y, int64_t base, const T* x, const T* w,
+                                            int64_t num_vecs, int64_t first, int64_t stride, float inv_rms) {
   for (int64_t v = first; v < num_vecs; v += stride)
-    store8(y + v * 8, scale_vec(load8(x + v * 8), load8(w + v * 8), inv_rms));
+    y.store8(base + v * 8, scale_vec(load8(x + v * 8), load8(w + v * 8), inv_rms));
 }
 
 template <typename T>
@@ -44,7 +46,7 @@ __device__ __forceinline__ float sum_squares(const T* x, int64_t num_vecs, int64
 
 // One warp per group of group_size values; groups are [num_groups, group_size] contiguous.
 template <typename T>
-__global__ void rms_norm_warp_kernel(T* out, const T* x, const T* weight, int64_t num_groups, int group_size,
+__global__ void rms_norm_warp_kernel(RowOut<T> out, const T* x, const T* weight, int64_t num_groups, int group_size,
                                      float eps) {
   pdl_begin();
   const int64_t group = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -53,18 +55,18 @@ __global__ void rms_norm_warp_kernel(T* out, const T* x, const T* weight, int64_
   const int64_t base = group * group_size, num_vecs = group_size / 8;
   const float ss = warp_sum(sum_squares(x + base, num_vecs, lane, 32));
   const float inv_rms = 1.0f / sqrtf(ss / (float)group_size + eps);
-  scale_group(out + base, x + base, weight, num_vecs, lane, 32, inv_rms);
+  scale_group(out, base, x + base, weight, num_vecs, lane, 32, inv_rms);
 }
 
 // One block per group (large groups).
 template <typename T>
-__global__ void rms_norm_block_kernel(T* out, const T* x, const T* weight, int64_t group_size, float eps) {
+__global__ void rms_norm_block_kernel(RowOut<T> out, const T* x, const T* weight, int64_t group_size, float eps) {
   __shared__ float scratch[32];
   pdl_begin();
   const int64_t base = (int64_t)blockIdx.x * group_size, num_vecs = group_size / 8;
   const float ss = block_sum(sum_squares(x + base, num_vecs, threadIdx.x, blockDim.x), scratch);
   const float inv_rms = 1.0f / sqrtf(ss / (float)group_size + eps);
-  scale_group(out + base, x + base, weight, num_vecs, threadIdx.x, blockDim.x, inv_rms);
+  scale_group(out, base, x + base, weight, num_vecs, threadIdx.x, blockDim.x, inv_rms);
 }
 
 // One block per row: sum = round_T(x + residual); normed = rms_norm(sum). A row of at most
@@ -74,7 +76,7 @@ __global__ void rms_norm_block_kernel(T* out, const T* x, const T* weight, int64
 constexpr int kKeptVecs = 4;
 
 template <typename T>
-__global__ void add_rms_norm_kernel(T* normed, T* sum, const T* x, const T* residual, const T* weight,
+__global__ void add_rms_norm_kernel(RowOut<T> normed, T* sum, const T* x, const T* residual, const T* weight,
                                     int64_t row_size, float eps) {
   __shared__ float scratch[32];
   pdl_begin();
@@ -114,10 +116,10 @@ __global__ void add_rms_norm_kernel(T* normed, T* sum, const T* x, const T* resi
 #pragma unroll
     for (int j = 0; j < kKeptVecs; ++j) {
       const int64_t v = threadIdx.x + (int64_t)j * blockDim.x;
-      if (v < num_vecs) store8(normed + base + v * 8, scale_vec(kept[j], w[j], inv_rms));
+      if (v < num_vecs) normed.store8(base + v * 8, scale_vec(kept[j], w[j], inv_rms));
     }
   } else {
-    scale_group(normed + base, sum + base, weight, num_vecs, threadIdx.x, blockDim.x, inv_rms);
+    scale_group(normed, base, sum + base, weight, num_vecs, threadIdx.x, blockDim.x, inv_rms);
   }
 }
 
@@ -128,8 +130,9 @@ int threads_for(int64_t num_vecs) {
 }  // namespace
 
 cudaError_t rms_norm(void* out, const void* x, const void* weight, int64_t num_rows, int64_t row_size,
-                     int64_t group_size, float eps, DType dtype, cudaStream_t stream) {
+                     int64_t group_size, float eps, DType dtype, cudaStream_t stream, float fp8_out_scale) {
   RTLLM_KERNEL_CHECK(out && x && weight && num_rows >= 0 && row_size > 0 && group_size > 0);
+  RTLLM_KERNEL_CHECK(fp8_out_scale >= 0.0f && fp8_out_scale <= FLT_MAX && (fp8_out_scale == 0.0f || out != x));
   RTLLM_KERNEL_CHECK(group_size % 8 == 0 && row_size % group_size == 0);
   RTLLM_KERNEL_CHECK(aligned16(out) && aligned16(x) && aligned16(weight));
   if (num_rows == 0) return cudaSuccess;
@@ -138,27 +141,30 @@ cudaError_t rms_norm(void* out, const void* x, const void* weight, int64_t num_r
     if (group_size <= kWarpGroupMax) {
       constexpr int kWarps = kBlockThreads / 32;
       launch_pdl(rms_norm_warp_kernel<T>, (unsigned)ceil_div(num_groups, kWarps), kBlockThreads, 0, stream,
-          static_cast<T*>(out), static_cast<const T*>(x), static_cast<const T*>(weight), num_groups,
+          RowOut<T>{out, fp8_out_scale}, static_cast<const T*>(x), static_cast<const T*>(weight), num_groups,
           (int)group_size, eps);
     } else {
       RTLLM_KERNEL_CHECK(num_groups < (int64_t(1) << 31));
       launch_pdl(rms_norm_block_kernel<T>, (unsigned)num_groups, threads_for(group_size / 8), 0, stream,
-          static_cast<T*>(out), static_cast<const T*>(x), static_cast<const T*>(weight), group_size, eps);
+          RowOut<T>{out, fp8_out_scale}, static_cast<const T*>(x), static_cast<const T*>(weight), group_size, eps);
     }
   });
   return cudaGetLastError();
 }
 
 cudaError_t add_rms_norm(void* normed, void* sum, const void* x, const void* residual, const void* weight,
-                         int64_t num_rows, int64_t row_size, float eps, DType dtype, cudaStream_t stream) {
+                         int64_t num_rows, int64_t row_size, float eps, DType dtype, cudaStream_t stream,
+                         float fp8_out_scale) {
   RTLLM_KERNEL_CHECK(normed && sum && x && residual && weight && num_rows >= 0 && row_size > 0);
+  RTLLM_KERNEL_CHECK(fp8_out_scale >= 0.0f && fp8_out_scale <= FLT_MAX);
   RTLLM_KERNEL_CHECK(row_size % 8 == 0 && num_rows < (int64_t(1) << 31));
   RTLLM_KERNEL_CHECK(aligned16(normed) && aligned16(sum) && aligned16(x) && aligned16(residual) &&
                      aligned16(weight));
   if (num_rows == 0) return cudaSuccess;
   RTLLM_DISPATCH_DTYPE(dtype, T, {
     launch_pdl(add_rms_norm_kernel<T>, (unsigned)num_rows, threads_for(row_size / 8), 0, stream,
-        static_cast<T*>(normed), static_cast<T*>(sum), static_cast<const T*>(x), static_cast<const T*>(residual),
+        RowOut<T>{normed, fp8_out_scale}, static_cast<T*>(sum), static_cast<const T*>(x),
+        static_cast<const T*>(residual),
         static_cast<const T*>(weight), row_size, eps);
   });
   return cudaGetLastError();

@@ -328,3 +328,61 @@ def test_fp8_engine_cuda_matches_cpu(engines):
         lc, lg, lr = cpu.step(nxt), gpu.step(nxt), ref.step(nxt)
     print(f"worst relative logits distance CUDA vs CPU: {worst:.4f}; {exact}/{total} tokens equal")
     assert exact >= 0.8 * total, f"{exact}/{total} greedy tokens equal the CPU's argmax"
+
+
+# ---- FP8 outputs of the ops that produce a static fp8_linear's input (docs/engine_format.md)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "silu_mul"])
+def test_fp8_outputs_of_norms_and_silu_mul(kernels, stream, dtype, op):
+    """With fp8_out_scale the op writes the E4M3 codes of its 16-bit output divided by the scale. The same
+    launch without it gives that 16-bit output (against float64 in test_kernels_basic.py); the codes must
+    be the numpy E4M3 rounding of float32(output) / float32(scale), every one, saturation included (the
+    scale puts some values past 448). Codes are poisoned with NaN codes (0x7F) first."""
+    rows, hidden, inter = 5, 4096, 1024
+    gen = torch.Generator().manual_seed(hidden + len(op))
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(dtype).cuda()  # noqa: E731
+    code_kind = kernels.BF16 if dtype == torch.bfloat16 else kernels.FP16
+    scale = np.float32(0.0043)  # 448 * scale = 1.93: the tails saturate
+    x, res, w = rand(rows, hidden) * 3, rand(rows, hidden), rand(hidden) + 1
+    gate_up = rand(rows, 2 * inter) * 3
+    width = inter if op == "silu_mul" else hidden
+    outputs = {}
+    for fp8 in (False, True):
+        out = (torch.full((rows, width), 0x7F, dtype=torch.uint8, device="cuda") if fp8
+               else torch.full((rows, width), float("nan"), dtype=dtype, device="cuda"))
+        total = torch.full((rows, hidden), float("nan"), dtype=dtype, device="cuda")
+        kw = dict(fp8_out_scale=float(scale)) if fp8 else {}
+        if op == "rms_norm":
+            kernels.rms_norm(out.data_ptr(), x.data_ptr(), w.data_ptr(), rows, hidden, hidden, 1e-5, code_kind,
+                             stream, **kw)
+        elif op == "add_rms_norm":
+            kernels.add_rms_norm(out.data_ptr(), total.data_ptr(), x.data_ptr(), res.data_ptr(), w.data_ptr(), rows,
+                                 hidden, 1e-5, code_kind, stream, **kw)
+        else:
+            kernels.silu_mul(out.data_ptr(), gate_up.data_ptr(), rows, inter, code_kind, stream, **kw)
+        torch.cuda.synchronize()
+        outputs[fp8] = (out.cpu(), total.cpu())
+    y = outputs[False][0].float().numpy()
+    assert np.isfinite(y).all()
+    codes = outputs[True][0].numpy()
+    assert not np.isin(codes, [0x7F, 0xFF]).any(), "a code was not written (NaN poison left)"
+    expected = e4m3_round((y / scale).astype(np.float32))
+    assert np.abs(expected).max() == 448.0 and (np.abs(expected) < 448.0).mean() > 0.2
+    np.testing.assert_array_equal(E4M3[codes], expected)
+    if op == "add_rms_norm":
+        assert torch.equal(outputs[True][1], outputs[False][1])  # the sum is unchanged
+
+
+def test_fp8_out_scale_is_checked(kernels, stream):
+    x = torch.randn(2, 64, device="cuda").to(torch.bfloat16)
+    w = torch.ones(64, device="cuda").to(torch.bfloat16)
+    out = torch.empty(2, 64, dtype=torch.uint8, device="cuda")
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(Exception):
+            kernels.rms_norm(out.data_ptr(), x.data_ptr(), w.data_ptr(), 2, 64, 64, 1e-5, kernels.BF16, stream,
+                             fp8_out_scale=bad)
+    with pytest.raises(Exception):  # codes in place over the 16-bit input
+        kernels.rms_norm(x.data_ptr(), x.data_ptr(), w.data_ptr(), 2, 64, 64, 1e-5, kernels.BF16, stream,
+                         fp8_out_scale=0.01)

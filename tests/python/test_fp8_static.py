@@ -4,6 +4,7 @@ E4M3 rounding computed here from the format's bit layout; the runtime's calibrat
 HF transformers' activations; engines built with FP8 + FP8 KV against HF; save/load in a fresh process;
 bad calibration inputs and refusals."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -337,6 +338,67 @@ def test_fp8_engine_close_to_hf(llama_dir, fp8_engine):
         agree += int(np.sum(ours.argmax(-1) == ref.argmax(-1)))
         total += len(prompt)
     assert agree / total >= 0.8, agree / total
+
+
+def test_fp8_inputs_quantized_by_their_producers(llama_dir, fp8_engine, tmp_path):
+    """The norms and silu_mul that feed static fp8_linears write E4M3 codes with the linear's input scale
+    (passes.fuse_fp8_input_quantization); o_proj's input, attention's output, stays float. On the CPU those
+    codes are the ones the linear computes itself from a float input, so the same model built without the
+    passes (add + norm unfused too) gives the same logits, bit for bit."""
+    path, report = fp8_engine
+    graph = json.loads((path / "config.json").read_text())["graph"]
+    dtypes = {t["name"]: t["dtype"] for t in graph["tensors"]}
+    producers = {o: n for n in graph["nodes"] for o in n["outputs"]}
+    fp8 = [n for n in graph["nodes"] if n["op"] == "fp8_linear"]
+    from_codes = {n["inputs"][1] for n in fp8 if dtypes.get(n["inputs"][0]) == "float8_e4m3"}
+    assert from_codes == {n["inputs"][1] for n in fp8 if ".o_proj." not in n["inputs"][1]}
+    assert len(from_codes) == 6  # qkv, gate_up and down of both layers
+    for node in fp8:
+        x = node["inputs"][0]
+        if dtypes.get(x) == "float8_e4m3":
+            producer = producers[x]
+            assert producer["op"] in ("rms_norm", "add_rms_norm", "silu_mul") and producer["outputs"][0] == x
+            assert producer["attrs"]["output_scale"] == np.float32(report.input_scales[node["inputs"][1]])
+
+    model = AutoModelForCausalLM.from_hugging_face(llama_dir)
+    unfused = rtllm.quantize(model, FP8, build_config=BuildConfig(max_seq_len=128, fuse=False))
+    assert unfused.quantization_report.input_scales == report.input_scales
+    unfused.save(tmp_path / "unfused")
+    graph = json.loads((tmp_path / "unfused" / "config.json").read_text())["graph"]
+    assert all(t["dtype"] != "float8_e4m3" for t in graph["tensors"])
+    assert not any("output_scale" in n["attrs"] for n in graph["nodes"])
+    for prompt in random_prompts(np.random.default_rng(9), [7, 40]):
+        np.testing.assert_array_equal(_all_logits(path, prompt), _all_logits(tmp_path / "unfused", prompt))
+
+
+def test_fp8_output_refusals(llama_dir, fp8_engine, tmp_path):
+    """An F8_E4M3 norm output without a usable output_scale, and codes fed to a per-token fp8_linear, are
+    refused at load, naming them."""
+    path, _ = fp8_engine
+    config = json.loads((path / "config.json").read_text())
+    nodes = config["graph"]["nodes"]
+    norm = next(n for n in nodes if n["op"] == "add_rms_norm" and "output_scale" in n["attrs"])
+    for i, bad in enumerate((None, -1.0, 0.0, 1e39)):  # 1e39: infinite as float32
+        edited = json.loads(json.dumps(config))
+        target = next(n for n in edited["graph"]["nodes"] if n["outputs"] == norm["outputs"])
+        if bad is None:
+            del target["attrs"]["output_scale"]
+        else:
+            target["attrs"]["output_scale"] = bad
+        broken = tmp_path / f"bad_scale{i}"
+        shutil.copytree(path, broken)
+        (broken / "config.json").write_text(json.dumps(edited))
+        with pytest.raises(Exception, match="output_scale"):
+            LLM(str(broken), skip_tokenizer_init=True)
+    broken = tmp_path / "per_token_codes"
+    shutil.copytree(path, broken)
+    edited = json.loads(json.dumps(config))
+    linear = next(n for n in edited["graph"]["nodes"] if n["op"] == "fp8_linear" and ".down_proj." in n["inputs"][1])
+    linear["attrs"]["activation_scaling"] = "per_token"
+    linear["inputs"] = linear["inputs"][:3]
+    (broken / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(Exception, match="F8_E4M3"):
+        LLM(str(broken), skip_tokenizer_init=True)
 
 
 _GREEDY = """

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "cpu/fp8_output.h"
 #include "op_registry.h"
 #include "thread_pool.h"
 
@@ -62,22 +63,32 @@ class Silu final : public ActivationOp {
 };
 
 // x [T, 2I] (gate columns, then up columns) -> [T, I] = silu(gate) · up.
+// An F8_E4M3 output (cpu::Fp8Output) is computed into the thread's float row, then quantized.
 class SiluMul final : public ActivationOp {
  public:
-  explicit SiluMul(const OpSpec& spec) : ActivationOp(spec, 1, 1) {}
+  explicit SiluMul(const OpSpec& spec) : ActivationOp(spec, 1, 1), fp8_(spec) {}
+
+  size_t workspace_bytes() const override {
+    if (!fp8_.on()) return 0;
+    return sizeof(float) * static_cast<size_t>(spec_.backend->num_threads) * spec_.outputs[0].shape.back().value;
+  }
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
     const int64_t T = in[0].rows(), I = in[0].cols() / 2;
     RTLLM_CHECK(in[0].cols() % 2 == 0 && out[0].rows() == T && out[0].cols() == I, "silu_mul: x [", T, ", ",
                 in[0].cols(), "] and output [", out[0].rows(), ", ", out[0].cols(), "] do not match");
     const float* x = in[0].f32();
-    float* y = out[0].f32();
-    ctx.pool->parallel_for(T, [&](int64_t t, int) {
+    ctx.pool->parallel_for(T, [&](int64_t t, int thread) {
       const float* gate = x + t * 2 * I;
       const float* up = gate + I;
-      for (int64_t i = 0; i < I; ++i) y[t * I + i] = silu(gate[i]) * up[i];
+      float* y = fp8_.on() ? static_cast<float*>(ctx.workspace) + thread * I : out[0].f32() + t * I;
+      for (int64_t i = 0; i < I; ++i) y[i] = silu(gate[i]) * up[i];
+      if (fp8_.on()) fp8_.store(y, I, static_cast<uint8_t*>(out[0].data) + t * I);
     }, I * 4);
   }
+
+ private:
+  const cpu::Fp8Output fp8_;
 };
 
 // Copies rows `index[r]` of a table [num_src_rows, H] into dst [R, H]. embedding: (ids, table);

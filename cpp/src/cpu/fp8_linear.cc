@@ -12,6 +12,9 @@
 // input_scale [1]; s_t = input_scale for every token (an input beyond the calibrated range saturates to
 // +-448 · input_scale), then the same product, y = dot · input_scale · weight_scale (+ bias).
 //
+// x may be E4M3 codes already (static only): the output of a norm or silu_mul that quantized it with this
+// linear's input_scale (docs/engine_format.md, "FP8 outputs"); the codes are then decoded, not quantized.
+//
 // Workspace: the quantized activations as float32 [T, K] (E4M3 values, exact), their scales [T], and
 // one decoded weight row [K] per thread.
 #include <algorithm>
@@ -44,7 +47,10 @@ class Fp8Linear final : public OpKind {
     static_ = scaling == "static";
     bias_input_ = static_ ? 4 : 3;
     spec.require_num_io(bias_input_, bias_input_ + 1, 1);
-    spec.require_input_dtype(0, {DataType::kFloat32});
+    spec.require_input_dtype(0, {DataType::kFloat32, DataType::kFloat8E4M3});
+    codes_in_ = spec.inputs[0].dtype == DataType::kFloat8E4M3;
+    RTLLM_CHECK(!codes_in_ || static_, "fp8_linear: x \"", spec.inputs[0].name, "\" is F8_E4M3, which only "
+                "activation_scaling \"static\" reads (per token, x must be a float activation)");
     spec.require_input_dtype(1, {DataType::kFloat8E4M3});
     spec.require_input_dtype(2, {DataType::kFloat32});
     if (static_) spec.require_input_dtype(3, {DataType::kFloat32});
@@ -94,7 +100,11 @@ class Fp8Linear final : public OpKind {
       RTLLM_CHECK(in[3].numel() == 1, "fp8_linear: input_scale has ", in[3].numel(), " values, expected 1");
       const float s = in[3].f32()[0];
       RTLLM_CHECK(std::isfinite(s) && s > 0.0f, "fp8_linear: input_scale ", s, " must be finite and > 0");
-      quantize_static(*ctx.pool, x.f32(), T, K, s, q, x_scale);
+      if (codes_in_) {
+        decode_codes(*ctx.pool, static_cast<const uint8_t*>(x.data), T, K, s, q, x_scale);
+      } else {
+        quantize_static(*ctx.pool, x.f32(), T, K, s, q, x_scale);
+      }
     } else {
       quantize_tokens(*ctx.pool, x.f32(), T, K, q, x_scale);
     }
@@ -128,6 +138,16 @@ class Fp8Linear final : public OpKind {
     }, 2 * K);
   }
 
+  // q[t] = the E4M3 values of codes x[t], x_scale[t] = input_scale: the producer quantized x already.
+  static void decode_codes(ThreadPool& pool, const uint8_t* x, int64_t T, int64_t K, float s, float* q,
+                           float* x_scale) {
+    const auto& table = e4m3_table();
+    pool.parallel_for(T, [&](int64_t t, int) {
+      x_scale[t] = s;
+      for (int64_t k = 0; k < K; ++k) q[t * K + k] = table[x[t * K + k]];
+    }, K);
+  }
+
   // Task = (block of tokens, block of weight rows); each weight row is decoded once per task into the
   // thread's row buffer and dotted with every token of the block.
   static void gemm(ThreadPool& pool, const float* q, const float* x_scale, const uint8_t* w, const float* w_scale,
@@ -155,6 +175,7 @@ class Fp8Linear final : public OpKind {
   bool has_bias() const { return static_cast<int>(spec_.inputs.size()) > bias_input_; }
 
   bool static_ = false;   // activation_scaling "static": per-tensor weight and input scales
+  bool codes_in_ = false;  // x holds E4M3 codes (static only)
   int bias_input_ = 3;    // index of the optional bias
   int64_t num_cols_ = 0;  // K
   int64_t max_rows_ = 0;  // of x, at the largest step

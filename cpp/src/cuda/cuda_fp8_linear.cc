@@ -69,6 +69,7 @@ struct Fp8LinearCall {
   const void* bias = nullptr;
   int64_t T = 0, N = 0, K = 0;
   DataType x_dtype = DataType::kBFloat16;  // also the bias dtype
+  bool x_codes = false;  // static only: x holds the E4M3 codes already (docs/engine_format.md, "FP8 outputs")
   DataType y_dtype = DataType::kBFloat16;
   bool per_token = true;
   bool scaled_gemm = true;  // cuBLASLt applies the scales (and bias) itself
@@ -98,7 +99,9 @@ void run_fp8_linear(const Fp8LinearCall& c, CublasLtGemm& gemm, void* workspace,
   float* acc = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(token_scale) + align_up(sizeof(float) * c.T));
   const kernels::DType x_kind = kernel_dtype(c.x_dtype), y_kind = kernel_dtype(c.y_dtype);
   const float* x_scale = c.per_token ? token_scale : c.input_scale;
-  if (c.per_token) {
+  if (c.x_codes) {
+    q = const_cast<void*>(c.x);  // read only
+  } else if (c.per_token) {
     check_launch(kernels::fp8_quantize_per_token(q, token_scale, c.x, c.T, c.K, x_kind, stream));
   } else {
     check_launch(kernels::fp8_quantize_static(q, c.x, c.input_scale, c.T, c.K, x_kind, stream));
@@ -140,7 +143,7 @@ ComputeCapability require_fp8_device() {
   return cc;
 }
 
-// Inputs: x [T, K] (compute dtype), weight [N, K] F8_E4M3, weight_scale F32 ([N] per_token, [1] static),
+// Inputs: x [T, K] (compute dtype, or static: E4M3 codes from its producer), weight [N, K] F8_E4M3, weight_scale F32 ([N] per_token, [1] static),
 // static: input_scale [1] F32; optional bias [N] (placed in the compute dtype).
 class CudaFp8Linear final : public OpKind {
  public:
@@ -151,7 +154,10 @@ class CudaFp8Linear final : public OpKind {
     per_token_ = scaling == "per_token";
     const size_t num_scales = per_token_ ? 1 : 2;
     spec.require_num_io(2 + num_scales, 3 + num_scales, 1);
-    spec.require_input_dtype(0, {DataType::kFloat32});
+    spec.require_input_dtype(0, {DataType::kFloat32, DataType::kFloat8E4M3});
+    x_codes_ = spec.inputs[0].dtype == DataType::kFloat8E4M3;
+    RTLLM_CHECK(!x_codes_ || !per_token_, "fp8_linear: x \"", spec.inputs[0].name, "\" is F8_E4M3, which only "
+                "activation_scaling \"static\" reads (per token, x must be a float activation)");
     spec.require_input_dtype(1, {DataType::kFloat8E4M3});
     for (size_t i = 2; i < 2 + num_scales; ++i) spec.require_input_dtype(i, {DataType::kFloat32});
     has_bias_ = spec.inputs.size() == 3 + num_scales;
@@ -213,7 +219,8 @@ class CudaFp8Linear final : public OpKind {
     c.x = x.data;
     c.w = w.data;
     c.w_scale = w_scale.f32();
-    c.x_dtype = x.dtype;
+    c.x_dtype = x_codes_ ? spec_.backend->activation_dtype : x.dtype;
+    c.x_codes = x_codes_;
     c.y_dtype = y.dtype;
     c.per_token = per_token_;
     c.scaled_gemm = scaled_gemm_;
@@ -224,6 +231,7 @@ class CudaFp8Linear final : public OpKind {
 
  private:
   bool per_token_ = true, has_bias_ = false, scaled_gemm_ = true, hopper_gemm_ = false;
+  bool x_codes_ = false;  // x is E4M3 codes from its producer (static)
   int64_t num_outputs_ = 0, num_cols_ = 0;  // N, K
   int64_t max_rows_ = 0;  // of x, at the largest step
 };

@@ -82,25 +82,29 @@ class Linear final : public ComputeOp {
 class RmsNorm final : public ComputeOp {
  public:
   explicit RmsNorm(const OpSpec& spec)
-      : ComputeOp(spec, 2, 2, 1), eps_(static_cast<float>(spec.node->attrs.get_double("eps", 1e-6))) {}
+      : ComputeOp(spec, 2, 2, 1), eps_(static_cast<float>(spec.node->attrs.get_double("eps", 1e-6))),
+        fp8_scale_(fp8_output_scale(spec)) {}
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
     const TensorView &x = in[0], &w = in[1], &y = out[0];
     const int64_t D = x.cols(), d = w.numel();
     RTLLM_CHECK(d > 0 && D % d == 0, "rms_norm: weight size ", d, " does not divide the row size ", D);
     RTLLM_CHECK(y.numel() == x.numel(), "rms_norm: output has ", y.numel(), " values, expected ", x.numel());
-    check_launch("rms_norm", kernels::rms_norm(y.data, x.data, w.data, x.rows(), D, d, eps_, dtype_, stream_of(ctx)));
+    check_launch("rms_norm",
+                 kernels::rms_norm(y.data, x.data, w.data, x.rows(), D, d, eps_, dtype_, stream_of(ctx), fp8_scale_));
   }
 
  private:
   const float eps_;
+  const float fp8_scale_;  // > 0: the output is E4M3 codes (docs/engine_format.md, "FP8 outputs")
 };
 
 // Outputs [normed, sum]: sum = x + residual, normed = rms_norm(sum).
 class AddRmsNorm final : public ComputeOp {
  public:
   explicit AddRmsNorm(const OpSpec& spec)
-      : ComputeOp(spec, 3, 3, 2), eps_(static_cast<float>(spec.node->attrs.get_double("eps", 1e-6))) {}
+      : ComputeOp(spec, 3, 3, 2), eps_(static_cast<float>(spec.node->attrs.get_double("eps", 1e-6))),
+        fp8_scale_(fp8_output_scale(spec)) {}
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
     const TensorView &x = in[0], &res = in[1], &w = in[2];
@@ -109,11 +113,12 @@ class AddRmsNorm final : public ComputeOp {
                     out[1].numel() == x.numel(),
                 "add_rms_norm: shapes do not match rows of ", D, " values");
     check_launch("add_rms_norm", kernels::add_rms_norm(out[0].data, out[1].data, x.data, res.data, w.data, x.rows(),
-                                                       D, eps_, dtype_, stream_of(ctx)));
+                                                       D, eps_, dtype_, stream_of(ctx), fp8_scale_));
   }
 
  private:
   const float eps_;
+  const float fp8_scale_;  // > 0: the normed output is E4M3 codes
 };
 
 using BinaryLauncher = cudaError_t (*)(void*, const void*, const void*, int64_t, kernels::DType, cudaStream_t);
@@ -144,14 +149,17 @@ class Silu final : public ComputeOp {
 
 class SiluMul final : public ComputeOp {
  public:
-  explicit SiluMul(const OpSpec& spec) : ComputeOp(spec, 1, 1, 1) {}
+  explicit SiluMul(const OpSpec& spec) : ComputeOp(spec, 1, 1, 1), fp8_scale_(fp8_output_scale(spec)) {}
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
     const int64_t T = in[0].rows(), I = in[0].cols() / 2;
     RTLLM_CHECK(in[0].cols() % 2 == 0 && out[0].rows() == T && out[0].cols() == I, "silu_mul: x [", T, ", ",
                 in[0].cols(), "] and output [", out[0].rows(), ", ", out[0].cols(), "] do not match");
-    check_launch("silu_mul", kernels::silu_mul(out[0].data, in[0].data, T, I, dtype_, stream_of(ctx)));
+    check_launch("silu_mul", kernels::silu_mul(out[0].data, in[0].data, T, I, dtype_, stream_of(ctx), fp8_scale_));
   }
+
+ private:
+  const float fp8_scale_;  // > 0: the output is E4M3 codes
 };
 
 // Rows of a table [num_rows, H] at int32 indices [R] -> [R, H]; embedding: (ids, table), gather_rows:

@@ -126,6 +126,8 @@ def build(model, build_config: BuildConfig | None = None, quant_config: QuantCon
         else:
             calibration = None
         quantization_report = quantize_network(network, quant_config, calibration)
+    if build_config.fuse:  # once the FP8 linears hold their input scales
+        passes.fuse_fp8_input_quantization(network)
     network.prune()
     network.renumber()
     # in order of first use; every weight in the engine dtype except rope.inv_freq, which stays float32,

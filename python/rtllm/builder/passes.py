@@ -7,6 +7,8 @@ inside attention, silu_mul); what remains spans layers: a residual add and the n
 with tensor parallelism the all-reduce of a row-parallel output before them.
 """
 
+import numpy as np
+
 from .tensor import Network, Node
 
 
@@ -46,6 +48,28 @@ def fuse_all_reduce_add_rms_norm(net: Network) -> None:
                      dict(norm.attrs))
         net.nodes[net.nodes.index(norm)] = fused
         _remove(net, [reduce])
+
+
+# The ops that can write their first output as E4M3 codes for a static fp8_linear that reads it
+# (docs/engine_format.md, "FP8 outputs").
+FP8_OUTPUT_OPS = ("rms_norm", "add_rms_norm", "silu_mul")
+
+
+def fuse_fp8_input_quantization(net: Network) -> None:
+    """y = P(...)[0]; fp8_linear(y, ...) with static activation scaling, P in FP8_OUTPUT_OPS and the linear y's
+    only reader -> P writes y as the E4M3 codes of y / input_scale (attr output_scale, y declared
+    float8_e4m3) and the linear reads the codes: the activation is quantized by the kernel that produces it,
+    not by one of its own. Runs after quantization, which gives the linears their calibrated input scales."""
+    producers, consumers = net.producers(), net.consumers()
+    for linear in [n for n in net.nodes if n.op == "fp8_linear" and n.attrs.get("activation_scaling") == "static"]:
+        x = linear.inputs[0]
+        producer = producers.get(x)
+        if (producer is None or producer.op not in FP8_OUTPUT_OPS or producer.outputs[0] != x
+                or len(consumers.get(x, [])) != 1 or x not in net.tensors):
+            continue
+        input_scale = net.weights[linear.inputs[3]].load()
+        producer.attrs["output_scale"] = float(np.float32(input_scale.reshape(-1)[0]))
+        net.tensors[x].dtype = "float8_e4m3"
 
 
 # The ops whose first output is an RMSNorm of a row, with the norm's weight as their last input: where a

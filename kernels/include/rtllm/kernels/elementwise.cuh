@@ -27,8 +27,10 @@ RTLLM_API cudaError_t mul(void* out, const void* a, const void* b, int64_t n, DT
 RTLLM_API cudaError_t silu(void* out, const void* x, int64_t n, DType dtype, cudaStream_t stream);
 
 // x [num_rows, 2 · inter] (gate columns, then up columns) -> out [num_rows, inter] = silu(gate) · up.
+// fp8_out_scale > 0: out is E4M3 codes of that product (rounded to T) / fp8_out_scale, one byte each
+// (docs/engine_format.md, "FP8 outputs"; inter a multiple of 8, 16-byte aligned rows); 0: elements of T.
 RTLLM_API cudaError_t silu_mul(void* out, const void* x, int64_t num_rows, int64_t inter, DType dtype,
-                               cudaStream_t stream);
+                               cudaStream_t stream, float fp8_out_scale = 0.0f);
 
 // out [num_rows, row_size] = x[index[r]] (x has num_src_rows rows; indices are clamped like embedding).
 RTLLM_API cudaError_t gather_rows(void* out, const void* x, const int32_t* index, int64_t num_rows,
