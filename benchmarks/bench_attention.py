@@ -36,7 +36,8 @@ def _rand(*shape):
     return torch.randn(*shape, device="cuda").to(torch.bfloat16)
 
 
-def bench_decode(ctx, batch, context, fp8_kv=False):
+def bench_decode(ctx, batch, context, fp8_kv=False, num_splits=None):
+    """One decode row; num_splits None: the count the runtime plans (attention_decode_num_splits)."""
     kv_bytes = batch * context * NUM_KV_HEADS * HEAD_DIM * 2 * (1 if fp8_kv else 2)  # K and V
     num_sets = ctx.num_sets(kv_bytes)
     blocks_per_seq = math.ceil(context / TOKENS_PER_BLOCK)
@@ -50,7 +51,8 @@ def bench_decode(ctx, batch, context, fp8_kv=False):
                                                             dtype=torch.bfloat16)
     seq_len = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     k = ctx.kernels
-    num_splits = k.attention_decode_num_splits(batch, NUM_KV_HEADS, context, ctx.props.multi_processor_count)
+    planned = k.attention_decode_num_splits(batch, NUM_KV_HEADS, context, ctx.props.multi_processor_count)
+    num_splits = num_splits or planned
     workspace = torch.empty(k.attention_decode_workspace_bytes(batch, NUM_HEADS, HEAD_DIM, num_splits) // 4,
                             device="cuda")
     launch = lambda i: k.attention_decode(
@@ -64,6 +66,8 @@ def bench_decode(ctx, batch, context, fp8_kv=False):
     torch.cuda.empty_cache()
     if fp8_kv:  # SDPA has no FP8 K/V: its row is the bf16 one
         return ctx.row("attention_decode_fp8kv", f"b={batch} ctx={context} splits={num_splits}", ms, kv_bytes)
+    if num_splits != planned:  # a split-count sweep row: SDPA's is the planned row's
+        return ctx.row("attention_decode_splits", f"b={batch} ctx={context} splits={num_splits}", ms, kv_bytes)
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
     q4 = q.view(batch, NUM_HEADS, 1, HEAD_DIM)
@@ -110,11 +114,13 @@ def bench_prefill(ctx, num_tokens):
                    **{"TFLOP/s": tflops, "torch_TFLOP/s": flops / torch_ms / 1e9, "of_matmul": of_matmul})
 
 
-def bench_attention(ctx, parts=("decode", "prefill")) -> list[dict]:
-    """Decode rows (GB/s against copy bandwidth and SDPA) then prefill rows (TFLOP/s against SDPA)."""
+def bench_attention(ctx, parts=("decode", "prefill"), decode_splits=()) -> list[dict]:
+    """Decode rows (GB/s against copy bandwidth and SDPA) then prefill rows (TFLOP/s against SDPA).
+    decode_splits: split counts also timed at batch 1 and 8 (attention_decode_splits rows)."""
     rows = []
     if "decode" in parts:
         rows += [bench_decode(ctx, b, c) for b in DECODE_BATCHES for c in DECODE_CONTEXTS]
+        rows += [bench_decode(ctx, b, c, num_splits=n) for b in (1, 8) for c in (4096, 16384) for n in decode_splits]
         rows += [bench_decode(ctx, b, c) for b, c in SERVING_DECODE]
         rows += [bench_decode(ctx, b, c, fp8_kv=True) for b, c in FP8_KV_DECODE]
     if "prefill" in parts:
@@ -127,9 +133,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", help="write the JSON results here")
     parser.add_argument("--only", choices=("decode", "prefill"), help="only the decode or the prefill rows")
+    parser.add_argument("--decode-splits", default="", help="comma-separated split counts to time at batch 1 and 8 "
+                        "beside the planned one (e.g. 8,16,32,64,128)")
     args = parser.parse_args()
     ctx = Context(load_kernels())
-    rows = bench_ceilings(ctx) + bench_attention(ctx, (args.only,) if args.only else ("decode", "prefill"))
+    splits = tuple(int(n) for n in args.decode_splits.split(",") if n)
+    rows = bench_ceilings(ctx) + bench_attention(ctx, (args.only,) if args.only else ("decode", "prefill"), splits)
     results = {"device": ctx.props.name, "copy_GBps": ctx.copy_gbps, "matmul_bf16_TFLOPs": ctx.matmul_tflops,
                "rows": rows}
     report(results, rows, ["kernel", "shape", "us", "GB/s", "of_copy", "torch_us", "vs_torch", "TFLOP/s",
