@@ -63,6 +63,16 @@ __device__ __forceinline__ int keys_per_split(int num_splits, int seq_len) {
 __device__ __forceinline__ int splits_used(int num_splits, int seq_len) {
   return max(1, (seq_len + keys_per_split(num_splits, seq_len) - 1) / keys_per_split(num_splits, seq_len));
 }
+// The keys [begin, end) of split `split` of a sequence of seq_len keys; `used` is false past the splits the
+// sequence needs, where the whole CTA returns (nothing merges its unwritten partials).
+struct SplitKeys {
+  bool used;
+  int begin, end;
+};
+__device__ __forceinline__ SplitKeys split_keys(int num_splits, int seq_len, int split) {
+  const int per_split = keys_per_split(num_splits, seq_len), begin = split * per_split;
+  return {split < splits_used(num_splits, seq_len), begin, min(seq_len, begin + per_split)};
+}
 
 template <typename T>
 struct DecodeArgs {
@@ -288,10 +298,9 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<MAX_GROUP * dims_per
     if (block_index < a.kv.max_blocks_per_seq) prefetch_l1(kv_index.table + block_index);
   }
 
-  const int used_splits = splits_used(a.num_splits, seq_len);
-  if (split >= used_splits) return;  // the whole CTA: nothing merges its (unwritten) partials
-  const int split_keys = keys_per_split(a.num_splits, seq_len);
-  const int k_begin = split * split_keys, k_end = min(seq_len, k_begin + split_keys);
+  const SplitKeys keys = split_keys(a.num_splits, seq_len, split);
+  if (!keys.used) return;
+  const int k_begin = keys.begin, k_end = keys.end;
   // With PREPARE, the CTA whose split holds the new position prepares its key and value.
   const int new_key = PREPARE && pos == seq_len - 1 && pos >= k_begin && pos < k_end ? pos : -1;
   const KV* pool = static_cast<const KV*>(a.kv.data);
@@ -572,10 +581,9 @@ __global__ void __launch_bounds__(kThreads, 4) decode_mma_kernel(DecodeArgs<T> a
   const auto [s, kv_head, chunk, split, h0, num_h] = decode_cta(a, kGroup);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int seq_len = a.meta.seq_len[s];
-  const int used_splits = splits_used(a.num_splits, seq_len);
-  if (split >= used_splits) return;  // the whole CTA: nothing merges its (unwritten) partials
-  const int split_keys = keys_per_split(a.num_splits, seq_len);
-  const int k_begin = split * split_keys, k_end = min(seq_len, k_begin + split_keys);
+  const SplitKeys keys = split_keys(a.num_splits, seq_len, split);
+  if (!keys.used) return;
+  const int k_begin = keys.begin, k_end = keys.end;
   const int num_sub = (k_end - k_begin + kSub - 1) / kSub;
   const PagedKvIndex kv_index(a.kv, s, kv_head);
   const T* pool = static_cast<const T*>(a.kv.data);
@@ -695,10 +703,9 @@ __global__ void __launch_bounds__(kThreads, 4) decode_mma_fp8_kernel(DecodeArgs<
   const auto [s, kv_head, chunk, split, h0, num_h] = decode_cta(a, kGroup);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int seq_len = a.meta.seq_len[s];
-  const int used_splits = splits_used(a.num_splits, seq_len);
-  if (split >= used_splits) return;  // the whole CTA: nothing merges its (unwritten) partials
-  const int split_keys = keys_per_split(a.num_splits, seq_len);
-  const int k_begin = split * split_keys, k_end = min(seq_len, k_begin + split_keys);
+  const SplitKeys keys = split_keys(a.num_splits, seq_len, split);
+  if (!keys.used) return;
+  const int k_begin = keys.begin, k_end = keys.end;
   const int num_sub = (k_end - k_begin + kSub - 1) / kSub;
   const PagedKvIndex kv_index(a.kv, s, kv_head);
   const uint8_t* pool = static_cast<const uint8_t*>(a.kv.data);
