@@ -69,8 +69,7 @@ class SiluMul final : public ActivationOp {
   explicit SiluMul(const OpSpec& spec) : ActivationOp(spec, 1, 1), fp8_(spec) {}
 
   size_t workspace_bytes() const override {
-    if (!fp8_.on()) return 0;
-    return sizeof(float) * static_cast<size_t>(spec_.backend->num_threads) * spec_.outputs[0].shape.back().value;
+    return fp8_.row_workspace_bytes(spec_, spec_.outputs[0].shape.back().value);
   }
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {

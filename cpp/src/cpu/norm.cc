@@ -8,12 +8,6 @@
 namespace rtllm {
 namespace {
 
-// One float row [D] per thread, where the normed output is E4M3 codes.
-size_t fp8_row_bytes(const OpSpec& spec, const cpu::Fp8Output& fp8) {
-  if (!fp8.on()) return 0;
-  return sizeof(float) * static_cast<size_t>(spec.backend->num_threads) * spec.inputs[0].shape.back().value;
-}
-
 // x [T, D], weight [d] with d dividing D: each run of d values is normalized on its own
 // (d < D is a per-head norm).
 class RmsNorm final : public OpKind {
@@ -25,7 +19,9 @@ class RmsNorm final : public OpKind {
     spec.require_input_dtype(1, kWideFloatDtypes);
   }
   WeightPlacement weight_placement(size_t) const override { return in_activation_dtype(); }
-  size_t workspace_bytes() const override { return fp8_row_bytes(spec_, fp8_); }
+  size_t workspace_bytes() const override {
+    return fp8_.row_workspace_bytes(spec_, spec_.inputs[0].shape.back().value);
+  }
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
     const TensorView &x = in[0], &w = in[1], &y = out[0];
@@ -58,7 +54,9 @@ class AddRmsNorm final : public OpKind {
     spec.require_input_dtype(2, kWideFloatDtypes);
   }
   WeightPlacement weight_placement(size_t) const override { return in_activation_dtype(); }
-  size_t workspace_bytes() const override { return fp8_row_bytes(spec_, fp8_); }
+  size_t workspace_bytes() const override {
+    return fp8_.row_workspace_bytes(spec_, spec_.inputs[0].shape.back().value);
+  }
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
     const TensorView &x = in[0], &res = in[1], &w = in[2];
