@@ -31,6 +31,23 @@ namespace {
 namespace cg = cooperative_groups;
 namespace sm = rtllm::sampling;
 
+// Thread block clusters (distributed shared memory) exist from compute capability 9.0. Built for an older
+// device, a row's cluster is its one CTA: the launch asks for no cluster there (max_cluster_size is 1), and
+// this stand-in gives the CTA's own shared memory as the only rank's.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+using Cluster = cg::cluster_group;
+__device__ __forceinline__ Cluster this_cluster() { return cg::this_cluster(); }
+#else
+struct Cluster {
+  __device__ __forceinline__ unsigned block_rank() const { return 0; }
+  __device__ __forceinline__ unsigned num_blocks() const { return 1; }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+  template <typename T>
+  __device__ __forceinline__ T* map_shared_rank(T* p, unsigned) const { return p; }
+};
+__device__ __forceinline__ Cluster this_cluster() { return {}; }
+#endif
+
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxClusterSize = 8;  // CTAs per row for small batches (the portable cluster size)
@@ -142,7 +159,7 @@ __device__ __forceinline__ u64 warp_sum_u64(u64 v) {
 
 // Sum of v over the cluster (u64 or double), combined in rank order; every thread gets it.
 template <typename V>
-__device__ V cluster_sum(Shared& sh, const cg::cluster_group& cluster, V v) {
+__device__ V cluster_sum(Shared& sh, const Cluster& cluster, V v) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   V* warp_part;
   V* cta_part;
@@ -171,7 +188,7 @@ __device__ V cluster_sum(Shared& sh, const cg::cluster_group& cluster, V v) {
 }
 
 // Largest v over the cluster with the lowest id on ties (id INT32_MAX for none); every thread gets it.
-__device__ float cluster_argmax(Shared& sh, const cg::cluster_group& cluster, float best, int32_t best_id,
+__device__ float cluster_argmax(Shared& sh, const Cluster& cluster, float best, int32_t best_id,
                                 int32_t* id_out) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   auto better = [](float v, int32_t i, float bv, int32_t bi) { return v > bv || (v == bv && i < bi); };
@@ -342,13 +359,13 @@ struct Selected {
 // the weight of all elements); target 0 (or total 0) means no cut. Every thread of the cluster calls
 // it and gets the same cut.
 template <Select kind, typename W, typename TargetFn>
-__device__ __forceinline__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const W& wt,
+__device__ __forceinline__ Selected radix_select(Shared& sh, const Cluster& cluster, const Slice& sl, const W& wt,
                                  TargetFn target_of);
 
 // The first element in id order whose cumulative weight reaches target_of(total) (>= 1; 0: none),
 // -1 if none. WeightFn: uint64_t(int32_t i, float raw). Every thread of the cluster gets the id.
 template <typename WeightFn, typename TargetFn>
-__device__ __forceinline__ int32_t find_in_id_order(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, WeightFn weight,
+__device__ __forceinline__ int32_t find_in_id_order(Shared& sh, const Cluster& cluster, const Slice& sl, WeightFn weight,
                                     TargetFn target_of) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int32_t len = sl.end - sl.begin;
@@ -452,7 +469,7 @@ __device__ __forceinline__ int32_t find_in_id_order(Shared& sh, const cg::cluste
 // weight / count) where `need` more weight reaches the target: it keeps the first m of them in id order.
 // Every thread of the cluster calls it and gets the same cut.
 template <Select kind, typename W>
-__device__ __forceinline__ Selected cut_in_run(Shared& sh, const cg::cluster_group& cluster, const Slice& sl,
+__device__ __forceinline__ Selected cut_in_run(Shared& sh, const Cluster& cluster, const Slice& sl,
                                                const W& wt, uint32_t key, u64 count, u64 weight, u64 need) {
   const u64 each = weight / count, m = (need + each - 1) / each;
   if (m >= count) return Selected{true, Cut{true, key, INT32_MAX}};
@@ -468,7 +485,7 @@ __device__ __forceinline__ Selected cut_in_run(Shared& sh, const cg::cluster_gro
 }
 
 template <Select kind, typename W, typename TargetFn>
-__device__ __forceinline__ Selected radix_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const W& wt,
+__device__ __forceinline__ Selected radix_select(Shared& sh, const Cluster& cluster, const Slice& sl, const W& wt,
                                  TargetFn target_of) {
   constexpr bool kMass = kind == Select::kTopP;
   const unsigned num_ranks = cluster.num_blocks();
@@ -614,7 +631,7 @@ __device__ void bitonic_sort_descending(u64* v, int size) {
 // Returns false, having decided nothing, where the grid cannot separate the elements (the caller then
 // runs radix_select): keys whose x round to the same float in runs longer than kMaxCandidates.
 template <Select kind, typename W, typename TargetFn>
-__device__ __forceinline__ bool grid_select(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const W& wt,
+__device__ __forceinline__ bool grid_select(Shared& sh, const Cluster& cluster, const Slice& sl, const W& wt,
                             float x_lo, TargetFn target_of, Selected* out) {
   constexpr bool kMass = kind == Select::kTopP;
   const unsigned num_ranks = cluster.num_blocks();
@@ -819,7 +836,7 @@ __device__ __forceinline__ bool grid_select(Shared& sh, const cg::cluster_group&
 // Builds the per-token flags/counts of one sequence in `counts` (global memory), the cluster's CTAs
 // sharing the work: kMasked for the ids its bitmask row (null: none) does not allow, then the lists'
 // flags and counts. Ends with a cluster barrier (the counts are visible to the whole cluster).
-__device__ void build_counts(const cg::cluster_group& cluster, uint32_t* counts, int32_t n, const Slice& sl, int s,
+__device__ void build_counts(const Cluster& cluster, uint32_t* counts, int32_t n, const Slice& sl, int s,
                              const int32_t* prompt_ids, const int32_t* prompt_offsets, const int32_t* output_ids,
                              const int32_t* output_offsets, const int32_t* masked_ids, const int32_t* masked_offsets,
                              const int32_t* bias_ids, const int32_t* bias_offsets, const uint32_t* allowed_row) {
@@ -852,7 +869,7 @@ __device__ void build_counts(const cg::cluster_group& cluster, uint32_t* counts,
 }
 
 // Raw log-softmax normalizer and the top-N raw logprobs (rank 0 writes them).
-__device__ double raw_logprobs(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, int s, int32_t n,
+__device__ double raw_logprobs(Shared& sh, const Cluster& cluster, const Slice& sl, int s, int32_t n,
                                int32_t num_logprobs, int32_t max_top, float* out_logprobs, int32_t* out_top_ids) {
   float m = -INFINITY;
   stream_slice(sl, [&](int32_t, float r, bool valid) { if (valid) m = fmaxf(m, r); });
@@ -912,7 +929,7 @@ __device__ double raw_logprobs(Shared& sh, const cg::cluster_group& cluster, con
 // The token of one row (-1: everything masked): argmax, then for a temperature the top-k and top-p
 // cuts and the draw. kLists: the row has penalties, a bias or a mask (lg.counts set).
 template <bool kLists>
-__device__ __forceinline__ int32_t sample_row(Shared& sh, const cg::cluster_group& cluster, const Slice& sl, const SeqLogits& lg,
+__device__ __forceinline__ int32_t sample_row(Shared& sh, const Cluster& cluster, const Slice& sl, const SeqLogits& lg,
                               const SamplingParamsDevice& p, int32_t n, int32_t slice) {
   // Argmax of the adjusted logits (lowest id on ties), and the least finite one (the grid's range).
   float best = -INFINITY, least = INFINITY;
@@ -975,7 +992,7 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
     const uint32_t* allowed_bitmask, int32_t n, int32_t max_top, uint32_t* workspace) {
   __shared__ Shared sh;
   pdl_begin();
-  const cg::cluster_group cluster = cg::this_cluster();
+  const Cluster cluster = this_cluster();
   const int rank = (int)cluster.block_rank(), num_ranks = (int)cluster.num_blocks();
   const int s = blockIdx.x / num_ranks;
   const SamplingParamsDevice p = params[s];
@@ -1087,7 +1104,9 @@ cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, 
   config.dynamicSmemBytes = 0;
   config.stream = stream;
   config.attrs = attributes;
-  config.numAttrs = 2;
+  // A one-CTA cluster is what a launch without the attribute gives, and the only launch a device older than
+  // compute capability 9.0 takes.
+  config.numAttrs = cluster > 1 ? 2 : 1;
   err = cudaLaunchKernelEx(&config, sample_kernel, out_ids, out_logprobs, out_top_ids, logits, params, prompt_ids,
                            prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets, bias_ids,
                            bias_values, bias_offsets, allowed_bitmask, vocab_size, max_top,
