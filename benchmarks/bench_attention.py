@@ -9,7 +9,8 @@ Llama-3-8B heads: 32 query heads, 8 KV heads, head_dim 128, bf16, 16 tokens per 
 
 Rows come from `bench_attention(ctx)` with the Context of bench_kernels.py (its timing helper: CUDA graph
 replays rotating over input sets larger than the L2); bench_kernels.py registers it.
-Standalone: python benchmarks/bench_attention.py [--output results.json] [--only decode|prefill]
+Standalone: python benchmarks/bench_attention.py [--output results.json] [--only decode|prefill|decode_qkv]
+[--decode-splits 8,16,32]
 """
 import argparse
 import math
@@ -30,6 +31,8 @@ SERVING_DECODE = ((256, 256),)  # (batch, context)
 FP8_KV_DECODE = ((1, 4096), (1, 16384), (8, 4096), (32, 4096), (64, 4096), (256, 256))
 FP8_E4M3 = 3
 PREFILL_TOKENS = (1024, 2048, 4096, 8192, 16384)
+# The decode batches engines run with the fused-preparation kernel (split keys), for its split-count sweep.
+DECODE_QKV = ((1, 1024), (1, 4096), (1, 16384), (4, 4096), (8, 4096))
 
 
 def _rand(*shape):
@@ -79,6 +82,45 @@ def bench_decode(ctx, batch, context, fp8_kv=False, num_splits=None):
     return ctx.row("attention_decode", f"b={batch} ctx={context} splits={num_splits}", ms, kv_bytes, torch_ms)
 
 
+def bench_decode_qkv(ctx, batch, context, num_splits, fp8_kv=False):
+    """One row of attention_decode_qkv, the kernel engines run for decode steps of small batches (split keys):
+    RoPE of the new q and k, the new key and value written to the pool and the attention over `context` keys
+    (the new one last), in one launch. num_splits 0: the planned count."""
+    kv_bytes = batch * context * NUM_KV_HEADS * HEAD_DIM * 2 * (1 if fp8_kv else 2)
+    num_sets = ctx.num_sets(kv_bytes)
+    blocks_per_seq = math.ceil(context / TOKENS_PER_BLOCK)
+    num_blocks = num_sets * batch * blocks_per_seq
+    pool = _rand(num_blocks, 2, NUM_KV_HEADS, TOKENS_PER_BLOCK, HEAD_DIM)
+    if fp8_kv:
+        pool = (pool.float() * 40.0).to(torch.float8_e4m3fn).view(torch.uint8)
+    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(num_sets, batch, blocks_per_seq)
+    qkv_cols = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
+    qkv, out = _rand(batch, qkv_cols), torch.empty(batch, NUM_HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    inv_freq = 500000.0 ** (-torch.arange(0, HEAD_DIM, 2, device="cuda", dtype=torch.float32) / HEAD_DIM)
+    seq_len = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    positions = seq_len - 1
+    k = ctx.kernels
+    planned = k.attention_decode_num_splits(batch, NUM_KV_HEADS, context, ctx.props.multi_processor_count)
+    num_splits = num_splits or planned
+    workspace = torch.empty(k.attention_decode_workspace_bytes(batch, NUM_HEADS, HEAD_DIM, num_splits) // 4,
+                            device="cuda")
+    launch = lambda i: k.attention_decode_qkv(
+        out=out.data_ptr(), qkv=qkv.data_ptr(), qkv_row_stride=qkv_cols, q_col=0, k_col=NUM_HEADS * HEAD_DIM,
+        v_col=(NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM, inv_freq=inv_freq.data_ptr(), q_norm_weight=0,
+        k_norm_weight=0, qk_norm_eps=1e-6, positions=positions.data_ptr(), seq_len=seq_len.data_ptr(),
+        num_seqs=batch, kv_data=pool.data_ptr(), num_blocks=num_blocks, tokens_per_block=TOKENS_PER_BLOCK,
+        block_table=tables[i].data_ptr(), max_blocks_per_seq=blocks_per_seq, num_heads=NUM_HEADS,
+        num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, scale=HEAD_DIM ** -0.5, num_splits=num_splits,
+        workspace=workspace.data_ptr(), dtype=BF16, kv_dtype=FP8_E4M3 if fp8_kv else -1, k_scale=0.025,
+        v_scale=0.025, stream=ctx.stream)
+    ms = ctx.time_ms(launch, num_sets)
+    del pool
+    torch.cuda.empty_cache()
+    kernel = "attention_decode_qkv_fp8kv" if fp8_kv else "attention_decode_qkv"
+    plan = " (plan)" if num_splits == planned else ""
+    return ctx.row(kernel, f"b={batch} ctx={context} splits={num_splits}{plan}", ms, kv_bytes)
+
+
 def bench_prefill(ctx, num_tokens):
     """One sequence of num_tokens new tokens (no cache), causal."""
     num_blocks = math.ceil(num_tokens / TOKENS_PER_BLOCK)
@@ -116,8 +158,13 @@ def bench_prefill(ctx, num_tokens):
 
 def bench_attention(ctx, parts=("decode", "prefill"), decode_splits=()) -> list[dict]:
     """Decode rows (GB/s against copy bandwidth and SDPA) then prefill rows (TFLOP/s against SDPA).
-    decode_splits: split counts also timed at batch 1 and 8 (attention_decode_splits rows)."""
+    decode_splits: split counts also timed at batch 1 and 8 (attention_decode_splits rows), and by the
+    decode_qkv part (DECODE_QKV shapes, bf16 and FP8 pools, the planned count and each of these)."""
     rows = []
+    if "decode_qkv" in parts:
+        for fp8_kv in (False, True):
+            for b, c in DECODE_QKV:
+                rows += [bench_decode_qkv(ctx, b, c, n, fp8_kv) for n in (0,) + tuple(decode_splits)]
     if "decode" in parts:
         rows += [bench_decode(ctx, b, c) for b in DECODE_BATCHES for c in DECODE_CONTEXTS]
         rows += [bench_decode(ctx, b, c, num_splits=n) for b in (1, 8) for c in (4096, 16384) for n in decode_splits]
@@ -132,9 +179,11 @@ def main():
     from bench_kernels import Context, bench_ceilings, load_kernels
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", help="write the JSON results here")
-    parser.add_argument("--only", choices=("decode", "prefill"), help="only the decode or the prefill rows")
+    parser.add_argument("--only", choices=("decode", "prefill", "decode_qkv"),
+                        help="only the decode, the prefill or the fused-preparation decode rows (decode_qkv, "
+                        "which only runs when named)")
     parser.add_argument("--decode-splits", default="", help="comma-separated split counts to time at batch 1 and 8 "
-                        "beside the planned one (e.g. 8,16,32,64,128)")
+                        "beside the planned one (e.g. 8,16,32,64,128); with --only decode_qkv, at its shapes")
     args = parser.parse_args()
     ctx = Context(load_kernels())
     splits = tuple(int(n) for n in args.decode_splits.split(",") if n)
