@@ -54,7 +54,8 @@ def bench_decode(ctx, batch, context, fp8_kv=False, num_splits=None):
                                                             dtype=torch.bfloat16)
     seq_len = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     k = ctx.kernels
-    planned = k.attention_decode_num_splits(batch, NUM_KV_HEADS, context, ctx.props.multi_processor_count)
+    planned = k.attention_decode_num_splits(batch, NUM_KV_HEADS, context, ctx.props.multi_processor_count,
+                                            1 if fp8_kv else 2)
     num_splits = num_splits or planned
     workspace = torch.empty(k.attention_decode_workspace_bytes(batch, NUM_HEADS, HEAD_DIM, num_splits) // 4,
                             device="cuda")
@@ -100,7 +101,8 @@ def bench_decode_qkv(ctx, batch, context, num_splits, fp8_kv=False):
     seq_len = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     positions = seq_len - 1
     k = ctx.kernels
-    planned = k.attention_decode_num_splits(batch, NUM_KV_HEADS, context, ctx.props.multi_processor_count)
+    planned = k.attention_decode_num_splits(batch, NUM_KV_HEADS, context, ctx.props.multi_processor_count,
+                                            1 if fp8_kv else 2)
     num_splits = num_splits or planned
     workspace = torch.empty(k.attention_decode_workspace_bytes(batch, NUM_HEADS, HEAD_DIM, num_splits) // 4,
                             device="cuda")

@@ -137,7 +137,7 @@ void bind_attention_kernels(py::module_& m) {
   m.def("attention_decode_workspace_bytes", &kernels::attention_decode_workspace_bytes, py::arg("max_num_seqs"),
         py::arg("num_heads"), py::arg("head_dim"), py::arg("max_splits"));
   m.def("attention_decode_num_splits", &kernels::attention_decode_num_splits, py::arg("num_seqs"),
-        py::arg("num_kv_heads"), py::arg("max_seq_len"), py::arg("num_sms"));
+        py::arg("num_kv_heads"), py::arg("max_seq_len"), py::arg("num_sms"), py::arg("kv_bytes_per_element") = 2);
 }
 
 }  // namespace rtllm::bindings

@@ -232,8 +232,8 @@ __device__ __forceinline__ void write_split(const DecodeArgs<T>& a, const float 
   }
 }
 
-// CTAs per SM the register budget keeps: groups of 4 fit 128 registers (attention_decode_num_splits plans
-// on 4 CTAs per SM), groups of 1 and 2 fit 80. STATE counts a lane's per-head state in 8-dim units times
+// CTAs per SM the register budget keeps: groups of 4 fit 128 registers (attention_decode_num_splits plans on
+// at most 4 CTAs per SM), groups of 1 and 2 fit 80. STATE counts a lane's per-head state in 8-dim units times
 // the heads: an FP8 lane of a group of 2 holds as much as a 16-bit lane of a group of 4.
 template <int STATE>
 constexpr int min_ctas_per_sm() { return STATE <= 2 ? 6 : STATE == 4 ? 4 : 1; }
@@ -991,19 +991,24 @@ size_t attention_decode_workspace_bytes(int32_t max_num_seqs, int32_t num_heads,
   return (size_t)max_num_seqs * num_heads * max_splits * (head_dim + 1) * sizeof(float);
 }
 
-int32_t attention_decode_num_splits(int32_t num_seqs, int32_t num_kv_heads, int32_t max_seq_len, int32_t num_sms) {
-  // About 4 CTAs fit on an SM (128 threads, <= 128 registers for groups <= 4) and keep enough 16-byte loads
-  // in flight; a split count that overshoots one such wave leaves a mostly idle second wave (see
-  // docs/performance.md, "Design decisions and their measurements").
-  // Splits of kMinKeysPerSplit keys, no fewer: longer splits mean more dependent steps per CTA, and at
-  // batch 1 and a few hundred keys each step's load latency, not bandwidth, sets the time. The kernel
-  // cuts the count further per sequence from its current length (splits_used).
-  constexpr int64_t kCtasPerSm = 4;
+int32_t attention_decode_num_splits(int32_t num_seqs, int32_t num_kv_heads, int32_t max_seq_len, int32_t num_sms,
+                                    int32_t kv_bytes_per_element) {
+  // CTAs per SM: 4 keep enough 16-byte loads in flight to read a 16-bit pool at full speed (128 threads, <= 128
+  // registers for groups <= 4); an 8-bit pool's keys are half the bytes and 2 reach its best time, where 4 lose
+  // 15-30% to the extra splits. A split count that overshoots one such wave leaves a mostly idle second wave
+  // (docs/performance.md, "Design decisions and their measurements"). At most kMaxPlannedSplits: beyond it the
+  // merge and each split's fixed costs outweigh the parallelism (batch 1, 4k and 16k keys: 66 splits slower
+  // than 32 in every decode kernel; the sweep is in docs/performance.md). Splits of kMinKeysPerSplit keys, no
+  // fewer: longer splits mean more dependent steps per CTA, and at batch 1 and a few hundred keys each step's
+  // load latency, not bandwidth, sets the time. The kernel cuts the count further per sequence from its
+  // current length (splits_used).
+  constexpr int64_t kMaxPlannedSplits = 32;
+  const int64_t ctas_per_sm = kv_bytes_per_element >= 2 ? 4 : 2;
   const int64_t num_ctas = (int64_t)num_seqs * num_kv_heads;
   if (num_ctas <= 0) return 1;
-  const int64_t for_waves = std::max<int64_t>(1, kCtasPerSm * num_sms / num_ctas);
+  const int64_t for_waves = std::max<int64_t>(1, ctas_per_sm * num_sms / num_ctas);
   const int64_t by_length = std::max<int64_t>(1, max_seq_len / kMinKeysPerSplit);
-  return (int32_t)std::min<int64_t>({for_waves, by_length, kMaxDecodeSplits});
+  return (int32_t)std::min<int64_t>({for_waves, by_length, kMaxPlannedSplits});
 }
 
 }  // namespace rtllm::kernels

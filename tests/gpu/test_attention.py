@@ -283,11 +283,16 @@ def test_decode_cuda_graph_reads_lengths_on_device(kernels):
 
 def test_decode_num_splits_heuristic(kernels):
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert kernels.attention_decode_num_splits(128, 8, 4096, num_sms) == 1  # 1024 CTAs already fill the GPU
-    splits = kernels.attention_decode_num_splits(1, 8, 16384, num_sms)
-    assert 8 * splits >= num_sms and 16384 / splits >= 32
-    assert kernels.attention_decode_num_splits(1, 8, 40, num_sms) == 1  # too short to split
-    assert kernels.attention_decode_num_splits(1, 8, 384, num_sms) == 12  # batch 1: one loop step per split
+    plan = kernels.attention_decode_num_splits
+    assert plan(128, 8, 4096, num_sms) == 1  # 1024 CTAs already fill the GPU
+    assert plan(1, 8, 40, num_sms) == 1  # too short to split
+    assert plan(1, 8, 384, num_sms) == 12  # batch 1: one loop step per split
+    # Up to 4 CTAs per SM for a 16-bit pool, 2 for an 8-bit one, at most 32 splits (docs/performance.md).
+    for batch, keys in [(1, 4096), (1, 16384), (2, 4096), (4, 4096), (8, 4096), (8, 16384), (16, 8192)]:
+        for kv_bytes, per_sm in [(2, 4), (1, 2)]:
+            expected = max(1, min(per_sm * num_sms // (8 * batch), keys // 32, 32))
+            assert plan(batch, 8, keys, num_sms, kv_bytes) == expected, (batch, keys, kv_bytes)
+    assert plan(1, 8, 16384, num_sms) == plan(1, 8, 16384, num_sms, 2)  # 16-bit by default
 
 
 def test_rejects_unsupported_arguments(kernels):

@@ -42,8 +42,9 @@ class Attention final : public OpKind {
     const int64_t max_tokens = b.max_num_tokens, nh = p.num_heads, nkv = p.num_kv_heads, hd = p.head_dim;
     int32_t max_splits = 1;
     for (int32_t r = 1; r <= b.max_batch_size; ++r)
-      max_splits = std::max(max_splits, kernels::attention_decode_num_splits(r, p.num_kv_heads, b.max_seq_len,
-                                                                             b.num_sms));
+      max_splits = std::max(max_splits, kernels::attention_decode_num_splits(
+                                            r, p.num_kv_heads, b.max_seq_len, b.num_sms,
+                                            static_cast<int32_t>(dtype_size(b.kv_cache_dtype))));
     q_bytes_ = round_up(max_tokens * nh * hd * elem, kAlign);
     qkv_bytes_ = p.fused_qkv ? 0 : round_up(max_tokens * (nh + 2 * nkv) * hd * elem, kAlign);
     decode_bytes_ = kernels::attention_decode_workspace_bytes(b.max_batch_size, p.num_heads, p.head_dim, max_splits);

@@ -127,7 +127,8 @@ class CudaBackend final : public RunnerBackend {
            model_.num_layers;
   }
   int32_t decode_splits(int32_t num_seqs) const {
-    return kernels::attention_decode_num_splits(num_seqs, model_.num_kv_heads, max_seq_len_, num_sms_);
+    return kernels::attention_decode_num_splits(num_seqs, model_.num_kv_heads, max_seq_len_, num_sms_,
+                                                static_cast<int32_t>(dtype_size(*config_.kv_cache_dtype)));
   }
 
   const Engine& engine_;

@@ -65,10 +65,10 @@ RTLLM_API cudaError_t attention_decode_qkv(void* out, const void* qkv, int64_t q
 RTLLM_API size_t attention_decode_workspace_bytes(int32_t max_num_seqs, int32_t num_heads, int32_t head_dim,
                                                   int32_t max_splits);
 
-// A split count so that num_seqs x num_kv_heads x splits CTAs come close to, without passing, 4 per SM
-// (one wave with enough loads in flight), each split still covering at least 32 keys of max_seq_len.
-// Fixed per captured graph.
+// A split count so that num_seqs x num_kv_heads x splits CTAs come close to, without passing, 4 per SM for a
+// 16-bit pool and 2 for an 8-bit one (kv_bytes_per_element 1: FP8, INT8), at most 32 splits, each still
+// covering at least 32 keys of max_seq_len. Fixed per captured graph.
 RTLLM_API int32_t attention_decode_num_splits(int32_t num_seqs, int32_t num_kv_heads, int32_t max_seq_len,
-                                              int32_t num_sms);
+                                              int32_t num_sms, int32_t kv_bytes_per_element);
 
 }  // namespace rtllm::kernels
