@@ -39,26 +39,41 @@ def _rand(*shape):
     return torch.randn(*shape, device="cuda").to(torch.bfloat16)
 
 
+class DecodePool:
+    """A paged pool holding `context` keys of `batch` sequences for each of the timing helper's input sets
+    (bf16, or FP8 codes), every set's block table a shuffle of its own blocks, and the split count the
+    runtime plans for it."""
+
+    def __init__(self, ctx, batch, context, fp8_kv):
+        self.kv_bytes = batch * context * NUM_KV_HEADS * HEAD_DIM * 2 * (1 if fp8_kv else 2)  # K and V
+        self.num_sets = ctx.num_sets(self.kv_bytes)
+        self.blocks_per_seq = math.ceil(context / TOKENS_PER_BLOCK)
+        self.num_blocks = self.num_sets * batch * self.blocks_per_seq
+        pool = _rand(self.num_blocks, 2, NUM_KV_HEADS, TOKENS_PER_BLOCK, HEAD_DIM)
+        if fp8_kv:
+            pool = (pool.float() * 40.0).to(torch.float8_e4m3fn).view(torch.uint8)
+        self.pool = pool
+        self.tables = torch.randperm(self.num_blocks, device="cuda").to(torch.int32).view(
+            self.num_sets, batch, self.blocks_per_seq)
+        self.planned = ctx.kernels.attention_decode_num_splits(batch, NUM_KV_HEADS, context,
+                                                               ctx.props.multi_processor_count, 1 if fp8_kv else 2)
+
+    def workspace(self, ctx, batch, num_splits):
+        num_bytes = ctx.kernels.attention_decode_workspace_bytes(batch, NUM_HEADS, HEAD_DIM, num_splits)
+        return torch.empty(num_bytes // 4, device="cuda")
+
+
 def bench_decode(ctx, batch, context, fp8_kv=False, num_splits=None):
     """One decode row; num_splits None: the count the runtime plans (attention_decode_num_splits)."""
-    kv_bytes = batch * context * NUM_KV_HEADS * HEAD_DIM * 2 * (1 if fp8_kv else 2)  # K and V
-    num_sets = ctx.num_sets(kv_bytes)
-    blocks_per_seq = math.ceil(context / TOKENS_PER_BLOCK)
-    num_blocks = num_sets * batch * blocks_per_seq
-    pool = _rand(num_blocks, 2, NUM_KV_HEADS, TOKENS_PER_BLOCK, HEAD_DIM)
-    if fp8_kv:
-        pool = (pool.float() * 40.0).to(torch.float8_e4m3fn).view(torch.uint8)
-    # One block table per input set, all blocks of the pool shuffled among them.
-    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(num_sets, batch, blocks_per_seq)
+    kv = DecodePool(ctx, batch, context, fp8_kv)
+    kv_bytes, num_sets, num_blocks, pool, tables = kv.kv_bytes, kv.num_sets, kv.num_blocks, kv.pool, kv.tables
+    blocks_per_seq, planned = kv.blocks_per_seq, kv.planned
     q, out = _rand(batch, NUM_HEADS * HEAD_DIM), torch.empty(batch, NUM_HEADS * HEAD_DIM, device="cuda",
                                                             dtype=torch.bfloat16)
     seq_len = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     k = ctx.kernels
-    planned = k.attention_decode_num_splits(batch, NUM_KV_HEADS, context, ctx.props.multi_processor_count,
-                                            1 if fp8_kv else 2)
     num_splits = num_splits or planned
-    workspace = torch.empty(k.attention_decode_workspace_bytes(batch, NUM_HEADS, HEAD_DIM, num_splits) // 4,
-                            device="cuda")
+    workspace = kv.workspace(ctx, batch, num_splits)
     launch = lambda i: k.attention_decode(
         out=out.data_ptr(), q=q.data_ptr(), seq_len=seq_len.data_ptr(), num_seqs=batch, kv_data=pool.data_ptr(),
         num_blocks=num_blocks, tokens_per_block=TOKENS_PER_BLOCK, block_table=tables[i].data_ptr(),
@@ -66,7 +81,7 @@ def bench_decode(ctx, batch, context, fp8_kv=False, num_splits=None):
         scale=HEAD_DIM ** -0.5, num_splits=num_splits, workspace=workspace.data_ptr(), dtype=BF16,
         kv_dtype=FP8_E4M3 if fp8_kv else -1, k_scale=0.025, v_scale=0.025, stream=ctx.stream)
     ms = ctx.time_ms(launch, num_sets)
-    del pool
+    del pool, kv  # the pool: free before the next row allocates
     torch.cuda.empty_cache()
     if fp8_kv:  # SDPA has no FP8 K/V: its row is the bf16 one
         return ctx.row("attention_decode_fp8kv", f"b={batch} ctx={context} splits={num_splits}", ms, kv_bytes)
@@ -84,28 +99,21 @@ def bench_decode(ctx, batch, context, fp8_kv=False, num_splits=None):
 
 
 def bench_decode_qkv(ctx, batch, context, num_splits, fp8_kv=False):
-    """One row of attention_decode_qkv, the kernel engines run for decode steps of small batches (split keys):
+    """Two rows: attention_decode_qkv, the kernel engines run for decode steps of small batches (split keys):
     RoPE of the new q and k, the new key and value written to the pool and the attention over `context` keys
-    (the new one last), in one launch. num_splits 0: the planned count."""
-    kv_bytes = batch * context * NUM_KV_HEADS * HEAD_DIM * 2 * (1 if fp8_kv else 2)
-    num_sets = ctx.num_sets(kv_bytes)
-    blocks_per_seq = math.ceil(context / TOKENS_PER_BLOCK)
-    num_blocks = num_sets * batch * blocks_per_seq
-    pool = _rand(num_blocks, 2, NUM_KV_HEADS, TOKENS_PER_BLOCK, HEAD_DIM)
-    if fp8_kv:
-        pool = (pool.float() * 40.0).to(torch.float8_e4m3fn).view(torch.uint8)
-    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(num_sets, batch, blocks_per_seq)
+    (the new one last), in one launch; then the same work as qkv_prepare followed by attention_decode (the
+    tensor-core kernel where it serves), the unfused alternative. num_splits 0: the planned count."""
+    kv = DecodePool(ctx, batch, context, fp8_kv)
+    kv_bytes, num_sets, num_blocks, pool, tables = kv.kv_bytes, kv.num_sets, kv.num_blocks, kv.pool, kv.tables
+    blocks_per_seq, planned = kv.blocks_per_seq, kv.planned
     qkv_cols = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
     qkv, out = _rand(batch, qkv_cols), torch.empty(batch, NUM_HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     inv_freq = 500000.0 ** (-torch.arange(0, HEAD_DIM, 2, device="cuda", dtype=torch.float32) / HEAD_DIM)
     seq_len = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     positions = seq_len - 1
     k = ctx.kernels
-    planned = k.attention_decode_num_splits(batch, NUM_KV_HEADS, context, ctx.props.multi_processor_count,
-                                            1 if fp8_kv else 2)
     num_splits = num_splits or planned
-    workspace = torch.empty(k.attention_decode_workspace_bytes(batch, NUM_HEADS, HEAD_DIM, num_splits) // 4,
-                            device="cuda")
+    workspace = kv.workspace(ctx, batch, num_splits)
     launch = lambda i: k.attention_decode_qkv(
         out=out.data_ptr(), qkv=qkv.data_ptr(), qkv_row_stride=qkv_cols, q_col=0, k_col=NUM_HEADS * HEAD_DIM,
         v_col=(NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM, inv_freq=inv_freq.data_ptr(), q_norm_weight=0,
@@ -116,11 +124,32 @@ def bench_decode_qkv(ctx, batch, context, num_splits, fp8_kv=False):
         workspace=workspace.data_ptr(), dtype=BF16, kv_dtype=FP8_E4M3 if fp8_kv else -1, k_scale=0.025,
         v_scale=0.025, stream=ctx.stream)
     ms = ctx.time_ms(launch, num_sets)
-    del pool
+    q = torch.empty(batch, NUM_HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    token_seq = torch.arange(batch, dtype=torch.int32, device="cuda")  # a decode step: token s of sequence s
+
+    def prepare_and_decode(i):
+        k.qkv_prepare(q.data_ptr(), qkv.data_ptr(), qkv_cols, 0, NUM_HEADS * HEAD_DIM,
+                      (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM, inv_freq.data_ptr(), 0, 0, 1e-6,
+                      token_seq=token_seq.data_ptr(), positions=positions.data_ptr(), num_tokens=batch,
+                      num_seqs=batch, kv_data=pool.data_ptr(), num_blocks=num_blocks,
+                      tokens_per_block=TOKENS_PER_BLOCK, block_table=tables[i].data_ptr(),
+                      max_blocks_per_seq=blocks_per_seq, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS,
+                      head_dim=HEAD_DIM, dtype=BF16, kv_dtype=FP8_E4M3 if fp8_kv else -1, k_scale=0.025,
+                      v_scale=0.025, stream=ctx.stream)
+        k.attention_decode(
+            out=out.data_ptr(), q=q.data_ptr(), seq_len=seq_len.data_ptr(), num_seqs=batch, kv_data=pool.data_ptr(),
+            num_blocks=num_blocks, tokens_per_block=TOKENS_PER_BLOCK, block_table=tables[i].data_ptr(),
+            max_blocks_per_seq=blocks_per_seq, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+            scale=HEAD_DIM ** -0.5, num_splits=num_splits, workspace=workspace.data_ptr(), dtype=BF16,
+            kv_dtype=FP8_E4M3 if fp8_kv else -1, k_scale=0.025, v_scale=0.025, stream=ctx.stream)
+
+    unfused_ms = ctx.time_ms(prepare_and_decode, num_sets)
+    del pool, kv  # the pool: free before the next row allocates
     torch.cuda.empty_cache()
-    kernel = "attention_decode_qkv_fp8kv" if fp8_kv else "attention_decode_qkv"
-    plan = " (plan)" if num_splits == planned else ""
-    return ctx.row(kernel, f"b={batch} ctx={context} splits={num_splits}{plan}", ms, kv_bytes)
+    suffix = "_fp8kv" if fp8_kv else ""
+    shape = f"b={batch} ctx={context} splits={num_splits}" + (" (plan)" if num_splits == planned else "")
+    return [ctx.row("attention_decode_qkv" + suffix, shape, ms, kv_bytes),
+            ctx.row("qkv_prepare+attention_decode" + suffix, shape, unfused_ms, kv_bytes)]
 
 
 def bench_prefill(ctx, num_tokens):
@@ -166,7 +195,8 @@ def bench_attention(ctx, parts=("decode", "prefill"), decode_splits=()) -> list[
     if "decode_qkv" in parts:
         for fp8_kv in (False, True):
             for b, c in DECODE_QKV:
-                rows += [bench_decode_qkv(ctx, b, c, n, fp8_kv) for n in (0,) + tuple(decode_splits)]
+                for n in (0,) + tuple(decode_splits):
+                    rows += bench_decode_qkv(ctx, b, c, n, fp8_kv)
     if "decode" in parts:
         rows += [bench_decode(ctx, b, c) for b in DECODE_BATCHES for c in DECODE_CONTEXTS]
         rows += [bench_decode(ctx, b, c, num_splits=n) for b in (1, 8) for c in (4096, 16384) for n in decode_splits]
