@@ -57,31 +57,34 @@ class DecodePool:
             self.num_sets, batch, self.blocks_per_seq)
         self.planned = ctx.kernels.attention_decode_num_splits(batch, NUM_KV_HEADS, context,
                                                                ctx.props.multi_processor_count, 1 if fp8_kv else 2)
+        self.batch, self.kv_dtype = batch, FP8_E4M3 if fp8_kv else -1
 
     def workspace(self, ctx, batch, num_splits):
         num_bytes = ctx.kernels.attention_decode_workspace_bytes(batch, NUM_HEADS, HEAD_DIM, num_splits)
         return torch.empty(num_bytes // 4, device="cuda")
 
+    def decode(self, ctx, i, out, q, seq_len, num_splits, workspace):
+        """attention_decode of q over input set i."""
+        ctx.kernels.attention_decode(
+            out=out.data_ptr(), q=q.data_ptr(), seq_len=seq_len.data_ptr(), num_seqs=self.batch,
+            kv_data=self.pool.data_ptr(), num_blocks=self.num_blocks, tokens_per_block=TOKENS_PER_BLOCK,
+            block_table=self.tables[i].data_ptr(), max_blocks_per_seq=self.blocks_per_seq, num_heads=NUM_HEADS,
+            num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, scale=HEAD_DIM ** -0.5, num_splits=num_splits,
+            workspace=workspace.data_ptr(), dtype=BF16, kv_dtype=self.kv_dtype, k_scale=0.025, v_scale=0.025,
+            stream=ctx.stream)
+
 
 def bench_decode(ctx, batch, context, fp8_kv=False, num_splits=None):
     """One decode row; num_splits None: the count the runtime plans (attention_decode_num_splits)."""
     kv = DecodePool(ctx, batch, context, fp8_kv)
-    kv_bytes, num_sets, num_blocks, pool, tables = kv.kv_bytes, kv.num_sets, kv.num_blocks, kv.pool, kv.tables
-    blocks_per_seq, planned = kv.blocks_per_seq, kv.planned
+    kv_bytes, num_sets, planned = kv.kv_bytes, kv.num_sets, kv.planned
     q, out = _rand(batch, NUM_HEADS * HEAD_DIM), torch.empty(batch, NUM_HEADS * HEAD_DIM, device="cuda",
                                                             dtype=torch.bfloat16)
     seq_len = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    k = ctx.kernels
     num_splits = num_splits or planned
     workspace = kv.workspace(ctx, batch, num_splits)
-    launch = lambda i: k.attention_decode(
-        out=out.data_ptr(), q=q.data_ptr(), seq_len=seq_len.data_ptr(), num_seqs=batch, kv_data=pool.data_ptr(),
-        num_blocks=num_blocks, tokens_per_block=TOKENS_PER_BLOCK, block_table=tables[i].data_ptr(),
-        max_blocks_per_seq=blocks_per_seq, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
-        scale=HEAD_DIM ** -0.5, num_splits=num_splits, workspace=workspace.data_ptr(), dtype=BF16,
-        kv_dtype=FP8_E4M3 if fp8_kv else -1, k_scale=0.025, v_scale=0.025, stream=ctx.stream)
-    ms = ctx.time_ms(launch, num_sets)
-    del pool, kv  # the pool: free before the next row allocates
+    ms = ctx.time_ms(lambda i: kv.decode(ctx, i, out, q, seq_len, num_splits, workspace), num_sets)
+    del kv  # the pool: free before the next row allocates
     torch.cuda.empty_cache()
     if fp8_kv:  # SDPA has no FP8 K/V: its row is the bf16 one
         return ctx.row("attention_decode_fp8kv", f"b={batch} ctx={context} splits={num_splits}", ms, kv_bytes)
@@ -136,12 +139,7 @@ def bench_decode_qkv(ctx, batch, context, num_splits, fp8_kv=False):
                       max_blocks_per_seq=blocks_per_seq, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS,
                       head_dim=HEAD_DIM, dtype=BF16, kv_dtype=FP8_E4M3 if fp8_kv else -1, k_scale=0.025,
                       v_scale=0.025, stream=ctx.stream)
-        k.attention_decode(
-            out=out.data_ptr(), q=q.data_ptr(), seq_len=seq_len.data_ptr(), num_seqs=batch, kv_data=pool.data_ptr(),
-            num_blocks=num_blocks, tokens_per_block=TOKENS_PER_BLOCK, block_table=tables[i].data_ptr(),
-            max_blocks_per_seq=blocks_per_seq, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
-            scale=HEAD_DIM ** -0.5, num_splits=num_splits, workspace=workspace.data_ptr(), dtype=BF16,
-            kv_dtype=FP8_E4M3 if fp8_kv else -1, k_scale=0.025, v_scale=0.025, stream=ctx.stream)
+        kv.decode(ctx, i, out, q, seq_len, num_splits, workspace)
 
     unfused_ms = ctx.time_ms(prepare_and_decode, num_sets)
     del pool, kv  # the pool: free before the next row allocates
