@@ -660,15 +660,15 @@ __global__ void __launch_bounds__(kThreads, 4) decode_mma_kernel(DecodeArgs<T> a
 }
 
 // Two e4m3 codes, the low and high bytes of `codes`, to an f16x2 register (exact: every e4m3 value is a half).
-// The instruction exists from compute capability 8.9; built for an older device, cuda_fp8.h's conversion
-// gives the same bits.
+// The instruction exists from compute capability 8.9; built for an older device, attention_common.cuh's
+// e4m3x2_to_half2 gives the same bits.
 __device__ __forceinline__ uint32_t e4m3x2_bits(uint32_t codes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
   uint32_t r;
   asm("{\n .reg .b16 c;\n cvt.u16.u32 c, %1;\n cvt.rn.f16x2.e4m3x2 %0, c;\n}" : "=r"(r) : "r"(codes));
   return r;
 #else
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(codes & 0xffffu), __NV_E4M3);
+  const __half2_raw h = e4m3x2_to_half2(static_cast<uint16_t>(codes));
   return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
 #endif
 }
