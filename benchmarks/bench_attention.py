@@ -55,8 +55,8 @@ class DecodePool:
         self.pool = pool
         self.tables = torch.randperm(self.num_blocks, device="cuda").to(torch.int32).view(
             self.num_sets, batch, self.blocks_per_seq)
-        self.planned = ctx.kernels.attention_decode_num_splits(batch, NUM_KV_HEADS, context,
-                                                               ctx.props.multi_processor_count, 1 if fp8_kv else 2)
+        self.planned, self.fuse_prepare = ctx.kernels.attention_decode_plan(
+            batch, NUM_KV_HEADS, HEAD_DIM, context, ctx.props.multi_processor_count, FP8_E4M3 if fp8_kv else BF16)
         self.batch, self.kv_dtype = batch, FP8_E4M3 if fp8_kv else -1
 
     def workspace(self, ctx, batch, num_splits):
@@ -75,7 +75,7 @@ class DecodePool:
 
 
 def bench_decode(ctx, batch, context, fp8_kv=False, num_splits=None):
-    """One decode row; num_splits None: the count the runtime plans (attention_decode_num_splits)."""
+    """One decode row; num_splits None: the count the runtime plans (attention_decode_plan)."""
     kv = DecodePool(ctx, batch, context, fp8_kv)
     kv_bytes, num_sets, planned = kv.kv_bytes, kv.num_sets, kv.planned
     q, out = _rand(batch, NUM_HEADS * HEAD_DIM), torch.empty(batch, NUM_HEADS * HEAD_DIM, device="cuda",

@@ -136,8 +136,23 @@ void bind_attention_kernels(py::module_& m) {
 
   m.def("attention_decode_workspace_bytes", &kernels::attention_decode_workspace_bytes, py::arg("max_num_seqs"),
         py::arg("num_heads"), py::arg("head_dim"), py::arg("max_splits"));
-  m.def("attention_decode_num_splits", &kernels::attention_decode_num_splits, py::arg("num_seqs"),
-        py::arg("num_kv_heads"), py::arg("max_seq_len"), py::arg("num_sms"), py::arg("kv_bytes_per_element") = 2);
+  // (num_splits, fuse_prepare) for a pool of kv_dtype (BF16 0, FP16 1, FP8_E4M3 3, INT8 5).
+  m.def(
+      "attention_decode_plan",
+      [](int32_t num_seqs, int32_t num_kv_heads, int32_t head_dim, int32_t max_seq_len, int32_t num_sms,
+         int32_t kv_dtype) {
+        RTLLM_CHECK_ARG(kv_dtype == static_cast<int32_t>(DType::kBF16) ||
+                            kv_dtype == static_cast<int32_t>(DType::kFP16) ||
+                            kv_dtype == static_cast<int32_t>(DType::kFP8E4M3) ||
+                            kv_dtype == static_cast<int32_t>(DType::kINT8),
+                        "attention_decode_plan: kv_dtype ", kv_dtype,
+                        " is not BF16 (0), FP16 (1), FP8_E4M3 (3) or INT8 (5)");
+        const kernels::DecodePlan plan = kernels::attention_decode_plan(num_seqs, num_kv_heads, head_dim, max_seq_len,
+                                                                        num_sms, static_cast<DType>(kv_dtype));
+        return py::make_tuple(plan.num_splits, plan.fuse_prepare);
+      },
+      py::arg("num_seqs"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("max_seq_len"), py::arg("num_sms"),
+      py::arg("kv_dtype") = static_cast<int32_t>(DType::kBF16));
 }
 
 }  // namespace rtllm::bindings

@@ -232,7 +232,7 @@ __device__ __forceinline__ void write_split(const DecodeArgs<T>& a, const float 
   }
 }
 
-// CTAs per SM the register budget keeps: groups of 4 fit 128 registers (attention_decode_num_splits plans on
+// CTAs per SM the register budget keeps: groups of 4 fit 128 registers (attention_decode_plan plans on
 // at most 4 CTAs per SM), groups of 1 and 2 fit 80. STATE counts a lane's per-head state in 8-dim units times
 // the heads: an FP8 lane of a group of 2 holds as much as a 16-bit lane of a group of 4.
 template <int STATE>
@@ -991,24 +991,33 @@ size_t attention_decode_workspace_bytes(int32_t max_num_seqs, int32_t num_heads,
   return (size_t)max_num_seqs * num_heads * max_splits * (head_dim + 1) * sizeof(float);
 }
 
-int32_t attention_decode_num_splits(int32_t num_seqs, int32_t num_kv_heads, int32_t max_seq_len, int32_t num_sms,
-                                    int32_t kv_bytes_per_element) {
-  // CTAs per SM: 4 keep enough 16-byte loads in flight to read a 16-bit pool at full speed (128 threads, <= 128
-  // registers for groups <= 4); an 8-bit pool's keys are half the bytes and 2 reach its best time, where 4 lose
-  // 15-30% to the extra splits. A split count that overshoots one such wave leaves a mostly idle second wave
-  // (docs/performance.md, "Design decisions and their measurements"). At most kMaxPlannedSplits: beyond it the
-  // merge and each split's fixed costs outweigh the parallelism (batch 1, 4k and 16k keys: 66 splits slower
-  // than 32 in every decode kernel; the sweep is in docs/performance.md). Splits of kMinKeysPerSplit keys, no
-  // fewer: longer splits mean more dependent steps per CTA, and at batch 1 and a few hundred keys each step's
-  // load latency, not bandwidth, sets the time. The kernel cuts the count further per sequence from its
-  // current length (splits_used).
+DecodePlan attention_decode_plan(int32_t num_seqs, int32_t num_kv_heads, int32_t head_dim, int32_t max_seq_len,
+                                 int32_t num_sms, DType kv_dtype) {
+  // An FP8 pool at head_dim 64 / 128 decodes on tensor cores (decode_mma_fp8_kernel), which the fused
+  // preparation does not: at batch 4 and 8 with 4k keys, qkv_prepare + that kernel beat the fused CUDA-core
+  // kernel by 17-20% at their best split counts, and tie at batch 1 (docs/performance.md, "Design decisions
+  // and their measurements").
+  const bool codes = kv_dtype == DType::kFP8E4M3 || kv_dtype == DType::kINT8;
+  const bool fp8_mma = kv_dtype == DType::kFP8E4M3 && (head_dim == 64 || head_dim == 128) && decode_mma_enabled();
+  // CTAs per SM: 4 keep enough 16-byte loads in flight to read a pool at full speed (128 threads, <= 128
+  // registers for groups <= 4); the CUDA-core kernel over an 8-bit pool reads half the bytes per key and 2
+  // reach its best time, where 4 lose 15-30% to the extra splits. A split count that overshoots one such
+  // wave leaves a mostly idle second wave. At most kMaxPlannedSplits: beyond it the merge and each split's
+  // fixed costs outweigh the parallelism (batch 1, 4k and 16k keys: 66 splits slower than 32 in every decode
+  // kernel). Splits of kMinKeysPerSplit keys, no fewer: longer splits mean more dependent steps per CTA, and
+  // at batch 1 and a few hundred keys each step's load latency, not bandwidth, sets the time. The kernel
+  // cuts the count further per sequence from its current length (splits_used). The sweeps are in
+  // docs/performance.md.
   constexpr int64_t kMaxPlannedSplits = 32;
-  const int64_t ctas_per_sm = kv_bytes_per_element >= 2 ? 4 : 2;
+  const int64_t ctas_per_sm = codes && !fp8_mma ? 2 : 4;
   const int64_t num_ctas = (int64_t)num_seqs * num_kv_heads;
-  if (num_ctas <= 0) return 1;
+  DecodePlan plan;
+  if (num_ctas <= 0) return plan;
   const int64_t for_waves = std::max<int64_t>(1, ctas_per_sm * num_sms / num_ctas);
   const int64_t by_length = std::max<int64_t>(1, max_seq_len / kMinKeysPerSplit);
-  return (int32_t)std::min<int64_t>({for_waves, by_length, kMaxPlannedSplits});
+  plan.num_splits = (int32_t)std::min<int64_t>({for_waves, by_length, kMaxPlannedSplits});
+  plan.fuse_prepare = plan.num_splits > 1 && !fp8_mma;
+  return plan;
 }
 
 }  // namespace rtllm::kernels

@@ -281,18 +281,27 @@ def test_decode_cuda_graph_reads_lengths_on_device(kernels):
         check_close(out, case.reference(), case.num_heads, 128)
 
 
-def test_decode_num_splits_heuristic(kernels):
+def test_decode_plan(kernels):
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    plan = kernels.attention_decode_num_splits
-    assert plan(128, 8, 4096, num_sms) == 1  # 1024 CTAs already fill the GPU
-    assert plan(1, 8, 40, num_sms) == 1  # too short to split
-    assert plan(1, 8, 384, num_sms) == 12  # batch 1: one loop step per split
-    # Up to 4 CTAs per SM for a 16-bit pool, 2 for an 8-bit one, at most 32 splits (docs/performance.md).
-    for batch, keys in [(1, 4096), (1, 16384), (2, 4096), (4, 4096), (8, 4096), (8, 16384), (16, 8192)]:
-        for kv_bytes, per_sm in [(2, 4), (1, 2)]:
-            expected = max(1, min(per_sm * num_sms // (8 * batch), keys // 32, 32))
-            assert plan(batch, 8, keys, num_sms, kv_bytes) == expected, (batch, keys, kv_bytes)
-    assert plan(1, 8, 16384, num_sms) == plan(1, 8, 16384, num_sms, 2)  # 16-bit by default
+    plan = kernels.attention_decode_plan
+    BF16, FP16, FP8, INT8 = 0, 1, 3, 5
+    assert plan(128, 8, 128, 4096, num_sms) == (1, False)  # 1024 CTAs already fill the GPU
+    assert plan(1, 8, 128, 40, num_sms) == (1, False)  # too short to split
+    assert plan(1, 8, 128, 384, num_sms) == (12, True)  # batch 1: one loop step per split
+    # Up to 4 CTAs per SM, 2 for the CUDA-core kernel of an 8-bit pool, at most 32 splits (docs/performance.md).
+    # Split steps fold the preparation into the attention kernel, except over an FP8 pool at head_dim 64 / 128,
+    # which runs qkv_prepare and the tensor-core decode kernel unless RTLLM_DECODE_MMA=0 (the child of
+    # test_decode_cuda_core_kernel_where_tensor_cores_serve) turns that kernel off.
+    fp8_mma = (4, False) if os.environ.get("RTLLM_DECODE_MMA") != "0" else (2, True)
+    for batch, keys in [(1, 4096), (1, 16384), (2, 4096), (4, 4096), (8, 4096), (8, 16384), (16, 8192), (64, 4096)]:
+        for kv_dtype, head_dim, per_sm, fused in [(BF16, 128, 4, True), (FP16, 64, 4, True), (FP8, 128, *fp8_mma),
+                                                  (FP8, 64, *fp8_mma), (FP8, 96, 2, True), (INT8, 128, 2, True)]:
+            splits = max(1, min(per_sm * num_sms // (8 * batch), keys // 32, 32))
+            assert plan(batch, 8, head_dim, keys, num_sms, kv_dtype) == (splits, fused and splits > 1), (
+                batch, keys, kv_dtype, head_dim)
+    assert plan(1, 8, 128, 16384, num_sms) == plan(1, 8, 128, 16384, num_sms, BF16)  # 16-bit by default
+    with pytest.raises(ValueError, match="kv_dtype 2"):
+        plan(1, 8, 128, 4096, num_sms, 2)
 
 
 def test_rejects_unsupported_arguments(kernels):

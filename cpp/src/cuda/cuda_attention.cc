@@ -42,9 +42,9 @@ class Attention final : public OpKind {
     const int64_t max_tokens = b.max_num_tokens, nh = p.num_heads, nkv = p.num_kv_heads, hd = p.head_dim;
     int32_t max_splits = 1;
     for (int32_t r = 1; r <= b.max_batch_size; ++r)
-      max_splits = std::max(max_splits, kernels::attention_decode_num_splits(
-                                            r, p.num_kv_heads, b.max_seq_len, b.num_sms,
-                                            static_cast<int32_t>(dtype_size(b.kv_cache_dtype))));
+      max_splits = std::max(max_splits, kernels::attention_decode_plan(r, p.num_kv_heads, p.head_dim, b.max_seq_len,
+                                                                       b.num_sms, kernel_dtype(b.kv_cache_dtype))
+                                            .num_splits);
     q_bytes_ = round_up(max_tokens * nh * hd * elem, kAlign);
     qkv_bytes_ = p.fused_qkv ? 0 : round_up(max_tokens * (nh + 2 * nkv) * hd * elem, kAlign);
     decode_bytes_ = kernels::attention_decode_workspace_bytes(b.max_batch_size, p.num_heads, p.head_dim, max_splits);
@@ -124,9 +124,10 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
   kv.v_scale = p.v_scale;
   const kernels::DType kd = kernel_dtype(dtype);
   // Small decode batches (split-KV: latency-bound) fold the preparation into the attention kernel and save a
-  // kernel per layer; at large batches the separate, fully parallel qkv_prepare is faster (docs/performance.md,
-  // "Design decisions and their measurements").
-  if (st.decode_only && st.decode_splits > 1) {
+  // kernel per layer, unless the plan's unfused kernel is faster (an FP8 pool on tensor cores); at large batches
+  // the separate, fully parallel qkv_prepare is faster (docs/performance.md, "Design decisions and their
+  // measurements").
+  if (st.decode_only && st.decode_fuse_prepare) {
     check_launch("attention_decode_qkv",
                  kernels::attention_decode_qkv(out[0].data, qkv, qkv_cols, 0, nh * hd, (nh + nkv) * hd, inv_freq,
                                                q_norm, k_norm, p.qk_norm_eps, st.meta, kv, p.num_heads,

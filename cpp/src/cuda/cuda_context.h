@@ -65,6 +65,7 @@ struct CudaStep {
   int32_t max_new_tokens = 0;        // over the step's sequences
   bool decode_only = false;          // every sequence has one new token
   int32_t decode_splits = 1;         // attention_decode split count for this step (fixed per graph)
+  bool decode_fuse_prepare = false;  // a split decode step runs attention_decode_qkv (kernels::DecodePlan)
   CublasLtGemm* gemm = nullptr;
 };
 

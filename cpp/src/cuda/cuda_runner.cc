@@ -126,9 +126,9 @@ class CudaBackend final : public RunnerBackend {
     return ModelRunner::kv_bytes_per_block(model_, config_.tokens_per_block, *config_.kv_cache_dtype) /
            model_.num_layers;
   }
-  int32_t decode_splits(int32_t num_seqs) const {
-    return kernels::attention_decode_num_splits(num_seqs, model_.num_kv_heads, max_seq_len_, num_sms_,
-                                                static_cast<int32_t>(dtype_size(*config_.kv_cache_dtype)));
+  kernels::DecodePlan decode_plan(int32_t num_seqs) const {
+    return kernels::attention_decode_plan(num_seqs, model_.num_kv_heads, model_.head_dim, max_seq_len_, num_sms_,
+                                          kernel_dtype(*config_.kv_cache_dtype));
   }
 
   const Engine& engine_;
@@ -309,7 +309,9 @@ void CudaBackend::prepare_step(const HostStep& st, int32_t num_tokens, int32_t n
   step_.meta.num_seqs = num_seqs;
   step_.max_new_tokens = st.max_new_tokens;
   step_.decode_only = st.decode_only;
-  step_.decode_splits = st.decode_only ? decode_splits(num_seqs) : 1;
+  const kernels::DecodePlan plan = st.decode_only ? decode_plan(num_seqs) : kernels::DecodePlan{};
+  step_.decode_splits = plan.num_splits;
+  step_.decode_fuse_prepare = plan.fuse_prepare;
 }
 
 void CudaBackend::run_nodes(std::vector<PlannedNode>& nodes, int32_t num_tokens, int32_t num_logits) {

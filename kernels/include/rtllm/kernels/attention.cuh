@@ -65,10 +65,19 @@ RTLLM_API cudaError_t attention_decode_qkv(void* out, const void* qkv, int64_t q
 RTLLM_API size_t attention_decode_workspace_bytes(int32_t max_num_seqs, int32_t num_heads, int32_t head_dim,
                                                   int32_t max_splits);
 
-// A split count so that num_seqs x num_kv_heads x splits CTAs come close to, without passing, 4 per SM for a
-// 16-bit pool and 2 for an 8-bit one (kv_bytes_per_element 1: FP8, INT8), at most 32 splits, each still
-// covering at least 32 keys of max_seq_len. Fixed per captured graph.
-RTLLM_API int32_t attention_decode_num_splits(int32_t num_seqs, int32_t num_kv_heads, int32_t max_seq_len,
-                                              int32_t num_sms, int32_t kv_bytes_per_element);
+// How decode-only steps of num_seqs sequences run, fixed per captured graph:
+// - num_splits: num_seqs x num_kv_heads x splits CTAs come close to, without passing, one wave of the
+//   kernel that runs (4 CTAs per SM; 2 for the CUDA-core kernels of FP8 / INT8 pools), at most 32 splits,
+//   each still covering at least 32 keys of max_seq_len;
+// - fuse_prepare: whether a split step (num_splits > 1) runs attention_decode_qkv (the preparation folded
+//   into the CUDA-core kernel) rather than qkv_prepare + attention_decode. False for an FP8 pool at
+//   head_dim 64 / 128, which attention_decode reads on tensor cores faster than the fused kernel does.
+// kv_dtype: the pool's (kBF16 / kFP16 for a 16-bit pool).
+struct DecodePlan {
+  int32_t num_splits = 1;
+  bool fuse_prepare = false;
+};
+RTLLM_API DecodePlan attention_decode_plan(int32_t num_seqs, int32_t num_kv_heads, int32_t head_dim,
+                                           int32_t max_seq_len, int32_t num_sms, DType kv_dtype);
 
 }  // namespace rtllm::kernels
