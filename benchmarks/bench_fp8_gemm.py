@@ -7,6 +7,10 @@ sizes, on pre-quantized operands (the GEMM alone) and on bf16 x that torch quant
 On compute capability 9.0 the GEMM rows also give rtllm's Hopper FP8 GEMM (path 3) and cuBLASLt's (path 2)
 separately, with per-token rows from M = 64, the measurements behind the op's choice between them
 (kHopperGemmMinTiles / kHopperGemmMaxTiles in cuda_fp8_linear.cc).
+
+The "codes" rows give the op x as E4M3 codes with static scales, as an FP8 engine's linears get it from
+their producers (passes.fuse_fp8_input_quantization): no quantize kernel runs, so they time the GEMV or
+the GEMM alone, against the copy bandwidth and against torch._scaled_mm (per tensor) on the same shapes.
 """
 import argparse
 import json
@@ -47,10 +51,15 @@ def median_ms(fn, warmup=3, repeats=25, calls=20):
 L2_BYTES = 50 * 2**20  # the H200's L2: the weights cycled through must not stay in it
 
 
-def rtllm_call(M, N, Kd, per_token, path=0):
+def rtllm_call(M, N, Kd, per_token, path=0, codes=False):
     """One fp8_linear call per invocation; successive calls read different copies of the weight (more
-    bytes in all than the L2 holds), so every call streams its weight from HBM as a model's layers do."""
+    bytes in all than the L2 holds), so every call streams its weight from HBM as a model's layers do.
+    codes: x holds E4M3 codes (static scales), as an engine's fused producers hand them to the op, which
+    then runs no quantize kernel: the GEMV or GEMM alone."""
     x = torch.randn(M, Kd, device="cuda", dtype=torch.bfloat16)
+    x_dtype = "BF16"
+    if codes:
+        x, x_dtype, per_token = x.to(torch.float8_e4m3fn).view(torch.uint8), "F8_E4M3", False
     copies = max(1, -(-4 * L2_BYTES // (N * Kd)))
     ws = [torch.randint(0, 0x7E, (N, Kd), dtype=torch.uint8, device="cuda") for _ in range(copies)]
     w_scale = torch.rand(N if per_token else 1, device="cuda") * 1e-2
@@ -64,7 +73,7 @@ def rtllm_call(M, N, Kd, per_token, path=0):
         w = ws[turn[0] % copies]
         turn[0] += 1
         K.fp8_linear(y.data_ptr(), x.data_ptr(), w.data_ptr(), w_scale.data_ptr(), iscale.data_ptr(), 0, M, N, Kd,
-                     "BF16", "BF16", per_token, workspace.data_ptr(), torch.cuda.current_stream().cuda_stream,
+                     x_dtype, "BF16", per_token, workspace.data_ptr(), torch.cuda.current_stream().cuda_stream,
                      path=path, scaled_gemm=scaled)  # the capture's stream
     return call
 
@@ -99,12 +108,12 @@ def main():
     rows = []
     bw = copy_bandwidth_GBps()
     print(f"copy bandwidth (torch device-to-device, read + write): {bw:.0f} GB/s")
-    for per_token in (True, False) if args.only != "gemm" else ():
-        mode = "per_token" if per_token else "static"
+    for mode in ("per_token", "static", "codes") if args.only != "gemm" else ():
         for N, Kd in SHAPES:
             for M in range(1, 9):
-                ms = median_ms(rtllm_call(M, N, Kd, per_token))
-                gbs = (N * Kd + M * Kd * 2 + M * N * 2) / (ms * 1e-3) / 1e9
+                ms = median_ms(rtllm_call(M, N, Kd, mode == "per_token", codes=mode == "codes"))
+                x_bytes = M * Kd * (1 if mode == "codes" else 2)
+                gbs = (N * Kd + x_bytes + M * N * 2) / (ms * 1e-3) / 1e9
                 rows.append(dict(kind="gemv", mode=mode, M=M, N=N, K=Kd, us=ms * 1e3, GBps=gbs, frac=gbs / bw))
                 print(f"gemv {mode:9s} M={M} N={N:5d} K={Kd:5d}: {ms * 1e3:7.2f} us {gbs:6.0f} GB/s {gbs / bw:5.1%}")
     # where the op should switch from the GEMV to cuBLASLt (kMaxGemvRows in cuda_fp8_linear.cc)
@@ -114,19 +123,22 @@ def main():
             rows.append(dict(kind="crossover", M=M, N=N, K=Kd, gemv_us=gemv, gemm_us=gemm))
             print(f"crossover per_token M={M:2d} N={N:5d} K={Kd:5d}: GEMV {gemv:7.2f} us, GEMM {gemm:7.2f} us")
     # the op's choice, then (Hopper) each of its two GEMMs, beside torch._scaled_mm on the same shape
-    paths = [("op", 0)] + ([("cublaslt", 2), ("hopper", 3)] if hopper else [])
-    for per_token in (False, True) if args.only != "gemv" else ():
-        mode = "per_token" if per_token else "static"
+    all_paths = [("op", 0)] + ([("cublaslt", 2), ("hopper", 3)] if hopper else [])
+    for mode in ("static", "per_token", "codes") if args.only != "gemv" else ():
+        per_token, codes = mode == "per_token", mode == "codes"
+        paths = [("op", 0)] if codes else all_paths  # static codes: cuBLASLt applies the scales
         for N, Kd in SHAPES:
             sizes = ((64, 128, 256, 512) if per_token and hopper else ()) + (1024, 2048, 4096, 8192)
             for M in sizes:
                 flop = 2.0 * M * N * Kd
                 ms_t = median_ms(torch_scaled_mm(M, N, Kd, per_token), repeats=10, calls=3)
                 tt = flop / (ms_t * 1e-3) / 1e12
-                ms_q = median_ms(torch_scaled_mm(M, N, Kd, per_token, quantize=True), repeats=10, calls=3)
-                tq = flop / (ms_q * 1e-3) / 1e12
+                tq = float("nan")  # the codes rows compare the GEMM alone: no quantizing peer
+                if not codes:
+                    ms_q = median_ms(torch_scaled_mm(M, N, Kd, per_token, quantize=True), repeats=10, calls=3)
+                    tq = flop / (ms_q * 1e-3) / 1e12
                 for name, path in paths:
-                    ms = median_ms(rtllm_call(M, N, Kd, per_token, path), repeats=10, calls=3)
+                    ms = median_ms(rtllm_call(M, N, Kd, per_token, path, codes), repeats=10, calls=3)
                     t = flop / (ms * 1e-3) / 1e12
                     rows.append(dict(kind="gemm", mode=mode, path=name, M=M, N=N, K=Kd, TFLOPs=t, torch_TFLOPs=tt,
                                      ratio=t / tt, torch_quantizing_TFLOPs=tq, ratio_quantizing=t / tq))

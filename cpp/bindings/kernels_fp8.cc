@@ -46,7 +46,8 @@ void bind_fp8_kernels(py::module_& m) {
     return fp8_scaled_gemm_supported(per_token, dtype(y_dtype), !bias_dtype.empty(),
                                      bias_dtype.empty() ? DataType::kBFloat16 : dtype(bias_dtype));
   }, py::arg("per_token"), py::arg("y_dtype"), py::arg("bias_dtype") = "");
-  // Dtypes by safetensors name ("BF16", "F16", "F32"); path 0: as the op, 1: GEMV, 2: cuBLASLt GEMM, 3: rtllm's
+  // Dtypes by safetensors name ("BF16", "F16", "F32"; x_dtype "F8_E4M3": x holds E4M3 codes, static scales and
+  // y BF16 / F16 only, as a producer's FP8 output reaches the op); path 0: as the op, 1: GEMV, 2: cuBLASLt GEMM, 3: rtllm's
   // Hopper GEMM (compute capability 9.0); scaled_gemm false: the unscaled GEMM + scale kernel fallback.
   m.def("fp8_linear", [p, dtype](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t w_scale, uintptr_t input_scale,
                                  uintptr_t bias, int64_t T, int64_t N, int64_t K, const std::string& x_dtype,

@@ -110,8 +110,9 @@ def random_case(rng, M, N, K, per_token, with_bias, x_dtype):
 
 def run_op(kernels, dev, M, N, K, per_token, x_dtype, y_dtype, path=0, scaled_gemm=None):
     if scaled_gemm is None:  # as the op decides at load: cuBLASLt applies the scales where it can
+        bias_dtype = y_dtype if x_dtype == "F8_E4M3" else x_dtype  # the activation dtype
         scaled_gemm = kernels.fp8_scaled_gemm_supported(per_token, y_dtype,
-                                                        "" if dev["bias"] is None else x_dtype)
+                                                        "" if dev["bias"] is None else bias_dtype)
     ws = torch.empty(kernels.fp8_linear_workspace_bytes(M, N, K, scaled_gemm), dtype=torch.uint8, device="cuda")
     ws.fill_(0xFF)
     y = torch.empty((M, N), dtype=TORCH[y_dtype], device="cuda")
@@ -205,6 +206,33 @@ def test_gemv_long_k_and_tails(kernels, M, N, K):
     dev, host = random_case(rng, M, N, K, True, True, "BF16")
     ref, mag = reference(*host, True)
     check(run_op(kernels, dev, M, N, K, True, "BF16", "F32", path=1), ref, mag)
+
+
+@pytest.mark.parametrize("M", [1, 5, 8, 16, 64, 1024])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("y_dtype", ["BF16", "F16"])
+def test_fp8_linear_reads_codes(kernels, M, with_bias, y_dtype):
+    """x as E4M3 codes with static scales, as a producer's FP8 output reaches the op (no quantize kernel):
+    within the bound of the reference, and bit for bit the op's result on the 16-bit x the codes quantize,
+    on the GEMV and on the GEMM."""
+    N, K = 1000, 1024
+    rng = np.random.default_rng([M, with_bias, len(y_dtype), 8])
+    dev, host = random_case(rng, M, N, K, False, with_bias, y_dtype)
+    x_vals, input_scale = host[0], host[3]
+    q = e4m3_round(x_vals / input_scale[0])  # float32 division, as the reference and the quantize kernel
+    codes = torch.from_numpy(q.astype(np.float32)).to(torch.float8_e4m3fn).view(torch.uint8).cuda()
+    ref, mag = reference(*host, False)
+    for path in [1, 2] if M <= 16 else [2]:  # the GEMV takes up to 16 rows
+        y = run_op(kernels, dict(dev, x=codes), M, N, K, False, "F8_E4M3", y_dtype, path=path)
+        check(y, ref, mag)
+        np.testing.assert_array_equal(y, run_op(kernels, dev, M, N, K, False, y_dtype, y_dtype, path=path))
+
+
+def test_codes_input_needs_static_scales_and_16bit_y(kernels):
+    with pytest.raises(_core.InvalidArgumentError, match="static scales"):
+        kernels.fp8_linear(0, 0, 0, 0, 0, 0, 1, 16, 64, "F8_E4M3", "BF16", True, 0)
+    with pytest.raises(_core.InvalidArgumentError, match="not F32"):
+        kernels.fp8_linear(0, 0, 0, 0, 0, 0, 1, 16, 64, "F8_E4M3", "F32", False, 0)
 
 
 def test_k_not_multiple_of_16_is_refused(kernels):

@@ -257,6 +257,15 @@ RTLLM_API void fp8_linear_for_tests(void* y, const void* x, const void* w, const
                                     void* workspace, void* stream) {
   RTLLM_CHECK_ARG(K > 0 && K % 16 == 0, "fp8_linear: K = ", K, " is not a positive multiple of 16");
   RTLLM_CHECK_ARG(path >= 0 && path <= 3, "fp8_linear: path ", path, " is not 0, 1, 2 or 3");
+  // x as E4M3 codes (a producer's FP8 output): static scales only, and the bias in y's 16-bit dtype, the
+  // activation dtype of such a model.
+  const bool x_codes = x_dtype == DataType::kFloat8E4M3;
+  if (x_codes) {
+    RTLLM_CHECK_ARG(!per_token, "fp8_linear: x as F8_E4M3 codes needs static scales (per_token false)");
+    RTLLM_CHECK_ARG(y_dtype == DataType::kBFloat16 || y_dtype == DataType::kFloat16,
+                    "fp8_linear: x as F8_E4M3 codes needs y_dtype BF16 or F16, not ", dtype_safetensors_name(y_dtype));
+    x_dtype = y_dtype;
+  }
   const ComputeCapability cc = require_fp8_device();
   const bool hopper_gemm = kernels::fp8_gemm_supported(cc.major, cc.minor, T, N, K);
   RTLLM_CHECK_ARG(hopper_gemm || path != static_cast<int>(Fp8Path::kHopperGemm),
@@ -280,6 +289,7 @@ RTLLM_API void fp8_linear_for_tests(void* y, const void* x, const void* w, const
   c.N = N;
   c.K = K;
   c.x_dtype = x_dtype;
+  c.x_codes = x_codes;
   c.y_dtype = y_dtype;
   c.per_token = per_token;
   c.scaled_gemm = scaled_gemm;
