@@ -108,7 +108,7 @@ def bench_decode_qkv(ctx, batch, context, num_splits, fp8_kv=False):
     tensor-core kernel where it serves), the unfused alternative. num_splits 0: the planned count."""
     kv = DecodePool(ctx, batch, context, fp8_kv)
     kv_bytes, num_sets, num_blocks, pool, tables = kv.kv_bytes, kv.num_sets, kv.num_blocks, kv.pool, kv.tables
-    blocks_per_seq, planned = kv.blocks_per_seq, kv.planned
+    blocks_per_seq, planned, fuse_prepare = kv.blocks_per_seq, kv.planned, kv.fuse_prepare
     qkv_cols = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
     qkv, out = _rand(batch, qkv_cols), torch.empty(batch, NUM_HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     inv_freq = 500000.0 ** (-torch.arange(0, HEAD_DIM, 2, device="cuda", dtype=torch.float32) / HEAD_DIM)
@@ -145,9 +145,12 @@ def bench_decode_qkv(ctx, batch, context, num_splits, fp8_kv=False):
     del pool, kv  # the pool: free before the next row allocates
     torch.cuda.empty_cache()
     suffix = "_fp8kv" if fp8_kv else ""
-    shape = f"b={batch} ctx={context} splits={num_splits}" + (" (plan)" if num_splits == planned else "")
-    return [ctx.row("attention_decode_qkv" + suffix, shape, ms, kv_bytes),
-            ctx.row("qkv_prepare+attention_decode" + suffix, shape, unfused_ms, kv_bytes)]
+    shape = f"b={batch} ctx={context} splits={num_splits}"
+    # "(plan)" marks the row an engine runs: the planned count, fused or not as the plan says
+    plan = " (plan)" if num_splits == planned else ""
+    fused_plan, unfused_plan = (plan, "") if fuse_prepare else ("", plan)
+    return [ctx.row("attention_decode_qkv" + suffix, shape + fused_plan, ms, kv_bytes),
+            ctx.row("qkv_prepare+attention_decode" + suffix, shape + unfused_plan, unfused_ms, kv_bytes)]
 
 
 def bench_prefill(ctx, num_tokens):
