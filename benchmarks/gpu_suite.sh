@@ -17,7 +17,8 @@
 #
 # Same-machine A/B against another rtllm source tree (e.g. the previous main, `git archive` into a
 # folder): STEPS="build ab_prepare ab" AB_BASE=DIR. ab_build builds DIR into AB_WORK/base (default
-# AB_WORK=/tmp/rtllm-ab); ab_prepare also writes one Llama-3-8B-shaped engine with random bf16 weights; ab
+# AB_WORK=/tmp/rtllm-ab); ab_prepare also writes one Llama-3-8B-shaped engine with random bf16 weights (AB_BUILD_ARGS:
+# more `rtllm build` flags, e.g. "--quant-algo FP8 --kv-cache-quant-algo FP8 --calib-size 16"); ab
 # runs bench_e2e.py on that engine under the base build, then this one (AB_ARGS: its workloads);
 # ab_kernels runs bench_kernels.py (KERNELS_ARGS) under the base build into kernels_base.json; ab_woq runs
 # bench_weight_only.py (WOQ_KERNELS_ARGS) under the base build and then this one (woq_base.json, woq_new.json).
@@ -108,10 +109,12 @@ ab_prepare() {  # each part skipped when its output exists
   ab_build || return
   [ -f "$AB_WORK/engine/rank0.engine" ] && return
   # The base's builder writes the engine: a newer build reads older engine formats, not the reverse.
+  # shellcheck disable=SC2086
   PYTHONPATH="$AB_WORK/base${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
     "from rtllm.models.presets import write_random_checkpoint as w; w('$AB_WORK/hf', 'llama-3-8b', dtype='bfloat16')" &&
     PYTHONPATH="$AB_WORK/base${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/engine" \
-      --max-batch-size 512 --max-input-len 2048 --max-seq-len 4096 --max-num-tokens 8192 && rm -rf "$AB_WORK/hf"
+      --max-batch-size 512 --max-input-len 2048 --max-seq-len 4096 --max-num-tokens 8192 ${AB_BUILD_ARGS:-} &&
+    rm -rf "$AB_WORK/hf"
 }
 ab_run() {
   # shellcheck disable=SC2086
@@ -133,7 +136,7 @@ ab_woq() {
     "$PYTHON" benchmarks/bench_weight_only.py --json "$OUT_DIR/woq_new.json" ${WOQ_KERNELS_ARGS:-}
 }
 export -f ab_build ab_prepare ab_run ab_kernels ab_woq
-export AB_WORK AB_ARGS PYTHON OUT_DIR KERNELS_ARGS WOQ_KERNELS_ARGS
+export AB_WORK AB_ARGS AB_BUILD_ARGS PYTHON OUT_DIR KERNELS_ARGS WOQ_KERNELS_ARGS
 export AB_BASE="${AB_BASE:-}" CUDA_ARCHS="${CUDA_ARCHS:-90a}"
 wants ab_build && run_step ab_build 540 ab_build.log bash -c ab_build
 wants ab_prepare && run_step ab_prepare 540 ab_prepare.log bash -c ab_prepare
