@@ -877,7 +877,11 @@ cudaError_t launch_merge(const DecodeArgs<T>& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The tensor-core decode kernels (16-bit and FP8 pools at head_dim 64 / 128) unless RTLLM_DECODE_MMA=0 selects
+// The head dims of the tensor-core decode kernels (decode_mma_kernel, decode_mma_fp8_kernel): launch_decode
+// picks them and attention_decode_plan plans for them by this one rule.
+constexpr bool decode_mma_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
+// The tensor-core decode kernels (16-bit and FP8 pools at decode_mma_head_dim) unless RTLLM_DECODE_MMA=0 selects
 // the CUDA-core one for every shape (a same-build comparison).
 inline bool decode_mma_enabled() {
   static const bool enabled = !env_is("RTLLM_DECODE_MMA", "0");
@@ -898,7 +902,7 @@ cudaError_t launch_decode(DecodeArgs<T> a, int num_kv_heads, float* workspace, c
     launch_pdl(kernel, grid, kThreads, 0, stream, a);
     return launch_merge<T, HEAD_DIM>(a, stream);
   };
-  if constexpr (!PREPARE && (HEAD_DIM == 64 || HEAD_DIM == 128)) {
+  if constexpr (!PREPARE && decode_mma_head_dim(HEAD_DIM)) {
     if constexpr (std::is_same_v<KV, T>) {
       if (decode_mma_enabled()) return launch(decode_mma_kernel<T, HEAD_DIM>, 8);
     } else if constexpr (is_fp8_kv<KV>()) {
@@ -998,7 +1002,7 @@ DecodePlan attention_decode_plan(int32_t num_seqs, int32_t num_kv_heads, int32_t
   // kernel by 17-20% at their best split counts, and tie at batch 1 (docs/performance.md, "Design decisions
   // and their measurements").
   const bool codes = kv_dtype == DType::kFP8E4M3 || kv_dtype == DType::kINT8;
-  const bool fp8_mma = kv_dtype == DType::kFP8E4M3 && (head_dim == 64 || head_dim == 128) && decode_mma_enabled();
+  const bool fp8_mma = kv_dtype == DType::kFP8E4M3 && decode_mma_head_dim(head_dim) && decode_mma_enabled();
   // CTAs per SM: 4 keep enough 16-byte loads in flight to read a pool at full speed (128 threads, <= 128
   // registers for groups <= 4); the CUDA-core kernel over an 8-bit pool reads half the bytes per key and 2
   // reach its best time, where 4 lose 15-30% to the extra splits. A split count that overshoots one such
