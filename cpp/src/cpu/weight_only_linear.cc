@@ -13,7 +13,7 @@
 // does not depend on its batch.
 //
 // Work: a task takes a block of up to kTaskRows weight rows and kTaskTokens tokens, and runs register
-// tiles of up to kTileTokens tokens x kTileCols weight rows. With one token (decode, bandwidth-bound on
+// tiles of up to kTileTokens tokens x kPrefillTileCols weight rows. With one token (decode, bandwidth-bound on
 // the packed bytes) a task takes kDecodeTaskRows rows, one contiguous run of codes that its tiles
 // (decode_tile, accumulators kept in registers across groups) stream with a software prefetch
 // kPrefetchBytes ahead, and dequantize in registers; with more, the task
@@ -42,15 +42,50 @@ constexpr int64_t kTaskRows = 8;      // weight rows dequantized per task (sever
 constexpr int64_t kDecodeTaskRows = 128;  // weight rows per task for one token: long contiguous streams
 constexpr int64_t kPrefetchBytes = 4096;  // how far ahead one token's stream of codes is prefetched
 constexpr int64_t kTaskTokens = 64;   // tokens per task: the x block stays in L2
-// Register tile: tokens x weight rows. AVX-512: 16 accumulators + 4 x + 1 w of 32 zmm; AVX2 (a 16-lane
-// vector is two of its 16 ymm): 4 accumulators + x + w.
+// Register tiles: tokens x weight rows. AVX-512: 4 x 4 (16 accumulators + 4 x + 1 w of 32 zmm); AVX2,
+// where a 16-lane vector is two of its 16 ymm: 2 x 2 (8 + 4 + 2). Decode: 1 token x kTileCols rows.
 #if defined(__AVX512F__)
-constexpr int kTileTokens = 4;
+constexpr int kTileTokens = 4, kPrefillTileCols = 4;
 #else
-constexpr int kTileTokens = 1;
+constexpr int kTileTokens = 2, kPrefillTileCols = 2;
 #endif
-constexpr int kTileCols = 4;
+constexpr int kTileCols = 4;  // decode
 
+// A 16-lane float vector. With AVX-512 (or no AVX2) GCC's 64-byte vector type, one zmm register; with
+// AVX2, two explicit ymm halves (lanes 0..7, 8..15). GCC lowers a 64-byte vector type without AVX-512
+// through the stack, several stores and reloads per operation.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+struct v16 {
+  __m256 lo, hi;  // v16{} is zero
+};
+inline v16 load16(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline float lane0(v16 v) { return _mm256_cvtss_f32(v.lo); }
+inline void store16(float* p, v16 v) {
+  _mm256_storeu_ps(p, v.lo);
+  _mm256_storeu_ps(p + 8, v.hi);
+}
+inline v16 splat16(float x) {
+  const __m256 b = _mm256_set1_ps(x);
+  return {b, b};
+}
+inline v16 broadcast16(const float* p) {
+  const __m256 b = _mm256_broadcast_ss(p);
+  return {b, b};
+}
+// a * b + c with one rounding per lane.
+inline v16 fmadd16(v16 a, v16 b, v16 c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline v16 mul16(v16 a, v16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+// ((0+4)+(2+6)) + ((1+5)+(3+7)) of h = lanes l + (l + 8), as halving vector adds.
+inline float hsum16(v16 v) {
+  const __m256 h = _mm256_add_ps(v.lo, v.hi);
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  float l[4];
+  _mm_storeu_ps(l, q);
+  return (l[0] + l[2]) + (l[1] + l[3]);
+}
+#else
 typedef float v16 __attribute__((vector_size(kChunk * sizeof(float))));
 
 inline v16 load16(const float* p) {
@@ -58,6 +93,8 @@ inline v16 load16(const float* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+inline float lane0(v16 v) { return v[0]; }
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
 inline v16 splat16(float x) { return v16{} + x; }
 // *p in every lane, read by the broadcast itself (one load, no shuffle).
 inline v16 broadcast16(const float* p) {
@@ -72,21 +109,14 @@ inline v16 broadcast16(const float* p) {
 inline v16 fmadd16(v16 a, v16 b, v16 c) {
 #if defined(__AVX512F__)
   return (v16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__FMA__)
-  __m256 a2[2], b2[2], c2[2];
-  std::memcpy(a2, &a, sizeof(a));
-  std::memcpy(b2, &b, sizeof(b));
-  std::memcpy(c2, &c, sizeof(c));
-  c2[0] = _mm256_fmadd_ps(a2[0], b2[0], c2[0]);
-  c2[1] = _mm256_fmadd_ps(a2[1], b2[1], c2[1]);
-  std::memcpy(&c, c2, sizeof(c));
-  return c;
 #else
   v16 r;
   for (int i = 0; i < kChunk; ++i) r[i] = std::fma(a[i], b[i], c[i]);
   return r;
 #endif
 }
+
+inline v16 mul16(v16 a, v16 b) { return a * b; }
 
 // ((0+4)+(2+6)) + ((1+5)+(3+7)) of h = lanes l + (l + 8), as halving vector adds.
 inline float hsum16(v16 v) {
@@ -97,6 +127,7 @@ inline float hsum16(v16 v) {
   const v4f q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
   return (q[0] + q[2]) + (q[1] + q[3]);
 }
+#endif
 
 inline int int4_at(const uint8_t* packed, int64_t k) {
   const int nibble = (packed[k >> 1] >> ((k & 1) * 4)) & 0xF;
@@ -119,17 +150,18 @@ struct CodeRows {
   int64_t row_bytes;
   int64_t num_rows;      // of the task
 
-  v16 chunk(int64_t row, int64_t k, v16 s, v16 o) const {
+  v16 chunk(int64_t row, int64_t k, v16 s, v16 o) const { return fmadd16(values(row, k), s, o); }
+  // q[row, k..k+15] as floats (exact: small integers).
+  v16 values(int64_t row, int64_t k) const {
     const uint8_t* r = codes + row * row_bytes;
 #if defined(__AVX512F__)
     if constexpr (!kInt4) {
-      const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k)));
-      return fmadd16((v16)_mm512_cvtepi32_ps(q), s, o);
+      return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k))));
     } else {
       // 8 bytes -> each byte in two 32-bit lanes, shifted so that lane 2i holds byte i's low nibble and
       // lane 2i + 1 its high one in bits 0..3; vpermps reads only those bits: a 16-entry table lookup
       // of the signed value as a float.
-      const __m512 values = _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0);
+      const __m512 table = _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0);
 #if defined(__AVX512VBMI__)
       // The 8 bytes in every 64-bit lane; vpmultishiftqb copies to byte 0 of 32-bit lane j the 8 bits
       // from bit 4j of them (nibble j = byte j / 2's low or high half): two instructions per chunk.
@@ -143,36 +175,37 @@ struct CodeRows {
       const __m128i b = _mm_loadl_epi64((const __m128i*)(r + k / 2));
       const __m512i nibbles = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)), shifts);
 #endif
-      return fmadd16((v16)_mm512_permutexvar_ps(nibbles, values), s, o);
+      return (v16)_mm512_permutexvar_ps(nibbles, table);
     }
 #elif defined(__AVX2__)
-    __m128i lo8, hi8;  // the chunk's 16 codes as int8: lanes 0..7, 8..15
     if constexpr (!kInt4) {
-      lo8 = _mm_loadl_epi64((const __m128i*)(r + k));
-      hi8 = _mm_loadl_epi64((const __m128i*)(r + k + 8));
-    } else {  // 8 bytes -> 16 nibbles in order (low, high of each byte), sign-extended as (n ^ 8) - 8
-      const __m128i b = _mm_loadl_epi64((const __m128i*)(r + k / 2));
-      const __m128i low4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-      const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-      lo8 = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), eight), eight);
-      hi8 = _mm_srli_si128(lo8, 8);
+      return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(r + k)))),
+              _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(r + k + 8))))};
+    } else {
+      return {nibbles8(r + k / 2), nibbles8(r + k / 2 + 4)};
     }
-    const __m256 q[2] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo8)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi8))};
-    v16 qv;
-    std::memcpy(&qv, q, sizeof(qv));
-    return fmadd16(qv, s, o);
 #else
     v16 q;
     for (int l = 0; l < kChunk; ++l) q[l] = code(r, k + l);
-    return fmadd16(q, s, o);
+    return q;
 #endif
   }
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // The 8 nibbles of 4 bytes in order (low, high of each byte) as signed floats: lane j shifts the
+  // broadcast word left by 28 - 4j, so that nibble j fills its top 4 bits, and arithmetically right by
+  // 28, which sign-extends it.
+  static __m256 nibbles8(const uint8_t* p) {
+    const __m256i word = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(p)));
+    const __m256i top = _mm256_sllv_epi32(word, _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0));
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(top, 28));
+  }
+#endif
   // The n valid lanes dequantized (std::fma: the same single rounding), the others 0.
   v16 chunk_padded(int64_t row, int64_t k, int64_t n, v16 s, v16 o) const {
     const uint8_t* r = codes + row * row_bytes;
-    v16 w = v16{};
-    for (int64_t l = 0; l < n; ++l) w[l] = std::fma(code(r, k + l), s[0], o[0]);
-    return w;
+    float w[kChunk] = {};
+    for (int64_t l = 0; l < n; ++l) w[l] = std::fma(code(r, k + l), lane0(s), lane0(o));
+    return load16(w);
   }
   static float code(const uint8_t* r, int64_t k) {
     return kInt4 ? static_cast<float>(int4_at(r, k)) : static_cast<float>(static_cast<int8_t>(r[k]));
@@ -214,8 +247,7 @@ void dequantize_row(const Problem& p, const CodeRows<kInt4>& w, int64_t n0, int6
     const int64_t sg = (n0 + n) * p.num_groups + g;
     const v16 s = splat16(p.scale[sg]), o = splat16(p.offset ? p.offset[sg] : 0.0f);
     for (int64_t k = k0; k < k0 + full; k += kChunk) {
-      const v16 v = w.chunk(n, k, s, o);
-      std::memcpy(out + k, &v, sizeof(v));
+      store16(out + k, w.chunk(n, k, s, o));
     }
     if (full < G) {
       const v16 v = w.chunk_padded(n, k0 + full, G - full, s, o);
@@ -281,27 +313,32 @@ void tile(const Problem& p, const Rows& w, int64_t t0, int64_t n0, int64_t w_row
 
 // Token t against NR weight rows when 16 divides the group size: tile<1, NR>'s loop, in the same order
 // and association, without its padded-chunk path; everything stays in registers across the groups
-// (decode runs many short groups: G = 32 is two chunks).
-template <int NR, bool kInt4>
+// (decode runs many short groups: G = 32 is two chunks). Without offsets a weight is q · s rounded once,
+// which is fma(q, s, +0) except for the sign of a zero product, and a zero's sign cannot reach y: the
+// accumulators start at +0, and fma(x, ±0, acc) is acc for acc != 0 and +0 for acc = +0.
+template <int NR, bool kInt4, bool kOffset>
 void decode_tile(const Problem& p, const CodeRows<kInt4>& w, int64_t t, int64_t n0, int64_t w_row0) {
   const float* x = p.x + t * p.K;
   const int64_t G = p.group_size, num_groups = p.num_groups;
   const float* scale = p.scale + n0 * num_groups;
-  const float* offset = p.offset ? p.offset + n0 * num_groups : nullptr;
+  const float* offset = kOffset ? p.offset + n0 * num_groups : nullptr;
   v16 acc[NR];
   for (int j = 0; j < NR; ++j) acc[j] = v16{};
   for (int64_t g = 0, k0 = 0; g < num_groups; ++g, k0 += G) {
     v16 s[NR], o[NR];
     for (int j = 0; j < NR; ++j) {
       s[j] = broadcast16(scale + j * num_groups + g);
-      o[j] = offset ? broadcast16(offset + j * num_groups + g) : v16{};
+      if constexpr (kOffset) o[j] = broadcast16(offset + j * num_groups + g);
     }
     for (int64_t k = k0; k < k0 + G; k += kChunk) {
       const v16 xv = load16(x + k);
 #if defined(__AVX2__) || defined(__AVX512F__)
       if (const void* a = w.prefetch_address(w_row0, k, NR)) _mm_prefetch(static_cast<const char*>(a), _MM_HINT_T0);
 #endif
-      for (int j = 0; j < NR; ++j) acc[j] = fmadd16(xv, w.chunk(w_row0 + j, k, s[j], o[j]), acc[j]);
+      for (int j = 0; j < NR; ++j) {
+        const v16 q = w.values(w_row0 + j, k);
+        acc[j] = fmadd16(xv, kOffset ? fmadd16(q, s[j], o[j]) : mul16(q, s[j]), acc[j]);
+      }
     }
   }
   for (int j = 0; j < NR; ++j) {
@@ -324,14 +361,14 @@ void tile_cols(int64_t nr, const Problem& p, const Rows& w, int64_t t, int64_t n
 // Tokens t0..t1 against weight rows n0..n1 (row n0 is row 0 of `w`), in register tiles.
 template <typename Rows>
 void tiles(const Problem& p, const Rows& w, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; n += kTileCols) {
-    const int64_t nr = std::min<int64_t>(kTileCols, n1 - n);
+  for (int64_t n = n0; n < n1; n += kPrefillTileCols) {
+    const int64_t nr = std::min<int64_t>(kPrefillTileCols, n1 - n);
     int64_t t = t0;
     for (; t + kTileTokens <= t1; t += kTileTokens) tile_cols<kTileTokens>(nr, p, w, t, n, n - n0);
     for (; t < t1; ++t) tile_cols<1>(nr, p, w, t, n, n - n0);
   }
 }
-static_assert(kTileCols == 4, "tile_cols() dispatches up to 4 rows");
+static_assert(kPrefillTileCols <= 4, "tile_cols() dispatches up to 4 rows");
 
 // x [T, K] float32; weight [N, K] I8 or I4 and, when has_offset, offset [N, K / G] F32 kept as stored;
 // scale [N, K / G] (F16, BF16 or F32) and the optional bias [N] converted to float32 at load.
@@ -411,8 +448,15 @@ class WeightOnlyLinear final : public OpKind {
     const int64_t row_bytes = int4_ ? K / 2 : K;
     workspace_ = static_cast<float*>(ctx.workspace);
     const int64_t num_token_tasks = (T + kTaskTokens - 1) / kTaskTokens;
-    // One token: no decoded rows to keep, so larger tasks (longer runs of contiguous bytes to stream).
-    const int64_t task_rows = T == 1 ? kDecodeTaskRows : kTaskRows;
+    // One token: no decoded rows to keep, so larger tasks (longer runs of contiguous bytes to stream), of
+    // up to kDecodeTaskRows rows and as many per thread (576 rows on 2 threads: 6 tasks of 96, not 5 of
+    // 128 of which one thread would run 3).
+    int64_t task_rows = kTaskRows;
+    if (T == 1) {
+      const int64_t threads = std::max(1, ctx.pool->num_threads());
+      const int64_t tasks = threads * ((N + threads * kDecodeTaskRows - 1) / (threads * kDecodeTaskRows));
+      task_rows = ((N + tasks - 1) / tasks + kTileCols - 1) / kTileCols * kTileCols;
+    }
     const int64_t num_row_tasks = (N + task_rows - 1) / task_rows;
     ctx.pool->parallel_for(num_token_tasks * num_row_tasks, [&](int64_t task, int thread) {
       const int64_t t0 = (task / num_row_tasks) * kTaskTokens, t1 = std::min(T, t0 + kTaskTokens);
@@ -430,14 +474,19 @@ class WeightOnlyLinear final : public OpKind {
                 int thread) const {
     if (t1 - t0 == 1) {  // decode, or the last token of a prefill of 64 m + 1
       if (p.group_size % kChunk != 0) return tiles(p, w, t0, t1, n0, n1);
-      int64_t n = n0;
-      for (; n + kTileCols <= n1; n += kTileCols) decode_tile<kTileCols>(p, w, t0, n, n - n0);
-      for (; n < n1; ++n) decode_tile<1>(p, w, t0, n, n - n0);
-      return;
+      if (p.offset) return decode_rows<kInt4, true>(p, w, t0, n0, n1);
+      return decode_rows<kInt4, false>(p, w, t0, n0, n1);
     }
     float* rows = workspace_ + thread * kTaskRows * p.K;
     for (int64_t n = 0; n < n1 - n0; ++n) dequantize_row(p, w, n0, n, rows + n * p.K);
     tiles(p, DequantizedRows{rows, p.K}, t0, t1, n0, n1);
+  }
+
+  template <bool kInt4, bool kOffset>
+  static void decode_rows(const Problem& p, const CodeRows<kInt4>& w, int64_t t, int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + kTileCols <= n1; n += kTileCols) decode_tile<kTileCols, kInt4, kOffset>(p, w, t, n, n - n0);
+    for (; n < n1; ++n) decode_tile<1, kInt4, kOffset>(p, w, t, n, n - n0);
   }
 
   static std::string shape_string(const TensorSpec& t) {
