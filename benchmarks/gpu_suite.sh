@@ -26,6 +26,8 @@ set -u
 OUT_DIR=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
+# An absolute path, so that pip reads a relative AB_BASE as the folder it is and not as a package name.
+if [ -n "${AB_BASE:-}" ]; then AB_BASE=$(cd "$AB_BASE" && pwd) || exit 1; fi
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
