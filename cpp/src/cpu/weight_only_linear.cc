@@ -151,9 +151,9 @@ struct CodeRows {
   int64_t num_rows;      // of the task
 
   v16 chunk(int64_t row, int64_t k, v16 s, v16 o) const { return fmadd16(values(row, k), s, o); }
-  // q[row, k..k+15] as floats (exact: small integers).
-  v16 values(int64_t row, int64_t k) const {
-    const uint8_t* r = codes + row * row_bytes;
+  v16 values(int64_t row, int64_t k) const { return values_at(codes + row * row_bytes, k); }
+  // q[row, k..k+15] as floats (exact: small integers), r = the row's codes; k >= 0.
+  static v16 values_at(const uint8_t* r, int64_t k) {
 #if defined(__AVX512F__)
     if constexpr (!kInt4) {
       return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + k))));
@@ -166,13 +166,13 @@ struct CodeRows {
       // The 8 bytes in every 64-bit lane; vpmultishiftqb copies to byte 0 of 32-bit lane j the 8 bits
       // from bit 4j of them (nibble j = byte j / 2's low or high half): two instructions per chunk.
       int64_t bytes;
-      std::memcpy(&bytes, r + k / 2, sizeof(bytes));
+      std::memcpy(&bytes, r + (k >> 1), sizeof(bytes));
       const __m512i shifts = _mm512_set_epi64(0x3C00000038LL, 0x3400000030LL, 0x2C00000028LL, 0x2400000020LL,
                                               0x1C00000018LL, 0x1400000010LL, 0x0C00000008LL, 0x0400000000LL);
       const __m512i nibbles = _mm512_multishift_epi64_epi8(shifts, _mm512_set1_epi64(bytes));
 #else
       const __m512i shifts = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-      const __m128i b = _mm_loadl_epi64((const __m128i*)(r + k / 2));
+      const __m128i b = _mm_loadl_epi64((const __m128i*)(r + (k >> 1)));
       const __m512i nibbles = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)), shifts);
 #endif
       return (v16)_mm512_permutexvar_ps(nibbles, table);
@@ -182,7 +182,7 @@ struct CodeRows {
       return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(r + k)))),
               _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(r + k + 8))))};
     } else {
-      return {nibbles8(r + k / 2), nibbles8(r + k / 2 + 4)};
+      return {nibbles8(r + (k >> 1)), nibbles8(r + (k >> 1) + 4)};
     }
 #else
     v16 q;
@@ -216,7 +216,7 @@ struct CodeRows {
   // prefetcher to ramp up on; without this, decode waits on memory latency rather than bandwidth. The
   // address may lie past the task or the weight: a prefetch never faults.
   const void* prefetch_address(int64_t row, int64_t k, int64_t nr) const {
-    return codes + row * row_bytes + (kInt4 ? k * nr / 2 : k * nr) + kPrefetchBytes;
+    return codes + row * row_bytes + (kInt4 ? (k * nr) >> 1 : k * nr) + kPrefetchBytes;
   }
 };
 
@@ -322,6 +322,8 @@ void decode_tile(const Problem& p, const CodeRows<kInt4>& w, int64_t t, int64_t 
   const int64_t G = p.group_size, num_groups = p.num_groups;
   const float* scale = p.scale + n0 * num_groups;
   const float* offset = kOffset ? p.offset + n0 * num_groups : nullptr;
+  const uint8_t* rows[NR];  // held in registers: w's fields would be reloaded after every store
+  for (int j = 0; j < NR; ++j) rows[j] = w.codes + (w_row0 + j) * w.row_bytes;
   v16 acc[NR];
   for (int j = 0; j < NR; ++j) acc[j] = v16{};
   for (int64_t g = 0, k0 = 0; g < num_groups; ++g, k0 += G) {
@@ -333,10 +335,11 @@ void decode_tile(const Problem& p, const CodeRows<kInt4>& w, int64_t t, int64_t 
     for (int64_t k = k0; k < k0 + G; k += kChunk) {
       const v16 xv = load16(x + k);
 #if defined(__AVX2__) || defined(__AVX512F__)
-      if (const void* a = w.prefetch_address(w_row0, k, NR)) _mm_prefetch(static_cast<const char*>(a), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(rows[0]) + (kInt4 ? (k * NR) >> 1 : k * NR) + kPrefetchBytes,
+                   _MM_HINT_T0);  // as CodeRows::prefetch_address
 #endif
       for (int j = 0; j < NR; ++j) {
-        const v16 q = w.values(w_row0 + j, k);
+        const v16 q = CodeRows<kInt4>::values_at(rows[j], k);
         acc[j] = fmadd16(xv, kOffset ? fmadd16(q, s[j], o[j]) : mul16(q, s[j]), acc[j]);
       }
     }
