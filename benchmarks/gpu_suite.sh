@@ -68,13 +68,16 @@ wants kernels && run_step bench_kernels 150 bench_kernels.log "$PYTHON" benchmar
 # One kernel under Nsight Compute: NCU_PROGRAM (a Python script and its arguments; default the sampler at batch
 # 256, top-p 0.95) runs, and launch NCU_SKIP (default 2) of the kernels matching NCU_KERNEL (a regex) is
 # profiled with the full counter set and the source view; kernel_profile.ncu-rep opens in Nsight Compute,
-# kernel_profile.txt holds its details page.
+# kernel_profile.txt holds its details page, kernel_profile_source.csv its source page (per SASS line:
+# instructions executed, warp stall samples), for where the instructions of a kernel go.
 NCU_PROGRAM=${NCU_PROGRAM:-benchmarks/profile_sampling.py --batch 256 --temperature 0.8 --top-p 0.95}
 kernel_profile() {
   # shellcheck disable=SC2086
   ncu --kernel-name "regex:${NCU_KERNEL:-sample_kernel}" --launch-skip "${NCU_SKIP:-2}" --launch-count 1 \
     --set full --import-source yes -f -o "$OUT_DIR/kernel_profile" "$PYTHON" $NCU_PROGRAM &&
-    ncu --import "$OUT_DIR/kernel_profile.ncu-rep" --page details >"$OUT_DIR/kernel_profile.txt"
+    ncu --import "$OUT_DIR/kernel_profile.ncu-rep" --page details >"$OUT_DIR/kernel_profile.txt" &&
+    ncu --import "$OUT_DIR/kernel_profile.ncu-rep" --page source --print-source sass --csv \
+      >"$OUT_DIR/kernel_profile_source.csv"
 }
 export -f kernel_profile
 export NCU_PROGRAM NCU_KERNEL NCU_SKIP PYTHON OUT_DIR

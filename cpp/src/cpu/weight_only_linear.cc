@@ -361,14 +361,19 @@ void tile_cols(int64_t nr, const Problem& p, const Rows& w, int64_t t, int64_t n
   }
 }
 
-// Tokens t0..t1 against weight rows n0..n1 (row n0 is row 0 of `w`), in register tiles.
+// Tokens t0..t1 against weight rows n0..n1 (row n0 is row 0 of `w`), in register tiles. Tokens outer:
+// a tile's rows of x stay in L1 while it meets every weight row of the task (a task's 8 dequantized rows
+// fit in L1 too; its 64 tokens of x do not).
 template <typename Rows>
 void tiles(const Problem& p, const Rows& w, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; n += kPrefillTileCols) {
-    const int64_t nr = std::min<int64_t>(kPrefillTileCols, n1 - n);
-    int64_t t = t0;
-    for (; t + kTileTokens <= t1; t += kTileTokens) tile_cols<kTileTokens>(nr, p, w, t, n, n - n0);
-    for (; t < t1; ++t) tile_cols<1>(nr, p, w, t, n, n - n0);
+  for (int64_t t = t0; t < t1;) {
+    const bool full = t + kTileTokens <= t1;
+    for (int64_t n = n0; n < n1; n += kPrefillTileCols) {
+      const int64_t nr = std::min<int64_t>(kPrefillTileCols, n1 - n);
+      if (full) tile_cols<kTileTokens>(nr, p, w, t, n, n - n0);
+      else tile_cols<1>(nr, p, w, t, n, n - n0);
+    }
+    t += full ? kTileTokens : 1;
   }
 }
 static_assert(kPrefillTileCols <= 4, "tile_cols() dispatches up to 4 rows");
