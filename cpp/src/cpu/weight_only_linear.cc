@@ -150,8 +150,9 @@ struct CodeRows {
   int64_t row_bytes;
   int64_t num_rows;      // of the task
 
-  v16 chunk(int64_t row, int64_t k, v16 s, v16 o) const { return fmadd16(values(row, k), s, o); }
-  v16 values(int64_t row, int64_t k) const { return values_at(codes + row * row_bytes, k); }
+  v16 chunk(int64_t row, int64_t k, v16 s, v16 o) const {
+    return fmadd16(values_at(codes + row * row_bytes, k), s, o);
+  }
   // q[row, k..k+15] as floats (exact: small integers), r = the row's codes; k >= 0.
   static v16 values_at(const uint8_t* r, int64_t k) {
 #if defined(__AVX512F__)
@@ -216,7 +217,11 @@ struct CodeRows {
   // prefetcher to ramp up on; without this, decode waits on memory latency rather than bandwidth. The
   // address may lie past the task or the weight: a prefetch never faults.
   const void* prefetch_address(int64_t row, int64_t k, int64_t nr) const {
-    return codes + row * row_bytes + (kInt4 ? (k * nr) >> 1 : k * nr) + kPrefetchBytes;
+    return prefetch_at(codes + row * row_bytes, k, nr);
+  }
+  // The same for a tile whose first row's codes start at `first`.
+  static const char* prefetch_at(const uint8_t* first, int64_t k, int64_t nr) {
+    return reinterpret_cast<const char*>(first) + (kInt4 ? (k * nr) >> 1 : k * nr) + kPrefetchBytes;
   }
 };
 
@@ -335,8 +340,7 @@ void decode_tile(const Problem& p, const CodeRows<kInt4>& w, int64_t t, int64_t 
     for (int64_t k = k0; k < k0 + G; k += kChunk) {
       const v16 xv = load16(x + k);
 #if defined(__AVX2__) || defined(__AVX512F__)
-      _mm_prefetch(reinterpret_cast<const char*>(rows[0]) + (kInt4 ? (k * NR) >> 1 : k * NR) + kPrefetchBytes,
-                   _MM_HINT_T0);  // as CodeRows::prefetch_address
+      _mm_prefetch(CodeRows<kInt4>::prefetch_at(rows[0], k, NR), _MM_HINT_T0);
 #endif
       for (int j = 0; j < NR; ++j) {
         const v16 q = CodeRows<kInt4>::values_at(rows[j], k);
