@@ -5,9 +5,11 @@
 // one for large batches): CTA `rank` streams a contiguous slice of the row, and every row-wide result
 // (argmax, sums, histograms) is combined through distributed shared memory, in rank order. All the
 // decisions use integer masses, so they do not depend on the cluster size or the schedule.
-//   - top-k (by count) and top-p (by mass) cuts: a grid select (grid_select) over buckets of the
-//     scaled exponent x, whose cut bucket is sorted in shared memory, with the radix select below as
-//     its fallback;
+//   - top-k (by count) and top-p (by mass) cuts: with RTLLM_SAMPLING_WINDOW=1, the window select
+//     (sampling_window.cuh), which finds the cut in one pass inside a window of x placed from a sample of
+//     the row, and after which the draw reads only one warp's chunk of the row again (top-p) or nothing
+//     (top-k); by default, and where the window misses, a grid select (grid_select) over buckets of the scaled exponent x, whose cut bucket is sorted in
+//     shared memory, with the radix select below as its fallback;
 //   - top-N logprobs (by count of the raw logits), and the grid's fallback: a radix select over the
 //     32-bit order key in three passes of 11/11/10-bit digits, histograms of counts and masses with
 //     integer shared-memory atomics (warp-aggregated), then, when the cut falls inside a run of equal
@@ -70,10 +72,25 @@ constexpr int kMassLowBits = 17;      // masses (<= 2^33) go into the grid count
 // mass halves cannot overflow.
 constexpr int32_t kMaxGridSlice = 1 << 18;
 
+// Window select (sampling_window.cuh), the fast path of the top-k and top-p selects.
+constexpr int kWindowCapacity = 4096;  // elements of a row's window, gathered and sorted in shared memory
+constexpr int kSampleCapacity = 16384;  // logits of a row sampled (every 2^shift-th) to place the window
+constexpr int kMinWindowMargin = 16;     // fewest sampled elements the window holds past the estimated cut
+
+// The dynamic shared memory of sample_kernel.
+struct WindowShared {
+  u64 local[kWindowCapacity];  // this CTA's window elements, key · 2^32 + ~id
+  union {
+    u64 gathered[kWindowCapacity];  // the cluster's, sorted
+    float sample[kSampleCapacity];  // this CTA's sampled (adjusted) logits, until the window is placed
+  };
+};
+
 struct Shared {
   uint32_t count[kBuckets];
   u64 mass[kBuckets];
   u64 warp_u64[kWarps];
+  u64 warp_kept[kWarps];  // per warp chunk (id order): the weight find_in_chunks finds the target in
   double warp_f64[kWarps];
   float warp_f32[kWarps];
   int32_t warp_i32[kWarps];
@@ -100,6 +117,12 @@ struct Shared {
   uint32_t cta_key_min, cta_key_max;
   int32_t num_candidates;
   uint32_t sel_key;
+  // Window select: the cut's position in the sorted window, this CTA's weight above the window, the
+  // window's buckets and the sampled elements above and down to them.
+  int32_t sel_index;
+  u64 cta_above;
+  int32_t window_low, window_high;
+  u64 window_high_before, window_low_through;
   u64 gathered[kMaxCandidates];
 };
 
@@ -362,26 +385,27 @@ template <Select kind, typename W, typename TargetFn>
 __device__ __forceinline__ Selected radix_select(Shared& sh, const Cluster& cluster, const Slice& sl, const W& wt,
                                  TargetFn target_of);
 
-// The first element in id order whose cumulative weight reaches target_of(total) (>= 1; 0: none),
-// -1 if none. WeightFn: uint64_t(int32_t i, float raw). Every thread of the cluster gets the id.
-template <typename WeightFn, typename TargetFn>
-__device__ __forceinline__ int32_t find_in_id_order(Shared& sh, const Cluster& cluster, const Slice& sl, WeightFn weight,
-                                    TargetFn target_of) {
+// The id-order passes split a CTA's slice into one contiguous chunk per warp, of a multiple of 128
+// elements: slices start at a multiple of 4, so the chunks of an aligned row are aligned too and a lane
+// reads 4 consecutive elements at once.
+__device__ __forceinline__ int32_t warp_chunk_size(const Slice& sl) {
+  return ceil_div(ceil_div(max(sl.end - sl.begin, 1), kWarps), 128) * 128;
+}
+
+// Calls f(i, raw[i], valid) for the elements of this warp's chunk in id order per lane, warp-uniformly
+// (every lane makes the same calls, valid false past the end, where i is the chunk's last element), so f
+// may use warp collectives. kStreamUnroll 16-byte loads in flight per lane.
+template <typename F>
+__device__ __forceinline__ void stream_warp_chunk(const Slice& sl, F&& f) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int32_t len = sl.end - sl.begin;
-  // Warp chunks of a multiple of 128 elements: slices start at a multiple of 4, so the chunks of an
-  // aligned row are aligned too and a lane reads 4 consecutive elements at once.
-  const int32_t chunk = ceil_div(ceil_div(max(len, 1), kWarps), 128) * 128;
+  const int32_t chunk = warp_chunk_size(sl);
   const int32_t begin = sl.begin + warp * chunk, end = min(sl.end, begin + chunk);
   const bool aligned = (reinterpret_cast<uintptr_t>(sl.raw) & 15) == 0;
-  __syncthreads();  // sel_id may still be read from the previous call
-  if (threadIdx.x == 0) sh.sel_id = -1;
-  u64 s = 0;
-  for (int32_t b0 = begin + 4 * lane; b0 < end; b0 += 128 * kStreamUnroll) {
+  for (int32_t base = begin; base < end; base += 128 * kStreamUnroll) {
     float v[kStreamUnroll][4];
 #pragma unroll
     for (int u = 0; u < kStreamUnroll; ++u) {
-      const int32_t b = b0 + 128 * u;
+      const int32_t b = base + 128 * u + 4 * lane;
       if (aligned && b + 3 < end) {
         const float4 q = *reinterpret_cast<const float4*>(sl.raw + b);
         v[u][0] = q.x, v[u][1] = q.y, v[u][2] = q.z, v[u][3] = q.w;
@@ -394,17 +418,25 @@ __device__ __forceinline__ int32_t find_in_id_order(Shared& sh, const Cluster& c
     for (int u = 0; u < kStreamUnroll; ++u)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const int32_t i = b0 + 128 * u + k;
-        const uint64_t w = weight(min(i, end - 1), v[u][k]);  // weighed either way: no branch
-        s += i < end ? w : 0;
+        const int32_t i = base + 128 * u + 4 * lane + k;
+        f(min(i, end - 1), v[u][k], i < end);
       }
   }
-  s = warp_sum_u64(s);
-  if (lane == 0) sh.warp_u64[warp] = s;
-  __syncthreads();
+}
+
+// Given each warp's chunk weight in sh.warp_kept (this CTA's chunks), the first element in id order
+// whose cumulative weight reaches target_of(total) (>= 1; 0: none), -1 if none: the chunk that holds it
+// is rescanned. WeightFn: uint64_t(int32_t i, float raw), the weight the sums were taken of. Every thread
+// of the cluster gets the id.
+template <typename WeightFn, typename TargetFn>
+__device__ __forceinline__ int32_t find_in_chunks(Shared& sh, const Cluster& cluster, const Slice& sl, WeightFn weight,
+                                                  TargetFn target_of) {
+  const int32_t chunk = warp_chunk_size(sl);
+  __syncthreads();  // warp_kept complete; sel_id may still be read from the previous call
   if (threadIdx.x == 0) {
+    sh.sel_id = -1;
     u64 t = 0;
-    for (int w = 0; w < kWarps; ++w) t += sh.warp_u64[w];
+    for (int w = 0; w < kWarps; ++w) t += sh.warp_kept[w];
     sh.cta_u64 = t;
   }
   cluster.sync();
@@ -421,7 +453,7 @@ __device__ __forceinline__ int32_t find_in_id_order(Shared& sh, const Cluster& c
     if (threadIdx.x == 0) {
       u64 acc = before;
       int w = 0;
-      for (; w < kWarps - 1 && acc + sh.warp_u64[w] < target; ++w) acc += sh.warp_u64[w];
+      for (; w < kWarps - 1 && acc + sh.warp_kept[w] < target; ++w) acc += sh.warp_kept[w];
       sh.sel_warp = w;
       sh.sel_warp_before = acc;
     }
@@ -463,6 +495,22 @@ __device__ __forceinline__ int32_t find_in_id_order(Shared& sh, const Cluster& c
   }
   cluster.sync();  // sel_id written everywhere; cta_u64 read by everyone
   return sh.sel_id;
+}
+
+// The first element in id order whose cumulative weight reaches target_of(total) (>= 1; 0: none),
+// -1 if none: one pass sums each warp's chunk, then find_in_chunks. Every thread of the cluster gets the id.
+template <typename WeightFn, typename TargetFn>
+__device__ __forceinline__ int32_t find_in_id_order(Shared& sh, const Cluster& cluster, const Slice& sl, WeightFn weight,
+                                    TargetFn target_of) {
+  u64 s = 0;
+  stream_warp_chunk(sl, [&](int32_t i, float r, bool valid) {
+    const uint64_t w = weight(i, r);  // weighed either way: no branch
+    s += valid ? w : 0;
+  });
+  s = warp_sum_u64(s);
+  __syncthreads();  // warp_kept may still be read from the previous call
+  if ((threadIdx.x & 31) == 0) sh.warp_kept[threadIdx.x >> 5] = s;
+  return find_in_chunks(sh, cluster, sl, weight, target_of);
 }
 
 // The cut inside a run of `count` elements of one key (the same adjusted logit, so each weighs
@@ -575,11 +623,12 @@ __device__ __forceinline__ float key_value(uint32_t key) {
   return __uint_as_float((key & 0x80000000u) ? key & 0x7fffffffu : ~key);
 }
 
-// The bucket of x in a grid of kGridBuckets over [lo, lo + kGridBuckets / scale]; monotone in x (one
+// The bucket of x in a grid of kNumBuckets over [lo, lo + kNumBuckets / scale]; monotone in x (one
 // rounded subtraction and multiplication), clamped at both ends.
+template <int kNumBuckets = kGridBuckets>
 __device__ __forceinline__ int grid_bucket(float x, float lo, float scale) {
   const int b = (int)__fmul_rn(__fsub_rn(x, lo), scale);  // NaN converts to 0
-  return min(max(b, 0), kGridBuckets - 1);
+  return min(max(b, 0), kNumBuckets - 1);
 }
 
 // Which elements a grid pass counts, and into which bucket. The members of a path of fixed buckets are
@@ -833,6 +882,8 @@ __device__ __forceinline__ bool grid_select(Shared& sh, const Cluster& cluster, 
   return true;
 }
 
+#include "sampling_window.cuh"
+
 // Builds the per-token flags/counts of one sequence in `counts` (global memory), the cluster's CTAs
 // sharing the work: kMasked for the ids its bitmask row (null: none) does not allow, then the lists'
 // flags and counts. Ends with a cluster barrier (the counts are visible to the whole cluster).
@@ -927,10 +978,19 @@ __device__ double raw_logprobs(Shared& sh, const Cluster& cluster, const Slice& 
 }
 
 // The token of one row (-1: everything masked): argmax, then for a temperature the top-k and top-p
-// cuts and the draw. kLists: the row has penalties, a bias or a mask (lg.counts set).
+// cuts and the draw. kLists: the row has penalties, a bias or a mask (lg.counts set). window: the window
+// select may serve the cuts (else the grid and radix selects do).
 template <bool kLists>
-__device__ __forceinline__ int32_t sample_row(Shared& sh, const Cluster& cluster, const Slice& sl, const SeqLogits& lg,
-                              const SamplingParamsDevice& p, int32_t n, int32_t slice) {
+__device__ __forceinline__ int32_t sample_row(Shared& sh, WindowShared& ws, const Cluster& cluster, const Slice& sl,
+                                              const SeqLogits& lg, const SamplingParamsDevice& p, int32_t n,
+                                              int32_t slice, bool window) {
+  const bool top_k_cuts = p.top_k > 0 && p.top_k < n, top_p_cuts = p.top_p < 1.0f;
+  window = window && p.temperature != 0.0f && (top_k_cuts || top_p_cuts);
+  // The window select places its window from a sample of the row, every 2^shift-th element of each slice.
+  const bool sampling = window && n > kWindowCapacity;
+  int shift = 0;
+  while (sampling && ceil_div(slice, 1 << shift) > kSampleCapacity / (int)cluster.num_blocks()) ++shift;
+  const int32_t sample_mask = (1 << shift) - 1;
   // Argmax of the adjusted logits (lowest id on ties), and the least finite one (the grid's range).
   float best = -INFINITY, least = INFINITY;
   int32_t best_id = INT32_MAX;
@@ -939,40 +999,60 @@ __device__ __forceinline__ int32_t sample_row(Shared& sh, const Cluster& cluster
     const float a = lg.adjusted<kLists>(i, r);
     if (a > best || (a == best && i < best_id)) { best = a; best_id = i; }
     if (a > -INFINITY) least = fminf(least, a);
+    if (sampling && ((i - sl.begin) & sample_mask) == 0) ws.sample[(i - sl.begin) >> shift] = a;
   });
   const float max_logit = cluster_argmax(sh, cluster, best, best_id, &best_id);
   int32_t token = max_logit == -INFINITY ? -1 : best_id;
 
   if (token >= 0 && p.temperature != 0.0f) {
-    Weights<kLists> wt{lg, max_logit, sm::inverse_temperature(p.temperature), Cut{false, 0u, 0}, Cut{false, 0u, 0}, 0, false};
-    const bool top_k_cuts = p.top_k > 0 && p.top_k < n, top_p_cuts = p.top_p < 1.0f;
+    Weights<kLists> wt{lg, max_logit, sm::inverse_temperature(p.temperature), Cut{false, 0u, 0}, Cut{false, 0u, 0},
+                       sm::min_p_threshold(p.min_p), false};
+    const uint64_t bits = sm::uniform_bits(p.seed, p.step);
     float x_lo = sm::kMinExponent;  // the grid's lower end: the least x of the row, at least kMinExponent
     const bool use_grid = slice <= kMaxGridSlice && (top_k_cuts || top_p_cuts);
-    if (use_grid) {
+    if (use_grid || sampling) {
       int32_t unused;
       const float min_logit = -cluster_argmax(sh, cluster, -least, INT32_MAX, &unused);
       const float x = sm::scaled_exponent(min_logit, max_logit, wt.inv_t);
       if (x > x_lo) x_lo = fminf(x, 0.0f);
     }
-    if (top_k_cuts) {
+    const int32_t top_k = p.top_k;
+    const float top_p = p.top_p;
+    auto top_k_target = [&](uint64_t total) { return total > (uint64_t)top_k ? (uint64_t)top_k : 0; };
+    auto top_p_target = [&](uint64_t total) { return sm::top_p_threshold(total, top_p); };
+    bool k_pending = top_k_cuts, p_pending = top_p_cuts;
+    if (window) {
+      bool sample_kept = true;
+      Window win;
+      if (k_pending && place_window<Select::kTopK>(sh, ws, cluster, wt, n, slice, shift, x_lo, top_k, 1.0f, &win)) {
+        const WindowCut k = window_select<Select::kTopK>(sh, ws, cluster, sl, wt, win, top_k_target);
+        if (k.outcome == WindowOutcome::kCut) return draw_in_window(sh, ws, wt, k.index, top_p, bits);
+        k_pending = k.outcome == WindowOutcome::kMiss;  // kNoCut: top-k keeps every candidate
+        sample_kept = k.sample_kept;
+      }
+      if (!k_pending && p_pending && sample_kept &&
+          place_window<Select::kTopP>(sh, ws, cluster, wt, n, slice, shift, x_lo, 0, top_p, &win)) {
+        const WindowCut c = window_select<Select::kTopP>(sh, ws, cluster, sl, wt, win, top_p_target);
+        if (c.outcome == WindowOutcome::kCut) {
+          wt.p_cut = c.cut;
+          p_pending = false;
+          if (wt.min_mass == 0) return draw_after_window_top_p(sh, ws, cluster, sl, wt, c.index, bits);
+        }
+      }
+    }
+    if (k_pending) {
       // The top_k-th candidate, when there are more than top_k.
-      const int32_t top_k = p.top_k;
-      auto target = [&](uint64_t total) { return total > (uint64_t)top_k ? (uint64_t)top_k : 0; };
       Selected k;
-      if (!use_grid || !grid_select<Select::kTopK>(sh, cluster, sl, wt, x_lo, target, &k))
-        k = radix_select<Select::kTopK>(sh, cluster, sl, wt, target);
+      if (!use_grid || !grid_select<Select::kTopK>(sh, cluster, sl, wt, x_lo, top_k_target, &k))
+        k = radix_select<Select::kTopK>(sh, cluster, sl, wt, top_k_target);
       if (k.found) wt.k_cut = k.cut;
     }
-    if (top_p_cuts) {
-      const float top_p = p.top_p;
-      auto target = [&](uint64_t total) { return sm::top_p_threshold(total, top_p); };
+    if (p_pending) {
       Selected c;
-      if (!use_grid || !grid_select<Select::kTopP>(sh, cluster, sl, wt, x_lo, target, &c))
-        c = radix_select<Select::kTopP>(sh, cluster, sl, wt, target);
+      if (!use_grid || !grid_select<Select::kTopP>(sh, cluster, sl, wt, x_lo, top_p_target, &c))
+        c = radix_select<Select::kTopP>(sh, cluster, sl, wt, top_p_target);
       if (c.found) wt.p_cut = c.cut;
     }
-    wt.min_mass = sm::min_p_threshold(p.min_p);
-    const uint64_t bits = sm::uniform_bits(p.seed, p.step);
     token = find_in_id_order(
         sh, cluster, sl,
         [&](int32_t i, float r) -> uint64_t {
@@ -989,8 +1069,10 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
     const SamplingParamsDevice* params, const int32_t* prompt_ids, const int32_t* prompt_offsets,
     const int32_t* output_ids, const int32_t* output_offsets, const int32_t* masked_ids,
     const int32_t* masked_offsets, const int32_t* bias_ids, const float* bias_values, const int32_t* bias_offsets,
-    const uint32_t* allowed_bitmask, int32_t n, int32_t max_top, uint32_t* workspace) {
+    const uint32_t* allowed_bitmask, int32_t n, int32_t max_top, uint32_t* workspace, bool window) {
   __shared__ Shared sh;
+  extern __shared__ __align__(16) unsigned char dynamic_shared[];
+  WindowShared& ws = *reinterpret_cast<WindowShared*>(dynamic_shared);
   pdl_begin();
   const Cluster cluster = this_cluster();
   const int rank = (int)cluster.block_rank(), num_ranks = (int)cluster.num_blocks();
@@ -1021,8 +1103,8 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
     lg.counts = counts;
   }
 
-  const int32_t token = lg.counts ? sample_row<true>(sh, cluster, sl, lg, p, n, slice)
-                                  : sample_row<false>(sh, cluster, sl, lg, p, n, slice);
+  const int32_t token = lg.counts ? sample_row<true>(sh, ws, cluster, sl, lg, p, n, slice, window)
+                                  : sample_row<false>(sh, ws, cluster, sl, lg, p, n, slice, window);
   if (rank == 0 && threadIdx.x == 0) {
     out_ids[s] = token;
     if (p.num_logprobs >= 0)
@@ -1031,13 +1113,17 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
 }
 
 // The largest cluster size up to kMaxClusterSize the device can run sample_kernel with (a partitioned
-// GPU may run fewer), asked once per device.
+// GPU may run fewer), asked once per device; -1 where the device refuses sample_kernel's shared memory.
 int max_cluster_size(int device) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cached[kMaxDevices];
   if (device >= 0 && device < kMaxDevices && cached[device].load(std::memory_order_relaxed) > 0)
     return cached[device].load(std::memory_order_relaxed);
   int size = kMaxClusterSize;
+  // The window select's buffers are dynamic shared memory, above the 48 KiB a launch gets by default.
+  if (cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(WindowShared)) !=
+      cudaSuccess)
+    return -1;
   for (; size > 1; size >>= 1) {
     cudaLaunchAttribute attribute;
     attribute.id = cudaLaunchAttributeClusterDimension;
@@ -1047,6 +1133,7 @@ int max_cluster_size(int device) {
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(size);
     config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = sizeof(WindowShared);
     config.attrs = &attribute;
     config.numAttrs = 1;
     int num_clusters = 0;
@@ -1056,6 +1143,13 @@ int max_cluster_size(int device) {
   }
   if (device >= 0 && device < kMaxDevices) cached[device].store(size, std::memory_order_relaxed);
   return size;
+}
+
+// The window select serves the top-k and top-p cuts first where RTLLM_SAMPLING_WINDOW=1; by default the grid
+// and radix selects serve them all (the tests compare both; the tokens are the same).
+bool window_select_enabled() {
+  static const bool enabled = env_is("RTLLM_SAMPLING_WINDOW", "1");
+  return enabled;
 }
 
 }  // namespace
@@ -1089,6 +1183,10 @@ cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, 
   if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
   if ((err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
   int cluster = max_cluster_size(device);
+  if (cluster < 1) {  // the shared memory attribute was refused
+    const cudaError_t refused = cudaGetLastError();
+    return refused != cudaSuccess ? refused : cudaErrorInvalidConfiguration;
+  }
   while (cluster > 1 && (int64_t)num_seqs * cluster > num_sms) cluster >>= 1;
 
   cudaLaunchAttribute attributes[2];
@@ -1101,7 +1199,7 @@ cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, 
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((unsigned)(num_seqs * cluster));
   config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = 0;
+  config.dynamicSmemBytes = sizeof(WindowShared);
   config.stream = stream;
   config.attrs = attributes;
   // A one-CTA cluster is what a launch without the attribute gives, and the only launch a device older than
@@ -1110,7 +1208,7 @@ cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, 
   err = cudaLaunchKernelEx(&config, sample_kernel, out_ids, out_logprobs, out_top_ids, logits, params, prompt_ids,
                            prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets, bias_ids,
                            bias_values, bias_offsets, allowed_bitmask, vocab_size, max_top,
-                           static_cast<uint32_t*>(workspace));
+                           static_cast<uint32_t*>(workspace), window_select_enabled());
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }

@@ -3,7 +3,9 @@ integer-mass rules of kernels/include/rtllm/kernels/sampling.cuh) and against in
 the exact rules re-derived in numpy (tests/python/sampling_reference.py) and float64 distributions.
 Outputs are poisoned (NaN bytes) before every call, so a row the kernel skips shows.
 """
+import os
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -100,7 +102,8 @@ SETTINGS = [dict(temperature=1.0), dict(temperature=0.6), dict(temperature=1.5, 
             dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05), dict(temperature=0.7, top_k=1),
             dict(temperature=2.0, top_p=0.95), dict(temperature=0.8, top_p=0.95), dict(temperature=0.8, top_k=50),
             dict(temperature=1.0, top_p=1e-6), dict(temperature=1.0, top_p=0.99999994),
-            dict(temperature=1.0, top_k=200000, top_p=0.5), dict(temperature=0.0)]
+            dict(temperature=1.0, top_k=200000, top_p=0.5), dict(temperature=1.0, top_p=0.9, min_p=0.1),
+            dict(temperature=0.0)]
 SCALES = [1e-3, 0.05, "bf16", 1.0, 4.0]
 
 
@@ -372,3 +375,47 @@ def test_bias_only_and_everything_disallowed(kernels):
     assert ids.tolist() == [42, 0, -1]
     ids, _, _ = gpu_sample(kernels, logits[:2], [dict(temperature=0.0)] * 2, bias=[{42: 1.0}, {0: -1.0}])
     assert ids.tolist() == [42, 1]
+
+
+def window_miss_logits(rng, vocab, kind):
+    """A flat row (randn · 0.05) with some logits raised, placed against the window select's sample (every 8th
+    element of a 128,256-row, at one CTA per row and at 8 CTAs of 16,032):
+    - "heavy_unsampled": 300 logits +8 (nine tenths of the mass at temperature 1) off the sampled ids: the
+      sample sees a flat row and puts the cut far below the real one (the cut lies above the window);
+    - "heavy_sampled": the same on sampled ids: the sample's spread is large, the window is refused or
+      reaches the top of the row;
+    - "lifted_sampled": 5,000 logits +1 on sampled ids: the sample holds them 8 times too often and puts the
+      cut above the real one, with a small spread (the cut lies below the window)."""
+    logits = (rng.standard_normal(vocab) * 0.05).astype(np.float32)
+    count, lift = (5000, 1.0) if kind == "lifted_sampled" else (300, 8.0)
+    raised = rng.choice(vocab // 8, count, replace=False) * 8 + (3 if kind == "heavy_unsampled" else 0)
+    logits[raised] += lift
+    return logits
+
+
+@pytest.mark.parametrize("kind", ["heavy_unsampled", "heavy_sampled", "lifted_sampled"])
+@pytest.mark.parametrize("num", [1, 140])
+def test_window_misses_fall_back(kernels, kind, num):
+    """Rows on which the window select's estimate misses the cut or cannot place a window: the grid select
+    takes over, same token as the CPU Sampler."""
+    rng = np.random.default_rng()
+    vocab = 128256
+    logits = np.stack([window_miss_logits(rng, vocab, kind) for _ in range(num)])
+    settings = [dict(top_p=0.5), dict(top_p=0.97), dict(top_p=0.9, min_p=0.01), dict(top_k=400, top_p=0.99)]
+    rows = [dict(settings[s % len(settings)], temperature=1.0, seed=int(rng.integers(2**63)),
+                 step=int(rng.integers(500))) for s in range(num)]
+    ids, _, _ = gpu_sample(kernels, torch.from_numpy(logits).cuda(), rows)
+    for s in range(num):
+        assert ids[s] == cpu_token(kernels, logits[s], rows[s]), (s, rows[s])
+
+
+def test_window_select_matches_cpu_sampler():
+    """RTLLM_SAMPLING_WINDOW=1 (read once per process) lets the window select serve the top-k / top-p cuts
+    first, before the grid and radix selects that serve them by default: the comparisons against the CPU
+    Sampler again, in a child."""
+    env = dict(os.environ, RTLLM_SAMPLING_WINDOW="1")
+    selection = "same_token or mixed_rows or grid_select or tied or window_misses or penalties or bias"
+    child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", selection],
+                           env=env, capture_output=True, text=True, timeout=1200)
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    assert " passed" in child.stdout and " failed" not in child.stdout, child.stdout[-2000:]
