@@ -127,12 +127,14 @@ __device__ bool place_window(Shared& sh, WindowShared& ws, const Cluster& cluste
     deviation = sqrtf((float)(cut_before + cut_count));
   }
   // The window: up to a budget of kWindowCapacity · 3/4 of the row's elements, that is `budget` sampled
-  // ones. It needs kMinWindowMargin + 2 deviations past the estimate on each side and takes up to 64 + 8.
+  // ones. It needs kMinWindowMargin + 2 deviations past the estimate on each side and takes up to
+  // kMinWindowMargin + 4 (a smaller window sorts faster).
   // It reaches the row's maximum when that fits (top-k always: a top-k window holds everything it keeps),
   // else it is centred on the estimate (top-p). Where neither fits but the estimate puts the cut in the
   // first quarter of the budget (a few heavy elements, so a wide spread), it takes the top of the row.
   const int64_t budget = (int64_t)(kWindowCapacity * 3 / 4) >> shift;
-  const int64_t need = kMinWindowMargin + (int64_t)(2.0f * deviation), want = 64 + (int64_t)(8.0f * deviation);
+  const int64_t need = kMinWindowMargin + (int64_t)(2.0f * deviation);
+  const int64_t want = kMinWindowMargin + (int64_t)(4.0f * deviation);
   const int64_t through_cut = (int64_t)(cut_before + cut_count), centred_room = (budget - (int64_t)cut_count) / 2;
   int64_t high_rank, low_rank;  // 1-based ranks (keys descending) of sampled elements in the first and last buckets
   if (through_cut + need <= budget) {
