@@ -8,8 +8,9 @@
 //   - top-k (by count) and top-p (by mass) cuts: with RTLLM_SAMPLING_WINDOW=1, the window select
 //     (sampling_window.cuh), which finds the cut in one pass inside a window of x placed from a sample of
 //     the row, and after which the draw reads only one warp's chunk of the row again (top-p) or nothing
-//     (top-k); by default, and where the window misses, a grid select (grid_select) over buckets of the scaled exponent x, whose cut bucket is sorted in
-//     shared memory, with the radix select below as its fallback;
+//     (top-k); by default, and where the window misses, a grid select (grid_select) over buckets of the
+//     scaled exponent x, whose cut bucket is sorted in shared memory, with the radix select below as its
+//     fallback;
 //   - top-N logprobs (by count of the raw logits), and the grid's fallback: a radix select over the
 //     32-bit order key in three passes of 11/11/10-bit digits, histograms of counts and masses with
 //     integer shared-memory atomics (warp-aggregated), then, when the cut falls inside a run of equal
