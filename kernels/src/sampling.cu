@@ -5,12 +5,12 @@
 // one for large batches): CTA `rank` streams a contiguous slice of the row, and every row-wide result
 // (argmax, sums, histograms) is combined through distributed shared memory, in rank order. All the
 // decisions use integer masses, so they do not depend on the cluster size or the schedule.
-//   - top-k (by count) and top-p (by mass) cuts: with RTLLM_SAMPLING_WINDOW=1, the window select
-//     (sampling_window.cuh), which finds the cut in one pass inside a window of x placed from a sample of
-//     the row, and after which the draw reads only one warp's chunk of the row again (top-p) or nothing
-//     (top-k); by default, and where the window misses, a grid select (grid_select) over buckets of the
-//     scaled exponent x, whose cut bucket is sorted in shared memory, with the radix select below as its
-//     fallback;
+//   - top-k (by count) and top-p (by mass) cuts: for rows of one-CTA clusters (window_select_for), the
+//     window select (sampling_window.cuh), which finds the cut in one pass inside a window of x placed from
+//     a sample of the row, and after which the draw reads only one warp's chunk of the row again (top-p)
+//     or nothing (top-k); for the other rows, and where the window misses, a grid select (grid_select)
+//     over buckets of the scaled exponent x, whose cut bucket is sorted in shared memory, with the radix
+//     select below as its fallback;
 //   - top-N logprobs (by count of the raw logits), and the grid's fallback: a radix select over the
 //     32-bit order key in three passes of 11/11/10-bit digits, histograms of counts and masses with
 //     integer shared-memory atomics (warp-aggregated), then, when the cut falls inside a run of equal
@@ -1146,11 +1146,14 @@ int max_cluster_size(int device) {
   return size;
 }
 
-// The window select serves the top-k and top-p cuts first where RTLLM_SAMPLING_WINDOW=1; by default the grid
-// and radix selects serve them all (the tests compare both; the tokens are the same).
-bool window_select_enabled() {
-  static const bool enabled = env_is("RTLLM_SAMPLING_WINDOW", "1");
-  return enabled;
+// Where the window select serves the top-k and top-p cuts first (the grid and radix selects serve the rest;
+// the tokens are the same, and the tests compare the settings). By default, rows of a one-CTA cluster (large
+// batches): in a cluster of several CTAs every CTA reads the whole cluster's sample and window through
+// distributed shared memory, which costs more than the grid's passes over a short slice (docs/performance.md).
+// RTLLM_SAMPLING_WINDOW=1: every row; RTLLM_SAMPLING_WINDOW=0: none.
+bool window_select_for(int cluster) {
+  static const int mode = env_is("RTLLM_SAMPLING_WINDOW", "1") ? 2 : env_is("RTLLM_SAMPLING_WINDOW", "0") ? 0 : 1;
+  return mode == 2 || (mode == 1 && cluster == 1);
 }
 
 }  // namespace
@@ -1209,7 +1212,7 @@ cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, 
   err = cudaLaunchKernelEx(&config, sample_kernel, out_ids, out_logprobs, out_top_ids, logits, params, prompt_ids,
                            prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets, bias_ids,
                            bias_values, bias_offsets, allowed_bitmask, vocab_size, max_top,
-                           static_cast<uint32_t*>(workspace), window_select_enabled());
+                           static_cast<uint32_t*>(workspace), window_select_for(cluster));
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }

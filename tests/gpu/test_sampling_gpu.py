@@ -409,11 +409,13 @@ def test_window_misses_fall_back(kernels, kind, num):
         assert ids[s] == cpu_token(kernels, logits[s], rows[s]), (s, rows[s])
 
 
-def test_window_select_matches_cpu_sampler():
-    """RTLLM_SAMPLING_WINDOW=1 (read once per process) lets the window select serve the top-k / top-p cuts
-    first, before the grid and radix selects that serve them by default: the comparisons against the CPU
-    Sampler again, in a child."""
-    env = dict(os.environ, RTLLM_SAMPLING_WINDOW="1")
+@pytest.mark.parametrize("window", ["1", "0"])
+def test_every_select_setting_matches_cpu_sampler(window):
+    """RTLLM_SAMPLING_WINDOW (read once per process) moves the top-k / top-p cuts between the selects: by
+    default the window select serves the rows of one-CTA clusters and the grid select the others; "1" lets
+    the window select serve every row first, "0" none. The comparisons against the CPU Sampler again, in a
+    child under each setting."""
+    env = dict(os.environ, RTLLM_SAMPLING_WINDOW=window)
     selection = "same_token or mixed_rows or grid_select or tied or window_misses or penalties or bias"
     child = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", selection],
                            env=env, capture_output=True, text=True, timeout=1200)
