@@ -35,7 +35,7 @@ namespace cg = cooperative_groups;
 namespace sm = rtllm::sampling;
 
 // Thread block clusters (distributed shared memory) exist from compute capability 9.0. Built for an older
-// device, a row's cluster is its one CTA: the launch asks for no cluster there (max_cluster_size is 1), and
+// device, a row's cluster is its one CTA: the launch asks for no cluster there (sample_launch's max_cluster is 1), and
 // this stand-in gives the CTA's own shared memory as the only rank's.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 using Cluster = cg::cluster_group;
@@ -1113,18 +1113,35 @@ __global__ void __launch_bounds__(kThreads, 1) sample_kernel(
   }
 }
 
-// The largest cluster size up to kMaxClusterSize the device can run sample_kernel with (a partitioned
-// GPU may run fewer), asked once per device; -1 where the device refuses sample_kernel's shared memory.
-int max_cluster_size(int device) {
+// How sample_kernel launches on a device, asked once per device: the largest cluster size up to
+// kMaxClusterSize it can run (a partitioned GPU may run fewer; -1 where a query failed) and the dynamic
+// shared memory of the window select (WindowShared), 0 where the device's opt-in limit cannot hold it beside
+// the static Shared (compute capability 8.6 and 8.9: 99 KiB), which then runs the grid select alone.
+struct SampleLaunch {
+  int max_cluster;
+  size_t window_bytes;
+};
+
+SampleLaunch sample_launch(int device) {
   constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices];
-  if (device >= 0 && device < kMaxDevices && cached[device].load(std::memory_order_relaxed) > 0)
-    return cached[device].load(std::memory_order_relaxed);
+  static std::atomic<int> cached_cluster[kMaxDevices];
+  static std::atomic<bool> cached_window[kMaxDevices];
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable && cached_cluster[device].load(std::memory_order_acquire) > 0)
+    return {cached_cluster[device].load(std::memory_order_relaxed),
+            cached_window[device].load(std::memory_order_relaxed) ? sizeof(WindowShared) : 0};
+  int optin = 0;
+  cudaFuncAttributes attributes = {};
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaFuncGetAttributes(&attributes, sample_kernel) != cudaSuccess)
+    return {-1, 0};
+  const size_t window_bytes =
+      attributes.sharedSizeBytes + sizeof(WindowShared) <= (size_t)optin ? sizeof(WindowShared) : 0;
+  // Above the 48 KiB a launch gets by default.
+  if (window_bytes > 0 && cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                (int)window_bytes) != cudaSuccess)
+    return {-1, 0};
   int size = kMaxClusterSize;
-  // The window select's buffers are dynamic shared memory, above the 48 KiB a launch gets by default.
-  if (cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(WindowShared)) !=
-      cudaSuccess)
-    return -1;
   for (; size > 1; size >>= 1) {
     cudaLaunchAttribute attribute;
     attribute.id = cudaLaunchAttributeClusterDimension;
@@ -1134,7 +1151,7 @@ int max_cluster_size(int device) {
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(size);
     config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = sizeof(WindowShared);
+    config.dynamicSmemBytes = window_bytes;
     config.attrs = &attribute;
     config.numAttrs = 1;
     int num_clusters = 0;
@@ -1142,8 +1159,11 @@ int max_cluster_size(int device) {
       break;
     (void)cudaGetLastError();  // a size the device cannot run is not an error of the caller
   }
-  if (device >= 0 && device < kMaxDevices) cached[device].store(size, std::memory_order_relaxed);
-  return size;
+  if (cacheable) {
+    cached_window[device].store(window_bytes > 0, std::memory_order_relaxed);
+    cached_cluster[device].store(size, std::memory_order_release);
+  }
+  return {size, window_bytes};
 }
 
 // Where the window select serves the top-k and top-p cuts first (the grid and radix selects serve the rest;
@@ -1186,11 +1206,12 @@ cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, 
   int device = 0, num_sms = 0;
   if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
   if ((err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
-  int cluster = max_cluster_size(device);
-  if (cluster < 1) {  // the shared memory attribute was refused
-    const cudaError_t refused = cudaGetLastError();
-    return refused != cudaSuccess ? refused : cudaErrorInvalidConfiguration;
+  const SampleLaunch launch = sample_launch(device);
+  if (launch.max_cluster < 1) {  // a query or the shared memory attribute failed
+    const cudaError_t failed = cudaGetLastError();
+    return failed != cudaSuccess ? failed : cudaErrorInvalidConfiguration;
   }
+  int cluster = launch.max_cluster;
   while (cluster > 1 && (int64_t)num_seqs * cluster > num_sms) cluster >>= 1;
 
   cudaLaunchAttribute attributes[2];
@@ -1203,7 +1224,7 @@ cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, 
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((unsigned)(num_seqs * cluster));
   config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = sizeof(WindowShared);
+  config.dynamicSmemBytes = launch.window_bytes;
   config.stream = stream;
   config.attrs = attributes;
   // A one-CTA cluster is what a launch without the attribute gives, and the only launch a device older than
@@ -1212,7 +1233,7 @@ cudaError_t sample(int32_t* out_ids, float* out_logprobs, int32_t* out_top_ids, 
   err = cudaLaunchKernelEx(&config, sample_kernel, out_ids, out_logprobs, out_top_ids, logits, params, prompt_ids,
                            prompt_offsets, output_ids, output_offsets, masked_ids, masked_offsets, bias_ids,
                            bias_values, bias_offsets, allowed_bitmask, vocab_size, max_top,
-                           static_cast<uint32_t*>(workspace), window_select_for(cluster));
+                           static_cast<uint32_t*>(workspace), launch.window_bytes > 0 && window_select_for(cluster));
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
