@@ -307,6 +307,18 @@ struct SeqLogits {
   }
 };
 
+// The float whose order key is `key` (+0 for the key of ±0).
+__device__ __forceinline__ float key_value(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? key & 0x7fffffffu : ~key);
+}
+
+// The least power of two >= n (1 for n <= 1): the size a bitonic sort of n elements pads to.
+__device__ __forceinline__ int32_t pow2_at_least(int32_t n) {
+  int32_t size = 1;
+  while (size < n) size <<= 1;
+  return size;
+}
+
 // Everything kept up to and including (key, id) in (key desc, id asc) order; inactive: everything.
 struct Cut {
   bool active;
@@ -328,6 +340,8 @@ struct Weights {
 
   __device__ __forceinline__ float value(int32_t i, float r) const { return raw ? r : lg.adjusted<kLists>(i, r); }
   __device__ __forceinline__ uint64_t mass(float a) const { return sm::logit_mass(a, max, inv_t); }
+  // The mass of the adjusted logit whose order key is `key` (the sorted windows hold keys, not logits).
+  __device__ __forceinline__ uint64_t key_mass(uint32_t key) const { return mass(key_value(key)); }
   // Top-k's weight: 1 for a candidate (mass > 0). x >= -22 always weighs >= 2 (exp(-22) · 2^33 > 2.3),
   // x < -24 nothing; straight-line code (the polynomial of x clamped at -22).
   __device__ __forceinline__ uint64_t top_k_weight(float a) const {
@@ -619,11 +633,6 @@ __device__ __forceinline__ Selected radix_select(Shared& sh, const Cluster& clus
   return cut_in_run<kind>(sh, cluster, sl, wt, prefix, count, weight, target - before);
 }
 
-// The float whose order key is `key` (+0 for the key of ±0).
-__device__ __forceinline__ float key_value(uint32_t key) {
-  return __uint_as_float((key & 0x80000000u) ? key & 0x7fffffffu : ~key);
-}
-
 // The bucket of x in a grid of kNumBuckets over [lo, lo + kNumBuckets / scale]; monotone in x (one
 // rounded subtraction and multiplication), clamped at both ends.
 template <int kNumBuckets = kGridBuckets>
@@ -841,8 +850,7 @@ __device__ __forceinline__ bool grid_select(Shared& sh, const Cluster& cluster, 
     for (int32_t j = threadIdx.x; j < cnt; j += kThreads) sh.gathered[n + j] = src[j];
     n += cnt;
   }
-  int32_t size = 1;
-  while (size < n) size <<= 1;
+  const int32_t size = pow2_at_least(n);
   for (int32_t j = n + threadIdx.x; j < size; j += kThreads) sh.gathered[j] = 0;
   cluster.sync();  // the others have read this CTA's list
   bitonic_sort_descending(sh.gathered, size);

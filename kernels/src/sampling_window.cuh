@@ -26,6 +26,19 @@ struct Window {
   int low, high;    // buckets [low, high] are gathered; the weight above `high` is summed
 };
 
+// Calls f(a) for the cluster's sampled logits (pass 1 wrote each CTA's, every 2^shift-th adjusted logit of
+// its slice), each once over the block's threads, rank by rank.
+template <typename F>
+__device__ __forceinline__ void for_each_sampled(const WindowShared& ws, const Cluster& cluster, int32_t n,
+                                                 int32_t slice, int shift, F&& f) {
+  for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
+    const int32_t len = min(n, (int32_t)(r + 1) * slice) - min(n, (int32_t)r * slice);
+    const int32_t count = (len + (1 << shift) - 1) >> shift;
+    const float* sample = cluster.map_shared_rank(ws.sample, r);
+    for (int32_t j = threadIdx.x; j < count; j += kThreads) f(sample[j]);
+  }
+}
+
 // Places the window of a top-k (by count) or top-p (by mass) select from this cluster's sample (pass 1
 // wrote each CTA's, every 2^shift-th element of its slice). Returns false when no window fits the
 // estimate (the caller runs the grid select). A row of at most kWindowCapacity elements is one window.
@@ -47,20 +60,14 @@ __device__ bool place_window(Shared& sh, WindowShared& ws, const Cluster& cluste
   }
   __syncthreads();
   // Every CTA histograms the whole cluster's sample, so all of them place the same window.
-  for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
-    const int32_t len = min(n, (int32_t)(r + 1) * slice) - min(n, (int32_t)r * slice);
-    const int32_t count = (len + (1 << shift) - 1) >> shift;
-    const float* sample = cluster.map_shared_rank(ws.sample, r);
-    for (int32_t j = threadIdx.x; j < count; j += kThreads) {
-      const float a = sample[j];
-      const float x = sm::scaled_exponent(a, wt.max, wt.inv_t);
-      const uint64_t m = sm::mass_of(sm::prob_exp(x));
-      if (m == 0) continue;  // not a candidate
-      const int b = grid_bucket<kBuckets>(x, win->lo, win->scale);
-      atomicAdd(&sh.count[b], 1u);
-      if (kMass) atomicAdd(&sh.mass[b], (u64)m);
-    }
-  }
+  for_each_sampled(ws, cluster, n, slice, shift, [&](float a) {
+    const float x = sm::scaled_exponent(a, wt.max, wt.inv_t);
+    const uint64_t m = sm::mass_of(sm::prob_exp(x));
+    if (m == 0) return;  // not a candidate
+    const int b = grid_bucket<kBuckets>(x, win->lo, win->scale);
+    atomicAdd(&sh.count[b], 1u);
+    if (kMass) atomicAdd(&sh.mass[b], (u64)m);
+  });
   __syncthreads();
   // Thread t holds buckets kBuckets - 1 - (t · kPer + j): keys descending.
   uint32_t c[kPer];
@@ -105,18 +112,13 @@ __device__ bool place_window(Shared& sh, WindowShared& ws, const Cluster& cluste
   if (kMass) {
     const int cut_bucket = sh.sel_digit;
     u64 above_sq = 0, below_sq = 0;
-    for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
-      const int32_t len = min(n, (int32_t)(r + 1) * slice) - min(n, (int32_t)r * slice);
-      const int32_t count = (len + (1 << shift) - 1) >> shift;
-      const float* sample = cluster.map_shared_rank(ws.sample, r);
-      for (int32_t j = threadIdx.x; j < count; j += kThreads) {
-        const float x = sm::scaled_exponent(sample[j], wt.max, wt.inv_t);
-        const u64 m = sm::mass_of(sm::prob_exp(x)) >> 17, sq = m * m;  // at most 2^32 each, 2^46 in all: exact
-        const bool above = grid_bucket<kBuckets>(x, win->lo, win->scale) > cut_bucket;
-        above_sq += above ? sq : 0;
-        below_sq += above ? 0 : sq;
-      }
-    }
+    for_each_sampled(ws, cluster, n, slice, shift, [&](float a) {
+      const float x = sm::scaled_exponent(a, wt.max, wt.inv_t);
+      const u64 m = sm::mass_of(sm::prob_exp(x)) >> 17, sq = m * m;  // at most 2^32 each, 2^46 in all: exact
+      const bool above = grid_bucket<kBuckets>(x, win->lo, win->scale) > cut_bucket;
+      above_sq += above ? sq : 0;
+      below_sq += above ? 0 : sq;
+    });
     block_exclusive_scan(sh, above_sq, &above_sq);
     block_exclusive_scan(sh, below_sq, &below_sq);
     const u64 cut_mean = (sh.mass[cut_bucket] / max(sh.count[cut_bucket], 1u)) >> 17;
@@ -301,8 +303,7 @@ __device__ WindowCut window_select(Shared& sh, WindowShared& ws, const Cluster& 
     size += cnt;
   }
   const int32_t count = size;
-  size = 1;
-  while (size < count) size <<= 1;
+  size = pow2_at_least(count);
   for (int32_t j = count + threadIdx.x; j < size; j += kThreads) ws.gathered[j] = 0;
   cluster.sync();  // the others have read this CTA's window and sums
   bitonic_sort_descending(ws.gathered, size);
@@ -310,7 +311,7 @@ __device__ WindowCut window_select(Shared& sh, WindowShared& ws, const Cluster& 
   const u64 need = target - all_above;
   const int32_t index = find_cumulative(
       sh, count,
-      [&](int32_t j) -> uint64_t { return kMass ? wt.mass(key_value((uint32_t)(ws.gathered[j] >> 32))) : 1; },
+      [&](int32_t j) -> uint64_t { return kMass ? wt.key_mass((uint32_t)(ws.gathered[j] >> 32)) : 1; },
       [&](uint64_t) { return (uint64_t)need; });
   if (index < 0) return WindowCut{WindowOutcome::kMiss, Cut{false, 0u, 0}, -1, false};  // below the window
   const u64 v = ws.gathered[index];
@@ -322,7 +323,7 @@ __device__ WindowCut window_select(Shared& sh, WindowShared& ws, const Cluster& 
 template <typename W>
 __device__ int32_t top_p_in_window(Shared& sh, const WindowShared& ws, const W& wt, int32_t count, float top_p) {
   return find_cumulative(
-      sh, count, [&](int32_t j) -> uint64_t { return wt.mass(key_value((uint32_t)(ws.gathered[j] >> 32))); },
+      sh, count, [&](int32_t j) -> uint64_t { return wt.key_mass((uint32_t)(ws.gathered[j] >> 32)); },
       [&](uint64_t total) { return sm::top_p_threshold(total, top_p); });
 }
 
@@ -334,8 +335,7 @@ __device__ int32_t draw_in_window(Shared& sh, WindowShared& ws, const W& wt, int
                                   uint64_t bits) {
   const int32_t last = top_p < 1.0f ? min(k_index, top_p_in_window(sh, ws, wt, k_index + 1, top_p)) : k_index;
   const int32_t kept = last + 1;
-  int32_t size = 1;
-  while (size < kept) size <<= 1;
+  const int32_t size = pow2_at_least(kept);
   // The kept elements as ~id · 2^32 + key, so that the descending sort orders them by id; min-p's
   // drops as 0, sorted last. (ws.local is free: every CTA gathered it before window_select's last barrier.)
   for (int32_t j = threadIdx.x; j < size; j += kThreads) {
@@ -343,7 +343,7 @@ __device__ int32_t draw_in_window(Shared& sh, WindowShared& ws, const W& wt, int
     if (j < kept) {
       const u64 v = ws.gathered[j];
       const uint32_t key = (uint32_t)(v >> 32);
-      if (wt.mass(key_value(key)) >= wt.min_mass) e = (v << 32) | key;
+      if (wt.key_mass(key) >= wt.min_mass) e = (v << 32) | key;
     }
     ws.local[j] = e;
   }
@@ -352,7 +352,7 @@ __device__ int32_t draw_in_window(Shared& sh, WindowShared& ws, const W& wt, int
   // The draw in id order (total >= 2^33: the row's maximum is kept).
   const int32_t index = find_cumulative(
       sh, kept,
-      [&](int32_t j) -> uint64_t { return ws.local[j] ? wt.mass(key_value((uint32_t)ws.local[j])) : 0; },
+      [&](int32_t j) -> uint64_t { return ws.local[j] ? wt.key_mass((uint32_t)ws.local[j]) : 0; },
       [&](uint64_t total) { return sm::draw_target(total, bits) + 1; });
   return (int32_t)~(uint32_t)(ws.local[index] >> 32);
 }
@@ -370,7 +370,7 @@ __device__ int32_t draw_after_window_top_p(Shared& sh, const WindowShared& ws, c
     const u64 v = ws.gathered[j];
     const int32_t id = (int32_t)~(uint32_t)v;
     if (id >= sl.begin && id < sl.end)
-      atomicAdd(&sh.warp_kept[(id - sl.begin) / chunk], (u64)wt.mass(key_value((uint32_t)(v >> 32))));
+      atomicAdd(&sh.warp_kept[(id - sl.begin) / chunk], (u64)wt.key_mass((uint32_t)(v >> 32)));
   }
   return find_in_chunks(
       sh, cluster, sl,
