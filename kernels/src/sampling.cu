@@ -347,7 +347,7 @@ struct Weights {
   __device__ __forceinline__ uint64_t top_k_weight(float a) const {
     const float x = sm::scaled_exponent(a, max, inv_t);
     const bool surely = x >= -22.0f;
-    return surely || sm::mass_of(sm::prob_exp(surely ? -22.0f : x)) > 0 ? 1 : 0;
+    return surely || sm::exponent_mass(surely ? -22.0f : x) > 0 ? 1 : 0;
   }
   // Top-p's weight: the mass, within top-k's cut.
   __device__ __forceinline__ uint64_t top_p_weight(int32_t i, float a, uint32_t key) const {
@@ -1062,13 +1062,20 @@ __device__ __forceinline__ int32_t sample_row(Shared& sh, WindowShared& ws, cons
         c = radix_select<Select::kTopP>(sh, cluster, sl, wt, top_p_target);
       if (c.found) wt.p_cut = c.cut;
     }
-    token = find_in_id_order(
-        sh, cluster, sl,
-        [&](int32_t i, float r) -> uint64_t {
-          const float a = lg.adjusted<kLists>(i, r);
-          return wt.kept_weight(i, a, sm::order_key(a));
-        },
-        [&](uint64_t total) { return sm::draw_target(total, bits) + 1; });
+    auto draw_target = [&](uint64_t total) { return sm::draw_target(total, bits) + 1; };
+    if (wt.k_cut.active || wt.p_cut.active || wt.min_mass > 0) {
+      token = find_in_id_order(
+          sh, cluster, sl,
+          [&](int32_t i, float r) -> uint64_t {
+            const float a = lg.adjusted<kLists>(i, r);
+            return wt.kept_weight(i, a, sm::order_key(a));
+          },
+          draw_target);
+    } else {  // every element kept (a temperature alone): its mass, without the order key and the cut tests
+      token = find_in_id_order(
+          sh, cluster, sl, [&](int32_t i, float r) -> uint64_t { return wt.mass(lg.adjusted<kLists>(i, r)); },
+          draw_target);
+    }
   }
   return token;
 }

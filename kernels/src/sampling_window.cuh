@@ -62,7 +62,7 @@ __device__ bool place_window(Shared& sh, WindowShared& ws, const Cluster& cluste
   // Every CTA histograms the whole cluster's sample, so all of them place the same window.
   for_each_sampled(ws, cluster, n, slice, shift, [&](float a) {
     const float x = sm::scaled_exponent(a, wt.max, wt.inv_t);
-    const uint64_t m = sm::mass_of(sm::prob_exp(x));
+    const uint64_t m = sm::exponent_mass(x);
     if (m == 0) return;  // not a candidate
     const int b = grid_bucket<kBuckets>(x, win->lo, win->scale);
     atomicAdd(&sh.count[b], 1u);
@@ -114,7 +114,7 @@ __device__ bool place_window(Shared& sh, WindowShared& ws, const Cluster& cluste
     u64 above_sq = 0, below_sq = 0;
     for_each_sampled(ws, cluster, n, slice, shift, [&](float a) {
       const float x = sm::scaled_exponent(a, wt.max, wt.inv_t);
-      const u64 m = sm::mass_of(sm::prob_exp(x)) >> 17, sq = m * m;  // at most 2^32 each, 2^46 in all: exact
+      const u64 m = sm::exponent_mass(x) >> 17, sq = m * m;  // at most 2^32 each, 2^46 in all: exact
       const bool above = grid_bucket<kBuckets>(x, win->lo, win->scale) > cut_bucket;
       above_sq += above ? sq : 0;
       below_sq += above ? 0 : sq;
@@ -245,7 +245,7 @@ __device__ WindowCut window_select(Shared& sh, WindowShared& ws, const Cluster& 
     // Straight-line up to the ballot, so the elements' polynomials interleave.
     const float a = wt.value(i, r);
     const float x = sm::scaled_exponent(a, wt.max, wt.inv_t);
-    const uint64_t m = sm::mass_of(sm::prob_exp(x));
+    const uint64_t m = sm::exponent_mass(x);
     const uint64_t w = !valid ? 0 : kMass ? m : (m > 0 ? 1 : 0);  // the select's weight (no top-k cut yet)
     const int b = grid_bucket<kBuckets>(x, win.lo, win.scale);
     total += w;

@@ -13,7 +13,7 @@ import pytest
 
 import rtllm
 
-from sampling_reference import F32, float64_distribution, prob_exp, reference_token
+from sampling_reference import F32, MASS_BITS, float64_distribution, prob_exp, reference_token
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,6 +44,12 @@ int main(int argc, char** argv) {
     if (std::fread(x.data(), 4, x.size(), in) != x.size()) return 1;
     for (float& v : x) v = rtllm::sampling::prob_exp(v);
     std::fwrite(x.data(), 4, x.size(), out);
+  } else if (std::strcmp(argv[1], "mass") == 0) {  // header: count, unused; then count float32
+    std::vector<float> x(header[0]);
+    if (std::fread(x.data(), 4, x.size(), in) != x.size()) return 1;
+    std::vector<uint64_t> m(x.size());
+    for (size_t i = 0; i < x.size(); ++i) m[i] = rtllm::sampling::exponent_mass(x[i]);
+    std::fwrite(m.data(), 8, m.size(), out);
   } else {  // header: rows, vocab; then per row a Row and vocab float32 logits
     const int32_t num_rows = header[0], vocab = header[1];
     std::vector<Row> rows(num_rows);
@@ -105,6 +111,11 @@ def cpp_prob_exp(harness, x):
     return np.frombuffer(harness("exp", [len(x), 0], x.tobytes()), F32)
 
 
+def cpp_exponent_mass(harness, x):
+    x = np.ascontiguousarray(x, F32)
+    return np.frombuffer(harness("mass", [len(x), 0], x.tobytes()), np.uint64)
+
+
 def cpp_sample(harness, logits, rows):
     """Sampler::sample over rows of float32 logits [R, V]; rows: dicts of ROW fields."""
     logits = np.ascontiguousarray(logits, F32)
@@ -131,6 +142,21 @@ def test_prob_exp_matches_float64_exp_and_the_reference_emulation(harness):
     assert rel.max() < 2e-7, f"max relative error {rel.max():.3g}"
     assert (got[~live] == 0).all()
     assert got[x == 0][0] == 1.0  # the maximum weighs exactly 2^33
+
+
+def test_exponent_mass_is_the_floor_of_prob_exp_times_2_to_the_33(harness):
+    # exponent_mass folds the 2^33 into prob_exp's power of two: it must give mass_of(prob_exp(x)) exactly.
+    rng = np.random.default_rng()
+    x = np.concatenate([-rng.random(200000, dtype=np.float64) * 25, -rng.random(20000) * 1e-3,
+                        -np.arange(0, 25, 0.25), [0.0, -0.0, -22.9, -23.0, -24.0, -24.000002, -30.0, -np.inf,
+                                                  np.nan]]).astype(F32)
+    got = cpp_exponent_mass(harness, x)
+    with np.errstate(invalid="ignore"):
+        p = prob_exp(np.where(np.isnan(x), F32(-np.inf), x)).astype(np.float64)
+    want = np.floor(p * 2.0 ** MASS_BITS).astype(np.uint64)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, f"x = {x[bad[:5]]}: {got[bad[:5]]} against {want[bad[:5]]}"
+    assert got[x == 0].max() == 2 ** MASS_BITS and got[x < -24].max() == 0
 
 
 # (temperature, top_k, top_p, min_p)

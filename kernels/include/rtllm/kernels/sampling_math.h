@@ -91,16 +91,20 @@ RTLLM_SAMPLING_HD float scaled_exponent(float l, float max, float inv_t) {
   return l == max ? 0.0f : mul32(sub32(l, max), inv_t);
 }
 
-// exp(x) for x <= 0 (0 for x < kMinExponent, -inf and NaN), in float32; exactly 1 at x = 0.
+// exp(x) · 2^scale_log2 for x <= 0 (0 for x < kMinExponent, -inf and NaN), in float32; exactly 2^scale_log2 at
+// x = 0; scale_log2 in [0, 64]. The power of two is folded into the range reduction's 2^k, so the scaled
+// value has the bits of prob_exp(x) · 2^scale_log2 (both products are exact: powers of two, normal range).
 // Branch-free (a select at the end), so the device interleaves the polynomials of many elements.
-RTLLM_SAMPLING_HD float prob_exp(float x) {
+RTLLM_SAMPLING_HD float scaled_prob_exp(float x, int scale_log2) {
   const bool in_range = x >= kMinExponent;  // false for NaN
   x = in_range ? x : 0.0f;
   constexpr float kLog2e = 1.44269502162933349609375f;
   constexpr float kLn2Hi = 0.693147182464599609375f;       // float(ln 2)
   constexpr float kLn2Lo = -1.904654323148236e-09f;        // ln 2 - kLn2Hi
   constexpr float kRound = 12582912.0f;                    // 1.5 · 2^23: adding it rounds to an integer
-  const float k = sub32(fma32(x, kLog2e, kRound), kRound);  // rint(x · log2 e), in [-35, 0]
+  constexpr uint32_t kRoundBits = 0x4B400000u;             // float_bits(kRound)
+  const float t = fma32(x, kLog2e, kRound);                // kRound + rint(x · log2 e), in [2^23, 2^24)
+  const float k = sub32(t, kRound);                        // rint(x · log2 e), in [-35, 0]
   float r = fma32(k, -kLn2Hi, x);
   r = fma32(k, -kLn2Lo, r);
   // Taylor series of exp(r) to r^7 (truncation < 1e-8 relative for |r| <= 0.35), Horner with fma.
@@ -112,10 +116,15 @@ RTLLM_SAMPLING_HD float prob_exp(float x) {
   q = fma32(q, r, 0.5f);
   q = fma32(q, r, 1.0f);
   q = fma32(q, r, 1.0f);
-  const int32_t ki = static_cast<int32_t>(k);
-  const float p = mul32(q, bits_float(static_cast<uint32_t>(ki + 127) << 23));  // · 2^k, exact (normal range)
+  // t's unit in the last place is 1, so its bits are kRoundBits + k: the exponent of 2^(k + scale_log2)
+  // without a float-to-integer conversion (modulo 2^32, which the shift into the exponent field drops).
+  const uint32_t pow2 = (float_bits(t) - kRoundBits + 127u + static_cast<uint32_t>(scale_log2)) << 23;
+  const float p = mul32(q, bits_float(pow2));
   return in_range ? p : 0.0f;
 }
+
+// exp(x) for x <= 0 (0 for x < kMinExponent, -inf and NaN), in float32; exactly 1 at x = 0.
+RTLLM_SAMPLING_HD float prob_exp(float x) { return scaled_prob_exp(x, 0); }
 
 // floor(p · 2^33) of a probability p in [0, 1].
 RTLLM_SAMPLING_HD uint64_t mass_of(float p) {
@@ -127,9 +136,19 @@ RTLLM_SAMPLING_HD uint64_t mass_of(float p) {
 #endif
 }
 
+// mass_of(prob_exp(x)), with the · 2^33 folded into prob_exp's power of two (one multiplication fewer).
+RTLLM_SAMPLING_HD uint64_t exponent_mass(float x) {
+  const float scaled = scaled_prob_exp(x, kMassBits);
+#ifdef __CUDA_ARCH__
+  return __float2ull_rz(scaled);
+#else
+  return static_cast<uint64_t>(scaled);
+#endif
+}
+
 // The mass of an adjusted logit l against the row max.
 RTLLM_SAMPLING_HD uint64_t logit_mass(float l, float max, float inv_t) {
-  return mass_of(prob_exp(scaled_exponent(l, max, inv_t)));
+  return exponent_mass(scaled_exponent(l, max, inv_t));
 }
 
 // Larger float -> larger key; -0 and +0 share a key (they are equal logits); -inf has the lowest
