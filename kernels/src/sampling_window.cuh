@@ -24,7 +24,24 @@
 struct Window {
   float lo, scale;  // the bucket grid over x: grid_bucket<kBuckets>(x, lo, scale)
   int low, high;    // buckets [low, high] are gathered; the weight above `high` is summed
+  // The same bounds as values of x, for the pass over the row (two comparisons instead of a bucket per
+  // element): x is in a bucket >= low iff x >= x_low, in a bucket > high iff x >= x_above.
+  float x_low, x_above;
 };
+
+// The least x <= 0 whose bucket is at least b (-inf for b <= 0; +inf where no x <= 0 reaches b): the
+// bucket is monotone in x, so a bisection over the order keys of the floats from -inf to 0 finds it.
+__device__ __forceinline__ float least_x_in_bucket(int b, float lo, float scale) {
+  if (b <= 0) return -INFINITY;
+  auto reaches = [&](uint32_t key) { return grid_bucket<kBuckets>(key_value(key), lo, scale) >= b; };
+  uint32_t low_key = sm::order_key(-INFINITY), high_key = sm::order_key(0.0f);
+  if (!reaches(high_key)) return INFINITY;
+  while (low_key < high_key) {
+    const uint32_t mid = low_key + (high_key - low_key) / 2;
+    if (reaches(mid)) high_key = mid; else low_key = mid + 1;
+  }
+  return key_value(low_key);
+}
 
 // Calls f(a) for the cluster's sampled logits (pass 1 wrote each CTA's, every 2^shift-th adjusted logit of
 // its slice), each once over the block's threads, rank by rank.
@@ -52,6 +69,8 @@ __device__ bool place_window(Shared& sh, WindowShared& ws, const Cluster& cluste
   win->scale = x_lo < 0.0f ? (float)kBuckets / -x_lo : 0.0f;
   win->low = 0;
   win->high = kBuckets - 1;
+  win->x_low = -INFINITY;
+  win->x_above = INFINITY;
   if (n <= kWindowCapacity) return true;
   __syncthreads();  // the buckets may still be read by an earlier select
   for (int b = threadIdx.x; b < kBuckets; b += kThreads) {
@@ -177,6 +196,8 @@ __device__ bool place_window(Shared& sh, WindowShared& ws, const Cluster& cluste
   __syncthreads();
   win->low = sh.window_low;
   win->high = sh.window_high;
+  win->x_low = least_x_in_bucket(win->low, win->lo, win->scale);
+  win->x_above = least_x_in_bucket(win->high + 1, win->lo, win->scale);
   // The row's elements the window is expected to hold.
   const u64 expected = (sh.window_low_through - sh.window_high_before) << shift;
   return expected <= (u64)(kWindowCapacity * 3 / 4);
@@ -247,10 +268,10 @@ __device__ WindowCut window_select(Shared& sh, WindowShared& ws, const Cluster& 
     const float x = sm::scaled_exponent(a, wt.max, wt.inv_t);
     const uint64_t m = sm::exponent_mass(x);
     const uint64_t w = !valid ? 0 : kMass ? m : (m > 0 ? 1 : 0);  // the select's weight (no top-k cut yet)
-    const int b = grid_bucket<kBuckets>(x, win.lo, win.scale);
+    const bool is_above = x >= win.x_above;  // false for NaN, whose weight is 0
     total += w;
-    above += b > win.high ? w : 0;
-    const bool in = w > 0 && b >= win.low && b <= win.high;
+    above += is_above ? w : 0;
+    const bool in = w > 0 && x >= win.x_low && !is_above;
     const unsigned ballot = __ballot_sync(0xffffffffu, in);
     if (!ballot) return;
     int base = 0;
