@@ -263,20 +263,11 @@ __device__ WindowCut window_select(Shared& sh, WindowShared& ws, const Cluster& 
   __syncthreads();
   u64 total = 0, above = 0;
   stream_warp_chunk(sl, [&](int32_t i, float r, bool valid) {
-    // Straight-line up to the ballot (top-p), so the elements' polynomials interleave.
+    // Straight-line up to the ballot, so the elements' polynomials interleave.
     const float a = wt.value(i, r);
     const float x = sm::scaled_exponent(a, wt.max, wt.inv_t);
-    uint64_t w;  // the select's weight (no top-k cut yet)
-    if constexpr (kMass) {
-      w = valid ? sm::exponent_mass(x) : 0;
-    } else {
-      // Top-k weighs 1 per candidate (mass > 0): x >= -22 always is one, x below kMinExponent (or NaN)
-      // never; the polynomial decides between the two, run only where the warp holds such an element.
-      bool candidate = x >= -22.0f;
-      if (__any_sync(0xffffffffu, x < -22.0f && x >= sm::kMinExponent))
-        candidate = candidate || sm::exponent_mass(x) > 0;
-      w = valid && candidate ? 1 : 0;
-    }
+    const uint64_t m = sm::exponent_mass(x);
+    const uint64_t w = !valid ? 0 : kMass ? m : (m > 0 ? 1 : 0);  // the select's weight (no top-k cut yet)
     const bool is_above = x >= win.x_above;  // false for NaN, whose weight is 0
     total += w;
     above += is_above ? w : 0;
