@@ -195,14 +195,17 @@ def bench_sampling(ctx):
     """Device sampling of a whole batch (a cluster of CTAs per row for small batches, one CTA per row for
     large ones); bytes = the float32 logits read once. Flat rows (randn · 0.05: a random-weight model,
     the top-p set holds most of the vocabulary), the same rounded to bfloat16 (a bf16 LM head's output:
-    long runs of tied logits) and peaked ones (randn · 4)."""
+    long runs of tied logits) and peaked ones (randn · 4). Each case draws its rows from its own fixed seed,
+    so that two builds measured in two processes (an A/B) sample the same rows: the window select's hits and
+    misses depend on them."""
     k_mod, rows = ctx.kernels, []
     modes = [dict(temperature=0.0), dict(temperature=0.8, top_p=0.95), dict(temperature=0.8, top_k=50),
              dict(temperature=0.8)]
     cases = [(num_seqs, 128256, scale, mode) for num_seqs in (1, 64, 256, 512) for scale in (0.05, "bf16", 4.0)
              for mode in modes if scale != "bf16" or mode.get("temperature")]
     cases.append((64, 152064, 3.0, dict(temperature=1.0, top_p=0.95, num_logprobs=5)))
-    for num_seqs, vocab, scale, settings in cases:
+    for case, (num_seqs, vocab, scale, settings) in enumerate(cases):
+        torch.manual_seed(case)
         if scale == "bf16":
             logits = rand(num_seqs, vocab, dtype=torch.bfloat16, scale=0.05).float()
         else:

@@ -24,8 +24,10 @@ def main():
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="of the rows (the same rows in every process)")
     args = p.parse_args()
     kernels = load_kernels()
+    torch.manual_seed(args.seed)
     logits = torch.randn(args.batch, args.vocab, device="cuda") * args.scale
     if args.bf16:
         logits = logits.to(torch.bfloat16).float()
