@@ -126,9 +126,8 @@ RTLLM_SAMPLING_HD float scaled_prob_exp(float x, int scale_log2) {
 // exp(x) for x <= 0 (0 for x < kMinExponent, -inf and NaN), in float32; exactly 1 at x = 0.
 RTLLM_SAMPLING_HD float prob_exp(float x) { return scaled_prob_exp(x, 0); }
 
-// floor(p · 2^33) of a probability p in [0, 1].
-RTLLM_SAMPLING_HD uint64_t mass_of(float p) {
-  const float scaled = mul32(p, 8589934592.0f);  // · 2^33, exact
+// floor(scaled) for a float in [0, 2^33]: a mass.
+RTLLM_SAMPLING_HD uint64_t floor_to_mass(float scaled) {
 #ifdef __CUDA_ARCH__
   return __float2ull_rz(scaled);
 #else
@@ -136,15 +135,11 @@ RTLLM_SAMPLING_HD uint64_t mass_of(float p) {
 #endif
 }
 
+// floor(p · 2^33) of a probability p in [0, 1].
+RTLLM_SAMPLING_HD uint64_t mass_of(float p) { return floor_to_mass(mul32(p, 8589934592.0f)); }  // · 2^33, exact
+
 // mass_of(prob_exp(x)), with the · 2^33 folded into prob_exp's power of two (one multiplication fewer).
-RTLLM_SAMPLING_HD uint64_t exponent_mass(float x) {
-  const float scaled = scaled_prob_exp(x, kMassBits);
-#ifdef __CUDA_ARCH__
-  return __float2ull_rz(scaled);
-#else
-  return static_cast<uint64_t>(scaled);
-#endif
-}
+RTLLM_SAMPLING_HD uint64_t exponent_mass(float x) { return floor_to_mass(scaled_prob_exp(x, kMassBits)); }
 
 // The mass of an adjusted logit l against the row max.
 RTLLM_SAMPLING_HD uint64_t logit_mass(float l, float max, float inv_t) {
