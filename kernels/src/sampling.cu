@@ -354,6 +354,10 @@ struct Weights {
     const uint64_t m = mass(a);
     return k_cut.keeps(key, i) ? m : 0;
   }
+  // Whether the draw keeps every candidate (no top-k, top-p or min-p cut): its weight is then the mass.
+  __device__ __forceinline__ bool keeps_every_candidate() const {
+    return !k_cut.active && !p_cut.active && min_mass == 0;
+  }
   // The draw's weight: the mass of a kept element.
   __device__ __forceinline__ uint64_t kept_weight(int32_t i, float a, uint32_t key) const {
     const uint64_t m = mass(a);  // computed either way: no branch around the polynomial
@@ -1080,7 +1084,7 @@ __device__ __forceinline__ int32_t sample_row(Shared& sh, WindowShared& ws, cons
       if (c.found) wt.p_cut = c.cut;
     }
     auto draw_target = [&](uint64_t total) { return sm::draw_target(total, bits) + 1; };
-    if (wt.k_cut.active || wt.p_cut.active || wt.min_mass > 0) {
+    if (!wt.keeps_every_candidate()) {
       token = find_in_id_order(
           sh, cluster, sl,
           [&](int32_t i, float r) -> uint64_t {
@@ -1088,7 +1092,7 @@ __device__ __forceinline__ int32_t sample_row(Shared& sh, WindowShared& ws, cons
             return wt.kept_weight(i, a, sm::order_key(a));
           },
           draw_target);
-    } else {  // every element kept (a temperature alone): its mass, without the order key and the cut tests
+    } else {  // a temperature alone: the mass, without the order key and the cut tests per element
       token = find_in_id_order(
           sh, cluster, sl, [&](int32_t i, float r) -> uint64_t { return wt.mass(lg.adjusted<kLists>(i, r)); },
           draw_target);
