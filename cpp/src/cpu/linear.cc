@@ -76,7 +76,18 @@ void widen_into(const W* src, int64_t n, float* dst) {
   for (; i + kGemmLanes <= n; i += kGemmLanes) vstore(dst + i, vload(src + i));
   for (; i < n; ++i) dst[i] = cpu::widen(src[i]);
 }
-inline vec vsplat(float x) { return vec{} + x; }
+// *p in every lane, read by the broadcast itself: `vec{} + x` would add +0 to x first, one more
+// instruction per broadcast in the micro-kernel's inner loop (only a zero's sign differs, and the
+// accumulators, which start at +0, cannot pass a -0 to y).
+inline vec vbroadcast(const float* p) {
+#if defined(__AVX512F__)
+  return (vec)_mm512_set1_ps(*p);
+#elif defined(__AVX__)
+  return (vec)_mm256_broadcast_ss(p);
+#else
+  return vec{} + *p;
+#endif
+}
 inline vec vfmadd(vec a, vec b, vec c) {  // a * b + c, one rounding
 #if defined(__AVX512F__)
   return (vec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
@@ -155,8 +166,16 @@ constexpr int64_t kTaskCols = 16;   // rows of W per task
 
 // ---------------------------------------------------------------- packed weights
 
-constexpr int kMaxTileRows = 8;  // MR: 2 * MR accumulators + 2 panel registers + 1 broadcast
+// MR: 2 * MR accumulators + 2 panel registers + 1 broadcast must fit the vector registers (32 with
+// AVX-512, 16 with AVX2: MR 8 there spilled four accumulators to the stack, a store and a reload in
+// their FMA chains every k); the same bound for the two-panel tiles, 4 * MR + 4 + 1.
+#if defined(__AVX512F__)
+constexpr int kMaxTileRows = 8;
 constexpr int kMaxPairRows = 4;  // up to this many rows, a tile spans two panels (see linear_packed)
+#else
+constexpr int kMaxTileRows = 6;
+constexpr int kMaxPairRows = 2;
+#endif
 
 // y[MR, num_cols] (row stride ldy) = x[MR, K] (row stride K) · NP panels [NP][K, NR] (+ bias), where
 // num_cols <= NP * NR; the last panel's columns past num_cols are its zero padding.
@@ -164,43 +183,53 @@ template <typename W, int MR, int NP>
 void panel_tile(const float* x, const W* panel, const float* bias, float* y, int64_t K, int64_t ldy,
                 int64_t num_cols) {
   constexpr int NV = 2 * NP;  // vectors per row of the tile
+  // GCC keeps acc in registers only when every loop over its indices is unrolled before its scalar
+  // replacement runs (hence the pragmas), no call happens while acc is live (the memcpys of num_cols
+  // floats run before the k loop and after the last use) and acc's address is never taken; otherwise it
+  // stores every accumulator to the stack in each k iteration, one store per FMA.
+  float bias_row[NV * kGemmLanes] = {};
+  if (bias) std::memcpy(bias_row, bias, num_cols * sizeof(float));
   vec acc[MR][NV];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[i][v] = vec{};
   for (int64_t k = 0; k < K; ++k) {
     vec w[NV];
+#pragma GCC unroll 16
     for (int q = 0; q < NP; ++q) {
       w[2 * q] = vload(panel + q * K * kPanelCols + k * kPanelCols);
       w[2 * q + 1] = vload(panel + q * K * kPanelCols + k * kPanelCols + kGemmLanes);
     }
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const vec xb = vsplat(x[i * K + k]);
+      const vec xb = vbroadcast(x + i * K + k);
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[i][v] = vfmadd(xb, w[v], acc[i][v]);
     }
   }
-  if (bias) {
-    vec b[NV] = {};
-    std::memcpy(b, bias, num_cols * sizeof(float));
-    for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < NV; ++v) acc[i][v] += b[v];
-  }
-  for (int i = 0; i < MR; ++i) {
-    if (num_cols == NP * kPanelCols) {
-      for (int v = 0; v < NV; ++v) vstore(y + i * ldy + v * kGemmLanes, acc[i][v]);
-    } else {
-      std::memcpy(y + i * ldy, acc[i], num_cols * sizeof(float));  // a row's columns lie in acc[i] in order
+  float rows[MR][NV * kGemmLanes];  // each row's columns in order (+ bias)
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const vec r = bias ? acc[i][v] + vload(bias_row + v * kGemmLanes) : acc[i][v];
+      if (num_cols == NP * kPanelCols) vstore(y + i * ldy + v * kGemmLanes, r);
+      else vstore(rows[i] + v * kGemmLanes, r);
     }
-  }
+  if (num_cols == NP * kPanelCols) return;
+  for (int i = 0; i < MR; ++i) std::memcpy(y + i * ldy, rows[i], num_cols * sizeof(float));
 }
 
 template <typename W>
 struct PanelTiles {
   using Fn = void (*)(const float*, const W*, const float*, float*, int64_t, int64_t, int64_t);
-  static constexpr Fn one[kMaxTileRows + 1] = {
+  // Indexed by MR (entries past kMaxTileRows / kMaxPairRows unused).
+  static constexpr Fn one[9] = {
       nullptr,             panel_tile<W, 1, 1>, panel_tile<W, 2, 1>, panel_tile<W, 3, 1>, panel_tile<W, 4, 1>,
       panel_tile<W, 5, 1>, panel_tile<W, 6, 1>, panel_tile<W, 7, 1>, panel_tile<W, 8, 1>};
-  static constexpr Fn pair[kMaxPairRows + 1] = {nullptr, panel_tile<W, 1, 2>, panel_tile<W, 2, 2>,
-                                                panel_tile<W, 3, 2>, panel_tile<W, 4, 2>};
+  static constexpr Fn pair[5] = {nullptr, panel_tile<W, 1, 2>, panel_tile<W, 2, 2>, panel_tile<W, 3, 2>,
+                                 panel_tile<W, 4, 2>};
 };
 static_assert(kGemvMaxRows >= kMaxPairRows, "two-panel tiles read 16-bit weights in place");
 

@@ -43,13 +43,22 @@ constexpr int64_t kDecodeTaskRows = 128;  // weight rows per task for one token:
 constexpr int64_t kPrefetchBytes = 4096;  // how far ahead one token's stream of codes is prefetched
 constexpr int64_t kTaskTokens = 64;   // tokens per task: the x block stays in L2
 // Register tiles: tokens x weight rows. AVX-512: 4 x 4 (16 accumulators + 4 x + 1 w of 32 zmm); AVX2,
-// where a 16-lane vector is two of its 16 ymm: 2 x 2 (8 + 4 + 2). Decode: 1 token x kTileCols rows.
+// where a 16-lane vector is two of its 16 ymm: 2 x 2 (8 + 4 + 2). Decode: kDecodeTileCols below.
 #if defined(__AVX512F__)
 constexpr int kTileTokens = 4, kPrefillTileCols = 4;
 #else
 constexpr int kTileTokens = 2, kPrefillTileCols = 2;
 #endif
-constexpr int kTileCols = 4;  // decode
+// Decode: 1 token x this many weight rows. With AVX2 and offsets, 4 rows hold 8 accumulators, 4 scales
+// and 4 offsets: with x and the codes more than the 16 ymm registers, and GCC kept an accumulator on the
+// stack (a store and a reload in its FMA chain every chunk). 3 rows fit.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+template <bool kOffset>
+constexpr int kDecodeTileCols = kOffset ? 3 : 4;
+#else
+template <bool kOffset>
+constexpr int kDecodeTileCols = 4;
+#endif
 
 // A 16-lane float vector. With AVX-512 (or no AVX2) GCC's 64-byte vector type, one zmm register; with
 // AVX2, two explicit ymm halves (lanes 0..7, 8..15). GCC lowers a 64-byte vector type without AVX-512
@@ -271,12 +280,18 @@ void tile(const Problem& p, const Rows& w, int64_t t0, int64_t n0, int64_t w_row
   const int64_t G = one_run ? p.K : p.group_size, num_groups = one_run ? 1 : p.num_groups;
   const int64_t full = G / kChunk * kChunk;
   const float* x[MR];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) x[i] = p.x + (t0 + i) * p.K;
+  // Every loop over acc's indices is unrolled before GCC's scalar replacement runs: otherwise acc stays
+  // in memory, one store per FMA in every chunk.
   v16 acc[MR][NR];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) acc[i][j] = v16{};
   for (int64_t g = 0, k0 = 0; g < num_groups; ++g, k0 += G) {
     v16 s[NR], o[NR];
+#pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) {
       if constexpr (Rows::kDequantized) {
         s[j] = o[j] = v16{};  // unused
@@ -288,27 +303,35 @@ void tile(const Problem& p, const Rows& w, int64_t t0, int64_t n0, int64_t w_row
     }
     for (int64_t k = k0; k < k0 + full; k += kChunk) {
       v16 xv[MR];
+#pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) xv[i] = load16(x[i] + k);
 #if defined(__AVX2__) || defined(__AVX512F__)
       // (the prefetch itself stays here: GCC drops a call whose only effect is a prefetch)
       if (const void* a = w.prefetch_address(w_row0, k, NR)) _mm_prefetch(static_cast<const char*>(a), _MM_HINT_T0);
 #endif
+#pragma GCC unroll 16
       for (int j = 0; j < NR; ++j) {
         const v16 wv = w.chunk(w_row0 + j, k, s[j], o[j]);
+#pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) acc[i][j] = fmadd16(xv[i], wv, acc[i][j]);
       }
     }
     if (full < G) {
       const int64_t k = k0 + full, n = G - full;
       v16 xv[MR];
+#pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) xv[i] = load16_padded(x[i] + k, n);
+#pragma GCC unroll 16
       for (int j = 0; j < NR; ++j) {
         const v16 wv = w.chunk_padded(w_row0 + j, k, n, s[j], o[j]);
+#pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) acc[i][j] = fmadd16(xv[i], wv, acc[i][j]);
       }
     }
   }
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) {
       float v = hsum16(acc[i][j]);
       if (p.bias) v += p.bias[n0 + j];
@@ -467,7 +490,8 @@ class WeightOnlyLinear final : public OpKind {
     if (T == 1) {
       const int64_t threads = std::max(1, ctx.pool->num_threads());
       const int64_t tasks = threads * ((N + threads * kDecodeTaskRows - 1) / (threads * kDecodeTaskRows));
-      task_rows = ((N + tasks - 1) / tasks + kTileCols - 1) / kTileCols * kTileCols;
+      const int64_t cols = has_offset_ ? kDecodeTileCols<true> : kDecodeTileCols<false>;
+      task_rows = ((N + tasks - 1) / tasks + cols - 1) / cols * cols;
     }
     const int64_t num_row_tasks = (N + task_rows - 1) / task_rows;
     ctx.pool->parallel_for(num_token_tasks * num_row_tasks, [&](int64_t task, int thread) {
@@ -496,8 +520,9 @@ class WeightOnlyLinear final : public OpKind {
 
   template <bool kInt4, bool kOffset>
   static void decode_rows(const Problem& p, const CodeRows<kInt4>& w, int64_t t, int64_t n0, int64_t n1) {
+    constexpr int kCols = kDecodeTileCols<kOffset>;
     int64_t n = n0;
-    for (; n + kTileCols <= n1; n += kTileCols) decode_tile<kTileCols, kInt4, kOffset>(p, w, t, n, n - n0);
+    for (; n + kCols <= n1; n += kCols) decode_tile<kCols, kInt4, kOffset>(p, w, t, n, n - n0);
     for (; n < n1; ++n) decode_tile<1, kInt4, kOffset>(p, w, t, n, n - n0);
   }
 
