@@ -71,22 +71,45 @@ inline v8 reduce8x8(const v8* a) {
   return pairs(h1, h2);  // [a0 a1 a2 a3 | a4 a5 a6 a7]
 }
 
+// Vector registers a loop's accumulators share with its operands: AVX2 has 16 ymm, AVX-512VL 32. An
+// accumulator array that does not fit stays on the stack (a store and a reload in every FMA chain).
+#if defined(__AVX512VL__)
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+
 // scores[r][0:8] = scale · q[r]·keys[k] for R query rows and 8 keys of head_dim hd: 8-lane partial
-// sums over the full chunks, reduced, then the tail in order. Each row's values do not depend on R
-// (two rows share the key loads: 16 accumulators, which fit AVX-512VL's 32 registers).
+// sums over the full chunks, reduced, then the tail in order. Each row's values do not depend on R:
+// two rows share the key loads. Their 16 accumulators, 2 q vectors and the key vector fit AVX-512VL's
+// registers; with AVX2 the keys go in two passes of 4 (every accumulator is its own chain over d, so
+// the passes change no bit).
 template <int R>
 inline void score8(const float* const* q, const float* const* keys, int64_t hd, float scale, float* const* scores) {
-  v8 acc[R][kLanes];
-  for (int r = 0; r < R; ++r)
-    for (int k = 0; k < kLanes; ++k) acc[r][k] = splat8(0.0f);
+  constexpr int kKeysPerPass = R * kLanes + R + 1 <= kVectorRegisters ? kLanes : kLanes / 2;
   const int64_t full = hd / kLanes * kLanes;
-  for (int64_t d = 0; d < full; d += kLanes) {
-    v8 qd[R];
-    for (int r = 0; r < R; ++r) qd[r] = load8(q[r] + d);
-    for (int k = 0; k < kLanes; ++k) {
-      const v8 kd = load8(keys[k] + d);
-      for (int r = 0; r < R; ++r) acc[r][k] = fmadd8(qd[r], kd, acc[r][k]);
+  v8 acc[R][kLanes];
+  for (int k0 = 0; k0 < kLanes; k0 += kKeysPerPass) {
+    v8 part[R][kKeysPerPass];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int k = 0; k < kKeysPerPass; ++k) part[r][k] = splat8(0.0f);
+    for (int64_t d = 0; d < full; d += kLanes) {
+      v8 qd[R];
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) qd[r] = load8(q[r] + d);
+#pragma GCC unroll 8
+      for (int k = 0; k < kKeysPerPass; ++k) {
+        const v8 kd = load8(keys[k0 + k] + d);
+#pragma GCC unroll 2
+        for (int r = 0; r < R; ++r) part[r][k] = fmadd8(qd[r], kd, part[r][k]);
+      }
     }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int k = 0; k < kKeysPerPass; ++k) acc[r][k0 + k] = part[r][k];
   }
   for (int r = 0; r < R; ++r) {
     v8 dots = reduce8x8(acc[r]);
@@ -96,16 +119,24 @@ inline void score8(const float* const* q, const float* const* keys, int64_t hd, 
   }
 }
 
-// acc[0:8 NC] = alpha · acc + sum_j p[j] · values[j], j in order.
+// acc[0:8 NC] = alpha · acc + sum_j p[j] · values[j], j in order. NC accumulators, the broadcast p[j]
+// and a value vector must fit the registers: head_dim 128 on AVX2 goes in two passes of 64 columns
+// (each column is its own chain over j, so the passes change no bit).
 template <int NC>
 inline void accumulate_pv_fixed(float* acc, float alpha, const float* p, const float* const* values, int64_t count) {
-  v8 a[NC];
-  for (int c = 0; c < NC; ++c) a[c] = load8(acc + c * kLanes) * splat8(alpha);
-  for (int64_t j = 0; j < count; ++j) {
-    const v8 pj = splat8(p[j]);
-    for (int c = 0; c < NC; ++c) a[c] = fmadd8(pj, load8(values[j] + c * kLanes), a[c]);
+  constexpr int kChunksPerPass = NC + 2 <= kVectorRegisters ? NC : NC / 2;
+  for (int c0 = 0; c0 < NC; c0 += kChunksPerPass) {
+    v8 a[kChunksPerPass];
+#pragma GCC unroll 16
+    for (int c = 0; c < kChunksPerPass; ++c) a[c] = load8(acc + (c0 + c) * kLanes) * splat8(alpha);
+    for (int64_t j = 0; j < count; ++j) {
+      const v8 pj = splat8(p[j]);
+#pragma GCC unroll 16
+      for (int c = 0; c < kChunksPerPass; ++c) a[c] = fmadd8(pj, load8(values[j] + (c0 + c) * kLanes), a[c]);
+    }
+#pragma GCC unroll 16
+    for (int c = 0; c < kChunksPerPass; ++c) store8(acc + (c0 + c) * kLanes, a[c]);
   }
-  for (int c = 0; c < NC; ++c) store8(acc + c * kLanes, a[c]);
 }
 
 inline void accumulate_pv(float* acc, float alpha, const float* p, const float* const* values, int64_t count,
