@@ -12,8 +12,8 @@
 # arguments, e.g. --only sampling), FP8_KERNELS_ARGS (bench_fp8_gemm.py arguments, e.g. --only gemm), TESTS_GPU (the test files or nodes the
 # tests step runs; default all of tests/gpu), PYTHON (default python3).
 #
-# STEPS may also name kernel_profile, fp8_kernels, fp8_prepare, fp8_e2e, woq_kernels, woq_prepare and woq_e2e
-# (below).
+# STEPS may also name kernel_profile, decode_profile, fp8_kernels, fp8_prepare, fp8_e2e, woq_kernels, woq_prepare
+# and woq_e2e (below).
 #
 # Same-machine A/B against another rtllm source tree (e.g. the previous main, `git archive` into a
 # folder): STEPS="build ab_prepare ab" AB_BASE=DIR. ab_build builds DIR into AB_WORK/base (default
@@ -82,6 +82,13 @@ kernel_profile() {
 export -f kernel_profile
 export NCU_PROGRAM NCU_KERNEL NCU_SKIP PYTHON OUT_DIR
 wants kernel_profile && run_step kernel_profile 300 kernel_profile.log bash -c kernel_profile
+
+# Where a decode step's time goes (device time by kernel, idle gaps, host time) at batch 1 and 256, greedy and
+# top-p, on a random Llama-3-8B-shaped bf16 model (DECODE_PROFILE_ARGS replaces these arguments).
+DECODE_PROFILE_ARGS=${DECODE_PROFILE_ARGS:---preset llama-3-8b --batch 1 --batch 256 --sampling greedy --sampling topp}
+# shellcheck disable=SC2086
+wants decode_profile && run_step decode_profile 300 decode_profile.log "$PYTHON" benchmarks/profile_decode.py \
+  $DECODE_PROFILE_ARGS --output "$OUT_DIR/decode_profile.json"
 
 # Default workloads: 1,000 requests at 128/128, greedy, then sampled with top-p and with top-k, and 200 at
 # 2048/2048 (the KV pool holds ~100 such requests; 1,000 of them take ~500 s on an H100:

@@ -1,5 +1,5 @@
-// rtllm._core.kernels FP8 and weight-only entries: the fp8_linear and weight_only_linear ops' code paths on device
-// pointers (tests, benchmarks).
+// rtllm._core.kernels entries of the linear ops: the linear, fp8_linear and weight_only_linear ops' code paths on
+// device pointers (tests, benchmarks).
 #ifdef RTLLM_WITH_CUDA
 
 #include <pybind11/pybind11.h>
@@ -14,6 +14,9 @@
 namespace py = pybind11;
 
 namespace rtllm {
+// cpp/src/cuda/cuda_ops.cc
+RTLLM_API void linear_for_tests(void* y, const void* x, const void* w, const void* bias, int64_t T, int64_t N,
+                                int64_t K, DataType dtype, DataType y_dtype, void* stream);
 // cpp/src/cuda/cuda_fp8_linear.cc
 RTLLM_API std::string fp8_linear_unsupported_reason(int major, int minor);
 RTLLM_API size_t fp8_linear_workspace_bytes(int64_t T, int64_t N, int64_t K, bool scaled_gemm);
@@ -38,6 +41,13 @@ namespace rtllm::bindings {
 void bind_fp8_kernels(py::module_& m) {
   auto p = [](uintptr_t a) { return reinterpret_cast<void*>(a); };
   auto dtype = [](const std::string& name) { return parse_dtype(name); };
+  // The linear op: the GEMV up to its token limit, cuBLASLt beyond; dtype "BF16" or "F16", y_dtype that or "F32",
+  // bias (0: none) of dtype.
+  m.def("linear", [p, dtype](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t bias, int64_t T, int64_t N, int64_t K,
+                             const std::string& x_dtype, const std::string& y_dtype, uintptr_t stream) {
+    linear_for_tests(p(y), p(x), p(w), p(bias), T, N, K, dtype(x_dtype), dtype(y_dtype), p(stream));
+  }, py::arg("y"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("num_rows"), py::arg("n"), py::arg("k"),
+     py::arg("dtype"), py::arg("y_dtype"), py::arg("stream") = uintptr_t{0});
   m.def("fp8_linear_unsupported_reason", &fp8_linear_unsupported_reason, py::arg("major"), py::arg("minor"));
   m.def("fp8_linear_workspace_bytes", &fp8_linear_workspace_bytes, py::arg("num_rows"), py::arg("n"), py::arg("k"),
         py::arg("scaled_gemm") = true);

@@ -231,6 +231,33 @@ def test_gemv(kernels, stream, dtype, m, n, k, bias, float_out):
     assert rel_err(y, ref) <= (1e-5 if float_out else TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,bias,float_out", [
+    (1, 4096, 4096, False, False), (16, 1000, 1024, True, False),  # the GEMV
+    (17, 1000, 1024, True, False), (24, 4096, 4096, False, False), (64, 2048, 512, False, True),  # cuBLASLt
+    (200, 333, 256, True, True)])
+def test_linear_op_path(kernels, stream, dtype, m, n, k, bias, float_out):
+    """The linear op's own path (the GEMV up to 16 tokens, cuBLASLt beyond) against float64."""
+    dt = "BF16" if dtype == torch.bfloat16 else "F16"
+    x, w = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype, scale=0.05)
+    b = rand(n, dtype=dtype) if bias else None
+    y = poisoned(m, n, dtype=torch.float32 if float_out else dtype)
+    kernels.linear(d(y), d(x), d(w), d(b) if bias else 0, m, n, k, dt, "F32" if float_out else dt, stream)
+    torch.cuda.synchronize()
+    ref = x.double() @ w.double().T + (b.double() if bias else 0.0)
+    assert rel_err(y, ref) <= (1e-5 if float_out else TOL[dtype])
+
+
+def test_linear_op_refuses_bad_arguments(kernels, stream):
+    x, w = rand(4, 64), rand(64, 64)
+    y = poisoned(4, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="is not BF16 or F16"):
+        kernels.linear(d(y), d(x), d(w), 0, 4, 64, 64, "F32", "F32", stream)
+    with pytest.raises(ValueError, match="must be positive"):
+        kernels.linear(d(y), d(x), d(w), 0, 0, 64, 64, "BF16", "BF16", stream)
+    assert torch.isnan(y.float()).all()
+
+
 @pytest.mark.parametrize("n", [4096, 51300])  # 8 warps splitting K; 1, with 4 weight tiles from 3 tokens
 def test_gemv_deterministic_and_batch_invariant(kernels, stream, n):
     """The GEMV's summation order depends on n and k alone: the same bits on every run, and a token's row

@@ -51,6 +51,19 @@ class ComputeOp : public OpKind {
   const kernels::DType dtype_;
 };
 
+// y [T, N] = x [T, K] · w [N, K]ᵀ (+ bias [N]) of a 16-bit x and w, y in their dtype or float32: the GEMV up
+// to kMaxGemvRows tokens, cuBLASLt beyond. The linear op's path, and linear_for_tests'.
+void run_linear(CublasLtGemm& gemm, void* y, const void* x, const void* w, const void* bias, int64_t T, int64_t N,
+                int64_t K, DataType x_dtype, DataType y_dtype, cudaStream_t stream) {
+  if (T <= kMaxGemvRows && kernels::gemv_supported(static_cast<int32_t>(T), static_cast<int32_t>(K))) {
+    check_launch("linear", kernels::gemv(y, x, w, bias, static_cast<int32_t>(T), static_cast<int32_t>(N),
+                                         static_cast<int32_t>(K), kernel_dtype(x_dtype), kernel_dtype(y_dtype),
+                                         stream));
+    return;
+  }
+  gemm.linear(y, x, w, bias, T, N, K, x_dtype, y_dtype, stream);
+}
+
 // x [T, K] · weight [N, K]ᵀ (+ bias [N]) -> [T, N] in the compute dtype, or float32 for the logits.
 class Linear final : public ComputeOp {
  public:
@@ -68,13 +81,7 @@ class Linear final : public ComputeOp {
       RTLLM_CHECK(in[2].numel() == N, "linear: bias has ", in[2].numel(), " values, expected ", N);
       bias = in[2].data;
     }
-    if (T <= kMaxGemvRows && kernels::gemv_supported(static_cast<int32_t>(T), static_cast<int32_t>(K))) {
-      check_launch("linear", kernels::gemv(y.data, x.data, w.data, bias, static_cast<int32_t>(T),
-                                           static_cast<int32_t>(N), static_cast<int32_t>(K), dtype_,
-                                           kernel_dtype(y.dtype), stream_of(ctx)));
-      return;
-    }
-    step_of(ctx).gemm->linear(y.data, x.data, w.data, bias, T, N, K, x.dtype, y.dtype, stream_of(ctx));
+    run_linear(*step_of(ctx).gemm, y.data, x.data, w.data, bias, T, N, K, x.dtype, y.dtype, stream_of(ctx));
   }
 };
 
@@ -216,6 +223,21 @@ class Rope final : public ComputeOp {
 };
 
 }  // namespace
+
+// The linear op's path on device pointers (tests, benchmarks): x and w of dtype (BF16 or F16), y of y_dtype
+// (that or F32), bias of dtype or null.
+RTLLM_API void linear_for_tests(void* y, const void* x, const void* w, const void* bias, int64_t T, int64_t N,
+                                int64_t K, DataType dtype, DataType y_dtype, void* stream) {
+  RTLLM_CHECK_ARG(T > 0 && N > 0 && K > 0, "linear: T, N, K = ", T, ", ", N, ", ", K, " must be positive");
+  RTLLM_CHECK_ARG(dtype == DataType::kBFloat16 || dtype == DataType::kFloat16, "linear: dtype ",
+                  dtype_safetensors_name(dtype), " is not BF16 or F16");
+  RTLLM_CHECK_ARG(y_dtype == dtype || y_dtype == DataType::kFloat32, "linear: y_dtype ",
+                  dtype_safetensors_name(y_dtype), " is neither x's dtype nor F32");
+  // Kept for the process (never destroyed: the CUDA context may be gone at exit); its plans are cached
+  // like the runner's.
+  static CublasLtGemm* gemm = new CublasLtGemm(32u << 20);
+  run_linear(*gemm, y, x, w, bias, T, N, K, dtype, y_dtype, static_cast<cudaStream_t>(stream));
+}
 
 void register_cuda_attention_op();  // cuda_attention.cc
 void register_cuda_fp8_linear_op();  // cuda_fp8_linear.cc
