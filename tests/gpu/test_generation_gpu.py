@@ -155,6 +155,23 @@ def check_greedy_short_prompts(path, rng, max_seq_len):
     assert num_exact >= 0.9 * len(prompts) * MAX_NEW_TOKENS, f"only {num_exact} GPU tokens are HF's argmax"
 
 
+def test_greedy_with_an_odd_vocabulary_at_more_than_16_sequences(tmp_path):
+    """An LM head of 301 columns (float32 logits rows of 1,204 bytes, not 16-byte aligned, which cuBLASLt
+    refuses) at decode steps of 20 sequences, beyond the GEMV's 16 of the linear op: HF's greedy tokens."""
+    vocab = VOCAB_SIZE + 1
+    path = make_hf_checkpoint(tmp_path / "hf", arch="llama", dtype="float32", vocab_size=vocab, bos_token_id=BOS_ID,
+                              eos_token_id=EOS_ID)
+    prompts = random_prompts(np.random.default_rng(5), [3 + 2 * i for i in range(20)], vocab_size=vocab)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    with LLM(str(path), device="cuda", skip_tokenizer_init=True, kv_cache_config=KvCacheConfig(max_tokens=4096),
+             **dict(BUILD, max_batch_size=24)) as llm:
+        outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    hf = load_hf_model(path)
+    num_exact = sum(hf_check(hf, prompt, tokens) for prompt, tokens in zip(prompts, outputs))
+    assert all(len(tokens) == 6 for tokens in outputs)
+    assert num_exact >= 0.9 * len(prompts) * 6, f"only {num_exact} GPU tokens are HF's argmax"
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "granite"])
 def test_prompt_logprobs_on_cuda_follow_hf(checkpoint, arch):
     """Rows of logits beyond one per sequence on CUDA (max_num_logits): the prompt's log-probabilities

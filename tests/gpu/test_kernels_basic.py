@@ -235,9 +235,11 @@ def test_gemv(kernels, stream, dtype, m, n, k, bias, float_out):
 @pytest.mark.parametrize("m,n,k,bias,float_out", [
     (1, 4096, 4096, False, False), (16, 1000, 1024, True, False),  # the GEMV
     (17, 1000, 1024, True, False), (24, 4096, 4096, False, False), (64, 2048, 512, False, True),  # cuBLASLt
-    (200, 333, 256, True, True)])
+    # rows of y not 16-byte aligned, which cuBLASLt refuses: the GEMV on blocks of up to 64 tokens
+    (200, 333, 256, True, True), (100, 1001, 512, False, False)])
 def test_linear_op_path(kernels, stream, dtype, m, n, k, bias, float_out):
-    """The linear op's own path (the GEMV up to 16 tokens, cuBLASLt beyond) against float64."""
+    """The linear op's own path (the GEMV up to 16 tokens, cuBLASLt beyond; the GEMV in blocks where cuBLASLt
+    cannot take the rows) against float64."""
     dt = "BF16" if dtype == torch.bfloat16 else "F16"
     x, w = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype, scale=0.05)
     b = rand(n, dtype=dtype) if bias else None

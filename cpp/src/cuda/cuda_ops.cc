@@ -53,12 +53,22 @@ class ComputeOp : public OpKind {
 
 // y [T, N] = x [T, K] · w [N, K]ᵀ (+ bias [N]) of a 16-bit x and w, y in their dtype or float32: the GEMV up
 // to kMaxGemvRows tokens, cuBLASLt beyond. The linear op's path, and linear_for_tests'.
+//
+// cuBLASLt needs every row of x and y to start 16-byte aligned. An odd vocabulary (32,001 columns of
+// logits) leaves y's rows unaligned; the GEMV takes any N, so such a linear runs it on blocks of up to
+// kGemvMaxM tokens whatever T (each block rereads the weight: slower, and only there). A token's row from
+// the GEMV does not depend on the other tokens of its call, so the blocks change no result.
 void run_linear(CublasLtGemm& gemm, void* y, const void* x, const void* w, const void* bias, int64_t T, int64_t N,
                 int64_t K, DataType x_dtype, DataType y_dtype, cudaStream_t stream) {
-  if (T <= kMaxGemvRows && kernels::gemv_supported(static_cast<int32_t>(T), static_cast<int32_t>(K))) {
-    check_launch("linear", kernels::gemv(y, x, w, bias, static_cast<int32_t>(T), static_cast<int32_t>(N),
-                                         static_cast<int32_t>(K), kernel_dtype(x_dtype), kernel_dtype(y_dtype),
-                                         stream));
+  const size_t x_row = K * dtype_size(x_dtype), y_row = N * dtype_size(y_dtype);
+  const bool rows_aligned = x_row % 16 == 0 && y_row % 16 == 0;
+  if ((T <= kMaxGemvRows || !rows_aligned) && kernels::gemv_supported(1, static_cast<int32_t>(K))) {
+    for (int64_t t0 = 0; t0 < T; t0 += kernels::kGemvMaxM) {
+      const int32_t m = static_cast<int32_t>(std::min<int64_t>(kernels::kGemvMaxM, T - t0));
+      check_launch("linear", kernels::gemv(static_cast<char*>(y) + t0 * y_row, static_cast<const char*>(x) + t0 * x_row,
+                                           w, bias, m, static_cast<int32_t>(N), static_cast<int32_t>(K),
+                                           kernel_dtype(x_dtype), kernel_dtype(y_dtype), stream));
+    }
     return;
   }
   gemm.linear(y, x, w, bias, T, N, K, x_dtype, y_dtype, stream);
@@ -67,7 +77,13 @@ void run_linear(CublasLtGemm& gemm, void* y, const void* x, const void* w, const
 // x [T, K] · weight [N, K]ᵀ (+ bias [N]) -> [T, N] in the compute dtype, or float32 for the logits.
 class Linear final : public ComputeOp {
  public:
-  explicit Linear(const OpSpec& spec) : ComputeOp(spec, 2, 3, 1) {}
+  explicit Linear(const OpSpec& spec) : ComputeOp(spec, 2, 3, 1) {
+    // Both of run_linear's paths read x in 16-byte rows: refused here rather than failing mid-request.
+    const TensorSpec& w = spec.inputs[1];
+    const bool ok = w.shape.size() == 2 && w.shape[1].kind == Dim::Kind::kFixed && w.shape[1].value % 8 == 0;
+    RTLLM_CHECK(ok, "linear: weight \"", w.name, "\" must be [N, K] with K a multiple of 8 on CUDA (16-byte rows)",
+                w.shape.size() == 2 ? detail::concat(", K is ", w.shape[1].value) : std::string());
+  }
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
     const TensorView &x = in[0], &w = in[1], &y = out[0];
