@@ -197,18 +197,23 @@ def params_array(kernels, rows):
     return torch.from_numpy(arr.view(np.uint8).copy()).cuda()
 
 
+RANDOM_MODEL_LOGIT_STD = 0.02 * 4096 ** 0.5  # the logits' spread of a random Llama-3-8B-shaped model
+
+
 @register
 def bench_sampling(ctx):
     """Device sampling of a whole batch (a cluster of CTAs per row for small batches, one CTA per row for
-    large ones); bytes = the float32 logits read once. Flat rows (randn · 0.05: a random-weight model,
-    the top-p set holds most of the vocabulary), the same rounded to bfloat16 (a bf16 LM head's output:
-    long runs of tied logits) and peaked ones (randn · 4). Each case draws its rows from its own fixed seed,
-    so that two builds measured in two processes (an A/B) sample the same rows: the window select's hits and
-    misses depend on them."""
+    large ones); bytes = the float32 logits read once. Flat rows (randn · 0.05: the top-p set holds most of
+    the vocabulary), the same rounded to bfloat16 (a bf16 LM head's output: long runs of tied logits),
+    rows at the spread of bench_e2e's random Llama-3-8B-shaped model (randn · 1.28: weights of std 0.02 over
+    4,096 normalized inputs; its top-p steps took twice the flat rows' time in profile_decode.py) and
+    peaked ones (randn · 4). Each case draws its rows from its own fixed seed, so that two builds measured in
+    two processes (an A/B) sample the same rows: the window select's hits and misses depend on them."""
     k_mod, rows = ctx.kernels, []
     modes = [dict(temperature=0.0), dict(temperature=0.8, top_p=0.95), dict(temperature=0.8, top_k=50),
              dict(temperature=0.8)]
-    cases = [(num_seqs, 128256, scale, mode) for num_seqs in (1, 64, 256, 512) for scale in (0.05, "bf16", 4.0)
+    cases = [(num_seqs, 128256, scale, mode) for num_seqs in (1, 64, 256, 512)
+             for scale in (0.05, "bf16", RANDOM_MODEL_LOGIT_STD, 4.0)
              for mode in modes if scale != "bf16" or mode.get("temperature")]
     cases.append((64, 152064, 3.0, dict(temperature=1.0, top_p=0.95, num_logprobs=5)))
     for case, (num_seqs, vocab, scale, settings) in enumerate(cases):
@@ -225,7 +230,8 @@ def bench_sampling(ctx):
                                                 params.data_ptr(), num_seqs=num_seqs, vocab_size=vocab, max_top=8,
                                                 stream=ctx.stream))
         name = ",".join(f"{k}={v}" for k, v in settings.items())
-        kind = "bf16-flat" if scale == "bf16" else "flat" if scale < 1 else "peaked"
+        kind = ("bf16-flat" if scale == "bf16" else "random-model" if scale == RANDOM_MODEL_LOGIT_STD
+                else "flat" if scale < 1 else "peaked")
         rows.append(ctx.row("sample", f"{num_seqs}x{vocab} {kind} {name}", ms, num_seqs * vocab * 4))
     return rows
 
