@@ -17,7 +17,6 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #include "attention_attrs.h"
 #include "cpu/attention_kernel.h"
@@ -25,6 +24,7 @@
 #include "cpu/row_ops.h"
 #include "op_registry.h"
 #include "thread_pool.h"
+#include "workspace.h"
 
 namespace rtllm {
 namespace {
@@ -59,16 +59,20 @@ class Attention final : public OpKind {
   WeightPlacement weight_placement(size_t input) const override {
     return p.is_norm_weight(input) ? in_activation_dtype() : OpKind::weight_placement(input);
   }
-  // A quantized (F8_E4M3 or I8) cache: one decoded key block (K rows, then V rows, [2, kKeyBlock, head_dim]
-  // float32) per thread.
+  // The tiles before each sequence of the step ([max_batch_size + 1] int64), then, with a quantized (F8_E4M3
+  // or I8) cache, one decoded key block (K rows, then V rows, [2, kKeyBlock, head_dim] float32) per thread.
   size_t workspace_bytes() const override {
-    return quantized() ? static_cast<size_t>(spec_.backend->num_threads) * decoded_block_floats() * sizeof(float)
-                       : 0;
+    return first_tile_bytes() +
+           (quantized() ? static_cast<size_t>(spec_.backend->num_threads) * decoded_block_floats() * sizeof(float)
+                        : 0);
   }
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override;
 
  private:
   int64_t decoded_block_floats() const { return 2 * cpu::kKeyBlock * p.head_dim; }
+  size_t first_tile_bytes() const {
+    return round_up((static_cast<size_t>(spec_.backend->max_batch_size) + 1) * sizeof(int64_t), 64);
+  }
   bool quantized() const { return kv_dtype_ != DataType::kFloat32; }
 
   const AttentionAttrs p;
@@ -197,7 +201,10 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
   const int64_t tile_tokens = cpu::kMaxTileRows / heads_per_task;
   const int64_t tasks_per_tile = nkv * num_head_chunks;
   const int64_t v_minus_k = kv_offset(0, 1, 0, 0);  // from a K row to the V row of the same slot
-  std::vector<int64_t> first_tile(step.num_seqs + 1, 0);  // tiles of sequences [0, s)
+  RTLLM_CHECK(step.num_seqs <= spec_.backend->max_batch_size, "attention: a step of ", step.num_seqs,
+              " sequences, more than the ", spec_.backend->max_batch_size, " planned at load");
+  int64_t* first_tile = static_cast<int64_t*>(ctx.workspace);  // tiles of sequences [0, s)
+  first_tile[0] = 0;
   int64_t num_scores = 0;  // q·k products of the step per q head
   for (int32_t s = 0; s < step.num_seqs; ++s) {
     first_tile[s + 1] = first_tile[s] + (step.num_new_tokens[s] + tile_tokens - 1) / tile_tokens;
@@ -212,7 +219,7 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
     const int64_t tile = task / tasks_per_tile, kh = task % tasks_per_tile / num_head_chunks;
     const int64_t first_head = kh * group + task % num_head_chunks * heads_per_task;
     const int64_t last_head = std::min(first_head + heads_per_task, (kh + 1) * group);
-    const int64_t s = std::upper_bound(first_tile.begin(), first_tile.end(), tile) - first_tile.begin() - 1;
+    const int64_t s = std::upper_bound(first_tile, first_tile + step.num_seqs + 1, tile) - first_tile - 1;
     const int64_t num_cached = step.num_cached_tokens[s];
     const int64_t first = (tile - first_tile[s]) * tile_tokens;
     const int64_t last = std::min<int64_t>(first + tile_tokens, step.num_new_tokens[s]);
@@ -257,7 +264,8 @@ void Attention::run(const OpContext& ctx, const TensorView* in, TensorView* out)
     // E4M3 or int8: decode the block's valid rows (exact) times the scales into this thread's scratch; the
     // rows past end - 1 point at the last decoded ones, as the kernel expects. `decode_row` turns hd codes
     // of type Code into floats times a scale.
-    float* decoded = static_cast<float*>(ctx.workspace) + thread * decoded_block_floats();
+    float* decoded = reinterpret_cast<float*>(static_cast<char*>(ctx.workspace) + first_tile_bytes()) +
+                     thread * decoded_block_floats();
     auto attend_codes = [&](const auto* codes, auto decode_row) {
       using Code = std::remove_cv_t<std::remove_pointer_t<decltype(codes)>>;
       auto kv_rows = [&](int64_t start, int64_t end, const float** key_rows, const float** value_rows) {
