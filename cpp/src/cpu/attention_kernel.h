@@ -71,14 +71,6 @@ inline v8 reduce8x8(const v8* a) {
   return pairs(h1, h2);  // [a0 a1 a2 a3 | a4 a5 a6 a7]
 }
 
-// Vector registers a loop's accumulators share with its operands: AVX2 has 16 ymm, AVX-512VL 32. An
-// accumulator array that does not fit stays on the stack (a store and a reload in every FMA chain).
-#if defined(__AVX512VL__)
-constexpr int kVectorRegisters = 32;
-#else
-constexpr int kVectorRegisters = 16;
-#endif
-
 // scores[r][0:8] = scale · q[r]·keys[k] for R query rows and 8 keys of head_dim hd: 8-lane partial
 // sums over the full chunks, reduced, then the tail in order. Each row's values do not depend on R:
 // two rows share the key loads. Their 16 accumulators, 2 q vectors and the key vector fit AVX-512VL's

@@ -18,6 +18,14 @@ namespace rtllm::cpu {
 typedef float v8 __attribute__((vector_size(32)));
 constexpr int kLanes = 8;
 
+// Vector registers a loop's accumulators share with its operands: AVX2 has 16 ymm, AVX-512VL 32. An
+// accumulator array that does not fit stays on the stack (a store and a reload in every FMA chain).
+#if defined(__AVX512VL__)
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+
 inline v8 load8(const float* p) {
   v8 v;
   std::memcpy(&v, p, sizeof(v));  // unaligned load

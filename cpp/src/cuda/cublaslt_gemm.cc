@@ -151,6 +151,10 @@ CublasLtGemm::Plan& CublasLtGemm::plan(const Key& key) {
   return *plans_.emplace(key, std::move(p)).first->second;
 }
 
+bool CublasLtGemm::linear_rows_aligned(int64_t N, int64_t K, DataType ab_dtype, DataType y_dtype) {
+  return K * dtype_size(ab_dtype) % kMinAlignment == 0 && N * dtype_size(y_dtype) % kMinAlignment == 0;
+}
+
 void CublasLtGemm::linear(void* y, const void* x, const void* w, const void* bias, int64_t T, int64_t N, int64_t K,
                           DataType ab_dtype, DataType y_dtype, cudaStream_t stream) {
   for (const void* ptr : {static_cast<const void*>(y), x, w, bias})

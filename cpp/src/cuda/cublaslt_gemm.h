@@ -31,6 +31,10 @@ class CublasLtGemm {
   CublasLtGemm(const CublasLtGemm&) = delete;
   CublasLtGemm& operator=(const CublasLtGemm&) = delete;
 
+  // Whether linear() takes rows of K ab_dtype and N y_dtype elements: cuBLASLt needs every row of x and y
+  // to start kMinAlignment-aligned, which an odd N (an odd vocabulary's logits) breaks.
+  static bool linear_rows_aligned(int64_t N, int64_t K, DataType ab_dtype, DataType y_dtype);
+
   // x [T, K] and w [N, K] of dtype ab_dtype, y [T, N] of y_dtype, bias [N] of ab_dtype or null.
   // Throws Error on a cuBLASLt failure or when no algorithm supports the shape.
   void linear(void* y, const void* x, const void* w, const void* bias, int64_t T, int64_t N, int64_t K,

@@ -54,15 +54,15 @@ class ComputeOp : public OpKind {
 // y [T, N] = x [T, K] · w [N, K]ᵀ (+ bias [N]) of a 16-bit x and w, y in their dtype or float32: the GEMV up
 // to kMaxGemvRows tokens, cuBLASLt beyond. The linear op's path, and linear_for_tests'.
 //
-// cuBLASLt needs every row of x and y to start 16-byte aligned. An odd vocabulary (32,001 columns of
-// logits) leaves y's rows unaligned; the GEMV takes any N, so such a linear runs it on blocks of up to
-// kGemvMaxM tokens whatever T (each block rereads the weight: slower, and only there). A token's row from
-// the GEMV does not depend on the other tokens of its call, so the blocks change no result.
+// Rows cuBLASLt cannot take (CublasLtGemm::linear_rows_aligned: an odd vocabulary's logits) run the GEMV,
+// which takes any N, on blocks of up to kGemvMaxM tokens whatever T (each block rereads the weight: slower,
+// and only there). A token's row from the GEMV does not depend on the other tokens of its call, so the blocks
+// change no result.
 void run_linear(CublasLtGemm& gemm, void* y, const void* x, const void* w, const void* bias, int64_t T, int64_t N,
                 int64_t K, DataType x_dtype, DataType y_dtype, cudaStream_t stream) {
   const size_t x_row = K * dtype_size(x_dtype), y_row = N * dtype_size(y_dtype);
-  const bool rows_aligned = x_row % 16 == 0 && y_row % 16 == 0;
-  if ((T <= kMaxGemvRows || !rows_aligned) && kernels::gemv_supported(1, static_cast<int32_t>(K))) {
+  const bool gemm_ok = CublasLtGemm::linear_rows_aligned(N, K, x_dtype, y_dtype);
+  if ((T <= kMaxGemvRows || !gemm_ok) && kernels::gemv_supported(1, static_cast<int32_t>(K))) {
     for (int64_t t0 = 0; t0 < T; t0 += kernels::kGemvMaxM) {
       const int32_t m = static_cast<int32_t>(std::min<int64_t>(kernels::kGemvMaxM, T - t0));
       check_launch("linear", kernels::gemv(static_cast<char*>(y) + t0 * y_row, static_cast<const char*>(x) + t0 * x_row,
