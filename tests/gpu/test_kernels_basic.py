@@ -233,13 +233,15 @@ def test_gemv(kernels, stream, dtype, m, n, k, bias, float_out):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k,bias,float_out", [
-    (1, 4096, 4096, False, False), (16, 1000, 1024, True, False),  # the GEMV
-    (17, 1000, 1024, True, False), (24, 4096, 4096, False, False), (64, 2048, 512, False, True),  # cuBLASLt
+    # up to 64 tokens the GEMV or cuBLASLt, as timed on the first call of each shape (both paths run then)
+    (1, 4096, 4096, False, False), (16, 1000, 1024, True, False),
+    (17, 1000, 1024, True, False), (24, 4096, 4096, False, False), (64, 2048, 512, False, True),
+    (65, 2048, 512, True, False),  # cuBLASLt
     # rows of y not 16-byte aligned, which cuBLASLt refuses: the GEMV on blocks of up to 64 tokens
     (200, 333, 256, True, True), (100, 1001, 512, False, False)])
 def test_linear_op_path(kernels, stream, dtype, m, n, k, bias, float_out):
-    """The linear op's own path (the GEMV up to 16 tokens, cuBLASLt beyond; the GEMV in blocks where cuBLASLt
-    cannot take the rows) against float64."""
+    """The linear op's own path (the GEMV or cuBLASLt up to 64 tokens, cuBLASLt beyond; the GEMV in blocks
+    where cuBLASLt cannot take the rows) against float64."""
     dt = "BF16" if dtype == torch.bfloat16 else "F16"
     x, w = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype, scale=0.05)
     b = rand(n, dtype=dtype) if bias else None
@@ -248,6 +250,22 @@ def test_linear_op_path(kernels, stream, dtype, m, n, k, bias, float_out):
     torch.cuda.synchronize()
     ref = x.double() @ w.double().T + (b.double() if bias else 0.0)
     assert rel_err(y, ref) <= (1e-5 if float_out else TOL[dtype])
+
+
+@pytest.mark.parametrize("m", [1, 8, 16, 32, 64])
+def test_linear_op_keeps_its_timed_choice(kernels, stream, m):
+    """The first call of a shape times both paths; later calls run the path it chose: the same bits as the
+    first call's output (the two paths round differently)."""
+    n, k = 3072, 2048
+    x, w = rand(m, k), rand(n, k, scale=0.05)
+    outputs = []
+    for _ in range(3):
+        y = poisoned(m, n, dtype=torch.float32)
+        kernels.linear(d(y), d(x), d(w), 0, m, n, k, "BF16", "F32", stream)
+        torch.cuda.synchronize()
+        outputs.append(y)
+    assert rel_err(outputs[0], x.double() @ w.double().T) <= 1e-5
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
 
 
 def test_linear_op_refuses_bad_arguments(kernels, stream):

@@ -24,6 +24,7 @@
 namespace rtllm {
 
 class CublasLtGemm;
+class LinearPathTuner;
 
 inline kernels::DType kernel_dtype(DataType dtype) {
   switch (dtype) {
@@ -67,6 +68,7 @@ struct CudaStep {
   int32_t decode_splits = 1;         // attention_decode split count for this step (fixed per graph)
   bool decode_fuse_prepare = false;  // a split decode step runs attention_decode_qkv (kernels::DecodePlan)
   CublasLtGemm* gemm = nullptr;
+  LinearPathTuner* linear_paths = nullptr;  // the GEMV-or-cuBLASLt choice of decode-sized linears
 };
 
 }  // namespace rtllm

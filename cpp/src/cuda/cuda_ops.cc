@@ -8,6 +8,7 @@
 
 #include "cuda/cublaslt_gemm.h"
 #include "cuda/cuda_context.h"
+#include "cuda/linear_path_tuner.h"
 #include "op_registry.h"
 #include "rtllm/kernels/attention.cuh"
 #include "rtllm/kernels/elementwise.cuh"
@@ -19,7 +20,7 @@
 namespace rtllm {
 namespace {
 
-constexpr int32_t kMaxGemvRows = 16;  // decode-sized linears go to the GEMV kernel
+constexpr int32_t kMaxGemvRows = 16;  // by default (no timed choice) decode-sized linears go to the GEMV
 
 const CudaStep& step_of(const OpContext& ctx) { return *static_cast<const CudaStep*>(ctx.device_step); }
 cudaStream_t stream_of(const OpContext& ctx) { return static_cast<cudaStream_t>(ctx.stream); }
@@ -51,27 +52,39 @@ class ComputeOp : public OpKind {
   const kernels::DType dtype_;
 };
 
-// y [T, N] = x [T, K] · w [N, K]ᵀ (+ bias [N]) of a 16-bit x and w, y in their dtype or float32: the GEMV up
-// to kMaxGemvRows tokens, cuBLASLt beyond. The linear op's path, and linear_for_tests'.
+// y [T, N] = x [T, K] · w [N, K]ᵀ (+ bias [N]) of a 16-bit x and w, y in their dtype or float32: the GEMV or
+// cuBLASLt up to kGemvMaxM tokens, as `tuner` chooses (by default the GEMV up to kMaxGemvRows tokens),
+// cuBLASLt beyond. The linear op's path, and linear_for_tests'.
 //
 // Rows cuBLASLt cannot take (CublasLtGemm::linear_rows_aligned: an odd vocabulary's logits) run the GEMV,
 // which takes any N, on blocks of up to kGemvMaxM tokens whatever T (each block rereads the weight: slower,
 // and only there). A token's row from the GEMV does not depend on the other tokens of its call, so the blocks
 // change no result.
-void run_linear(CublasLtGemm& gemm, void* y, const void* x, const void* w, const void* bias, int64_t T, int64_t N,
-                int64_t K, DataType x_dtype, DataType y_dtype, cudaStream_t stream) {
+void run_linear(CublasLtGemm& gemm, LinearPathTuner& tuner, void* y, const void* x, const void* w, const void* bias,
+                int64_t T, int64_t N, int64_t K, DataType x_dtype, DataType y_dtype, cudaStream_t stream) {
   const size_t x_row = K * dtype_size(x_dtype), y_row = N * dtype_size(y_dtype);
-  const bool gemm_ok = CublasLtGemm::linear_rows_aligned(N, K, x_dtype, y_dtype);
-  if ((T <= kMaxGemvRows || !gemm_ok) && kernels::gemv_supported(1, static_cast<int32_t>(K))) {
+  const auto run_gemv = [&] {
     for (int64_t t0 = 0; t0 < T; t0 += kernels::kGemvMaxM) {
       const int32_t m = static_cast<int32_t>(std::min<int64_t>(kernels::kGemvMaxM, T - t0));
       check_launch("linear", kernels::gemv(static_cast<char*>(y) + t0 * y_row, static_cast<const char*>(x) + t0 * x_row,
                                            w, bias, m, static_cast<int32_t>(N), static_cast<int32_t>(K),
                                            kernel_dtype(x_dtype), kernel_dtype(y_dtype), stream));
     }
-    return;
+  };
+  const auto run_gemm = [&] { gemm.linear(y, x, w, bias, T, N, K, x_dtype, y_dtype, stream); };
+  const bool gemv_ok = kernels::gemv_supported(1, static_cast<int32_t>(K));
+  const bool gemm_ok = CublasLtGemm::linear_rows_aligned(N, K, x_dtype, y_dtype);
+  LinearPath path = gemv_ok && (T <= kMaxGemvRows || !gemm_ok) ? LinearPath::kGemv : LinearPath::kGemm;
+  if (gemv_ok && gemm_ok && T <= kernels::kGemvMaxM) {
+    const LinearPathTuner::Shape shape{"linear", N, K, static_cast<int>(x_dtype), static_cast<int>(y_dtype),
+                                       bias != nullptr};
+    path = tuner.choose(shape, T, path, stream, run_gemv, run_gemm);
   }
-  gemm.linear(y, x, w, bias, T, N, K, x_dtype, y_dtype, stream);
+  if (path == LinearPath::kGemv) {
+    run_gemv();
+  } else {
+    run_gemm();
+  }
 }
 
 // x [T, K] · weight [N, K]ᵀ (+ bias [N]) -> [T, N] in the compute dtype, or float32 for the logits.
@@ -97,7 +110,9 @@ class Linear final : public ComputeOp {
       RTLLM_CHECK(in[2].numel() == N, "linear: bias has ", in[2].numel(), " values, expected ", N);
       bias = in[2].data;
     }
-    run_linear(*step_of(ctx).gemm, y.data, x.data, w.data, bias, T, N, K, x.dtype, y.dtype, stream_of(ctx));
+    const CudaStep& step = step_of(ctx);
+    run_linear(*step.gemm, *step.linear_paths, y.data, x.data, w.data, bias, T, N, K, x.dtype, y.dtype,
+               stream_of(ctx));
   }
 };
 
@@ -252,7 +267,13 @@ RTLLM_API void linear_for_tests(void* y, const void* x, const void* w, const voi
   // Kept for the process (never destroyed: the CUDA context may be gone at exit); its plans are cached
   // like the runner's.
   static CublasLtGemm* gemm = new CublasLtGemm(32u << 20);
-  run_linear(*gemm, y, x, w, bias, T, N, K, dtype, y_dtype, static_cast<cudaStream_t>(stream));
+  // Tuning always on: each shape's first call (a benchmark's eager warm-up call) times both paths.
+  static LinearPathTuner* tuner = [] {
+    auto* t = new LinearPathTuner;
+    t->set_tuning(true);
+    return t;
+  }();
+  run_linear(*gemm, *tuner, y, x, w, bias, T, N, K, dtype, y_dtype, static_cast<cudaStream_t>(stream));
 }
 
 void register_cuda_attention_op();  // cuda_attention.cc

@@ -18,6 +18,7 @@
 #include "cuda/cuda_context.h"
 #include "cuda/cuda_graphs.h"
 #include "cuda/cuda_sampler.h"
+#include "cuda/linear_path_tuner.h"
 #include "rtllm/kernels/attention.cuh"
 #include "rtllm/kernels/elementwise.cuh"
 #include "rtllm/kernels/weight_only.cuh"
@@ -148,6 +149,7 @@ class CudaBackend final : public RunnerBackend {
   std::vector<void*> kv_layers_;
   int32_t scratch_block_ = 0;  // the pool's extra block
   std::unique_ptr<CublasLtGemm> gemm_;
+  LinearPathTuner linear_paths_;
   std::unique_ptr<DecodeGraphs> graphs_;
   std::unique_ptr<CudaSampler> sampler_;  // null when device_sampling is off
   // Calibration (ModelRunner::observe_amax): one float32 running amax per observed output, on the
@@ -263,6 +265,7 @@ void CudaBackend::allocate_kv_pool(RuntimeConfig& config) {
   step_.num_kv_blocks = config.num_kv_blocks + 1;
   step_.tokens_per_block = config.tokens_per_block;
   step_.gemm = gemm_.get();
+  step_.linear_paths = &linear_paths_;
   step_.meta.token_seq = device_array(layout_.token_seq);
   step_.meta.positions = device_array(layout_.positions);
   step_.meta.seq_token_start = device_array(layout_.seq_token_start);
@@ -420,6 +423,13 @@ void CudaBackend::warm_up(std::vector<PlannedNode>& nodes) {
   padding.decode_only = true;
   padding.max_new_tokens = 1;
   padding.seq_token_start = {0};
+  // The eager run of each bucket times the linears' paths at its token count (LinearPathTuner), so that
+  // its capture records the faster one.
+  linear_paths_.set_tuning(true);
+  struct TuningOff {  // also when a bucket throws: no later step may stop to time a linear
+    LinearPathTuner& tuner;
+    ~TuningOff() { tuner.set_tuning(false); }
+  } tuning_off{linear_paths_};
   for (int32_t bucket : graphs_->buckets()) {
     if (graphs_->captured(bucket)) continue;
     const size_t num_bytes = stage(padding, bucket);
