@@ -1,9 +1,12 @@
 // Which of a linear op's two paths runs a decode-sized linear: the GEMV kernel (bound by reading the weight
 // once) or cuBLASLt. Where one overtakes the other depends on the shape and on the GPU (on an H100, cuBLASLt
-// beats the GEMV at an LM head of 8 and 16 tokens and loses at the other linears), so the choice is timed on the device
-// once per shape and token count, while tuning is on: in the backend's warm-up, whose eager run of each
-// decode-graph bucket comes before that bucket's capture. Outside tuning the choice of the nearest timed
+// beats the GEMV at an LM head of 8 and 16 tokens and loses at the other linears), so the choice is timed on
+// the device once per shape and token count, while tuning is on: in the backend's warm-up, whose eager run of
+// each decode-graph bucket comes before that bucket's capture. Outside tuning the choice of the nearest timed
 // token count at or above the step's stands, and for shapes never timed the caller's default.
+//
+// The two paths round differently, so two processes whose timings chose differently may produce logits that
+// differ in the last bits (as a different batch size already does); within a process the choice is fixed.
 //
 // Each launch is timed after the L2 is flushed: in a decode step the next use of a layer's weight is a whole
 // step away, so the op reads its weight from device memory, and a weight that fits in the L2 (an 8B model's
@@ -45,9 +48,6 @@ class LinearPathTuner {
   // captured. run_gemv and run_gemm launch one run of each path.
   LinearPath choose(const Shape& shape, int64_t T, LinearPath default_path, cudaStream_t stream,
                     const std::function<void()>& run_gemv, const std::function<void()>& run_gemm);
-
-  // The timed choices so far, for reports: (shape, T) -> path.
-  const std::map<Shape, std::map<int64_t, LinearPath>>& choices() const { return choices_; }
 
  private:
   LinearPath time_both(LinearPath default_path, cudaStream_t stream, const std::function<void()>& run_gemv,
