@@ -41,8 +41,8 @@ namespace rtllm::bindings {
 void bind_fp8_kernels(py::module_& m) {
   auto p = [](uintptr_t a) { return reinterpret_cast<void*>(a); };
   auto dtype = [](const std::string& name) { return parse_dtype(name); };
-  // The linear op: the GEMV up to its token limit, cuBLASLt beyond; dtype "BF16" or "F16", y_dtype that or "F32",
-  // bias (0: none) of dtype.
+  // The linear op: up to 64 tokens the GEMV or cuBLASLt as timed on a shape's first call, cuBLASLt beyond;
+  // dtype "BF16" or "F16", y_dtype that or "F32", bias (0: none) of dtype.
   m.def("linear", [p, dtype](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t bias, int64_t T, int64_t N, int64_t K,
                              const std::string& x_dtype, const std::string& y_dtype, uintptr_t stream) {
     linear_for_tests(p(y), p(x), p(w), p(bias), T, N, K, dtype(x_dtype), dtype(y_dtype), p(stream));

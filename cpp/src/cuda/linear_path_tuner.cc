@@ -39,33 +39,34 @@ bool LinearPathTuner::set_tuning(bool on) {
   return true;
 }
 
-LinearPath LinearPathTuner::choose(const Shape& shape, int64_t T, LinearPath default_path, cudaStream_t stream,
-                                   const std::function<void()>& run_gemv, const std::function<void()>& run_gemm) {
-  auto& by_tokens = choices_[shape];
-  const auto at_or_above = by_tokens.lower_bound(T);
-  if (at_or_above != by_tokens.end() && at_or_above->first == T) return at_or_above->second;
-  if (tuning()) {
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    RTLLM_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    if (capture == cudaStreamCaptureStatusNone) {
-      const LinearPath path = time_both(default_path, stream, run_gemv, run_gemm);
-      by_tokens[T] = path;
-      return path;
-    }
-  }
-  return at_or_above != by_tokens.end() ? at_or_above->second : default_path;
+bool LinearPathTuner::should_time(const Shape& shape, int64_t T, cudaStream_t stream) const {
+  if (!tuning()) return false;
+  const auto it = choices_.find(shape);
+  if (it != choices_.end() && it->second.count(T)) return false;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  RTLLM_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  return capture == cudaStreamCaptureStatusNone;
+}
+
+LinearPath LinearPathTuner::timed_choice(const Shape& shape, int64_t T, LinearPath default_path) const {
+  const auto it = choices_.find(shape);
+  if (it == choices_.end()) return default_path;
+  const auto at_or_above = it->second.lower_bound(T);
+  return at_or_above != it->second.end() ? at_or_above->second : default_path;
 }
 
 // One untimed run of each path (cuBLASLt's plan, the kernels' module loads), then kReps timed runs of each,
 // alternating, each after an L2 flush. A path that refuses the shape (cuBLASLt has no algorithm for it,
 // before launching anything) leaves the default, which the caller then runs as without tuning.
-LinearPath LinearPathTuner::time_both(LinearPath default_path, cudaStream_t stream,
+LinearPath LinearPathTuner::time_both(const Shape& shape, int64_t T, LinearPath default_path, cudaStream_t stream,
                                       const std::function<void()>& run_gemv, const std::function<void()>& run_gemm) {
+  LinearPath& choice = choices_[shape][T];
+  choice = default_path;
   try {
     run_gemv();
     run_gemm();
   } catch (const Error&) {
-    return default_path;
+    return choice;
   }
   for (int rep = 0; rep < kReps; ++rep)
     for (int path = 0; path < 2; ++path) {
@@ -86,7 +87,8 @@ LinearPath LinearPathTuner::time_both(LinearPath default_path, cudaStream_t stre
     }
   const int fallback = default_path == LinearPath::kGemv ? 0 : 1, other = 1 - fallback;
   const bool switch_path = best[other] < best[fallback] * (1.0f - kMargin);
-  return (switch_path ? other : fallback) == 0 ? LinearPath::kGemv : LinearPath::kGemm;
+  choice = (switch_path ? other : fallback) == 0 ? LinearPath::kGemv : LinearPath::kGemm;
+  return choice;
 }
 
 }  // namespace rtllm

@@ -45,13 +45,22 @@ class LinearPathTuner {
 
   // The path for `shape` at T tokens. While tuning, a (shape, T) never timed is timed now, both paths on
   // `stream` (each runs several times; the caller then runs the chosen one), unless the stream is being
-  // captured. run_gemv and run_gemm launch one run of each path.
+  // captured. run_gemv and run_gemm launch one run of each path. A template so that a step's lookup wraps
+  // nothing in a std::function (whose captures would be allocated); only the timing does.
+  template <typename RunGemv, typename RunGemm>
   LinearPath choose(const Shape& shape, int64_t T, LinearPath default_path, cudaStream_t stream,
-                    const std::function<void()>& run_gemv, const std::function<void()>& run_gemm);
+                    const RunGemv& run_gemv, const RunGemm& run_gemm) {
+    if (should_time(shape, T, stream)) return time_both(shape, T, default_path, stream, run_gemv, run_gemm);
+    return timed_choice(shape, T, default_path);
+  }
 
  private:
-  LinearPath time_both(LinearPath default_path, cudaStream_t stream, const std::function<void()>& run_gemv,
-                       const std::function<void()>& run_gemm);
+  bool should_time(const Shape& shape, int64_t T, cudaStream_t stream) const;
+  // The choice timed at T, else at the nearest timed token count above T, else default_path.
+  LinearPath timed_choice(const Shape& shape, int64_t T, LinearPath default_path) const;
+  // Times both paths, records the choice for (shape, T) and returns it.
+  LinearPath time_both(const Shape& shape, int64_t T, LinearPath default_path, cudaStream_t stream,
+                       const std::function<void()>& run_gemv, const std::function<void()>& run_gemm);
 
   std::map<Shape, std::map<int64_t, LinearPath>> choices_;
   void* flush_ = nullptr;  // twice the L2, written before each timed launch
