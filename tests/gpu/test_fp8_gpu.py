@@ -195,6 +195,19 @@ def test_gemv_any_n(kernels, M):
     check(run_op(kernels, dev, M, N, K, True, "BF16", "F32", path=1), ref, mag)
 
 
+@pytest.mark.parametrize("M", [17, 40])
+@pytest.mark.parametrize("N,y_dtype", [(301, "F32"), (300, "BF16")])  # rows of 1,204 and 600 bytes
+@pytest.mark.parametrize("per_token", [True, False], ids=["per_token", "static"])
+def test_rows_the_gemm_cannot_take_run_the_gemv_in_blocks(kernels, M, N, y_dtype, per_token):
+    """Beyond 16 tokens the op would take cuBLASLt, which refuses rows of y that are not 16-byte aligned (an
+    odd vocabulary's LM head): it runs the GEMV on blocks of 16 tokens instead, each with its tokens' scales."""
+    K = 64
+    rng = np.random.default_rng([M, N, per_token])
+    dev, host = random_case(rng, M, N, K, per_token, True, "BF16")
+    ref, mag = reference(*host, per_token)
+    check(run_op(kernels, dev, M, N, K, per_token, "BF16", y_dtype), ref, mag)
+
+
 @pytest.mark.parametrize("M", [1, 8, 9, 16])
 @pytest.mark.parametrize("N,K", [(264, 14336), (40, 4112), (24, 48), (7000, 272), (26000, 64)])
 def test_gemv_long_k_and_tails(kernels, M, N, K):

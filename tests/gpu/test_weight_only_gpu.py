@@ -228,6 +228,20 @@ def test_both_paths(kernels, T, case):
               f"path {path}: ", exact=scales_sums(T, K, G, int4, path))
 
 
+@pytest.mark.parametrize("T", [300, 600])
+@pytest.mark.parametrize("case", [CASES[2], CASES[9], (301, 256, 64, True, False, True, "BF16", "BF16", "F16")],
+                         ids=case_id)
+def test_rows_cublaslt_cannot_take(kernels, T, case):
+    """Rows of y that are not 16-byte aligned (an odd vocabulary's LM head) beyond the GEMV's token counts
+    (and at 600, the Hopper GEMM's): the op runs the GEMV on them rather than cuBLASLt, within the same
+    bounds."""
+    N, K, G, int4, has_offset, has_bias, x_dtype, y_dtype, scale_dtype = case
+    rng = np.random.default_rng([T, N, K, 11])
+    dev, host = random_case(rng, T, N, K, G, int4, has_offset, has_bias, x_dtype, scale_dtype)
+    y = run_op(kernels, dev, T, N, K, G, int4, x_dtype, y_dtype)
+    check(y, host, x_dtype, y_dtype)  # no group of whole 128-code steps here: rounded weights on every path
+
+
 @pytest.mark.parametrize("x_dtype, y_dtype", [("BF16", "BF16"), ("F16", "F16"), ("BF16", "F32")])
 def test_gemm_bias_over_row_chunks(kernels, x_dtype, y_dtype):
     """Dequantize + GEMM with a bias over more rows than one float32 chunk of the op's scratch (1024 rows):

@@ -2,7 +2,8 @@
 //   per_token (FP8_PER_CHANNEL_PER_TOKEN): weight_scale [N]; each token quantized with its own scale
 //     s_t = max(amax |x[t]| / 448, FLT_MIN) by a small kernel into the workspace;
 //   static (FP8): weight_scale [1], input_scale [1]; q = e4m3(x / input_scale).
-// Then T <= kMaxGemvRows: the FP8 GEMV (kernels/src/fp8.cu), bound by reading the weight once; larger T,
+// Then T <= kMaxGemvRows: the FP8 GEMV (kernels/src/fp8.cu), bound by reading the weight once, or the GEMM
+// below where warm-up timed it faster (LinearPathTuner); larger T,
 // per token on compute capability 9.0 where cuBLASLt cannot apply per-token scales and rtllm's GEMM
 // measured ahead (fp8_gemm_preferred): rtllm's Hopper FP8 GEMM (kernels/src/fp8_gemm.cu), the scales
 // applied in its epilogue; otherwise cuBLASLt's FP8
@@ -12,13 +13,16 @@
 // workspace and a kernel applies the scales and the bias in the contract's order: the same result up to
 // float32 rounding of the scale products, at the cost of one more pass over [T, N] float32. (A bf16
 // unscaled output would add a rounding before the scales; the FP8 output types have no room for
-// accumulators.)
+// accumulators.) Rows of y that are not 16-byte aligned (an odd vocabulary's LM head), which neither GEMM
+// takes, run the GEMV in blocks of kFp8GemvMaxM tokens whatever T.
 // Everything a step does is kernel launches on the runner's stream over fixed buffers: capturable in a
 // CUDA graph.
+#include <algorithm>
 #include <string>
 
 #include "cuda/cublaslt_gemm.h"
 #include "cuda/cuda_context.h"
+#include "cuda/linear_path_tuner.h"
 #include "op_registry.h"
 #include "rtllm/kernels/fp8.cuh"
 
@@ -38,7 +42,9 @@ namespace {
 // to stream it at >= 85% of the copy bandwidth for M = 1..16), more to cuBLASLt's FP8 GEMM. The GEMV takes
 // up to kernels::kFp8GemvMaxM = 16 rows; 16 is the expected crossover with cuBLASLt (10-26 us at M = 4..16
 // on the H200 for Llama-3-8B's shapes), to be confirmed by benchmarks/bench_fp8_gemm.py's crossover rows.
-// (tests/gpu/test_fp8_gpu.py's gemv_taken follows this constant.)
+// In an engine the backend's warm-up times both paths for each shape (LinearPathTuner) and keeps the faster;
+// this is the default where it did not (tests/gpu/test_fp8_gpu.py's gemv_taken, through the test hook,
+// follows it).
 constexpr int64_t kMaxGemvRows = 16;
 constexpr size_t kAlign = 256;
 
@@ -92,7 +98,9 @@ CublasLtGemm::Fp8Scaling gemm_scaling(bool per_token) {
   return per_token ? CublasLtGemm::Fp8Scaling::kOuterVector : CublasLtGemm::Fp8Scaling::kPerTensor;
 }
 
-void run_fp8_linear(const Fp8LinearCall& c, CublasLtGemm& gemm, void* workspace, Fp8Path path, cudaStream_t stream) {
+// `tuner` (null: the default rule) chooses between the GEMV and the GEMMs for kAuto calls the GEMV takes.
+void run_fp8_linear(const Fp8LinearCall& c, CublasLtGemm& gemm, LinearPathTuner* tuner, void* workspace, Fp8Path path,
+                    cudaStream_t stream) {
   uint8_t* ws = static_cast<uint8_t*>(workspace);
   void* q = ws;
   float* token_scale = reinterpret_cast<float*>(ws + align_up(static_cast<size_t>(c.T) * c.K));
@@ -106,33 +114,56 @@ void run_fp8_linear(const Fp8LinearCall& c, CublasLtGemm& gemm, void* workspace,
   } else {
     check_launch(kernels::fp8_quantize_static(q, c.x, c.input_scale, c.T, c.K, x_kind, stream));
   }
-  const bool gemv = path == Fp8Path::kGemv || (path == Fp8Path::kAuto && c.T <= kMaxGemvRows);
-  if (gemv) {
-    RTLLM_CHECK(kernels::fp8_gemv_supported(static_cast<int32_t>(c.T), static_cast<int32_t>(c.K)),
+  // In blocks of kFp8GemvMaxM tokens (more only where cuBLASLt cannot take the rows, below): a token's row
+  // does not depend on the other tokens of the call, so the blocks change no result.
+  const size_t y_row = static_cast<size_t>(c.N) * dtype_size(c.y_dtype);
+  const auto run_gemv = [&] {
+    for (int64_t t0 = 0; t0 < c.T; t0 += kernels::kFp8GemvMaxM) {
+      const int32_t m = static_cast<int32_t>(std::min<int64_t>(kernels::kFp8GemvMaxM, c.T - t0));
+      check_launch(kernels::fp8_gemv(static_cast<char*>(c.y) + t0 * y_row, static_cast<const uint8_t*>(q) + t0 * c.K,
+                                     c.per_token ? x_scale + t0 : x_scale, c.per_token, c.w, c.w_scale, c.per_token,
+                                     c.bias, m, static_cast<int32_t>(c.N), static_cast<int32_t>(c.K), x_kind, y_kind,
+                                     stream));
+    }
+  };
+  const auto run_gemm = [&] {
+    // rtllm's Hopper GEMM only stands in for cuBLASLt's unscaled GEMM + scale pass: where cuBLASLt applies
+    // the per-token scales itself (outer-vector mode) its GEMM runs at the per-tensor rate.
+    const bool hopper = path == Fp8Path::kHopperGemm || (path == Fp8Path::kAuto && c.hopper_gemm && c.per_token &&
+                                                         !c.scaled_gemm && fp8_gemm_preferred(c.T, c.N));
+    if (hopper) {
+      check_launch(kernels::fp8_gemm(c.y, q, x_scale, c.per_token, c.w, c.w_scale, c.per_token, c.bias, c.T, c.N,
+                                     c.K, x_kind, y_kind, stream));
+    } else if (c.scaled_gemm) {
+      gemm.fp8_linear(c.y, q, c.w, x_scale, c.w_scale, gemm_scaling(c.per_token), c.bias, c.T, c.N, c.K, c.x_dtype,
+                      c.y_dtype, stream);
+    } else {
+      gemm.fp8_linear(acc, q, c.w, nullptr, nullptr, CublasLtGemm::Fp8Scaling::kNone, nullptr, c.T, c.N, c.K,
+                      c.x_dtype, DataType::kFloat32, stream);
+      check_launch(kernels::fp8_scale_epilogue(c.y, acc, x_scale, c.per_token, c.w_scale, c.per_token, c.bias, c.T,
+                                               c.N, x_kind, y_kind, stream));
+    }
+  };
+  // cuBLASLt and rtllm's GEMM need 16-byte rows of y, which the GEMV does not (an odd vocabulary's LM head):
+  // such linears run the GEMV in blocks whatever T.
+  const bool gemm_ok = y_row % 16 == 0;
+  LinearPath chosen = path == Fp8Path::kGemv || (path == Fp8Path::kAuto && (c.T <= kMaxGemvRows || !gemm_ok))
+                          ? LinearPath::kGemv
+                          : LinearPath::kGemm;
+  if (chosen == LinearPath::kGemv)
+    RTLLM_CHECK(kernels::fp8_gemv_supported(static_cast<int32_t>(std::min<int64_t>(c.T, kernels::kFp8GemvMaxM)),
+                                            static_cast<int32_t>(c.K)),
                 "fp8_linear: the FP8 GEMV does not take ", c.T, " rows of ", c.K, " columns");
-    check_launch(kernels::fp8_gemv(c.y, q, x_scale, c.per_token, c.w, c.w_scale, c.per_token, c.bias,
-                                   static_cast<int32_t>(c.T), static_cast<int32_t>(c.N), static_cast<int32_t>(c.K),
-                                   x_kind, y_kind, stream));
-    return;
+  if (tuner && path == Fp8Path::kAuto && c.T <= kMaxGemvRows && gemm_ok) {
+    const LinearPathTuner::Shape shape{c.per_token ? "fp8_linear per_token" : "fp8_linear static", c.N, c.K,
+                                       static_cast<int>(c.x_dtype), static_cast<int>(c.y_dtype), c.bias != nullptr};
+    chosen = tuner->choose(shape, c.T, chosen, stream, run_gemv, run_gemm);
   }
-  // rtllm's Hopper GEMM only stands in for cuBLASLt's unscaled GEMM + scale pass: where cuBLASLt applies
-  // the per-token scales itself (outer-vector mode) its GEMM runs at the per-tensor rate.
-  const bool hopper = path == Fp8Path::kHopperGemm || (path == Fp8Path::kAuto && c.hopper_gemm && c.per_token &&
-                                                       !c.scaled_gemm && fp8_gemm_preferred(c.T, c.N));
-  if (hopper) {
-    check_launch(kernels::fp8_gemm(c.y, q, x_scale, c.per_token, c.w, c.w_scale, c.per_token, c.bias, c.T, c.N, c.K,
-                                   x_kind, y_kind, stream));
-    return;
+  if (chosen == LinearPath::kGemv) {
+    run_gemv();
+  } else {
+    run_gemm();
   }
-  if (c.scaled_gemm) {
-    gemm.fp8_linear(c.y, q, c.w, x_scale, c.w_scale, gemm_scaling(c.per_token), c.bias, c.T, c.N, c.K, c.x_dtype,
-                    c.y_dtype, stream);
-    return;
-  }
-  gemm.fp8_linear(acc, q, c.w, nullptr, nullptr, CublasLtGemm::Fp8Scaling::kNone, nullptr, c.T, c.N, c.K, c.x_dtype,
-                  DataType::kFloat32, stream);
-  check_launch(kernels::fp8_scale_epilogue(c.y, acc, x_scale, c.per_token, c.w_scale, c.per_token, c.bias, c.T, c.N,
-                                           x_kind, y_kind, stream));
 }
 
 // The current device's compute capability, refused when it cannot run FP8 linears.
@@ -226,7 +257,8 @@ class CudaFp8Linear final : public OpKind {
     c.scaled_gemm = scaled_gemm_;
     c.hopper_gemm = hopper_gemm_;
     const CudaStep& step = *static_cast<const CudaStep*>(ctx.device_step);
-    run_fp8_linear(c, *step.gemm, ctx.workspace, Fp8Path::kAuto, static_cast<cudaStream_t>(ctx.stream));
+    run_fp8_linear(c, *step.gemm, step.linear_paths, ctx.workspace, Fp8Path::kAuto,
+                   static_cast<cudaStream_t>(ctx.stream));
   }
 
  private:
@@ -294,7 +326,7 @@ RTLLM_API void fp8_linear_for_tests(void* y, const void* x, const void* w, const
   c.per_token = per_token;
   c.scaled_gemm = scaled_gemm;
   c.hopper_gemm = hopper_gemm;
-  run_fp8_linear(c, *gemm, workspace, static_cast<Fp8Path>(path), static_cast<cudaStream_t>(stream));
+  run_fp8_linear(c, *gemm, nullptr, workspace, static_cast<Fp8Path>(path), static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace rtllm

@@ -15,7 +15,8 @@
 //   otherwise for larger T (prefill), or a shape the GEMV does not take (K or the group size not a multiple of a lane's
 //     16-byte load: 16 int8 or 32 int4 codes): the weight dequantized into the workspace (sized at load:
 //     N · K values of the compute dtype, and float32 rows for a bias), then cuBLASLt's GEMM. Both paths
-//     round y once from float32 (the bias added in float32).
+//     round y once from float32 (the bias added in float32). Where cuBLASLt cannot take the rows of y (not
+//     16-byte aligned: an odd vocabulary's LM head), the GEMV instead, when it takes the shape.
 // Everything a step does is kernel launches on the runner's stream over fixed buffers: capturable in a
 // CUDA graph.
 #include <algorithm>
@@ -94,7 +95,13 @@ void run_woq_linear(const WoqCall& c, CublasLtGemm& gemm, void* workspace, WoqPa
   if (c.T == 0) return;
   const kernels::DType x_kind = kernel_dtype(c.x_dtype), y_kind = kernel_dtype(c.y_dtype);
   const bool gemv_ok = kernels::woq_gemv_supported(c.K, c.group_size, c.int4);
-  const bool gemv = path == WoqPath::kGemv || (path == WoqPath::kAuto && gemv_ok && c.T <= kMaxGemvRows);
+  // Above the Hopper GEMM's rows, rows of y that cuBLASLt cannot take (not 16-byte aligned: an odd
+  // vocabulary's LM head) go to the GEMV too, which takes any N and any T.
+  const bool hopper = path == WoqPath::kHopperGemm ||
+                      (path == WoqPath::kAuto && c.int4 && c.hopper_gemm && c.T <= kMaxHopperGemmRows);
+  const bool gemm_rows_ok = CublasLtGemm::linear_rows_aligned(c.N, c.K, c.x_dtype, c.y_dtype);
+  const bool gemv = path == WoqPath::kGemv ||
+                    (path == WoqPath::kAuto && gemv_ok && (c.T <= kMaxGemvRows || (!hopper && !gemm_rows_ok)));
   const auto n = static_cast<int32_t>(c.N), k = static_cast<int32_t>(c.K), g = static_cast<int32_t>(c.group_size);
   RTLLM_CHECK(c.y_dtype == c.x_dtype || c.y_dtype == DataType::kFloat32, "weight_only_linear: output dtype ",
               dtype_safetensors_name(c.y_dtype), " with activations in ", dtype_safetensors_name(c.x_dtype),
@@ -106,8 +113,7 @@ void run_woq_linear(const WoqCall& c, CublasLtGemm& gemm, void* workspace, WoqPa
                                    c.int4, x_kind, y_kind, stream, c.gemv_k_splits));
     return;
   }
-  if (path == WoqPath::kHopperGemm ||
-      (path == WoqPath::kAuto && c.int4 && c.hopper_gemm && c.T <= kMaxHopperGemmRows)) {
+  if (hopper) {
     // (path 3 comes only from the test hook, which refuses it where c.hopper_gemm is false)
     check_launch(kernels::woq_gemm_int4(c.y, c.x, workspace, c.codes, c.scale, c.offset, c.bias,
                                         static_cast<int32_t>(c.T), n, k, g, x_kind, y_kind, stream));
