@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/cuda_context.h"
 
@@ -24,6 +26,10 @@ bool LinearPathTuner::set_tuning(bool on) {
     flush_bytes_ = 0;
     return true;
   }
+  // RTLLM_LINEAR_TUNING=0: no timing, the defaults stand (same-build comparisons; bit-equal runs of one shape
+  // in two processes or backends).
+  const char* env = std::getenv("RTLLM_LINEAR_TUNING");
+  if (env && std::strcmp(env, "0") == 0) return false;
   int device = 0, l2_bytes = 0;
   RTLLM_CUDA_CHECK(cudaGetDevice(&device));
   RTLLM_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));

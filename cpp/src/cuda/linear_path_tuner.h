@@ -7,6 +7,8 @@
 //
 // The two paths round differently, so two processes whose timings chose differently may produce logits that
 // differ in the last bits (as a different batch size already does); within a process the choice is fixed.
+// So may a backend without CUDA graphs, whose warm-up times nothing, against one with them.
+// RTLLM_LINEAR_TUNING=0 turns the timing off: the defaults stand everywhere.
 //
 // Each launch is timed after the L2 is flushed: in a decode step the next use of a layer's weight is a whole
 // step away, so the op reads its weight from device memory, and a weight that fits in the L2 (an 8B model's
