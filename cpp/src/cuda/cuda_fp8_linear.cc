@@ -155,7 +155,7 @@ void run_fp8_linear(const Fp8LinearCall& c, CublasLtGemm& gemm, LinearPathTuner*
                                             static_cast<int32_t>(c.K)),
                 "fp8_linear: the FP8 GEMV does not take ", c.T, " rows of ", c.K, " columns");
   if (tuner && path == Fp8Path::kAuto && c.T <= kMaxGemvRows && gemm_ok) {
-    const LinearPathTuner::Shape shape{c.per_token ? "fp8_linear per_token" : "fp8_linear static", c.N, c.K,
+    const LinearPathTuner::Shape shape{c.per_token ? LinearOp::kFp8PerToken : LinearOp::kFp8Static, c.N, c.K,
                                        static_cast<int>(c.x_dtype), static_cast<int>(c.y_dtype), c.bias != nullptr};
     chosen = tuner->choose(shape, c.T, chosen, stream, run_gemv, run_gemm);
   }

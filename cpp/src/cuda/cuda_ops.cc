@@ -76,7 +76,7 @@ void run_linear(CublasLtGemm& gemm, LinearPathTuner& tuner, void* y, const void*
   const bool gemm_ok = CublasLtGemm::linear_rows_aligned(N, K, x_dtype, y_dtype);
   LinearPath path = gemv_ok && (T <= kMaxGemvRows || !gemm_ok) ? LinearPath::kGemv : LinearPath::kGemm;
   if (gemv_ok && gemm_ok && T <= kernels::kGemvMaxM) {
-    const LinearPathTuner::Shape shape{"linear", N, K, static_cast<int>(x_dtype), static_cast<int>(y_dtype),
+    const LinearPathTuner::Shape shape{LinearOp::kDense, N, K, static_cast<int>(x_dtype), static_cast<int>(y_dtype),
                                        bias != nullptr};
     path = tuner.choose(shape, T, path, stream, run_gemv, run_gemm);
   }

@@ -21,18 +21,20 @@
 #include <cstdint>
 #include <functional>
 #include <map>
-#include <string>
 #include <tuple>
 #include <vector>
 
 namespace rtllm {
 
 enum class LinearPath { kGemv, kGemm };
+// The op whose paths are timed (its kernels differ per op and, for FP8, per scaling).
+enum class LinearOp { kDense, kFp8PerToken, kFp8Static };
 
 class LinearPathTuner {
  public:
   // The shape of a linear, with the dtypes and bias that select its kernels: (op, N, K, x dtype, y dtype, bias).
-  using Shape = std::tuple<std::string, int64_t, int64_t, int, int, bool>;
+  // Plain values: a step's lookup allocates nothing.
+  using Shape = std::tuple<LinearOp, int64_t, int64_t, int, int, bool>;
   static constexpr float kMargin = 0.02f;
 
   LinearPathTuner() = default;
