@@ -19,7 +19,8 @@
 # folder): STEPS="build ab_prepare ab" AB_BASE=DIR. ab_build builds DIR into AB_WORK/base (default
 # AB_WORK=/tmp/rtllm-ab); ab_prepare also writes one Llama-3-8B-shaped engine with random bf16 weights (AB_BUILD_ARGS:
 # more `rtllm build` flags, e.g. "--quant-algo FP8 --kv-cache-quant-algo FP8 --calib-size 16"); ab
-# runs bench_e2e.py on that engine under the base build, then this one (AB_ARGS: its workloads);
+# runs bench_e2e.py on that engine under the base build, then this one (AB_ARGS: its workloads; AB_ORDER:
+# new-base or base-new-base for another order);
 # ab_kernels runs bench_kernels.py (KERNELS_ARGS) under the base build into kernels_base.json; ab_woq runs
 # bench_weight_only.py (WOQ_KERNELS_ARGS) under the base build and then this one (woq_base.json, woq_new.json).
 set -u
@@ -128,11 +129,25 @@ ab_prepare() {  # each part skipped when its output exists
       --max-batch-size 512 --max-input-len 2048 --max-seq-len 4096 --max-num-tokens 8192 ${AB_BUILD_ARGS:-} &&
     rm -rf "$AB_WORK/hf"
 }
-ab_run() {
+# AB_ORDER (base-new, new-base or base-new-base): the order of the runs. A card that drifts between two runs
+# shows as a difference of builds; running the other order too (or the base again, into ab_base2.json) tells
+# the two apart.
+ab_base_run() {
   # shellcheck disable=SC2086
   PYTHONPATH="$AB_WORK/base${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/bench_e2e.py --model "$AB_WORK/engine" \
-    --device cuda --output "$OUT_DIR/ab_base.json" $AB_ARGS &&
+    --device cuda --output "$OUT_DIR/$1" $AB_ARGS
+}
+ab_new_run() {
+  # shellcheck disable=SC2086
   "$PYTHON" benchmarks/bench_e2e.py --model "$AB_WORK/engine" --device cuda --output "$OUT_DIR/ab_new.json" $AB_ARGS
+}
+ab_run() {
+  case "${AB_ORDER:-base-new}" in
+    base-new) ab_base_run ab_base.json && ab_new_run ;;
+    new-base) ab_new_run && ab_base_run ab_base.json ;;
+    base-new-base) ab_base_run ab_base.json && ab_new_run && ab_base_run ab_base2.json ;;
+    *) echo "AB_ORDER must be base-new, new-base or base-new-base, not '$AB_ORDER'" >&2; return 2 ;;
+  esac
 }
 # The kernel benchmarks (KERNELS_ARGS) under the base build: their rows beside this build's kernels step.
 ab_kernels() {
@@ -147,8 +162,8 @@ ab_woq() {
     --json "$OUT_DIR/woq_base.json" ${WOQ_KERNELS_ARGS:-} &&
     "$PYTHON" benchmarks/bench_weight_only.py --json "$OUT_DIR/woq_new.json" ${WOQ_KERNELS_ARGS:-}
 }
-export -f ab_build ab_prepare ab_run ab_kernels ab_woq
-export AB_WORK AB_ARGS AB_BUILD_ARGS PYTHON OUT_DIR KERNELS_ARGS WOQ_KERNELS_ARGS
+export -f ab_build ab_prepare ab_base_run ab_new_run ab_run ab_kernels ab_woq
+export AB_WORK AB_ARGS AB_BUILD_ARGS AB_ORDER="${AB_ORDER:-base-new}" PYTHON OUT_DIR KERNELS_ARGS WOQ_KERNELS_ARGS
 export AB_BASE="${AB_BASE:-}" CUDA_ARCHS="${CUDA_ARCHS:-90a}"
 wants ab_build && run_step ab_build 540 ab_build.log bash -c ab_build
 wants ab_prepare && run_step ab_prepare 540 ab_prepare.log bash -c ab_prepare
