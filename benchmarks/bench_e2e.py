@@ -33,11 +33,20 @@ def random_prompts(num_requests, isl, vocab_size, seed=0):
 
 def step_breakdown(steps, seconds):
     """Where a workload's time went, from the executor's per-step stats: decode-only steps, steps with
-    prompt tokens (prefill or mixed), and the wall time outside any step (host work between steps)."""
+    prompt tokens (prefill or mixed), and the wall time outside any step (host work between steps). Each
+    kind's host_ms_per_step is the loop thread's own work per step (scheduling and inputs before the worker
+    runs the step, postprocessing after it), which the device waits through: what overlapping the host with
+    the device would hide."""
     out = {"num_steps": len(steps), "wall_s": seconds}
     for kind, chosen in (("decode_only", [s for s in steps if s["num_context_tokens"] == 0]),
                          ("with_prompt_tokens", [s for s in steps if s["num_context_tokens"] > 0])):
+        host_ms = [s["schedule_time_ms"] + s["postprocess_time_ms"] for s in chosen]
         out[kind] = {"steps": len(chosen), "seconds": sum(s["step_time_ms"] for s in chosen) / 1e3,
+                     "host_ms_per_step": float(np.mean(host_ms)) if chosen else 0.0,
+                     "schedule_ms_per_step": float(np.mean([s["schedule_time_ms"] for s in chosen]))
+                     if chosen else 0.0,
+                     "postprocess_ms_per_step": float(np.mean([s["postprocess_time_ms"] for s in chosen]))
+                     if chosen else 0.0,
                      "mean_generation_tokens": float(np.mean([s["num_generation_tokens"] for s in chosen]))
                      if chosen else 0.0,
                      "mean_context_tokens": float(np.mean([s["num_context_tokens"] for s in chosen]))
@@ -129,7 +138,8 @@ def bench_rtllm(model_dir, workloads, args):
             print(f"rtllm {results['workloads'][-1]['isl']}/{w['osl']} x{len(w['prompts'])} {w['sampling']}: "
                   f"{results['workloads'][-1]['output_tokens_per_s']:,.0f} output tok/s; {b['num_steps']} steps: "
                   f"{b['decode_only']['steps']} decode-only in {b['decode_only']['seconds']:.2f} s (mean batch "
-                  f"{b['decode_only']['mean_generation_tokens']:.0f}), {b['with_prompt_tokens']['steps']} with prompt "
+                  f"{b['decode_only']['mean_generation_tokens']:.0f}; host {b['decode_only']['host_ms_per_step']:.3f} "
+                  f"ms per step), {b['with_prompt_tokens']['steps']} with prompt "
                   f"tokens in {b['with_prompt_tokens']['seconds']:.2f} s, {b['outside_steps_s']:.2f} s outside steps",
                   flush=True)
         osl = workloads[0]["osl"]
@@ -137,9 +147,11 @@ def bench_rtllm(model_dir, workloads, args):
             start, end, arrivals = asyncio.run(_stream_all(llm, first[:1], sampling_params(mode, osl)))
             a = arrivals[0]
             results[key] = {"ttft_ms": (a[0] - start) * 1e3, "tpot_ms": (a[-1] - a[0]) / (len(a) - 1) * 1e3,
-                            "output_tokens_per_s": (len(a) - 1) / (a[-1] - a[0])}
+                            "output_tokens_per_s": (len(a) - 1) / (a[-1] - a[0]),
+                            "host_ms_per_step": _stream_all.last_steps["decode_only"]["host_ms_per_step"]}
             print(f"rtllm batch 1 {mode}: TTFT {results[key]['ttft_ms']:.2f} ms ({len(first[0])}-token prompt), "
-                  f"TPOT {results[key]['tpot_ms']:.3f} ms", flush=True)
+                  f"TPOT {results[key]['tpot_ms']:.3f} ms (host {results[key]['host_ms_per_step']:.3f} ms per step)",
+                  flush=True)
     return results
 
 

@@ -184,7 +184,11 @@ struct Executor::Impl {
   void prepare_sampling(const Batch& batch);
   void check_sampled(const Batch& batch);
   void postprocess(const Batch& batch, const std::vector<SampledToken>& tokens);
-  void record_iteration(const ScheduledBatch& scheduled, Clock::time_point step_start);
+  // When a step started, and when its worker call began and returned.
+  struct StepTimes {
+    Clock::time_point start, execute_start, execute_end;
+  };
+  void record_iteration(const ScheduledBatch& scheduled, const StepTimes& times);
   void finish(LlmRequest& request, FinishReason reason, const std::string& message = {});
   void emit(LlmRequest& request);
   void flush();
@@ -363,14 +367,17 @@ void Executor::Impl::step_or_fail_all() {
 // forward, and draws the tokens where the logits are. A failure of the model fails this batch's
 // requests; a failure to sample fails that request alone.
 void Executor::Impl::step() {
-  const Clock::time_point step_start = Clock::now();
+  StepTimes times;
+  times.start = Clock::now();
   ScheduledBatch scheduled = scheduler.schedule();
   Batch batch = requests_of(scheduled);
   RTLLM_CHECK(!batch.empty(), "the scheduler has work but scheduled nothing");
   try {
     prepare_inputs(batch);
     prepare_sampling(batch);
+    times.execute_start = Clock::now();
     worker->execute_step(WorkerStep{kv_cache.pending_copies(), inputs, sampling_inputs}, &tokens);
+    times.execute_end = Clock::now();
     kv_cache.finish_copies();
   } catch (const std::exception& e) {
     kv_cache.finish_copies();  // unpins the sources whatever ran
@@ -384,7 +391,7 @@ void Executor::Impl::step() {
     request.num_scored_positions = scoring_rows[r].position + 1;
   }
   postprocess(batch, tokens);
-  record_iteration(scheduled, step_start);
+  record_iteration(scheduled, times);
   ++num_steps;
 }
 
@@ -504,12 +511,18 @@ void Executor::Impl::postprocess(const Batch& batch, const std::vector<SampledTo
   }
 }
 
-void Executor::Impl::record_iteration(const ScheduledBatch& scheduled, Clock::time_point step_start) {
+void Executor::Impl::record_iteration(const ScheduledBatch& scheduled, const StepTimes& times) {
   const Clock::time_point now = Clock::now();
+  const auto ms = [](Clock::time_point from, Clock::time_point to) {
+    return std::chrono::duration<double, std::milli>(to - from).count();
+  };
   IterationStats it;
   it.iteration = num_steps;
   it.timestamp_s = std::chrono::duration<double>(now - start_time).count();
-  it.step_time_ms = std::chrono::duration<double, std::milli>(now - step_start).count();
+  it.schedule_time_ms = ms(times.start, times.execute_start);
+  it.execute_time_ms = ms(times.execute_start, times.execute_end);
+  it.postprocess_time_ms = ms(times.execute_end, now);
+  it.step_time_ms = ms(times.start, now);
   it.num_context_requests = scheduled.num_context_seqs;
   it.num_generation_requests = scheduled.num_generation_seqs();
   for (size_t s = 0; s < scheduled.seqs.size(); ++s) {

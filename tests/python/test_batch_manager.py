@@ -116,6 +116,11 @@ def test_iteration_stats_add_up(engine_dir, cases):
     assert sum(s["num_generation_tokens"] for s in steps) == len(prompts) * (NUM_NEW - 1)
     assert stats["num_context_tokens"] == sum(len(p) for p in prompts)
     assert all(s["step_time_ms"] > 0 for s in steps)
+    # The step's three phases: host work before the worker, the worker's step, host work after it.
+    for s in steps:
+        phases = (s["schedule_time_ms"], s["execute_time_ms"], s["postprocess_time_ms"])
+        assert min(phases) >= 0 and s["execute_time_ms"] > 0 and s["schedule_time_ms"] > 0, s
+        assert sum(phases) == pytest.approx(s["step_time_ms"], abs=1e-6), s
     assert steps[-1]["num_running_requests"] == 0 and steps[-1]["num_waiting_requests"] == 0
     assert all(s["kv_cache"]["num_used_blocks"] <= s["kv_cache"]["num_total_blocks"] for s in steps)
 

@@ -104,7 +104,16 @@ struct ExecutorStats {
 struct IterationStats {
   int64_t iteration = 0;              // step index from 0
   double timestamp_s = 0.0;           // end of the step, seconds since the executor started
-  double step_time_ms = 0.0;          // schedule -> postprocess
+  double step_time_ms = 0.0;          // schedule -> postprocess: the sum of the three below
+  // Host work of the loop thread before the worker runs the step: scheduling, the packed inputs and the
+  // sampling inputs (logits processors' bitmasks included).
+  double schedule_time_ms = 0.0;
+  // The worker's step: the runner's host work, the block copies, the forward and the draw on the device,
+  // and the wait for the sampled tokens.
+  double execute_time_ms = 0.0;
+  // Host work after the tokens arrive: checks, prompt logprobs, appending tokens, stop conditions,
+  // responses, the prefix cache's bookkeeping.
+  double postprocess_time_ms = 0.0;
   int32_t num_context_requests = 0;   // sequences feeding prompt tokens (whole or a chunk)
   int32_t num_generation_requests = 0;
   int32_t num_context_tokens = 0;

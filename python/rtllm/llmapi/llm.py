@@ -596,6 +596,8 @@ class LLM:
         dropped beyond 1000 steps)."""
         return [{
             "iteration": it.iteration, "timestamp_s": it.timestamp_s, "step_time_ms": it.step_time_ms,
+            "schedule_time_ms": it.schedule_time_ms, "execute_time_ms": it.execute_time_ms,
+            "postprocess_time_ms": it.postprocess_time_ms,
             "num_context_requests": it.num_context_requests,
             "num_generation_requests": it.num_generation_requests,
             "num_context_tokens": it.num_context_tokens,
