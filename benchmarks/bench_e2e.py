@@ -104,6 +104,23 @@ def is_engine_dir(path):
     return rtllm_is_engine_dir(path)
 
 
+def ttft_by_prompt_len(llm, prompt):
+    """Batch-1 TTFT (ms, greedy, one token) for prompts of a length the process has prefilled already and of
+    lengths it has not, each run twice: a first prefill of a new token count may pay for work done once per
+    shape (GEMM plans, kernel loading), which a server with prompts of every length meets all the time."""
+    n = len(prompt)
+    lengths = [n] + [m for m in (n - 1, n - 27, n // 2 + 3) if 0 < m < n]
+    out = []
+    for m in lengths:
+        for attempt in ("first", "again"):
+            start, _, arrivals = asyncio.run(_stream_all(llm, [prompt[:m]], sampling_params("greedy", 1)))
+            out.append({"prompt_len": m, "run": attempt, "ttft_ms": (arrivals[0][0] - start) * 1e3})
+    print("rtllm batch 1 TTFT by prompt length (first run, again), ms: " +
+          ", ".join(f"{out[i]['prompt_len']}: {out[i]['ttft_ms']:.2f} / {out[i + 1]['ttft_ms']:.2f}"
+                    for i in range(0, len(out), 2)), flush=True)
+    return out
+
+
 def bench_rtllm(model_dir, workloads, args):
     from rtllm import LLM, BuildConfig
 
@@ -152,6 +169,7 @@ def bench_rtllm(model_dir, workloads, args):
             print(f"rtllm batch 1 {mode}: TTFT {results[key]['ttft_ms']:.2f} ms ({len(first[0])}-token prompt), "
                   f"TPOT {results[key]['tpot_ms']:.3f} ms (host {results[key]['host_ms_per_step']:.3f} ms per step)",
                   flush=True)
+        results["batch1_ttft_by_prompt_len"] = ttft_by_prompt_len(llm, first[0])
     return results
 
 
