@@ -104,16 +104,24 @@ def is_engine_dir(path):
     return rtllm_is_engine_dir(path)
 
 
-def ttft_by_prompt_len(llm, prompt):
-    """Batch-1 TTFT (ms, greedy, one token) for prompts of a length the process has prefilled already and of
-    lengths it has not, each run twice: a first prefill of a new token count may pay for work done once per
-    shape (GEMM plans, kernel loading), which a server with prompts of every length meets all the time."""
-    n = len(prompt)
+def fresh_prompt(like, length, seed):
+    """A prompt of `length` random ids over the range of the prompts `like`, from its own seed: no workload
+    holds it, so no prefix of it is in the KV cache's reusable blocks and its whole prefill runs."""
+    high = max(max(p) for p in like) + 1
+    return np.random.default_rng([7919, seed]).integers(10, high, size=length).tolist()
+
+
+def ttft_by_prompt_len(llm, like, n):
+    """Batch-1 TTFT (ms, greedy, one token) at a prompt length the process has prefilled alone already (n)
+    and at lengths it has not, each twice, every prompt fresh (no cached prefix): a first prefill of a new
+    token count may pay for work done once per shape (GEMM plans, kernels loaded on first use), which a
+    server with prompts of every length meets all the time."""
     lengths = [n] + [m for m in (n - 1, n - 27, n // 2 + 3) if 0 < m < n]
     out = []
     for m in lengths:
         for attempt in ("first", "again"):
-            start, _, arrivals = asyncio.run(_stream_all(llm, [prompt[:m]], sampling_params("greedy", 1)))
+            prompt = fresh_prompt(like, m, seed=1000 + len(out))
+            start, _, arrivals = asyncio.run(_stream_all(llm, [prompt], sampling_params("greedy", 1)))
             out.append({"prompt_len": m, "run": attempt, "ttft_ms": (arrivals[0][0] - start) * 1e3})
     print("rtllm batch 1 TTFT by prompt length (first run, again), ms: " +
           ", ".join(f"{out[i]['prompt_len']}: {out[i]['ttft_ms']:.2f} / {out[i + 1]['ttft_ms']:.2f}"
@@ -160,8 +168,10 @@ def bench_rtllm(model_dir, workloads, args):
                   f"tokens in {b['with_prompt_tokens']['seconds']:.2f} s, {b['outside_steps_s']:.2f} s outside steps",
                   flush=True)
         osl = workloads[0]["osl"]
-        for mode, key in (("greedy", "batch1"), ("topp", "batch1_topp")):
-            start, end, arrivals = asyncio.run(_stream_all(llm, first[:1], sampling_params(mode, osl)))
+        # Fresh prompts (no cached prefix: the TTFT is a whole prefill), one per mode.
+        for seed, (mode, key) in enumerate((("greedy", "batch1"), ("topp", "batch1_topp"))):
+            prompt = fresh_prompt(first, len(first[0]), seed)
+            start, end, arrivals = asyncio.run(_stream_all(llm, [prompt], sampling_params(mode, osl)))
             a = arrivals[0]
             results[key] = {"ttft_ms": (a[0] - start) * 1e3, "tpot_ms": (a[-1] - a[0]) / (len(a) - 1) * 1e3,
                             "output_tokens_per_s": (len(a) - 1) / (a[-1] - a[0]),
@@ -169,7 +179,7 @@ def bench_rtllm(model_dir, workloads, args):
             print(f"rtllm batch 1 {mode}: TTFT {results[key]['ttft_ms']:.2f} ms ({len(first[0])}-token prompt), "
                   f"TPOT {results[key]['tpot_ms']:.3f} ms (host {results[key]['host_ms_per_step']:.3f} ms per step)",
                   flush=True)
-        results["batch1_ttft_by_prompt_len"] = ttft_by_prompt_len(llm, first[0])
+        results["batch1_ttft_by_prompt_len"] = ttft_by_prompt_len(llm, first, len(first[0]))
     return results
 
 
