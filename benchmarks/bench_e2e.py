@@ -40,17 +40,15 @@ def step_breakdown(steps, seconds):
     out = {"num_steps": len(steps), "wall_s": seconds}
     for kind, chosen in (("decode_only", [s for s in steps if s["num_context_tokens"] == 0]),
                          ("with_prompt_tokens", [s for s in steps if s["num_context_tokens"] > 0])):
-        host_ms = [s["schedule_time_ms"] + s["postprocess_time_ms"] for s in chosen]
+        def mean(value):
+            return float(np.mean([value(s) for s in chosen])) if chosen else 0.0
+
         out[kind] = {"steps": len(chosen), "seconds": sum(s["step_time_ms"] for s in chosen) / 1e3,
-                     "host_ms_per_step": float(np.mean(host_ms)) if chosen else 0.0,
-                     "schedule_ms_per_step": float(np.mean([s["schedule_time_ms"] for s in chosen]))
-                     if chosen else 0.0,
-                     "postprocess_ms_per_step": float(np.mean([s["postprocess_time_ms"] for s in chosen]))
-                     if chosen else 0.0,
-                     "mean_generation_tokens": float(np.mean([s["num_generation_tokens"] for s in chosen]))
-                     if chosen else 0.0,
-                     "mean_context_tokens": float(np.mean([s["num_context_tokens"] for s in chosen]))
-                     if chosen else 0.0}
+                     "host_ms_per_step": mean(lambda s: s["schedule_time_ms"] + s["postprocess_time_ms"]),
+                     "schedule_ms_per_step": mean(lambda s: s["schedule_time_ms"]),
+                     "postprocess_ms_per_step": mean(lambda s: s["postprocess_time_ms"]),
+                     "mean_generation_tokens": mean(lambda s: s["num_generation_tokens"]),
+                     "mean_context_tokens": mean(lambda s: s["num_context_tokens"])}
     out["outside_steps_s"] = seconds - sum(s["step_time_ms"] for s in steps) / 1e3
     return out
 
