@@ -102,14 +102,13 @@ def is_engine_dir(path):
     return rtllm_is_engine_dir(path)
 
 
-def fresh_prompt(like, length, seed):
-    """A prompt of `length` random ids over the range of the prompts `like`, from its own seed: no workload
-    holds it, so no prefix of it is in the KV cache's reusable blocks and its whole prefill runs."""
-    high = max(max(p) for p in like) + 1
+def fresh_prompt(high, length, seed):
+    """A prompt of `length` random ids in [10, high), from its own seed: no workload holds it, so no prefix of
+    it is in the KV cache's reusable blocks and its whole prefill runs."""
     return np.random.default_rng([7919, seed]).integers(10, high, size=length).tolist()
 
 
-def ttft_by_prompt_len(llm, like, n):
+def ttft_by_prompt_len(llm, high, n):
     """Batch-1 TTFT (ms, greedy, one token) at a prompt length the process has prefilled alone already (n)
     and at lengths it has not, each twice, every prompt fresh (no cached prefix): a first prefill of a new
     token count may pay for work done once per shape (GEMM plans, kernels loaded on first use), which a
@@ -118,7 +117,7 @@ def ttft_by_prompt_len(llm, like, n):
     out = []
     for m in lengths:
         for attempt in ("first", "again"):
-            prompt = fresh_prompt(like, m, seed=1000 + len(out))
+            prompt = fresh_prompt(high, m, seed=1000 + len(out))
             start, _, arrivals = asyncio.run(_stream_all(llm, [prompt], sampling_params("greedy", 1)))
             out.append({"prompt_len": m, "run": attempt, "ttft_ms": (arrivals[0][0] - start) * 1e3})
     print("rtllm batch 1 TTFT by prompt length (first run, again), ms: " +
@@ -166,9 +165,10 @@ def bench_rtllm(model_dir, workloads, args):
                   f"tokens in {b['with_prompt_tokens']['seconds']:.2f} s, {b['outside_steps_s']:.2f} s outside steps",
                   flush=True)
         osl = workloads[0]["osl"]
-        # Fresh prompts (no cached prefix: the TTFT is a whole prefill), one per mode.
+        # Fresh prompts (no cached prefix: the TTFT is a whole prefill), one per mode, over the workloads' ids.
+        high = max(max(p) for p in first) + 1
         for seed, (mode, key) in enumerate((("greedy", "batch1"), ("topp", "batch1_topp"))):
-            prompt = fresh_prompt(first, len(first[0]), seed)
+            prompt = fresh_prompt(high, len(first[0]), seed)
             start, end, arrivals = asyncio.run(_stream_all(llm, [prompt], sampling_params(mode, osl)))
             a = arrivals[0]
             results[key] = {"ttft_ms": (a[0] - start) * 1e3, "tpot_ms": (a[-1] - a[0]) / (len(a) - 1) * 1e3,
@@ -177,7 +177,7 @@ def bench_rtllm(model_dir, workloads, args):
             print(f"rtllm batch 1 {mode}: TTFT {results[key]['ttft_ms']:.2f} ms ({len(first[0])}-token prompt), "
                   f"TPOT {results[key]['tpot_ms']:.3f} ms (host {results[key]['host_ms_per_step']:.3f} ms per step)",
                   flush=True)
-        results["batch1_ttft_by_prompt_len"] = ttft_by_prompt_len(llm, first, len(first[0]))
+        results["batch1_ttft_by_prompt_len"] = ttft_by_prompt_len(llm, high, len(first[0]))
     return results
 
 

@@ -146,7 +146,7 @@ void run_fp8_linear(const Fp8LinearCall& c, CublasLtGemm& gemm, LinearPathTuner*
   };
   // cuBLASLt and rtllm's GEMM need 16-byte rows of y, which the GEMV does not (an odd vocabulary's LM head):
   // such linears run the GEMV in blocks whatever T.
-  const bool gemm_ok = y_row % 16 == 0;
+  const bool gemm_ok = CublasLtGemm::linear_rows_aligned(c.N, c.K, DataType::kFloat8E4M3, c.y_dtype);
   LinearPath chosen = path == Fp8Path::kGemv || (path == Fp8Path::kAuto && (c.T <= kMaxGemvRows || !gemm_ok))
                           ? LinearPath::kGemv
                           : LinearPath::kGemm;
