@@ -96,7 +96,9 @@ PrefixMatch KVCacheManager::match_prefix(const std::vector<int32_t>& tokens, int
 // Among the registered blocks continuing the matched chain (children of parent_identity), the one
 // whose tokens share the longest prefix with the sequence's next tokens, if that prefix has at least
 // min_partial_reuse_tokens_ tokens. It stops short of the block's end and of the last token (both
-// are computed). Ties go to the first candidate found.
+// are computed). In sorted order the shared prefix grows towards the place where the next tokens
+// would sort and shrinks past it, so only the two neighbours of that place are compared; a tie goes
+// to the one sorting first.
 void KVCacheManager::match_partial(const std::vector<int32_t>& tokens, int64_t num_tokens, uint64_t extra_key,
                                    uint64_t parent_identity, PrefixMatch& match) const {
   const int64_t start = static_cast<int64_t>(match.block_ids.size()) * tokens_per_block_;
@@ -104,17 +106,18 @@ void KVCacheManager::match_partial(const std::vector<int32_t>& tokens, int64_t n
       static_cast<int32_t>(std::min<int64_t>(tokens_per_block_ - 1, num_tokens - 1 - start));
   if (max_shared < min_partial_reuse_tokens_) return;
   const int32_t* next = tokens.data() + start;
-  auto [first, last] = children_.equal_range(parent_identity);
-  for (auto it = first; it != last; ++it) {
-    const Block& block = blocks_[it->second];
-    if (block.extra_key != extra_key) continue;
-    const int32_t num_shared = static_cast<int32_t>(
-        std::mismatch(next, next + max_shared, block.tokens.begin()).first - next);
+  const Child key{parent_identity, extra_key, next, max_shared, -1};
+  auto after = children_.lower_bound(key);  // max_shared < tokens_per_block: no child equals the key
+  auto consider = [&](std::set<Child>::const_iterator it) {
+    if (it->parent_identity != parent_identity || it->extra_key != extra_key) return;
+    const int32_t num_shared = static_cast<int32_t>(std::mismatch(next, next + max_shared, it->tokens).first - next);
     if (num_shared > match.num_partial_tokens) {
-      match.partial_block_id = it->second;
+      match.partial_block_id = it->block;
       match.num_partial_tokens = num_shared;
     }
-  }
+  };
+  if (after != children_.begin()) consider(std::prev(after));
+  if (after != children_.end()) consider(after);
   if (match.num_partial_tokens < min_partial_reuse_tokens_) {
     match.partial_block_id = -1;
     match.num_partial_tokens = 0;
@@ -251,7 +254,7 @@ void KVCacheManager::register_block(int32_t b, uint64_t hash, const SequenceBloc
   block.position = position;
   block.tokens.assign(tokens, tokens + tokens_per_block_);
   by_hash_.emplace(hash, b);
-  children_.emplace(block.parent_identity, b);
+  children_.insert(child_entry(b));
   KvCacheEvent event;
   event.kind = KvCacheEventKind::kStored;
   event.block_id = b;
@@ -339,7 +342,7 @@ void KVCacheManager::unregister(int32_t b) {
     }
   };
   erase_entry(by_hash_, block.hash);
-  erase_entry(children_, block.parent_identity);
+  children_.erase(child_entry(b));  // before the block's fields, its sort key, are cleared below
   KvCacheEvent event;
   event.kind = KvCacheEventKind::kRemoved;
   event.block_id = b;
@@ -349,6 +352,23 @@ void KVCacheManager::unregister(int32_t b) {
   event.token_ids = std::move(block.tokens);
   push_event(std::move(event));
   block = Block{};
+}
+
+bool KVCacheManager::Child::operator<(const Child& other) const {
+  if (parent_identity != other.parent_identity) return parent_identity < other.parent_identity;
+  if (extra_key != other.extra_key) return extra_key < other.extra_key;
+  const int32_t* end = tokens + num_tokens;
+  const int32_t* other_end = other.tokens + other.num_tokens;
+  auto [mine, theirs] = std::mismatch(tokens, end, other.tokens, other_end);
+  if (mine != end && theirs != other_end) return *mine < *theirs;
+  if (mine != end || theirs != other_end) return mine == end;  // a proper prefix sorts first
+  return block < other.block;
+}
+
+KVCacheManager::Child KVCacheManager::child_entry(int32_t b) const {
+  const Block& block = blocks_[b];
+  return Child{block.parent_identity, block.extra_key, block.tokens.data(), static_cast<int32_t>(block.tokens.size()),
+               b};
 }
 
 // ---------------------------------------------------------------- queries, events, invariants
@@ -444,13 +464,11 @@ void KVCacheManager::check_invariants() const {
     ++num_registered;
     RTLLM_CHECK(static_cast<int32_t>(block.tokens.size()) == tokens_per_block_, "registered block ", b, " has ",
                 block.tokens.size(), " tokens");
-    auto count_in = [&](const std::unordered_multimap<uint64_t, int32_t>& map, uint64_t key) {
-      auto [first, last] = map.equal_range(key);
-      return std::count_if(first, last, [&](const auto& kv) { return kv.second == static_cast<int32_t>(b); });
-    };
-    RTLLM_CHECK(count_in(by_hash_, block.hash) == 1, "registered block ", b, " is not in the hash map exactly once");
-    RTLLM_CHECK(count_in(children_, block.parent_identity) == 1, "registered block ", b,
-                " is not in its parent's children exactly once");
+    auto [first, last] = by_hash_.equal_range(block.hash);
+    RTLLM_CHECK(std::count_if(first, last, [&](const auto& kv) { return kv.second == static_cast<int32_t>(b); }) == 1,
+                "registered block ", b, " is not in the hash map exactly once");
+    RTLLM_CHECK(children_.count(child_entry(static_cast<int32_t>(b))) == 1, "registered block ", b,
+                " is not among the children exactly once");
   }
   RTLLM_CHECK(num_registered == by_hash_.size() && num_registered == children_.size(), by_hash_.size(),
               " hash entries and ", children_.size(), " child entries for ", num_registered, " registered blocks");

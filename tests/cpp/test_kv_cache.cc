@@ -491,6 +491,53 @@ TEST(KVCacheManager, PartialReuseLimits) {
   EXPECT_THROW(KVCacheManager(4, 4, true, 0, true, 0), InvalidArgument);
 }
 
+// Among many cached first blocks (the children of the root, kept sorted), the partial match is the
+// longest shared prefix that a scan of every registered block finds, with evictions, salts and
+// duplicate contents mixed in; a small alphabet makes long shared prefixes common.
+TEST(KVCacheManager, PartialReuseFindsTheLongestPrefixAmongManyChildren) {
+  constexpr int32_t kTokensPerBlock = 6, kNumBlocks = 64;
+  KVCacheManager kv(kNumBlocks, kTokensPerBlock);
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int32_t> token(0, 3), salt(0, 1);
+  auto random_tokens = [&](int32_t n) {
+    std::vector<int32_t> t(n);
+    for (int32_t& x : t) x = token(rng);
+    return t;
+  };
+  std::map<int32_t, uint64_t> salt_of;  // registered first block -> its extra key, as this test stored it
+  RequestId next = 1;
+  for (int round = 0; round < 400; ++round) {
+    const std::vector<int32_t> query = random_tokens(kTokensPerBlock);  // no full block: the root's children
+    const uint64_t key = salt(rng) ? cache_salt_key(std::string("s")) : 0;
+    const PrefixMatch m = kv.match_prefix(query, kTokensPerBlock, key);
+    int32_t best = 0;
+    for (int32_t b = 0; b < kNumBlocks; ++b) {
+      if (!kv.is_registered(b) || salt_of.at(b) != key) continue;
+      const std::vector<int32_t> stored = kv.block_tokens(b);
+      const auto shared = std::mismatch(query.begin(), query.end() - 1, stored.begin()).first - query.begin();
+      best = std::max(best, static_cast<int32_t>(shared));
+    }
+    ASSERT_EQ(m.num_partial_tokens, best) << "round " << round;
+    if (best > 0) {
+      const std::vector<int32_t> source = kv.block_tokens(m.partial_block_id);
+      EXPECT_TRUE(std::equal(query.begin(), query.begin() + best, source.begin()));
+    }
+    // Cache a prompt of one full block and a bit (its first block becomes a child of the root).
+    const RequestId seq = next++;
+    const std::vector<int32_t> prompt = random_tokens(kTokensPerBlock + 1);
+    PrefixMatch reuse = kv.match_prefix(prompt, kTokensPerBlock + 1, key);
+    if (!kv.can_allocate(kTokensPerBlock + 1, reuse)) reuse = PrefixMatch{};
+    kv.allocate(seq, kTokensPerBlock + 1, reuse, key);
+    kv.finish_copies();
+    kv.store(seq, prompt, kTokensPerBlock + 1);
+    salt_of[kv.block_ids(seq)[0]] = key;
+    kv.free(seq);
+    if (round % 50 == 0) kv.check_invariants();
+  }
+  EXPECT_GT(kv.stats().num_evicted_blocks, 0);
+  kv.check_invariants();
+}
+
 // A pool with no room to spare: the pinned source is never evicted for the sequence's own new
 // blocks, and once unpinned and evicted it leaves its parent's children (no stale candidate).
 TEST(KVCacheManager, PartialSourceIsPinnedAndLeavesTheChildrenWhenEvicted) {

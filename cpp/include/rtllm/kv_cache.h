@@ -24,7 +24,10 @@
 //
 // Partial reuse (copy-on-write): past the full blocks it matched, a new sequence may also take the
 // first k < tokens_per_block tokens of a registered block that continues its chain (a child of its
-// last matched block), the one sharing the longest prefix with its next tokens. It never writes into
+// last matched block), the one sharing the longest prefix with its next tokens. The children are kept
+// sorted by their tokens, so that one is a neighbour of where the sequence's next tokens would sort:
+// the lookup costs O(log n) however many children a chain has (every first block is a child of the
+// root, so a pool full of cached prompts has many). It never writes into
 // that shared block: allocate() gives it a fresh private block and records a copy (source ->
 // destination) that the caller hands to ModelRunner::copy_blocks before the step's forward, then
 // acknowledges with finish_copies(). The source is pinned (held) until then, so taking blocks in the
@@ -57,6 +60,7 @@
 #include <deque>
 #include <list>
 #include <optional>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -275,8 +279,20 @@ class RTLLM_API KVCacheManager {
   std::vector<int32_t> free_blocks_;
   std::list<int32_t> reusable_lru_;  // registered, nobody holds them; least recently used first
   std::unordered_multimap<uint64_t, int32_t> by_hash_;  // hash -> registered blocks
-  // parent identity (0: none) -> registered blocks continuing it; candidates for partial reuse.
-  std::unordered_multimap<uint64_t, int32_t> children_;
+  // A registered block as a candidate for partial reuse, ordered by (parent identity, extra key, tokens,
+  // block id): the children of one chain with one extra key are a contiguous range sorted by tokens. The
+  // tokens point into the block's own vector, which stays put while it is registered.
+  struct Child {
+    uint64_t parent_identity = 0;  // 0: none
+    uint64_t extra_key = 0;
+    const int32_t* tokens = nullptr;
+    int32_t num_tokens = 0;
+    int32_t block = -1;  // -1 for a lookup key: it sorts before the blocks with the same tokens
+    bool operator<(const Child& other) const;
+  };
+  Child child_entry(int32_t b) const;
+
+  std::set<Child> children_;  // every registered block, once
   BlockCopies pending_copies_;  // reserved for num_blocks: recording one never allocates
   std::unordered_map<RequestId, SequenceBlocks> sequences_;
   uint64_t next_identity_ = 1;
