@@ -131,16 +131,19 @@ def bench_rtllm(model_dir, workloads, args):
 
     max_isl = max(len(w["prompts"][0]) for w in workloads)
     max_seq = max(len(w["prompts"][0]) + w["osl"] for w in workloads)
-    build_config = None if is_engine_dir(model_dir) else BuildConfig(
-        max_batch_size=args.max_batch_size, max_input_len=max_isl, max_seq_len=max_seq,
+    engine = is_engine_dir(model_dir)
+    build_config = None if engine else BuildConfig(
+        max_batch_size=args.max_batch_size or 64, max_input_len=max_isl, max_seq_len=max_seq,
         max_num_tokens=args.max_num_tokens, dtype=args.dtype)
+    # An engine runs at its own batch limit unless --max-batch-size lowers it for this run.
+    limits = {"max_batch_size": args.max_batch_size} if engine and args.max_batch_size else {}
     results = {"workloads": []}
     quant = {}
     if getattr(args, "quant_algo", None) or getattr(args, "kv_cache_quant_algo", None):
         from rtllm.quantization.cli_args import quant_config_of
         quant = {"quant_config": quant_config_of(args)}
     with LLM(model=model_dir, build_config=build_config, skip_tokenizer_init=True, device=args.device,
-             **quant) as llm:
+             **limits, **quant) as llm:
         first = workloads[0]["prompts"]
         llm.generate(first[:2], sampling_params("greedy", 4), use_tqdm=False)  # warm-up
         for w in workloads:
@@ -277,7 +280,8 @@ def main():
                         help="ISLxOSLxREQUESTS; repeatable; replaces --isl/--osl/--num-requests")
     parser.add_argument("--hf-requests", type=int, default=None, help="requests for HF (default: all)")
     parser.add_argument("--hf-max-osl", type=int, default=None, help="cap on HF's output tokens")
-    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="the build's batch limit (default 64); with an engine, a lower limit for this run")
     parser.add_argument("--max-num-tokens", type=int, default=8192)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--output", help="also write the JSON here")

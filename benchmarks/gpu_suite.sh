@@ -173,29 +173,33 @@ wants ab && run_step ab 580 ab.log bash -c ab_run
 
 # FP8 next to bf16 on one random Llama-3-8B-shaped checkpoint: the FP8 GEMM/GEMV kernel benchmark against
 # torch._scaled_mm and the copy bandwidth, then bench_e2e.py on a bf16 engine and an FP8 + FP8-KV engine
-# (quantize() with calibration) built from the same weights (FP8_ARGS: the workloads; FP8_PRESET: the shape).
+# (quantize() with calibration) built from the same weights (FP8_ARGS: the workloads, and --max-batch-size to
+# run below the engines' limit; FP8_PRESET: the shape; FP8_LIMITS: the engines' limits; FP8_BF16=0: the FP8
+# engine alone).
 FP8_ARGS=${FP8_ARGS:---workload 128x128x5000 --workload 128x128x5000:topp}
+FP8_LIMITS=${FP8_LIMITS:---max-batch-size 512 --max-input-len 2048 --max-seq-len 4096 --max-num-tokens 8192}
+FP8_BF16=${FP8_BF16:-1}
 fp8_prepare() {
   mkdir -p "$AB_WORK" || return
   [ -f "$AB_WORK/hf/config.json" ] || "$PYTHON" -c \
     "from rtllm.models.presets import write_random_checkpoint as w; w('$AB_WORK/hf', '${FP8_PRESET:-llama-3-8b}', dtype='bfloat16')" ||
     return
-  local limits="--max-batch-size 512 --max-input-len 2048 --max-seq-len 4096 --max-num-tokens 8192"
   # shellcheck disable=SC2086
-  [ -f "$AB_WORK/fp8/rank0.engine" ] || "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/fp8" $limits \
+  [ -f "$AB_WORK/fp8/rank0.engine" ] || "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/fp8" $FP8_LIMITS \
     --quant-algo FP8 --kv-cache-quant-algo FP8 --calib-size "${FP8_CALIB_SIZE:-16}" || return
   # shellcheck disable=SC2086
-  [ -f "$AB_WORK/bf16/rank0.engine" ] || "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/bf16" $limits
+  [ "$FP8_BF16" = 0 ] || [ -f "$AB_WORK/bf16/rank0.engine" ] ||
+    "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/bf16" $FP8_LIMITS
 }
 fp8_run() {
   # shellcheck disable=SC2086
-  "$PYTHON" benchmarks/bench_e2e.py --model "$AB_WORK/bf16" --device cuda --skip-hf --output "$OUT_DIR/e2e_bf16.json" \
-    $FP8_ARGS &&
+  { [ "$FP8_BF16" = 0 ] || "$PYTHON" benchmarks/bench_e2e.py --model "$AB_WORK/bf16" --device cuda --skip-hf \
+    --output "$OUT_DIR/e2e_bf16.json" $FP8_ARGS; } &&
   "$PYTHON" benchmarks/bench_e2e.py --model "$AB_WORK/fp8" --device cuda --skip-hf --output "$OUT_DIR/e2e_fp8.json" \
     $FP8_ARGS
 }
 export -f fp8_prepare fp8_run
-export FP8_ARGS
+export FP8_ARGS FP8_LIMITS FP8_BF16
 # shellcheck disable=SC2086
 wants fp8_kernels && run_step fp8_kernels 300 fp8_kernels.log "$PYTHON" benchmarks/bench_fp8_gemm.py \
   --json "$OUT_DIR/fp8_kernels.json" ${FP8_KERNELS_ARGS:-}
