@@ -97,17 +97,35 @@ class Scores:
         return float(np.mean(self.argmax == reference.argmax))
 
 
-def build_engine(checkpoint_dir: str, quant_config, engine_dir: str, max_seq_len: int, device: str = "cpu") -> None:
-    """Builds (with rtllm's builder) and saves an engine of the checkpoint."""
-    from rtllm.builder import BuildConfig, build
+def _model_and_build_config(checkpoint_dir: str, max_seq_len: int):
+    from rtllm.builder import BuildConfig
     from rtllm.models import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_hugging_face(checkpoint_dir)
     if gguf_path_of(checkpoint_dir) is not None:
         model.prequantized = None  # not the file's blocks: float32 weights for every config, as its HF checkpoint
     # a window is a whole prompt, and generate() wants room for one generated token after it
-    build(model, BuildConfig(max_batch_size=4, max_seq_len=max_seq_len + 1, max_input_len=max_seq_len,
-                             max_num_tokens=max(max_seq_len, 2048)), quant_config).save(engine_dir)
+    return model, BuildConfig(max_batch_size=4, max_seq_len=max_seq_len + 1, max_input_len=max_seq_len,
+                              max_num_tokens=max(max_seq_len, 2048))
+
+
+def build_engine(checkpoint_dir: str, quant_config, engine_dir: str, max_seq_len: int, device: str = "cpu",
+                 calibration=None) -> None:
+    """Builds (with rtllm's builder) and saves an engine of the checkpoint; `calibration` (calibrate()) replaces
+    the one the build would run."""
+    from rtllm.builder import build
+
+    model, build_config = _model_and_build_config(checkpoint_dir, max_seq_len)
+    build(model, build_config, quant_config, calibration=calibration).save(engine_dir)
+
+
+def calibrate(checkpoint_dir: str, quant_config, max_seq_len: int):
+    """The calibration that build_engine(checkpoint_dir, quant_config, ...) runs, to be shared by builds whose
+    configs calibrate alike (AWQ's and GPTQ's input statistics depend only on the calibration data and size)."""
+    from rtllm.builder.build import calibrate_whole_model
+
+    model, build_config = _model_and_build_config(checkpoint_dir, max_seq_len)
+    return calibrate_whole_model(model, build_config, quant_config)
 
 
 def rtllm_scores(engine_dir: str, windows: list, device: str = "cpu") -> Scores:

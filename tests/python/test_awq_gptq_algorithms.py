@@ -239,6 +239,26 @@ def test_quantize_save_load_matches_hf_on_the_decoded_weights(llama_dir, tmp_pat
     assert tokens == [hf_greedy(hf, [5, 6, 7], 8), hf_greedy(hf, [9, 10], 8)]
 
 
+def test_one_calibration_serves_every_awq_and_gptq_config(llama_dir, tmp_path):
+    """AWQ and GPTQ read the same input statistics whatever the format: builds given one calibration of the
+    whole model (calibrate_whole_model, as the accuracy tests share it) write the engines that builds
+    calibrating on their own write, byte for byte."""
+    from rtllm.builder.build import calibrate_whole_model
+
+    model = AutoModelForCausalLM.from_hugging_face(str(llama_dir))
+    build_config = BuildConfig(max_seq_len=128)
+    configs = [QuantConfig(quant_algo="W4A16_GPTQ", group_size=32, **CALIB),
+               QuantConfig(quant_algo="W4A16_GPTQ", group_size=64, has_zero_point=True, desc_act=True, **CALIB),
+               QuantConfig(quant_algo="W4A16_AWQ", group_size=32, **CALIB)]
+    shared = calibrate_whole_model(model, build_config, configs[0])
+    for i, quant_config in enumerate(configs):
+        own, given = tmp_path / f"own{i}", tmp_path / f"given{i}"
+        build(model, build_config, quant_config).save(own)
+        build(model, build_config, quant_config, calibration=shared).save(given)
+        for name in ("config.json", "rank0.engine"):
+            assert (own / name).read_bytes() == (given / name).read_bytes(), (quant_config.quant_algo, name)
+
+
 def test_bad_configs_are_refused(llama_dir):
     with pytest.raises(ValueError, match=r"group_size=-1 must be a positive integer"):
         QuantConfig(quant_algo="W4A16_AWQ", group_size=-1)
