@@ -22,6 +22,9 @@ struct Scheduler::Budget {
   int32_t num_seqs;
   int32_t num_tokens;
   int32_t num_logits;
+  // GUARANTEED_NO_EVICT: blocks the running sequences may still need (num_reserved_blocks), counted once
+  // when admission starts and grown by each admitted sequence's reservation, not recounted per admission.
+  int64_t num_reserved_blocks = 0;
 };
 
 Scheduler::Scheduler(const SchedulerConfig& config, KVCacheManager& kv_cache) : config_(config), kv_cache_(kv_cache) {
@@ -149,6 +152,7 @@ std::deque<std::shared_ptr<Sequence>>::iterator Scheduler::next_waiting(
 // Admits waiting sequences, groups in turn; the first that does not fit stops admission.
 void Scheduler::admit_waiting(Budget& budget, ScheduledBatch& batch) {
   if (waiting_.empty()) return;
+  if (config_.policy == CapacityPolicy::kGuaranteedNoEvict) budget.num_reserved_blocks = num_reserved_blocks();
   std::unordered_map<uint64_t, int32_t> num_running_of;
   for (const auto& seq : running_) num_running_of[seq->group] += 1;
   while (!waiting_.empty() && budget.num_seqs > 0 && budget.num_tokens > 0) {
@@ -170,6 +174,7 @@ void Scheduler::admit_waiting(Budget& budget, ScheduledBatch& batch) {
     }
     const int64_t num_slots = int64_t{seq->num_cached_tokens} + num_chunk;
     kv_cache_.allocate(seq->id, num_slots, prefix, seq->cache_key);
+    budget.num_reserved_blocks += num_reserved_blocks_of(*seq);
     running_.push_back(seq);
     waiting_.erase(next);
     num_running_of[seq->group] += 1;
@@ -182,7 +187,7 @@ void Scheduler::admit_waiting(Budget& budget, ScheduledBatch& batch) {
 int32_t Scheduler::fit(Sequence& seq, const PrefixMatch& prefix, const Budget& budget) const {
   seq.num_cached_tokens = static_cast<int32_t>(prefix.num_cached_tokens(kv_cache_.tokens_per_block()));
   const int32_t num_chunk = chunk_size(seq, budget);
-  if (num_chunk == 0 || !can_admit(seq, prefix, seq.num_cached_tokens + num_chunk)) return 0;
+  if (num_chunk == 0 || !can_admit(seq, prefix, seq.num_cached_tokens + num_chunk, budget)) return 0;
   return num_chunk;
 }
 
@@ -220,19 +225,22 @@ bool Scheduler::remove(RequestId id) {
 // Blocks running sequences do not hold yet but may need before they reach max_num_tokens.
 int64_t Scheduler::num_reserved_blocks() const {
   int64_t num_reserved = 0;
-  for (const auto& seq : running_) {
-    int64_t num_held = static_cast<int64_t>(kv_cache_.block_ids(seq->id).size());
-    num_reserved += std::max<int64_t>(0, kv_cache_.num_blocks_for(seq->max_num_tokens) - num_held);
-  }
+  for (const auto& seq : running_) num_reserved += num_reserved_blocks_of(*seq);
   return num_reserved;
+}
+
+int64_t Scheduler::num_reserved_blocks_of(const Sequence& seq) const {
+  const int64_t num_held = static_cast<int64_t>(kv_cache_.block_ids(seq.id).size());
+  return std::max<int64_t>(0, kv_cache_.num_blocks_for(seq.max_num_tokens) - num_held);
 }
 
 // GUARANTEED_NO_EVICT: blocks for the whole length on top of the running sequences' reservations.
 // MAX_UTILIZATION: blocks for the slots of this step.
-bool Scheduler::can_admit(const Sequence& seq, const PrefixMatch& prefix, int32_t num_slots) const {
+bool Scheduler::can_admit(const Sequence& seq, const PrefixMatch& prefix, int32_t num_slots,
+                          const Budget& budget) const {
   if (config_.policy == CapacityPolicy::kMaxUtilization) return kv_cache_.can_allocate(num_slots, prefix);
   return kv_cache_.num_blocks_to_take(seq.max_num_tokens, prefix) <=
-         kv_cache_.num_free_blocks() - num_reserved_blocks();
+         kv_cache_.num_free_blocks() - budget.num_reserved_blocks;
 }
 
 }  // namespace rtllm

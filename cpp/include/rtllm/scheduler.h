@@ -135,7 +135,8 @@ class RTLLM_API Scheduler {
             ScheduledBatch& batch) const;
   void preempt_newest(ScheduledBatch& batch);
   int64_t num_reserved_blocks() const;
-  bool can_admit(const Sequence& seq, const PrefixMatch& prefix, int32_t num_slots) const;
+  int64_t num_reserved_blocks_of(const Sequence& seq) const;
+  bool can_admit(const Sequence& seq, const PrefixMatch& prefix, int32_t num_slots, const Budget& budget) const;
 
   SchedulerConfig config_;
   KVCacheManager& kv_cache_;
