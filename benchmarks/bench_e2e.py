@@ -36,7 +36,7 @@ def step_breakdown(steps, seconds):
     prompt tokens (prefill or mixed), and the wall time outside any step (host work between steps). Each
     kind's host_ms_per_step is the loop thread's own work per step (scheduling and inputs before the worker
     runs the step, postprocessing after it), which the device waits through: what overlapping the host with
-    the device would hide."""
+    the device would hide; execute_ms_per_step is the worker's (the forward and the draw)."""
     out = {"num_steps": len(steps), "wall_s": seconds}
     for kind, chosen in (("decode_only", [s for s in steps if s["num_context_tokens"] == 0]),
                          ("with_prompt_tokens", [s for s in steps if s["num_context_tokens"] > 0])):
@@ -46,6 +46,7 @@ def step_breakdown(steps, seconds):
         out[kind] = {"steps": len(chosen), "seconds": sum(s["step_time_ms"] for s in chosen) / 1e3,
                      "host_ms_per_step": mean(lambda s: s["schedule_time_ms"] + s["postprocess_time_ms"]),
                      "schedule_ms_per_step": mean(lambda s: s["schedule_time_ms"]),
+                     "execute_ms_per_step": mean(lambda s: s["execute_time_ms"]),
                      "postprocess_ms_per_step": mean(lambda s: s["postprocess_time_ms"]),
                      "mean_generation_tokens": mean(lambda s: s["num_generation_tokens"]),
                      "mean_context_tokens": mean(lambda s: s["num_context_tokens"])}
@@ -164,8 +165,10 @@ def bench_rtllm(model_dir, workloads, args):
                   f"{results['workloads'][-1]['output_tokens_per_s']:,.0f} output tok/s; {b['num_steps']} steps: "
                   f"{b['decode_only']['steps']} decode-only in {b['decode_only']['seconds']:.2f} s (mean batch "
                   f"{b['decode_only']['mean_generation_tokens']:.0f}; host {b['decode_only']['host_ms_per_step']:.3f} "
-                  f"ms per step), {b['with_prompt_tokens']['steps']} with prompt "
-                  f"tokens in {b['with_prompt_tokens']['seconds']:.2f} s, {b['outside_steps_s']:.2f} s outside steps",
+                  f"ms per step), {b['with_prompt_tokens']['steps']} with prompt tokens in "
+                  f"{b['with_prompt_tokens']['seconds']:.2f} s (mean {b['with_prompt_tokens']['mean_context_tokens']:.0f} "
+                  f"prompt tokens; host {b['with_prompt_tokens']['host_ms_per_step']:.3f} ms per step), "
+                  f"{b['outside_steps_s']:.2f} s outside steps",
                   flush=True)
         osl = workloads[0]["osl"]
         # Fresh prompts (no cached prefix: the TTFT is a whole prefill), one per mode, over the workloads' ids.
