@@ -147,6 +147,9 @@ class RTLLM_API KVCacheManager {
   KVCacheManager(int32_t num_blocks, int32_t tokens_per_block, bool enable_block_reuse = true,
                  int32_t event_buffer_max_size = 0, bool enable_partial_reuse = true,
                  int32_t min_partial_reuse_tokens = 1);
+  // Not copyable: the LRU positions and the sorted children point into this manager's own lists and blocks.
+  KVCacheManager(const KVCacheManager&) = delete;
+  KVCacheManager& operator=(const KVCacheManager&) = delete;
 
   // Blocks needed to hold num_tokens token slots: ceil(num_tokens / tokens_per_block).
   int32_t num_blocks_for(int64_t num_tokens) const;
