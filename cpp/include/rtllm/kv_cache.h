@@ -24,14 +24,14 @@
 //
 // Partial reuse (copy-on-write): past the full blocks it matched, a new sequence may also take the
 // first k < tokens_per_block tokens of a registered block that continues its chain (a child of its
-// last matched block), the one sharing the longest prefix with its next tokens. The children are kept
-// sorted by their tokens, so that one is a neighbour of where the sequence's next tokens would sort:
-// the lookup costs O(log n) however many children a chain has (every first block is a child of the
-// root, so a pool full of cached prompts has many). It never writes into
+// last matched block), the one sharing the longest prefix with its next tokens. It never writes into
 // that shared block: allocate() gives it a fresh private block and records a copy (source ->
 // destination) that the caller hands to ModelRunner::copy_blocks before the step's forward, then
 // acknowledges with finish_copies(). The source is pinned (held) until then, so taking blocks in the
-// meantime can never evict it. The private block is registered like any other once it is full.
+// meantime can never evict it. The private block is registered like any other once it is full. The
+// children are kept sorted by their tokens, so the best one is a neighbour of where the sequence's next
+// tokens would sort: the lookup costs O(log n) however many children a chain has (every first block is
+// a child of the root, so a pool full of cached prompts has many).
 //
 // Token-based growth (vLLM v1's allocate_slots): each step grows a sequence by the tokens it feeds
 // (a prompt chunk, one decode token, or 1 + k draft tokens) and may reserve lookahead slots after
