@@ -333,15 +333,9 @@ int32_t KVCacheManager::take_free_block() {
 
 void KVCacheManager::unregister(int32_t b) {
   Block& block = blocks_[b];
-  auto erase_entry = [b](std::unordered_multimap<uint64_t, int32_t>& map, uint64_t key) {
-    auto [first, last] = map.equal_range(key);
-    for (auto it = first; it != last; ++it) {
-      if (it->second != b) continue;
-      map.erase(it);
-      return;
-    }
-  };
-  erase_entry(by_hash_, block.hash);
+  auto [first, last] = by_hash_.equal_range(block.hash);
+  auto entry = std::find_if(first, last, [b](const auto& kv) { return kv.second == b; });
+  if (entry != last) by_hash_.erase(entry);
   children_.erase(child_entry(b));  // before the block's fields, its sort key, are cleared below
   KvCacheEvent event;
   event.kind = KvCacheEventKind::kRemoved;

@@ -53,19 +53,20 @@ def windows(smollm2):
 
 
 @pytest.fixture(scope="module")
-def scores(smollm2, windows, tmp_path_factory):
+def calibration(smollm2):
+    """The one calibration every config of CONFIGS builds with (they share CALIB_SIZE and the corpus)."""
+    return calibrate(smollm2, next(iter(CONFIGS.values()))[0], max_seq_len=WINDOW)
+
+
+@pytest.fixture(scope="module")
+def scores(smollm2, windows, calibration, tmp_path_factory):
     cache = {}
-    calibration = {}
 
     def get(name, quant_config):
         if name not in cache:
-            shared = None
-            if name in CONFIGS:
-                if not calibration:
-                    calibration["all"] = calibrate(smollm2, quant_config, max_seq_len=WINDOW)
-                shared = calibration["all"]
             engine_dir = tmp_path_factory.mktemp(name.replace(":", "_"))
-            build_engine(smollm2, quant_config, str(engine_dir), max_seq_len=WINDOW, calibration=shared)
+            build_engine(smollm2, quant_config, str(engine_dir), max_seq_len=WINDOW,
+                         calibration=calibration if name in CONFIGS else None)
             cache[name] = rtllm_scores(str(engine_dir), windows)
         return cache[name]
 
