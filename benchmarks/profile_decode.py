@@ -29,8 +29,9 @@ from timing import now, report  # noqa: E402
 # Kernel names, as the profiler reports them, grouped into the ops of a Llama layer.
 GROUPS = [("gemv", "gemv"), ("gemm (cuBLASLt)", "gemm|nvjet|sm90_xmma|cutlass|cublas"),
           ("add_rms_norm", "add_rms_norm"), ("rms_norm", "rms_norm"), ("qkv_prepare (rope + kv write)", "qkv_prepare"),
-          ("attention decode", "decode_split"), ("attention merge", "decode_merge"),
-          ("attention prefill", "prefill"), ("silu_mul", "silu_mul"), ("embedding gather", "gather"),
+          ("attention decode", "decode_split|decode_mma"), ("attention merge", "decode_merge"),
+          ("attention prefill", "prefill"), ("silu_mul", "silu_mul"),
+          ("quantize activations (FP8/INT8)", "quantize|amax"), ("embedding gather", "gather"),
           ("sampling", "sample_kernel"), ("memcpy / memset", "Memcpy|Memset|memcpy|memset")]
 
 
@@ -107,6 +108,8 @@ def main():
     parser.add_argument("--isl", type=int, default=128)
     parser.add_argument("--steps", type=int, default=64, help="decode steps profiled")
     parser.add_argument("--output", help="also write the JSON here")
+    from rtllm.quantization.cli_args import add_quant_args, quant_config_of
+    add_quant_args(parser)  # e.g. --quant-algo FP8 --kv-cache-quant-algo FP8 --calib-size 16: quantized in process
     args = parser.parse_args()
     batches = args.batch or [1]
     modes = args.sampling or ["greedy"]
@@ -125,7 +128,8 @@ def main():
         rng = np.random.default_rng(0)
         results = {"model": args.model or args.preset, "isl": args.isl, "steps": args.steps, "batches": []}
         rows = []
-        with LLM(model=model_dir, build_config=build_config, skip_tokenizer_init=True, device="cuda") as llm:
+        quant = {"quant_config": quant_config_of(args)} if args.quant_algo or args.kv_cache_quant_algo else {}
+        with LLM(model=model_dir, build_config=build_config, skip_tokenizer_init=True, device="cuda", **quant) as llm:
             import torch
             results["gpu"] = torch.cuda.get_device_name()
             for batch, mode in [(b, m) for b in batches for m in modes]:
@@ -143,7 +147,14 @@ def main():
                         for g in total}  # prefill is a defaultdict: groups only decode runs read as 0
                 device_us = sum(us for us, _ in step.values())
                 wall_us = (total_s - prefill_s) / args.steps * 1e6
+                # The prompt-only run is the prefill of batch x isl tokens (in steps of at most max_num_tokens):
+                # its device time per 1,000 prompt tokens, by op, shows where a step with prompt tokens goes.
+                per_k = 1e3 / (batch * args.isl)
+                prefill_per_k = {g: us * per_k for g, (us, _) in prefill.items()}
                 entry = {"batch": batch, "sampling": mode, "wall_us_per_step": wall_us, "device_us_per_step": device_us,
+                         "prefill_wall_us_per_1k_prompt_tokens": prefill_s * 1e6 * per_k,
+                         "prefill_busy_us_per_1k_prompt_tokens": prefill_busy[0] * per_k,
+                         "prefill_kernels_us_per_1k_prompt_tokens": prefill_per_k,
                          "busy_us_per_step": busy_us, "idle_us_per_step": wall_us - busy_us,
                          "gaps_over_20us_per_step": [num_long_gaps, long_gap_us], "gap_sites_us_per_step": gap_sites,
                          "host_cuda_api": host_api,
@@ -162,6 +173,9 @@ def main():
                 for site, us in sorted(gap_sites.items(), key=lambda kv: -kv[1])[:3]:
                     rows.append({"batch": batch, "sampling": mode, "op": f"gap: {site}"[:60], "us/step": us,
                                  "share": f"{us / wall_us:.1%}"})
+                for g, us in sorted(prefill_per_k.items(), key=lambda kv: -kv[1])[:6]:
+                    rows.append({"batch": batch, "sampling": mode, "op": f"prefill per 1k tokens: {g}"[:60],
+                                 "us/step": us, "share": f"{us / (prefill_busy[0] * per_k):.1%}"})
                 for name, v in sorted(host_api.items(), key=lambda kv: -kv[1]["us_per_step"])[:6]:
                     rows.append({"batch": batch, "sampling": mode, "op": f"host: {name}"[:60], "us/step": v["us_per_step"],
                                  "launches/step": v["calls_per_step"], "share": f"{v['us_per_step'] / wall_us:.1%}"})
