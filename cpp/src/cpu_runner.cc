@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "cpu/amx_linear.h"
 #include "cpu/gemm_pack.h"
 #include "runner_backend.h"
 #include "thread_pool.h"
@@ -128,13 +129,15 @@ class CpuBackend final : public RunnerBackend {
 
 // A weight already in the placement's dtype and row-major stays in the mapped file (read-only: ops
 // never write weights); otherwise it is converted once and, for GEMM panels, re-laid
-// [num_panels, K, kPanelCols] (cpu/gemm_pack.h), the shape by which the linear op knows it.
+// [num_panels, K, kPanelCols] (cpu/gemm_pack.h), or for AMX tiles [num_col_blocks, num_k_steps, 32, 32]
+// (cpu/amx_linear.h): the shapes by which the linear op knows them.
 TensorSlot CpuBackend::place_weight(const Weight& w, const WeightPlacement& placement) {
   TensorSlot slot;
   for (int64_t d : w.shape) slot.dims.push_back(Dim{Dim::Kind::kFixed, d});
   slot.dtype = placement.dtype;
   const int64_t n = w.numel();
-  const bool pack = placement.layout == WeightLayout::kCpuGemmPanels;
+  bool amx = placement.layout == WeightLayout::kCpuAmxTiles;
+  const bool pack = placement.layout == WeightLayout::kCpuGemmPanels || amx;
   const bool aligned = reinterpret_cast<uintptr_t>(w.data) % std::max<size_t>(1, dtype_bits(w.dtype) / 8) == 0;
   if (w.dtype == placement.dtype && aligned && !pack) {
     mapped_weight_bytes_ += w.num_bytes;
@@ -153,7 +156,23 @@ TensorSlot CpuBackend::place_weight(const Weight& w, const WeightPlacement& plac
     src = buf.data();
   }
   size_t num_bytes = dtype_num_bytes(placement.dtype, n);
-  if (pack) {
+  if (amx) {
+    RTLLM_CHECK(dtype_size(placement.dtype) == 2 && dtype_is_float(placement.dtype) && w.shape.size() == 2,
+                "weight \"", w.name, "\": AMX tiles hold 2-d BF16 or F16 weights");
+    const int64_t N = w.shape[0], K = w.shape[1];
+    const int64_t num_blocks = cpu::amx_num_col_blocks(N), num_steps = cpu::amx_num_k_steps(K);
+    num_bytes = dtype_num_bytes(placement.dtype, num_blocks * num_steps * cpu::kAmxStepK * cpu::kAmxBlockCols);
+    HostBuffer tiles(num_bytes);
+    // An F16 weight holding ±inf stays GEMM panels, which the linear op also reads (cpu/amx_linear.h).
+    amx = cpu::pack_amx_weight(static_cast<const uint16_t*>(src), N, K, placement.dtype == DataType::kFloat16,
+                               static_cast<uint16_t*>(tiles.data()));
+    if (amx) {
+      buf = std::move(tiles);
+      slot.dims = {Dim{Dim::Kind::kFixed, num_blocks}, Dim{Dim::Kind::kFixed, num_steps},
+                   Dim{Dim::Kind::kFixed, cpu::kAmxStepK}, Dim{Dim::Kind::kFixed, cpu::kAmxBlockCols}};
+    }
+  }
+  if (pack && !amx) {
     // Float32 panels, or BF16 / F16 panels as stored (the linear op widens them as it reads).
     const bool wide = placement.dtype == DataType::kFloat32;
     RTLLM_CHECK((wide || dtype_size(placement.dtype) == 2) && dtype_is_float(placement.dtype) &&

@@ -64,6 +64,7 @@ struct KvPool {
 enum class WeightLayout {
   kRowMajor,        // as stored in the engine
   kCpuGemmPanels,   // the CPU GEMM's column panels [num_panels, K, kPanelCols] (cpu/gemm_pack.h)
+  kCpuAmxTiles,     // 16-bit W as AMX B tiles [num_col_blocks, num_k_steps, 32, 32] (cpu/amx_linear.h)
   kCudaInt4Mma,     // packed int4 codes in the CUDA GEMV's MMA layout (kernels::woq_pack_int4), same shape
 };
 

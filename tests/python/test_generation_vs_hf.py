@@ -82,8 +82,10 @@ def test_granite_3_multipliers_match_hf(tiny_model, tmp_path):
         assert relative_error(row, hf_last_logits(hf, prompt)) < LOGITS_RTOL
 
 
-def test_greedy_alone_equals_in_batch(tiny_model):
-    checkpoint = tiny_model("qwen3")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_greedy_alone_equals_in_batch(tiny_model, dtype, cpu_amx):
+    """F16 weights run on AMX tiles where the CPU has them (cpu_amx), decode and prefill alike."""
+    checkpoint = tiny_model("qwen3", dtype)
     prompts = random_prompts(np.random.default_rng(3), PROMPT_LENGTHS)
     params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, ignore_eos=True)
     with LLM(model=str(checkpoint)) as llm:

@@ -17,6 +17,11 @@
 // panel (or its rows of W) into its thread's workspace, then runs the float32 kernel on it. Both run the same kernel code on the same float32
 // values in the same order, so the result is that of float32 weights holding the widened values,
 // bit for bit, and still independent of the batch.
+//
+// Where the CPU has AMX-BF16 (cpu/amx_linear.h), packed BF16 and F16 weights are placed as AMX tiles
+// instead and every row count runs the tile kernel (decode too, so the batch invariance holds): x split
+// into two bf16 parts, about 16 significant bits of it instead of float32's 24 (bounds in
+// amx_linear.cc). RTLLM_CPU_AMX=0 at engine load keeps the kernels above.
 #include <algorithm>
 #include <type_traits>
 
@@ -24,6 +29,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/amx_linear.h"
 #include "cpu/gemm_pack.h"
 #include "cpu/simd.h"
 #include "op_registry.h"
@@ -309,18 +315,23 @@ class Linear final : public OpKind {
     spec.require_num_io(2, 3, 1);
     spec.require_input_dtype(0, {DataType::kFloat32});
     for (size_t i = 1; i < spec.inputs.size(); ++i) spec.require_input_dtype(i, kWideFloatDtypes);
+    amx_ = weight_dtype() != DataType::kFloat32 && spec.inputs[1].shape.size() == 2 && cpu::amx_linear_enabled();
   }
   WeightPlacement weight_placement(size_t input) const override {
     const bool matrix = input == 1 && spec_.inputs[1].shape.size() == 2;
     if (!matrix) return {DataType::kFloat32, WeightLayout::kRowMajor};
-    return {weight_dtype(), WeightLayout::kCpuGemmPanels};
+    return {weight_dtype(), amx_ ? WeightLayout::kCpuAmxTiles : WeightLayout::kCpuGemmPanels};
   }
-  // Per thread, a panel [K, kPanelCols] or kTaskCols rows [kTaskCols, K] of a 16-bit W in float32.
+  // Per thread, a panel [K, kPanelCols] or kTaskCols rows [kTaskCols, K] of a 16-bit W in float32; with
+  // AMX tiles, the larger of that (W may stay row-major, when another op reads it) and the tile kernel's.
   size_t workspace_bytes() const override {
     if (weight_dtype() == DataType::kFloat32 || spec_.inputs[1].shape.size() != 2) return 0;
-    const size_t K = static_cast<size_t>(spec_.inputs[1].shape[1].value);
-    return sizeof(float) * static_cast<size_t>(spec_.backend->num_threads) * K *
-           static_cast<size_t>(std::max<int64_t>(kPanelCols, kTaskCols));
+    const int64_t K = spec_.inputs[1].shape[1].value;
+    const int num_threads = spec_.backend->num_threads;
+    const size_t wide = sizeof(float) * static_cast<size_t>(num_threads) * static_cast<size_t>(K) *
+                        static_cast<size_t>(std::max<int64_t>(kPanelCols, kTaskCols));
+    if (!amx_) return wide;
+    return std::max(wide, cpu::amx_linear_workspace_bytes(K, spec_.backend->max_num_tokens, num_threads));
   }
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
@@ -328,7 +339,14 @@ class Linear final : public OpKind {
     const int64_t T = x.rows(), K = x.cols(), N = y.cols();
     RTLLM_CHECK(y.rows() == T, "linear: output has ", y.rows(), " rows, x has ", T);
     const bool packed = w.ndim == 3;  // [num_panels, K, kPanelCols], see cpu/gemm_pack.h
-    if (packed) {
+    if (w.ndim == 4) {                // [num_col_blocks, num_k_steps, 32, 32], see cpu/amx_linear.h
+      RTLLM_CHECK(w.shape[0] == cpu::amx_num_col_blocks(N) && w.shape[1] == cpu::amx_num_k_steps(K) &&
+                      w.shape[2] == cpu::kAmxStepK && w.shape[3] == cpu::kAmxBlockCols,
+                  "linear: AMX weight [", w.shape[0], ", ", w.shape[1], ", ", w.shape[2], ", ", w.shape[3],
+                  "] does not match x with ", K, " columns and ", N, " outputs");
+      RTLLM_CHECK(w.dtype == DataType::kBFloat16 || w.dtype == DataType::kFloat16,
+                  "linear: AMX weight placed as ", dtype_safetensors_name(w.dtype), ", expected BF16 or F16");
+    } else if (packed) {
       RTLLM_CHECK(w.shape[0] == cpu::num_panels(N) && w.shape[1] == K && w.shape[2] == cpu::kPanelCols,
                   "linear: packed weight [", w.shape[0], ", ", w.shape[1], ", ", w.shape[2],
                   "] does not match x with ", K, " columns and ", N, " outputs");
@@ -341,6 +359,9 @@ class Linear final : public OpKind {
       RTLLM_CHECK(in[2].numel() == N, "linear: bias has ", in[2].numel(), " values, expected ", N);
       bias = in[2].f32();
     }
+    if (w.ndim == 4)
+      return cpu::amx_linear(*ctx.pool, x.f32(), static_cast<const uint16_t*>(w.data),
+                             w.dtype == DataType::kFloat16, bias, y.f32(), T, K, N, ctx.workspace);
     float* wide = static_cast<float*>(ctx.workspace);
     switch (w.dtype) {
       case DataType::kBFloat16: return run_as(*ctx.pool, packed, x.f32(), static_cast<const bf16_t*>(w.data), bias,
@@ -359,6 +380,7 @@ class Linear final : public OpKind {
     const DataType d = spec_.inputs[1].dtype;
     return d == DataType::kBFloat16 || d == DataType::kFloat16 ? d : DataType::kFloat32;
   }
+  bool amx_ = false;  // a 16-bit matrix, AMX usable at load: placed as AMX tiles unless another op reads it
   template <typename W>
   static void run_as(ThreadPool& pool, bool packed, const float* x, const W* w, const float* bias, float* y,
                      int64_t T, int64_t K, int64_t N, float* wide) {

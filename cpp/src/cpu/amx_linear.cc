@@ -1,0 +1,419 @@
+// linear on AMX-BF16 tiles: y[T, N] = x[T, K] · W[N, K]ᵀ (+ bias[N]) for BF16 and F16 weights.
+//
+// Numerics. TDPBF16PS multiplies bf16 pairs (exact in float32) and accumulates in float32, so:
+//  - x (float32) is split into hi = bf16(x) and lo = bf16(x - hi), both rounded to nearest even:
+//    |x - hi - lo| <= 2^-8 |x - hi| <= 2^-16 |x|, x to about 16 significant bits.
+//  - BF16 W is exact in bf16. F16 W (11 significant bits) splits exactly into whi = w truncated to bf16
+//    and wlo = w - whi: a multiple of w's F16 ulp below one bf16 ulp of w, so 3 bits, |wlo| < 2^-7 |w|;
+//    bf16's exponent range (float32's) holds every F16 value and remainder, subnormals included.
+//  - Per 32-k step each C tile accumulates, in this order: hi·whi, lo·whi, then for F16 hi·wlo. The
+//    lo·wlo term is dropped: |lo·wlo| < 2^-15 (1 + 2^-8) |x w|. So a product carries at most 2^-16 |x w|
+//    of error (BF16) or 3.02 * 2^-16 (F16), and the float32 sum of the 2 or 3 passes over K adds at
+//    most a float32 chain's rounding over 2K or 3K terms (tests/python/test_cpu_linear_16bit.py has the
+//    bound). The tiles' own order and rounding of those sums is not documented (it is none of the
+//    obvious sequential or pairwise ones), so no other kernel can reproduce their bits.
+//  - AMX treats bf16 subnormals as zero and flushes subnormal results (DAZ/FTZ, whatever MXCSR says),
+//    and the bf16 conversions treat float32 subnormal inputs as zero: |x| below 2^-126 counts as 0, and
+//    x below about 2^-110 loses its lo part. A BF16 weight below 2^-126 counts as 0 (F16 values are all
+//    far above). A hi part that is infinite (x = ±inf, or |x| past bf16's largest finite value) gets a
+//    zero lo part, so an infinite x gives infinite products, not inf - inf = NaN; NaN stays NaN. F16
+//    weights holding ±inf are not placed as AMX tiles (see split_f16_step).
+//
+// Batch invariance: AMX computes every row of a tile on its own, so a row's result is the same chain of
+// tile products over the same k steps whatever the number of rows of x, the row's tile and position in
+// it (tiles are configured with as many rows as remain), the chunk of rows and the thread that ran it;
+// C going to memory and back between chunks of K is exact. Decode (one row) runs this same kernel, so a
+// token's result does not depend on the batch it is in.
+//
+// Work: x is split once per chunk of up to kChunkRows rows into bf16 [rows, Kp] hi and lo buffers
+// (Kp = K rounded up to 32, zero-padded); a task is one block of 32 columns over all rows of the
+// chunk, two row tiles (32 rows) at a time: C tiles 2 x 2 (tmm0..3), A tiles for 2 x 16 rows (tmm4, 5)
+// and the block's two B tiles (tmm6, 7). See block_rows for how W reaches the B tiles.
+#include "cpu/amx_linear.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "rtllm/common.h"
+#include "rtllm/model_runner.h"
+#include "thread_pool.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__)
+#define RTLLM_CPU_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace rtllm::cpu {
+
+namespace {
+
+constexpr int64_t kStepValues = kAmxStepK * kAmxBlockCols;  // 16-bit values of W per block and k step
+constexpr int64_t kTileValues = kStepValues / 2;             // one B tile: 16 k pairs x 16 columns x 2
+constexpr int64_t kTileRows = 16;                            // rows of x per A and C tile
+constexpr int64_t kPairRows = 2 * kTileRows;                 // rows of x per pass over a block's k steps
+// Rows of x split per chunk: bounds the workspace (2 x 256 x Kp bf16) while a block's F16 split
+// (once per chunk) is shared by 8 pairs of row tiles.
+constexpr int64_t kChunkRows = 256;
+
+int64_t padded_k(int64_t K) { return amx_num_k_steps(K) * kAmxStepK; }
+
+// K steps of a block whose B tiles are split (F16) or copied (BF16) at a time for all pairs of row tiles
+// (128 KiB of F16 hi and lo parts, in L2). Measured (F16, SmolLM2's four linears, 128 rows, 2 threads):
+// 8 steps, which fit L1, took 1.78 ms a layer against 1.38 for 32 and 1.44 for 64: the C tiles' round
+// trips through memory between chunks cost more than the L2 reads they save.
+constexpr int64_t kChunkSteps = 32;
+
+// Per thread: ThreadBuffers (below), 64-byte multiples.
+size_t thread_bytes() {
+  return 2 * sizeof(uint16_t) * kChunkSteps * kStepValues + sizeof(float) * kChunkRows * kAmxBlockCols + 64;
+}
+
+#if RTLLM_CPU_AMX
+
+// Linux: the tile data state is off until the process asks for it (ARCH_REQ_XCOMP_PERM, once, for all
+// its threads); without it the first tile instruction faults.
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+
+bool amx_supported() {
+  static const bool supported = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
+    if (!tile || !bf16 || !__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;  // AVX512-BF16
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return supported;
+}
+
+// LDTILECFG's 64-byte operand (palette 1).
+struct TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
+
+// C[r][h] = tmm(2r + h), A of row tile r = tmm(4 + r), B of column half h = tmm(6 + h); every tile row
+// is 64 bytes (16 float32 or 32 bf16). Row tile 0 has m0 rows, row tile 1 m1 (0: unused).
+void configure_tiles(int m0, int m1) {
+  TileConfig cfg;
+  const int rows[8] = {m0, m0, m1, m1, m0, m1, kTileRows, kTileRows};
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(rows[t]);
+    cfg.colsb[t] = rows[t] ? 64 : 0;
+  }
+  // GCC 12's _tile_loadconfig reads the config through another struct type: with strict aliasing, -O2
+  // dropped the stores to cfg (LDTILECFG then faulted). An "m" operand of cfg's own type keeps them.
+  asm volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
+// GCC's tile load and store intrinsics are asm statements that declare no memory operands, so the
+// compiler may move (or drop as dead) ordinary stores that a tile load reads, and loads of what a tile
+// store wrote, across them. This fence orders them, at no cost at run time.
+inline void tile_memory_fence() { asm volatile("" : : : "memory"); }
+
+// 16 float32 of a bf16 vector's half (bf16 is float32's upper half: a 16-bit shift, exact).
+inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+// v - widen(hi) per lane, but 0 where hi is ±inf (fpclass 0x08 | 0x10), so that an infinite value's
+// parts are (inf, 0) rather than (inf, NaN).
+inline __m512 remainder(__m512 v, __m512 hi) {
+  return _mm512_maskz_sub_ps(static_cast<__mmask16>(~_mm512_fpclass_ps_mask(hi, 0x18)), v, hi);
+}
+
+// 32 float32 (a: values 0..15, b: 16..31) -> 32 bf16 hi and lo parts (see the numerics above).
+inline void split32(__m512 a, __m512 b, uint16_t* hi, uint16_t* lo) {
+  const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+  const __m512 ha = widen_bf16(_mm512_castsi512_si256(h)), hb = widen_bf16(_mm512_extracti64x4_epi64(h, 1));
+  const __m512i l = (__m512i)_mm512_cvtne2ps_pbh(remainder(b, hb), remainder(a, ha));
+  _mm512_storeu_si512(hi, h);
+  _mm512_storeu_si512(lo, l);
+}
+
+// Row x[0:K] -> hi[0:Kp], lo[0:Kp], zero past K (the weight is zero there too: 0 · 0, never 0 · NaN).
+void split_row(const float* x, int64_t K, uint16_t* hi, uint16_t* lo) {
+  for (int64_t k = 0; k < padded_k(K); k += 32) {
+    const int64_t n = std::clamp<int64_t>(K - k, 0, 32);
+    const __mmask16 ma = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
+    const __mmask16 mb = static_cast<__mmask16>(n >= 32 ? 0xFFFF : n <= 16 ? 0 : (1u << (n - 16)) - 1);
+    split32(_mm512_maskz_loadu_ps(ma, x + k), _mm512_maskz_loadu_ps(mb, x + k + 16), hi + k, lo + k);
+  }
+}
+
+// One k step of F16 weights, placed with each pair row planar (16 columns at k = 2i, then the same 16 at
+// 2i + 1), -> bf16 hi and lo B tiles in VNNI order. Per value: widened to float32 (exact), hi = the
+// float32 truncated to bf16 (its upper half), lo = f - hi (exact: at most 3 significant bits, so also
+// an upper half alone). Each 32-bit lane of a VNNI row is (k = 2i, k = 2i + 1) of one column: the even
+// value's upper half shifted down, or'd with the odd one's upper half, so no cross-lane packing (the
+// port-5 shuffles of a bf16 conversion made the split, not the tiles, the bound of decode). An infinite
+// w would give lo = inf - inf = NaN: pack_amx_weight refuses F16 weights holding one (the runner keeps
+// those as GEMM panels), which saves this loop, decode's bound, a quarter of its instructions.
+void split_f16_step(const uint16_t* w, uint16_t* hi, uint16_t* lo) {
+  const __m512i upper = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t r = 0; r < kStepValues; r += 32) {  // one pair row of a B tile: 16 columns x 2 k
+    const __m512 fe = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r)));
+    const __m512 fo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r + 16)));
+    const __m512i be = _mm512_castps_si512(fe), bo = _mm512_castps_si512(fo);
+    const __m512 le = _mm512_sub_ps(fe, _mm512_castsi512_ps(_mm512_and_si512(be, upper)));
+    const __m512 lo_odd = _mm512_sub_ps(fo, _mm512_castsi512_ps(_mm512_and_si512(bo, upper)));
+    // (a >> 16) | (b & upper): ternary logic A | (B & C) = 0xF8
+    _mm512_storeu_si512(hi + r, _mm512_ternarylogic_epi32(_mm512_srli_epi32(be, 16), bo, upper, 0xF8));
+    _mm512_storeu_si512(lo + r, _mm512_ternarylogic_epi32(_mm512_srli_epi32(_mm512_castps_si512(le), 16),
+                                                          _mm512_castps_si512(lo_odd), upper, 0xF8));
+  }
+}
+
+// Steps ahead that decode fetches W (2 KiB of F16 a step).
+constexpr int64_t kPrefetchSteps = 8;
+
+void prefetch_step(const uint16_t* w) {
+  for (int64_t i = 0; i < kStepValues; i += 32) _mm_prefetch(reinterpret_cast<const char*>(w + i), _MM_HINT_T1);
+}
+
+// The block's two B tiles of one k step (b: kStepValues values) -> tmm6, tmm7.
+inline void load_b(const uint16_t* b) {
+  _tile_loadd(6, b, 64);
+  _tile_loadd(7, b + kTileValues, 64);
+}
+
+// C[r][h] += A[r] · B[h]: the A tiles of one k step from `rows` (its 16 or 32 rows ldx bytes apart), B in
+// tmm6 and tmm7.
+template <bool kTwo>
+inline void add_products(const char* rows, int64_t ldx) {
+  _tile_loadd(4, rows, ldx);
+  if constexpr (kTwo) _tile_loadd(5, rows + kTileRows * ldx, ldx);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  if constexpr (kTwo) {
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
+// c[kPairRows][32] (rows ldc floats apart) = (accumulate ? c : 0) + the products over num_steps k steps,
+// for the pair of row tiles whose split rows start at xhi / xlo (ldx bytes apart) and B steps at bhi
+// (and F16's lo parts at blo), kStepValues apart. jit_w (one pair of row tiles: decode) is W as placed,
+// streamed from memory: fetched kPrefetchSteps ahead, and for F16 split here, one step ahead, into the
+// two-step rings bhi and blo (a tile load right after the stores it reads waits for them; one step
+// later they have left the store buffer).
+template <bool kTwo, bool kFp16>
+void block_product(const uint16_t* xhi, const uint16_t* xlo, int64_t ldx, uint16_t* bhi, uint16_t* blo,
+                   const uint16_t* jit_w, int64_t num_steps, float* c, int64_t ldc, bool accumulate) {
+  const int64_t stride = ldc * static_cast<int64_t>(sizeof(float));
+  if (jit_w)
+    for (int64_t s = 1; s < std::min(kPrefetchSteps, num_steps); ++s) prefetch_step(jit_w + s * kStepValues);
+  if (kFp16 && jit_w) split_f16_step(jit_w, bhi, blo);
+  tile_memory_fence();  // the split rows of x and of W, and c, are written
+  if (accumulate) {
+    _tile_loadd(0, c, stride);
+    _tile_loadd(1, c + kTileRows, stride);
+    if constexpr (kTwo) {
+      _tile_loadd(2, c + kTileRows * ldc, stride);
+      _tile_loadd(3, c + kTileRows * ldc + kTileRows, stride);
+    }
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (kTwo) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+  }
+  const char* row_hi = reinterpret_cast<const char*>(xhi);
+  const char* row_lo = reinterpret_cast<const char*>(xlo);
+  for (int64_t s = 0; s < num_steps; ++s) {
+    int64_t at = s * kStepValues;
+    // Decode streams W from memory: the split's loads stalled on it (perf: the hottest instruction was
+    // the one after the first load of a step; 24 -> 18 ms a token of F16 SmolLM2) until each step
+    // fetched the one kPrefetchSteps ahead.
+    if (jit_w && s + kPrefetchSteps < num_steps) prefetch_step(jit_w + (s + kPrefetchSteps) * kStepValues);
+    if (kFp16 && jit_w) {
+      if (s + 1 < num_steps) {
+        const int64_t next = ((s + 1) % 2) * kStepValues;
+        split_f16_step(jit_w + (s + 1) * kStepValues, bhi + next, blo + next);
+        tile_memory_fence();
+      }
+      at = (s % 2) * kStepValues;
+    }
+    const int64_t a = s * kAmxStepK * static_cast<int64_t>(sizeof(uint16_t));  // byte offset in a row
+    load_b(bhi + at);
+    add_products<kTwo>(row_hi + a, ldx);
+    add_products<kTwo>(row_lo + a, ldx);
+    if constexpr (kFp16) {
+      load_b(blo + at);
+      add_products<kTwo>(row_hi + a, ldx);
+    }
+  }
+  _tile_stored(0, c, stride);
+  _tile_stored(1, c + kTileRows, stride);
+  if constexpr (kTwo) {
+    _tile_stored(2, c + kTileRows * ldc, stride);
+    _tile_stored(3, c + kTileRows * ldc + kTileRows, stride);
+  }
+  tile_memory_fence();  // before anything reads c
+}
+
+// One thread's buffers: a chunk of a block's B steps (bf16, or F16 split into hi and lo), C of a block
+// past N's last multiple of 32 for the rows of a chunk of x, and the key of its tile configuration.
+struct ThreadBuffers {
+  uint16_t* hi;  // [kChunkSteps][kStepValues]
+  uint16_t* lo;  // [kChunkSteps][kStepValues]
+  float* c;      // [kChunkRows][kAmxBlockCols]
+  int* configured;
+};
+
+// Rows [0, rows) of y's columns [n0, n0 + num_cols) for one block. The C tiles go straight to y, or for
+// a block past N's last multiple of 32 to the thread's c and from there its num_cols columns (reading C
+// right after the tile stores stalls: measured 3,600 cycles a pair, more than its products at K = 128,
+// so the bias is added in a later pass). With several pairs of row tiles, K goes in chunks of
+// kChunkSteps whose B steps are split or copied once for every pair, C going to memory and back
+// between chunks (exact: float32 both ways); one pair (decode) reads or splits W as it goes.
+void block_rows(const uint16_t* xhi, const uint16_t* xlo, int64_t Kp, const uint16_t* w, bool fp16, float* y,
+                int64_t rows, int64_t N, int64_t n0, int64_t num_cols, int64_t num_steps, const ThreadBuffers& buf) {
+  const int64_t num_pairs = (rows + kPairRows - 1) / kPairRows;
+  const int64_t ldx = Kp * static_cast<int64_t>(sizeof(uint16_t));
+  const bool whole = num_cols == kAmxBlockCols;
+  const int64_t ldc = whole ? N : kAmxBlockCols;
+  float* out = whole ? y + n0 : buf.c;
+  const bool jit = num_pairs == 1;
+  const int64_t chunk_steps = jit ? num_steps : kChunkSteps;
+  for (int64_t k0 = 0; k0 < num_steps; k0 += chunk_steps) {
+    const int64_t ns = std::min(chunk_steps, num_steps - k0);
+    const uint16_t* wk = w + k0 * kStepValues;
+    uint16_t* bhi = buf.hi;
+    if (!jit && fp16) {
+      for (int64_t s = 0; s < ns; ++s)
+        split_f16_step(wk + s * kStepValues, buf.hi + s * kStepValues, buf.lo + s * kStepValues);
+    } else if (!jit) {
+      std::memcpy(buf.hi, wk, ns * kStepValues * sizeof(uint16_t));  // streamed, then read by every pair
+    } else if (!fp16) {
+      bhi = const_cast<uint16_t*>(wk);  // read only
+    }
+    const uint16_t* jit_w = jit ? wk : nullptr;
+    for (int64_t p = 0; p < num_pairs; ++p) {
+      const int64_t r0 = p * kPairRows;
+      const int m0 = static_cast<int>(std::min(kTileRows, rows - r0));
+      const int m1 = static_cast<int>(std::clamp<int64_t>(rows - r0 - kTileRows, 0, kTileRows));
+      if (m0 + 17 * m1 != *buf.configured) {
+        configure_tiles(m0, m1);
+        *buf.configured = m0 + 17 * m1;
+      }
+      const uint16_t *h = xhi + r0 * Kp + k0 * kAmxStepK, *l = xlo + r0 * Kp + k0 * kAmxStepK;
+      float* c = out + r0 * ldc;
+      const bool acc = k0 > 0;
+      if (m1 && fp16) block_product<true, true>(h, l, ldx, bhi, buf.lo, jit_w, ns, c, ldc, acc);
+      else if (m1) block_product<true, false>(h, l, ldx, bhi, buf.lo, jit_w, ns, c, ldc, acc);
+      else if (fp16) block_product<false, true>(h, l, ldx, bhi, buf.lo, jit_w, ns, c, ldc, acc);
+      else block_product<false, false>(h, l, ldx, bhi, buf.lo, jit_w, ns, c, ldc, acc);
+    }
+  }
+  if (!whole)
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(y + r * N + n0, buf.c + r * ldc, num_cols * sizeof(float));
+}
+
+#endif  // RTLLM_CPU_AMX
+
+}  // namespace
+
+bool amx_linear_enabled() {
+  const char* env = std::getenv("RTLLM_CPU_AMX");
+  if (env && std::strcmp(env, "0") == 0) return false;
+#if RTLLM_CPU_AMX
+  return amx_supported();
+#else
+  return false;
+#endif
+}
+
+bool pack_amx_weight(const uint16_t* w, int64_t N, int64_t K, bool fp16, uint16_t* tiles) {
+  if (fp16)
+    for (int64_t i = 0; i < N * K; ++i)
+      if ((w[i] & 0x7FFF) == 0x7C00) return false;  // ±inf: see split_f16_step
+  const int64_t num_steps = amx_num_k_steps(K);
+  for (int64_t b = 0; b < amx_num_col_blocks(N); ++b) {
+    for (int64_t s = 0; s < num_steps; ++s) {
+      uint16_t* step = tiles + (b * num_steps + s) * kStepValues;
+      for (int64_t h = 0; h < 2; ++h) {
+        for (int64_t j = 0; j < kTileRows; ++j) {
+          const int64_t n = b * kAmxBlockCols + h * kTileRows + j;
+          for (int64_t kk = 0; kk < kAmxStepK; ++kk) {  // k = 32 s + 2 i + p
+            const int64_t k = s * kAmxStepK + kk;
+            const int64_t at = fp16 ? kTileRows * (kk % 2) + j : 2 * j + kk % 2;  // planar or VNNI pairs
+            step[(h * kTileRows + kk / 2) * kAmxBlockCols + at] = n < N && k < K ? w[n * K + k] : 0;
+          }
+        }
+      }
+    }
+  }
+  return true;
+}
+
+size_t amx_linear_workspace_bytes(int64_t K, int64_t max_rows, int num_threads) {
+  const size_t rows = static_cast<size_t>(std::clamp<int64_t>(max_rows, 1, kChunkRows));
+  return 2 * sizeof(uint16_t) * rows * static_cast<size_t>(padded_k(K)) +
+         static_cast<size_t>(num_threads) * thread_bytes();
+}
+
+void amx_linear(ThreadPool& pool, const float* x, const uint16_t* tiles, bool fp16, const float* bias, float* y,
+                int64_t T, int64_t K, int64_t N, void* workspace) {
+#if RTLLM_CPU_AMX
+  RTLLM_CHECK(amx_supported(), "linear: the weight is laid out for AMX tiles, which this CPU or OS does not offer");
+  if (T == 0) return;
+  const int64_t Kp = padded_k(K), num_steps = amx_num_k_steps(K), num_blocks = amx_num_col_blocks(N);
+  const int64_t chunk = std::min(T, kChunkRows);
+  auto* xhi = static_cast<uint16_t*>(workspace);
+  uint16_t* xlo = xhi + chunk * Kp;
+  char* per_thread = reinterpret_cast<char*>(xlo + chunk * Kp);  // 64-byte multiples from a 64-byte base
+  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+    const int64_t rows = std::min(chunk, T - t0);
+    const int64_t num_row_tasks = (rows + kTileRows - 1) / kTileRows;
+    pool.parallel_for(num_row_tasks, [&](int64_t task, int) {
+      for (int64_t r = task * kTileRows; r < std::min(rows, (task + 1) * kTileRows); ++r)
+        split_row(x + (t0 + r) * K, K, xhi + r * Kp, xlo + r * Kp);
+    }, kTileRows * Kp);
+    const int64_t passes = fp16 ? 3 : 2;
+    // A thread loads its tile configuration at its first task of the pass (LDTILECFG measured about 500
+    // cycles: once per task cost a fifth of BF16 decode), not across passes: another library may use
+    // AMX on the calling thread between two calls.
+    auto buffers = [&](int thread) {
+      char* area = per_thread + static_cast<size_t>(thread) * thread_bytes();
+      ThreadBuffers b;
+      b.hi = reinterpret_cast<uint16_t*>(area);
+      b.lo = b.hi + kChunkSteps * kStepValues;
+      b.c = reinterpret_cast<float*>(b.lo + kChunkSteps * kStepValues);
+      b.configured = reinterpret_cast<int*>(b.c + kChunkRows * kAmxBlockCols);
+      return b;
+    };
+    for (int i = 0; i < pool.num_threads(); ++i) *buffers(i).configured = -1;
+    pool.parallel_for(num_blocks, [&](int64_t b, int thread) {
+      const int64_t n0 = b * kAmxBlockCols;
+      block_rows(xhi, xlo, Kp, tiles + b * num_steps * kStepValues, fp16, y + t0 * N, rows, N, n0,
+                 std::min(kAmxBlockCols, N - n0), num_steps, buffers(thread));
+      // The tile state stays loaded after the task: TILERELEASE per task made 2-thread decode 3x slower.
+    }, passes * rows * Kp * kAmxBlockCols);
+  }
+  if (!bias) return;
+  pool.parallel_for(T, [&](int64_t t, int) {
+    float* row = y + t * N;
+    for (int64_t n = 0; n < N; ++n) row[n] += bias[n];
+  }, N);
+#else
+  (void)pool, (void)x, (void)tiles, (void)fp16, (void)bias, (void)y, (void)T, (void)K, (void)N, (void)workspace;
+  RTLLM_CHECK(false, "linear: the weight is laid out for AMX tiles, and rtllm was built without AMX-BF16");
+#endif
+}
+
+}  // namespace rtllm::cpu
+
+namespace rtllm {
+
+bool cpu_amx_available() { return cpu::amx_linear_enabled(); }
+
+}  // namespace rtllm
