@@ -199,17 +199,19 @@ inline void add_products(const char* rows, int64_t ldx) {
 
 // c[kPairRows][32] (rows ldc floats apart) = (accumulate ? c : 0) + the products over num_steps k steps,
 // for the pair of row tiles whose split rows start at xhi / xlo (ldx bytes apart) and B steps at bhi
-// (and F16's lo parts at blo), kStepValues apart. jit_w (one pair of row tiles: decode) is W as placed,
-// streamed from memory: fetched kPrefetchSteps ahead, and for F16 split here, one step ahead, into the
-// two-step rings bhi and blo (a tile load right after the stores it reads waits for them; one step
-// later they have left the store buffer).
+// (and F16's lo parts at blo), kStepValues apart. With stream_w, W as placed, read from memory by this
+// product first: fetched kPrefetchSteps ahead, and for F16 split here, one step ahead (a tile load right
+// after the stores it reads waits for them; one step later they have left the store buffer), into bhi
+// and blo as two-step rings (ring: decode, nothing else reads them) or whole (the other pairs of row
+// tiles read them next: the split overlaps the first pair's products instead of preceding them).
 template <bool kTwo, bool kFp16>
 void block_product(const uint16_t* xhi, const uint16_t* xlo, int64_t ldx, uint16_t* bhi, uint16_t* blo,
-                   const uint16_t* jit_w, int64_t num_steps, float* c, int64_t ldc, bool accumulate) {
+                   const uint16_t* stream_w, bool ring, int64_t num_steps, float* c, int64_t ldc,
+                   bool accumulate) {
   const int64_t stride = ldc * static_cast<int64_t>(sizeof(float));
-  if (jit_w)
-    for (int64_t s = 1; s < std::min(kPrefetchSteps, num_steps); ++s) prefetch_step(jit_w + s * kStepValues);
-  if (kFp16 && jit_w) split_f16_step(jit_w, bhi, blo);
+  if (stream_w)
+    for (int64_t s = 1; s < std::min(kPrefetchSteps, num_steps); ++s) prefetch_step(stream_w + s * kStepValues);
+  if (kFp16 && stream_w) split_f16_step(stream_w, bhi, blo);
   tile_memory_fence();  // the split rows of x and of W, and c, are written
   if (accumulate) {
     _tile_loadd(0, c, stride);
@@ -229,18 +231,16 @@ void block_product(const uint16_t* xhi, const uint16_t* xlo, int64_t ldx, uint16
   const char* row_hi = reinterpret_cast<const char*>(xhi);
   const char* row_lo = reinterpret_cast<const char*>(xlo);
   for (int64_t s = 0; s < num_steps; ++s) {
-    int64_t at = s * kStepValues;
+    const int64_t at = (kFp16 && stream_w && ring ? s % 2 : s) * kStepValues;
     // Decode streams W from memory: the split's loads stalled on it (perf: the hottest instruction was
     // the one after the first load of a step; 24 -> 18 ms a token of F16 SmolLM2) until each step
     // fetched the one kPrefetchSteps ahead.
-    if (jit_w && s + kPrefetchSteps < num_steps) prefetch_step(jit_w + (s + kPrefetchSteps) * kStepValues);
-    if (kFp16 && jit_w) {
-      if (s + 1 < num_steps) {
-        const int64_t next = ((s + 1) % 2) * kStepValues;
-        split_f16_step(jit_w + (s + 1) * kStepValues, bhi + next, blo + next);
-        tile_memory_fence();
-      }
-      at = (s % 2) * kStepValues;
+    if (stream_w && s + kPrefetchSteps < num_steps)
+      prefetch_step(stream_w + (s + kPrefetchSteps) * kStepValues);
+    if (kFp16 && stream_w && s + 1 < num_steps) {
+      const int64_t next = (ring ? (s + 1) % 2 : s + 1) * kStepValues;
+      split_f16_step(stream_w + (s + 1) * kStepValues, bhi + next, blo + next);
+      tile_memory_fence();
     }
     const int64_t a = s * kAmxStepK * static_cast<int64_t>(sizeof(uint16_t));  // byte offset in a row
     load_b(bhi + at);
@@ -288,15 +288,11 @@ void block_rows(const uint16_t* xhi, const uint16_t* xlo, int64_t Kp, const uint
     const int64_t ns = std::min(chunk_steps, num_steps - k0);
     const uint16_t* wk = w + k0 * kStepValues;
     uint16_t* bhi = buf.hi;
-    if (!jit && fp16) {
-      for (int64_t s = 0; s < ns; ++s)
-        split_f16_step(wk + s * kStepValues, buf.hi + s * kStepValues, buf.lo + s * kStepValues);
-    } else if (!jit) {
-      std::memcpy(buf.hi, wk, ns * kStepValues * sizeof(uint16_t));  // streamed, then read by every pair
-    } else if (!fp16) {
+    if (!fp16 && jit) {
       bhi = const_cast<uint16_t*>(wk);  // read only
+    } else if (!fp16) {
+      std::memcpy(buf.hi, wk, ns * kStepValues * sizeof(uint16_t));  // streamed, then read by every pair
     }
-    const uint16_t* jit_w = jit ? wk : nullptr;
     for (int64_t p = 0; p < num_pairs; ++p) {
       const int64_t r0 = p * kPairRows;
       const int m0 = static_cast<int>(std::min(kTileRows, rows - r0));
@@ -307,11 +303,13 @@ void block_rows(const uint16_t* xhi, const uint16_t* xlo, int64_t Kp, const uint
       }
       const uint16_t *h = xhi + r0 * Kp + k0 * kAmxStepK, *l = xlo + r0 * Kp + k0 * kAmxStepK;
       float* c = out + r0 * ldc;
+      // The first pair streams W (and splits F16 into the buffers the others read).
+      const uint16_t* stream_w = p == 0 && (fp16 || jit) ? wk : nullptr;
       const bool acc = k0 > 0;
-      if (m1 && fp16) block_product<true, true>(h, l, ldx, bhi, buf.lo, jit_w, ns, c, ldc, acc);
-      else if (m1) block_product<true, false>(h, l, ldx, bhi, buf.lo, jit_w, ns, c, ldc, acc);
-      else if (fp16) block_product<false, true>(h, l, ldx, bhi, buf.lo, jit_w, ns, c, ldc, acc);
-      else block_product<false, false>(h, l, ldx, bhi, buf.lo, jit_w, ns, c, ldc, acc);
+      if (m1 && fp16) block_product<true, true>(h, l, ldx, bhi, buf.lo, stream_w, jit, ns, c, ldc, acc);
+      else if (m1) block_product<true, false>(h, l, ldx, bhi, buf.lo, stream_w, jit, ns, c, ldc, acc);
+      else if (fp16) block_product<false, true>(h, l, ldx, bhi, buf.lo, stream_w, jit, ns, c, ldc, acc);
+      else block_product<false, false>(h, l, ldx, bhi, buf.lo, stream_w, jit, ns, c, ldc, acc);
     }
   }
   if (!whole)
