@@ -7,8 +7,9 @@ llama-30m (hidden 512, intermediate 1408, vocab 8192) at decode (M = 1, 32) and 
 The rowmajor rows run rtllm's linear on a W that the embedding reads too (as with tied embeddings),
 which the runner leaves row-major [N, K] for the inner-product kernel instead of packing it.
 Each row gives the median over --reps calls, the spread (p10..p90) and GFLOP/s (2 M N K / time).
---dtype bfloat16 / float16 stores W 16-bit (rtllm keeps it so and widens it as it reads; numpy and torch
-multiply the same widened values in float32), and adds the weight bytes streamed per second at the median.
+--dtype bfloat16 / float16 stores W 16-bit (rtllm keeps it so and widens it as it reads, or on a CPU with
+AMX-BF16 multiplies it on AMX tiles, unless RTLLM_CPU_AMX=0; numpy and torch multiply the same widened
+values in float32), and adds the weight bytes streamed per second at the median.
 
 --model runs a whole model instead, through the C++ runner alone (no executor, no sampling): an HF
 checkpoint (built into a temporary engine, weights in the checkpoint's dtype) or an engine directory.
