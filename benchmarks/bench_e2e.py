@@ -135,9 +135,10 @@ def bench_rtllm(model_dir, workloads, args):
     engine = is_engine_dir(model_dir)
     build_config = None if engine else BuildConfig(
         max_batch_size=args.max_batch_size or 64, max_input_len=max_isl, max_seq_len=max_seq,
-        max_num_tokens=args.max_num_tokens, dtype=args.dtype)
-    # An engine runs at its own batch limit unless --max-batch-size lowers it for this run.
-    limits = {"max_batch_size": args.max_batch_size} if engine and args.max_batch_size else {}
+        max_num_tokens=args.max_num_tokens or 8192, dtype=args.dtype)
+    # An engine runs at its own limits unless --max-batch-size / --max-num-tokens lower them for this run.
+    limits = {name: value for name, value in (("max_batch_size", args.max_batch_size),
+                                              ("max_num_tokens", args.max_num_tokens)) if engine and value}
     results = {"workloads": []}
     quant = {}
     if getattr(args, "quant_algo", None) or getattr(args, "kv_cache_quant_algo", None):
@@ -285,7 +286,8 @@ def main():
     parser.add_argument("--hf-max-osl", type=int, default=None, help="cap on HF's output tokens")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="the build's batch limit (default 64); with an engine, a lower limit for this run")
-    parser.add_argument("--max-num-tokens", type=int, default=8192)
+    parser.add_argument("--max-num-tokens", type=int, default=None,
+                        help="tokens per step of the build (default 8192); with an engine, a lower limit for this run")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--output", help="also write the JSON here")
     try:

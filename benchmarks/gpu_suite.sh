@@ -121,13 +121,16 @@ ab_build() {  # skipped when the base is built (a machine kept between calls)
 ab_prepare() {  # each part skipped when its output exists
   ab_build || return
   [ -f "$AB_WORK/engine/rank0.engine" ] && return
-  # The base's builder writes the engine: a newer build reads older engine formats, not the reverse.
+  # The base's builder writes the engine: a newer build reads older engine formats, not the reverse. A
+  # checkpoint fp8_prepare left (same preset) serves and stays; one written here goes once the engine is built.
+  local keep_hf=0
+  [ -f "$AB_WORK/hf/config.json" ] && keep_hf=1
   # shellcheck disable=SC2086
-  PYTHONPATH="$AB_WORK/base${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
-    "from rtllm.models.presets import write_random_checkpoint as w; w('$AB_WORK/hf', 'llama-3-8b', dtype='bfloat16')" &&
+  { [ $keep_hf = 1 ] || PYTHONPATH="$AB_WORK/base${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
+    "from rtllm.models.presets import write_random_checkpoint as w; w('$AB_WORK/hf', 'llama-3-8b', dtype='bfloat16')"; } &&
     PYTHONPATH="$AB_WORK/base${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m rtllm.cli build "$AB_WORK/hf" -o "$AB_WORK/engine" \
       --max-batch-size 512 --max-input-len 2048 --max-seq-len 4096 --max-num-tokens 8192 ${AB_BUILD_ARGS:-} &&
-    rm -rf "$AB_WORK/hf"
+    { [ $keep_hf = 1 ] || rm -rf "$AB_WORK/hf"; }
 }
 # AB_ORDER (base-new, new-base or base-new-base): the order of the runs. A card that drifts between two runs
 # shows as a difference of builds; running the other order too (or the base again, into ab_base2.json) tells
