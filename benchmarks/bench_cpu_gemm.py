@@ -8,8 +8,9 @@ The rowmajor rows run rtllm's linear on a W that the embedding reads too (as wit
 which the runner leaves row-major [N, K] for the inner-product kernel instead of packing it.
 Each row gives the median over --reps calls, the spread (p10..p90) and GFLOP/s (2 M N K / time).
 --dtype bfloat16 / float16 stores W 16-bit (rtllm keeps it so and widens it as it reads, or on a CPU with
-AMX-BF16 multiplies it on AMX tiles, unless RTLLM_CPU_AMX=0; numpy and torch multiply the same widened
-values in float32), and adds the weight bytes streamed per second at the median.
+AMX-BF16 multiplies it on AMX tiles: bfloat16 unless RTLLM_CPU_AMX=0, float16 with RTLLM_CPU_AMX=1; numpy
+and torch multiply the same widened values in float32), and adds the weight bytes streamed per second at
+the median.
 
 --model runs a whole model instead, through the C++ runner alone (no executor, no sampling): an HF
 checkpoint (built into a temporary engine, weights in the checkpoint's dtype) or an engine directory.

@@ -5,7 +5,7 @@
 --gguf is a llama.cpp GGUF file (default: SmolLM2-135M-Instruct Q4_1, the file tests/python/smollm2.py
 fetches). From it the script derives, once, into the same directory, an F16 and a Q8_0 file holding the
 same (dequantized) weights with the same metadata, so every format below has the same model:
-  F16   llama.cpp F16    against rtllm loading the same file with dtype="float16" (16-bit weights)
+  F16   llama.cpp F16    against rtllm loading the same file with dtype="float16" and "bfloat16" (16-bit weights)
   Q8_0  llama.cpp Q8_0   against rtllm loading it (W8A16: int8 codes, one scale per 32 weights)
   Q4_1  llama.cpp Q4_1   against rtllm loading it (W4A16: int4 codes, scale and offset per 32 weights)
 For each: the prefill of --prompt-len tokens (ms; best of --reps) and batch-1 greedy decode (ms per token
@@ -170,9 +170,11 @@ def main():
     for fmt in args.formats:
         path = derive_gguf(source, fmt)
         entry = {}
-        # F16: rtllm's float16 engine (its norms in float16 too; llama.cpp keeps those in float32)
+        # F16: rtllm's float16 engine (its norms in float16 too; llama.cpp keeps those in float32), and a
+        # bfloat16 engine from the same file, the 16-bit format rtllm's CPU linear runs on AMX by default.
         dtype = "float16" if fmt == "F16" else "auto"
         engines = [("rtllm", lambda *a: bench_rtllm(*a, dtype=dtype))] + \
+            ([("rtllm bf16", lambda *a: bench_rtllm(*a, dtype="bfloat16"))] if fmt == "F16" else []) + \
             ([("llama.cpp", bench_llamacpp)] if have_llamacpp else [])
         for engine, bench in engines:
             prefill_ms, decode_ms = bench(path, ids, args)
@@ -181,6 +183,10 @@ def main():
         if have_llamacpp:
             entry["decode_speedup"] = entry["llama.cpp"]["decode_ms_per_token"] / entry["rtllm"]["decode_ms_per_token"]
             entry["prefill_speedup"] = entry["llama.cpp"]["prefill_ms"] / entry["rtllm"]["prefill_ms"]
+            if "rtllm bf16" in entry:
+                entry["bf16_decode_speedup"] = (entry["llama.cpp"]["decode_ms_per_token"] /
+                                                entry["rtllm bf16"]["decode_ms_per_token"])
+                entry["bf16_prefill_speedup"] = entry["llama.cpp"]["prefill_ms"] / entry["rtllm bf16"]["prefill_ms"]
         results["formats"][fmt] = entry
     report(results, rows, ["format", "engine", "prefill ms", "decode ms/token"], args.output)
 

@@ -118,7 +118,8 @@ void bind_engine(py::module_& m) {
       py::arg("src"), py::arg("src_dtype"), py::arg("dst_dtype"));
   m.def("cuda_available", &cuda_available, "True when this build has the CUDA backend and a CUDA device is present");
   m.def("cpu_amx_available", &cpu_amx_available,
-        "True when the CPU linear runs BF16 and F16 weights on AMX (RTLLM_CPU_AMX=0 turns it off at engine load)");
+        "True when the CPU linear runs BF16 weights on AMX (RTLLM_CPU_AMX=0 turns it off at engine load, "
+        "RTLLM_CPU_AMX=1 adds F16 weights)");
 
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def_static("load", &load_engine, py::arg("dir"), py::arg("rank") = 0, py::call_guard<py::gil_scoped_release>())

@@ -28,13 +28,13 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(params=["amx", "no_amx"])
 def cpu_amx(request, monkeypatch):
     """Runs a test with each kernel of the CPU linear for BF16 / F16 weights: the AMX-BF16 tiles ("amx",
-    skipped where the CPU, the OS or the build has no AMX-BF16) and, with RTLLM_CPU_AMX=0, the float32
-    FMA kernels. Engines read the variable when they load. True for the AMX run."""
+    RTLLM_CPU_AMX=1, which F16 weights need; skipped where the CPU, the OS or the build has no AMX-BF16)
+    and, with RTLLM_CPU_AMX=0, the float32 FMA kernels. Engines read the variable when they load. True for
+    the AMX run."""
     from rtllm import _core
 
-    monkeypatch.delenv("RTLLM_CPU_AMX", raising=False)
+    monkeypatch.setenv("RTLLM_CPU_AMX", "0" if request.param == "no_amx" else "1")
     if request.param == "no_amx":
-        monkeypatch.setenv("RTLLM_CPU_AMX", "0")
         return False
     if not _core.cpu_amx_available():
         pytest.skip("the CPU linear has no AMX-BF16 here")

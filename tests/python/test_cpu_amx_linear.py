@@ -19,7 +19,7 @@ MAX_ROWS = 300
 
 @pytest.fixture
 def amx(monkeypatch):
-    monkeypatch.delenv("RTLLM_CPU_AMX", raising=False)
+    monkeypatch.setenv("RTLLM_CPU_AMX", "1")  # F16 weights too
     if not _core.cpu_amx_available():
         pytest.skip("the CPU linear has no AMX-BF16 here")
 
@@ -137,3 +137,27 @@ def test_f16_weight_holding_inf_keeps_the_fma_kernels(tmp_path, monkeypatch, amx
     monkeypatch.setenv("RTLLM_CPU_AMX", "0")
     np.testing.assert_array_equal(with_amx, LinearRunner(path, max_rows=8)(ids))
     assert np.isinf(with_amx[:, 3]).any()
+
+
+@pytest.mark.parametrize("dtype,default_kernel", [("bfloat16", "1"), ("float16", "0")])
+def test_by_default_bf16_weights_take_the_tiles_and_f16_ones_the_fma_kernels(tmp_path, monkeypatch, amx, dtype,
+                                                                               default_kernel):
+    """Unset, RTLLM_CPU_AMX puts BF16 weights on AMX tiles and leaves F16 ones on the FMA kernels (their
+    per-call split would slow decode): the default's result equals, bit for bit, the one of the setting
+    named, and differs from the other's (x keeps 16 significant bits on the tiles, 24 on the FMAs)."""
+    rng = np.random.default_rng(6)
+    K, N, T = 96, 48, 8
+    table = rng.standard_normal((N, K)).astype(np.float32)
+    weight = representable(rng.standard_normal((N, K)).astype(np.float32), dtype)
+    path = write_linear_engine(tmp_path / "default", table, weight, max_rows=T, weight_dtype=dtype)
+    ids = rng.integers(0, N, T)
+    results = {}
+    for setting in (None, "0", "1"):
+        if setting is None:
+            monkeypatch.delenv("RTLLM_CPU_AMX", raising=False)
+        else:
+            monkeypatch.setenv("RTLLM_CPU_AMX", setting)
+        results[setting] = LinearRunner(path, max_rows=T)(ids)
+    other = "0" if default_kernel == "1" else "1"
+    np.testing.assert_array_equal(results[None], results[default_kernel])
+    assert not np.array_equal(results[None], results[other])

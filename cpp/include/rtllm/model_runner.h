@@ -52,8 +52,9 @@ struct RuntimeConfig {
 
 // True when this build has the CUDA backend and a CUDA device is present.
 RTLLM_API bool cuda_available();
-// True when the CPU linear runs BF16 and F16 weights on AMX tiles (built with AMX-BF16, the CPU and the
-// OS offer it, RTLLM_CPU_AMX is not "0"): engines loaded now place such weights for it.
+// True when the CPU linear runs BF16 weights on AMX tiles (built with AMX-BF16, the CPU and the OS offer
+// it, RTLLM_CPU_AMX is not "0"): engines loaded now place such weights for it; F16 weights too with
+// RTLLM_CPU_AMX=1.
 RTLLM_API bool cpu_amx_available();
 
 // One packed step: sequences with context (prefill) tokens first, then generation sequences.

@@ -18,10 +18,10 @@
 // values in the same order, so the result is that of float32 weights holding the widened values,
 // bit for bit, and still independent of the batch.
 //
-// Where the CPU has AMX-BF16 (cpu/amx_linear.h), packed BF16 and F16 weights are placed as AMX tiles
-// instead and every row count runs the tile kernel (decode too, so the batch invariance holds): x split
-// into two bf16 parts, about 16 significant bits of it instead of float32's 24 (bounds in
-// amx_linear.cc). RTLLM_CPU_AMX=0 at engine load keeps the kernels above.
+// Where the CPU has AMX-BF16 (cpu/amx_linear.h), packed BF16 weights (and F16 ones with RTLLM_CPU_AMX=1)
+// are placed as AMX tiles instead and every row count runs the tile kernel (decode too, so the batch
+// invariance holds): x split into two bf16 parts, about 16 significant bits of it instead of float32's 24
+// (bounds in amx_linear.cc). RTLLM_CPU_AMX=0 at engine load keeps the kernels above.
 #include <algorithm>
 #include <type_traits>
 
@@ -315,7 +315,8 @@ class Linear final : public OpKind {
     spec.require_num_io(2, 3, 1);
     spec.require_input_dtype(0, {DataType::kFloat32});
     for (size_t i = 1; i < spec.inputs.size(); ++i) spec.require_input_dtype(i, kWideFloatDtypes);
-    amx_ = weight_dtype() != DataType::kFloat32 && spec.inputs[1].shape.size() == 2 && cpu::amx_linear_enabled();
+    amx_ = weight_dtype() != DataType::kFloat32 && spec.inputs[1].shape.size() == 2 &&
+           cpu::amx_linear_enabled(weight_dtype() == DataType::kFloat16);
   }
   WeightPlacement weight_placement(size_t input) const override {
     const bool matrix = input == 1 && spec_.inputs[1].shape.size() == 2;
