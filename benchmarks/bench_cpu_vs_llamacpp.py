@@ -181,12 +181,12 @@ def main():
             entry[engine] = {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms}
             rows.append({"format": fmt, "engine": engine, "prefill ms": prefill_ms, "decode ms/token": decode_ms})
         if have_llamacpp:
-            entry["decode_speedup"] = entry["llama.cpp"]["decode_ms_per_token"] / entry["rtllm"]["decode_ms_per_token"]
-            entry["prefill_speedup"] = entry["llama.cpp"]["prefill_ms"] / entry["rtllm"]["prefill_ms"]
-            if "rtllm bf16" in entry:
-                entry["bf16_decode_speedup"] = (entry["llama.cpp"]["decode_ms_per_token"] /
-                                                entry["rtllm bf16"]["decode_ms_per_token"])
-                entry["bf16_prefill_speedup"] = entry["llama.cpp"]["prefill_ms"] / entry["rtllm bf16"]["prefill_ms"]
+            peer = entry["llama.cpp"]
+            for engine, prefix in (("rtllm", ""), ("rtllm bf16", "bf16_")):
+                if engine in entry:
+                    ours = entry[engine]
+                    entry[prefix + "decode_speedup"] = peer["decode_ms_per_token"] / ours["decode_ms_per_token"]
+                    entry[prefix + "prefill_speedup"] = peer["prefill_ms"] / ours["prefill_ms"]
         results["formats"][fmt] = entry
     report(results, rows, ["format", "engine", "prefill ms", "decode ms/token"], args.output)
 
