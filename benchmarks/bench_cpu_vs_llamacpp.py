@@ -8,6 +8,10 @@ same (dequantized) weights with the same metadata, so every format below has the
   F16   llama.cpp F16    against rtllm loading the same file with dtype="float16" and "bfloat16" (16-bit weights)
   Q8_0  llama.cpp Q8_0   against rtllm loading it (W8A16: int8 codes, one scale per 32 weights)
   Q4_1  llama.cpp Q4_1   against rtllm loading it (W4A16: int4 codes, scale and offset per 32 weights)
+Beside the Q8_0 and Q4_1 rows, rtllm also runs its own quantization of the same model (the HF checkpoint
+of --checkpoint, default: the one tests/python/smollm2.py derives from the Q4_1 file, as a bfloat16 engine):
+W8A16 with one scale per output channel, and W4A16 with a scale and zero point per 64 weights (the
+largest of rtllm's group sizes that divides this model's 576 columns).
 For each: the prefill of --prompt-len tokens (ms; best of --reps) and batch-1 greedy decode (ms per token
 over --tokens tokens; best of --reps). llama.cpp runs through llama-cpp-python (an optional dependency:
 `pip install llama-cpp-python`); without it, only rtllm's rows are printed.
@@ -119,12 +123,12 @@ def bench_llamacpp(path, ids, args):
     return min(prefill) * 1e3, min(decode) * 1e3
 
 
-def bench_rtllm(path, ids, args, dtype="auto"):
+def bench_rtllm(path, ids, args, dtype="auto", quant_config=None):
     from rtllm import LLM, SamplingParams
 
     # no prefix caching: each repetition prefills the prompt again, as llama.cpp's reset() makes it do
     with LLM(model=path, dtype=dtype, device="cpu", num_threads=args.threads, max_seq_len=len(ids) + args.tokens + 1,
-             max_batch_size=1, enable_prefix_caching=False) as llm:
+             max_batch_size=1, enable_prefix_caching=False, quant_config=quant_config) as llm:
         one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         many = SamplingParams(max_tokens=args.tokens + 1, temperature=0.0, ignore_eos=True)
         llm.generate({"prompt_token_ids": ids}, one, use_tqdm=False)  # warm-up
@@ -148,12 +152,20 @@ def main():
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--checkpoint", help="the HF checkpoint of the same model, for rtllm's own W8A16 / W4A16")
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
     source = args.gguf
     if source is None:
         from smollm2 import gguf_path
         source = gguf_path()
+    checkpoint = args.checkpoint
+    if checkpoint is None and args.gguf is None:
+        from smollm2 import checkpoint_dir
+        checkpoint = checkpoint_dir()
+    from rtllm import QuantAlgo, QuantConfig
+    own = {"Q8_0": ("rtllm W8A16", QuantConfig(quant_algo=QuantAlgo.W8A16)),
+           "Q4_1": ("rtllm W4A16 g64", QuantConfig(quant_algo=QuantAlgo.W4A16, group_size=64, has_zero_point=True))}
     try:
         import llama_cpp  # noqa: F401
         have_llamacpp = True
@@ -175,6 +187,8 @@ def main():
         dtype = "float16" if fmt == "F16" else "auto"
         engines = [("rtllm", lambda *a: bench_rtllm(*a, dtype=dtype))] + \
             ([("rtllm bf16", lambda *a: bench_rtllm(*a, dtype="bfloat16"))] if fmt == "F16" else []) + \
+            ([(own[fmt][0], lambda _, *a, q=own[fmt][1]: bench_rtllm(checkpoint, *a, dtype="bfloat16", quant_config=q))]
+             if fmt in own and checkpoint else []) + \
             ([("llama.cpp", bench_llamacpp)] if have_llamacpp else [])
         for engine, bench in engines:
             prefill_ms, decode_ms = bench(path, ids, args)
@@ -182,7 +196,8 @@ def main():
             rows.append({"format": fmt, "engine": engine, "prefill ms": prefill_ms, "decode ms/token": decode_ms})
         if have_llamacpp:
             peer = entry["llama.cpp"]
-            for engine, prefix in (("rtllm", ""), ("rtllm bf16", "bf16_")):
+            for engine, prefix in (("rtllm", ""), ("rtllm bf16", "bf16_"), ("rtllm W8A16", "own_"),
+                                   ("rtllm W4A16 g64", "own_")):
                 if engine in entry:
                     ours = entry[engine]
                     entry[prefix + "decode_speedup"] = peer["decode_ms_per_token"] / ours["decode_ms_per_token"]

@@ -7,8 +7,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <vector>
 
 #include "cpu/amx_linear.h"
+#include "cpu/amx_weight_only.h"
 #include "cpu/gemm_pack.h"
 #include "runner_backend.h"
 #include "thread_pool.h"
@@ -90,6 +92,7 @@ class CpuBackend final : public RunnerBackend {
     return b;
   }
   TensorSlot place_weight(const Weight& w, const WeightPlacement& placement) override;
+  TensorSlot place_amx_weight_only(const Weight& w, const WeightPlacement& placement, TensorSlot slot);
   void* allocate_workspace(size_t num_bytes) override {
     workspace_ = HostBuffer(num_bytes);
     workspace_bytes_ = num_bytes;
@@ -136,6 +139,8 @@ TensorSlot CpuBackend::place_weight(const Weight& w, const WeightPlacement& plac
   for (int64_t d : w.shape) slot.dims.push_back(Dim{Dim::Kind::kFixed, d});
   slot.dtype = placement.dtype;
   const int64_t n = w.numel();
+  if (placement.layout == WeightLayout::kCpuAmxCodeTiles || placement.layout == WeightLayout::kCpuAmxGroupCols)
+    return place_amx_weight_only(w, placement, std::move(slot));
   bool amx = placement.layout == WeightLayout::kCpuAmxTiles;
   const bool pack = placement.layout == WeightLayout::kCpuGemmPanels || amx;
   const bool aligned = reinterpret_cast<uintptr_t>(w.data) % std::max<size_t>(1, dtype_bits(w.dtype) / 8) == 0;
@@ -189,6 +194,40 @@ TensorSlot CpuBackend::place_weight(const Weight& w, const WeightPlacement& plac
     buf = std::move(panels);
     slot.dims = {Dim{Dim::Kind::kFixed, num_panels}, Dim{Dim::Kind::kFixed, K},
                  Dim{Dim::Kind::kFixed, cpu::kPanelCols}};
+  }
+  weight_bytes_ += num_bytes;
+  slot.data = buf.data();
+  owned_weights_.push_back(std::move(buf));
+  return slot;
+}
+
+// weight_only_linear's codes as AMX tiles (by their dtype, int8 or int4), or a per-group scale or offset
+// [N, G] as [num_col_blocks, G, 32] float32 (cpu/amx_weight_only.h).
+TensorSlot CpuBackend::place_amx_weight_only(const Weight& w, const WeightPlacement& placement, TensorSlot slot) {
+  RTLLM_CHECK(w.shape.size() == 2, "weight \"", w.name, "\": AMX weight-only layouts hold 2-d tensors");
+  const int64_t N = w.shape[0], C = w.shape[1], num_blocks = cpu::amx_num_col_blocks(N);
+  HostBuffer buf;
+  size_t num_bytes = 0;
+  if (placement.layout == WeightLayout::kCpuAmxCodeTiles) {
+    const bool int4 = w.dtype == DataType::kInt4;
+    RTLLM_CHECK(int4 || w.dtype == DataType::kInt8, "weight \"", w.name, "\": AMX code tiles hold I8 or I4 codes, not ",
+                dtype_safetensors_name(w.dtype));
+    const int64_t num_steps = cpu::amx_num_k_steps(C);
+    num_bytes = dtype_num_bytes(w.dtype, num_blocks * num_steps * cpu::kAmxStepK * cpu::kAmxBlockCols);
+    buf = HostBuffer(num_bytes);
+    cpu::pack_amx_codes(static_cast<const uint8_t*>(w.data), int4, N, C, static_cast<uint8_t*>(buf.data()));
+    slot.dims = {Dim{Dim::Kind::kFixed, num_blocks}, Dim{Dim::Kind::kFixed, num_steps},
+                 Dim{Dim::Kind::kFixed, cpu::kAmxStepK}, Dim{Dim::Kind::kFixed, cpu::kAmxBlockCols}};
+    slot.dtype = w.dtype;
+  } else {
+    std::vector<float> wide(static_cast<size_t>(N * C));
+    convert_floats(w.data, w.dtype, wide.data(), DataType::kFloat32, N * C);  // throws for non-float dtypes
+    num_bytes = sizeof(float) * static_cast<size_t>(num_blocks * C * cpu::kAmxBlockCols);
+    buf = HostBuffer(num_bytes);
+    cpu::pack_amx_group_cols(wide.data(), N, C, static_cast<float*>(buf.data()));
+    slot.dims = {Dim{Dim::Kind::kFixed, num_blocks}, Dim{Dim::Kind::kFixed, C},
+                 Dim{Dim::Kind::kFixed, cpu::kAmxBlockCols}};
+    slot.dtype = DataType::kFloat32;
   }
   weight_bytes_ += num_bytes;
   slot.data = buf.data();

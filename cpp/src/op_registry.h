@@ -65,6 +65,8 @@ enum class WeightLayout {
   kRowMajor,        // as stored in the engine
   kCpuGemmPanels,   // the CPU GEMM's column panels [num_panels, K, kPanelCols] (cpu/gemm_pack.h)
   kCpuAmxTiles,     // 16-bit W as AMX B tiles [num_col_blocks, num_k_steps, 32, 32] (cpu/amx_linear.h)
+  kCpuAmxCodeTiles, // int8 / int4 codes as AMX B tiles [num_col_blocks, num_k_steps, 32, 32] (cpu/amx_weight_only.h)
+  kCpuAmxGroupCols, // per-group float32 [N, G] as [num_col_blocks, G, 32] (cpu/amx_weight_only.h)
   kCudaInt4Mma,     // packed int4 codes in the CUDA GEMV's MMA layout (kernels::woq_pack_int4), same shape
 };
 

@@ -103,7 +103,7 @@ def _op_engine(path, llama_dir, x_rows, codes, int4, scale, scale_dtype, offset,
         weights["w.bias"] = Parameter((N,), "float32", const(bias), "w.bias")
         inputs.append("w.bias")
     write_one_op_engine(path, llama_dir, x_rows, N, "weight_only_linear", inputs, weights,
-                        {"group_size": group_size, "has_offset": offset is not None}, max_batch_size=65)
+                        {"group_size": group_size, "has_offset": offset is not None}, max_batch_size=300)
     return {"float32": scale.astype(np.float64), "float16": stored_scale.astype(np.float64),
             "bfloat16": ((stored_scale.astype(np.uint32) << 16).view(np.float32)).astype(np.float64)}[scale_dtype]
 
@@ -123,9 +123,14 @@ def llama_dir(tiny_model):
     (True, 128, 128, False, True, "bfloat16"),
     (True, 96, 16, True, False, "float32"),
     (True, 36, 18, False, True, "float32"),
+    (False, 1088, 1088, False, True, "float16"),  # AMX tiles: one group over more than a chunk of 32 k steps
+    (True, 1088, 64, True, False, "float32"),    # AMX tiles: groups across a chunk boundary
 ])
 def test_cpu_weight_only_linear_against_float64(llama_dir, tmp_path, int4, K, group_size, has_offset, has_bias,
-                                                scale_dtype):
+                                                scale_dtype, cpu_amx):
+    """With cpu_amx, shapes whose groups are whole steps of 32 k run on AMX tiles (cpu/amx_weight_only.cc),
+    the others on the FMA kernels, each against its own bound."""
+    amx = cpu_amx and (group_size % 32 == 0 or group_size == K)
     rng = np.random.default_rng(K + group_size + 2 * int4 + has_offset)
     N, G = 70, K // group_size  # N = 70 (>= the 64 token ids): tails of the 8-row tasks and 4-row tiles
     x = rng.normal(size=(64, K)).astype(np.float32) * np.exp2(rng.uniform(-4, 4, size=(64, 1))).astype(np.float32)
@@ -142,11 +147,12 @@ def test_cpu_weight_only_linear_against_float64(llama_dir, tmp_path, int4, K, gr
     b64 = bias.astype(np.float64) if has_bias else np.zeros(N)
     magnitude = np.abs(x).astype(np.float64) @ (np.abs(codes) * np.repeat(s64, group_size, axis=1) +
                                                 np.repeat(np.abs(o64), group_size, axis=1)).T + np.abs(b64)
-    session = RunnerSession(tmp_path, tokens_per_block=4, num_kv_blocks=256)
+    session = RunnerSession(tmp_path, tokens_per_block=4, num_kv_blocks=1024)
     seq = 0
     results = {}
-    # 65: a full 64-token block, then one token alone in its block, which takes the one-token (decode) path
-    for M in (1, 3, 17, 64, 65):
+    # 65: a full 64-token block, then one token alone in its block, which takes the one-token (decode) path;
+    # 300: AMX tiles split x in chunks of 256 rows
+    for M in (1, 3, 17, 64, 65, 300):
         tokens = [int(t) for t in rng.permutation(64)[:M]]
         if M >= 64:
             tokens = [int(t) for t in rng.permutation(64)] + [int(t) for t in rng.integers(0, 64, M - 64)]
@@ -155,8 +161,11 @@ def test_cpu_weight_only_linear_against_float64(llama_dir, tmp_path, int4, K, gr
         seq += M
         expected = x[tokens].astype(np.float64) @ w64.T + b64
         # float32 rounding of each product and partial sum: at most about (K / 16 + G + 5) roundings
-        # of 2^-24 relative to the magnitude Σ |x|·(|q|·s + |o|) + |bias|
+        # of 2^-24 relative to the magnitude Σ |x|·(|q|·s + |o|) + |bias|. AMX tiles: x split to 2^-16 |x|,
+        # and each group's sum of 2 group_size products, the groups' fma chain and x's sums round
         tol = (K / 16 + G + 8) * 2.0 ** -24 * magnitude[tokens]
+        if amx:
+            tol = (2.0 ** -16 + (2 * K + 2 * G + 8) * 2.0 ** -24) * magnitude[tokens]
         assert np.all(np.abs(got - expected) <= tol), np.max(np.abs(got - expected) / magnitude[tokens])
         for i, t in enumerate(tokens):
             results.setdefault(t, []).append(got[i])
@@ -233,7 +242,7 @@ def test_build_rewrites_linears_except_lm_head(engines):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_logits_and_tokens_match_hf_on_the_dequantized_weights(llama_dir, engines, variant):
+def test_logits_and_tokens_match_hf_on_the_dequantized_weights(llama_dir, engines, variant, cpu_amx):
     hf = _hf_with_dequantized_weights(llama_dir, engines[variant])
     plain = load_hf_model(llama_dir)
     rng = np.random.default_rng(5)
@@ -258,7 +267,7 @@ print([o.outputs[0].token_ids for o in out])
 
 
 @pytest.mark.parametrize("variant", ["w8", "w4g64zp"])
-def test_quantize_save_load_in_a_fresh_process_and_batch_invariance(llama_dir, engines, variant):
+def test_quantize_save_load_in_a_fresh_process_and_batch_invariance(llama_dir, engines, variant, cpu_amx):
     llm = LLM(llama_dir, quant_config=VARIANTS[variant], max_seq_len=128)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     prompts = [[5, 6, 7, 8], [40, 41], [9] * 20]

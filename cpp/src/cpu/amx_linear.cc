@@ -37,12 +37,11 @@
 
 #include "rtllm/common.h"
 #include "rtllm/model_runner.h"
+#include "cpu/amx_tiles.h"
 #include "thread_pool.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__)
-#define RTLLM_CPU_AMX 1
+#if RTLLM_CPU_AMX
 #include <cpuid.h>
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -53,13 +52,9 @@ namespace {
 
 constexpr int64_t kStepValues = kAmxStepK * kAmxBlockCols;  // 16-bit values of W per block and k step
 constexpr int64_t kTileValues = kStepValues / 2;             // one B tile: 16 k pairs x 16 columns x 2
-constexpr int64_t kTileRows = 16;                            // rows of x per A and C tile
-constexpr int64_t kPairRows = 2 * kTileRows;                 // rows of x per pass over a block's k steps
 // Rows of x split per chunk: bounds the workspace (2 x 256 x Kp bf16) while a block's F16 split
 // (once per chunk) is shared by 8 pairs of row tiles.
 constexpr int64_t kChunkRows = 256;
-
-int64_t padded_k(int64_t K) { return amx_num_k_steps(K) * kAmxStepK; }
 
 // K steps of a block whose B tiles are split (F16) or copied (BF16) at a time for all pairs of row tiles
 // (128 KiB of F16 hi and lo parts, in L2). Measured (F16, SmolLM2's four linears, 128 rows, 2 threads):
@@ -73,54 +68,6 @@ size_t thread_bytes() {
 }
 
 #if RTLLM_CPU_AMX
-
-// Linux: the tile data state is off until the process asks for it (ARCH_REQ_XCOMP_PERM, once, for all
-// its threads); without it the first tile instruction faults.
-constexpr int kArchReqXcompPerm = 0x1023;
-constexpr int kXfeatureXtiledata = 18;
-
-bool amx_supported() {
-  static const bool supported = [] {
-    unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
-    if (!tile || !bf16 || !__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;  // AVX512-BF16
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return supported;
-}
-
-// LDTILECFG's 64-byte operand (palette 1).
-struct TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
-
-// C[r][h] = tmm(2r + h), A of row tile r = tmm(4 + r), B of column half h = tmm(6 + h); every tile row
-// is 64 bytes (16 float32 or 32 bf16). Row tile 0 has m0 rows, row tile 1 m1 (0: unused).
-void configure_tiles(int m0, int m1) {
-  TileConfig cfg;
-  const int rows[8] = {m0, m0, m1, m1, m0, m1, kTileRows, kTileRows};
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = static_cast<uint8_t>(rows[t]);
-    cfg.colsb[t] = rows[t] ? 64 : 0;
-  }
-  // GCC 12's _tile_loadconfig reads the config through another struct type: with strict aliasing, -O2
-  // dropped the stores to cfg (LDTILECFG then faulted). An "m" operand of cfg's own type keeps them.
-  asm volatile("ldtilecfg %0" : : "m"(cfg));
-}
-
-// GCC's tile load and store intrinsics are asm statements that declare no memory operands, so the
-// compiler may move (or drop as dead) ordinary stores that a tile load reads, and loads of what a tile
-// store wrote, across them. This fence orders them, at no cost at run time.
-inline void tile_memory_fence() { asm volatile("" : : : "memory"); }
-
-// 16 float32 of a bf16 vector's half (bf16 is float32's upper half: a 16-bit shift, exact).
-inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
 // v - widen(hi) per lane, but 0 where hi is ±inf (fpclass 0x08 | 0x10), so that an infinite value's
 // parts are (inf, 0) rather than (inf, NaN).
@@ -139,7 +86,7 @@ inline void split32(__m512 a, __m512 b, uint16_t* hi, uint16_t* lo) {
 
 // Row x[0:K] -> hi[0:Kp], lo[0:Kp], zero past K (the weight is zero there too: 0 · 0, never 0 · NaN).
 void split_row(const float* x, int64_t K, uint16_t* hi, uint16_t* lo) {
-  for (int64_t k = 0; k < padded_k(K); k += 32) {
+  for (int64_t k = 0; k < amx_padded_k(K); k += 32) {
     const int64_t n = std::clamp<int64_t>(K - k, 0, 32);
     const __mmask16 ma = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
     const __mmask16 mb = static_cast<__mmask16>(n >= 32 ? 0xFFFF : n <= 16 ? 0 : (1u << (n - 16)) - 1);
@@ -183,21 +130,7 @@ inline void load_b(const uint16_t* b) {
   _tile_loadd(7, b + kTileValues, 64);
 }
 
-// C[r][h] += A[r] · B[h]: the A tiles of one k step from `rows` (its 16 or 32 rows ldx bytes apart), B in
-// tmm6 and tmm7.
-template <bool kTwo>
-inline void add_products(const char* rows, int64_t ldx) {
-  _tile_loadd(4, rows, ldx);
-  if constexpr (kTwo) _tile_loadd(5, rows + kTileRows * ldx, ldx);
-  _tile_dpbf16ps(0, 4, 6);
-  _tile_dpbf16ps(1, 4, 7);
-  if constexpr (kTwo) {
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
-}
-
-// c[kPairRows][32] (rows ldc floats apart) = (accumulate ? c : 0) + the products over num_steps k steps,
+// c[kAmxPairRows][32] (rows ldc floats apart) = (accumulate ? c : 0) + the products over num_steps k steps,
 // for the pair of row tiles whose split rows start at xhi / xlo (ldx bytes apart) and B steps at bhi
 // (and F16's lo parts at blo), kStepValues apart. With stream_w, W as placed, read from memory by this
 // product first: fetched kPrefetchSteps ahead, and for F16 split here, one step ahead (a tile load right
@@ -208,25 +141,14 @@ template <bool kTwo, bool kFp16>
 void block_product(const uint16_t* xhi, const uint16_t* xlo, int64_t ldx, uint16_t* bhi, uint16_t* blo,
                    const uint16_t* stream_w, bool ring, int64_t num_steps, float* c, int64_t ldc,
                    bool accumulate) {
-  const int64_t stride = ldc * static_cast<int64_t>(sizeof(float));
   if (stream_w)
     for (int64_t s = 1; s < std::min(kPrefetchSteps, num_steps); ++s) prefetch_step(stream_w + s * kStepValues);
   if (kFp16 && stream_w) split_f16_step(stream_w, bhi, blo);
   tile_memory_fence();  // the split rows of x and of W, and c, are written
   if (accumulate) {
-    _tile_loadd(0, c, stride);
-    _tile_loadd(1, c + kTileRows, stride);
-    if constexpr (kTwo) {
-      _tile_loadd(2, c + kTileRows * ldc, stride);
-      _tile_loadd(3, c + kTileRows * ldc + kTileRows, stride);
-    }
+    load_c<kTwo>(c, ldc);
   } else {
-    _tile_zero(0);
-    _tile_zero(1);
-    if constexpr (kTwo) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
+    zero_c<kTwo>();
   }
   const char* row_hi = reinterpret_cast<const char*>(xhi);
   const char* row_lo = reinterpret_cast<const char*>(xlo);
@@ -251,12 +173,7 @@ void block_product(const uint16_t* xhi, const uint16_t* xlo, int64_t ldx, uint16
       add_products<kTwo>(row_hi + a, ldx);
     }
   }
-  _tile_stored(0, c, stride);
-  _tile_stored(1, c + kTileRows, stride);
-  if constexpr (kTwo) {
-    _tile_stored(2, c + kTileRows * ldc, stride);
-    _tile_stored(3, c + kTileRows * ldc + kTileRows, stride);
-  }
+  store_c<kTwo>(c, ldc);
   tile_memory_fence();  // before anything reads c
 }
 
@@ -277,7 +194,7 @@ struct ThreadBuffers {
 // between chunks (exact: float32 both ways); one pair (decode) reads or splits W as it goes.
 void block_rows(const uint16_t* xhi, const uint16_t* xlo, int64_t Kp, const uint16_t* w, bool fp16, float* y,
                 int64_t rows, int64_t N, int64_t n0, int64_t num_cols, int64_t num_steps, const ThreadBuffers& buf) {
-  const int64_t num_pairs = (rows + kPairRows - 1) / kPairRows;
+  const int64_t num_pairs = (rows + kAmxPairRows - 1) / kAmxPairRows;
   const int64_t ldx = Kp * static_cast<int64_t>(sizeof(uint16_t));
   const bool whole = num_cols == kAmxBlockCols;
   const int64_t ldc = whole ? N : kAmxBlockCols;
@@ -294,13 +211,10 @@ void block_rows(const uint16_t* xhi, const uint16_t* xlo, int64_t Kp, const uint
       std::memcpy(buf.hi, wk, ns * kStepValues * sizeof(uint16_t));  // streamed, then read by every pair
     }
     for (int64_t p = 0; p < num_pairs; ++p) {
-      const int64_t r0 = p * kPairRows;
-      const int m0 = static_cast<int>(std::min(kTileRows, rows - r0));
-      const int m1 = static_cast<int>(std::clamp<int64_t>(rows - r0 - kTileRows, 0, kTileRows));
-      if (m0 + 17 * m1 != *buf.configured) {
-        configure_tiles(m0, m1);
-        *buf.configured = m0 + 17 * m1;
-      }
+      const int64_t r0 = p * kAmxPairRows;
+      const int m0 = static_cast<int>(std::min(kAmxTileRows, rows - r0));
+      const int m1 = static_cast<int>(std::clamp<int64_t>(rows - r0 - kAmxTileRows, 0, kAmxTileRows));
+      configure_pair(m0, m1, buf.configured);
       const uint16_t *h = xhi + r0 * Kp + k0 * kAmxStepK, *l = xlo + r0 * Kp + k0 * kAmxStepK;
       float* c = out + r0 * ldc;
       // The first pair streams W (and splits F16 into the buffers the others read).
@@ -320,13 +234,41 @@ void block_rows(const uint16_t* xhi, const uint16_t* xlo, int64_t Kp, const uint
 
 }  // namespace
 
-bool amx_linear_enabled(bool fp16) {
+#if RTLLM_CPU_AMX
+
+// Linux: the tile data state is off until the process asks for it (ARCH_REQ_XCOMP_PERM, once, for all
+// its threads); without it the first tile instruction faults.
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+
+bool amx_supported() {
+  static const bool supported = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
+    if (!tile || !bf16 || !__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;  // AVX512-BF16
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return supported;
+}
+
+void split_rows(ThreadPool& pool, const float* x, int64_t rows, int64_t K, uint16_t* hi, uint16_t* lo) {
+  const int64_t Kp = amx_padded_k(K), num_row_tasks = (rows + kAmxTileRows - 1) / kAmxTileRows;
+  pool.parallel_for(num_row_tasks, [&](int64_t task, int) {
+    for (int64_t r = task * kAmxTileRows; r < std::min(rows, (task + 1) * kAmxTileRows); ++r)
+      split_row(x + r * K, K, hi + r * Kp, lo + r * Kp);
+  }, kAmxTileRows * Kp);
+}
+
+#endif  // RTLLM_CPU_AMX
+
+bool amx_linear_enabled(bool opt_in) {
   const char* env = std::getenv("RTLLM_CPU_AMX");
   const auto env_is = [env](const char* value) { return env && std::strcmp(env, value) == 0; };
   // F16 weights only when asked for: their split into two bf16 parts runs again at every call, which one
   // token cannot share across rows, so decode would slow (SmolLM2, 2 threads: 12 -> 16.7 ms/token, with a
   // 1.7x faster prefill; docs/quantization.md).
-  if (env_is("0") || (fp16 && !env_is("1"))) return false;
+  if (env_is("0") || (opt_in && !env_is("1"))) return false;
 #if RTLLM_CPU_AMX
   return amx_supported();
 #else
@@ -343,12 +285,12 @@ bool pack_amx_weight(const uint16_t* w, int64_t N, int64_t K, bool fp16, uint16_
     for (int64_t s = 0; s < num_steps; ++s) {
       uint16_t* step = tiles + (b * num_steps + s) * kStepValues;
       for (int64_t h = 0; h < 2; ++h) {
-        for (int64_t j = 0; j < kTileRows; ++j) {
-          const int64_t n = b * kAmxBlockCols + h * kTileRows + j;
+        for (int64_t j = 0; j < kAmxTileRows; ++j) {
+          const int64_t n = b * kAmxBlockCols + h * kAmxTileRows + j;
           for (int64_t kk = 0; kk < kAmxStepK; ++kk) {  // k = 32 s + 2 i + p
             const int64_t k = s * kAmxStepK + kk;
-            const int64_t at = fp16 ? kTileRows * (kk % 2) + j : 2 * j + kk % 2;  // planar or VNNI pairs
-            step[(h * kTileRows + kk / 2) * kAmxBlockCols + at] = n < N && k < K ? w[n * K + k] : 0;
+            const int64_t at = fp16 ? kAmxTileRows * (kk % 2) + j : 2 * j + kk % 2;  // planar or VNNI pairs
+            step[(h * kAmxTileRows + kk / 2) * kAmxBlockCols + at] = n < N && k < K ? w[n * K + k] : 0;
           }
         }
       }
@@ -359,7 +301,7 @@ bool pack_amx_weight(const uint16_t* w, int64_t N, int64_t K, bool fp16, uint16_
 
 size_t amx_linear_workspace_bytes(int64_t K, int64_t max_rows, int num_threads) {
   const size_t rows = static_cast<size_t>(std::clamp<int64_t>(max_rows, 1, kChunkRows));
-  return 2 * sizeof(uint16_t) * rows * static_cast<size_t>(padded_k(K)) +
+  return 2 * sizeof(uint16_t) * rows * static_cast<size_t>(amx_padded_k(K)) +
          static_cast<size_t>(num_threads) * thread_bytes();
 }
 
@@ -368,18 +310,14 @@ void amx_linear(ThreadPool& pool, const float* x, const uint16_t* tiles, bool fp
 #if RTLLM_CPU_AMX
   RTLLM_CHECK(amx_supported(), "linear: the weight is laid out for AMX tiles, which this CPU or OS does not offer");
   if (T == 0) return;
-  const int64_t Kp = padded_k(K), num_steps = amx_num_k_steps(K), num_blocks = amx_num_col_blocks(N);
+  const int64_t Kp = amx_padded_k(K), num_steps = amx_num_k_steps(K), num_blocks = amx_num_col_blocks(N);
   const int64_t chunk = std::min(T, kChunkRows);
   auto* xhi = static_cast<uint16_t*>(workspace);
   uint16_t* xlo = xhi + chunk * Kp;
   char* per_thread = reinterpret_cast<char*>(xlo + chunk * Kp);  // 64-byte multiples from a 64-byte base
   for (int64_t t0 = 0; t0 < T; t0 += chunk) {
     const int64_t rows = std::min(chunk, T - t0);
-    const int64_t num_row_tasks = (rows + kTileRows - 1) / kTileRows;
-    pool.parallel_for(num_row_tasks, [&](int64_t task, int) {
-      for (int64_t r = task * kTileRows; r < std::min(rows, (task + 1) * kTileRows); ++r)
-        split_row(x + (t0 + r) * K, K, xhi + r * Kp, xlo + r * Kp);
-    }, kTileRows * Kp);
+    split_rows(pool, x + t0 * K, rows, K, xhi, xlo);
     const int64_t passes = fp16 ? 3 : 2;
     // A thread loads its tile configuration at its first task of the pass (LDTILECFG measured about 500
     // cycles: once per task cost a fifth of BF16 decode), not across passes: another library may use

@@ -25,12 +25,14 @@ constexpr int64_t kAmxStepK = 32;      // k values per step: one A tile row of 6
 inline int64_t amx_num_col_blocks(int64_t N) { return (N + kAmxBlockCols - 1) / kAmxBlockCols; }
 inline int64_t amx_num_k_steps(int64_t K) { return (K + kAmxStepK - 1) / kAmxStepK; }
 
-// Whether linear runs 16-bit weights of this kind (fp16: F16, else BF16) on AMX: rtllm was built with
-// AMX-BF16 (-march of a CPU that has it), this CPU has AMX-TILE, AMX-BF16 and AVX512-BF16 (CPUID), Linux
-// grants the process the tile data state (arch_prctl, asked once), and the environment variable
-// RTLLM_CPU_AMX allows it: "0" never, "1" for BF16 and F16, anything else (or unset) for BF16 only. Read
-// at every call: an op kind asks once, when an engine loads, so a test can load one engine each way.
-bool amx_linear_enabled(bool fp16);
+// Whether a CPU kernel of this kind runs on AMX: rtllm was built with AMX-BF16 (-march of a CPU that has
+// it), this CPU has AMX-TILE, AMX-BF16 and AVX512-BF16 (CPUID), Linux grants the process the tile data
+// state (arch_prctl, asked once), and the environment variable RTLLM_CPU_AMX allows it: "0" never, "1"
+// for every kind, anything else (or unset) only for kinds that are not opt_in. BF16 weights are not;
+// F16 weights and weight_only_linear's integer codes (cpu/amx_weight_only.h) are, since their decode
+// would slow. Read at every call: an op kind asks once, when an engine loads, so a test can load one
+// engine each way.
+bool amx_linear_enabled(bool opt_in);
 
 // w [N, K] row-major 16-bit values -> tiles as above (amx_num_col_blocks(N) * amx_num_k_steps(K) * 1024
 // values). Plain C++: the runner may place the layout wherever the op asks for it. Returns false (tiles

@@ -12,6 +12,11 @@
 // Every token takes this one path whatever T, the tile it falls in or the thread count: a token's result
 // does not depend on its batch.
 //
+// Where the CPU has AMX-BF16, codes whose groups are whole steps of 32 k (cpu/amx_weight_only.h: a group
+// size that is a multiple of 32, or one group) run on AMX tiles instead, at every T (the same invariance,
+// other numerics: x to about 16 significant bits, bounds in amx_weight_only.cc). RTLLM_CPU_AMX=0 at engine
+// load keeps the kernels below.
+//
 // Work: a task takes a block of up to kTaskRows weight rows and kTaskTokens tokens, and runs register
 // tiles of up to kTileTokens tokens x kPrefillTileCols weight rows. With one token (decode, bandwidth-bound on
 // the packed bytes) a task takes kDecodeTaskRows rows, one contiguous run of codes that its tiles
@@ -27,6 +32,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/amx_weight_only.h"
 #include "op_registry.h"
 #include "thread_pool.h"
 
@@ -456,29 +462,51 @@ class WeightOnlyLinear final : public OpKind {
     const BackendInfo& be = *spec.backend;
     max_rows_ = rows.kind == Dim::Kind::kNumLogits ? be.max_num_logits
                 : rows.kind == Dim::Kind::kNumTokens ? be.max_num_tokens : rows.value;
+    amx_ = cpu::amx_weight_only_usable(num_cols_, group_size_);
   }
 
   WeightPlacement weight_placement(size_t input) const override {
-    if (input == 2 || (has_bias_ && input == spec_.inputs.size() - 1)) return {DataType::kFloat32, WeightLayout::kRowMajor};
+    const bool bias = has_bias_ && input == spec_.inputs.size() - 1;
+    if (amx_ && input == 1) return {spec_.inputs[1].dtype, WeightLayout::kCpuAmxCodeTiles};
+    if (amx_ && !bias && input >= 2) return {DataType::kFloat32, WeightLayout::kCpuAmxGroupCols};
+    if (input == 2 || bias) return {DataType::kFloat32, WeightLayout::kRowMajor};
     return OpKind::weight_placement(input);  // codes and the float32 offset as stored
   }
 
+  // The FMA kernels' dequantized rows; with AMX tiles, the larger of that (the codes stay row-major
+  // when another op reads them too) and the tile kernel's.
   size_t workspace_bytes() const override {
-    return sizeof(float) * static_cast<size_t>(spec_.backend->num_threads) * kTaskRows * num_cols_;
+    const int num_threads = spec_.backend->num_threads;
+    const size_t rows = sizeof(float) * static_cast<size_t>(num_threads) * kTaskRows * num_cols_;
+    if (!amx_) return rows;
+    return std::max(rows, cpu::amx_weight_only_workspace_bytes(num_cols_, num_groups_, max_rows_, num_threads));
   }
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
     const TensorView &x = in[0], &w = in[1], &y = out[0];
     const int64_t T = x.rows(), K = x.cols(), N = y.cols();
     RTLLM_CHECK(y.rows() == T, "weight_only_linear: output has ", y.rows(), " rows, x has ", T);
-    RTLLM_CHECK(K == num_cols_ && N == num_rows_ && w.ndim == 2 && w.shape[0] == N && w.shape[1] == K,
+    const bool as_tiles = w.ndim == 4 && w.shape[0] == cpu::amx_num_col_blocks(N) &&
+                          w.shape[1] == cpu::amx_num_k_steps(K) && w.shape[2] == cpu::kAmxStepK &&
+                          w.shape[3] == cpu::kAmxBlockCols;
+    RTLLM_CHECK(K == num_cols_ && N == num_rows_ && (as_tiles || (w.ndim == 2 && w.shape[0] == N && w.shape[1] == K)),
                 "weight_only_linear: weight [", w.shape[0], ", ", w.shape[1], "] does not match x with ", K,
                 " columns and ", N, " outputs");
     RTLLM_CHECK(T <= max_rows_, "weight_only_linear: x has ", T, " rows, more than the ", max_rows_,
                 " planned at load");
     const size_t num_fixed = has_offset_ ? 4 : 3;
-    Problem p{x.f32(), in[2].f32(), has_offset_ ? in[3].f32() : nullptr, has_bias_ ? in[num_fixed].f32() : nullptr,
-              y.f32(), K, N, group_size_, num_groups_};
+    const float* bias = has_bias_ ? in[num_fixed].f32() : nullptr;
+    const bool amx_layout = w.ndim == 4;  // [num_col_blocks, num_k_steps, 32, 32]: cpu/amx_weight_only.h
+    for (size_t i = 2; i < num_fixed; ++i)
+      RTLLM_CHECK((in[i].ndim == 3) == amx_layout, "weight_only_linear: the codes and the ",
+                  i == 2 ? "scale" : "offset", " are placed in different layouts (", w.ndim, "-d and ", in[i].ndim,
+                  "-d)");
+    if (amx_layout)
+      return cpu::amx_weight_only_linear(*ctx.pool, x.f32(), static_cast<const uint8_t*>(w.data), int4_, in[2].f32(),
+                                         has_offset_ ? in[3].f32() : nullptr, bias, y.f32(), T, K, N, group_size_,
+                                         ctx.workspace);
+    Problem p{x.f32(), in[2].f32(), has_offset_ ? in[3].f32() : nullptr, bias, y.f32(), K, N, group_size_,
+              num_groups_};
     const uint8_t* codes = static_cast<const uint8_t*>(w.data);
     const int64_t row_bytes = int4_ ? K / 2 : K;
     workspace_ = static_cast<float*>(ctx.workspace);
@@ -537,6 +565,7 @@ class WeightOnlyLinear final : public OpKind {
   }
 
   bool has_offset_ = false, has_bias_ = false, int4_ = false;
+  bool amx_ = false;  // AMX usable at load for this shape: codes, scale and offset placed as AMX layouts
   int64_t num_rows_ = 0, num_cols_ = 0;  // N, K
   int64_t group_size_ = 0, num_groups_ = 0;
   int64_t max_rows_ = 0;                 // of x, at the largest step
