@@ -20,16 +20,6 @@ struct Int8LinearShape {
   size_t pre_quant_scale_input = 0, bias_input = 0;  // valid when the flag is set
   int64_t max_rows = 0;  // of x at the largest step
 
-  static std::string shape_string(const TensorSpec& t) {
-    std::string s = "[";
-    for (size_t i = 0; i < t.shape.size(); ++i) {
-      const Dim& d = t.shape[i];
-      s += (i ? ", " : "") + (d.kind == Dim::Kind::kFixed ? std::to_string(d.value)
-                              : d.kind == Dim::Kind::kNumTokens ? std::string("num_tokens") : std::string("num_logits"));
-    }
-    return s + "]";
-  }
-
   static bool has_shape(const TensorSpec& t, int64_t d0, int64_t d1 = -1) {
     const size_t ndim = d1 < 0 ? 1 : 2;
     if (t.shape.size() != ndim) return false;
@@ -82,10 +72,7 @@ struct Int8LinearShape {
       RTLLM_CHECK(has_shape(b, s.N), "int8_linear: bias \"", b.name, "\" has shape ", shape_string(b), ", expected [",
                   s.N, "]");
     }
-    const Dim rows = x.shape[0];  // [num_tokens, K], or [num_logits, K] for an LM head
-    const BackendInfo& be = *spec.backend;
-    s.max_rows = rows.kind == Dim::Kind::kNumLogits ? be.max_num_logits
-                 : rows.kind == Dim::Kind::kNumTokens ? be.max_num_tokens : rows.value;
+    s.max_rows = spec.backend->max_size(x.shape[0]);  // [num_tokens, K], or [num_logits, K] for an LM head
     return s;
   }
 };

@@ -20,6 +20,16 @@ std::map<std::pair<std::string, DeviceKind>, OpFactory>& registry() {
 
 const char* device_name(DeviceKind device) { return device == DeviceKind::kCpu ? "CPU" : "CUDA"; }
 
+std::string shape_string(const TensorSpec& t) {
+  std::string s = "[";
+  for (size_t i = 0; i < t.shape.size(); ++i) {
+    const Dim& d = t.shape[i];
+    s += (i ? ", " : "") + (d.kind == Dim::Kind::kFixed ? std::to_string(d.value)
+                            : d.kind == Dim::Kind::kNumTokens ? std::string("num_tokens") : std::string("num_logits"));
+  }
+  return s + "]";
+}
+
 void register_op(const std::string& name, DeviceKind device, OpFactory factory) {
   std::lock_guard<std::mutex> lock(registry_mutex());
   registry()[{name, device}] = factory;

@@ -90,7 +90,15 @@ struct BackendInfo {
   // Tensor parallelism: this rank of tp_size; communicator is null with one rank (RuntimeConfig's).
   int32_t tp_rank = 0, tp_size = 1;
   Communicator* communicator = nullptr;
+
+  // The largest size of a graph dim at any step: max_num_tokens, max_num_logits or the fixed value.
+  int64_t max_size(const Dim& d) const {
+    return d.kind == Dim::Kind::kNumLogits ? max_num_logits : d.kind == Dim::Kind::kNumTokens ? max_num_tokens : d.value;
+  }
 };
+
+// A graph tensor's shape for error messages: "[num_tokens, 4096]".
+std::string shape_string(const TensorSpec& t);
 
 // Weights a kind converts to its compute dtype when it places them.
 inline const std::vector<DataType> kWideFloatDtypes = {DataType::kFloat32, DataType::kBFloat16, DataType::kFloat16};

@@ -336,11 +336,22 @@ def _edited(engine_dir, tmp_path, edit):
     (lambda n: n["inputs"].__setitem__(2, "model.layers.0.input_layernorm.weight"),
      'scale "model.layers.0.input_layernorm.weight" has shape \\[64\\], expected \\[128, 2\\]'),
     (lambda n: n["attrs"].update(has_offset=True), 'op "weight_only_linear" takes 4..5 inputs, the node has 3'),
+    # attrs that would change the semantics are refused, not ignored
+    (lambda n: n["attrs"].update(has_g_idx=True), "has has_g_idx true; rtllm takes only has_g_idx false"),
+    (lambda n: n["attrs"].update(bits=4), 'has attr "bits" \\(4\\), which the CPU backend does not support'),
+    (lambda n: n["attrs"].update(has_offset=1), "attr has_offset of weight .* is 1, expected true or false"),
 ])
 def test_malformed_engine_is_refused_at_load(engines, tmp_path, edit, message):
     path = _edited(engines["w4g32"], tmp_path, edit)
     with pytest.raises(RtllmError, match=message):
         RunnerSession(path)
+
+
+def test_has_g_idx_false_is_taken(engines, tmp_path):
+    """has_g_idx false (no permutation of the groups) is the default: the same logits as without it."""
+    path = _edited(engines["w4g32"], tmp_path, lambda n: n["attrs"].update(has_g_idx=False))
+    np.testing.assert_array_equal(RunnerSession(path).step({0: [3, 4, 5]})[0],
+                                  RunnerSession(engines["w4g32"]).step({0: [3, 4, 5]})[0])
 
 
 def test_weight_dtype_refused_at_load(engines, tmp_path):

@@ -60,10 +60,7 @@ class Fp8Linear final : public OpKind {
                 " dims, expected 2 ([N, K])");
     num_cols_ = w[1].value;
     // x is [num_tokens, K], or [num_logits, K] for an LM head
-    const Dim rows = spec.inputs[0].shape.at(0);
-    const BackendInfo& b = *spec.backend;
-    max_rows_ = rows.kind == Dim::Kind::kNumLogits ? b.max_num_logits
-                : rows.kind == Dim::Kind::kNumTokens ? b.max_num_tokens : rows.value;
+    max_rows_ = spec.backend->max_size(spec.inputs[0].shape.at(0));
     e4m3_table();  // built once here, not inside the first step
   }
 

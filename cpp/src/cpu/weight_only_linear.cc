@@ -35,6 +35,7 @@
 #include "cpu/amx_weight_only.h"
 #include "op_registry.h"
 #include "thread_pool.h"
+#include "weight_only_linear_spec.h"
 
 // 64-byte vectors pass between this file's inline helpers only (anonymous namespace): without AVX-512 GCC
 // warns that their ABI differs, which no caller outside the file can observe.
@@ -411,62 +412,15 @@ void tiles(const Problem& p, const Rows& w, int64_t t0, int64_t t1, int64_t n0, 
 }
 static_assert(kPrefillTileCols <= 4, "tile_cols() dispatches up to 4 rows");
 
-// x [T, K] float32; weight [N, K] I8 or I4 and, when has_offset, offset [N, K / G] F32 kept as stored;
-// scale [N, K / G] (F16, BF16 or F32) and the optional bias [N] converted to float32 at load.
+// Inputs as WeightOnlyShape; the codes and the float32 offset kept as stored, scale and the optional bias
+// converted to float32 at load (or, on AMX tiles, re-laid: cpu/amx_weight_only.h).
 class WeightOnlyLinear final : public OpKind {
  public:
-  explicit WeightOnlyLinear(const OpSpec& spec) : OpKind(spec) {
-    has_offset_ = spec.node->attrs.get_bool("has_offset", false);
-    const size_t num_fixed = has_offset_ ? 4 : 3;
-    spec.require_num_io(num_fixed, num_fixed + 1, 1);
-    spec.require_input_dtype(0, {DataType::kFloat32});
-    spec.require_input_dtype(1, {DataType::kInt8, DataType::kInt4});
-    spec.require_input_dtype(2, kWideFloatDtypes);
-    if (has_offset_) spec.require_input_dtype(3, {DataType::kFloat32});
-    has_bias_ = spec.inputs.size() == num_fixed + 1;
-    if (has_bias_) spec.require_input_dtype(num_fixed, kWideFloatDtypes);
-
-    const TensorSpec& w = spec.inputs[1];
-    RTLLM_CHECK(w.shape.size() == 2 && w.shape[0].kind == Dim::Kind::kFixed && w.shape[1].kind == Dim::Kind::kFixed,
-                "weight_only_linear: weight \"", w.name, "\" must be a fixed 2-d [N, K] tensor, it has ", w.shape.size(),
-                " dims");
-    num_rows_ = w.shape[0].value;
-    num_cols_ = w.shape[1].value;
-    int4_ = w.dtype == DataType::kInt4;
-    RTLLM_CHECK(!int4_ || num_cols_ % 2 == 0, "weight_only_linear: I4 weight \"", w.name, "\" has K = ", num_cols_,
-                " columns; packed int4 needs an even K");
-    RTLLM_CHECK(spec.node->attrs.contains("group_size"), "weight_only_linear: node of weight \"", w.name,
-                "\" has no group_size attr");
-    group_size_ = spec.node->attrs.get_int("group_size", 0);
-    RTLLM_CHECK(group_size_ > 0 && num_cols_ % group_size_ == 0, "weight_only_linear: group_size ", group_size_,
-                " of weight \"", w.name, "\" must be a positive divisor of K = ", num_cols_);
-    RTLLM_CHECK(!int4_ || group_size_ % 2 == 0, "weight_only_linear: group_size ", group_size_, " of I4 weight \"",
-                w.name, "\" must be even (two codes per byte)");
-    num_groups_ = num_cols_ / group_size_;
-    for (size_t i = 2; i < num_fixed; ++i) {
-      const TensorSpec& s = spec.inputs[i];
-      const bool ok = s.shape.size() == 2 && s.shape[0].kind == Dim::Kind::kFixed && s.shape[0].value == num_rows_ &&
-                      s.shape[1].kind == Dim::Kind::kFixed && s.shape[1].value == num_groups_;
-      RTLLM_CHECK(ok, "weight_only_linear: ", i == 2 ? "scale" : "offset", " \"", s.name, "\" has shape ",
-                  shape_string(s), ", expected [", num_rows_, ", ", num_groups_, "] (N, K / group_size = ", num_cols_,
-                  " / ", group_size_, ")");
-    }
-    if (has_bias_) {
-      const TensorSpec& b = spec.inputs[num_fixed];
-      int64_t n = 1;
-      for (const Dim& d : b.shape) n *= d.kind == Dim::Kind::kFixed ? d.value : -1;
-      RTLLM_CHECK(n == num_rows_, "weight_only_linear: bias \"", b.name, "\" has shape ", shape_string(b),
-                  ", expected [", num_rows_, "]");
-    }
-    const Dim rows = spec.inputs[0].shape.at(0);  // [num_tokens, K], or [num_logits, K] for an LM head
-    const BackendInfo& be = *spec.backend;
-    max_rows_ = rows.kind == Dim::Kind::kNumLogits ? be.max_num_logits
-                : rows.kind == Dim::Kind::kNumTokens ? be.max_num_tokens : rows.value;
-    amx_ = cpu::amx_weight_only_usable(num_cols_, group_size_);
-  }
+  explicit WeightOnlyLinear(const OpSpec& spec)
+      : OpKind(spec), s_(WeightOnlyShape::parse(spec)), amx_(cpu::amx_weight_only_usable(s_.K, s_.group_size)) {}
 
   WeightPlacement weight_placement(size_t input) const override {
-    const bool bias = has_bias_ && input == spec_.inputs.size() - 1;
+    const bool bias = s_.has_bias && input == spec_.inputs.size() - 1;
     if (amx_ && input == 1) return {spec_.inputs[1].dtype, WeightLayout::kCpuAmxCodeTiles};
     if (amx_ && !bias && input >= 2) return {DataType::kFloat32, WeightLayout::kCpuAmxGroupCols};
     if (input == 2 || bias) return {DataType::kFloat32, WeightLayout::kRowMajor};
@@ -477,9 +431,9 @@ class WeightOnlyLinear final : public OpKind {
   // when another op reads them too) and the tile kernel's.
   size_t workspace_bytes() const override {
     const int num_threads = spec_.backend->num_threads;
-    const size_t rows = sizeof(float) * static_cast<size_t>(num_threads) * kTaskRows * num_cols_;
+    const size_t rows = sizeof(float) * static_cast<size_t>(num_threads) * kTaskRows * s_.K;
     if (!amx_) return rows;
-    return std::max(rows, cpu::amx_weight_only_workspace_bytes(num_cols_, num_groups_, max_rows_, num_threads));
+    return std::max(rows, cpu::amx_weight_only_workspace_bytes(s_.K, s_.num_groups, s_.max_rows, num_threads));
   }
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
@@ -489,26 +443,25 @@ class WeightOnlyLinear final : public OpKind {
     const bool as_tiles = w.ndim == 4 && w.shape[0] == cpu::amx_num_col_blocks(N) &&
                           w.shape[1] == cpu::amx_num_k_steps(K) && w.shape[2] == cpu::kAmxStepK &&
                           w.shape[3] == cpu::kAmxBlockCols;
-    RTLLM_CHECK(K == num_cols_ && N == num_rows_ && (as_tiles || (w.ndim == 2 && w.shape[0] == N && w.shape[1] == K)),
+    RTLLM_CHECK(K == s_.K && N == s_.N && (as_tiles || (w.ndim == 2 && w.shape[0] == N && w.shape[1] == K)),
                 "weight_only_linear: weight [", w.shape[0], ", ", w.shape[1], "] does not match x with ", K,
                 " columns and ", N, " outputs");
-    RTLLM_CHECK(T <= max_rows_, "weight_only_linear: x has ", T, " rows, more than the ", max_rows_,
+    RTLLM_CHECK(T <= s_.max_rows, "weight_only_linear: x has ", T, " rows, more than the ", s_.max_rows,
                 " planned at load");
-    const size_t num_fixed = has_offset_ ? 4 : 3;
-    const float* bias = has_bias_ ? in[num_fixed].f32() : nullptr;
+    const float* bias = s_.has_bias ? in[s_.bias_input].f32() : nullptr;
     const bool amx_layout = w.ndim == 4;  // [num_col_blocks, num_k_steps, 32, 32]: cpu/amx_weight_only.h
-    for (size_t i = 2; i < num_fixed; ++i)
+    for (size_t i = 2; i < (s_.has_offset ? 4u : 3u); ++i)
       RTLLM_CHECK((in[i].ndim == 3) == amx_layout, "weight_only_linear: the codes and the ",
                   i == 2 ? "scale" : "offset", " are placed in different layouts (", w.ndim, "-d and ", in[i].ndim,
                   "-d)");
     if (amx_layout)
-      return cpu::amx_weight_only_linear(*ctx.pool, x.f32(), static_cast<const uint8_t*>(w.data), int4_, in[2].f32(),
-                                         has_offset_ ? in[3].f32() : nullptr, bias, y.f32(), T, K, N, group_size_,
-                                         ctx.workspace);
-    Problem p{x.f32(), in[2].f32(), has_offset_ ? in[3].f32() : nullptr, bias, y.f32(), K, N, group_size_,
-              num_groups_};
+      return cpu::amx_weight_only_linear(*ctx.pool, x.f32(), static_cast<const uint8_t*>(w.data), s_.int4,
+                                         in[2].f32(), s_.has_offset ? in[3].f32() : nullptr, bias, y.f32(), T, K, N,
+                                         s_.group_size, ctx.workspace);
+    Problem p{x.f32(), in[2].f32(), s_.has_offset ? in[3].f32() : nullptr, bias, y.f32(), K, N, s_.group_size,
+              s_.num_groups};
     const uint8_t* codes = static_cast<const uint8_t*>(w.data);
-    const int64_t row_bytes = int4_ ? K / 2 : K;
+    const int64_t row_bytes = s_.int4 ? K / 2 : K;
     workspace_ = static_cast<float*>(ctx.workspace);
     const int64_t num_token_tasks = (T + kTaskTokens - 1) / kTaskTokens;
     // One token: no decoded rows to keep, so larger tasks (longer runs of contiguous bytes to stream), of
@@ -518,14 +471,14 @@ class WeightOnlyLinear final : public OpKind {
     if (T == 1) {
       const int64_t threads = std::max(1, ctx.pool->num_threads());
       const int64_t tasks = threads * ((N + threads * kDecodeTaskRows - 1) / (threads * kDecodeTaskRows));
-      const int64_t cols = has_offset_ ? kDecodeTileCols<true> : kDecodeTileCols<false>;
+      const int64_t cols = s_.has_offset ? kDecodeTileCols<true> : kDecodeTileCols<false>;
       task_rows = ((N + tasks - 1) / tasks + cols - 1) / cols * cols;
     }
     const int64_t num_row_tasks = (N + task_rows - 1) / task_rows;
     ctx.pool->parallel_for(num_token_tasks * num_row_tasks, [&](int64_t task, int thread) {
       const int64_t t0 = (task / num_row_tasks) * kTaskTokens, t1 = std::min(T, t0 + kTaskTokens);
       const int64_t n0 = (task % num_row_tasks) * task_rows, n1 = std::min(N, n0 + task_rows);
-      if (int4_) return run_task(p, CodeRows<true>{codes + n0 * row_bytes, row_bytes, n1 - n0}, t0, t1, n0, n1, thread);
+      if (s_.int4) return run_task(p, CodeRows<true>{codes + n0 * row_bytes, row_bytes, n1 - n0}, t0, t1, n0, n1, thread);
       run_task(p, CodeRows<false>{codes + n0 * row_bytes, row_bytes, n1 - n0}, t0, t1, n0, n1, thread);
     }, std::min(T, kTaskTokens) * task_rows * K);
   }
@@ -554,22 +507,9 @@ class WeightOnlyLinear final : public OpKind {
     for (; n < n1; ++n) decode_tile<1, kInt4, kOffset>(p, w, t, n, n - n0);
   }
 
-  static std::string shape_string(const TensorSpec& t) {
-    std::string s = "[";
-    for (size_t i = 0; i < t.shape.size(); ++i) {
-      const Dim& d = t.shape[i];
-      s += (i ? ", " : "") + (d.kind == Dim::Kind::kFixed ? std::to_string(d.value)
-                              : d.kind == Dim::Kind::kNumTokens ? std::string("num_tokens") : std::string("num_logits"));
-    }
-    return s + "]";
-  }
-
-  bool has_offset_ = false, has_bias_ = false, int4_ = false;
-  bool amx_ = false;  // AMX usable at load for this shape: codes, scale and offset placed as AMX layouts
-  int64_t num_rows_ = 0, num_cols_ = 0;  // N, K
-  int64_t group_size_ = 0, num_groups_ = 0;
-  int64_t max_rows_ = 0;                 // of x, at the largest step
-  float* workspace_ = nullptr;           // this step's (run() sets it)
+  const WeightOnlyShape s_;
+  const bool amx_;              // AMX usable at load for this shape: codes, scale and offset placed as AMX layouts
+  float* workspace_ = nullptr;  // this step's (run() sets it)
 };
 
 }  // namespace

@@ -201,16 +201,13 @@ class CudaFp8Linear final : public OpKind {
     // 16-byte rows of E4M3 codes: the GEMV's vector loads and cuBLASLt's FP8 layouts need them.
     RTLLM_CHECK(num_cols_ % 16 == 0, "fp8_linear: weight \"", spec.inputs[1].name, "\" has K = ", num_cols_,
                 " columns; the CUDA backend needs a multiple of 16");
-    const Dim rows = spec.inputs[0].shape.at(0);
-    const BackendInfo& b = *spec.backend;
-    max_rows_ = rows.kind == Dim::Kind::kNumLogits ? b.max_num_logits
-                : rows.kind == Dim::Kind::kNumTokens ? b.max_num_tokens : rows.value;
+    max_rows_ = spec.backend->max_size(spec.inputs[0].shape.at(0));
     const ComputeCapability cc = require_fp8_device();
     hopper_gemm_ = kernels::fp8_gemm_supported(cc.major, cc.minor, 1, num_outputs_, num_cols_);
     // Decided at load so that workspace_bytes() covers the fallback's accumulators when it is taken. The
     // output is in the compute dtype, or float32 for the logits: both must have the scaled GEMM.
     const CublasLtGemm::Fp8Scaling gemm_scales = gemm_scaling(per_token_);
-    const DataType act = b.activation_dtype;
+    const DataType act = spec.backend->activation_dtype;
     scaled_gemm_ = CublasLtGemm::fp8_scaled_gemm_supported(gemm_scales, act, has_bias_, act) &&
                    CublasLtGemm::fp8_scaled_gemm_supported(gemm_scales, DataType::kFloat32, has_bias_, act);
   }

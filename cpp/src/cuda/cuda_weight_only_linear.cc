@@ -25,6 +25,7 @@
 #include "cuda/cublaslt_gemm.h"
 #include "cuda/cuda_context.h"
 #include "op_registry.h"
+#include "weight_only_linear_spec.h"
 #include "rtllm/kernels/weight_only.cuh"
 
 namespace rtllm {
@@ -142,113 +143,34 @@ void run_woq_linear(const WoqCall& c, CublasLtGemm& gemm, void* workspace, WoqPa
   }
 }
 
-std::string dims_string(const TensorSpec& t) {
-  std::string s = "[";
-  for (size_t i = 0; i < t.shape.size(); ++i) {
-    const Dim& d = t.shape[i];
-    s += (i ? ", " : "") + (d.kind == Dim::Kind::kFixed ? std::to_string(d.value)
-                            : d.kind == Dim::Kind::kNumTokens ? std::string("num_tokens") : std::string("num_logits"));
-  }
-  return s + "]";
-}
-
 // Inputs: x [T, K] (compute dtype), weight [N, K] I8 or I4 (as stored), scale [N, K / G] and, with
 // has_offset, offset [N, K / G], then the optional bias [N]: these three placed in the compute dtype.
 class CudaWeightOnlyLinear final : public OpKind {
  public:
-  explicit CudaWeightOnlyLinear(const OpSpec& spec) : OpKind(spec) {
-    const GraphNode& node = *spec.node;
-    const std::string w_name = spec.inputs.size() > 1 ? spec.inputs[1].name : std::string("?");
-    // Attrs this kind knows; any other changes the semantics in a way it does not implement, so it is
-    // refused rather than ignored. has_g_idx (act-order: a permutation of K's groups) is taken only as false.
-    if (node.attrs.is_object()) {
-      for (const auto& [key, value] : node.attrs.as_object()) {
-        if (key == "has_g_idx") {
-          RTLLM_CHECK(value.is_bool() && !value.as_bool(), "weight_only_linear: node of weight \"", w_name,
-                      "\" has has_g_idx ", value.dump(), "; the CUDA backend takes only has_g_idx false (no g_idx "
-                      "permutation of the groups)");
-          continue;
-        }
-        RTLLM_CHECK(key == "group_size" || key == "has_offset", "weight_only_linear: node of weight \"", w_name,
-                    "\" has attr \"", key, "\" (", value.dump(), "), which the CUDA backend does not support "
-                    "(it knows group_size, has_offset and has_g_idx false)");
-      }
-    }
-    RTLLM_CHECK(!node.attrs.contains("has_offset") || node.attrs.at("has_offset").is_bool(),
-                "weight_only_linear: attr has_offset of weight \"", w_name, "\" is ",
-                node.attrs.at("has_offset").dump(), ", expected true or false");
-    has_offset_ = node.attrs.get_bool("has_offset", false);
-    const size_t num_fixed = has_offset_ ? 4 : 3;
-    spec.require_num_io(num_fixed, num_fixed + 1, 1);
-    const TensorSpec& w = spec.inputs[1];
-    spec.require_input_dtype(0, {DataType::kFloat32});
-    spec.require_input_dtype(1, {DataType::kInt8, DataType::kInt4});
-    spec.require_input_dtype(2, kWideFloatDtypes);
-    if (has_offset_) spec.require_input_dtype(3, {DataType::kFloat32});
-    has_bias_ = spec.inputs.size() == num_fixed + 1;
-    if (has_bias_) spec.require_input_dtype(num_fixed, kWideFloatDtypes);
-    for (size_t i = 1; i < spec.inputs.size(); ++i)
-      RTLLM_CHECK(spec.input_is_weight[i], "weight_only_linear: input ", i, " (\"", spec.inputs[i].name,
-                  "\") must be a weight, it is an activation");
-
-    RTLLM_CHECK(w.shape.size() == 2 && w.shape[0].kind == Dim::Kind::kFixed && w.shape[1].kind == Dim::Kind::kFixed,
-                "weight_only_linear: weight \"", w.name, "\" must be a fixed 2-d [N, K] tensor, it has shape ",
-                dims_string(w));
-    num_rows_ = w.shape[0].value;
-    num_cols_ = w.shape[1].value;
-    int4_ = w.dtype == DataType::kInt4;
-    RTLLM_CHECK(num_rows_ > 0 && num_rows_ <= kMaxRows && num_cols_ > 0 && num_cols_ <= INT32_MAX,
-                "weight_only_linear: weight \"", w.name, "\" has shape [", num_rows_, ", ", num_cols_,
-                "]; the CUDA backend takes 1 .. ", kMaxRows, " rows and 1 .. 2^31 - 1 columns");
-    RTLLM_CHECK(!int4_ || num_cols_ % 2 == 0, "weight_only_linear: I4 weight \"", w.name, "\" has K = ", num_cols_,
-                " columns; packed int4 needs an even K");
-    RTLLM_CHECK(node.attrs.contains("group_size"), "weight_only_linear: node of weight \"", w.name,
-                "\" has no group_size attr");
-    group_size_ = node.attrs.get_int("group_size", 0);
-    RTLLM_CHECK(group_size_ > 0 && num_cols_ % group_size_ == 0, "weight_only_linear: group_size ", group_size_,
-                " of weight \"", w.name, "\" must be a positive divisor of K = ", num_cols_);
-    RTLLM_CHECK(!int4_ || group_size_ % 2 == 0, "weight_only_linear: group_size ", group_size_, " of I4 weight \"",
-                w.name, "\" must be even (two codes per byte)");
-    const int64_t num_groups = num_cols_ / group_size_;
-    for (size_t i = 2; i < num_fixed; ++i) {
-      const TensorSpec& s = spec.inputs[i];
-      const bool ok = s.shape.size() == 2 && s.shape[0].kind == Dim::Kind::kFixed && s.shape[0].value == num_rows_ &&
-                      s.shape[1].kind == Dim::Kind::kFixed && s.shape[1].value == num_groups;
-      RTLLM_CHECK(ok, "weight_only_linear: ", i == 2 ? "scale" : "offset", " \"", s.name, "\" has shape ",
-                  dims_string(s), ", expected [", num_rows_, ", ", num_groups, "] (N, K / group_size = ", num_cols_,
-                  " / ", group_size_, ")");
-    }
-    if (has_bias_) {
-      const TensorSpec& b = spec.inputs[num_fixed];
-      int64_t n = 1;
-      for (const Dim& d : b.shape) n *= d.kind == Dim::Kind::kFixed ? d.value : -1;
-      RTLLM_CHECK(n == num_rows_, "weight_only_linear: bias \"", b.name, "\" has shape ", dims_string(b),
-                  ", expected [", num_rows_, "]");
-    }
-    const Dim rows = spec.inputs[0].shape.at(0);  // [num_tokens, K], or [num_logits, K] for an LM head
-    const BackendInfo& be = *spec.backend;
-    max_rows_ = rows.kind == Dim::Kind::kNumLogits ? be.max_num_logits
-                : rows.kind == Dim::Kind::kNumTokens ? be.max_num_tokens : rows.value;
+  explicit CudaWeightOnlyLinear(const OpSpec& spec) : OpKind(spec), s_(WeightOnlyShape::parse(spec)) {
+    RTLLM_CHECK(s_.N <= kMaxRows && s_.K <= INT32_MAX, "weight_only_linear: weight \"", spec.inputs[1].name,
+                "\" has shape [", s_.N, ", ", s_.K, "]; the CUDA backend takes 1 .. ", kMaxRows,
+                " rows and 1 .. 2^31 - 1 columns");
     // The dequantized weight is needed when some step takes the dequantize + GEMM path; the Hopper int4
     // GEMM needs only the re-ordered activations.
-    gemv_ok_ = kernels::woq_gemv_supported(num_cols_, group_size_, int4_);
-    hopper_gemm_ = int4_ && hopper_gemm_supported(num_cols_, group_size_);
+    gemv_ok_ = kernels::woq_gemv_supported(s_.K, s_.group_size, s_.int4);
+    hopper_gemm_ = s_.int4 && hopper_gemm_supported(s_.K, s_.group_size);
     const int64_t max_gemv_rows = gemv_ok_ ? kMaxGemvRows : 0;
-    needs_dequantized_ = max_rows_ > (hopper_gemm_ ? kMaxHopperGemmRows : max_gemv_rows);
+    needs_dequantized_ = s_.max_rows > (hopper_gemm_ ? kMaxHopperGemmRows : max_gemv_rows);
   }
 
   WeightPlacement weight_placement(size_t input) const override {
     if (input >= 2) return in_activation_dtype();  // scale, offset, bias
-    if (input == 1 && int4_ && gemv_ok_) return {DataType::kInt4, WeightLayout::kCudaInt4Mma};
+    if (input == 1 && s_.int4 && gemv_ok_) return {DataType::kInt4, WeightLayout::kCudaInt4Mma};
     return OpKind::weight_placement(input);  // the codes as stored
   }
 
   size_t workspace_bytes() const override {
-    const size_t hopper = hopper_gemm_ && max_rows_ > kMaxGemvRows
-                              ? kernels::woq_gemm_int4_workspace_bytes(std::min(max_rows_, kMaxHopperGemmRows), num_cols_)
+    const size_t hopper = hopper_gemm_ && s_.max_rows > kMaxGemvRows
+                              ? kernels::woq_gemm_int4_workspace_bytes(std::min(s_.max_rows, kMaxHopperGemmRows), s_.K)
                               : 0;
     if (!needs_dequantized_) return hopper;
-    return std::max(hopper, woq_workspace_bytes(num_rows_, num_cols_, has_bias_ ? std::min(max_rows_, kBiasChunkRows) : 0));
+    return std::max(hopper, woq_workspace_bytes(s_.N, s_.K, s_.has_bias ? std::min(s_.max_rows, kBiasChunkRows) : 0));
   }
 
   void run(const OpContext& ctx, const TensorView* in, TensorView* out) override {
@@ -258,20 +180,20 @@ class CudaWeightOnlyLinear final : public OpKind {
     c.K = x.cols();
     c.N = y.cols();
     RTLLM_CHECK(y.rows() == c.T, "weight_only_linear: output has ", y.rows(), " rows, x has ", c.T);
-    RTLLM_CHECK(c.K == num_cols_ && c.N == num_rows_ && w.ndim == 2 && w.shape[0] == c.N && w.shape[1] == c.K,
+    RTLLM_CHECK(c.K == s_.K && c.N == s_.N && w.ndim == 2 && w.shape[0] == c.N && w.shape[1] == c.K,
                 "weight_only_linear: weight [", w.shape[0], ", ", w.shape[1], "] does not match x with ", c.K,
                 " columns and ", c.N, " outputs");
-    RTLLM_CHECK(c.T <= max_rows_, "weight_only_linear: x has ", c.T, " rows, more than the ", max_rows_,
+    RTLLM_CHECK(c.T <= s_.max_rows, "weight_only_linear: x has ", c.T, " rows, more than the ", s_.max_rows,
                 " planned at load");
-    const size_t num_fixed = has_offset_ ? 4 : 3;
+    const size_t num_fixed = s_.has_offset ? 4 : 3;
     c.y = y.data;
     c.x = x.data;
     c.codes = w.data;
     c.scale = in[2].data;
-    c.offset = has_offset_ ? in[3].data : nullptr;
-    c.bias = has_bias_ ? in[num_fixed].data : nullptr;
-    c.group_size = group_size_;
-    c.int4 = int4_;
+    c.offset = s_.has_offset ? in[3].data : nullptr;
+    c.bias = s_.has_bias ? in[num_fixed].data : nullptr;
+    c.group_size = s_.group_size;
+    c.int4 = s_.int4;
     c.x_dtype = x.dtype;
     c.y_dtype = y.dtype;
     c.hopper_gemm = hopper_gemm_;
@@ -280,11 +202,9 @@ class CudaWeightOnlyLinear final : public OpKind {
   }
 
  private:
-  bool has_offset_ = false, has_bias_ = false, int4_ = false, needs_dequantized_ = false, hopper_gemm_ = false;
+  const WeightOnlyShape s_;
+  bool needs_dequantized_ = false, hopper_gemm_ = false;
   bool gemv_ok_ = false;  // the GEMV takes the weight's shape (and int4 codes are then in the MMA layout)
-  int64_t num_rows_ = 0, num_cols_ = 0;  // N, K
-  int64_t group_size_ = 0;
-  int64_t max_rows_ = 0;  // of x, at the largest step
 };
 
 }  // namespace
