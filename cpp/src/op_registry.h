@@ -93,7 +93,8 @@ struct BackendInfo {
 
   // The largest size of a graph dim at any step: max_num_tokens, max_num_logits or the fixed value.
   int64_t max_size(const Dim& d) const {
-    return d.kind == Dim::Kind::kNumLogits ? max_num_logits : d.kind == Dim::Kind::kNumTokens ? max_num_tokens : d.value;
+    if (d.kind == Dim::Kind::kNumLogits) return max_num_logits;
+    return d.kind == Dim::Kind::kNumTokens ? max_num_tokens : d.value;
   }
 };
 

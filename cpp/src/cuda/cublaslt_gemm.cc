@@ -1,6 +1,8 @@
 #include "cuda/cublaslt_gemm.h"
 
+#include <cstdlib>
 #include <mutex>
+#include <string>
 
 #include "cuda/cuda_context.h"
 
@@ -110,9 +112,86 @@ void describe_fp8(CublasLtGemm::Plan& p, int64_t T, int64_t N, int64_t K, DataTy
   RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.d, cuda_type(y_dtype), N, T, N));
 }
 
+// Descriptors of a bf16 / fp16 plan: A = w (transposed), B = x, D of y_dtype, the bias epilogue.
+void describe_linear(CublasLtGemm::Plan& p, int64_t T, int64_t N, int64_t K, DataType ab_dtype, DataType y_dtype,
+                     bool has_bias) {
+  const cudaDataType_t ab = cuda_type(ab_dtype), y = cuda_type(y_dtype);
+  RTLLM_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  set_attr(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T);
+  set_attr(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N);
+  if (has_bias) {
+    set_attr(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, CUBLASLT_EPILOGUE_BIAS);
+    set_attr(p.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, ab);
+  }
+  RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, ab, K, N, K));
+  RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, ab, K, T, K));
+  RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.d, y, N, T, N));
+}
+
+// Descriptors of an int8 plan: int32 compute and output, the "TN" form like FP8 (both operands with K
+// contiguous, see the layout note above).
+void describe_int8(CublasLtGemm::Plan& p, int64_t T, int64_t N, int64_t K) {
+  // Integer compute and scale types: the int32 sums are exact (K is bounded by the op), alpha 1, beta 0.
+  RTLLM_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32I, CUDA_R_32I));
+  set_attr(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T);
+  set_attr(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N);
+  RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8I, K, N, K));
+  RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8I, K, T, K));
+  RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.d, CUDA_R_32I, N, T, N));
+}
+
+// The rows whose heuristic answer a plan of T rows reuses: T itself up to kExactRows, above it T rounded
+// up to one of 8 steps per power of two (1,025..2,048 rows: multiples of 128). Steps with prompt tokens
+// have a different T almost every time (decode rows plus new prompt tokens); asking cuBLASLt's heuristic
+// for each cost about 1-1.6 ms per shape (H100), 8-11 ms on a Llama step with a new prompt length.
+constexpr int64_t kExactRows = 128;
+int64_t heuristic_rows(int64_t T) {
+  if (T <= kExactRows) return T;
+  int64_t octave = kExactRows;
+  while (octave * 2 < T) octave *= 2;  // octave < T <= 2 octave
+  const int64_t step = octave / 8;
+  return (T + step - 1) / step * step;
+}
+
+// Bucketed plans are asked for (RTLLM_CUBLASLT_BUCKETS=1) until measured end to end on the GPUs rtllm
+// runs on; without it the heuristic is asked for every row count, as before.
+bool bucket_plans_requested() {
+  const char* env = std::getenv("RTLLM_CUBLASLT_BUCKETS");
+  return env && std::string(env) == "1";
+}
+
 }  // namespace
 
-CublasLtGemm::CublasLtGemm(size_t workspace_bytes) : workspace_bytes_(workspace_bytes) {
+// The algorithm of p (descriptors for T rows). With bucketed plans: the heuristic's for T's bucket
+// (heuristic_rows, asked once per bucket and shape with descriptors that describe() builds for the bucket's
+// rows), if cuBLASLt accepts it for p within the workspace. Else the heuristic's for p itself. False when
+// neither has one.
+bool CublasLtGemm::choose_algo(Plan& p, int64_t T, const AlgoKeyRest& rest,
+                               const std::function<void(Plan&, int64_t)>& describe) {
+  const int64_t rows = heuristic_rows(T);
+  if (!bucket_plans_ || rows == T) return find_algo(handle_, p, workspace_bytes_);
+  const AlgoKey key{rows, rest};
+  auto it = bucket_algos_.find(key);
+  if (it == bucket_algos_.end()) {
+    Plan bucket;
+    describe(bucket, rows);
+    std::optional<cublasLtMatmulAlgo_t> algo;
+    if (find_algo(handle_, bucket, workspace_bytes_)) algo = bucket.algo;
+    it = bucket_algos_.emplace(key, algo).first;
+  }
+  if (it->second) {
+    cublasLtMatmulHeuristicResult_t check{};
+    const cublasStatus_t status = cublasLtMatmulAlgoCheck(handle_, p.desc, p.a, p.b, p.d, p.d, &*it->second, &check);
+    if (status == CUBLAS_STATUS_SUCCESS && check.workspaceSize <= workspace_bytes_) {
+      p.algo = *it->second;
+      return true;
+    }
+  }
+  return find_algo(handle_, p, workspace_bytes_);
+}
+
+CublasLtGemm::CublasLtGemm(size_t workspace_bytes)
+    : workspace_bytes_(workspace_bytes), bucket_plans_(bucket_plans_requested()) {
   RTLLM_CUBLAS_CHECK(cublasLtCreate(&handle_));
   if (workspace_bytes_) RTLLM_CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
 }
@@ -129,25 +208,14 @@ CublasLtGemm::Plan& CublasLtGemm::plan(const Key& key) {
   auto it = plans_.find(key);
   if (it != plans_.end()) return *it->second;
   const auto [T, N, K, ab_int, y_int, has_bias] = key;
-  const cudaDataType_t ab = cuda_type(static_cast<DataType>(ab_int)), y = cuda_type(static_cast<DataType>(y_int));
+  auto describe = [&, N = N, K = K, ab_int = ab_int, y_int = y_int, has_bias = has_bias](Plan& p, int64_t rows) {
+    describe_linear(p, rows, N, K, static_cast<DataType>(ab_int), static_cast<DataType>(y_int), has_bias);
+  };
   auto p = std::make_unique<Plan>();
-  RTLLM_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
-  RTLLM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)));
-  RTLLM_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)));
-  if (has_bias) {
-    const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
-    RTLLM_CUBLAS_CHECK(
-        cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
-    RTLLM_CUBLAS_CHECK(
-        cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &ab, sizeof(ab)));
-  }
-  RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, ab, K, N, K));
-  RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->b, ab, K, T, K));
-  RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->d, y, N, T, N));
-
-  RTLLM_CHECK(find_algo(handle_, *p, workspace_bytes_), "cuBLASLt has no algorithm for linear x [", T, ", ", K,
-              "] · W [", N, ", ", K, "]ᵀ with output ", dtype_safetensors_name(static_cast<DataType>(y_int)));
+  describe(*p, T);
+  RTLLM_CHECK(choose_algo(*p, T, {0, N, K, ab_int, y_int, has_bias}, describe),
+              "cuBLASLt has no algorithm for linear x [", T, ", ", K, "] · W [", N, ", ", K, "]ᵀ with output ",
+              dtype_safetensors_name(static_cast<DataType>(y_int)));
   return *plans_.emplace(key, std::move(p)).first->second;
 }
 
@@ -173,11 +241,16 @@ CublasLtGemm::Plan& CublasLtGemm::fp8_plan(const Fp8Key& key, const float* x_sca
   auto it = fp8_plans_.find(key);
   if (it != fp8_plans_.end()) return *it->second;
   const auto [T, N, K, y_int, bias_int, scaling_int] = key;
+  auto describe = [&, N = N, K = K, y_int = y_int, bias_int = bias_int, scaling_int = scaling_int](Plan& p,
+                                                                                                  int64_t rows) {
+    describe_fp8(p, rows, N, K, static_cast<DataType>(y_int), bias_int, static_cast<Fp8Scaling>(scaling_int), x_scale,
+                 w_scale);
+  };
   auto p = std::make_unique<Plan>();
-  describe_fp8(*p, T, N, K, static_cast<DataType>(y_int), bias_int, static_cast<Fp8Scaling>(scaling_int), x_scale,
-               w_scale);
-  RTLLM_CHECK(find_algo(handle_, *p, workspace_bytes_), "cuBLASLt has no FP8 algorithm for fp8_linear x [", T, ", ",
-              K, "] · W [", N, ", ", K, "]ᵀ with output ", dtype_safetensors_name(static_cast<DataType>(y_int)),
+  describe(*p, T);
+  RTLLM_CHECK(choose_algo(*p, T, {1, N, K, y_int, bias_int, scaling_int}, describe),
+              "cuBLASLt has no FP8 algorithm for fp8_linear x [", T, ", ", K, "] · W [", N, ", ", K,
+              "]ᵀ with output ", dtype_safetensors_name(static_cast<DataType>(y_int)),
               bias_int >= 0 ? " and a bias" : "", " (scaling ", scaling_int, ")");
   return *fp8_plans_.emplace(key, std::move(p)).first->second;
 }
@@ -213,17 +286,11 @@ void CublasLtGemm::int8_gemm(int32_t* acc, const int8_t* q, const int8_t* w, int
   const Int8Key key{T, N, K};
   auto it = int8_plans_.find(key);
   if (it == int8_plans_.end()) {
+    auto describe = [N, K](Plan& p, int64_t rows) { describe_int8(p, rows, N, K); };
     auto p = std::make_unique<Plan>();
-    // Integer compute and scale types: the int32 sums are exact (K is bounded by the op), alpha 1, beta 0.
-    RTLLM_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32I, CUDA_R_32I));
-    // The "TN" form, like FP8: both operands with K contiguous (see the layout note above).
-    set_attr(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T);
-    set_attr(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N);
-    RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_8I, K, N, K));
-    RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_8I, K, T, K));
-    RTLLM_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->d, CUDA_R_32I, N, T, N));
-    RTLLM_CHECK(find_algo(handle_, *p, workspace_bytes_), "cuBLASLt has no int8 algorithm for int8_linear x [", T,
-                ", ", K, "] · W [", N, ", ", K, "]ᵀ with int32 output");
+    describe(*p, T);
+    RTLLM_CHECK(choose_algo(*p, T, {2, N, K, 0, 0, 0}, describe), "cuBLASLt has no int8 algorithm for int8_linear x [",
+                T, ", ", K, "] · W [", N, ", ", K, "]ᵀ with int32 output");
     it = int8_plans_.emplace(key, std::move(p)).first;
   }
   Plan& p = *it->second;

@@ -1,6 +1,7 @@
 // Dense linear layers through cuBLASLt: y[T, N] = x[T, K] · W[N, K]ᵀ (+ bias[N]), bf16/fp16 operands,
 // float32 accumulation, y in the operand dtype or float32. One handle and one workspace allocated at
-// load; the plan (descriptors + heuristic algorithm) of each distinct shape is built once and cached.
+// load; the plan (descriptors + heuristic algorithm) of each distinct shape is built once and cached
+// (with RTLLM_CUBLASLT_BUCKETS=1, the heuristic's answer for a bucket of row counts: cublaslt_gemm.cc).
 // FP8 linears (fp8_linear): E4M3 operands, float32 accumulation, scales applied by cuBLASLt. INT8 linears
 // (int8_linear): int8 operands, exact int32 accumulators.
 #pragma once
@@ -9,8 +10,10 @@
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -67,9 +70,17 @@ class CublasLtGemm {
   using Int8Key = std::tuple<int64_t, int64_t, int64_t>;  // T, N, K
   std::map<Int8Key, std::unique_ptr<Plan>> int8_plans_;
 
+  // The algorithm of each bucket of row counts: {rows, {plan kind, N, K, three of the plan's key}}; none
+  // when the heuristic had none for the bucket.
+  using AlgoKeyRest = std::tuple<int, int64_t, int64_t, int, int, int>;
+  using AlgoKey = std::tuple<int64_t, AlgoKeyRest>;
+  std::map<AlgoKey, std::optional<cublasLtMatmulAlgo_t>> bucket_algos_;
+  bool choose_algo(Plan& p, int64_t T, const AlgoKeyRest& rest, const std::function<void(Plan&, int64_t)>& describe);
+
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
+  bool bucket_plans_ = false;  // RTLLM_CUBLASLT_BUCKETS=1: one heuristic answer per bucket of row counts
   std::map<Key, std::unique_ptr<Plan>> plans_;
 };
 
