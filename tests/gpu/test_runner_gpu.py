@@ -122,6 +122,20 @@ def test_mixed_context_and_generation_step(engine):
     assert_close(out["gen2"], reference_logits(m, history["gen2"] + step["gen2"])[-1])
 
 
+@pytest.mark.parametrize("buckets", ["1", "0"])
+def test_prompt_steps_of_many_row_counts(engine, monkeypatch, buckets):
+    """Steps of 129 to 700 tokens: with RTLLM_CUBLASLT_BUCKETS=1 most of them reuse the cuBLASLt algorithm
+    of another row count in their bucket (heuristic_rows in cublaslt_gemm.cc); each step's logits match the
+    float64 reference either way."""
+    monkeypatch.setenv("RTLLM_CUBLASLT_BUCKETS", buckets)
+    rng = np.random.default_rng(11)
+    m, path = engine(limits={"max_seq_len": 1024, "max_input_len": 1024, "max_num_tokens": 1024})
+    session = Session(path, 16, num_kv_blocks=256)
+    for s, n in enumerate([129, 150, 200, 255, 256, 257, 300, 511, 700, 140]):
+        tokens = random_tokens(rng, m, n)
+        assert_close(session.step({s: tokens})[s], reference_logits(m, tokens)[-1])
+
+
 BUCKETS = [1, 2, 4, 8, 16, 20]  # of max_batch_size 20
 
 
