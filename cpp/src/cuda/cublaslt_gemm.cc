@@ -169,16 +169,10 @@ bool bucket_plans_requested() {
 bool CublasLtGemm::choose_algo(Plan& p, int64_t T, const AlgoKeyRest& rest,
                                const std::function<void(Plan&, int64_t)>& describe) {
   const int64_t rows = heuristic_rows(T);
-  if (!bucket_plans_ || rows == T) return find_algo(handle_, p, workspace_bytes_);
-  const AlgoKey key{rows, rest};
-  auto it = bucket_algos_.find(key);
-  if (it == bucket_algos_.end()) {
-    Plan bucket;
-    describe(bucket, rows);
-    std::optional<cublasLtMatmulAlgo_t> algo;
-    if (find_algo(handle_, bucket, workspace_bytes_)) algo = bucket.algo;
-    it = bucket_algos_.emplace(key, algo).first;
-  }
+  if (!bucket_plans_) return find_algo(handle_, p, workspace_bytes_);
+  describers_.emplace(rest, describe);
+  if (rows == T) return find_algo(handle_, p, workspace_bytes_);
+  const auto it = bucket_algo(rows, rest, describe);
   if (it->second) {
     cublasLtMatmulHeuristicResult_t check{};
     const cublasStatus_t status = cublasLtMatmulAlgoCheck(handle_, p.desc, p.a, p.b, p.d, p.d, &*it->second, &check);
@@ -188,6 +182,26 @@ bool CublasLtGemm::choose_algo(Plan& p, int64_t T, const AlgoKeyRest& rest,
     }
   }
   return find_algo(handle_, p, workspace_bytes_);
+}
+
+// The heuristic's answer for `rows` rows of the shape `rest`, asked now if it was not yet.
+CublasLtGemm::BucketAlgos::iterator CublasLtGemm::bucket_algo(int64_t rows, const AlgoKeyRest& rest,
+                                                               const std::function<void(Plan&, int64_t)>& describe) {
+  const AlgoKey key{rows, rest};
+  auto it = bucket_algos_.find(key);
+  if (it != bucket_algos_.end()) return it;
+  Plan bucket;
+  describe(bucket, rows);
+  std::optional<cublasLtMatmulAlgo_t> algo;
+  if (find_algo(handle_, bucket, workspace_bytes_)) algo = bucket.algo;
+  return bucket_algos_.emplace(key, algo).first;
+}
+
+void CublasLtGemm::warm_buckets(int64_t max_rows) {
+  if (!bucket_plans_) return;
+  for (const auto& [rest, describe] : describers_)
+    for (int64_t first = kExactRows + 1; first <= max_rows; first = heuristic_rows(first) + 1)  // of each bucket
+      bucket_algo(heuristic_rows(first), rest, describe);
 }
 
 CublasLtGemm::CublasLtGemm(size_t workspace_bytes)
@@ -208,7 +222,7 @@ CublasLtGemm::Plan& CublasLtGemm::plan(const Key& key) {
   auto it = plans_.find(key);
   if (it != plans_.end()) return *it->second;
   const auto [T, N, K, ab_int, y_int, has_bias] = key;
-  auto describe = [&, N = N, K = K, ab_int = ab_int, y_int = y_int, has_bias = has_bias](Plan& p, int64_t rows) {
+  auto describe = [N = N, K = K, ab_int = ab_int, y_int = y_int, has_bias = has_bias](Plan& p, int64_t rows) {
     describe_linear(p, rows, N, K, static_cast<DataType>(ab_int), static_cast<DataType>(y_int), has_bias);
   };
   auto p = std::make_unique<Plan>();
@@ -241,8 +255,9 @@ CublasLtGemm::Plan& CublasLtGemm::fp8_plan(const Fp8Key& key, const float* x_sca
   auto it = fp8_plans_.find(key);
   if (it != fp8_plans_.end()) return *it->second;
   const auto [T, N, K, y_int, bias_int, scaling_int] = key;
-  auto describe = [&, N = N, K = K, y_int = y_int, bias_int = bias_int, scaling_int = scaling_int](Plan& p,
-                                                                                                  int64_t rows) {
+  // By value: the shape's describer is kept for warm_buckets (the scale pointers only need to be set).
+  auto describe = [N = N, K = K, y_int = y_int, bias_int = bias_int, scaling_int = scaling_int, x_scale,
+                   w_scale](Plan& p, int64_t rows) {
     describe_fp8(p, rows, N, K, static_cast<DataType>(y_int), bias_int, static_cast<Fp8Scaling>(scaling_int), x_scale,
                  w_scale);
   };

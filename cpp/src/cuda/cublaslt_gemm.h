@@ -60,6 +60,10 @@ class CublasLtGemm {
   // temporary handle, at load.
   static bool fp8_scaled_gemm_supported(Fp8Scaling scaling, DataType y_dtype, bool has_bias, DataType bias_dtype);
 
+  // With bucketed plans (RTLLM_CUBLASLT_BUCKETS=1): asks the heuristic now for every bucket of row counts up
+  // to max_rows of every shape met so far, so that no later step stops for it. Nothing otherwise.
+  void warm_buckets(int64_t max_rows);
+
  private:
   using Key = std::tuple<int64_t, int64_t, int64_t, int, int, bool>;  // T, N, K, ab, y, bias
   Plan& plan(const Key& key);
@@ -74,8 +78,12 @@ class CublasLtGemm {
   // when the heuristic had none for the bucket.
   using AlgoKeyRest = std::tuple<int, int64_t, int64_t, int, int, int>;
   using AlgoKey = std::tuple<int64_t, AlgoKeyRest>;
-  std::map<AlgoKey, std::optional<cublasLtMatmulAlgo_t>> bucket_algos_;
+  using BucketAlgos = std::map<AlgoKey, std::optional<cublasLtMatmulAlgo_t>>;
+  BucketAlgos bucket_algos_;
+  std::map<AlgoKeyRest, std::function<void(Plan&, int64_t)>> describers_;  // of every shape met, by rows
   bool choose_algo(Plan& p, int64_t T, const AlgoKeyRest& rest, const std::function<void(Plan&, int64_t)>& describe);
+  BucketAlgos::iterator bucket_algo(int64_t rows, const AlgoKeyRest& rest,
+                                    const std::function<void(Plan&, int64_t)>& describe);
 
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;

@@ -439,6 +439,9 @@ void CudaBackend::warm_up(std::vector<PlannedNode>& nodes) {
     graphs_->capture(bucket, stream_, [&] { run_nodes(nodes, bucket, bucket); });
     RTLLM_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the staging buffer is reused by the next bucket
   }
+  // The buckets ran every GEMM shape of the model (the LM head's too): with bucketed cuBLASLt plans, ask
+  // for the prompt steps' row counts now as well.
+  gemm_->warm_buckets(config_.max_num_tokens);
 }
 
 const float* CudaBackend::forward(const HostStep& st, std::vector<PlannedNode>& nodes, const TensorSlot& logits) {
