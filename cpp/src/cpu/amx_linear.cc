@@ -35,9 +35,9 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cpu/amx_tiles.h"
 #include "rtllm/common.h"
 #include "rtllm/model_runner.h"
-#include "cpu/amx_tiles.h"
 #include "thread_pool.h"
 
 #if RTLLM_CPU_AMX
