@@ -12,8 +12,8 @@
 # arguments, e.g. --only sampling), FP8_KERNELS_ARGS (bench_fp8_gemm.py arguments, e.g. --only gemm), TESTS_GPU (the test files or nodes the
 # tests step runs; default all of tests/gpu), PYTHON (default python3).
 #
-# STEPS may also name kernel_profile, decode_profile, fp8_kernels, fp8_prepare, fp8_e2e, woq_kernels, woq_prepare
-# and woq_e2e (below).
+# STEPS may also name kernel_profile, decode_profile, fp8_kernels, fp8_prepare, fp8_e2e, woq_kernels, woq_prepare,
+# woq_e2e and plans_ab (below).
 #
 # Same-machine A/B against another rtllm source tree (e.g. the previous main, `git archive` into a
 # folder): STEPS="build ab_prepare ab" AB_BASE=DIR. ab_build builds DIR into AB_WORK/base (default
@@ -239,6 +239,23 @@ export -f woq_prepare woq_run
 export WOQ_ARGS
 wants woq_prepare && run_step woq_prepare 540 woq_prepare.log bash -c woq_prepare
 wants woq_e2e && run_step woq_e2e 580 woq_e2e.log bash -c woq_run
+
+# cuBLASLt's plans by buckets of row counts (RTLLM_CUBLASLT_BUCKETS=1) against one heuristic answer per row
+# count, same build and engine (PLANS_ENGINE, default the FP8 engine fp8_prepare writes), in the order
+# buckets, exact, buckets, each a fresh process (PLANS_ARGS: the workloads): plans_b1.json, plans_b0.json,
+# plans_b1_again.json.
+PLANS_ARGS=${PLANS_ARGS:---workload 128x128x5000 --max-batch-size 1024}
+plans_run() {
+  local engine=${PLANS_ENGINE:-$AB_WORK/fp8} out
+  for out in b1 b0 b1_again; do
+    # shellcheck disable=SC2086
+    RTLLM_CUBLASLT_BUCKETS=${out:1:1} "$PYTHON" benchmarks/bench_e2e.py --model "$engine" --device cuda --skip-hf \
+      --output "$OUT_DIR/plans_$out.json" $PLANS_ARGS || return
+  done
+}
+export -f plans_run
+export PLANS_ARGS PLANS_ENGINE="${PLANS_ENGINE:-}"
+wants plans_ab && run_step plans_ab 580 plans_ab.log bash -c plans_run
 
 echo
 echo "== summary ($(cat "$OUT_DIR/device.txt" | head -n 1))"
