@@ -182,7 +182,7 @@ VARIANTS = [("llama", Q.F32, False), ("llama", Q.Q8_0, False), ("llama", Q.Q8_0,
 
 
 @pytest.mark.parametrize("arch,qtype,tie", VARIANTS, ids=lambda v: getattr(v, "name", str(v)))
-def test_logits_and_greedy_match_transformers_on_the_same_file(gguf_files, arch, qtype, tie):
+def test_logits_and_greedy_match_transformers_on_the_same_file(gguf_files, arch, qtype, tie, cpu_amx):
     path = gguf_files(arch, qtype, tie)
     hf = hf_from_gguf(path)
     prompts = random_prompts(np.random.default_rng(3), PROMPT_LENGTHS)
@@ -385,7 +385,8 @@ def smollm2_gguf():
     return gguf_path()
 
 
-def test_smollm2_q4_1_chat_matches_transformers(smollm2_gguf):
+def test_smollm2_q4_1_chat_matches_transformers(smollm2_gguf, cpu_amx):
+    """The file's Q4_1 blocks as W4A16 group 32 with offsets, on the FMA kernels and (cpu_amx) on AMX tiles."""
     hf = hf_from_gguf(smollm2_gguf)
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     with LLM(model=smollm2_gguf, max_seq_len=512, max_batch_size=len(CHAT_PROMPTS)) as llm:
