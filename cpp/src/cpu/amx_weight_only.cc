@@ -58,9 +58,12 @@ size_t group_sums_bytes(int64_t rows, int64_t num_groups) {
 
 #if RTLLM_CPU_AMX
 
-// bf16 bits of the int4 code whose nibble (two's complement) is the word's index: 0..7, then -8..-1.
-alignas(64) constexpr uint16_t kInt4Bf16[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
-                                                0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80};
+// bf16 bits of the int4 code whose nibble (two's complement) is the word's index mod 16: 0..7, then -8..-1,
+// twice: vpermw reads 5 bits of each index, so the bit above a nibble needs no mask.
+alignas(64) constexpr uint16_t kInt4Bf16[32] = {
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040,
+    0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0xC100, 0xC0E0, 0xC0C0, 0xC0A0,
+    0xC080, 0xC040, 0xC000, 0xBF80};
 
 // One k step of placed codes -> its two bf16 B tiles (kStepCodes values in the same order), exact.
 inline void convert_step(const uint8_t* q, bool int4, uint16_t* b) {
@@ -74,14 +77,12 @@ inline void convert_step(const uint8_t* q, bool int4, uint16_t* b) {
     return;
   }
   const __m512i table = _mm512_load_si512(kInt4Bf16);
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
-  for (int64_t r = 0; r < kStepCodes; r += 64) {  // two B tile rows: 32 bytes
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r / 2));
-    const __m256i low = _mm256_and_si256(v, nibble), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-    // a row's codes 0..15 are its 16 bytes' low nibbles, 16..31 their high ones
-    const __m256i row0 = _mm256_permute2x128_si256(low, high, 0x20), row1 = _mm256_permute2x128_si256(low, high, 0x31);
-    _mm512_storeu_si512(b + r, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(row0), table));
-    _mm512_storeu_si512(b + r + 32, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(row1), table));
+  for (int64_t r = 0; r < kStepCodes; r += 128) {  // four B tile rows: 64 bytes, 16-bit word e holding code e
+    const __m512i v = _mm512_loadu_si512(q + r / 2);  // of the four rows in its nibbles 0..3
+    _mm512_storeu_si512(b + r, _mm512_permutexvar_epi16(v, table));
+    _mm512_storeu_si512(b + r + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
+    _mm512_storeu_si512(b + r + 64, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table));
+    _mm512_storeu_si512(b + r + 96, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table));
   }
 }
 
@@ -265,8 +266,9 @@ void pack_amx_codes(const uint8_t* codes, bool int4, int64_t N, int64_t K, uint8
             const int v = code(b * kAmxBlockCols + h * kAmxTileRows + e / 2, s * kAmxStepK + 2 * i + e % 2);
             if (!int4) {
               step[row * 32 + e] = static_cast<uint8_t>(v);
-            } else {
-              step[row * 16 + e % 16] |= static_cast<uint8_t>(v << (e < 16 ? 0 : 4));
+            } else {  // rows in fours: the 16-bit word e of a four holds code e of row 4 f + j in nibble j
+              const int64_t j = row % 4;
+              step[(row / 4) * 64 + 2 * e + j / 2] |= static_cast<uint8_t>(v << (4 * (j % 2)));
             }
           }
         }

@@ -2,8 +2,9 @@
 // reads, placed once at load by the CPU runner:
 //   codes (WeightLayout::kCpuAmxCodeTiles): [num_col_blocks(N), num_k_steps(K), 32, 32], the BF16 tile
 //     order of amx_linear.h, step[16 h + i][2 j + p] = q[32 b + 16 h + j][32 s + 2 i + p], zero past N and
-//     K. Int8: one code a byte. Int4: 16 bytes a row of 32 codes e = 2 j + p, byte m holding e = m in its
-//     low nibble and e = m + 16 in its high one (the two halves a row's conversion produces).
+//     K. Int8: one code a byte. Int4: the step's 32 rows of 32 codes e = 2 j + p in fours of 64 bytes,
+//     little-endian 16-bit word e of a four holding code e of its row f in nibble f (bits 4 f .. 4 f + 3),
+//     so that a shift and a mask give a whole row, one code a word.
 //   scale and offset (WeightLayout::kCpuAmxGroupCols): [num_col_blocks(N), num_groups, 32] float32,
 //     [b][g][c] = v[32 b + c][g], zero past N: one block's values of a group are two vectors.
 // The linear op recognizes them by those shapes. Numerics: amx_weight_only.cc.
