@@ -88,8 +88,7 @@ inline void split32(__m512 a, __m512 b, uint16_t* hi, uint16_t* lo) {
 void split_row(const float* x, int64_t K, uint16_t* hi, uint16_t* lo) {
   for (int64_t k = 0; k < amx_padded_k(K); k += 32) {
     const int64_t n = std::clamp<int64_t>(K - k, 0, 32);
-    const __mmask16 ma = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
-    const __mmask16 mb = static_cast<__mmask16>(n >= 32 ? 0xFFFF : n <= 16 ? 0 : (1u << (n - 16)) - 1);
+    const __mmask16 ma = first_lanes(n), mb = first_lanes(n - 16);
     split32(_mm512_maskz_loadu_ps(ma, x + k), _mm512_maskz_loadu_ps(mb, x + k + 16), hi + k, lo + k);
   }
 }

@@ -114,6 +114,11 @@ inline void store_c(float* c, int64_t ldc) {
   }
 }
 
+// The mask of a vector's first n of 16 lanes (n clamped to 0..16): with n - 16, the second vector's of 32 values.
+inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
+}
+
 // 16 float32 of a bf16 vector's half (bf16 is float32's upper half: a 16-bit shift, exact).
 inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 

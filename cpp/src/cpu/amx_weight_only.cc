@@ -95,8 +95,7 @@ void group_sums(const float* x, int64_t K, int64_t G, float* out) {
   for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, ++g) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t k = k0; k < k0 + G; k += 16) {
-      const int64_t n = std::min<int64_t>(16, k0 + G - k);
-      acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), x + k));
+      acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(first_lanes(k0 + G - k), x + k));
     }
     out[g] = _mm512_reduce_add_ps(acc);
   }
@@ -220,9 +219,7 @@ void block_rows(const Problem& p, int64_t b, const ThreadBuffers& buf) {
     }
   }
   const int64_t n0 = b * kAmxBlockCols, num_cols = std::min(kAmxBlockCols, p.N - n0);
-  const __mmask16 m0 = static_cast<__mmask16>(num_cols >= 16 ? 0xFFFF : (1u << num_cols) - 1);
-  const __mmask16 m1 =
-      static_cast<__mmask16>(num_cols >= 32 ? 0xFFFF : num_cols <= 16 ? 0 : (1u << (num_cols - 16)) - 1);
+  const __mmask16 m0 = first_lanes(num_cols), m1 = first_lanes(num_cols - 16);
   const __m512 b0 = p.bias ? _mm512_maskz_loadu_ps(m0, p.bias + n0) : _mm512_setzero_ps();
   const __m512 b1 = p.bias ? _mm512_maskz_loadu_ps(m1, p.bias + n0 + 16) : _mm512_setzero_ps();
   for (int64_t r = 0; r < p.rows; ++r) {

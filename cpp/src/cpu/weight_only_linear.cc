@@ -440,6 +440,7 @@ class WeightOnlyLinear final : public OpKind {
     const TensorView &x = in[0], &w = in[1], &y = out[0];
     const int64_t T = x.rows(), K = x.cols(), N = y.cols();
     RTLLM_CHECK(y.rows() == T, "weight_only_linear: output has ", y.rows(), " rows, x has ", T);
+    // [num_col_blocks, num_k_steps, 32, 32]: codes placed as AMX tiles (cpu/amx_weight_only.h)
     const bool as_tiles = w.ndim == 4 && w.shape[0] == cpu::amx_num_col_blocks(N) &&
                           w.shape[1] == cpu::amx_num_k_steps(K) && w.shape[2] == cpu::kAmxStepK &&
                           w.shape[3] == cpu::kAmxBlockCols;
@@ -449,12 +450,11 @@ class WeightOnlyLinear final : public OpKind {
     RTLLM_CHECK(T <= s_.max_rows, "weight_only_linear: x has ", T, " rows, more than the ", s_.max_rows,
                 " planned at load");
     const float* bias = s_.has_bias ? in[s_.bias_input].f32() : nullptr;
-    const bool amx_layout = w.ndim == 4;  // [num_col_blocks, num_k_steps, 32, 32]: cpu/amx_weight_only.h
     for (size_t i = 2; i < (s_.has_offset ? 4u : 3u); ++i)
-      RTLLM_CHECK((in[i].ndim == 3) == amx_layout, "weight_only_linear: the codes and the ",
+      RTLLM_CHECK((in[i].ndim == 3) == as_tiles, "weight_only_linear: the codes and the ",
                   i == 2 ? "scale" : "offset", " are placed in different layouts (", w.ndim, "-d and ", in[i].ndim,
                   "-d)");
-    if (amx_layout)
+    if (as_tiles)
       return cpu::amx_weight_only_linear(*ctx.pool, x.f32(), static_cast<const uint8_t*>(w.data), s_.int4,
                                          in[2].f32(), s_.has_offset ? in[3].f32() : nullptr, bias, y.f32(), T, K, N,
                                          s_.group_size, ctx.workspace);
